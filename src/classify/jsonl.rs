@@ -1,0 +1,108 @@
+//! `bearwatch classify`: JSON lines in, exactly one scored JSON line out per input line, in order.
+
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{Classifier, ClassifyError, Pending};
+use crate::news::News;
+
+/// What a run saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LineStats {
+    pub lines: u64,
+    pub errors: u64,
+}
+
+/// One output line: an error known at once, or an item waiting for its batch.
+enum Slot {
+    Failed(Value),
+    Waiting { line: u64, fields: Map<String, Value>, pending: Pending },
+}
+
+/// Reads news objects (or `{"text": …}`) and writes each with its scores added. A bad line becomes
+/// `{"error": …, "line": N}` and the run goes on. Reading, tokenizing and queueing run ahead of the
+/// writer (bounded by the classifier's `max_queued`), so the model is never idle waiting for input.
+pub async fn classify_lines(
+    classifier: &Classifier,
+    mut input: impl AsyncBufRead + Unpin,
+    mut output: impl AsyncWrite + Unpin,
+    read_ahead: usize,
+) -> std::io::Result<LineStats> {
+    let (tx, mut rx) = mpsc::channel::<Slot>(read_ahead.max(1));
+    let reader = async move {
+        let mut buf = Vec::new();
+        let mut line = 0u64;
+        loop {
+            buf.clear();
+            if input.read_until(b'\n', &mut buf).await? == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            line += 1;
+            let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            let slot = match parse(text) {
+                Ok((fields, to_classify)) => match classifier.submit(&to_classify).await {
+                    Ok(pending) => Slot::Waiting { line, fields, pending },
+                    Err(e) => Slot::Failed(error_line(line, &e)),
+                },
+                Err(message) => Slot::Failed(error_line(line, &message)),
+            };
+            if tx.send(slot).await.is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let writer = async {
+        let mut stats = LineStats::default();
+        while let Some(slot) = rx.recv().await {
+            stats.lines += 1;
+            let value = match slot {
+                Slot::Failed(error) => Err(error),
+                Slot::Waiting { line, mut fields, pending } => match pending.scores().await {
+                    Ok(scores) => {
+                        if let Value::Object(scored) = json!(scores) {
+                            fields.extend(scored);
+                        }
+                        Ok(Value::Object(fields))
+                    }
+                    Err(e) => Err(error_line(line, &e)),
+                },
+            };
+            stats.errors += u64::from(value.is_err());
+            let value = value.unwrap_or_else(|error| error);
+            let mut bytes = serde_json::to_vec(&value).map_err(std::io::Error::other)?;
+            bytes.push(b'\n');
+            output.write_all(&bytes).await?;
+        }
+        output.flush().await?;
+        Ok::<_, std::io::Error>(stats)
+    };
+    let (read, stats) = tokio::join!(reader, writer);
+    read?;
+    stats
+}
+
+fn error_line(line: u64, error: &dyn std::fmt::Display) -> Value {
+    json!({ "error": error.to_string(), "line": line })
+}
+
+/// The fields to echo and the text to classify: `text` if present, else a valid news object's headline.
+fn parse(raw: &[u8]) -> Result<(Map<String, Value>, String), String> {
+    let value: Value = serde_json::from_slice(raw).map_err(|e| {
+        if raw.iter().all(u8::is_ascii_whitespace) { "empty line".to_string() } else { format!("not valid JSON: {e}") }
+    })?;
+    let Value::Object(fields) = value else { return Err("expected a JSON object".into()) };
+    match fields.get("text") {
+        Some(Value::String(text)) if !text.trim().is_empty() => {
+            let text = text.clone();
+            Ok((fields, text))
+        }
+        Some(Value::String(_)) => Err(ClassifyError::EmptyText.to_string()),
+        Some(_) => Err("field `text` must be a string".into()),
+        None => {
+            let news = News::from_object(fields.clone()).map_err(|e| e.to_string())?;
+            Ok((fields, news.headline))
+        }
+    }
+}

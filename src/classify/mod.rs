@@ -1,0 +1,131 @@
+//! Topic and sentiment for every headline: tokenizer → token-budget batcher → ONNX Runtime.
+//!
+//! Laid out like Hugging Face TEI: [`Classifier`] is the router callers talk to, [`batcher`] is the
+//! core that forms batches, and [`Backend`] is the small trait the model runtime sits behind
+//! ([`runtime::OrtBackend`] in production, fakes in tests).
+
+pub mod batcher;
+pub mod bench;
+mod jsonl;
+mod config;
+mod error;
+mod model;
+pub mod runtime;
+mod tokenize;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{Semaphore, oneshot};
+
+pub use batcher::{Backend, BatchLimits, BatchOutput, PaddedBatch};
+pub use config::{ClassifierConfig, Device};
+pub use error::ClassifyError;
+pub use jsonl::{LineStats, classify_lines};
+pub use model::ModelSpec;
+pub use tokenize::Encoder;
+
+/// What the classifier says about one text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scores {
+    pub topic: String,
+    #[serde(serialize_with = "six_decimals")]
+    pub topic_score: f32,
+    pub sentiment: &'static str,
+    #[serde(serialize_with = "six_decimals")]
+    pub p_negative: f32,
+    #[serde(serialize_with = "six_decimals")]
+    pub p_neutral: f32,
+    #[serde(serialize_with = "six_decimals")]
+    pub p_positive: f32,
+    /// `p_positive − p_negative`, in [−1, 1].
+    #[serde(serialize_with = "six_decimals")]
+    pub sentiment_score: f32,
+    /// `name@version` of the model that produced these scores.
+    pub model: Arc<str>,
+}
+
+/// Probabilities are written with six decimals: enough to compare, without float noise in every line.
+fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64((f64::from(*value) * 1e6).round() / 1e6)
+}
+
+pub const SENTIMENTS: [&str; 3] = ["negative", "neutral", "positive"];
+
+/// A running classifier: tokenizes on the caller's task, batches and infers on its own thread.
+/// Cheap to clone; the batcher stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Classifier {
+    encoder: Arc<Encoder>,
+    spec: Arc<ModelSpec>,
+    queue: batcher::Submitter,
+    /// Bounds the items queued or in flight, so a fast producer waits instead of growing memory.
+    slots: Arc<Semaphore>,
+    provider: &'static str,
+}
+
+impl Classifier {
+    /// Loads the model and starts ONNX Runtime on the configured device.
+    pub fn start(config: &ClassifierConfig) -> Result<Classifier, ClassifyError> {
+        config.validate()?;
+        let spec = ModelSpec::load(&config.model_dir())?;
+        let backend = runtime::OrtBackend::new(&spec, config)?;
+        let provider = backend.provider();
+        tracing::info!(model = %spec.id(), provider, threads = config.threads(), "classifier ready");
+        Classifier::with_backend(config, spec, backend, provider)
+    }
+
+    /// Starts the batcher over any backend; tests use this with fakes.
+    pub fn with_backend(
+        config: &ClassifierConfig,
+        spec: ModelSpec,
+        backend: impl Backend,
+        provider: &'static str,
+    ) -> Result<Classifier, ClassifyError> {
+        config.validate()?;
+        let encoder = Encoder::load(&spec, config.max_length)?;
+        let queue = batcher::spawn(backend, config.limits())?;
+        Ok(Classifier {
+            encoder: Arc::new(encoder),
+            spec: Arc::new(spec),
+            queue,
+            slots: Arc::new(Semaphore::new(config.max_queued)),
+            provider,
+        })
+    }
+
+    /// The execution provider the model runs on (`cpu` or `cuda`).
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Tokenizes `text` now and queues it; the returned handle resolves when its batch has run.
+    /// Waits only when `max_queued` items are already pending.
+    pub async fn submit(&self, text: &str) -> Result<Pending, ClassifyError> {
+        let ids = self.encoder.encode(text)?;
+        let permit = self.slots.clone().acquire_owned().await.map_err(|_| ClassifyError::Stopped)?;
+        let rx = self.queue.submit(ids, permit)?;
+        Ok(Pending { rx, spec: self.spec.clone() })
+    }
+
+    pub async fn classify(&self, text: &str) -> Result<Scores, ClassifyError> {
+        self.submit(text).await?.scores().await
+    }
+}
+
+/// A queued item's result, to be awaited.
+pub struct Pending {
+    rx: oneshot::Receiver<Result<batcher::ItemOutput, ClassifyError>>,
+    spec: Arc<ModelSpec>,
+}
+
+impl Pending {
+    pub async fn scores(self) -> Result<Scores, ClassifyError> {
+        let out = self.rx.await.map_err(|_| ClassifyError::Stopped)??;
+        Ok(self.spec.scores(&out.sentiment, &out.topic))
+    }
+}

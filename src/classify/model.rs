@@ -1,0 +1,105 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{ClassifyError, SENTIMENTS, Scores};
+
+/// `labels.json`: what the model's outputs mean.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Labels {
+    name: String,
+    version: String,
+    max_length: usize,
+    inputs: [String; 2],
+    outputs: Outputs,
+    sentiment: Vec<String>,
+    topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Outputs {
+    sentiment: String,
+    topic: String,
+}
+
+/// A model folder: the files and the meaning of the outputs.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub dir: PathBuf,
+    pub onnx: PathBuf,
+    pub tokenizer: PathBuf,
+    /// Names of the `input_ids` and `attention_mask` inputs.
+    pub inputs: [String; 2],
+    pub sentiment_output: String,
+    pub topic_output: String,
+    pub topics: Vec<String>,
+    /// The tokens the model was trained with; longer inputs are cut there.
+    pub trained_max_length: usize,
+    id: Arc<str>,
+}
+
+impl ModelSpec {
+    pub fn load(dir: &Path) -> Result<ModelSpec, ClassifyError> {
+        let labels_path = dir.join("labels.json");
+        let text = std::fs::read_to_string(&labels_path)
+            .map_err(|e| ClassifyError::ModelFiles { path: labels_path.clone(), reason: e.to_string() })?;
+        let labels: Labels = serde_json::from_str(&text)
+            .map_err(|e| ClassifyError::ModelFiles { path: labels_path.clone(), reason: e.to_string() })?;
+        if labels.sentiment != SENTIMENTS {
+            return Err(ClassifyError::ModelFiles {
+                path: labels_path,
+                reason: format!("sentiment labels must be {SENTIMENTS:?}, found {:?}", labels.sentiment),
+            });
+        }
+        if labels.topics.is_empty() {
+            return Err(ClassifyError::ModelFiles { path: labels_path, reason: "no topics".into() });
+        }
+        let spec = ModelSpec {
+            dir: dir.to_path_buf(),
+            onnx: dir.join("model.onnx"),
+            tokenizer: dir.join("tokenizer.json"),
+            inputs: labels.inputs,
+            sentiment_output: labels.outputs.sentiment,
+            topic_output: labels.outputs.topic,
+            topics: labels.topics,
+            trained_max_length: labels.max_length,
+            id: format!("{}@{}", labels.name, labels.version).into(),
+        };
+        for file in [&spec.onnx, &spec.tokenizer] {
+            if !file.is_file() {
+                return Err(ClassifyError::ModelFiles { path: file.clone(), reason: "missing".into() });
+            }
+        }
+        Ok(spec)
+    }
+
+    /// `name@version`, recorded with every score.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Turns one item's class probabilities into named scores.
+    pub fn scores(&self, sentiment: &[f32; 3], topic: &[f32]) -> Scores {
+        let (topic_index, topic_score) = argmax(topic);
+        let (sentiment_index, _) = argmax(sentiment);
+        let [p_negative, p_neutral, p_positive] = *sentiment;
+        Scores {
+            topic: self.topics[topic_index].clone(),
+            topic_score,
+            sentiment: SENTIMENTS[sentiment_index],
+            p_negative,
+            p_neutral,
+            p_positive,
+            sentiment_score: p_positive - p_negative,
+            model: self.id.clone(),
+        }
+    }
+}
+
+/// Index and value of the largest element; the first one wins ties.
+fn argmax(values: &[f32]) -> (usize, f32) {
+    values.iter().copied().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i, v) } else { best })
+}

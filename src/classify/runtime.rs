@@ -1,0 +1,146 @@
+//! ONNX Runtime, loaded at run time from the PyPI wheel that `scripts/setup-ort.sh` installs.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::{self, ExecutionProvider};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+
+use super::{Backend, BatchOutput, ClassifierConfig, ClassifyError, Device, ModelSpec, PaddedBatch};
+
+/// The file name inside the wheel the pinned `ort` binds to (API 31).
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+/// Where `scripts/setup-ort.sh` puts the library, relative to a project root.
+fn setup_locations(root: &Path) -> Vec<PathBuf> {
+    let Ok(lib) = std::fs::read_dir(root.join(".venv/lib")) else { return Vec::new() };
+    lib.filter_map(Result::ok)
+        .map(|python| python.path().join("site-packages/onnxruntime/capi").join(ORT_LIBRARY))
+        .collect()
+}
+
+/// `ORT_DYLIB_PATH` if set (and it must exist), else the setup location in the working directory,
+/// else the one in the source tree this binary was built from.
+pub fn find_library() -> Result<PathBuf, ClassifyError> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(ClassifyError::RuntimeMissing { searched: format!("ORT_DYLIB_PATH={}", path.display()) })
+        };
+    }
+    let roots = [PathBuf::from("."), PathBuf::from(env!("CARGO_MANIFEST_DIR"))];
+    let candidates: Vec<PathBuf> = roots.iter().flat_map(|root| setup_locations(root)).collect();
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| ClassifyError::RuntimeMissing {
+        searched: roots.iter().map(|r| format!("{}/.venv", r.display())).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Loads the library once per process; later calls return the first outcome.
+fn init_runtime() -> Result<&'static ort::environment::Environment, ClassifyError> {
+    static INIT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    let outcome = INIT.get_or_init(|| {
+        let path = find_library().map_err(|e| e.to_string())?;
+        tracing::debug!(path = %path.display(), "loading ONNX Runtime");
+        let builder = ort::init_from(&path)
+            .map_err(|e| ClassifyError::RuntimeLoad { path: path.clone(), reason: e.to_string() }.to_string())?;
+        builder
+            .with_name("bearwatch")
+            .build()
+            .map_err(|e| ClassifyError::RuntimeLoad { path, reason: e.to_string() }.to_string())
+    });
+    match outcome {
+        Ok(environment) => Ok(environment),
+        Err(message) => Err(ClassifyError::Session(message.clone())),
+    }
+}
+
+pub struct OrtBackend {
+    session: Session,
+    inputs: [String; 2],
+    sentiment_output: String,
+    topic_output: String,
+    provider: &'static str,
+}
+
+impl OrtBackend {
+    pub fn new(spec: &ModelSpec, config: &ClassifierConfig) -> Result<OrtBackend, ClassifyError> {
+        let environment = init_runtime()?;
+        let session_error = |e: ort::Error| ClassifyError::Session(e.to_string());
+        let mut builder = Session::builder(environment)
+            .map_err(session_error)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| session_error(e.into()))?
+            .with_intra_threads(config.threads())
+            .map_err(|e| session_error(e.into()))?;
+        let provider = match config.device {
+            Device::Cpu => "cpu",
+            Device::Cuda => {
+                builder = builder
+                    .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
+                    .map_err(|e| ClassifyError::CudaUnavailable(e.to_string()))?;
+                "cuda"
+            }
+            Device::Auto => {
+                if ep::CUDA::is_available().unwrap_or(false) {
+                    match builder.clone().with_execution_providers([ep::CUDA::default().build().error_on_failure()]) {
+                        Ok(with_cuda) => {
+                            builder = with_cuda;
+                            "cuda"
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "CUDA execution provider failed to start; using CPU");
+                            "cpu"
+                        }
+                    }
+                } else {
+                    "cpu"
+                }
+            }
+        };
+        let session = builder.commit_from_file(&spec.onnx).map_err(|e| ClassifyError::ModelFiles {
+            path: spec.onnx.clone(),
+            reason: e.to_string(),
+        })?;
+        for name in spec.inputs.iter() {
+            if !session.inputs().iter().any(|i| i.name() == name) {
+                return Err(ClassifyError::ModelFiles {
+                    path: spec.onnx.clone(),
+                    reason: format!("the model has no input `{name}`"),
+                });
+            }
+        }
+        Ok(OrtBackend {
+            session,
+            inputs: spec.inputs.clone(),
+            sentiment_output: spec.sentiment_output.clone(),
+            topic_output: spec.topic_output.clone(),
+            provider,
+        })
+    }
+
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+}
+
+impl Backend for OrtBackend {
+    fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
+        let shape = [batch.rows, batch.cols];
+        let ids = TensorRef::from_array_view((shape, batch.ids.as_slice()))?;
+        let mask = TensorRef::from_array_view((shape, batch.mask.as_slice()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.inputs[0].as_str() => ids, self.inputs[1].as_str() => mask])?;
+        let read = |name: &str| -> Result<Vec<f32>, ClassifyError> {
+            let value = outputs
+                .get(name)
+                .ok_or_else(|| ClassifyError::Inference(format!("the model has no output `{name}`")))?;
+            Ok(value.try_extract_tensor::<f32>()?.1.to_vec())
+        };
+        Ok(BatchOutput { sentiment: read(&self.sentiment_output)?, topic: read(&self.topic_output)? })
+    }
+}

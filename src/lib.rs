@@ -1,0 +1,7 @@
+//! bearwatch: watches financial news for bursts of negative sentiment.
+//!
+//! Data flows one way: source → classify → window → detect → alert; see `docs/ARCHITECTURE.md`.
+
+pub mod classify;
+pub mod error;
+pub mod news;

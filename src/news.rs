@@ -1,0 +1,149 @@
+//! The incoming news message (`schemas/news.schema.json`) and its validation.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Longest headline accepted, in characters.
+pub const MAX_HEADLINE_CHARS: usize = 2000;
+
+/// A validated news item. Fields outside the schema are kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct News {
+    pub id: String,
+    pub published_at: String,
+    pub headline: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tickers: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
+}
+
+/// Why a message is not valid news; the text goes into dead-letter headers and CLI error lines.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NewsError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("expected a JSON object")]
+    NotAnObject,
+    #[error("missing required field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}` must be {expected}")]
+    WrongType { field: &'static str, expected: &'static str },
+    #[error("field `published_at` is not an RFC 3339 timestamp: {0}")]
+    BadTimestamp(String),
+    #[error("field `headline` must have 1 to {MAX_HEADLINE_CHARS} characters, has {0}")]
+    HeadlineLength(usize),
+}
+
+impl NewsError {
+    /// A short stable name for the `error.kind` header and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NewsError::Json(_) => "json",
+            NewsError::NotAnObject => "not_an_object",
+            NewsError::Missing(_) => "missing_field",
+            NewsError::WrongType { .. } => "wrong_type",
+            NewsError::BadTimestamp(_) => "bad_timestamp",
+            NewsError::HeadlineLength(_) => "headline_length",
+        }
+    }
+}
+
+impl News {
+    pub fn from_json(bytes: &[u8]) -> Result<News, NewsError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| NewsError::Json(e.to_string()))?;
+        match value {
+            Value::Object(map) => News::from_object(map),
+            _ => Err(NewsError::NotAnObject),
+        }
+    }
+
+    pub fn from_object(mut map: Map<String, Value>) -> Result<News, NewsError> {
+        let id = required_string(&mut map, "id")?;
+        let published_at = required_string(&mut map, "published_at")?;
+        chrono::DateTime::parse_from_rfc3339(&published_at)
+            .map_err(|e| NewsError::BadTimestamp(format!("{published_at:?}: {e}")))?;
+        let headline = required_string(&mut map, "headline")?;
+        let chars = headline.chars().count();
+        if chars == 0 || chars > MAX_HEADLINE_CHARS || headline.trim().is_empty() {
+            return Err(NewsError::HeadlineLength(chars));
+        }
+        let tickers = match map.remove("tickers") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .into_iter()
+                    .map(|t| match t {
+                        Value::String(s) => Ok(s),
+                        _ => Err(NewsError::WrongType { field: "tickers", expected: "an array of strings" }),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(_) => return Err(NewsError::WrongType { field: "tickers", expected: "an array of strings" }),
+        };
+        Ok(News {
+            id,
+            published_at,
+            headline,
+            body: optional_string(&mut map, "body")?,
+            source: optional_string(&mut map, "source")?,
+            tickers,
+            url: optional_string(&mut map, "url")?,
+            lang: optional_string(&mut map, "lang")?,
+            extra: map,
+        })
+    }
+}
+
+fn required_string(map: &mut Map<String, Value>, field: &'static str) -> Result<String, NewsError> {
+    optional_string(map, field)?.ok_or(NewsError::Missing(field))
+}
+
+fn optional_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, NewsError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(NewsError::WrongType { field, expected: "a string" }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_unknown_fields_in_extra() {
+        let news = News::from_json(
+            br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"Oil falls","tickers":["XOM"],"desk":"energy"}"#,
+        )
+        .unwrap();
+        assert_eq!(news.tickers.as_deref(), Some(&["XOM".to_string()][..]));
+        assert_eq!(news.extra.get("desk"), Some(&Value::String("energy".into())));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_reasons() {
+        let cases: [(&[u8], NewsError); 6] = [
+            (b"{", NewsError::Json(String::new())),
+            (b"[1]", NewsError::NotAnObject),
+            (br#"{"published_at":"2024-01-02T03:04:05Z","headline":"x"}"#, NewsError::Missing("id")),
+            (br#"{"id":1,"published_at":"2024-01-02T03:04:05Z","headline":"x"}"#, NewsError::WrongType { field: "id", expected: "a string" }),
+            (br#"{"id":"a","published_at":"yesterday","headline":"x"}"#, NewsError::BadTimestamp(String::new())),
+            (br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"  "}"#, NewsError::HeadlineLength(2)),
+        ];
+        for (input, expected) in cases {
+            let err = News::from_json(input).unwrap_err();
+            assert_eq!(err.kind(), expected.kind(), "{}", String::from_utf8_lossy(input));
+        }
+        let long = format!(r#"{{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"{}"}}"#, "x".repeat(2001));
+        assert_eq!(News::from_json(long.as_bytes()).unwrap_err(), NewsError::HeadlineLength(2001));
+    }
+}
