@@ -57,6 +57,9 @@ struct ModelArgs {
     /// Tokens kept per text.
     #[arg(long)]
     max_length: Option<usize>,
+    /// Characters of each story's body to classify along with its headline (0 = headline only).
+    #[arg(long)]
+    body_chars: Option<usize>,
 }
 
 impl ModelArgs {
@@ -70,6 +73,7 @@ impl ModelArgs {
             max_wait_ms: self.max_wait_ms.unwrap_or(defaults.max_wait_ms),
             threads: self.threads.unwrap_or(defaults.threads),
             max_length: self.max_length.unwrap_or(defaults.max_length),
+            body_chars: self.body_chars.unwrap_or(defaults.body_chars),
             ..defaults
         }
     }
@@ -110,11 +114,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .await
                             .with_context(|| format!("cannot open {}", path.display()))?;
                         let reader = tokio::io::BufReader::new(file);
-                        classify::classify_lines(&classifier, reader, stdout, config.max_queued).await?
+                        classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?
                     }
                     None => {
                         let reader = tokio::io::BufReader::new(tokio::io::stdin());
-                        classify::classify_lines(&classifier, reader, stdout, config.max_queued).await?
+                        classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?
                     }
                 };
                 tracing::info!(lines = stats.lines, errors = stats.errors, "classify done");

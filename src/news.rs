@@ -58,6 +58,20 @@ impl NewsError {
 }
 
 impl News {
+    /// What the classifier reads: the headline, then the first `body_chars` characters of the body
+    /// with runs of whitespace collapsed (as `models/train/data.py` built the training text).
+    pub fn classification_text(&self, body_chars: usize) -> String {
+        let body = match &self.body {
+            Some(body) if body_chars > 0 => body.split_whitespace().collect::<Vec<_>>().join(" "),
+            _ => return self.headline.clone(),
+        };
+        if body.is_empty() {
+            return self.headline.clone();
+        }
+        let lead: String = body.chars().take(body_chars).collect();
+        format!("{} {lead}", self.headline)
+    }
+
     pub fn from_json(bytes: &[u8]) -> Result<News, NewsError> {
         let value: Value = serde_json::from_slice(bytes).map_err(|e| NewsError::Json(e.to_string()))?;
         match value {
@@ -127,6 +141,19 @@ mod tests {
         .unwrap();
         assert_eq!(news.tickers.as_deref(), Some(&["XOM".to_string()][..]));
         assert_eq!(news.extra.get("desk"), Some(&Value::String("energy".into())));
+    }
+
+    #[test]
+    fn classification_text_adds_a_collapsed_body_lead() {
+        let mut news = News::from_json(
+            br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"OIL FALLS","body":"Crude  prices\n fell sharply today."}"#,
+        )
+        .unwrap();
+        assert_eq!(news.classification_text(0), "OIL FALLS");
+        assert_eq!(news.classification_text(13), "OIL FALLS Crude prices ");
+        assert_eq!(news.classification_text(1000), "OIL FALLS Crude prices fell sharply today.");
+        news.body = Some("  ".into());
+        assert_eq!(news.classification_text(50), "OIL FALLS");
     }
 
     #[test]

@@ -24,6 +24,15 @@ TOPIC_PRIORITY = ["earnings", "mergers_acquisitions", "energy", "metals", "agric
                   "monetary_policy", "currencies", "macro", "other"]
 
 
+# Body characters appended to the headline in the "headline + body" input; the Rust side's
+# `body_chars` setting builds the same text.
+BODY_CHARS = 200
+
+
+def with_body(headline: str, body: str, chars: int) -> str:
+    return f"{headline} {body[:chars]}"
+
+
 def bucket(key: str) -> float:
     """A stable number in [0, 1) for a string: the split decision.
 
@@ -47,17 +56,21 @@ def reuters_topic(categories, mapping):
 
 
 def load(val_share=0.15):
-    """Returns {"train": [...], "val": {name: [...]}}; each item is (text, sentiment_id | -1, topic_id | -1)."""
+    """Returns {"train": [...], "val": {name: [...]}}.
+
+    Each item is (text, sentiment_id | -1, topic_id | -1, source, lead): `lead` is the headline followed
+    by the start of the body (Reuters only, else None), the input when a pipeline adds body text.
+    """
     train, val = [], {"phrasebank": [], "twitter": [], "reuters": []}
 
     with open(DATA / "financial-phrasebank" / "fpb_train.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            item = (row["text"], SENTIMENT.index(row["label"]), -1, "phrasebank")
+            item = (row["text"], SENTIMENT.index(row["label"]), -1, "phrasebank", None)
             (val["phrasebank"] if bucket(row["text"]) < val_share else train).append(item)
 
     with open(DATA / "twitter-financial-news-sentiment" / "sent_train.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            item = (row["text"], SENTIMENT.index(TWITTER_LABELS[row["label"]]), -1, "twitter")
+            item = (row["text"], SENTIMENT.index(TWITTER_LABELS[row["label"]]), -1, "twitter", None)
             (val["twitter"] if bucket(row["text"]) < val_share else train).append(item)
 
     mapping = reuters_topic_map()
@@ -67,7 +80,9 @@ def load(val_share=0.15):
             headline = story["headline"].strip()
             if not headline:
                 continue
-            item = (headline, -1, TOPICS.index(reuters_topic(story["topics"], mapping)), "reuters")
+            body = " ".join((story["body"] or "").split())
+            lead = with_body(headline, body, BODY_CHARS) if body else None
+            item = (headline, -1, TOPICS.index(reuters_topic(story["topics"], mapping)), "reuters", lead)
             (val["reuters"] if bucket(story["id"]) < val_share else train).append(item)
 
     return {"train": train, "val": val}

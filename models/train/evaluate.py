@@ -40,7 +40,7 @@ def evaluate(path, val, threads):
     for name, items in val.items():
         texts = [x[0] for x in items]
         sent, topic = predict(Path(path), texts, threads)
-        if name == "reuters":
+        if name.startswith("reuters"):
             gold = [x[2] for x in items]
             pred = topic.argmax(1)
             labelled = [i for i, x in enumerate(items) if x[2] != data.TOPICS.index("other")]
@@ -52,7 +52,7 @@ def evaluate(path, val, threads):
             "accuracy": round(float(accuracy_score(gold, pred)), 4),
             "macro_f1": round(float(f1_score(gold, pred, average="macro")), 4),
         }
-        if name == "reuters":
+        if name.startswith("reuters"):
             out[name]["accuracy_without_other"] = round(
                 float(accuracy_score([gold[i] for i in labelled], [pred[i] for i in labelled])), 4)
     return out

@@ -38,7 +38,7 @@ class Layer(nn.Module):
 
 
 class Classifier(nn.Module):
-    def __init__(self, n_sentiment, n_topics, vocab=30522, hidden=384, layers=6, heads=12,
+    def __init__(self, n_sentiment, n_topics, aux_sentiment=False, vocab=30522, hidden=384, layers=6, heads=12,
                  intermediate=1536, max_pos=512, dropout=0.1):
         super().__init__()
         self.word = nn.Embedding(vocab, hidden)
@@ -49,6 +49,9 @@ class Classifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.sentiment = nn.Linear(hidden, n_sentiment)
         self.topic = nn.Linear(hidden, n_topics)
+        # Training-only head for a second sentiment set whose labels mean something else
+        # (bullish/bearish tweets); not exported.
+        self.aux_sentiment = nn.Linear(hidden, n_sentiment) if aux_sentiment else None
 
     def encode(self, input_ids, attention_mask):
         t = input_ids.shape[1]
@@ -66,6 +69,12 @@ class Classifier(nn.Module):
     def forward(self, input_ids, attention_mask):
         pooled = self.drop(self.encode(input_ids, attention_mask))
         return self.sentiment(pooled), self.topic(pooled)
+
+    def heads(self, input_ids, attention_mask):
+        """All training heads: sentiment, topic and (if any) auxiliary sentiment logits."""
+        pooled = self.drop(self.encode(input_ids, attention_mask))
+        aux = self.aux_sentiment(pooled) if self.aux_sentiment is not None else None
+        return self.sentiment(pooled), self.topic(pooled), aux
 
     def load_minilm(self, state):
         """Loads the BertModel weights of all-MiniLM-L6-v2 (safetensors names) into this module."""
@@ -89,7 +98,7 @@ class Classifier(nn.Module):
         for ours, theirs in names.items():
             own[ours] = state[theirs]
         missing = set(own) - set(names)
-        assert missing <= {"sentiment.weight", "sentiment.bias", "topic.weight", "topic.bias"}, missing
+        assert all(m.split(".")[0] in ("sentiment", "topic", "aux_sentiment") for m in missing), missing
         self.load_state_dict(own)
 
 

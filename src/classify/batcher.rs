@@ -4,7 +4,8 @@
 //! batch from whatever is queued the moment the model is free. A batch always takes the oldest item
 //! (so nothing starves), then the queued items closest to it in length (so little is padding), as
 //! long as rows × longest row stays within `max_batch_tokens` and rows within `max_batch_size`.
-//! The only deliberate wait is for a lone item: up to `max_wait` for company, then it runs alone.
+//! The only deliberate wait is for a lone item that finds the model idle: up to `max_wait` for
+//! company, then it runs alone. Work that queued while the model was busy runs as soon as it is free.
 
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -100,16 +101,19 @@ impl Submitter {
 /// Starts the batcher thread that owns `backend`.
 pub fn spawn(backend: impl Backend, limits: BatchLimits) -> Result<Submitter, ClassifyError> {
     let (tx, rx) = mpsc::channel();
+    // Taken before any item can be submitted, so the first item counts as arriving at an idle model.
+    let idle_since = Instant::now();
     std::thread::Builder::new()
         .name("classify-batcher".into())
-        .spawn(move || run(backend, rx, limits))
+        .spawn(move || run(backend, rx, limits, idle_since))
         .map_err(|e| ClassifyError::Session(format!("cannot start the batcher thread: {e}")))?;
     Ok(Submitter { tx })
 }
 
-fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimits) {
+fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimits, mut idle_since: Instant) {
     let mut queue: Vec<Request> = Vec::new();
     let mut open = true;
+    // Items that arrived while a batch ran have waited already: they never wait for company.
     loop {
         loop {
             match rx.try_recv() {
@@ -132,7 +136,7 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
             }
             continue;
         }
-        if queue.len() == 1 && open && limits.max_batch_size > 1 {
+        if queue.len() == 1 && open && limits.max_batch_size > 1 && queue[0].arrived >= idle_since {
             let waited = queue[0].arrived.elapsed();
             if let Some(left) = limits.max_wait.checked_sub(waited).filter(|d| !d.is_zero()) {
                 match rx.recv_timeout(left) {
@@ -148,6 +152,7 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
         let batch = take_batch(&mut queue, &limits);
         metrics::gauge!("bearwatch_classify_queued").decrement(batch.len() as f64);
         execute(&mut backend, batch);
+        idle_since = Instant::now();
     }
 }
 
@@ -232,4 +237,172 @@ fn split(out: BatchOutput, rows: usize) -> Result<Vec<ItemOutput>, ClassifyError
         .zip(out.topic.chunks_exact(width))
         .map(|(s, t)| ItemOutput { sentiment: [s[0], s[1], s[2]], topic: t.to_vec() })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// Echoes each row's real length as its first sentiment value and records every batch's shape.
+    struct Echo {
+        batches: Arc<Mutex<Vec<Vec<usize>>>>,
+        /// If set, the first batch says it has started, then waits until the test opens the gate.
+        gate: Option<(std_mpsc::Sender<()>, std_mpsc::Receiver<()>)>,
+        fail_first: bool,
+    }
+
+    impl Backend for Echo {
+        fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
+            if let Some((entered, gate)) = self.gate.take() {
+                entered.send(()).unwrap();
+                gate.recv().unwrap();
+            }
+            let lengths: Vec<usize> =
+                batch.mask.chunks(batch.cols).map(|row| row.iter().filter(|&&m| m == 1).count()).collect();
+            self.batches.lock().unwrap().push(lengths.clone());
+            if std::mem::take(&mut self.fail_first) {
+                return Err(ClassifyError::Inference("device lost".into()));
+            }
+            Ok(BatchOutput {
+                sentiment: lengths.iter().flat_map(|&n| [n as f32, 0.0, 0.0]).collect(),
+                topic: vec![1.0; batch.rows],
+            })
+        }
+    }
+
+    fn limits(tokens: usize, size: usize, wait_ms: u64) -> BatchLimits {
+        BatchLimits { max_batch_tokens: tokens, max_batch_size: size, max_wait: Duration::from_millis(wait_ms) }
+    }
+
+    struct Harness {
+        submitter: Submitter,
+        slots: Arc<Semaphore>,
+        batches: Arc<Mutex<Vec<Vec<usize>>>>,
+    }
+
+    impl Harness {
+        fn start(
+            limits: BatchLimits,
+            gate: Option<(std_mpsc::Sender<()>, std_mpsc::Receiver<()>)>,
+            fail_first: bool,
+        ) -> Harness {
+            let batches = Arc::new(Mutex::new(Vec::new()));
+            let submitter = spawn(Echo { batches: batches.clone(), gate, fail_first }, limits).unwrap();
+            Harness { submitter, slots: Arc::new(Semaphore::new(100_000)), batches }
+        }
+
+        fn submit(&self, len: usize) -> oneshot::Receiver<Result<ItemOutput, ClassifyError>> {
+            let slot = self.slots.clone().try_acquire_owned().unwrap();
+            self.submitter.submit(vec![7; len], slot).unwrap()
+        }
+    }
+
+    #[test]
+    fn choose_groups_by_length_within_budget_and_size() {
+        assert_eq!(choose(&[10, 50, 12, 11, 60, 9], &limits(40, 3, 0)), vec![0, 3, 5]);
+        // 31 × 3 rows would exceed 64 tokens.
+        assert_eq!(choose(&[30, 31, 29], &limits(64, 8, 0)), vec![0, 1]);
+        // The oldest item always goes, even alone and over budget.
+        assert_eq!(choose(&[100, 5], &limits(64, 8, 0)), vec![0]);
+        assert!(choose(&[], &limits(64, 8, 0)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_item_gets_its_own_result_and_batches_respect_limits() {
+        let harness = Harness::start(limits(96, 8, 1), None, false);
+        let lengths: Vec<usize> = (0..300).map(|i| 3 + (i * 7919) % 30).collect();
+        let replies: Vec<_> = lengths.iter().map(|&n| harness.submit(n)).collect();
+        for (reply, &n) in replies.into_iter().zip(&lengths) {
+            assert_eq!(reply.await.unwrap().unwrap().sentiment[0], n as f32);
+        }
+        let batches = harness.batches.lock().unwrap();
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), lengths.len());
+        for batch in batches.iter() {
+            assert!(batch.len() <= 8, "{batch:?}");
+            assert!(batch.iter().max().unwrap() * batch.len() <= 96, "{batch:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_item_is_not_starved_by_later_short_ones() {
+        let (open, gate) = std_mpsc::channel();
+        let (entered_tx, entered) = std_mpsc::channel();
+        let harness = Harness::start(limits(4096, 64, 0), Some((entered_tx, gate)), false);
+        let first = harness.submit(5);
+        entered.recv().unwrap();
+        let early: Vec<_> = (0..100).map(|_| harness.submit(5)).collect();
+        let long = harness.submit(60);
+        let late: Vec<_> = (0..100).map(|_| harness.submit(5)).collect();
+        open.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        long.await.unwrap().unwrap();
+        for reply in early.into_iter().chain(late) {
+            reply.await.unwrap().unwrap();
+        }
+        let batches = harness.batches.lock().unwrap();
+        let with_long = batches.iter().position(|b| b.contains(&60)).unwrap();
+        // [first], 64 early, 36 early + 28 late, then the long item is the oldest and leads its batch.
+        assert_eq!(with_long, 3, "{batches:?}");
+        assert!(batches[with_long + 1..].iter().any(|b| !b.is_empty()), "later items were still queued");
+    }
+
+    #[tokio::test]
+    async fn a_lone_item_waits_for_company_at_most_max_wait() {
+        let harness = Harness::start(limits(4096, 64, 50), None, false);
+        let started = Instant::now();
+        harness.submit(10).await.unwrap().unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(40), "served before max_wait without company: {waited:?}");
+        assert!(waited < Duration::from_millis(300), "lone item waited {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn company_that_arrives_in_time_joins_the_batch() {
+        let harness = Harness::start(limits(4096, 64, 300), None, false);
+        let a = harness.submit(10);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let b = harness.submit(12);
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+        assert_eq!(*harness.batches.lock().unwrap(), vec![vec![10, 12]]);
+    }
+
+    #[tokio::test]
+    async fn queued_work_does_not_wait_when_the_model_is_idle() {
+        let (open, gate) = std_mpsc::channel();
+        let (entered_tx, entered) = std_mpsc::channel();
+        // A huge max_wait: any wait beyond the lone-item rule would show.
+        let harness = Harness::start(limits(4096, 2, 10_000), Some((entered_tx, gate)), false);
+        let first = harness.submit(4);
+        let second = harness.submit(4);
+        entered.recv().unwrap();
+        // Queued while the model is busy: must run as soon as it is free, without waiting for company.
+        let third = harness.submit(4);
+        let started = Instant::now();
+        open.send(()).unwrap();
+        for reply in [first, second, third] {
+            reply.await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_its_items_and_the_batcher_goes_on() {
+        let harness = Harness::start(limits(4096, 64, 0), None, true);
+        let failed = harness.submit(5).await.unwrap();
+        assert!(matches!(failed, Err(ClassifyError::Inference(ref m)) if m.contains("device lost")));
+        assert_eq!(harness.submit(6).await.unwrap().unwrap().sentiment[0], 6.0);
+    }
+
+    #[test]
+    fn padded_batch_pads_right_and_masks_padding() {
+        let batch = PaddedBatch::new([&[1, 2, 3][..], &[4][..]].into_iter());
+        assert_eq!((batch.rows, batch.cols), (2, 3));
+        assert_eq!(batch.ids, vec![1, 2, 3, 4, 0, 0]);
+        assert_eq!(batch.mask, vec![1, 1, 1, 1, 0, 0]);
+    }
 }

@@ -33,6 +33,8 @@ pub struct ClassifierConfig {
     pub threads: usize,
     /// Tokens kept per text (headlines are ~20).
     pub max_length: usize,
+    /// Characters of a story's body appended to its headline before classifying; 0 = headline only.
+    pub body_chars: usize,
     /// Items tokenized and waiting or in flight before producers are held back.
     pub max_queued: usize,
 }
@@ -47,6 +49,7 @@ impl Default for ClassifierConfig {
             max_wait_ms: 5,
             threads: 0,
             max_length: 64,
+            body_chars: 0,
             max_queued: 4096,
         }
     }

@@ -15,7 +15,10 @@ pub enum ClassifyError {
     RuntimeMissing { searched: String },
     #[error("cannot load ONNX Runtime from {path}: {reason}")]
     RuntimeLoad { path: PathBuf, reason: String },
-    #[error("device = \"cuda\" was asked for but the CUDA execution provider is unavailable: {0}")]
+    #[error(
+        "device = \"cuda\" was asked for but the CUDA execution provider is unavailable: {0} \
+         (CUDA needs the onnxruntime-gpu 1.31.1 library in ORT_DYLIB_PATH and CUDA 13 on the host)"
+    )]
     CudaUnavailable(String),
     #[error("ONNX Runtime session: {0}")]
     Session(String),

@@ -28,6 +28,7 @@ pub async fn classify_lines(
     mut input: impl AsyncBufRead + Unpin,
     mut output: impl AsyncWrite + Unpin,
     read_ahead: usize,
+    body_chars: usize,
 ) -> std::io::Result<LineStats> {
     let (tx, mut rx) = mpsc::channel::<Slot>(read_ahead.max(1));
     let reader = async move {
@@ -41,7 +42,7 @@ pub async fn classify_lines(
             line += 1;
             let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
             let text = text.strip_suffix(b"\r").unwrap_or(text);
-            let slot = match parse(text) {
+            let slot = match parse(text, body_chars) {
                 Ok((fields, to_classify)) => match classifier.submit(&to_classify).await {
                     Ok(pending) => Slot::Waiting { line, fields, pending },
                     Err(e) => Slot::Failed(error_line(line, &e)),
@@ -87,8 +88,9 @@ fn error_line(line: u64, error: &dyn std::fmt::Display) -> Value {
     json!({ "error": error.to_string(), "line": line })
 }
 
-/// The fields to echo and the text to classify: `text` if present, else a valid news object's headline.
-fn parse(raw: &[u8]) -> Result<(Map<String, Value>, String), String> {
+/// The fields to echo and the text to classify: `text` if present, else a valid news object's
+/// headline (with `body_chars` of its body).
+fn parse(raw: &[u8], body_chars: usize) -> Result<(Map<String, Value>, String), String> {
     let value: Value = serde_json::from_slice(raw).map_err(|e| {
         if raw.iter().all(u8::is_ascii_whitespace) { "empty line".to_string() } else { format!("not valid JSON: {e}") }
     })?;
@@ -102,7 +104,7 @@ fn parse(raw: &[u8]) -> Result<(Map<String, Value>, String), String> {
         Some(_) => Err("field `text` must be a string".into()),
         None => {
             let news = News::from_object(fields.clone()).map_err(|e| e.to_string())?;
-            Ok((fields, news.headline))
+            Ok((fields, news.classification_text(body_chars)))
         }
     }
 }

@@ -72,10 +72,10 @@ impl Classifier {
         let backend = runtime::OrtBackend::new(&spec, config)?;
         let provider = backend.provider();
         tracing::info!(model = %spec.id(), provider, threads = config.threads(), "classifier ready");
-        Classifier::with_backend(config, spec, backend, provider)
+        Classifier::assemble(config, spec, backend, provider)
     }
 
-    /// Starts the batcher over any backend; tests use this with fakes.
+    /// Starts the batcher over any backend; tests and benchmarks use this to wrap or fake the model.
     pub fn with_backend(
         config: &ClassifierConfig,
         spec: ModelSpec,
@@ -83,6 +83,22 @@ impl Classifier {
         provider: &'static str,
     ) -> Result<Classifier, ClassifyError> {
         config.validate()?;
+        Classifier::assemble(config, spec, backend, provider)
+    }
+
+    fn assemble(
+        config: &ClassifierConfig,
+        spec: ModelSpec,
+        backend: impl Backend,
+        provider: &'static str,
+    ) -> Result<Classifier, ClassifyError> {
+        if config.max_length > spec.trained_max_length {
+            tracing::warn!(
+                max_length = config.max_length,
+                trained = spec.trained_max_length,
+                "max_length is longer than the model was trained on; scores for long texts may degrade"
+            );
+        }
         let encoder = Encoder::load(&spec, config.max_length)?;
         let queue = batcher::spawn(backend, config.limits())?;
         Ok(Classifier {

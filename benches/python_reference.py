@@ -1,0 +1,57 @@
+"""The Python pipeline `bearwatch bench classify` compares against: what a Python service does by default.
+
+onnxruntime + tokenizers, the same model file and thread count, fixed batches of --batch-size items in
+arrival order, each padded to its longest item; tokenizing and inference alternate in one thread.
+Prints one JSON object: items, seconds, per-batch milliseconds, padded tokens.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--items", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+
+    model = Path(args.model)
+    labels = json.loads((model / "labels.json").read_text())
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    tok.enable_truncation(labels["max_length"])
+    tok.enable_padding()  # pad each batch to its longest item
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(model / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    with open(args.input, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(args.items), f)]
+
+    def run(batch):
+        encs = tok.encode_batch(batch)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        sess.run(None, {"input_ids": ids, "attention_mask": mask})
+        return ids.size
+
+    run(texts[:8])  # warm-up, as the Rust side does
+    batch_ms, padded = [], 0
+    started = time.perf_counter()
+    for i in range(0, len(texts), args.batch_size):
+        t = time.perf_counter()
+        padded += run(texts[i:i + args.batch_size])
+        batch_ms.append((time.perf_counter() - t) * 1e3)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"items": len(texts), "seconds": seconds, "batch_ms": batch_ms, "padded_tokens": padded}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+//! `bearwatch classify` end to end: the real binary, the committed model, ONNX Runtime from the wheel.
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+const TOPICS: [&str; 9] = [
+    "earnings",
+    "mergers_acquisitions",
+    "monetary_policy",
+    "currencies",
+    "energy",
+    "metals",
+    "agriculture",
+    "macro",
+    "other",
+];
+
+fn classify(args: &[&str], input: impl Into<Vec<u8>>) -> (i32, Vec<Value>, String) {
+    let out = Command::cargo_bin("bearwatch").unwrap().arg("classify").args(args).write_stdin(input).output().unwrap();
+    let lines = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("output line is not JSON ({e}): {l}")))
+        .collect();
+    (out.status.code().unwrap(), lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_scored(line: &Value) {
+    let p = |k: &str| line[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {line}"));
+    let sum = p("p_negative") + p("p_neutral") + p("p_positive");
+    assert!((sum - 1.0).abs() < 1e-3, "probabilities sum to {sum}: {line}");
+    assert!((p("sentiment_score") - (p("p_positive") - p("p_negative"))).abs() < 2e-6, "{line}");
+    assert!(["negative", "neutral", "positive"].contains(&line["sentiment"].as_str().unwrap()), "{line}");
+    assert!(TOPICS.contains(&line["topic"].as_str().unwrap()), "{line}");
+    assert!((0.0..=1.0).contains(&p("topic_score")), "{line}");
+    assert_eq!(line["model"], "bearwatch-minilm-l6@1.0.0");
+}
+
+#[test]
+fn scores_news_and_text_lines_keeping_their_fields() {
+    let input = concat!(
+        r#"{"id":"n1","published_at":"2024-03-01T09:30:00Z","headline":"Oil prices slump as OPEC output rises","tickers":["XOM"],"desk":"energy"}"#,
+        "\n",
+        r#"{"text":"Company raises full-year profit forecast after record quarter"}"#,
+        "\n",
+    );
+    let (code, lines, stderr) = classify(&[], input);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert_scored(line);
+    }
+    assert_eq!(lines[0]["id"], "n1");
+    assert_eq!(lines[0]["desk"], "energy");
+    assert_eq!(lines[0]["tickers"][0], "XOM");
+    assert_eq!(lines[0]["topic"], "energy");
+    assert_eq!(lines[1]["text"], "Company raises full-year profit forecast after record quarter");
+    assert_eq!(lines[1]["sentiment"], "positive");
+}
+
+#[test]
+fn bad_lines_get_an_error_line_and_the_run_goes_on() {
+    let mut input = Vec::new();
+    input.extend_from_slice(b"not json\n");
+    input.extend_from_slice(b"{\"text\":\"Bank shares tumble on loan losses\"}\n");
+    input.extend_from_slice(b"\n");
+    input.extend_from_slice(b"{\"id\":\"x\",\"headline\":\"no timestamp\"}\n");
+    input.extend_from_slice(b"\xff\xfe invalid utf-8\n");
+    input.extend_from_slice(b"[1,2]\n");
+    input.extend_from_slice(b"{\"text\":\"   \"}\n");
+    input.extend_from_slice(b"{\"id\":\"y\",\"published_at\":\"2024-01-01T00:00:00Z\",\"headline\":\"Fed holds rates\"}");
+    let (code, lines, stderr) = classify(&[], input.clone());
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 8, "one output line per input line");
+    for (index, expected) in [(0, "not valid JSON"), (2, "empty line"), (3, "published_at"), (4, "not valid JSON"), (5, "JSON object"), (6, "empty")] {
+        assert_eq!(lines[index]["line"], index as u64 + 1, "{}", lines[index]);
+        assert!(lines[index]["error"].as_str().unwrap().contains(expected), "{}", lines[index]);
+    }
+    assert_scored(&lines[1]);
+    assert_scored(&lines[7]);
+    assert_eq!(lines[7]["id"], "y");
+
+    let (strict_code, strict_lines, _) = classify(&["--strict"], input);
+    assert_eq!(strict_code, 1);
+    assert_eq!(strict_lines.len(), 8);
+}
+
+#[test]
+fn empty_input_gives_empty_output() {
+    let (code, lines, stderr) = classify(&["--strict"], "");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(lines.is_empty());
+}
+
+#[test]
+fn output_keeps_input_order_across_batches() {
+    // Lengths vary so the batcher groups items out of arrival order.
+    let input: String = (0..300)
+        .map(|i| {
+            let words = "markets rally as investors cheer strong earnings ".repeat(1 + i % 7);
+            format!("{{\"id\":\"{i}\",\"published_at\":\"2024-01-01T00:00:00Z\",\"headline\":\"{i} {words}\"}}\n")
+        })
+        .collect();
+    let (code, lines, stderr) = classify(&["--max-batch-size", "16", "--max-batch-tokens", "512"], input);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 300);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["id"], i.to_string());
+        assert_scored(line);
+    }
+}
+
+#[test]
+fn reads_a_file_argument() {
+    let (code, lines, stderr) = classify(&["pipelines/data/news-sample.jsonl", "--strict"], "");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 1000);
+    assert_eq!(lines[0]["id"], "reuters-1");
+}
+
+#[test]
+fn a_missing_runtime_library_says_what_to_run() {
+    let out = Command::cargo_bin("bearwatch")
+        .unwrap()
+        .arg("classify")
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so.1.31.1")
+        .write_stdin("{\"text\":\"x\"}\n")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("scripts/setup-ort.sh") && stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
+}
+
+#[test]
+fn bad_settings_are_usage_errors() {
+    let (code, lines, stderr) = classify(&["--max-batch-size", "0"], "{\"text\":\"x\"}\n");
+    assert_eq!(code, 2);
+    assert!(lines.is_empty());
+    assert!(stderr.contains("max_batch_size"), "{stderr}");
+
+    let (code, _, stderr) = classify(&["--model", "/nonexistent"], "{\"text\":\"x\"}\n");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent/labels.json"), "{stderr}");
+}
+
+#[test]
+fn cuda_is_refused_loudly_without_a_gpu_build() {
+    // The CPU wheel has no CUDA provider: asking for it must fail, never fall back to CPU.
+    let (code, lines, stderr) = classify(&["--device", "cuda"], "{\"text\":\"x\"}\n");
+    assert_eq!(code, 1);
+    assert!(lines.is_empty());
+    assert!(stderr.contains("CUDA"), "{stderr}");
+}
