@@ -86,6 +86,18 @@ fn bad_lines_get_an_error_line_and_the_run_goes_on() {
 }
 
 #[test]
+fn an_overlong_line_is_refused_without_losing_the_next_one() {
+    let mut input = format!("{{\"text\":\"{}\"}}\n", "a".repeat(3 << 20)).into_bytes();
+    input.extend_from_slice(b"{\"text\":\"Gold price rises\"}\n");
+    let (code, lines, stderr) = classify(&[], input);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["error"].as_str().unwrap().contains("longer than"), "{}", lines[0]);
+    assert_eq!(lines[0]["line"], 1);
+    assert_scored(&lines[1]);
+}
+
+#[test]
 fn empty_input_gives_empty_output() {
     let (code, lines, stderr) = classify(&["--strict"], "");
     assert_eq!(code, 0, "{stderr}");

@@ -55,6 +55,12 @@ def reuters_topic(categories, mapping):
     return "other"  # a story with no Reuters category
 
 
+def phrasebank_agreement():
+    """{sentence: strictest annotator agreement it reached (50, 66, 75 or 100)}."""
+    with open(DATA / "financial-phrasebank" / "fpb_train.csv", newline="", encoding="utf-8") as f:
+        return {row["text"]: int(row["agree"]) for row in csv.DictReader(f)}
+
+
 def load(val_share=0.15):
     """Returns {"train": [...], "val": {name: [...]}}.
 

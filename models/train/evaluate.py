@@ -52,6 +52,12 @@ def evaluate(path, val, threads):
             "accuracy": round(float(accuracy_score(gold, pred)), 4),
             "macro_f1": round(float(f1_score(gold, pred, average="macro")), 4),
         }
+        if name == "phrasebank":
+            agreement = data.phrasebank_agreement()
+            full = [i for i, x in enumerate(items) if agreement[x[0]] == 100]
+            g, p = [gold[i] for i in full], [pred[i] for i in full]
+            out[name]["agree_100"] = {"n": len(full), "accuracy": round(float(accuracy_score(g, p)), 4),
+                                      "macro_f1": round(float(f1_score(g, p, average="macro")), 4)}
         if name.startswith("reuters"):
             out[name]["accuracy_without_other"] = round(
                 float(accuracy_score([gold[i] for i in labelled], [pred[i] for i in labelled])), 4)

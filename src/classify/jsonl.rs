@@ -1,11 +1,14 @@
 //! `bearwatch classify`: JSON lines in, exactly one scored JSON line out per input line, in order.
 
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{Classifier, ClassifyError, Pending};
 use crate::news::News;
+
+/// Longest input line read; a news message is a few KiB, so anything longer is refused, not buffered.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// What a run saw.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,13 +39,22 @@ pub async fn classify_lines(
         let mut line = 0u64;
         loop {
             buf.clear();
-            if input.read_until(b'\n', &mut buf).await? == 0 {
+            if (&mut input).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf).await? == 0 {
                 return Ok::<_, std::io::Error>(());
             }
             line += 1;
+            let too_long = buf.len() > MAX_LINE_BYTES && !buf.ends_with(b"\n");
+            if too_long {
+                skip_line(&mut input).await?;
+            }
             let text = buf.strip_suffix(b"\n").unwrap_or(&buf);
             let text = text.strip_suffix(b"\r").unwrap_or(text);
-            let slot = match parse(text, body_chars) {
+            let parsed = if too_long {
+                Err(format!("line is longer than {MAX_LINE_BYTES} bytes"))
+            } else {
+                parse(text, body_chars)
+            };
+            let slot = match parsed {
                 Ok((fields, to_classify)) => match classifier.submit(&to_classify).await {
                     Ok(pending) => Slot::Waiting { line, fields, pending },
                     Err(e) => Slot::Failed(error_line(line, &e)),
@@ -82,6 +94,26 @@ pub async fn classify_lines(
     let (read, stats) = tokio::join!(reader, writer);
     read?;
     stats
+}
+
+/// Discards input up to and including the next newline.
+async fn skip_line(input: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<()> {
+    loop {
+        let chunk = input.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                input.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let len = chunk.len();
+                input.consume(len);
+            }
+        }
+    }
 }
 
 fn error_line(line: u64, error: &dyn std::fmt::Display) -> Value {
