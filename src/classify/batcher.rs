@@ -113,7 +113,6 @@ pub fn spawn(backend: impl Backend, limits: BatchLimits) -> Result<Submitter, Cl
 fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimits, mut idle_since: Instant) {
     let mut queue: Vec<Request> = Vec::new();
     let mut open = true;
-    // Items that arrived while a batch ran have waited already: they never wait for company.
     loop {
         loop {
             match rx.try_recv() {
@@ -136,6 +135,8 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
             }
             continue;
         }
+        // Only an item that found the model idle waits for company; one that arrived while a batch
+        // ran has waited already.
         if queue.len() == 1 && open && limits.max_batch_size > 1 && queue[0].arrived >= idle_since {
             let waited = queue[0].arrived.elapsed();
             if let Some(left) = limits.max_wait.checked_sub(waited).filter(|d| !d.is_zero()) {

@@ -255,6 +255,11 @@ fn report(rows: &[Row], python: Option<&Row>, args: &BenchArgs, base: &Classifie
             overhead
         );
     }
+    let _ = writeln!(
+        out,
+        "\nbatch ms: bearwatch rows time the model run of each batch (tokenizing overlaps it on another \
+         thread); the Python row times tokenize + run, which its loop does in turn."
+    );
     if let Some(python) = python {
         for row in rows.iter().filter(|r| r.label.contains("≤ 32") || r.label.contains("defaults")) {
             let _ = writeln!(
