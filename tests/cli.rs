@@ -98,6 +98,24 @@ fn an_overlong_line_is_refused_without_losing_the_next_one() {
 }
 
 #[test]
+fn body_chars_adds_the_body_lead_to_what_is_classified() {
+    let story = concat!(
+        r#"{"id":"r","published_at":"1987-03-02T10:00:00Z","headline":"COMPANY REPORTS","#,
+        r#""body":"Net income rose to 12.5 mln dlrs, or 1.10 dlrs a share, from 9.1 mln dlrs a year earlier."}"#,
+        "\n"
+    );
+    let (_, headline_only, _) = classify(&[], story);
+    let (code, with_body, stderr) = classify(&["--body-chars", "200"], story);
+    assert_eq!(code, 0, "{stderr}");
+    assert_scored(&with_body[0]);
+    // The model saw different text: its scores changed.
+    assert_ne!(headline_only[0]["topic_score"], with_body[0]["topic_score"]);
+    assert_ne!(headline_only[0]["p_positive"], with_body[0]["p_positive"]);
+    // The echoed fields are the input's, not the text that was classified.
+    assert_eq!(with_body[0]["headline"], "COMPANY REPORTS");
+}
+
+#[test]
 fn empty_input_gives_empty_output() {
     let (code, lines, stderr) = classify(&["--strict"], "");
     assert_eq!(code, 0, "{stderr}");

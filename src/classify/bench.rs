@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Python interpreter with onnxruntime and tokenizers (what scripts/setup-ort.sh installs).
     #[arg(long, default_value = ".venv/bin/python")]
     pub python: PathBuf,
+    /// Timed rounds; each measures every configuration and the Python reference once.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Skip the Python reference.
     #[arg(long)]
     pub no_python: bool,
@@ -46,24 +49,6 @@ pub enum BenchError {
     Classify(#[from] ClassifyError),
     #[error("python reference failed: {0}")]
     Python(String),
-}
-
-/// One measured configuration.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub label: String,
-    pub items: usize,
-    pub seconds: f64,
-    pub batch_ms: Vec<f64>,
-    pub padded_tokens: usize,
-    /// Seconds the same batches took as bare ORT runs.
-    pub bare_seconds: Option<f64>,
-}
-
-impl Row {
-    fn per_second(&self) -> f64 {
-        self.items as f64 / self.seconds
-    }
 }
 
 /// Records every batch and how long the model took on it.
@@ -81,33 +66,93 @@ impl<B: Backend> Backend for Recording<B> {
     }
 }
 
+/// One pipeline configuration and its measurements, one entry per timed repeat.
+struct Subject {
+    label: String,
+    classifier: Classifier,
+    log: Arc<Mutex<Vec<(PaddedBatch, Duration)>>>,
+    /// A second session for replaying the pipeline's batches without the pipeline.
+    bare: OrtBackend,
+    seconds: Vec<f64>,
+    bare_seconds: Vec<f64>,
+    batch_ms: Vec<f64>,
+    padded_tokens: usize,
+}
+
+impl Subject {
+    fn new(label: String, config: &ClassifierConfig, spec: &ModelSpec) -> Result<Subject, ClassifyError> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let backend = Recording { inner: OrtBackend::new(spec, config)?, log: log.clone() };
+        let classifier = Classifier::with_backend(config, spec.clone(), backend, "cpu")?;
+        let bare = OrtBackend::new(spec, config)?;
+        let (seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new());
+        Ok(Subject { label, classifier, log, bare, seconds, bare_seconds, batch_ms, padded_tokens: 0 })
+    }
+
+    /// Scores every text through the pipeline, then replays the batches it formed on the bare
+    /// session; records both times when `timed`.
+    fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], timed: bool) -> Result<(), ClassifyError> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let started = Instant::now();
+        runtime.block_on(async {
+            let mut pending = Vec::with_capacity(texts.len());
+            for text in texts {
+                pending.push(self.classifier.submit(text).await?);
+            }
+            for p in pending {
+                p.scores().await?;
+            }
+            Ok::<_, ClassifyError>(())
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        let batches = std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
+        let started = Instant::now();
+        for (batch, _) in &batches {
+            self.bare.run(batch)?;
+        }
+        if timed {
+            self.bare_seconds.push(started.elapsed().as_secs_f64());
+            self.seconds.push(seconds);
+            self.batch_ms.extend(batches.iter().map(|(_, d)| d.as_secs_f64() * 1e3));
+            self.padded_tokens = batches.iter().map(|(b, _)| b.padded_tokens()).sum();
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     let texts = read_texts(args)?;
     let base = ClassifierConfig { path: args.model.clone(), threads: args.threads, ..ClassifierConfig::default() };
     let spec = ModelSpec::load(&base.model_dir())?;
-    let mut rows = Vec::new();
-    let mut configs: Vec<(String, ClassifierConfig)> = args
-        .batch_sizes
-        .iter()
-        .map(|&size| {
-            let config = ClassifierConfig {
-                max_batch_size: size,
-                // Only the batch size limits these rows.
-                max_batch_tokens: size * base.max_length,
-                ..base.clone()
-            };
-            (format!("bearwatch, batch ≤ {size}"), config)
-        })
-        .collect();
-    configs.push((
-        format!("bearwatch, defaults (≤ {} items, ≤ {} tokens)", base.max_batch_size, base.max_batch_tokens),
-        base.clone(),
-    ));
-    for (label, config) in configs {
-        rows.push(measure_pipeline(label, &config, &spec, &texts)?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClassifyError::Session(e.to_string()))?;
+    let mut subjects = Vec::new();
+    for &size in &args.batch_sizes {
+        // Only the batch size limits these rows.
+        let config = ClassifierConfig { max_batch_size: size, max_batch_tokens: size * base.max_length, ..base.clone() };
+        subjects.push(Subject::new(format!("bearwatch, batch ≤ {size}"), &config, &spec)?);
     }
-    let python = if args.no_python { None } else { Some(python_reference(args, &spec, texts.len())?) };
-    Ok(report(&rows, python.as_ref(), args, &base))
+    let defaults = format!("bearwatch, defaults (≤ {} items, ≤ {} tokens)", base.max_batch_size, base.max_batch_tokens);
+    subjects.push(Subject::new(defaults, &base, &spec)?);
+
+    // ORT sizes its buffers on the first run of each shape: one untimed round first. Each timed
+    // round then measures every configuration and the Python reference back to back, so a slow
+    // spell of the machine hits one round rather than one configuration; ratios are per round.
+    for subject in &mut subjects {
+        subject.measure(&runtime, &texts, false)?;
+    }
+    let mut python = Vec::new();
+    for _ in 0..args.repeats.max(1) {
+        for subject in &mut subjects {
+            subject.measure(&runtime, &texts, true)?;
+        }
+        if !args.no_python {
+            python.push(python_pass(args, &spec, texts.len())?);
+        }
+    }
+    Ok(report(&subjects, &python, args, &base, texts.len()))
 }
 
 fn read_texts(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
@@ -127,63 +172,15 @@ fn read_texts(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
     Ok(texts)
 }
 
-fn measure_pipeline(
-    label: String,
-    config: &ClassifierConfig,
-    spec: &ModelSpec,
-    texts: &[String],
-) -> Result<Row, BenchError> {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = Recording { inner: OrtBackend::new(spec, config)?, log: log.clone() };
-    let classifier = Classifier::with_backend(config, spec.clone(), backend, "cpu")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ClassifyError::Session(e.to_string()))?;
-    // Warm-up: the first runs allocate ORT's buffers.
-    runtime.block_on(async {
-        for text in texts.iter().take(8) {
-            classifier.classify(text).await?;
-        }
-        Ok::<_, ClassifyError>(())
-    })?;
-    log.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    let started = Instant::now();
-    runtime.block_on(async {
-        let mut pending = Vec::with_capacity(texts.len());
-        for text in texts {
-            pending.push(classifier.submit(text).await?);
-        }
-        for p in pending {
-            p.scores().await?;
-        }
-        Ok::<_, ClassifyError>(())
-    })?;
-    let seconds = started.elapsed().as_secs_f64();
-    drop(classifier);
-    let batches = std::mem::take(&mut *log.lock().unwrap_or_else(|e| e.into_inner()));
-    let batch_ms = batches.iter().map(|(_, d)| d.as_secs_f64() * 1e3).collect();
-    let padded_tokens = batches.iter().map(|(b, _)| b.padded_tokens()).sum();
-    // The same batches, straight through a fresh session.
-    let mut bare = OrtBackend::new(spec, config)?;
-    bare.run(&batches[0].0)?;
-    let bare_started = Instant::now();
-    for (batch, _) in &batches {
-        bare.run(batch)?;
-    }
-    let bare_seconds = Some(bare_started.elapsed().as_secs_f64());
-    Ok(Row { label, items: texts.len(), seconds, batch_ms, padded_tokens, bare_seconds })
-}
-
 #[derive(serde::Deserialize)]
-struct PythonResult {
-    items: usize,
+struct PythonPass {
     seconds: f64,
     batch_ms: Vec<f64>,
     padded_tokens: usize,
 }
 
-fn python_reference(args: &BenchArgs, spec: &ModelSpec, items: usize) -> Result<Row, BenchError> {
+/// One timed pass of the Python reference (after its own untimed pass), in a fresh process.
+fn python_pass(args: &BenchArgs, spec: &ModelSpec, items: usize) -> Result<PythonPass, BenchError> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/python_reference.py");
     let output = std::process::Command::new(&args.python)
         .arg(&script)
@@ -197,20 +194,15 @@ fn python_reference(args: &BenchArgs, spec: &ModelSpec, items: usize) -> Result<
     if !output.status.success() {
         return Err(BenchError::Python(String::from_utf8_lossy(&output.stderr).into_owned()));
     }
-    let result: PythonResult =
-        serde_json::from_slice(&output.stdout).map_err(|e| BenchError::Python(format!("unreadable result: {e}")))?;
-    Ok(Row {
-        label: "Python reference, batches of 32 in arrival order".into(),
-        items: result.items,
-        seconds: result.seconds,
-        batch_ms: result.batch_ms,
-        padded_tokens: result.padded_tokens,
-        bare_seconds: None,
-    })
+    serde_json::from_slice(&output.stdout).map_err(|e| BenchError::Python(format!("unreadable result: {e}")))
 }
 
 fn threads(args: &BenchArgs) -> usize {
     ClassifierConfig { threads: args.threads, ..ClassifierConfig::default() }.threads()
+}
+
+fn median(values: &[f64]) -> f64 {
+    percentile(values, 50.0)
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -220,55 +212,54 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(f64::NAN)
 }
 
-fn report(rows: &[Row], python: Option<&Row>, args: &BenchArgs, base: &ClassifierConfig) -> String {
+fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &ClassifierConfig, items: usize) -> String {
     let mut out = String::new();
+    let rounds = args.repeats.max(1);
     let _ = writeln!(
         out,
-        "{} items from {}, {} ORT threads, max_length {}\n",
-        rows.first().map_or(0, |r| r.items),
+        "{items} items from {}, {} ORT threads, max_length {}, median of {rounds} timed rounds\n",
         args.input.display(),
         threads(args),
-        base.max_length
+        base.max_length,
     );
     let _ = writeln!(
         out,
-        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | bare ORT items/s | overhead vs bare ORT |"
+        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | bare ORT items/s | overhead vs bare ORT | × Python |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for row in rows.iter().chain(python) {
-        let (bare, overhead) = match row.bare_seconds {
-            Some(bare) => (
-                format!("{:.0}", row.items as f64 / bare),
-                format!("{:+.1} %", (row.seconds / bare - 1.0) * 100.0),
-            ),
-            None => ("–".into(), "–".into()),
-        };
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let python_seconds: Vec<f64> = python.iter().map(|p| p.seconds).collect();
+    for s in subjects {
+        let overhead: Vec<f64> = s.seconds.iter().zip(&s.bare_seconds).map(|(t, b)| t / b - 1.0).collect();
+        let speedup: Vec<f64> = python_seconds.iter().zip(&s.seconds).map(|(p, t)| p / t).collect();
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
-            row.label,
-            row.per_second(),
-            percentile(&row.batch_ms, 50.0),
-            percentile(&row.batch_ms, 99.0),
-            row.padded_tokens as f64 / row.items as f64,
-            bare,
-            overhead
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:+.1} % | {} |",
+            s.label,
+            items as f64 / median(&s.seconds),
+            percentile(&s.batch_ms, 50.0),
+            percentile(&s.batch_ms, 99.0),
+            s.padded_tokens as f64 / items as f64,
+            items as f64 / median(&s.bare_seconds),
+            median(&overhead) * 100.0,
+            if speedup.is_empty() { "–".to_string() } else { format!("{:.2}×", median(&speedup)) },
+        );
+    }
+    if let Some(last) = python.last() {
+        let batch_ms: Vec<f64> = python.iter().flat_map(|p| p.batch_ms.iter().copied()).collect();
+        let _ = writeln!(
+            out,
+            "| Python reference, batches of 32 in arrival order | {:.0} | {:.2} | {:.2} | {:.1} | – | – | 1.00× |",
+            items as f64 / median(&python_seconds),
+            percentile(&batch_ms, 50.0),
+            percentile(&batch_ms, 99.0),
+            last.padded_tokens as f64 / items as f64,
         );
     }
     let _ = writeln!(
         out,
-        "\nbatch ms: bearwatch rows time the model run of each batch (tokenizing overlaps it on another \
-         thread); the Python row times tokenize + run, which its loop does in turn."
+        "\nOverhead and × Python are medians of per-round ratios. Batch ms: bearwatch rows time the model \
+         run of each batch (tokenizing overlaps it on another thread); the Python row times tokenize + run, \
+         which its loop does in turn."
     );
-    if let Some(python) = python {
-        for row in rows.iter().filter(|r| r.label.contains("≤ 32") || r.label.contains("defaults")) {
-            let _ = writeln!(
-                out,
-                "\n{} vs Python reference: {:.2}×",
-                row.label,
-                row.per_second() / python.per_second()
-            );
-        }
-    }
     out
 }
