@@ -82,8 +82,9 @@ struct Subject {
 impl Subject {
     fn new(label: String, config: &ClassifierConfig, spec: &ModelSpec) -> Result<Subject, ClassifyError> {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let backend = Recording { inner: OrtBackend::new(spec, config)?, log: log.clone() };
-        let classifier = Classifier::with_backend(config, spec.clone(), backend, "cpu")?;
+        let inner = OrtBackend::new(spec, config)?;
+        let provider = inner.provider();
+        let classifier = Classifier::with_backend(config, spec.clone(), Recording { inner, log: log.clone() }, provider)?;
         let bare = OrtBackend::new(spec, config)?;
         let (seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new());
         Ok(Subject { label, classifier, log, bare, seconds, bare_seconds, batch_ms, padded_tokens: 0 })
