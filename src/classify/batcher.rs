@@ -296,9 +296,32 @@ mod tests {
             Harness { submitter, slots: Arc::new(Semaphore::new(100_000)), batches }
         }
 
+        /// A harness whose first batch blocks in the backend until the returned gate is opened.
+        fn gated(limits: BatchLimits) -> (Harness, Gate) {
+            let (open, gate) = std_mpsc::channel();
+            let (entered_tx, entered) = std_mpsc::channel();
+            (Harness::start(limits, Some((entered_tx, gate)), false), Gate { open, entered })
+        }
+
         fn submit(&self, len: usize) -> oneshot::Receiver<Result<ItemOutput, ClassifyError>> {
             let slot = self.slots.clone().try_acquire_owned().unwrap();
             self.submitter.submit(vec![7; len], slot).unwrap()
+        }
+    }
+
+    struct Gate {
+        open: std_mpsc::Sender<()>,
+        entered: std_mpsc::Receiver<()>,
+    }
+
+    impl Gate {
+        /// Returns once the first batch is inside the backend.
+        fn wait_entered(&self) {
+            self.entered.recv().unwrap();
+        }
+
+        fn open(&self) {
+            self.open.send(()).unwrap();
         }
     }
 
@@ -330,15 +353,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_item_is_not_starved_by_later_short_ones() {
-        let (open, gate) = std_mpsc::channel();
-        let (entered_tx, entered) = std_mpsc::channel();
-        let harness = Harness::start(limits(4096, 64, 0), Some((entered_tx, gate)), false);
+        let (harness, gate) = Harness::gated(limits(4096, 64, 0));
         let first = harness.submit(5);
-        entered.recv().unwrap();
+        gate.wait_entered();
         let early: Vec<_> = (0..100).map(|_| harness.submit(5)).collect();
         let long = harness.submit(60);
         let late: Vec<_> = (0..100).map(|_| harness.submit(5)).collect();
-        open.send(()).unwrap();
+        gate.open();
         first.await.unwrap().unwrap();
         long.await.unwrap().unwrap();
         for reply in early.into_iter().chain(late) {
@@ -374,17 +395,15 @@ mod tests {
 
     #[tokio::test]
     async fn queued_work_does_not_wait_when_the_model_is_idle() {
-        let (open, gate) = std_mpsc::channel();
-        let (entered_tx, entered) = std_mpsc::channel();
         // A huge max_wait: any wait beyond the lone-item rule would show.
-        let harness = Harness::start(limits(4096, 2, 10_000), Some((entered_tx, gate)), false);
+        let (harness, gate) = Harness::gated(limits(4096, 2, 10_000));
         let first = harness.submit(4);
         let second = harness.submit(4);
-        entered.recv().unwrap();
+        gate.wait_entered();
         // Queued while the model is busy: must run as soon as it is free, without waiting for company.
         let third = harness.submit(4);
         let started = Instant::now();
-        open.send(()).unwrap();
+        gate.open();
         for reply in [first, second, third] {
             reply.await.unwrap().unwrap();
         }
