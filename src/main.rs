@@ -108,19 +108,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 let classifier = Classifier::start(&config)?;
                 let stdout = tokio::io::stdout();
-                let stats = match input.filter(|p| p.as_os_str() != "-") {
-                    Some(path) => {
-                        let file = tokio::fs::File::open(&path)
+                let input: Box<dyn tokio::io::AsyncRead + Unpin> = match input.filter(|p| p.as_os_str() != "-") {
+                    Some(path) => Box::new(
+                        tokio::fs::File::open(&path)
                             .await
-                            .with_context(|| format!("cannot open {}", path.display()))?;
-                        let reader = tokio::io::BufReader::new(file);
-                        classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?
-                    }
-                    None => {
-                        let reader = tokio::io::BufReader::new(tokio::io::stdin());
-                        classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?
-                    }
+                            .with_context(|| format!("cannot open {}", path.display()))?,
+                    ),
+                    None => Box::new(tokio::io::stdin()),
                 };
+                let reader = tokio::io::BufReader::new(input);
+                let stats =
+                    classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?;
                 tracing::info!(lines = stats.lines, errors = stats.errors, "classify done");
                 Ok(if strict && stats.errors > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
             })
