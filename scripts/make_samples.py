@@ -1,7 +1,8 @@
 """Builds the bundled data files from ../shared/data (run once; the outputs are committed).
 
-- pipelines/data/news-sample.jsonl: 1,000 Reuters-21578 stories as news messages (schemas/news.schema.json),
-  in event-time order, for the demo pipeline and `bearwatch classify`.
+- pipelines/data/reuters-1987.jsonl: the first 3,000 Reuters-21578 ModApte training stories (26 Feb to
+  12 Mar 1987, their own timestamps) as news messages (schemas/news.schema.json), in event-time order,
+  for the demo pipeline and `bearwatch classify`.
 - benches/data/headlines_mix.jsonl: 2,048 texts for the classifier benchmark: Reuters headlines and
   finance tweets (MIT) interleaved at random with a fixed seed, so lengths vary the way a real feed's do.
 """
@@ -18,8 +19,8 @@ def main():
     stories = [json.loads(line) for line in open(DATA / "reuters21578" / "modapte_train.jsonl", encoding="utf-8")]
     stories = [s for s in stories if s["headline"].strip()]
     stories.sort(key=lambda s: (s["published_at"], s["id"]))
-    with open(ROOT / "pipelines" / "data" / "news-sample.jsonl", "w", encoding="utf-8") as out:
-        for s in stories[:1000]:
+    with open(ROOT / "pipelines" / "data" / "reuters-1987.jsonl", "w", encoding="utf-8") as out:
+        for s in stories[:3000]:
             body = " ".join((s["body"] or "").split())
             news = {"id": s["id"], "published_at": s["published_at"], "headline": s["headline"].strip(),
                     **({"body": body[:280]} if body else {}), "source": "reuters", "reuters_topics": s["topics"]}

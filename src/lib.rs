@@ -3,5 +3,10 @@
 //! Data flows one way: source → classify → window → detect → alert; see `docs/ARCHITECTURE.md`.
 
 pub mod classify;
+pub mod config;
 pub mod error;
 pub mod news;
+pub mod pipeline;
+pub mod source;
+pub mod storage;
+pub mod window;

@@ -1,9 +1,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use anyhow::Context;
 use bearwatch::classify::{self, Classifier, ClassifierConfig, Device};
+use bearwatch::config::{self, EnvString, PipelineConfig};
 use bearwatch::error::{Classified, ErrorClass};
+use bearwatch::pipeline::{self, PipelineError};
+use bearwatch::source::{SourceError, produce};
 use clap::{Args, Parser, Subcommand};
 
 /// Watches financial news for bursts of negative sentiment.
@@ -16,6 +23,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM.
+    Run {
+        /// Pipeline file; default: the embedded demo (`pipelines/demo.toml`), which needs no broker.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+    },
+    /// Loads a JSON-lines file into a Kafka topic, in event-time order.
+    Produce {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        /// 0 = as fast as possible; N = N× the pace of the stories' own timestamps.
+        #[arg(long, default_value_t = 0.0)]
+        speed: f64,
+        /// A librdkafka producer property, `key=value` (repeatable); `${ENV}` is expanded.
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+        file: PathBuf,
+    },
     /// Scores JSON lines (news objects or {"text": …}) from a file or stdin; one scored line out per line in.
     Classify {
         /// Input file; stdin when absent or `-`.
@@ -92,16 +119,72 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let user_error = e
-                .downcast_ref::<classify::ClassifyError>()
-                .is_some_and(|e| e.class() == ErrorClass::User);
-            ExitCode::from(if user_error { 2 } else { 1 })
+            ExitCode::from(if error_class(&e) == Some(ErrorClass::User) { 2 } else { 1 })
         }
     }
 }
 
+/// The class of a component error inside `e`, if it is one.
+fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
+    e.downcast_ref::<classify::ClassifyError>()
+        .map(Classified::class)
+        .or_else(|| e.downcast_ref::<PipelineError>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<config::ConfigError>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<SourceError>().map(Classified::class))
+}
+
+fn run_pipeline(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = match &path {
+        Some(path) => PipelineConfig::load(path)?,
+        None => PipelineConfig::parse(config::DEMO_PIPELINE, config::DEMO_PIPELINE_NAME)?,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // A second signal while stopping exits at once (status 1), as people expect of Ctrl-C.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let started = std::time::Instant::now();
+    let outcome = pipeline::run(&config, stop)?;
+    let c = &outcome.counters;
+    println!(
+        "{}: {} stories read, {} scored, {} dead-lettered, {} late, {} duplicates in {:.1} s",
+        if outcome.interrupted { "stopped" } else { "done" },
+        c.received,
+        c.scored,
+        c.dead_lettered,
+        c.late,
+        c.duplicates,
+        started.elapsed().as_secs_f64()
+    );
+    println!("tables (Parquet) and checkpoint in {}: news/, windows/, late/", outcome.storage.display());
+    if !outcome.topics.is_empty() {
+        println!("\n{}", outcome.topics);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { pipeline } => run_pipeline(pipeline),
+        Command::Produce { brokers, topic, speed, properties, file } => {
+            let mut parsed = BTreeMap::new();
+            for property in properties {
+                let (key, value) = property
+                    .split_once('=')
+                    .ok_or_else(|| SourceError::KafkaConfig(format!("--property {property:?} is not KEY=VALUE")))?;
+                let value = EnvString::expand(value).map_err(SourceError::KafkaConfig)?;
+                parsed.insert(key.to_string(), value);
+            }
+            anyhow::ensure!(speed >= 0.0 && speed.is_finite(), "--speed must be 0 or a positive speed-up");
+            let produced = produce::produce(&brokers, &topic, &file, speed, &parsed)?;
+            eprintln!(
+                "produced {} messages to {topic} in {:.1} s",
+                produced.messages,
+                produced.elapsed.as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Classify { input, model, strict } => {
             let config = model.config();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

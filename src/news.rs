@@ -3,6 +3,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::classify::Scores;
+
 /// Longest headline accepted, in characters.
 pub const MAX_HEADLINE_CHARS: usize = 2000;
 
@@ -57,7 +59,28 @@ impl NewsError {
     }
 }
 
+/// A story with its scores: a row of table `news` and a message of `news.scored` (DESIGN §2).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredNews {
+    #[serde(flatten)]
+    pub news: News,
+    #[serde(flatten)]
+    pub scores: Scores,
+    pub ingested_at: String,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+    #[serde(skip)]
+    pub published_ms: i64,
+    #[serde(skip)]
+    pub ingested_ms: i64,
+}
+
 impl News {
+    /// Event time in milliseconds since the epoch; `published_at` was checked when the news was parsed.
+    pub fn published_ms(&self) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(&self.published_at).map_or(0, |t| t.timestamp_millis())
+    }
+
     /// What the classifier reads: the headline, then the first `body_chars` characters of the body
     /// with runs of whitespace collapsed (as `models/train/data.py` built the training text).
     pub fn classification_text(&self, body_chars: usize) -> String {

@@ -142,9 +142,9 @@ fn output_keeps_input_order_across_batches() {
 
 #[test]
 fn reads_a_file_argument() {
-    let (code, lines, stderr) = classify(&["pipelines/data/news-sample.jsonl", "--strict"], "");
+    let (code, lines, stderr) = classify(&["pipelines/data/reuters-1987.jsonl", "--strict"], "");
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(lines.len(), 1000);
+    assert_eq!(lines.len(), 3000);
     assert_eq!(lines[0]["id"], "reuters-1");
 }
 

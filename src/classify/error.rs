@@ -30,6 +30,8 @@ pub enum ClassifyError {
     EmptyText,
     #[error("the classifier has stopped")]
     Stopped,
+    #[error("the classifier queue is full")]
+    QueueFull,
 }
 
 impl Classified for ClassifyError {
@@ -43,13 +45,14 @@ impl Classified for ClassifyError {
             ClassifyError::Session(_)
             | ClassifyError::Inference(_)
             | ClassifyError::Tokenize(_)
-            | ClassifyError::Stopped => ErrorClass::Internal,
+            | ClassifyError::Stopped
+            | ClassifyError::QueueFull => ErrorClass::Internal,
         }
     }
 
     fn retryable(&self) -> bool {
         // A failed batch may be a transient device error (e.g. CUDA out of memory under load).
-        matches!(self, ClassifyError::Inference(_))
+        matches!(self, ClassifyError::Inference(_) | ClassifyError::QueueFull)
     }
 }
 

@@ -128,6 +128,18 @@ impl Classifier {
         Ok(Pending { rx, spec: self.spec.clone() })
     }
 
+    /// Like [`Classifier::submit`] for callers on plain threads that bound their own in-flight
+    /// items below `max_queued`: fails with [`ClassifyError::QueueFull`] instead of waiting.
+    pub fn submit_now(&self, text: &str) -> Result<Pending, ClassifyError> {
+        let ids = self.encoder.encode(text)?;
+        let permit = self.slots.clone().try_acquire_owned().map_err(|e| match e {
+            tokio::sync::TryAcquireError::Closed => ClassifyError::Stopped,
+            tokio::sync::TryAcquireError::NoPermits => ClassifyError::QueueFull,
+        })?;
+        let rx = self.queue.submit(ids, permit)?;
+        Ok(Pending { rx, spec: self.spec.clone() })
+    }
+
     pub async fn classify(&self, text: &str) -> Result<Scores, ClassifyError> {
         self.submit(text).await?.scores().await
     }
@@ -142,6 +154,21 @@ pub struct Pending {
 impl Pending {
     pub async fn scores(self) -> Result<Scores, ClassifyError> {
         let out = self.rx.await.map_err(|_| ClassifyError::Stopped)??;
+        Ok(self.spec.scores(&out.sentiment, &out.topic))
+    }
+
+    /// The result if its batch has run, without waiting.
+    pub fn try_scores(&mut self) -> Option<Result<Scores, ClassifyError>> {
+        match self.rx.try_recv() {
+            Ok(out) => Some(out.map(|out| self.spec.scores(&out.sentiment, &out.topic))),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(ClassifyError::Stopped)),
+        }
+    }
+
+    /// Blocks the calling thread until the result is in. Not for use inside an async task.
+    pub fn wait(self) -> Result<Scores, ClassifyError> {
+        let out = self.rx.blocking_recv().map_err(|_| ClassifyError::Stopped)??;
         Ok(self.spec.scores(&out.sentiment, &out.topic))
     }
 }

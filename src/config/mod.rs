@@ -1,0 +1,399 @@
+//! Typed pipeline configuration (`pipelines/*.toml`, DESIGN §5).
+//!
+//! Every section denies unknown fields. Errors name the file, line, column and field, and exit 2.
+
+mod duration;
+mod env;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use duration::HumanDuration;
+pub use env::EnvString;
+
+use crate::classify::ClassifierConfig;
+use crate::error::{Classified, ErrorClass};
+
+/// The demo pipeline, compiled in so that `bearwatch run` works with no arguments and no files.
+pub const DEMO_PIPELINE: &str = include_str!("../../pipelines/demo.toml");
+pub const DEMO_PIPELINE_NAME: &str = "pipelines/demo.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{file}:{line}:{column}: `{field}`: {message}")]
+    Invalid { file: String, line: usize, column: usize, field: String, message: String },
+}
+
+impl Classified for ConfigError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::User
+    }
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub model: ClassifierConfig,
+    #[serde(default)]
+    pub window: WindowConfig,
+    pub storage: StorageConfig,
+    /// Publishes every scored story to a Kafka topic (`news.scored`), keyed by topic.
+    pub sink: Option<SinkConfig>,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    File,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartOffset {
+    Earliest,
+    Latest,
+}
+
+/// `[source]`: one struct for both kinds so that errors point at exact lines; `validate` checks
+/// that each kind has what it needs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(rename = "type")]
+    pub kind: SourceKind,
+    /// file: JSON lines of news, replayed in event-time order.
+    pub path: Option<PathBuf>,
+    /// file: 0 = as fast as possible; N = N× the pace of the stories' own timestamps.
+    #[serde(default)]
+    pub speed: f64,
+    /// file: where bad lines go; default `<storage.path>/dead-letter.jsonl`.
+    pub dead_letter_path: Option<PathBuf>,
+    /// kafka: `bootstrap.servers`.
+    pub brokers: Option<EnvString>,
+    #[serde(default)]
+    pub topics: Vec<String>,
+    pub group_id: Option<String>,
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// kafka: where a group with no committed offset starts.
+    #[serde(default = "default_start_offset")]
+    pub start_offset: StartOffset,
+    /// kafka: any librdkafka property, passed through (`security.protocol`, `sasl.*`, `ssl.*`, …).
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
+    /// Larger messages go to the dead-letter output as `too_large`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Stories dated further than this past the wall clock are rejected as `timestamp_out_of_range`
+    /// (a typo'd year would otherwise push the watermark ahead and close every open window).
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew: HumanDuration,
+}
+
+fn default_dead_letter_topic() -> String {
+    "news.dlq".into()
+}
+fn default_start_offset() -> StartOffset {
+    StartOffset::Earliest
+}
+fn default_max_message_bytes() -> usize {
+    256 * 1024
+}
+fn default_max_clock_skew() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(3600))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupBy {
+    Topic,
+    Ticker,
+}
+
+/// `[window]`: event-time windows. `slide` < `size` makes hopping windows; equal (the default), tumbling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    pub size: HumanDuration,
+    pub slide: Option<HumanDuration>,
+    /// The watermark trails the newest event time by this much; windows close when it passes their end.
+    pub allowed_lateness: HumanDuration,
+    /// `topic` always; add `ticker` for per-ticker rows. An `all` group is always computed.
+    pub group_by: Vec<GroupBy>,
+    /// Ids are remembered for this long in event time to drop replayed duplicates...
+    pub dedup_horizon: HumanDuration,
+    /// ...and at most this many of them.
+    pub dedup_max_ids: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        let d = |s| HumanDuration::parse(s).expect("valid default duration");
+        WindowConfig {
+            size: d("1h"),
+            slide: None,
+            allowed_lateness: d("5m"),
+            group_by: vec![GroupBy::Topic],
+            dedup_horizon: d("1d"),
+            dedup_max_ids: 1_000_000,
+        }
+    }
+}
+
+impl WindowConfig {
+    pub fn slide(&self) -> HumanDuration {
+        self.slide.unwrap_or(self.size)
+    }
+}
+
+/// `[storage]`: Parquet tables and the checkpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// How often state is checkpointed, tables are flushed and offsets committed.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: HumanDuration,
+    /// A checkpoint (and so a new Parquet file) is also taken when this many stories are buffered.
+    #[serde(default = "default_roll_rows")]
+    pub roll_rows: usize,
+    /// Delete earlier tables and checkpoint at start. For demos that replay the same file each run.
+    #[serde(default)]
+    pub reset_on_start: bool,
+}
+
+fn default_checkpoint_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn default_roll_rows() -> usize {
+    100_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub topic: String,
+    /// Default: the Kafka source's brokers.
+    pub brokers: Option<EnvString>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// How often the live summary is printed; "0s" turns it off.
+    pub summary_interval: HumanDuration,
+    /// Longest a SIGTERM/SIGINT shutdown waits for in-flight stories before checkpointing without them.
+    pub shutdown_timeout: HumanDuration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            summary_interval: HumanDuration(std::time::Duration::from_secs(2)),
+            shutdown_timeout: HumanDuration(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+        PipelineConfig::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<PipelineConfig, ConfigError> {
+        let invalid = |line, column, field: String, message: String| ConfigError::Invalid {
+            file: origin.to_string(),
+            line,
+            column,
+            field,
+            message,
+        };
+        let deserializer = toml::de::Deserializer::parse(text).map_err(|e| {
+            let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+            invalid(line, column, "(syntax)".into(), e.message().to_string())
+        })?;
+        let config: PipelineConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = match inner.span() {
+                Some(span) => line_column(text, span.start),
+                None => (locate(text, &field), 1),
+            };
+            invalid(line, column, field, inner.message().to_string())
+        })?;
+        config.validate().map_err(|(field, message)| invalid(locate(text, field), 1, field.to_string(), message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let s = &self.source;
+        match s.kind {
+            SourceKind::File => {
+                if s.path.is_none() {
+                    return Err(("source.path", "a file source needs `path`, the JSON-lines file to replay".into()));
+                }
+                if !(s.speed >= 0.0 && s.speed.is_finite()) {
+                    return Err(("source.speed", "must be 0 (as fast as possible) or a positive speed-up".into()));
+                }
+            }
+            SourceKind::Kafka => {
+                if s.brokers.is_none() {
+                    return Err(("source.brokers", "a kafka source needs `brokers`, e.g. \"127.0.0.1:9092\"".into()));
+                }
+                if s.topics.is_empty() {
+                    return Err(("source.topics", "a kafka source needs at least one topic".into()));
+                }
+                if s.group_id.is_none() {
+                    return Err(("source.group_id", "a kafka source needs `group_id`".into()));
+                }
+                for key in ["bootstrap.servers", "group.id", "enable.auto.commit"] {
+                    if s.properties.contains_key(key) {
+                        return Err(("source.properties", format!("`{key}` is set by bearwatch itself; remove it")));
+                    }
+                }
+            }
+        }
+        if s.max_message_bytes == 0 {
+            return Err(("source.max_message_bytes", "must be at least 1".into()));
+        }
+        let w = &self.window;
+        if w.size.as_millis() <= 0 {
+            return Err(("window.size", "must be longer than 0".into()));
+        }
+        let slide = w.slide().as_millis();
+        if slide <= 0 || slide > w.size.as_millis() || w.size.as_millis() % slide != 0 {
+            return Err(("window.slide", format!("must be positive, at most `size` ({}), and divide it", w.size)));
+        }
+        if !w.group_by.contains(&GroupBy::Topic) {
+            return Err(("window.group_by", "must include \"topic\"".into()));
+        }
+        if self.storage.checkpoint_interval.as_millis() <= 0 {
+            return Err(("storage.checkpoint_interval", "must be longer than 0".into()));
+        }
+        if self.storage.roll_rows == 0 {
+            return Err(("storage.roll_rows", "must be at least 1".into()));
+        }
+        if let Some(sink) = &self.sink
+            && sink.brokers.is_none()
+            && s.brokers.is_none()
+        {
+            return Err(("sink.brokers", "needed when the source is not Kafka".into()));
+        }
+        self.model.validate().map_err(|e| ("model", e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// The line of `a.b.key` in `text`: the key's own line inside its table, else the table header, else 1.
+fn locate(text: &str, field: &str) -> usize {
+    let (table, key) = field.rsplit_once('.').unwrap_or(("", field));
+    let mut current = String::new();
+    let mut header_line = None;
+    for (index, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|t| t.split(']').next()) {
+            current = name.trim_matches(['[', ' ']).to_string();
+            if current == table || (table.is_empty() && current == key) {
+                header_line.get_or_insert(index + 1);
+            }
+            continue;
+        }
+        if current == table && trimmed.split('=').next().is_some_and(|k| k.trim().trim_matches('"') == key) {
+            return index + 1;
+        }
+    }
+    header_line.unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KAFKA: &str = r#"
+[source]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topics = ["news"]
+group_id = "g"
+
+[storage]
+path = "data"
+"#;
+
+    fn error(text: &str) -> String {
+        PipelineConfig::parse(text, "p.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_demo_pipeline_parses() {
+        let config = PipelineConfig::parse(DEMO_PIPELINE, DEMO_PIPELINE_NAME).unwrap();
+        assert_eq!(config.source.kind, SourceKind::File);
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let config = PipelineConfig::parse(KAFKA, "p.toml").unwrap();
+        assert_eq!(config.window.size.to_string(), "1h");
+        assert_eq!(config.window.slide().to_string(), "1h");
+        assert_eq!(config.source.dead_letter_topic, "news.dlq");
+        assert_eq!(config.storage.checkpoint_interval.to_string(), "10s");
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let text = KAFKA.replace("group_id = \"g\"", "group_id = \"g\"\ntopcs = [\"x\"]");
+        let err = error(&text);
+        assert!(err.starts_with("p.toml:7:"), "{err}");
+        assert!(err.contains("`source`") && err.contains("topcs"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = error(&format!("{KAFKA}\n[window]\nsize = \"5 minutes\"\n"));
+        assert!(err.starts_with("p.toml:12:") && err.contains("`window.size`") && err.contains("invalid duration"), "{err}");
+        let err = error(&format!("{KAFKA}\n[window]\nsize = \"10m\"\nslide = \"3m\"\n"));
+        assert!(err.starts_with("p.toml:13:1: `window.slide`"), "{err}");
+        let err = error(&KAFKA.replace("group_id = \"g\"\n", ""));
+        assert!(err.contains("`source.group_id`") && err.starts_with("p.toml:2:"), "{err}");
+        let err = error("[source\n");
+        assert!(err.starts_with("p.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn env_references_expand_and_missing_ones_are_errors() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("BEARWATCH_TEST_SASL", "s3cret") };
+        let text = format!("{KAFKA}\n[source.properties]\n\"sasl.password\" = \"${{BEARWATCH_TEST_SASL}}\"\n")
+            .replace("[storage]\npath = \"data\"\n", "")
+            + "\n[storage]\npath = \"data\"\n";
+        let config = PipelineConfig::parse(&text, "p.toml").unwrap();
+        assert_eq!(config.source.properties["sasl.password"].as_str(), "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let err = error(&text.replace("BEARWATCH_TEST_SASL", "BEARWATCH_TEST_UNSET"));
+        assert!(err.contains("`BEARWATCH_TEST_UNSET` is not set") && err.contains("sasl.password"), "{err}");
+    }
+}

@@ -1,0 +1,390 @@
+//! The state a pipeline keeps between checkpoints, and what happens to each record.
+//!
+//! Records complete strictly in arrival order (a FIFO of in-flight items), so "every record before
+//! offset N is done" is always true of the offsets kept here. A checkpoint is taken only with nothing
+//! in flight, which makes windows, de-duplication state, buffered rows and offsets agree.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::classify::{ClassifyError, Classifier, Pending, Scores};
+use crate::news::{News, ScoredNews};
+use crate::source::dead_letter::DeadLetter;
+use crate::source::kafka::Output;
+use crate::source::{Offsets, Record};
+use crate::storage::{Checkpoint, Counters, Storage, Table, news_batch};
+use crate::window::{Placed, WindowRow, WindowState, windows_batch};
+
+use super::PipelineError;
+
+/// Per-message checks that come before scoring.
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_clock_skew_ms: i64,
+    pub body_chars: usize,
+    pub dedup_horizon_ms: i64,
+    pub dedup_max_ids: usize,
+}
+
+/// Publishes scored stories to `news.scored`, keyed by topic.
+pub struct ScoredSink {
+    pub output: Arc<Output>,
+    pub topic: String,
+}
+
+struct Position {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    from_kafka: bool,
+}
+
+enum InFlight {
+    Scoring { at: Position, news: News, published_ms: i64, pending: Pending },
+    /// Dead-lettered or duplicate: nothing to wait for, but its offset must pass in order.
+    Done { at: Position },
+}
+
+pub struct Core {
+    classifier: Classifier,
+    limits: Limits,
+    in_flight: VecDeque<InFlight>,
+    in_flight_ids: HashSet<String>,
+    seen: HashMap<String, i64>,
+    pub windows: WindowState,
+    offsets: Offsets,
+    news_rows: Vec<ScoredNews>,
+    late_rows: Vec<ScoredNews>,
+    window_rows: Vec<WindowRow>,
+    storage: Storage,
+    dead_letter: DeadLetter,
+    sink: Option<ScoredSink>,
+    pub counters: Counters,
+    pub last_checkpoint: Instant,
+    /// Per-topic totals and the most negative stories so far, for the summary.
+    pub recent: super::summary::Recent,
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Core {
+    pub fn new(
+        classifier: Classifier,
+        limits: Limits,
+        windows: WindowState,
+        storage: Storage,
+        dead_letter: DeadLetter,
+        sink: Option<ScoredSink>,
+        restored: Option<Checkpoint>,
+    ) -> Core {
+        let mut core = Core {
+            classifier,
+            limits,
+            in_flight: VecDeque::new(),
+            in_flight_ids: HashSet::new(),
+            seen: HashMap::new(),
+            windows,
+            offsets: Offsets::new(),
+            news_rows: Vec::new(),
+            late_rows: Vec::new(),
+            window_rows: Vec::new(),
+            storage,
+            dead_letter,
+            sink,
+            counters: Counters::default(),
+            last_checkpoint: Instant::now(),
+            recent: Default::default(),
+        };
+        if let Some(checkpoint) = restored {
+            let spec = *core.windows.spec();
+            core.windows = checkpoint.windows.with_spec(spec);
+            core.offsets = checkpoint.offsets;
+            core.seen = checkpoint.seen.into_iter().collect();
+            core.counters = checkpoint.counters;
+        }
+        core
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn buffered_rows(&self) -> usize {
+        self.news_rows.len()
+    }
+
+    /// The checkpointed position of `topic`/`partition`, if any.
+    pub fn offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.offsets.get(topic).and_then(|p| p.get(&partition)).copied()
+    }
+
+    /// Validates, de-duplicates and queues one record for scoring.
+    pub fn accept(&mut self, record: Record) -> Result<(), PipelineError> {
+        if self.offset(&record.topic, record.partition).is_some_and(|next| record.offset < next) {
+            // Already covered by the checkpoint this run restored: a re-delivery after a crash.
+            return Ok(());
+        }
+        self.counters.received += 1;
+        metrics::counter!("bearwatch_source_received_total").increment(1);
+        let at = Position {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            from_kafka: record.from_kafka,
+        };
+        let news = match self.validate(&record) {
+            Ok(news) => news,
+            Err((kind, message)) => {
+                self.dead_letter(&record, kind, &message)?;
+                self.in_flight.push_back(InFlight::Done { at });
+                return Ok(());
+            }
+        };
+        if self.seen.contains_key(&news.id) || self.in_flight_ids.contains(&news.id) {
+            self.counters.duplicates += 1;
+            metrics::counter!("bearwatch_duplicates_total").increment(1);
+            self.in_flight.push_back(InFlight::Done { at });
+            return Ok(());
+        }
+        let text = news.classification_text(self.limits.body_chars);
+        match self.classifier.submit_now(&text) {
+            Ok(pending) => {
+                self.in_flight_ids.insert(news.id.clone());
+                let published_ms = news.published_ms();
+                self.in_flight.push_back(InFlight::Scoring { at, news, published_ms, pending });
+            }
+            Err(e @ (ClassifyError::Tokenize(_) | ClassifyError::EmptyText)) => {
+                self.dead_letter(&record, "classify_failed", &e.to_string())?;
+                self.in_flight.push_back(InFlight::Done { at });
+            }
+            Err(e) => return Err(PipelineError::Classify(e)),
+        }
+        Ok(())
+    }
+
+    fn validate(&self, record: &Record) -> Result<News, (&'static str, String)> {
+        let size = record.payload.len();
+        if size > self.limits.max_message_bytes {
+            return Err(("too_large", format!("message has {size} bytes, more than max_message_bytes = {}", self.limits.max_message_bytes)));
+        }
+        if record.payload.is_empty() {
+            return Err(("empty", "message has no payload".into()));
+        }
+        if let Err(e) = std::str::from_utf8(&record.payload) {
+            return Err(("invalid_utf8", format!("message is not UTF-8: {e}")));
+        }
+        let news = News::from_json(&record.payload).map_err(|e| (e.kind(), e.to_string()))?;
+        let published = news.published_ms();
+        if published < 0 {
+            return Err(("timestamp_out_of_range", format!("published_at {} is before 1970", news.published_at)));
+        }
+        if published > now_ms() + self.limits.max_clock_skew_ms {
+            return Err((
+                "timestamp_out_of_range",
+                format!("published_at {} is in the future by more than max_clock_skew", news.published_at),
+            ));
+        }
+        Ok(news)
+    }
+
+    fn dead_letter(&mut self, record: &Record, kind: &str, message: &str) -> Result<(), PipelineError> {
+        self.counters.dead_lettered += 1;
+        tracing::debug!(kind, message, topic = %record.topic, partition = record.partition, offset = record.offset, "dead-lettered");
+        self.dead_letter.send(record, kind, message).map_err(PipelineError::Source)
+    }
+
+    /// Applies every finished item at the head of the queue; returns how many.
+    pub fn complete_ready(&mut self) -> Result<usize, PipelineError> {
+        let mut done = 0;
+        loop {
+            let result = match self.in_flight.front_mut() {
+                None => break,
+                Some(InFlight::Done { .. }) => None,
+                Some(InFlight::Scoring { pending, .. }) => match pending.try_scores() {
+                    None => break,
+                    Some(result) => Some(result),
+                },
+            };
+            let item = self.in_flight.pop_front().expect("front exists");
+            self.apply(item, result)?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Blocks until the oldest item is done, then applies it and any others ready.
+    pub fn complete_one(&mut self) -> Result<(), PipelineError> {
+        if let Some(item) = self.in_flight.pop_front() {
+            self.apply(item, None)?;
+        }
+        self.complete_ready().map(|_| ())
+    }
+
+    /// Completes everything in flight, giving up at `deadline`. Returns false if it gave up; then the
+    /// abandoned items are forgotten, and their offsets stay unconsumed so a restart reads them again.
+    pub fn drain(&mut self, deadline: Option<Instant>) -> Result<bool, PipelineError> {
+        while !self.in_flight.is_empty() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::warn!(abandoned = self.in_flight.len(), "shutdown timeout: stories in flight will be read again at restart");
+                self.in_flight.clear();
+                self.in_flight_ids.clear();
+                return Ok(false);
+            }
+            if self.complete_ready()? == 0 {
+                // Poll rather than block, so that the deadline holds even if a batch hangs.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Finishes one item; a scoring item without a `result` yet is waited for.
+    fn apply(&mut self, item: InFlight, result: Option<Result<Scores, ClassifyError>>) -> Result<(), PipelineError> {
+        match item {
+            InFlight::Done { at } => {
+                self.advance(&at);
+                Ok(())
+            }
+            InFlight::Scoring { at, news, published_ms, pending } => {
+                let result = result.unwrap_or_else(|| pending.wait());
+                self.advance(&at);
+                self.score(news, published_ms, result, &at)
+            }
+        }
+    }
+
+    fn score(
+        &mut self,
+        news: News,
+        published_ms: i64,
+        result: Result<Scores, ClassifyError>,
+        at: &Position,
+    ) -> Result<(), PipelineError> {
+        self.in_flight_ids.remove(&news.id);
+        let scores = match result {
+            Ok(scores) => scores,
+            Err(ClassifyError::Stopped) => return Err(PipelineError::Classify(ClassifyError::Stopped)),
+            Err(e) => {
+                // A failed batch: the story is kept, unscored, in the dead-letter output.
+                tracing::error!(error = %e, id = %news.id, "classification failed");
+                let payload = serde_json::to_vec(&news).unwrap_or_default();
+                let record =
+                    Record { topic: at.topic.clone(), partition: at.partition, offset: at.offset, payload, from_kafka: at.from_kafka };
+                return self.dead_letter(&record, "classify_failed", &e.to_string());
+            }
+        };
+        let now = now_ms();
+        let tickers = news.tickers.clone().unwrap_or_default();
+        let placed = self.windows.add(published_ms, &scores.topic, &tickers, scores.sentiment, scores.sentiment_score);
+        self.seen.insert(news.id.clone(), published_ms);
+        let row = ScoredNews {
+            news,
+            scores,
+            ingested_at: chrono::DateTime::from_timestamp_millis(now)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            kafka_partition: at.from_kafka.then_some(at.partition),
+            kafka_offset: at.from_kafka.then_some(at.offset),
+            published_ms,
+            ingested_ms: now,
+        };
+        if let Some(sink) = &self.sink {
+            let json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            sink.output.send(&sink.topic, row.scores.topic.as_bytes(), &json, None).map_err(PipelineError::Source)?;
+        }
+        self.counters.scored += 1;
+        metrics::counter!("bearwatch_news_scored_total").increment(1);
+        self.recent.observe(&row);
+        if placed == Placed::Late {
+            self.counters.late += 1;
+            metrics::counter!("bearwatch_window_late_total").increment(1);
+            self.late_rows.push(row.clone());
+        }
+        self.news_rows.push(row);
+        let closed = self.windows.close_due(now);
+        self.window_rows.extend(closed);
+        Ok(())
+    }
+
+    fn advance(&mut self, at: &Position) {
+        self.offsets.entry(at.topic.to_string()).or_default().insert(at.partition, at.offset + 1);
+    }
+
+    /// Closes every window (end of a bounded input).
+    pub fn close_all_windows(&mut self) {
+        let rows = self.windows.close_all(now_ms());
+        self.window_rows.extend(rows);
+    }
+
+    /// Forgets partitions this member no longer owns once their offsets are committed.
+    pub fn forget(&mut self, partitions: &[(String, i32)]) {
+        for (topic, partition) in partitions {
+            if let Some(parts) = self.offsets.get_mut(topic) {
+                parts.remove(partition);
+            }
+        }
+    }
+
+    /// Writes buffered rows as Parquet parts and then the checkpoint. Nothing may be in flight.
+    /// Returns the offsets the checkpoint covers, to commit to the group.
+    pub fn checkpoint(&mut self) -> Result<Offsets, PipelineError> {
+        assert!(self.in_flight.is_empty(), "checkpoint with items in flight");
+        let started = Instant::now();
+        let now = now_ms();
+        let updates = self.windows.take_updates(now);
+        self.window_rows.extend(updates);
+        self.prune_seen();
+        self.dead_letter.flush().map_err(PipelineError::Source)?;
+        if let Some(sink) = &self.sink {
+            sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;
+        }
+        if !self.news_rows.is_empty() {
+            let batch = news_batch(&self.news_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            self.storage.write(Table::News, &batch)?;
+        }
+        if !self.late_rows.is_empty() {
+            let batch = news_batch(&self.late_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            self.storage.write(Table::Late, &batch)?;
+        }
+        if !self.window_rows.is_empty() {
+            let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            self.storage.write(Table::Windows, &batch)?;
+        }
+        self.storage.commit(Checkpoint {
+            written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            offsets: self.offsets.clone(),
+            windows: self.windows.clone(),
+            seen: self.seen.iter().map(|(id, t)| (id.clone(), *t)).collect(),
+            counters: self.counters.clone(),
+            next_part: Default::default(),
+        })?;
+        self.news_rows.clear();
+        self.late_rows.clear();
+        self.window_rows.clear();
+        self.last_checkpoint = Instant::now();
+        metrics::counter!("bearwatch_checkpoints_total").increment(1);
+        metrics::histogram!("bearwatch_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        Ok(self.offsets.clone())
+    }
+
+    /// Drops ids older than the horizon behind the newest event time, then the oldest over the cap.
+    fn prune_seen(&mut self) {
+        let Some(watermark) = self.windows.watermark_ms() else { return };
+        let cutoff = watermark.saturating_sub(self.limits.dedup_horizon_ms);
+        self.seen.retain(|_, t| *t >= cutoff);
+        if self.seen.len() > self.limits.dedup_max_ids {
+            let mut times: Vec<i64> = self.seen.values().copied().collect();
+            let excess = self.seen.len() - self.limits.dedup_max_ids;
+            let (_, nth, _) = times.select_nth_unstable(excess);
+            let keep_from = *nth;
+            self.seen.retain(|_, t| *t >= keep_from);
+        }
+    }
+
+    pub fn storage_root(&self) -> &std::path::Path {
+        self.storage.root()
+    }
+}

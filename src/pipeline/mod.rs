@@ -1,0 +1,280 @@
+//! `bearwatch run`: source → classify → window → storage, with checkpoints, for one process
+//! (role `all`).
+//!
+//! One thread drives the loop: read a record, validate it, hand it to the classifier's batcher, and
+//! apply finished results in arrival order. The batcher runs inference on its own thread, so reading
+//! and tokenizing overlap with the model. Kafka rebalance callbacks run inside `poll` on this same
+//! thread and lock the same [`Core`], so a revocation can finish and checkpoint in-flight work before
+//! the partitions move.
+
+mod core;
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::classify::{ClassifyError, Classifier};
+use crate::config::{ConfigError, PipelineConfig, SourceKind};
+use crate::error::{Classified, ErrorClass};
+use crate::source::dead_letter::DeadLetter;
+use crate::source::file::FileSource;
+use crate::source::kafka::{KafkaSource, Output, RebalanceHandler};
+use crate::source::{Offsets, Source, SourceError};
+use crate::storage::{Counters, Storage, StorageError};
+use crate::window::{WindowSpec, WindowState};
+
+use self::core::{Core, Limits, ScoredSink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Classified for PipelineError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PipelineError::Config(e) => e.class(),
+            PipelineError::Classify(e) => e.class(),
+            PipelineError::Source(e) => e.class(),
+            PipelineError::Storage(e) => e.class(),
+            PipelineError::Internal(_) => ErrorClass::Internal,
+        }
+    }
+    fn retryable(&self) -> bool {
+        match self {
+            PipelineError::Config(e) => e.retryable(),
+            PipelineError::Classify(e) => e.retryable(),
+            PipelineError::Source(e) => e.retryable(),
+            PipelineError::Storage(e) => e.retryable(),
+            PipelineError::Internal(_) => false,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub counters: Counters,
+    /// Stopped by a signal rather than by the end of a bounded input.
+    pub interrupted: bool,
+    pub storage: PathBuf,
+    /// Per-topic table of this run's stories, most negative first.
+    pub topics: String,
+}
+
+/// Finishes and checkpoints in-flight work before partitions are taken away.
+struct Rebalancer {
+    core: Arc<Mutex<Core>>,
+    failure: Mutex<Option<PipelineError>>,
+    closing: AtomicBool,
+}
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    // A panic while holding the lock already ends the run; the state is not used after that.
+    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl RebalanceHandler for Rebalancer {
+    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets {
+        if self.closing.load(Ordering::SeqCst) {
+            // The final checkpoint and commit have already been made.
+            return Offsets::new();
+        }
+        let mut core = lock(&self.core);
+        let result = core.drain(None).and_then(|_| core.checkpoint());
+        match result {
+            Ok(offsets) => {
+                core.forget(partitions);
+                offsets
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint before revocation failed; not committing");
+                self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                Offsets::new()
+            }
+        }
+    }
+
+    fn assigned(&self, _partitions: &[(String, i32)]) {}
+}
+
+/// A relative path that is missing here is looked up in the source tree, so that the embedded demo
+/// finds its bundled data from any working directory.
+fn bundled(path: &Path) -> PathBuf {
+    if path.is_relative() && !path.exists() {
+        let in_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        if in_tree.exists() {
+            return in_tree;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// Runs until the input ends (file) or `stop` is set (SIGINT/SIGTERM), then drains, checkpoints and
+/// commits.
+pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome, PipelineError> {
+    tracing::debug!(?config, "effective configuration");
+    let (storage, restored) = Storage::open(&config.storage.path, config.storage.reset_on_start)?;
+    if let Some(checkpoint) = &restored {
+        tracing::info!(written_at = %checkpoint.written_at, scored = checkpoint.counters.scored, "resuming from checkpoint");
+    }
+    let classifier = Classifier::start(&config.model)?;
+    let source_config = &config.source;
+    let kafka_output = match (&source_config.brokers, source_config.kind) {
+        (Some(brokers), SourceKind::Kafka) => Some(Arc::new(Output::connect(brokers.as_str(), &source_config.properties)?)),
+        _ => None,
+    };
+    let dead_letter = match (&kafka_output, source_config.kind) {
+        (Some(output), _) => DeadLetter::topic(output.clone(), source_config.dead_letter_topic.clone()),
+        (None, _) => {
+            let path = source_config.dead_letter_path.clone().unwrap_or_else(|| config.storage.path.join("dead-letter.jsonl"));
+            DeadLetter::file(&path)?
+        }
+    };
+    let sink = match &config.sink {
+        None => None,
+        Some(sink) => {
+            let output = match (&sink.brokers, &kafka_output) {
+                (None, Some(output)) => output.clone(),
+                (brokers, _) => {
+                    let brokers = brokers.as_ref().or(source_config.brokers.as_ref()).expect("validated: sink has brokers");
+                    Arc::new(Output::connect(brokers.as_str(), &sink.properties)?)
+                }
+            };
+            Some(ScoredSink { output, topic: sink.topic.clone() })
+        }
+    };
+    let limits = Limits {
+        max_message_bytes: source_config.max_message_bytes,
+        max_clock_skew_ms: source_config.max_clock_skew.as_millis(),
+        body_chars: config.model.body_chars,
+        dedup_horizon_ms: config.window.dedup_horizon.as_millis(),
+        dedup_max_ids: config.window.dedup_max_ids,
+    };
+    let windows = WindowState::new(WindowSpec::from_config(&config.window));
+    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, restored)));
+    let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
+
+    let mut source: Box<dyn Source> = match source_config.kind {
+        SourceKind::File => {
+            let path = bundled(source_config.path.as_deref().expect("validated: file source has a path"));
+            let start = lock(&core).offset(&path.display().to_string(), 0).unwrap_or(0);
+            let file = FileSource::open(&path, source_config.speed, start)?;
+            tracing::info!(file = %path.display(), stories = file.len(), resume_at = start, "replaying file");
+            Box::new(file)
+        }
+        SourceKind::Kafka => Box::new(KafkaSource::subscribe(
+            source_config.brokers.as_ref().expect("validated").as_str(),
+            &source_config.properties,
+            source_config.group_id.as_deref().expect("validated"),
+            &source_config.topics,
+            source_config.start_offset,
+            rebalancer.clone(),
+        )?),
+    };
+
+    let result = drive(config, &core, &rebalancer, source.as_mut(), &stop);
+    rebalancer.closing.store(true, Ordering::SeqCst);
+    drop(source);
+    let interrupted = result?;
+    let core = lock(&core);
+    Ok(RunOutcome {
+        counters: core.counters.clone(),
+        interrupted,
+        storage: core.storage_root().to_path_buf(),
+        topics: if core.counters.scored > 0 { summary::final_table(&core.recent) } else { String::new() },
+    })
+}
+
+/// The loop. Returns whether it was interrupted.
+fn drive(
+    config: &PipelineConfig,
+    core: &Mutex<Core>,
+    rebalancer: &Rebalancer,
+    source: &mut dyn Source,
+    stop: &AtomicBool,
+) -> Result<bool, PipelineError> {
+    let max_in_flight = config.model.max_queued;
+    let checkpoint_every = config.storage.checkpoint_interval.0;
+    let summary_every = config.run.summary_interval.0;
+    let started = (Instant::now(), lock(core).counters.scored);
+    let mut last_summary = Instant::now();
+    let mut paused = false;
+    let interrupted = loop {
+        if stop.load(Ordering::SeqCst) {
+            break true;
+        }
+        if let Some(e) = rebalancer.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        let in_flight = {
+            let mut core = lock(core);
+            core.complete_ready()?;
+            // Never more than `max_queued` in flight, so `submit_now` always finds a slot.
+            while core.in_flight() >= max_in_flight {
+                core.complete_one()?;
+            }
+            core.in_flight()
+        };
+        // Past half the budget, stop fetching: librdkafka's prefetch would otherwise buffer up to
+        // `queued.max.messages.kbytes` on top of what is in flight.
+        if !paused && in_flight >= max_in_flight / 2 {
+            source.pause()?;
+            paused = true;
+        } else if paused && in_flight < max_in_flight / 4 {
+            source.resume()?;
+            paused = false;
+        }
+        if source.finished() && in_flight == 0 {
+            break false;
+        }
+        let timeout = if in_flight == 0 { Duration::from_millis(100) } else { Duration::ZERO };
+        // No lock held here: rebalance callbacks inside `poll` take it.
+        let record = if source.finished() { None } else { source.poll(timeout)? };
+        {
+            let mut core = lock(core);
+            match record {
+                Some(record) => core.accept(record)?,
+                // Nothing to read right now: make progress on what is in flight instead.
+                None if core.in_flight() > 0 => core.complete_one()?,
+                None => {}
+            }
+            if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
+                core.drain(None)?;
+                let offsets = core.checkpoint()?;
+                drop(core);
+                source.commit(&offsets)?;
+            }
+        }
+        if !summary_every.is_zero() && last_summary.elapsed() >= summary_every {
+            last_summary = Instant::now();
+            let core = lock(core);
+            println!("{}", summary::live_line(&core.counters, started, &core.windows, &core.recent, &source.describe()));
+        }
+    };
+
+    let mut core = lock(core);
+    let deadline = interrupted.then(|| Instant::now() + config.run.shutdown_timeout.0);
+    if interrupted {
+        tracing::info!(in_flight = core.in_flight(), "stopping: draining in-flight stories");
+    }
+    core.drain(deadline)?;
+    if !interrupted {
+        core.close_all_windows();
+    }
+    let offsets = core.checkpoint()?;
+    drop(core);
+    source.commit(&offsets)?;
+    Ok(interrupted)
+}

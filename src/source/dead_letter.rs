@@ -1,0 +1,95 @@
+//! Bad input is never dropped: it goes, as the original bytes plus the reason, to the dead-letter
+//! topic (DESIGN §2 headers) or, for the file source, to a JSON-lines file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+
+use super::kafka::Output;
+use super::{Record, SourceError};
+
+/// Dead-letter messages larger than this carry only their first [`TRUNCATED_BYTES`], so that an
+/// oversized input can't also be refused by the broker's own size limit.
+const MAX_DEAD_LETTER_BYTES: usize = 900 * 1024;
+const TRUNCATED_BYTES: usize = 64 * 1024;
+
+pub enum DeadLetter {
+    Topic { output: Arc<Output>, topic: String },
+    File { path: PathBuf, writer: BufWriter<File> },
+}
+
+impl DeadLetter {
+    pub fn topic(output: Arc<Output>, topic: String) -> DeadLetter {
+        DeadLetter::Topic { output, topic }
+    }
+
+    pub fn file(path: &Path) -> Result<DeadLetter, SourceError> {
+        let error = |e: std::io::Error| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(error)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(error)?;
+        Ok(DeadLetter::File { path: path.to_path_buf(), writer: BufWriter::new(file) })
+    }
+
+    pub fn send(&mut self, record: &Record, kind: &str, message: &str) -> Result<(), SourceError> {
+        metrics::counter!("bearwatch_dead_letter_total", "kind" => kind.to_string()).increment(1);
+        match self {
+            DeadLetter::Topic { output, topic } => {
+                let truncated = record.payload.len() > MAX_DEAD_LETTER_BYTES;
+                let payload = if truncated { &record.payload[..TRUNCATED_BYTES] } else { &record.payload[..] };
+                let partition = record.partition.to_string();
+                let offset = record.offset.to_string();
+                let size = record.payload.len().to_string();
+                let mut headers = OwnedHeaders::new()
+                    .insert(Header { key: "error.kind", value: Some(kind) })
+                    .insert(Header { key: "error.message", value: Some(message) })
+                    .insert(Header { key: "source.topic", value: Some(&*record.topic) })
+                    .insert(Header { key: "source.partition", value: Some(&partition) })
+                    .insert(Header { key: "source.offset", value: Some(&offset) });
+                if truncated {
+                    headers = headers
+                        .insert(Header { key: "payload.truncated", value: Some("true") })
+                        .insert(Header { key: "payload.size", value: Some(&size) });
+                }
+                let key = format!("{}/{}/{}", record.topic, record.partition, record.offset);
+                output.send(topic, key.as_bytes(), payload, Some(headers))
+            }
+            DeadLetter::File { path, writer } => {
+                let payload = match std::str::from_utf8(&record.payload) {
+                    Ok(text) => ("payload", serde_json::Value::String(text.to_string())),
+                    Err(_) => ("payload_hex", serde_json::Value::String(hex(&record.payload))),
+                };
+                let line = serde_json::json!({
+                    "error.kind": kind,
+                    "error.message": message,
+                    "source.topic": &*record.topic,
+                    "source.partition": record.partition,
+                    "source.offset": record.offset,
+                    payload.0: payload.1,
+                });
+                writeln!(writer, "{line}")
+                    .map_err(|e| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() })
+            }
+        }
+    }
+
+    /// Makes everything sent so far durable; called before offsets are committed.
+    pub fn flush(&mut self) -> Result<(), SourceError> {
+        match self {
+            DeadLetter::Topic { output, .. } => output.flush(Duration::from_secs(30)),
+            DeadLetter::File { path, writer } => writer
+                .flush()
+                .and_then(|()| writer.get_ref().sync_data())
+                .map_err(|e| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() }),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,247 @@
+//! The Kafka source (a consumer group) and the producer behind the dead-letter topic and
+//! `news.scored`.
+//!
+//! Offsets are committed by hand, only after the checkpoint that covers them. When partitions are
+//! revoked, the [`RebalanceHandler`] finishes their in-flight stories and checkpoints first, and the
+//! offsets it returns are committed before the partitions move to another member.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{Offsets, Record, Source, SourceError};
+use crate::config::{EnvString, StartOffset};
+
+/// `bootstrap.servers` plus every pass-through property.
+pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in properties {
+        config.set(key, value.as_str());
+    }
+    config
+}
+
+/// What the pipeline does around a rebalance.
+pub trait RebalanceHandler: Send + Sync {
+    /// Partitions are about to be taken away: finish and checkpoint their work, and return the
+    /// offsets to commit for them.
+    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
+    fn assigned(&self, partitions: &[(String, i32)]);
+}
+
+pub struct GroupContext {
+    handler: Arc<dyn RebalanceHandler>,
+}
+
+impl ClientContext for GroupContext {}
+
+fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
+fn offsets_list(offsets: &Offsets, only: Option<&[(String, i32)]>) -> Result<TopicPartitionList, KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for (topic, parts) in offsets {
+        for (partition, next) in parts {
+            if only.is_none_or(|keep| keep.iter().any(|(t, p)| t == topic && p == partition)) {
+                list.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+            }
+        }
+    }
+    Ok(list)
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = partitions(list);
+            tracing::info!(partitions = ?revoked, "partitions revoked: checkpointing them first");
+            let offsets = self.handler.revoking(&revoked);
+            match offsets_list(&offsets, Some(&revoked)) {
+                Ok(list) if list.count() > 0 => {
+                    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                        tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner re-reads from the last commit");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot build the commit for revoked partitions"),
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = partitions(list);
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+                self.handler.assigned(&assigned);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub struct KafkaSource {
+    consumer: BaseConsumer<GroupContext>,
+    paused: bool,
+}
+
+impl KafkaSource {
+    pub fn subscribe(
+        brokers: &str,
+        properties: &BTreeMap<String, EnvString>,
+        group_id: &str,
+        topics: &[String],
+        start: StartOffset,
+        handler: Arc<dyn RebalanceHandler>,
+    ) -> Result<KafkaSource, SourceError> {
+        let mut config = client_config(brokers, properties);
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", match start {
+                StartOffset::Earliest => "earliest",
+                StartOffset::Latest => "latest",
+            });
+        let consumer: BaseConsumer<GroupContext> = config
+            .create_with_context(GroupContext { handler })
+            .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
+        Ok(KafkaSource { consumer, paused: false })
+    }
+
+    fn set_paused(&mut self, pause: bool) -> Result<(), SourceError> {
+        if self.paused == pause {
+            return Ok(());
+        }
+        let assignment = self.consumer.assignment().map_err(|e| SourceError::Kafka(e.to_string()))?;
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        result.map_err(|e| SourceError::Kafka(e.to_string()))?;
+        self.paused = pause;
+        Ok(())
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
+        match self.consumer.poll(timeout) {
+            None => Ok(None),
+            Some(Ok(message)) => Ok(Some(Record {
+                topic: Arc::from(message.topic()),
+                partition: message.partition(),
+                offset: message.offset(),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                from_kafka: true,
+            })),
+            Some(Err(e)) => {
+                // librdkafka reconnects and retries by itself; these are reports, not failures.
+                tracing::warn!(error = %e, "kafka consumer");
+                metrics::counter!("bearwatch_source_errors_total").increment(1);
+                Ok(None)
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        false
+    }
+
+    fn pause(&mut self) -> Result<(), SourceError> {
+        self.set_paused(true)
+    }
+
+    fn resume(&mut self) -> Result<(), SourceError> {
+        self.set_paused(false)
+    }
+
+    fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError> {
+        let assignment = self.consumer.assignment().map_err(|e| SourceError::Kafka(e.to_string()))?;
+        // Only what this member owns: committing a partition it lost would rewind its new owner.
+        let owned = partitions(&assignment);
+        let list = offsets_list(offsets, Some(&owned)).map_err(|e| SourceError::Kafka(e.to_string()))?;
+        if list.count() == 0 {
+            return Ok(());
+        }
+        self.consumer.commit(&list, CommitMode::Sync).map_err(|e| SourceError::Kafka(e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        match self.consumer.assignment() {
+            Ok(list) => format!("{} partitions", list.count()),
+            Err(_) => "no assignment".into(),
+        }
+    }
+}
+
+/// Counts deliveries that failed after librdkafka's own retries.
+#[derive(Default, Clone)]
+pub struct DeliveryReport {
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for DeliveryReport {}
+
+impl ProducerContext for DeliveryReport {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, message)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("bearwatch_producer_failures_total").increment(1);
+            tracing::error!(error = %e, topic = message.topic(), "kafka delivery failed");
+        }
+    }
+}
+
+/// A producer for bearwatch's own output topics; sends never block the pipeline.
+pub struct Output {
+    producer: ThreadedProducer<DeliveryReport>,
+    report: DeliveryReport,
+}
+
+impl Output {
+    pub fn connect(brokers: &str, properties: &BTreeMap<String, EnvString>) -> Result<Output, SourceError> {
+        let report = DeliveryReport::default();
+        let mut config = client_config(brokers, properties);
+        config.set("message.max.bytes", "4194304").set("linger.ms", "5");
+        let producer = config.create_with_context(report.clone()).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
+        Ok(Output { producer, report })
+    }
+
+    pub fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: Option<OwnedHeaders>) -> Result<(), SourceError> {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(SourceError::Kafka(format!("cannot send to {topic}: {e}"))),
+            }
+        }
+    }
+
+    /// Waits until everything sent so far is delivered (or failed for good).
+    pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
+        self.producer.flush(timeout).map_err(|e| SourceError::Kafka(format!("flush: {e}")))
+    }
+
+    pub fn failed_deliveries(&self) -> u64 {
+        self.report.failed.load(Ordering::Relaxed)
+    }
+}

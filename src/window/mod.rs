@@ -1,0 +1,320 @@
+//! Event-time windows (DESIGN §3 `windows`): tumbling or hopping, grouped by topic (and ticker), plus
+//! an `all` group.
+//!
+//! The watermark is the newest event time seen minus `allowed_lateness`; a window closes once the
+//! watermark reaches its end, and then emits its final row. An event whose every window has already
+//! closed is late: it is counted and goes to the side output instead. State is plain data so that a
+//! checkpoint can hold it; sums are kept in integer micro-units so that results do not depend on the
+//! order stories arrive in.
+
+mod table;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use table::{WindowRow, windows_batch, windows_schema};
+
+use crate::config::{GroupBy, WindowConfig};
+
+/// The group that counts every story, whatever its topic.
+pub const ALL: &str = "all";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub size_ms: i64,
+    pub slide_ms: i64,
+    pub allowed_lateness_ms: i64,
+    pub by_ticker: bool,
+}
+
+impl WindowSpec {
+    pub fn from_config(config: &WindowConfig) -> WindowSpec {
+        WindowSpec {
+            size_ms: config.size.as_millis(),
+            slide_ms: config.slide().as_millis(),
+            allowed_lateness_ms: config.allowed_lateness.as_millis(),
+            by_ticker: config.group_by.contains(&GroupBy::Ticker),
+        }
+    }
+
+    /// Starts of every window that contains `t`, oldest first.
+    fn starts(&self, t: i64) -> impl Iterator<Item = i64> + use<> {
+        let last = t.div_euclid(self.slide_ms) * self.slide_ms;
+        let count = self.size_ms / self.slide_ms;
+        let slide = self.slide_ms;
+        (0..count).rev().map(move |k| last - k * slide)
+    }
+}
+
+/// One window of one group. `topic` is [`ALL`] for the all-topics groups; `ticker` is set only for
+/// per-ticker groups (which then count every topic).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WindowKey {
+    pub start_ms: i64,
+    pub topic: String,
+    pub ticker: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub n: u64,
+    pub n_negative: u64,
+    pub n_neutral: u64,
+    pub n_positive: u64,
+    /// Σ sentiment_score in millionths: integer, so sums are exact in any order.
+    pub sentiment_micros: i64,
+}
+
+impl Counts {
+    fn add(&mut self, sentiment: &str, sentiment_score: f32) {
+        self.n += 1;
+        match sentiment {
+            "negative" => self.n_negative += 1,
+            "positive" => self.n_positive += 1,
+            _ => self.n_neutral += 1,
+        }
+        self.sentiment_micros += (f64::from(sentiment_score) * 1e6).round() as i64;
+    }
+
+    pub fn neg_share(&self) -> f64 {
+        if self.n == 0 { 0.0 } else { self.n_negative as f64 / self.n as f64 }
+    }
+
+    pub fn mean_sentiment(&self) -> f64 {
+        if self.n == 0 { 0.0 } else { self.sentiment_micros as f64 / 1e6 / self.n as f64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OpenWindow {
+    counts: Counts,
+    /// Changed since its last live row was taken.
+    dirty: bool,
+}
+
+/// What happened to one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Counted in this many windows (per group).
+    Counted(usize),
+    /// Every window it belongs to had closed.
+    Late,
+}
+
+/// All open windows and the watermark. Serializable as a whole for checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowState {
+    #[serde(skip, default = "unset_spec")]
+    spec: WindowSpec,
+    #[serde(with = "open_windows")]
+    open: BTreeMap<WindowKey, OpenWindow>,
+    max_event_ms: Option<i64>,
+}
+
+fn unset_spec() -> WindowSpec {
+    WindowSpec { size_ms: 1, slide_ms: 1, allowed_lateness_ms: 0, by_ticker: false }
+}
+
+/// JSON object keys must be strings, so the map is stored as a list of pairs.
+mod open_windows {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(map: &BTreeMap<WindowKey, OpenWindow>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<WindowKey, OpenWindow>, D::Error> {
+        Ok(Vec::<(WindowKey, OpenWindow)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+impl WindowState {
+    pub fn new(spec: WindowSpec) -> WindowState {
+        WindowState { spec, open: BTreeMap::new(), max_event_ms: None }
+    }
+
+    /// Puts a restored state back under the configured spec.
+    pub fn with_spec(mut self, spec: WindowSpec) -> WindowState {
+        self.spec = spec;
+        self
+    }
+
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+
+    pub fn watermark_ms(&self) -> Option<i64> {
+        self.max_event_ms.map(|t| t.saturating_sub(self.spec.allowed_lateness_ms))
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Counts one scored story into every open window it belongs to, in each of its groups.
+    pub fn add(&mut self, event_ms: i64, topic: &str, tickers: &[String], sentiment: &str, sentiment_score: f32) -> Placed {
+        let watermark = self.watermark_ms();
+        let mut groups: Vec<(&str, Option<&str>)> = vec![(topic, None), (ALL, None)];
+        if self.spec.by_ticker {
+            let mut seen = Vec::new();
+            for ticker in tickers {
+                if !seen.contains(&ticker) {
+                    seen.push(ticker);
+                    groups.push((ALL, Some(ticker.as_str())));
+                }
+            }
+        }
+        let mut windows = 0;
+        for start in self.spec.starts(event_ms) {
+            if watermark.is_some_and(|w| start + self.spec.size_ms <= w) {
+                continue;
+            }
+            windows += 1;
+            for (topic, ticker) in &groups {
+                let key = WindowKey { start_ms: start, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
+                let window = self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), dirty: true });
+                window.counts.add(sentiment, sentiment_score);
+                window.dirty = true;
+            }
+        }
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
+        if windows == 0 { Placed::Late } else { Placed::Counted(windows) }
+    }
+
+    /// Removes the windows the watermark has passed and returns their final rows.
+    pub fn close_due(&mut self, now_ms: i64) -> Vec<WindowRow> {
+        match self.watermark_ms() {
+            Some(watermark) => {
+                let size = self.spec.size_ms;
+                self.close_where(now_ms, |start| start + size <= watermark)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Closes every window: the end of a bounded input means no more events can arrive.
+    pub fn close_all(&mut self, now_ms: i64) -> Vec<WindowRow> {
+        self.close_where(now_ms, |_| true)
+    }
+
+    fn close_where(&mut self, now_ms: i64, due: impl Fn(i64) -> bool) -> Vec<WindowRow> {
+        let mut rows = Vec::new();
+        while let Some(entry) = self.open.first_entry() {
+            if !due(entry.key().start_ms) {
+                break;
+            }
+            let (key, window) = entry.remove_entry();
+            rows.push(WindowRow::new(key, self.spec.size_ms, window.counts, true, now_ms));
+        }
+        rows
+    }
+
+    /// Live (not final) rows for the windows that changed since the last call.
+    pub fn take_updates(&mut self, now_ms: i64) -> Vec<WindowRow> {
+        let size = self.spec.size_ms;
+        self.open
+            .iter_mut()
+            .filter(|(_, w)| w.dirty)
+            .map(|(key, w)| {
+                w.dirty = false;
+                WindowRow::new(key.clone(), size, w.counts.clone(), false, now_ms)
+            })
+            .collect()
+    }
+
+    /// Open windows of the [`ALL`] group's topics, for the live summary: (topic, counts).
+    pub fn open_counts(&self) -> impl Iterator<Item = (&WindowKey, &Counts)> {
+        self.open.iter().map(|(k, w)| (k, &w.counts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000;
+
+    fn spec(size: i64, slide: i64, lateness: i64) -> WindowSpec {
+        WindowSpec { size_ms: size, slide_ms: slide, allowed_lateness_ms: lateness, by_ticker: false }
+    }
+
+    #[test]
+    fn tumbling_windows_close_when_the_watermark_passes_their_end() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        assert_eq!(state.add(10, "energy", &[], "negative", -0.9), Placed::Counted(1));
+        assert_eq!(state.add(20, "energy", &[], "positive", 0.5), Placed::Counted(1));
+        assert!(state.close_due(0).is_empty());
+        state.add(H + 5, "trade", &[], "neutral", 0.0);
+        let closed = state.close_due(0);
+        assert_eq!(closed.len(), 2, "energy and all for the first hour");
+        let energy = closed.iter().find(|r| r.key.topic == "energy").unwrap();
+        assert_eq!((energy.counts.n, energy.counts.n_negative, energy.counts.n_positive), (2, 1, 1));
+        assert!((energy.counts.mean_sentiment() + 0.2).abs() < 1e-9);
+        assert!(energy.final_row && energy.end_ms == H);
+    }
+
+    #[test]
+    fn hopping_windows_count_each_event_size_over_slide_times() {
+        let mut state = WindowState::new(spec(4 * H, H, 0));
+        assert_eq!(state.add(5 * H + 1, "energy", &[], "negative", -1.0), Placed::Counted(4));
+        let starts: Vec<i64> = state.open.keys().filter(|k| k.topic == "energy").map(|k| k.start_ms).collect();
+        assert_eq!(starts, vec![2 * H, 3 * H, 4 * H, 5 * H]);
+    }
+
+    #[test]
+    fn events_behind_closed_windows_are_late_and_not_counted() {
+        let mut state = WindowState::new(spec(H, H, 10 * 60_000));
+        state.add(2 * H + 20 * 60_000, "energy", &[], "neutral", 0.0);
+        // Watermark is 2h10m: the first hour's window is closed, the second's is open.
+        assert_eq!(state.add(30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
+        assert_eq!(state.add(H + 30 * 60_000, "energy", &[], "negative", -1.0), Placed::Counted(1));
+        let all: u64 = state.open_counts().filter(|(k, _)| k.topic == ALL).map(|(_, c)| c.n).sum();
+        assert_eq!(all, 2);
+    }
+
+    #[test]
+    fn tickers_get_their_own_groups_across_topics() {
+        let mut state = WindowState::new(WindowSpec { by_ticker: true, ..spec(H, H, 0) });
+        let tickers = vec!["XOM".to_string(), "XOM".to_string(), "CVX".to_string()];
+        state.add(1, "energy", &tickers, "negative", -1.0);
+        let mut keys: Vec<(String, Option<String>)> = state.open.keys().map(|k| (k.topic.clone(), k.ticker.clone())).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                ("all".into(), None),
+                ("all".into(), Some("CVX".into())),
+                ("all".into(), Some("XOM".into())),
+                ("energy".into(), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn live_rows_are_emitted_once_per_change_and_state_round_trips() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.add(1, "energy", &[], "negative", -0.5);
+        assert_eq!(state.take_updates(7).len(), 2);
+        assert!(state.take_updates(8).is_empty());
+        let json = serde_json::to_string(&state).unwrap();
+        let restored: WindowState = serde_json::from_str::<WindowState>(&json).unwrap().with_spec(state.spec);
+        assert_eq!(restored, state);
+        let mut restored = restored;
+        assert_eq!(restored.close_all(9).len(), 2);
+    }
+
+    #[test]
+    fn sums_do_not_depend_on_arrival_order() {
+        let scores = [0.1f32, -0.7, 0.333333, -0.25, 0.9];
+        let mut a = WindowState::new(spec(H, H, H));
+        let mut b = WindowState::new(spec(H, H, H));
+        for s in scores {
+            a.add(1, "x", &[], "neutral", s);
+        }
+        for s in scores.iter().rev() {
+            b.add(1, "x", &[], "neutral", *s);
+        }
+        assert_eq!(a.open, b.open);
+    }
+}
