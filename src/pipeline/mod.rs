@@ -91,6 +91,7 @@ impl RebalanceHandler for Rebalancer {
             // The final checkpoint and commit have already been made.
             return Offsets::new();
         }
+        tracing::info!("finishing and checkpointing in-flight stories before the partitions move");
         let mut core = lock(&self.core);
         let result = core.drain(None).and_then(|_| core.checkpoint());
         match result {

@@ -64,7 +64,7 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = partitions(list);
-            tracing::info!(partitions = ?revoked, "partitions revoked: checkpointing them first");
+            tracing::info!(partitions = ?revoked, "partitions revoked");
             let offsets = self.handler.revoking(&revoked);
             match offsets_list(&offsets, Some(&revoked)) {
                 Ok(list) if list.count() > 0 => {

@@ -1,0 +1,205 @@
+//! Helpers for end-to-end tests: running `bearwatch run` as a real process, reading the Parquet
+//! tables back with DataFusion, and the real Kafka broker of `scripts/kafka.sh`.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+
+pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+pub const DEMO_DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/data/reuters-1987.jsonl");
+
+/// A `bearwatch run` child process with its output captured in files.
+pub struct Pipeline {
+    pub child: Child,
+    pub storage: PathBuf,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Pipeline {
+    /// Writes `config` to `<dir>/pipeline.toml` and starts `bearwatch run` on it, in `dir`.
+    pub fn start(dir: &Path, name: &str, config: &str) -> Pipeline {
+        std::fs::create_dir_all(dir).unwrap();
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, config).unwrap();
+        let stdout = dir.join(format!("{name}.stdout"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let child = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+            .args(["run", "--pipeline"])
+            .arg(&file)
+            .current_dir(dir)
+            .env("BEARWATCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let storage = dir.join(storage_path(config));
+        Pipeline { child, storage, stdout, stderr }
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for exit; panics with the logs if it takes longer than `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("pipeline did not exit within {limit:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `check` holds for the checkpoint, or panics with the logs.
+    pub fn wait_for_checkpoint(&mut self, limit: Duration, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(c) = checkpoint(&self.storage)
+                && check(&c)
+            {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("pipeline exited ({status}) before {what}\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn storage_path(config: &str) -> String {
+    let table: toml::Table = toml::from_str(config).unwrap();
+    table["storage"]["path"].as_str().unwrap().to_string()
+}
+
+pub fn checkpoint(storage: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(storage.join("checkpoint.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn counter(checkpoint: &serde_json::Value, name: &str) -> u64 {
+    checkpoint["counters"][name].as_u64().unwrap()
+}
+
+/// Runs `sql` over the Parquet tables under `storage` (each table that has files), rows as strings.
+pub fn query(storage: &Path, sql: &str) -> Vec<Vec<String>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let ctx = SessionContext::new();
+        for table in ["news", "windows", "late"] {
+            let dir = storage.join(table);
+            let has_parts = std::fs::read_dir(&dir)
+                .map(|entries| entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "parquet")))
+                .unwrap_or(false);
+            if has_parts {
+                ctx.register_parquet(table, dir.to_str().unwrap(), ParquetReadOptions::default()).await.unwrap();
+            }
+        }
+        let batches = ctx.sql(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")).collect().await.unwrap();
+        let mut rows = Vec::new();
+        for batch in batches {
+            for row in 0..batch.num_rows() {
+                rows.push(batch.columns().iter().map(|c| array_value_to_string(c, row).unwrap()).collect());
+            }
+        }
+        rows
+    })
+}
+
+pub fn query_one(storage: &Path, sql: &str) -> String {
+    let rows = query(storage, sql);
+    assert_eq!(rows.len(), 1, "{sql} returned {rows:?}");
+    rows[0][0].clone()
+}
+
+/// The newest row of every window (counts only grow, so that is the row with the largest `n`).
+pub const LATEST_WINDOWS: &str = "SELECT window_start, topic, n, n_negative, n_neutral, n_positive, mean_sentiment \
+     FROM (SELECT *, row_number() OVER (PARTITION BY window_start, topic, ticker ORDER BY n DESC, final DESC) AS rn FROM windows) \
+     WHERE rn = 1 ORDER BY window_start, topic";
+
+/// The first `n` stories of the bundled Reuters replay, as JSON lines.
+pub fn stories(n: usize) -> String {
+    let text = std::fs::read_to_string(DEMO_DATA).unwrap();
+    text.lines().take(n).map(|l| format!("{l}\n")).collect()
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The test broker: `BEARWATCH_TEST_BROKERS` if set, else the one `scripts/kafka.sh start` runs
+/// (started now if needed; the script serializes concurrent callers).
+pub fn brokers() -> &'static str {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS.get_or_init(|| {
+        if let Ok(brokers) = std::env::var("BEARWATCH_TEST_BROKERS") {
+            return brokers;
+        }
+        let out = Command::new("bash").arg(format!("{ROOT}/scripts/kafka.sh")).arg("start").output().unwrap();
+        assert!(out.status.success(), "scripts/kafka.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// Row-by-row equality that reports only the first differences, not both tables. Counts and keys
+/// must match exactly; fractional numbers to 1e-5, because ONNX Runtime's float results move in the
+/// last bits with batch shape (a restart forms different batches), and one millionth in one story's
+/// score shows up in a window's mean.
+pub fn assert_same_rows(actual: &[Vec<String>], expected: &[Vec<String>], what: &str) {
+    let same_cell = |a: &String, e: &String| {
+        a == e
+            || (a.contains('.') && e.contains('.'))
+                && matches!((a.parse::<f64>(), e.parse::<f64>()), (Ok(x), Ok(y)) if (x - y).abs() <= 1e-5)
+    };
+    let differing: Vec<String> = actual
+        .iter()
+        .zip(expected)
+        .enumerate()
+        .filter(|(_, (a, e))| a.len() != e.len() || !a.iter().zip(e.iter()).all(|(x, y)| same_cell(x, y)))
+        .take(5)
+        .map(|(i, (a, e))| format!("row {i}: {a:?} != {e:?}"))
+        .collect();
+    assert!(
+        differing.is_empty() && actual.len() == expected.len(),
+        "{what}: {} rows vs {} expected; first differences:\n{}",
+        actual.len(),
+        expected.len(),
+        differing.join("\n")
+    );
+}

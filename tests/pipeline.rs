@@ -1,0 +1,202 @@
+//! `bearwatch run` on the file source: the demo, dead letters, late events, duplicates, crash
+//! recovery and clean shutdown. The real binary, model and ONNX Runtime; tables read back with
+//! DataFusion.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{DEMO_DATA, LATEST_WINDOWS, Pipeline, assert_same_rows, checkpoint, counter, query, query_one, stories};
+
+#[test]
+fn the_demo_runs_with_no_arguments_and_leaves_tables_datafusion_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // From an unrelated directory: the embedded demo finds its bundled data and model by itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).arg("run").current_dir(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("done: 3000 stories read, 3000 scored, 0 dead-lettered"), "{stdout}");
+    assert!(stdout.lines().filter(|l| l.contains(" scored ") && l.contains("/s")).count() >= 2, "a live summary: {stdout}");
+
+    let storage = dir.path().join("data/demo");
+    assert_eq!(query_one(&storage, "SELECT count(*) FROM news"), "3000");
+    assert_eq!(query_one(&storage, "SELECT count(DISTINCT id) FROM news"), "3000");
+    assert_eq!(query_one(&storage, "SELECT min(published_at) FROM news"), "1987-02-26T15:01:01Z");
+    // Daily windows every 12 hours: each story is in two windows of its topic and two of `all`.
+    assert_eq!(query_one(&storage, "SELECT sum(n) FROM windows WHERE final AND topic = 'all'"), "6000");
+    assert_eq!(query_one(&storage, "SELECT sum(n) FROM windows WHERE final AND topic <> 'all'"), "6000");
+    assert_eq!(
+        query_one(&storage, "SELECT count(*) FROM (SELECT window_start, topic FROM windows WHERE final GROUP BY 1, 2 HAVING count(*) > 1)"),
+        "0",
+        "one final row per window"
+    );
+    let by_topic = query(
+        &storage,
+        "SELECT n.topic, count(*) FROM news n GROUP BY n.topic \
+         EXCEPT SELECT topic, sum(n) / 2 FROM windows WHERE final AND topic <> 'all' GROUP BY topic",
+    );
+    assert!(by_topic.is_empty(), "windows disagree with news: {by_topic:?}");
+    assert_eq!(
+        query_one(&storage, "SELECT count(*) FROM windows WHERE final AND (n <> n_negative + n_neutral + n_positive OR abs(neg_share - CAST(n_negative AS DOUBLE) / n) > 1e-12)"),
+        "0"
+    );
+
+    // A second run replays from scratch (the demo sets reset_on_start) rather than finding nothing to do.
+    let again = Command::new(env!("CARGO_BIN_EXE_bearwatch")).arg("run").current_dir(dir.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("3000 scored"));
+    assert_eq!(query_one(&storage, "SELECT count(*) FROM news"), "3000");
+}
+
+fn file_pipeline(input: &str, storage: &str, extra: &str) -> String {
+    format!(
+        r#"
+[source]
+type = "file"
+path = "{input}"
+{extra}
+
+[window]
+size = "1h"
+allowed_lateness = "0s"
+
+[storage]
+path = "{storage}"
+checkpoint_interval = "200ms"
+
+[run]
+summary_interval = "0s"
+"#
+    )
+}
+
+#[test]
+fn bad_lines_go_to_the_dead_letter_file_with_reasons_and_the_rest_replays_in_event_time_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let story = |id: &str, at: &str, headline: &str| format!(r#"{{"id":"{id}","published_at":"{at}","headline":"{headline}"}}"#);
+    let mut input = Vec::new();
+    for line in [
+        story("a", "2024-03-01T10:00:00Z", "Oil prices fall sharply"),
+        story("b", "2024-03-01T12:30:00Z", "Bank raises dividend"),
+        // Out of order in the file, but replayed in event-time order, so not late.
+        story("c", "2024-03-01T10:30:00Z", "Copper slumps"),
+        // Same id as "a": a replayed duplicate, dropped.
+        story("a", "2024-03-01T12:31:00Z", "Oil prices fall sharply"),
+        "{not json".to_string(),
+        r#"{"id":"m","published_at":"2024-03-01T12:00:00Z"}"#.to_string(),
+        r#"{"id":7,"published_at":"2024-03-01T12:00:00Z","headline":"x"}"#.to_string(),
+        story("future", "2999-01-01T00:00:00Z", "From the future"),
+        story("past", "1900-01-01T00:00:00Z", "From the past"),
+        story("big", "2024-03-01T12:40:00Z", &"x".repeat(300 * 1024)),
+    ] {
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+    }
+    input.extend_from_slice(b"{\"id\":\"u\",\"published_at\":\"2024-03-01T12:00:00Z\",\"headline\":\"\xff\xfe\"}\n");
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+
+    let config = file_pipeline("in.jsonl", "store", "");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    let status = pipeline.wait(Duration::from_secs(60));
+    assert!(status.success(), "{}", pipeline.logs());
+    let stdout = std::fs::read_to_string(&pipeline.stdout).unwrap();
+    assert!(stdout.contains("11 stories read, 3 scored, 7 dead-lettered, 0 late, 1 duplicates"), "{stdout}");
+
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("store/dead-letter.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut kinds: Vec<&str> = dead.iter().map(|d| d["error.kind"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["invalid_utf8", "json", "missing_field", "timestamp_out_of_range", "timestamp_out_of_range", "too_large", "wrong_type"]
+    );
+    let missing = dead.iter().find(|d| d["error.kind"] == "missing_field").unwrap();
+    assert_eq!(missing["error.message"], "missing required field `headline`");
+    assert_eq!(missing["payload"], r#"{"id":"m","published_at":"2024-03-01T12:00:00Z"}"#, "the original bytes are kept");
+    assert!(dead.iter().any(|d| d["payload_hex"].as_str().is_some_and(|h| h.contains("fffe"))));
+
+    let storage = &pipeline.storage;
+    assert_eq!(query(storage, "SELECT id FROM news ORDER BY id"), vec![vec!["a"], vec!["b"], vec!["c"]]);
+    assert_eq!(query_one(storage, "SELECT sum(n) FROM windows WHERE final AND topic = 'all'"), "3");
+}
+
+#[test]
+fn a_kill_9_mid_replay_and_a_restart_give_the_same_tables_as_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(1200)).unwrap();
+    // 1,200 stories cover about four days of 1987: at 200,000× that is ~2 s, long enough to kill it.
+    let paced = r#"speed = 200000"#;
+
+    let mut whole = Pipeline::start(dir.path(), "whole", &file_pipeline("in.jsonl", "whole", ""));
+    assert!(whole.wait(Duration::from_secs(120)).success(), "{}", whole.logs());
+
+    let config = file_pipeline("in.jsonl", "crashed", paced);
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    first.wait_for_checkpoint(Duration::from_secs(60), "a checkpoint with 200 stories", |c| counter(c, "scored") >= 200);
+    std::thread::sleep(Duration::from_millis(150));
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    let at_kill = counter(&checkpoint(&first.storage).unwrap(), "scored");
+    assert!(at_kill < 1200, "the kill came after the end ({at_kill}); nothing was tested");
+
+    let mut second = Pipeline::start(dir.path(), "second", &config);
+    assert!(second.wait(Duration::from_secs(120)).success(), "{}", second.logs());
+    assert!(std::fs::read_to_string(&second.stderr).unwrap().contains("resuming from checkpoint"));
+
+    let crashed = &second.storage;
+    assert_eq!(query_one(crashed, "SELECT count(*) FROM news"), "1200");
+    assert_eq!(query_one(crashed, "SELECT count(DISTINCT id) FROM news"), "1200");
+    let final_rows = "SELECT window_start, topic, n, n_negative, n_neutral, n_positive, mean_sentiment FROM windows WHERE final ORDER BY 1, 2";
+    let expected = query(&whole.storage, final_rows);
+    assert!(expected.len() > 20);
+    assert_same_rows(&query(crashed, final_rows), &expected, "final windows");
+    assert_same_rows(&query(crashed, LATEST_WINDOWS), &query(&whole.storage, LATEST_WINDOWS), "latest windows");
+}
+
+#[test]
+fn sigterm_stops_cleanly_with_everything_checkpointed_and_a_restart_finishes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(1000)).unwrap();
+    let config = file_pipeline("in.jsonl", "store", "speed = 100000");
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    first.wait_for_checkpoint(Duration::from_secs(60), "100 stories", |c| counter(c, "scored") >= 100);
+    first.signal("TERM");
+    let status = first.wait(Duration::from_secs(30));
+    assert!(status.success(), "{status}\n{}", first.logs());
+    let stdout = std::fs::read_to_string(&first.stdout).unwrap();
+    assert!(stdout.starts_with("stopped: "), "{stdout}");
+
+    // Everything read before the stop is in the tables and the checkpoint: nothing left in flight.
+    let saved = checkpoint(&first.storage).unwrap();
+    let read = counter(&saved, "received");
+    assert_eq!(counter(&saved, "scored"), read);
+    let position = saved["offsets"].as_object().unwrap().values().next().unwrap()["0"].as_i64().unwrap();
+    assert_eq!(position as u64, read);
+    assert_eq!(query_one(&first.storage, "SELECT count(*) FROM news"), read.to_string());
+    assert!(read < 1000, "stopped after the end; nothing was tested");
+
+    let mut second = Pipeline::start(dir.path(), "second", &config.replace("speed = 100000", ""));
+    assert!(second.wait(Duration::from_secs(60)).success(), "{}", second.logs());
+    assert_eq!(query_one(&second.storage, "SELECT count(DISTINCT id) FROM news"), "1000");
+    assert_eq!(query_one(&second.storage, "SELECT count(*) FROM news"), "1000");
+    assert_eq!(query_one(&second.storage, "SELECT sum(n) FROM windows WHERE final AND topic = 'all'"), "1000");
+}
+
+#[test]
+fn config_errors_name_file_line_and_field_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, file_pipeline(DEMO_DATA, "store", "").replace("size = \"1h\"", "size = \"an hour\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["run", "--pipeline"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{}:8:8:", file.display())) && stderr.contains("`window.size`"), "{stderr}");
+
+    std::fs::write(&file, file_pipeline(DEMO_DATA, "store", "brokers = \"${BEARWATCH_NOT_SET}\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["run", "--pipeline"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`BEARWATCH_NOT_SET` is not set"));
+}
