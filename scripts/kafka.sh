@@ -50,7 +50,8 @@ PROPS
   local java=(java -Xms256m -Xmx768m -XX:+UseSerialGC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$HERE/libs/*")
   "${java[@]}" kafka.tools.StorageTool format -t bearwatch-test-cluster0 -c "$HERE/server.properties" >"$HERE/format.log" 2>&1 \
     || { cat "$HERE/format.log" >&2; exit 1; }
-  nohup "${java[@]}" kafka.Kafka "$HERE/server.properties" >"$HERE/broker.log" 2>&1 &
+  # 9>&- : the broker must not inherit (and hold forever) the lock of this script.
+  nohup "${java[@]}" kafka.Kafka "$HERE/server.properties" >"$HERE/broker.log" 2>&1 9>&- &
   echo $! >"$HERE/broker.pid"
   for _ in $(seq 1 120); do
     if answers; then echo "127.0.0.1:$PORT"; return 0; fi

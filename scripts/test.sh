@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Sets up ONNX Runtime (scripts/setup-ort.sh) and runs the whole test suite in the dev profile.
+# Sets up ONNX Runtime (scripts/setup-ort.sh), starts the test Kafka broker (scripts/kafka.sh) unless
+# one is already running, and runs the whole test suite in the dev profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-ort.sh >/dev/null
+if ! scripts/kafka.sh status; then
+  trap 'scripts/kafka.sh stop' EXIT
+fi
+BEARWATCH_TEST_BROKERS="$(scripts/kafka.sh start)"
+export BEARWATCH_TEST_BROKERS
 cargo test --locked "$@"

@@ -106,8 +106,6 @@ impl RebalanceHandler for Rebalancer {
             }
         }
     }
-
-    fn assigned(&self, _partitions: &[(String, i32)]) {}
 }
 
 /// A relative path that is missing here is looked up in the source tree, so that the embedded demo

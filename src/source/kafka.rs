@@ -35,7 +35,6 @@ pub trait RebalanceHandler: Send + Sync {
     /// Partitions are about to be taken away: finish and checkpoint their work, and return the
     /// offsets to commit for them.
     fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
-    fn assigned(&self, partitions: &[(String, i32)]);
 }
 
 pub struct GroupContext {
@@ -80,11 +79,7 @@ impl ConsumerContext for GroupContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(list) => {
-                let assigned = partitions(list);
-                tracing::info!(partitions = ?assigned, "partitions assigned");
-                self.handler.assigned(&assigned);
-            }
+            Rebalance::Assign(list) => tracing::info!(partitions = ?partitions(list), "partitions assigned"),
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }

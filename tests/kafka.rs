@@ -1,0 +1,307 @@
+//! `bearwatch run` and `bearwatch produce` against a real Apache Kafka broker (KRaft, one node,
+//! `scripts/kafka.sh`): counts, dead letters, the scored-news sink, late events, a consumer group
+//! split across two processes, kill -9 recovery and a clean SIGTERM.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{LATEST_WINDOWS, Pipeline, assert_same_rows, brokers, checkpoint, counter, query, query_one, stories, unique};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+fn produce(topic: &str, file: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["produce", "--brokers", brokers(), "--topic", topic])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn kafka_pipeline(topic: &str, group: &str, storage: &str, extra: &str) -> String {
+    format!(
+        r#"
+[source]
+type = "kafka"
+brokers = "{brokers}"
+topics = ["{topic}"]
+group_id = "{group}"
+dead_letter_topic = "{topic}.dlq"
+
+[source.properties]
+"session.timeout.ms" = "6000"
+
+[window]
+size = "1d"
+# Partitions are read interleaved, so event time is only roughly ordered; nothing here is late.
+allowed_lateness = "30d"
+
+[storage]
+path = "{storage}"
+checkpoint_interval = "300ms"
+
+[run]
+summary_interval = "0s"
+{extra}
+"#,
+        brokers = brokers()
+    )
+}
+
+/// Every message of `topic`, read from the start by a throwaway consumer.
+fn read_all(topic: &str, expected: usize) -> Vec<(Option<String>, Vec<u8>, BTreeMap<String, String>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut messages = Vec::new();
+    while messages.len() < expected && Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let message = message.unwrap();
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|header| (header.key.to_string(), String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+            messages.push((key, message.payload().unwrap_or_default().to_vec(), headers));
+        }
+    }
+    // Anything beyond what was expected is a failure too: give it a moment to show up.
+    if let Some(Ok(extra)) = consumer.poll(Duration::from_millis(500)) {
+        panic!("more than {expected} messages in {topic}: offset {}", extra.offset());
+    }
+    messages
+}
+
+/// Committed offset and high watermark of every partition of `topic` for `group`.
+fn committed_and_end(topic: &str, group: &str, partitions: i32) -> Vec<(i64, i64)> {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| {
+            let offset = match committed.find_partition(topic, p).unwrap().offset() {
+                Offset::Offset(o) => o,
+                other => panic!("partition {p}: no committed offset ({other:?})"),
+            };
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            (offset, high)
+        })
+        .collect()
+}
+
+/// Σ over windows of the newest `n` of the `all` group (counts only grow, so the newest is the max).
+const ALL_TOTAL: &str = "SELECT CAST(sum(m) AS BIGINT) FROM (SELECT max(n) AS m FROM windows WHERE topic = 'all' GROUP BY window_start)";
+
+#[test]
+fn every_story_once_bad_messages_to_the_dead_letter_topic_and_a_clean_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("news");
+    create_topic(&topic, 3);
+    let good = 400;
+    let mut input = stories(good).into_bytes();
+    let story = |id: &str, at: &str| format!(r#"{{"id":"{id}","published_at":"{at}","headline":"Grain exports fall"}}"#);
+    for line in [
+        "{\"id\":\"j\",".to_string(),
+        r#"{"id":"h","published_at":"1987-03-01T00:00:00Z"}"#.to_string(),
+        r#"{"id":"t","published_at":"1987-03-01T00:00:00Z","headline":["not","a","string"]}"#.to_string(),
+        story("future", "2999-03-01T00:00:00Z"),
+        story("past", "1066-10-14T09:00:00Z"),
+        format!(r#"{{"id":"big","published_at":"1987-03-01T00:00:00Z","headline":"{}"}}"#, "x".repeat(1024 * 1024)),
+    ] {
+        input.extend_from_slice(line.as_bytes());
+        input.push(b'\n');
+    }
+    input.extend_from_slice(b"{\"id\":\"u\",\"published_at\":\"1987-03-01T00:00:00Z\",\"headline\":\"caf\xe9\"}\n");
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, input).unwrap();
+    produce(&topic, &file);
+
+    let scored_topic = format!("{topic}.scored");
+    let group = unique("group");
+    let sink = format!("[sink]\ntopic = \"{scored_topic}\"\n");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &kafka_pipeline(&topic, &group, "store", &sink));
+    pipeline.wait_for_checkpoint(Duration::from_secs(90), "all messages", |c| counter(c, "received") == good as u64 + 7);
+    pipeline.signal("TERM");
+    let status = pipeline.wait(Duration::from_secs(30));
+    assert!(status.success(), "SIGTERM must exit 0: {status}\n{}", pipeline.logs());
+
+    let storage = &pipeline.storage;
+    assert_eq!(query_one(storage, "SELECT count(*) FROM news"), good.to_string());
+    assert_eq!(query_one(storage, "SELECT count(DISTINCT id) FROM news"), good.to_string());
+    assert_eq!(query_one(storage, "SELECT count(DISTINCT kafka_partition) FROM news"), "3");
+    assert_eq!(query_one(storage, ALL_TOTAL), good.to_string());
+    let saved = checkpoint(storage).unwrap();
+    assert_eq!((counter(&saved, "scored"), counter(&saved, "dead_lettered")), (good as u64, 7));
+
+    // Offsets committed to the group only after the checkpoint that covers them: all of them now.
+    let positions = committed_and_end(&topic, &group, 3);
+    assert!(positions.iter().all(|(committed, end)| committed == end), "{positions:?}");
+    assert_eq!(positions.iter().map(|(_, end)| end).sum::<i64>(), good as i64 + 7);
+
+    let dead = read_all(&format!("{topic}.dlq"), 7);
+    let mut kinds: Vec<&str> = dead.iter().map(|(_, _, h)| h["error.kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["invalid_utf8", "json", "missing_field", "timestamp_out_of_range", "timestamp_out_of_range", "too_large", "wrong_type"]
+    );
+    for (_, payload, headers) in &dead {
+        assert_eq!(headers["source.topic"], topic);
+        assert!(headers["source.partition"].parse::<i32>().is_ok() && headers["source.offset"].parse::<i64>().is_ok());
+        assert!(!headers["error.message"].is_empty());
+        if headers["error.kind"] == "too_large" {
+            assert_eq!(headers["payload.truncated"], "true");
+            assert_eq!(payload.len(), 64 * 1024);
+        } else {
+            assert!(payload.starts_with(b"{\"id\":\""), "the original bytes: {}", String::from_utf8_lossy(payload));
+        }
+    }
+    let missing = dead.iter().find(|(_, _, h)| h["error.kind"] == "missing_field").unwrap();
+    assert_eq!(missing.2["error.message"], "missing required field `headline`");
+
+    let scored = read_all(&scored_topic, good);
+    assert_eq!(scored.len(), good);
+    for (key, payload, _) in &scored {
+        let story: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(key.as_deref(), story["topic"].as_str(), "news.scored is keyed by topic");
+        assert!(story["p_negative"].is_number() && story["kafka_offset"].is_number() && story["headline"].is_string());
+    }
+}
+
+#[test]
+fn stories_behind_the_watermark_go_to_the_late_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("late");
+    create_topic(&topic, 1);
+    let story = |id: &str, at: &str| format!("{{\"id\":\"{id}\",\"published_at\":\"{at}\",\"headline\":\"Copper prices slump\"}}\n");
+    std::fs::write(dir.path().join("first.jsonl"), story("a", "1987-03-02T10:00:00Z") + &story("b", "1987-03-02T12:30:00Z")).unwrap();
+    std::fs::write(dir.path().join("second.jsonl"), story("c", "1987-03-02T10:30:00Z") + &story("d", "1987-03-02T12:10:00Z")).unwrap();
+    produce(&topic, &dir.path().join("first.jsonl"));
+    produce(&topic, &dir.path().join("second.jsonl"));
+
+    let config = kafka_pipeline(&topic, &unique("group"), "store", "")
+        .replace("size = \"1d\"", "size = \"1h\"")
+        .replace("allowed_lateness = \"30d\"", "allowed_lateness = \"15m\"");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(60), "four stories", |c| counter(c, "scored") == 4);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success());
+
+    let storage = &pipeline.storage;
+    // Watermark 12:15 after "b": the 10:00 window has closed, so "c" is late; "d" (12:10) is not.
+    assert_eq!(query(storage, "SELECT id FROM late"), vec![vec!["c".to_string()]]);
+    assert_eq!(query_one(storage, "SELECT count(*) FROM news"), "4");
+    assert_eq!(
+        query(storage, "SELECT CAST(window_start AS VARCHAR), n FROM windows WHERE final AND topic = 'all' ORDER BY 1"),
+        vec![vec!["1987-03-02T10:00:00Z".to_string(), "1".to_string()]]
+    );
+    assert_eq!(counter(&checkpoint(storage).unwrap(), "late"), 1);
+}
+
+#[test]
+fn two_processes_in_one_group_split_the_partitions_and_process_every_story_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("split");
+    create_topic(&topic, 4);
+    let group = unique("group");
+    let mut a = Pipeline::start(dir.path(), "a", &kafka_pipeline(&topic, &group, "store-a", ""));
+    let mut b = Pipeline::start(dir.path(), "b", &kafka_pipeline(&topic, &group, "store-b", ""));
+    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(owns_partitions(&a) && owns_partitions(&b)) {
+        assert!(Instant::now() < deadline, "both members never got partitions\n{}\n{}", a.logs(), b.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let total = 600;
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(total)).unwrap();
+    produce(&topic, &file);
+    let scored = |p: &Pipeline| checkpoint(&p.storage).map_or(0, |c| counter(&c, "scored"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while scored(&a) + scored(&b) < total as u64 {
+        assert!(Instant::now() < deadline, "stories missing\n{}\n{}", a.logs(), b.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.signal("TERM");
+    b.signal("TERM");
+    assert!(a.wait(Duration::from_secs(30)).success(), "{}", a.logs());
+    assert!(b.wait(Duration::from_secs(30)).success(), "{}", b.logs());
+
+    let ids = |p: &Pipeline| -> Vec<String> { query(&p.storage, "SELECT id FROM news").into_iter().map(|r| r[0].clone()).collect() };
+    let (ids_a, ids_b) = (ids(&a), ids(&b));
+    assert!(!ids_a.is_empty() && !ids_b.is_empty(), "one member did all the work: {} / {}", ids_a.len(), ids_b.len());
+    let union: BTreeSet<&String> = ids_a.iter().chain(&ids_b).collect();
+    assert_eq!((ids_a.len() + ids_b.len(), union.len()), (total, total), "every story exactly once");
+    let windowed: u64 = [&a, &b].iter().map(|p| query_one(&p.storage, ALL_TOTAL).parse::<u64>().unwrap()).sum();
+    assert_eq!(windowed, total as u64);
+}
+
+#[test]
+fn a_kill_9_mid_stream_and_a_restart_give_the_same_windows_as_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("crash");
+    create_topic(&topic, 2);
+    let total = 1500u64;
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(total as usize)).unwrap();
+    produce(&topic, &file);
+
+    let mut whole = Pipeline::start(dir.path(), "whole", &kafka_pipeline(&topic, &unique("group"), "whole", ""));
+    whole.wait_for_checkpoint(Duration::from_secs(120), "every story", |c| counter(c, "scored") == total);
+    whole.signal("TERM");
+    assert!(whole.wait(Duration::from_secs(30)).success());
+
+    let config = kafka_pipeline(&topic, &unique("group"), "crashed", "");
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    first.wait_for_checkpoint(Duration::from_secs(120), "300 stories", |c| counter(c, "scored") >= 300);
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    let at_kill = counter(&checkpoint(&first.storage).unwrap(), "scored");
+    assert!(at_kill < total, "the kill came after the end ({at_kill}); nothing was tested");
+
+    let mut second = Pipeline::start(dir.path(), "second", &config);
+    second.wait_for_checkpoint(Duration::from_secs(120), "every story", |c| counter(c, "scored") >= total);
+    second.signal("TERM");
+    assert!(second.wait(Duration::from_secs(30)).success());
+    assert!(std::fs::read_to_string(&second.stderr).unwrap().contains("resuming from checkpoint"));
+
+    let crashed = &second.storage;
+    assert_eq!(counter(&checkpoint(crashed).unwrap(), "scored"), total);
+    assert_eq!(query_one(crashed, "SELECT count(*) FROM news"), total.to_string());
+    assert_eq!(query_one(crashed, "SELECT count(DISTINCT id) FROM news"), total.to_string());
+    assert_same_rows(&query(crashed, LATEST_WINDOWS), &query(&whole.storage, LATEST_WINDOWS), "windows");
+}
