@@ -277,3 +277,93 @@ fn drive(
     source.commit(&offsets)?;
     Ok(interrupted)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::classify::{Backend, BatchOutput, ModelSpec, PaddedBatch};
+    use crate::source::Record;
+
+    /// A model that takes 2 ms per batch, so that a fast source outruns it.
+    struct SlowModel;
+
+    impl Backend for SlowModel {
+        fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(BatchOutput { sentiment: [0.2, 0.6, 0.2].repeat(batch.rows), topic: vec![1.0 / 9.0; 9 * batch.rows] })
+        }
+    }
+
+    /// Hands out records as fast as asked, like a broker with a backlog; nothing while paused.
+    #[derive(Default)]
+    struct Backlog {
+        records: VecDeque<Record>,
+        paused: bool,
+        pauses: usize,
+        resumes: usize,
+    }
+
+    impl Source for Backlog {
+        fn poll(&mut self, _timeout: Duration) -> Result<Option<Record>, SourceError> {
+            Ok(if self.paused { None } else { self.records.pop_front() })
+        }
+        fn finished(&self) -> bool {
+            self.records.is_empty()
+        }
+        fn pause(&mut self) -> Result<(), SourceError> {
+            self.paused = true;
+            self.pauses += 1;
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), SourceError> {
+            self.paused = false;
+            self.resumes += 1;
+            Ok(())
+        }
+        fn commit(&mut self, _offsets: &Offsets) -> Result<(), SourceError> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            String::new()
+        }
+    }
+
+    #[test]
+    fn the_source_pauses_while_the_classifier_is_saturated_and_every_story_still_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"unused:9092\"\ntopics = [\"news\"]\ngroup_id = \"g\"\n\
+             [model]\nmax_queued = 16\nmax_batch_size = 4\n[storage]\npath = {:?}\n[run]\nsummary_interval = \"0s\"\n",
+            dir.path().display().to_string()
+        );
+        let config = PipelineConfig::parse(&text, "test.toml").unwrap();
+        let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
+        let classifier = Classifier::with_backend(&config.model, spec, SlowModel, "fake").unwrap();
+        let (storage, _) = Storage::open(dir.path(), false).unwrap();
+        let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
+        let limits = Limits {
+            max_message_bytes: 1 << 20,
+            max_clock_skew_ms: 0,
+            body_chars: 0,
+            dedup_horizon_ms: 0,
+            dedup_max_ids: 1000,
+        };
+        let windows = WindowState::new(WindowSpec::from_config(&config.window));
+        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None)));
+        let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
+        let mut source = Backlog::default();
+        for i in 0..300 {
+            let payload = format!(r#"{{"id":"s{i}","published_at":"2024-01-01T00:{:02}:00Z","headline":"Story {i}"}}"#, i % 60);
+            source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true });
+        }
+
+        let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false)).unwrap();
+        assert!(!interrupted);
+        assert!(source.pauses >= 2 && source.resumes >= 2, "paused {} / resumed {}", source.pauses, source.resumes);
+        let core = lock(&core);
+        assert_eq!(core.counters.scored, 300);
+        assert_eq!(core.offset("news", 0), Some(300));
+    }
+}

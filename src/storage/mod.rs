@@ -243,6 +243,28 @@ mod tests {
         assert!(restored.is_none() && !kept.exists(), "reset starts from nothing");
     }
 
+    /// The table schemas users query are contracts (DESIGN §3): `schemas/*.table.json` are their
+    /// reviewed copies. After a deliberate change, regenerate with `BEARWATCH_BLESS=1 cargo test` and
+    /// record the change in docs/ARCHITECTURE.md.
+    #[test]
+    fn table_schemas_match_the_files_in_schemas() {
+        for table in [Table::News, Table::Windows] {
+            let columns: Vec<serde_json::Value> = table
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+                .collect();
+            let mut expected = serde_json::to_string_pretty(&serde_json::json!({"table": table.name(), "columns": columns})).unwrap();
+            expected.push('\n');
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schemas/{}.table.json", table.name()));
+            if std::env::var_os("BEARWATCH_BLESS").is_some() {
+                fs::write(&path, &expected).unwrap();
+            }
+            assert_eq!(fs::read_to_string(&path).unwrap_or_default(), expected, "{} changed", path.display());
+        }
+    }
+
     #[test]
     fn a_corrupt_checkpoint_is_an_error_not_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();

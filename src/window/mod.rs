@@ -266,9 +266,10 @@ mod tests {
     fn events_behind_closed_windows_are_late_and_not_counted() {
         let mut state = WindowState::new(spec(H, H, 10 * 60_000));
         state.add(2 * H + 20 * 60_000, "energy", &[], "neutral", 0.0);
-        // Watermark is 2h10m: the first hour's window is closed, the second's is open.
+        // Watermark is 2h10m: the windows ending at 1h and 2h are closed, the one ending at 3h is open.
         assert_eq!(state.add(30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
-        assert_eq!(state.add(H + 30 * 60_000, "energy", &[], "negative", -1.0), Placed::Counted(1));
+        assert_eq!(state.add(H + 30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
+        assert_eq!(state.add(2 * H + 5 * 60_000, "energy", &[], "negative", -1.0), Placed::Counted(1));
         let all: u64 = state.open_counts().filter(|(k, _)| k.topic == ALL).map(|(_, c)| c.n).sum();
         assert_eq!(all, 2);
     }
