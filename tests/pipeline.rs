@@ -199,4 +199,13 @@ fn config_errors_name_file_line_and_field_and_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["run", "--pipeline"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`BEARWATCH_NOT_SET` is not set"));
+
+    // Restarting on a checkpoint under other window settings is refused rather than mixed.
+    std::fs::write(dir.path().join("in.jsonl"), stories(5)).unwrap();
+    let config = file_pipeline("in.jsonl", "store", "");
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    assert!(first.wait(Duration::from_secs(60)).success(), "{}", first.logs());
+    let mut second = Pipeline::start(dir.path(), "second", &config.replace("size = \"1h\"", "size = \"2h\""));
+    assert_eq!(second.wait(Duration::from_secs(60)).code(), Some(2));
+    assert!(second.logs().contains("other [window] settings"), "{}", second.logs());
 }

@@ -79,7 +79,7 @@ impl Core {
         dead_letter: DeadLetter,
         sink: Option<ScoredSink>,
         restored: Option<Checkpoint>,
-    ) -> Core {
+    ) -> Result<Core, PipelineError> {
         let mut core = Core {
             classifier,
             limits,
@@ -99,13 +99,18 @@ impl Core {
             recent: Default::default(),
         };
         if let Some(checkpoint) = restored {
-            let spec = *core.windows.spec();
-            core.windows = checkpoint.windows.with_spec(spec);
+            if checkpoint.windows.spec() != core.windows.spec() {
+                return Err(PipelineError::WindowsChanged {
+                    storage: core.storage.root().to_path_buf(),
+                    saved: format!("{:?}", checkpoint.windows.spec()),
+                });
+            }
+            core.windows = checkpoint.windows;
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
         }
-        core
+        Ok(core)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -353,6 +358,13 @@ impl Core {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             self.storage.write(Table::Windows, &batch)?;
         }
+        tracing::debug!(
+            news = self.news_rows.len(),
+            windows = self.window_rows.len(),
+            late = self.late_rows.len(),
+            open_windows = self.windows.open_windows(),
+            "checkpoint"
+        );
         self.storage.commit(Checkpoint {
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             offsets: self.offsets.clone(),

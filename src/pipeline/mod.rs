@@ -37,6 +37,11 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(
+        "the checkpoint in {storage} was written with other [window] settings ({saved}); restore them, \
+         or give this pipeline a new storage.path"
+    )]
+    WindowsChanged { storage: PathBuf, saved: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,6 +53,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.class(),
             PipelineError::Source(e) => e.class(),
             PipelineError::Storage(e) => e.class(),
+            PipelineError::WindowsChanged { .. } => ErrorClass::User,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -57,7 +63,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.retryable(),
             PipelineError::Source(e) => e.retryable(),
             PipelineError::Storage(e) => e.retryable(),
-            PipelineError::Internal(_) => false,
+            PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
         }
     }
 }
@@ -162,7 +168,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         dedup_max_ids: config.window.dedup_max_ids,
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
-    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, restored)));
+    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, restored)?));
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
     let mut source: Box<dyn Source> = match source_config.kind {
@@ -351,7 +357,7 @@ mod tests {
             dedup_max_ids: 1000,
         };
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
-        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None)));
+        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None).unwrap()));
         let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
         let mut source = Backlog::default();
         for i in 0..300 {

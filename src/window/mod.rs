@@ -20,7 +20,7 @@ use crate::config::{GroupBy, WindowConfig};
 /// The group that counts every story, whatever its topic.
 pub const ALL: &str = "all";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowSpec {
     pub size_ms: i64,
     pub slide_ms: i64,
@@ -105,15 +105,11 @@ pub enum Placed {
 /// All open windows and the watermark. Serializable as a whole for checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowState {
-    #[serde(skip, default = "unset_spec")]
+    /// Kept in checkpoints so that a restart under different window settings is refused, not mixed.
     spec: WindowSpec,
     #[serde(with = "open_windows")]
     open: BTreeMap<WindowKey, OpenWindow>,
     max_event_ms: Option<i64>,
-}
-
-fn unset_spec() -> WindowSpec {
-    WindowSpec { size_ms: 1, slide_ms: 1, allowed_lateness_ms: 0, by_ticker: false }
 }
 
 /// JSON object keys must be strings, so the map is stored as a list of pairs.
@@ -132,12 +128,6 @@ mod open_windows {
 impl WindowState {
     pub fn new(spec: WindowSpec) -> WindowState {
         WindowState { spec, open: BTreeMap::new(), max_event_ms: None }
-    }
-
-    /// Puts a restored state back under the configured spec.
-    pub fn with_spec(mut self, spec: WindowSpec) -> WindowState {
-        self.spec = spec;
-        self
     }
 
     pub fn spec(&self) -> &WindowSpec {
@@ -299,7 +289,7 @@ mod tests {
         assert_eq!(state.take_updates(7).len(), 2);
         assert!(state.take_updates(8).is_empty());
         let json = serde_json::to_string(&state).unwrap();
-        let restored: WindowState = serde_json::from_str::<WindowState>(&json).unwrap().with_spec(state.spec);
+        let restored: WindowState = serde_json::from_str(&json).unwrap();
         assert_eq!(restored, state);
         let mut restored = restored;
         assert_eq!(restored.close_all(9).len(), 2);
