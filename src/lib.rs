@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod detect;
 pub mod error;
 pub mod news;
 pub mod pipeline;

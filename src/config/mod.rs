@@ -218,27 +218,8 @@ impl PipelineConfig {
 
     /// Parses and validates; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &str) -> Result<PipelineConfig, ConfigError> {
-        let invalid = |line, column, field: String, message: String| ConfigError::Invalid {
-            file: origin.to_string(),
-            line,
-            column,
-            field,
-            message,
-        };
-        let deserializer = toml::de::Deserializer::parse(text).map_err(|e| {
-            let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
-            invalid(line, column, "(syntax)".into(), e.message().to_string())
-        })?;
-        let config: PipelineConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let (line, column) = match inner.span() {
-                Some(span) => line_column(text, span.start),
-                None => (locate(text, &field), 1),
-            };
-            invalid(line, column, field, inner.message().to_string())
-        })?;
-        config.validate().map_err(|(field, message)| invalid(locate(text, field), 1, field.to_string(), message))?;
+        let config: PipelineConfig = parse_toml(text, origin)?;
+        config.validate().map_err(|(field, message)| invalid_at(text, origin, field, message))?;
         Ok(config)
     }
 
@@ -299,6 +280,35 @@ impl PipelineConfig {
         self.model.validate().map_err(|e| ("model", e.to_string()))?;
         Ok(())
     }
+}
+
+/// Deserializes TOML into `T`; errors carry the file, line, column and field path.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let invalid = |line, column, field: String, message: String| ConfigError::Invalid {
+        file: origin.to_string(),
+        line,
+        column,
+        field,
+        message,
+    };
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| {
+        let (line, column) = line_column(text, e.span().map_or(0, |s| s.start));
+        invalid(line, column, "(syntax)".into(), e.message().to_string())
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let (line, column) = match inner.span() {
+            Some(span) => line_column(text, span.start),
+            None => (locate(text, &field), 1),
+        };
+        invalid(line, column, field, inner.message().to_string())
+    })
+}
+
+/// An error found after parsing, placed at the line where `field` (`table.key`) is written.
+pub fn invalid_at(text: &str, origin: &str, field: &str, message: String) -> ConfigError {
+    ConfigError::Invalid { file: origin.to_string(), line: locate(text, field), column: 1, field: field.to_string(), message }
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {

@@ -14,7 +14,7 @@ use crate::source::dead_letter::DeadLetter;
 use crate::source::kafka::Output;
 use crate::source::{Offsets, Record};
 use crate::storage::{Checkpoint, Counters, Storage, Table, news_batch};
-use crate::window::{Placed, WindowRow, WindowState, windows_batch};
+use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
 
 use super::PipelineError;
 
@@ -283,7 +283,9 @@ impl Core {
         };
         let now = now_ms();
         let tickers = news.tickers.clone().unwrap_or_default();
-        let placed = self.windows.add(published_ms, &scores.topic, &tickers, scores.sentiment, scores.sentiment_score);
+        let story = Headline { id: news.id.clone(), headline: news.headline.clone(), p_negative: scores.p_negative };
+        let placed =
+            self.windows.add(published_ms, &scores.topic, &tickers, scores.sentiment, scores.sentiment_score, &story);
         self.seen.insert(news.id.clone(), published_ms);
         let row = ScoredNews {
             news,

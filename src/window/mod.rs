@@ -86,11 +86,41 @@ impl Counts {
     }
 }
 
+/// A story kept with its window to explain an alert: the most negative ones are the "why".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Headline {
+    pub id: String,
+    pub headline: String,
+    pub p_negative: f32,
+}
+
+/// How many of the most negative stories each window keeps.
+pub const TOP_HEADLINES: usize = 5;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenWindow {
     counts: Counts,
+    /// Most negative first; ties by id so that results do not depend on arrival order.
+    top: Vec<Headline>,
     /// Changed since its last live row was taken.
     dirty: bool,
+}
+
+impl OpenWindow {
+    fn keep_if_among_most_negative(&mut self, story: &Headline) {
+        let rank = |h: &Headline| (std::cmp::Reverse(ordered(h.p_negative)), h.id.clone());
+        if self.top.len() == TOP_HEADLINES && self.top.last().is_some_and(|last| rank(last) <= rank(story)) {
+            return;
+        }
+        let at = self.top.partition_point(|h| rank(h) < rank(story));
+        self.top.insert(at, story.clone());
+        self.top.truncate(TOP_HEADLINES);
+    }
+}
+
+/// f32 probabilities as a totally ordered key.
+fn ordered(p: f32) -> i64 {
+    (f64::from(p) * 1e9).round() as i64
 }
 
 /// What happened to one event.
@@ -143,7 +173,15 @@ impl WindowState {
     }
 
     /// Counts one scored story into every open window it belongs to, in each of its groups.
-    pub fn add(&mut self, event_ms: i64, topic: &str, tickers: &[String], sentiment: &str, sentiment_score: f32) -> Placed {
+    pub fn add(
+        &mut self,
+        event_ms: i64,
+        topic: &str,
+        tickers: &[String],
+        sentiment: &str,
+        sentiment_score: f32,
+        story: &Headline,
+    ) -> Placed {
         let watermark = self.watermark_ms();
         let mut groups: Vec<(&str, Option<&str>)> = vec![(topic, None), (ALL, None)];
         if self.spec.by_ticker {
@@ -163,8 +201,10 @@ impl WindowState {
             windows += 1;
             for (topic, ticker) in &groups {
                 let key = WindowKey { start_ms: start, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
-                let window = self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), dirty: true });
+                let window =
+                    self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true });
                 window.counts.add(sentiment, sentiment_score);
+                window.keep_if_among_most_negative(story);
                 window.dirty = true;
             }
         }
@@ -195,7 +235,7 @@ impl WindowState {
                 break;
             }
             let (key, window) = entry.remove_entry();
-            rows.push(WindowRow::new(key, self.spec.size_ms, window.counts, true, now_ms));
+            rows.push(WindowRow::new(key, self.spec.size_ms, window.counts, window.top, true, now_ms));
         }
         rows
     }
@@ -208,7 +248,7 @@ impl WindowState {
             .filter(|(_, w)| w.dirty)
             .map(|(key, w)| {
                 w.dirty = false;
-                WindowRow::new(key.clone(), size, w.counts.clone(), false, now_ms)
+                WindowRow::new(key.clone(), size, w.counts.clone(), w.top.clone(), false, now_ms)
             })
             .collect()
     }
@@ -225,6 +265,21 @@ mod tests {
 
     const H: i64 = 3_600_000;
 
+    fn story(id: &str, p_negative: f32) -> Headline {
+        Headline { id: id.into(), headline: format!("headline {id}"), p_negative }
+    }
+
+    /// `WindowState::add` for tests that do not care about headlines.
+    trait AddPlain {
+        fn put(&mut self, t: i64, topic: &str, tickers: &[String], sentiment: &str, score: f32) -> Placed;
+    }
+
+    impl AddPlain for WindowState {
+        fn put(&mut self, t: i64, topic: &str, tickers: &[String], sentiment: &str, score: f32) -> Placed {
+            self.add(t, topic, tickers, sentiment, score, &story("x", 0.5))
+        }
+    }
+
     fn spec(size: i64, slide: i64, lateness: i64) -> WindowSpec {
         WindowSpec { size_ms: size, slide_ms: slide, allowed_lateness_ms: lateness, by_ticker: false }
     }
@@ -232,10 +287,10 @@ mod tests {
     #[test]
     fn tumbling_windows_close_when_the_watermark_passes_their_end() {
         let mut state = WindowState::new(spec(H, H, 0));
-        assert_eq!(state.add(10, "energy", &[], "negative", -0.9), Placed::Counted(1));
-        assert_eq!(state.add(20, "energy", &[], "positive", 0.5), Placed::Counted(1));
+        assert_eq!(state.put(10, "energy", &[], "negative", -0.9), Placed::Counted(1));
+        assert_eq!(state.put(20, "energy", &[], "positive", 0.5), Placed::Counted(1));
         assert!(state.close_due(0).is_empty());
-        state.add(H + 5, "trade", &[], "neutral", 0.0);
+        state.put(H + 5, "trade", &[], "neutral", 0.0);
         let closed = state.close_due(0);
         assert_eq!(closed.len(), 2, "energy and all for the first hour");
         let energy = closed.iter().find(|r| r.key.topic == "energy").unwrap();
@@ -247,7 +302,7 @@ mod tests {
     #[test]
     fn hopping_windows_count_each_event_size_over_slide_times() {
         let mut state = WindowState::new(spec(4 * H, H, 0));
-        assert_eq!(state.add(5 * H + 1, "energy", &[], "negative", -1.0), Placed::Counted(4));
+        assert_eq!(state.put(5 * H + 1, "energy", &[], "negative", -1.0), Placed::Counted(4));
         let starts: Vec<i64> = state.open.keys().filter(|k| k.topic == "energy").map(|k| k.start_ms).collect();
         assert_eq!(starts, vec![2 * H, 3 * H, 4 * H, 5 * H]);
     }
@@ -255,11 +310,11 @@ mod tests {
     #[test]
     fn events_behind_closed_windows_are_late_and_not_counted() {
         let mut state = WindowState::new(spec(H, H, 10 * 60_000));
-        state.add(2 * H + 20 * 60_000, "energy", &[], "neutral", 0.0);
+        state.put(2 * H + 20 * 60_000, "energy", &[], "neutral", 0.0);
         // Watermark is 2h10m: the windows ending at 1h and 2h are closed, the one ending at 3h is open.
-        assert_eq!(state.add(30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
-        assert_eq!(state.add(H + 30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
-        assert_eq!(state.add(2 * H + 5 * 60_000, "energy", &[], "negative", -1.0), Placed::Counted(1));
+        assert_eq!(state.put(30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
+        assert_eq!(state.put(H + 30 * 60_000, "energy", &[], "negative", -1.0), Placed::Late);
+        assert_eq!(state.put(2 * H + 5 * 60_000, "energy", &[], "negative", -1.0), Placed::Counted(1));
         let all: u64 = state.open_counts().filter(|(k, _)| k.topic == ALL).map(|(_, c)| c.n).sum();
         assert_eq!(all, 2);
     }
@@ -268,7 +323,7 @@ mod tests {
     fn tickers_get_their_own_groups_across_topics() {
         let mut state = WindowState::new(WindowSpec { by_ticker: true, ..spec(H, H, 0) });
         let tickers = vec!["XOM".to_string(), "XOM".to_string(), "CVX".to_string()];
-        state.add(1, "energy", &tickers, "negative", -1.0);
+        state.put(1, "energy", &tickers, "negative", -1.0);
         let mut keys: Vec<(String, Option<String>)> = state.open.keys().map(|k| (k.topic.clone(), k.ticker.clone())).collect();
         keys.sort();
         assert_eq!(
@@ -285,7 +340,7 @@ mod tests {
     #[test]
     fn live_rows_are_emitted_once_per_change_and_state_round_trips() {
         let mut state = WindowState::new(spec(H, H, 0));
-        state.add(1, "energy", &[], "negative", -0.5);
+        state.put(1, "energy", &[], "negative", -0.5);
         assert_eq!(state.take_updates(7).len(), 2);
         assert!(state.take_updates(8).is_empty());
         let json = serde_json::to_string(&state).unwrap();
@@ -296,15 +351,26 @@ mod tests {
     }
 
     #[test]
+    fn each_window_keeps_its_most_negative_stories() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        for (i, p) in [0.1f32, 0.9, 0.5, 0.95, 0.2, 0.7, 0.9].iter().enumerate() {
+            state.add(1, "energy", &[], "neutral", 0.0, &story(&format!("s{i}"), *p));
+        }
+        let rows = state.close_all(2);
+        let top: Vec<&str> = rows[0].top.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(top, ["s3", "s1", "s6", "s5", "s2"], "by p_negative, ties by id");
+    }
+
+    #[test]
     fn sums_do_not_depend_on_arrival_order() {
         let scores = [0.1f32, -0.7, 0.333333, -0.25, 0.9];
         let mut a = WindowState::new(spec(H, H, H));
         let mut b = WindowState::new(spec(H, H, H));
         for s in scores {
-            a.add(1, "x", &[], "neutral", s);
+            a.put(1, "x", &[], "neutral", s);
         }
         for s in scores.iter().rev() {
-            b.add(1, "x", &[], "neutral", *s);
+            b.put(1, "x", &[], "neutral", *s);
         }
         assert_eq!(a.open, b.open);
     }

@@ -6,7 +6,7 @@ use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
-use super::{Counts, WindowKey};
+use super::{Counts, Headline, WindowKey};
 
 /// One row of `windows`: a live snapshot of an open window, or the final row of a closed one.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,13 +14,15 @@ pub struct WindowRow {
     pub key: WindowKey,
     pub end_ms: i64,
     pub counts: Counts,
+    /// The window's most negative stories (not a column: they explain alerts).
+    pub top: Vec<Headline>,
     pub final_row: bool,
     pub updated_ms: i64,
 }
 
 impl WindowRow {
-    pub fn new(key: WindowKey, size_ms: i64, counts: Counts, final_row: bool, updated_ms: i64) -> WindowRow {
-        WindowRow { end_ms: key.start_ms + size_ms, key, counts, final_row, updated_ms }
+    pub fn new(key: WindowKey, size_ms: i64, counts: Counts, top: Vec<Headline>, final_row: bool, updated_ms: i64) -> WindowRow {
+        WindowRow { end_ms: key.start_ms + size_ms, key, counts, top, final_row, updated_ms }
     }
 }
 

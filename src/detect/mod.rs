@@ -1,0 +1,417 @@
+//! Spike detection: alert rules evaluated on `windows` rows, with an alert lifecycle per
+//! (rule, group): inactive → pending (`for`) → firing → resolved (`keep_firing_for`, exit levels).
+//!
+//! Times are event times (the watermark), so a replay of 1987 news fires the alerts that 1987 would
+//! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
+
+pub mod rules;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+pub use rules::{Condition, GroupKind, Metric, Rule, RuleFile};
+
+use crate::window::{ALL, Counts, Headline, WindowKey, WindowRow};
+
+/// A group of `windows` rows: a topic, `all`, or a ticker.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct GroupKey {
+    pub topic: String,
+    pub ticker: Option<String>,
+}
+
+impl GroupKey {
+    fn of(key: &WindowKey) -> GroupKey {
+        GroupKey { topic: key.topic.clone(), ticker: key.ticker.clone() }
+    }
+
+    fn kind(&self) -> GroupKind {
+        match (&self.ticker, self.topic.as_str()) {
+            (Some(_), _) => GroupKind::Ticker,
+            (None, ALL) => GroupKind::All,
+            (None, _) => GroupKind::Topic,
+        }
+    }
+
+    /// As the Alert's `group` object: `{"topic": "energy"}` or `{"ticker": "XOM"}`.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        match &self.ticker {
+            Some(ticker) => BTreeMap::from([("ticker".to_string(), ticker.clone())]),
+            None => BTreeMap::from([("topic".to_string(), self.topic.clone())]),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.ticker {
+            Some(ticker) => ticker.clone(),
+            None if self.topic == ALL => "all news".into(),
+            None => self.topic.clone(),
+        }
+    }
+}
+
+/// A closed window's numbers, kept as baseline for the next ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Past {
+    start_ms: i64,
+    counts: Counts,
+}
+
+fn metric(metric: Metric, counts: &Counts) -> f64 {
+    match metric {
+        Metric::NegShare => counts.neg_share(),
+        Metric::NNegative => counts.n_negative as f64,
+        Metric::MeanSentiment => counts.mean_sentiment(),
+        Metric::N => counts.n as f64,
+    }
+}
+
+/// What a condition says about one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// Past the threshold: a new alert may start.
+    Breach,
+    /// Not past the threshold but still past the exit level: a firing alert stays.
+    Elevated,
+    /// Back to normal: a firing alert may resolve.
+    Normal,
+    /// Too few stories, or no baseline yet: decides nothing either way.
+    Undecided,
+}
+
+/// The numbers behind a verdict, for the explanation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub verdict: Verdict,
+    pub value: f64,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+}
+
+/// Evaluates `condition` on `current` against `history` (closed windows before it, oldest first).
+pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, history: &[&Counts]) -> Reading {
+    let value = metric(metric_kind, current);
+    let undecided = |baseline, threshold| Reading { verdict: Verdict::Undecided, value, baseline, threshold };
+    let grade = |breach: bool, elevated: bool| {
+        if breach {
+            Verdict::Breach
+        } else if elevated {
+            Verdict::Elevated
+        } else {
+            Verdict::Normal
+        }
+    };
+    match condition {
+        Condition::Threshold { op, value: threshold, min_count, exit_value } => {
+            if current.n < *min_count {
+                return undecided(None, *threshold);
+            }
+            let exit = exit_value.unwrap_or(*threshold);
+            let verdict = grade(op.holds(value, *threshold), op.holds(value, exit));
+            Reading { verdict, value, baseline: None, threshold: *threshold }
+        }
+        Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, exit_factor } => {
+            let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
+            let baseline_n: u64 = history.iter().rev().take(*baseline_windows).map(|c| c.n).sum();
+            if previous.len() < *baseline_windows || baseline_n < *min_baseline_count {
+                return undecided(None, f64::NAN);
+            }
+            let baseline = previous.iter().sum::<f64>() / previous.len() as f64;
+            let threshold = baseline * factor;
+            // As ElastAlert's spike rule: no spike from or to nothing.
+            if current.n < *min_count || baseline <= 0.0 || value <= 0.0 {
+                return undecided(Some(baseline), threshold);
+            }
+            let exit = baseline * exit_factor.unwrap_or(*factor);
+            Reading { verdict: grade(value >= threshold, value >= exit), value, baseline: Some(baseline), threshold }
+        }
+        Condition::Zscore { sigma, baseline_windows, min_count, exit_sigma } => {
+            let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
+            if previous.len() < *baseline_windows {
+                return undecided(None, f64::NAN);
+            }
+            let mean = previous.iter().sum::<f64>() / previous.len() as f64;
+            let variance = previous.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (previous.len() - 1) as f64;
+            let sd = variance.sqrt();
+            let threshold = mean + sigma * sd;
+            if current.n < *min_count || sd == 0.0 {
+                return undecided(Some(mean), threshold);
+            }
+            let z = (value - mean) / sd;
+            Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Phase {
+    Pending { since_ms: i64 },
+    Firing { alert_id: String, started_ms: i64, last_breach_ms: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Tracked {
+    rule: String,
+    group: GroupKey,
+    phase: Phase,
+    /// Newest window evaluated; older ones (final rows of hopping windows) no longer move the state.
+    last_start_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    Firing,
+    Resolved,
+}
+
+/// One state change of one alert (DESIGN §2 Alert): what receivers get and `alerts` stores.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub rule: String,
+    pub severity: rules::Severity,
+    pub state: AlertState,
+    pub group: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub started_at: String,
+    pub resolved_at: Option<String>,
+    pub window_start: String,
+    pub window_end: String,
+    pub value: f64,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+    pub count: u64,
+    pub summary: String,
+    pub top_headlines: Vec<Headline>,
+}
+
+impl Alert {
+    /// Labels routes and silences match on: `rule`, `severity`, the group and the rule's labels.
+    pub fn match_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        labels.extend(self.group.clone());
+        labels.insert("rule".into(), self.rule.clone());
+        labels.insert("severity".into(), self.severity.as_str().into());
+        labels
+    }
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A stable id: FNV-1a over rule, group and start (never changes across versions or machines).
+fn alert_id(rule: &str, group: &GroupKey, started_ms: i64) -> String {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    let text = format!("{rule}\u{1f}{}\u{1f}{}\u{1f}{started_ms}", group.topic, group.ticker.as_deref().unwrap_or(""));
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// All rules and their state; serializable as a whole for checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detector {
+    #[serde(skip)]
+    rules: Vec<Rule>,
+    #[serde(with = "as_pairs")]
+    history: BTreeMap<GroupKey, VecDeque<Past>>,
+    #[serde(with = "as_pairs")]
+    tracked: BTreeMap<(String, GroupKey), Tracked>,
+}
+
+/// JSON object keys must be strings, so maps are stored as lists of pairs.
+mod as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+impl Detector {
+    pub fn new(rules: Vec<Rule>) -> Detector {
+        Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new() }
+    }
+
+    /// Puts restored state under the configured rules; state of rules that no longer exist is dropped.
+    pub fn restore(mut self, rules: Vec<Rule>) -> Detector {
+        self.tracked.retain(|(rule, _), _| rules.iter().any(|r| &r.name == rule));
+        self.rules = rules;
+        self
+    }
+
+    pub fn firing(&self) -> usize {
+        self.tracked.values().filter(|t| matches!(t.phase, Phase::Firing { .. })).count()
+    }
+
+    fn history_len(&self) -> usize {
+        self.rules.iter().map(|r| r.condition.baseline_windows()).max().unwrap_or(0)
+    }
+
+    /// Evaluates every rule on new `windows` rows (live or final) at event time `now_ms`, and
+    /// returns the alerts that changed state.
+    pub fn evaluate(&mut self, rows: &[WindowRow], now_ms: i64) -> Vec<Alert> {
+        let mut ordered: Vec<&WindowRow> = rows.iter().collect();
+        ordered.sort_by_key(|r| (r.key.start_ms, !r.final_row));
+        let mut changes = Vec::new();
+        let keep = self.history_len();
+        for row in ordered {
+            let group = GroupKey::of(&row.key);
+            for rule in &self.rules {
+                if rule.group != group.kind() {
+                    continue;
+                }
+                let history: Vec<&Counts> = self
+                    .history
+                    .get(&group)
+                    .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
+                    .unwrap_or_default();
+                let reading = read(&rule.condition, rule.metric, &row.counts, &history);
+                if let Some(alert) = step(&mut self.tracked, rule, &group, row, &reading, now_ms) {
+                    changes.push(alert);
+                }
+            }
+            if row.final_row && keep > 0 {
+                let past = self.history.entry(group).or_default();
+                past.push_back(Past { start_ms: row.key.start_ms, counts: row.counts.clone() });
+                while past.len() > keep {
+                    past.pop_front();
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// Moves one (rule, group) through its lifecycle; returns the alert if it started firing or resolved.
+fn step(
+    tracked: &mut BTreeMap<(String, GroupKey), Tracked>,
+    rule: &Rule,
+    group: &GroupKey,
+    row: &WindowRow,
+    reading: &Reading,
+    now_ms: i64,
+) -> Option<Alert> {
+    let key = (rule.name.clone(), group.clone());
+    if tracked.get(&key).is_some_and(|t| row.key.start_ms < t.last_start_ms) {
+        return None;
+    }
+    let alert = |state, alert_id: &str, started_ms, resolved_ms: Option<i64>| Alert {
+        alert_id: alert_id.to_string(),
+        rule: rule.name.clone(),
+        severity: rule.severity,
+        state,
+        group: group.labels(),
+        labels: rule.labels.clone(),
+        started_at: time(started_ms),
+        resolved_at: resolved_ms.map(time),
+        window_start: time(row.key.start_ms),
+        window_end: time(row.end_ms),
+        value: reading.value,
+        baseline: reading.baseline,
+        threshold: reading.threshold,
+        count: row.counts.n,
+        summary: summary(rule, group, row, reading, state),
+        top_headlines: row.top.clone(),
+    };
+    let current = tracked.get_mut(&key);
+    match (current, reading.verdict) {
+        (None, Verdict::Breach) => {
+            if rule.pending_for.as_millis() == 0 {
+                let id = alert_id(&rule.name, group, now_ms);
+                let phase = Phase::Firing { alert_id: id.clone(), started_ms: now_ms, last_breach_ms: now_ms };
+                tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms });
+                return Some(alert(AlertState::Firing, &id, now_ms, None));
+            }
+            let phase = Phase::Pending { since_ms: now_ms };
+            tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms });
+            None
+        }
+        (None, _) => None,
+        (Some(t), verdict) => {
+            t.last_start_ms = row.key.start_ms;
+            match (&mut t.phase, verdict) {
+                (Phase::Pending { since_ms }, Verdict::Breach) => {
+                    if now_ms - *since_ms >= rule.pending_for.as_millis() {
+                        let started = now_ms;
+                        let id = alert_id(&rule.name, group, started);
+                        t.phase = Phase::Firing { alert_id: id.clone(), started_ms: started, last_breach_ms: now_ms };
+                        return Some(alert(AlertState::Firing, &id, started, None));
+                    }
+                    None
+                }
+                (Phase::Pending { .. }, Verdict::Undecided) => None,
+                (Phase::Pending { .. }, _) => {
+                    tracked.remove(&key);
+                    None
+                }
+                (Phase::Firing { last_breach_ms, .. }, Verdict::Breach | Verdict::Elevated) => {
+                    *last_breach_ms = now_ms;
+                    None
+                }
+                (Phase::Firing { .. }, Verdict::Undecided) => None,
+                (Phase::Firing { alert_id, started_ms, last_breach_ms }, Verdict::Normal) => {
+                    if now_ms - *last_breach_ms < rule.keep_firing_for.as_millis() {
+                        return None;
+                    }
+                    let (id, started) = (alert_id.clone(), *started_ms);
+                    tracked.remove(&key);
+                    Some(alert(AlertState::Resolved, &id, started, Some(now_ms)))
+                }
+            }
+        }
+    }
+}
+
+/// One line a person can read: what, how much, against what, over how many stories, when.
+fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading, state: AlertState) -> String {
+    let what = match rule.metric {
+        Metric::NegShare => "negative share",
+        Metric::NNegative => "negative stories",
+        Metric::MeanSentiment => "mean sentiment",
+        Metric::N => "stories",
+    };
+    let fmt = |v: f64| if matches!(rule.metric, Metric::NegShare | Metric::MeanSentiment) { format!("{v:.2}") } else { format!("{v:.0}") };
+    let detail = match (&rule.condition, reading.baseline) {
+        (Condition::Threshold { op, .. }, _) => format!("{} {} {}", fmt(reading.value), op.symbol(), fmt(reading.threshold)),
+        (Condition::RatioToBaseline { factor, .. }, Some(baseline)) => format!(
+            "{} is {:.1}× its baseline {} (alert at {factor}×)",
+            fmt(reading.value),
+            reading.value / baseline,
+            fmt(baseline)
+        ),
+        (Condition::Zscore { sigma, .. }, Some(mean)) => {
+            format!("{} against a mean of {} (alert at {sigma}σ, {})", fmt(reading.value), fmt(mean), fmt(reading.threshold))
+        }
+        _ => fmt(reading.value),
+    };
+    let span = format!(
+        "{} to {}",
+        chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
+        chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
+    );
+    let verb = match state {
+        AlertState::Firing => "",
+        AlertState::Resolved => "resolved: ",
+    };
+    format!("{verb}{}: {what} {detail} over {} stories, {span}", group.describe(), row.counts.n)
+}
+
+#[cfg(test)]
+mod tests;

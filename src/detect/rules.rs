@@ -1,0 +1,334 @@
+//! Alert rule files (`alerts/*.toml`, DESIGN §6): rules, routes and silences.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, HumanDuration, parse_toml};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub silences: Vec<Silence>,
+}
+
+impl RuleFile {
+    pub fn load(path: &Path) -> Result<RuleFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+        RuleFile::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<RuleFile, ConfigError> {
+        let file: RuleFile = parse_toml(text, origin)?;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, rule) in file.rules.iter().enumerate() {
+            if !names.insert(rule.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    file: origin.to_string(),
+                    line: line_of(text, &format!("\"{}\"", rule.name), 2),
+                    column: 1,
+                    field: format!("rules[{i}].name"),
+                    message: format!("rule name `{}` is used twice", rule.name),
+                });
+            }
+        }
+        Ok(file)
+    }
+
+    /// Rules, routes and silences of several files, in order.
+    pub fn merge(files: impl IntoIterator<Item = RuleFile>) -> RuleFile {
+        files.into_iter().fold(RuleFile::default(), |mut all, file| {
+            all.rules.extend(file.rules);
+            all.routes.extend(file.routes);
+            all.silences.extend(file.silences);
+            all
+        })
+    }
+}
+
+/// The line of the `nth` occurrence of `needle`, for errors found after parsing.
+fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+    text.match_indices(needle).nth(nth - 1).map_or(1, |(at, _)| text[..at].matches('\n').count() + 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// Which `windows` rows a rule watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupKind {
+    /// One alert per topic.
+    Topic,
+    /// The market as a whole (`topic = 'all'`).
+    All,
+    /// One alert per ticker (needs `group_by = ["topic", "ticker"]`).
+    Ticker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    NegShare,
+    NNegative,
+    MeanSentiment,
+    N,
+}
+
+impl Metric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::NegShare => "neg_share",
+            Metric::NNegative => "n_negative",
+            Metric::MeanSentiment => "mean_sentiment",
+            Metric::N => "n",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    #[serde(rename = ">")]
+    Above,
+    #[serde(rename = ">=")]
+    AtLeast,
+    #[serde(rename = "<")]
+    Below,
+    #[serde(rename = "<=")]
+    AtMost,
+}
+
+impl Op {
+    pub fn holds(self, value: f64, threshold: f64) -> bool {
+        match self {
+            Op::Above => value > threshold,
+            Op::AtLeast => value >= threshold,
+            Op::Below => value < threshold,
+            Op::AtMost => value <= threshold,
+        }
+    }
+
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Op::Above => ">",
+            Op::AtLeast => "≥",
+            Op::Below => "<",
+            Op::AtMost => "≤",
+        }
+    }
+}
+
+/// When a rule's metric is "bad". Every kind has an exit level for hysteresis: once firing, an alert
+/// resolves only when the metric is back past the exit level, so values hovering at the threshold
+/// don't flap. A window with fewer than `min_count` stories decides nothing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Condition {
+    /// `metric op value`, e.g. neg_share > 0.4.
+    Threshold {
+        op: Op,
+        value: f64,
+        #[serde(default)]
+        min_count: u64,
+        /// Default: `value`.
+        exit_value: Option<f64>,
+    },
+    /// Current window ≥ `factor` × the mean of the previous `baseline_windows` (ElastAlert's spike
+    /// rule, which is this with one baseline window). Silent until the baseline windows exist and hold
+    /// `min_baseline_count` stories in all.
+    RatioToBaseline {
+        factor: f64,
+        #[serde(default = "one")]
+        baseline_windows: usize,
+        #[serde(default)]
+        min_count: u64,
+        #[serde(default)]
+        min_baseline_count: u64,
+        /// Default: `factor`.
+        exit_factor: Option<f64>,
+    },
+    /// (current − mean) / standard deviation of the previous `baseline_windows` ≥ `sigma`.
+    Zscore {
+        sigma: f64,
+        baseline_windows: usize,
+        #[serde(default)]
+        min_count: u64,
+        /// Default: `sigma`.
+        exit_sigma: Option<f64>,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Condition {
+    pub fn baseline_windows(&self) -> usize {
+        match self {
+            Condition::Threshold { .. } => 0,
+            Condition::RatioToBaseline { baseline_windows, .. } | Condition::Zscore { baseline_windows, .. } => *baseline_windows,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Condition::Threshold { op, value, exit_value, .. } => {
+                if let Some(exit) = exit_value
+                    && op.holds(*exit, *value)
+                    && exit != value
+                {
+                    return Err(format!("exit_value {exit} must be on the other side of value {value} (it is where a firing alert resolves)"));
+                }
+            }
+            Condition::RatioToBaseline { factor, baseline_windows, exit_factor, .. } => {
+                if !(*factor > 0.0) {
+                    return Err("factor must be positive".into());
+                }
+                if *baseline_windows == 0 {
+                    return Err("baseline_windows must be at least 1".into());
+                }
+                if exit_factor.is_some_and(|e| !(e > 0.0 && e <= *factor)) {
+                    return Err("exit_factor must be positive and at most factor".into());
+                }
+            }
+            Condition::Zscore { sigma, baseline_windows, exit_sigma, .. } => {
+                if !(*sigma > 0.0) {
+                    return Err("sigma must be positive".into());
+                }
+                if *baseline_windows < 2 {
+                    return Err("baseline_windows must be at least 2 for a standard deviation".into());
+                }
+                if exit_sigma.is_some_and(|e| e > *sigma) {
+                    return Err("exit_sigma must be at most sigma".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawRule")]
+pub struct Rule {
+    pub name: String,
+    pub severity: Severity,
+    pub group: GroupKind,
+    pub metric: Metric,
+    pub condition: Condition,
+    /// How long (event time) the condition must hold before the alert fires.
+    pub pending_for: HumanDuration,
+    /// How long (event time) a firing alert stays firing after the condition stops holding.
+    pub keep_firing_for: HumanDuration,
+    /// Extra labels for routing and for the receivers.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(default = "warning")]
+    severity: Severity,
+    group: GroupKind,
+    metric: Metric,
+    condition: Condition,
+    #[serde(default, rename = "for")]
+    pending_for: Option<HumanDuration>,
+    #[serde(default)]
+    keep_firing_for: Option<HumanDuration>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn warning() -> Severity {
+    Severity::Warning
+}
+
+impl TryFrom<RawRule> for Rule {
+    type Error = String;
+
+    fn try_from(raw: RawRule) -> Result<Rule, String> {
+        if raw.name.trim().is_empty() {
+            return Err("rule `name` must not be empty".into());
+        }
+        raw.condition.check().map_err(|e| format!("rule `{}`: condition: {e}", raw.name))?;
+        let zero = HumanDuration(std::time::Duration::ZERO);
+        Ok(Rule {
+            name: raw.name,
+            severity: raw.severity,
+            group: raw.group,
+            metric: raw.metric,
+            condition: raw.condition,
+            pending_for: raw.pending_for.unwrap_or(zero),
+            keep_firing_for: raw.keep_firing_for.unwrap_or(zero),
+            labels: raw.labels,
+        })
+    }
+}
+
+/// Sends the alerts whose labels match to `receivers` (names of `[[receivers]]` in the pipeline).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub receivers: Vec<String>,
+    /// Exact matches on `rule`, `severity`, `topic`, `ticker` or a rule label; empty matches all.
+    #[serde(default, rename = "match")]
+    pub matchers: BTreeMap<String, String>,
+    /// Wait this long before the first notice of a new alert.
+    #[serde(default = "no_wait")]
+    pub group_wait: HumanDuration,
+    /// Remind of a still-firing alert this often.
+    #[serde(default = "four_hours")]
+    pub repeat_interval: HumanDuration,
+    #[serde(default = "yes")]
+    pub send_resolved: bool,
+}
+
+fn no_wait() -> HumanDuration {
+    HumanDuration(std::time::Duration::ZERO)
+}
+fn four_hours() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(4 * 3600))
+}
+fn yes() -> bool {
+    true
+}
+
+/// Mutes notifications of matching alerts between two instants (alerts are still recorded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Silence {
+    #[serde(rename = "match")]
+    pub matchers: BTreeMap<String, String>,
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// Whether every matcher equals the label of that name.
+pub fn matches(matchers: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    matchers.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

@@ -1,0 +1,160 @@
+use super::*;
+use crate::config::HumanDuration;
+
+const H: i64 = 3_600_000;
+
+fn counts(n: u64, n_negative: u64) -> Counts {
+    Counts { n, n_negative, n_neutral: n - n_negative, n_positive: 0, sentiment_micros: -(n_negative as i64) * 1_000_000 }
+}
+
+fn row(start_h: i64, size_h: i64, topic: &str, n: u64, n_negative: u64, final_row: bool) -> WindowRow {
+    let key = WindowKey { start_ms: start_h * H, topic: topic.into(), ticker: None };
+    let top = vec![Headline { id: "s1".into(), headline: "Oil slumps".into(), p_negative: 0.97 }];
+    WindowRow::new(key, size_h * H, counts(n, n_negative), top, final_row, 0)
+}
+
+fn rule(metric: Metric, group: GroupKind, condition: Condition) -> Rule {
+    Rule {
+        name: "r".into(),
+        severity: rules::Severity::Warning,
+        group,
+        metric,
+        condition,
+        pending_for: HumanDuration::parse("0s").unwrap(),
+        keep_firing_for: HumanDuration::parse("0s").unwrap(),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// ElastAlert's spike rule (`spike_height: 4`, `threshold_cur: 15`, `timeframe: 2h`, `spike_type:
+/// up`) compares the count of the current 2-hour timeframe with the one before. Its `find_matches`:
+/// no match below `threshold_cur` or when either count is 0, else a match when cur ≥ ref × 4.
+#[test]
+fn ratio_to_baseline_matches_elastalerts_spike_rule() {
+    let spike = Condition::RatioToBaseline {
+        factor: 4.0,
+        baseline_windows: 1,
+        min_count: 15,
+        min_baseline_count: 0,
+        exit_factor: None,
+    };
+    let cases = [
+        (5, 20, true),
+        (5, 19, false),
+        (3, 14, false), // 14 ≥ 3 × 4, but under threshold_cur
+        (3, 15, true),
+        (4, 16, true),
+        (10, 40, true),
+        (10, 39, false),
+        (0, 100, false), // no spike from nothing
+        (20, 15, false),
+    ];
+    for (reference, current, fires) in cases {
+        let reading = read(&spike, Metric::N, &counts(current, 0), &[&counts(reference, 0)]);
+        assert_eq!(reading.verdict == Verdict::Breach, fires, "ref {reference}, cur {current}: {reading:?}");
+    }
+
+    // The same through the detector: 2-hour windows, one alert for the window that spikes.
+    let mut detector = Detector::new(vec![rule(Metric::N, GroupKind::Topic, spike)]);
+    assert!(detector.evaluate(&[row(0, 2, "energy", 5, 0, true)], 2 * H).is_empty(), "silent without a baseline");
+    assert!(detector.evaluate(&[row(2, 2, "energy", 19, 0, false)], 3 * H).is_empty());
+    let fired = detector.evaluate(&[row(2, 2, "energy", 20, 0, false)], 3 * H);
+    assert_eq!(fired.len(), 1);
+    let alert = &fired[0];
+    assert_eq!((alert.state, alert.value, alert.baseline, alert.threshold, alert.count), (AlertState::Firing, 20.0, Some(5.0), 20.0, 20));
+    assert_eq!(alert.group, BTreeMap::from([("topic".to_string(), "energy".to_string())]));
+    assert_eq!((alert.window_start.as_str(), alert.window_end.as_str()), ("1970-01-01T02:00:00Z", "1970-01-01T04:00:00Z"));
+    assert_eq!(alert.top_headlines[0].headline, "Oil slumps");
+    assert_eq!(alert.summary, "energy: stories 20 is 4.0× its baseline 5 (alert at 4×) over 20 stories, 1970-01-01 02:00 to 1970-01-01 04:00");
+}
+
+#[test]
+fn flapping_values_give_one_firing_and_one_resolved_notice() {
+    let threshold =
+        Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 10, exit_value: Some(0.3) };
+    let mut detector = Detector::new(vec![rule(Metric::NegShare, GroupKind::All, threshold)]);
+    let mut changes = Vec::new();
+    // Hovering around 0.4 (never under the exit level 0.3) until the last hours; one thin hour decides nothing.
+    for (hour, (n, negative)) in [(20, 9), (20, 7), (20, 9), (20, 7), (3, 0), (20, 9), (20, 8), (20, 5), (20, 2)].into_iter().enumerate() {
+        let hour = hour as i64;
+        changes.extend(detector.evaluate(&[row(hour, 1, "all", n, negative, true)], (hour + 1) * H));
+    }
+    let states: Vec<AlertState> = changes.iter().map(|a| a.state).collect();
+    assert_eq!(states, [AlertState::Firing, AlertState::Resolved]);
+    assert_eq!(changes[0].alert_id, changes[1].alert_id);
+    assert_eq!(changes[1].resolved_at.as_deref(), Some("1970-01-01T08:00:00Z"), "when 5 of 20 (0.25) fell under 0.3");
+}
+
+#[test]
+fn for_and_keep_firing_for_are_measured_in_event_time() {
+    let threshold = Condition::Threshold { op: rules::Op::AtLeast, value: 5.0, min_count: 0, exit_value: None };
+    let mut r = rule(Metric::NNegative, GroupKind::Topic, threshold);
+    r.pending_for = HumanDuration::parse("1h").unwrap();
+    r.keep_firing_for = HumanDuration::parse("2h").unwrap();
+    let mut detector = Detector::new(vec![r]);
+    let at = |d: &mut Detector, start_h: i64, negative: u64, now_h: i64| d.evaluate(&[row(start_h, 1, "macro", 10, negative, false)], now_h * H);
+    assert!(at(&mut detector, 0, 6, 0).is_empty(), "pending");
+    assert!(at(&mut detector, 0, 6, 0).is_empty());
+    let fired = at(&mut detector, 1, 7, 1);
+    assert_eq!(fired.len(), 1, "fires once the condition held for 1 h");
+    assert_eq!(fired[0].started_at, "1970-01-01T01:00:00Z");
+    assert!(at(&mut detector, 2, 1, 2).is_empty(), "kept firing");
+    let resolved = at(&mut detector, 3, 1, 3);
+    assert_eq!(resolved.len(), 1, "resolved 2 h after the last breach (at 1 h)");
+    assert_eq!(resolved[0].state, AlertState::Resolved);
+
+    // A breach that goes away before `for` elapses never fires.
+    assert!(at(&mut detector, 10, 6, 10).is_empty());
+    assert!(at(&mut detector, 10, 1, 10).is_empty());
+    assert!(at(&mut detector, 11, 6, 11).is_empty(), "pending again from scratch");
+}
+
+#[test]
+fn zscore_needs_a_baseline_and_fires_past_sigma() {
+    let z = Condition::Zscore { sigma: 3.0, baseline_windows: 4, min_count: 0, exit_sigma: None };
+    let past = [counts(10, 2), counts(10, 3), counts(10, 2), counts(10, 3)];
+    let refs: Vec<&Counts> = past.iter().collect();
+    assert_eq!(read(&z, Metric::NNegative, &counts(10, 9), &refs[..3]).verdict, Verdict::Undecided);
+    let high = read(&z, Metric::NNegative, &counts(10, 5), &refs);
+    // mean 2.5, sample sd 0.577: 5 is 4.3σ above.
+    assert_eq!(high.verdict, Verdict::Breach, "{high:?}");
+    assert!((high.threshold - (2.5 + 3.0 * 0.57735)).abs() < 1e-4);
+    assert_eq!(read(&z, Metric::NNegative, &counts(10, 4), &refs).verdict, Verdict::Normal);
+}
+
+#[test]
+fn state_survives_a_checkpoint_round_trip() {
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 0, exit_value: None };
+    let rules = vec![rule(Metric::NegShare, GroupKind::All, threshold)];
+    let mut detector = Detector::new(rules.clone());
+    assert_eq!(detector.evaluate(&[row(0, 1, "all", 10, 8, true)], H).len(), 1);
+    let saved = serde_json::to_string(&detector).unwrap();
+    let mut restored = serde_json::from_str::<Detector>(&saved).unwrap().restore(rules);
+    assert_eq!(restored, detector);
+    assert!(restored.evaluate(&[row(1, 1, "all", 10, 8, true)], 2 * H).is_empty(), "still firing, not fired again");
+    assert_eq!(restored.evaluate(&[row(2, 1, "all", 10, 1, true)], 3 * H)[0].state, AlertState::Resolved);
+}
+
+#[test]
+fn alert_ids_are_stable() {
+    let group = GroupKey { topic: "energy".into(), ticker: None };
+    assert_eq!(alert_id("spike", &group, 0), alert_id("spike", &group, 0));
+    assert_ne!(alert_id("spike", &group, 0), alert_id("spike", &group, 1));
+    assert_eq!(alert_id("spike", &group, 540_000_000_000), "33555cf22381a415", "must never change between versions");
+}
+
+#[test]
+fn rule_files_report_file_line_and_field() {
+    let good = "[[rules]]\nname = \"a\"\ngroup = \"topic\"\nmetric = \"neg_share\"\ncondition = { kind = \"threshold\", op = \">\", value = 0.5 }\n";
+    assert_eq!(RuleFile::parse(good, "r.toml").unwrap().rules.len(), 1);
+    let err = RuleFile::parse(&good.replace("0.5 }", "0.5, fator = 2 }"), "r.toml").unwrap_err().to_string();
+    assert!(err.starts_with("r.toml:5:") && err.contains("fator"), "{err}");
+    let err = RuleFile::parse(&good.replace("neg_share", "neg_shares"), "r.toml").unwrap_err().to_string();
+    assert!(err.starts_with("r.toml:4:") && err.contains("rules[0].metric"), "{err}");
+    let bad_factor = "[[rules]]\nname = \"a\"\ngroup = \"all\"\nmetric = \"n\"\n[rules.condition]\nkind = \"ratio_to_baseline\"\nfactor = 0\n";
+    let err = RuleFile::parse(bad_factor, "r.toml").unwrap_err().to_string();
+    assert!(err.contains("factor must be positive") && err.contains("rules[0]"), "{err}");
+    let twice = format!("{good}{good}");
+    let err = RuleFile::parse(&twice, "r.toml").unwrap_err().to_string();
+    assert!(err.starts_with("r.toml:7:") && err.contains("used twice"), "{err}");
+}
