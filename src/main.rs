@@ -29,6 +29,9 @@ enum Command {
         #[arg(long)]
         pipeline: Option<PathBuf>,
     },
+    /// Alert rule files.
+    #[command(subcommand)]
+    Rules(RulesCommand),
     /// Loads a JSON-lines file into a Kafka topic, in event-time order.
     Produce {
         #[arg(long)]
@@ -56,6 +59,15 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validates rule files (rules, routes, silences); errors give file, line and field, exit 2.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +179,28 @@ fn run_pipeline(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { pipeline } => run_pipeline(pipeline),
+        Command::Rules(RulesCommand::Check { files }) => {
+            let mut names = std::collections::BTreeMap::new();
+            for file in &files {
+                let rules = bearwatch::detect::RuleFile::load(file)?;
+                for rule in &rules.rules {
+                    if let Some(other) = names.insert(rule.name.clone(), file.clone()) {
+                        anyhow::bail!(config::ConfigError::Read {
+                            path: file.clone(),
+                            reason: format!("rule `{}` is also defined in {}", rule.name, other.display()),
+                        });
+                    }
+                }
+                println!(
+                    "{}: ok ({} rules, {} routes, {} silences)",
+                    file.display(),
+                    rules.rules.len(),
+                    rules.routes.len(),
+                    rules.silences.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Produce { brokers, topic, speed, properties, file } => {
             let mut parsed = BTreeMap::new();
             for property in properties {

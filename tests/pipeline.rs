@@ -42,6 +42,16 @@ fn the_demo_runs_with_no_arguments_and_leaves_tables_datafusion_reads() {
         "0"
     );
 
+    // The default rules fire on the replay, with reasons and the headlines behind them.
+    assert!(stdout.contains("[FIRING] "), "{stdout}");
+    assert!(stdout.contains("p_negative "), "an alert lists its most negative headlines: {stdout}");
+    let firing: u64 = query_one(&storage, "SELECT count(*) FROM alerts WHERE state = 'firing'").parse().unwrap();
+    assert!(firing >= 1);
+    assert_eq!(
+        query_one(&storage, "SELECT count(*) FROM alerts WHERE summary = '' OR top_headlines NOT LIKE '[{\"id\":%' OR count < 1"),
+        "0"
+    );
+
     // A second run replays from scratch (the demo sets reset_on_start) rather than finding nothing to do.
     let again = Command::new(env!("CARGO_BIN_EXE_bearwatch")).arg("run").current_dir(dir.path()).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stdout).contains("3000 scored"));

@@ -13,6 +13,7 @@ use serde::Deserialize;
 pub use duration::HumanDuration;
 pub use env::EnvString;
 
+use crate::alert::ReceiverConfig;
 use crate::classify::ClassifierConfig;
 use crate::error::{Classified, ErrorClass};
 
@@ -50,6 +51,18 @@ pub struct PipelineConfig {
     pub sink: Option<SinkConfig>,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub receivers: Vec<ReceiverConfig>,
+}
+
+/// `[alerts]`: the rule files (`alerts/*.toml`) to evaluate on the windows.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    #[serde(default)]
+    pub rules: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -278,6 +291,16 @@ impl PipelineConfig {
             return Err(("sink.brokers", "needed when the source is not Kafka".into()));
         }
         self.model.validate().map_err(|e| ("model", e.to_string()))?;
+        let mut names = std::collections::BTreeSet::new();
+        for receiver in &self.receivers {
+            receiver.check().map_err(|(field, message)| (receiver_field(field), message))?;
+            if !names.insert(receiver.name.as_str()) {
+                return Err(("receivers.name", format!("receiver name `{}` is used twice", receiver.name)));
+            }
+            if receiver.kind == crate::alert::ReceiverKind::Kafka && receiver.brokers.is_none() && s.brokers.is_none() {
+                return Err(("receivers.brokers", format!("receiver `{}` needs `brokers` when the source is not Kafka", receiver.name)));
+            }
+        }
         Ok(())
     }
 }
@@ -309,6 +332,17 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> R
 /// An error found after parsing, placed at the line where `field` (`table.key`) is written.
 pub fn invalid_at(text: &str, origin: &str, field: &str, message: String) -> ConfigError {
     ConfigError::Invalid { file: origin.to_string(), line: locate(text, field), column: 1, field: field.to_string(), message }
+}
+
+fn receiver_field(field: &str) -> &'static str {
+    match field {
+        "url" => "receivers.url",
+        "smtp_host" => "receivers.smtp_host",
+        "from" => "receivers.from",
+        "to" => "receivers.to",
+        "topic" => "receivers.topic",
+        _ => "receivers",
+    }
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {

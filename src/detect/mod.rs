@@ -5,12 +5,14 @@
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
 pub mod rules;
+mod table;
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 pub use rules::{Condition, GroupKind, Metric, Rule, RuleFile};
+pub use table::{alerts_batch, alerts_schema};
 
 use crate::window::{ALL, Counts, Headline, WindowKey, WindowRow};
 
@@ -111,7 +113,7 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
             let verdict = grade(op.holds(value, *threshold), op.holds(value, exit));
             Reading { verdict, value, baseline: None, threshold: *threshold }
         }
-        Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, exit_factor } => {
+        Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, min_value, exit_factor } => {
             let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
             let baseline_n: u64 = history.iter().rev().take(*baseline_windows).map(|c| c.n).sum();
             if previous.len() < *baseline_windows || baseline_n < *min_baseline_count {
@@ -124,7 +126,8 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
                 return undecided(Some(baseline), threshold);
             }
             let exit = baseline * exit_factor.unwrap_or(*factor);
-            Reading { verdict: grade(value >= threshold, value >= exit), value, baseline: Some(baseline), threshold }
+            let breach = value >= threshold && value >= *min_value;
+            Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold }
         }
         Condition::Zscore { sigma, baseline_windows, min_count, exit_sigma } => {
             let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
@@ -256,6 +259,10 @@ impl Detector {
         self
     }
 
+    pub fn into_rules(self) -> Vec<Rule> {
+        self.rules
+    }
+
     pub fn firing(&self) -> usize {
         self.tracked.values().filter(|t| matches!(t.phase, Phase::Firing { .. })).count()
     }
@@ -327,7 +334,7 @@ fn step(
         baseline: reading.baseline,
         threshold: reading.threshold,
         count: row.counts.n,
-        summary: summary(rule, group, row, reading, state),
+        summary: summary(rule, group, row, reading),
         top_headlines: row.top.clone(),
     };
     let current = tracked.get_mut(&key);
@@ -380,7 +387,7 @@ fn step(
 }
 
 /// One line a person can read: what, how much, against what, over how many stories, when.
-fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading, state: AlertState) -> String {
+fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) -> String {
     let what = match rule.metric {
         Metric::NegShare => "negative share",
         Metric::NNegative => "negative stories",
@@ -406,11 +413,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading, st
         chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
         chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
     );
-    let verb = match state {
-        AlertState::Firing => "",
-        AlertState::Resolved => "resolved: ",
-    };
-    format!("{verb}{}: {what} {detail} over {} stories, {span}", group.describe(), row.counts.n)
+    format!("{}: {what} {detail} over {} stories, {span}", group.describe(), row.counts.n)
 }
 
 #[cfg(test)]

@@ -166,6 +166,9 @@ pub enum Condition {
         min_count: u64,
         #[serde(default)]
         min_baseline_count: u64,
+        /// The current value must also reach this, so that 3% against a baseline of 0.4% is no spike.
+        #[serde(default)]
+        min_value: f64,
         /// Default: `factor`.
         exit_factor: Option<f64>,
     },

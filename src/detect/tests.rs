@@ -36,6 +36,7 @@ fn ratio_to_baseline_matches_elastalerts_spike_rule() {
         baseline_windows: 1,
         min_count: 15,
         min_baseline_count: 0,
+        min_value: 0.0,
         exit_factor: None,
     };
     let cases = [

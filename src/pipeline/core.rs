@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::alert::Alerting;
 use crate::classify::{ClassifyError, Classifier, Pending, Scores};
+use crate::detect::alerts_batch;
 use crate::news::{News, ScoredNews};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::kafka::Output;
@@ -64,6 +66,7 @@ pub struct Core {
     pub last_checkpoint: Instant,
     /// Per-topic totals and the most negative stories so far, for the summary.
     pub recent: super::summary::Recent,
+    pub alerting: Option<Alerting>,
 }
 
 pub fn now_ms() -> i64 {
@@ -78,6 +81,7 @@ impl Core {
         storage: Storage,
         dead_letter: DeadLetter,
         sink: Option<ScoredSink>,
+        mut alerting: Option<Alerting>,
         restored: Option<Checkpoint>,
     ) -> Result<Core, PipelineError> {
         let mut core = Core {
@@ -97,6 +101,7 @@ impl Core {
             counters: Counters::default(),
             last_checkpoint: Instant::now(),
             recent: Default::default(),
+            alerting: None,
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -109,7 +114,12 @@ impl Core {
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
+            if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
+                let rules = std::mem::replace(&mut alerting.detector, crate::detect::Detector::new(Vec::new())).into_rules();
+                alerting.detector = saved.restore(rules);
+            }
         }
+        core.alerting = alerting;
         Ok(core)
     }
 
@@ -312,8 +322,17 @@ impl Core {
         }
         self.news_rows.push(row);
         let closed = self.windows.close_due(now);
+        self.observe(&closed);
         self.window_rows.extend(closed);
         Ok(())
+    }
+
+    /// Runs the alert rules on rows the windows just emitted.
+    fn observe(&mut self, rows: &[WindowRow]) {
+        if let (Some(alerting), false) = (self.alerting.as_mut(), rows.is_empty()) {
+            let watermark = self.windows.watermark_ms().unwrap_or(0);
+            self.counters.alerts += alerting.observe(rows, watermark) as u64;
+        }
     }
 
     fn advance(&mut self, at: &Position) {
@@ -323,6 +342,7 @@ impl Core {
     /// Closes every window (end of a bounded input).
     pub fn close_all_windows(&mut self) {
         let rows = self.windows.close_all(now_ms());
+        self.observe(&rows);
         self.window_rows.extend(rows);
     }
 
@@ -342,6 +362,7 @@ impl Core {
         let started = Instant::now();
         let now = now_ms();
         let updates = self.windows.take_updates(now);
+        self.observe(&updates);
         self.window_rows.extend(updates);
         self.prune_seen();
         self.dead_letter.flush().map_err(PipelineError::Source)?;
@@ -360,6 +381,11 @@ impl Core {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             self.storage.write(Table::Windows, &batch)?;
         }
+        if let Some(alerting) = self.alerting.as_mut().filter(|a| !a.changes.is_empty()) {
+            let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            self.storage.write(Table::Alerts, &batch)?;
+            alerting.changes.clear();
+        }
         tracing::debug!(
             news = self.news_rows.len(),
             windows = self.window_rows.len(),
@@ -373,6 +399,7 @@ impl Core {
             windows: self.windows.clone(),
             seen: self.seen.iter().map(|(id, t)| (id.clone(), *t)).collect(),
             counters: self.counters.clone(),
+            detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             next_part: Default::default(),
         })?;
         self.news_rows.clear();

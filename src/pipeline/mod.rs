@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::alert::{Alerting, Router};
 use crate::classify::{ClassifyError, Classifier};
+use crate::detect::{Detector, RuleFile};
 use crate::config::{ConfigError, PipelineConfig, SourceKind};
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
@@ -126,6 +128,33 @@ fn bundled(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
+/// Loads the rule files of `[alerts]`; `None` when there are none.
+fn alerting(config: &PipelineConfig) -> Result<Option<Alerting>, PipelineError> {
+    if config.alerts.rules.is_empty() {
+        return Ok(None);
+    }
+    let mut files = Vec::new();
+    for path in &config.alerts.rules {
+        let path = bundled(path);
+        let file = RuleFile::load(&path)?;
+        for route in &file.routes {
+            for receiver in &route.receivers {
+                if !config.receivers.iter().any(|r| &r.name == receiver) {
+                    return Err(PipelineError::Config(ConfigError::Read {
+                        path,
+                        reason: format!("a route sends to receiver `{receiver}`, which the pipeline's [[receivers]] do not define"),
+                    }));
+                }
+            }
+        }
+        files.push(file);
+    }
+    let all = RuleFile::merge(files);
+    tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
+    let router = Router::new(all.routes, all.silences);
+    Ok(Some(Alerting::new(Detector::new(all.rules), router, &config.receivers)))
+}
+
 /// Runs until the input ends (file) or `stop` is set (SIGINT/SIGTERM), then drains, checkpoints and
 /// commits.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome, PipelineError> {
@@ -168,7 +197,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         dedup_max_ids: config.window.dedup_max_ids,
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
-    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, restored)?));
+    let alerting = alerting(config)?;
+    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
     let mut source: Box<dyn Source> = match source_config.kind {
@@ -357,7 +387,7 @@ mod tests {
             dedup_max_ids: 1000,
         };
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
-        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None).unwrap()));
+        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None, None).unwrap()));
         let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
         let mut source = Backlog::default();
         for i in 0..300 {

@@ -56,16 +56,19 @@ pub enum Table {
     Windows,
     /// Side output: scored stories that arrived after all their windows had closed.
     Late,
+    /// Every state change of every alert.
+    Alerts,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::News, Table::Windows, Table::Late];
+    pub const ALL: [Table; 4] = [Table::News, Table::Windows, Table::Late, Table::Alerts];
 
     pub fn name(self) -> &'static str {
         match self {
             Table::News => "news",
             Table::Windows => "windows",
             Table::Late => "late",
+            Table::Alerts => "alerts",
         }
     }
 
@@ -73,6 +76,7 @@ impl Table {
         match self {
             Table::News | Table::Late => news_schema(),
             Table::Windows => windows_schema(),
+            Table::Alerts => crate::detect::alerts_schema(),
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct Counters {
     pub dead_lettered: u64,
     pub duplicates: u64,
     pub late: u64,
+    #[serde(default)]
+    pub alerts: u64,
 }
 
 /// Everything needed to resume exactly where the last checkpoint left off.
@@ -97,6 +103,9 @@ pub struct Checkpoint {
     /// Recently seen story ids with their event time, for de-duplication.
     pub seen: Vec<(String, i64)>,
     pub counters: Counters,
+    /// Alert rules' baselines and lifecycles (absent when the pipeline has no rules).
+    #[serde(default)]
+    pub detector: Option<crate::detect::Detector>,
     /// Next part number of each table; parts at or past it are leftovers of a crash.
     pub next_part: BTreeMap<String, u64>,
 }
@@ -215,6 +224,7 @@ mod tests {
             windows: WindowState::new(spec),
             seen: vec![("a".into(), 1)],
             counters: Counters { received: 3, ..Counters::default() },
+            detector: None,
             next_part: BTreeMap::new(),
         }
     }
@@ -248,7 +258,7 @@ mod tests {
     /// record the change in docs/ARCHITECTURE.md.
     #[test]
     fn table_schemas_match_the_files_in_schemas() {
-        for table in [Table::News, Table::Windows] {
+        for table in [Table::News, Table::Windows, Table::Alerts] {
             let columns: Vec<serde_json::Value> = table
                 .schema()
                 .fields()

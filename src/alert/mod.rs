@@ -1,0 +1,275 @@
+//! Where alerts go: routes pick receivers by labels, silences mute, and each receiver is a
+//! notifier (the log here; email, webhook and Kafka through the outbox).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Deserialize;
+
+use crate::config::{EnvString, HumanDuration};
+use crate::detect::rules::{Route, Silence, matches};
+use crate::detect::{Alert, AlertState, Detector};
+use crate::window::WindowRow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiverKind {
+    /// A readable block on standard output and a structured log event.
+    Log,
+    Webhook,
+    Email,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+/// `[[receivers]]` in a pipeline. One struct for all kinds so that errors point at exact lines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ReceiverKind,
+    /// webhook: where the Alert JSON is POSTed.
+    pub url: Option<EnvString>,
+    /// webhook: a Slack-compatible `{"text": …}` body instead of the Alert.
+    #[serde(default)]
+    pub slack: bool,
+    /// webhook, email: per attempt.
+    #[serde(default = "ten_seconds")]
+    pub timeout: HumanDuration,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    #[serde(default = "starttls")]
+    pub tls: SmtpTls,
+    pub username: Option<EnvString>,
+    pub password: Option<EnvString>,
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Vec<String>,
+    /// kafka: the alerts topic; brokers default to the source's.
+    pub topic: Option<String>,
+    pub brokers: Option<EnvString>,
+    /// How long a notification is retried before it is given up as expired.
+    #[serde(default = "one_day")]
+    pub expire_after: HumanDuration,
+}
+
+fn ten_seconds() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(10))
+}
+fn one_day() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(86_400))
+}
+fn starttls() -> SmtpTls {
+    SmtpTls::Starttls
+}
+
+impl ReceiverConfig {
+    /// What each kind needs, as (field, message) for the config error.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let need = |present: bool, field: &'static str| {
+            if present { Ok(()) } else { Err((field, format!("receiver `{}` ({:?}) needs `{field}`", self.name, self.kind))) }
+        };
+        match self.kind {
+            ReceiverKind::Log => Ok(()),
+            ReceiverKind::Webhook => need(self.url.is_some(), "url"),
+            ReceiverKind::Email => {
+                need(self.smtp_host.is_some(), "smtp_host")?;
+                need(self.from.is_some(), "from")?;
+                need(!self.to.is_empty(), "to")
+            }
+            ReceiverKind::Kafka => need(self.topic.is_some(), "topic"),
+        }
+    }
+}
+
+/// Who should hear about an alert, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub receiver: String,
+    pub silenced: bool,
+    pub group_wait_ms: i64,
+    pub repeat_interval_ms: i64,
+}
+
+pub struct Router {
+    routes: Vec<Route>,
+    silences: Vec<Silence>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>, silences: Vec<Silence>) -> Router {
+        Router { routes, silences }
+    }
+
+    /// Receivers of every matching route (each once; the first matching route's timing wins).
+    /// Resolved notices go only where `send_resolved` is on.
+    pub fn deliveries(&self, alert: &Alert, now: chrono::DateTime<chrono::Utc>) -> Vec<Delivery> {
+        let labels = alert.match_labels();
+        let silenced = self.silenced(&labels, now);
+        let mut out: Vec<Delivery> = Vec::new();
+        for route in &self.routes {
+            if !matches(&route.matchers, &labels) || (alert.state == AlertState::Resolved && !route.send_resolved) {
+                continue;
+            }
+            for receiver in &route.receivers {
+                if !out.iter().any(|d| &d.receiver == receiver) {
+                    out.push(Delivery {
+                        receiver: receiver.clone(),
+                        silenced,
+                        group_wait_ms: route.group_wait.as_millis(),
+                        repeat_interval_ms: route.repeat_interval.as_millis(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn silenced(&self, labels: &BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.silences.iter().any(|s| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels))
+    }
+
+    /// Names of receivers the routes use, to check against `[[receivers]]`.
+    pub fn receiver_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().flat_map(|r| r.receivers.iter().map(String::as_str))
+    }
+}
+
+/// The alerting stage of a pipeline: rules on window rows, then routing to receivers.
+pub struct Alerting {
+    pub detector: Detector,
+    router: Router,
+    receivers: BTreeMap<String, ReceiverKind>,
+    /// State changes since the last checkpoint, with the wall-clock time they were recorded.
+    pub changes: Vec<(Alert, i64)>,
+}
+
+impl Alerting {
+    pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig]) -> Alerting {
+        let receivers = receivers.iter().map(|r| (r.name.clone(), r.kind)).collect();
+        Alerting { detector, router, receivers, changes: Vec::new() }
+    }
+
+    /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.
+    pub fn observe(&mut self, rows: &[WindowRow], watermark_ms: i64) -> usize {
+        let alerts = self.detector.evaluate(rows, watermark_ms);
+        let count = alerts.len();
+        for alert in alerts {
+            self.notify(&alert);
+            self.changes.push((alert, chrono::Utc::now().timestamp_millis()));
+        }
+        count
+    }
+
+    fn notify(&self, alert: &Alert) {
+        metrics::counter!("bearwatch_alerts_total", "state" => if alert.state == AlertState::Firing { "firing" } else { "resolved" })
+            .increment(1);
+        for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
+            if delivery.silenced {
+                tracing::info!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "silenced");
+                continue;
+            }
+            match self.receivers.get(&delivery.receiver) {
+                Some(ReceiverKind::Log) => {
+                    tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
+                    println!("{}", render_text(alert));
+                }
+                Some(kind) => tracing::warn!(receiver = %delivery.receiver, ?kind, "receiver kind not delivered by this build"),
+                None => tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver"),
+            }
+        }
+    }
+}
+
+/// The alert as a person reads it: the summary, then the most negative headlines behind it.
+pub fn render_text(alert: &Alert) -> String {
+    let state = match alert.state {
+        AlertState::Firing => "FIRING",
+        AlertState::Resolved => "RESOLVED",
+    };
+    let mut text = format!("[{state}] {} ({}) {}\n", alert.rule, alert.severity.as_str(), alert.summary);
+    if alert.state == AlertState::Firing {
+        for h in &alert.top_headlines {
+            let _ = writeln!(text, "    p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
+        }
+    }
+    let _ = write!(text, "    alert_id {}  window {} to {}", alert.alert_id, alert.window_start, alert.window_end);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::rules::Severity;
+
+    fn alert(state: AlertState, topic: &str) -> Alert {
+        Alert {
+            alert_id: "a1".into(),
+            rule: "spike".into(),
+            severity: Severity::Critical,
+            state,
+            group: BTreeMap::from([("topic".into(), topic.into())]),
+            labels: BTreeMap::from([("team".into(), "markets".into())]),
+            started_at: "1987-03-02T00:00:00Z".into(),
+            resolved_at: None,
+            window_start: "1987-03-02T00:00:00Z".into(),
+            window_end: "1987-03-03T00:00:00Z".into(),
+            value: 0.5,
+            baseline: Some(0.2),
+            threshold: 0.4,
+            count: 30,
+            summary: "energy: negative share 0.50".into(),
+            top_headlines: vec![],
+        }
+    }
+
+    fn route(receivers: &[&str], matchers: &[(&str, &str)], send_resolved: bool) -> Route {
+        Route {
+            receivers: receivers.iter().map(|r| r.to_string()).collect(),
+            matchers: matchers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            group_wait: HumanDuration::parse("30s").unwrap(),
+            repeat_interval: HumanDuration::parse("4h").unwrap(),
+            send_resolved,
+        }
+    }
+
+    #[test]
+    fn routes_match_on_rule_severity_group_and_labels() {
+        let router = Router::new(
+            vec![
+                route(&["pager"], &[("severity", "critical"), ("topic", "energy")], false),
+                route(&["mail", "pager"], &[("team", "markets")], true),
+                route(&["other"], &[("topic", "trade")], true),
+            ],
+            vec![],
+        );
+        let now = chrono::Utc::now();
+        let names = |a: &Alert| router.deliveries(a, now).into_iter().map(|d| d.receiver).collect::<Vec<_>>();
+        assert_eq!(names(&alert(AlertState::Firing, "energy")), ["pager", "mail"]);
+        assert_eq!(names(&alert(AlertState::Resolved, "energy")), ["mail", "pager"], "the first route does not send resolved");
+        assert_eq!(names(&alert(AlertState::Firing, "metals")), ["mail", "pager"]);
+    }
+
+    #[test]
+    fn silences_mute_matching_alerts_while_they_last() {
+        let now = chrono::Utc::now();
+        let silence = Silence {
+            matchers: BTreeMap::from([("topic".into(), "energy".into())]),
+            starts_at: now - chrono::Duration::hours(1),
+            ends_at: now + chrono::Duration::hours(1),
+            comment: "known event".into(),
+        };
+        let router = Router::new(vec![route(&["mail"], &[], true)], vec![silence]);
+        assert!(router.deliveries(&alert(AlertState::Firing, "energy"), now)[0].silenced);
+        assert!(!router.deliveries(&alert(AlertState::Firing, "metals"), now)[0].silenced);
+        assert!(!router.deliveries(&alert(AlertState::Firing, "energy"), now + chrono::Duration::hours(2))[0].silenced);
+    }
+}

@@ -1,0 +1,47 @@
+//! `bearwatch rules check`: the shipped rules pass; broken ones fail with file, line and field.
+
+use std::process::Command;
+
+fn check(files: &[&std::path::Path]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["rules", "check"]).args(files).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_shipped_rules_pass() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("alerts");
+    let files: Vec<std::path::PathBuf> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    assert!(!files.is_empty());
+    let refs: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+    let (code, stdout, stderr) = check(&refs);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("default.toml: ok (3 rules"), "{stdout}");
+}
+
+#[test]
+fn broken_rules_name_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[[rules]]\nname = \"a\"\ngroup = \"topic\"\nmetric = \"neg_share\"\nsevrity = \"info\"\n", ":5:", "sevrity"),
+        ("[[rules]]\nname = \"a\"\ngroup = \"sector\"\nmetric = \"neg_share\"\n", ":3:", "rules[0].group"),
+        ("[[routes]]\nreceivers = [\"log\"]\ngroup_wait = \"soon\"\n", ":3:", "routes[0].group_wait"),
+        ("[[silences]]\nmatch = {}\nstarts_at = \"tomorrow\"\nends_at = \"2026-01-01T00:00:00Z\"\n", ":3:", "silences[0].starts_at"),
+    ];
+    for (i, (text, line, field)) in cases.into_iter().enumerate() {
+        let file = dir.path().join(format!("r{i}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let (code, _, stderr) = check(&[&file]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.contains(&format!("{}{line}", file.display())) && stderr.contains(field), "{stderr}");
+    }
+    // The same rule name in two files is refused too.
+    let a = dir.path().join("a.toml");
+    let b = dir.path().join("b.toml");
+    let rule = "[[rules]]\nname = \"same\"\ngroup = \"all\"\nmetric = \"n\"\ncondition = { kind = \"threshold\", op = \">\", value = 1 }\n";
+    std::fs::write(&a, rule).unwrap();
+    std::fs::write(&b, rule).unwrap();
+    let (code, _, stderr) = check(&[&a, &b]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("also defined in"), "{stderr}");
+}
