@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Sets up ONNX Runtime (scripts/setup-ort.sh), starts the test Kafka broker (scripts/kafka.sh) unless
+# Sets up ONNX Runtime (scripts/setup-ort.sh) and the test SMTP server's package, starts the test Kafka broker (scripts/kafka.sh) unless
 # one is already running, and runs the whole test suite in the dev profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-ort.sh >/dev/null
+# The tests' real SMTP server (tests/smtp_server.py) runs on aiosmtpd from the same virtualenv.
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
 if ! scripts/kafka.sh status; then
   trap 'scripts/kafka.sh stop' EXIT
 fi

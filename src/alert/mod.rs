@@ -1,6 +1,12 @@
 //! Where alerts go: routes pick receivers by labels, silences mute, and each receiver is a
 //! notifier (the log here; email, webhook and Kafka through the outbox).
 
+pub mod notify;
+pub mod outbox;
+mod table;
+
+pub use table::{notifications_batch, notifications_schema};
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -147,15 +153,27 @@ impl Router {
 pub struct Alerting {
     pub detector: Detector,
     router: Router,
-    receivers: BTreeMap<String, ReceiverKind>,
+    receivers: BTreeMap<String, (ReceiverKind, i64)>,
     /// State changes since the last checkpoint, with the wall-clock time they were recorded.
     pub changes: Vec<(Alert, i64)>,
+    /// Notifications for the outbox, written at the next checkpoint (before it, so none is lost).
+    queued: Vec<(String, String, Alert, i64, i64, i64)>,
+    pub notifier: Option<notify::Notifier>,
 }
 
 impl Alerting {
-    pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig]) -> Alerting {
-        let receivers = receivers.iter().map(|r| (r.name.clone(), r.kind)).collect();
-        Alerting { detector, router, receivers, changes: Vec::new() }
+    pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig], notifier: Option<notify::Notifier>) -> Alerting {
+        let receivers = receivers.iter().map(|r| (r.name.clone(), (r.kind, r.expire_after.as_millis()))).collect();
+        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), notifier }
+    }
+
+    /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
+    pub fn flush_queue(&mut self) -> Result<(), crate::storage::StorageError> {
+        let queued = std::mem::take(&mut self.queued);
+        match &self.notifier {
+            Some(notifier) if !queued.is_empty() => notifier.enqueue(queued),
+            _ => Ok(()),
+        }
     }
 
     /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.
@@ -169,7 +187,7 @@ impl Alerting {
         count
     }
 
-    fn notify(&self, alert: &Alert) {
+    fn notify(&mut self, alert: &Alert) {
         metrics::counter!("bearwatch_alerts_total", "state" => if alert.state == AlertState::Firing { "firing" } else { "resolved" })
             .increment(1);
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
@@ -178,11 +196,18 @@ impl Alerting {
                 continue;
             }
             match self.receivers.get(&delivery.receiver) {
-                Some(ReceiverKind::Log) => {
+                Some((ReceiverKind::Log, _)) => {
                     tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
                     println!("{}", render_text(alert));
                 }
-                Some(kind) => tracing::warn!(receiver = %delivery.receiver, ?kind, "receiver kind not delivered by this build"),
+                Some((_, expire_ms)) => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let state = if alert.state == AlertState::Firing { "firing" } else { "resolved" };
+                    let key = format!("{}/{state}/{}", alert.alert_id, delivery.receiver);
+                    let repeat = if alert.state == AlertState::Firing { delivery.repeat_interval_ms } else { 0 };
+                    let due = now + delivery.group_wait_ms;
+                    self.queued.push((key, delivery.receiver.clone(), alert.clone(), due, due + expire_ms, repeat));
+                }
                 None => tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver"),
             }
         }

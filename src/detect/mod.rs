@@ -162,7 +162,7 @@ struct Tracked {
     last_start_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertState {
     Firing,
@@ -170,7 +170,7 @@ pub enum AlertState {
 }
 
 /// One state change of one alert (DESIGN §2 Alert): what receivers get and `alerts` stores.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     pub alert_id: String,
     pub rule: String,

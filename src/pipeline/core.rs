@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::alert::Alerting;
+use crate::alert::{Alerting, notifications_batch};
 use crate::classify::{ClassifyError, Classifier, Pending, Scores};
 use crate::detect::alerts_batch;
 use crate::news::{News, ScoredNews};
@@ -381,10 +381,19 @@ impl Core {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             self.storage.write(Table::Windows, &batch)?;
         }
-        if let Some(alerting) = self.alerting.as_mut().filter(|a| !a.changes.is_empty()) {
-            let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            self.storage.write(Table::Alerts, &batch)?;
-            alerting.changes.clear();
+        if let Some(alerting) = self.alerting.as_mut() {
+            if !alerting.changes.is_empty() {
+                let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                self.storage.write(Table::Alerts, &batch)?;
+                alerting.changes.clear();
+            }
+            // Into the outbox before the checkpoint: a crash in between may repeat a notice, never lose one.
+            alerting.flush_queue()?;
+            let rows = alerting.notifier.as_ref().map(|n| n.take_rows()).unwrap_or_default();
+            if !rows.is_empty() {
+                let batch = notifications_batch(&rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                self.storage.write(Table::Notifications, &batch)?;
+            }
         }
         tracing::debug!(
             news = self.news_rows.len(),
@@ -423,6 +432,11 @@ impl Core {
             let keep_from = *nth;
             self.seen.retain(|_, t| *t >= keep_from);
         }
+    }
+
+    /// Waits (up to `deadline`) for notifications due by then; returns how many are still pending.
+    pub fn settle_notifications(&self, deadline: Instant) -> usize {
+        self.alerting.as_ref().and_then(|a| a.notifier.as_ref()).map_or(0, |n| n.settle(deadline))
     }
 
     pub fn storage_root(&self) -> &std::path::Path {

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::alert::{Alerting, Router};
+use crate::alert::outbox::Outbox;
+use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
 use crate::config::{ConfigError, PipelineConfig, SourceKind};
@@ -152,7 +153,30 @@ fn alerting(config: &PipelineConfig) -> Result<Option<Alerting>, PipelineError> 
     let all = RuleFile::merge(files);
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
     let router = Router::new(all.routes, all.silences);
-    Ok(Some(Alerting::new(Detector::new(all.rules), router, &config.receivers)))
+    let mut notifiers = std::collections::BTreeMap::new();
+    for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
+        let notifier = notify::notifier(receiver, config.source.brokers.as_ref().map(|b| b.as_str())).map_err(|reason| {
+            PipelineError::Config(ConfigError::Invalid {
+                file: "pipeline".into(),
+                line: 0,
+                column: 0,
+                field: format!("receivers.{}", receiver.name),
+                message: reason,
+            })
+        })?;
+        notifiers.insert(receiver.name.clone(), notifier);
+    }
+    let notifier = if notifiers.is_empty() {
+        None
+    } else {
+        let outbox = Outbox::open(&config.storage.path.join("outbox.jsonl"))?;
+        let pending = outbox.pending().count();
+        if pending > 0 {
+            tracing::info!(pending, "notifications pending from an earlier run will be retried");
+        }
+        Some(notify::Notifier::start(outbox, notifiers))
+    };
+    Ok(Some(Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier)))
 }
 
 /// Runs until the input ends (file) or `stop` is set (SIGINT/SIGTERM), then drains, checkpoints and
@@ -309,6 +333,12 @@ fn drive(
         core.close_all_windows();
     }
     let offsets = core.checkpoint()?;
+    // Give due notifications (and their retries) the shutdown budget, then record how they went.
+    let pending = core.settle_notifications(Instant::now() + config.run.shutdown_timeout.0);
+    if pending > 0 {
+        tracing::warn!(pending, "notifications still pending; they are in the outbox and will be retried at the next start");
+    }
+    let offsets = if core.alerting.is_some() { core.checkpoint()? } else { offsets };
     drop(core);
     source.commit(&offsets)?;
     Ok(interrupted)

@@ -58,10 +58,12 @@ pub enum Table {
     Late,
     /// Every state change of every alert.
     Alerts,
+    /// Every status change of every notification.
+    Notifications,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::News, Table::Windows, Table::Late, Table::Alerts];
+    pub const ALL: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -69,6 +71,7 @@ impl Table {
             Table::Windows => "windows",
             Table::Late => "late",
             Table::Alerts => "alerts",
+            Table::Notifications => "notifications",
         }
     }
 
@@ -77,6 +80,7 @@ impl Table {
             Table::News | Table::Late => news_schema(),
             Table::Windows => windows_schema(),
             Table::Alerts => crate::detect::alerts_schema(),
+            Table::Notifications => crate::alert::notifications_schema(),
         }
     }
 }
@@ -258,7 +262,7 @@ mod tests {
     /// record the change in docs/ARCHITECTURE.md.
     #[test]
     fn table_schemas_match_the_files_in_schemas() {
-        for table in [Table::News, Table::Windows, Table::Alerts] {
+        for table in [Table::News, Table::Windows, Table::Alerts, Table::Notifications] {
             let columns: Vec<serde_json::Value> = table
                 .schema()
                 .fields()

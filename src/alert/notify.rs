@@ -1,0 +1,334 @@
+//! Notifiers (email, webhook, Kafka) and the thread that delivers the outbox with retries.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{Message, SmtpTransport, Transport};
+
+use super::outbox::{Outbox, Status};
+use super::{ReceiverConfig, ReceiverKind, SmtpTls, render_text};
+use crate::detect::{Alert, AlertState};
+use crate::source::kafka::Output;
+
+/// Sends one notification; the error text goes into the outbox and the `notifications` table.
+pub trait Notify: Send {
+    fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String>;
+}
+
+pub struct Webhook {
+    url: String,
+    slack: bool,
+    agent: ureq::Agent,
+}
+
+impl Notify for Webhook {
+    fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String> {
+        let body = if self.slack {
+            serde_json::json!({ "text": render_text(alert) })
+        } else {
+            serde_json::to_value(alert).map_err(|e| e.to_string())?
+        };
+        let response = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/json")
+            // Receivers can drop a repeat after a crash between sending and recording it.
+            .header("Idempotency-Key", key)
+            .send(body.to_string().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() { Ok(()) } else { Err(format!("HTTP {status}")) }
+    }
+}
+
+pub struct Email {
+    transport: SmtpTransport,
+    from: Mailbox,
+    to: Vec<Mailbox>,
+}
+
+impl Notify for Email {
+    fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String> {
+        let state = match alert.state {
+            AlertState::Firing => "FIRING",
+            AlertState::Resolved => "RESOLVED",
+        };
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .subject(format!("[{state}] {}: {}", alert.rule, alert.summary))
+            // The same key gives the same Message-ID, so mail clients fold a repeat into one.
+            .message_id(Some(format!("<{key}@bearwatch>")));
+        for to in &self.to {
+            builder = builder.to(to.clone());
+        }
+        let message = builder
+            .multipart(MultiPart::alternative_plain_html(render_text(alert), render_html(alert)))
+            .map_err(|e| e.to_string())?;
+        self.transport.send(&message).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn render_html(alert: &Alert) -> String {
+    let rows: String = alert
+        .top_headlines
+        .iter()
+        .map(|h| format!("<tr><td>{:.2}</td><td>{}</td><td>{}</td></tr>", h.p_negative, escape(&h.headline), escape(&h.id)))
+        .collect();
+    format!(
+        "<html><body><h3>{} ({})</h3><p>{}</p><table><tr><th>p_negative</th><th>headline</th><th>id</th></tr>{rows}</table>\
+         <p>alert_id {} &middot; window {} to {}</p></body></html>",
+        escape(&alert.rule),
+        alert.severity.as_str(),
+        escape(&alert.summary),
+        alert.alert_id,
+        alert.window_start,
+        alert.window_end
+    )
+}
+
+pub struct KafkaAlerts {
+    output: Arc<Output>,
+    topic: String,
+}
+
+impl Notify for KafkaAlerts {
+    fn send(&mut self, alert: &Alert, _key: &str) -> Result<(), String> {
+        let json = serde_json::to_vec(alert).map_err(|e| e.to_string())?;
+        self.output.send(&self.topic, alert.alert_id.as_bytes(), &json, None).map_err(|e| e.to_string())?;
+        self.output.flush(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        match self.output.failed_deliveries() {
+            0 => Ok(()),
+            n => Err(format!("{n} deliveries to {} failed", self.topic)),
+        }
+    }
+}
+
+/// Builds the notifier of one receiver (not for `log`, which prints on the spot).
+pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>) -> Result<Box<dyn Notify>, String> {
+    let timeout = config.timeout.0;
+    match config.kind {
+        ReceiverKind::Log => Err("the log receiver has no notifier".into()),
+        ReceiverKind::Webhook => {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(timeout))
+                .http_status_as_error(false)
+                .build()
+                .into();
+            Ok(Box::new(Webhook { url: config.url.as_ref().map(|u| u.as_str().to_string()).unwrap_or_default(), slack: config.slack, agent }))
+        }
+        ReceiverKind::Email => {
+            let host = config.smtp_host.as_deref().unwrap_or_default();
+            let builder = match config.tls {
+                SmtpTls::None => SmtpTransport::builder_dangerous(host),
+                SmtpTls::Starttls => SmtpTransport::starttls_relay(host).map_err(|e| e.to_string())?,
+                SmtpTls::Tls => SmtpTransport::relay(host).map_err(|e| e.to_string())?,
+            };
+            let mut builder = builder.timeout(Some(timeout));
+            if let Some(port) = config.smtp_port {
+                builder = builder.port(port);
+            }
+            if let Some(user) = &config.username {
+                let password = config.password.as_ref().map(|p| p.as_str().to_string()).unwrap_or_default();
+                builder = builder.credentials(Credentials::new(user.as_str().to_string(), password));
+            }
+            let mailbox = |text: &str| text.parse::<Mailbox>().map_err(|e| format!("bad address {text:?}: {e}"));
+            let from = mailbox(config.from.as_deref().unwrap_or_default())?;
+            let to = config.to.iter().map(|t| mailbox(t)).collect::<Result<_, _>>()?;
+            Ok(Box::new(Email { transport: builder.build(), from, to }))
+        }
+        ReceiverKind::Kafka => {
+            let brokers = config.brokers.as_ref().map(|b| b.as_str()).or(default_brokers).ok_or("no brokers for the kafka receiver")?;
+            let output = Output::connect(brokers, &BTreeMap::new()).map_err(|e| e.to_string())?;
+            Ok(Box::new(KafkaAlerts { output: Arc::new(output), topic: config.topic.clone().unwrap_or_default() }))
+        }
+    }
+}
+
+/// A status change of one notification: a row of table `notifications`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationRow {
+    pub key: String,
+    pub alert_id: String,
+    pub state: String,
+    pub receiver: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub sent_ms: Option<i64>,
+    pub recorded_ms: i64,
+}
+
+fn row(outbox: &Outbox, key: &str) -> Option<NotificationRow> {
+    let e = outbox.get(key)?;
+    Some(NotificationRow {
+        key: e.key.clone(),
+        alert_id: e.alert.alert_id.clone(),
+        state: if e.alert.state == AlertState::Firing { "firing".into() } else { "resolved".into() },
+        receiver: e.receiver.clone(),
+        status: e.status.as_str().into(),
+        attempts: e.attempts,
+        last_error: e.last_error.clone(),
+        sent_ms: e.sent_ms,
+        recorded_ms: chrono::Utc::now().timestamp_millis(),
+    })
+}
+
+/// Delay before retry number `attempts` (1-based): 0.5 s doubling up to a minute.
+fn backoff_ms(attempts: u32) -> i64 {
+    (500i64 << attempts.saturating_sub(1).min(7)).min(60_000)
+}
+
+struct Shared {
+    outbox: Mutex<Outbox>,
+    rows: Mutex<Vec<NotificationRow>>,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Delivers the outbox on its own thread, so a slow SMTP server never holds up the pipeline.
+pub struct Notifier {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Notifier {
+    pub fn start(outbox: Outbox, mut notifiers: BTreeMap<String, Box<dyn Notify>>) -> Notifier {
+        let shared = Arc::new(Shared { outbox: Mutex::new(outbox), rows: Mutex::new(Vec::new()), stop: AtomicBool::new(false) });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("notifier".into())
+            .spawn(move || {
+                while !worker.stop.load(Ordering::SeqCst) {
+                    deliver_due(&worker, &mut notifiers);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .expect("spawn the notifier thread");
+        Notifier { shared, thread: Some(thread) }
+    }
+
+    /// Records notifications durably; they are sent from the outbox by the notifier thread.
+    pub fn enqueue(&self, items: Vec<(String, String, Alert, i64, i64, i64)>) -> Result<(), crate::storage::StorageError> {
+        let mut outbox = lock(&self.shared.outbox);
+        for (key, receiver, alert, due_ms, expires_ms, repeat_ms) in items {
+            let resolved = alert.state == AlertState::Resolved;
+            let alert_id = alert.alert_id.clone();
+            if outbox.enqueue(key.clone(), receiver.clone(), alert, due_ms, expires_ms, repeat_ms)? {
+                lock(&self.shared.rows).extend(row(&outbox, &key));
+            }
+            if resolved {
+                // Reminders of a firing alert that has resolved are moot.
+                let moot: Vec<String> = outbox
+                    .pending()
+                    .filter(|e| e.alert.alert_id == alert_id && e.receiver == receiver && e.alert.state == AlertState::Firing && e.key.contains('#'))
+                    .map(|e| e.key.clone())
+                    .collect();
+                for key in moot {
+                    outbox.drop_entry(&key, chrono::Utc::now().timestamp_millis(), "alert resolved".into())?;
+                    lock(&self.shared.rows).extend(row(&outbox, &key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Status changes since the last call, for the `notifications` table.
+    pub fn take_rows(&self) -> Vec<NotificationRow> {
+        std::mem::take(&mut *lock(&self.shared.rows))
+    }
+
+    /// Waits until nothing due before `deadline` is pending; returns how many remain pending.
+    pub fn settle(&self, deadline: Instant) -> usize {
+        loop {
+            let now = chrono::Utc::now().timestamp_millis();
+            let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
+            let (pending, due_soon) = {
+                let outbox = lock(&self.shared.outbox);
+                let pending: Vec<i64> = outbox.pending().filter(|e| e.repeat_ms == 0 || !e.key.contains('#')).map(|e| e.next_ms).collect();
+                (pending.len(), pending.iter().any(|next| *next <= now + left))
+            };
+            if !due_soon || Instant::now() >= deadline {
+                return pending;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>>) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let due = lock(&shared.outbox).due(now);
+    for key in due {
+        let Some(entry) = lock(&shared.outbox).get(&key).cloned() else { continue };
+        let now = chrono::Utc::now().timestamp_millis();
+        let result = if now > entry.expires_ms {
+            lock(&shared.outbox).drop_entry(&key, now, format!("expired after {} attempts", entry.attempts))
+        } else {
+            let outcome = match notifiers.get_mut(&entry.receiver) {
+                Some(notifier) => notifier.send(&entry.alert, &key),
+                None => Err(format!("no receiver named `{}`", entry.receiver)),
+            };
+            let mut outbox = lock(&shared.outbox);
+            match outcome {
+                Ok(()) => {
+                    metrics::counter!("bearwatch_notifications_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
+                    tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
+                    let sent = outbox.sent(&key, now);
+                    // A firing alert is repeated every repeat interval until it resolves.
+                    if sent.is_ok() && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
+                        let (base, n) = key.split_once('#').map_or((key.as_str(), 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
+                        let next = format!("{base}#{}", n + 1);
+                        let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), now + entry.repeat_ms, entry.expires_ms + entry.repeat_ms, entry.repeat_ms);
+                        if queued.is_ok_and(|q| q) {
+                            lock(&shared.rows).extend(row(&outbox, &next));
+                        }
+                    }
+                    sent
+                }
+                Err(error) => {
+                    metrics::counter!("bearwatch_notifications_total", "receiver" => entry.receiver.clone(), "outcome" => "failed").increment(1);
+                    tracing::warn!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, attempt = entry.attempts + 1, %error, "notification failed; will retry");
+                    outbox.failed(&key, now, error, now + backoff_ms(entry.attempts + 1))
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot write the outbox");
+        }
+        let outbox = lock(&shared.outbox);
+        if outbox.get(&key).is_some_and(|e| e.status != Status::Pending || e.attempts > 0) {
+            lock(&shared.rows).extend(row(&outbox, &key));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!((1..=9).map(backoff_ms).collect::<Vec<_>>(), [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000]);
+    }
+}

@@ -1,0 +1,259 @@
+//! Alert notifications against real servers on 127.0.0.1: an SMTP server (aiosmtpd, which parses
+//! what it receives) and an HTTP server for webhooks. Includes an SMTP outage with a kill -9 in the
+//! middle of the retries: the email arrives exactly once after the server returns.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Pipeline, ROOT, query, query_one};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// tests/smtp_server.py on `port`, storing parsed messages in `dir`.
+struct SmtpServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl SmtpServer {
+    fn start(port: u16, dir: &Path) -> SmtpServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut child = Command::new(format!("{ROOT}/.venv/bin/python"))
+            .arg(format!("{ROOT}/tests/smtp_server.py"))
+            .arg(port.to_string())
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the test SMTP server needs .venv with aiosmtpd (scripts/test.sh installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "SMTP server did not start");
+        SmtpServer { child, dir: dir.to_path_buf() }
+    }
+
+    fn messages(&self) -> Vec<serde_json::Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        files.iter().map(|f| serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap()).collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A webhook receiver: records each request's headers and body, answers with `status`.
+struct WebhookServer {
+    port: u16,
+    status: Arc<AtomicU16>,
+    requests: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl WebhookServer {
+    fn start() -> WebhookServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let status = Arc::new(AtomicU16::new(200));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (answer, log) = (status.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let length = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                    .unwrap_or(0);
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let code = answer.load(Ordering::SeqCst);
+                if code == 200 {
+                    log.lock().unwrap().push((head, serde_json::from_slice(&body).unwrap()));
+                }
+                write!(stream, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+            }
+        });
+        WebhookServer { port, status, requests }
+    }
+}
+
+const RULES: &str = r#"
+[[rules]]
+name = "market-negative"
+severity = "critical"
+group = "all"
+metric = "n_negative"
+[rules.condition]
+kind = "threshold"
+op = ">="
+value = 2
+min_count = 2
+
+[[routes]]
+receivers = ["mail", "hook"]
+"#;
+
+/// Three bad stories in one hour (fires), two good ones five hours later (resolves).
+fn stories() -> String {
+    [
+        ("b1", "1987-03-02T10:05:00Z", "Stocks crash as major bank collapses"),
+        ("b2", "1987-03-02T10:20:00Z", "Company warns of huge losses and layoffs"),
+        ("b3", "1987-03-02T10:40:00Z", "Shares plunge after fraud charges"),
+        ("g1", "1987-03-02T15:10:00Z", "Company reports record profit and raises dividend"),
+        ("g2", "1987-03-02T15:30:00Z", "Exports surge to all-time high"),
+    ]
+    .iter()
+    .map(|(id, at, headline)| format!("{{\"id\":\"{id}\",\"published_at\":\"{at}\",\"headline\":\"{headline}\"}}\n"))
+    .collect()
+}
+
+fn pipeline(smtp_port: u16, webhook_port: u16) -> String {
+    format!(
+        r#"
+[source]
+type = "file"
+path = "in.jsonl"
+
+[window]
+size = "1h"
+allowed_lateness = "0s"
+
+[storage]
+path = "store"
+checkpoint_interval = "200ms"
+
+[run]
+summary_interval = "0s"
+shutdown_timeout = "60s"
+
+[alerts]
+rules = ["rules.toml"]
+
+[[receivers]]
+name = "mail"
+type = "email"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port}
+tls = "none"
+from = "bearwatch <bearwatch@example.com>"
+to = ["desk@example.com"]
+timeout = "2s"
+
+[[receivers]]
+name = "hook"
+type = "webhook"
+url = "http://127.0.0.1:{webhook_port}/alerts"
+timeout = "2s"
+"#
+    )
+}
+
+fn setup(dir: &Path) {
+    std::fs::write(dir.join("in.jsonl"), stories()).unwrap();
+    std::fs::write(dir.join("rules.toml"), RULES).unwrap();
+}
+
+#[test]
+fn email_and_webhook_receive_explained_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let smtp_port = free_port();
+    let smtp = SmtpServer::start(smtp_port, &dir.path().join("mail"));
+    let hook = WebhookServer::start();
+    let mut run = Pipeline::start(dir.path(), "p", &pipeline(smtp_port, hook.port));
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    let firing = mails.iter().find(|m| m["subject"].as_str().unwrap().starts_with("[FIRING] market-negative")).unwrap();
+    assert_eq!(firing["to"], serde_json::json!(["desk@example.com"]));
+    let text = firing["text"].as_str().unwrap();
+    assert!(text.contains("all news: negative stories"), "{text}");
+    assert!(text.contains("Stocks crash as major bank collapses"), "the headlines behind it: {text}");
+    assert!(firing["html"].as_str().unwrap().contains("<td>Shares plunge after fraud charges</td>"));
+    assert!(mails.iter().any(|m| m["subject"].as_str().unwrap().starts_with("[RESOLVED] market-negative")));
+
+    let requests = hook.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2);
+    let (head, alert) = requests.iter().find(|(_, a)| a["state"] == "firing").unwrap();
+    assert!(head.to_ascii_lowercase().contains(&format!("idempotency-key: {}/firing/hook", alert["alert_id"].as_str().unwrap())));
+    assert_eq!(alert["rule"], "market-negative");
+    assert_eq!(alert["group"], serde_json::json!({"topic": "all"}));
+    assert_eq!((alert["value"].as_f64(), alert["threshold"].as_f64(), alert["count"].as_u64()), (Some(3.0), Some(2.0), Some(3)));
+    assert_eq!(alert["window_start"], "1987-03-02T10:00:00Z");
+    assert_eq!(alert["top_headlines"].as_array().unwrap().len(), 3);
+    assert!(alert["top_headlines"][0]["p_negative"].as_f64().unwrap() > 0.5);
+
+    let storage = &run.storage;
+    assert_eq!(query_one(storage, "SELECT count(*) FROM alerts"), "2");
+    let sent = query(storage, "SELECT receiver, state FROM notifications WHERE status = 'sent' ORDER BY 1, 2");
+    assert_eq!(sent, [["hook", "firing"], ["hook", "resolved"], ["mail", "firing"], ["mail", "resolved"]]);
+}
+
+#[test]
+fn with_smtp_down_the_email_is_retried_and_delivered_exactly_once_even_across_a_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let smtp_port = free_port();
+    let hook = WebhookServer::start();
+    hook.status.store(503, Ordering::SeqCst);
+    let config = pipeline(smtp_port, hook.port);
+
+    // SMTP is down and the webhook answers 503: both are retried with backoff.
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    let outbox = dir.path().join("store/outbox.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&outbox).unwrap_or_default().matches("\"event\":\"failed\"").count() < 4 {
+        assert!(Instant::now() < deadline, "no failed attempts recorded\n{}", first.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+
+    // Both come back; a restart finds the pending notifications in the outbox and delivers them.
+    let smtp = SmtpServer::start(smtp_port, &dir.path().join("mail"));
+    hook.status.store(200, Ordering::SeqCst);
+    let mut second = Pipeline::start(dir.path(), "second", &config);
+    assert!(second.wait(Duration::from_secs(90)).success(), "{}", second.logs());
+    assert!(std::fs::read_to_string(&second.stderr).unwrap().contains("notifications pending from an earlier run"));
+    let subjects = |s: &SmtpServer| -> Vec<String> {
+        let mut v: Vec<String> = s.messages().iter().map(|m| m["subject"].as_str().unwrap()[..9].to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(subjects(&smtp), ["[FIRING] ", "[RESOLVED"]);
+    assert_eq!(hook.requests.lock().unwrap().len(), 2);
+    let attempts: u64 = query_one(&second.storage, "SELECT max(attempts) FROM notifications WHERE receiver = 'mail' AND status = 'sent'").parse().unwrap();
+    assert!(attempts >= 2, "delivered after failed attempts, not on the first: {attempts}");
+
+    // Another restart repeats nothing.
+    let mut third = Pipeline::start(dir.path(), "third", &config);
+    assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
+    assert_eq!(subjects(&smtp), ["[FIRING] ", "[RESOLVED"]);
+    assert_eq!(hook.requests.lock().unwrap().len(), 2);
+}
