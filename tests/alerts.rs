@@ -257,3 +257,38 @@ fn with_smtp_down_the_email_is_retried_and_delivered_exactly_once_even_across_a_
     assert_eq!(subjects(&smtp), ["[FIRING] ", "[RESOLVED"]);
     assert_eq!(hook.requests.lock().unwrap().len(), 2);
 }
+
+#[test]
+fn the_kafka_receiver_publishes_alerts_to_a_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let topic = common::unique("alerts");
+    let rules = RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"bus\"]");
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    let config = pipeline(free_port(), free_port()).replace(
+        "[[receivers]]\nname = \"hook\"",
+        &format!("[[receivers]]\nname = \"bus\"\ntype = \"kafka\"\ntopic = \"{topic}\"\nbrokers = \"{}\"\n\n[[receivers]]\nname = \"hook\"", common::brokers()),
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", common::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut alerts = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alerts.len() < 2 && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let alert: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            assert_eq!(message.key(), alert["alert_id"].as_str().map(str::as_bytes), "keyed by alert_id");
+            alerts.push(alert["state"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(alerts, ["firing", "resolved"]);
+}
