@@ -5,6 +5,7 @@
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
 pub mod rules;
+mod sql;
 mod table;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -53,10 +54,15 @@ impl GroupKey {
     }
 }
 
+/// Closed windows per group that `sql` conditions can query besides the current rows.
+pub const SQL_HISTORY: usize = 48;
+
 /// A closed window's numbers, kept as baseline for the next ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Past {
     start_ms: i64,
+    #[serde(default)]
+    end_ms: i64,
     counts: Counts,
 }
 
@@ -129,6 +135,8 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
             let breach = value >= threshold && value >= *min_value;
             Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold }
         }
+        // Decided over all rows at once by `sql_readings`.
+        Condition::Sql { .. } => undecided(None, f64::NAN),
         Condition::Zscore { sigma, baseline_windows, min_count, exit_sigma } => {
             let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
             if previous.len() < *baseline_windows {
@@ -278,25 +286,31 @@ impl Detector {
         ordered.sort_by_key(|r| (r.key.start_ms, !r.final_row));
         let mut changes = Vec::new();
         let keep = self.history_len();
+        let sql_hits = self.sql_hits(rows);
         for row in ordered {
             let group = GroupKey::of(&row.key);
-            for rule in &self.rules {
+            for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;
                 }
-                let history: Vec<&Counts> = self
-                    .history
-                    .get(&group)
-                    .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
-                    .unwrap_or_default();
-                let reading = read(&rule.condition, rule.metric, &row.counts, &history);
+                let reading = match sql_hits.get(&index) {
+                    Some(hits) => sql_reading(rule.metric, row, hits),
+                    None => {
+                        let history: Vec<&Counts> = self
+                            .history
+                            .get(&group)
+                            .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
+                            .unwrap_or_default();
+                        read(&rule.condition, rule.metric, &row.counts, &history)
+                    }
+                };
                 if let Some(alert) = step(&mut self.tracked, rule, &group, row, &reading, now_ms) {
                     changes.push(alert);
                 }
             }
             if row.final_row && keep > 0 {
                 let past = self.history.entry(group).or_default();
-                past.push_back(Past { start_ms: row.key.start_ms, counts: row.counts.clone() });
+                past.push_back(Past { start_ms: row.key.start_ms, end_ms: row.end_ms, counts: row.counts.clone() });
                 while past.len() > keep {
                     past.pop_front();
                 }
@@ -304,6 +318,56 @@ impl Detector {
         }
         changes
     }
+}
+
+impl Detector {
+    /// Runs each `sql` rule's query once over the held closed windows plus `rows`. A query that fails
+    /// at run time is logged and decides nothing this time.
+    fn sql_hits(&self, rows: &[WindowRow]) -> BTreeMap<usize, Vec<sql::Hit>> {
+        let queries: Vec<(usize, &str)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match &r.condition {
+                Condition::Sql { query } => Some((i, query.as_str())),
+                _ => None,
+            })
+            .collect();
+        if queries.is_empty() || rows.is_empty() {
+            return BTreeMap::new();
+        }
+        let mut table: Vec<WindowRow> = self
+            .history
+            .iter()
+            .flat_map(|(group, past)| {
+                past.iter().map(|p| {
+                    let key = WindowKey { start_ms: p.start_ms, topic: group.topic.clone(), ticker: group.ticker.clone() };
+                    WindowRow::new(key, p.end_ms - p.start_ms, p.counts.clone(), Vec::new(), true, 0)
+                })
+            })
+            .collect();
+        table.extend(rows.iter().cloned());
+        queries
+            .into_iter()
+            .filter_map(|(i, query)| match sql::hits(&table, query) {
+                Ok(hits) => Some((i, hits)),
+                Err(e) => {
+                    tracing::error!(rule = %self.rules[i].name, error = %e, "sql condition failed");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+/// A row is in breach when a query result row names its group (and its window, if given).
+fn sql_reading(metric_kind: Metric, row: &WindowRow, hits: &[sql::Hit]) -> Reading {
+    let hit = hits.iter().find(|h| {
+        h.topic == row.key.topic && h.ticker == row.key.ticker && h.window_start_ms.is_none_or(|s| s == row.key.start_ms)
+    });
+    let value = hit.and_then(|h| h.value).unwrap_or_else(|| metric(metric_kind, &row.counts));
+    let verdict = if hit.is_some() { Verdict::Breach } else { Verdict::Normal };
+    Reading { verdict, value, baseline: None, threshold: f64::NAN }
 }
 
 /// Moves one (rule, group) through its lifecycle; returns the alert if it started firing or resolved.
@@ -403,6 +467,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
             reading.value / baseline,
             fmt(baseline)
         ),
+        (Condition::Sql { .. }, _) => format!("{} (matched by the rule's query)", fmt(reading.value)),
         (Condition::Zscore { sigma, .. }, Some(mean)) => {
             format!("{} against a mean of {} (alert at {sigma}σ, {})", fmt(reading.value), fmt(mean), fmt(reading.threshold))
         }

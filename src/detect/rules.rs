@@ -172,6 +172,9 @@ pub enum Condition {
         /// Default: `factor`.
         exit_factor: Option<f64>,
     },
+    /// A read-only query over `windows`; each result row (a `topic`, maybe `ticker`, `value`,
+    /// `window_start`) is a group in breach, and groups it does not return are back to normal.
+    Sql { query: String },
     /// (current − mean) / standard deviation of the previous `baseline_windows` ≥ `sigma`.
     Zscore {
         sigma: f64,
@@ -191,12 +194,15 @@ impl Condition {
     pub fn baseline_windows(&self) -> usize {
         match self {
             Condition::Threshold { .. } => 0,
+            // The query sees this many closed windows per group besides the current rows.
+            Condition::Sql { .. } => super::SQL_HISTORY,
             Condition::RatioToBaseline { baseline_windows, .. } | Condition::Zscore { baseline_windows, .. } => *baseline_windows,
         }
     }
 
     fn check(&self) -> Result<(), String> {
         match self {
+            Condition::Sql { query } => super::sql::validate(query)?,
             Condition::Threshold { op, value, exit_value, .. } => {
                 if let Some(exit) = exit_value
                     && op.holds(*exit, *value)

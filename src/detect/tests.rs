@@ -159,3 +159,23 @@ fn rule_files_report_file_line_and_field() {
     let err = RuleFile::parse(&twice, "r.toml").unwrap_err().to_string();
     assert!(err.starts_with("r.toml:7:") && err.contains("used twice"), "{err}");
 }
+
+#[test]
+fn sql_conditions_fire_for_the_groups_the_query_returns() {
+    let query = "SELECT topic, neg_share AS value FROM windows WHERE topic <> 'all' AND n >= 10 AND neg_share >= 0.5";
+    let mut detector = Detector::new(vec![rule(Metric::NegShare, GroupKind::Topic, Condition::Sql { query: query.into() })]);
+    let fired = detector.evaluate(&[row(0, 1, "energy", 10, 6, false), row(0, 1, "metals", 10, 1, false)], H);
+    assert_eq!(fired.len(), 1);
+    assert_eq!((fired[0].group["topic"].as_str(), fired[0].value), ("energy", 0.6));
+    assert!(fired[0].summary.contains("matched by the rule's query"), "{}", fired[0].summary);
+    let resolved = detector.evaluate(&[row(1, 1, "energy", 10, 2, false)], 2 * H);
+    assert_eq!(resolved[0].state, AlertState::Resolved);
+
+    let err = RuleFile::parse(
+        "[[rules]]\nname = \"q\"\ngroup = \"topic\"\nmetric = \"n\"\ncondition = { kind = \"sql\", query = \"DELETE FROM windows\" }\n",
+        "r.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("r.toml:1:") && err.contains("rule `q`: condition") && err.contains("DML not supported"), "{err}");
+}

@@ -1,0 +1,132 @@
+//! `kind = "sql"` conditions: a read-only DataFusion query over the `windows` rows the detector
+//! holds (recent closed windows plus the rows being evaluated). Each result row names a group that
+//! should be firing: a `topic` column (and `ticker` for ticker rules), optionally `value` (shown in
+//! the alert) and `window_start` (to pick one window; without it, any window of the group).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMillisecondType};
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+
+use crate::window::{WindowRow, windows_batch, windows_schema};
+
+/// One group the query says is in breach.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub topic: String,
+    pub ticker: Option<String>,
+    pub window_start_ms: Option<i64>,
+    pub value: Option<f64>,
+}
+
+fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread().build().map_err(|e| e.to_string())
+}
+
+fn run(rows: &[WindowRow], query: &str) -> Result<Vec<RecordBatch>, String> {
+    let batch = windows_batch(rows).map_err(|e| e.to_string())?;
+    let table = MemTable::try_new(windows_schema(), vec![vec![batch]]).map_err(|e| e.to_string())?;
+    let ctx = SessionContext::new();
+    ctx.register_table("windows", Arc::new(table)).map_err(|e| e.to_string())?;
+    runtime()?.block_on(async {
+        let frame = ctx.sql_with_options(query, read_only()).await.map_err(|e| e.to_string())?;
+        frame.collect().await.map_err(|e| e.to_string())
+    })
+}
+
+/// Plans the query against an empty `windows` table: read-only, and the columns it needs exist.
+pub fn validate(query: &str) -> Result<(), String> {
+    let batches = run(&[], query)?;
+    let schema = match batches.first() {
+        Some(batch) => batch.schema(),
+        None => {
+            // No batch for an empty result: plan once more to see the output columns.
+            let ctx = SessionContext::new();
+            let table = MemTable::try_new(windows_schema(), vec![vec![]]).map_err(|e| e.to_string())?;
+            ctx.register_table("windows", Arc::new(table)).map_err(|e| e.to_string())?;
+            let frame = runtime()?.block_on(ctx.sql_with_options(query, read_only())).map_err(|e| e.to_string())?;
+            Arc::new(frame.schema().as_arrow().clone())
+        }
+    };
+    if schema.field_with_name("topic").is_err() {
+        return Err("the query must return a `topic` column (the group to alert on)".into());
+    }
+    Ok(())
+}
+
+/// Runs the query over `rows`; every result row is a group in breach.
+pub fn hits(rows: &[WindowRow], query: &str) -> Result<Vec<Hit>, String> {
+    let mut hits = Vec::new();
+    for batch in run(rows, query)? {
+        let text = |name: &str| -> Result<Option<Arc<dyn Array>>, String> {
+            match batch.column_by_name(name) {
+                Some(c) => cast(c, &DataType::Utf8).map(Some).map_err(|e| e.to_string()),
+                None => Ok(None),
+            }
+        };
+        let topic = text("topic")?.ok_or("the query returned no `topic` column")?;
+        let ticker = text("ticker")?;
+        let value = match batch.column_by_name("value") {
+            Some(c) => Some(cast(c, &DataType::Float64).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let start = match batch.column_by_name("window_start") {
+            Some(c) => Some(cast(c, &DataType::Timestamp(TimeUnit::Millisecond, None)).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        for i in 0..batch.num_rows() {
+            let topic = topic.as_string::<i32>();
+            if topic.is_null(i) {
+                continue;
+            }
+            hits.push(Hit {
+                topic: topic.value(i).to_string(),
+                ticker: ticker.as_ref().map(|t| t.as_string::<i32>()).filter(|t| !t.is_null(i)).map(|t| t.value(i).to_string()),
+                window_start_ms: start.as_ref().map(|s| s.as_primitive::<TimestampMillisecondType>()).filter(|s| !s.is_null(i)).map(|s| s.value(i)),
+                value: value.as_ref().map(|v| v.as_primitive::<Float64Type>()).filter(|v| !v.is_null(i)).map(|v| v.value(i)),
+            });
+        }
+    }
+    Ok(hits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::{Counts, WindowKey};
+
+    fn row(topic: &str, n: u64, negative: u64) -> WindowRow {
+        let counts = Counts { n, n_negative: negative, n_neutral: n - negative, ..Counts::default() };
+        WindowRow::new(WindowKey { start_ms: 3_600_000, topic: topic.into(), ticker: None }, 3_600_000, counts, vec![], true, 0)
+    }
+
+    #[test]
+    fn result_rows_name_the_groups_in_breach() {
+        let rows = [row("energy", 20, 12), row("metals", 20, 2), row("all", 40, 14)];
+        let found = hits(&rows, "SELECT topic, neg_share AS value, window_start FROM windows WHERE topic <> 'all' AND neg_share > 0.5").unwrap();
+        assert_eq!(found, [Hit { topic: "energy".into(), ticker: None, window_start_ms: Some(3_600_000), value: Some(0.6) }]);
+    }
+
+    #[test]
+    fn only_read_only_queries_with_a_topic_column_are_accepted() {
+        assert!(validate("SELECT topic FROM windows WHERE n > 10").is_ok());
+        for bad in [
+            "DROP TABLE windows",
+            "INSERT INTO windows SELECT * FROM windows",
+            "CREATE TABLE x AS SELECT 1",
+            "SET datafusion.execution.batch_size = 1",
+            "SELECT n FROM windows",
+            "SELECT topic FROM nowhere",
+        ] {
+            assert!(validate(bad).is_err(), "{bad}");
+        }
+    }
+}
