@@ -9,6 +9,7 @@ pub mod detect;
 pub mod error;
 pub mod news;
 pub mod pipeline;
+pub mod server;
 pub mod source;
 pub mod storage;
 pub mod window;

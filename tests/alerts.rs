@@ -292,3 +292,58 @@ fn the_kafka_receiver_publishes_alerts_to_a_topic() {
     }
     assert_eq!(alerts, ["firing", "resolved"]);
 }
+
+#[test]
+fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let hook = WebhookServer::start();
+    let http = free_port();
+    // Paced at 3,600× so that five hours of 1987 take about five seconds: time to add the silence.
+    let config = pipeline(free_port(), hook.port)
+        .replace("path = \"in.jsonl\"", "path = \"in.jsonl\"\nspeed = 3600")
+        .replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")
+        + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"t0ken\"\n");
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("http://127.0.0.1:{http}/api/silences");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.get(&url).header("Authorization", "Bearer t0ken").call().is_err() {
+        assert!(Instant::now() < deadline, "the API never came up\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(agent.get(&url).call().unwrap().status(), 401, "no token");
+    assert_eq!(agent.get(&url).header("Authorization", "Bearer wrong").call().unwrap().status(), 401);
+
+    let now = chrono::Utc::now();
+    let silence = |matcher: serde_json::Value, starts: chrono::DateTime<chrono::Utc>, ends: chrono::DateTime<chrono::Utc>| {
+        serde_json::json!({"match": matcher, "starts_at": starts, "ends_at": ends, "comment": "test"}).to_string()
+    };
+    let post = |body: String| agent.post(&url).header("Authorization", "Bearer t0ken").header("Content-Type", "application/json").send(body).unwrap();
+    let hour = chrono::Duration::hours(1);
+    let mut created = post(silence(serde_json::json!({"rule": "market-negative"}), now - hour, now + hour));
+    assert_eq!(created.status(), 201);
+    let id: serde_json::Value = serde_json::from_reader(created.body_mut().as_reader()).unwrap();
+    assert!(id["id"].as_str().unwrap().starts_with('s'));
+    assert_eq!(post(silence(serde_json::json!({"rule": "x"}), now + hour, now)).status(), 400, "ends before it starts");
+    assert_eq!(post("{\"match\": 3}".into()).status(), 400);
+
+    let mut other = post(silence(serde_json::json!({"topic": "energy"}), now, now + hour));
+    let other: serde_json::Value = serde_json::from_reader(other.body_mut().as_reader()).unwrap();
+    let other_url = format!("{url}/{}", other["id"].as_str().unwrap());
+    assert_eq!(agent.delete(&other_url).header("Authorization", "Bearer t0ken").call().unwrap().status(), 204);
+    assert_eq!(agent.delete(&other_url).header("Authorization", "Bearer t0ken").call().unwrap().status(), 404);
+    let mut listed = agent.get(&url).header("Authorization", "Bearer t0ken").call().unwrap();
+    let listed: serde_json::Value = serde_json::from_reader(listed.body_mut().as_reader()).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["match"]["rule"], "market-negative");
+
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    assert_eq!(query_one(&run.storage, "SELECT count(*) FROM alerts"), "2", "silenced alerts are still recorded");
+    assert!(hook.requests.lock().unwrap().is_empty(), "but nobody is notified");
+    assert!(std::fs::read_to_string(&run.stderr).unwrap().contains("silenced"));
+    // The silence outlives the process.
+    assert!(std::fs::read_to_string(dir.path().join("store/silences.json")).unwrap().contains("market-negative"));
+}

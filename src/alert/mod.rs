@@ -3,6 +3,7 @@
 
 pub mod notify;
 pub mod outbox;
+pub mod silences;
 mod table;
 
 pub use table::{notifications_batch, notifications_schema};
@@ -108,11 +109,18 @@ pub struct Delivery {
 pub struct Router {
     routes: Vec<Route>,
     silences: Vec<Silence>,
+    /// Silences added over the HTTP API.
+    dynamic: Option<silences::SilenceStore>,
 }
 
 impl Router {
     pub fn new(routes: Vec<Route>, silences: Vec<Silence>) -> Router {
-        Router { routes, silences }
+        Router { routes, silences, dynamic: None }
+    }
+
+    pub fn with_dynamic_silences(mut self, store: silences::SilenceStore) -> Router {
+        self.dynamic = Some(store);
+        self
     }
 
     /// Receivers of every matching route (each once; the first matching route's timing wins).
@@ -140,7 +148,8 @@ impl Router {
     }
 
     fn silenced(&self, labels: &BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> bool {
-        self.silences.iter().any(|s| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels))
+        let active = |s: &Silence| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels);
+        self.silences.iter().any(active) || self.dynamic.as_ref().is_some_and(|d| d.list().iter().any(|s| active(&s.silence)))
     }
 
     /// Names of receivers the routes use, to check against `[[receivers]]`.

@@ -55,6 +55,18 @@ pub struct PipelineConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub receivers: Vec<ReceiverConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// `[server]`: the HTTP API. Off unless `http` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address, e.g. "127.0.0.1:9464".
+    pub http: Option<String>,
+    /// When set, requests need `Authorization: Bearer <token>`.
+    pub auth_token: Option<EnvString>,
 }
 
 /// `[alerts]`: the rule files (`alerts/*.toml`) to evaluate on the windows.

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::alert::outbox::Outbox;
+use crate::alert::silences::SilenceStore;
+use crate::server::{Server, ServerError};
 use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
@@ -40,6 +42,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
     #[error(
         "the checkpoint in {storage} was written with other [window] settings ({saved}); restore them, \
          or give this pipeline a new storage.path"
@@ -56,6 +60,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.class(),
             PipelineError::Source(e) => e.class(),
             PipelineError::Storage(e) => e.class(),
+            PipelineError::Server(e) => e.class(),
             PipelineError::WindowsChanged { .. } => ErrorClass::User,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
@@ -66,6 +71,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.retryable(),
             PipelineError::Source(e) => e.retryable(),
             PipelineError::Storage(e) => e.retryable(),
+            PipelineError::Server(e) => e.retryable(),
             PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
         }
     }
@@ -130,7 +136,7 @@ fn bundled(path: &Path) -> PathBuf {
 }
 
 /// Loads the rule files of `[alerts]`; `None` when there are none.
-fn alerting(config: &PipelineConfig) -> Result<Option<Alerting>, PipelineError> {
+fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
     if config.alerts.rules.is_empty() {
         return Ok(None);
     }
@@ -152,7 +158,7 @@ fn alerting(config: &PipelineConfig) -> Result<Option<Alerting>, PipelineError> 
     }
     let all = RuleFile::merge(files);
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
-    let router = Router::new(all.routes, all.silences);
+    let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
     for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
         let notifier = notify::notifier(receiver, config.source.brokers.as_ref().map(|b| b.as_str())).map_err(|reason| {
@@ -221,7 +227,12 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         dedup_max_ids: config.window.dedup_max_ids,
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
-    let alerting = alerting(config)?;
+    let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
+    let alerting = alerting(config, &silences)?;
+    let _server = match &config.server.http {
+        Some(addr) => Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences)?),
+        None => None,
+    };
     let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 

@@ -1,0 +1,69 @@
+//! Silences created at run time (over the HTTP API), kept in `<storage>/silences.json` so that they
+//! outlive restarts. Silences from rule files are fixed and live in the [`super::Router`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::rules::Silence;
+use crate::storage::StorageError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSilence {
+    pub id: String,
+    #[serde(flatten)]
+    pub silence: Silence,
+}
+
+#[derive(Clone)]
+pub struct SilenceStore {
+    path: PathBuf,
+    silences: Arc<RwLock<Vec<StoredSilence>>>,
+}
+
+impl SilenceStore {
+    pub fn open(path: &Path) -> Result<SilenceStore, StorageError> {
+        let silences = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StorageError::CorruptCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StorageError::Io { path: path.to_path_buf(), reason: e.to_string() }),
+        };
+        Ok(SilenceStore { path: path.to_path_buf(), silences: Arc::new(RwLock::new(silences)) })
+    }
+
+    pub fn list(&self) -> Vec<StoredSilence> {
+        self.silences.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Adds a silence and returns its id; the file is replaced atomically.
+    pub fn add(&self, silence: Silence) -> Result<String, StorageError> {
+        let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
+        let id = format!("s{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        all.push(StoredSilence { id: id.clone(), silence });
+        self.save(&all)?;
+        Ok(id)
+    }
+
+    /// Removes a silence; false if there was none with that id.
+    pub fn remove(&self, id: &str) -> Result<bool, StorageError> {
+        let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
+        let before = all.len();
+        all.retain(|s| s.id != id);
+        if all.len() == before {
+            return Ok(false);
+        }
+        self.save(&all)?;
+        Ok(true)
+    }
+
+    fn save(&self, all: &[StoredSilence]) -> Result<(), StorageError> {
+        let io = |e: std::io::Error| StorageError::Io { path: self.path.clone(), reason: e.to_string() };
+        let temp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(all).map_err(|e| StorageError::Io { path: self.path.clone(), reason: e.to_string() })?;
+        std::fs::write(&temp, bytes).map_err(io)?;
+        std::fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&temp, &self.path).map_err(io)
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTP API (axum) on its own thread and runtime, so the pipeline thread never waits on it.
+//! For now: silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`). Bearer-token auth
+//! when `[server] auth_token` is set.
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::alert::silences::SilenceStore;
+use crate::detect::rules::Silence;
+use crate::error::{Classified, ErrorClass};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+}
+
+impl Classified for ServerError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::External
+    }
+    fn retryable(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    silences: SilenceStore,
+    token: Option<String>,
+}
+
+/// A running server; dropping it shuts it down.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore) -> Result<Server, ServerError> {
+        let bind_error = |e: std::io::Error| ServerError::Bind { addr: addr.to_string(), reason: e.to_string() };
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(bind_error)?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        let state = AppState { silences, token };
+        let app = Router::new()
+            .route("/api/silences", get(list).post(create))
+            .route("/api/silences/{id}", delete(remove))
+            .layer(middleware::from_fn_with_state(state.clone(), authorize))
+            .with_state(state);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    });
+                    if let Err(e) = served.await {
+                        tracing::error!(error = %e, "http server stopped");
+                    }
+                });
+            })
+            .map_err(bind_error)?;
+        tracing::info!(addr = %local, "http api listening");
+        Ok(Server { addr: local, stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(request).await
+}
+
+async fn list(State(state): State<AppState>) -> Response {
+    Json(state.silences.list()).into_response()
+}
+
+async fn create(State(state): State<AppState>, body: Result<Json<Silence>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(silence) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if silence.ends_at <= silence.starts_at {
+        return error(StatusCode::BAD_REQUEST, "ends_at must be after starts_at");
+    }
+    if silence.matchers.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a silence needs at least one matcher in `match`");
+    }
+    match state.silences.add(silence) {
+        Ok(id) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.silences.remove(&id) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no silence {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
