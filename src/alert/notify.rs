@@ -326,6 +326,65 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::rules::Severity;
+
+    /// Records what it was asked to send.
+    struct Recorder(Arc<Mutex<Vec<(String, AlertState)>>>);
+
+    impl Notify for Recorder {
+        fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String> {
+            lock(&self.0).push((key.to_string(), alert.state));
+            Ok(())
+        }
+    }
+
+    fn alert(state: AlertState) -> Alert {
+        Alert {
+            alert_id: "a1".into(),
+            rule: "r".into(),
+            severity: Severity::Warning,
+            state,
+            group: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            started_at: String::new(),
+            resolved_at: None,
+            window_start: String::new(),
+            window_end: String::new(),
+            value: 1.0,
+            baseline: None,
+            threshold: 0.5,
+            count: 3,
+            summary: String::new(),
+            top_headlines: vec![],
+        }
+    }
+
+    #[test]
+    fn group_wait_delays_repeat_interval_reminds_until_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
+        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]));
+        let now = chrono::Utc::now().timestamp_millis();
+        // Due in 400 ms (group_wait), then a reminder every 300 ms.
+        notifier.enqueue(vec![("a1/firing/r".into(), "r".into(), alert(AlertState::Firing), now + 400, now + 60_000, 300)]).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(lock(&sent).is_empty(), "sent before group_wait");
+        std::thread::sleep(Duration::from_millis(1100));
+        let firing = lock(&sent).len();
+        assert!((2..=6).contains(&firing), "first notice and reminders: {:?}", lock(&sent));
+        assert_eq!(lock(&sent)[1].0, "a1/firing/r#1");
+
+        let now = chrono::Utc::now().timestamp_millis();
+        notifier.enqueue(vec![("a1/resolved/r".into(), "r".into(), alert(AlertState::Resolved), now, now + 60_000, 0)]).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let after = lock(&sent).clone();
+        assert_eq!(after.last().unwrap().1, AlertState::Resolved);
+        // At most one reminder already on its way when the resolved notice was queued.
+        assert!(after.len() <= firing + 2, "no reminders after the resolved notice: {after:?}");
+        let rows = notifier.take_rows();
+        assert!(rows.iter().any(|r| r.status == "dropped" && r.last_error.as_deref() == Some("alert resolved")));
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
