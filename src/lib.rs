@@ -10,6 +10,7 @@ pub mod error;
 pub mod news;
 pub mod pipeline;
 pub mod server;
+pub mod sql;
 pub mod source;
 pub mod storage;
 pub mod window;

@@ -29,6 +29,21 @@ enum Command {
         #[arg(long)]
         pipeline: Option<PathBuf>,
     },
+    /// Runs a read-only SQL query over a pipeline's tables (news, windows, late, alerts, notifications).
+    Sql {
+        /// The storage folder of a pipeline (default: the demo's).
+        #[arg(long, conflicts_with = "url")]
+        storage: Option<PathBuf>,
+        /// A running pipeline's HTTP API, e.g. http://127.0.0.1:9464.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, value_enum, default_value_t = bearwatch::sql::Format::Table)]
+        format: bearwatch::sql::Format,
+        /// Bearer token for --url.
+        #[arg(long, env = "BEARWATCH_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        query: String,
+    },
     /// Alert rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -143,6 +158,7 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<PipelineError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<config::ConfigError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<SourceError>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
 }
 
 fn run_pipeline(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -176,9 +192,74 @@ fn run_pipeline(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_sql(
+    storage: Option<PathBuf>,
+    url: Option<String>,
+    format: bearwatch::sql::Format,
+    token: Option<String>,
+    query: &str,
+) -> anyhow::Result<ExitCode> {
+    use bearwatch::sql::{self, Format, SqlError};
+    use std::io::Write;
+    let output = match url {
+        Some(url) => {
+            let accept = match format {
+                Format::Csv => "text/csv",
+                Format::Json => "application/json",
+                Format::Table | Format::Arrow => "application/vnd.apache.arrow.stream",
+            };
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let mut request = agent.post(format!("{}/sql", url.trim_end_matches('/'))).header("Accept", accept);
+            if let Some(token) = token {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            let mut response = request.send(query).with_context(|| format!("cannot reach {url}"))?;
+            let status = response.status();
+            let body = response.body_mut().read_to_vec()?;
+            if !status.is_success() {
+                let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                eprintln!("error: {}", error["error"].as_str().unwrap_or(&String::from_utf8_lossy(&body)));
+                return Ok(ExitCode::from(if status.is_client_error() { 2 } else { 1 }));
+            }
+            if format == Format::Table {
+                let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)?;
+                let batches = reader.collect::<Result<Vec<_>, _>>()?;
+                sql::encode(&batches, Format::Table)?
+            } else {
+                body
+            }
+        }
+        None => {
+            let storage = storage.unwrap_or_else(|| PathBuf::from("data/demo"));
+            anyhow::ensure!(storage.is_dir(), "{} is not a storage folder (run a pipeline first, or pass --storage)", storage.display());
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = runtime.block_on(async {
+                let ctx = sql::context(&storage, 1 << 30)?;
+                let batches = sql::run(&ctx, query, std::time::Duration::from_secs(300)).await?;
+                sql::encode(&batches, format)
+            });
+            match result {
+                Ok(bytes) => bytes,
+                Err(e @ (SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_))) => {
+                    eprintln!("error: {}", e.render(query));
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&output)?;
+    if !output.ends_with(b"\n") {
+        stdout.write_all(b"\n")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { pipeline } => run_pipeline(pipeline),
+        Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
         Command::Rules(RulesCommand::Check { files }) => {
             let mut names = std::collections::BTreeMap::new();
             for file in &files {

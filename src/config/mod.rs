@@ -60,13 +60,32 @@ pub struct PipelineConfig {
 }
 
 /// `[server]`: the HTTP API. Off unless `http` is set.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address, e.g. "127.0.0.1:9464".
     pub http: Option<String>,
     /// When set, requests need `Authorization: Bearer <token>`.
     pub auth_token: Option<EnvString>,
+    /// Longest a `POST /sql` query may run.
+    #[serde(default = "thirty_seconds")]
+    pub query_timeout: HumanDuration,
+    /// Memory one query may use for sorts, joins and aggregations, in MiB.
+    #[serde(default = "default_query_memory")]
+    pub query_memory_mib: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { http: None, auth_token: None, query_timeout: thirty_seconds(), query_memory_mib: default_query_memory() }
+    }
+}
+
+fn thirty_seconds() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(30))
+}
+fn default_query_memory() -> usize {
+    512
 }
 
 /// `[alerts]`: the rule files (`alerts/*.toml`) to evaluate on the windows.

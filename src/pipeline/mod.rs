@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Server, ServerError};
+use crate::server::{Server, ServerError, SqlService};
 use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
@@ -230,7 +230,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
     let alerting = alerting(config, &silences)?;
     let _server = match &config.server.http {
-        Some(addr) => Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences)?),
+        Some(addr) => {
+            let sql = SqlService {
+                storage: config.storage.path.clone(),
+                timeout: config.server.query_timeout.0,
+                memory_bytes: config.server.query_memory_mib << 20,
+            };
+            Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql)?)
+        }
         None => None,
     };
     let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));

@@ -1,6 +1,6 @@
 //! The HTTP API (axum) on its own thread and runtime, so the pipeline thread never waits on it.
-//! For now: silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`). Bearer-token auth
-//! when `[server] auth_token` is set.
+//! Silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`) and read-only SQL over the
+//! pipeline's tables (`POST /sql`). Bearer-token auth when `[server] auth_token` is set.
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -11,13 +11,14 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::alert::silences::SilenceStore;
 use crate::detect::rules::Silence;
 use crate::error::{Classified, ErrorClass};
+use crate::sql::{self, Format, SqlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -34,10 +35,19 @@ impl Classified for ServerError {
     }
 }
 
+/// Where `POST /sql` reads, and how much one query may take.
+#[derive(Clone)]
+pub struct SqlService {
+    pub storage: std::path::PathBuf,
+    pub timeout: std::time::Duration,
+    pub memory_bytes: usize,
+}
+
 #[derive(Clone)]
 struct AppState {
     silences: SilenceStore,
     token: Option<String>,
+    sql: SqlService,
 }
 
 /// A running server; dropping it shuts it down.
@@ -48,13 +58,14 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore) -> Result<Server, ServerError> {
+    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore, sql: SqlService) -> Result<Server, ServerError> {
         let bind_error = |e: std::io::Error| ServerError::Bind { addr: addr.to_string(), reason: e.to_string() };
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(bind_error)?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
-        let state = AppState { silences, token };
+        let state = AppState { silences, token, sql };
         let app = Router::new()
+            .route("/sql", post(query))
             .route("/api/silences", get(list).post(create))
             .route("/api/silences/{id}", delete(remove))
             .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -129,5 +140,38 @@ async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Respon
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no silence {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /sql`: the body is the query; the answer is JSON, CSV or an Arrow IPC stream by `Accept`.
+async fn query(State(state): State<AppState>, headers: axum::http::HeaderMap, body: String) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let (format, content_type) = if accept.contains("text/csv") {
+        (Format::Csv, "text/csv")
+    } else if accept.contains("application/vnd.apache.arrow.stream") {
+        (Format::Arrow, "application/vnd.apache.arrow.stream")
+    } else {
+        (Format::Json, "application/json")
+    };
+    let service = &state.sql;
+    let result = match sql::context(&service.storage, service.memory_bytes) {
+        Ok(ctx) => sql::run(&ctx, &body, service.timeout).await,
+        Err(e) => Err(e),
+    };
+    match result.and_then(|batches| sql::encode(&batches, format)) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, content_type)], bytes).into_response(),
+        Err(e) => {
+            let status = match &e {
+                SqlError::Refused(_) => StatusCode::FORBIDDEN,
+                SqlError::Invalid { .. } => StatusCode::BAD_REQUEST,
+                SqlError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                SqlError::Tables { .. } | SqlError::Execution(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let position = match &e {
+                SqlError::Invalid { position: Some((line, column)), .. } => json!({"line": line, "column": column}),
+                _ => serde_json::Value::Null,
+            };
+            (status, Json(json!({"error": e.render(&body), "position": position}))).into_response()
+        }
     }
 }

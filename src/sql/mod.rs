@@ -1,0 +1,174 @@
+//! SQL over the tables a pipeline writes (DESIGN §3), with DataFusion: read only, bounded in time and
+//! memory. Used by `bearwatch sql` and by the HTTP API's `POST /sql`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::error::{Classified, ErrorClass};
+use crate::storage::Table;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    /// Anything that would write, or read outside the tables.
+    #[error("refused: bearwatch SQL is read only ({0})")]
+    Refused(String),
+    #[error("{message}")]
+    Invalid { message: String, position: Option<(usize, usize)> },
+    #[error("query ran longer than {0:?}")]
+    Timeout(Duration),
+    #[error("cannot open the tables under {path}: {reason}")]
+    Tables { path: String, reason: String },
+    #[error("query failed: {0}")]
+    Execution(String),
+}
+
+impl Classified for SqlError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_) => ErrorClass::User,
+            SqlError::Tables { .. } => ErrorClass::External,
+            SqlError::Execution(_) => ErrorClass::Internal,
+        }
+    }
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+impl SqlError {
+    /// The error with the query line and a caret under the reported position, when there is one.
+    pub fn render(&self, query: &str) -> String {
+        match self {
+            SqlError::Invalid { message, position: Some((line, column)) } => {
+                let text = query.lines().nth(line.saturating_sub(1)).unwrap_or_default();
+                format!("{message}\n  {text}\n  {}^", " ".repeat(column.saturating_sub(1)))
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// "... at Line: 1, Column: 15" in parser messages, or the span of a planner diagnostic.
+fn position(error: &DataFusionError) -> Option<(usize, usize)> {
+    if let Some(span) = error.diagnostic().and_then(|d| d.span) {
+        return Some((span.start.line as usize, span.start.column as usize));
+    }
+    let text = error.to_string();
+    let after = &text[text.find("Line: ")? + 6..];
+    let line: usize = after.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let after = &after[after.find("Column: ")? + 8..];
+    let column: usize = after.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some((line, column))
+}
+
+fn classify(error: DataFusionError) -> SqlError {
+    let message = error.to_string();
+    let refused = ["DDL not supported", "DML not supported", "Statement not supported", "not supported: Statement"];
+    if refused.iter().any(|r| message.contains(r)) {
+        return SqlError::Refused(message);
+    }
+    match error.find_root() {
+        DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
+            SqlError::Invalid { position: position(&error), message }
+        }
+        _ => SqlError::Execution(message),
+    }
+}
+
+/// The user-facing tables: the Parquet parts of each, with their fixed schemas (so that a table with
+/// no parts yet is empty rather than missing).
+pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
+
+/// A session over the tables under `storage`, with at most `memory_bytes` for query state.
+pub fn context(storage: &Path, memory_bytes: usize) -> Result<SessionContext, SqlError> {
+    let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
+    let runtime = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
+    let config = SessionConfig::new().with_information_schema(false);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    for table in TABLES {
+        let dir = storage.join(table.name());
+        std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
+        let dir = std::fs::canonicalize(&dir).map_err(|e| tables_error(e.to_string()))?;
+        let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(|e| tables_error(e.to_string()))?;
+        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let schema: SchemaRef = table.schema();
+        let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
+        let listing = ListingTable::try_new(config).map_err(|e| tables_error(e.to_string()))?;
+        ctx.register_table(table.name(), Arc::new(listing)).map_err(|e| tables_error(e.to_string()))?;
+    }
+    Ok(ctx)
+}
+
+fn read_only() -> SQLOptions {
+    SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
+}
+
+/// Plans and runs one read-only query, giving up after `timeout`.
+pub async fn run(ctx: &SessionContext, query: &str, timeout: Duration) -> Result<Vec<RecordBatch>, SqlError> {
+    let work = async {
+        let frame = ctx.sql_with_options(query, read_only()).await.map_err(classify)?;
+        frame.collect().await.map_err(classify)
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| SqlError::Timeout(timeout))?
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+    /// Arrow IPC stream (HTTP only).
+    #[value(skip)]
+    Arrow,
+}
+
+/// Result batches as text (table, CSV, JSON array of objects) or Arrow IPC stream bytes.
+pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
+    let failed = |e: datafusion::arrow::error::ArrowError| SqlError::Execution(e.to_string());
+    match format {
+        Format::Table => Ok(datafusion::arrow::util::pretty::pretty_format_batches(batches).map_err(failed)?.to_string().into_bytes()),
+        Format::Csv => {
+            let mut out = Vec::new();
+            let mut writer = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            for batch in batches {
+                writer.write(batch).map_err(failed)?;
+            }
+            drop(writer);
+            Ok(out)
+        }
+        Format::Json => {
+            let mut writer = datafusion::arrow::json::ArrayWriter::new(Vec::new());
+            for batch in batches {
+                writer.write(batch).map_err(failed)?;
+            }
+            writer.finish().map_err(failed)?;
+            let mut out = writer.into_inner();
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+            Ok(out)
+        }
+        Format::Arrow => {
+            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(datafusion::arrow::datatypes::Schema::empty()));
+            let mut writer = datafusion::arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema).map_err(failed)?;
+            for batch in batches {
+                writer.write(batch).map_err(failed)?;
+            }
+            writer.finish().map_err(failed)?;
+            writer.into_inner().map_err(failed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,123 @@
+//! SQL from the command line (`bearwatch sql --storage`, `--url`) and over HTTP (`POST /sql`) on a
+//! real pipeline's tables: answers, formats, errors with positions, auth, and read-only refusals.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Pipeline, stories};
+
+const FORBIDDEN: &str = include_str!("sql/forbidden.sql");
+
+fn forbidden() -> Vec<&'static str> {
+    FORBIDDEN.lines().filter(|l| !l.starts_with("--") && !l.trim().is_empty()).collect()
+}
+
+fn sql(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).arg("sql").args(args).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn pipeline(extra: &str) -> String {
+    format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n{extra}\n[window]\nsize = \"6h\"\n[storage]\npath = \"store\"\n\
+         checkpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n"
+    )
+}
+
+#[test]
+fn the_cli_answers_over_stored_tables_and_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(600)).unwrap();
+    let mut run = Pipeline::start(dir.path(), "p", &pipeline(""));
+    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.logs());
+    let storage = run.storage.to_str().unwrap().to_string();
+
+    let (code, out, err) = sql(&["--storage", &storage, "SELECT topic, avg(neg_share) FROM windows GROUP BY topic"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("+") && out.contains("avg(windows.neg_share)") && out.contains("| all "), "{out}");
+
+    let (_, out, _) = sql(&["--storage", &storage, "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"]);
+    assert_eq!(out, "n,ids\n600,600\n");
+    let (_, out, _) = sql(&["--storage", &storage, "--format", "json", "SELECT sum(n) AS n FROM windows WHERE final AND topic = 'all'"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows, serde_json::json!([{"n": 600}]));
+
+    let (code, _, err) = sql(&["--storage", &storage, "SELECT headline\nFROM news\nWHER topic = 'energy'"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("Line: 3") && err.trim_end().ends_with('^'), "the position is shown: {err}");
+
+    for statement in forbidden() {
+        let (code, out, err) = sql(&["--storage", &storage, statement]);
+        assert_eq!(code, 2, "{statement}: {out}{err}");
+    }
+    assert!(!std::path::Path::new("/tmp/bearwatch-leak.csv").exists());
+    let (_, out, _) = sql(&["--storage", &storage, "--format", "csv", "SELECT count(*) AS n FROM news"]);
+    assert_eq!(out, "n\n600\n", "nothing was changed");
+}
+
+#[test]
+fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(600)).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Paced so that the pipeline (and its server) is still running while the queries are made.
+    let config = pipeline("speed = 10000") + &format!("[server]\nhttp = \"127.0.0.1:{port}\"\nauth_token = \"k3y\"\n");
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let url = format!("http://127.0.0.1:{port}");
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let post = |query: &str, accept: &str, token: &str| {
+        let mut response = agent
+            .post(format!("{url}/sql"))
+            .header("Accept", accept)
+            .header("Authorization", format!("Bearer {token}"))
+            .send(query)
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_vec().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = agent.post(format!("{url}/sql")).header("Authorization", "Bearer k3y").send("SELECT count(*) AS n FROM news");
+        if ready.is_ok_and(|mut r| r.status() == 200 && r.body_mut().read_to_string().unwrap() != "[{\"n\":0}]") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rows became queryable\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (status, body) = post("SELECT topic, count(*) AS n FROM news GROUP BY topic ORDER BY topic", "application/json", "k3y");
+    assert_eq!(status, 200);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    assert!(rows.iter().all(|r| r["topic"].is_string() && r["n"].as_u64().unwrap() > 0));
+    let (_, body) = post("SELECT 1 AS one, 'x' AS s", "text/csv", "k3y");
+    assert_eq!(String::from_utf8(body).unwrap(), "one,s\n1,x\n");
+    let (_, body) = post("SELECT topic, n FROM windows LIMIT 3", "application/vnd.apache.arrow.stream", "k3y");
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
+    assert_eq!(reader.schema().field(1).name(), "n");
+
+    assert_eq!(post("SELECT 1", "application/json", "wrong").0, 401);
+    let (status, body) = post("SELECT nope FROM news", "application/json", "k3y");
+    assert_eq!(status, 400);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(error["error"].as_str().unwrap().contains("nope"), "{error}");
+    for statement in forbidden() {
+        let (status, body) = post(statement, "application/json", "k3y");
+        assert!(status == 403 || status == 400, "{statement}: {status} {}", String::from_utf8_lossy(&body));
+    }
+
+    // The CLI against the running server.
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["sql", "--url", &url, "--format", "csv", "SELECT 2 AS two"])
+        .env("BEARWATCH_TOKEN", "k3y")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "two\n2\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["sql", "--url", &url, "SELECT 2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no token");
+
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success());
+}
