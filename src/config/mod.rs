@@ -73,11 +73,29 @@ pub struct ServerConfig {
     /// Memory one query may use for sorts, joins and aggregations, in MiB.
     #[serde(default = "default_query_memory")]
     pub query_memory_mib: usize,
+    /// Postgres wire protocol listen address, e.g. "127.0.0.1:5433" (psql, Grafana, drivers).
+    pub postgres: Option<String>,
+    #[serde(default = "default_postgres_user")]
+    pub postgres_user: String,
+    /// Required with `postgres`; e.g. "${BEARWATCH_PG_PASSWORD}".
+    pub postgres_password: Option<EnvString>,
+}
+
+fn default_postgres_user() -> String {
+    "bearwatch".into()
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { http: None, auth_token: None, query_timeout: thirty_seconds(), query_memory_mib: default_query_memory() }
+        ServerConfig {
+            http: None,
+            auth_token: None,
+            query_timeout: thirty_seconds(),
+            query_memory_mib: default_query_memory(),
+            postgres: None,
+            postgres_user: default_postgres_user(),
+            postgres_password: None,
+        }
     }
 }
 
@@ -322,6 +340,9 @@ impl PipelineConfig {
             return Err(("sink.brokers", "needed when the source is not Kafka".into()));
         }
         self.model.validate().map_err(|e| ("model", e.to_string()))?;
+        if self.server.postgres.is_some() && self.server.postgres_password.is_none() {
+            return Err(("server.postgres_password", "the Postgres listener needs a password (e.g. \"${BEARWATCH_PG_PASSWORD}\")".into()));
+        }
         let mut names = std::collections::BTreeSet::new();
         for receiver in &self.receivers {
             receiver.check().map_err(|(field, message)| (receiver_field(field), message))?;

@@ -44,6 +44,8 @@ pub enum PipelineError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Sql(#[from] crate::sql::SqlError),
     #[error(
         "the checkpoint in {storage} was written with other [window] settings ({saved}); restore them, \
          or give this pipeline a new storage.path"
@@ -61,6 +63,7 @@ impl Classified for PipelineError {
             PipelineError::Source(e) => e.class(),
             PipelineError::Storage(e) => e.class(),
             PipelineError::Server(e) => e.class(),
+            PipelineError::Sql(e) => e.class(),
             PipelineError::WindowsChanged { .. } => ErrorClass::User,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
@@ -72,6 +75,7 @@ impl Classified for PipelineError {
             PipelineError::Source(e) => e.retryable(),
             PipelineError::Storage(e) => e.retryable(),
             PipelineError::Server(e) => e.retryable(),
+            PipelineError::Sql(e) => e.retryable(),
             PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
         }
     }
@@ -229,6 +233,13 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
     let alerting = alerting(config, &silences)?;
+    let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
+        (Some(addr), Some(password)) => {
+            let ctx = crate::sql::context(&config.storage.path, config.server.query_memory_mib << 20)?;
+            Some(crate::sql::postgres::serve(addr, ctx, &config.server.postgres_user, password.as_str())?)
+        }
+        _ => None,
+    };
     let _server = match &config.server.http {
         Some(addr) => {
             let sql = SqlService {

@@ -14,6 +14,8 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub mod postgres;
+
 use crate::error::{Classified, ErrorClass};
 use crate::storage::Table;
 
@@ -93,7 +95,8 @@ pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table:
 pub fn context(storage: &Path, memory_bytes: usize) -> Result<SessionContext, SqlError> {
     let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
     let runtime = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
-    let config = SessionConfig::new().with_information_schema(false);
+    // information_schema (read only) is what Grafana's Postgres data source browses.
+    let config = SessionConfig::new().with_information_schema(true);
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     for table in TABLES {
         let dir = storage.join(table.name());

@@ -1,0 +1,81 @@
+//! The Postgres wire protocol against a running pipeline: Debian's `psql` (simple protocol, `\d`,
+//! the catalog queries Grafana sends, password auth) and the `postgres` driver (extended protocol
+//! with parameters); every write or file access refused.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Pipeline, stories};
+
+const FORBIDDEN: &str = include_str!("sql/forbidden.sql");
+
+fn psql(port: u16, password: &str, command: &str) -> (bool, String) {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "bearwatch", "-d", "bearwatch", "-X", "-A", "-t", "-c", command])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql (Debian postgresql-client) is needed; .ci/run installs it");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn psql_and_a_driver_query_a_running_pipeline_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(600)).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // SAFETY: only this test reads this variable.
+    unsafe { std::env::set_var("BEARWATCH_TEST_PG_PASSWORD", "s3cret") };
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 8000\n[window]\nsize = \"6h\"\n[storage]\npath = \"store\"\n\
+         checkpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n[server]\npostgres = \"127.0.0.1:{port}\"\n\
+         postgres_password = \"${{BEARWATCH_TEST_PG_PASSWORD}}\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = psql(port, "s3cret", "SELECT count(*) FROM news");
+        if ok && out.trim().parse::<u64>().is_ok_and(|n| n > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "psql never got rows: {out}\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (ok, out) = psql(port, "s3cret", "\\d");
+    assert!(ok && ["alerts", "late", "news", "notifications", "windows"].iter().all(|t| out.contains(&format!("public|{t}|table"))), "{out}");
+    let (ok, out) = psql(port, "s3cret", "\\d windows");
+    assert!(ok && out.contains("neg_share|double precision") && out.contains("window_start|timestamp with time zone"), "{out}");
+    // What Grafana's Postgres data source asks when it lists tables and columns.
+    let (ok, out) = psql(port, "s3cret", "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1");
+    assert!(ok && out.lines().count() == 5, "{out}");
+    let (ok, out) = psql(port, "s3cret", "SELECT column_name FROM information_schema.columns WHERE table_name = 'news' AND column_name = 'headline'");
+    assert!(ok && out.trim() == "headline", "{out}");
+    let (ok, out) = psql(port, "wrong", "SELECT 1");
+    assert!(!ok && out.contains("authentication failed"), "{out}");
+
+    // The extended protocol with parameters, through a real driver.
+    let url = format!("host=127.0.0.1 port={port} user=bearwatch password=s3cret dbname=bearwatch connect_timeout=5");
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let all: i64 = client.query_one("SELECT count(*) FROM news", &[]).unwrap().get(0);
+    let rows = client.query("SELECT topic, count(*) AS n FROM news WHERE p_negative >= $1 GROUP BY topic ORDER BY topic", &[&0.5f32]).unwrap();
+    let negative: i64 = rows.iter().map(|r| r.get::<_, i64>("n")).sum();
+    assert!(negative > 0 && negative < all, "{negative} of {all}");
+    let one: i64 = client.query_one("SELECT count(*) FROM news WHERE topic = $1 AND id <> $2", &[&"earnings", &"none"]).unwrap().get(0);
+    assert!(one > 0);
+
+    for statement in FORBIDDEN.lines().filter(|l| !l.starts_with("--") && !l.trim().is_empty()) {
+        let (ok, out) = psql(port, "s3cret", statement);
+        assert!(!ok && out.contains("ERROR"), "psql: {statement}: {out}");
+        assert!(client.execute(statement, &[]).is_err(), "driver: {statement}");
+    }
+    assert!(!std::path::Path::new("/tmp/bearwatch-leak.csv").exists());
+    let (_, out) = psql(port, "s3cret", "SELECT count(*) FROM (SELECT 1 FROM news LIMIT 1)");
+    assert_eq!(out.trim(), "1", "the tables are still there");
+
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}
