@@ -67,6 +67,8 @@ pub struct Core {
     /// Per-topic totals and the most negative stories so far, for the summary.
     pub recent: super::summary::Recent,
     pub alerting: Option<Alerting>,
+    /// Where unflushed rows are published for SQL, when a server runs.
+    pub live: Option<Arc<crate::sql::live::LiveRows>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -102,6 +104,7 @@ impl Core {
             last_checkpoint: Instant::now(),
             recent: Default::default(),
             alerting: None,
+            live: None,
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -369,6 +372,9 @@ impl Core {
         if let Some(sink) = &self.sink {
             sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;
         }
+        // Queries wait while rows move from the live snapshot into parts, so none is seen twice.
+        let live = self.live.clone();
+        let _flushing = live.as_ref().map(|l| l.flushing());
         if !self.news_rows.is_empty() {
             let batch = news_batch(&self.news_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             self.storage.write(Table::News, &batch)?;
@@ -432,6 +438,30 @@ impl Core {
             let keep_from = *nth;
             self.seen.retain(|_, t| *t >= keep_from);
         }
+    }
+
+    /// Publishes the rows not yet in Parquet for SQL: buffered stories, emitted and open windows,
+    /// and alert changes.
+    pub fn publish_live(&self) -> Result<(), PipelineError> {
+        let Some(live) = &self.live else { return Ok(()) };
+        let internal = |e: arrow::error::ArrowError| PipelineError::Internal(e.to_string());
+        let mut tables = std::collections::BTreeMap::new();
+        if !self.news_rows.is_empty() {
+            tables.insert(Table::News, vec![news_batch(&self.news_rows).map_err(internal)?]);
+        }
+        if !self.late_rows.is_empty() {
+            tables.insert(Table::Late, vec![news_batch(&self.late_rows).map_err(internal)?]);
+        }
+        let mut windows = self.window_rows.clone();
+        windows.extend(self.windows.snapshot(now_ms()));
+        if !windows.is_empty() {
+            tables.insert(Table::Windows, vec![windows_batch(&windows).map_err(internal)?]);
+        }
+        if let Some(alerting) = self.alerting.as_ref().filter(|a| !a.changes.is_empty()) {
+            tables.insert(Table::Alerts, vec![alerts_batch(&alerting.changes).map_err(internal)?]);
+        }
+        live.publish(tables);
+        Ok(())
     }
 
     /// Waits (up to `deadline`) for notifications due by then; returns how many are still pending.

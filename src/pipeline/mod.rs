@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
 use crate::server::{Server, ServerError, SqlService};
+use crate::sql::live::LiveRows;
 use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
@@ -233,9 +234,10 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
     let alerting = alerting(config, &silences)?;
+    let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
-            let ctx = crate::sql::context(&config.storage.path, config.server.query_memory_mib << 20)?;
+            let ctx = crate::sql::context(&config.storage.path, config.server.query_memory_mib << 20, live.clone())?;
             Some(crate::sql::postgres::serve(addr, ctx, &config.server.postgres_user, password.as_str())?)
         }
         _ => None,
@@ -246,12 +248,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 storage: config.storage.path.clone(),
                 timeout: config.server.query_timeout.0,
                 memory_bytes: config.server.query_memory_mib << 20,
+                live: live.clone(),
             };
             Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql)?)
         }
         None => None,
     };
     let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
+    lock(&core).live = live;
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
     let mut source: Box<dyn Source> = match source_config.kind {
@@ -298,6 +302,7 @@ fn drive(
     let summary_every = config.run.summary_interval.0;
     let started = (Instant::now(), lock(core).counters.scored);
     let mut last_summary = Instant::now();
+    let mut last_publish = Instant::now();
     let mut paused = false;
     let interrupted = loop {
         if stop.load(Ordering::SeqCst) {
@@ -344,6 +349,11 @@ fn drive(
                 drop(core);
                 source.commit(&offsets)?;
             }
+        }
+        // Unflushed rows become queryable within about half a second.
+        if last_publish.elapsed() >= Duration::from_millis(500) {
+            last_publish = Instant::now();
+            lock(core).publish_live()?;
         }
         if !summary_every.is_zero() && last_summary.elapsed() >= summary_every {
             last_summary = Instant::now();

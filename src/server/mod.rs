@@ -41,6 +41,8 @@ pub struct SqlService {
     pub storage: std::path::PathBuf,
     pub timeout: std::time::Duration,
     pub memory_bytes: usize,
+    /// The running pipeline's unflushed rows.
+    pub live: Option<std::sync::Arc<crate::sql::live::LiveRows>>,
 }
 
 #[derive(Clone)]
@@ -154,7 +156,7 @@ async fn query(State(state): State<AppState>, headers: axum::http::HeaderMap, bo
         (Format::Json, "application/json")
     };
     let service = &state.sql;
-    let result = match sql::context(&service.storage, service.memory_bytes) {
+    let result = match sql::context(&service.storage, service.memory_bytes, service.live.clone()) {
         Ok(ctx) => sql::run(&ctx, &body, service.timeout).await,
         Err(e) => Err(e),
     };

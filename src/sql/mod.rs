@@ -14,6 +14,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub mod live;
 pub mod postgres;
 
 use crate::error::{Classified, ErrorClass};
@@ -91,8 +92,9 @@ fn classify(error: DataFusionError) -> SqlError {
 /// no parts yet is empty rather than missing).
 pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
 
-/// A session over the tables under `storage`, with at most `memory_bytes` for query state.
-pub fn context(storage: &Path, memory_bytes: usize) -> Result<SessionContext, SqlError> {
+/// A session over the tables under `storage`, with at most `memory_bytes` for query state; with
+/// `live`, a running pipeline's unflushed rows too.
+pub fn context(storage: &Path, memory_bytes: usize, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
     let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
     let runtime = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
     // information_schema (read only) is what Grafana's Postgres data source browses.
@@ -106,8 +108,13 @@ pub fn context(storage: &Path, memory_bytes: usize) -> Result<SessionContext, Sq
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let schema: SchemaRef = table.schema();
         let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(schema);
-        let listing = ListingTable::try_new(config).map_err(|e| tables_error(e.to_string()))?;
-        ctx.register_table(table.name(), Arc::new(listing)).map_err(|e| tables_error(e.to_string()))?;
+        let listing: Arc<dyn datafusion::catalog::TableProvider> =
+            Arc::new(ListingTable::try_new(config).map_err(|e| tables_error(e.to_string()))?);
+        let provider = match &live {
+            Some(live) => Arc::new(live::LiveTable::new(table, listing, live.clone())),
+            None => listing,
+        };
+        ctx.register_table(table.name(), provider).map_err(|e| tables_error(e.to_string()))?;
     }
     Ok(ctx)
 }

@@ -14,7 +14,7 @@ pub fn forbidden() -> impl Iterator<Item = &'static str> {
 #[test]
 fn writes_settings_and_file_access_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), 64 << 20).unwrap();
+    let ctx = context(dir.path(), 64 << 20, None).unwrap();
     assert!(forbidden().count() >= 20);
     for statement in forbidden() {
         let result = runtime().block_on(run(&ctx, statement, Duration::from_secs(10)));
@@ -29,7 +29,7 @@ fn writes_settings_and_file_access_are_refused() {
 #[test]
 fn empty_tables_answer_and_errors_point_at_the_query() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), 64 << 20).unwrap();
+    let ctx = context(dir.path(), 64 << 20, None).unwrap();
     let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM news", Duration::from_secs(10))).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
     let query = "SELECT topic\nFROM windows WHER n > 1";

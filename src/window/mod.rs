@@ -253,6 +253,14 @@ impl WindowState {
             .collect()
     }
 
+    /// Every open window as it stands now (live rows), leaving the change marks alone.
+    pub fn snapshot(&self, now_ms: i64) -> Vec<WindowRow> {
+        self.open
+            .iter()
+            .map(|(key, w)| WindowRow::new(key.clone(), self.spec.size_ms, w.counts.clone(), Vec::new(), false, now_ms))
+            .collect()
+    }
+
     /// Open windows of the [`ALL`] group's topics, for the live summary: (topic, counts).
     pub fn open_counts(&self) -> impl Iterator<Item = (&WindowKey, &Counts)> {
         self.open.iter().map(|(k, w)| (k, &w.counts))
