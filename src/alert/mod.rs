@@ -151,11 +151,6 @@ impl Router {
         let active = |s: &Silence| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels);
         self.silences.iter().any(active) || self.dynamic.as_ref().is_some_and(|d| d.list().iter().any(|s| active(&s.silence)))
     }
-
-    /// Names of receivers the routes use, to check against `[[receivers]]`.
-    pub fn receiver_names(&self) -> impl Iterator<Item = &str> {
-        self.routes.iter().flat_map(|r| r.receivers.iter().map(String::as_str))
-    }
 }
 
 /// The alerting stage of a pipeline: rules on window rows, then routing to receivers.
@@ -166,7 +161,7 @@ pub struct Alerting {
     /// State changes since the last checkpoint, with the wall-clock time they were recorded.
     pub changes: Vec<(Alert, i64)>,
     /// Notifications for the outbox, written at the next checkpoint (before it, so none is lost).
-    queued: Vec<(String, String, Alert, i64, i64, i64)>,
+    queued: Vec<notify::Queued>,
     pub notifier: Option<notify::Notifier>,
 }
 
@@ -215,7 +210,14 @@ impl Alerting {
                     let key = format!("{}/{state}/{}", alert.alert_id, delivery.receiver);
                     let repeat = if alert.state == AlertState::Firing { delivery.repeat_interval_ms } else { 0 };
                     let due = now + delivery.group_wait_ms;
-                    self.queued.push((key, delivery.receiver.clone(), alert.clone(), due, due + expire_ms, repeat));
+                    self.queued.push(notify::Queued {
+                        key,
+                        receiver: delivery.receiver.clone(),
+                        alert: alert.clone(),
+                        due_ms: due,
+                        expires_ms: due + expire_ms,
+                        repeat_ms: repeat,
+                    });
                 }
                 None => tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver"),
             }

@@ -153,6 +153,18 @@ pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>) -> Resul
     }
 }
 
+/// A notification to record in the outbox: idempotency key, receiver, the alert, when it is due,
+/// when it expires, and its reminder interval (0: none).
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub key: String,
+    pub receiver: String,
+    pub alert: Alert,
+    pub due_ms: i64,
+    pub expires_ms: i64,
+    pub repeat_ms: i64,
+}
+
 /// A status change of one notification: a row of table `notifications`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NotificationRow {
@@ -220,9 +232,9 @@ impl Notifier {
     }
 
     /// Records notifications durably; they are sent from the outbox by the notifier thread.
-    pub fn enqueue(&self, items: Vec<(String, String, Alert, i64, i64, i64)>) -> Result<(), crate::storage::StorageError> {
+    pub fn enqueue(&self, items: Vec<Queued>) -> Result<(), crate::storage::StorageError> {
         let mut outbox = lock(&self.shared.outbox);
-        for (key, receiver, alert, due_ms, expires_ms, repeat_ms) in items {
+        for Queued { key, receiver, alert, due_ms, expires_ms, repeat_ms } in items {
             let resolved = alert.state == AlertState::Resolved;
             let alert_id = alert.alert_id.clone();
             if outbox.enqueue(key.clone(), receiver.clone(), alert, due_ms, expires_ms, repeat_ms)? {
@@ -367,7 +379,15 @@ mod tests {
         let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]));
         let now = chrono::Utc::now().timestamp_millis();
         // Due in 400 ms (group_wait), then a reminder every 300 ms.
-        notifier.enqueue(vec![("a1/firing/r".into(), "r".into(), alert(AlertState::Firing), now + 400, now + 60_000, 300)]).unwrap();
+        let queued = |key: &str, state, due_ms, repeat_ms| Queued {
+            key: key.into(),
+            receiver: "r".into(),
+            alert: alert(state),
+            due_ms,
+            expires_ms: due_ms + 60_000,
+            repeat_ms,
+        };
+        notifier.enqueue(vec![queued("a1/firing/r", AlertState::Firing, now + 400, 300)]).unwrap();
         std::thread::sleep(Duration::from_millis(250));
         assert!(lock(&sent).is_empty(), "sent before group_wait");
         std::thread::sleep(Duration::from_millis(1100));
@@ -376,7 +396,7 @@ mod tests {
         assert_eq!(lock(&sent)[1].0, "a1/firing/r#1");
 
         let now = chrono::Utc::now().timestamp_millis();
-        notifier.enqueue(vec![("a1/resolved/r".into(), "r".into(), alert(AlertState::Resolved), now, now + 60_000, 0)]).unwrap();
+        notifier.enqueue(vec![queued("a1/resolved/r", AlertState::Resolved, now, 0)]).unwrap();
         std::thread::sleep(Duration::from_millis(800));
         let after = lock(&sent).clone();
         assert_eq!(after.last().unwrap().1, AlertState::Resolved);

@@ -35,11 +35,6 @@ impl EnvString {
         Ok(EnvString { value, written: written.to_string() })
     }
 
-    pub fn literal(value: impl Into<String>) -> EnvString {
-        let value = value.into();
-        EnvString { written: value.clone(), value }
-    }
-
     pub fn as_str(&self) -> &str {
         &self.value
     }

@@ -271,10 +271,6 @@ impl Detector {
         self.rules
     }
 
-    pub fn firing(&self) -> usize {
-        self.tracked.values().filter(|t| matches!(t.phase, Phase::Firing { .. })).count()
-    }
-
     fn history_len(&self) -> usize {
         self.rules.iter().map(|r| r.condition.baseline_windows()).max().unwrap_or(0)
     }

@@ -45,10 +45,6 @@ impl FileSource {
         self.lines.is_empty()
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// How long to wait before the next line is due at `speed`× the stories' own pace.
     fn due_in(&mut self, event_ms: i64) -> Duration {
         if self.speed <= 0.0 || event_ms == i64::MIN {
