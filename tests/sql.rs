@@ -152,6 +152,19 @@ fn rows_are_queryable_within_a_second_before_any_checkpoint() {
     assert_eq!(parts, 0, "the rows came from memory, not from a checkpoint");
     assert!(count("SELECT count(*) FROM windows WHERE topic = 'all' AND NOT final").unwrap() > 0, "open windows are visible too");
     assert_eq!(count("SELECT count(*) - count(DISTINCT id) FROM news"), Some(0));
+
+    // The operational endpoints of the same server.
+    let get = |path: &str| {
+        let mut response = agent.get(format!("http://127.0.0.1:{port}{path}")).call().unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    };
+    assert_eq!(get("/health"), (200, "ok\n".to_string()));
+    assert_eq!(get("/ready"), (200, "ready\n".to_string()));
+    let (status, metrics) = get("/metrics");
+    assert_eq!(status, 200);
+    for name in ["bearwatch_source_received_total", "bearwatch_news_scored_total", "bearwatch_classify_batch_seconds_bucket"] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Server, ServerError, SqlService};
+use crate::server::{Ops, Server, ServerError, SqlService};
 use crate::sql::live::LiveRows;
 use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
@@ -140,6 +140,25 @@ fn bundled(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
+/// A Prometheus recorder for `/metrics`; latency histograms get buckets from 1 ms to 10 s.
+fn prometheus_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &buckets)
+        .and_then(|b| b.set_buckets(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0]));
+    match builder.map(|b| b.install_recorder()) {
+        Ok(Ok(handle)) => Some(handle),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "no /metrics: a metrics recorder is already installed");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no /metrics: bad histogram buckets");
+            None
+        }
+    }
+}
+
 /// Loads the rule files of `[alerts]`; `None` when there are none.
 fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
     if config.alerts.rules.is_empty() {
@@ -194,6 +213,9 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
 /// commits.
 pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome, PipelineError> {
     tracing::debug!(?config, "effective configuration");
+    // Installed first, so that every stage's metrics from the start are recorded.
+    let metrics = config.server.http.as_ref().and_then(|_| prometheus_recorder());
+    let ready = Arc::new(AtomicBool::new(false));
     let (storage, restored) = Storage::open(&config.storage.path, config.storage.reset_on_start)?;
     if let Some(checkpoint) = &restored {
         tracing::info!(written_at = %checkpoint.written_at, scored = checkpoint.counters.scored, "resuming from checkpoint");
@@ -250,7 +272,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 memory_bytes: config.server.query_memory_mib << 20,
                 live: live.clone(),
             };
-            Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql)?)
+            let ops = Ops { metrics, ready: ready.clone() };
+            Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql, ops)?)
         }
         None => None,
     };
@@ -276,6 +299,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         )?),
     };
 
+    ready.store(true, Ordering::SeqCst);
     let result = drive(config, &core, &rebalancer, source.as_mut(), &stop);
     rebalancer.closing.store(true, Ordering::SeqCst);
     drop(source);

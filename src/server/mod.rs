@@ -1,6 +1,8 @@
 //! The HTTP API (axum) on its own thread and runtime, so the pipeline thread never waits on it.
 //! Silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`) and read-only SQL over the
-//! pipeline's tables (`POST /sql`). Bearer-token auth when `[server] auth_token` is set.
+//! pipeline's tables (`POST /sql`), with bearer-token auth when `[server] auth_token` is set; and,
+//! without auth for probes and scrapers, `GET /health`, `GET /ready` and `GET /metrics`
+//! (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -45,11 +47,21 @@ pub struct SqlService {
     pub live: Option<std::sync::Arc<crate::sql::live::LiveRows>>,
 }
 
+/// What the operational endpoints report.
+#[derive(Clone)]
+pub struct Ops {
+    /// Renders the process's metrics; `None` when another recorder was already installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Set once the model is loaded and the source is open.
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
 #[derive(Clone)]
 struct AppState {
     silences: SilenceStore,
     token: Option<String>,
     sql: SqlService,
+    ops: Ops,
 }
 
 /// A running server; dropping it shuts it down.
@@ -60,18 +72,22 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore, sql: SqlService) -> Result<Server, ServerError> {
+    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore, sql: SqlService, ops: Ops) -> Result<Server, ServerError> {
         let bind_error = |e: std::io::Error| ServerError::Bind { addr: addr.to_string(), reason: e.to_string() };
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(bind_error)?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
-        let state = AppState { silences, token, sql };
-        let app = Router::new()
+        let state = AppState { silences, token, sql, ops };
+        let open = Router::new()
+            .route("/health", get(|| async { "ok\n" }))
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics));
+        let guarded = Router::new()
             .route("/sql", post(query))
             .route("/api/silences", get(list).post(create))
             .route("/api/silences/{id}", delete(remove))
-            .layer(middleware::from_fn_with_state(state.clone(), authorize))
-            .with_state(state);
+            .layer(middleware::from_fn_with_state(state.clone(), authorize));
+        let app = open.merge(guarded).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("http".into())
@@ -114,6 +130,21 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         }
     }
     next.run(request).await
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.ops.metrics {
+        Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "metrics are recorded elsewhere in this process"),
+    }
 }
 
 async fn list(State(state): State<AppState>) -> Response {
