@@ -273,9 +273,7 @@ impl Default for RunConfig {
 
 impl PipelineConfig {
     pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
-        PipelineConfig::parse(&text, &path.display().to_string())
+        load_with(path, PipelineConfig::parse)
     }
 
     /// Parses and validates; `origin` names the file in errors.
@@ -355,6 +353,12 @@ impl PipelineConfig {
         }
         Ok(())
     }
+}
+
+/// Reads a config file and parses it with `parse(text, origin)`, the file's path naming it in errors.
+pub fn load_with<T>(path: &Path, parse: impl FnOnce(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+    parse(&text, &path.display().to_string())
 }
 
 /// Deserializes TOML into `T`; errors carry the file, line, column and field path.

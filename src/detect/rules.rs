@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, HumanDuration, parse_toml};
+use crate::config::{ConfigError, HumanDuration, load_with, parse_toml};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,9 +20,7 @@ pub struct RuleFile {
 
 impl RuleFile {
     pub fn load(path: &Path) -> Result<RuleFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
-        RuleFile::parse(&text, &path.display().to_string())
+        load_with(path, RuleFile::parse)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<RuleFile, ConfigError> {
