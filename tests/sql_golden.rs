@@ -124,7 +124,7 @@ fn write_dataset(dir: &Path) {
     }
     let mut notifications = Vec::new();
     for (n, (alert, at)) in alerts.iter().enumerate() {
-        let state = format!("{:?}", alert.state).to_lowercase();
+        let state = alert.state.as_str().to_string();
         let key = format!("{}/{state}/mail", alert.alert_id);
         // Every third notice needed a retry: a failed attempt first.
         let retried = n % 3 == 0;

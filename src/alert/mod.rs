@@ -192,7 +192,7 @@ impl Alerting {
     }
 
     fn notify(&mut self, alert: &Alert) {
-        metrics::counter!("bearwatch_alerts_total", "state" => if alert.state == AlertState::Firing { "firing" } else { "resolved" })
+        metrics::counter!("bearwatch_alerts_total", "state" => alert.state.as_str())
             .increment(1);
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
             if delivery.silenced {
@@ -206,8 +206,7 @@ impl Alerting {
                 }
                 Some((_, expire_ms)) => {
                     let now = chrono::Utc::now().timestamp_millis();
-                    let state = if alert.state == AlertState::Firing { "firing" } else { "resolved" };
-                    let key = format!("{}/{state}/{}", alert.alert_id, delivery.receiver);
+                    let key = format!("{}/{}/{}", alert.alert_id, alert.state.as_str(), delivery.receiver);
                     let repeat = if alert.state == AlertState::Firing { delivery.repeat_interval_ms } else { 0 };
                     let due = now + delivery.group_wait_ms;
                     self.queued.push(notify::Queued {
@@ -227,10 +226,7 @@ impl Alerting {
 
 /// The alert as a person reads it: the summary, then the most negative headlines behind it.
 pub fn render_text(alert: &Alert) -> String {
-    let state = match alert.state {
-        AlertState::Firing => "FIRING",
-        AlertState::Resolved => "RESOLVED",
-    };
+    let state = alert.state.as_str().to_uppercase();
     let mut text = format!("[{state}] {} ({}) {}\n", alert.rule, alert.severity.as_str(), alert.summary);
     if alert.state == AlertState::Firing {
         for h in &alert.top_headlines {

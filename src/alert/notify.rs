@@ -54,10 +54,7 @@ pub struct Email {
 
 impl Notify for Email {
     fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String> {
-        let state = match alert.state {
-            AlertState::Firing => "FIRING",
-            AlertState::Resolved => "RESOLVED",
-        };
+        let state = alert.state.as_str().to_uppercase();
         let mut builder = Message::builder()
             .from(self.from.clone())
             .subject(format!("[{state}] {}: {}", alert.rule, alert.summary))
@@ -184,7 +181,7 @@ fn row(outbox: &Outbox, key: &str) -> Option<NotificationRow> {
     Some(NotificationRow {
         key: e.key.clone(),
         alert_id: e.alert.alert_id.clone(),
-        state: if e.alert.state == AlertState::Firing { "firing".into() } else { "resolved".into() },
+        state: e.alert.state.as_str().into(),
         receiver: e.receiver.clone(),
         status: e.status.as_str().into(),
         attempts: e.attempts,

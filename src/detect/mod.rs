@@ -177,6 +177,16 @@ pub enum AlertState {
     Resolved,
 }
 
+impl AlertState {
+    /// As written in tables, keys, metrics and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Firing => "firing",
+            AlertState::Resolved => "resolved",
+        }
+    }
+}
+
 /// One state change of one alert (DESIGN §2 Alert): what receivers get and `alerts` stores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {

@@ -52,7 +52,7 @@ pub fn alerts_batch(rows: &[(Alert, i64)]) -> Result<RecordBatch, ArrowError> {
         text(|a| a.alert_id.clone()),
         text(|a| a.rule.clone()),
         text(|a| a.severity.as_str().to_string()),
-        text(|a| serde_json::to_value(a.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
+        text(|a| a.state.as_str().to_string()),
         Arc::new(StringArray::from_iter(rows.iter().map(|(a, _)| a.group.get("topic").cloned()))),
         Arc::new(StringArray::from_iter(rows.iter().map(|(a, _)| a.group.get("ticker").cloned()))),
         time(|a| millis(&a.started_at)),
