@@ -234,8 +234,9 @@ fn run_sql(
             anyhow::ensure!(storage.is_dir(), "{} is not a storage folder (run a pipeline first, or pass --storage)", storage.display());
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(async {
-                let ctx = sql::context(&storage, 1 << 30, None)?;
-                let batches = sql::run(&ctx, query, std::time::Duration::from_secs(300)).await?;
+                let limits = sql::Limits { memory_bytes: 1 << 30, timeout: std::time::Duration::from_secs(300) };
+                let ctx = sql::context(&storage, limits, None)?;
+                let batches = sql::run(&ctx, query).await?;
                 sql::encode(&batches, format)
             });
             match result {

@@ -32,7 +32,7 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     let config = format!(
         "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 8000\n[window]\nsize = \"6h\"\n[storage]\npath = \"store\"\n\
          checkpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n[server]\npostgres = \"127.0.0.1:{port}\"\n\
-         postgres_password = \"${{BEARWATCH_TEST_PG_PASSWORD}}\"\n"
+         query_timeout = \"2s\"\npostgres_password = \"${{BEARWATCH_TEST_PG_PASSWORD}}\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "p", &config);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -75,6 +75,15 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     assert!(!std::path::Path::new("/tmp/bearwatch-leak.csv").exists());
     let (_, out) = psql(port, "s3cret", "SELECT count(*) FROM (SELECT 1 FROM news LIMIT 1)");
     assert_eq!(out.trim(), "1", "the tables are still there");
+
+    // `[server] query_timeout` bounds a query's execution on this interface too.
+    let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";
+    let started = Instant::now();
+    let (ok, out) = psql(port, "s3cret", endless);
+    assert!(!ok && out.contains("query ran longer than 2s"), "{out}");
+    let err = client.query_one(endless, &[]).unwrap_err();
+    assert!(err.to_string().contains("query ran longer than 2s") || format!("{err:?}").contains("query ran longer than 2s"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());

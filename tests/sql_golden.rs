@@ -169,8 +169,8 @@ fn the_documented_queries_give_the_pinned_answers() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sql/golden");
     let bless = std::env::var_os("BEARWATCH_BLESS").is_some();
     for (index, query) in queries.iter().enumerate() {
-        let ctx = sql::context(dir.path(), 256 << 20, None).unwrap();
-        let batches = runtime.block_on(sql::run(&ctx, query, Duration::from_secs(60))).unwrap_or_else(|e| panic!("query {}: {e}\n{query}", index + 1));
+        let ctx = sql::context(dir.path(), sql::Limits { memory_bytes: 256 << 20, timeout: Duration::from_secs(60) }, None).unwrap();
+        let batches = runtime.block_on(sql::run(&ctx, query)).unwrap_or_else(|e| panic!("query {}: {e}\n{query}", index + 1));
         let answer = String::from_utf8(sql::encode(&batches, Format::Csv).unwrap()).unwrap();
         let path = golden.join(format!("{:02}.csv", index + 1));
         if bless {

@@ -67,7 +67,7 @@ pub struct ServerConfig {
     pub http: Option<String>,
     /// When set, requests need `Authorization: Bearer <token>`.
     pub auth_token: Option<EnvString>,
-    /// Longest a `POST /sql` query may run.
+    /// Longest a query may run, on the HTTP API and the Postgres wire protocol alike.
     #[serde(default = "thirty_seconds")]
     pub query_timeout: HumanDuration,
     /// Memory one query may use for sorts, joins and aggregations, in MiB.
@@ -79,6 +79,12 @@ pub struct ServerConfig {
     pub postgres_user: String,
     /// Required with `postgres`; e.g. "${BEARWATCH_PG_PASSWORD}".
     pub postgres_password: Option<EnvString>,
+}
+
+impl ServerConfig {
+    pub fn query_limits(&self) -> crate::sql::Limits {
+        crate::sql::Limits { memory_bytes: self.query_memory_mib << 20, timeout: self.query_timeout.0 }
+    }
 }
 
 fn default_postgres_user() -> String {

@@ -259,7 +259,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
-            let ctx = crate::sql::context(&config.storage.path, config.server.query_memory_mib << 20, live.clone())?;
+            let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), live.clone())?;
             Some(crate::sql::postgres::serve(addr, ctx, &config.server.postgres_user, password.as_str())?)
         }
         _ => None,
@@ -268,8 +268,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         Some(addr) => {
             let sql = SqlService {
                 storage: config.storage.path.clone(),
-                timeout: config.server.query_timeout.0,
-                memory_bytes: config.server.query_memory_mib << 20,
+                limits: config.server.query_limits(),
                 live: live.clone(),
             };
             let ops = Ops { metrics, ready: ready.clone() };

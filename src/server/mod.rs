@@ -41,8 +41,7 @@ impl Classified for ServerError {
 #[derive(Clone)]
 pub struct SqlService {
     pub storage: std::path::PathBuf,
-    pub timeout: std::time::Duration,
-    pub memory_bytes: usize,
+    pub limits: sql::Limits,
     /// The running pipeline's unflushed rows.
     pub live: Option<std::sync::Arc<crate::sql::live::LiveRows>>,
 }
@@ -187,8 +186,8 @@ async fn query(State(state): State<AppState>, headers: axum::http::HeaderMap, bo
         (Format::Json, "application/json")
     };
     let service = &state.sql;
-    let result = match sql::context(&service.storage, service.memory_bytes, service.live.clone()) {
-        Ok(ctx) => sql::run(&ctx, &body, service.timeout).await,
+    let result = match sql::context(&service.storage, service.limits, service.live.clone()) {
+        Ok(ctx) => sql::run(&ctx, &body).await,
         Err(e) => Err(e),
     };
     match result.and_then(|batches| sql::encode(&batches, format)) {

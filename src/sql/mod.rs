@@ -12,8 +12,10 @@ use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTable
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub mod deadline;
 pub mod live;
 pub mod postgres;
 
@@ -75,6 +77,9 @@ fn position(error: &DataFusionError) -> Option<(usize, usize)> {
 }
 
 fn classify(error: DataFusionError) -> SqlError {
+    if let Some(timeout) = deadline::expired(&error) {
+        return SqlError::Timeout(timeout);
+    }
     let message = error.to_string();
     let refused = ["DDL not supported", "DML not supported", "Statement not supported", "not supported: Statement"];
     if refused.iter().any(|r| message.contains(r)) {
@@ -92,14 +97,29 @@ fn classify(error: DataFusionError) -> SqlError {
 /// no parts yet is empty rather than missing).
 pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
 
-/// A session over the tables under `storage`, with at most `memory_bytes` for query state; with
-/// `live`, a running pipeline's unflushed rows too.
-pub fn context(storage: &Path, memory_bytes: usize, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
+/// What one query may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Memory for query state (sorts, joins, aggregates); beyond it the query fails.
+    pub memory_bytes: usize,
+    /// Running time of each query, on every interface.
+    pub timeout: Duration,
+}
+
+/// A session over the tables under `storage`, within `limits`; with `live`, a running pipeline's
+/// unflushed rows too.
+pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
     let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
-    let runtime = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
+    let runtime = RuntimeEnvBuilder::new().with_memory_limit(limits.memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
     // information_schema (read only) is what Grafana's Postgres data source browses.
     let config = SessionConfig::new().with_information_schema(true);
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(deadline::Deadline(limits.timeout)))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     for table in TABLES {
         let dir = storage.join(table.name());
         std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
@@ -123,13 +143,10 @@ fn read_only() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }
 
-/// Plans and runs one read-only query, giving up after `timeout`.
-pub async fn run(ctx: &SessionContext, query: &str, timeout: Duration) -> Result<Vec<RecordBatch>, SqlError> {
-    let work = async {
-        let frame = ctx.sql_with_options(query, read_only()).await.map_err(classify)?;
-        frame.collect().await.map_err(classify)
-    };
-    tokio::time::timeout(timeout, work).await.map_err(|_| SqlError::Timeout(timeout))?
+/// Plans and runs one read-only query (within the context's [`Limits`]).
+pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    let frame = ctx.sql_with_options(query, read_only()).await.map_err(classify)?;
+    frame.collect().await.map_err(classify)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

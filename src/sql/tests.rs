@@ -4,6 +4,10 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+fn limits() -> Limits {
+    Limits { memory_bytes: 64 << 20, timeout: Duration::from_secs(10) }
+}
+
 /// Statements that write, change settings or touch files (shared with the CLI and HTTP tests).
 const FORBIDDEN: &str = include_str!("../../tests/sql/forbidden.sql");
 
@@ -14,10 +18,10 @@ pub fn forbidden() -> impl Iterator<Item = &'static str> {
 #[test]
 fn writes_settings_and_file_access_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), 64 << 20, None).unwrap();
+    let ctx = context(dir.path(), limits(), None).unwrap();
     assert!(forbidden().count() >= 20);
     for statement in forbidden() {
-        let result = runtime().block_on(run(&ctx, statement, Duration::from_secs(10)));
+        let result = runtime().block_on(run(&ctx, statement));
         match result {
             Err(SqlError::Refused(_) | SqlError::Invalid { .. }) => {}
             other => panic!("{statement}: {other:?}"),
@@ -29,11 +33,25 @@ fn writes_settings_and_file_access_are_refused() {
 #[test]
 fn empty_tables_answer_and_errors_point_at_the_query() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), 64 << 20, None).unwrap();
-    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM news", Duration::from_secs(10))).unwrap();
+    let ctx = context(dir.path(), limits(), None).unwrap();
+    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM news")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
     let query = "SELECT topic\nFROM windows WHER n > 1";
-    let err = runtime().block_on(run(&ctx, query, Duration::from_secs(10))).unwrap_err();
+    let err = runtime().block_on(run(&ctx, query)).unwrap_err();
     let rendered = err.render(query);
     assert!(rendered.contains("Line: 2") && rendered.ends_with("^"), "{rendered}");
+}
+
+#[test]
+fn queries_stop_at_the_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { memory_bytes: 64 << 20, timeout: Duration::from_millis(300) };
+    let ctx = context(dir.path(), limits, None).unwrap();
+    let started = std::time::Instant::now();
+    let err = runtime().block_on(run(&ctx, "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3")).unwrap_err();
+    assert!(matches!(err, SqlError::Timeout(t) if t == limits.timeout), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+    // A query within the limit still answers, on the same context.
+    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM range(1, 1000)")).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n999\n");
 }
