@@ -89,6 +89,8 @@ enum RulesCommand {
 enum BenchCommand {
     /// Headlines/s and batch latency of the classifier against bare ONNX Runtime and a Python pipeline.
     Classify(bearwatch::classify::bench::BenchArgs),
+    /// Five representative queries on a generated 10 M-row `news` table, beside DuckDB.
+    Sql(bearwatch::sql::bench::SqlBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -325,6 +327,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Classify(args)) => {
             let report = classify::bench::run(&args)?;
             println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Sql(args)) => {
+            println!("{}", bearwatch::sql::bench::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
     }

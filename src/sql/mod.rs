@@ -15,6 +15,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub mod bench;
 pub mod deadline;
 pub mod live;
 pub mod postgres;
