@@ -28,6 +28,10 @@ enum Command {
         /// Pipeline file; default: the embedded demo (`pipelines/demo.toml`), which needs no broker.
         #[arg(long)]
         pipeline: Option<PathBuf>,
+        /// Which stages to run; overrides `[run] role` (all: everything; classify: news → [sink];
+        /// aggregate: [sink] topic → windows, alerts and tables).
+        #[arg(long, value_enum)]
+        role: Option<config::Role>,
     },
     /// Runs a read-only SQL query over a pipeline's tables (news, windows, late, alerts, notifications).
     Sql {
@@ -163,11 +167,21 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
 }
 
-fn run_pipeline(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let config = match &path {
+fn run_pipeline(path: Option<PathBuf>, role: Option<config::Role>) -> anyhow::Result<ExitCode> {
+    let mut config = match &path {
         Some(path) => PipelineConfig::load(path)?,
         None => PipelineConfig::parse(config::DEMO_PIPELINE, config::DEMO_PIPELINE_NAME)?,
     };
+    if let Some(role) = role {
+        config.run.role = role;
+        config.check_role().map_err(|(field, message)| config::ConfigError::Invalid {
+            file: path.as_ref().map_or(config::DEMO_PIPELINE_NAME.to_string(), |p| p.display().to_string()),
+            line: 0,
+            column: 0,
+            field: format!("{field} (--role)"),
+            message,
+        })?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // A second signal while stopping exits at once (status 1), as people expect of Ctrl-C.
@@ -261,7 +275,7 @@ fn run_sql(
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline } => run_pipeline(pipeline),
+        Command::Run { pipeline, role } => run_pipeline(pipeline, role),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
         Command::Rules(RulesCommand::Check { files }) => {
             let mut names = std::collections::BTreeMap::new();

@@ -305,3 +305,63 @@ fn a_kill_9_mid_stream_and_a_restart_give_the_same_windows_as_an_uninterrupted_r
     assert_eq!(query_one(crashed, "SELECT count(DISTINCT id) FROM news"), total.to_string());
     assert_same_rows(&query(crashed, LATEST_WINDOWS), &query(&whole.storage, LATEST_WINDOWS), "windows");
 }
+
+/// DESIGN §1's scale-out: `classify` instances share a group on the news topic and publish scored
+/// stories keyed by topic; an `aggregate` instance reads those and keeps the windows. One classify
+/// process is killed mid-stream: the other takes over its partitions from their committed offsets,
+/// some stories are scored and published twice, and the aggregate's de-duplication keeps each once.
+#[test]
+fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_one_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("roles");
+    let scored_topic = format!("{topic}.scored");
+    create_topic(&topic, 4);
+    create_topic(&scored_topic, 3);
+    let config = kafka_pipeline(&topic, &unique("group"), "aggregate", &format!("\n[sink]\ntopic = \"{scored_topic}\"\n"));
+    let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &config, &["--role", "aggregate"]);
+    // Classify commits rarely, so that the killed process surely leaves published but uncommitted
+    // stories behind: its successor publishes them again.
+    let classify = config.replace("checkpoint_interval = \"300ms\"", "checkpoint_interval = \"20s\"");
+    let mut a = Pipeline::start_with(dir.path(), "classify-a", &classify, &["--role", "classify"]);
+    let mut b = Pipeline::start_with(dir.path(), "classify-b", &classify, &["--role", "classify"]);
+    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(owns_partitions(&a) && owns_partitions(&b) && owns_partitions(&aggregate)) {
+        assert!(Instant::now() < deadline, "members never got partitions\n{}\n{}\n{}", a.logs(), b.logs(), aggregate.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let total = 3000u64;
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(total as usize)).unwrap();
+    produce(&topic, &file);
+    aggregate.wait_for_checkpoint(Duration::from_secs(120), "400 stories", |c| counter(c, "scored") >= 400);
+    a.signal("KILL");
+    a.wait(Duration::from_secs(10));
+    let at_kill = counter(&checkpoint(&aggregate.storage).unwrap(), "scored");
+    assert!(at_kill < total, "the kill came after the end ({at_kill}); nothing was tested");
+
+    aggregate.wait_for_checkpoint(Duration::from_secs(180), "every story", |c| counter(c, "scored") >= total);
+    b.signal("TERM");
+    assert!(b.wait(Duration::from_secs(30)).success(), "{}", b.logs());
+    aggregate.signal("TERM");
+    assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
+
+    let store = &aggregate.storage;
+    let saved = checkpoint(store).unwrap();
+    assert!(counter(&saved, "duplicates") > 0, "the killed process left nothing to publish twice; the takeover was not tested");
+    assert_eq!(counter(&saved, "scored"), total);
+    assert_eq!(query_one(store, "SELECT count(*) FROM news"), total.to_string());
+    assert_eq!(query_one(store, "SELECT count(DISTINCT id) FROM news"), total.to_string());
+    assert_eq!(query_one(store, ALL_TOTAL), total.to_string(), "the `all` windows count every story once");
+    // Each topic's windows came from one partition of the scored topic, so the topic sums match too.
+    let per_topic = query(store, "SELECT topic, count(*) FROM news GROUP BY topic ORDER BY topic");
+    let windowed = query(
+        store,
+        "SELECT topic, CAST(sum(n) AS BIGINT) FROM (SELECT topic, window_start, max(n) AS n FROM windows WHERE topic <> 'all' \
+         GROUP BY topic, window_start) GROUP BY topic ORDER BY topic",
+    );
+    assert_same_rows(&windowed, &per_topic, "per-topic windows");
+    // The stories kept where they first entered: a partition and offset of the news topic.
+    assert_eq!(query_one(store, "SELECT count(*) FROM news WHERE kafka_partition IS NULL OR kafka_offset IS NULL"), "0");
+}

@@ -45,6 +45,37 @@ pub struct Scores {
     pub model: Arc<str>,
 }
 
+impl Scores {
+    /// The scores a `news.scored` message carries (DESIGN §2), taken out of the story's other fields.
+    pub fn take_from(fields: &mut serde_json::Map<String, serde_json::Value>) -> Result<Scores, String> {
+        let mut text = |name: &str| match fields.remove(name) {
+            Some(serde_json::Value::String(s)) => Ok(s),
+            _ => Err(format!("scored news needs `{name}` as a string")),
+        };
+        let topic = text("topic")?;
+        let sentiment = text("sentiment")?;
+        let model = text("model")?;
+        let sentiment = SENTIMENTS
+            .into_iter()
+            .find(|s| *s == sentiment)
+            .ok_or_else(|| format!("`sentiment` must be one of {SENTIMENTS:?}, not {sentiment:?}"))?;
+        let mut probability = |name: &str, low: f32| match fields.remove(name).and_then(|v| v.as_f64()) {
+            Some(p) if (f64::from(low)..=1.0).contains(&p) => Ok(p as f32),
+            _ => Err(format!("scored news needs `{name}` as a number in [{low}, 1]")),
+        };
+        Ok(Scores {
+            topic,
+            topic_score: probability("topic_score", 0.0)?,
+            sentiment,
+            p_negative: probability("p_negative", 0.0)?,
+            p_neutral: probability("p_neutral", 0.0)?,
+            p_positive: probability("p_positive", 0.0)?,
+            sentiment_score: probability("sentiment_score", -1.0)?,
+            model: Arc::from(model),
+        })
+    }
+}
+
 /// Probabilities are written with six decimals: enough to compare, without float noise in every line.
 fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64((f64::from(*value) * 1e6).round() / 1e6)

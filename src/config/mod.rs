@@ -120,6 +120,20 @@ pub struct AlertsConfig {
     pub rules: Vec<PathBuf>,
 }
 
+/// How a pipeline is split across processes (DESIGN §1): one process, or two roles joined by the
+/// `[sink]` topic, each scaled out by its own Kafka consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every stage in this process.
+    All,
+    /// Source → classify → `[sink]` topic, keyed by topic. Stateless: no tables, no checkpoint file;
+    /// offsets are committed once the scored stories are acknowledged by the broker.
+    Classify,
+    /// Reads the `[sink]` topic (group `<group_id>-aggregate`) → windows → rules → alerts → tables.
+    Aggregate,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
@@ -262,6 +276,8 @@ pub struct SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
+    /// Which stages this process runs (`bearwatch run --role` overrides it).
+    pub role: Role,
     /// How often the live summary is printed; "0s" turns it off.
     pub summary_interval: HumanDuration,
     /// Longest a SIGTERM/SIGINT shutdown waits for in-flight stories before checkpointing without them.
@@ -271,6 +287,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
+            role: Role::All,
             summary_interval: HumanDuration(std::time::Duration::from_secs(2)),
             shutdown_timeout: HumanDuration(std::time::Duration::from_secs(30)),
         }
@@ -344,6 +361,7 @@ impl PipelineConfig {
             return Err(("sink.brokers", "needed when the source is not Kafka".into()));
         }
         self.model.validate().map_err(|e| ("model", e.to_string()))?;
+        self.check_role()?;
         if self.server.postgres.is_some() && self.server.postgres_password.is_none() {
             return Err(("server.postgres_password", "the Postgres listener needs a password (e.g. \"${BEARWATCH_PG_PASSWORD}\")".into()));
         }
@@ -358,6 +376,28 @@ impl PipelineConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// What `run.role` needs from the rest of the file; also checked after `--role` overrides it.
+    pub fn check_role(&self) -> Result<(), (&'static str, String)> {
+        match self.run.role {
+            Role::All => Ok(()),
+            Role::Classify if self.sink.is_none() => {
+                Err(("run.role", "role `classify` publishes scored stories: it needs a [sink] topic".into()))
+            }
+            Role::Aggregate if self.source.kind != SourceKind::Kafka || self.sink.is_none() => Err((
+                "run.role",
+                "role `aggregate` reads the [sink] topic that `classify` instances write: it needs a kafka [source] and a [sink]".into(),
+            )),
+            Role::Classify | Role::Aggregate => Ok(()),
+        }
+    }
+
+    /// The consumer group of `aggregate` instances, beside the `classify` group on the news topics.
+    pub fn aggregate_group_id(&self) -> String {
+        format!("{}-aggregate", self.source.group_id.as_deref().unwrap_or("bearwatch"))
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::alert::{Alerting, notifications_batch};
 use crate::classify::{ClassifyError, Classifier, Pending, Scores};
 use crate::detect::alerts_batch;
+use crate::config::Role;
 use crate::news::{News, ScoredNews};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::kafka::Output;
@@ -35,6 +36,13 @@ pub struct ScoredSink {
     pub topic: String,
 }
 
+/// Where a story first entered (the `news` partition and offset a `classify` instance read it at).
+#[derive(Clone, Copy)]
+struct Origin {
+    partition: Option<i32>,
+    offset: Option<i64>,
+}
+
 struct Position {
     topic: Arc<str>,
     partition: i32,
@@ -44,12 +52,16 @@ struct Position {
 
 enum InFlight {
     Scoring { at: Position, news: News, published_ms: i64, pending: Pending },
+    /// Scored upstream (role `aggregate`): ready at once.
+    Scored { at: Position, news: News, published_ms: i64, scores: Scores, origin: Origin },
     /// Dead-lettered or duplicate: nothing to wait for, but its offset must pass in order.
     Done { at: Position },
 }
 
 pub struct Core {
-    classifier: Classifier,
+    role: Role,
+    /// None for role `aggregate`, whose stories arrive scored.
+    classifier: Option<Classifier>,
     limits: Limits,
     in_flight: VecDeque<InFlight>,
     in_flight_ids: HashSet<String>,
@@ -59,7 +71,8 @@ pub struct Core {
     news_rows: Vec<ScoredNews>,
     late_rows: Vec<ScoredNews>,
     window_rows: Vec<WindowRow>,
-    storage: Storage,
+    /// None for role `classify`, which keeps no tables and no checkpoint file.
+    storage: Option<Storage>,
     dead_letter: DeadLetter,
     sink: Option<ScoredSink>,
     pub counters: Counters,
@@ -77,16 +90,18 @@ pub fn now_ms() -> i64 {
 
 impl Core {
     pub fn new(
-        classifier: Classifier,
+        role: Role,
+        classifier: Option<Classifier>,
         limits: Limits,
         windows: WindowState,
-        storage: Storage,
+        storage: Option<Storage>,
         dead_letter: DeadLetter,
         sink: Option<ScoredSink>,
         mut alerting: Option<Alerting>,
         restored: Option<Checkpoint>,
     ) -> Result<Core, PipelineError> {
         let mut core = Core {
+            role,
             classifier,
             limits,
             in_flight: VecDeque::new(),
@@ -109,7 +124,7 @@ impl Core {
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
                 return Err(PipelineError::WindowsChanged {
-                    storage: core.storage.root().to_path_buf(),
+                    storage: core.storage_root().to_path_buf(),
                     saved: format!("{:?}", checkpoint.windows.spec()),
                 });
             }
@@ -167,8 +182,11 @@ impl Core {
             self.in_flight.push_back(InFlight::Done { at });
             return Ok(());
         }
+        let Some(classifier) = &self.classifier else {
+            return self.accept_scored(record, news, at);
+        };
         let text = news.classification_text(self.limits.body_chars);
-        match self.classifier.submit_now(&text) {
+        match classifier.submit_now(&text) {
             Ok(pending) => {
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();
@@ -179,6 +197,27 @@ impl Core {
                 self.in_flight.push_back(InFlight::Done { at });
             }
             Err(e) => return Err(PipelineError::Classify(e)),
+        }
+        Ok(())
+    }
+
+    /// A `news.scored` message (role `aggregate`): its scores ride along in the story's fields.
+    fn accept_scored(&mut self, record: Record, mut news: News, at: Position) -> Result<(), PipelineError> {
+        match Scores::take_from(&mut news.extra) {
+            Ok(scores) => {
+                let origin = Origin {
+                    partition: news.extra.remove("kafka_partition").and_then(|v| v.as_i64()).map(|p| p as i32),
+                    offset: news.extra.remove("kafka_offset").and_then(|v| v.as_i64()),
+                };
+                news.extra.remove("ingested_at");
+                self.in_flight_ids.insert(news.id.clone());
+                let published_ms = news.published_ms();
+                self.in_flight.push_back(InFlight::Scored { at, news, published_ms, scores, origin });
+            }
+            Err(message) => {
+                self.dead_letter(&record, "invalid_scores", &message)?;
+                self.in_flight.push_back(InFlight::Done { at });
+            }
         }
         Ok(())
     }
@@ -220,7 +259,7 @@ impl Core {
         loop {
             let result = match self.in_flight.front_mut() {
                 None => break,
-                Some(InFlight::Done { .. }) => None,
+                Some(InFlight::Done { .. } | InFlight::Scored { .. }) => None,
                 Some(InFlight::Scoring { pending, .. }) => match pending.try_scores() {
                     None => break,
                     Some(result) => Some(result),
@@ -269,7 +308,12 @@ impl Core {
             InFlight::Scoring { at, news, published_ms, pending } => {
                 let result = result.unwrap_or_else(|| pending.wait());
                 self.advance(&at);
-                self.score(news, published_ms, result, &at)
+                let origin = Origin { partition: at.from_kafka.then_some(at.partition), offset: at.from_kafka.then_some(at.offset) };
+                self.score(news, published_ms, result, &at, origin)
+            }
+            InFlight::Scored { at, news, published_ms, scores, origin } => {
+                self.advance(&at);
+                self.score(news, published_ms, Ok(scores), &at, origin)
             }
         }
     }
@@ -280,6 +324,7 @@ impl Core {
         published_ms: i64,
         result: Result<Scores, ClassifyError>,
         at: &Position,
+        origin: Origin,
     ) -> Result<(), PipelineError> {
         self.in_flight_ids.remove(&news.id);
         let scores = match result {
@@ -295,29 +340,36 @@ impl Core {
             }
         };
         let now = now_ms();
-        let tickers = news.tickers.clone().unwrap_or_default();
-        let story = Headline { id: news.id.clone(), headline: news.headline.clone(), p_negative: scores.p_negative };
-        let placed =
-            self.windows.add(published_ms, &scores.topic, &tickers, scores.sentiment, scores.sentiment_score, &story);
-        self.seen.insert(news.id.clone(), published_ms);
+        // Role `classify` keeps no windows, so no watermark to prune by; `aggregate` de-duplicates.
+        if self.role != Role::Classify {
+            self.seen.insert(news.id.clone(), published_ms);
+        }
         let row = ScoredNews {
             news,
             scores,
             ingested_at: chrono::DateTime::from_timestamp_millis(now)
                 .unwrap_or_default()
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            kafka_partition: at.from_kafka.then_some(at.partition),
-            kafka_offset: at.from_kafka.then_some(at.offset),
+            kafka_partition: origin.partition,
+            kafka_offset: origin.offset,
             published_ms,
             ingested_ms: now,
         };
-        if let Some(sink) = &self.sink {
+        // Role `aggregate` reads the sink's topic: publishing there again would loop.
+        if let (Some(sink), false) = (&self.sink, self.role == Role::Aggregate) {
             let json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
             sink.output.send(&sink.topic, row.scores.topic.as_bytes(), &json, None).map_err(PipelineError::Source)?;
         }
         self.counters.scored += 1;
         metrics::counter!("bearwatch_news_scored_total").increment(1);
         self.recent.observe(&row);
+        if self.role == Role::Classify {
+            return Ok(());
+        }
+        let tickers = row.news.tickers.clone().unwrap_or_default();
+        let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative };
+        let placed =
+            self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
         if placed == Placed::Late {
             self.counters.late += 1;
             metrics::counter!("bearwatch_window_late_total").increment(1);
@@ -372,25 +424,31 @@ impl Core {
         if let Some(sink) = &self.sink {
             sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;
         }
+        let Some(storage) = self.storage.as_mut() else {
+            // Role `classify`: what it published is acknowledged; the group's offsets are its state.
+            self.last_checkpoint = Instant::now();
+            metrics::counter!("bearwatch_checkpoints_total").increment(1);
+            return Ok(self.offsets.clone());
+        };
         // Queries wait while rows move from the live snapshot into parts, so none is seen twice.
         let live = self.live.clone();
         let _flushing = live.as_ref().map(|l| l.flushing());
         if !self.news_rows.is_empty() {
             let batch = news_batch(&self.news_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            self.storage.write(Table::News, &batch)?;
+            storage.write(Table::News, &batch)?;
         }
         if !self.late_rows.is_empty() {
             let batch = news_batch(&self.late_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            self.storage.write(Table::Late, &batch)?;
+            storage.write(Table::Late, &batch)?;
         }
         if !self.window_rows.is_empty() {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            self.storage.write(Table::Windows, &batch)?;
+            storage.write(Table::Windows, &batch)?;
         }
         if let Some(alerting) = self.alerting.as_mut() {
             if !alerting.changes.is_empty() {
                 let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                self.storage.write(Table::Alerts, &batch)?;
+                storage.write(Table::Alerts, &batch)?;
                 alerting.changes.clear();
             }
             // Into the outbox before the checkpoint: a crash in between may repeat a notice, never lose one.
@@ -398,7 +456,7 @@ impl Core {
             let rows = alerting.notifier.as_ref().map(|n| n.take_rows()).unwrap_or_default();
             if !rows.is_empty() {
                 let batch = notifications_batch(&rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                self.storage.write(Table::Notifications, &batch)?;
+                storage.write(Table::Notifications, &batch)?;
             }
         }
         tracing::debug!(
@@ -408,7 +466,7 @@ impl Core {
             open_windows = self.windows.open_windows(),
             "checkpoint"
         );
-        self.storage.commit(Checkpoint {
+        storage.commit(Checkpoint {
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             offsets: self.offsets.clone(),
             windows: self.windows.clone(),
@@ -470,6 +528,6 @@ impl Core {
     }
 
     pub fn storage_root(&self) -> &std::path::Path {
-        self.storage.root()
+        self.storage.as_ref().map_or(std::path::Path::new(""), |s| s.root())
     }
 }

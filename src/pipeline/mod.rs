@@ -22,7 +22,7 @@ use crate::sql::live::LiveRows;
 use crate::alert::{Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
-use crate::config::{ConfigError, PipelineConfig, SourceKind};
+use crate::config::{ConfigError, PipelineConfig, Role, SourceKind};
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileSource;
@@ -216,11 +216,22 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     // Installed first, so that every stage's metrics from the start are recorded.
     let metrics = config.server.http.as_ref().and_then(|_| prometheus_recorder());
     let ready = Arc::new(AtomicBool::new(false));
-    let (storage, restored) = Storage::open(&config.storage.path, config.storage.reset_on_start)?;
+    let role = config.run.role;
+    tracing::info!(role = ?role, "starting");
+    let (storage, restored) = match role {
+        Role::Classify => (None, None),
+        Role::All | Role::Aggregate => {
+            let (storage, restored) = Storage::open(&config.storage.path, config.storage.reset_on_start)?;
+            (Some(storage), restored)
+        }
+    };
     if let Some(checkpoint) = &restored {
         tracing::info!(written_at = %checkpoint.written_at, scored = checkpoint.counters.scored, "resuming from checkpoint");
     }
-    let classifier = Classifier::start(&config.model)?;
+    let classifier = match role {
+        Role::Aggregate => None,
+        Role::All | Role::Classify => Some(Classifier::start(&config.model)?),
+    };
     let source_config = &config.source;
     let kafka_output = match (&source_config.brokers, source_config.kind) {
         (Some(brokers), SourceKind::Kafka) => Some(Arc::new(Output::connect(brokers.as_str(), &source_config.properties)?)),
@@ -255,7 +266,10 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
-    let alerting = alerting(config, &silences)?;
+    let alerting = match role {
+        Role::Classify => None,
+        Role::All | Role::Aggregate => alerting(config, &silences)?,
+    };
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
@@ -276,7 +290,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         }
         None => None,
     };
-    let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
+    let core = Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
     lock(&core).live = live;
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
@@ -288,14 +302,22 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             tracing::info!(file = %path.display(), stories = file.len(), resume_at = start, "replaying file");
             Box::new(file)
         }
-        SourceKind::Kafka => Box::new(KafkaSource::subscribe(
-            source_config.brokers.as_ref().expect("validated").as_str(),
-            &source_config.properties,
-            source_config.group_id.as_deref().expect("validated"),
-            &source_config.topics,
-            source_config.start_offset,
-            rebalancer.clone(),
-        )?),
+        SourceKind::Kafka => {
+            // Role `aggregate` reads what `classify` instances publish, in a group of its own.
+            let (group_id, topics) = match (role, &config.sink) {
+                (Role::Aggregate, Some(sink)) => (config.aggregate_group_id(), vec![sink.topic.clone()]),
+                _ => (source_config.group_id.clone().expect("validated"), source_config.topics.clone()),
+            };
+            tracing::info!(group_id, ?topics, "joining the consumer group");
+            Box::new(KafkaSource::subscribe(
+                source_config.brokers.as_ref().expect("validated").as_str(),
+                &source_config.properties,
+                &group_id,
+                &topics,
+                source_config.start_offset,
+                rebalancer.clone(),
+            )?)
+        }
     };
 
     ready.store(true, Ordering::SeqCst);
@@ -479,7 +501,7 @@ mod tests {
             dedup_max_ids: 1000,
         };
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
-        let core = Arc::new(Mutex::new(Core::new(classifier, limits, windows, storage, dead_letter, None, None, None).unwrap()));
+        let core = Arc::new(Mutex::new(Core::new(Role::All, Some(classifier), limits, windows, Some(storage), dead_letter, None, None, None).unwrap()));
         let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
         let mut source = Backlog::default();
         for i in 0..300 {

@@ -25,6 +25,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Writes `config` to `<dir>/pipeline.toml` and starts `bearwatch run` on it, in `dir`.
     pub fn start(dir: &Path, name: &str, config: &str) -> Pipeline {
+        Pipeline::start_with(dir, name, config, &[])
+    }
+
+    /// As [`Pipeline::start`], with more `bearwatch run` arguments (e.g. `--role classify`).
+    pub fn start_with(dir: &Path, name: &str, config: &str, args: &[&str]) -> Pipeline {
         std::fs::create_dir_all(dir).unwrap();
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, config).unwrap();
@@ -33,6 +38,7 @@ impl Pipeline {
         let child = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
             .args(["run", "--pipeline"])
             .arg(&file)
+            .args(args)
             .current_dir(dir)
             .env("BEARWATCH_LOG", "info")
             .stdin(Stdio::null())
