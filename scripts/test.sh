@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets up ONNX Runtime (scripts/setup-ort.sh) and the test SMTP server's package, starts the test Kafka broker (scripts/kafka.sh) unless
-# one is already running, and runs the whole test suite in the dev profile.
+# Sets up ONNX Runtime (scripts/setup-ort.sh), the test SMTP server's and DuckDB's packages and
+# playwright-core (drives Debian's chromium in tests/dashboard.rs), starts the test Kafka broker
+# (scripts/kafka.sh) unless one is already running, and runs the whole test suite in the dev profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-ort.sh >/dev/null
 # The tests' real SMTP server (tests/smtp_server.py) runs on aiosmtpd from the same virtualenv.
 .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
+(cd tests/browser && npm ci --silent --no-audit --no-fund)
 if ! scripts/kafka.sh status; then
   trap 'scripts/kafka.sh stop' EXIT
 fi

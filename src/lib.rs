@@ -7,6 +7,7 @@ pub mod classify;
 pub mod config;
 pub mod detect;
 pub mod error;
+pub mod telemetry;
 pub mod news;
 pub mod pipeline;
 pub mod server;

@@ -32,6 +32,9 @@ enum Command {
         /// aggregate: [sink] topic → windows, alerts and tables).
         #[arg(long, value_enum)]
         role: Option<config::Role>,
+        /// After a file input ends, keep serving the dashboard, SQL and metrics until Ctrl-C.
+        #[arg(long)]
+        keep_serving: bool,
     },
     /// Runs a read-only SQL query over a pipeline's tables (news, windows, late, alerts, notifications).
     Sql {
@@ -167,11 +170,12 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
 }
 
-fn run_pipeline(path: Option<PathBuf>, role: Option<config::Role>) -> anyhow::Result<ExitCode> {
+fn run_pipeline(path: Option<PathBuf>, role: Option<config::Role>, keep_serving: bool) -> anyhow::Result<ExitCode> {
     let mut config = match &path {
         Some(path) => PipelineConfig::load(path)?,
         None => PipelineConfig::parse(config::DEMO_PIPELINE, config::DEMO_PIPELINE_NAME)?,
     };
+    config.run.keep_serving |= keep_serving;
     if let Some(role) = role {
         config.run.role = role;
         config.check_role().map_err(|(field, message)| config::ConfigError::Invalid {
@@ -275,7 +279,7 @@ fn run_sql(
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { pipeline, role } => run_pipeline(pipeline, role),
+        Command::Run { pipeline, role, keep_serving } => run_pipeline(pipeline, role, keep_serving),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
         Command::Rules(RulesCommand::Check { files }) => {
             let mut names = std::collections::BTreeMap::new();

@@ -182,8 +182,11 @@ impl Alerting {
 
     /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.
     pub fn observe(&mut self, rows: &[WindowRow], watermark_ms: i64) -> usize {
+        crate::telemetry::received("detect", rows.len() as u64);
         let alerts = self.detector.evaluate(rows, watermark_ms);
         let count = alerts.len();
+        crate::telemetry::sent("detect", count as u64);
+        metrics::gauge!("bearwatch_alerts_firing").set(self.detector.firing() as f64);
         for alert in alerts {
             self.notify(&alert);
             self.changes.push((alert, chrono::Utc::now().timestamp_millis()));
@@ -195,8 +198,10 @@ impl Alerting {
         metrics::counter!("bearwatch_alerts_total", "state" => alert.state.as_str())
             .increment(1);
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
+            crate::telemetry::received("notify", 1);
             if delivery.silenced {
                 tracing::info!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "silenced");
+                crate::telemetry::dropped("notify", "silenced", 1);
                 continue;
             }
             match self.receivers.get(&delivery.receiver) {

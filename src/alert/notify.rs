@@ -301,7 +301,8 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
             let mut outbox = lock(&shared.outbox);
             match outcome {
                 Ok(()) => {
-                    metrics::counter!("bearwatch_notifications_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
+                    metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
+                    crate::telemetry::sent("notify", 1);
                     tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
                     let sent = outbox.sent(&key, now);
                     // A firing alert is repeated every repeat interval until it resolves.
@@ -316,7 +317,8 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
                     sent
                 }
                 Err(error) => {
-                    metrics::counter!("bearwatch_notifications_total", "receiver" => entry.receiver.clone(), "outcome" => "failed").increment(1);
+                    metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "failed").increment(1);
+                    crate::telemetry::errors("notify", 1);
                     tracing::warn!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, attempt = entry.attempts + 1, %error, "notification failed; will retry");
                     outbox.failed(&key, now, error, now + backoff_ms(entry.attempts + 1))
                 }

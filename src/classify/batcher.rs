@@ -93,7 +93,8 @@ impl Submitter {
         let (reply, rx) = oneshot::channel();
         let request = Request { ids, arrived: Instant::now(), reply, _slot: slot };
         self.tx.send(request).map_err(|_| ClassifyError::Stopped)?;
-        metrics::gauge!("bearwatch_classify_queued").increment(1.0);
+        metrics::gauge!("bearwatch_classify_queue_depth").increment(1.0);
+        crate::telemetry::received("classify", 1);
         Ok(rx)
     }
 }
@@ -127,7 +128,8 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
         // Callers that gave up need no compute.
         let before = queue.len();
         queue.retain(|r| !r.reply.is_closed());
-        metrics::gauge!("bearwatch_classify_queued").decrement((before - queue.len()) as f64);
+        metrics::gauge!("bearwatch_classify_queue_depth").decrement((before - queue.len()) as f64);
+        crate::telemetry::dropped("classify", "abandoned", (before - queue.len()) as u64);
         if queue.is_empty() {
             match rx.recv() {
                 Ok(request) => queue.push(request),
@@ -151,7 +153,7 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
             }
         }
         let batch = take_batch(&mut queue, &limits);
-        metrics::gauge!("bearwatch_classify_queued").decrement(batch.len() as f64);
+        metrics::gauge!("bearwatch_classify_queue_depth").decrement(batch.len() as f64);
         execute(&mut backend, batch);
         idle_since = Instant::now();
     }
@@ -198,21 +200,21 @@ fn execute(backend: &mut impl Backend, batch: Vec<Request>) {
     let result = backend.run(&padded).and_then(|out| split(out, padded.rows));
     metrics::histogram!("bearwatch_classify_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("bearwatch_classify_batch_size").record(padded.rows as f64);
-    metrics::histogram!("bearwatch_classify_batch_padded_tokens").record(padded.padded_tokens() as f64);
+    metrics::histogram!("bearwatch_classify_batch_tokens").record(padded.padded_tokens() as f64);
     for request in &batch {
         metrics::histogram!("bearwatch_classify_queue_wait_seconds")
             .record(started.duration_since(request.arrived).as_secs_f64());
     }
     match result {
         Ok(items) => {
-            metrics::counter!("bearwatch_classify_items_total").increment(items.len() as u64);
+            crate::telemetry::sent("classify", items.len() as u64);
             for (request, item) in batch.into_iter().zip(items) {
                 // A dropped receiver means the caller stopped waiting; nothing to do.
                 let _ = request.reply.send(Ok(item));
             }
         }
         Err(e) => {
-            metrics::counter!("bearwatch_classify_errors_total").increment(batch.len() as u64);
+            crate::telemetry::errors("classify", batch.len() as u64);
             tracing::error!(error = %e, rows = padded.rows, "batch failed");
             let message = e.to_string();
             for request in batch {

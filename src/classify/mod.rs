@@ -162,7 +162,9 @@ impl Classifier {
     /// Like [`Classifier::submit`] for callers on plain threads that bound their own in-flight
     /// items below `max_queued`: fails with [`ClassifyError::QueueFull`] instead of waiting.
     pub fn submit_now(&self, text: &str) -> Result<Pending, ClassifyError> {
+        let started = std::time::Instant::now();
         let ids = self.encoder.encode(text)?;
+        metrics::histogram!("bearwatch_classify_tokenize_seconds").record(started.elapsed().as_secs_f64());
         let permit = self.slots.clone().try_acquire_owned().map_err(|e| match e {
             tokio::sync::TryAcquireError::Closed => ClassifyError::Stopped,
             tokio::sync::TryAcquireError::NoPermits => ClassifyError::QueueFull,

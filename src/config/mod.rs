@@ -282,6 +282,9 @@ pub struct RunConfig {
     pub summary_interval: HumanDuration,
     /// Longest a SIGTERM/SIGINT shutdown waits for in-flight stories before checkpointing without them.
     pub shutdown_timeout: HumanDuration,
+    /// When a bounded input (a file) ends, keep serving the dashboard, SQL and metrics until
+    /// SIGINT/SIGTERM instead of exiting (`bearwatch run --keep-serving`).
+    pub keep_serving: bool,
 }
 
 impl Default for RunConfig {
@@ -290,6 +293,7 @@ impl Default for RunConfig {
             role: Role::All,
             summary_interval: HumanDuration(std::time::Duration::from_secs(2)),
             shutdown_timeout: HumanDuration(std::time::Duration::from_secs(30)),
+            keep_serving: false,
         }
     }
 }

@@ -266,6 +266,11 @@ mod as_pairs {
 }
 
 impl Detector {
+    /// Alerts firing now, over every rule and group.
+    pub fn firing(&self) -> usize {
+        self.tracked.values().filter(|t| matches!(t.phase, Phase::Firing { .. })).count()
+    }
+
     pub fn new(rules: Vec<Rule>) -> Detector {
         Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new() }
     }

@@ -161,7 +161,7 @@ impl Core {
             return Ok(());
         }
         self.counters.received += 1;
-        metrics::counter!("bearwatch_source_received_total").increment(1);
+        crate::telemetry::received("source", 1);
         let at = Position {
             topic: record.topic.clone(),
             partition: record.partition,
@@ -171,14 +171,14 @@ impl Core {
         let news = match self.validate(&record) {
             Ok(news) => news,
             Err((kind, message)) => {
-                self.dead_letter(&record, kind, &message)?;
+                self.dead_letter("source", &record, kind, &message)?;
                 self.in_flight.push_back(InFlight::Done { at });
                 return Ok(());
             }
         };
         if self.seen.contains_key(&news.id) || self.in_flight_ids.contains(&news.id) {
             self.counters.duplicates += 1;
-            metrics::counter!("bearwatch_duplicates_total").increment(1);
+            crate::telemetry::dropped("source", "duplicate", 1);
             self.in_flight.push_back(InFlight::Done { at });
             return Ok(());
         }
@@ -188,12 +188,13 @@ impl Core {
         let text = news.classification_text(self.limits.body_chars);
         match classifier.submit_now(&text) {
             Ok(pending) => {
+                crate::telemetry::sent("source", 1);
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();
                 self.in_flight.push_back(InFlight::Scoring { at, news, published_ms, pending });
             }
             Err(e @ (ClassifyError::Tokenize(_) | ClassifyError::EmptyText)) => {
-                self.dead_letter(&record, "classify_failed", &e.to_string())?;
+                self.dead_letter("classify", &record, "classify_failed", &e.to_string())?;
                 self.in_flight.push_back(InFlight::Done { at });
             }
             Err(e) => return Err(PipelineError::Classify(e)),
@@ -210,12 +211,13 @@ impl Core {
                     offset: news.extra.remove("kafka_offset").and_then(|v| v.as_i64()),
                 };
                 news.extra.remove("ingested_at");
+                crate::telemetry::sent("source", 1);
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();
                 self.in_flight.push_back(InFlight::Scored { at, news, published_ms, scores, origin });
             }
             Err(message) => {
-                self.dead_letter(&record, "invalid_scores", &message)?;
+                self.dead_letter("source", &record, "invalid_scores", &message)?;
                 self.in_flight.push_back(InFlight::Done { at });
             }
         }
@@ -247,8 +249,10 @@ impl Core {
         Ok(news)
     }
 
-    fn dead_letter(&mut self, record: &Record, kind: &str, message: &str) -> Result<(), PipelineError> {
+    /// Sends a record that `stage` could not handle to the dead-letter output, with the reason.
+    fn dead_letter(&mut self, stage: &'static str, record: &Record, kind: &str, message: &str) -> Result<(), PipelineError> {
         self.counters.dead_lettered += 1;
+        crate::telemetry::dropped(stage, "dead_letter", 1);
         tracing::debug!(kind, message, topic = %record.topic, partition = record.partition, offset = record.offset, "dead-lettered");
         self.dead_letter.send(record, kind, message).map_err(PipelineError::Source)
     }
@@ -336,7 +340,7 @@ impl Core {
                 let payload = serde_json::to_vec(&news).unwrap_or_default();
                 let record =
                     Record { topic: at.topic.clone(), partition: at.partition, offset: at.offset, payload, from_kafka: at.from_kafka };
-                return self.dead_letter(&record, "classify_failed", &e.to_string());
+                return self.dead_letter("classify", &record, "classify_failed", &e.to_string());
             }
         };
         let now = now_ms();
@@ -359,15 +363,17 @@ impl Core {
         if let (Some(sink), false) = (&self.sink, self.role == Role::Aggregate) {
             let json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
             sink.output.send(&sink.topic, row.scores.topic.as_bytes(), &json, None).map_err(PipelineError::Source)?;
+            crate::telemetry::sent("sink", 1);
         }
         self.counters.scored += 1;
-        metrics::counter!("bearwatch_news_scored_total").increment(1);
+
         self.recent.observe(&row);
         if self.role == Role::Classify {
             return Ok(());
         }
         let tickers = row.news.tickers.clone().unwrap_or_default();
         let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative };
+        crate::telemetry::received("window", 1);
         let placed =
             self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
         if placed == Placed::Late {
@@ -384,6 +390,8 @@ impl Core {
 
     /// Runs the alert rules on rows the windows just emitted.
     fn observe(&mut self, rows: &[WindowRow]) {
+        crate::telemetry::sent("window", rows.len() as u64);
+        metrics::gauge!("bearwatch_windows_open").set(self.windows.open_windows() as f64);
         if let (Some(alerting), false) = (self.alerting.as_mut(), rows.is_empty()) {
             let watermark = self.windows.watermark_ms().unwrap_or(0);
             self.counters.alerts += alerting.observe(rows, watermark) as u64;

@@ -325,6 +325,12 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     rebalancer.closing.store(true, Ordering::SeqCst);
     drop(source);
     let interrupted = result?;
+    if !interrupted && config.run.keep_serving && (_server.is_some() || _postgres.is_some()) {
+        tracing::info!("input finished; still serving the dashboard, SQL and metrics until Ctrl-C");
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let core = lock(&core);
     Ok(RunOutcome {
         counters: core.counters.clone(),

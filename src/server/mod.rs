@@ -2,7 +2,7 @@
 //! Silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`) and read-only SQL over the
 //! pipeline's tables (`POST /sql`), with bearer-token auth when `[server] auth_token` is set; and,
 //! without auth for probes and scrapers, `GET /health`, `GET /ready` and `GET /metrics`
-//! (Prometheus text format).
+//! (Prometheus text format), and the dashboard page at `GET /` (its data needs the token).
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -78,6 +78,7 @@ impl Server {
         let local = listener.local_addr().map_err(bind_error)?;
         let state = AppState { silences, token, sql, ops };
         let open = Router::new()
+            .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
             .route("/health", get(|| async { "ok\n" }))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics));
@@ -116,6 +117,9 @@ impl Drop for Server {
         }
     }
 }
+
+/// The live dashboard: one hand-written page that polls `POST /sql` (no external assets).
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()

@@ -39,9 +39,32 @@ pub trait RebalanceHandler: Send + Sync {
 
 pub struct GroupContext {
     handler: Arc<dyn RebalanceHandler>,
+    /// Partitions whose lag was last reported, so that a partition that moved away reads 0.
+    reported: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per assigned partition,
+    /// measured from the group's committed offset, as `kafka-consumer-groups.sh` shows it.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut now = std::collections::BTreeSet::new();
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" queue; lag -1 means not known yet.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!("bearwatch_kafka_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                    now.insert((topic.clone(), *partition));
+                }
+            }
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, partition) in reported.difference(&now) {
+            metrics::gauge!("bearwatch_kafka_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
+        }
+        *reported = now;
+    }
+}
 
 fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
     list.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
@@ -105,12 +128,13 @@ impl KafkaSource {
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", properties.get("statistics.interval.ms").map_or("5000", |v| v.as_str()))
             .set("auto.offset.reset", match start {
                 StartOffset::Earliest => "earliest",
                 StartOffset::Latest => "latest",
             });
         let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext { handler })
+            .create_with_context(GroupContext { handler, reported: Default::default() })
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
@@ -143,7 +167,7 @@ impl Source for KafkaSource {
             Some(Err(e)) => {
                 // librdkafka reconnects and retries by itself; these are reports, not failures.
                 tracing::warn!(error = %e, "kafka consumer");
-                metrics::counter!("bearwatch_source_errors_total").increment(1);
+                crate::telemetry::errors("source", 1);
                 Ok(None)
             }
         }
@@ -193,7 +217,7 @@ impl ProducerContext for DeliveryReport {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, message)) = result {
             self.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("bearwatch_producer_failures_total").increment(1);
+            crate::telemetry::errors("producer", 1);
             tracing::error!(error = %e, topic = message.topic(), "kafka delivery failed");
         }
     }

@@ -1,0 +1,66 @@
+//! Every Prometheus metric bearwatch exports, in one list (with its help text), and the per-stage
+//! counters each component records. `/metrics` serves them; README's metrics table is checked
+//! against [`METRICS`] by a test.
+//!
+//! Stages, in data-flow order: `source` (records read), `classify` (the model), `sink` (the scored
+//! topic), `window`, `detect` (alert rules), `notify` (receivers).
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Name, kind, labels and help of every metric.
+pub const METRICS: &[(&str, Kind, &str, &str)] = &[
+    ("bearwatch_stage_received_total", Kind::Counter, "stage", "Items that entered a stage"),
+    ("bearwatch_stage_sent_total", Kind::Counter, "stage", "Items a stage passed on"),
+    ("bearwatch_stage_errors_total", Kind::Counter, "stage", "Failures inside a stage"),
+    ("bearwatch_stage_dropped_total", Kind::Counter, "stage, reason", "Items a stage did not pass on, and why"),
+    ("bearwatch_dead_letter_total", Kind::Counter, "kind", "Messages sent to the dead-letter output, by error kind"),
+    ("bearwatch_window_late_total", Kind::Counter, "", "Stories behind the watermark (kept in table `late`)"),
+    ("bearwatch_kafka_consumer_lag", Kind::Gauge, "topic, partition", "Messages behind the high watermark, per assigned partition"),
+    ("bearwatch_classify_queue_depth", Kind::Gauge, "", "Texts waiting for a batch"),
+    ("bearwatch_classify_tokenize_seconds", Kind::Histogram, "", "Tokenizing one text"),
+    ("bearwatch_classify_queue_wait_seconds", Kind::Histogram, "", "From submit to the start of the item's batch"),
+    ("bearwatch_classify_batch_seconds", Kind::Histogram, "", "Model inference per batch"),
+    ("bearwatch_classify_batch_size", Kind::Histogram, "", "Items per batch"),
+    ("bearwatch_classify_batch_tokens", Kind::Histogram, "", "Padded tokens per batch"),
+    ("bearwatch_windows_open", Kind::Gauge, "", "Windows not yet closed by the watermark"),
+    ("bearwatch_alerts_firing", Kind::Gauge, "", "Alerts firing now"),
+    ("bearwatch_alerts_total", Kind::Counter, "state", "Alert state changes (firing, resolved)"),
+    ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
+    ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
+    ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
+];
+
+/// Registers the help texts; called once the recorder is installed.
+pub fn describe() {
+    for (name, kind, _, help) in METRICS {
+        match kind {
+            Kind::Counter => describe_counter!(*name, *help),
+            Kind::Gauge => describe_gauge!(*name, *help),
+            Kind::Histogram if name.ends_with("_seconds") => describe_histogram!(*name, metrics::Unit::Seconds, *help),
+            Kind::Histogram => describe_histogram!(*name, *help),
+        }
+    }
+}
+
+pub fn received(stage: &'static str, n: u64) {
+    counter!("bearwatch_stage_received_total", "stage" => stage).increment(n);
+}
+
+pub fn sent(stage: &'static str, n: u64) {
+    counter!("bearwatch_stage_sent_total", "stage" => stage).increment(n);
+}
+
+pub fn errors(stage: &'static str, n: u64) {
+    counter!("bearwatch_stage_errors_total", "stage" => stage).increment(n);
+}
+
+pub fn dropped(stage: &'static str, reason: &'static str, n: u64) {
+    counter!("bearwatch_stage_dropped_total", "stage" => stage, "reason" => reason).increment(n);
+}

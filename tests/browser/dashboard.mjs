@@ -1,0 +1,40 @@
+// Opens the dashboard in headless Chromium (Debian's, not a downloaded one) and checks what a person
+// would look for: the chart draws lines from the windows, a firing alert shows its explanation, the
+// latest headlines are listed, and the numbers move while the pipeline runs. Prints one JSON line.
+// Usage: node dashboard.mjs URL SCREENSHOT.png
+import { chromium } from "playwright-core";
+
+const [url, screenshot] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.BEARWATCH_CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu"],
+});
+const errors = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 950 } });
+  page.on("pageerror", (e) => errors.push(e.message));
+  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  page.on("request", (r) => !r.url().startsWith(new URL(url).origin) && errors.push("external request: " + r.url()));
+  await page.goto(url);
+  const stories = () => page.$eval("#status", (e) => Number((e.textContent.match(/^(\d+) stories/) || [0, -1])[1]));
+  await page.waitForFunction(() => /^\d+ stories/.test(document.getElementById("status").textContent), null, { timeout: 60000 });
+  const first = await stories();
+  // Live: a later refresh shows more stories than the first one did.
+  await page.waitForFunction((n) => Number((document.getElementById("status").textContent.match(/^(\d+) stories/) || [0, -1])[1]) > n, first, { timeout: 60000 });
+  await page.waitForSelector("svg#chart path.series", { timeout: 60000 });
+  await page.waitForSelector("#alerts .alert", { timeout: 120000 });
+  await page.waitForSelector("#headlines table tr:nth-child(2)", { timeout: 30000 });
+  const result = {
+    first,
+    later: await stories(),
+    series: await page.locator("svg#chart path.series").count(),
+    points: await page.$eval("svg#chart path.series", (p) => (p.getAttribute("d").match(/[ML]/g) || []).length),
+    alert: await page.locator("#alerts .alert").first().innerText(),
+    headlines: await page.locator("#headlines tr").count() - 1,
+    errors,
+  };
+  await page.screenshot({ path: screenshot, fullPage: true });
+  console.log(JSON.stringify(result));
+} finally {
+  await browser.close();
+}
