@@ -3,7 +3,8 @@
 //! against [`METRICS`] by a test.
 //!
 //! Stages, in data-flow order: `source` (records read), `classify` (the model), `sink` (the scored
-//! topic), `window`, `detect` (alert rules), `notify` (receivers).
+//! topic), `window`, `detect` (alert rules), `notify` (receivers); `producer` errors are failed Kafka
+//! deliveries of any output (sink, dead letters, the alerts topic).
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram};
 
@@ -37,8 +38,35 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];
 
-/// Registers the help texts; called once the recorder is installed.
+/// Every (metric, stage) pair that is counted, and every (stage, reason) a stage drops for. They start
+/// at 0, so that a rate over a counter that never moved reads 0 rather than "no data".
+const STAGE_COUNTERS: [(&str, &[&str]); 3] = [
+    ("bearwatch_stage_received_total", &["source", "classify", "window", "detect", "notify"]),
+    ("bearwatch_stage_sent_total", &["source", "classify", "sink", "window", "detect", "notify"]),
+    ("bearwatch_stage_errors_total", &["source", "classify", "producer", "notify"]),
+];
+const DROPS: [(&str, &str); 5] =
+    [("source", "dead_letter"), ("source", "duplicate"), ("classify", "dead_letter"), ("classify", "abandoned"), ("notify", "silenced")];
+
+/// Registers the help texts and zeroes the known series; called once the recorder is installed.
 pub fn describe() {
+    for (name, stages) in STAGE_COUNTERS {
+        for stage in stages {
+            counter!(name, "stage" => *stage).increment(0);
+        }
+    }
+    for (stage, reason) in DROPS {
+        dropped(stage, reason, 0);
+    }
+    for state in ["firing", "resolved"] {
+        counter!("bearwatch_alerts_total", "state" => state).increment(0);
+    }
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total"] {
+        counter!(name).increment(0);
+    }
+    for name in ["bearwatch_classify_queue_depth", "bearwatch_windows_open", "bearwatch_alerts_firing"] {
+        metrics::gauge!(name).increment(0.0);
+    }
     for (name, kind, _, help) in METRICS {
         match kind {
             Kind::Counter => describe_counter!(*name, *help),

@@ -317,11 +317,15 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     let scored_topic = format!("{topic}.scored");
     create_topic(&topic, 4);
     create_topic(&scored_topic, 3);
-    let config = kafka_pipeline(&topic, &unique("group"), "aggregate", &format!("\n[sink]\ntopic = \"{scored_topic}\"\n"));
+    let group = unique("group");
+    let sink = format!("\n[sink]\ntopic = \"{scored_topic}\"\n");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = kafka_pipeline(&topic, &group, "aggregate", &format!("{sink}\n[server]\nhttp = \"127.0.0.1:{http}\"\n"))
+        .replace("\"session.timeout.ms\" = \"6000\"", "\"session.timeout.ms\" = \"6000\"\n\"statistics.interval.ms\" = \"500\"");
     let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &config, &["--role", "aggregate"]);
     // Classify commits rarely, so that the killed process surely leaves published but uncommitted
     // stories behind: its successor publishes them again.
-    let classify = config.replace("checkpoint_interval = \"300ms\"", "checkpoint_interval = \"20s\"");
+    let classify = kafka_pipeline(&topic, &group, "aggregate", &sink).replace("checkpoint_interval = \"300ms\"", "checkpoint_interval = \"20s\"");
     let mut a = Pipeline::start_with(dir.path(), "classify-a", &classify, &["--role", "classify"]);
     let mut b = Pipeline::start_with(dir.path(), "classify-b", &classify, &["--role", "classify"]);
     let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
@@ -344,6 +348,21 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     aggregate.wait_for_checkpoint(Duration::from_secs(180), "every story", |c| counter(c, "scored") >= total);
     b.signal("TERM");
     assert!(b.wait(Duration::from_secs(30)).success(), "{}", b.logs());
+    // Consumer lag per partition of the scored topic, from librdkafka's statistics: back to 0 once
+    // everything is processed and committed.
+    let lag_lines = |text: &str| -> Vec<String> {
+        text.lines().filter(|l| l.starts_with("bearwatch_kafka_consumer_lag{") && l.contains(&scored_topic)).map(str::to_string).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+        let lines = lag_lines(&text);
+        if lines.len() == 3 && lines.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag per partition never reached 0: {lines:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     aggregate.signal("TERM");
     assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
 

@@ -147,7 +147,10 @@ fn prometheus_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &buckets)
         .and_then(|b| b.set_buckets(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0]));
     match builder.map(|b| b.install_recorder()) {
-        Ok(Ok(handle)) => Some(handle),
+        Ok(Ok(handle)) => {
+            crate::telemetry::describe();
+            Some(handle)
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "no /metrics: a metrics recorder is already installed");
             None
