@@ -19,17 +19,18 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     // The demo's stories plus one that is not JSON, for the dead-letter metrics.
     let input = std::fs::read_to_string(DEMO_DATA).unwrap() + "{not json\n";
     std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
-    std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\n").unwrap();
+    std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"hook\", \"closed\"]\ngroup_wait = \"0s\"\n").unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
         "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 40000\n\
          [window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
          [storage]\npath = \"store\"\ncheckpoint_interval = \"2s\"\n\
-         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\n\
+         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n\
          [server]\nhttp = \"127.0.0.1:{port}\"\n\
          [alerts]\nrules = [\"{ROOT}/alerts/default.toml\", \"routes.toml\"]\n\
          [[receivers]]\nname = \"log\"\ntype = \"log\"\n\
-         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{hook}/\"\n"
+         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{hook}/\"\n\
+         [[receivers]]\nname = \"closed\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hooks/SECRET-PATH-TOKEN\"\ntimeout = \"1s\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "demo", &config);
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -92,6 +93,12 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
 
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+    // Logs at info: failed deliveries are there, but no receiver URL (its path is a secret) and no
+    // story body.
+    let logs = std::fs::read_to_string(&run.stderr).unwrap();
+    assert!(logs.contains("notification failed"), "{logs}");
+    assert!(!logs.contains("SECRET-PATH-TOKEN"), "a receiver URL leaked into the logs");
+    assert!(!logs.contains("Showers continued throughout the week"), "a story body leaked into the logs");
 }
 
 /// A webhook endpoint that answers 200 to everything; returns its port.

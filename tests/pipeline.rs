@@ -219,3 +219,37 @@ fn config_errors_name_file_line_and_field_and_exit_2() {
     assert_eq!(second.wait(Duration::from_secs(60)).code(), Some(2));
     assert!(second.logs().contains("other [window] settings"), "{}", second.logs());
 }
+
+/// `--log-format json`: one JSON object per stderr line, and lines about a story carry its id from
+/// the stage's span. At `info` nothing shows a story's body.
+#[test]
+fn json_logs_carry_the_story_id_and_info_logs_never_show_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    // The second story repeats the first one's id: dropped, which is logged (at debug) in its span.
+    let input = "{\"id\":\"twice\",\"published_at\":\"1987-03-05T12:00:00Z\",\"headline\":\"Oil prices fall\",\"body\":\"SECRET-BODY-TEXT one\"}\n\
+                 {\"id\":\"twice\",\"published_at\":\"1987-03-05T13:00:00Z\",\"headline\":\"Oil prices fall\",\"body\":\"SECRET-BODY-TEXT two\"}\n";
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("p.toml"), file_pipeline("in.jsonl", "store", "")).unwrap();
+    let run = |level: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+            .args(["run", "--log-format", "json", "--pipeline", "p.toml"])
+            .current_dir(dir.path())
+            .env("BEARWATCH_LOG", level)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let debug = run("debug");
+    let lines: Vec<serde_json::Value> =
+        debug.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string() && l["fields"].is_object()));
+    let duplicate = lines.iter().find(|l| l["fields"]["message"] == "duplicate id: dropped").expect("the duplicate is logged");
+    assert_eq!(duplicate["span"]["name"], "source");
+    assert_eq!(duplicate["span"]["id"], "twice", "{duplicate}");
+    assert_eq!(duplicate["span"]["offset"], 1, "{duplicate}");
+
+    let info = run("info");
+    assert!(!info.is_empty() && info.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(!info.contains("SECRET-BODY-TEXT"), "{info}");
+}

@@ -294,6 +294,7 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
         let result = if now > entry.expires_ms {
             lock(&shared.outbox).drop_entry(&key, now, format!("expired after {} attempts", entry.attempts))
         } else {
+            let _span = tracing::info_span!("notify", receiver = %entry.receiver, alert_id = %entry.alert.alert_id).entered();
             let outcome = match notifiers.get_mut(&entry.receiver) {
                 Some(notifier) => notifier.send(&entry.alert, &key),
                 None => Err(format!("no receiver named `{}`", entry.receiver)),

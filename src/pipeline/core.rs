@@ -162,6 +162,9 @@ impl Core {
         }
         self.counters.received += 1;
         crate::telemetry::received("source", 1);
+        // Every log line about this record carries where it came from and, once parsed, its id.
+        let span = tracing::info_span!("source", topic = %record.topic, partition = record.partition, offset = record.offset, id = tracing::field::Empty);
+        let _entered = span.enter();
         let at = Position {
             topic: record.topic.clone(),
             partition: record.partition,
@@ -169,7 +172,10 @@ impl Core {
             from_kafka: record.from_kafka,
         };
         let news = match self.validate(&record) {
-            Ok(news) => news,
+            Ok(news) => {
+                span.record("id", news.id.as_str());
+                news
+            }
             Err((kind, message)) => {
                 self.dead_letter("source", &record, kind, &message)?;
                 self.in_flight.push_back(InFlight::Done { at });
@@ -177,6 +183,7 @@ impl Core {
             }
         };
         if self.seen.contains_key(&news.id) || self.in_flight_ids.contains(&news.id) {
+            tracing::debug!("duplicate id: dropped");
             self.counters.duplicates += 1;
             crate::telemetry::dropped("source", "duplicate", 1);
             self.in_flight.push_back(InFlight::Done { at });
@@ -330,6 +337,7 @@ impl Core {
         at: &Position,
         origin: Origin,
     ) -> Result<(), PipelineError> {
+        let _span = tracing::info_span!("window", id = %news.id).entered();
         self.in_flight_ids.remove(&news.id);
         let scores = match result {
             Ok(scores) => scores,
@@ -377,6 +385,7 @@ impl Core {
         let placed =
             self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
         if placed == Placed::Late {
+            tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
             self.counters.late += 1;
             metrics::counter!("bearwatch_window_late_total").increment(1);
             self.late_rows.push(row.clone());
