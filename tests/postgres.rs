@@ -76,6 +76,25 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     let (_, out) = psql(port, "s3cret", "SELECT count(*) FROM (SELECT 1 FROM news LIMIT 1)");
     assert_eq!(out.trim(), "1", "the tables are still there");
 
+    // The provisioned Grafana dashboard's SQL panels run over this interface (Grafana's
+    // `$__timeFilter` macro expanded the way Grafana does).
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/dashboards/bearwatch.json")).unwrap()).unwrap();
+    let mut panels = 0;
+    for target in dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let Some(sql) = target["rawSql"].as_str() else { continue };
+        let mut sql = sql.to_string();
+        while let Some(start) = sql.find("$__timeFilter(") {
+            let end = start + sql[start..].find(')').unwrap();
+            let column = &sql[start + 14..end];
+            sql = format!("{}{column} BETWEEN '1987-01-01T00:00:00Z' AND '2030-01-01T00:00:00Z'{}", &sql[..start], &sql[end + 1..]);
+        }
+        let (ok, out) = psql(port, "s3cret", &sql);
+        assert!(ok, "Grafana panel query failed: {sql}\n{out}");
+        panels += 1;
+    }
+    assert!(panels >= 4);
+
     // `[server] query_timeout` bounds a query's execution on this interface too.
     let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";
     let started = Instant::now();
