@@ -353,6 +353,7 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     let lag_lines = |text: &str| -> Vec<String> {
         text.lines().filter(|l| l.starts_with("bearwatch_kafka_consumer_lag{") && l.contains(&scored_topic)).map(str::to_string).collect()
     };
+    assert_eq!(ureq::get(format!("http://127.0.0.1:{http}/ready")).call().unwrap().status(), 200, "the broker is reachable");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();

@@ -125,3 +125,29 @@ fn webhook() -> u16 {
     });
     port
 }
+
+/// `/ready` is about the source: with no broker to reach it stays 503 while `/health` is 200.
+#[test]
+fn ready_waits_for_the_broker_while_health_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nobody = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:{nobody}\"\ntopics = [\"news\"]\ngroup_id = \"g\"\n\
+         [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n[server]\nhttp = \"127.0.0.1:{port}\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let status = |path: &str| agent.get(format!("http://127.0.0.1:{port}{path}")).call().map(|r| r.status().as_u16()).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status("/health") != 200 {
+        assert!(Instant::now() < deadline, "no server\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Long enough for several reachability checks (every 2 s) to have failed.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(status("/ready"), 503, "{}", run.logs());
+    assert_eq!(status("/health"), 200);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}

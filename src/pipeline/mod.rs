@@ -323,8 +323,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         }
     };
 
-    ready.store(true, Ordering::SeqCst);
-    let result = drive(config, &core, &rebalancer, source.as_mut(), &stop);
+    let result = drive(config, &core, &rebalancer, source.as_mut(), &stop, &ready);
     rebalancer.closing.store(true, Ordering::SeqCst);
     drop(source);
     let interrupted = result?;
@@ -350,6 +349,7 @@ fn drive(
     rebalancer: &Rebalancer,
     source: &mut dyn Source,
     stop: &AtomicBool,
+    ready: &AtomicBool,
 ) -> Result<bool, PipelineError> {
     let max_in_flight = config.model.max_queued;
     let checkpoint_every = config.storage.checkpoint_interval.0;
@@ -358,9 +358,17 @@ fn drive(
     let mut last_summary = Instant::now();
     let mut last_publish = Instant::now();
     let mut paused = false;
+    let mut last_reach = None::<Instant>;
     let interrupted = loop {
         if stop.load(Ordering::SeqCst) {
             break true;
+        }
+        // Ready (the model is loaded by now) once the source reaches its data; asked every 2 s.
+        if !ready.load(Ordering::Relaxed) && last_reach.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+            last_reach = Some(Instant::now());
+            if source.connected() {
+                ready.store(true, Ordering::SeqCst);
+            }
         }
         if let Some(e) = rebalancer.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(e);
@@ -518,7 +526,7 @@ mod tests {
             source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true });
         }
 
-        let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false)).unwrap();
+        let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false), &AtomicBool::new(false)).unwrap();
         assert!(!interrupted);
         assert!(source.pauses >= 2 && source.resumes >= 2, "paused {} / resumed {}", source.pauses, source.resumes);
         let core = lock(&core);

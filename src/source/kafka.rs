@@ -112,6 +112,8 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaSource {
     consumer: BaseConsumer<GroupContext>,
     paused: bool,
+    /// Set once the brokers answered a metadata request.
+    reached: bool,
 }
 
 impl KafkaSource {
@@ -138,7 +140,7 @@ impl KafkaSource {
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
-        Ok(KafkaSource { consumer, paused: false })
+        Ok(KafkaSource { consumer, paused: false, reached: false })
     }
 
     fn set_paused(&mut self, pause: bool) -> Result<(), SourceError> {
@@ -201,6 +203,13 @@ impl Source for KafkaSource {
             Ok(list) => format!("{} partitions", list.count()),
             Err(_) => "no assignment".into(),
         }
+    }
+
+    fn connected(&mut self) -> bool {
+        if !self.reached {
+            self.reached = self.consumer.client().fetch_metadata(None, Duration::from_millis(500)).is_ok();
+        }
+        self.reached
     }
 }
 

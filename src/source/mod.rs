@@ -63,4 +63,8 @@ pub trait Source: Send {
     fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError>;
     /// Partitions currently owned, for the live summary and logs.
     fn describe(&self) -> String;
+    /// Whether the source can reach its data (`/ready`); may block briefly.
+    fn connected(&mut self) -> bool {
+        true
+    }
 }
