@@ -162,7 +162,7 @@ fn rows_are_queryable_within_a_second_before_any_checkpoint() {
     assert_eq!(get("/ready"), (200, "ready\n".to_string()));
     let (status, metrics) = get("/metrics");
     assert_eq!(status, 200);
-    for name in ["bearwatch_source_received_total", "bearwatch_news_scored_total", "bearwatch_classify_batch_seconds_bucket"] {
+    for name in ["bearwatch_stage_received_total{stage=\"source\"}", "bearwatch_stage_sent_total{stage=\"classify\"}", "bearwatch_classify_batch_seconds_bucket"] {
         assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
     }
     run.signal("TERM");

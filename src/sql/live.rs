@@ -91,7 +91,21 @@ impl TableProvider for LiveTable {
         if batches.is_empty() {
             return Ok(stored);
         }
-        let memory = MemTable::try_new(self.schema(), vec![batches])?;
+        // The snapshot is built with the stored (Utf8) schema; queries read text as Utf8View.
+        let schema = self.schema();
+        let batches = batches
+            .iter()
+            .map(|b| {
+                let columns = b
+                    .columns()
+                    .iter()
+                    .zip(schema.fields())
+                    .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                RecordBatch::try_new(schema.clone(), columns)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let memory = MemTable::try_new(schema, vec![batches])?;
         let live = memory.scan(state, projection, filters, limit).await?;
         UnionExec::try_new(vec![stored, live])
     }
