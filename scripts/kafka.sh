@@ -3,14 +3,18 @@
 #   scripts/kafka.sh start   fetch jars (cached in ~/.m2), format storage, start, wait until ready
 #   scripts/kafka.sh stop    stop the broker started here
 #   scripts/kafka.sh status  exit 0 when it answers
-# Port: BEARWATCH_KAFKA_PORT (default 19092). Files: .kafka/ in the repo (gitignored).
-# `start` is idempotent and serialized with flock, so parallel test binaries can all call it.
+# Port: BEARWATCH_KAFKA_PORT (default 19092). Files: .kafka/ in the repo (gitignored); a second
+# broker (e.g. the reliability suite's, which it restarts) keeps its log, pid and data in
+# BEARWATCH_KAFKA_DIR. BEARWATCH_KAFKA_KEEP_DATA=1 restarts on the existing log dir (a broker restart)
+# instead of a fresh one. `start` is idempotent and serialized with flock, so parallel test binaries
+# can all call it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-HERE="$ROOT/.kafka"
+LIBS="$ROOT/.kafka/libs"
+HERE="${BEARWATCH_KAFKA_DIR:-$ROOT/.kafka}"
 PORT="${BEARWATCH_KAFKA_PORT:-19092}"
 CONTROLLER_PORT=$((PORT + 1))
-mkdir -p "$HERE"
+mkdir -p "$HERE" "$ROOT/.kafka"
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && grep -q "Kafka Server started" "$HERE/broker.log" 2>/dev/null; }
 running() { [[ -f "$HERE/broker.pid" ]] && kill -0 "$(cat "$HERE/broker.pid")" 2>/dev/null; }
@@ -18,14 +22,18 @@ running() { [[ -f "$HERE/broker.pid" ]] && kill -0 "$(cat "$HERE/broker.pid")" 2
 start() {
   if running && answers; then echo "127.0.0.1:$PORT"; return 0; fi
   if running; then kill "$(cat "$HERE/broker.pid")" || true; sleep 1; fi
-  if [[ ! -f "$HERE/libs/.complete" ]]; then
-    rm -rf "$HERE/libs"
+  exec 8>"$ROOT/.kafka/libs.lock"; flock 8
+  if [[ ! -f "$LIBS/.complete" ]]; then
+    rm -rf "$LIBS"
     mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$HERE/libs" -DincludeScope=runtime >&2
-    touch "$HERE/libs/.complete"
+      -DoutputDirectory="$LIBS" -DincludeScope=runtime >&2
+    touch "$LIBS/.complete"
   fi
-  # A fresh log dir per start: tests create their own topics and expect no leftovers.
-  rm -rf "$HERE/data"
+  exec 8>&-
+  # A fresh log dir per start (tests create their own topics and expect no leftovers), unless this
+  # is a restart that keeps the data.
+  local keep=""
+  if [[ "${BEARWATCH_KAFKA_KEEP_DATA:-}" == 1 && -f "$HERE/data/meta.properties" ]]; then keep=1; else rm -rf "$HERE/data"; fi
   cat >"$HERE/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
@@ -47,9 +55,11 @@ auto.create.topics.enable=true
 # Room for the 1 MB malformed-message test: the pipeline, not the broker, rejects it.
 message.max.bytes=4194304
 PROPS
-  local java=(java -Xms256m -Xmx768m -XX:+UseSerialGC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$HERE/libs/*")
-  "${java[@]}" kafka.tools.StorageTool format -t bearwatch-test-cluster0 -c "$HERE/server.properties" >"$HERE/format.log" 2>&1 \
-    || { cat "$HERE/format.log" >&2; exit 1; }
+  local java=(java -Xms256m -Xmx768m -XX:+UseSerialGC -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" -cp "$LIBS/*")
+  if [[ -z "$keep" ]]; then
+    "${java[@]}" kafka.tools.StorageTool format -t bearwatch-test-cluster0 -c "$HERE/server.properties" >"$HERE/format.log" 2>&1 \
+      || { cat "$HERE/format.log" >&2; exit 1; }
+  fi
   # 9>&- : the broker must not inherit (and hold forever) the lock of this script.
   nohup "${java[@]}" kafka.Kafka "$HERE/server.properties" >"$HERE/broker.log" 2>&1 9>&- &
   echo $! >"$HERE/broker.pid"

@@ -23,6 +23,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_stage_dropped_total", Kind::Counter, "stage, reason", "Items a stage did not pass on, and why"),
     ("bearwatch_dead_letter_total", Kind::Counter, "kind", "Messages sent to the dead-letter output, by error kind"),
     ("bearwatch_window_late_total", Kind::Counter, "", "Stories behind the watermark (kept in table `late`)"),
+    ("bearwatch_source_paused", Kind::Gauge, "", "1 while the source stops fetching because the classifier is saturated"),
     ("bearwatch_kafka_consumer_lag", Kind::Gauge, "topic, partition", "Messages behind the high watermark, per assigned partition"),
     ("bearwatch_classify_queue_depth", Kind::Gauge, "", "Texts waiting for a batch"),
     ("bearwatch_classify_tokenize_seconds", Kind::Histogram, "", "Tokenizing one text"),
@@ -64,7 +65,7 @@ pub fn describe() {
     for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total"] {
         counter!(name).increment(0);
     }
-    for name in ["bearwatch_classify_queue_depth", "bearwatch_windows_open", "bearwatch_alerts_firing"] {
+    for name in ["bearwatch_source_paused", "bearwatch_classify_queue_depth", "bearwatch_windows_open", "bearwatch_alerts_firing"] {
         metrics::gauge!(name).increment(0.0);
     }
     for (name, kind, _, help) in METRICS {

@@ -6,35 +6,19 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{LATEST_WINDOWS, Pipeline, assert_same_rows, brokers, checkpoint, counter, query, query_one, stories, unique};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()))
-        .unwrap();
-    for result in results {
-        result.unwrap();
-    }
+    common::create_topic_on(brokers(), name, partitions);
 }
 
 fn produce(topic: &str, file: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
-        .args(["produce", "--brokers", brokers(), "--topic", topic])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::produce_to(brokers(), topic, file);
 }
 
 fn kafka_pipeline(topic: &str, group: &str, storage: &str, extra: &str) -> String {

@@ -387,9 +387,11 @@ fn drive(
         if !paused && in_flight >= max_in_flight / 2 {
             source.pause()?;
             paused = true;
+            metrics::gauge!("bearwatch_source_paused").set(1.0);
         } else if paused && in_flight < max_in_flight / 4 {
             source.resume()?;
             paused = false;
+            metrics::gauge!("bearwatch_source_paused").set(0.0);
         }
         if source.finished() && in_flight == 0 {
             break false;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -195,7 +195,21 @@ impl Source for KafkaSource {
         if list.count() == 0 {
             return Ok(());
         }
-        self.consumer.commit(&list, CommitMode::Sync).map_err(|e| SourceError::Kafka(e.to_string()))
+        match self.consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => Ok(()),
+            // Not allowed to commit: no retry helps.
+            Err(e @ KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed | RDKafkaErrorCode::TopicAuthorizationFailed)) => {
+                Err(SourceError::Kafka(e.to_string()))
+            }
+            // Broker or coordinator away (a restart, a network blip): the checkpoint already holds
+            // these offsets, so records before them are skipped after a crash; the next checkpoint's
+            // commit carries them (or later ones) again.
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; retried at the next checkpoint");
+                crate::telemetry::errors("source", 1);
+                Ok(())
+            }
+        }
     }
 
     fn describe(&self) -> String {

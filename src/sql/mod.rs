@@ -160,10 +160,15 @@ fn read_only() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }
 
+/// Plans one query under the read-only options: anything that would write or change settings is
+/// refused here, before it runs.
+pub async fn plan(ctx: &SessionContext, query: &str) -> Result<datafusion::dataframe::DataFrame, SqlError> {
+    ctx.sql_with_options(query, read_only()).await.map_err(classify)
+}
+
 /// Plans and runs one read-only query (within the context's [`Limits`]).
 pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
-    let frame = ctx.sql_with_options(query, read_only()).await.map_err(classify)?;
-    frame.collect().await.map_err(classify)
+    plan(ctx, query).await?.collect().await.map_err(classify)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

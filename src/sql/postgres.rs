@@ -70,6 +70,15 @@ fn verdict(statement: &Statement) -> Verdict {
     }
 }
 
+/// Why the Postgres interface refuses `statement`, or `None` when it lets it through (a query, SHOW,
+/// a transaction or cursor statement, or a harmless client SET).
+pub fn refusal(statement: &Statement) -> Option<String> {
+    match verdict(statement) {
+        Verdict::Refuse(message) => Some(message),
+        Verdict::Allow | Verdict::Acknowledge => None,
+    }
+}
+
 fn refused(message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "25006".into(), message)))
 }

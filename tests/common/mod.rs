@@ -2,6 +2,8 @@
 //! tables back with DataFusion, and the real Kafka broker of `scripts/kafka.sh`.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -160,6 +162,26 @@ pub const LATEST_WINDOWS: &str = "SELECT window_start, topic, n, n_negative, n_n
 pub fn stories(n: usize) -> String {
     let text = std::fs::read_to_string(DEMO_DATA).unwrap();
     text.lines().take(n).map(|l| format!("{l}\n")).collect()
+}
+
+/// Creates `name` with `partitions` partitions on `brokers`.
+pub fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// `bearwatch produce` of a JSON-lines file into `topic`.
+pub fn produce_to(brokers: &str, topic: &str, file: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["produce", "--brokers", brokers, "--topic", topic]).arg(file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A name no other test (or earlier run against the same broker) uses.

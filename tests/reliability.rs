@@ -1,0 +1,399 @@
+//! The reliability suite: things broken on purpose, against the real broker, SMTP server and
+//! webhook endpoint. CI runs the short form with the other tests; `scripts/reliability.sh` runs the
+//! full form (`BEARWATCH_RELIABILITY=full`: 10 kills during 100 k stories, a 2-minute SMTP outage,
+//! 10 k malformed messages, a longer broker outage).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::servers::{SmtpServer, WebhookServer, free_port};
+use common::{
+    DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, assert_same_rows, brokers, checkpoint, counter, create_topic_on, produce_to, query,
+    query_one, unique,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+fn full() -> bool {
+    std::env::var("BEARWATCH_RELIABILITY").is_ok_and(|v| v == "full")
+}
+
+/// Short or full size.
+fn size<T>(short: T, full_size: T) -> T {
+    if full() { full_size } else { short }
+}
+
+const ALL_TOTAL: &str = "SELECT CAST(sum(m) AS BIGINT) FROM (SELECT max(n) AS m FROM windows WHERE topic = 'all' GROUP BY window_start)";
+
+/// The bundled Reuters stories, repeated with new ids and times shifted 15 days per copy (in order),
+/// until there are `n`.
+fn reuters(n: usize) -> String {
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(DEMO_DATA).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut out = String::new();
+    for i in 0..n {
+        let (copy, line) = (i / lines.len(), &lines[i % lines.len()]);
+        let mut story = line.clone();
+        story["id"] = format!("{}-c{copy}", line["id"].as_str().unwrap()).into();
+        let t = chrono::DateTime::parse_from_rfc3339(line["published_at"].as_str().unwrap()).unwrap() + chrono::Duration::days(15 * copy as i64);
+        story["published_at"] = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into();
+        out.push_str(&story.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+fn kafka_config(brokers: &str, topic: &str, group: &str, storage: &str, extra: &str) -> String {
+    format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\ndead_letter_topic = \"{topic}.dlq\"\n\
+         max_clock_skew = \"1h\"\n[source.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+         [window]\nsize = \"1d\"\nallowed_lateness = \"60d\"\n\
+         [storage]\npath = \"{storage}\"\ncheckpoint_interval = \"500ms\"\n\
+         [run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"10s\"\n{extra}"
+    )
+}
+
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+    kb / 1024
+}
+
+/// A small deterministic generator for the kill moments; the seed is printed to replay a failure.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// kill -9 at random moments during a replay from Kafka, restarting each time: the windows equal
+/// those of an uninterrupted run, each story is in `news` once, and every alert change reaches the
+/// webhook (a crash between a send and its record may repeat one, with the same Idempotency-Key).
+#[test]
+fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice() {
+    let (total, kills) = (size(3000, 100_000), size(3, 10));
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("crash-suite");
+    // One partition: stories arrive in event-time order, so windows close as in the demo (lateness
+    // 1 h) and the alert rules, which need closed windows, fire.
+    create_topic_on(brokers(), &topic, 1);
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, reuters(total)).unwrap();
+    produce_to(brokers(), &topic, &file);
+    let hook = WebhookServer::start();
+    std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\nrepeat_interval = \"0s\"\n").unwrap();
+    let alerting = format!(
+        "[alerts]\nrules = [\"{ROOT}/alerts/default.toml\", \"routes.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n\
+         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/\"\ntimeout = \"2s\"\n",
+        hook.port
+    );
+    let limit = Duration::from_secs(size(180, 3600));
+
+    let in_order = |config: String| config.replace("allowed_lateness = \"60d\"", "allowed_lateness = \"1h\"");
+    let mut whole = Pipeline::start(dir.path(), "whole", &in_order(kafka_config(brokers(), &topic, &unique("g"), "whole", "")));
+    whole.wait_for_checkpoint(limit, "every story", |c| counter(c, "scored") == total as u64);
+    whole.signal("TERM");
+    assert!(whole.wait(Duration::from_secs(60)).success());
+
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("kill moments seed: {seed}");
+    let mut rng = Lcg(seed);
+    let config = in_order(kafka_config(brokers(), &topic, &unique("g"), "crashed", &alerting));
+    let mut killed = 0;
+    for round in 0..kills {
+        let mut run = Pipeline::start(dir.path(), &format!("run{round}"), &config);
+        // Some progress since the last kill (so that the suite ends), then a random moment.
+        let before = checkpoint(&dir.path().join("crashed")).map_or(0, |c| counter(&c, "scored"));
+        let step = (total as u64 / (kills as u64 + 1)).max(1);
+        run.wait_for_checkpoint(limit, "progress", |c| counter(c, "scored") >= (before + step / 2).min(total as u64));
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        if checkpoint(&run.storage).is_some_and(|c| counter(&c, "scored") >= total as u64) {
+            run.signal("TERM");
+            run.wait(Duration::from_secs(60));
+            break;
+        }
+        run.signal("KILL");
+        run.wait(Duration::from_secs(10));
+        killed += 1;
+    }
+    let mut last = Pipeline::start(dir.path(), "last", &config);
+    last.wait_for_checkpoint(limit, "every story", |c| counter(c, "scored") >= total as u64);
+    last.signal("TERM");
+    assert!(last.wait(Duration::from_secs(60)).success(), "{}", last.logs());
+    assert!(killed >= 1, "no kill landed mid-stream");
+
+    let store = &last.storage;
+    assert_eq!(query_one(store, "SELECT count(*) FROM news"), total.to_string());
+    assert_eq!(query_one(store, "SELECT count(DISTINCT id) FROM news"), total.to_string());
+    assert_same_rows(&query(store, LATEST_WINDOWS), &query(&whole.storage, LATEST_WINDOWS), "windows");
+
+    // Every alert change went out: the webhook saw each one's key; repeats only with the same key.
+    let expected: Vec<String> =
+        query(store, "SELECT DISTINCT alert_id || '/' || state || '/hook' FROM alerts").into_iter().map(|r| r[0].clone()).collect();
+    assert!(!expected.is_empty(), "the replay fired no alert; nothing was tested");
+    let mut received: BTreeMap<String, usize> = BTreeMap::new();
+    for (head, _) in hook.requests.lock().unwrap().iter() {
+        let key = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("idempotency-key:").map(|k| k.trim().to_string())).unwrap();
+        *received.entry(key.split('#').next().unwrap().to_string()).or_default() += 1;
+    }
+    let lost: Vec<&String> = expected.iter().filter(|k| !received.contains_key(*k)).collect();
+    assert!(lost.is_empty(), "notifications lost: {lost:?}");
+    let repeats: usize = received.values().map(|n| n - 1).sum();
+    eprintln!("{killed} kills, {} alert changes notified, {repeats} repeated (same key)", expected.len());
+    assert!(repeats <= killed, "more repeats ({repeats}) than crashes ({killed})");
+}
+
+/// A second broker on its own port and log dir, stopped and started again mid-stream.
+struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let broker = Broker { port: free_port(), dir: tempfile::tempdir().unwrap() };
+        broker.run("start", false);
+        broker
+    }
+
+    fn run(&self, command: &str, keep_data: bool) {
+        let out = Command::new("bash")
+            .arg(format!("{ROOT}/scripts/kafka.sh"))
+            .arg(command)
+            .env("BEARWATCH_KAFKA_PORT", self.port.to_string())
+            .env("BEARWATCH_KAFKA_DIR", self.dir.path())
+            .env("BEARWATCH_KAFKA_KEEP_DATA", if keep_data { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kafka.sh {command}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.run("stop", false);
+    }
+}
+
+/// The broker stops mid-stream and comes back on the same log dir: the pipeline waits, resumes from
+/// its committed offsets, and every story is processed once.
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing() {
+    let total = size(3000, 20_000);
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("restart");
+    create_topic_on(&broker.brokers(), &topic, 3);
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, reuters(total)).unwrap();
+    produce_to(&broker.brokers(), &topic, &file);
+
+    let mut run = Pipeline::start(dir.path(), "p", &kafka_config(&broker.brokers(), &topic, &unique("g"), "store", ""));
+    run.wait_for_checkpoint(Duration::from_secs(180), "some stories", |c| counter(c, "scored") >= (total / 5) as u64);
+    broker.run("stop", false);
+    let down_at = counter(&checkpoint(&run.storage).unwrap(), "scored");
+    std::thread::sleep(Duration::from_secs(size(5, 30)));
+    assert!(run.child.try_wait().unwrap().is_none(), "the pipeline gave up while the broker was down\n{}", run.logs());
+    broker.run("start", true);
+    run.wait_for_checkpoint(Duration::from_secs(size(180, 1200)), "every story", |c| counter(c, "scored") >= total as u64);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    assert!(down_at < total as u64, "the broker stopped after the end; nothing was tested");
+    assert_eq!(query_one(&run.storage, "SELECT count(*) FROM news"), total.to_string());
+    assert_eq!(query_one(&run.storage, "SELECT count(DISTINCT id) FROM news"), total.to_string());
+    assert_eq!(query_one(&run.storage, ALL_TOTAL), total.to_string());
+}
+
+/// SMTP is down while the demo's alerts fire; once it is back every email arrives exactly once.
+#[test]
+fn an_smtp_outage_during_a_spike_delays_emails_but_delivers_each_once() {
+    let outage = Duration::from_secs(size(10, 120));
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port();
+    std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"mail\"]\ngroup_wait = \"0s\"\nrepeat_interval = \"0s\"\n").unwrap();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"1s\"\n[run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"60s\"\n\
+         [server]\nhttp = \"127.0.0.1:{}\"\n\
+         [alerts]\nrules = [\"{ROOT}/alerts/default.toml\", \"routes.toml\"]\n\
+         [[receivers]]\nname = \"log\"\ntype = \"log\"\n\
+         [[receivers]]\nname = \"mail\"\ntype = \"email\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {smtp_port}\ntls = \"none\"\n\
+         from = \"bearwatch <b@example.com>\"\nto = [\"desk@example.com\"]\ntimeout = \"2s\"\n",
+        free_port()
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let outbox = dir.path().join("store/outbox.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !std::fs::read_to_string(&outbox).unwrap_or_default().contains("\"event\":\"failed\"") {
+        assert!(Instant::now() < deadline, "no failed delivery\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failed_at = Instant::now();
+    std::thread::sleep(outage);
+    let smtp = SmtpServer::start(smtp_port, &dir.path().join("mail"));
+    let back_at = Instant::now();
+    // The replay is over (keep_serving) and the outbox holds no due notification any more.
+    let pending = || {
+        let text = std::fs::read_to_string(&outbox).unwrap_or_default();
+        let queued = text.matches("\"event\":\"queued\"").count();
+        let done = text.matches("\"event\":\"sent\"").count() + text.matches("\"event\":\"dropped\"").count();
+        queued.saturating_sub(done)
+    };
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while !(std::fs::read_to_string(&run.stderr).unwrap_or_default().contains("still serving") && pending() == 0) {
+        assert!(Instant::now() < deadline, "emails still pending after the outage: {}\n{}", pending(), run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+
+    let changes: usize = query_one(&run.storage, "SELECT count(*) FROM alerts").parse().unwrap();
+    let mails = smtp.messages();
+    let mut ids: Vec<&str> = mails.iter().map(|m| m["message_id"].as_str().unwrap_or_default()).collect();
+    ids.sort();
+    ids.dedup();
+    assert!(changes > 0);
+    assert_eq!(mails.len(), changes, "one email per alert change");
+    assert_eq!(ids.len(), mails.len(), "no email twice");
+    eprintln!(
+        "{changes} emails, first failure {:.0} s before SMTP returned, all delivered {:.0} s after",
+        (back_at - failed_at).as_secs_f64(),
+        back_at.elapsed().as_secs_f64()
+    );
+}
+
+/// Malformed messages of ten kinds interleaved with good stories: each bad one is in the dead-letter
+/// topic with its reason, each good one is scored, and memory stays bounded.
+#[test]
+fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_processed() {
+    let (good, bad) = (size(1000, 10_000), size(1000, 10_000));
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("malformed");
+    create_topic_on(brokers(), &topic, 3);
+    let stories: Vec<String> = reuters(good).lines().map(str::to_string).collect();
+    let bad_kinds: [(&str, Vec<u8>); 10] = [
+        ("json", b"{\"id\": \"x\", ".to_vec()),
+        ("not_an_object", b"[1, 2, 3]".to_vec()),
+        ("missing_field", br#"{"id":"m","published_at":"1987-03-02T10:00:00Z"}"#.to_vec()),
+        ("wrong_type", br#"{"id":7,"published_at":"1987-03-02T10:00:00Z","headline":"x"}"#.to_vec()),
+        ("bad_timestamp", br#"{"id":"t","published_at":"yesterday","headline":"x"}"#.to_vec()),
+        ("headline_length", format!(r#"{{"id":"h","published_at":"1987-03-02T10:00:00Z","headline":"{}"}}"#, "x".repeat(2100)).into_bytes()),
+        ("invalid_utf8", b"{\"id\":\"u\",\"headline\":\"\xff\xfe\"}".to_vec()),
+        ("empty", Vec::new()),
+        ("too_large", format!(r#"{{"id":"l","published_at":"1987-03-02T10:00:00Z","headline":"x","body":"{}"}}"#, "y".repeat(70_000)).into_bytes()),
+        ("timestamp_out_of_range", br#"{"id":"f","published_at":"2999-01-01T00:00:00Z","headline":"x"}"#.to_vec()),
+    ];
+    let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let mut sent_kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    let (mut next_good, mut next_bad) = (0, 0);
+    while next_good < good || next_bad < bad {
+        // Interleaved: a bad message after every good one (in partition order).
+        if next_good < good {
+            let line = &stories[next_good];
+            while producer.send(BaseRecord::to(&topic).key(&next_good.to_string()).payload(line.as_bytes())).is_err() {
+                producer.poll(Duration::from_millis(10));
+            }
+            next_good += 1;
+        }
+        if next_bad < bad {
+            let (kind, payload) = &bad_kinds[next_bad % bad_kinds.len()];
+            while producer.send(BaseRecord::to(&topic).key(&format!("bad{next_bad}")).payload(payload)).is_err() {
+                producer.poll(Duration::from_millis(10));
+            }
+            *sent_kinds.entry(kind).or_default() += 1;
+            next_bad += 1;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let config = kafka_config(brokers(), &topic, &unique("g"), "store", "").replace("max_clock_skew", "max_message_bytes = 65536\nmax_clock_skew");
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    run.wait_for_checkpoint(Duration::from_secs(size(180, 1800)), "every message", |c| {
+        counter(c, "scored") + counter(c, "dead_lettered") >= (good + bad) as u64
+    });
+    let peak = peak_rss_mib(run.child.id());
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    let saved = checkpoint(&run.storage).unwrap();
+    assert_eq!((counter(&saved, "scored"), counter(&saved, "dead_lettered")), (good as u64, bad as u64));
+    assert_eq!(query_one(&run.storage, "SELECT count(DISTINCT id) FROM news"), good.to_string());
+
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let mut dead: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dead.values().sum::<usize>() < bad && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let kind = message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "error.kind").and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned())))
+                .expect("every dead letter says why");
+            *dead.entry(kind).or_default() += 1;
+        }
+    }
+    let expected: BTreeMap<String, usize> = sent_kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    assert_eq!(dead, expected, "dead letters by kind");
+    eprintln!("{good} good, {bad} malformed of {} kinds; peak RSS {peak} MiB", expected.len());
+    assert!(peak < 1024, "peak RSS {peak} MiB");
+}
+
+/// A slow classifier (one thread, batches of two) behind a backlog: the source pauses, memory stays
+/// bounded, and the consumer lag comes back to zero.
+#[test]
+fn a_slow_classifier_pauses_consumption_with_bounded_memory_and_the_lag_recovers() {
+    let total = size(2000, 20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("slow");
+    create_topic_on(brokers(), &topic, 2);
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, reuters(total)).unwrap();
+    produce_to(brokers(), &topic, &file);
+    let http = free_port();
+    let config = kafka_config(brokers(), &topic, &unique("g"), "store", &format!("[model]\nthreads = 1\nmax_batch_size = 2\nmax_queued = 64\n[server]\nhttp = \"127.0.0.1:{http}\"\n"))
+        .replace("\"session.timeout.ms\" = \"6000\"", "\"session.timeout.ms\" = \"6000\"\n\"statistics.interval.ms\" = \"500\"");
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let scrape = || ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok());
+    let (mut saw_paused, mut max_lag) = (false, 0.0f64);
+    let deadline = Instant::now() + Duration::from_secs(size(300, 3600));
+    loop {
+        if let Some(text) = scrape() {
+            saw_paused |= metric(&text, "bearwatch_source_paused") == 1.0;
+            max_lag = max_lag.max(metric(&text, "bearwatch_kafka_consumer_lag{"));
+            let done = checkpoint(&run.storage).is_some_and(|c| counter(&c, "scored") >= total as u64);
+            if done && metric(&text, "bearwatch_kafka_consumer_lag{") == 0.0 && text.contains("bearwatch_kafka_consumer_lag{") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never caught up (max lag {max_lag})\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let peak = peak_rss_mib(run.child.id());
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    assert!(saw_paused, "the source never paused");
+    assert!(max_lag > 0.0, "no backlog was ever measured");
+    assert_eq!(query_one(&run.storage, "SELECT count(DISTINCT id) FROM news"), total.to_string());
+    eprintln!("{total} stories; the source paused; max lag {max_lag}, back to 0; peak RSS {peak} MiB");
+    assert!(peak < 1024, "peak RSS {peak} MiB");
+}
