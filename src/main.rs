@@ -108,6 +108,8 @@ enum BenchCommand {
     Classify(bearwatch::classify::bench::BenchArgs),
     /// Five representative queries on a generated 10 M-row `news` table, beside DuckDB.
     Sql(bearwatch::sql::bench::SqlBenchArgs),
+    /// Event-time windows and alert rules alone on pre-scored events: events/s on one core.
+    Windows(bearwatch::detect::bench::WindowsBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -355,6 +357,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Classify(args)) => {
             let report = classify::bench::run(&args)?;
             println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Windows(args)) => {
+            println!("{}", bearwatch::detect::bench::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Sql(args)) => {

@@ -130,7 +130,7 @@ impl RebalanceHandler for Rebalancer {
 
 /// A relative path that is missing here is looked up in the source tree, so that the embedded demo
 /// finds its bundled data from any working directory.
-fn bundled(path: &Path) -> PathBuf {
+pub fn bundled(path: &Path) -> PathBuf {
     if path.is_relative() && !path.exists() {
         let in_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
         if in_tree.exists() {

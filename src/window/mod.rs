@@ -108,7 +108,9 @@ struct OpenWindow {
 
 impl OpenWindow {
     fn keep_if_among_most_negative(&mut self, story: &Headline) {
-        let rank = |h: &Headline| (std::cmp::Reverse(ordered(h.p_negative)), h.id.clone());
+        fn rank(h: &Headline) -> (std::cmp::Reverse<i64>, &str) {
+            (std::cmp::Reverse(ordered(h.p_negative)), h.id.as_str())
+        }
         if self.top.len() == TOP_HEADLINES && self.top.last().is_some_and(|last| rank(last) <= rank(story)) {
             return;
         }
@@ -193,21 +195,24 @@ impl WindowState {
                 }
             }
         }
-        let mut windows = 0;
-        for start in self.spec.starts(event_ms) {
-            if watermark.is_some_and(|w| start + self.spec.size_ms <= w) {
-                continue;
-            }
-            windows += 1;
-            for (topic, ticker) in &groups {
-                let key = WindowKey { start_ms: start, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
-                let window =
-                    self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true });
+        let size = self.spec.size_ms;
+        let starts: Vec<i64> = self.spec.starts(event_ms).filter(|start| !watermark.is_some_and(|w| start + size <= w)).collect();
+        for (topic, ticker) in &groups {
+            // One key per group, re-pointed at each window start: most windows exist already, and a
+            // lookup by reference allocates nothing.
+            let mut key = WindowKey { start_ms: 0, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
+            for &start in &starts {
+                key.start_ms = start;
+                let window = match self.open.get_mut(&key) {
+                    Some(window) => window,
+                    None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true }),
+                };
                 window.counts.add(sentiment, sentiment_score);
                 window.keep_if_among_most_negative(story);
                 window.dirty = true;
             }
         }
+        let windows = starts.len();
         self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         if windows == 0 { Placed::Late } else { Placed::Counted(windows) }
     }
