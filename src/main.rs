@@ -110,6 +110,8 @@ enum BenchCommand {
     Sql(bearwatch::sql::bench::SqlBenchArgs),
     /// Event-time windows and alert rules alone on pre-scored events: events/s on one core.
     Windows(bearwatch::detect::bench::WindowsBenchArgs),
+    /// The whole pipeline from a Kafka backlog beside the classifier alone: stories/s and memory.
+    E2e(bearwatch::pipeline::bench::E2eBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -357,6 +359,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Classify(args)) => {
             let report = classify::bench::run(&args)?;
             println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::E2e(args)) => {
+            println!("{}", bearwatch::pipeline::bench::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Windows(args)) => {

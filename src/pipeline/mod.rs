@@ -7,6 +7,7 @@
 //! thread and lock the same [`Core`], so a revocation can finish and checkpoint in-flight work before
 //! the partitions move.
 
+pub mod bench;
 mod core;
 pub mod summary;
 

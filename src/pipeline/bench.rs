@@ -1,0 +1,172 @@
+//! `bearwatch bench e2e`: the whole pipeline from Kafka (source → classify → windows → Parquet with
+//! checkpoints and commits) on a backlog, beside the classifier alone on the same stories, in the same
+//! process and round. The ratio says what everything around the model costs; the goal is ≥ 90 %.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use super::PipelineError;
+use crate::classify::{ClassifierConfig, Classifier};
+use crate::config::PipelineConfig;
+use crate::news::News;
+use crate::source::kafka::Output;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eBenchArgs {
+    #[arg(long, env = "BEARWATCH_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// Stories in the backlog of each round (the bundled Reuters stories, repeated with new ids).
+    #[arg(long, default_value_t = 12_000)]
+    pub stories: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long, default_value = "pipelines/data/reuters-1987.jsonl")]
+    pub input: PathBuf,
+}
+
+fn failed(e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Internal(e.to_string())
+}
+
+/// Resident and peak memory of this process, in MiB.
+fn memory_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).unwrap_or(0) / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn stories(args: &E2eBenchArgs) -> Result<Vec<News>, PipelineError> {
+    let text = std::fs::read_to_string(super::bundled(&args.input)).map_err(failed)?;
+    let base: Vec<News> = text.lines().filter_map(|l| News::from_json(l.as_bytes()).ok()).collect();
+    if base.is_empty() {
+        return Err(failed("no stories in the input"));
+    }
+    Ok((0..args.stories)
+        .map(|i| {
+            let mut story = base[i % base.len()].clone();
+            story.id = format!("{}-{}", story.id, i / base.len());
+            story
+        })
+        .collect())
+}
+
+/// The classifier alone on the stories' texts, as fast as it goes: items/s.
+fn classify_alone(stories: &[News], config: &ClassifierConfig) -> Result<f64, PipelineError> {
+    let classifier = Classifier::start(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(failed)?;
+    let started = Instant::now();
+    runtime.block_on(async {
+        let mut pending = Vec::with_capacity(stories.len());
+        for story in stories {
+            pending.push(classifier.submit(&story.classification_text(config.body_chars)).await?);
+        }
+        for p in pending {
+            p.scores().await?;
+        }
+        Ok::<_, crate::classify::ClassifyError>(())
+    })?;
+    Ok(stories.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One pipeline run over a fresh topic holding the stories: stories/s between the first and the last
+/// checkpoint that counted them, and the largest resident memory seen after the first quarter.
+fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<(f64, u64), PipelineError> {
+    let topic = format!("bench-e2e-{}-{round}-{}", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let output = Output::connect(&args.brokers, &Default::default())?;
+    for story in stories {
+        let json = serde_json::to_vec(story).map_err(failed)?;
+        output.send(&topic, story.id.as_bytes(), &json, None)?;
+    }
+    output.flush(Duration::from_secs(60))?;
+    let storage = std::env::temp_dir().join(&topic);
+    let text = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}\"\nmax_clock_skew = \"1h\"\n\
+         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n[storage]\npath = \"{}\"\ncheckpoint_interval = \"1s\"\n\
+         [run]\nsummary_interval = \"0s\"\n",
+        args.brokers,
+        storage.display()
+    );
+    let config = PipelineConfig::parse(&text, "bench e2e")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, checkpoint, total) = (stop.clone(), storage.join("checkpoint.json"), stories.len() as u64);
+        std::thread::spawn(move || {
+            let (mut first, mut last, mut peak) = (None::<(Instant, u64)>, None::<(Instant, u64)>, 0u64);
+            let started = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let scored = std::fs::read(&checkpoint)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|c| c["counters"]["scored"].as_u64())
+                    .unwrap_or(0);
+                if scored > 0 && last.is_none_or(|(_, n)| scored > n) {
+                    first.get_or_insert((Instant::now(), scored));
+                    last = Some((Instant::now(), scored));
+                }
+                if scored * 4 >= total {
+                    peak = peak.max(memory_mib().0);
+                }
+                if scored >= total || started.elapsed() > Duration::from_secs(3600) {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+            }
+            match (first, last) {
+                (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => ((n1 - n0) as f64 / (t1 - t0).as_secs_f64(), peak),
+                // All within one checkpoint: from the start, model loading included.
+                (_, Some((t1, n1))) => (n1 as f64 / (t1 - started).as_secs_f64(), peak),
+                _ => (f64::NAN, peak),
+            }
+        })
+    };
+    let result = super::run(&config, stop);
+    let measured = watcher.join().map_err(|_| failed("watcher panicked"));
+    let _ = std::fs::remove_dir_all(&storage);
+    result?;
+    measured
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: &E2eBenchArgs) -> Result<String, PipelineError> {
+    let stories = stories(args)?;
+    let model = ClassifierConfig::default();
+    let (mut alone, mut e2e, mut ratios, mut steady) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
+    for round in 0..=args.repeats {
+        let a = classify_alone(&stories, &model)?;
+        let (p, rss) = pipeline_once(args, &stories, round)?;
+        if round > 0 {
+            alone.push(a);
+            e2e.push(p);
+            ratios.push(p / a);
+            steady = steady.max(rss);
+        }
+    }
+    let (alone, e2e, ratio) = (median(&mut alone), median(&mut e2e), median(&mut ratios));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} stories from Kafka ({}) per round; default [model] settings; median of {} rounds after 1 warm-up\n",
+        args.stories, args.brokers, args.repeats
+    );
+    let _ = writeln!(out, "| classify alone, stories/s | pipeline from Kafka, stories/s | pipeline / classify | goal ≥ 90 % | steady-state RSS MiB | peak RSS MiB |");
+    let _ = writeln!(out, "|---:|---:|---:|---|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| {alone:.0} | {e2e:.0} | {:.0} % | {} | {steady} | {} |",
+        ratio * 100.0,
+        if ratio >= 0.9 { "met" } else { "not met" },
+        memory_mib().1
+    );
+    let _ = writeln!(out, "\nPipeline stories/s counts between its first and last checkpoint (1 s apart), so model loading is left out of both.");
+    Ok(out)
+}
