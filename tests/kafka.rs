@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{LATEST_WINDOWS, Pipeline, assert_same_rows, brokers, checkpoint, counter, query, query_one, stories, unique};
@@ -368,4 +369,20 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     assert_same_rows(&windowed, &per_topic, "per-topic windows");
     // The stories kept where they first entered: a partition and offset of the news topic.
     assert_eq!(query_one(store, "SELECT count(*) FROM news WHERE kafka_partition IS NULL OR kafka_offset IS NULL"), "0");
+}
+
+/// `bearwatch bench e2e` runs end to end against the real broker (tiny sizes; the real numbers come
+/// from a release build, docs/BENCHMARKS.md).
+#[test]
+fn bench_e2e_measures_the_pipeline_from_kafka_beside_the_classifier_alone() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["bench", "e2e", "--brokers", brokers(), "--stories", "1500", "--repeats", "1"])
+        .env("BEARWATCH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row = stdout.lines().find(|l| l.starts_with("| ") && l.chars().nth(2).is_some_and(|c| c.is_ascii_digit())).expect("a result row");
+    let cells: Vec<f64> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).filter_map(|c| c.trim_end_matches(" %").parse().ok()).collect();
+    assert!(cells.len() >= 5 && cells.iter().all(|v| v.is_finite() && *v > 0.0), "{row}");
 }
