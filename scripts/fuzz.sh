@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target (fuzz/fuzz_targets/) for SECONDS each (default 600), two at a time,
 # starting from the committed corpus (fuzz/corpus/<target>/) and the seeds below; then minimizes
-# each corpus. Needs the nightly toolchain and `cargo install cargo-fuzz`. A crash stops its target
+# each corpus and keeps a small part of it in git. Needs the nightly toolchain and `cargo install cargo-fuzz`. A crash stops its target
 # and leaves the input in fuzz/artifacts/<target>/.
 #   scripts/fuzz.sh [SECONDS]
 set -euo pipefail
@@ -27,7 +27,12 @@ for ((i = 0; i < ${#targets[@]}; i += 2)); do
   wait $a || status=1
   wait $b || status=1
 done
+# Minimize, then keep the 200 smallest inputs of each in git (fuzz/corpus/); the rest stays local in
+# fuzz/target/corpus-rest/ and is merged back by the next run.
 for target in "${targets[@]}"; do
+  mkdir -p "fuzz/target/corpus-rest/$target"
+  cp -n fuzz/target/corpus-rest/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true
   cargo +nightly fuzz cmin --sanitizer none "$target" "fuzz/corpus/$target" >/dev/null 2>&1 || true
+  ls -S -r "fuzz/corpus/$target" | tail -n +201 | while read -r f; do mv "fuzz/corpus/$target/$f" "fuzz/target/corpus-rest/$target/"; done
 done
 exit $status
