@@ -10,6 +10,7 @@ pub mod error;
 pub mod telemetry;
 pub mod news;
 pub mod pipeline;
+pub mod rng;
 pub mod server;
 pub mod sql;
 pub mod source;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bearwatch::rng::Lcg;
 use common::servers::{SmtpServer, WebhookServer, free_port};
 use common::{
     DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, assert_same_rows, brokers, checkpoint, counter, create_topic_on, produce_to, query,
@@ -64,16 +65,6 @@ fn peak_rss_mib(pid: u32) -> u64 {
     kb / 1024
 }
 
-/// A small deterministic generator for the kill moments; the seed is printed to replay a failure.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 /// kill -9 at random moments during a replay from Kafka, restarting each time: the windows equal
 /// those of an uninterrupted run, each story is in `news` once, and every alert change reaches the
 /// webhook (a crash between a send and its record may repeat one, with the same Idempotency-Key).
@@ -105,6 +96,7 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
 
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("kill moments seed: {seed}");
+    // The kill moments come from this seed; it is printed to replay a failure.
     let mut rng = Lcg(seed);
     let config = in_order(kafka_config(brokers(), &topic, &unique("g"), "crashed", &alerting));
     let mut killed = 0;
@@ -114,7 +106,7 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
         let before = checkpoint(&dir.path().join("crashed")).map_or(0, |c| counter(&c, "scored"));
         let step = (total as u64 / (kills as u64 + 1)).max(1);
         run.wait_for_checkpoint(limit, "progress", |c| counter(c, "scored") >= (before + step / 2).min(total as u64));
-        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        std::thread::sleep(Duration::from_millis(rng.below(1500) as u64));
         if checkpoint(&run.storage).is_some_and(|c| counter(&c, "scored") >= total as u64) {
             run.signal("TERM");
             run.wait(Duration::from_secs(60));

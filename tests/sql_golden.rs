@@ -16,6 +16,7 @@ use bearwatch::config::HumanDuration;
 use bearwatch::detect::rules::{Op, Severity};
 use bearwatch::detect::{Condition, Detector, GroupKind, Metric, Rule, alerts_batch};
 use bearwatch::news::{News, ScoredNews};
+use bearwatch::rng::Lcg;
 use bearwatch::sql::{self, Format};
 use bearwatch::storage::{Storage, Table, news_batch};
 use bearwatch::window::{Headline, WindowSpec, WindowState, windows_batch};
@@ -23,16 +24,6 @@ use bearwatch::window::{Headline, WindowSpec, WindowState, windows_batch};
 const H: i64 = 3_600_000;
 /// 1987-03-02T00:00:00Z.
 const START: i64 = 541_641_600_000;
-
-/// A tiny deterministic generator (no dependency, same numbers everywhere).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -49,10 +40,10 @@ fn write_dataset(dir: &Path) {
     for i in 0..800i64 {
         // One story every 12.6 minutes over a week; energy turns sour on the last two days.
         let published_ms = START + i * 756_000;
-        let topic = topics[(rng.next() * 4.0) as usize];
+        let topic = topics[(rng.next_f64() * 4.0) as usize];
         let sour = topic == "energy" && published_ms > START + 5 * 24 * H;
-        let p_negative = ((rng.next() * if sour { 1.6 } else { 0.8 }) as f32).min(0.99);
-        let p_positive = ((1.0 - p_negative) * rng.next() as f32 * 0.9).max(0.0);
+        let p_negative = ((rng.next_f64() * if sour { 1.6 } else { 0.8 }) as f32).min(0.99);
+        let p_positive = ((1.0 - p_negative) * rng.next_f64() as f32 * 0.9).max(0.0);
         let p_neutral = 1.0 - p_negative - p_positive;
         let sentiment = if p_negative >= p_neutral && p_negative >= p_positive {
             "negative"

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::{Detector, RuleFile};
 use crate::classify::SENTIMENTS;
+use crate::rng::Lcg;
 use crate::window::{Headline, WindowSpec, WindowState};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -45,11 +46,8 @@ const TOPICS: [&str; 9] =
 
 /// Events a few seconds apart (a busy feed), slightly out of order, with sentiment that drifts.
 fn events(n: usize) -> Vec<Event> {
-    let mut state = 42u64;
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = Lcg(42);
+    let mut next = move || rng.next_f64();
     let start = 1_767_225_600_000i64;
     (0..n)
         .map(|i| {

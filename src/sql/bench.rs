@@ -21,6 +21,7 @@ use datafusion::arrow::datatypes::{DataType, Float64Type};
 use super::SqlError;
 use crate::classify::Scores;
 use crate::news::{News, ScoredNews};
+use crate::rng::Lcg;
 use crate::storage::{Storage, Table, news_batch};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -102,19 +103,6 @@ const YEAR_START_MS: i64 = 1_767_225_600_000;
 const YEAR_MS: i64 = 365 * 24 * 3_600_000;
 const ROWS_PER_PART: usize = 1_000_000;
 
-/// A tiny deterministic generator: the same table on every machine.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() * items.len() as f64) as usize % items.len()]
-    }
-}
-
 fn data_error(path: &Path) -> impl Fn(String) -> SqlBenchError + '_ {
     move |reason| SqlBenchError::Data { path: path.to_path_buf(), reason }
 }
@@ -148,8 +136,8 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
                 let topic = *rng.pick(&TOPICS);
                 // Sentiment drifts by topic and season, so windows and z-scores have something to find.
                 let season = ((published_ms - YEAR_START_MS) as f64 / YEAR_MS as f64 * 6.28 * 4.0).sin() * 0.15;
-                let p_negative = ((rng.next() * 0.9 + season).clamp(0.001, 0.99)) as f32;
-                let p_positive = (1.0 - p_negative) * rng.next() as f32;
+                let p_negative = ((rng.next_f64() * 0.9 + season).clamp(0.001, 0.99)) as f32;
+                let p_positive = (1.0 - p_negative) * rng.next_f64() as f32;
                 let p_neutral = 1.0 - p_negative - p_positive;
                 let sentiment = if p_negative >= p_neutral && p_negative >= p_positive {
                     "negative"
@@ -158,7 +146,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
                 } else {
                     "neutral"
                 };
-                let n_tickers = (rng.next() * 3.0) as usize;
+                let n_tickers = (rng.next_f64() * 3.0) as usize;
                 let published_at = chrono::DateTime::from_timestamp_millis(published_ms)
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                     .unwrap_or_default();
@@ -176,7 +164,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
                     },
                     scores: Scores {
                         topic: topic.to_string(),
-                        topic_score: 0.5 + rng.next() as f32 * 0.5,
+                        topic_score: 0.5 + rng.next_f64() as f32 * 0.5,
                         sentiment,
                         p_negative,
                         p_neutral,
