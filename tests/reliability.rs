@@ -117,6 +117,13 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
         killed += 1;
     }
     let mut last = Pipeline::start(dir.path(), "last", &config);
+    // A kill may have landed after the last story: then the checkpoint is complete already, and
+    // this run must at least be up (its partitions assigned) before it is stopped.
+    let deadline = Instant::now() + limit;
+    while !std::fs::read_to_string(&last.stderr).unwrap_or_default().contains("partitions assigned") {
+        assert!(Instant::now() < deadline, "the last run never joined the group\n{}", last.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     last.wait_for_checkpoint(limit, "every story", |c| counter(c, "scored") >= total as u64);
     last.signal("TERM");
     assert!(last.wait(Duration::from_secs(60)).success(), "{}", last.logs());
