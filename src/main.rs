@@ -112,6 +112,8 @@ enum BenchCommand {
     Windows(bearwatch::detect::bench::WindowsBenchArgs),
     /// The whole pipeline from a Kafka backlog beside the classifier alone: stories/s and memory.
     E2e(bearwatch::pipeline::bench::E2eBenchArgs),
+    /// From the story that completes a spike entering Kafka to its webhook notification: p50, p99.
+    Alerts(bearwatch::pipeline::alert_bench::AlertBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -363,6 +365,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::E2e(args)) => {
             println!("{}", bearwatch::pipeline::bench::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Alerts(args)) => {
+            println!("{}", bearwatch::pipeline::alert_bench::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Windows(args)) => {

@@ -23,7 +23,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_stage_dropped_total", Kind::Counter, "stage, reason", "Items a stage did not pass on, and why"),
     ("bearwatch_dead_letter_total", Kind::Counter, "kind", "Messages sent to the dead-letter output, by error kind"),
     ("bearwatch_window_late_total", Kind::Counter, "", "Stories behind the watermark (kept in table `late`)"),
-    ("bearwatch_source_paused", Kind::Gauge, "", "1 while the source stops fetching because the classifier is saturated"),
+    ("bearwatch_source_paused", Kind::Gauge, "", "1 while reading waits because `max_queued` stories are in flight (back to 0 under half)"),
     ("bearwatch_kafka_consumer_lag", Kind::Gauge, "topic, partition", "Messages behind the high watermark, per assigned partition"),
     ("bearwatch_classify_queue_depth", Kind::Gauge, "", "Texts waiting for a batch"),
     ("bearwatch_classify_tokenize_seconds", Kind::Histogram, "", "Tokenizing one text"),

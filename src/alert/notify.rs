@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -200,6 +200,24 @@ struct Shared {
     outbox: Mutex<Outbox>,
     rows: Mutex<Vec<NotificationRow>>,
     stop: AtomicBool,
+    /// Set by `enqueue` (and stop) so the thread delivers at once instead of at its next 100 ms tick.
+    woken: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn wake(&self) {
+        *lock(&self.woken) = true;
+        self.wake.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut woken = lock(&self.woken);
+        if !*woken {
+            woken = self.wake.wait_timeout(woken, timeout).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *woken = false;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -214,14 +232,21 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn start(outbox: Outbox, mut notifiers: BTreeMap<String, Box<dyn Notify>>) -> Notifier {
-        let shared = Arc::new(Shared { outbox: Mutex::new(outbox), rows: Mutex::new(Vec::new()), stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(outbox),
+            rows: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            woken: Mutex::new(false),
+            wake: Condvar::new(),
+        });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("notifier".into())
             .spawn(move || {
                 while !worker.stop.load(Ordering::SeqCst) {
                     deliver_due(&worker, &mut notifiers);
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Retries and reminders fall due with time, so wake at least every 100 ms.
+                    worker.wait(Duration::from_millis(100));
                 }
             })
             .expect("spawn the notifier thread");
@@ -250,6 +275,8 @@ impl Notifier {
                 }
             }
         }
+        drop(outbox);
+        self.shared.wake();
         Ok(())
     }
 
@@ -279,6 +306,7 @@ impl Notifier {
 impl Drop for Notifier {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -27,12 +27,12 @@ pub struct E2eBenchArgs {
     pub input: PathBuf,
 }
 
-fn failed(e: impl std::fmt::Display) -> PipelineError {
+pub(super) fn failed(e: impl std::fmt::Display) -> PipelineError {
     PipelineError::Internal(e.to_string())
 }
 
 /// Resident and peak memory of this process, in MiB.
-fn memory_mib() -> (u64, u64) {
+pub(super) fn memory_mib() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| -> u64 {
         status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).unwrap_or(0) / 1024
@@ -40,12 +40,18 @@ fn memory_mib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn stories(args: &E2eBenchArgs) -> Result<Vec<News>, PipelineError> {
-    let text = std::fs::read_to_string(super::bundled(&args.input)).map_err(failed)?;
+/// The stories of a JSON-lines file (the bundled Reuters stories by default).
+pub(super) fn reuters(input: &std::path::Path) -> Result<Vec<News>, PipelineError> {
+    let text = std::fs::read_to_string(super::bundled(input)).map_err(failed)?;
     let base: Vec<News> = text.lines().filter_map(|l| News::from_json(l.as_bytes()).ok()).collect();
     if base.is_empty() {
         return Err(failed("no stories in the input"));
     }
+    Ok(base)
+}
+
+fn stories(args: &E2eBenchArgs) -> Result<Vec<News>, PipelineError> {
+    let base = reuters(&args.input)?;
     Ok((0..args.stories)
         .map(|i| {
             let mut story = base[i % base.len()].clone();
@@ -132,7 +138,7 @@ fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<
     measured
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(super) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

@@ -84,6 +84,11 @@ pub struct Core {
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
 }
 
+/// A source partition's name in the windows' per-source clocks.
+fn source_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -128,7 +133,7 @@ impl Core {
                     saved: format!("{:?}", checkpoint.windows.spec()),
                 });
             }
-            core.windows = checkpoint.windows;
+            core.windows.resume_from(checkpoint.windows);
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
@@ -384,6 +389,7 @@ impl Core {
         crate::telemetry::received("window", 1);
         let placed =
             self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
+        self.windows.advance(&source_key(&at.topic, at.partition), published_ms, now);
         if placed == Placed::Late {
             tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
             self.counters.late += 1;
@@ -421,6 +427,7 @@ impl Core {
     /// Forgets partitions this member no longer owns once their offsets are committed.
     pub fn forget(&mut self, partitions: &[(String, i32)]) {
         for (topic, partition) in partitions {
+            self.windows.forget_source(&source_key(topic, *partition));
             if let Some(parts) = self.offsets.get_mut(topic) {
                 parts.remove(partition);
             }

@@ -87,14 +87,6 @@ impl Source for FileSource {
         self.next >= self.lines.len()
     }
 
-    fn pause(&mut self) -> Result<(), SourceError> {
-        Ok(())
-    }
-
-    fn resume(&mut self) -> Result<(), SourceError> {
-        Ok(())
-    }
-
     fn commit(&mut self, _offsets: &Offsets) -> Result<(), SourceError> {
         // The checkpoint itself holds a file's position; there is no group to tell.
         Ok(())

@@ -32,9 +32,14 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) ->
 
 /// What the pipeline does around a rebalance.
 pub trait RebalanceHandler: Send + Sync {
-    /// Partitions are about to be taken away: finish and checkpoint their work, and return the
-    /// offsets to commit for them.
-    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
+    /// Partitions are about to be taken away: finish and checkpoint all work in flight, and return
+    /// the checkpoint's offsets (the caller commits those of the revoked partitions).
+    fn revoking(&self) -> Offsets;
+    /// The revoked partitions' offsets are committed to the group (or there was nothing to commit):
+    /// their positions no longer need keeping. Not called when the commit failed (a lost session
+    /// after a broker restart, say): the group then hands out the older committed offsets, and only
+    /// the kept positions let this member skip what it already processed if the partitions return.
+    fn committed(&self, partitions: &[(String, i32)]);
 }
 
 pub struct GroupContext {
@@ -87,14 +92,15 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = partitions(list);
             tracing::info!(partitions = ?revoked, "partitions revoked");
-            let offsets = self.handler.revoking(&revoked);
+            let offsets = self.handler.revoking();
             match offsets_list(&offsets, Some(&revoked)) {
-                Ok(list) if list.count() > 0 => {
-                    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
-                        tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner re-reads from the last commit");
+                Ok(list) if list.count() > 0 => match consumer.commit(&list, CommitMode::Sync) {
+                    Ok(()) => self.handler.committed(&revoked),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner re-reads from the last commit")
                     }
-                }
-                Ok(_) => {}
+                },
+                Ok(_) => self.handler.committed(&revoked),
                 Err(e) => tracing::warn!(error = %e, "cannot build the commit for revoked partitions"),
             }
         }
@@ -111,7 +117,6 @@ impl ConsumerContext for GroupContext {
 
 pub struct KafkaSource {
     consumer: BaseConsumer<GroupContext>,
-    paused: bool,
     /// Set once the brokers answered a metadata request.
     reached: bool,
 }
@@ -131,6 +136,9 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", properties.get("statistics.interval.ms").map_or("5000", |v| v.as_str()))
+            // What librdkafka prefetches beyond the stories in flight (its default is 64 MiB); it
+            // stops fetching there, which is the source's back-pressure when the classifier is slow.
+            .set("queued.max.messages.kbytes", properties.get("queued.max.messages.kbytes").map_or("16384", |v| v.as_str()))
             .set("auto.offset.reset", match start {
                 StartOffset::Earliest => "earliest",
                 StartOffset::Latest => "latest",
@@ -140,18 +148,7 @@ impl KafkaSource {
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
-        Ok(KafkaSource { consumer, paused: false, reached: false })
-    }
-
-    fn set_paused(&mut self, pause: bool) -> Result<(), SourceError> {
-        if self.paused == pause {
-            return Ok(());
-        }
-        let assignment = self.consumer.assignment().map_err(|e| SourceError::Kafka(e.to_string()))?;
-        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
-        result.map_err(|e| SourceError::Kafka(e.to_string()))?;
-        self.paused = pause;
-        Ok(())
+        Ok(KafkaSource { consumer, reached: false })
     }
 }
 
@@ -177,14 +174,6 @@ impl Source for KafkaSource {
 
     fn finished(&self) -> bool {
         false
-    }
-
-    fn pause(&mut self) -> Result<(), SourceError> {
-        self.set_paused(true)
-    }
-
-    fn resume(&mut self) -> Result<(), SourceError> {
-        self.set_paused(false)
     }
 
     fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError> {

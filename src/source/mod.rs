@@ -50,15 +50,12 @@ impl Classified for SourceError {
     }
 }
 
-/// A stream of records that can be paused and told what has been durably processed.
+/// A stream of records that can be told what has been durably processed.
 pub trait Source: Send {
     /// The next record, waiting at most `timeout`; `None` when none arrived in time.
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError>;
     /// True once a bounded source (a file) has handed out its last record.
     fn finished(&self) -> bool;
-    /// Stops fetching while the classifier is saturated, so memory stays bounded.
-    fn pause(&mut self) -> Result<(), SourceError>;
-    fn resume(&mut self) -> Result<(), SourceError>;
     /// Called after a checkpoint: the records before these offsets are durable.
     fn commit(&mut self, offsets: &Offsets) -> Result<(), SourceError>;
     /// Partitions currently owned, for the live summary and logs.

@@ -141,7 +141,32 @@ pub struct WindowState {
     spec: WindowSpec,
     #[serde(with = "open_windows")]
     open: BTreeMap<WindowKey, OpenWindow>,
+    /// Newest event time seen from any source.
     max_event_ms: Option<i64>,
+    /// Per source partition (`topic/partition`, or the file): its newest event time, and when it
+    /// last delivered. The watermark follows the slowest partition that is not idle, as Flink's
+    /// per-partition watermarks do, so a partition that a consumer happens to read ahead (a backlog
+    /// after a broker restart, say) does not make the others' stories late.
+    #[serde(default)]
+    sources: BTreeMap<String, SourceClock>,
+    /// Newest event time − allowed lateness of the slowest active source; it never moves back.
+    /// Absent from checkpoints written before per-source clocks: then derived from `max_event_ms`.
+    #[serde(default)]
+    watermark_ms: Option<i64>,
+    /// Wall-clock time after which a silent source stops holding the watermark back. A setting,
+    /// not state: restored checkpoints take the running config's.
+    #[serde(skip, default = "default_idle_ms")]
+    idle_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct SourceClock {
+    max_event_ms: i64,
+    last_seen_ms: i64,
+}
+
+fn default_idle_ms() -> i64 {
+    60_000
 }
 
 /// JSON object keys must be strings, so the map is stored as a list of pairs.
@@ -159,7 +184,45 @@ mod open_windows {
 
 impl WindowState {
     pub fn new(spec: WindowSpec) -> WindowState {
-        WindowState { spec, open: BTreeMap::new(), max_event_ms: None }
+        WindowState { spec, open: BTreeMap::new(), max_event_ms: None, sources: BTreeMap::new(), watermark_ms: None, idle_ms: default_idle_ms() }
+    }
+
+    /// `[window] idle_timeout`: how long a source partition may deliver nothing before the
+    /// watermark moves on without it.
+    pub fn set_idle_timeout(&mut self, idle_ms: i64) {
+        self.idle_ms = idle_ms;
+    }
+
+    /// Takes the windows and clocks of `saved` (a checkpoint's), keeping this state's settings.
+    pub fn resume_from(&mut self, saved: WindowState) {
+        let idle_ms = self.idle_ms;
+        *self = saved;
+        self.idle_ms = idle_ms;
+    }
+
+    /// Records that `source` delivered an event at `event_ms` (wall clock `now_ms`), and moves the
+    /// watermark to the slowest active source's newest event time less the allowed lateness.
+    pub fn advance(&mut self, source: &str, event_ms: i64, now_ms: i64) {
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
+        match self.sources.get_mut(source) {
+            Some(clock) => {
+                clock.max_event_ms = clock.max_event_ms.max(event_ms);
+                clock.last_seen_ms = now_ms;
+            }
+            None => {
+                self.sources.insert(source.to_string(), SourceClock { max_event_ms: event_ms, last_seen_ms: now_ms });
+            }
+        }
+        let active = self.sources.values().filter(|c| now_ms.saturating_sub(c.last_seen_ms) <= self.idle_ms).map(|c| c.max_event_ms).min();
+        // Every source idle: nothing holds the watermark back.
+        let Some(slowest) = active.or(self.max_event_ms) else { return };
+        let candidate = slowest.saturating_sub(self.spec.allowed_lateness_ms);
+        self.watermark_ms = Some(self.watermark_ms.map_or(candidate, |w| w.max(candidate)));
+    }
+
+    /// Stops tracking partitions this pipeline no longer reads (moved to another group member).
+    pub fn forget_source(&mut self, source: &str) {
+        self.sources.remove(source);
     }
 
     pub fn spec(&self) -> &WindowSpec {
@@ -167,14 +230,15 @@ impl WindowState {
     }
 
     pub fn watermark_ms(&self) -> Option<i64> {
-        self.max_event_ms.map(|t| t.saturating_sub(self.spec.allowed_lateness_ms))
+        self.watermark_ms.or_else(|| self.max_event_ms.map(|t| t.saturating_sub(self.spec.allowed_lateness_ms)))
     }
 
     pub fn open_windows(&self) -> usize {
         self.open.len()
     }
 
-    /// Counts one scored story into every open window it belongs to, in each of its groups.
+    /// Counts one scored story into every open window it belongs to, in each of its groups. The
+    /// caller moves the watermark with [`WindowState::advance`].
     pub fn add(
         &mut self,
         event_ms: i64,
@@ -213,7 +277,6 @@ impl WindowState {
             }
         }
         let windows = starts.len();
-        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         if windows == 0 { Placed::Late } else { Placed::Counted(windows) }
     }
 
@@ -289,7 +352,9 @@ mod tests {
 
     impl AddPlain for WindowState {
         fn put(&mut self, t: i64, topic: &str, tickers: &[String], sentiment: &str, score: f32) -> Placed {
-            self.add(t, topic, tickers, sentiment, score, &story("x", 0.5))
+            let placed = self.add(t, topic, tickers, sentiment, score, &story("x", 0.5));
+            self.advance("p0", t, 0);
+            placed
         }
     }
 
@@ -372,6 +437,33 @@ mod tests {
         let rows = state.close_all(2);
         let top: Vec<&str> = rows[0].top.iter().map(|h| h.id.as_str()).collect();
         assert_eq!(top, ["s3", "s1", "s6", "s5", "s2"], "by p_negative, ties by id");
+    }
+
+    #[test]
+    fn the_watermark_follows_the_slowest_active_source_and_never_moves_back() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.set_idle_timeout(1_000);
+        let add = |state: &mut WindowState, source: &str, t: i64, now: i64| {
+            let placed = state.add(t, "x", &[], "neutral", 0.0, &story("s", 0.5));
+            state.advance(source, t, now);
+            placed
+        };
+        add(&mut state, "p0", 10 * H, 0);
+        add(&mut state, "p1", H, 0);
+        assert_eq!(state.watermark_ms(), Some(10 * H), "a new source cannot move it back");
+        // p0 reads ahead; p1 is behind but delivering: its stories are not late.
+        add(&mut state, "p0", 20 * H, 1);
+        assert_eq!(state.watermark_ms(), Some(10 * H));
+        assert_eq!(add(&mut state, "p1", 11 * H, 2), Placed::Counted(1));
+        assert_eq!(state.watermark_ms(), Some(11 * H));
+        // p1 falls silent for longer than the idle timeout: p0 alone moves the watermark.
+        add(&mut state, "p0", 21 * H, 5_000);
+        assert_eq!(state.watermark_ms(), Some(21 * H));
+        assert_eq!(add(&mut state, "p1", 12 * H, 5_001), Placed::Late);
+        // A source that moved to another consumer no longer counts.
+        state.forget_source("p1");
+        add(&mut state, "p0", 22 * H, 5_002);
+        assert_eq!(state.watermark_ms(), Some(22 * H));
     }
 
     #[test]
