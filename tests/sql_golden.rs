@@ -45,13 +45,7 @@ fn write_dataset(dir: &Path) {
         let p_negative = ((rng.next_f64() * if sour { 1.6 } else { 0.8 }) as f32).min(0.99);
         let p_positive = ((1.0 - p_negative) * rng.next_f64() as f32 * 0.9).max(0.0);
         let p_neutral = 1.0 - p_negative - p_positive;
-        let sentiment = if p_negative >= p_neutral && p_negative >= p_positive {
-            "negative"
-        } else if p_positive >= p_neutral {
-            "positive"
-        } else {
-            "neutral"
-        };
+        let sentiment = bearwatch::classify::sentiment_label(&[p_negative, p_neutral, p_positive]);
         let round = |p: f32| (p * 1e6).round() / 1e6;
         let scores = Scores {
             topic: topic.to_string(),

@@ -74,7 +74,17 @@ struct Request {
     ids: Vec<i64>,
     arrived: Instant,
     reply: Reply,
-    _slot: OwnedSemaphorePermit,
+    /// Released before the reply goes out, so a caller that has its result can queue another
+    /// item at once (`submit_now` would otherwise find the queue full).
+    slot: OwnedSemaphorePermit,
+}
+
+impl Request {
+    fn answer(self, result: Result<ItemOutput, ClassifyError>) {
+        drop(self.slot);
+        // A dropped receiver means the caller stopped waiting; nothing to do.
+        let _ = self.reply.send(result);
+    }
 }
 
 /// The sending side of the batcher's queue; the batcher thread ends when every clone is dropped.
@@ -91,7 +101,7 @@ impl Submitter {
         slot: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Result<ItemOutput, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
-        let request = Request { ids, arrived: Instant::now(), reply, _slot: slot };
+        let request = Request { ids, arrived: Instant::now(), reply, slot };
         self.tx.send(request).map_err(|_| ClassifyError::Stopped)?;
         metrics::gauge!("bearwatch_classify_queue_depth").increment(1.0);
         crate::telemetry::received("classify", 1);
@@ -209,8 +219,7 @@ fn execute(backend: &mut impl Backend, batch: Vec<Request>) {
         Ok(items) => {
             crate::telemetry::sent("classify", items.len() as u64);
             for (request, item) in batch.into_iter().zip(items) {
-                // A dropped receiver means the caller stopped waiting; nothing to do.
-                let _ = request.reply.send(Ok(item));
+                request.answer(Ok(item));
             }
         }
         Err(e) => {
@@ -218,7 +227,7 @@ fn execute(backend: &mut impl Backend, batch: Vec<Request>) {
             tracing::error!(error = %e, rows = padded.rows, "batch failed");
             let message = e.to_string();
             for request in batch {
-                let _ = request.reply.send(Err(ClassifyError::Inference(message.clone())));
+                request.answer(Err(ClassifyError::Inference(message.clone())));
             }
         }
     }

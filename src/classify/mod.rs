@@ -22,7 +22,7 @@ pub use batcher::{Backend, BatchLimits, BatchOutput, PaddedBatch};
 pub use config::{ClassifierConfig, Device};
 pub use error::ClassifyError;
 pub use jsonl::{LineStats, classify_lines};
-pub use model::ModelSpec;
+pub use model::{ModelSpec, sentiment_label};
 pub use tokenize::Encoder;
 
 /// What the classifier says about one text.

@@ -84,12 +84,11 @@ impl ModelSpec {
     /// Turns one item's class probabilities into named scores.
     pub fn scores(&self, sentiment: &[f32; 3], topic: &[f32]) -> Scores {
         let (topic_index, topic_score) = argmax(topic);
-        let (sentiment_index, _) = argmax(sentiment);
         let [p_negative, p_neutral, p_positive] = *sentiment;
         Scores {
             topic: self.topics[topic_index].clone(),
             topic_score,
-            sentiment: SENTIMENTS[sentiment_index],
+            sentiment: sentiment_label(sentiment),
             p_negative,
             p_neutral,
             p_positive,
@@ -97,6 +96,11 @@ impl ModelSpec {
             model: self.id.clone(),
         }
     }
+}
+
+/// The label of the likeliest sentiment (`[p_negative, p_neutral, p_positive]`); ties go to the first.
+pub fn sentiment_label(p: &[f32; 3]) -> &'static str {
+    SENTIMENTS[argmax(p).0]
 }
 
 /// Index and value of the largest element; the first one wins ties.

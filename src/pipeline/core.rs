@@ -405,9 +405,12 @@ impl Core {
 
     /// Runs the alert rules on rows the windows just emitted.
     fn observe(&mut self, rows: &[WindowRow]) {
+        if rows.is_empty() {
+            return;
+        }
         crate::telemetry::sent("window", rows.len() as u64);
         metrics::gauge!("bearwatch_windows_open").set(self.windows.open_windows() as f64);
-        if let (Some(alerting), false) = (self.alerting.as_mut(), rows.is_empty()) {
+        if let Some(alerting) = self.alerting.as_mut() {
             let watermark = self.windows.watermark_ms().unwrap_or(0);
             self.counters.alerts += alerting.observe(rows, watermark) as u64;
         }

@@ -139,13 +139,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
                 let p_negative = ((rng.next_f64() * 0.9 + season).clamp(0.001, 0.99)) as f32;
                 let p_positive = (1.0 - p_negative) * rng.next_f64() as f32;
                 let p_neutral = 1.0 - p_negative - p_positive;
-                let sentiment = if p_negative >= p_neutral && p_negative >= p_positive {
-                    "negative"
-                } else if p_positive >= p_neutral {
-                    "positive"
-                } else {
-                    "neutral"
-                };
+                let sentiment = crate::classify::sentiment_label(&[p_negative, p_neutral, p_positive]);
                 let n_tickers = (rng.next_f64() * 3.0) as usize;
                 let published_at = chrono::DateTime::from_timestamp_millis(published_ms)
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
