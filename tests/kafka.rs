@@ -386,3 +386,22 @@ fn bench_e2e_measures_the_pipeline_from_kafka_beside_the_classifier_alone() {
     let cells: Vec<f64> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).filter_map(|c| c.trim_end_matches(" %").parse().ok()).collect();
     assert!(cells.len() >= 5 && cells.iter().all(|v| v.is_finite() && *v > 0.0), "{row}");
 }
+
+/// `bearwatch bench alerts` times real notifications: every burst's alert reaches its webhook, and
+/// never sooner than its completing story was sent.
+#[test]
+fn bench_alerts_times_each_burst_from_kafka_to_the_webhook() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["bench", "alerts", "--brokers", brokers(), "--samples", "4", "--checkpoint-intervals", "1s", "--background-rate", "20"])
+        .env("BEARWATCH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row = stdout.lines().find(|l| l.starts_with("| 1s |")).expect("a result row");
+    let cells: Vec<&str> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+    assert_eq!(cells[4], "4 of 4", "{row}");
+    let (p50, p99): (f64, f64) = (cells[1].parse().unwrap(), cells[2].parse().unwrap());
+    // A 1 s checkpoint cycle: each alert waits for at most one checkpoint plus the pipeline's work.
+    assert!(p50 > 0.0 && p50 <= p99 && p99 < 10_000.0, "{row}");
+}

@@ -222,7 +222,7 @@ fn a_broker_restart_mid_stream_loses_nothing() {
         query_one(&run.storage, ALL_TOTAL),
         total.to_string(),
         "late stories per partition: {}\n{}",
-        query_one(&run.storage, "SELECT string_agg(concat(kafka_partition, ':', n), ' ') FROM (SELECT kafka_partition, count(*) n FROM late GROUP BY 1)"),
+        query_one(&run.storage, "SELECT string_agg(concat(kafka_partition, ':', n, ' from offset ', o, ' at ', t), ', ') FROM (SELECT kafka_partition, count(*) n, min(kafka_offset) o, min(published_at) t FROM late GROUP BY 1)"),
         run.logs()
     );
 }

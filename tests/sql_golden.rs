@@ -79,7 +79,7 @@ fn write_dataset(dir: &Path) {
         };
         let story = Headline { id: row.news.id.clone(), headline, p_negative: row.scores.p_negative };
         windows.add(published_ms, topic, &[], sentiment, row.scores.sentiment_score, &story);
-        windows.advance("golden", published_ms, 0);
+        windows.advance("golden", published_ms);
         news.push(row);
         // Every 100th story also arrives again, three hours late.
         if i % 100 == 99 {

@@ -218,9 +218,6 @@ pub struct WindowConfig {
     pub dedup_horizon: HumanDuration,
     /// ...and at most this many of them.
     pub dedup_max_ids: usize,
-    /// The watermark follows the slowest source partition; one that delivers nothing for this long
-    /// (wall clock) stops holding it back.
-    pub idle_timeout: HumanDuration,
 }
 
 impl Default for WindowConfig {
@@ -233,7 +230,6 @@ impl Default for WindowConfig {
             group_by: vec![GroupBy::Topic],
             dedup_horizon: d("1d"),
             dedup_max_ids: 1_000_000,
-            idle_timeout: d("1m"),
         }
     }
 }

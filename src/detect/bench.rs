@@ -75,7 +75,7 @@ fn pass(events: &[Event], detector: &mut Detector, checkpoint_every: usize) -> (
     let started = Instant::now();
     for (i, event) in events.iter().enumerate() {
         windows.add(event.ms, TOPICS[event.topic], &[], event.sentiment, event.score, &event.story);
-        windows.advance("bench", event.ms, 0);
+        windows.advance("bench", event.ms);
         let closed = windows.close_due(event.ms);
         if !closed.is_empty() {
             rows += closed.len();

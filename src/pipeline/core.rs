@@ -58,6 +58,14 @@ enum InFlight {
     Done { at: Position },
 }
 
+impl InFlight {
+    fn position(&self) -> &Position {
+        match self {
+            InFlight::Scoring { at, .. } | InFlight::Scored { at, .. } | InFlight::Done { at } => at,
+        }
+    }
+}
+
 pub struct Core {
     role: Role,
     /// None for role `aggregate`, whose stories arrive scored.
@@ -65,6 +73,8 @@ pub struct Core {
     limits: Limits,
     in_flight: VecDeque<InFlight>,
     in_flight_ids: HashSet<String>,
+    /// Partitions revoked and not yet re-assigned (see [`Core::assigned`]).
+    revoked: HashSet<String>,
     seen: HashMap<String, i64>,
     pub windows: WindowState,
     offsets: Offsets,
@@ -111,6 +121,7 @@ impl Core {
             limits,
             in_flight: VecDeque::new(),
             in_flight_ids: HashSet::new(),
+            revoked: HashSet::new(),
             seen: HashMap::new(),
             windows,
             offsets: Offsets::new(),
@@ -133,7 +144,8 @@ impl Core {
                     saved: format!("{:?}", checkpoint.windows.spec()),
                 });
             }
-            core.windows.resume_from(checkpoint.windows);
+            core.windows = checkpoint.windows;
+            core.windows.upgrade_restored();
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
@@ -389,7 +401,7 @@ impl Core {
         crate::telemetry::received("window", 1);
         let placed =
             self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
-        self.windows.advance(&source_key(&at.topic, at.partition), published_ms, now);
+        self.windows.advance(&source_key(&at.topic, at.partition), published_ms);
         if placed == Placed::Late {
             tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
             self.counters.late += 1;
@@ -427,10 +439,37 @@ impl Core {
         self.window_rows.extend(rows);
     }
 
+    /// Whether `topic`/`partition` has been read to its end. Only once nothing of it is in flight:
+    /// a story already read but not yet counted must still hold the watermark back.
+    pub fn set_read_to_end(&mut self, topic: &str, partition: i32, at_end: bool) {
+        let waiting = self.in_flight.iter().any(|item| {
+            let at = item.position();
+            at.partition == partition && &*at.topic == topic
+        });
+        self.windows.set_caught_up(&source_key(topic, partition), at_end && !waiting);
+    }
+
+    /// Revoked partitions keep holding event time back until the assignment that follows says
+    /// whether they stay: stories of theirs may still arrive in between.
+    pub fn revoked(&mut self, partitions: &[(String, i32)]) {
+        self.revoked.extend(partitions.iter().map(|(topic, partition)| source_key(topic, *partition)));
+    }
+
+    /// Event time waits for each assigned partition (for its first story if it is new), and stops
+    /// waiting for revoked ones that went to another member (their new owner counts them).
+    pub fn assigned(&mut self, partitions: &[(String, i32)]) {
+        let assigned: HashSet<String> = partitions.iter().map(|(topic, partition)| source_key(topic, *partition)).collect();
+        for gone in std::mem::take(&mut self.revoked).difference(&assigned) {
+            self.windows.forget_source(gone);
+        }
+        for source in &assigned {
+            self.windows.set_caught_up(source, false);
+        }
+    }
+
     /// Forgets partitions this member no longer owns once their offsets are committed.
     pub fn forget(&mut self, partitions: &[(String, i32)]) {
         for (topic, partition) in partitions {
-            self.windows.forget_source(&source_key(topic, *partition));
             if let Some(parts) = self.offsets.get_mut(topic) {
                 parts.remove(partition);
             }

@@ -28,7 +28,7 @@ use crate::config::{ConfigError, PipelineConfig, Role, SourceKind};
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileSource;
-use crate::source::kafka::{KafkaSource, Output, RebalanceHandler};
+use crate::source::kafka::{KafkaSource, Output, GroupHandler};
 use crate::source::{Offsets, Source, SourceError};
 use crate::storage::{Counters, Storage, StorageError};
 use crate::window::{WindowSpec, WindowState};
@@ -107,8 +107,8 @@ fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl RebalanceHandler for Rebalancer {
-    fn revoking(&self) -> Offsets {
+impl GroupHandler for Rebalancer {
+    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets {
         if self.closing.load(Ordering::SeqCst) {
             // The final checkpoint and commit have already been made.
             return Offsets::new();
@@ -116,6 +116,7 @@ impl RebalanceHandler for Rebalancer {
         tracing::info!("finishing and checkpointing in-flight stories before the partitions move");
         let mut core = lock(&self.core);
         let result = core.drain(None).and_then(|_| core.checkpoint());
+        core.revoked(partitions);
         match result {
             Ok(offsets) => offsets,
             Err(e) => {
@@ -128,6 +129,17 @@ impl RebalanceHandler for Rebalancer {
 
     fn committed(&self, partitions: &[(String, i32)]) {
         lock(&self.core).forget(partitions);
+    }
+
+    fn assigned(&self, partitions: &[(String, i32)]) {
+        lock(&self.core).assigned(partitions);
+    }
+
+    fn read_to_end(&self, partitions: &[((String, i32), bool)]) {
+        let mut core = lock(&self.core);
+        for ((topic, partition), at_end) in partitions {
+            core.set_read_to_end(topic, *partition, *at_end);
+        }
     }
 }
 
@@ -270,8 +282,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         dedup_horizon_ms: config.window.dedup_horizon.as_millis(),
         dedup_max_ids: config.window.dedup_max_ids,
     };
-    let mut windows = WindowState::new(WindowSpec::from_config(&config.window));
-    windows.set_idle_timeout(config.window.idle_timeout.as_millis());
+    let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
     let alerting = match role {
         Role::Classify => None,

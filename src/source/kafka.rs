@@ -2,7 +2,7 @@
 //! `news.scored`.
 //!
 //! Offsets are committed by hand, only after the checkpoint that covers them. When partitions are
-//! revoked, the [`RebalanceHandler`] finishes their in-flight stories and checkpoints first, and the
+//! revoked, the [`GroupHandler`] finishes their in-flight stories and checkpoints first, and the
 //! offsets it returns are committed before the partitions move to another member.
 
 use std::collections::BTreeMap;
@@ -30,22 +30,37 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) ->
     config
 }
 
-/// What the pipeline does around a rebalance.
-pub trait RebalanceHandler: Send + Sync {
-    /// Partitions are about to be taken away: finish and checkpoint all work in flight, and return
+/// What the pipeline does around a rebalance, and what it learns from the consumer's statistics.
+pub trait GroupHandler: Send + Sync {
+    /// `partitions` are about to be taken away: finish and checkpoint all work in flight, and return
     /// the checkpoint's offsets (the caller commits those of the revoked partitions).
-    fn revoking(&self) -> Offsets;
+    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
+    /// `partitions` were handed to this member (after any revocation of the same rebalance).
+    fn assigned(&self, partitions: &[(String, i32)]);
     /// The revoked partitions' offsets are committed to the group (or there was nothing to commit):
     /// their positions no longer need keeping. Not called when the commit failed (a lost session
     /// after a broker restart, say): the group then hands out the older committed offsets, and only
     /// the kept positions let this member skip what it already processed if the partitions return.
     fn committed(&self, partitions: &[(String, i32)]);
+    /// From each statistics report: whether this consumer has read each of its partitions to the
+    /// end, so that event time need not wait for it.
+    fn read_to_end(&self, partitions: &[((String, i32), bool)]);
 }
 
 pub struct GroupContext {
-    handler: Arc<dyn RebalanceHandler>,
+    handler: Arc<dyn GroupHandler>,
     /// Partitions whose lag was last reported, so that a partition that moved away reads 0.
     reported: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
+    /// This member's partitions: statistics also list partitions other members own.
+    assigned: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
+}
+
+/// Whether a partition's statistics say its consumer has nothing left to read: the position handed
+/// to the application (or, before the first message, the fetch position with nothing queued) has
+/// reached the high watermark. Offsets are negative until known.
+fn read_to_end(p: &rdkafka::statistics::Partition) -> bool {
+    let position = if p.app_offset >= 0 { p.app_offset } else if p.fetchq_cnt == 0 { p.next_offset } else { -1 };
+    p.hi_offset >= 0 && position >= p.hi_offset
 }
 
 impl ClientContext for GroupContext {
@@ -53,6 +68,7 @@ impl ClientContext for GroupContext {
     /// measured from the group's committed offset, as `kafka-consumer-groups.sh` shows it.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let mut now = std::collections::BTreeSet::new();
+        let mut positions = Vec::new();
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
                 // Partition -1 is librdkafka's internal "unassigned" queue; lag -1 means not known yet.
@@ -61,8 +77,12 @@ impl ClientContext for GroupContext {
                         .set(p.consumer_lag as f64);
                     now.insert((topic.clone(), *partition));
                 }
+                positions.push(((topic.clone(), *partition), read_to_end(p)));
             }
         }
+        let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        positions.retain(|(partition, _)| assigned.contains(partition));
+        self.handler.read_to_end(&positions);
         let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         for (topic, partition) in reported.difference(&now) {
             metrics::gauge!("bearwatch_kafka_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
@@ -92,7 +112,8 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = partitions(list);
             tracing::info!(partitions = ?revoked, "partitions revoked");
-            let offsets = self.handler.revoking();
+            self.assigned.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| !revoked.contains(p));
+            let offsets = self.handler.revoking(&revoked);
             match offsets_list(&offsets, Some(&revoked)) {
                 Ok(list) if list.count() > 0 => match consumer.commit(&list, CommitMode::Sync) {
                     Ok(()) => self.handler.committed(&revoked),
@@ -108,7 +129,12 @@ impl ConsumerContext for GroupContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(list) => tracing::info!(partitions = ?partitions(list), "partitions assigned"),
+            Rebalance::Assign(list) => {
+                let assigned = partitions(list);
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+                self.assigned.lock().unwrap_or_else(|p| p.into_inner()).extend(assigned.iter().cloned());
+                self.handler.assigned(&assigned);
+            }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -128,7 +154,7 @@ impl KafkaSource {
         group_id: &str,
         topics: &[String],
         start: StartOffset,
-        handler: Arc<dyn RebalanceHandler>,
+        handler: Arc<dyn GroupHandler>,
     ) -> Result<KafkaSource, SourceError> {
         let mut config = client_config(brokers, properties);
         config
@@ -144,7 +170,7 @@ impl KafkaSource {
                 StartOffset::Latest => "latest",
             });
         let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext { handler, reported: Default::default() })
+            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default() })
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;

@@ -143,30 +143,25 @@ pub struct WindowState {
     open: BTreeMap<WindowKey, OpenWindow>,
     /// Newest event time seen from any source.
     max_event_ms: Option<i64>,
-    /// Per source partition (`topic/partition`, or the file): its newest event time, and when it
-    /// last delivered. The watermark follows the slowest partition that is not idle, as Flink's
-    /// per-partition watermarks do, so a partition that a consumer happens to read ahead (a backlog
-    /// after a broker restart, say) does not make the others' stories late.
+    /// Per source partition (`topic/partition`, or the file): its newest event time, and whether
+    /// the consumer has read all it holds. The watermark follows the slowest partition that still has
+    /// data to deliver, as Flink's per-partition watermarks do, so a partition that a consumer happens
+    /// to read ahead (a backlog after a broker restart, say) does not make the others' stories late.
     #[serde(default)]
     sources: BTreeMap<String, SourceClock>,
-    /// Newest event time − allowed lateness of the slowest active source; it never moves back.
-    /// Absent from checkpoints written before per-source clocks: then derived from `max_event_ms`.
+    /// The slowest pending source's newest event time − allowed lateness; it never moves back.
+    /// Absent from checkpoints written before per-source clocks (see `upgrade_restored`).
     #[serde(default)]
     watermark_ms: Option<i64>,
-    /// Wall-clock time after which a silent source stops holding the watermark back. A setting,
-    /// not state: restored checkpoints take the running config's.
-    #[serde(skip, default = "default_idle_ms")]
-    idle_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct SourceClock {
-    max_event_ms: i64,
-    last_seen_ms: i64,
-}
-
-fn default_idle_ms() -> i64 {
-    60_000
+    /// None for a partition assigned but not yet heard from: the watermark waits for it.
+    max_event_ms: Option<i64>,
+    /// Nothing left to read right now (the consumer's position is at the partition's end), so
+    /// this source does not hold the watermark back until it delivers again.
+    caught_up: bool,
 }
 
 /// JSON object keys must be strings, so the map is stored as a list of pairs.
@@ -184,38 +179,45 @@ mod open_windows {
 
 impl WindowState {
     pub fn new(spec: WindowSpec) -> WindowState {
-        WindowState { spec, open: BTreeMap::new(), max_event_ms: None, sources: BTreeMap::new(), watermark_ms: None, idle_ms: default_idle_ms() }
+        WindowState { spec, open: BTreeMap::new(), max_event_ms: None, sources: BTreeMap::new(), watermark_ms: None }
     }
 
-    /// `[window] idle_timeout`: how long a source partition may deliver nothing before the
-    /// watermark moves on without it.
-    pub fn set_idle_timeout(&mut self, idle_ms: i64) {
-        self.idle_ms = idle_ms;
-    }
-
-    /// Takes the windows and clocks of `saved` (a checkpoint's), keeping this state's settings.
-    pub fn resume_from(&mut self, saved: WindowState) {
-        let idle_ms = self.idle_ms;
-        *self = saved;
-        self.idle_ms = idle_ms;
-    }
-
-    /// Records that `source` delivered an event at `event_ms` (wall clock `now_ms`), and moves the
-    /// watermark to the slowest active source's newest event time less the allowed lateness.
-    pub fn advance(&mut self, source: &str, event_ms: i64, now_ms: i64) {
+    /// Records that `source` delivered an event at `event_ms`, and moves the watermark.
+    pub fn advance(&mut self, source: &str, event_ms: i64) {
         self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         match self.sources.get_mut(source) {
             Some(clock) => {
-                clock.max_event_ms = clock.max_event_ms.max(event_ms);
-                clock.last_seen_ms = now_ms;
+                clock.max_event_ms = Some(clock.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
+                clock.caught_up = false;
             }
             None => {
-                self.sources.insert(source.to_string(), SourceClock { max_event_ms: event_ms, last_seen_ms: now_ms });
+                self.sources.insert(source.to_string(), SourceClock { max_event_ms: Some(event_ms), caught_up: false });
             }
         }
-        let active = self.sources.values().filter(|c| now_ms.saturating_sub(c.last_seen_ms) <= self.idle_ms).map(|c| c.max_event_ms).min();
-        // Every source idle: nothing holds the watermark back.
-        let Some(slowest) = active.or(self.max_event_ms) else { return };
+        self.move_watermark();
+    }
+
+    /// Whether `source` has been read to its end (the consumer's statistics). A source not yet
+    /// heard from that is not at its end holds the watermark until its first event.
+    pub fn set_caught_up(&mut self, source: &str, caught_up: bool) {
+        match self.sources.get_mut(source) {
+            Some(clock) if clock.caught_up != caught_up => clock.caught_up = caught_up,
+            None if !caught_up => {
+                self.sources.insert(source.to_string(), SourceClock { max_event_ms: None, caught_up });
+            }
+            _ => return,
+        }
+        self.move_watermark();
+    }
+
+    fn move_watermark(&mut self) {
+        // None while a pending source has not been heard from: it could bring anything, so wait.
+        let Some(pending) = self.sources.values().filter(|c| !c.caught_up).map(|c| c.max_event_ms).collect::<Option<Vec<i64>>>()
+        else {
+            return;
+        };
+        // Every source read to its end: nothing older is on its way.
+        let Some(slowest) = pending.into_iter().min().or(self.max_event_ms) else { return };
         let candidate = slowest.saturating_sub(self.spec.allowed_lateness_ms);
         self.watermark_ms = Some(self.watermark_ms.map_or(candidate, |w| w.max(candidate)));
     }
@@ -230,7 +232,15 @@ impl WindowState {
     }
 
     pub fn watermark_ms(&self) -> Option<i64> {
-        self.watermark_ms.or_else(|| self.max_event_ms.map(|t| t.saturating_sub(self.spec.allowed_lateness_ms)))
+        self.watermark_ms
+    }
+
+    /// A checkpoint from before per-source clocks has only the newest event time: its watermark
+    /// was that less the allowed lateness, and it must not move back.
+    pub fn upgrade_restored(&mut self) {
+        if self.watermark_ms.is_none() && self.sources.is_empty() {
+            self.watermark_ms = self.max_event_ms.map(|t| t.saturating_sub(self.spec.allowed_lateness_ms));
+        }
     }
 
     pub fn open_windows(&self) -> usize {
@@ -353,7 +363,7 @@ mod tests {
     impl AddPlain for WindowState {
         fn put(&mut self, t: i64, topic: &str, tickers: &[String], sentiment: &str, score: f32) -> Placed {
             let placed = self.add(t, topic, tickers, sentiment, score, &story("x", 0.5));
-            self.advance("p0", t, 0);
+            self.advance("p0", t);
             placed
         }
     }
@@ -440,30 +450,65 @@ mod tests {
     }
 
     #[test]
-    fn the_watermark_follows_the_slowest_active_source_and_never_moves_back() {
+    fn the_watermark_follows_the_slowest_source_with_data_left_and_never_moves_back() {
         let mut state = WindowState::new(spec(H, H, 0));
-        state.set_idle_timeout(1_000);
-        let add = |state: &mut WindowState, source: &str, t: i64, now: i64| {
+        let add = |state: &mut WindowState, source: &str, t: i64| {
             let placed = state.add(t, "x", &[], "neutral", 0.0, &story("s", 0.5));
-            state.advance(source, t, now);
+            state.advance(source, t);
             placed
         };
-        add(&mut state, "p0", 10 * H, 0);
-        add(&mut state, "p1", H, 0);
+        add(&mut state, "p0", 10 * H);
+        add(&mut state, "p1", H);
         assert_eq!(state.watermark_ms(), Some(10 * H), "a new source cannot move it back");
-        // p0 reads ahead; p1 is behind but delivering: its stories are not late.
-        add(&mut state, "p0", 20 * H, 1);
+        // p0 is read ahead; p1 is behind with data left: its stories are not late.
+        add(&mut state, "p0", 20 * H);
         assert_eq!(state.watermark_ms(), Some(10 * H));
-        assert_eq!(add(&mut state, "p1", 11 * H, 2), Placed::Counted(1));
+        assert_eq!(add(&mut state, "p1", 11 * H), Placed::Counted(1));
         assert_eq!(state.watermark_ms(), Some(11 * H));
-        // p1 falls silent for longer than the idle timeout: p0 alone moves the watermark.
-        add(&mut state, "p0", 21 * H, 5_000);
-        assert_eq!(state.watermark_ms(), Some(21 * H));
-        assert_eq!(add(&mut state, "p1", 12 * H, 5_001), Placed::Late);
+        // p1 has been read to its end: p0 alone moves the watermark, until p1 delivers again.
+        state.set_caught_up("p1", true);
+        assert_eq!(state.watermark_ms(), Some(20 * H));
+        assert_eq!(add(&mut state, "p1", 12 * H), Placed::Late);
+        add(&mut state, "p0", 30 * H);
+        assert_eq!(state.watermark_ms(), Some(20 * H), "p1 delivered, so it holds the watermark again");
         // A source that moved to another consumer no longer counts.
         state.forget_source("p1");
-        add(&mut state, "p0", 22 * H, 5_002);
-        assert_eq!(state.watermark_ms(), Some(22 * H));
+        add(&mut state, "p0", 31 * H);
+        assert_eq!(state.watermark_ms(), Some(31 * H));
+        // A newly assigned partition with data left holds it until its first story, then its pace.
+        state.set_caught_up("p2", false);
+        add(&mut state, "p0", 40 * H);
+        assert_eq!(state.watermark_ms(), Some(31 * H));
+        assert_eq!(add(&mut state, "p2", 35 * H), Placed::Counted(1));
+        assert_eq!(state.watermark_ms(), Some(35 * H));
+        // One read to its end before it delivered anything (an empty partition) stops holding it.
+        state.set_caught_up("p3", false);
+        add(&mut state, "p2", 45 * H);
+        assert_eq!(state.watermark_ms(), Some(35 * H));
+        state.set_caught_up("p3", true);
+        assert_eq!(state.watermark_ms(), Some(40 * H));
+    }
+
+    #[test]
+    fn nothing_closes_while_an_assigned_partition_has_not_been_heard_from() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.set_caught_up("p1", false);
+        state.put(10 * H, "x", &[], "neutral", 0.0);
+        assert_eq!(state.watermark_ms(), None);
+        assert!(state.close_due(0).is_empty());
+        assert_eq!(state.put(H, "x", &[], "neutral", 0.0), Placed::Counted(1), "still open: p1 holds it");
+    }
+
+    #[test]
+    fn a_checkpoint_from_before_per_source_clocks_keeps_its_watermark() {
+        let mut state = WindowState::new(spec(H, H, H));
+        state.put(10 * H, "x", &[], "neutral", 0.0);
+        let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+        json.as_object_mut().unwrap().retain(|k, _| k != "sources" && k != "watermark_ms");
+        let mut restored: WindowState = serde_json::from_value(json).unwrap();
+        assert_eq!(restored.watermark_ms(), None);
+        restored.upgrade_restored();
+        assert_eq!(restored.watermark_ms(), Some(9 * H));
     }
 
     #[test]
