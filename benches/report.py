@@ -34,7 +34,7 @@ def facts():
         "memory": f"{memory_kib / 1024 / 1024:.0f} GiB",
         "os": os_name,
         "kernel": platform.release(),
-        "commit": command("git", "rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
+        "commit": os.environ.get("BENCH_COMMIT") or command("git", "rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
         "rustc": command("rustc", "--version"),
         "onnxruntime": importlib.metadata.version("onnxruntime"),
         "duckdb": importlib.metadata.version("duckdb"),

@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
+# The source the binary is built from, as it is now (the report is written at the end).
+BENCH_COMMIT="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (with uncommitted changes)')"
+export BENCH_COMMIT
 scripts/setup-ort.sh >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -r benches/requirements.txt
 cargo build --release --locked

@@ -168,7 +168,7 @@ pub fn run(args: &E2eBenchArgs) -> Result<String, PipelineError> {
     let _ = writeln!(out, "|---:|---:|---:|---|---:|---:|");
     let _ = writeln!(
         out,
-        "| {alone:.0} | {e2e:.0} | {:.0} % | {} | {steady} | {} |",
+        "| {alone:.0} | {e2e:.0} | {:.1} % | {} | {steady} | {} |",
         ratio * 100.0,
         if ratio >= 0.9 { "met" } else { "not met" },
         memory_mib().1
