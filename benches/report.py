@@ -81,7 +81,7 @@ def goals(out):
         ("classify ≥ 1.5× the Python reference", f'{defaults["× Python"]} with the defaults: {verdict(number(defaults["× Python"]) >= 1.5)}'),
         ("classify overhead ≤ 10 % over bare ORT", f"at most {max(overheads):.1f} % at any batch size: {verdict(max(overheads) <= 10)}"),
         ("windows + rules ≥ 1 M events/s per core", f'{number(windows["events/s per core"]):,.0f} events/s: {verdict(windows["goal ≥ 1 M events/s"] == "met")}'),
-        ("end to end ≥ 90 % of classify alone", f'{e2e["pipeline / classify"]} ({e2e["pipeline from Kafka, stories/s"]} vs {e2e["classify alone, stories/s"]} stories/s): {verdict(e2e["goal ≥ 90 %"] == "met")}'),
+        ("end to end ≥ 90 % of classify alone", f'{e2e["pipeline / classify"]} ({e2e["pipeline from Kafka, stories/s"]} vs {e2e["classify alone, stories/s"]} stories/s): {verdict(e2e["goal ≥ 90 %"] == "met")} in this run (runs vary by several points; see its section)'),
         ("alert latency, p50 / p99 (no target set)", "; ".join(f'checkpoint every {r["checkpoint_interval"]}: {r["p50 ms"]} / {r["p99 ms"]} ms' for r in alerts)),
         ("SQL within 1.5× of DuckDB on each query", f"{sql_met} of {len(sql)}: {verdict(sql_met == len(sql))}" + (f" (over: {misses})" if misses else "")),
         ("peak RSS at steady state (no target set)", f'{e2e["steady-state RSS MiB"]} MiB steady, {e2e["peak RSS MiB"]} MiB peak, end to end on a 24,000-story backlog'),
