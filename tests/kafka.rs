@@ -405,3 +405,35 @@ fn bench_alerts_times_each_burst_from_kafka_to_the_webhook() {
     // A 1 s checkpoint cycle: each alert waits for at most one checkpoint plus the pipeline's work.
     assert!(p50 > 0.0 && p50 <= p99 && p99 < 10_000.0, "{row}");
 }
+
+/// A partition with no stories must not hold event time back: with every story in partition 0 of
+/// two, windows still close (final rows) while the pipeline runs.
+#[test]
+fn an_empty_partition_does_not_stall_the_watermark() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("one-sided");
+    common::create_topic_on(brokers(), &topic, 2);
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let start = chrono::Utc::now() - chrono::Duration::days(3);
+    for i in 0..30i64 {
+        let published = (start + chrono::Duration::hours(2 * i)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let story = format!(r#"{{"id":"one-sided-{i}","published_at":"{published}","headline":"Oil prices fall as stocks build up {i}"}}"#);
+        producer.send(BaseRecord::<str, str>::to(&topic).partition(0).key("k").payload(&story)).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let config = kafka_pipeline(&topic, &unique("g"), "store", "").replace("allowed_lateness = \"30d\"", "allowed_lateness = \"0s\"");
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    run.wait_for_checkpoint(Duration::from_secs(120), "every story", |c| counter(c, "scored") >= 30);
+    // The consumer's statistics (every 5 s) report partition 1 as read to its end; then the windows
+    // partition 0 has passed close.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while query_one(&run.storage, "SELECT count(*) FROM windows WHERE \"final\"") == "0" {
+        assert!(Instant::now() < deadline, "no window closed: the empty partition holds the watermark\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    assert_eq!(counter(&checkpoint(&run.storage).unwrap(), "late"), 0);
+}

@@ -482,6 +482,11 @@ impl Core {
         assert!(self.in_flight.is_empty(), "checkpoint with items in flight");
         let started = Instant::now();
         let now = now_ms();
+        // The watermark also moves without new stories (a partition read to its end stops holding
+        // it back), so windows it has passed close here too, not only when a story arrives.
+        let closed = self.windows.close_due(now);
+        self.observe(&closed);
+        self.window_rows.extend(closed);
         let updates = self.windows.take_updates(now);
         self.observe(&updates);
         self.window_rows.extend(updates);

@@ -53,13 +53,26 @@ pub struct GroupContext {
     reported: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// This member's partitions: statistics also list partitions other members own.
     assigned: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
+    /// Where a partition without a committed offset is read from.
+    start: StartOffset,
 }
 
-/// Whether a partition's statistics say its consumer has nothing left to read: the position handed
-/// to the application (or, before the first message, the fetch position with nothing queued) has
-/// reached the high watermark. Offsets are negative until known.
-fn read_to_end(p: &rdkafka::statistics::Partition) -> bool {
-    let position = if p.app_offset >= 0 { p.app_offset } else if p.fetchq_cnt == 0 { p.next_offset } else { -1 };
+/// Whether a partition's statistics say this consumer has nothing left to read in it: the position
+/// handed to the application has reached the high watermark. Before its first message that position
+/// is where reading starts: the group's committed offset, else the reset point (the low watermark
+/// for `earliest`, the high one for `latest`). Offsets are negative until known. (`fetchq_cnt`
+/// cannot tell: with one consumer queue it counts every partition's prefetched messages.)
+fn read_to_end(p: &rdkafka::statistics::Partition, start: StartOffset) -> bool {
+    let position = if p.app_offset >= 0 {
+        p.app_offset
+    } else if p.committed_offset >= 0 {
+        p.committed_offset
+    } else {
+        match start {
+            StartOffset::Earliest => p.lo_offset,
+            StartOffset::Latest => p.hi_offset,
+        }
+    };
     p.hi_offset >= 0 && position >= p.hi_offset
 }
 
@@ -77,7 +90,7 @@ impl ClientContext for GroupContext {
                         .set(p.consumer_lag as f64);
                     now.insert((topic.clone(), *partition));
                 }
-                positions.push(((topic.clone(), *partition), read_to_end(p)));
+                positions.push(((topic.clone(), *partition), read_to_end(p, self.start)));
             }
         }
         let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -170,7 +183,7 @@ impl KafkaSource {
                 StartOffset::Latest => "latest",
             });
         let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default() })
+            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default(), start })
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
