@@ -84,6 +84,9 @@ impl ReceiverConfig {
         let need = |present: bool, field: &'static str| {
             if present { Ok(()) } else { Err((field, format!("receiver `{}` ({:?}) needs `{field}`", self.name, self.kind))) }
         };
+        if self.password.as_ref().is_some_and(|p| p.as_str().is_empty()) {
+            return Err(("password", format!("receiver `{}`: `password` is empty (check the environment variable it names)", self.name)));
+        }
         match self.kind {
             ReceiverKind::Log => Ok(()),
             ReceiverKind::Webhook => need(self.url.is_some(), "url"),

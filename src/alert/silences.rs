@@ -16,6 +16,9 @@ pub struct StoredSilence {
     pub silence: Silence,
 }
 
+/// Silences kept at once: each request rewrites the file, so its size is bounded.
+pub const MAX_SILENCES: usize = 1000;
+
 #[derive(Clone)]
 pub struct SilenceStore {
     path: PathBuf,
@@ -37,13 +40,19 @@ impl SilenceStore {
         self.silences.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Adds a silence and returns its id; the file is replaced atomically.
-    pub fn add(&self, silence: Silence) -> Result<String, StorageError> {
+    /// Adds a silence and returns its id, or `None` when [`MAX_SILENCES`] are already active or
+    /// pending; expired ones are dropped first. The file is replaced atomically.
+    pub fn add(&self, silence: Silence) -> Result<Option<String>, StorageError> {
         let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
+        let now = chrono::Utc::now();
+        all.retain(|s| s.silence.ends_at > now);
+        if all.len() >= MAX_SILENCES {
+            return Ok(None);
+        }
         let id = format!("s{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
         all.push(StoredSilence { id: id.clone(), silence });
         self.save(&all)?;
-        Ok(id)
+        Ok(Some(id))
     }
 
     /// Removes a silence; false if there was none with that id.

@@ -56,19 +56,27 @@ impl Default for ClassifierConfig {
 }
 
 impl ClassifierConfig {
+    /// Every setting that scales memory or work has a bound, so that a typo cannot exhaust the host.
     pub fn validate(&self) -> Result<(), ClassifyError> {
-        let bad = |field, reason: &str| Err(ClassifyError::Config { field, reason: reason.to_string() });
-        if self.max_batch_size == 0 {
-            return bad("max_batch_size", "must be at least 1");
-        }
-        if !(3..=512).contains(&self.max_length) {
-            return bad("max_length", "must be between 3 and 512 tokens");
+        let bad = |field, reason: String| Err(ClassifyError::Config { field, reason });
+        let bounds: [(&'static str, usize, usize, usize); 6] = [
+            ("max_batch_size", self.max_batch_size, 1, 4096),
+            ("max_length", self.max_length, 3, 512),
+            ("max_batch_tokens", self.max_batch_tokens, 3, 1 << 20),
+            ("max_queued", self.max_queued, 1, 1_000_000),
+            ("threads", self.threads, 0, 1024),
+            ("body_chars", self.body_chars, 0, 100_000),
+        ];
+        for (field, value, min, max) in bounds {
+            if !(min..=max).contains(&value) {
+                return bad(field, format!("must be between {min} and {max}, is {value}"));
+            }
         }
         if self.max_batch_tokens < self.max_length {
-            return bad("max_batch_tokens", "must be at least max_length, or a long text could never run");
+            return bad("max_batch_tokens", "must be at least max_length, or a long text could never run".into());
         }
-        if self.max_queued == 0 {
-            return bad("max_queued", "must be at least 1");
+        if self.max_wait_ms > 10_000 {
+            return bad("max_wait_ms", format!("must be at most 10000 ms, is {}", self.max_wait_ms));
         }
         Ok(())
     }

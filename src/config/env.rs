@@ -53,6 +53,30 @@ impl<'de> Deserialize<'de> for EnvString {
     }
 }
 
+/// `deserialize_with` for a path setting with `${NAME}` references (e.g. one storage folder per
+/// instance: `path = "${BEARWATCH_STORAGE}"`). Paths are not secrets, so the expanded form is kept.
+pub fn path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<std::path::PathBuf, D::Error> {
+    let written = String::deserialize(deserializer)?;
+    expanded_path(&written).map_err(serde::de::Error::custom)
+}
+
+pub fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<std::path::PathBuf>, D::Error> {
+    path(deserializer).map(Some)
+}
+
+pub fn paths<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<std::path::PathBuf>, D::Error> {
+    let written = Vec::<String>::deserialize(deserializer)?;
+    written.iter().map(|w| expanded_path(w).map_err(serde::de::Error::custom)).collect()
+}
+
+fn expanded_path(written: &str) -> Result<std::path::PathBuf, String> {
+    let value = EnvString::expand(written)?.value;
+    if value.is_empty() {
+        return Err(format!("{written:?} is an empty path"));
+    }
+    Ok(std::path::PathBuf::from(value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

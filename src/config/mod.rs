@@ -14,7 +14,7 @@ pub use duration::HumanDuration;
 pub use env::EnvString;
 
 use crate::alert::ReceiverConfig;
-use crate::classify::ClassifierConfig;
+use crate::classify::{ClassifierConfig, ClassifyError};
 use crate::error::{Classified, ErrorClass};
 
 /// The demo pipeline, compiled in so that `bearwatch run` works with no arguments and no files.
@@ -63,8 +63,8 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Listen address, e.g. "127.0.0.1:9464".
-    pub http: Option<String>,
+    /// Listen address, e.g. "127.0.0.1:9464" (`${ENV}` expands).
+    pub http: Option<EnvString>,
     /// When set, requests need `Authorization: Bearer <token>`.
     pub auth_token: Option<EnvString>,
     /// Longest a query may run, on the HTTP API and the Postgres wire protocol alike.
@@ -74,9 +74,9 @@ pub struct ServerConfig {
     #[serde(default = "default_query_memory")]
     pub query_memory_mib: usize,
     /// Postgres wire protocol listen address, e.g. "127.0.0.1:5433" (psql, Grafana, drivers).
-    pub postgres: Option<String>,
+    pub postgres: Option<EnvString>,
     #[serde(default = "default_postgres_user")]
-    pub postgres_user: String,
+    pub postgres_user: EnvString,
     /// Required with `postgres`; e.g. "${BEARWATCH_PG_PASSWORD}".
     pub postgres_password: Option<EnvString>,
 }
@@ -87,8 +87,8 @@ impl ServerConfig {
     }
 }
 
-fn default_postgres_user() -> String {
-    "bearwatch".into()
+fn default_postgres_user() -> EnvString {
+    EnvString::expand("bearwatch").expect("no references")
 }
 
 impl Default for ServerConfig {
@@ -116,7 +116,7 @@ fn default_query_memory() -> usize {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "env::paths")]
     pub rules: Vec<PathBuf>,
 }
 
@@ -156,17 +156,19 @@ pub struct SourceConfig {
     #[serde(rename = "type")]
     pub kind: SourceKind,
     /// file: JSON lines of news, replayed in event-time order.
+    #[serde(default, deserialize_with = "env::optional_path")]
     pub path: Option<PathBuf>,
     /// file: 0 = as fast as possible; N = N× the pace of the stories' own timestamps.
     #[serde(default)]
     pub speed: f64,
     /// file: where bad lines go; default `<storage.path>/dead-letter.jsonl`.
+    #[serde(default, deserialize_with = "env::optional_path")]
     pub dead_letter_path: Option<PathBuf>,
     /// kafka: `bootstrap.servers`.
     pub brokers: Option<EnvString>,
     #[serde(default)]
     pub topics: Vec<String>,
-    pub group_id: Option<String>,
+    pub group_id: Option<EnvString>,
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
     /// kafka: where a group with no committed offset starts.
@@ -244,6 +246,8 @@ impl WindowConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
+    /// `${ENV}` expands, so that several instances can share one file.
+    #[serde(deserialize_with = "env::path")]
     pub path: PathBuf,
     /// How often state is checkpointed, tables are flushed and offsets committed.
     #[serde(default = "default_checkpoint_interval")]
@@ -338,9 +342,7 @@ impl PipelineConfig {
                 }
             }
         }
-        if s.max_message_bytes == 0 {
-            return Err(("source.max_message_bytes", "must be at least 1".into()));
-        }
+        within("source.max_message_bytes", s.max_message_bytes, 1, 64 << 20)?;
         let w = &self.window;
         if w.size.as_millis() <= 0 {
             return Err(("window.size", "must be longer than 0".into()));
@@ -349,14 +351,25 @@ impl PipelineConfig {
         if slide <= 0 || slide > w.size.as_millis() || w.size.as_millis() % slide != 0 {
             return Err(("window.slide", format!("must be positive, at most `size` ({}), and divide it", w.size)));
         }
+        let windows_per_story = w.size.as_millis() / slide;
+        if windows_per_story > MAX_WINDOWS_PER_STORY {
+            return Err((
+                "window.slide",
+                format!("`size` / `slide` is {windows_per_story} windows per story; at most {MAX_WINDOWS_PER_STORY} are allowed"),
+            ));
+        }
+        within("window.dedup_max_ids", w.dedup_max_ids, 1, 100_000_000)?;
         if !w.group_by.contains(&GroupBy::Topic) {
             return Err(("window.group_by", "must include \"topic\"".into()));
         }
         if self.storage.checkpoint_interval.as_millis() <= 0 {
             return Err(("storage.checkpoint_interval", "must be longer than 0".into()));
         }
-        if self.storage.roll_rows == 0 {
-            return Err(("storage.roll_rows", "must be at least 1".into()));
+        within("storage.roll_rows", self.storage.roll_rows, 1, 10_000_000)?;
+        within("server.query_memory_mib", self.server.query_memory_mib, 1, 1 << 20)?;
+        let timeout = self.server.query_timeout.as_millis();
+        if !(1..=86_400_000).contains(&timeout) {
+            return Err(("server.query_timeout", format!("must be between 1ms and 24h, is {}", self.server.query_timeout)));
         }
         if let Some(sink) = &self.sink
             && sink.brokers.is_none()
@@ -364,10 +377,19 @@ impl PipelineConfig {
         {
             return Err(("sink.brokers", "needed when the source is not Kafka".into()));
         }
-        self.model.validate().map_err(|e| ("model", e.to_string()))?;
+        self.model.validate().map_err(|e| match e {
+            ClassifyError::Config { field, reason } => (model_field(field), reason),
+            other => ("model", other.to_string()),
+        })?;
         self.check_role()?;
         if self.server.postgres.is_some() && self.server.postgres_password.is_none() {
             return Err(("server.postgres_password", "the Postgres listener needs a password (e.g. \"${BEARWATCH_PG_PASSWORD}\")".into()));
+        }
+        let secrets = [("server.auth_token", &self.server.auth_token), ("server.postgres_password", &self.server.postgres_password)];
+        for (field, secret) in secrets {
+            if secret.as_ref().is_some_and(|s| s.as_str().trim().is_empty()) {
+                return Err((field, "is empty (check the environment variable it names): an empty secret would let anyone in".into()));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for receiver in &self.receivers {
@@ -401,7 +423,28 @@ impl PipelineConfig {
 
     /// The consumer group of `aggregate` instances, beside the `classify` group on the news topics.
     pub fn aggregate_group_id(&self) -> String {
-        format!("{}-aggregate", self.source.group_id.as_deref().unwrap_or("bearwatch"))
+        format!("{}-aggregate", self.source.group_id.as_ref().map_or("bearwatch", EnvString::as_str))
+    }
+}
+
+/// Stories × windows is the work and memory of every story: `size / slide` beyond this is a typo.
+pub const MAX_WINDOWS_PER_STORY: i64 = 1000;
+
+/// A numeric setting outside its bounds, as a field error.
+fn within(field: &'static str, value: usize, min: usize, max: usize) -> Result<(), (&'static str, String)> {
+    if (min..=max).contains(&value) { Ok(()) } else { Err((field, format!("must be between {min} and {max}, is {value}"))) }
+}
+
+fn model_field(field: &str) -> &'static str {
+    match field {
+        "max_batch_size" => "model.max_batch_size",
+        "max_length" => "model.max_length",
+        "max_batch_tokens" => "model.max_batch_tokens",
+        "max_queued" => "model.max_queued",
+        "threads" => "model.threads",
+        "body_chars" => "model.body_chars",
+        "max_wait_ms" => "model.max_wait_ms",
+        _ => "model",
     }
 }
 
@@ -447,6 +490,7 @@ fn receiver_field(field: &str) -> &'static str {
         "from" => "receivers.from",
         "to" => "receivers.to",
         "topic" => "receivers.topic",
+        "password" => "receivers.password",
         _ => "receivers",
     }
 }

@@ -25,6 +25,17 @@ impl RuleFile {
 
     pub fn parse(text: &str, origin: &str) -> Result<RuleFile, ConfigError> {
         let file: RuleFile = parse_toml(text, origin)?;
+        for (i, silence) in file.silences.iter().enumerate() {
+            if let Err(message) = silence.check() {
+                return Err(ConfigError::Invalid {
+                    file: origin.to_string(),
+                    line: line_of(text, "[[silences]]", i + 1),
+                    column: 1,
+                    field: format!("silences[{i}]"),
+                    message,
+                });
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, rule) in file.rules.iter().enumerate() {
             if !names.insert(rule.name.as_str()) {
@@ -198,7 +209,30 @@ impl Condition {
         }
     }
 
+    /// Every number the condition holds: each must be finite (`nan` or `inf` in a rule never fires,
+    /// or always does).
+    fn numbers(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Condition::Sql { .. } => Vec::new(),
+            Condition::Threshold { value, exit_value, .. } => {
+                [("value", Some(*value)), ("exit_value", *exit_value)].into_iter().filter_map(|(n, v)| Some((n, v?))).collect()
+            }
+            Condition::RatioToBaseline { factor, min_value, exit_factor, .. } => {
+                [("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)]
+                    .into_iter()
+                    .filter_map(|(n, v)| Some((n, v?)))
+                    .collect()
+            }
+            Condition::Zscore { sigma, exit_sigma, .. } => {
+                [("sigma", Some(*sigma)), ("exit_sigma", *exit_sigma)].into_iter().filter_map(|(n, v)| Some((n, v?))).collect()
+            }
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
+        if let Some((name, value)) = self.numbers().into_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{name} must be a finite number, is {value}"));
+        }
         match self {
             Condition::Sql { query } => super::sql::validate(query)?,
             Condition::Threshold { op, value, exit_value, .. } => {
@@ -334,6 +368,28 @@ pub struct Silence {
     #[serde(default)]
     pub comment: String,
 }
+
+impl Silence {
+    /// What a silence must be, from a rule file or the HTTP API alike.
+    pub fn check(&self) -> Result<(), String> {
+        if self.ends_at <= self.starts_at {
+            return Err("ends_at must be after starts_at".into());
+        }
+        if self.matchers.is_empty() {
+            return Err("a silence needs at least one matcher in `match`".into());
+        }
+        if self.matchers.len() > MAX_SILENCE_MATCHERS {
+            return Err(format!("a silence has at most {MAX_SILENCE_MATCHERS} matchers"));
+        }
+        let longest = self.matchers.iter().map(|(k, v)| k.len().max(v.len())).max().unwrap_or(0);
+        if longest > 256 || self.comment.len() > 4096 {
+            return Err("matcher names and values have at most 256 bytes, a comment at most 4096".into());
+        }
+        Ok(())
+    }
+}
+
+pub const MAX_SILENCE_MATCHERS: usize = 32;
 
 /// Whether every matcher equals the label of that name.
 pub fn matches(matchers: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {

@@ -560,7 +560,9 @@ impl Core {
         let Some(watermark) = self.windows.watermark_ms() else { return };
         let cutoff = watermark.saturating_sub(self.limits.dedup_horizon_ms);
         self.seen.retain(|_, t| *t >= cutoff);
-        if self.seen.len() > self.limits.dedup_max_ids {
+        if self.limits.dedup_max_ids == 0 {
+            self.seen.clear();
+        } else if self.seen.len() > self.limits.dedup_max_ids {
             let mut times: Vec<i64> = self.seen.values().copied().collect();
             let excess = self.seen.len() - self.limits.dedup_max_ids;
             let (_, nth, _) = times.select_nth_unstable(excess);

@@ -196,6 +196,16 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
                 }
             }
         }
+        let ticker_windows = config.window.group_by.contains(&crate::config::GroupBy::Ticker);
+        if let Some(rule) = file.rules.iter().find(|r| r.group == crate::detect::rules::GroupKind::Ticker && !ticker_windows) {
+            return Err(PipelineError::Config(ConfigError::Read {
+                path,
+                reason: format!(
+                    "rule `{}` has group = \"ticker\", but the windows are not per ticker: add `group_by = [\"topic\", \"ticker\"]` to [window]",
+                    rule.name
+                ),
+            }));
+        }
         files.push(file);
     }
     let all = RuleFile::merge(files);
@@ -292,7 +302,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
             let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), live.clone())?;
-            Some(crate::sql::postgres::serve(addr, ctx, &config.server.postgres_user, password.as_str())?)
+            Some(crate::sql::postgres::serve(addr.as_str(), ctx, config.server.postgres_user.as_str(), password.as_str())?)
         }
         _ => None,
     };
@@ -304,7 +314,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 live: live.clone(),
             };
             let ops = Ops { metrics, ready: ready.clone() };
-            Some(Server::start(addr, config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql, ops)?)
+            Some(Server::start(addr.as_str(), config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql, ops)?)
         }
         None => None,
     };
@@ -324,7 +334,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             // Role `aggregate` reads what `classify` instances publish, in a group of its own.
             let (group_id, topics) = match (role, &config.sink) {
                 (Role::Aggregate, Some(sink)) => (config.aggregate_group_id(), vec![sink.topic.clone()]),
-                _ => (source_config.group_id.clone().expect("validated"), source_config.topics.clone()),
+                _ => (source_config.group_id.as_ref().expect("validated").as_str().to_string(), source_config.topics.clone()),
             };
             tracing::info!(group_id, ?topics, "joining the consumer group");
             Box::new(KafkaSource::subscribe(

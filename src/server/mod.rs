@@ -86,6 +86,8 @@ impl Server {
             .route("/sql", post(query))
             .route("/api/silences", get(list).post(create))
             .route("/api/silences/{id}", delete(remove))
+            // A query is at most 64 KiB and a silence far less: nothing needs a larger body.
+            .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
             .layer(middleware::from_fn_with_state(state.clone(), authorize));
         let app = open.merge(guarded).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -125,9 +127,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+}
+
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
         if given != Some(token.as_str()) {
             return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         }
@@ -159,14 +167,15 @@ async fn create(State(state): State<AppState>, body: Result<Json<Silence>, axum:
         Ok(body) => body,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    if silence.ends_at <= silence.starts_at {
-        return error(StatusCode::BAD_REQUEST, "ends_at must be after starts_at");
-    }
-    if silence.matchers.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "a silence needs at least one matcher in `match`");
+    if let Err(message) = silence.check() {
+        return error(StatusCode::BAD_REQUEST, message);
     }
     match state.silences.add(silence) {
-        Ok(id) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+        Ok(Some(id)) => (StatusCode::CREATED, Json(json!({ "id": id }))).into_response(),
+        Ok(None) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_SILENCES} silences are active or pending: delete some first", MAX_SILENCES = crate::alert::silences::MAX_SILENCES),
+        ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -199,8 +208,8 @@ async fn query(State(state): State<AppState>, headers: axum::http::HeaderMap, bo
         Err(e) => {
             let status = match &e {
                 SqlError::Refused(_) => StatusCode::FORBIDDEN,
-                SqlError::Invalid { .. } => StatusCode::BAD_REQUEST,
-                SqlError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                SqlError::Invalid { .. } | SqlError::Limit(_) => StatusCode::BAD_REQUEST,
+                SqlError::Timeout(_) | SqlError::Cancelled => StatusCode::REQUEST_TIMEOUT,
                 SqlError::Tables { .. } | SqlError::Execution(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let position = match &e {

@@ -1,9 +1,12 @@
 //! SQL over the tables a pipeline writes (DESIGN §3), with DataFusion: read only, bounded in time and
 //! memory. Used by `bearwatch sql` and by the HTTP API's `POST /sql`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
@@ -11,12 +14,14 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub mod bench;
 pub mod deadline;
+pub mod guard;
 pub mod live;
 pub mod postgres;
 
@@ -32,6 +37,11 @@ pub enum SqlError {
     Invalid { message: String, position: Option<(usize, usize)> },
     #[error("query ran longer than {0:?}")]
     Timeout(Duration),
+    /// A query over one of the limits of `guard` or `Limits` (size, nesting, result memory).
+    #[error("refused: {0}")]
+    Limit(String),
+    #[error("query cancelled")]
+    Cancelled,
     #[error("cannot open the tables under {path}: {reason}")]
     Tables { path: String, reason: String },
     #[error("query failed: {0}")]
@@ -41,7 +51,9 @@ pub enum SqlError {
 impl Classified for SqlError {
     fn class(&self) -> ErrorClass {
         match self {
-            SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_) => ErrorClass::User,
+            SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_) | SqlError::Limit(_) | SqlError::Cancelled => {
+                ErrorClass::User
+            }
             SqlError::Tables { .. } => ErrorClass::External,
             SqlError::Execution(_) => ErrorClass::Internal,
         }
@@ -78,8 +90,11 @@ fn position(error: &DataFusionError) -> Option<(usize, usize)> {
 }
 
 fn classify(error: DataFusionError) -> SqlError {
-    if let Some(timeout) = deadline::expired(&error) {
-        return SqlError::Timeout(timeout);
+    if let Some(stopped) = deadline::stopped(&error) {
+        return stopped;
+    }
+    if let DataFusionError::ResourcesExhausted(reason) = error.find_root() {
+        return SqlError::Limit(format!("the query needs more memory than query_memory_mib allows ({reason})"));
     }
     let message = error.to_string();
     let refused = ["DDL not supported", "DML not supported", "Statement not supported", "not supported: Statement"];
@@ -98,10 +113,12 @@ fn classify(error: DataFusionError) -> SqlError {
 /// no parts yet is empty rather than missing).
 pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
 
-/// What one query may use.
+/// What queries may use.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Memory for query state (sorts, joins, aggregates); beyond it the query fails.
+    /// Memory for query state (sorts, joins, aggregates) and collected results, shared by all the
+    /// queries that run at once with the same limit (HTTP and Postgres of one pipeline); beyond it a
+    /// query fails.
     pub memory_bytes: usize,
     /// Running time of each query, on every interface.
     pub timeout: Duration,
@@ -111,7 +128,7 @@ pub struct Limits {
 /// unflushed rows too.
 pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
     let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
-    let runtime = RuntimeEnvBuilder::new().with_memory_limit(limits.memory_bytes, 1.0).build_arc().map_err(|e| tables_error(e.to_string()))?;
+    let runtime = shared_runtime_env(limits.memory_bytes).map_err(|e| tables_error(e.to_string()))?;
     // information_schema (read only) is what Grafana's Postgres data source browses.
     let config = SessionConfig::from_env().map_err(|e| tables_error(e.to_string()))?.with_information_schema(true);
     let state = SessionStateBuilder::new()
@@ -139,6 +156,20 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
     Ok(ctx)
 }
 
+/// One memory pool per limit for the whole process, so that concurrent queries (each HTTP request
+/// makes its own context) share `memory_bytes` instead of each taking all of it.
+fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusionError> {
+    static ENVS: Mutex<BTreeMap<usize, Weak<RuntimeEnv>>> = Mutex::new(BTreeMap::new());
+    let mut envs = ENVS.lock().unwrap_or_else(|e| e.into_inner());
+    envs.retain(|_, env| env.strong_count() > 0);
+    if let Some(env) = envs.get(&memory_bytes).and_then(Weak::upgrade) {
+        return Ok(env);
+    }
+    let env = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc()?;
+    envs.insert(memory_bytes, Arc::downgrade(&env));
+    Ok(env)
+}
+
 /// A table's schema as queries see it: text as `Utf8View`, which DataFusion's string kernels
 /// (comparisons, grouping, hashing) handle faster than `Utf8`; Parquet stores both the same way and
 /// clients (psql, drivers) see `text` either way. (Dictionary types for low-cardinality columns
@@ -160,15 +191,59 @@ fn read_only() -> SQLOptions {
     SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false)
 }
 
-/// Plans one query under the read-only options: anything that would write or change settings is
-/// refused here, before it runs.
+/// Plans one query under the read-only options and the limits of [`guard`]: anything that would
+/// write or change settings, or is too long or too deeply nested, is refused here, before it runs.
 pub async fn plan(ctx: &SessionContext, query: &str) -> Result<datafusion::dataframe::DataFrame, SqlError> {
-    ctx.sql_with_options(query, read_only()).await.map_err(classify)
+    guard::check_size(query)?;
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state.sql_to_statement(query, &dialect).map_err(classify)?;
+    check_nesting(&statement)?;
+    let plan = state.statement_to_plan(statement).await.map_err(classify)?;
+    read_only().verify_plan(&plan).map_err(classify)?;
+    ctx.execute_logical_plan(plan).await.map_err(classify)
 }
 
-/// Plans and runs one read-only query (within the context's [`Limits`]).
+fn check_nesting(statement: &datafusion::sql::parser::Statement) -> Result<(), SqlError> {
+    use datafusion::sql::parser::Statement;
+    match statement {
+        Statement::Statement(statement) => guard::check_statement(statement),
+        Statement::Explain(explain) => check_nesting(&explain.statement),
+        other => Err(SqlError::Refused(format!("`{other}` is not a query"))),
+    }
+}
+
+/// Plans and runs one read-only query on the query threads ([`guard::pool`]), within the context's
+/// [`Limits`]: the collected result counts against the query memory, so a result too large to hold
+/// is refused rather than grown without bound. Dropping the future stops the query.
 pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
-    plan(ctx, query).await?.collect().await.map_err(classify)
+    let (ctx, query) = (ctx.clone(), query.to_string());
+    let task = AbortOnDrop(guard::pool()?.spawn(async move {
+        let frame = plan(&ctx, &query).await?;
+        let task_ctx = Arc::new(frame.task_ctx());
+        let plan = frame.create_physical_plan().await.map_err(classify)?;
+        let reservation = MemoryConsumer::new("query result").register(task_ctx.memory_pool());
+        let mut stream = datafusion::physical_plan::execute_stream(plan, task_ctx).map_err(classify)?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(classify)?;
+            reservation.try_grow(batch.get_array_memory_size()).map_err(|_| {
+                SqlError::Limit("the result is larger than the query memory (query_memory_mib): add a LIMIT or aggregate".into())
+            })?;
+            batches.push(batch);
+        }
+        Ok(batches)
+    }));
+    let mut task = task;
+    (&mut task.0).await.map_err(|e| SqlError::Execution(format!("the query failed inside: {e}")))?
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -20,12 +20,15 @@ use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire::api::auth::cleartext::CleartextPasswordAuthStartupHandler;
 use datafusion_postgres::pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password};
+use datafusion_postgres::pgwire::api::cancel::CancelHandler;
+use datafusion_postgres::pgwire::messages::cancel::CancelRequest;
 use datafusion_postgres::pgwire::api::results::{Response, Tag};
 use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use datafusion_postgres::{DfSessionService, QueryHook, ServerOptions};
+use datafusion_postgres::{DfSessionService, QueryHook};
 
 use super::SqlError;
+use super::guard::Cancels;
 
 /// Client settings that drivers send on connect; accepted and ignored (the session is shared).
 const HARMLESS_SETTINGS: [&str; 8] = [
@@ -83,13 +86,39 @@ fn refused(message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "25006".into(), message)))
 }
 
-/// Runs first: refuses writes and settings before any other hook or DataFusion sees them.
-struct ReadOnly;
+/// A statement over the size or nesting limits: `54000` program_limit_exceeded.
+fn over_limit(statement: &Statement) -> Option<PgWireError> {
+    let error = super::guard::check_statement(statement)
+        .and_then(|()| super::guard::check_size(&statement.to_string()))
+        .err()?;
+    Some(PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "54000".into(), error.to_string()))))
+}
+
+/// Runs first: refuses writes, settings and statements over the limits before any other hook or
+/// DataFusion sees them, and files the connection for cancel requests.
+struct ReadOnly {
+    cancels: Arc<Cancels>,
+}
+
+impl ReadOnly {
+    fn admit(&self, statement: &Statement, client: &(dyn ClientInfo + Send + Sync)) -> Result<Verdict, PgWireError> {
+        let (pid, secret) = client.pid_and_secret_key();
+        self.cancels.register(pid, secret.to_bytes().to_vec());
+        if let Some(error) = over_limit(statement) {
+            return Err(error);
+        }
+        Ok(verdict(statement))
+    }
+}
 
 #[async_trait]
 impl QueryHook for ReadOnly {
-    async fn handle_simple_query(&self, statement: &Statement, _: &SessionContext, _: &mut dyn HookClient) -> Option<PgWireResult<Response>> {
-        match verdict(statement) {
+    async fn handle_simple_query(&self, statement: &Statement, _: &SessionContext, client: &mut dyn HookClient) -> Option<PgWireResult<Response>> {
+        let verdict = match self.admit(statement, &*client) {
+            Ok(verdict) => verdict,
+            Err(error) => return Some(Err(error)),
+        };
+        match verdict {
             Verdict::Allow => None,
             Verdict::Acknowledge => Some(Ok(Response::Execution(Tag::new("SET")))),
             Verdict::Refuse(message) => Some(Err(refused(message))),
@@ -100,9 +129,13 @@ impl QueryHook for ReadOnly {
         &self,
         statement: &Statement,
         _: &SessionContext,
-        _: &(dyn ClientInfo + Send + Sync),
+        client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        match verdict(statement) {
+        let verdict = match self.admit(statement, client) {
+            Ok(verdict) => verdict,
+            Err(error) => return Some(Err(error)),
+        };
+        match verdict {
             Verdict::Allow => None,
             Verdict::Acknowledge => Some(Ok(LogicalPlan::EmptyRelation(EmptyRelation {
                 produce_one_row: false,
@@ -118,9 +151,13 @@ impl QueryHook for ReadOnly {
         _: &LogicalPlan,
         _: &ParamValues,
         _: &SessionContext,
-        _: &mut dyn HookClient,
+        client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        match verdict(statement) {
+        let verdict = match self.admit(statement, &*client) {
+            Ok(verdict) => verdict,
+            Err(error) => return Some(Err(error)),
+        };
+        match verdict {
             Verdict::Allow => None,
             Verdict::Acknowledge => Some(Ok(Response::Execution(Tag::new("SET")))),
             Verdict::Refuse(message) => Some(Err(refused(message))),
@@ -142,22 +179,31 @@ impl fmt::Debug for ConfiguredUser {
 
 #[async_trait]
 impl AuthSource for ConfiguredUser {
+    /// An unknown user gets a password no client can send (a Postgres password cannot hold a NUL
+    /// byte), so it fails exactly as a wrong password does: the answer does not tell who exists.
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         if login.user() == Some(self.user.as_str()) {
             Ok(Password::new(None, self.password.as_bytes().to_vec()))
         } else {
-            Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "FATAL".into(),
-                "28P01".into(),
-                format!("password authentication failed for user \"{}\"", login.user().unwrap_or_default()),
-            ))))
+            Ok(Password::new(None, b"\0unknown user".to_vec()))
         }
+    }
+}
+
+/// Cancel requests arrive on a connection of their own, naming the key of the one to cancel.
+struct CancelByKey(Arc<Cancels>);
+
+#[async_trait]
+impl CancelHandler for CancelByKey {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        self.0.cancel(request.pid, request.secret_key.to_bytes().to_vec());
     }
 }
 
 struct Handlers {
     session: Arc<DfSessionService>,
     startup: Arc<CleartextPasswordAuthStartupHandler<ConfiguredUser, DefaultServerParameterProvider>>,
+    cancel: Arc<CancelByKey>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -172,6 +218,40 @@ impl PgWireServerHandlers for Handlers {
     fn startup_handler(&self) -> Arc<impl datafusion_postgres::pgwire::api::auth::StartupHandler> {
         self.startup.clone()
     }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// Connections served at once; more are closed at once (a client retries), so that idle
+/// connections cannot pile up without bound.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// datafusion-postgres' accept loop, with each connection in its own cancel scope.
+async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open");
+            continue;
+        };
+        let handlers = handlers.clone();
+        tokio::spawn(Cancels::scope(async move {
+            if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await {
+                tracing::debug!(%peer, error = %e, "postgres connection ended");
+            }
+            drop(permit);
+        }));
+    }
 }
 
 /// A running listener; it stops with the process.
@@ -182,28 +262,30 @@ pub struct PostgresServer {
 /// Listens on `addr` (host:port) with the tables of `ctx` and the pg_catalog clients expect.
 pub fn serve(addr: &str, ctx: SessionContext, user: &str, password: &str) -> Result<PostgresServer, SqlError> {
     let failed = |reason: String| SqlError::Tables { path: addr.to_string(), reason };
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| failed("expected host:port".into()))?;
-    let port: u16 = port.parse().map_err(|_| failed(format!("bad port in {addr}")))?;
     setup_pg_catalog(&ctx, "datafusion", Arc::new(datafusion_postgres::auth::AuthManager::new())).map_err(|e| failed(e.to_string()))?;
-    let hooks: Vec<Arc<dyn QueryHook>> =
-        vec![Arc::new(ReadOnly), Arc::new(CursorStatementHook), Arc::new(SetShowHook), Arc::new(TransactionStatementHook)];
+    let cancels = Arc::new(Cancels::default());
+    let hooks: Vec<Arc<dyn QueryHook>> = vec![
+        Arc::new(ReadOnly { cancels: cancels.clone() }),
+        Arc::new(CursorStatementHook),
+        Arc::new(SetShowHook),
+        Arc::new(TransactionStatementHook),
+    ];
     let session = Arc::new(DfSessionService::new_with_hooks(Arc::new(ctx), hooks));
     let auth = ConfiguredUser { user: user.to_string(), password: password.to_string() };
     let startup = Arc::new(CleartextPasswordAuthStartupHandler::new(auth, DefaultServerParameterProvider::default()));
-    let handlers = Arc::new(Handlers { session, startup });
-    let options = ServerOptions::new().with_host(host.to_string()).with_port(port);
+    let handlers = Arc::new(Handlers { session, startup, cancel: Arc::new(CancelByKey(cancels)) });
+    // Statements are parsed and planned on these threads (queries run on the query threads), so
+    // they get the same large stacks.
+    let runtime = super::guard::query_runtime("postgres", 2).map_err(|e| failed(e.to_string()))?;
     // Bind here, so that a port in use is an error at start rather than a log line later.
-    std::net::TcpListener::bind(addr).map_err(|e| failed(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| failed(e.to_string()))?;
+    let listener = std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)).map_err(|e| failed(e.to_string()))?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).map_err(|e| failed(e.to_string()))?
+    };
     let thread = std::thread::Builder::new()
         .name("postgres".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                if let Err(e) = datafusion_postgres::serve_with_handlers(handlers, &options).await {
-                    tracing::error!(error = %e, "postgres listener stopped");
-                }
-            });
-        })
+        .spawn(move || runtime.block_on(accept(listener, handlers)))
         .map_err(|e| failed(e.to_string()))?;
     tracing::info!(addr, "postgres wire protocol listening");
     Ok(PostgresServer { _thread: thread })
