@@ -92,6 +92,8 @@ pub struct Core {
     pub alerting: Option<Alerting>,
     /// Where unflushed rows are published for SQL, when a server runs.
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
+    /// What a file source has read, for the checkpoint (see [`crate::source::file::FileProgress`]).
+    pub files: std::collections::BTreeMap<String, crate::source::file::FileProgress>,
 }
 
 /// A source partition's name in the windows' per-source clocks.
@@ -136,6 +138,7 @@ impl Core {
             recent: Default::default(),
             alerting: None,
             live: None,
+            files: Default::default(),
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -149,6 +152,7 @@ impl Core {
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
+            core.files = checkpoint.files;
             if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
                 let rules = std::mem::replace(&mut alerting.detector, crate::detect::Detector::new(Vec::new())).into_rules();
                 alerting.detector = saved.restore(rules);
@@ -451,6 +455,18 @@ impl Core {
 
     /// Revoked partitions keep holding event time back until the assignment that follows says
     /// whether they stay: stories of theirs may still arrive in between.
+    /// Keeps a source's offsets under a new name (a file's path as written → its canonical path).
+    pub fn rename_source(&mut self, old: &str, new: &str) {
+        if old != new
+            && let Some(parts) = self.offsets.remove(old)
+        {
+            for partition in parts.keys() {
+                self.windows.forget_source(&source_key(old, *partition));
+            }
+            self.offsets.entry(new.to_string()).or_insert(parts);
+        }
+    }
+
     pub fn revoked(&mut self, partitions: &[(String, i32)]) {
         self.revoked.extend(partitions.iter().map(|(topic, partition)| source_key(topic, *partition)));
     }
@@ -545,6 +561,7 @@ impl Core {
             counters: self.counters.clone(),
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             next_part: Default::default(),
+            files: self.files.clone(),
         })?;
         self.news_rows.clear();
         self.late_rows.clear();

@@ -325,9 +325,15 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let mut source: Box<dyn Source> = match source_config.kind {
         SourceKind::File => {
             let path = bundled(source_config.path.as_deref().expect("validated: file source has a path"));
-            let start = lock(&core).offset(&path.display().to_string(), 0).unwrap_or(0);
-            let file = FileSource::open(&path, source_config.speed, start)?;
-            tracing::info!(file = %path.display(), stories = file.len(), resume_at = start, "replaying file");
+            let name = crate::source::file::source_name(&path);
+            let mut core = lock(&core);
+            // Checkpoints from before canonical names kept the path as written.
+            let written = path.display().to_string();
+            let start = core.offset(&name, 0).or_else(|| core.offset(&written, 0));
+            let file = FileSource::open(&path, source_config.speed, start.map(|s| (s, core.files.get(&name))))?;
+            tracing::info!(file = %path.display(), stories = file.len(), resume_at = start.unwrap_or(0), "replaying file");
+            core.files.insert(name.clone(), file.progress().clone());
+            core.rename_source(&written, &name);
             Box::new(file)
         }
         SourceKind::Kafka => {

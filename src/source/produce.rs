@@ -23,7 +23,7 @@ pub fn produce(
     speed: f64,
     properties: &BTreeMap<String, EnvString>,
 ) -> Result<Produced, SourceError> {
-    let mut source = FileSource::open(file, speed, 0)?;
+    let mut source = FileSource::open(file, speed, None)?;
     let output = Output::connect(brokers, properties)?;
     let progress = indicatif::ProgressBar::new(source.len() as u64);
     progress.set_style(

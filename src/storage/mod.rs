@@ -112,6 +112,9 @@ pub struct Checkpoint {
     pub detector: Option<crate::detect::Detector>,
     /// Next part number of each table; parts at or past it are leftovers of a crash.
     pub next_part: BTreeMap<String, u64>,
+    /// What was read of each file source (its offsets are in `offsets`).
+    #[serde(default)]
+    pub files: BTreeMap<String, crate::source::file::FileProgress>,
 }
 
 pub struct Storage {
@@ -230,6 +233,7 @@ mod tests {
             counters: Counters { received: 3, ..Counters::default() },
             detector: None,
             next_part: BTreeMap::new(),
+            files: BTreeMap::new(),
         }
     }
 
