@@ -64,6 +64,9 @@ enum Command {
     /// Alert rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// A pipeline's storage folder.
+    #[command(subcommand)]
+    Storage(StorageCommand),
     /// Loads a JSON-lines file into a Kafka topic, in event-time order.
     Produce {
         #[arg(long)]
@@ -91,6 +94,17 @@ enum Command {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Sets aside the Parquet parts that a start-up refuses (missing, or with a footer that does not
+    /// read): unreadable ones move to `<storage>/damaged/`, the checkpoint records them as lost, and
+    /// the pipeline starts again with the rest. Exits 0 with what it set aside.
+    Repair {
+        #[arg(long)]
+        storage: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,6 +311,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { pipeline, role, keep_serving } => run_pipeline(pipeline, role, keep_serving),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
+        Command::Storage(StorageCommand::Repair { storage }) => {
+            anyhow::ensure!(storage.join("checkpoint.json").is_file(), "{} holds no checkpoint.json: not a pipeline's storage", storage.display());
+            let found = bearwatch::storage::Storage::repair(&storage)?;
+            if found.is_empty() {
+                println!("{}: nothing to repair", storage.display());
+            }
+            for damage in found {
+                println!("set aside: {damage}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Rules(RulesCommand::Check { files }) => {
             let mut names = std::collections::BTreeMap::new();
             for file in &files {

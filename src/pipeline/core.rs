@@ -561,6 +561,7 @@ impl Core {
             counters: self.counters.clone(),
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             next_part: Default::default(),
+            lost_parts: Default::default(),
             files: self.files.clone(),
         })?;
         self.news_rows.clear();

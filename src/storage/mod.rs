@@ -32,12 +32,18 @@ pub enum StorageError {
     Parquet { path: PathBuf, reason: String },
     #[error("checkpoint {path} is unreadable ({reason}); move it away to start from scratch")]
     CorruptCheckpoint { path: PathBuf, reason: String },
+    #[error(
+        "storage {root} is damaged: {}. Restore these files from a backup, or run `bearwatch storage repair --storage {root}` \
+         to set them aside (their rows are then lost) and start again",
+        damage.join("; ")
+    )]
+    Damaged { root: String, damage: Vec<String> },
 }
 
 impl Classified for StorageError {
     fn class(&self) -> ErrorClass {
         match self {
-            StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } => ErrorClass::External,
+            StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } | StorageError::Damaged { .. } => ErrorClass::External,
             StorageError::Parquet { .. } => ErrorClass::Internal,
         }
     }
@@ -112,6 +118,9 @@ pub struct Checkpoint {
     pub detector: Option<crate::detect::Detector>,
     /// Next part number of each table; parts at or past it are leftovers of a crash.
     pub next_part: BTreeMap<String, u64>,
+    /// Parts that `bearwatch storage repair` set aside, per table: their rows are accepted as lost.
+    #[serde(default)]
+    pub lost_parts: BTreeMap<String, Vec<u64>>,
     /// What was read of each file source (its offsets are in `offsets`).
     #[serde(default)]
     pub files: BTreeMap<String, crate::source::file::FileProgress>,
@@ -120,6 +129,7 @@ pub struct Checkpoint {
 pub struct Storage {
     root: PathBuf,
     next_part: BTreeMap<Table, u64>,
+    lost_parts: BTreeMap<String, Vec<u64>>,
     properties: WriterProperties,
 }
 
@@ -152,8 +162,38 @@ impl Storage {
             next_part.insert(table, next);
             remove_leftovers(&root.join(table.name()), next)?;
         }
+        let lost_parts = checkpoint.as_ref().map(|c| c.lost_parts.clone()).unwrap_or_default();
+        let damage: Vec<String> = damaged_parts(root, &next_part, &lost_parts).into_iter().map(|(_, _, what)| what).collect();
+        if !damage.is_empty() {
+            return Err(StorageError::Damaged { root: root.display().to_string(), damage });
+        }
         let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-        Ok((Storage { root: root.to_path_buf(), next_part, properties }, checkpoint))
+        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts, properties }, checkpoint))
+    }
+
+    /// Sets aside the parts that [`Storage::open`] finds missing or unreadable: unreadable ones move
+    /// to `<root>/damaged/`, and the checkpoint records all of them as lost, so that the pipeline
+    /// starts again with the rest. Returns what it found.
+    pub fn repair(root: &Path) -> Result<Vec<String>, StorageError> {
+        let Some(mut checkpoint) = Storage::read_checkpoint(root)? else { return Ok(Vec::new()) };
+        let next_part: BTreeMap<Table, u64> =
+            Table::ALL.iter().map(|t| (*t, checkpoint.next_part.get(t.name()).copied().unwrap_or(0))).collect();
+        let damaged = damaged_parts(root, &next_part, &checkpoint.lost_parts);
+        if damaged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let aside = root.join("damaged");
+        fs::create_dir_all(&aside).map_err(io_error(&aside))?;
+        for (table, seq, _) in &damaged {
+            let path = part_path(root, *table, *seq);
+            if path.exists() {
+                let target = aside.join(format!("{}-part-{seq:08}.parquet", table.name()));
+                fs::rename(&path, &target).map_err(io_error(&path))?;
+            }
+            checkpoint.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
+        }
+        write_atomically(root, &checkpoint)?;
+        Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
     }
 
     fn read_checkpoint(root: &Path) -> Result<Option<Checkpoint>, StorageError> {
@@ -191,16 +231,48 @@ impl Storage {
     /// Atomically replaces the checkpoint (temp file, fsync, rename, fsync of the folder).
     pub fn commit(&mut self, mut checkpoint: Checkpoint) -> Result<(), StorageError> {
         checkpoint.next_part = self.next_part.iter().map(|(t, n)| (t.name().to_string(), *n)).collect();
-        let path = self.root.join(CHECKPOINT);
-        let temp = self.root.join(".checkpoint.json.tmp");
-        let bytes = serde_json::to_vec(&checkpoint).map_err(|e| StorageError::Io { path: path.clone(), reason: e.to_string() })?;
-        let mut file = File::create(&temp).map_err(io_error(&temp))?;
-        file.write_all(&bytes).map_err(io_error(&temp))?;
-        file.sync_all().map_err(io_error(&temp))?;
-        fs::rename(&temp, &path).map_err(io_error(&path))?;
-        File::open(&self.root).and_then(|d| d.sync_all()).map_err(io_error(&self.root))?;
-        Ok(())
+        checkpoint.lost_parts = self.lost_parts.clone();
+        write_atomically(&self.root, &checkpoint)
     }
+}
+
+fn write_atomically(root: &Path, checkpoint: &Checkpoint) -> Result<(), StorageError> {
+    let path = root.join(CHECKPOINT);
+    let temp = root.join(".checkpoint.json.tmp");
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: path.clone(), reason: e.to_string() })?;
+    let mut file = File::create(&temp).map_err(io_error(&temp))?;
+    file.write_all(&bytes).map_err(io_error(&temp))?;
+    file.sync_all().map_err(io_error(&temp))?;
+    fs::rename(&temp, &path).map_err(io_error(&path))?;
+    File::open(root).and_then(|d| d.sync_all()).map_err(io_error(root))?;
+    Ok(())
+}
+
+fn part_path(root: &Path, table: Table, seq: u64) -> PathBuf {
+    root.join(table.name()).join(format!("part-{seq:08}.parquet"))
+}
+
+/// Every part the checkpoint counts (numbers below `next_part`, not accepted as lost) that is
+/// missing or whose Parquet footer does not read, with what is wrong with it.
+fn damaged_parts(root: &Path, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Vec<(Table, u64, String)> {
+    let mut damaged = Vec::new();
+    for (&table, &next) in next_part {
+        let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
+        for seq in (0..next).filter(|seq| !lost.contains(seq)) {
+            let path = part_path(root, table, seq);
+            let name = format!("{}/part-{seq:08}.parquet", table.name());
+            match File::open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => damaged.push((table, seq, format!("{name} is missing"))),
+                Err(e) => damaged.push((table, seq, format!("{name} cannot be opened ({e})"))),
+                Ok(file) => {
+                    if let Err(e) = parquet::file::reader::SerializedFileReader::new(file) {
+                        damaged.push((table, seq, format!("{name} is unreadable ({e})")));
+                    }
+                }
+            }
+        }
+    }
+    damaged
 }
 
 /// Deletes parts numbered `next` or later and unfinished temp files: writes a crash interrupted.
@@ -233,6 +305,7 @@ mod tests {
             counters: Counters { received: 3, ..Counters::default() },
             detector: None,
             next_part: BTreeMap::new(),
+            lost_parts: BTreeMap::new(),
             files: BTreeMap::new(),
         }
     }
@@ -281,6 +354,35 @@ mod tests {
             }
             assert_eq!(fs::read_to_string(&path).unwrap_or_default(), expected, "{} changed", path.display());
         }
+    }
+
+    #[test]
+    fn a_missing_or_truncated_part_refuses_the_start_until_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut storage, _) = Storage::open(dir.path(), false).unwrap();
+        let batch = windows_batch(&[]).unwrap();
+        let first = storage.write(Table::Windows, &batch).unwrap();
+        let second = storage.write(Table::Windows, &batch).unwrap();
+        let third = storage.write(Table::Windows, &batch).unwrap();
+        storage.commit(checkpoint()).unwrap();
+        fs::remove_file(&first).unwrap();
+        let bytes = fs::read(&second).unwrap();
+        fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
+
+        let err = Storage::open(dir.path(), false).err().unwrap().to_string();
+        assert!(err.contains("windows/part-00000000.parquet is missing"), "{err}");
+        assert!(err.contains("windows/part-00000001.parquet is unreadable"), "{err}");
+        assert!(err.contains("bearwatch storage repair"), "{err}");
+
+        let found = Storage::repair(dir.path()).unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(dir.path().join("damaged/windows-part-00000001.parquet").exists());
+        let (mut storage, restored) = Storage::open(dir.path(), false).unwrap();
+        assert!(third.exists() && restored.unwrap().lost_parts["windows"] == vec![0, 1]);
+        // What was accepted as lost stays accepted through later checkpoints.
+        storage.commit(checkpoint()).unwrap();
+        assert!(Storage::open(dir.path(), false).is_ok());
+        assert!(Storage::repair(dir.path()).unwrap().is_empty());
     }
 
     #[test]
