@@ -366,16 +366,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = model.config();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
-                let classifier = Classifier::start(&config)?;
-                let stdout = tokio::io::stdout();
                 let input: Box<dyn tokio::io::AsyncRead + Unpin> = match input.filter(|p| p.as_os_str() != "-") {
-                    Some(path) => Box::new(
-                        tokio::fs::File::open(&path)
-                            .await
-                            .with_context(|| format!("cannot open {}", path.display()))?,
-                    ),
+                    Some(path) => {
+                        let unreadable = |reason: String| SourceError::File { path: path.display().to_string(), reason };
+                        if path.is_dir() {
+                            return Err(unreadable("is a directory, not a JSON-lines file".into()).into());
+                        }
+                        Box::new(tokio::fs::File::open(&path).await.map_err(|e| unreadable(e.to_string()))?)
+                    }
                     None => Box::new(tokio::io::stdin()),
                 };
+                let classifier = Classifier::start(&config)?;
+                let stdout = tokio::io::stdout();
                 let reader = tokio::io::BufReader::new(input);
                 let stats =
                     classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?;

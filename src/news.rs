@@ -8,6 +8,12 @@ use crate::classify::Scores;
 /// Longest headline accepted, in characters.
 pub const MAX_HEADLINE_CHARS: usize = 2000;
 
+/// Whitespace, and characters that print nothing (zero-width spaces and joiners, word joiner, BOM,
+/// soft hyphen, bidi marks): a headline of only these has nothing to classify.
+fn invisible(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '\u{00ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
+}
+
 /// A validated news item. Fields outside the schema are kept in `extra`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct News {
@@ -43,6 +49,8 @@ pub enum NewsError {
     BadTimestamp(String),
     #[error("field `headline` must have 1 to {MAX_HEADLINE_CHARS} characters, has {0}")]
     HeadlineLength(usize),
+    #[error("field `headline` is blank: it has only whitespace or invisible characters")]
+    BlankHeadline,
 }
 
 impl NewsError {
@@ -55,6 +63,7 @@ impl NewsError {
             NewsError::WrongType { .. } => "wrong_type",
             NewsError::BadTimestamp(_) => "bad_timestamp",
             NewsError::HeadlineLength(_) => "headline_length",
+            NewsError::BlankHeadline => "headline_blank",
         }
     }
 }
@@ -110,8 +119,11 @@ impl News {
             .map_err(|e| NewsError::BadTimestamp(format!("{published_at:?}: {e}")))?;
         let headline = required_string(&mut map, "headline")?;
         let chars = headline.chars().count();
-        if chars == 0 || chars > MAX_HEADLINE_CHARS || headline.trim().is_empty() {
+        if chars > MAX_HEADLINE_CHARS {
             return Err(NewsError::HeadlineLength(chars));
+        }
+        if headline.chars().all(invisible) {
+            return Err(NewsError::BlankHeadline);
         }
         let tickers = match map.remove("tickers") {
             None | Some(Value::Null) => None,
@@ -181,18 +193,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_reasons() {
-        let cases: [(&[u8], NewsError); 6] = [
+        let cases: [(&[u8], NewsError); 8] = [
             (b"{", NewsError::Json(String::new())),
             (b"[1]", NewsError::NotAnObject),
             (br#"{"published_at":"2024-01-02T03:04:05Z","headline":"x"}"#, NewsError::Missing("id")),
             (br#"{"id":1,"published_at":"2024-01-02T03:04:05Z","headline":"x"}"#, NewsError::WrongType { field: "id", expected: "a string" }),
             (br#"{"id":"a","published_at":"yesterday","headline":"x"}"#, NewsError::BadTimestamp(String::new())),
-            (br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"  "}"#, NewsError::HeadlineLength(2)),
+            (br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"  "}"#, NewsError::BlankHeadline),
+            ("{\"id\":\"a\",\"published_at\":\"2024-01-02T03:04:05Z\",\"headline\":\"\u{200b}\u{feff} \u{2060}\"}".as_bytes(), NewsError::BlankHeadline),
+            (br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":""}"#, NewsError::BlankHeadline),
         ];
         for (input, expected) in cases {
             let err = News::from_json(input).unwrap_err();
             assert_eq!(err.kind(), expected.kind(), "{}", String::from_utf8_lossy(input));
         }
+        assert!(News::from_json(br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":" x "}"#).is_ok());
         let long = format!(r#"{{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"{}"}}"#, "x".repeat(2001));
         assert_eq!(News::from_json(long.as_bytes()).unwrap_err(), NewsError::HeadlineLength(2001));
     }
