@@ -19,8 +19,8 @@ fn the_compose_stack_matches_the_pipeline_it_runs() {
     let config = bearwatch::config::PipelineConfig::parse(&read("pipelines/compose.toml"), "pipelines/compose.toml").unwrap();
     assert!(compose.contains("pipelines/compose.toml"), "compose runs pipelines/compose.toml");
     assert_eq!(config.source.brokers.as_ref().unwrap().as_str(), "kafka:9092");
-    let http_port = config.server.http.as_deref().unwrap().rsplit(':').next().unwrap().to_string();
-    let pg_port = config.server.postgres.as_deref().unwrap().rsplit(':').next().unwrap().to_string();
+    let http_port = config.server.http.as_ref().map(|s| s.as_str()).unwrap().rsplit(':').next().unwrap().to_string();
+    let pg_port = config.server.postgres.as_ref().map(|s| s.as_str()).unwrap().rsplit(':').next().unwrap().to_string();
     assert!(compose.contains(&format!("\"{http_port}:{http_port}\"")) && compose.contains(&format!("\"{pg_port}:{pg_port}\"")));
     assert!(read("deploy/prometheus.yml").contains(&format!("bearwatch:{http_port}")), "Prometheus scrapes the HTTP port");
     assert!(read("deploy/grafana/provisioning/datasources/bearwatch.yml").contains(&format!("url: bearwatch:{pg_port}")));

@@ -14,7 +14,8 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::execution::memory_pool::MemoryConsumer;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -157,17 +158,29 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
 }
 
 /// One memory pool per limit for the whole process, so that concurrent queries (each HTTP request
-/// makes its own context) share `memory_bytes` instead of each taking all of it.
+/// makes its own context) share `memory_bytes` instead of each taking all of it. Only the pool is
+/// shared.
 fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusionError> {
-    static ENVS: Mutex<BTreeMap<usize, Weak<RuntimeEnv>>> = Mutex::new(BTreeMap::new());
-    let mut envs = ENVS.lock().unwrap_or_else(|e| e.into_inner());
-    envs.retain(|_, env| env.strong_count() > 0);
-    if let Some(env) = envs.get(&memory_bytes).and_then(Weak::upgrade) {
-        return Ok(env);
-    }
-    let env = RuntimeEnvBuilder::new().with_memory_limit(memory_bytes, 1.0).build_arc()?;
-    envs.insert(memory_bytes, Arc::downgrade(&env));
-    Ok(env)
+    static POOLS: Mutex<BTreeMap<usize, Weak<dyn MemoryPool>>> = Mutex::new(BTreeMap::new());
+    let pool = {
+        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        match pools.get(&memory_bytes).and_then(Weak::upgrade) {
+            Some(pool) => pool,
+            None => {
+                let pool: Arc<dyn MemoryPool> = Arc::new(TrackConsumersPool::new(
+                    GreedyMemoryPool::new(memory_bytes),
+                    std::num::NonZeroUsize::new(3).expect("3 is not zero"),
+                ));
+                pools.insert(memory_bytes, Arc::downgrade(&pool));
+                pool
+            }
+        }
+    };
+    // No file-listing cache: its entries never expire by default, and a pipeline adds parts at
+    // every checkpoint (a long-lived Postgres session would stop seeing them).
+    let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+    RuntimeEnvBuilder::new().with_memory_pool(pool).with_cache_manager(caches).build_arc()
 }
 
 /// A table's schema as queries see it: text as `Utf8View`, which DataFusion's string kernels

@@ -1,0 +1,289 @@
+//! Hostile input against a running pipeline, each ending in a clear error and a pipeline that still
+//! ingests: SQL over every interface (deep expressions, oversized queries, joins that explode, a
+//! result too large to hold, regexes, cancel requests), config extremes, damaged storage and
+//! edits of a file source. Short in CI; `BEARWATCH_ADVERSARIAL_FULL=1` runs larger inputs.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::servers::free_port;
+use common::{Pipeline, query_one, stories};
+
+fn full() -> bool {
+    std::env::var_os("BEARWATCH_ADVERSARIAL_FULL").is_some()
+}
+
+/// `n` stories one minute apart from 2026-01-02, each with a 1 KiB body.
+fn minute_stories(n: usize, first_id: usize) -> String {
+    let body = "word ".repeat(200);
+    (first_id..first_id + n)
+        .map(|i| {
+            let at = chrono::DateTime::parse_from_rfc3339("2026-01-02T00:00:00Z").unwrap() + chrono::Duration::minutes(i as i64);
+            let mood = ["falls sharply on weak demand", "rises after strong results", "holds steady"][i % 3];
+            format!(
+                "{{\"id\":\"adv-{i}\",\"published_at\":\"{}\",\"headline\":\"Company {i} {mood}\",\"body\":\"{body}\"}}\n",
+                at.to_rfc3339()
+            )
+        })
+        .collect()
+}
+
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).unwrap_or(0)
+        / 1024
+}
+
+fn post_sql(http: u16, query: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into();
+    match agent.post(format!("http://127.0.0.1:{http}/sql")).header("Authorization", "bearer t0ken").send(query) {
+        Ok(mut response) => (response.status().as_u16(), response.body_mut().read_to_string().unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn scored(http: u16) -> f64 {
+    let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("bearwatch_stage_sent_total{") && l.contains("stage=\"classify\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn psql(port: u16, command: &str) -> (bool, String) {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "bearwatch", "-d", "bearwatch", "-X", "-A", "-t", "-c", command])
+        .env("PGPASSWORD", "pw")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql (Debian postgresql-client) is needed; scripts/test.sh installs it");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Runs `f` while timing `/health` every 100 ms; returns f's result and the slowest answer.
+fn with_health_probe<T>(http: u16, f: impl FnOnce() -> T + Send) -> (T, Duration) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let probe = scope.spawn(|| {
+            let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+            let mut slowest = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let ok = agent.get(format!("http://127.0.0.1:{http}/health")).call().is_ok();
+                slowest = slowest.max(if ok { started.elapsed() } else { Duration::from_secs(30) });
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            slowest
+        });
+        let result = f();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (result, probe.join().unwrap())
+    })
+}
+
+#[test]
+fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
+    let dir = tempfile::tempdir().unwrap();
+    let total = if full() { 40_000 } else { 10_000 };
+    std::fs::write(dir.path().join("in.jsonl"), minute_stories(total, 0)).unwrap();
+    let (http, pg) = (free_port(), free_port());
+    // SAFETY: only this test reads these variables.
+    unsafe {
+        std::env::set_var("BEARWATCH_ADV_TOKEN", "t0ken");
+        std::env::set_var("BEARWATCH_ADV_HTTP", format!("127.0.0.1:{http}"));
+    }
+    // 3000× the stories' pace: fifty a second, so the replay outlasts the attacks.
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 3000\n[storage]\npath = \"store\"\ncheckpoint_interval = \"1s\"\n\
+         [run]\nsummary_interval = \"0s\"\n[server]\nhttp = \"${{BEARWATCH_ADV_HTTP}}\"\nauth_token = \"${{BEARWATCH_ADV_TOKEN}}\"\n\
+         query_timeout = \"8s\"\nquery_memory_mib = 64\npostgres = \"127.0.0.1:{pg}\"\npostgres_password = \"pw\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !post_sql(http, "SELECT count(*) AS n FROM news").1.contains("\"n\":") || scored(http) < 1000.0 {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no stories yet\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = scored(http);
+    let rss_before = rss_mib(run.child.id());
+
+    // Deep expressions: refused by name on every interface; just under the limit still answers.
+    let chain = |n: usize| format!("SELECT {} AS v", vec!["1"; n].join("+"));
+    let (status, body) = post_sql(http, &chain(400));
+    assert!(status == 400 && body.contains("max_nesting"), "{status} {body}");
+    let (status, body) = post_sql(http, &chain(240));
+    assert!(status == 200 && body.contains("\"v\":240"), "{status} {body}");
+    let (ok, out) = psql(pg, &chain(400));
+    assert!(!ok && out.contains("max_nesting"), "{out}");
+    let (ok, out) = psql(pg, &chain(240));
+    assert!(ok && out.trim() == "240", "{out}");
+    let cli = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["sql", "--storage"]).arg(dir.path().join("store")).arg(chain(5000)).output().unwrap();
+    assert_eq!(cli.status.code(), Some(2), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("max_nesting"));
+    let (status, body) = post_sql(http, &format!("SELECT '{}'", "x".repeat(70_000)));
+    assert!(status == 400 && body.contains("max_query_bytes"), "{status} {body}");
+
+    // The sorted three-way cross join of the report answers (or stops) in time...
+    let started = Instant::now();
+    let (status, body) = post_sql(http, "SELECT a.headline, b.headline, c.headline FROM news a, news b, news c ORDER BY 1, 2, 3 LIMIT 5");
+    assert!(status == 200 || (status == 408 && body.contains("longer than")), "{status} {body}");
+    assert!(started.elapsed() < Duration::from_secs(20), "answered after {:?}", started.elapsed());
+    // ...and a join of a billion comparisons is stopped at the deadline, /health answering meanwhile.
+    let explode = "SELECT count(*) FROM news a, news b, news c WHERE a.headline < b.headline AND b.headline < c.headline";
+    let started = Instant::now();
+    let ((status, body), slowest) = with_health_probe(http, || post_sql(http, explode));
+    let took = started.elapsed();
+    assert!(status == 408 && body.contains("longer than"), "{status} {body}");
+    assert!(took < Duration::from_secs(20), "the 8 s deadline answered after {took:?}");
+    assert!(slowest < Duration::from_secs(2), "/health took {slowest:?} while the join ran");
+    let (ok, out) = psql(pg, explode);
+    assert!(!ok && out.contains("longer than"), "{out}");
+
+    // A Postgres cancel request stops a running query long before its deadline.
+    let mut client = postgres::Client::connect(&format!("host=127.0.0.1 port={pg} user=bearwatch password=pw dbname=bearwatch"), postgres::NoTls).unwrap();
+    let token = client.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        token.cancel_query(postgres::NoTls).unwrap();
+    });
+    let started = Instant::now();
+    let err = client.simple_query(explode).unwrap_err();
+    canceller.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(7), "cancel took {:?}", started.elapsed());
+    assert!(format!("{err:?}").contains("cancelled"), "{err:?}");
+    // The connection stays usable after a cancel.
+    assert_eq!(client.simple_query("SELECT 1").unwrap().len(), 3, "row description, row, completion");
+
+    // A wide cross join too large to hold: refused within the query memory, RSS bounded.
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let ((status, body), _) = with_health_probe(http, || {
+        std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                for _ in 0..400 {
+                    peak.fetch_max(rss_mib(run.child.id()), std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            });
+            let answer = post_sql(http, "SELECT a.headline, b.body FROM news a, news b");
+            drop(sampler);
+            answer
+        })
+    });
+    assert!(status == 400 && body.contains("query_memory_mib"), "{status} {body}");
+    let grown = peak.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(rss_before);
+    assert!(grown < 400, "RSS grew {grown} MiB with query_memory_mib = 64");
+
+    // Backtracking-prone regexes run in linear time (Rust's regex); a huge string is a result too large.
+    let (status, body) = post_sql(http, "SELECT count(*) AS n FROM news WHERE headline ~ '(a+)+$'");
+    assert!(status == 200 && body.contains("\"n\":"), "{status} {body}");
+    let (status, body) = post_sql(http, "SELECT repeat('x', 100000000) AS s");
+    assert!(status == 400 && body.contains("query_memory_mib"), "{status} {body}");
+
+    // Through all of it the pipeline went on scoring, and it still stops cleanly.
+    let after = scored(http);
+    assert!(after > before + 20.0, "scored {before} → {after} during the attacks\n{}", run.logs());
+    assert!(run.child.try_wait().unwrap().is_none(), "the pipeline died\n{}", run.logs());
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    eprintln!("scored {before} → {after} during the attacks; /health at worst {slowest:?}; RSS +{grown} MiB");
+}
+
+fn run_config(dir: &std::path::Path, config: &str) -> (i32, String) {
+    std::fs::write(dir.join("p.toml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["run", "--pipeline", "p.toml"])
+        .current_dir(dir)
+        .env("BEARWATCH_EMPTY", "")
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn config_extremes_are_refused_with_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(10)).unwrap();
+    let base = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n";
+    let cases = [
+        ("[window]\nsize = \"1000000000s\"\nslide = \"1s\"\n", "window.slide"),
+        ("[window]\ndedup_max_ids = 0\n", "window.dedup_max_ids"),
+        ("[model]\nmax_queued = 0\n", "model.max_queued"),
+        ("[model]\nmax_queued = 100000000000\n", "model.max_queued"),
+        ("[model]\nmax_batch_size = 1000000\n", "model.max_batch_size"),
+        ("[server]\nhttp = \"127.0.0.1:0\"\nauth_token = \"\"\n", "server.auth_token"),
+        ("[server]\npostgres = \"127.0.0.1:0\"\npostgres_password = \"${BEARWATCH_EMPTY}\"\n", "server.postgres_password"),
+        ("[server]\nquery_memory_mib = 0\n", "server.query_memory_mib"),
+        ("[server]\nquery_timeout = \"0s\"\n", "server.query_timeout"),
+    ];
+    for (extra, field) in cases {
+        let started = Instant::now();
+        let (code, out) = run_config(dir.path(), &format!("{base}{extra}"));
+        assert_eq!(code, 2, "{extra}: {out}");
+        assert!(out.contains("p.toml:") && out.contains(&format!("`{field}`")), "{extra}: {out}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{extra}: took {:?}", started.elapsed());
+    }
+    // `${ENV}` in the storage path: each instance its own folder.
+    // SAFETY: only this test reads this variable.
+    unsafe { std::env::set_var("BEARWATCH_ADV_STORAGE", "store-a") };
+    let (code, out) = run_config(dir.path(), &base.replace("path = \"store\"", "path = \"${BEARWATCH_ADV_STORAGE}\""));
+    assert_eq!(code, 0, "{out}");
+    assert!(dir.path().join("store-a/checkpoint.json").exists() && !dir.path().join("${BEARWATCH_ADV_STORAGE}").exists());
+}
+
+#[test]
+fn damaged_storage_refuses_to_start_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(300)).unwrap();
+    let config = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n";
+    assert_eq!(run_config(dir.path(), config).0, 0);
+    let store = dir.path().join("store");
+    std::fs::remove_file(store.join("windows/part-00000000.parquet")).unwrap();
+    let news = store.join("news/part-00000000.parquet");
+    let bytes = std::fs::read(&news).unwrap();
+    std::fs::write(&news, &bytes[..bytes.len() / 3]).unwrap();
+
+    let (code, out) = run_config(dir.path(), config);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("windows/part-00000000.parquet is missing") && out.contains("news/part-00000000.parquet is unreadable"), "{out}");
+    assert!(out.contains("bearwatch storage repair --storage"), "{out}");
+
+    let repair = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["storage", "repair", "--storage"]).arg(dir.path().join("store")).output().unwrap();
+    assert!(repair.status.success(), "{}", String::from_utf8_lossy(&repair.stderr));
+    assert_eq!(String::from_utf8_lossy(&repair.stdout).matches("set aside").count(), 2);
+    let (code, out) = run_config(dir.path(), config);
+    assert_eq!(code, 0, "{out}");
+    // Queries work again: the set-aside part's rows are gone (the restart re-read nothing, as the
+    // checkpoint had the whole file), the parts written since are there.
+    let sql = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["sql", "--storage"]).arg(&store).arg("SELECT count(*) AS n FROM news").output().unwrap();
+    assert!(sql.status.success(), "{}", String::from_utf8_lossy(&sql.stderr));
+    assert!(store.join("damaged/news-part-00000000.parquet").exists());
+}
+
+#[test]
+fn a_file_source_resumes_across_appends_and_refuses_an_edited_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, minute_stories(300, 1000)).unwrap();
+    let config = "[source]\ntype = \"file\"\npath = \"./in.jsonl\"\n[storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n";
+    assert_eq!(run_config(dir.path(), config).0, 0);
+    let store = dir.path().join("store");
+    // The same file named another way, with stories appended that are older than any read.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str(&minute_stories(100, 0));
+    std::fs::write(&file, &text).unwrap();
+    let (code, out) = run_config(dir.path(), &config.replace("./in.jsonl", "in.jsonl"));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(query_one(&store, "SELECT count(*) FROM news"), "400");
+    assert_eq!(query_one(&store, "SELECT count(DISTINCT id) FROM news"), "400");
+    // The appended stories were behind the watermark: kept, and counted as late.
+    assert_eq!(query_one(&store, "SELECT count(*) FROM late"), "100");
+
+    // An edit in the part already read: refused, with what to do, and nothing is stored.
+    std::fs::write(&file, text.replacen("Company 1000", "Company 999x", 1)).unwrap();
+    let (code, out) = run_config(dir.path(), config);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("have changed") && out.contains("in.jsonl"), "{out}");
+    assert_eq!(query_one(&store, "SELECT count(*) FROM news"), "400");
+}
