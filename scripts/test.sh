@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Sets up ONNX Runtime (scripts/setup-ort.sh), the test SMTP server's and DuckDB's packages and
+# Installs the Debian packages the tests use (scripts/test-deps.sh), sets up ONNX Runtime (scripts/setup-ort.sh), the test SMTP server's and DuckDB's packages and
 # playwright-core (drives Debian's chromium in tests/dashboard.rs), starts the test Kafka broker
 # (scripts/kafka.sh) unless one is already running, and runs the whole test suite in the dev profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/test-deps.sh
 scripts/setup-ort.sh >/dev/null
 # The tests' real SMTP server (tests/smtp_server.py) runs on aiosmtpd from the same virtualenv.
 .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
