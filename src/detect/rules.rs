@@ -212,20 +212,14 @@ impl Condition {
     /// Every number the condition holds: each must be finite (`nan` or `inf` in a rule never fires,
     /// or always does).
     fn numbers(&self) -> Vec<(&'static str, f64)> {
+        let present = |pairs: &[(&'static str, Option<f64>)]| pairs.iter().filter_map(|(n, v)| Some((*n, (*v)?))).collect();
         match self {
             Condition::Sql { .. } => Vec::new(),
-            Condition::Threshold { value, exit_value, .. } => {
-                [("value", Some(*value)), ("exit_value", *exit_value)].into_iter().filter_map(|(n, v)| Some((n, v?))).collect()
-            }
+            Condition::Threshold { value, exit_value, .. } => present(&[("value", Some(*value)), ("exit_value", *exit_value)]),
             Condition::RatioToBaseline { factor, min_value, exit_factor, .. } => {
-                [("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)]
-                    .into_iter()
-                    .filter_map(|(n, v)| Some((n, v?)))
-                    .collect()
+                present(&[("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)])
             }
-            Condition::Zscore { sigma, exit_sigma, .. } => {
-                [("sigma", Some(*sigma)), ("exit_sigma", *exit_sigma)].into_iter().filter_map(|(n, v)| Some((n, v?))).collect()
-            }
+            Condition::Zscore { sigma, exit_sigma, .. } => present(&[("sigma", Some(*sigma)), ("exit_sigma", *exit_sigma)]),
         }
     }
 

@@ -231,7 +231,7 @@ fn check_nesting(statement: &datafusion::sql::parser::Statement) -> Result<(), S
 /// is refused rather than grown without bound. Dropping the future stops the query.
 pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
     let (ctx, query) = (ctx.clone(), query.to_string());
-    let task = AbortOnDrop(guard::pool()?.spawn(async move {
+    let mut task = AbortOnDrop(guard::pool()?.spawn(async move {
         let frame = plan(&ctx, &query).await?;
         let task_ctx = Arc::new(frame.task_ctx());
         let plan = frame.create_physical_plan().await.map_err(classify)?;
@@ -247,7 +247,6 @@ pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, 
         }
         Ok(batches)
     }));
-    let mut task = task;
     (&mut task.0).await.map_err(|e| SqlError::Execution(format!("the query failed inside: {e}")))?
 }
 
