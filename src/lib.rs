@@ -3,6 +3,7 @@
 //! Data flows one way: source → classify → window → detect → alert; see `docs/ARCHITECTURE.md`.
 
 pub mod alert;
+pub mod bench;
 pub mod classify;
 pub mod config;
 pub mod detect;

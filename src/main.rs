@@ -7,9 +7,9 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use bearwatch::classify::{self, Classifier, ClassifierConfig, Device};
-use bearwatch::config::{self, EnvString, PipelineConfig};
+use bearwatch::config::{self, EnvString};
 use bearwatch::error::{Classified, ErrorClass};
-use bearwatch::pipeline::{self, PipelineError};
+use bearwatch::pipeline::{self, PipelineConfig, PipelineError};
 use bearwatch::source::{SourceError, produce};
 use clap::{Args, Parser, Subcommand};
 
@@ -41,7 +41,7 @@ enum Command {
         /// Which stages to run; overrides `[run] role` (all: everything; classify: news → [sink];
         /// aggregate: [sink] topic → windows, alerts and tables).
         #[arg(long, value_enum)]
-        role: Option<config::Role>,
+        role: Option<pipeline::Role>,
         /// After a file input ends, keep serving the dashboard, SQL and metrics until Ctrl-C.
         #[arg(long)]
         keep_serving: bool,
@@ -119,15 +119,15 @@ enum RulesCommand {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Headlines/s and batch latency of the classifier against bare ONNX Runtime and a Python pipeline.
-    Classify(bearwatch::classify::bench::BenchArgs),
+    Classify(bearwatch::bench::classify::BenchArgs),
     /// Five representative queries on a generated 10 M-row `news` table, beside DuckDB.
-    Sql(bearwatch::sql::bench::SqlBenchArgs),
+    Sql(bearwatch::bench::sql::SqlBenchArgs),
     /// Event-time windows and alert rules alone on pre-scored events: events/s on one core.
-    Windows(bearwatch::detect::bench::WindowsBenchArgs),
+    Windows(bearwatch::bench::windows::WindowsBenchArgs),
     /// The whole pipeline from a Kafka backlog beside the classifier alone: stories/s and memory.
-    E2e(bearwatch::pipeline::bench::E2eBenchArgs),
+    E2e(bearwatch::bench::e2e::E2eBenchArgs),
     /// From the story that completes a spike entering Kafka to its webhook notification: p50, p99.
-    Alerts(bearwatch::pipeline::alert_bench::AlertBenchArgs),
+    Alerts(bearwatch::bench::alerts::AlertBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -200,16 +200,16 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
 }
 
-fn run_pipeline(path: Option<PathBuf>, role: Option<config::Role>, keep_serving: bool) -> anyhow::Result<ExitCode> {
+fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_serving: bool) -> anyhow::Result<ExitCode> {
     let mut config = match &path {
         Some(path) => PipelineConfig::load(path)?,
-        None => PipelineConfig::parse(config::DEMO_PIPELINE, config::DEMO_PIPELINE_NAME)?,
+        None => PipelineConfig::parse(pipeline::DEMO_PIPELINE, pipeline::DEMO_PIPELINE_NAME)?,
     };
     config.run.keep_serving |= keep_serving;
     if let Some(role) = role {
         config.run.role = role;
         config.check_role().map_err(|(field, message)| config::ConfigError::Invalid {
-            file: path.as_ref().map_or(config::DEMO_PIPELINE_NAME.to_string(), |p| p.display().to_string()),
+            file: path.as_ref().map_or(pipeline::DEMO_PIPELINE_NAME.to_string(), |p| p.display().to_string()),
             line: 0,
             column: 0,
             field: format!("{field} (--role)"),
@@ -386,24 +386,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Bench(BenchCommand::Classify(args)) => {
-            let report = classify::bench::run(&args)?;
+            let report = bearwatch::bench::classify::run(&args)?;
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::E2e(args)) => {
-            println!("{}", bearwatch::pipeline::bench::run(&args)?);
+            println!("{}", bearwatch::bench::e2e::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Alerts(args)) => {
-            println!("{}", bearwatch::pipeline::alert_bench::run(&args)?);
+            println!("{}", bearwatch::bench::alerts::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Windows(args)) => {
-            println!("{}", bearwatch::detect::bench::run(&args)?);
+            println!("{}", bearwatch::bench::windows::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Sql(args)) => {
-            println!("{}", bearwatch::sql::bench::run(&args)?);
+            println!("{}", bearwatch::bench::sql::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -16,7 +16,7 @@ fn the_compose_stack_matches_the_pipeline_it_runs() {
     let compose = read("docker-compose.yml");
     // SAFETY: only this test, in its own process, reads this variable (compose passes it in).
     unsafe { std::env::set_var("BEARWATCH_PG_PASSWORD", "test") };
-    let config = bearwatch::config::PipelineConfig::parse(&read("pipelines/compose.toml"), "pipelines/compose.toml").unwrap();
+    let config = bearwatch::pipeline::PipelineConfig::parse(&read("pipelines/compose.toml"), "pipelines/compose.toml").unwrap();
     assert!(compose.contains("pipelines/compose.toml"), "compose runs pipelines/compose.toml");
     assert_eq!(config.source.brokers.as_ref().unwrap().as_str(), "kafka:9092");
     let http_port = config.server.http.as_ref().map(|s| s.as_str()).unwrap().rsplit(':').next().unwrap().to_string();

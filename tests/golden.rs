@@ -9,7 +9,7 @@ fn golden() -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-async fn score_all(config: ClassifierConfig, golden: &[Value]) -> Vec<bearwatch::classify::Scores> {
+async fn score_all(config: ClassifierConfig, golden: &[Value]) -> Vec<bearwatch::news::Scores> {
     let classifier = Classifier::start(&config).unwrap();
     let mut pending = Vec::new();
     for item in golden {

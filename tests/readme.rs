@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bearwatch::config::PipelineConfig;
+use bearwatch::pipeline::PipelineConfig;
 
 const README: &str = include_str!("../README.md");
 

@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use bearwatch::alert::notifications_batch;
 use bearwatch::alert::notify::NotificationRow;
-use bearwatch::classify::Scores;
+use bearwatch::news::Scores;
 use bearwatch::config::HumanDuration;
 use bearwatch::detect::rules::{Op, Severity};
 use bearwatch::detect::{Condition, Detector, GroupKind, Metric, Rule, alerts_batch};
 use bearwatch::news::{News, ScoredNews};
 use bearwatch::rng::Lcg;
 use bearwatch::sql::{self, Format};
-use bearwatch::storage::{Storage, Table, news_batch};
+use bearwatch::classify::news_batch;
+use bearwatch::storage::{Storage, Table};
 use bearwatch::window::{Headline, WindowSpec, WindowState, windows_batch};
 
 const H: i64 = 3_600_000;
@@ -30,7 +31,7 @@ fn time(ms: i64) -> String {
 }
 
 fn write_dataset(dir: &Path) {
-    let (mut storage, _) = Storage::open(dir, false).unwrap();
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(dir, false).unwrap();
     let topics = ["earnings", "energy", "macro", "metals"];
     let mut rng = Lcg(7);
     let spec = WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false };

@@ -2,8 +2,7 @@
 //! it carries. Any bytes must give a story or an error with a kind, never a panic.
 #![no_main]
 
-use bearwatch::classify::Scores;
-use bearwatch::news::News;
+use bearwatch::news::{News, Scores};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,8 @@
 //! Pipeline TOML: any text gives a config or an error naming file, line and field; never a panic.
 #![no_main]
 
-use bearwatch::config::{ConfigError, PipelineConfig};
+use bearwatch::config::ConfigError;
+use bearwatch::pipeline::PipelineConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,11 +1,13 @@
 //! Where alerts go: routes pick receivers by labels, silences mute, and each receiver is a
 //! notifier (the log here; email, webhook and Kafka through the outbox).
 
+mod error;
 pub mod notify;
 pub mod outbox;
 pub mod silences;
 mod table;
 
+pub use error::AlertError;
 pub use table::{notifications_batch, notifications_schema};
 
 use std::collections::BTreeMap;
@@ -175,7 +177,7 @@ impl Alerting {
     }
 
     /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
-    pub fn flush_queue(&mut self) -> Result<(), crate::storage::StorageError> {
+    pub fn flush_queue(&mut self) -> Result<(), AlertError> {
         let queued = std::mem::take(&mut self.queued);
         match &self.notifier {
             Some(notifier) if !queued.is_empty() => notifier.enqueue(queued),

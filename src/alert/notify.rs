@@ -254,7 +254,7 @@ impl Notifier {
     }
 
     /// Records notifications durably; they are sent from the outbox by the notifier thread.
-    pub fn enqueue(&self, items: Vec<Queued>) -> Result<(), crate::storage::StorageError> {
+    pub fn enqueue(&self, items: Vec<Queued>) -> Result<(), super::AlertError> {
         let mut outbox = lock(&self.shared.outbox);
         for Queued { key, receiver, alert, due_ms, expires_ms, repeat_ms } in items {
             let resolved = alert.state == AlertState::Resolved;

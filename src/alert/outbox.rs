@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::Alert;
-use crate::storage::StorageError;
+use super::AlertError;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -60,8 +60,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn open(path: &Path) -> Result<Outbox, StorageError> {
-        let io = |e: std::io::Error| StorageError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    pub fn open(path: &Path) -> Result<Outbox, AlertError> {
+        let io = AlertError::io(path);
         let mut entries = BTreeMap::new();
         if path.exists() {
             for (number, line) in BufReader::new(File::open(path).map_err(io)?).lines().enumerate() {
@@ -77,9 +77,9 @@ impl Outbox {
         Ok(Outbox { path: path.to_path_buf(), file, entries })
     }
 
-    fn append(&mut self, event: Event) -> Result<(), StorageError> {
-        let io = |e: std::io::Error| StorageError::Io { path: self.path.clone(), reason: e.to_string() };
-        let mut line = serde_json::to_vec(&event).map_err(|e| StorageError::Io { path: self.path.clone(), reason: e.to_string() })?;
+    fn append(&mut self, event: Event) -> Result<(), AlertError> {
+        let io = AlertError::io(&self.path);
+        let mut line = serde_json::to_vec(&event).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
         line.push(b'\n');
         self.file.write_all(&line).map_err(io)?;
         self.file.sync_data().map_err(io)?;
@@ -88,7 +88,7 @@ impl Outbox {
     }
 
     /// Records a notification to send; false if this key is already known (sent or pending).
-    pub fn enqueue(&mut self, key: String, receiver: String, alert: Alert, due_ms: i64, expires_ms: i64, repeat_ms: i64) -> Result<bool, StorageError> {
+    pub fn enqueue(&mut self, key: String, receiver: String, alert: Alert, due_ms: i64, expires_ms: i64, repeat_ms: i64) -> Result<bool, AlertError> {
         if self.entries.contains_key(&key) {
             return Ok(false);
         }
@@ -96,15 +96,15 @@ impl Outbox {
         Ok(true)
     }
 
-    pub fn failed(&mut self, key: &str, at_ms: i64, error: String, next_ms: i64) -> Result<(), StorageError> {
+    pub fn failed(&mut self, key: &str, at_ms: i64, error: String, next_ms: i64) -> Result<(), AlertError> {
         self.append(Event::Failed { key: key.to_string(), at_ms, error, next_ms })
     }
 
-    pub fn sent(&mut self, key: &str, at_ms: i64) -> Result<(), StorageError> {
+    pub fn sent(&mut self, key: &str, at_ms: i64) -> Result<(), AlertError> {
         self.append(Event::Sent { key: key.to_string(), at_ms })
     }
 
-    pub fn drop_entry(&mut self, key: &str, at_ms: i64, reason: String) -> Result<(), StorageError> {
+    pub fn drop_entry(&mut self, key: &str, at_ms: i64, reason: String) -> Result<(), AlertError> {
         self.append(Event::Dropped { key: key.to_string(), at_ms, reason })
     }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::rules::Silence;
-use crate::storage::StorageError;
+use super::AlertError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSilence {
@@ -26,12 +26,12 @@ pub struct SilenceStore {
 }
 
 impl SilenceStore {
-    pub fn open(path: &Path) -> Result<SilenceStore, StorageError> {
+    pub fn open(path: &Path) -> Result<SilenceStore, AlertError> {
         let silences = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StorageError::CorruptCheckpoint { path: path.to_path_buf(), reason: e.to_string() })?,
+                .map_err(|e| AlertError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(StorageError::Io { path: path.to_path_buf(), reason: e.to_string() }),
+            Err(e) => return Err(AlertError::io(path)(e)),
         };
         Ok(SilenceStore { path: path.to_path_buf(), silences: Arc::new(RwLock::new(silences)) })
     }
@@ -42,7 +42,7 @@ impl SilenceStore {
 
     /// Adds a silence and returns its id, or `None` when [`MAX_SILENCES`] are already active or
     /// pending; expired ones are dropped first. The file is replaced atomically.
-    pub fn add(&self, silence: Silence) -> Result<Option<String>, StorageError> {
+    pub fn add(&self, silence: Silence) -> Result<Option<String>, AlertError> {
         let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
         let now = chrono::Utc::now();
         all.retain(|s| s.silence.ends_at > now);
@@ -56,7 +56,7 @@ impl SilenceStore {
     }
 
     /// Removes a silence; false if there was none with that id.
-    pub fn remove(&self, id: &str) -> Result<bool, StorageError> {
+    pub fn remove(&self, id: &str) -> Result<bool, AlertError> {
         let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
         let before = all.len();
         all.retain(|s| s.id != id);
@@ -67,10 +67,10 @@ impl SilenceStore {
         Ok(true)
     }
 
-    fn save(&self, all: &[StoredSilence]) -> Result<(), StorageError> {
-        let io = |e: std::io::Error| StorageError::Io { path: self.path.clone(), reason: e.to_string() };
+    fn save(&self, all: &[StoredSilence]) -> Result<(), AlertError> {
+        let io = AlertError::io(&self.path);
         let temp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(all).map_err(|e| StorageError::Io { path: self.path.clone(), reason: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(all).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
         std::fs::write(&temp, bytes).map_err(io)?;
         std::fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io)?;
         std::fs::rename(&temp, &self.path).map_err(io)

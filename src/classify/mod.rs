@@ -5,17 +5,16 @@
 //! ([`runtime::OrtBackend`] in production, fakes in tests).
 
 pub mod batcher;
-pub mod bench;
 mod jsonl;
 mod config;
 mod error;
 mod model;
 pub mod runtime;
+mod table;
 mod tokenize;
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::sync::{Semaphore, oneshot};
 
 pub use batcher::{Backend, BatchLimits, BatchOutput, PaddedBatch};
@@ -23,65 +22,10 @@ pub use config::{ClassifierConfig, Device};
 pub use error::ClassifyError;
 pub use jsonl::{LineStats, classify_lines};
 pub use model::{ModelSpec, sentiment_label};
+pub use table::{news_batch, news_schema};
 pub use tokenize::Encoder;
 
-/// What the classifier says about one text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Scores {
-    pub topic: String,
-    #[serde(serialize_with = "six_decimals")]
-    pub topic_score: f32,
-    pub sentiment: &'static str,
-    #[serde(serialize_with = "six_decimals")]
-    pub p_negative: f32,
-    #[serde(serialize_with = "six_decimals")]
-    pub p_neutral: f32,
-    #[serde(serialize_with = "six_decimals")]
-    pub p_positive: f32,
-    /// `p_positive − p_negative`, in [−1, 1].
-    #[serde(serialize_with = "six_decimals")]
-    pub sentiment_score: f32,
-    /// `name@version` of the model that produced these scores.
-    pub model: Arc<str>,
-}
-
-impl Scores {
-    /// The scores a `news.scored` message carries (DESIGN §2), taken out of the story's other fields.
-    pub fn take_from(fields: &mut serde_json::Map<String, serde_json::Value>) -> Result<Scores, String> {
-        let mut text = |name: &str| match fields.remove(name) {
-            Some(serde_json::Value::String(s)) => Ok(s),
-            _ => Err(format!("scored news needs `{name}` as a string")),
-        };
-        let topic = text("topic")?;
-        let sentiment = text("sentiment")?;
-        let model = text("model")?;
-        let sentiment = SENTIMENTS
-            .into_iter()
-            .find(|s| *s == sentiment)
-            .ok_or_else(|| format!("`sentiment` must be one of {SENTIMENTS:?}, not {sentiment:?}"))?;
-        let mut probability = |name: &str, low: f32| match fields.remove(name).and_then(|v| v.as_f64()) {
-            Some(p) if (f64::from(low)..=1.0).contains(&p) => Ok(p as f32),
-            _ => Err(format!("scored news needs `{name}` as a number in [{low}, 1]")),
-        };
-        Ok(Scores {
-            topic,
-            topic_score: probability("topic_score", 0.0)?,
-            sentiment,
-            p_negative: probability("p_negative", 0.0)?,
-            p_neutral: probability("p_neutral", 0.0)?,
-            p_positive: probability("p_positive", 0.0)?,
-            sentiment_score: probability("sentiment_score", -1.0)?,
-            model: Arc::from(model),
-        })
-    }
-}
-
-/// Probabilities are written with six decimals: enough to compare, without float noise in every line.
-fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_f64((f64::from(*value) * 1e6).round() / 1e6)
-}
-
-pub const SENTIMENTS: [&str; 3] = ["negative", "neutral", "positive"];
+use crate::news::Scores;
 
 /// A running classifier: tokenizes on the caller's task, batches and infers on its own thread.
 /// Cheap to clone; the batcher stops when the last clone is dropped.

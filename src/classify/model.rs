@@ -3,7 +3,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{ClassifyError, SENTIMENTS, Scores};
+use super::ClassifyError;
+use crate::news::{SENTIMENTS, Scores};
 
 /// `labels.json`: what the model's outputs mean.
 #[derive(Debug, Clone, Deserialize)]

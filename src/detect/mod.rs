@@ -4,7 +4,7 @@
 //! Times are event times (the watermark), so a replay of 1987 news fires the alerts that 1987 would
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
-pub mod bench;
+mod config;
 pub mod rules;
 mod sql;
 mod table;
@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use config::AlertsConfig;
 pub use rules::{Condition, GroupKind, Metric, Rule, RuleFile};
 pub use table::{alerts_batch, alerts_schema};
 

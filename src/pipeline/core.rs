@@ -4,22 +4,54 @@
 //! offset N is done" is always true of the offsets kept here. A checkpoint is taken only with nothing
 //! in flight, which makes windows, de-duplication state, buffered rows and offsets agree.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
+use super::{PipelineError, Role};
 use crate::alert::{Alerting, notifications_batch};
-use crate::classify::{ClassifyError, Classifier, Pending, Scores};
-use crate::detect::alerts_batch;
-use crate::config::Role;
-use crate::news::{News, ScoredNews};
+use crate::classify::{ClassifyError, Classifier, Pending, news_batch};
+use crate::detect::{Detector, alerts_batch};
+use crate::news::{News, ScoredNews, Scores};
 use crate::source::dead_letter::DeadLetter;
+use crate::source::file::FileProgress;
 use crate::source::kafka::Output;
 use crate::source::{Offsets, Record};
-use crate::storage::{Checkpoint, Counters, Storage, Table, news_batch};
+use crate::storage::{Storage, Table};
 use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
 
-use super::PipelineError;
+/// Running totals, kept in the checkpoint so that they survive restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub received: u64,
+    pub scored: u64,
+    pub dead_lettered: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    #[serde(default)]
+    pub alerts: u64,
+}
+
+/// Everything needed to resume exactly where the last checkpoint left off: each stage's own state.
+/// Storage writes it into `checkpoint.json`, beside the part numbers it keeps itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub written_at: String,
+    /// Next offset to read, per source topic (or file) and partition.
+    pub offsets: Offsets,
+    pub windows: WindowState,
+    /// Recently seen story ids with their event time, for de-duplication.
+    pub seen: Vec<(String, i64)>,
+    pub counters: Counters,
+    /// Alert rules' baselines and lifecycles (absent when the pipeline has no rules).
+    #[serde(default)]
+    pub detector: Option<Detector>,
+    /// What was read of each file source (its offsets are in `offsets`).
+    #[serde(default)]
+    pub files: BTreeMap<String, FileProgress>,
+}
 
 /// Per-message checks that come before scoring.
 pub struct Limits {
@@ -92,8 +124,8 @@ pub struct Core {
     pub alerting: Option<Alerting>,
     /// Where unflushed rows are published for SQL, when a server runs.
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
-    /// What a file source has read, for the checkpoint (see [`crate::source::file::FileProgress`]).
-    pub files: std::collections::BTreeMap<String, crate::source::file::FileProgress>,
+    /// What a file source has read, for the checkpoint (see [`FileProgress`]).
+    pub files: BTreeMap<String, FileProgress>,
 }
 
 /// A source partition's name in the windows' per-source clocks.
@@ -154,7 +186,7 @@ impl Core {
             core.counters = checkpoint.counters;
             core.files = checkpoint.files;
             if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
-                let rules = std::mem::replace(&mut alerting.detector, crate::detect::Detector::new(Vec::new())).into_rules();
+                let rules = std::mem::replace(&mut alerting.detector, Detector::new(Vec::new())).into_rules();
                 alerting.detector = saved.restore(rules);
             }
         }
@@ -553,15 +585,13 @@ impl Core {
             open_windows = self.windows.open_windows(),
             "checkpoint"
         );
-        storage.commit(Checkpoint {
+        storage.commit(&Checkpoint {
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             offsets: self.offsets.clone(),
             windows: self.windows.clone(),
             seen: self.seen.iter().map(|(id, t)| (id.clone(), *t)).collect(),
             counters: self.counters.clone(),
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
-            next_part: Default::default(),
-            lost_parts: Default::default(),
             files: self.files.clone(),
         })?;
         self.news_rows.clear();

@@ -1,5 +1,6 @@
-//! `bearwatch run`: source → classify → window → storage, with checkpoints, for one process
-//! (role `all`).
+//! `bearwatch run`: the top layer, which wires the stages (source → classify → window → detect →
+//! alert) to storage, SQL and the server, for each role (`all`, `classify`, `aggregate`), with
+//! checkpoints. The pipeline file's [`PipelineConfig`] composes each stage's own config section.
 //!
 //! One thread drives the loop: read a record, validate it, hand it to the classifier's batcher, and
 //! apply finished results in arrival order. The batcher runs inference on its own thread, so reading
@@ -7,8 +8,7 @@
 //! thread and lock the same [`Core`], so a revocation can finish and checkpoint in-flight work before
 //! the partitions move.
 
-pub mod alert_bench;
-pub mod bench;
+mod config;
 mod core;
 pub mod summary;
 
@@ -17,23 +17,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunConfig, SinkConfig};
+
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
 use crate::server::{Ops, Server, ServerError, SqlService};
 use crate::sql::live::LiveRows;
-use crate::alert::{Alerting, ReceiverKind, Router, notify};
+use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier};
 use crate::detect::{Detector, RuleFile};
-use crate::config::{ConfigError, PipelineConfig, Role, SourceKind};
+use crate::config::ConfigError;
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileSource;
 use crate::source::kafka::{KafkaSource, Output, GroupHandler};
-use crate::source::{Offsets, Source, SourceError};
-use crate::storage::{Counters, Storage, StorageError};
+use crate::source::{Offsets, Source, SourceError, SourceKind};
+use crate::storage::{Storage, StorageError};
 use crate::window::{WindowSpec, WindowState};
 
-use self::core::{Core, Limits, ScoredSink};
+pub use self::core::Counters;
+use self::core::{Checkpoint, Core, Limits, ScoredSink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -45,6 +48,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Alert(#[from] AlertError),
     #[error(transparent)]
     Server(#[from] ServerError),
     #[error(transparent)]
@@ -65,6 +70,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.class(),
             PipelineError::Source(e) => e.class(),
             PipelineError::Storage(e) => e.class(),
+            PipelineError::Alert(e) => e.class(),
             PipelineError::Server(e) => e.class(),
             PipelineError::Sql(e) => e.class(),
             PipelineError::WindowsChanged { .. } => ErrorClass::User,
@@ -77,6 +83,7 @@ impl Classified for PipelineError {
             PipelineError::Classify(e) => e.retryable(),
             PipelineError::Source(e) => e.retryable(),
             PipelineError::Storage(e) => e.retryable(),
+            PipelineError::Alert(e) => e.retryable(),
             PipelineError::Server(e) => e.retryable(),
             PipelineError::Sql(e) => e.retryable(),
             PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
@@ -196,7 +203,7 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
                 }
             }
         }
-        let ticker_windows = config.window.group_by.contains(&crate::config::GroupBy::Ticker);
+        let ticker_windows = config.window.group_by.contains(&crate::window::GroupBy::Ticker);
         if let Some(rule) = file.rules.iter().find(|r| r.group == crate::detect::rules::GroupKind::Ticker && !ticker_windows) {
             return Err(PipelineError::Config(ConfigError::Read {
                 path,
@@ -249,7 +256,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let (storage, restored) = match role {
         Role::Classify => (None, None),
         Role::All | Role::Aggregate => {
-            let (storage, restored) = Storage::open(&config.storage.path, config.storage.reset_on_start)?;
+            let (storage, restored) = Storage::open::<Checkpoint>(&config.storage.path, config.storage.reset_on_start)?;
             (Some(storage), restored)
         }
     };
@@ -531,7 +538,7 @@ mod tests {
         let config = PipelineConfig::parse(&text, "test.toml").unwrap();
         let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
         let classifier = Classifier::with_backend(&config.model, spec, SlowModel, "fake").unwrap();
-        let (storage, _) = Storage::open(dir.path(), false).unwrap();
+        let (storage, _) = Storage::open::<Checkpoint>(dir.path(), false).unwrap();
         let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
         let limits = Limits {
             max_message_bytes: 1 << 20,

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::time::Instant;
 
 use crate::news::ScoredNews;
-use crate::storage::Counters;
+use super::core::Counters;
 use crate::window::{ALL, WindowState};
 
 /// Per-topic totals of this run, and the newest event time.

@@ -4,6 +4,8 @@
 //! without auth for probes and scrapers, `GET /health`, `GET /ready` and `GET /metrics`
 //! (Prometheus text format), and the dashboard page at `GET /` (its data needs the token).
 
+mod config;
+
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
@@ -16,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::json;
 use tokio::sync::oneshot;
+
+pub use config::ServerConfig;
 
 use crate::alert::silences::SilenceStore;
 use crate::detect::rules::Silence;

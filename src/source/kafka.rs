@@ -18,7 +18,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Offsets, Record, Source, SourceError};
-use crate::config::{EnvString, StartOffset};
+use super::StartOffset;
+use crate::config::EnvString;
 
 /// `bootstrap.servers` plus every pass-through property.
 pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) -> ClientConfig {

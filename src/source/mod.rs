@@ -1,6 +1,7 @@
 //! Where news comes from (a Kafka consumer group or a JSON-lines file) and where bad input goes
 //! (a dead-letter topic or file).
 
+mod config;
 pub mod dead_letter;
 pub mod file;
 pub mod kafka;
@@ -9,6 +10,8 @@ pub mod produce;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use config::{SourceConfig, SourceKind, StartOffset};
 
 use crate::error::{Classified, ErrorClass};
 

@@ -20,7 +20,6 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-pub mod bench;
 pub mod deadline;
 pub mod guard;
 pub mod live;
@@ -110,9 +109,17 @@ fn classify(error: DataFusionError) -> SqlError {
     }
 }
 
-/// The user-facing tables: the Parquet parts of each, with their fixed schemas (so that a table with
-/// no parts yet is empty rather than missing).
-pub const TABLES: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
+/// A table's stored columns, as the stage that fills it writes them (DESIGN §3; reviewed copies in
+/// `schemas/*.table.json`). Every table is registered with its schema, so that one with no parts
+/// yet is empty rather than missing.
+pub fn stored_schema(table: Table) -> SchemaRef {
+    match table {
+        Table::News | Table::Late => crate::classify::news_schema(),
+        Table::Windows => crate::window::windows_schema(),
+        Table::Alerts => crate::detect::alerts_schema(),
+        Table::Notifications => crate::alert::notifications_schema(),
+    }
+}
 
 /// What queries may use.
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +146,7 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
         .with_physical_optimizer_rule(Arc::new(deadline::Deadline(limits.timeout)))
         .build();
     let ctx = SessionContext::new_with_state(state);
-    for table in TABLES {
+    for table in Table::ALL {
         let dir = storage.join(table.name());
         std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
         let dir = std::fs::canonicalize(&dir).map_err(|e| tables_error(e.to_string()))?;
@@ -188,8 +195,7 @@ fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusion
 /// clients (psql, drivers) see `text` either way. (Dictionary types for low-cardinality columns
 /// measured 3× slower on `bench sql`.)
 pub fn read_schema(table: Table) -> SchemaRef {
-    let fields: Vec<_> = table
-        .schema()
+    let fields: Vec<_> = stored_schema(table)
         .fields()
         .iter()
         .map(|f| match f.data_type() {

@@ -55,3 +55,24 @@ fn queries_stop_at_the_time_limit() {
     let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM range(1, 1000)")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n999\n");
 }
+
+/// The table schemas users query are contracts (DESIGN §3): `schemas/*.table.json` are their
+/// reviewed copies. After a deliberate change, regenerate with `BEARWATCH_BLESS=1 cargo test` and
+/// record the change in docs/ARCHITECTURE.md.
+#[test]
+fn table_schemas_match_the_files_in_schemas() {
+    for table in [Table::News, Table::Windows, Table::Alerts, Table::Notifications] {
+        let columns: Vec<serde_json::Value> = stored_schema(table)
+            .fields()
+            .iter()
+            .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+            .collect();
+        let mut expected = serde_json::to_string_pretty(&serde_json::json!({"table": table.name(), "columns": columns})).unwrap();
+        expected.push('\n');
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schemas/{}.table.json", table.name()));
+        if std::env::var_os("BEARWATCH_BLESS").is_some() {
+            std::fs::write(&path, &expected).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap_or_default(), expected, "{} changed", path.display());
+    }
+}

@@ -1,12 +1,14 @@
 //! Parquet tables under `storage.path` and the checkpoint that makes them exactly-once.
 //!
-//! Layout: `<path>/<table>/part-<seq>.parquet` for tables `news`, `windows` and `late`, and
-//! `<path>/checkpoint.json`. Files are written only at a checkpoint, each to a temp name, fsynced and
+//! Storage knows tables and checkpoints, not the stages that fill them: a caller hands it record
+//! batches for a [`Table`] and its own serialisable state for the checkpoint.
+//!
+//! Layout: `<path>/<table>/part-<seq>.parquet` for every [`Table`], and `<path>/checkpoint.json`. Files are written only at a checkpoint, each to a temp name, fsynced and
 //! renamed; the checkpoint written right after records the next sequence number of every table. A
 //! crash between the two leaves parts numbered at or past the checkpoint's: on start they are deleted,
 //! and the stories in them are read again from the checkpointed offsets. So no row is lost or doubled.
 
-mod news_table;
+mod config;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -17,12 +19,12 @@ use arrow::array::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use news_table::{news_batch, news_schema};
+pub use config::StorageConfig;
 
 use crate::error::{Classified, ErrorClass};
-use crate::window::{WindowState, windows_schema};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -80,50 +82,28 @@ impl Table {
             Table::Notifications => "notifications",
         }
     }
-
-    pub fn schema(self) -> arrow::datatypes::SchemaRef {
-        match self {
-            Table::News | Table::Late => news_schema(),
-            Table::Windows => windows_schema(),
-            Table::Alerts => crate::detect::alerts_schema(),
-            Table::Notifications => crate::alert::notifications_schema(),
-        }
-    }
 }
 
-/// Running totals, kept in the checkpoint so that they survive restarts.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub received: u64,
-    pub scored: u64,
-    pub dead_lettered: u64,
-    pub duplicates: u64,
-    pub late: u64,
-    #[serde(default)]
-    pub alerts: u64,
-}
-
-/// Everything needed to resume exactly where the last checkpoint left off.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub written_at: String,
-    /// Next offset to read, per source topic (or file) and partition.
-    pub offsets: BTreeMap<String, BTreeMap<i32, i64>>,
-    pub windows: WindowState,
-    /// Recently seen story ids with their event time, for de-duplication.
-    pub seen: Vec<(String, i64)>,
-    pub counters: Counters,
-    /// Alert rules' baselines and lifecycles (absent when the pipeline has no rules).
-    #[serde(default)]
-    pub detector: Option<crate::detect::Detector>,
+/// Storage's own part of `checkpoint.json`, beside the state its caller checkpoints: which parts
+/// the checkpoint covers. Both are read from and written to one JSON object, so a checkpoint is one
+/// atomic file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Parts {
     /// Next part number of each table; parts at or past it are leftovers of a crash.
-    pub next_part: BTreeMap<String, u64>,
+    #[serde(default)]
+    next_part: BTreeMap<String, u64>,
     /// Parts that `bearwatch storage repair` set aside, per table: their rows are accepted as lost.
     #[serde(default)]
-    pub lost_parts: BTreeMap<String, Vec<u64>>,
-    /// What was read of each file source (its offsets are in `offsets`).
-    #[serde(default)]
-    pub files: BTreeMap<String, crate::source::file::FileProgress>,
+    lost_parts: BTreeMap<String, Vec<u64>>,
+}
+
+/// What [`Storage::commit`] writes: the caller's state with storage's fields beside it.
+#[derive(Serialize)]
+struct Written<'a, S> {
+    #[serde(flatten)]
+    state: &'a S,
+    #[serde(flatten)]
+    parts: &'a Parts,
 }
 
 pub struct Storage {
@@ -136,9 +116,9 @@ pub struct Storage {
 const CHECKPOINT: &str = "checkpoint.json";
 
 impl Storage {
-    /// Opens (creating) the storage folder, restores the checkpoint if any, and removes parts written
-    /// after it. With `reset`, earlier tables and checkpoint are deleted first.
-    pub fn open(root: &Path, reset: bool) -> Result<(Storage, Option<Checkpoint>), StorageError> {
+    /// Opens (creating) the storage folder, restores the caller's checkpointed state if any, and
+    /// removes parts written after it. With `reset`, earlier tables and checkpoint are deleted first.
+    pub fn open<S: DeserializeOwned>(root: &Path, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
         if reset {
             for table in Table::ALL {
                 let dir = root.join(table.name());
@@ -155,30 +135,31 @@ impl Storage {
             let dir = root.join(table.name());
             fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         }
-        let checkpoint = Storage::read_checkpoint(root)?;
-        let mut next_part = BTreeMap::new();
-        for table in Table::ALL {
-            let next = checkpoint.as_ref().and_then(|c| c.next_part.get(table.name()).copied()).unwrap_or(0);
-            next_part.insert(table, next);
+        let bytes = read_checkpoint(root)?;
+        let parts: Parts = match &bytes {
+            Some(bytes) => parse_checkpoint(root, bytes)?,
+            None => Parts::default(),
+        };
+        let next_part = parts.next_parts();
+        for (&table, &next) in &next_part {
             remove_leftovers(&root.join(table.name()), next)?;
         }
-        let lost_parts = checkpoint.as_ref().map(|c| c.lost_parts.clone()).unwrap_or_default();
-        let damage: Vec<String> = damaged_parts(root, &next_part, &lost_parts).into_iter().map(|(_, _, what)| what).collect();
+        let damage: Vec<String> = damaged_parts(root, &next_part, &parts.lost_parts).into_iter().map(|(_, _, what)| what).collect();
         if !damage.is_empty() {
             return Err(StorageError::Damaged { root: root.display().to_string(), damage });
         }
+        let state = bytes.as_deref().map(|bytes| parse_checkpoint(root, bytes)).transpose()?;
         let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts, properties }, checkpoint))
+        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts: parts.lost_parts, properties }, state))
     }
 
     /// Sets aside the parts that [`Storage::open`] finds missing or unreadable: unreadable ones move
     /// to `<root>/damaged/`, and the checkpoint records all of them as lost, so that the pipeline
-    /// starts again with the rest. Returns what it found.
+    /// starts again with the rest. Returns what it found. The rest of the checkpoint is kept as it is.
     pub fn repair(root: &Path) -> Result<Vec<String>, StorageError> {
-        let Some(mut checkpoint) = Storage::read_checkpoint(root)? else { return Ok(Vec::new()) };
-        let next_part: BTreeMap<Table, u64> =
-            Table::ALL.iter().map(|t| (*t, checkpoint.next_part.get(t.name()).copied().unwrap_or(0))).collect();
-        let damaged = damaged_parts(root, &next_part, &checkpoint.lost_parts);
+        let Some(bytes) = read_checkpoint(root)? else { return Ok(Vec::new()) };
+        let mut parts: Parts = parse_checkpoint(root, &bytes)?;
+        let damaged = damaged_parts(root, &parts.next_parts(), &parts.lost_parts);
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
@@ -190,21 +171,13 @@ impl Storage {
                 let target = aside.join(format!("{}-part-{seq:08}.parquet", table.name()));
                 fs::rename(&path, &target).map_err(io_error(&path))?;
             }
-            checkpoint.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
+            parts.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
         }
-        write_atomically(root, &checkpoint)?;
+        let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(root, &bytes)?;
+        state.remove("next_part");
+        state.remove("lost_parts");
+        write_atomically(root, &Written { state: &state, parts: &parts })?;
         Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
-    }
-
-    fn read_checkpoint(root: &Path) -> Result<Option<Checkpoint>, StorageError> {
-        let path = root.join(CHECKPOINT);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StorageError::CorruptCheckpoint { path, reason: e.to_string() }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error(&path)(e)),
-        }
     }
 
     pub fn root(&self) -> &Path {
@@ -219,7 +192,7 @@ impl Storage {
         let temp = dir.join(format!(".part-{seq:08}.parquet.tmp"));
         let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
         let file = File::create(&temp).map_err(io_error(&temp))?;
-        let mut writer = ArrowWriter::try_new(file, table.schema(), Some(self.properties.clone())).map_err(parquet_error)?;
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(self.properties.clone())).map_err(parquet_error)?;
         writer.write(batch).map_err(parquet_error)?;
         let file = writer.into_inner().map_err(parquet_error)?;
         file.sync_all().map_err(io_error(&temp))?;
@@ -228,15 +201,39 @@ impl Storage {
         Ok(path)
     }
 
-    /// Atomically replaces the checkpoint (temp file, fsync, rename, fsync of the folder).
-    pub fn commit(&mut self, mut checkpoint: Checkpoint) -> Result<(), StorageError> {
-        checkpoint.next_part = self.next_part.iter().map(|(t, n)| (t.name().to_string(), *n)).collect();
-        checkpoint.lost_parts = self.lost_parts.clone();
-        write_atomically(&self.root, &checkpoint)
+    /// Atomically replaces the checkpoint (temp file, fsync, rename, fsync of the folder) with
+    /// `state` and the part numbers written so far. `state` must serialise as a JSON object.
+    pub fn commit<S: Serialize>(&mut self, state: &S) -> Result<(), StorageError> {
+        let parts = Parts {
+            next_part: self.next_part.iter().map(|(t, n)| (t.name().to_string(), *n)).collect(),
+            lost_parts: self.lost_parts.clone(),
+        };
+        write_atomically(&self.root, &Written { state, parts: &parts })
     }
 }
 
-fn write_atomically(root: &Path, checkpoint: &Checkpoint) -> Result<(), StorageError> {
+impl Parts {
+    fn next_parts(&self) -> BTreeMap<Table, u64> {
+        Table::ALL.iter().map(|t| (*t, self.next_part.get(t.name()).copied().unwrap_or(0))).collect()
+    }
+}
+
+fn read_checkpoint(root: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    let path = root.join(CHECKPOINT);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error(&path)(e)),
+    }
+}
+
+/// One view of the checkpoint's JSON object: storage's [`Parts`] or the caller's state (each
+/// ignores the other's fields), read straight from the bytes.
+fn parse_checkpoint<T: DeserializeOwned>(root: &Path, bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: root.join(CHECKPOINT), reason: e.to_string() })
+}
+
+fn write_atomically<S: Serialize>(root: &Path, checkpoint: &Written<'_, S>) -> Result<(), StorageError> {
     let path = root.join(CHECKPOINT);
     let temp = root.join(".checkpoint.json.tmp");
     let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: path.clone(), reason: e.to_string() })?;
@@ -293,83 +290,63 @@ fn remove_leftovers(dir: &Path, next: u64) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::{WindowSpec, WindowState, windows_batch};
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
 
-    fn checkpoint() -> Checkpoint {
-        let spec = WindowSpec { size_ms: 1000, slide_ms: 1000, allowed_lateness_ms: 0, by_ticker: false };
-        Checkpoint {
-            written_at: String::new(),
-            offsets: BTreeMap::from([("news".to_string(), BTreeMap::from([(0, 42)]))]),
-            windows: WindowState::new(spec),
-            seen: vec![("a".into(), 1)],
-            counters: Counters { received: 3, ..Counters::default() },
-            detector: None,
-            next_part: BTreeMap::new(),
-            lost_parts: BTreeMap::new(),
-            files: BTreeMap::new(),
-        }
+    /// What a caller checkpoints: storage stores it without knowing it.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct State {
+        offsets: BTreeMap<String, BTreeMap<i32, i64>>,
+        received: u64,
+    }
+
+    fn checkpoint() -> State {
+        State { offsets: BTreeMap::from([("news".to_string(), BTreeMap::from([(0, 42)]))]), received: 3 }
+    }
+
+    fn batch() -> RecordBatch {
+        let schema = Schema::new(vec![Field::new("n", DataType::Int64, false)]);
+        RecordBatch::try_new(std::sync::Arc::new(schema), vec![std::sync::Arc::new(Int64Array::from(vec![1, 2]))]).unwrap()
     }
 
     #[test]
     fn parts_after_the_last_checkpoint_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, restored) = Storage::open(dir.path(), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(dir.path(), false).unwrap();
         assert!(restored.is_none());
-        let batch = windows_batch(&[]).unwrap();
+        let batch = batch();
         let kept = storage.write(Table::Windows, &batch).unwrap();
-        storage.commit(checkpoint()).unwrap();
+        storage.commit(&checkpoint()).unwrap();
         let orphan = storage.write(Table::Windows, &batch).unwrap();
         fs::write(dir.path().join("news/.part-00000000.parquet.tmp"), b"half").unwrap();
 
-        let (mut storage, restored) = Storage::open(dir.path(), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(dir.path(), false).unwrap();
         let restored = restored.unwrap();
         assert_eq!(restored.offsets["news"][&0], 42);
-        assert_eq!(restored.counters.received, 3);
+        assert_eq!(restored.received, 3);
         assert!(kept.exists());
         assert!(!orphan.exists(), "a part written after the checkpoint must go");
         assert!(!dir.path().join("news/.part-00000000.parquet.tmp").exists());
         assert_eq!(storage.write(Table::Windows, &batch).unwrap(), orphan, "numbering resumes at the checkpoint");
 
-        let (_, restored) = Storage::open(dir.path(), true).unwrap();
+        let (_, restored) = Storage::open::<State>(dir.path(), true).unwrap();
         assert!(restored.is_none() && !kept.exists(), "reset starts from nothing");
-    }
-
-    /// The table schemas users query are contracts (DESIGN §3): `schemas/*.table.json` are their
-    /// reviewed copies. After a deliberate change, regenerate with `BEARWATCH_BLESS=1 cargo test` and
-    /// record the change in docs/ARCHITECTURE.md.
-    #[test]
-    fn table_schemas_match_the_files_in_schemas() {
-        for table in [Table::News, Table::Windows, Table::Alerts, Table::Notifications] {
-            let columns: Vec<serde_json::Value> = table
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
-                .collect();
-            let mut expected = serde_json::to_string_pretty(&serde_json::json!({"table": table.name(), "columns": columns})).unwrap();
-            expected.push('\n');
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("schemas/{}.table.json", table.name()));
-            if std::env::var_os("BEARWATCH_BLESS").is_some() {
-                fs::write(&path, &expected).unwrap();
-            }
-            assert_eq!(fs::read_to_string(&path).unwrap_or_default(), expected, "{} changed", path.display());
-        }
     }
 
     #[test]
     fn a_missing_or_truncated_part_refuses_the_start_until_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, _) = Storage::open(dir.path(), false).unwrap();
-        let batch = windows_batch(&[]).unwrap();
+        let (mut storage, _) = Storage::open::<State>(dir.path(), false).unwrap();
+        let batch = batch();
         let first = storage.write(Table::Windows, &batch).unwrap();
         let second = storage.write(Table::Windows, &batch).unwrap();
         let third = storage.write(Table::Windows, &batch).unwrap();
-        storage.commit(checkpoint()).unwrap();
+        storage.commit(&checkpoint()).unwrap();
         fs::remove_file(&first).unwrap();
         let bytes = fs::read(&second).unwrap();
         fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
 
-        let err = Storage::open(dir.path(), false).err().unwrap().to_string();
+        let err = Storage::open::<State>(dir.path(), false).err().unwrap().to_string();
         assert!(err.contains("windows/part-00000000.parquet is missing"), "{err}");
         assert!(err.contains("windows/part-00000001.parquet is unreadable"), "{err}");
         assert!(err.contains("bearwatch storage repair"), "{err}");
@@ -377,11 +354,13 @@ mod tests {
         let found = Storage::repair(dir.path()).unwrap();
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(dir.path().join("damaged/windows-part-00000001.parquet").exists());
-        let (mut storage, restored) = Storage::open(dir.path(), false).unwrap();
-        assert!(third.exists() && restored.unwrap().lost_parts["windows"] == vec![0, 1]);
+        let (mut storage, restored) = Storage::open::<serde_json::Value>(dir.path(), false).unwrap();
+        let restored = restored.unwrap();
+        assert!(third.exists() && restored["lost_parts"]["windows"] == serde_json::json!([0, 1]));
+        assert_eq!(restored["offsets"]["news"]["0"], 42, "repair keeps the caller's state");
         // What was accepted as lost stays accepted through later checkpoints.
-        storage.commit(checkpoint()).unwrap();
-        assert!(Storage::open(dir.path(), false).is_ok());
+        storage.commit(&checkpoint()).unwrap();
+        assert!(Storage::open::<State>(dir.path(), false).is_ok());
         assert!(Storage::repair(dir.path()).unwrap().is_empty());
     }
 
@@ -389,7 +368,7 @@ mod tests {
     fn a_corrupt_checkpoint_is_an_error_not_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(CHECKPOINT), b"{").unwrap();
-        let err = Storage::open(dir.path(), false).err().unwrap();
+        let err = Storage::open::<State>(dir.path(), false).err().unwrap();
         assert!(err.to_string().contains("move it away"), "{err}");
     }
 }

@@ -1,21 +1,22 @@
 //! Event-time windows (DESIGN §3 `windows`): tumbling or hopping, grouped by topic (and ticker), plus
 //! an `all` group.
 //!
-//! The watermark is the newest event time seen minus `allowed_lateness`; a window closes once the
-//! watermark reaches its end, and then emits its final row. An event whose every window has already
-//! closed is late: it is counted and goes to the side output instead. State is plain data so that a
+//! The watermark follows the slowest source partition that still has data to deliver (its newest
+//! event time minus `allowed_lateness`; partitions read to their end do not hold it back) and never
+//! moves back. A window closes once the watermark reaches its end, and then emits its final row. An
+//! event whose every window has already closed is late: it is counted and goes to the side output instead. State is plain data so that a
 //! checkpoint can hold it; sums are kept in integer micro-units so that results do not depend on the
 //! order stories arrive in.
 
+mod config;
 mod table;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use config::{GroupBy, MAX_WINDOWS_PER_STORY, WindowConfig};
 pub use table::{WindowRow, windows_batch, windows_schema};
-
-use crate::config::{GroupBy, WindowConfig};
 
 /// The group that counts every story, whatever its topic.
 pub const ALL: &str = "all";

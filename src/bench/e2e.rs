@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::PipelineError;
+use super::{failed, median, memory_mib, reuters};
+use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::classify::{ClassifierConfig, Classifier};
-use crate::config::PipelineConfig;
 use crate::news::News;
 use crate::source::kafka::Output;
 
@@ -25,29 +25,6 @@ pub struct E2eBenchArgs {
     pub repeats: usize,
     #[arg(long, default_value = "pipelines/data/reuters-1987.jsonl")]
     pub input: PathBuf,
-}
-
-pub(super) fn failed(e: impl std::fmt::Display) -> PipelineError {
-    PipelineError::Internal(e.to_string())
-}
-
-/// Resident and peak memory of this process, in MiB.
-pub(super) fn memory_mib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()).unwrap_or(0) / 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// The stories of a JSON-lines file (the bundled Reuters stories by default).
-pub(super) fn reuters(input: &std::path::Path) -> Result<Vec<News>, PipelineError> {
-    let text = std::fs::read_to_string(super::bundled(input)).map_err(failed)?;
-    let base: Vec<News> = text.lines().filter_map(|l| News::from_json(l.as_bytes()).ok()).collect();
-    if base.is_empty() {
-        return Err(failed("no stories in the input"));
-    }
-    Ok(base)
 }
 
 fn stories(args: &E2eBenchArgs) -> Result<Vec<News>, PipelineError> {
@@ -131,16 +108,11 @@ fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<
             }
         })
     };
-    let result = super::run(&config, stop);
+    let result = crate::pipeline::run(&config, stop);
     let measured = watcher.join().map_err(|_| failed("watcher panicked"));
     let _ = std::fs::remove_dir_all(&storage);
     result?;
     measured
-}
-
-pub(super) fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 pub fn run(args: &E2eBenchArgs) -> Result<String, PipelineError> {

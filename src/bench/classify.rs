@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::runtime::OrtBackend;
-use super::{Backend, BatchOutput, Classifier, ClassifierConfig, ClassifyError, ModelSpec, PaddedBatch};
+use crate::classify::runtime::OrtBackend;
+use crate::classify::{Backend, BatchOutput, Classifier, ClassifierConfig, ClassifyError, ModelSpec, PaddedBatch};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {

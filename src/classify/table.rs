@@ -1,4 +1,5 @@
-//! The `news` table (DESIGN §2–§3) as Arrow record batches: one row per scored story.
+//! The `news` table (DESIGN §2–§3), what this stage's output becomes: one row per scored story
+//! (the `late` side output has the same columns).
 
 use std::sync::{Arc, LazyLock};
 

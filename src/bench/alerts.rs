@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::PipelineError;
-use super::bench::{failed, median, memory_mib, reuters};
+use super::{failed, median, memory_mib, reuters};
+use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::classify::{Classifier, ClassifierConfig};
-use crate::config::PipelineConfig;
 use crate::news::News;
 use crate::rng::Lcg;
 use crate::source::kafka::Output;
@@ -186,7 +185,7 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline = {
         let stop = stop.clone();
-        std::thread::spawn(move || super::run(&config, stop))
+        std::thread::spawn(move || crate::pipeline::run(&config, stop))
     };
     let measured = (|| {
         // Every burst short of its last story is in the windows (the model is loaded by then).

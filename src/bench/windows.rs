@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{Detector, RuleFile};
-use crate::classify::SENTIMENTS;
+use crate::detect::{Detector, RuleFile};
+use crate::news::SENTIMENTS;
 use crate::rng::Lcg;
 use crate::window::{Headline, WindowSpec, WindowState};
 

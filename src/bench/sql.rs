@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Float64Type};
 
-use super::SqlError;
-use crate::classify::Scores;
-use crate::news::{News, ScoredNews};
+use crate::classify::news_batch;
+use crate::news::{News, ScoredNews, Scores};
 use crate::rng::Lcg;
-use crate::storage::{Storage, Table, news_batch};
+use crate::sql::{self, SqlError};
+use crate::storage::{Storage, Table};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SqlBenchArgs {
@@ -124,7 +124,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
     }
     let tickers: Vec<String> = (0..300).map(|i| format!("T{i:03}")).collect();
     let model: Arc<str> = Arc::from("synthetic@1");
-    let (mut storage, _) = Storage::open(&args.dir, true).map_err(|e| failed(e.to_string()))?;
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&args.dir, true).map_err(|e| failed(e.to_string()))?;
     let mut rng = Lcg(42);
     let step = YEAR_MS / args.rows.max(1) as i64;
     let mut start = 0;
@@ -290,8 +290,8 @@ pub fn run(args: &SqlBenchArgs) -> Result<String, SqlBenchError> {
         .sum();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| data_error(&args.dir)(e.to_string()))?;
     // The limits a server runs queries under by default.
-    let limits = crate::config::ServerConfig::default().query_limits();
-    let ctx = super::context(&args.dir, limits, None)?;
+    let limits = crate::server::ServerConfig::default().query_limits();
+    let ctx = sql::context(&args.dir, limits, None)?;
     let partitions = ctx.state().config().target_partitions();
     let mut duck = DuckDb::start(&args.python, &args.dir)?;
 
@@ -300,7 +300,7 @@ pub fn run(args: &SqlBenchArgs) -> Result<String, SqlBenchError> {
     for round in 0..=args.repeats {
         for (index, (name, query)) in QUERIES.iter().enumerate() {
             let clock = Instant::now();
-            let batches = runtime.block_on(super::run(&ctx, query))?;
+            let batches = runtime.block_on(sql::run(&ctx, query))?;
             let our_time = clock.elapsed();
             let (their_time, their_answer) = duck.run(query)?;
             let our_answer = answer(&batches)?;

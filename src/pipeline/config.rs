@@ -1,0 +1,266 @@
+//! The pipeline file (`pipelines/*.toml`, DESIGN §5): each stage's own section, composed, plus the
+//! `[sink]` topic and `[run]` settings that only the wiring uses.
+//!
+//! Every section denies unknown fields. A section's own checks live with its stage; the checks here
+//! are the ones that span sections (a sink's brokers, a role's needs, receivers beside the source).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::alert::{ReceiverConfig, ReceiverKind};
+use crate::classify::{ClassifierConfig, ClassifyError};
+use crate::config::{ConfigError, EnvString, FieldError, HumanDuration, invalid_at, load_with, parse_toml};
+use crate::detect::AlertsConfig;
+use crate::server::ServerConfig;
+use crate::source::{SourceConfig, SourceKind};
+use crate::storage::StorageConfig;
+use crate::window::WindowConfig;
+
+/// The demo pipeline, compiled in so that `bearwatch run` works with no arguments and no files.
+pub const DEMO_PIPELINE: &str = include_str!("../../pipelines/demo.toml");
+pub const DEMO_PIPELINE_NAME: &str = "pipelines/demo.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub model: ClassifierConfig,
+    #[serde(default)]
+    pub window: WindowConfig,
+    pub storage: StorageConfig,
+    /// Publishes every scored story to a Kafka topic (`news.scored`), keyed by topic.
+    pub sink: Option<SinkConfig>,
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub receivers: Vec<ReceiverConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// How a pipeline is split across processes (DESIGN §1): one process, or two roles joined by the
+/// `[sink]` topic, each scaled out by its own Kafka consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every stage in this process.
+    All,
+    /// Source → classify → `[sink]` topic, keyed by topic. Stateless: no tables, no checkpoint file;
+    /// offsets are committed once the scored stories are acknowledged by the broker.
+    Classify,
+    /// Reads the `[sink]` topic (group `<group_id>-aggregate`) → windows → rules → alerts → tables.
+    Aggregate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub topic: String,
+    /// Default: the Kafka source's brokers.
+    pub brokers: Option<EnvString>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Which stages this process runs (`bearwatch run --role` overrides it).
+    pub role: Role,
+    /// How often the live summary is printed; "0s" turns it off.
+    pub summary_interval: HumanDuration,
+    /// Longest a SIGTERM/SIGINT shutdown waits for in-flight stories before checkpointing without them.
+    pub shutdown_timeout: HumanDuration,
+    /// When a bounded input (a file) ends, keep serving the dashboard, SQL and metrics until
+    /// SIGINT/SIGTERM instead of exiting (`bearwatch run --keep-serving`).
+    pub keep_serving: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            role: Role::All,
+            summary_interval: HumanDuration(std::time::Duration::from_secs(2)),
+            shutdown_timeout: HumanDuration(std::time::Duration::from_secs(30)),
+            keep_serving: false,
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
+        load_with(path, PipelineConfig::parse)
+    }
+
+    /// Parses and validates; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<PipelineConfig, ConfigError> {
+        let config: PipelineConfig = parse_toml(text, origin)?;
+        config.validate().map_err(|(field, message)| invalid_at(text, origin, field, message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        let s = &self.source;
+        s.validate()?;
+        self.window.validate()?;
+        self.storage.validate()?;
+        self.server.validate()?;
+        if let Some(sink) = &self.sink
+            && sink.brokers.is_none()
+            && s.brokers.is_none()
+        {
+            return Err(("sink.brokers", "needed when the source is not Kafka".into()));
+        }
+        self.model.validate().map_err(|e| match e {
+            ClassifyError::Config { field, reason } => (model_field(field), reason),
+            other => ("model", other.to_string()),
+        })?;
+        self.check_role()?;
+        let mut names = std::collections::BTreeSet::new();
+        for receiver in &self.receivers {
+            receiver.check().map_err(|(field, message)| (receiver_field(field), message))?;
+            if !names.insert(receiver.name.as_str()) {
+                return Err(("receivers.name", format!("receiver name `{}` is used twice", receiver.name)));
+            }
+            if receiver.kind == ReceiverKind::Kafka && receiver.brokers.is_none() && s.brokers.is_none() {
+                return Err(("receivers.brokers", format!("receiver `{}` needs `brokers` when the source is not Kafka", receiver.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// What `run.role` needs from the rest of the file; also checked after `--role` overrides it.
+    pub fn check_role(&self) -> Result<(), FieldError> {
+        match self.run.role {
+            Role::All => Ok(()),
+            Role::Classify if self.sink.is_none() => {
+                Err(("run.role", "role `classify` publishes scored stories: it needs a [sink] topic".into()))
+            }
+            Role::Aggregate if self.source.kind != SourceKind::Kafka || self.sink.is_none() => Err((
+                "run.role",
+                "role `aggregate` reads the [sink] topic that `classify` instances write: it needs a kafka [source] and a [sink]".into(),
+            )),
+            Role::Classify | Role::Aggregate => Ok(()),
+        }
+    }
+
+    /// The consumer group of `aggregate` instances, beside the `classify` group on the news topics.
+    pub fn aggregate_group_id(&self) -> String {
+        format!("{}-aggregate", self.source.group_id.as_ref().map_or("bearwatch", EnvString::as_str))
+    }
+}
+
+fn model_field(field: &str) -> &'static str {
+    match field {
+        "max_batch_size" => "model.max_batch_size",
+        "max_length" => "model.max_length",
+        "max_batch_tokens" => "model.max_batch_tokens",
+        "max_queued" => "model.max_queued",
+        "threads" => "model.threads",
+        "body_chars" => "model.body_chars",
+        "max_wait_ms" => "model.max_wait_ms",
+        _ => "model",
+    }
+}
+
+fn receiver_field(field: &str) -> &'static str {
+    match field {
+        "url" => "receivers.url",
+        "smtp_host" => "receivers.smtp_host",
+        "from" => "receivers.from",
+        "to" => "receivers.to",
+        "topic" => "receivers.topic",
+        "password" => "receivers.password",
+        _ => "receivers",
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KAFKA: &str = r#"
+[source]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+topics = ["news"]
+group_id = "g"
+
+[storage]
+path = "data"
+"#;
+
+    fn error(text: &str) -> String {
+        PipelineConfig::parse(text, "p.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_demo_pipeline_parses() {
+        let config = PipelineConfig::parse(DEMO_PIPELINE, DEMO_PIPELINE_NAME).unwrap();
+        assert_eq!(config.source.kind, SourceKind::File);
+    }
+
+    #[test]
+    fn every_shipped_pipeline_parses() {
+        // SAFETY: no other test reads or writes this variable. The compose pipeline takes it from the environment.
+        unsafe { std::env::set_var("BEARWATCH_PG_PASSWORD", "test") };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                PipelineConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let config = PipelineConfig::parse(KAFKA, "p.toml").unwrap();
+        assert_eq!(config.window.size.to_string(), "1h");
+        assert_eq!(config.window.slide().to_string(), "1h");
+        assert_eq!(config.source.dead_letter_topic, "news.dlq");
+        assert_eq!(config.storage.checkpoint_interval.to_string(), "10s");
+    }
+
+    #[test]
+    fn unknown_fields_name_file_line_and_field() {
+        let text = KAFKA.replace("group_id = \"g\"", "group_id = \"g\"\ntopcs = [\"x\"]");
+        let err = error(&text);
+        assert!(err.starts_with("p.toml:7:"), "{err}");
+        assert!(err.contains("`source.topcs`: unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = error(&format!("{KAFKA}\n[window]\nsize = \"5 minutes\"\n"));
+        assert!(err.starts_with("p.toml:12:") && err.contains("`window.size`") && err.contains("invalid duration"), "{err}");
+        let err = error(&format!("{KAFKA}\n[window]\nsize = \"10m\"\nslide = \"3m\"\n"));
+        assert!(err.starts_with("p.toml:13:1: `window.slide`"), "{err}");
+        let err = error(&KAFKA.replace("group_id = \"g\"\n", ""));
+        assert!(err.contains("`source.group_id`") && err.starts_with("p.toml:2:"), "{err}");
+        let err = error("[source\n");
+        assert!(err.starts_with("p.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn env_references_expand_and_missing_ones_are_errors() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("BEARWATCH_TEST_SASL", "s3cret") };
+        let text = format!("{KAFKA}\n[source.properties]\n\"sasl.password\" = \"${{BEARWATCH_TEST_SASL}}\"\n")
+            .replace("[storage]\npath = \"data\"\n", "")
+            + "\n[storage]\npath = \"data\"\n";
+        let config = PipelineConfig::parse(&text, "p.toml").unwrap();
+        assert_eq!(config.source.properties["sasl.password"].as_str(), "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let err = error(&text.replace("BEARWATCH_TEST_SASL", "BEARWATCH_TEST_UNSET"));
+        assert!(err.contains("`BEARWATCH_TEST_UNSET` is not set") && err.contains("sasl.password"), "{err}");
+    }
+}
