@@ -58,6 +58,20 @@ fn scores_news_and_text_lines_keeping_their_fields() {
     assert_eq!(lines[1]["sentiment"], "positive");
 }
 
+/// Fields bearwatch does not know are echoed as written: an id beyond 64 bits must not become a float.
+#[test]
+fn unknown_fields_are_echoed_exactly_however_large_their_numbers() {
+    let input = r#"{"text":"Bank shares tumble on loan losses","seq":123456789012345678901234567890,"ratio":0.1000000000000000055511151231257827,"ids":[18446744073709551616]}"#;
+    let out = Command::cargo_bin("bearwatch").unwrap().arg("classify").write_stdin(format!("{input}\n")).output().unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        line.starts_with(r#"{"text":"Bank shares tumble on loan losses","seq":123456789012345678901234567890,"ratio":0.1000000000000000055511151231257827,"ids":[18446744073709551616],"topic":"#),
+        "{line}"
+    );
+    assert_scored(&serde_json::from_str(&line).unwrap());
+}
+
 #[test]
 fn bad_lines_get_an_error_line_and_the_run_goes_on() {
     let mut input = Vec::new();

@@ -87,7 +87,8 @@ fn bad_lines_go_to_the_dead_letter_file_with_reasons_and_the_rest_replays_in_eve
     let mut input = Vec::new();
     for line in [
         story("a", "2024-03-01T10:00:00Z", "Oil prices fall sharply"),
-        story("b", "2024-03-01T12:30:00Z", "Bank raises dividend"),
+        // A field outside the schema, with a number beyond 64 bits: kept in `extra` as written.
+        r#"{"id":"b","published_at":"2024-03-01T12:30:00Z","headline":"Bank raises dividend","seq": 123456789012345678901234567890}"#.to_string(),
         // Out of order in the file, but replayed in event-time order, so not late.
         story("c", "2024-03-01T10:30:00Z", "Copper slumps"),
         // Same id as "a": a replayed duplicate, dropped.
@@ -131,6 +132,7 @@ fn bad_lines_go_to_the_dead_letter_file_with_reasons_and_the_rest_replays_in_eve
     let storage = &pipeline.storage;
     assert_eq!(query(storage, "SELECT id FROM news ORDER BY id"), vec![vec!["a"], vec!["b"], vec!["c"]]);
     assert_eq!(query_one(storage, "SELECT sum(n) FROM windows WHERE final AND topic = 'all'"), "3");
+    assert_eq!(query_one(storage, "SELECT extra FROM news WHERE id = 'b'"), r#"{"seq":123456789012345678901234567890}"#);
 }
 
 #[test]

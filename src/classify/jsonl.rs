@@ -1,11 +1,11 @@
 //! `bearwatch classify`: JSON lines in, exactly one scored JSON line out per input line, in order.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{Classifier, ClassifyError, Pending};
-use crate::news::News;
+use crate::news::{Fields, News, NotFields};
 
 /// Longest input line read; a news message is a few KiB, so anything longer is refused, not buffered.
 pub const MAX_LINE_BYTES: usize = 1 << 20;
@@ -20,7 +20,7 @@ pub struct LineStats {
 /// One output line: an error known at once, or an item waiting for its batch.
 enum Slot {
     Failed(Value),
-    Waiting { line: u64, fields: Map<String, Value>, pending: Pending },
+    Waiting { line: u64, fields: Fields, pending: Pending },
 }
 
 /// Reads news objects (or `{"text": …}`) and writes each with its scores added. A bad line becomes
@@ -75,16 +75,21 @@ pub async fn classify_lines(
                 Slot::Waiting { line, mut fields, pending } => match pending.scores().await {
                     Ok(scores) => {
                         if let Value::Object(scored) = json!(scores) {
-                            fields.extend(scored);
+                            for (key, value) in &scored {
+                                fields.set(key, value);
+                            }
                         }
-                        Ok(Value::Object(fields))
+                        Ok(fields)
                     }
                     Err(e) => Err(error_line(line, &e)),
                 },
             };
             stats.errors += u64::from(value.is_err());
-            let value = value.unwrap_or_else(|error| error);
-            let mut bytes = serde_json::to_vec(&value).map_err(std::io::Error::other)?;
+            let mut bytes = match value {
+                Ok(fields) => serde_json::to_vec(&fields),
+                Err(error) => serde_json::to_vec(&error),
+            }
+            .map_err(std::io::Error::other)?;
             bytes.push(b'\n');
             output.write_all(&bytes).await?;
         }
@@ -122,20 +127,18 @@ fn error_line(line: u64, error: &dyn std::fmt::Display) -> Value {
 
 /// The fields to echo and the text to classify: `text` if present, else a valid news object's
 /// headline (with `body_chars` of its body).
-fn parse(raw: &[u8], body_chars: usize) -> Result<(Map<String, Value>, String), String> {
-    let value: Value = serde_json::from_slice(raw).map_err(|e| {
-        if raw.iter().all(u8::is_ascii_whitespace) { "empty line".to_string() } else { format!("not valid JSON: {e}") }
+fn parse(raw: &[u8], body_chars: usize) -> Result<(Fields, String), String> {
+    let fields = Fields::parse(raw).map_err(|e| match e {
+        _ if raw.iter().all(u8::is_ascii_whitespace) => "empty line".to_string(),
+        NotFields::Json(e) => format!("not valid JSON: {e}"),
+        NotFields::NotAnObject => "expected a JSON object".to_string(),
     })?;
-    let Value::Object(fields) = value else { return Err("expected a JSON object".into()) };
     match fields.get("text") {
-        Some(Value::String(text)) if !text.trim().is_empty() => {
-            let text = text.clone();
-            Ok((fields, text))
-        }
+        Some(Value::String(text)) if !text.trim().is_empty() => Ok((fields, text)),
         Some(Value::String(_)) => Err(ClassifyError::EmptyText.to_string()),
         Some(_) => Err("field `text` must be a string".into()),
         None => {
-            let news = News::from_object(fields.clone()).map_err(|e| e.to_string())?;
+            let news = News::from_fields(fields.clone()).map_err(|e| e.to_string())?;
             Ok((fields, news.classification_text(body_chars)))
         }
     }

@@ -65,7 +65,7 @@ pub fn news_batch(rows: &[ScoredNews]) -> Result<RecordBatch, ArrowError> {
     }
     let extra: Vec<Option<String>> = rows
         .iter()
-        .map(|r| (!r.news.extra.is_empty()).then(|| serde_json::Value::Object(r.news.extra.clone()).to_string()))
+        .map(|r| (!r.news.extra.is_empty()).then(|| r.news.extra.to_json()))
         .collect();
     let columns: Vec<ArrayRef> = vec![
         text(|r| &r.news.id),

@@ -267,10 +267,10 @@ impl Core {
         match Scores::take_from(&mut news.extra) {
             Ok(scores) => {
                 let origin = Origin {
-                    partition: news.extra.remove("kafka_partition").and_then(|v| v.as_i64()).map(|p| p as i32),
-                    offset: news.extra.remove("kafka_offset").and_then(|v| v.as_i64()),
+                    partition: news.extra.take("kafka_partition").and_then(|v| v.as_i64()).map(|p| p as i32),
+                    offset: news.extra.take("kafka_offset").and_then(|v| v.as_i64()),
                 };
-                news.extra.remove("ingested_at");
+                news.extra.take("ingested_at");
                 crate::telemetry::sent("source", 1);
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();

@@ -3,7 +3,11 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+mod fields;
+
+pub use fields::{Fields, NotFields};
 
 /// Longest headline accepted, in characters.
 pub const MAX_HEADLINE_CHARS: usize = 2000;
@@ -14,7 +18,8 @@ fn invisible(c: char) -> bool {
     c.is_whitespace() || matches!(c, '\u{00ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
 }
 
-/// A validated news item. Fields outside the schema are kept in `extra`.
+/// A validated news item. Fields outside the schema are kept in `extra`, exactly as written, and
+/// serialize beside the others again (DESIGN §2: a scored story is the input fields plus scores).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct News {
     pub id: String,
@@ -30,8 +35,8 @@ pub struct News {
     pub url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lang: Option<String>,
-    #[serde(skip_serializing_if = "Map::is_empty")]
-    pub extra: Map<String, Value>,
+    #[serde(flatten)]
+    pub extra: Fields,
 }
 
 /// Why a message is not valid news; the text goes into dead-letter headers and CLI error lines.
@@ -105,14 +110,15 @@ impl News {
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<News, NewsError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| NewsError::Json(e.to_string()))?;
-        match value {
-            Value::Object(map) => News::from_object(map),
-            _ => Err(NewsError::NotAnObject),
+        match Fields::parse(bytes) {
+            Ok(fields) => News::from_fields(fields),
+            Err(NotFields::Json(e)) => Err(NewsError::Json(e)),
+            Err(NotFields::NotAnObject) => Err(NewsError::NotAnObject),
         }
     }
 
-    pub fn from_object(mut map: Map<String, Value>) -> Result<News, NewsError> {
+    /// The schema's fields taken out of `map`; what is left is `extra`.
+    pub fn from_fields(mut map: Fields) -> Result<News, NewsError> {
         let id = required_string(&mut map, "id")?;
         let published_at = required_string(&mut map, "published_at")?;
         chrono::DateTime::parse_from_rfc3339(&published_at)
@@ -125,7 +131,7 @@ impl News {
         if headline.chars().all(invisible) {
             return Err(NewsError::BlankHeadline);
         }
-        let tickers = match map.remove("tickers") {
+        let tickers = match map.take("tickers") {
             None | Some(Value::Null) => None,
             Some(Value::Array(items)) => Some(
                 items
@@ -152,12 +158,12 @@ impl News {
     }
 }
 
-fn required_string(map: &mut Map<String, Value>, field: &'static str) -> Result<String, NewsError> {
+fn required_string(map: &mut Fields, field: &'static str) -> Result<String, NewsError> {
     optional_string(map, field)?.ok_or(NewsError::Missing(field))
 }
 
-fn optional_string(map: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, NewsError> {
-    match map.remove(field) {
+fn optional_string(map: &mut Fields, field: &'static str) -> Result<Option<String>, NewsError> {
+    match map.take(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(NewsError::WrongType { field, expected: "a string" }),
@@ -186,8 +192,8 @@ pub struct Scores {
 
 impl Scores {
     /// The scores a `news.scored` message carries (DESIGN §2), taken out of the story's other fields.
-    pub fn take_from(fields: &mut Map<String, Value>) -> Result<Scores, String> {
-        let mut text = |name: &str| match fields.remove(name) {
+    pub fn take_from(fields: &mut Fields) -> Result<Scores, String> {
+        let mut text = |name: &str| match fields.take(name) {
             Some(Value::String(s)) => Ok(s),
             _ => Err(format!("scored news needs `{name}` as a string")),
         };
@@ -198,7 +204,7 @@ impl Scores {
             .into_iter()
             .find(|s| *s == sentiment)
             .ok_or_else(|| format!("`sentiment` must be one of {SENTIMENTS:?}, not {sentiment:?}"))?;
-        let mut probability = |name: &str, low: f32| match fields.remove(name).and_then(|v| v.as_f64()) {
+        let mut probability = |name: &str, low: f32| match fields.take(name).and_then(|v| v.as_f64()) {
             Some(p) if (f64::from(low)..=1.0).contains(&p) => Ok(p as f32),
             _ => Err(format!("scored news needs `{name}` as a number in [{low}, 1]")),
         };
@@ -233,7 +239,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(news.tickers.as_deref(), Some(&["XOM".to_string()][..]));
-        assert_eq!(news.extra.get("desk"), Some(&Value::String("energy".into())));
+        assert_eq!(news.extra.get("desk"), Some(Value::String("energy".into())));
+    }
+
+    /// DESIGN §2: a scored story is the input fields plus scores, so role `aggregate` reads back
+    /// what role `classify` read, however large its numbers.
+    #[test]
+    fn unknown_fields_pass_through_a_scored_message_exactly() {
+        let input = br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"Oil falls","desk":"energy",
+            "seq": 123456789012345678901234567890, "meta": {"x": 1.50, "ids": [18446744073709551616]}}"#;
+        let news = News::from_json(input).unwrap();
+        let kept = r#"{"desk":"energy","seq":123456789012345678901234567890,"meta":{"x":1.50,"ids":[18446744073709551616]}}"#;
+        assert_eq!(news.extra.to_json(), kept);
+        let scores = Scores {
+            topic: "energy".into(),
+            topic_score: 0.9,
+            sentiment: "negative",
+            p_negative: 0.8,
+            p_neutral: 0.15,
+            p_positive: 0.05,
+            sentiment_score: -0.75,
+            model: Arc::from("m@1"),
+        };
+        let scored = ScoredNews {
+            news,
+            scores: scores.clone(),
+            ingested_at: "2024-01-02T03:04:06Z".into(),
+            kafka_partition: Some(0),
+            kafka_offset: Some(7),
+            published_ms: 0,
+            ingested_ms: 0,
+        };
+        let message = serde_json::to_vec(&scored).unwrap();
+        let mut back = News::from_json(&message).unwrap();
+        assert_eq!(Scores::take_from(&mut back.extra).unwrap(), scores);
+        for added in ["ingested_at", "kafka_partition", "kafka_offset"] {
+            assert!(back.extra.take(added).is_some(), "{added} missing from {}", String::from_utf8_lossy(&message));
+        }
+        assert_eq!(back, scored.news);
+        assert_eq!(back.extra.to_json(), kept);
     }
 
     #[test]
