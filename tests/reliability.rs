@@ -385,18 +385,27 @@ fn a_slow_classifier_pauses_consumption_with_bounded_memory_and_the_lag_recovers
         text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
     };
     let scrape = || ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok());
-    let (mut saw_paused, mut max_lag) = (false, 0.0f64);
+    let (mut saw_paused, mut max_lag, mut last_lag) = (false, 0.0f64, String::new());
     let deadline = Instant::now() + Duration::from_secs(size(300, 3600));
     loop {
         if let Some(text) = scrape() {
             saw_paused |= metric(&text, "bearwatch_source_paused") == 1.0;
             max_lag = max_lag.max(metric(&text, "bearwatch_kafka_consumer_lag{"));
+            last_lag = text.lines().filter(|l| l.starts_with("bearwatch_kafka_consumer_lag{")).collect::<Vec<_>>().join("\n");
             let done = checkpoint(&run.storage).is_some_and(|c| counter(&c, "scored") >= total as u64);
             if done && metric(&text, "bearwatch_kafka_consumer_lag{") == 0.0 && text.contains("bearwatch_kafka_consumer_lag{") {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "never caught up (max lag {max_lag})\n{}", run.logs());
+        if let Some(status) = run.child.try_wait().unwrap() {
+            panic!("the pipeline exited ({status}) before it caught up\n{}", run.logs());
+        }
+        let scored = checkpoint(&run.storage).map(|c| counter(&c, "scored"));
+        assert!(
+            Instant::now() < deadline,
+            "never caught up (max lag {max_lag}; checkpointed scored {scored:?} of {total}; last lag:\n{last_lag})\n{}",
+            run.logs()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     let peak = peak_rss_mib(run.child.id());
