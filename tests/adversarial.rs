@@ -6,6 +6,8 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::servers::free_port;
@@ -144,12 +146,21 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     // A Postgres cancel request stops a running query long before its deadline.
     let mut client = postgres::Client::connect(&format!("host=127.0.0.1 port={pg} user=bearwatch password=pw dbname=bearwatch"), postgres::NoTls).unwrap();
     let token = client.cancel_token();
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
-        token.cancel_query(postgres::NoTls).unwrap();
+    let answered = Arc::new(AtomicBool::new(false));
+    // A cancel that arrives before the query runs cancels nothing (as in Postgres), and on a loaded
+    // machine the query may start late: cancel every 300 ms until it answers.
+    let canceller = std::thread::spawn({
+        let answered = answered.clone();
+        move || {
+            while !answered.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(300));
+                token.cancel_query(postgres::NoTls).unwrap();
+            }
+        }
     });
     let started = Instant::now();
     let err = client.simple_query(explode).unwrap_err();
+    answered.store(true, Ordering::SeqCst);
     canceller.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(7), "cancel took {:?}", started.elapsed());
     assert!(format!("{err:?}").contains("cancelled"), "{err:?}");

@@ -1,7 +1,10 @@
-"""Training data for the bearwatch classifier: the three sets in ../shared/data, split deterministically.
+"""Training data for the bearwatch classifier: every set in ../shared/data, split deterministically.
 
-Every split is decided by the SHA-1 of the item's text (or Reuters id), so the validation sets are the
-same on every machine and every run, whatever the seed.
+Each set is split three ways by the salted SHA-1 of the item's text (or Reuters id), so the splits are
+the same on every machine and every run, whatever the seed:
+- `final` (10 %): untouched until the last run; nothing is chosen on it;
+- `dev` (12 %): where settings, epochs and the temperatures are chosen;
+- `train` (the rest).
 """
 import csv
 import hashlib
@@ -13,20 +16,24 @@ DATA = ROOT.parent / "shared" / "data"
 MODELS = ROOT / "models"
 
 SENTIMENT = ["negative", "neutral", "positive"]
-LABELS = json.loads((MODELS / "labels.json").read_text())
-TOPICS = LABELS["topics"]
-assert LABELS["sentiment"] == SENTIMENT
-
-# Twitter financial news: 0 = bearish, 1 = bullish, 2 = neutral.
-TWITTER_LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
-# When a Reuters story carries several categories, the first topic in this order wins.
+# DESIGN §9, in this order: the topic head's outputs.
+TOPICS = ["earnings", "mergers_acquisitions", "monetary_policy", "macro", "currencies", "debt_markets",
+          "energy", "metals", "agriculture", "equity_markets", "analyst_ratings", "company_news",
+          "financials", "legal_regulatory", "politics", "other"]
+# When a Reuters story carries several categories, the first topic in this order wins (DESIGN §9).
 TOPIC_PRIORITY = ["earnings", "mergers_acquisitions", "energy", "metals", "agriculture",
-                  "monetary_policy", "currencies", "macro", "other"]
+                  "monetary_policy", "currencies", "macro"]
+MAX_LENGTH = 64
 
+# Twitter financial news sentiment: 0 = bearish, 1 = bullish, 2 = neutral.
+TWITTER_LABELS = {"0": "negative", "1": "positive", "2": "neutral"}
 
 # Body characters appended to the headline in the "headline + body" input; the Rust side's
 # `body_chars` setting builds the same text.
 BODY_CHARS = 200
+
+FINAL_SHARE = 0.10
+DEV_SHARE = 0.12
 
 
 def with_body(headline: str, body: str, chars: int) -> str:
@@ -36,23 +43,33 @@ def with_body(headline: str, body: str, chars: int) -> str:
 def bucket(key: str) -> float:
     """A stable number in [0, 1) for a string: the split decision.
 
-    Salted: the PhraseBank file is itself what remained after taking the first 20 % by plain SHA-1
-    order, so an unsalted hash would put every PhraseBank sentence on one side.
+    Salted: the PhraseBank and SEntFiN files are themselves what remained after taking 20 % by plain
+    SHA-1 order, so an unsalted hash would put every one of their items on one side.
     """
     return int(hashlib.sha1(b"bearwatch-val:" + key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
-def reuters_topic_map():
+def split_of(key: str) -> str:
+    b = bucket(key)
+    return "final" if b < FINAL_SHARE else "dev" if b < FINAL_SHARE + DEV_SHARE else "train"
+
+
+def topic_map():
+    """{(source, label): topic} from models/topics.csv."""
     with open(MODELS / "topics.csv", newline="") as f:
-        return {row["reuters_category"]: row["topic"] for row in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    mapping = {(row["source"], row["label"]): row["topic"] for row in rows}
+    unknown = {t for t in mapping.values() if t not in TOPICS}
+    assert not unknown, f"topics.csv names topics outside DESIGN §9: {unknown}"
+    return mapping
 
 
 def reuters_topic(categories, mapping):
-    topics = {mapping.get(c, "other") for c in categories}
+    topics = {mapping.get(("reuters", c), "other") for c in categories}
     for topic in TOPIC_PRIORITY:
         if topic in topics:
             return topic
-    return "other"  # a story with no Reuters category
+    return "other"  # no category, or only ones outside the priority list
 
 
 def phrasebank_agreement():
@@ -61,25 +78,50 @@ def phrasebank_agreement():
         return {row["text"]: int(row["agree"]) for row in csv.DictReader(f)}
 
 
-def load(val_share=0.15):
-    """Returns {"train": [...], "val": {name: [...]}}.
+def sentfin_headline_label(entities):
+    """The headline's label when all its entities agree, else None ("A beats, B misses")."""
+    labels = set(json.loads(entities).values())
+    return labels.pop() if len(labels) == 1 else None
 
-    Each item is (text, sentiment_id | -1, topic_id | -1, source, lead): `lead` is the headline followed
-    by the start of the body (Reuters only, else None), the input when a pipeline adds body text.
-    """
-    train, val = [], {"phrasebank": [], "twitter": [], "reuters": []}
+
+class Item:
+    """One training or evaluation text with the labels it has (None for a head it does not train)."""
+    __slots__ = ("text", "sentiment", "topic", "source", "lead", "agree")
+
+    def __init__(self, text, source, sentiment=None, topic=None, lead=None, agree=None):
+        self.text, self.source, self.lead, self.agree = text, source, lead, agree
+        self.sentiment = None if sentiment is None else SENTIMENT.index(sentiment)
+        self.topic = None if topic is None else TOPICS.index(topic)
+
+
+def load():
+    """{"train": {set: [Item]}, "dev": {...}, "final": {...}} for the sets
+    phrasebank, tweets_sentiment, sentfin, tweets_topic and reuters."""
+    splits = {name: {} for name in ("train", "dev", "final")}
+
+    def add(set_name, key, item):
+        splits[split_of(key)].setdefault(set_name, []).append(item)
 
     with open(DATA / "financial-phrasebank" / "fpb_train.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            item = (row["text"], SENTIMENT.index(row["label"]), -1, "phrasebank", None)
-            (val["phrasebank"] if bucket(row["text"]) < val_share else train).append(item)
+            add("phrasebank", row["text"], Item(row["text"], "phrasebank", sentiment=row["label"], agree=int(row["agree"])))
 
     with open(DATA / "twitter-financial-news-sentiment" / "sent_train.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            item = (row["text"], SENTIMENT.index(TWITTER_LABELS[row["label"]]), -1, "twitter", None)
-            (val["twitter"] if bucket(row["text"]) < val_share else train).append(item)
+            add("tweets_sentiment", row["text"], Item(row["text"], "tweets_sentiment", sentiment=TWITTER_LABELS[row["label"]]))
 
-    mapping = reuters_topic_map()
+    with open(DATA / "sentfin" / "sentfin_train.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            label = sentfin_headline_label(row["entities"])
+            if label is not None:
+                add("sentfin", row["title"], Item(row["title"], "sentfin", sentiment=label))
+
+    mapping = topic_map()
+    with open(DATA / "twitter-financial-news-topic" / "topic_train.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            topic = mapping[("twitter-financial-news-topic", row["label"])]
+            add("tweets_topic", row["text"], Item(row["text"], "tweets_topic", topic=topic))
+
     with open(DATA / "reuters21578" / "modapte_train.jsonl", encoding="utf-8") as f:
         for line in f:
             story = json.loads(line)
@@ -88,7 +130,10 @@ def load(val_share=0.15):
                 continue
             body = " ".join((story["body"] or "").split())
             lead = with_body(headline, body, BODY_CHARS) if body else None
-            item = (headline, -1, TOPICS.index(reuters_topic(story["topics"], mapping)), "reuters", lead)
-            (val["reuters"] if bucket(story["id"]) < val_share else train).append(item)
+            add("reuters", story["id"], Item(headline, "reuters", topic=reuters_topic(story["topics"], mapping), lead=lead))
+    return splits
 
-    return {"train": train, "val": val}
+
+if __name__ == "__main__":
+    for split, sets in load().items():
+        print(split, {name: len(items) for name, items in sets.items()})

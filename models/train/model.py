@@ -103,12 +103,15 @@ class Classifier(nn.Module):
 
 
 class Exported(nn.Module):
-    """The graph that ships: token ids and mask in, class probabilities out."""
+    """The graph that ships: token ids and mask in, calibrated class probabilities out (each head's
+    logits divided by its temperature, fitted on the dev split, before the softmax)."""
 
-    def __init__(self, model):
+    def __init__(self, model, sentiment_temperature=1.0, topic_temperature=1.0):
         super().__init__()
         self.model = model
+        self.sentiment_temperature = sentiment_temperature
+        self.topic_temperature = topic_temperature
 
     def forward(self, input_ids, attention_mask):
         s, t = self.model(input_ids, attention_mask)
-        return s.softmax(-1), t.softmax(-1)
+        return (s / self.sentiment_temperature).softmax(-1), (t / self.topic_temperature).softmax(-1)

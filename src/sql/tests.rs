@@ -76,3 +76,34 @@ fn table_schemas_match_the_files_in_schemas() {
         assert_eq!(std::fs::read_to_string(&path).unwrap_or_default(), expected, "{} changed", path.display());
     }
 }
+
+#[test]
+fn a_table_cuts_long_cells_and_the_other_formats_keep_them_whole() {
+    let ctx = SessionContext::new();
+    let batches = runtime().block_on(async { ctx.sql("SELECT repeat('x', 3000000) AS s, 7 AS n").await.unwrap().collect().await.unwrap() });
+    let table = String::from_utf8(encode(&batches, Format::Table).unwrap()).unwrap();
+    assert!(table.len() < 10_000, "a table of {} bytes", table.len());
+    assert!(table.contains("… (cut at 1000 characters)") && table.contains("| 7 "), "{}", &table[..200.min(table.len())]);
+    let csv = encode(&batches, Format::Csv).unwrap();
+    assert!(csv.len() > 3_000_000, "CSV keeps the whole value");
+}
+
+#[test]
+fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path(), limits(), None).unwrap();
+    let started = std::time::Instant::now();
+    for query in [
+        "SELECT repeat('x', 100000000) AS s",
+        "SELECT lpad('x', 200000000) AS s",
+        "SELECT rpad('x', 30000000, 'é€') AS s",
+        "SELECT length(repeat(s, n)) FROM (VALUES ('ab', 40000000), ('c', 2)) t(s, n)",
+    ] {
+        let Err(err) = runtime().block_on(run(&ctx, query)) else { panic!("{query} answered") };
+        assert!(matches!(err, SqlError::Limit(_)) && err.to_string().contains("query_memory_mib"), "{query}: {err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "refusals took {:?}", started.elapsed());
+    // Within the bound they answer as DataFusion's own functions do.
+    let batches = runtime().block_on(run(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d")).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "a,b,c,d\nééé,007,x  ,2000\n");
+}
