@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs the README's test command RUNS times in a row (default 2) while one CPU-bound process per core
-# competes with it, to show that no test depends on an idle machine. Prints each run's result.
+# Runs the README's test command RUNS times in a row (default 2) while HOGS CPU-bound processes (default
+# one per core) compete with it, to show that no test depends on an idle machine. Prints each run's
+# result. HOGS=0 when something else loads the machine (a training run, say).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-2}"
 hogs=()
 trap 'kill "${hogs[@]}" 2>/dev/null || true' EXIT
-for _ in $(seq "$(nproc)"); do
+for _ in $(seq "${HOGS:-$(nproc)}"); do
   (while :; do :; done) &
   hogs+=("$!")
 done

@@ -145,6 +145,8 @@ def train(args, splits):
     rng = random.Random(args.seed)
     steps_per_epoch = -(-len(epoch_items(random.Random(0))) // args.batch_size)
     total = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total = min(total, args.max_steps)
     warmup = int(total * 0.06)
     topic_loss = torch.nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=args.label_smoothing)
     step, start = 0, time.time()
@@ -167,6 +169,8 @@ def train(args, splits):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
+            if step >= total:
+                break
             if step % 50 == 0:
                 el = time.time() - start
                 print(f"epoch {epoch + 1} step {step}/{total} loss {loss.item():.4f} "
@@ -257,6 +261,7 @@ def main():
     p.add_argument("--body-share", type=float, default=0.5,
                    help="share of Reuters stories seen as headline + body lead in each epoch")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (a smoke test); 0 = all")
     p.add_argument("--sets", type=lambda s: s.split(","), default=list(SENTIMENT_SETS + TOPIC_SETS),
                    help="training sets to use (comma-separated)")
     p.add_argument("--name", default="candidate", help="write everything under work/NAME/")
