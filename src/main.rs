@@ -90,6 +90,10 @@ enum Command {
         /// Exit with status 1 if any line could not be scored.
         #[arg(long)]
         strict: bool,
+        /// Add `why`: each word's effect on p_negative when it is left out (all of a text's variants
+        /// in one model call), strongest push towards negative first.
+        #[arg(long)]
+        explain: bool,
     },
     /// Throughput benchmarks.
     #[command(subcommand)]
@@ -362,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Classify { input, model, strict } => {
+        Command::Classify { input, model, strict, explain } => {
             let config = model.config();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
@@ -380,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let stdout = tokio::io::stdout();
                 let reader = tokio::io::BufReader::new(input);
                 let stats =
-                    classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars).await?;
+                    classify::classify_lines(&classifier, reader, stdout, config.max_queued, config.body_chars, explain).await?;
                 tracing::info!(lines = stats.lines, errors = stats.errors, "classify done");
                 Ok(if strict && stats.errors > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
             })

@@ -87,10 +87,22 @@ impl Request {
     }
 }
 
+/// Rows that must run together, in one model call, with one reply: the variants of an explanation.
+struct Group {
+    rows: Vec<Vec<i64>>,
+    reply: oneshot::Sender<Result<Vec<ItemOutput>, ClassifyError>>,
+    slot: OwnedSemaphorePermit,
+}
+
+enum Job {
+    Item(Request),
+    Group(Group),
+}
+
 /// The sending side of the batcher's queue; the batcher thread ends when every clone is dropped.
 #[derive(Clone)]
 pub struct Submitter {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl Submitter {
@@ -102,9 +114,21 @@ impl Submitter {
     ) -> Result<oneshot::Receiver<Result<ItemOutput, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
         let request = Request { ids, arrived: Instant::now(), reply, slot };
-        self.tx.send(request).map_err(|_| ClassifyError::Stopped)?;
+        self.tx.send(Job::Item(request)).map_err(|_| ClassifyError::Stopped)?;
         metrics::gauge!("bearwatch_classify_queue_depth").increment(1.0);
         crate::telemetry::received("classify", 1);
+        Ok(rx)
+    }
+
+    /// Queues rows that run in one model call (split only if they exceed `max_batch_tokens`), ahead
+    /// of single items; `slot` is held until the reply is sent.
+    pub fn submit_group(
+        &self,
+        rows: Vec<Vec<i64>>,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<oneshot::Receiver<Result<Vec<ItemOutput>, ClassifyError>>, ClassifyError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job::Group(Group { rows, reply, slot })).map_err(|_| ClassifyError::Stopped)?;
         Ok(rx)
     }
 }
@@ -121,13 +145,18 @@ pub fn spawn(backend: impl Backend, limits: BatchLimits) -> Result<Submitter, Cl
     Ok(Submitter { tx })
 }
 
-fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimits, mut idle_since: Instant) {
+fn run(mut backend: impl Backend, rx: mpsc::Receiver<Job>, limits: BatchLimits, mut idle_since: Instant) {
     let mut queue: Vec<Request> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     let mut open = true;
+    let push = |job: Job, queue: &mut Vec<Request>, groups: &mut Vec<Group>| match job {
+        Job::Item(request) => queue.push(request),
+        Job::Group(group) => groups.push(group),
+    };
     loop {
         loop {
             match rx.try_recv() {
-                Ok(request) => queue.push(request),
+                Ok(job) => push(job, &mut queue, &mut groups),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     open = false;
@@ -140,9 +169,16 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
         queue.retain(|r| !r.reply.is_closed());
         metrics::gauge!("bearwatch_classify_queue_depth").decrement((before - queue.len()) as f64);
         crate::telemetry::dropped("classify", "abandoned", (before - queue.len()) as u64);
+        groups.retain(|g| !g.reply.is_closed());
+        if !groups.is_empty() {
+            let group = groups.remove(0);
+            execute_group(&mut backend, group, &limits);
+            idle_since = Instant::now();
+            continue;
+        }
         if queue.is_empty() {
             match rx.recv() {
-                Ok(request) => queue.push(request),
+                Ok(job) => push(job, &mut queue, &mut groups),
                 Err(_) => return,
             }
             continue;
@@ -153,8 +189,8 @@ fn run(mut backend: impl Backend, rx: mpsc::Receiver<Request>, limits: BatchLimi
             let waited = queue[0].arrived.elapsed();
             if let Some(left) = limits.max_wait.checked_sub(waited).filter(|d| !d.is_zero()) {
                 match rx.recv_timeout(left) {
-                    Ok(request) => {
-                        queue.push(request);
+                    Ok(job) => {
+                        push(job, &mut queue, &mut groups);
                         continue;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -231,6 +267,32 @@ fn execute(backend: &mut impl Backend, batch: Vec<Request>) {
             }
         }
     }
+}
+
+/// Runs a group's rows in as few model calls as `max_batch_tokens` allows (one, for a headline's
+/// variants), and replies with all their outputs in order.
+fn execute_group(backend: &mut impl Backend, group: Group, limits: &BatchLimits) {
+    let longest = group.rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let per_call = (limits.max_batch_tokens / longest).max(1);
+    let mut outputs = Vec::with_capacity(group.rows.len());
+    let mut result = Ok(());
+    for chunk in group.rows.chunks(per_call) {
+        let padded = PaddedBatch::new(chunk.iter().map(Vec::as_slice));
+        let _span = tracing::debug_span!("classify_group", rows = padded.rows, cols = padded.cols).entered();
+        let started = Instant::now();
+        match backend.run(&padded).and_then(|out| split(out, padded.rows)) {
+            Ok(items) => outputs.extend(items),
+            Err(e) => {
+                result = Err(ClassifyError::Inference(e.to_string()));
+                break;
+            }
+        }
+        metrics::histogram!("bearwatch_classify_batch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("bearwatch_classify_batch_size").record(padded.rows as f64);
+        metrics::histogram!("bearwatch_classify_batch_tokens").record(padded.padded_tokens() as f64);
+    }
+    drop(group.slot);
+    let _ = group.reply.send(result.map(|()| outputs));
 }
 
 /// Cuts a batch's output into per-item rows, checking the backend returned one row per item.
@@ -334,6 +396,28 @@ mod tests {
         fn open(&self) {
             self.open.send(()).unwrap();
         }
+    }
+
+    #[test]
+    fn a_group_runs_in_one_call_ahead_of_queued_items_and_splits_only_past_the_token_budget() {
+        let (harness, gate) = Harness::gated(limits(64, 2, 0));
+        let first = harness.submit(3);
+        gate.wait_entered();
+        // Queued while the model is busy: items, then a group of five rows (more than max_batch_size).
+        let item = harness.submit(4);
+        let slot = harness.slots.clone().try_acquire_owned().unwrap();
+        let group = harness.submitter.submit_group(vec![vec![7; 5], vec![7; 4], vec![7; 3], vec![7; 4], vec![7; 2]], slot).unwrap();
+        let slot = harness.slots.clone().try_acquire_owned().unwrap();
+        let wide = harness.submitter.submit_group(vec![vec![7; 20]; 5], slot).unwrap();
+        gate.open();
+        let rows = group.blocking_recv().unwrap().unwrap();
+        assert_eq!(rows.iter().map(|r| r.sentiment[0]).collect::<Vec<_>>(), [5.0, 4.0, 3.0, 4.0, 2.0], "in order");
+        assert_eq!(wide.blocking_recv().unwrap().unwrap().len(), 5);
+        item.blocking_recv().unwrap().unwrap();
+        first.blocking_recv().unwrap().unwrap();
+        let batches = harness.batches.lock().unwrap().clone();
+        // 20 tokens × 5 rows exceed the 64-token budget: 3 rows, then 2.
+        assert_eq!(batches, [vec![3], vec![5, 4, 3, 4, 2], vec![20, 20, 20], vec![20, 20], vec![4]]);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::{Classifier, ClassifyError, Pending};
+use super::{Classifier, ClassifyError, Pending, PendingExplanation};
 use crate::news::{Fields, News, NotFields};
 
 /// Longest input line read; a news message is a few KiB, so anything longer is refused, not buffered.
@@ -20,10 +20,16 @@ pub struct LineStats {
 /// One output line: an error known at once, or an item waiting for its batch.
 enum Slot {
     Failed(Value),
-    Waiting { line: u64, fields: Fields, pending: Pending },
+    Waiting { line: u64, fields: Fields, pending: Waiting },
 }
 
-/// Reads news objects (or `{"text": …}`) and writes each with its scores added. A bad line becomes
+enum Waiting {
+    Scores(Pending),
+    Explanation(PendingExplanation),
+}
+
+/// Reads news objects (or `{"text": …}`) and writes each with its scores added (and, with
+/// `explain`, `why`: each word's effect on p_negative, strongest first). A bad line becomes
 /// `{"error": …, "line": N}` and the run goes on. Reading, tokenizing and queueing run ahead of the
 /// writer (bounded by the classifier's `max_queued`), so the model is never idle waiting for input.
 pub async fn classify_lines(
@@ -32,6 +38,7 @@ pub async fn classify_lines(
     mut output: impl AsyncWrite + Unpin,
     read_ahead: usize,
     body_chars: usize,
+    explain: bool,
 ) -> std::io::Result<LineStats> {
     let (tx, mut rx) = mpsc::channel::<Slot>(read_ahead.max(1));
     let reader = async move {
@@ -55,10 +62,17 @@ pub async fn classify_lines(
                 parse(text, body_chars)
             };
             let slot = match parsed {
-                Ok((fields, to_classify)) => match classifier.submit(&to_classify).await {
-                    Ok(pending) => Slot::Waiting { line, fields, pending },
-                    Err(e) => Slot::Failed(error_line(line, &e)),
-                },
+                Ok((fields, to_classify)) => {
+                    let pending = if explain {
+                        classifier.submit_explain(&to_classify).await.map(Waiting::Explanation)
+                    } else {
+                        classifier.submit(&to_classify).await.map(Waiting::Scores)
+                    };
+                    match pending {
+                        Ok(pending) => Slot::Waiting { line, fields, pending },
+                        Err(e) => Slot::Failed(error_line(line, &e)),
+                    }
+                }
                 Err(message) => Slot::Failed(error_line(line, &message)),
             };
             if tx.send(slot).await.is_err() {
@@ -72,17 +86,26 @@ pub async fn classify_lines(
             stats.lines += 1;
             let value = match slot {
                 Slot::Failed(error) => Err(error),
-                Slot::Waiting { line, mut fields, pending } => match pending.scores().await {
-                    Ok(scores) => {
-                        if let Value::Object(scored) = json!(scores) {
-                            for (key, value) in &scored {
-                                fields.set(key, value);
+                Slot::Waiting { line, mut fields, pending } => {
+                    let outcome = match pending {
+                        Waiting::Scores(pending) => pending.scores().await.map(|scores| (scores, None)),
+                        Waiting::Explanation(pending) => pending.explained().await.map(|e| (e.scores, Some(e.why))),
+                    };
+                    match outcome {
+                        Ok((scores, why)) => {
+                            if let Value::Object(scored) = json!(scores) {
+                                for (key, value) in &scored {
+                                    fields.set(key, value);
+                                }
                             }
+                            if let Some(why) = why {
+                                fields.set("why", &json!(why));
+                            }
+                            Ok(fields)
                         }
-                        Ok(fields)
+                        Err(e) => Err(error_line(line, &e)),
                     }
-                    Err(e) => Err(error_line(line, &e)),
-                },
+                }
             };
             stats.errors += u64::from(value.is_err());
             let mut bytes = match value {

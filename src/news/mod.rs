@@ -222,7 +222,7 @@ impl Scores {
 }
 
 /// Probabilities are written with six decimals: enough to compare, without float noise in every line.
-fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64((f64::from(*value) * 1e6).round() / 1e6)
 }
 
