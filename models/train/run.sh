@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Trains the bearwatch classifier on CPU with a fixed seed, exports ONNX (dynamic batch and sequence
-# axes), quantizes to int8 and evaluates on held-out validation splits. Writes models/model.onnx,
-# models/tokenizer.json and models/train/results.json. Takes about 25 minutes on 2 cores.
-#   models/train/run.sh            # train + export + quantize + evaluate
-#   models/train/run.sh --eval-only
+# Trains a model-2 candidate of the bearwatch classifier on CPU with a fixed seed (DESIGN §9 topics,
+# every set in ../shared/data), fits each head's temperature on the dev split, exports ONNX (dynamic
+# batch and sequence axes), quantizes to static int8 and evaluates it set by set on the dev split.
+# Writes models/train/work/NAME/{model.onnx,tokenizer.json,temperatures.json,results.json}; nothing
+# under models/ changes until a candidate is chosen. About 45 minutes on 2 idle cores.
+#   models/train/run.sh --name candidate-s13 --seed 13
+#   models/train/run.sh --name candidate-s13 --eval-only --final   # the last run only
 set -euo pipefail
 cd "$(dirname "$0")"
 venv=../../.venv-train
