@@ -27,7 +27,10 @@ async fn the_strongest_words_lower_negativity_more_than_random_ones() {
             continue;
         }
         let explained = classifier.explain(&text).await.unwrap();
-        assert_eq!(explained.scores, classifier.classify(&text).await.unwrap(), "{text}: explaining changes no score");
+        let alone = classifier.classify(&text).await.unwrap();
+        // The same scores as classifying the text alone (batching moves the last digits only).
+        assert_eq!((explained.scores.sentiment, &explained.scores.topic), (alone.sentiment, &alone.topic), "{text}");
+        assert!((explained.scores.p_negative - alone.p_negative).abs() < 1e-4, "{text}");
         assert_eq!(explained.why.len(), words.len(), "{text}: one effect per word");
         assert!(explained.why.windows(2).all(|w| w[0].effect >= w[1].effect), "{text}: strongest first");
         let p = f64::from(explained.scores.p_negative);
