@@ -238,6 +238,8 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     assert!(id["id"].as_str().unwrap().starts_with('s'));
     assert_eq!(post(silence(serde_json::json!({"rule": "x"}), now + hour, now)).status(), 400, "ends before it starts");
     assert_eq!(post("{\"match\": 3}".into()).status(), 400);
+    let many: serde_json::Map<String, serde_json::Value> = (0..33).map(|i| (format!("label{i}"), "x".into())).collect();
+    assert_eq!(post(silence(serde_json::Value::Object(many), now, now + hour)).status(), 400, "33 matchers");
 
     let mut other = post(silence(serde_json::json!({"topic": "energy"}), now, now + hour));
     let other: serde_json::Value = serde_json::from_reader(other.body_mut().as_reader()).unwrap();

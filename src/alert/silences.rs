@@ -76,3 +76,35 @@ impl SilenceStore {
         std::fs::rename(&temp, &self.path).map_err(io)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn silence(ends_in_hours: i64) -> Silence {
+        let now = chrono::Utc::now();
+        Silence {
+            matchers: [("rule".to_string(), "r".to_string())].into(),
+            starts_at: now - chrono::Duration::hours(2),
+            ends_at: now + chrono::Duration::hours(ends_in_hours),
+            comment: String::new(),
+        }
+    }
+
+    #[test]
+    fn at_most_max_silences_are_kept_and_expired_ones_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("silences.json");
+        // Written directly: the store would fsync once per silence.
+        let mut stored: Vec<StoredSilence> = (0..MAX_SILENCES - 1).map(|i| StoredSilence { id: format!("a{i}"), silence: silence(1) }).collect();
+        stored.extend((0..5).map(|i| StoredSilence { id: format!("x{i}"), silence: silence(-1) }));
+        std::fs::write(&path, serde_json::to_vec(&stored).unwrap()).unwrap();
+        let store = SilenceStore::open(&path).unwrap();
+        assert!(store.add(silence(1)).unwrap().is_some(), "the expired ones are dropped to make room");
+        assert_eq!(store.list().len(), MAX_SILENCES);
+        assert!(store.add(silence(1)).unwrap().is_none(), "full");
+        assert!(store.remove("a0").unwrap());
+        assert!(store.add(silence(1)).unwrap().is_some());
+        assert_eq!(SilenceStore::open(&path).unwrap().list().len(), MAX_SILENCES, "what was kept is on disk");
+    }
+}
