@@ -34,6 +34,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_windows_open", Kind::Gauge, "", "Windows not yet closed by the watermark"),
     ("bearwatch_alerts_firing", Kind::Gauge, "", "Alerts firing now"),
     ("bearwatch_alerts_total", Kind::Counter, "state", "Alert state changes (firing, resolved)"),
+    ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),

@@ -104,7 +104,11 @@ fn email_and_webhook_receive_explained_alerts() {
     let text = firing["text"].as_str().unwrap();
     assert!(text.contains("all news: negative stories"), "{text}");
     assert!(text.contains("Stocks crash as major bank collapses"), "the headlines behind it: {text}");
-    assert!(firing["html"].as_str().unwrap().contains("<td>Shares plunge after fraud charges</td>"));
+    // Each headline comes with the words that make it negative: after it in the text, in bold in the HTML.
+    assert!(text.contains("why: "), "{text}");
+    let html = firing["html"].as_str().unwrap();
+    let cell = html.split("<td>").find(|c| c.replace("<b>", "").replace("</b>", "").starts_with("Shares plunge after fraud charges</td>"));
+    assert!(cell.is_some_and(|c| c.contains("<b>")), "{html}");
     assert!(mails.iter().any(|m| m["subject"].as_str().unwrap().starts_with("[RESOLVED] market-negative")));
 
     let requests = hook.requests.lock().unwrap().clone();
@@ -117,9 +121,20 @@ fn email_and_webhook_receive_explained_alerts() {
     assert_eq!(alert["window_start"], "1987-03-02T10:00:00Z");
     assert_eq!(alert["top_headlines"].as_array().unwrap().len(), 3);
     assert!(alert["top_headlines"][0]["p_negative"].as_f64().unwrap() > 0.5);
+    for story in alert["top_headlines"].as_array().unwrap() {
+        let words: Vec<&str> = story["headline"].as_str().unwrap().split_whitespace().collect();
+        let why = story["why"].as_array().unwrap_or_else(|| panic!("no why: {story}"));
+        assert!((1..=3).contains(&why.len()), "{story}");
+        for w in why {
+            let position = w["position"].as_u64().unwrap() as usize;
+            assert_eq!(words[position], w["word"], "{story}");
+            assert!(w["effect"].as_f64().unwrap() > 0.0, "{story}");
+        }
+    }
 
     let storage = &run.storage;
     assert_eq!(query_one(storage, "SELECT count(*) FROM alerts"), "2");
+    assert_eq!(query_one(storage, "SELECT count(*) FROM alerts WHERE state = 'firing' AND top_headlines LIKE '%\"why\":[{\"word\":%'"), "1");
     let sent = query(storage, "SELECT receiver, state FROM notifications WHERE status = 'sent' ORDER BY 1, 2");
     assert_eq!(sent, [["hook", "firing"], ["hook", "resolved"], ["mail", "firing"], ["mail", "resolved"]]);
 }

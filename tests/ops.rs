@@ -59,6 +59,8 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert!(result["points"].as_u64().unwrap() >= 2, "a line has several windows: {result}");
     let alert = result["alert"].as_str().unwrap();
     assert!(alert.contains("value") && alert.contains("stories"), "the alert says why it fired: {alert}");
+    let marked = result["marked"].as_array().unwrap();
+    assert!(!marked.is_empty() && marked.iter().all(|w| alert.contains(w.as_str().unwrap())), "the words behind its headlines are marked: {result}");
     assert!(result["headlines"].as_u64().unwrap() >= 10, "{result}");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "screenshot kept");
 

@@ -78,7 +78,7 @@ fn write_dataset(dir: &Path) {
             published_ms,
             ingested_ms: published_ms + 1000,
         };
-        let story = Headline { id: row.news.id.clone(), headline, p_negative: row.scores.p_negative };
+        let story = Headline { id: row.news.id.clone(), headline, p_negative: row.scores.p_negative, why: vec![] };
         windows.add(published_ms, topic, &[], sentiment, row.scores.sentiment_score, &story);
         windows.advance("golden", published_ms);
         news.push(row);

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::config::{EnvString, HumanDuration};
 use crate::detect::rules::{Route, Silence, matches};
 use crate::detect::{Alert, AlertState, Detector};
+use crate::news::Why;
 use crate::window::WindowRow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -158,6 +159,13 @@ impl Router {
     }
 }
 
+/// Finds the words behind texts, each text's strongest push towards negative first (the pipeline
+/// makes one from its classifier; see `classify --explain`).
+pub type Explainer = Box<dyn FnMut(&[&str]) -> Vec<Vec<Why>> + Send>;
+
+/// How many words an alert shows for each of its headlines.
+pub const WHY_WORDS: usize = 3;
+
 /// The alerting stage of a pipeline: rules on window rows, then routing to receivers.
 pub struct Alerting {
     pub detector: Detector,
@@ -168,12 +176,20 @@ pub struct Alerting {
     /// Notifications for the outbox, written at the next checkpoint (before it, so none is lost).
     queued: Vec<notify::Queued>,
     pub notifier: Option<notify::Notifier>,
+    /// Explains each new alert's headlines before it is recorded or sent; none in role `aggregate`,
+    /// which loads no model.
+    explainer: Option<Explainer>,
 }
 
 impl Alerting {
     pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig], notifier: Option<notify::Notifier>) -> Alerting {
         let receivers = receivers.iter().map(|r| (r.name.clone(), (r.kind, r.expire_after.as_millis()))).collect();
-        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), notifier }
+        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), notifier, explainer: None }
+    }
+
+    pub fn with_explainer(mut self, explainer: Explainer) -> Alerting {
+        self.explainer = Some(explainer);
+        self
     }
 
     /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
@@ -192,11 +208,28 @@ impl Alerting {
         let count = alerts.len();
         crate::telemetry::sent("detect", count as u64);
         metrics::gauge!("bearwatch_alerts_firing").set(self.detector.firing() as f64);
-        for alert in alerts {
+        for mut alert in alerts {
+            self.explain(&mut alert);
             self.notify(&alert);
             self.changes.push((alert, chrono::Utc::now().timestamp_millis()));
         }
         count
+    }
+
+    /// Gives each headline its strongest words towards negative (at most [`WHY_WORDS`], only words
+    /// that push that way): only an alert's few headlines are explained, never every story.
+    fn explain(&mut self, alert: &mut Alert) {
+        let Some(explainer) = self.explainer.as_mut() else { return };
+        if alert.top_headlines.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let texts: Vec<&str> = alert.top_headlines.iter().map(|h| h.headline.as_str()).collect();
+        let reasons = explainer(&texts);
+        for (headline, why) in alert.top_headlines.iter_mut().zip(reasons) {
+            headline.why = why.into_iter().filter(|w| w.effect > 0.0).take(WHY_WORDS).collect();
+        }
+        metrics::histogram!("bearwatch_alert_explain_seconds").record(started.elapsed().as_secs_f64());
     }
 
     fn notify(&mut self, alert: &Alert) {
@@ -240,7 +273,12 @@ pub fn render_text(alert: &Alert) -> String {
     let mut text = format!("[{state}] {} ({}) {}\n", alert.rule, alert.severity.as_str(), alert.summary);
     if alert.state == AlertState::Firing {
         for h in &alert.top_headlines {
-            let _ = writeln!(text, "    p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
+            let _ = write!(text, "    p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
+            if !h.why.is_empty() {
+                let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
+                let _ = write!(text, "  why: {}", words.join(", "));
+            }
+            text.push('\n');
         }
     }
     let _ = write!(text, "    alert_id {}  window {} to {}", alert.alert_id, alert.window_start, alert.window_end);

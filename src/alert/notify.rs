@@ -74,11 +74,23 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// The headline with the words that explain its negativity in bold.
+fn marked_html(headline: &crate::window::Headline) -> String {
+    let strong: Vec<usize> = headline.why.iter().map(|w| w.position).collect();
+    let words: Vec<String> = headline
+        .headline
+        .split_whitespace()
+        .enumerate()
+        .map(|(i, word)| if strong.contains(&i) { format!("<b>{}</b>", escape(word)) } else { escape(word) })
+        .collect();
+    words.join(" ")
+}
+
 fn render_html(alert: &Alert) -> String {
     let rows: String = alert
         .top_headlines
         .iter()
-        .map(|h| format!("<tr><td>{:.2}</td><td>{}</td><td>{}</td></tr>", h.p_negative, escape(&h.headline), escape(&h.id)))
+        .map(|h| format!("<tr><td>{:.2}</td><td>{}</td><td>{}</td></tr>", h.p_negative, marked_html(h), escape(&h.id)))
         .collect();
     format!(
         "<html><body><h3>{} ({})</h3><p>{}</p><table><tr><th>p_negative</th><th>headline</th><th>id</th></tr>{rows}</table>\

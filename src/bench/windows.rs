@@ -61,7 +61,7 @@ fn events(n: usize) -> Vec<Event> {
                 topic,
                 sentiment,
                 score: 1.0 - 2.0 * p_negative,
-                story: Headline { id: format!("s{i}"), headline: format!("{} story {i}", TOPICS[topic]), p_negative },
+                story: Headline { id: format!("s{i}"), headline: format!("{} story {i}", TOPICS[topic]), p_negative, why: vec![] },
             }
         })
         .collect()

@@ -91,7 +91,8 @@ impl Request {
 struct Group {
     rows: Vec<Vec<i64>>,
     reply: oneshot::Sender<Result<Vec<ItemOutput>, ClassifyError>>,
-    slot: OwnedSemaphorePermit,
+    /// A queue slot, for callers bounded by `max_queued`; `None` for a pipeline's few alert explanations.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 enum Job {
@@ -121,11 +122,11 @@ impl Submitter {
     }
 
     /// Queues rows that run in one model call (split only if they exceed `max_batch_tokens`), ahead
-    /// of single items; `slot` is held until the reply is sent.
+    /// of single items; `slot`, if any, is held until the reply is sent.
     pub fn submit_group(
         &self,
         rows: Vec<Vec<i64>>,
-        slot: OwnedSemaphorePermit,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<oneshot::Receiver<Result<Vec<ItemOutput>, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Job::Group(Group { rows, reply, slot })).map_err(|_| ClassifyError::Stopped)?;
@@ -406,9 +407,8 @@ mod tests {
         // Queued while the model is busy: items, then a group of five rows (more than max_batch_size).
         let item = harness.submit(4);
         let slot = harness.slots.clone().try_acquire_owned().unwrap();
-        let group = harness.submitter.submit_group(vec![vec![7; 5], vec![7; 4], vec![7; 3], vec![7; 4], vec![7; 2]], slot).unwrap();
-        let slot = harness.slots.clone().try_acquire_owned().unwrap();
-        let wide = harness.submitter.submit_group(vec![vec![7; 20]; 5], slot).unwrap();
+        let group = harness.submitter.submit_group(vec![vec![7; 5], vec![7; 4], vec![7; 3], vec![7; 4], vec![7; 2]], Some(slot)).unwrap();
+        let wide = harness.submitter.submit_group(vec![vec![7; 20]; 5], None).unwrap();
         gate.open();
         let rows = group.blocking_recv().unwrap().unwrap();
         assert_eq!(rows.iter().map(|r| r.sentiment[0]).collect::<Vec<_>>(), [5.0, 4.0, 3.0, 4.0, 2.0], "in order");

@@ -4,24 +4,11 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::batcher::ItemOutput;
 use super::{Classifier, ClassifyError, ModelSpec};
-use crate::news::Scores;
-
-/// One word and what it does to the negativity of its text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Why {
-    pub word: String,
-    /// Its place among the text's whitespace-separated words, from 0 (a word can occur twice).
-    pub position: usize,
-    /// p_negative of the text minus p_negative of the text without this word: positive when the
-    /// word makes the text read more negative.
-    #[serde(serialize_with = "crate::news::six_decimals")]
-    pub effect: f32,
-}
+use crate::news::{Scores, Why};
 
 /// A text's scores and the effect of each of its words, the strongest push towards negative first.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +20,11 @@ pub struct Explained {
 /// An explanation whose model call is queued.
 pub struct PendingExplanation {
     rx: oneshot::Receiver<Result<Vec<ItemOutput>, ClassifyError>>,
+    variants: Variants,
+}
+
+/// What it takes to read a group's outputs back as an explanation.
+struct Variants {
     spec: Arc<ModelSpec>,
     words: Vec<String>,
     /// Per word, the row of its variant; `None` when leaving it out changes no token the model
@@ -41,8 +33,20 @@ pub struct PendingExplanation {
 }
 
 impl Classifier {
-    /// Queues `text` and its leave-one-out variants as one group for the model.
+    /// Queues `text` and its leave-one-out variants as one group for the model, once a queue slot
+    /// is free.
     pub async fn submit_explain(&self, text: &str) -> Result<PendingExplanation, ClassifyError> {
+        let permit = self.slots.clone().acquire_owned().await.map_err(|_| ClassifyError::Stopped)?;
+        self.queue_explain(text, Some(permit))
+    }
+
+    /// Like [`Classifier::submit_explain`] for a pipeline's thread, which bounds its own in-flight
+    /// stories by `max_queued`: the group takes no slot, so it never waits behind them.
+    pub fn explain_now(&self, text: &str) -> Result<PendingExplanation, ClassifyError> {
+        self.queue_explain(text, None)
+    }
+
+    fn queue_explain(&self, text: &str, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Result<PendingExplanation, ClassifyError> {
         let original = self.encoder.encode(text)?;
         let words: Vec<&str> = text.split_whitespace().collect();
         let mut rows = vec![original.clone()];
@@ -69,9 +73,9 @@ impl Classifier {
                 variant_rows.push(Some(rows.len() - 1));
             }
         }
-        let permit = self.slots.clone().acquire_owned().await.map_err(|_| ClassifyError::Stopped)?;
         let rx = self.queue.submit_group(rows, permit)?;
-        Ok(PendingExplanation { rx, spec: self.spec.clone(), words: words.into_iter().map(str::to_string).collect(), rows: variant_rows })
+        let words = words.into_iter().map(str::to_string).collect();
+        Ok(PendingExplanation { rx, variants: Variants { spec: self.spec.clone(), words, rows: variant_rows } })
     }
 
     pub async fn explain(&self, text: &str) -> Result<Explained, ClassifyError> {
@@ -82,6 +86,18 @@ impl Classifier {
 impl PendingExplanation {
     pub async fn explained(self) -> Result<Explained, ClassifyError> {
         let outputs = self.rx.await.map_err(|_| ClassifyError::Stopped)??;
+        self.variants.read(outputs)
+    }
+
+    /// Blocks the calling thread until the explanation is in. Not for use inside an async task.
+    pub fn wait(self) -> Result<Explained, ClassifyError> {
+        let outputs = self.rx.blocking_recv().map_err(|_| ClassifyError::Stopped)??;
+        self.variants.read(outputs)
+    }
+}
+
+impl Variants {
+    fn read(self, outputs: Vec<ItemOutput>) -> Result<Explained, ClassifyError> {
         let Some(original) = outputs.first() else {
             return Err(ClassifyError::Inference("an explanation came back without its text's row".into()));
         };

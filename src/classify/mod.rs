@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, oneshot};
 pub use batcher::{Backend, BatchLimits, BatchOutput, PaddedBatch};
 pub use config::{ClassifierConfig, Device};
 pub use error::ClassifyError;
-pub use explain::{Explained, PendingExplanation, Why};
+pub use explain::{Explained, PendingExplanation};
 pub use jsonl::{LineStats, classify_lines};
 pub use model::{ModelSpec, sentiment_label};
 pub use table::{news_batch, news_schema};

@@ -9,7 +9,7 @@ fn counts(n: u64, n_negative: u64) -> Counts {
 
 fn row(start_h: i64, size_h: i64, topic: &str, n: u64, n_negative: u64, final_row: bool) -> WindowRow {
     let key = WindowKey { start_ms: start_h * H, topic: topic.into(), ticker: None };
-    let top = vec![Headline { id: "s1".into(), headline: "Oil slumps".into(), p_negative: 0.97 }];
+    let top = vec![Headline { id: "s1".into(), headline: "Oil slumps".into(), p_negative: 0.97, why: vec![] }];
     WindowRow::new(key, size_h * H, counts(n, n_negative), top, final_row, 0)
 }
 

@@ -221,6 +221,19 @@ impl Scores {
     }
 }
 
+/// One word of a scored text and what it does to its negativity: an explanation's unit
+/// (`bearwatch classify --explain`, an alert's headlines).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Why {
+    pub word: String,
+    /// Its place among the text's whitespace-separated words, from 0 (a word can occur twice).
+    pub position: usize,
+    /// p_negative of the text minus p_negative of the text without this word: positive when the
+    /// word makes the text read more negative.
+    #[serde(serialize_with = "six_decimals")]
+    pub effect: f32,
+}
+
 /// Probabilities are written with six decimals: enough to compare, without float noise in every line.
 pub(crate) fn six_decimals<S: serde::Serializer>(value: &f32, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64((f64::from(*value) * 1e6).round() / 1e6)

@@ -433,7 +433,7 @@ impl Core {
             return Ok(());
         }
         let tickers = row.news.tickers.clone().unwrap_or_default();
-        let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative };
+        let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
         crate::telemetry::received("window", 1);
         let placed =
             self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);

@@ -185,6 +185,24 @@ fn prometheus_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle
 }
 
 /// Loads the rule files of `[alerts]`; `None` when there are none.
+/// Explains alert headlines with the pipeline's classifier: each headline's variants are one group,
+/// all of an alert's groups queued before the first is awaited.
+fn explainer(classifier: Classifier) -> crate::alert::Explainer {
+    Box::new(move |texts: &[&str]| {
+        let pending: Vec<_> = texts.iter().map(|text| classifier.explain_now(text)).collect();
+        pending
+            .into_iter()
+            .map(|p| match p.and_then(|p| p.wait()) {
+                Ok(explained) => explained.why,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an alert headline could not be explained; it is sent without its words");
+                    Vec::new()
+                }
+            })
+            .collect()
+    })
+}
+
 fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
     if config.alerts.rules.is_empty() {
         return Ok(None);
@@ -301,9 +319,10 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
-    let alerting = match role {
-        Role::Classify => None,
-        Role::All | Role::Aggregate => alerting(config, &silences)?,
+    let alerting = match (role, &classifier) {
+        (Role::Classify, _) => None,
+        (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|a| a.with_explainer(explainer(classifier.clone()))),
+        (Role::All | Role::Aggregate, _) => alerting(config, &silences)?,
     };
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {

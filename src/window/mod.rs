@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::news::Why;
+
 pub use config::{GroupBy, MAX_WINDOWS_PER_STORY, WindowConfig};
 pub use table::{WindowRow, windows_batch, windows_schema};
 
@@ -93,6 +95,10 @@ pub struct Headline {
     pub id: String,
     pub headline: String,
     pub p_negative: f32,
+    /// The words that make it read negative, strongest first (filled in when an alert explains its
+    /// headlines; windows keep it empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub why: Vec<Why>,
 }
 
 /// How many of the most negative stories each window keeps.
@@ -353,7 +359,7 @@ mod tests {
     const H: i64 = 3_600_000;
 
     fn story(id: &str, p_negative: f32) -> Headline {
-        Headline { id: id.into(), headline: format!("headline {id}"), p_negative }
+        Headline { id: id.into(), headline: format!("headline {id}"), p_negative, why: vec![] }
     }
 
     /// `WindowState::add` for tests that do not care about headlines.

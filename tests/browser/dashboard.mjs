@@ -1,5 +1,6 @@
 // Opens the dashboard in headless Chromium (Debian's, not a downloaded one) and checks what a person
-// would look for: the chart draws lines from the windows, a firing alert shows its explanation, the
+// would look for: the chart draws lines from the windows, a firing alert shows its explanation (and
+// the words behind its headlines, marked), the
 // latest headlines are listed, and the numbers move while the pipeline runs. Prints one JSON line.
 // Usage: node dashboard.mjs URL SCREENSHOT.png
 import { chromium } from "playwright-core";
@@ -30,6 +31,8 @@ try {
     series: await page.locator("svg#chart path.series").count(),
     points: await page.$eval("svg#chart path.series", (p) => (p.getAttribute("d").match(/[ML]/g) || []).length),
     alert: await page.locator("#alerts .alert").first().innerText(),
+    // The words behind each headline's negativity, marked in the headline.
+    marked: await page.locator("#alerts .alert li mark").allInnerTexts(),
     headlines: await page.locator("#headlines tr").count() - 1,
     errors,
   };
