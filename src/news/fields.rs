@@ -46,10 +46,7 @@ impl Fields {
     /// Sets `key` to `value`: in its place if it is there, else at the end.
     pub fn set(&mut self, key: &str, value: &Value) {
         let raw = RawValue::from_string(value.to_string()).expect("a Value serializes as valid JSON");
-        match self.0.iter_mut().find(|(k, _)| k == key) {
-            Some((_, slot)) => *slot = raw,
-            None => self.0.push((key.to_string(), raw)),
-        }
+        self.insert(key.to_string(), raw);
     }
 
     /// The object as compact JSON text.
@@ -57,6 +54,7 @@ impl Fields {
         serde_json::to_string(self).expect("raw JSON values serialize")
     }
 
+    /// In its place if `key` is there, else at the end.
     fn insert(&mut self, key: String, value: Box<RawValue>) {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
             Some((_, slot)) => *slot = value,

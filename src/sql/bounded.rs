@@ -46,19 +46,17 @@ pub fn register(ctx: &SessionContext, memory_bytes: usize) {
     }
 }
 
-/// Row `row` of an argument (a scalar is every row).
-fn text_len(arg: &ColumnarValue, row: usize) -> usize {
+/// Row `row` of a text argument (a scalar is every row); `None` for a null or a non-text value.
+fn text(arg: &ColumnarValue, row: usize) -> Option<&str> {
     match arg {
-        ColumnarValue::Scalar(s) => match s {
-            ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t)) => t.len(),
-            _ => 0,
-        },
-        ColumnarValue::Array(a) if a.is_null(row) => 0,
+        ColumnarValue::Scalar(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t))) => Some(t),
+        ColumnarValue::Scalar(_) => None,
+        ColumnarValue::Array(a) if a.is_null(row) => None,
         ColumnarValue::Array(a) => match a.data_type() {
-            DataType::Utf8 => a.as_string::<i32>().value(row).len(),
-            DataType::LargeUtf8 => a.as_string::<i64>().value(row).len(),
-            DataType::Utf8View => a.as_string_view().value(row).len(),
-            _ => 0,
+            DataType::Utf8 => Some(a.as_string::<i32>().value(row)),
+            DataType::LargeUtf8 => Some(a.as_string::<i64>().value(row)),
+            DataType::Utf8View => Some(a.as_string_view().value(row)),
+            _ => None,
         },
     }
 }
@@ -73,19 +71,13 @@ fn count(arg: &ColumnarValue, row: usize) -> u128 {
     value.max(0) as u128
 }
 
-/// The widest character of the fill (a space when there is none).
+/// The widest character of the fill (a space when there is none; 4 bytes for a fill of another type).
 fn fill_width(args: &[ColumnarValue], row: usize) -> u128 {
     let Some(fill) = args.get(2) else { return 1 };
-    let widest = |t: &str| t.chars().map(char::len_utf8).max().unwrap_or(1);
-    let width = match fill {
-        ColumnarValue::Scalar(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t))) => widest(t),
-        ColumnarValue::Array(a) if !a.is_null(row) => match a.data_type() {
-            DataType::Utf8 => widest(a.as_string::<i32>().value(row)),
-            DataType::LargeUtf8 => widest(a.as_string::<i64>().value(row)),
-            DataType::Utf8View => widest(a.as_string_view().value(row)),
-            _ => 4,
-        },
-        _ => 1,
+    let width = match text(fill, row) {
+        Some(t) => t.chars().map(char::len_utf8).max().unwrap_or(1),
+        None if matches!(fill, ColumnarValue::Array(a) if !a.is_null(row)) => 4,
+        None => 1,
     };
     width as u128
 }
@@ -96,7 +88,7 @@ impl Bounded {
         let rows = if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) { 1 } else { args.number_rows };
         (0..rows)
             .map(|row| match self.growth {
-                Growth::Repeat => text_len(&args.args[0], row) as u128 * count(&args.args[1], row),
+                Growth::Repeat => text(&args.args[0], row).map_or(0, str::len) as u128 * count(&args.args[1], row),
                 Growth::Pad => count(&args.args[1], row) * fill_width(&args.args, row),
             })
             .sum()
