@@ -3,15 +3,23 @@
 use assert_cmd::Command;
 use serde_json::Value;
 
-const TOPICS: [&str; 9] = [
+/// DESIGN §9 (taxonomy 2), in the order of the model's topic head.
+const TOPICS: [&str; 16] = [
     "earnings",
     "mergers_acquisitions",
     "monetary_policy",
+    "macro",
     "currencies",
+    "debt_markets",
     "energy",
     "metals",
     "agriculture",
-    "macro",
+    "equity_markets",
+    "analyst_ratings",
+    "company_news",
+    "financials",
+    "legal_regulatory",
+    "politics",
     "other",
 ];
 
@@ -33,7 +41,28 @@ fn assert_scored(line: &Value) {
     assert!(["negative", "neutral", "positive"].contains(&line["sentiment"].as_str().unwrap()), "{line}");
     assert!(TOPICS.contains(&line["topic"].as_str().unwrap()), "{line}");
     assert!((0.0..=1.0).contains(&p("topic_score")), "{line}");
-    assert_eq!(line["model"], "bearwatch-minilm-l6@1.0.0");
+    assert_eq!(line["model"], "bearwatch-minilm-l6@2.0.0");
+}
+
+/// The committed model speaks taxonomy 2: its topic head is DESIGN §9 in order, and `models/topics.csv`
+/// maps every source label to one of those topics and uses each of them.
+#[test]
+fn the_model_and_the_topic_mapping_use_the_design_taxonomy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let labels: Value = serde_json::from_str(&std::fs::read_to_string(root.join("labels.json")).unwrap()).unwrap();
+    let head: Vec<&str> = labels["topics"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(head, TOPICS);
+    let mapping = std::fs::read_to_string(root.join("topics.csv")).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in mapping.lines().skip(1) {
+        let [source, label, topic] = line.splitn(3, ',').collect::<Vec<_>>()[..] else { panic!("bad row {line:?}") };
+        assert!(TOPICS.contains(&topic), "{source} {label} maps to {topic:?}, not a DESIGN §9 topic");
+        assert!(seen.insert((source, label)), "{source} {label} is mapped twice");
+        used.insert(topic);
+    }
+    let unused: Vec<_> = TOPICS.iter().filter(|t| !used.contains(*t)).collect();
+    assert!(unused.is_empty(), "no source label maps to {unused:?}");
 }
 
 #[test]

@@ -34,7 +34,7 @@ def predict(path, texts, threads, tokenizer_path, batch_size=64):
             n = len(encs[j].ids)
             ids[r, :n] = encs[j].ids
             mask[r, :n] = 1
-        s, tp = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+        s, tp = sess.run(["sentiment_probs", "topic_probs"], {"input_ids": ids, "attention_mask": mask})
         sent[idx], topic[idx] = s, tp
     return sent, topic
 
@@ -87,24 +87,45 @@ def metrics(probs, gold):
     }
 
 
-def evaluate(path, sets, threads, tokenizer_path):
+def uncalibrated(probs, temperature):
+    """The probabilities before temperature scaling: softmax(z / T) raised to T and renormalised is
+    softmax(z), so what calibration was worth can be measured on the exported model itself."""
+    with np.errstate(divide="ignore"):
+        scaled = np.exp(temperature * (np.log(probs) - np.log(probs).max(1, keepdims=True)))
+    return scaled / scaled.sum(1, keepdims=True)
+
+
+def evaluate(path, sets, threads, tokenizer_path, temperatures):
     """{set: metrics} for every set in `sets` ({name: [data.Item]}); Reuters also as a pipeline with
-    `body_chars = 200` would send it."""
+    `body_chars = 200` would send it. `ece_uncalibrated` is each ECE without the head's temperature."""
     sets = dict(sets)
     if "reuters" in sets:
         sets["reuters_with_body"] = [data.Item(it.lead or it.text, "reuters", topic=data.TOPICS[it.topic]) for it in sets["reuters"]]
     out = {}
+    heads = {"head_sentiment": ([], []), "head_topic": ([], [])}
     for name, items in sets.items():
         sent, topic = predict(Path(path), [it.text for it in items], threads, tokenizer_path)
         if name in TOPIC_SETS:
-            probs, gold = topic, [it.topic for it in items]
+            probs, gold, temperature = topic, [it.topic for it in items], temperatures["topic"]
         else:
-            probs, gold = sent, [it.sentiment for it in items]
+            probs, gold, temperature = sent, [it.sentiment for it in items], temperatures["sentiment"]
         out[name] = metrics(probs, gold)
+        out[name]["ece_uncalibrated"] = ece(uncalibrated(probs, temperature), gold)
         out[name]["reliability"] = reliability(probs, gold)
         if name == "phrasebank":
             full = [i for i, it in enumerate(items) if it.agree == 100]
             out[name]["agree_100"] = metrics(probs[full], [gold[i] for i in full])
+        if name != "reuters_with_body":
+            pooled = heads["head_topic" if name in TOPIC_SETS else "head_sentiment"]
+            pooled[0].append(probs)
+            pooled[1].extend(gold)
+    # Each head over all the sets it is scored on (Reuters by headline only), as a head's ECE target reads.
+    for head, (probs, gold) in heads.items():
+        if gold:
+            probs = np.concatenate(probs)
+            temperature = temperatures["topic" if head == "head_topic" else "sentiment"]
+            out[head] = metrics(probs, gold) | {"ece_uncalibrated": ece(uncalibrated(probs, temperature), gold),
+                                                "reliability": reliability(probs, gold)}
     return out
 
 

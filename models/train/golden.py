@@ -48,7 +48,7 @@ def main():
     with open(ROOT / "tests" / "golden" / "headlines.jsonl", "w", encoding="utf-8") as out:
         for text in HEADLINES:
             ids = np.array([tok.encode(text).ids], dtype=np.int64)
-            sent, topic = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+            sent, topic = sess.run(["sentiment_probs", "topic_probs"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
             sent, topic = sent[0], topic[0]
             out.write(json.dumps({
                 "text": text,

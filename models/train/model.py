@@ -104,7 +104,8 @@ class Classifier(nn.Module):
 
 class Exported(nn.Module):
     """The graph that ships: token ids and mask in, calibrated class probabilities out (each head's
-    logits divided by its temperature, fitted on the dev split, before the softmax)."""
+    logits divided by its temperature, fitted on the dev split, before the softmax), and the pooled
+    embedding both heads read, so that heads can be refitted and near-duplicates found without torch."""
 
     def __init__(self, model, sentiment_temperature=1.0, topic_temperature=1.0):
         super().__init__()
@@ -113,5 +114,6 @@ class Exported(nn.Module):
         self.topic_temperature = topic_temperature
 
     def forward(self, input_ids, attention_mask):
-        s, t = self.model(input_ids, attention_mask)
-        return (s / self.sentiment_temperature).softmax(-1), (t / self.topic_temperature).softmax(-1)
+        pooled = self.model.encode(input_ids, attention_mask)
+        s, t = self.model.sentiment(pooled), self.model.topic(pooled)
+        return (s / self.sentiment_temperature).softmax(-1), (t / self.topic_temperature).softmax(-1), pooled

@@ -231,9 +231,9 @@ def export(model, temps, path):
     mask = torch.ones(2, 12, dtype=torch.long)
     torch.onnx.export(
         Exported(model, temps["sentiment"], temps["topic"]).eval(), (ids, mask), str(path), dynamo=False, opset_version=17,
-        input_names=["input_ids", "attention_mask"], output_names=["sentiment_probs", "topic_probs"],
+        input_names=["input_ids", "attention_mask"], output_names=["sentiment_probs", "topic_probs", "embedding"],
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                      "sentiment_probs": {0: "batch"}, "topic_probs": {0: "batch"}},
+                      "sentiment_probs": {0: "batch"}, "topic_probs": {0: "batch"}, "embedding": {0: "batch"}},
     )
 
 
@@ -267,30 +267,41 @@ def main():
     p.add_argument("--name", default="candidate", help="write everything under work/NAME/")
     p.add_argument("--final", action="store_true", help="also score the untouched final split (the last run only)")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the existing exports")
+    p.add_argument("--export-only", action="store_true",
+                   help="re-export, quantize and evaluate the trained weights in work/NAME/model.pt")
     args = p.parse_args()
 
     work = WORK / args.name
     work.mkdir(parents=True, exist_ok=True)
     fp32, int8 = work / "model.fp32.onnx", work / "model.onnx"
     splits = data.load()
-    if not args.eval_only:
+    if args.export_only:
+        model = Classifier(len(data.SENTIMENT), len(data.TOPICS), aux_sentiment=args.tweets_head == "separate")
+        model.load_state_dict(torch.load(work / "model.pt"))
+        model.eval()
+        temps = json.loads((work / "temperatures.json").read_text())
+    elif not args.eval_only:
         model = train(args, splits)
         torch.save(model.state_dict(), work / "model.pt")
         temps = temperatures(model, splits["dev"])
         (work / "temperatures.json").write_text(json.dumps(temps) + "\n")
+    if not args.eval_only:
         export(model, temps, fp32)
         tokenizer().save(str(work / "tokenizer.json"))
         train_texts = [it.text for items in splits["train"].values() for it in items]
         quantize(fp32, int8, tokenizer(), train_texts, args.seed)
     temps = json.loads((work / "temperatures.json").read_text())
     scored = {"dev": splits["dev"]} | ({"final": splits["final"]} if args.final else {})
+    settings = {k: v for k, v in vars(args).items() if k not in ("eval_only", "export_only", "final")}
+    if (args.eval_only or args.export_only) and (work / "results.json").exists():
+        settings = json.loads((work / "results.json").read_text())["settings"]  # how the weights were trained
     results = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("eval_only", "final")},
+        "settings": settings,
         "temperatures": temps,
         "int8_size_bytes": int8.stat().st_size,
     }
     for split, sets in scored.items():
-        results[split] = {kind: evaluate.evaluate(path, sets, args.threads, work / "tokenizer.json")
+        results[split] = {kind: evaluate.evaluate(path, sets, args.threads, work / "tokenizer.json", temps)
                           for kind, path in (("fp32", fp32), ("int8", int8))}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(evaluate.markdown(results))

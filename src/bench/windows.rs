@@ -41,8 +41,24 @@ struct Event {
     story: Headline,
 }
 
-const TOPICS: [&str; 9] =
-    ["earnings", "mergers_acquisitions", "monetary_policy", "currencies", "energy", "metals", "agriculture", "macro", "other"];
+const TOPICS: [&str; 16] = [
+    "earnings",
+    "mergers_acquisitions",
+    "monetary_policy",
+    "macro",
+    "currencies",
+    "debt_markets",
+    "energy",
+    "metals",
+    "agriculture",
+    "equity_markets",
+    "analyst_ratings",
+    "company_news",
+    "financials",
+    "legal_regulatory",
+    "politics",
+    "other",
+];
 
 /// Events a few seconds apart (a busy feed), slightly out of order, with sentiment that drifts.
 fn events(n: usize) -> Vec<Event> {
