@@ -8,6 +8,7 @@ pub mod classify;
 pub mod config;
 pub mod detect;
 pub mod error;
+pub mod feedback;
 pub mod telemetry;
 pub mod news;
 pub mod pipeline;

@@ -9,7 +9,10 @@ use anyhow::Context;
 use bearwatch::classify::{self, Classifier, ClassifierConfig, Device};
 use bearwatch::config::{self, EnvString};
 use bearwatch::error::{Classified, ErrorClass};
+use bearwatch::feedback::{Channel, FeedbackError, LabelRequest};
 use bearwatch::pipeline::{self, PipelineConfig, PipelineError};
+use bearwatch::server::FeedbackService;
+use bearwatch::server::feedback::{self, FeedbackFailure};
 use bearwatch::source::{SourceError, produce};
 use clap::{Args, Parser, Subcommand};
 
@@ -67,6 +70,9 @@ enum Command {
     /// A pipeline's storage folder.
     #[command(subcommand)]
     Storage(StorageCommand),
+    /// Analysts' feedback (DESIGN §10): label judgements in, the training-ready set out.
+    #[command(subcommand)]
+    Feedback(FeedbackCommand),
     /// Loads a JSON-lines file into a Kafka topic, in event-time order.
     Produce {
         #[arg(long)]
@@ -108,6 +114,37 @@ enum StorageCommand {
     Repair {
         #[arg(long)]
         storage: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FeedbackCommand {
+    /// Records label judgements from a JSON-lines file, e.g. a review done in a spreadsheet: one
+    /// {"text" or "story_id", "head": "sentiment"|"topic", "label", "action"?, "note"?} per line.
+    /// Every line is checked first; one bad line writes nothing (exit 2, with its line number).
+    ///
+    /// Example: bearwatch feedback import --storage data/demo --analyst ana review.jsonl
+    Import {
+        #[arg(long)]
+        storage: PathBuf,
+        /// Recorded as the analyst of every row.
+        #[arg(long)]
+        analyst: String,
+        /// The model whose topics labels may name; default: the bundled `models/`.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Writes the label that won for each text and head, one JSON object per line:
+    /// {"text", "head", "label", "analyst", "created_at", "feedback_id", "story_id"}.
+    ///
+    /// Example: bearwatch feedback export --storage data/demo --out feedback.jsonl
+    Export {
+        #[arg(long)]
+        storage: PathBuf,
+        /// Output file; stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -202,6 +239,60 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<config::ConfigError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<SourceError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<FeedbackFailure>().map(Classified::class))
+}
+
+/// The most lines `feedback import` reads from one file.
+const MAX_IMPORT_LINES: usize = 100_000;
+
+fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathBuf>, file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut requests = Vec::new();
+    let mut lines = Vec::new();
+    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        anyhow::ensure!(requests.len() < MAX_IMPORT_LINES, "{}: more than {MAX_IMPORT_LINES} lines; split the file", file.display());
+        let request: LabelRequest = serde_json::from_str(line)
+            .map_err(|e| FeedbackFailure::from(FeedbackError::Invalid(format!("{}:{}: {e}", file.display(), number + 1))))?;
+        requests.push(request);
+        lines.push(number + 1);
+    }
+    let model = ClassifierConfig { path: model, ..ClassifierConfig::default() }.model_dir();
+    let topics = classify::ModelSpec::load(&model)?.topics;
+    let service = FeedbackService { storage: storage.to_path_buf(), topics, rules_hash: None };
+    let limits = bearwatch::server::ServerConfig::default().query_limits();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rows = runtime.block_on(async {
+        let ctx = bearwatch::sql::context(storage, limits, None)?;
+        feedback::record_labels(&ctx, &service, requests, analyst, Channel::Cli).await.map_err(|e| match e {
+            FeedbackFailure::Item { item, source } => {
+                FeedbackFailure::from(FeedbackError::Invalid(format!("{}:{}: {source}", file.display(), lines[item - 1])))
+            }
+            other => other,
+        })
+    })?;
+    let corrected = rows.iter().filter(|r| r.action == bearwatch::feedback::Action::Correct).count();
+    eprintln!("recorded {} judgements ({corrected} corrections) by {analyst} in {}", rows.len(), storage.join("label_feedback").display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_feedback(storage: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let limits = bearwatch::server::ServerConfig::default().query_limits();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let labels = runtime.block_on(async {
+        let ctx = bearwatch::sql::context(storage, limits, None)?;
+        bearwatch::sql::lookup::winning_labels(&ctx).await
+    })?;
+    let mut text = String::new();
+    for label in &labels {
+        text.push_str(&serde_json::to_string(label)?);
+        text.push('\n');
+    }
+    match out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?,
+        None => std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())?,
+    }
+    eprintln!("{} labels", labels.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_serving: bool) -> anyhow::Result<ExitCode> {
@@ -348,6 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
+        Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
         Command::Produce { brokers, topic, speed, properties, file } => {
             let mut parsed = BTreeMap::new();
             for property in properties {

@@ -64,6 +64,22 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert!(result["headlines"].as_u64().unwrap() >= 10, "{result}");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "screenshot kept");
 
+    // The feedback given in the page is in the tables, as the open API's `anonymous` user.
+    let correction = &result["correction"];
+    assert_eq!(correction["shown"].as_str().unwrap(), format!("sentiment → {}", correction["label"].as_str().unwrap()), "{result}");
+    assert_eq!(result["verdict"]["shown"], "marked noise", "{result}");
+    assert!(result["missed"].as_str().unwrap().starts_with("recorded"), "{result}");
+    let sql = |query: &str| -> Vec<serde_json::Value> {
+        let mut response = agent.post(format!("http://127.0.0.1:{port}/sql")).send(query).unwrap();
+        serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let labels = sql("SELECT story_id, model_label, analyst_label, action, analyst, source FROM label_feedback");
+    let expected = serde_json::json!([{"story_id": correction["story"], "model_label": correction["given"], "analyst_label": correction["label"],
+        "action": "correct", "analyst": "anonymous", "source": "dashboard"}]);
+    assert_eq!(serde_json::Value::Array(labels), expected);
+    assert_eq!(sql("SELECT alert_id, verdict FROM alert_verdicts"), vec![serde_json::json!({"alert_id": result["verdict"]["alert"], "verdict": "noise"})]);
+    assert_eq!(sql("SELECT topic, note FROM missed_events"), vec![serde_json::json!({"topic": "energy", "note": "OPEC meeting"})]);
+
     // The input has ended (keep_serving holds the server up): every stage has counted.
     let text = loop {
         let mut response = agent.get(format!("http://127.0.0.1:{port}/metrics")).call().unwrap();

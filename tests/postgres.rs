@@ -46,12 +46,13 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     }
 
     let (ok, out) = psql(port, "s3cret", "\\d");
-    assert!(ok && ["alerts", "late", "news", "notifications", "windows"].iter().all(|t| out.contains(&format!("public|{t}|table"))), "{out}");
+    let tables = ["alert_verdicts", "alerts", "label_feedback", "late", "missed_events", "news", "notifications", "windows"];
+    assert!(ok && tables.iter().all(|t| out.contains(&format!("public|{t}|table"))), "{out}");
     let (ok, out) = psql(port, "s3cret", "\\d windows");
     assert!(ok && out.contains("neg_share|double precision") && out.contains("window_start|timestamp with time zone"), "{out}");
     // What Grafana's Postgres data source asks when it lists tables and columns.
     let (ok, out) = psql(port, "s3cret", "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1");
-    assert!(ok && out.lines().count() == 5, "{out}");
+    assert!(ok && out.lines().collect::<Vec<_>>() == tables, "{out}");
     let (ok, out) = psql(port, "s3cret", "SELECT column_name FROM information_schema.columns WHERE table_name = 'news' AND column_name = 'headline'");
     assert!(ok && out.trim() == "headline", "{out}");
     let (ok, out) = psql(port, "wrong", "SELECT 1");

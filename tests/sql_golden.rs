@@ -138,6 +138,57 @@ fn write_dataset(dir: &Path) {
     storage.write(Table::Windows, &windows_batch(&final_rows).unwrap()).unwrap();
     storage.write(Table::Alerts, &alerts_batch(&alerts).unwrap()).unwrap();
     storage.write(Table::Notifications, &notifications_batch(&notifications).unwrap()).unwrap();
+    write_feedback(dir, &alerts.iter().map(|(a, _)| (a.alert_id.clone(), a.rule.clone())).collect::<Vec<_>>());
+}
+
+/// Analysts' judgements at fixed times: a correction that a later one supersedes, a confirmation
+/// withdrawn as unsure, a plain correction; and verdicts on the first alerts.
+fn write_feedback(dir: &Path, alerts: &[(String, String)]) {
+    use bearwatch::feedback::{Action, AlertVerdict, Channel, Head, LabelFeedback, Verdict, record_labels, record_verdicts, text_hash};
+    let at = |h: i64| chrono::DateTime::from_timestamp_millis(START + 7 * 24 * H + h * H).unwrap();
+    let label = |id: &str, text: &str, head, label: Option<&str>, action, analyst: &str, hour, supersedes: Option<&str>| LabelFeedback {
+        feedback_id: id.into(),
+        story_id: None,
+        text: text.into(),
+        text_hash: text_hash(text),
+        head,
+        model: Some("synthetic@1".into()),
+        model_label: Some("negative".into()),
+        model_score: Some(0.8),
+        analyst_label: label.map(str::to_string),
+        action,
+        analyst: analyst.into(),
+        created_at: at(hour),
+        note: None,
+        source: Channel::Api,
+        supersedes: supersedes.map(str::to_string),
+    };
+    record_labels(dir, &[
+        label("f1", "OIL PRICES SLUMP", Head::Sentiment, Some("neutral"), Action::Correct, "ana", 1, None),
+        label("f2", "OIL PRICES SLUMP", Head::Sentiment, Some("positive"), Action::Correct, "bob", 2, Some("f1")),
+        label("f3", "GOLD RISES", Head::Topic, Some("metals"), Action::Confirm, "ana", 3, None),
+        label("f4", "GOLD RISES", Head::Topic, None, Action::Unsure, "bob", 4, Some("f3")),
+        label("f5", "FED HOLDS RATES", Head::Sentiment, Some("neutral"), Action::Correct, "ana", 5, None),
+    ])
+    .unwrap();
+    let verdicts: Vec<AlertVerdict> = alerts
+        .iter()
+        .take(4)
+        .zip([Verdict::Useful, Verdict::Noise, Verdict::Noise, Verdict::Late])
+        .enumerate()
+        .map(|(i, ((alert_id, rule), verdict))| AlertVerdict {
+            verdict_id: format!("v{i}"),
+            alert_id: alert_id.clone(),
+            rule: rule.clone(),
+            rules_hash: None,
+            verdict,
+            analyst: "ana".into(),
+            created_at: at(6 + i as i64),
+            note: None,
+            supersedes: None,
+        })
+        .collect();
+    record_verdicts(dir, &verdicts).unwrap();
 }
 
 /// The ```sql blocks of docs/SQL.md, in order.

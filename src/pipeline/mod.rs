@@ -21,10 +21,10 @@ pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunCon
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Ops, Server, ServerError, SqlService};
+use crate::server::{Api, FeedbackService, Ops, Server, ServerError, SqlService};
 use crate::sql::live::LiveRows;
 use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
-use crate::classify::{ClassifyError, Classifier};
+use crate::classify::{ClassifyError, Classifier, ModelSpec};
 use crate::detect::{Detector, RuleFile};
 use crate::config::ConfigError;
 use crate::error::{Classified, ErrorClass};
@@ -203,6 +203,25 @@ fn explainer(classifier: Classifier) -> crate::alert::Explainer {
     })
 }
 
+/// The topics feedback may name: the configured model's, also in a role that runs no model.
+fn model_topics(config: &PipelineConfig) -> Vec<String> {
+    ModelSpec::load(&config.model.model_dir()).map(|spec| spec.topics).unwrap_or_default()
+}
+
+/// SHA-256 over the rule files in order, recorded with each verdict so that a verdict says which
+/// rules it judged.
+fn rules_hash(config: &PipelineConfig) -> Option<String> {
+    use sha2::Digest;
+    if config.alerts.rules.is_empty() {
+        return None;
+    }
+    let mut hash = sha2::Sha256::new();
+    for path in &config.alerts.rules {
+        hash.update(std::fs::read(bundled(path)).ok()?);
+    }
+    Some(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
     if config.alerts.rules.is_empty() {
         return Ok(None);
@@ -340,7 +359,9 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 live: live.clone(),
             };
             let ops = Ops { metrics, ready: ready.clone() };
-            Some(Server::start(addr.as_str(), config.server.auth_token.as_ref().map(|t| t.as_str().to_string()), silences, sql, ops)?)
+            let feedback = FeedbackService { storage: config.storage.path.clone(), topics: model_topics(config), rules_hash: rules_hash(config) };
+            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback };
+            Some(Server::start(addr.as_str(), api)?)
         }
         None => None,
     };

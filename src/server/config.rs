@@ -1,9 +1,37 @@
 //! `[server]`: the HTTP API, the Postgres listener, their secrets and the limits of one query.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{EnvString, FieldError, HumanDuration, within};
 use crate::sql::Limits;
+
+/// What a caller of the API may do; each role may also do everything of the roles before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The dashboard, SQL and the silences list.
+    Viewer,
+    /// Also feedback (labels, verdicts, missed events) and silences.
+    Analyst,
+    /// Also model promotion and rollback.
+    Admin,
+}
+
+/// `[[server.users]]`: a named caller with a role and a bearer token of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Recorded as the analyst of every row this caller writes.
+    pub name: String,
+    pub role: Role,
+    /// e.g. "${BEARWATCH_TOKEN_ANA}"; at least 16 characters.
+    pub token: EnvString,
+}
+
+/// The most users one server knows.
+pub const MAX_USERS: usize = 1000;
+/// The user `auth_token` authenticates.
+pub const AUTH_TOKEN_USER: &str = "admin";
 
 /// `[server]`: the HTTP API. Off unless `http` is set.
 #[derive(Debug, Clone, Deserialize)]
@@ -11,8 +39,12 @@ use crate::sql::Limits;
 pub struct ServerConfig {
     /// Listen address, e.g. "127.0.0.1:9464" (`${ENV}` expands).
     pub http: Option<EnvString>,
-    /// When set, requests need `Authorization: Bearer <token>`.
+    /// When set, requests need `Authorization: Bearer <token>`; this token is the admin user `admin`.
     pub auth_token: Option<EnvString>,
+    /// Named users, each with a role and a token. Without users and `auth_token` the API is open and
+    /// every caller acts as `anonymous` with the admin role (a local, single-user setup).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
     /// Longest a query may run, on the HTTP API and the Postgres wire protocol alike.
     #[serde(default = "thirty_seconds")]
     pub query_timeout: HumanDuration,
@@ -36,6 +68,7 @@ impl Default for ServerConfig {
         ServerConfig {
             http: None,
             auth_token: None,
+            users: Vec::new(),
             query_timeout: thirty_seconds(),
             query_memory_mib: default_query_memory(),
             postgres: None,
@@ -72,6 +105,92 @@ impl ServerConfig {
                 return Err((field, "is empty (check the environment variable it names): an empty secret would let anyone in".into()));
             }
         }
+        self.validate_users()
+    }
+
+    fn validate_users(&self) -> Result<(), FieldError> {
+        if self.users.len() > MAX_USERS {
+            return Err(("server.users", format!("at most {MAX_USERS} users, found {}", self.users.len())));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut tokens = std::collections::BTreeSet::new();
+        if let Some(token) = &self.auth_token {
+            names.insert(AUTH_TOKEN_USER);
+            tokens.insert(token.as_str());
+        }
+        for (i, user) in self.users.iter().enumerate() {
+            let which = format!("user {} ({:?})", i + 1, user.name);
+            let valid = (1..=64).contains(&user.name.len())
+                && user.name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+            if !valid {
+                return Err(("server.users", format!("{which}: a name is 1 to 64 letters, digits or . _ @ -")));
+            }
+            if !names.insert(user.name.as_str()) {
+                let why = if user.name == AUTH_TOKEN_USER && self.auth_token.is_some() { " (auth_token is the user admin)" } else { "" };
+                return Err(("server.users", format!("{which}: the name is taken{why}")));
+            }
+            if user.token.as_str().trim().len() < 16 {
+                return Err(("server.users", format!("{which}: the token is shorter than 16 characters (check the environment variable it names)")));
+            }
+            if !tokens.insert(user.token.as_str()) {
+                return Err(("server.users", format!("{which}: another user has the same token")));
+            }
+        }
         Ok(())
+    }
+
+    /// Every token the server accepts, with who it authenticates; empty when the API is open.
+    pub fn principals(&self) -> Vec<(String, Principal)> {
+        let admin = self.auth_token.iter().map(|t| (t.as_str().to_string(), Principal { name: AUTH_TOKEN_USER.into(), role: Role::Admin }));
+        let users = self.users.iter().map(|u| (u.token.as_str().to_string(), Principal { name: u.name.clone(), role: u.role }));
+        admin.chain(users).collect()
+    }
+}
+
+/// The caller a request was authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Principal {
+    /// Who calls an open API (no users, no `auth_token`).
+    pub fn anonymous() -> Principal {
+        Principal { name: "anonymous".into(), role: Role::Admin }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(toml: &str) -> ServerConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn users_need_unique_names_and_tokens_of_their_own() {
+        let user = |name: &str, token: &str| format!("[[users]]\nname = \"{name}\"\nrole = \"analyst\"\ntoken = \"{token}\"\n");
+        let long = "0123456789abcdef";
+        let ok = server(&(format!("auth_token = \"{long}-admin\"\n") + &user("ana", long) + &user("bob", &format!("{long}-bob"))));
+        ok.validate().unwrap();
+        let principals = ok.principals();
+        assert_eq!(principals.len(), 3);
+        assert_eq!(principals[0].1, Principal { name: "admin".into(), role: Role::Admin });
+        assert_eq!(principals[1], (long.to_string(), Principal { name: "ana".into(), role: Role::Analyst }));
+        for (config, complaint) in [
+            (user("ana", long) + &user("ana", &format!("{long}x")), "the name is taken"),
+            ("auth_token = \"t\"\n".to_string() + &user("admin", long), "auth_token is the user admin"),
+            (user("ana", "short"), "shorter than 16"),
+            (user("ana", long) + &user("bob", long), "same token"),
+            (user("a b", long), "letters, digits"),
+        ] {
+            let (field, message) = server(&config).validate().unwrap_err();
+            assert_eq!(field, "server.users");
+            assert!(message.contains(complaint), "{config}: {message}");
+        }
+        assert!(toml::from_str::<ServerConfig>(&user("ana", long).replace("analyst", "owner")).is_err(), "unknown role");
+        assert!(Role::Viewer < Role::Analyst && Role::Analyst < Role::Admin);
     }
 }

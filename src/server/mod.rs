@@ -1,25 +1,31 @@
 //! The HTTP API (axum) on its own thread and runtime, so the pipeline thread never waits on it.
-//! Silences (`GET/POST /api/silences`, `DELETE /api/silences/{id}`) and read-only SQL over the
-//! pipeline's tables (`POST /sql`), with bearer-token auth when `[server] auth_token` is set; and,
-//! without auth for probes and scrapers, `GET /health`, `GET /ready` and `GET /metrics`
-//! (Prometheus text format), and the dashboard page at `GET /` (its data needs the token).
+//! Read-only SQL over the pipeline's tables (`POST /sql`), silences (`GET/POST /api/silences`,
+//! `DELETE /api/silences/{id}`), feedback (`POST /api/feedback/labels|verdicts|missed`) and
+//! `GET /api/me`, each for the roles that may use it (`auth`); and, without auth for probes and
+//! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), and the
+//! dashboard page at `GET /` (its data needs a token when the server has users).
 
+mod auth;
 mod config;
+pub mod feedback;
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-pub use config::ServerConfig;
+pub use config::{Principal, Role, ServerConfig, UserConfig};
+pub use feedback::FeedbackService;
+
+use auth::{Analyst, Viewer};
 
 use crate::alert::silences::SilenceStore;
 use crate::detect::rules::Silence;
@@ -59,13 +65,18 @@ pub struct Ops {
     pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Everything the API serves.
 #[derive(Clone)]
-struct AppState {
-    silences: SilenceStore,
-    token: Option<String>,
-    sql: SqlService,
-    ops: Ops,
+pub struct Api {
+    /// Every accepted token and who it is ([`ServerConfig::principals`]); empty: the API is open.
+    pub principals: Vec<(String, Principal)>,
+    pub silences: SilenceStore,
+    pub sql: SqlService,
+    pub ops: Ops,
+    pub feedback: FeedbackService,
 }
+
+type AppState = std::sync::Arc<Api>;
 
 /// A running server; dropping it shuts it down.
 pub struct Server {
@@ -75,12 +86,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(addr: &str, token: Option<String>, silences: SilenceStore, sql: SqlService, ops: Ops) -> Result<Server, ServerError> {
+    pub fn start(addr: &str, api: Api) -> Result<Server, ServerError> {
         let bind_error = |e: std::io::Error| ServerError::Bind { addr: addr.to_string(), reason: e.to_string() };
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(bind_error)?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
-        let state = AppState { silences, token, sql, ops };
+        let state: AppState = std::sync::Arc::new(api);
         let open = Router::new()
             .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
             .route("/health", get(|| async { "ok\n" }))
@@ -90,9 +101,13 @@ impl Server {
             .route("/sql", post(query))
             .route("/api/silences", get(list).post(create))
             .route("/api/silences/{id}", delete(remove))
-            // A query is at most 64 KiB and a silence far less: nothing needs a larger body.
-            .layer(axum::extract::DefaultBodyLimit::max(256 * 1024))
-            .layer(middleware::from_fn_with_state(state.clone(), authorize));
+            .route("/api/me", get(me))
+            .route("/api/feedback/labels", post(feedback::labels))
+            .route("/api/feedback/verdicts", post(feedback::verdicts))
+            .route("/api/feedback/missed", post(feedback::missed))
+            // A query is at most 64 KiB and a silence far less; 1,000 feedback items fit in 1 MiB.
+            .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
         let app = open.merge(guarded).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -131,20 +146,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235).
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
-}
-
-async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
-        if given != Some(token.as_str()) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-        }
-    }
-    next.run(request).await
+/// Who the caller is, and the topics a label may name: the dashboard shows the feedback controls
+/// to analysts and admins only.
+async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
+    Json(json!({ "name": who.name, "role": who.role, "topics": state.feedback.topics })).into_response()
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
@@ -162,11 +167,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn list(State(state): State<AppState>) -> Response {
+async fn list(State(state): State<AppState>, _: Viewer) -> Response {
     Json(state.silences.list()).into_response()
 }
 
-async fn create(State(state): State<AppState>, body: Result<Json<Silence>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn create(
+    State(state): State<AppState>,
+    _: Analyst,
+    body: Result<Json<Silence>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(silence) = match body {
         Ok(body) => body,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
@@ -184,7 +193,7 @@ async fn create(State(state): State<AppState>, body: Result<Json<Silence>, axum:
     }
 }
 
-async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn remove(State(state): State<AppState>, _: Analyst, Path(id): Path<String>) -> Response {
     match state.silences.remove(&id) {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no silence {id}")),
@@ -193,7 +202,7 @@ async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Respon
 }
 
 /// `POST /sql`: the body is the query; the answer is JSON, CSV or an Arrow IPC stream by `Accept`.
-async fn query(State(state): State<AppState>, headers: axum::http::HeaderMap, body: String) -> Response {
+async fn query(State(state): State<AppState>, _: Viewer, headers: axum::http::HeaderMap, body: String) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let (format, content_type) = if accept.contains("text/csv") {
         (Format::Csv, "text/csv")

@@ -24,6 +24,7 @@ mod bounded;
 pub mod deadline;
 pub mod guard;
 pub mod live;
+pub mod lookup;
 pub mod postgres;
 
 use crate::error::{Classified, ErrorClass};
@@ -119,6 +120,9 @@ pub fn stored_schema(table: Table) -> SchemaRef {
         Table::Windows => crate::window::windows_schema(),
         Table::Alerts => crate::detect::alerts_schema(),
         Table::Notifications => crate::alert::notifications_schema(),
+        Table::LabelFeedback => crate::feedback::label_feedback_schema(),
+        Table::AlertVerdicts => crate::feedback::alert_verdicts_schema(),
+        Table::MissedEvents => crate::feedback::missed_events_schema(),
     }
 }
 
@@ -157,9 +161,10 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
         let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(read_schema(table));
         let listing: Arc<dyn datafusion::catalog::TableProvider> =
             Arc::new(ListingTable::try_new(config).map_err(|e| tables_error(e.to_string()))?);
+        // Journal tables are written straight to Parquet: they have no live rows.
         let provider = match &live {
-            Some(live) => Arc::new(live::LiveTable::new(table, listing, live.clone())),
-            None => listing,
+            Some(live) if Table::CHECKPOINTED.contains(&table) => Arc::new(live::LiveTable::new(table, listing, live.clone())),
+            _ => listing,
         };
         ctx.register_table(table.name(), provider).map_err(|e| tables_error(e.to_string()))?;
     }

@@ -61,7 +61,7 @@ fn queries_stop_at_the_time_limit() {
 /// record the change in docs/ARCHITECTURE.md.
 #[test]
 fn table_schemas_match_the_files_in_schemas() {
-    for table in [Table::News, Table::Windows, Table::Alerts, Table::Notifications] {
+    for table in Table::ALL.into_iter().filter(|t| *t != Table::Late) {
         let columns: Vec<serde_json::Value> = stored_schema(table)
             .fields()
             .iter()

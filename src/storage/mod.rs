@@ -7,6 +7,10 @@
 //! renamed; the checkpoint written right after records the next sequence number of every table. A
 //! crash between the two leaves parts numbered at or past the checkpoint's: on start they are deleted,
 //! and the stories in them are read again from the checkpointed offsets. So no row is lost or doubled.
+//!
+//! Journal tables (what people tell bearwatch: [`Table::JOURNALS`]) are outside the checkpoint: any
+//! process may [`append`] to them at any time, one file per append, and nothing ever deletes them,
+//! not even `--reset` (that restarts the pipeline, not people's work).
 
 mod config;
 
@@ -68,10 +72,29 @@ pub enum Table {
     Alerts,
     /// Every status change of every notification.
     Notifications,
+    /// Journal: analysts' label confirmations and corrections.
+    LabelFeedback,
+    /// Journal: analysts' verdicts on alerts.
+    AlertVerdicts,
+    /// Journal: events analysts say bearwatch should have alerted on.
+    MissedEvents,
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
+    pub const ALL: [Table; 8] = [
+        Table::News,
+        Table::Windows,
+        Table::Late,
+        Table::Alerts,
+        Table::Notifications,
+        Table::LabelFeedback,
+        Table::AlertVerdicts,
+        Table::MissedEvents,
+    ];
+    /// The tables the pipeline writes at its checkpoints.
+    pub const CHECKPOINTED: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
+    /// Append-only tables written by anyone, any time: see [`append`].
+    pub const JOURNALS: [Table; 3] = [Table::LabelFeedback, Table::AlertVerdicts, Table::MissedEvents];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -80,6 +103,9 @@ impl Table {
             Table::Late => "late",
             Table::Alerts => "alerts",
             Table::Notifications => "notifications",
+            Table::LabelFeedback => "label_feedback",
+            Table::AlertVerdicts => "alert_verdicts",
+            Table::MissedEvents => "missed_events",
         }
     }
 }
@@ -120,7 +146,7 @@ impl Storage {
     /// removes parts written after it. With `reset`, earlier tables and checkpoint are deleted first.
     pub fn open<S: DeserializeOwned>(root: &Path, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
         if reset {
-            for table in Table::ALL {
+            for table in Table::CHECKPOINTED {
                 let dir = root.join(table.name());
                 if dir.exists() {
                     fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
@@ -131,7 +157,7 @@ impl Storage {
                 fs::remove_file(&checkpoint).map_err(io_error(&checkpoint))?;
             }
         }
-        for table in Table::ALL {
+        for table in Table::CHECKPOINTED {
             let dir = root.join(table.name());
             fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         }
@@ -187,16 +213,7 @@ impl Storage {
     /// Writes one Parquet part. Not visible to a restart until the next [`Storage::commit`].
     pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<PathBuf, StorageError> {
         let seq = self.next_part[&table];
-        let dir = self.root.join(table.name());
-        let path = dir.join(format!("part-{seq:08}.parquet"));
-        let temp = dir.join(format!(".part-{seq:08}.parquet.tmp"));
-        let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
-        let file = File::create(&temp).map_err(io_error(&temp))?;
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(self.properties.clone())).map_err(parquet_error)?;
-        writer.write(batch).map_err(parquet_error)?;
-        let file = writer.into_inner().map_err(parquet_error)?;
-        file.sync_all().map_err(io_error(&temp))?;
-        fs::rename(&temp, &path).map_err(io_error(&path))?;
+        let path = write_file(&self.root.join(table.name()), &format!("part-{seq:08}"), batch, &self.properties)?;
         self.next_part.insert(table, seq + 1);
         Ok(path)
     }
@@ -212,9 +229,36 @@ impl Storage {
     }
 }
 
+/// Writes `batch` as `<dir>/<stem>.parquet` through a temp name, fsynced, then renamed.
+fn write_file(dir: &Path, stem: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<PathBuf, StorageError> {
+    let path = dir.join(format!("{stem}.parquet"));
+    let temp = dir.join(format!(".{stem}.parquet.tmp"));
+    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
+    let file = File::create(&temp).map_err(io_error(&temp))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties.clone())).map_err(parquet_error)?;
+    writer.write(batch).map_err(parquet_error)?;
+    let file = writer.into_inner().map_err(parquet_error)?;
+    file.sync_all().map_err(io_error(&temp))?;
+    fs::rename(&temp, &path).map_err(io_error(&path))?;
+    Ok(path)
+}
+
+/// Appends `batch` to a journal table as a file of its own, `<created ms>-<unique>.parquet`, durable
+/// (fsynced file and folder) before it returns; readers see all of it or none.
+pub fn append(root: &Path, table: Table, batch: &RecordBatch, unique: &str) -> Result<PathBuf, StorageError> {
+    debug_assert!(Table::JOURNALS.contains(&table), "{} is written at checkpoints", table.name());
+    let dir = root.join(table.name());
+    fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    let stem = format!("{:013}-{unique}", chrono::Utc::now().timestamp_millis());
+    let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+    let path = write_file(&dir, &stem, batch, &properties)?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
+    Ok(path)
+}
+
 impl Parts {
     fn next_parts(&self) -> BTreeMap<Table, u64> {
-        Table::ALL.iter().map(|t| (*t, self.next_part.get(t.name()).copied().unwrap_or(0))).collect()
+        Table::CHECKPOINTED.iter().map(|t| (*t, self.next_part.get(t.name()).copied().unwrap_or(0))).collect()
     }
 }
 

@@ -1,7 +1,9 @@
 // Opens the dashboard in headless Chromium (Debian's, not a downloaded one) and checks what a person
 // would look for: the chart draws lines from the windows, a firing alert shows its explanation (and
 // the words behind its headlines, marked), the
-// latest headlines are listed, and the numbers move while the pipeline runs. Prints one JSON line.
+// latest headlines are listed, and the numbers move while the pipeline runs; then it gives feedback
+// as an analyst would: corrects a headline's sentiment, marks an alert as noise and reports a missed
+// event. Prints one JSON line.
 // Usage: node dashboard.mjs URL SCREENSHOT.png
 import { chromium } from "playwright-core";
 
@@ -32,10 +34,32 @@ try {
     points: await page.$eval("svg#chart path.series", (p) => (p.getAttribute("d").match(/[ML]/g) || []).length),
     alert: await page.locator("#alerts .alert").first().innerText(),
     // The words behind each headline's negativity, marked in the headline.
-    marked: await page.locator("#alerts .alert li mark").allInnerTexts(),
+    marked: await page.locator("#alerts .alert").first().locator("li mark").allInnerTexts(),
     headlines: await page.locator("#headlines tr").count() - 1,
-    errors,
   };
+  // Feedback: the first headline's sentiment corrected to one the model did not give.
+  const cell = page.locator("#headlines td.feedback[data-story]").first();
+  await cell.waitFor({ timeout: 30000 });
+  const story = await cell.getAttribute("data-story");
+  const given = await cell.getAttribute("data-sentiment");
+  const label = ["negative", "neutral", "positive"].find((l) => l !== given);
+  await cell.locator('select[data-head="sentiment"]').selectOption(label);
+  await page.waitForFunction(() => document.querySelector("#headlines td.feedback.judged"), null, { timeout: 30000 })
+    .catch(async (e) => { throw new Error(`${e.message}; the page says: ${await page.locator("#status").innerText()}; errors: ${errors.join(" | ")}`); });
+  result.correction = { story, given, label, shown: await page.locator("#headlines td.feedback.judged").first().innerText() };
+  const verdicts = page.locator("#alerts .verdicts[data-alert]").first();
+  const alert = await verdicts.getAttribute("data-alert");
+  await verdicts.locator('button[data-verdict="noise"]').click();
+  await page.waitForFunction(() => document.querySelector("#alerts .verdicts.judged"), null, { timeout: 30000 });
+  result.verdict = { alert, shown: await page.locator("#alerts .verdicts.judged").first().innerText() };
+  await page.selectOption("#missed-topic", "energy");
+  await page.fill("#missed-from", "1987-03-02T00:00");
+  await page.fill("#missed-to", "1987-03-03T00:00");
+  await page.fill("#missed-note", "OPEC meeting");
+  await page.click("#missed button");
+  await page.waitForFunction(() => /recorded/.test(document.getElementById("missed-result").textContent), null, { timeout: 30000 });
+  result.missed = await page.locator("#missed-result").innerText();
+  result.errors = errors;
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify(result));
 } finally {

@@ -127,7 +127,7 @@ pub fn query(storage: &Path, sql: &str) -> Vec<Vec<String>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let ctx = SessionContext::new();
-        for table in ["news", "windows", "late", "alerts", "notifications"] {
+        for table in ["news", "windows", "late", "alerts", "notifications", "label_feedback", "alert_verdicts", "missed_events"] {
             let dir = storage.join(table);
             let has_parts = std::fs::read_dir(&dir)
                 .map(|entries| entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "parquet")))

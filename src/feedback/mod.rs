@@ -1,0 +1,402 @@
+//! What analysts tell bearwatch (DESIGN §10): label confirmations and corrections, verdicts on
+//! alerts, and events it missed. Each is a row of an append-only journal table under
+//! `storage.path` (`label_feedback`, `alert_verdicts`, `missed_events`), readable over SQL and never
+//! rewritten: a change of mind is a new row that `supersedes` the earlier one, and the newest row of a
+//! story's head is the label that wins.
+//!
+//! The analyst of a row is whoever the caller authenticated as (the server's users, or the CLI's
+//! `--analyst`), never a field of the request.
+
+mod table;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+pub use table::{alert_verdicts_schema, label_feedback_schema, missed_events_schema};
+
+use crate::error::{Classified, ErrorClass};
+use crate::news::SENTIMENTS;
+use crate::storage::{self, StorageError, Table};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedbackError {
+    /// The request is wrong; the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// What the feedback refers to (a story, an alert) is not in the tables.
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot build the {table} batch: {reason}")]
+    Batch { table: &'static str, reason: String },
+}
+
+impl Classified for FeedbackError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            FeedbackError::Invalid(_) | FeedbackError::NotFound(_) => ErrorClass::User,
+            FeedbackError::Storage(e) => e.class(),
+            FeedbackError::Batch { .. } => ErrorClass::Internal,
+        }
+    }
+    fn retryable(&self) -> bool {
+        matches!(self, FeedbackError::Storage(e) if e.retryable())
+    }
+}
+
+fn invalid(message: impl Into<String>) -> FeedbackError {
+    FeedbackError::Invalid(message.into())
+}
+
+/// The most rows one request or import line batch may carry, and the longest note and text.
+pub const MAX_ROWS: usize = 1000;
+pub const MAX_NOTE_CHARS: usize = 2000;
+pub const MAX_TEXT_CHARS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Head {
+    Sentiment,
+    Topic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Confirm,
+    Correct,
+    Unsure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Useful,
+    Noise,
+    Duplicate,
+    Late,
+}
+
+/// Where a row came from (the `source` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Dashboard,
+    Api,
+    Cli,
+}
+
+fn name_of<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// What the `news` table says about a scored story.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Story {
+    pub id: String,
+    pub headline: String,
+    pub model: String,
+    pub sentiment: String,
+    /// The probability of `sentiment`.
+    pub sentiment_score: f32,
+    pub topic: String,
+    pub topic_score: f32,
+}
+
+/// One label judgement as a caller sends it (HTTP body, or a line of `feedback import`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    /// A story in the `news` table; or give `text`.
+    pub story_id: Option<String>,
+    pub text: Option<String>,
+    pub head: Head,
+    /// Required unless `action` is `unsure`.
+    pub label: Option<String>,
+    /// Default: `confirm` when `label` is what the model said, else `correct`.
+    pub action: Option<Action>,
+    pub note: Option<String>,
+}
+
+/// A row of `label_feedback`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelFeedback {
+    pub feedback_id: String,
+    pub story_id: Option<String>,
+    /// The judged text (the headline): what `feedback export` trains on and near-duplicates match.
+    pub text: String,
+    /// SHA-256 of `text`, hex.
+    pub text_hash: String,
+    pub head: Head,
+    pub model: Option<String>,
+    pub model_label: Option<String>,
+    pub model_score: Option<f32>,
+    /// `None` when the analyst is unsure.
+    pub analyst_label: Option<String>,
+    pub action: Action,
+    pub analyst: String,
+    pub created_at: DateTime<Utc>,
+    pub note: Option<String>,
+    pub source: Channel,
+    pub supersedes: Option<String>,
+}
+
+/// A label that won (`feedback export`): the newest judgement of a text and head.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainingLabel {
+    pub text: String,
+    pub head: Head,
+    pub label: String,
+    pub analyst: String,
+    pub created_at: DateTime<Utc>,
+    pub feedback_id: String,
+    pub story_id: Option<String>,
+}
+
+/// One verdict on an alert as a caller sends it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictRequest {
+    pub alert_id: String,
+    pub verdict: Verdict,
+    pub note: Option<String>,
+}
+
+/// A row of `alert_verdicts`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertVerdict {
+    pub verdict_id: String,
+    pub alert_id: String,
+    pub rule: String,
+    /// SHA-256 of the rule files the running pipeline loaded, when the verdict came through it.
+    pub rules_hash: Option<String>,
+    pub verdict: Verdict,
+    pub analyst: String,
+    pub created_at: DateTime<Utc>,
+    pub note: Option<String>,
+    pub supersedes: Option<String>,
+}
+
+/// "You should have told me": an event as a caller sends it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissedRequest {
+    pub topic: Option<String>,
+    pub ticker: Option<String>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub note: Option<String>,
+}
+
+/// A row of `missed_events`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MissedEvent {
+    pub missed_id: String,
+    pub topic: Option<String>,
+    pub ticker: Option<String>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub note: Option<String>,
+    pub analyst: String,
+    pub created_at: DateTime<Utc>,
+}
+
+pub fn text_hash(text: &str) -> String {
+    hex(&sha2::Sha256::digest(text.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new row id: 16 hex digits of a hash over the time, the process, a counter and the row's content.
+fn new_id(content: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = format!(
+        "{}|{}|{}|{content}",
+        Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    hex(&sha2::Sha256::digest(seed.as_bytes())[..8])
+}
+
+fn check_note(note: &Option<String>) -> Result<Option<String>, FeedbackError> {
+    match note.as_deref().map(str::trim) {
+        Some(n) if n.chars().count() > MAX_NOTE_CHARS => Err(invalid(format!("note: at most {MAX_NOTE_CHARS} characters"))),
+        Some("") | None => Ok(None),
+        Some(n) => Ok(Some(n.to_string())),
+    }
+}
+
+fn check_analyst(analyst: &str) -> Result<(), FeedbackError> {
+    let valid = (1..=64).contains(&analyst.len()) && analyst.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+    if valid { Ok(()) } else { Err(invalid(format!("analyst {analyst:?}: 1 to 64 letters, digits or . _ @ -"))) }
+}
+
+/// What a label judgement needs besides the request.
+pub struct LabelContext<'a> {
+    /// The story named by `story_id`, looked up by the caller; `None` when the request gives `text`.
+    pub story: Option<&'a Story>,
+    /// The topics the model knows (its `labels.json`).
+    pub topics: &'a [String],
+    pub analyst: &'a str,
+    pub source: Channel,
+    /// The row this one replaces: the newest earlier one for the same text and head.
+    pub supersedes: Option<String>,
+}
+
+impl LabelRequest {
+    /// The text the row is about: the story's headline, or the request's text.
+    pub fn text(&self, story: Option<&Story>) -> Result<String, FeedbackError> {
+        let text = match (story, &self.text) {
+            (Some(story), _) => story.headline.clone(),
+            (None, Some(text)) => text.trim().to_string(),
+            (None, None) => return Err(invalid("give `story_id` or `text`")),
+        };
+        if text.is_empty() {
+            return Err(invalid("text is empty"));
+        }
+        if text.chars().count() > MAX_TEXT_CHARS {
+            return Err(invalid(format!("text: at most {MAX_TEXT_CHARS} characters")));
+        }
+        Ok(text)
+    }
+
+    /// Checks the request and makes its row.
+    pub fn into_row(self, context: LabelContext<'_>) -> Result<LabelFeedback, FeedbackError> {
+        check_analyst(context.analyst)?;
+        let text = self.text(context.story)?;
+        let allowed: Vec<&str> = match self.head {
+            Head::Sentiment => SENTIMENTS.to_vec(),
+            Head::Topic => context.topics.iter().map(String::as_str).collect(),
+        };
+        let label = self.label.as_deref().map(str::trim).filter(|l| !l.is_empty());
+        if let Some(label) = label
+            && !allowed.contains(&label)
+        {
+            return Err(invalid(format!("{} label {label:?} is not one of {}", name_of(&self.head), allowed.join(", "))));
+        }
+        let (model_label, model_score) = match (context.story, self.head) {
+            (Some(s), Head::Sentiment) => (Some(s.sentiment.clone()), Some(s.sentiment_score)),
+            (Some(s), Head::Topic) => (Some(s.topic.clone()), Some(s.topic_score)),
+            (None, _) => (None, None),
+        };
+        let action = match (self.action, label) {
+            (Some(Action::Unsure), _) => Action::Unsure,
+            (Some(action), Some(label)) => {
+                if action == Action::Confirm && model_label.as_deref().is_some_and(|m| m != label) {
+                    return Err(invalid(format!("confirm: the model said {:?}, not {label:?}", model_label.unwrap_or_default())));
+                }
+                action
+            }
+            (Some(_), None) | (None, None) => return Err(invalid("`label` is required unless `action` is \"unsure\"")),
+            (None, Some(label)) => {
+                if model_label.as_deref() == Some(label) {
+                    Action::Confirm
+                } else {
+                    Action::Correct
+                }
+            }
+        };
+        let analyst_label = if action == Action::Unsure { None } else { label.map(str::to_string) };
+        let text_hash = text_hash(&text);
+        Ok(LabelFeedback {
+            feedback_id: new_id(&text_hash),
+            story_id: context.story.map(|s| s.id.clone()),
+            text,
+            text_hash,
+            head: self.head,
+            model: context.story.map(|s| s.model.clone()),
+            model_label,
+            model_score,
+            analyst_label,
+            action,
+            analyst: context.analyst.to_string(),
+            created_at: Utc::now(),
+            note: check_note(&self.note)?,
+            source: context.source,
+            supersedes: context.supersedes,
+        })
+    }
+}
+
+impl VerdictRequest {
+    /// The row for a verdict on an alert of `rule`.
+    pub fn into_row(self, rule: String, rules_hash: Option<String>, analyst: &str, supersedes: Option<String>) -> Result<AlertVerdict, FeedbackError> {
+        check_analyst(analyst)?;
+        Ok(AlertVerdict {
+            verdict_id: new_id(&self.alert_id),
+            alert_id: self.alert_id,
+            rule,
+            rules_hash,
+            verdict: self.verdict,
+            analyst: analyst.to_string(),
+            created_at: Utc::now(),
+            note: check_note(&self.note)?,
+            supersedes,
+        })
+    }
+}
+
+impl MissedRequest {
+    pub fn into_row(self, topics: &[String], analyst: &str) -> Result<MissedEvent, FeedbackError> {
+        check_analyst(analyst)?;
+        if self.from >= self.to {
+            return Err(invalid("`from` must be before `to`"));
+        }
+        let topic = self.topic.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        if let Some(topic) = &topic
+            && !topics.contains(topic)
+        {
+            return Err(invalid(format!("topic {topic:?} is not one of {}", topics.join(", "))));
+        }
+        let ticker = self.ticker.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        if ticker.as_ref().is_some_and(|t| t.chars().count() > 32) {
+            return Err(invalid("ticker: at most 32 characters"));
+        }
+        Ok(MissedEvent {
+            missed_id: new_id(&format!("{topic:?}{ticker:?}{}", self.from)),
+            topic,
+            ticker,
+            from: self.from,
+            to: self.to,
+            note: check_note(&self.note)?,
+            analyst: analyst.to_string(),
+            created_at: Utc::now(),
+        })
+    }
+}
+
+fn batch_error(table: &'static str) -> impl FnOnce(arrow::error::ArrowError) -> FeedbackError {
+    move |e| FeedbackError::Batch { table, reason: e.to_string() }
+}
+
+/// Appends rows to their journal table under `storage` (one file per call); nothing when empty.
+pub fn record_labels(storage: &std::path::Path, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
+    let Some(first) = rows.first() else { return Ok(()) };
+    let batch = table::label_feedback_batch(rows).map_err(batch_error("label_feedback"))?;
+    storage::append(storage, Table::LabelFeedback, &batch, &first.feedback_id)?;
+    Ok(())
+}
+
+pub fn record_verdicts(storage: &std::path::Path, rows: &[AlertVerdict]) -> Result<(), FeedbackError> {
+    let Some(first) = rows.first() else { return Ok(()) };
+    let batch = table::alert_verdicts_batch(rows).map_err(batch_error("alert_verdicts"))?;
+    storage::append(storage, Table::AlertVerdicts, &batch, &first.verdict_id)?;
+    Ok(())
+}
+
+pub fn record_missed(storage: &std::path::Path, rows: &[MissedEvent]) -> Result<(), FeedbackError> {
+    let Some(first) = rows.first() else { return Ok(()) };
+    let batch = table::missed_events_batch(rows).map_err(batch_error("missed_events"))?;
+    storage::append(storage, Table::MissedEvents, &batch, &first.missed_id)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+use super::*;
+
+fn story() -> Story {
+    Story {
+        id: "s1".into(),
+        headline: "MIDLAND <MLA> SETS STOCK SPLIT".into(),
+        model: "bearwatch-minilm-l6@2.0.0".into(),
+        sentiment: "negative".into(),
+        sentiment_score: 0.78,
+        topic: "earnings".into(),
+        topic_score: 0.6,
+    }
+}
+
+fn topics() -> Vec<String> {
+    ["earnings", "equity_markets", "other"].map(String::from).to_vec()
+}
+
+fn request(json: &str) -> LabelRequest {
+    serde_json::from_str(json).unwrap()
+}
+
+fn row(json: &str, story: Option<&Story>) -> Result<LabelFeedback, FeedbackError> {
+    let topics = topics();
+    request(json).into_row(LabelContext { story, topics: &topics, analyst: "ana", source: Channel::Api, supersedes: None })
+}
+
+#[test]
+fn a_label_is_a_correction_unless_it_is_what_the_model_said() {
+    let s = story();
+    let corrected = row(r#"{"story_id": "s1", "head": "sentiment", "label": "positive"}"#, Some(&s)).unwrap();
+    assert_eq!(corrected.action, Action::Correct);
+    assert_eq!((corrected.model_label.as_deref(), corrected.model_score), (Some("negative"), Some(0.78)));
+    assert_eq!(corrected.analyst_label.as_deref(), Some("positive"));
+    assert_eq!(corrected.text, s.headline);
+    assert_eq!(corrected.text_hash, text_hash(&s.headline));
+    assert_eq!(corrected.text_hash.len(), 64);
+    let confirmed = row(r#"{"story_id": "s1", "head": "topic", "label": "earnings"}"#, Some(&s)).unwrap();
+    assert_eq!(confirmed.action, Action::Confirm);
+    assert_ne!(confirmed.feedback_id, corrected.feedback_id);
+}
+
+#[test]
+fn wrong_labels_are_refused_with_what_is_allowed() {
+    let s = story();
+    let err = row(r#"{"story_id": "s1", "head": "topic", "label": "crypto"}"#, Some(&s)).unwrap_err().to_string();
+    assert!(err.contains("\"crypto\" is not one of earnings, equity_markets, other"), "{err}");
+    let err = row(r#"{"story_id": "s1", "head": "sentiment", "label": "bearish"}"#, Some(&s)).unwrap_err().to_string();
+    assert!(err.contains("negative, neutral, positive"), "{err}");
+    let err = row(r#"{"story_id": "s1", "head": "sentiment", "label": "positive", "action": "confirm"}"#, Some(&s)).unwrap_err();
+    assert!(err.to_string().contains("the model said \"negative\""), "{err}");
+    assert!(row(r#"{"head": "sentiment", "label": "positive"}"#, None).unwrap_err().to_string().contains("story_id"));
+    assert!(row(r#"{"text": "x", "head": "sentiment"}"#, None).unwrap_err().to_string().contains("required"));
+    let long = format!(r#"{{"text": "x", "head": "sentiment", "label": "neutral", "note": "{}"}}"#, "n".repeat(MAX_NOTE_CHARS + 1));
+    assert!(row(&long, None).unwrap_err().to_string().contains("note"));
+    assert!(serde_json::from_str::<LabelRequest>(r#"{"text": "x", "head": "sentiment", "analyst": "eve"}"#).is_err(), "analyst is not a field");
+    assert_eq!(row(r#"{"story_id": "s1", "head": "topic", "label": "x"}"#, Some(&s)).unwrap_err().class(), ErrorClass::User);
+}
+
+#[test]
+fn unsure_needs_no_label_and_records_none() {
+    let r = row(r#"{"text": "Shares of XYZ move", "head": "sentiment", "label": "positive", "action": "unsure"}"#, None).unwrap();
+    assert_eq!((r.action, r.analyst_label, r.model), (Action::Unsure, None, None));
+    let r = row(r#"{"text": "Shares of XYZ move", "head": "sentiment", "action": "unsure", "note": "  "}"#, None).unwrap();
+    assert_eq!((r.action, r.note), (Action::Unsure, None));
+}
+
+#[test]
+fn a_missed_event_needs_a_span_and_a_known_topic() {
+    let topics = topics();
+    let missed: MissedRequest = serde_json::from_str(r#"{"topic": "earnings", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z"}"#).unwrap();
+    let event = missed.into_row(&topics, "ana").unwrap();
+    assert_eq!(event.topic.as_deref(), Some("earnings"));
+    let backwards: MissedRequest = serde_json::from_str(r#"{"from": "1987-03-03T00:00:00Z", "to": "1987-03-02T00:00:00Z"}"#).unwrap();
+    assert!(backwards.into_row(&topics, "ana").unwrap_err().to_string().contains("before"));
+    let unknown: MissedRequest = serde_json::from_str(r#"{"topic": "weather", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z"}"#).unwrap();
+    assert!(unknown.into_row(&topics, "ana").is_err());
+}
+
+#[test]
+fn each_record_call_appends_one_readable_file_and_keeps_the_earlier_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = story();
+    let first = row(r#"{"story_id": "s1", "head": "sentiment", "label": "positive"}"#, Some(&s)).unwrap();
+    let second = row(r#"{"text": "Gold rises", "head": "topic", "label": "other", "note": "not metals?"}"#, None).unwrap();
+    record_labels(dir.path(), std::slice::from_ref(&first)).unwrap();
+    record_labels(dir.path(), &[second]).unwrap();
+    record_labels(dir.path(), &[]).unwrap();
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("label_feedback")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let mut rows = 0;
+    for file in files {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap()).unwrap();
+        assert_eq!(reader.schema().fields(), label_feedback_schema().fields());
+        rows += reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum::<usize>();
+    }
+    assert_eq!(rows, 2);
+}

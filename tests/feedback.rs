@@ -1,0 +1,231 @@
+//! People in the loop, against a real running pipeline: users and roles on the HTTP API, label
+//! judgements, alert verdicts and missed events through a real HTTP client, the tables over SQL and
+//! the Postgres wire (psql), and `bearwatch feedback import / export`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::servers::free_port;
+use common::{DEMO_DATA, Pipeline, ROOT};
+use serde_json::{Value, json};
+
+const VIEWER: &str = "viewer-token-0123456789";
+const ANALYST: &str = "analyst-token-0123456789";
+const ADMIN: &str = "admin-token-0123456789";
+
+struct Api {
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.url);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut response = match (method, body) {
+            ("GET", _) => {
+                let request = self.agent.get(&url);
+                match &auth {
+                    Some(a) => request.header("Authorization", a).call(),
+                    None => request.call(),
+                }
+            }
+            (_, body) => {
+                let request = self.agent.post(&url).header("Content-Type", "application/json");
+                let request = match &auth {
+                    Some(a) => request.header("Authorization", a),
+                    None => request,
+                };
+                request.send(body.unwrap_or(""))
+            }
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn sql(&self, token: &str, query: &str) -> Vec<Value> {
+        let (status, body) = self.call("POST", "/sql", Some(token), Some(query));
+        assert_eq!(status, 200, "{query}: {body}");
+        body.as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn bearwatch(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(args).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http, pg) = (free_port(), free_port());
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"500ms\"\n[run]\nsummary_interval = \"0s\"\nkeep_serving = true\n\
+         [alerts]\nrules = [\"{ROOT}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n\
+         [server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{ADMIN}\"\npostgres = \"127.0.0.1:{pg}\"\npostgres_password = \"pw\"\n\
+         [[server.users]]\nname = \"vic\"\nrole = \"viewer\"\ntoken = \"${{FEEDBACK_VIEWER}}\"\n\
+         [[server.users]]\nname = \"ana\"\nrole = \"analyst\"\ntoken = \"{ANALYST}\"\n"
+    );
+    // SAFETY: set before any thread of this test binary reads the environment.
+    unsafe { std::env::set_var("FEEDBACK_VIEWER", VIEWER) };
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    // The replay ends and the server stays up: wait for the alerts the demo data raises.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let alert_id = loop {
+        let asked = api.agent.post(format!("{}/sql", api.url)).header("Authorization", format!("Bearer {VIEWER}")).send("SELECT alert_id FROM alerts ORDER BY recorded_at LIMIT 1");
+        let rows: Vec<Value> = asked.ok().and_then(|mut r| serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()).unwrap_or_default();
+        if let Some(id) = rows.first().and_then(|r| r["alert_id"].as_str()) {
+            break id.to_string();
+        }
+        assert!(run.child.try_wait().unwrap().is_none(), "pipeline exited\n{}", run.logs());
+        assert!(Instant::now() < deadline, "no alert was raised\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Who is asking.
+    assert_eq!(api.call("GET", "/api/me", Some(VIEWER), None).1["role"], "viewer");
+    assert_eq!(api.call("GET", "/api/me", Some(ANALYST), None).1["name"], "ana");
+    let (_, admin) = api.call("GET", "/api/me", Some(ADMIN), None);
+    assert_eq!((admin["name"].as_str(), admin["role"].as_str()), (Some("admin"), Some("admin")), "auth_token is the admin");
+    assert_eq!(admin["topics"].as_array().unwrap().len(), 16);
+    assert_eq!(api.call("GET", "/api/me", None, None).0, 401);
+    assert_eq!(api.call("GET", "/api/me", Some("wrong-token-0123456789"), None).0, 401);
+
+    let story = api.sql(VIEWER, "SELECT id, headline, sentiment, topic FROM news WHERE sentiment = 'negative' ORDER BY id LIMIT 1")[0].clone();
+    let story_id = story["id"].as_str().unwrap();
+    let correction = json!({"story_id": story_id, "head": "sentiment", "label": "neutral", "note": "a split is not bad news"}).to_string();
+    let verdict = json!({"alert_id": alert_id, "verdict": "noise"}).to_string();
+    let missed = json!({"topic": "energy", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z", "note": "OPEC"}).to_string();
+    let silence = json!({"match": {"topic": "earnings"}, "starts_at": "2030-01-01T00:00:00Z", "ends_at": "2030-01-02T00:00:00Z", "comment": "x"}).to_string();
+
+    // A viewer reads, and is refused every write.
+    assert_eq!(api.call("GET", "/api/silences", Some(VIEWER), None).0, 200);
+    for (path, body) in [("/api/feedback/labels", &correction), ("/api/feedback/verdicts", &verdict), ("/api/feedback/missed", &missed), ("/api/silences", &silence)] {
+        let (status, answer) = api.call("POST", path, Some(VIEWER), Some(body));
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("vic is a viewer; this needs the analyst role"), "{answer}");
+    }
+
+    // The analyst is who the rows say, whatever the body claims.
+    let spoofed = json!({"story_id": story_id, "head": "sentiment", "label": "neutral", "analyst": "mallory"}).to_string();
+    let (status, answer) = api.call("POST", "/api/feedback/labels", Some(ANALYST), Some(&spoofed));
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("unknown field `analyst`"), "{answer}");
+    let (status, first) = api.call("POST", "/api/feedback/labels", Some(ANALYST), Some(&correction));
+    assert_eq!(status, 201, "{first}");
+    let first = &first["rows"][0];
+    assert_eq!((first["analyst"].as_str(), first["action"].as_str()), (Some("ana"), Some("correct")));
+    assert_eq!((first["model_label"].as_str(), first["analyst_label"].as_str()), (Some("negative"), Some("neutral")));
+    assert_eq!(first["text"], story["headline"]);
+    // A second judgement of the same story and head supersedes the first; another head does not.
+    let both = json!([{"story_id": story_id, "head": "sentiment", "label": "positive"}, {"story_id": story_id, "head": "topic", "label": story["topic"]}]).to_string();
+    let (status, second) = api.call("POST", "/api/feedback/labels", Some(ADMIN), Some(&both));
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["rows"][0]["supersedes"], first["feedback_id"]);
+    assert_eq!((second["rows"][1]["action"].as_str(), second["rows"][1]["supersedes"].as_str()), (Some("confirm"), None));
+
+    // Unknown stories and alerts, and bad labels, are refused with the item and write nothing.
+    let (status, answer) = api.call("POST", "/api/feedback/labels", Some(ANALYST), Some(r#"[{"text": "fine", "head": "sentiment", "label": "neutral"}, {"story_id": "nope", "head": "topic", "label": "energy"}]"#));
+    assert_eq!(status, 404, "{answer}");
+    assert!(answer["error"].as_str().unwrap().starts_with("item 2: no story \"nope\""), "{answer}");
+    let (status, answer) = api.call("POST", "/api/feedback/labels", Some(ANALYST), Some(r#"{"text": "fine", "head": "topic", "label": "weather"}"#));
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(api.call("POST", "/api/feedback/verdicts", Some(ANALYST), Some(r#"{"alert_id": "nope", "verdict": "noise"}"#)).0, 404);
+
+    let (status, answer) = api.call("POST", "/api/feedback/verdicts", Some(ANALYST), Some(&verdict));
+    assert_eq!(status, 201, "{answer}");
+    let rule = api.sql(VIEWER, &format!("SELECT rule FROM alerts WHERE alert_id = '{alert_id}' LIMIT 1"))[0]["rule"].clone();
+    assert_eq!(answer["rows"][0]["rule"], rule);
+    assert_eq!(answer["rows"][0]["rules_hash"].as_str().map(str::len), Some(64));
+    let (status, answer) = api.call("POST", "/api/feedback/missed", Some(ANALYST), Some(&missed));
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(api.call("POST", "/api/silences", Some(ANALYST), Some(&silence)).0, 201);
+
+    // Everything is in the append-only tables, over HTTP SQL and over the Postgres wire.
+    let rows = api.sql(VIEWER, "SELECT analyst, head, action, analyst_label, supersedes FROM label_feedback ORDER BY created_at, head");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let won = api.sql(VIEWER, "SELECT analyst_label AS label, analyst FROM label_feedback WHERE head = 'sentiment' \
+        AND feedback_id NOT IN (SELECT supersedes FROM label_feedback WHERE supersedes IS NOT NULL)");
+    assert_eq!(won, vec![json!({"label": "positive", "analyst": "admin"})]);
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &pg.to_string(), "-U", "bearwatch", "-d", "bearwatch", "-X", "-A", "-t", "-F", "|", "-c"])
+        .arg("SELECT v.verdict, v.analyst, m.topic FROM alert_verdicts v CROSS JOIN missed_events m")
+        .env("PGPASSWORD", "pw")
+        .output()
+        .expect("psql (Debian postgresql-client) is needed; scripts/test.sh installs it");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "noise|ana|energy", "{}", String::from_utf8_lossy(&out.stderr));
+
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+
+    // Offline: a reviewed spreadsheet goes in, the training-ready set comes out, with the API's rows.
+    let storage = run.storage.to_str().unwrap().to_string();
+    let review = dir.path().join("review.jsonl");
+    let lines = [
+        json!({"text": "Acme shares plunge after fraud probe", "head": "sentiment", "label": "negative"}).to_string(),
+        String::new(),
+        json!({"story_id": story_id, "head": "topic", "label": "equity_markets", "note": "markets story"}).to_string(),
+    ];
+    std::fs::write(&review, lines.join("\n") + "\n").unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, format!("{}\n{}\n", lines[0], json!({"text": "x", "head": "topic", "label": "crypto"}))).unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", &storage, "--analyst", "rev", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bad.jsonl:2:") && err.contains("\"crypto\" is not one of"), "{err}");
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", &storage, "--analyst", "rev", review.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("recorded 2 judgements (2 corrections) by rev"), "{err}");
+    let (code, out, err) = bearwatch(&["feedback", "export", "--storage", &storage]);
+    assert_eq!(code, 0, "{err}");
+    let exported: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut labels: Vec<(&str, &str, &str, &str)> = exported
+        .iter()
+        .map(|r| (r["text"].as_str().unwrap(), r["head"].as_str().unwrap(), r["label"].as_str().unwrap(), r["analyst"].as_str().unwrap()))
+        .collect();
+    labels.sort();
+    let headline = story["headline"].as_str().unwrap();
+    let mut expected = vec![
+        (headline, "sentiment", "positive", "admin"),
+        ("Acme shares plunge after fraud probe", "sentiment", "negative", "rev"),
+        (headline, "topic", "equity_markets", "rev"),
+    ];
+    expected.sort();
+    assert_eq!(labels, expected, "{out}");
+    assert!(exported.iter().any(|r| r["story_id"] == story_id && r["head"] == "topic"), "{out}");
+}
+
+#[test]
+fn a_folder_with_only_imported_feedback_is_enough_and_unsure_labels_are_not_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("fresh");
+    let file = dir.path().join("review.jsonl");
+    std::fs::write(
+        &file,
+        [
+            json!({"text": "Oil glut deepens", "head": "sentiment", "label": "negative"}),
+            json!({"text": "Oil glut deepens", "head": "sentiment", "action": "unsure"}),
+            json!({"text": "Fed holds rates", "head": "topic", "label": "monetary_policy"}),
+        ]
+        .map(|l| l.to_string() + "\n")
+        .concat(),
+    )
+    .unwrap();
+    let storage = storage.to_str().unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "x y", file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    let out_file = dir.path().join("out.jsonl");
+    let (code, _, err) = bearwatch(&["feedback", "export", "--storage", storage, "--out", out_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let exported = std::fs::read_to_string(&out_file).unwrap();
+    let rows: Vec<Value> = exported.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "the newest judgement of the oil headline is unsure: {exported}");
+    assert_eq!((rows[0]["text"].as_str(), rows[0]["label"].as_str()), (Some("Fed holds rates"), Some("monetary_policy")));
+}
