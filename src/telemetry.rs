@@ -36,6 +36,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_alerts_total", Kind::Counter, "state", "Alert state changes (firing, resolved)"),
     ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
+    ("bearwatch_feedback_rows_total", Kind::Counter, "table", "Rows people added to label_feedback, alert_verdicts or missed_events"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];

@@ -66,8 +66,9 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
 
     // The feedback given in the page is in the tables, as the open API's `anonymous` user.
     let correction = &result["correction"];
-    assert_eq!(correction["shown"].as_str().unwrap(), format!("sentiment → {}", correction["label"].as_str().unwrap()), "{result}");
-    assert_eq!(result["verdict"]["shown"], "marked noise", "{result}");
+    let story = correction["story"].as_str().unwrap();
+    assert_eq!(correction["shown"].as_str().unwrap(), format!("recorded for {story}: sentiment → {}", correction["label"].as_str().unwrap()), "{result}");
+    assert_eq!(result["verdict"]["shown"].as_str().unwrap(), format!("recorded for alert {}: noise", result["verdict"]["alert"].as_str().unwrap()));
     assert!(result["missed"].as_str().unwrap().starts_with("recorded"), "{result}");
     let sql = |query: &str| -> Vec<serde_json::Value> {
         let mut response = agent.post(format!("http://127.0.0.1:{port}/sql")).send(query).unwrap();

@@ -376,11 +376,17 @@ fn batch_error(table: &'static str) -> impl FnOnce(arrow::error::ArrowError) -> 
     move |e| FeedbackError::Batch { table, reason: e.to_string() }
 }
 
+fn recorded(table: Table, rows: usize, analyst: &str) {
+    metrics::counter!("bearwatch_feedback_rows_total", "table" => table.name()).increment(rows as u64);
+    tracing::info!(table = table.name(), rows, analyst, "feedback recorded");
+}
+
 /// Appends rows to their journal table under `storage` (one file per call); nothing when empty.
 pub fn record_labels(storage: &std::path::Path, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
     let Some(first) = rows.first() else { return Ok(()) };
     let batch = table::label_feedback_batch(rows).map_err(batch_error("label_feedback"))?;
     storage::append(storage, Table::LabelFeedback, &batch, &first.feedback_id)?;
+    recorded(Table::LabelFeedback, rows.len(), &first.analyst);
     Ok(())
 }
 
@@ -388,6 +394,7 @@ pub fn record_verdicts(storage: &std::path::Path, rows: &[AlertVerdict]) -> Resu
     let Some(first) = rows.first() else { return Ok(()) };
     let batch = table::alert_verdicts_batch(rows).map_err(batch_error("alert_verdicts"))?;
     storage::append(storage, Table::AlertVerdicts, &batch, &first.verdict_id)?;
+    recorded(Table::AlertVerdicts, rows.len(), &first.analyst);
     Ok(())
 }
 
@@ -395,6 +402,7 @@ pub fn record_missed(storage: &std::path::Path, rows: &[MissedEvent]) -> Result<
     let Some(first) = rows.first() else { return Ok(()) };
     let batch = table::missed_events_batch(rows).map_err(batch_error("missed_events"))?;
     storage::append(storage, Table::MissedEvents, &batch, &first.missed_id)?;
+    recorded(Table::MissedEvents, rows.len(), &first.analyst);
     Ok(())
 }
 

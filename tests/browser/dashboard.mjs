@@ -37,21 +37,24 @@ try {
     marked: await page.locator("#alerts .alert").first().locator("li mark").allInnerTexts(),
     headlines: await page.locator("#headlines tr").count() - 1,
   };
-  // Feedback: the first headline's sentiment corrected to one the model did not give.
-  const cell = page.locator("#headlines td.feedback[data-story]").first();
-  await cell.waitFor({ timeout: 30000 });
-  const story = await cell.getAttribute("data-story");
+  // Feedback, once the replay is over (so that the rows stay put): the first headline's sentiment
+  // corrected to one the model did not give.
+  await page.waitForFunction(() => /^3000 stories/.test(document.getElementById("status").textContent), null, { timeout: 240000 });
+  const top = page.locator("#headlines td.feedback[data-story]").first();
+  await top.waitFor({ timeout: 30000 });
+  const story = await top.getAttribute("data-story");
+  const cell = page.locator(`#headlines td.feedback[data-story="${story}"]`);
   const given = await cell.getAttribute("data-sentiment");
   const label = ["negative", "neutral", "positive"].find((l) => l !== given);
   await cell.locator('select[data-head="sentiment"]').selectOption(label);
-  await page.waitForFunction(() => document.querySelector("#headlines td.feedback.judged"), null, { timeout: 30000 })
+  // Recorded: said above the headlines (the story may scroll out of the latest ones meanwhile).
+  await page.waitForFunction((id) => document.getElementById("feedback-result").textContent.includes(id), story, { timeout: 30000 })
     .catch(async (e) => { throw new Error(`${e.message}; the page says: ${await page.locator("#status").innerText()}; errors: ${errors.join(" | ")}`); });
-  result.correction = { story, given, label, shown: await page.locator("#headlines td.feedback.judged").first().innerText() };
-  const verdicts = page.locator("#alerts .verdicts[data-alert]").first();
-  const alert = await verdicts.getAttribute("data-alert");
-  await verdicts.locator('button[data-verdict="noise"]').click();
-  await page.waitForFunction(() => document.querySelector("#alerts .verdicts.judged"), null, { timeout: 30000 });
-  result.verdict = { alert, shown: await page.locator("#alerts .verdicts.judged").first().innerText() };
+  result.correction = { story, given, label, shown: await page.locator("#feedback-result").innerText() };
+  const alert = await page.locator("#alerts .verdicts[data-alert]").first().getAttribute("data-alert");
+  await page.locator(`#alerts .verdicts[data-alert="${alert}"] button[data-verdict="noise"]`).click();
+  await page.waitForFunction((id) => document.getElementById("feedback-result").textContent.includes(id), alert, { timeout: 30000 });
+  result.verdict = { alert, shown: await page.locator("#feedback-result").innerText() };
   await page.selectOption("#missed-topic", "energy");
   await page.fill("#missed-from", "1987-03-02T00:00");
   await page.fill("#missed-to", "1987-03-03T00:00");
