@@ -267,6 +267,8 @@ def main():
     p.add_argument("--name", default="candidate", help="write everything under work/NAME/")
     p.add_argument("--final", action="store_true", help="also score the untouched final split (the last run only)")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the existing exports")
+    p.add_argument("--kinds", type=lambda s: s.split(","), default=["fp32", "int8"],
+                   help="which exports to score: fp32,int8 (the shipped file is int8)")
     p.add_argument("--export-only", action="store_true",
                    help="re-export, quantize and evaluate the trained weights in work/NAME/model.pt")
     args = p.parse_args()
@@ -292,7 +294,7 @@ def main():
         quantize(fp32, int8, tokenizer(), train_texts, args.seed)
     temps = json.loads((work / "temperatures.json").read_text())
     scored = {"dev": splits["dev"]} | ({"final": splits["final"]} if args.final else {})
-    settings = {k: v for k, v in vars(args).items() if k not in ("eval_only", "export_only", "final")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("eval_only", "export_only", "final", "kinds")}
     if (args.eval_only or args.export_only) and (work / "results.json").exists():
         settings = json.loads((work / "results.json").read_text())["settings"]  # how the weights were trained
     results = {
@@ -302,7 +304,7 @@ def main():
     }
     for split, sets in scored.items():
         results[split] = {kind: evaluate.evaluate(path, sets, args.threads, work / "tokenizer.json", temps)
-                          for kind, path in (("fp32", fp32), ("int8", int8))}
+                          for kind, path in (("fp32", fp32), ("int8", int8)) if kind in args.kinds}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(evaluate.markdown(results))
 

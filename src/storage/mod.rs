@@ -378,6 +378,23 @@ mod tests {
     }
 
     #[test]
+    fn journal_appends_are_outside_the_checkpoint_and_survive_reset_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut storage, _) = Storage::open::<State>(dir.path(), false).unwrap();
+        let first = append(dir.path(), Table::LabelFeedback, &batch(), "a1").unwrap();
+        storage.commit(&checkpoint()).unwrap();
+        let second = append(dir.path(), Table::LabelFeedback, &batch(), "b2").unwrap();
+        assert_ne!(first, second);
+        assert!(!dir.path().join("label_feedback").read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+        // An append after the last checkpoint is no crash leftover, and a reset keeps people's work.
+        Storage::open::<State>(dir.path(), false).unwrap();
+        Storage::open::<State>(dir.path(), true).unwrap();
+        assert!(first.exists() && second.exists());
+        let written = fs::read_to_string(dir.path().join(CHECKPOINT)).unwrap_or_default();
+        assert!(!written.contains("label_feedback"), "journals have no part numbers: {written}");
+    }
+
+    #[test]
     fn a_missing_or_truncated_part_refuses_the_start_until_repaired() {
         let dir = tempfile::tempdir().unwrap();
         let (mut storage, _) = Storage::open::<State>(dir.path(), false).unwrap();
