@@ -372,38 +372,38 @@ impl MissedRequest {
     }
 }
 
-fn batch_error(table: &'static str) -> impl FnOnce(arrow::error::ArrowError) -> FeedbackError {
-    move |e| FeedbackError::Batch { table, reason: e.to_string() }
-}
-
 fn recorded(table: Table, rows: usize, analyst: &str) {
     metrics::counter!("bearwatch_feedback_rows_total", "table" => table.name()).increment(rows as u64);
     tracing::info!(table = table.name(), rows, analyst, "feedback recorded");
 }
 
-/// Appends rows to their journal table under `storage` (one file per call); nothing when empty.
-pub fn record_labels(storage: &std::path::Path, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
+/// Appends rows to their journal table under `storage` (one file per call, named after the first
+/// row's id); nothing when empty.
+fn append<T>(
+    storage: &std::path::Path,
+    table: Table,
+    rows: &[T],
+    batch: fn(&[T]) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError>,
+    id_and_analyst: fn(&T) -> (&str, &str),
+) -> Result<(), FeedbackError> {
     let Some(first) = rows.first() else { return Ok(()) };
-    let batch = table::label_feedback_batch(rows).map_err(batch_error("label_feedback"))?;
-    storage::append(storage, Table::LabelFeedback, &batch, &first.feedback_id)?;
-    recorded(Table::LabelFeedback, rows.len(), &first.analyst);
+    let batch = batch(rows).map_err(|e| FeedbackError::Batch { table: table.name(), reason: e.to_string() })?;
+    let (id, analyst) = id_and_analyst(first);
+    storage::append(storage, table, &batch, id)?;
+    recorded(table, rows.len(), analyst);
     Ok(())
+}
+
+pub fn record_labels(storage: &std::path::Path, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
+    append(storage, Table::LabelFeedback, rows, table::label_feedback_batch, |r| (&r.feedback_id, &r.analyst))
 }
 
 pub fn record_verdicts(storage: &std::path::Path, rows: &[AlertVerdict]) -> Result<(), FeedbackError> {
-    let Some(first) = rows.first() else { return Ok(()) };
-    let batch = table::alert_verdicts_batch(rows).map_err(batch_error("alert_verdicts"))?;
-    storage::append(storage, Table::AlertVerdicts, &batch, &first.verdict_id)?;
-    recorded(Table::AlertVerdicts, rows.len(), &first.analyst);
-    Ok(())
+    append(storage, Table::AlertVerdicts, rows, table::alert_verdicts_batch, |r| (&r.verdict_id, &r.analyst))
 }
 
 pub fn record_missed(storage: &std::path::Path, rows: &[MissedEvent]) -> Result<(), FeedbackError> {
-    let Some(first) = rows.first() else { return Ok(()) };
-    let batch = table::missed_events_batch(rows).map_err(batch_error("missed_events"))?;
-    storage::append(storage, Table::MissedEvents, &batch, &first.missed_id)?;
-    recorded(Table::MissedEvents, rows.len(), &first.analyst);
-    Ok(())
+    append(storage, Table::MissedEvents, rows, table::missed_events_batch, |r| (&r.missed_id, &r.analyst))
 }
 
 #[cfg(test)]

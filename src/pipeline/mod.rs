@@ -211,15 +211,14 @@ fn model_topics(config: &PipelineConfig) -> Vec<String> {
 /// SHA-256 over the rule files in order, recorded with each verdict so that a verdict says which
 /// rules it judged.
 fn rules_hash(config: &PipelineConfig) -> Option<String> {
-    use sha2::Digest;
     if config.alerts.rules.is_empty() {
         return None;
     }
-    let mut hash = sha2::Sha256::new();
+    let mut bytes = Vec::new();
     for path in &config.alerts.rules {
-        hash.update(std::fs::read(bundled(path)).ok()?);
+        bytes.extend(std::fs::read(bundled(path)).ok()?);
     }
-    Some(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Some(crate::source::file::sha256(&bytes))
 }
 
 fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {

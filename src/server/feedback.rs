@@ -161,9 +161,12 @@ fn failure(e: FeedbackFailure) -> Response {
     error(status, e.to_string())
 }
 
-fn context(state: &AppState) -> Result<datafusion::prelude::SessionContext, Response> {
+/// The request's items and a context over the tables to check them against.
+fn checked<T: DeserializeOwned>(state: &AppState, body: &str) -> Result<(Vec<T>, datafusion::prelude::SessionContext), Response> {
+    let items = items::<T>(body)?;
     let service = &state.sql;
-    sql::context(&service.storage, service.limits, service.live.clone()).map_err(|e| failure(e.into()))
+    let ctx = sql::context(&service.storage, service.limits, service.live.clone()).map_err(|e| failure(e.into()))?;
+    Ok((items, ctx))
 }
 
 /// The dashboard marks its requests; anything else is an API client.
@@ -179,12 +182,8 @@ fn created<T: serde::Serialize>(rows: &[T]) -> Response {
 }
 
 pub(super) async fn labels(State(state): State<AppState>, Analyst(who): Analyst, headers: HeaderMap, body: String) -> Response {
-    let requests = match items::<LabelRequest>(&body) {
-        Ok(items) => items,
-        Err(response) => return response,
-    };
-    let ctx = match context(&state) {
-        Ok(ctx) => ctx,
+    let (requests, ctx) = match checked::<LabelRequest>(&state, &body) {
+        Ok(checked) => checked,
         Err(response) => return response,
     };
     match record_labels(&ctx, &state.feedback, requests, &who.name, channel(&headers)).await {
@@ -194,12 +193,8 @@ pub(super) async fn labels(State(state): State<AppState>, Analyst(who): Analyst,
 }
 
 pub(super) async fn verdicts(State(state): State<AppState>, Analyst(who): Analyst, body: String) -> Response {
-    let requests = match items::<VerdictRequest>(&body) {
-        Ok(items) => items,
-        Err(response) => return response,
-    };
-    let ctx = match context(&state) {
-        Ok(ctx) => ctx,
+    let (requests, ctx) = match checked::<VerdictRequest>(&state, &body) {
+        Ok(checked) => checked,
         Err(response) => return response,
     };
     match record_verdicts(&ctx, &state.feedback, requests, &who.name).await {

@@ -106,7 +106,8 @@ pub fn source_name(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
 
-fn sha256(bytes: &[u8]) -> String {
+/// SHA-256 of `bytes`, hex.
+pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -175,8 +175,7 @@ impl Storage {
             return Err(StorageError::Damaged { root: root.display().to_string(), damage });
         }
         let state = bytes.as_deref().map(|bytes| parse_checkpoint(root, bytes)).transpose()?;
-        let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts: parts.lost_parts, properties }, state))
+        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts: parts.lost_parts, properties: properties() }, state))
     }
 
     /// Sets aside the parts that [`Storage::open`] finds missing or unreadable: unreadable ones move
@@ -229,6 +228,10 @@ impl Storage {
     }
 }
 
+fn properties() -> WriterProperties {
+    WriterProperties::builder().set_compression(Compression::SNAPPY).build()
+}
+
 /// Writes `batch` as `<dir>/<stem>.parquet` through a temp name, fsynced, then renamed.
 fn write_file(dir: &Path, stem: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<PathBuf, StorageError> {
     let path = dir.join(format!("{stem}.parquet"));
@@ -250,8 +253,7 @@ pub fn append(root: &Path, table: Table, batch: &RecordBatch, unique: &str) -> R
     let dir = root.join(table.name());
     fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     let stem = format!("{:013}-{unique}", chrono::Utc::now().timestamp_millis());
-    let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-    let path = write_file(&dir, &stem, batch, &properties)?;
+    let path = write_file(&dir, &stem, batch, &properties())?;
     File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
     Ok(path)
 }
