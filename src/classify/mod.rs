@@ -23,7 +23,7 @@ pub use config::{ClassifierConfig, Device};
 pub use error::ClassifyError;
 pub use explain::{Explained, PendingExplanation};
 pub use jsonl::{LineStats, classify_lines};
-pub use model::{ModelSpec, sentiment_label};
+pub use model::{ModelSpec, NearDuplicates, sentiment_label};
 pub use table::{news_batch, news_schema};
 pub use tokenize::Encoder;
 

@@ -17,6 +17,21 @@ struct Labels {
     outputs: Outputs,
     sentiment: Vec<String>,
     topics: Vec<String>,
+    /// When a headline is a near-duplicate of one an analyst corrected, set on validation data for
+    /// this model (`models/train/near_duplicates.py`); none: exact matches only.
+    #[serde(default)]
+    near_duplicates: Option<NearDuplicates>,
+}
+
+/// A near-duplicate differs from the corrected text in one stretch of at most `max_span` words, the
+/// words around it are at least `min_shared` of the longer text, and the model reads both the same
+/// way: the same topic, and sentiment probabilities at most `max_distance` apart (total variation).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearDuplicates {
+    pub min_shared: f32,
+    pub max_span: usize,
+    pub max_distance: f32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +51,7 @@ pub struct ModelSpec {
     pub inputs: [String; 2],
     pub sentiment_output: String,
     pub topic_output: String,
+    pub near_duplicates: Option<NearDuplicates>,
     pub topics: Vec<String>,
     /// The tokens the model was trained with; longer inputs are cut there.
     pub trained_max_length: usize,
@@ -55,6 +71,14 @@ impl ModelSpec {
                 reason: format!("sentiment labels must be {SENTIMENTS:?}, found {:?}", labels.sentiment),
             });
         }
+        if let Some(n) = labels.near_duplicates
+            && !((0.0..=1.0).contains(&n.min_shared) && (0.0..=1.0).contains(&n.max_distance))
+        {
+            return Err(ClassifyError::ModelFiles {
+                path: labels_path,
+                reason: "near_duplicates: min_shared and max_distance must be in [0, 1]".into(),
+            });
+        }
         if labels.topics.is_empty() {
             return Err(ClassifyError::ModelFiles { path: labels_path, reason: "no topics".into() });
         }
@@ -65,6 +89,7 @@ impl ModelSpec {
             inputs: labels.inputs,
             sentiment_output: labels.outputs.sentiment,
             topic_output: labels.outputs.topic,
+            near_duplicates: labels.near_duplicates,
             topics: labels.topics,
             trained_max_length: labels.max_length,
             id: format!("{}@{}", labels.name, labels.version).into(),

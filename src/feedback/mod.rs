@@ -7,6 +7,9 @@
 //! The analyst of a row is whoever the caller authenticated as (the server's users, or the CLI's
 //! `--analyst`), never a field of the request.
 
+mod config;
+mod journal;
+mod memory;
 mod table;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-pub use table::{alert_verdicts_schema, label_feedback_schema, missed_events_schema};
+pub use config::FeedbackConfig;
+pub use journal::JournalTail;
+pub use memory::{Correction, Match, Memory, Query, Reading, words};
+pub use table::{applied_labels_batch, applied_labels_schema, alert_verdicts_schema, label_feedback_schema, missed_events_schema};
 
 use crate::error::{Classified, ErrorClass};
 use crate::news::SENTIMENTS;
@@ -157,6 +163,21 @@ pub struct TrainingLabel {
     pub story_id: Option<String>,
 }
 
+/// A row of `applied_labels`: a story whose windows count an analyst's label instead of the
+/// model's (or, with no `label`, the model's again after an `unsure`), and why it got it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedLabel {
+    pub story_id: String,
+    pub text_hash: String,
+    pub head: Head,
+    pub model: String,
+    pub model_label: String,
+    pub label: Option<String>,
+    pub feedback_id: String,
+    pub matched: Match,
+    pub applied_at: DateTime<Utc>,
+}
+
 /// One verdict on an alert as a caller sends it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +230,12 @@ pub fn text_hash(text: &str) -> String {
     hex(&sha2::Sha256::digest(text.as_bytes()))
 }
 
+/// What makes two texts "the same" for a correction: SHA-256 of the text's [`words`] joined by one
+/// space, so that a story re-sent with other casing, punctuation or spacing matches exactly.
+pub fn match_key(text: &str) -> String {
+    text_hash(&words(text).join(" "))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -254,7 +281,7 @@ impl LabelRequest {
     /// The text the row is about: the story's headline, or the request's text.
     pub fn text(&self, story: Option<&Story>) -> Result<String, FeedbackError> {
         let text = match (story, &self.text) {
-            (Some(story), _) => story.headline.clone(),
+            (Some(story), _) => story.headline.trim().to_string(),
             (None, Some(text)) => text.trim().to_string(),
             (None, None) => return Err(invalid("give `story_id` or `text`")),
         };

@@ -2,12 +2,12 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, Float32Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{Array, ArrayRef, Float32Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use chrono::{DateTime, Utc};
 
-use super::{AlertVerdict, LabelFeedback, MissedEvent, name_of};
+use super::{AlertVerdict, AppliedLabel, LabelFeedback, MissedEvent, name_of};
 
 fn utc() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
@@ -63,6 +63,41 @@ static MISSED: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("created_at", utc(), false),
     ]))
 });
+
+static APPLIED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        text("story_id", false),
+        text("text_hash", false),
+        text("head", false),
+        text("model", false),
+        text("model_label", false),
+        text("label", true),
+        text("feedback_id", false),
+        text("matched", false),
+        Field::new("shared_words", DataType::Float32, true),
+        Field::new("applied_at", utc(), false),
+    ]))
+});
+
+pub fn applied_labels_schema() -> SchemaRef {
+    APPLIED.clone()
+}
+
+pub fn applied_labels_batch(rows: &[AppliedLabel]) -> Result<RecordBatch, ArrowError> {
+    let columns = vec![
+        strings(rows, |r| Some(r.story_id.clone())),
+        strings(rows, |r| Some(r.text_hash.clone())),
+        strings(rows, |r| Some(name_of(&r.head))),
+        strings(rows, |r| Some(r.model.clone())),
+        strings(rows, |r| Some(r.model_label.clone())),
+        strings(rows, |r| r.label.clone()),
+        strings(rows, |r| Some(r.feedback_id.clone())),
+        strings(rows, |r| Some(r.matched.name().to_string())),
+        Arc::new(Float32Array::from_iter(rows.iter().map(|r| r.matched.shared_words()))),
+        times(rows, |r| r.applied_at),
+    ];
+    RecordBatch::try_new(applied_labels_schema(), columns)
+}
 
 pub fn label_feedback_schema() -> SchemaRef {
     LABELS.clone()
@@ -132,4 +167,53 @@ pub(super) fn missed_events_batch(rows: &[MissedEvent]) -> Result<RecordBatch, A
         times(rows, |r| r.created_at),
     ];
     RecordBatch::try_new(missed_events_schema(), columns)
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
+    batch.column_by_name(name).ok_or_else(|| ArrowError::SchemaError(format!("no column `{name}`")))
+}
+
+fn text_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>, ArrowError> {
+    let array = column(batch, name)?.as_any().downcast_ref::<StringArray>().ok_or_else(|| ArrowError::SchemaError(format!("`{name}` is not text")))?;
+    Ok(array.iter().map(|v| v.map(str::to_string)).collect())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(name: &str, value: Option<String>) -> Result<T, ArrowError> {
+    let value = value.ok_or_else(|| ArrowError::InvalidArgumentError(format!("`{name}` is empty")))?;
+    serde_json::from_value(serde_json::Value::String(value.clone()))
+        .map_err(|_| ArrowError::InvalidArgumentError(format!("`{name}` {value:?} is not known")))
+}
+
+/// The rows of a `label_feedback` batch, as [`label_feedback_batch`] wrote them.
+pub(super) fn label_feedback_rows(batch: &RecordBatch) -> Result<Vec<LabelFeedback>, ArrowError> {
+    let get = |name| text_column(batch, name);
+    let (ids, stories, texts, hashes, heads) = (get("feedback_id")?, get("story_id")?, get("text")?, get("text_hash")?, get("head")?);
+    let (models, model_labels, labels, actions, analysts) = (get("model")?, get("model_label")?, get("analyst_label")?, get("action")?, get("analyst")?);
+    let (notes, sources, supersedes) = (get("note")?, get("source")?, get("supersedes")?);
+    let scores = column(batch, "model_score")?.as_any().downcast_ref::<Float32Array>().ok_or_else(|| ArrowError::SchemaError("`model_score` is not float".into()))?;
+    let created = column(batch, "created_at")?
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .ok_or_else(|| ArrowError::SchemaError("`created_at` is not a timestamp".into()))?;
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        rows.push(LabelFeedback {
+            feedback_id: ids[i].clone().unwrap_or_default(),
+            story_id: stories[i].clone(),
+            text: texts[i].clone().unwrap_or_default(),
+            text_hash: hashes[i].clone().unwrap_or_default(),
+            head: parse("head", heads[i].clone())?,
+            model: models[i].clone(),
+            model_label: model_labels[i].clone(),
+            model_score: scores.is_valid(i).then(|| scores.value(i)),
+            analyst_label: labels[i].clone(),
+            action: parse("action", actions[i].clone())?,
+            analyst: analysts[i].clone().unwrap_or_default(),
+            created_at: DateTime::from_timestamp_millis(created.value(i)).unwrap_or_default(),
+            note: notes[i].clone(),
+            source: parse("source", sources[i].clone())?,
+            supersedes: supersedes[i].clone(),
+        });
+    }
+    Ok(rows)
 }

@@ -13,6 +13,7 @@ use crate::alert::{ReceiverConfig, ReceiverKind};
 use crate::classify::{ClassifierConfig, ClassifyError};
 use crate::config::{ConfigError, EnvString, FieldError, HumanDuration, invalid_at, load_with, parse_toml};
 use crate::detect::AlertsConfig;
+use crate::feedback::FeedbackConfig;
 use crate::server::ServerConfig;
 use crate::source::{SourceConfig, SourceKind};
 use crate::storage::StorageConfig;
@@ -41,6 +42,8 @@ pub struct PipelineConfig {
     pub receivers: Vec<ReceiverConfig>,
     #[serde(default)]
     pub server: ServerConfig,
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
 }
 
 /// How a pipeline is split across processes (DESIGN §1): one process, or two roles joined by the
@@ -110,6 +113,7 @@ impl PipelineConfig {
         self.window.validate()?;
         self.storage.validate()?;
         self.server.validate()?;
+        self.feedback.validate()?;
         if let Some(sink) = &self.sink
             && sink.brokers.is_none()
             && s.brokers.is_none()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::corrections::{Corrections, Tracked};
 use super::{PipelineError, Role};
 use crate::alert::{Alerting, notifications_batch};
 use crate::classify::{ClassifyError, Classifier, Pending, news_batch};
@@ -51,6 +52,9 @@ pub struct Checkpoint {
     /// What was read of each file source (its offsets are in `offsets`).
     #[serde(default)]
     pub files: BTreeMap<String, FileProgress>,
+    /// Stories whose windows a label correction can still re-count.
+    #[serde(default)]
+    pub tracked: Vec<Tracked>,
 }
 
 /// Per-message checks that come before scoring.
@@ -126,6 +130,8 @@ pub struct Core {
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
     /// What a file source has read, for the checkpoint (see [`FileProgress`]).
     pub files: BTreeMap<String, FileProgress>,
+    /// Analysts' label corrections acting on the windows (None for role `classify`).
+    corrections: Option<Corrections>,
 }
 
 /// A source partition's name in the windows' per-source clocks.
@@ -147,6 +153,7 @@ impl Core {
         dead_letter: DeadLetter,
         sink: Option<ScoredSink>,
         mut alerting: Option<Alerting>,
+        corrections: Option<Corrections>,
         restored: Option<Checkpoint>,
     ) -> Result<Core, PipelineError> {
         let mut core = Core {
@@ -171,6 +178,7 @@ impl Core {
             alerting: None,
             live: None,
             files: Default::default(),
+            corrections,
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -185,10 +193,18 @@ impl Core {
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
             core.files = checkpoint.files;
+            if let Some(corrections) = core.corrections.as_mut() {
+                for tracked in checkpoint.tracked {
+                    corrections.track(tracked);
+                }
+            }
             if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
                 let rules = std::mem::replace(&mut alerting.detector, Detector::new(Vec::new())).into_rules();
                 alerting.detector = saved.restore(rules);
             }
+        }
+        if let Some(corrections) = &core.corrections {
+            core.windows.keep_closed(corrections.revise_windows);
         }
         core.alerting = alerting;
         Ok(core)
@@ -435,8 +451,22 @@ impl Core {
         let tickers = row.news.tickers.clone().unwrap_or_default();
         let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
         crate::telemetry::received("window", 1);
-        let placed =
-            self.windows.add(published_ms, &row.scores.topic, &tickers, row.scores.sentiment, row.scores.sentiment_score, &story);
+        let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores);
+        let counted = match self.corrections.as_mut() {
+            Some(corrections) => corrections.label(&mut tracked, &row.scores),
+            None => tracked.counted.clone(),
+        };
+        let placed = self.windows.add(
+            published_ms,
+            &counted.topic,
+            &counted.tickers,
+            &counted.sentiment,
+            counted.sentiment_score,
+            &counted.story,
+        );
+        if let (Some(corrections), Placed::Counted(_)) = (self.corrections.as_mut(), placed) {
+            corrections.track(tracked);
+        }
         self.windows.advance(&source_key(&at.topic, at.partition), published_ms);
         if placed == Placed::Late {
             tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
@@ -449,6 +479,24 @@ impl Core {
         self.observe(&closed);
         self.window_rows.extend(closed);
         Ok(())
+    }
+
+    /// Applies analysts' new label judgements, if any (see [`Corrections`]): finishes what is in
+    /// flight first, so that the classifier is free to embed the judged texts. Returns whether any
+    /// came in; their effects are in the next live rows and checkpoint.
+    pub fn poll_feedback(&mut self) -> Result<bool, PipelineError> {
+        let Some(corrections) = self.corrections.as_mut() else { return Ok(false) };
+        let rows = corrections.due_rows()?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let _span = tracing::info_span!("feedback", rows = rows.len()).entered();
+        self.drain(None)?;
+        let corrections = self.corrections.as_mut().expect("checked above");
+        let revised = corrections.learn(rows, self.classifier.as_ref(), &mut self.windows, now_ms())?;
+        tracing::debug!(revised_windows = revised.len(), "label judgements applied");
+        self.window_rows.extend(revised);
+        Ok(true)
     }
 
     /// Runs the alert rules on rows the windows just emitted.
@@ -564,6 +612,13 @@ impl Core {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             storage.write(Table::Windows, &batch)?;
         }
+        if let Some(corrections) = self.corrections.as_mut()
+            && !corrections.applied.is_empty()
+        {
+            let batch = crate::feedback::applied_labels_batch(&corrections.applied).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            storage.write(Table::AppliedLabels, &batch)?;
+            corrections.applied.clear();
+        }
         if let Some(alerting) = self.alerting.as_mut() {
             if !alerting.changes.is_empty() {
                 let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
@@ -593,6 +648,7 @@ impl Core {
             counters: self.counters.clone(),
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             files: self.files.clone(),
+            tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
         })?;
         self.news_rows.clear();
         self.late_rows.clear();
@@ -638,6 +694,9 @@ impl Core {
         }
         if let Some(alerting) = self.alerting.as_ref().filter(|a| !a.changes.is_empty()) {
             tables.insert(Table::Alerts, vec![alerts_batch(&alerting.changes).map_err(internal)?]);
+        }
+        if let Some(corrections) = self.corrections.as_ref().filter(|c| !c.applied.is_empty()) {
+            tables.insert(Table::AppliedLabels, vec![crate::feedback::applied_labels_batch(&corrections.applied).map_err(internal)?]);
         }
         live.publish(tables);
         Ok(())

@@ -10,6 +10,7 @@
 
 mod config;
 mod core;
+mod corrections;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ use crate::window::{WindowSpec, WindowState};
 
 pub use self::core::Counters;
 use self::core::{Checkpoint, Core, Limits, ScoredSink};
+use self::corrections::Corrections;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -364,7 +366,17 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         }
         None => None,
     };
-    let core = Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, restored)?));
+    let corrections = match role {
+        Role::Classify => None,
+        Role::All | Role::Aggregate => {
+            // Near-duplicates need the model's reading of each corrected text, and the model's rule.
+            let rule = classifier.as_ref().and_then(|c| c.spec().near_duplicates).filter(|_| config.feedback.near_duplicates);
+            tracing::info!(near_duplicates = ?rule, "label corrections act on the windows");
+            Some(Corrections::new(&config.feedback, &config.storage.path, rule))
+        }
+    };
+    let core =
+        Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, corrections, restored)?));
     lock(&core).live = live;
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
@@ -406,8 +418,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let interrupted = result?;
     if !interrupted && config.run.keep_serving && (_server.is_some() || _postgres.is_some()) {
         tracing::info!("input finished; still serving the dashboard, SQL and metrics until Ctrl-C");
+        // Judgements still act on the kept closed windows.
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
+            let mut core = lock(&core);
+            if core.poll_feedback()? {
+                core.checkpoint()?;
+            }
+            core.publish_live()?;
         }
     }
     let core = lock(&core);
@@ -484,6 +502,7 @@ fn drive(
                 None if core.in_flight() > 0 => core.complete_one()?,
                 None => {}
             }
+            core.poll_feedback()?;
             if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
                 core.drain(None)?;
                 let offsets = core.checkpoint()?;
@@ -587,7 +606,7 @@ mod tests {
             dedup_max_ids: 1000,
         };
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
-        let core = Arc::new(Mutex::new(Core::new(Role::All, Some(classifier), limits, windows, Some(storage), dead_letter, None, None, None).unwrap()));
+        let core = Arc::new(Mutex::new(Core::new(Role::All, Some(classifier), limits, windows, Some(storage), dead_letter, None, None, None, None).unwrap()));
         let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
         let mut source = Backlog { records: VecDeque::new(), core: core.clone(), in_flight_when_read: Vec::new() };
         for i in 0..300 {

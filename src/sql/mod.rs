@@ -120,6 +120,7 @@ pub fn stored_schema(table: Table) -> SchemaRef {
         Table::Windows => crate::window::windows_schema(),
         Table::Alerts => crate::detect::alerts_schema(),
         Table::Notifications => crate::alert::notifications_schema(),
+        Table::AppliedLabels => crate::feedback::applied_labels_schema(),
         Table::LabelFeedback => crate::feedback::label_feedback_schema(),
         Table::AlertVerdicts => crate::feedback::alert_verdicts_schema(),
         Table::MissedEvents => crate::feedback::missed_events_schema(),

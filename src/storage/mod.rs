@@ -72,6 +72,8 @@ pub enum Table {
     Alerts,
     /// Every status change of every notification.
     Notifications,
+    /// Which stories count an analyst's label instead of the model's, and why.
+    AppliedLabels,
     /// Journal: analysts' label confirmations and corrections.
     LabelFeedback,
     /// Journal: analysts' verdicts on alerts.
@@ -81,18 +83,20 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::News,
         Table::Windows,
         Table::Late,
         Table::Alerts,
         Table::Notifications,
+        Table::AppliedLabels,
         Table::LabelFeedback,
         Table::AlertVerdicts,
         Table::MissedEvents,
     ];
     /// The tables the pipeline writes at its checkpoints.
-    pub const CHECKPOINTED: [Table; 5] = [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications];
+    pub const CHECKPOINTED: [Table; 6] =
+        [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications, Table::AppliedLabels];
     /// Append-only tables written by anyone, any time: see [`append`].
     pub const JOURNALS: [Table; 3] = [Table::LabelFeedback, Table::AlertVerdicts, Table::MissedEvents];
 
@@ -103,6 +107,7 @@ impl Table {
             Table::Late => "late",
             Table::Alerts => "alerts",
             Table::Notifications => "notifications",
+            Table::AppliedLabels => "applied_labels",
             Table::LabelFeedback => "label_feedback",
             Table::AlertVerdicts => "alert_verdicts",
             Table::MissedEvents => "missed_events",

@@ -80,6 +80,18 @@ impl Counts {
         self.sentiment_micros += (f64::from(sentiment_score) * 1e6).round() as i64;
     }
 
+    /// Takes back what [`Counts::add`] counted (a story whose label changed).
+    fn remove(&mut self, sentiment: &str, sentiment_score: f32) {
+        self.n = self.n.saturating_sub(1);
+        let n = match sentiment {
+            "negative" => &mut self.n_negative,
+            "positive" => &mut self.n_positive,
+            _ => &mut self.n_neutral,
+        };
+        *n = n.saturating_sub(1);
+        self.sentiment_micros -= (f64::from(sentiment_score) * 1e6).round() as i64;
+    }
+
     pub fn neg_share(&self) -> f64 {
         if self.n == 0 { 0.0 } else { self.n_negative as f64 / self.n as f64 }
     }
@@ -127,6 +139,17 @@ impl OpenWindow {
     }
 }
 
+/// One story as the windows counted it: what a label correction takes back and counts anew.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Counted {
+    pub event_ms: i64,
+    pub topic: String,
+    pub tickers: Vec<String>,
+    pub sentiment: String,
+    pub sentiment_score: f32,
+    pub story: Headline,
+}
+
 /// f32 probabilities as a totally ordered key.
 fn ordered(p: f32) -> i64 {
     (f64::from(p) * 1e9).round() as i64
@@ -160,6 +183,12 @@ pub struct WindowState {
     /// Absent from checkpoints written before per-source clocks (see `upgrade_restored`).
     #[serde(default)]
     watermark_ms: Option<i64>,
+    /// The newest closed windows, kept so that a label correction can revise their final rows.
+    #[serde(default, with = "open_windows")]
+    closed: BTreeMap<WindowKey, OpenWindow>,
+    /// How many closed windows to keep (0: none). A setting of the running pipeline, not state.
+    #[serde(skip)]
+    keep_closed: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -186,7 +215,99 @@ mod open_windows {
 
 impl WindowState {
     pub fn new(spec: WindowSpec) -> WindowState {
-        WindowState { spec, open: BTreeMap::new(), max_event_ms: None, sources: BTreeMap::new(), watermark_ms: None }
+        WindowState {
+            spec,
+            open: BTreeMap::new(),
+            max_event_ms: None,
+            sources: BTreeMap::new(),
+            watermark_ms: None,
+            closed: BTreeMap::new(),
+            keep_closed: 0,
+        }
+    }
+
+    /// Keeps the newest `count` closed windows revisable (see [`WindowState::relabel`]).
+    pub fn keep_closed(&mut self, count: usize) {
+        self.keep_closed = count;
+        self.trim_closed();
+    }
+
+    /// Forgets the oldest closed windows, a whole window start at a time: a window at a kept start
+    /// that is not here never had a story.
+    fn trim_closed(&mut self) {
+        while self.closed.len() > self.keep_closed {
+            let Some(oldest) = self.closed.keys().next().map(|k| k.start_ms) else { break };
+            while self.closed.first_key_value().is_some_and(|(k, _)| k.start_ms == oldest) {
+                self.closed.pop_first();
+            }
+        }
+    }
+
+    /// The groups a story counts in: its topic, [`ALL`], and (when grouping by ticker) each ticker once.
+    fn groups<'a>(&self, topic: &'a str, tickers: &'a [String]) -> Vec<(&'a str, Option<&'a str>)> {
+        let mut groups: Vec<(&str, Option<&str>)> = vec![(topic, None), (ALL, None)];
+        if self.spec.by_ticker {
+            for ticker in tickers {
+                if !groups.contains(&(ALL, Some(ticker.as_str()))) {
+                    groups.push((ALL, Some(ticker.as_str())));
+                }
+            }
+        }
+        groups
+    }
+
+    /// Moves a story from how it was counted (`was`) to how it counts now (`now`) in every window of
+    /// its event time that is open or still kept closed. Open windows show it in their next live
+    /// rows; each kept closed window it changes gets a revised final row, returned here (the newest
+    /// `updated_at` of a window wins). Returns nothing when every such window is gone.
+    pub fn relabel(&mut self, was: &Counted, now: &Counted, now_ms: i64) -> Vec<WindowRow> {
+        let mut revised = std::collections::BTreeSet::new();
+        let size = self.spec.size_ms;
+        let watermark = self.watermark_ms;
+        let starts: Vec<i64> = self.spec.starts(was.event_ms).collect();
+        for (topic, ticker) in self.groups(&was.topic, &was.tickers) {
+            for &start in &starts {
+                let key = WindowKey { start_ms: start, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
+                if let Some(window) = self.open.get_mut(&key) {
+                    window.counts.remove(&was.sentiment, was.sentiment_score);
+                    window.top.retain(|h| h.id != was.story.id);
+                    window.dirty = true;
+                } else if let Some(window) = self.closed.get_mut(&key) {
+                    window.counts.remove(&was.sentiment, was.sentiment_score);
+                    window.top.retain(|h| h.id != was.story.id);
+                    revised.insert(key);
+                }
+            }
+        }
+        let oldest_kept = self.closed.keys().next().map(|k| k.start_ms);
+        let new_groups: Vec<(String, Option<String>)> =
+            self.groups(&now.topic, &now.tickers).into_iter().map(|(t, k)| (t.to_string(), k.map(str::to_string))).collect();
+        for (topic, ticker) in new_groups {
+            for &start in &starts {
+                let key = WindowKey { start_ms: start, topic: topic.clone(), ticker: ticker.clone() };
+                let open = !watermark.is_some_and(|w| start + size <= w);
+                let window = if open {
+                    self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true })
+                } else if self.closed.contains_key(&key) || oldest_kept.is_some_and(|oldest| start >= oldest) {
+                    // A closed window of the new group that had no stories: it now has this one.
+                    revised.insert(key.clone());
+                    self.closed.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: false })
+                } else {
+                    continue;
+                };
+                window.counts.add(&now.sentiment, now.sentiment_score);
+                window.keep_if_among_most_negative(&now.story);
+                window.dirty |= open;
+            }
+        }
+        self.trim_closed();
+        revised
+            .into_iter()
+            .filter_map(|key| {
+                let window = self.closed.get(&key)?;
+                Some(WindowRow::new(key, size, window.counts.clone(), window.top.clone(), true, now_ms))
+            })
+            .collect()
     }
 
     /// Records that `source` delivered an event at `event_ms`, and moves the watermark.
@@ -266,16 +387,7 @@ impl WindowState {
         story: &Headline,
     ) -> Placed {
         let watermark = self.watermark_ms();
-        let mut groups: Vec<(&str, Option<&str>)> = vec![(topic, None), (ALL, None)];
-        if self.spec.by_ticker {
-            let mut seen = Vec::new();
-            for ticker in tickers {
-                if !seen.contains(&ticker) {
-                    seen.push(ticker);
-                    groups.push((ALL, Some(ticker.as_str())));
-                }
-            }
-        }
+        let groups = self.groups(topic, tickers);
         let size = self.spec.size_ms;
         let starts: Vec<i64> = self.spec.starts(event_ms).filter(|start| !watermark.is_some_and(|w| start + size <= w)).collect();
         for (topic, ticker) in &groups {
@@ -320,8 +432,12 @@ impl WindowState {
                 break;
             }
             let (key, window) = entry.remove_entry();
-            rows.push(WindowRow::new(key, self.spec.size_ms, window.counts, window.top, true, now_ms));
+            rows.push(WindowRow::new(key.clone(), self.spec.size_ms, window.counts.clone(), window.top.clone(), true, now_ms));
+            if self.keep_closed > 0 {
+                self.closed.insert(key, window);
+            }
         }
+        self.trim_closed();
         rows
     }
 
@@ -530,5 +646,56 @@ mod tests {
             b.put(1, "x", &[], "neutral", *s);
         }
         assert_eq!(a.open, b.open);
+    }
+
+    fn counted(id: &str, t: i64, topic: &str, sentiment: &str, score: f32, p_negative: f32) -> Counted {
+        Counted { event_ms: t, topic: topic.into(), tickers: vec![], sentiment: sentiment.into(), sentiment_score: score, story: story(id, p_negative) }
+    }
+
+    fn add(state: &mut WindowState, c: &Counted) {
+        state.add(c.event_ms, &c.topic, &c.tickers, &c.sentiment, c.sentiment_score, &c.story);
+        state.advance("p0", c.event_ms);
+    }
+
+    #[test]
+    fn a_relabelled_story_moves_between_counts_in_open_windows() {
+        let mut state = WindowState::new(spec(2 * H, H, 0));
+        let was = counted("a", 10, "energy", "negative", -0.8, 0.9);
+        add(&mut state, &was);
+        add(&mut state, &counted("b", 20, "energy", "neutral", 0.0, 0.1));
+        state.take_updates(0);
+        let now = Counted { topic: "metals".into(), sentiment: "neutral".into(), sentiment_score: 0.0, story: story("a", 0.0), ..was.clone() };
+        assert!(state.relabel(&was, &now, 5).is_empty(), "open windows change in place");
+        let counts = |state: &WindowState, topic: &str| {
+            state.open_counts().filter(|(k, _)| k.topic == topic).map(|(_, c)| (c.n, c.n_negative, c.sentiment_micros)).collect::<Vec<_>>()
+        };
+        assert_eq!(counts(&state, "energy"), vec![(1, 0, 0); 2]);
+        assert_eq!(counts(&state, "metals"), vec![(1, 0, 0); 2]);
+        assert_eq!(counts(&state, ALL), vec![(2, 0, 0); 2]);
+        let updates = state.take_updates(6);
+        assert_eq!(updates.len(), 6, "every window it left or joined shows a live row");
+        let energy = updates.iter().find(|r| r.key.topic == "energy").unwrap();
+        assert!(energy.top.iter().all(|h| h.id != "a"), "no longer among energy's most negative");
+    }
+
+    #[test]
+    fn kept_closed_windows_get_revised_final_rows_and_the_rest_stay_final() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.keep_closed(2);
+        let old = counted("old", 10, "energy", "negative", -1.0, 0.9);
+        let was = counted("a", H + 10, "energy", "negative", -1.0, 0.9);
+        add(&mut state, &old);
+        add(&mut state, &was);
+        add(&mut state, &counted("c", 2 * H + 10, "energy", "neutral", 0.0, 0.1));
+        assert_eq!(state.close_due(0).len(), 4, "two hours of energy and all");
+        // Only the newest hour's closed windows are kept: the first hour's are gone for good.
+        let now = Counted { sentiment: "positive".into(), sentiment_score: 1.0, story: story("a", 0.0), ..was.clone() };
+        let revised = state.relabel(&was, &now, 9);
+        assert_eq!(revised.iter().map(|r| r.key.topic.as_str()).collect::<Vec<_>>(), vec![ALL, "energy"]);
+        let row = &revised[1];
+        assert!(row.final_row && row.updated_ms == 9 && row.key.start_ms == H);
+        assert_eq!((row.counts.n, row.counts.n_negative, row.counts.n_positive), (1, 0, 1));
+        let old_now = Counted { sentiment: "neutral".into(), ..old.clone() };
+        assert!(state.relabel(&old, &old_now, 10).is_empty());
     }
 }

@@ -1,0 +1,304 @@
+//! What analysts corrected, as a memory the pipeline asks about every story it scores. A story gets an
+//! analyst's label when its headline is the same text (by [`match_key`]), or a near-duplicate by the
+//! model's rule ([`NearDuplicates`], set on validation data by `models/train/near_duplicates.py`):
+//! one stretch of a few words differs, the rest is shared, and the model reads both texts the same
+//! way (same topic, sentiment probabilities close), so what differs is a name or a number, not what
+//! the headline says.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::{Action, Head, LabelFeedback, match_key};
+use crate::classify::NearDuplicates;
+use crate::news::Scores;
+
+/// An analyst's label for one head of one text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correction {
+    pub label: String,
+    pub feedback_id: String,
+}
+
+/// How a story came to carry a correction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Match {
+    /// The analyst judged this very story.
+    Story,
+    /// Another story with the same text (ignoring case, punctuation and spacing).
+    Exact,
+    /// A near-duplicate, with the share of words it shares with the corrected text.
+    Near { shared: f32 },
+}
+
+impl Match {
+    pub fn name(self) -> &'static str {
+        match self {
+            Match::Story => "story",
+            Match::Exact => "exact",
+            Match::Near { .. } => "near",
+        }
+    }
+
+    pub fn shared_words(self) -> Option<f32> {
+        match self {
+            Match::Near { shared } => Some(shared),
+            Match::Story | Match::Exact => None,
+        }
+    }
+}
+
+/// How the model read a text: what near-duplicate matching compares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// `[p_negative, p_neutral, p_positive]`.
+    pub sentiment: [f32; 3],
+    pub topic: String,
+}
+
+impl Reading {
+    pub fn of(scores: &Scores) -> Reading {
+        Reading { sentiment: [scores.p_negative, scores.p_neutral, scores.p_positive], topic: scores.topic.clone() }
+    }
+
+    fn distance(&self, other: &Reading) -> f32 {
+        0.5 * self.sentiment.iter().zip(&other.sentiment).map(|(a, b)| (a - b).abs()).sum::<f32>()
+    }
+}
+
+/// The words [`match_key`] hashes: lower case, runs of letters and digits.
+pub fn words(text: &str) -> Vec<String> {
+    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+}
+
+/// How much of the longer text the common prefix and suffix cover, and how many words of the longer
+/// one differ between them.
+fn aligned(a: &[String], b: &[String]) -> (f32, usize) {
+    let shortest = a.len().min(b.len());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a.iter().rev().zip(b.iter().rev()).take(shortest - prefix).take_while(|(x, y)| x == y).count();
+    let longest = a.len().max(b.len()).max(1);
+    ((prefix + suffix) as f32 / longest as f32, a.len().max(b.len()) - prefix - suffix)
+}
+
+#[derive(Debug, Default)]
+struct Judged {
+    sentiment: Option<Correction>,
+    topic: Option<Correction>,
+    words: Vec<String>,
+    /// The model's reading of the text; `None` until classified (or with no classifier).
+    reading: Option<Reading>,
+}
+
+impl Judged {
+    fn head(&mut self, head: Head) -> &mut Option<Correction> {
+        match head {
+            Head::Sentiment => &mut self.sentiment,
+            Head::Topic => &mut self.topic,
+        }
+    }
+
+    fn corrections(&self) -> impl Iterator<Item = (Head, &Correction)> {
+        [(Head::Sentiment, &self.sentiment), (Head::Topic, &self.topic)].into_iter().filter_map(|(h, c)| c.as_ref().map(|c| (h, c)))
+    }
+}
+
+pub struct Memory {
+    /// By match key.
+    by_key: HashMap<String, Judged>,
+    /// Match keys by first and by last word: a near-duplicate shares one of them.
+    by_end: HashMap<String, Vec<String>>,
+    /// Match keys, oldest first, to forget the oldest beyond `capacity`.
+    order: VecDeque<String>,
+    /// `None`: exact matches only.
+    rule: Option<NearDuplicates>,
+    capacity: usize,
+}
+
+/// A story's headline, as lookups need it.
+pub struct Query<'a> {
+    pub key: &'a str,
+    pub words: &'a [String],
+    pub reading: &'a Reading,
+}
+
+impl Memory {
+    pub fn new(rule: Option<NearDuplicates>, capacity: usize) -> Memory {
+        Memory { by_key: HashMap::new(), by_end: HashMap::new(), order: VecDeque::new(), rule, capacity }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether near-duplicates are matched, so that judged texts need the model's reading.
+    pub fn wants_readings(&self) -> bool {
+        self.rule.is_some()
+    }
+
+    /// Takes in one journal row; rows come oldest first, so the newest judgement of a text and head
+    /// wins. `unsure` forgets the head's label: the model's stands again.
+    pub fn learn(&mut self, row: &LabelFeedback, reading: Option<Reading>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let key = match_key(&row.text);
+        if !self.by_key.contains_key(&key) {
+            let words = words(&row.text);
+            for end in [words.first(), words.last()].into_iter().flatten() {
+                let keys = self.by_end.entry(end.clone()).or_default();
+                if !keys.contains(&key) {
+                    keys.push(key.clone());
+                }
+            }
+            self.by_key.insert(key.clone(), Judged { words, ..Judged::default() });
+            self.order.push_back(key.clone());
+            while self.order.len() > self.capacity {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.forget(&oldest);
+                }
+            }
+        }
+        let Some(judged) = self.by_key.get_mut(&key) else { return };
+        if reading.is_some() {
+            judged.reading = reading;
+        }
+        *judged.head(row.head) = match (row.action, &row.analyst_label) {
+            (Action::Unsure, _) | (_, None) => None,
+            (_, Some(label)) => Some(Correction { label: label.clone(), feedback_id: row.feedback_id.clone() }),
+        };
+    }
+
+    fn forget(&mut self, key: &str) {
+        let Some(judged) = self.by_key.remove(key) else { return };
+        for end in [judged.words.first(), judged.words.last()].into_iter().flatten() {
+            if let Some(keys) = self.by_end.get_mut(end) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_end.remove(end);
+                }
+            }
+        }
+    }
+
+    /// The corrections a story gets, per head: its text's, or else its nearest near-duplicate's.
+    pub fn lookup(&self, query: &Query<'_>) -> Vec<(Head, Correction, Match)> {
+        let (judged, matched) = match self.by_key.get(query.key) {
+            Some(judged) => (judged, Match::Exact),
+            None => match self.nearest(query) {
+                Some((judged, shared)) => (judged, Match::Near { shared }),
+                None => return Vec::new(),
+            },
+        };
+        judged.corrections().map(|(head, c)| (head, c.clone(), matched)).collect()
+    }
+
+    /// The labelled text that shares most of the query's words within the rule (then the closest
+    /// reading, then the key, so that the answer does not depend on memory order).
+    fn nearest(&self, query: &Query<'_>) -> Option<(&Judged, f32)> {
+        let rule = self.rule?;
+        let ends = [query.words.first(), query.words.last()].into_iter().flatten();
+        let mut best: Option<(f32, f32, &str, &Judged)> = None;
+        for key in ends.filter_map(|end| self.by_end.get(end)).flatten() {
+            let Some(judged) = self.by_key.get(key) else { continue };
+            let Some(reading) = &judged.reading else { continue };
+            if judged.corrections().next().is_none() || reading.topic != query.reading.topic {
+                continue;
+            }
+            let (shared, span) = aligned(query.words, &judged.words);
+            let distance = reading.distance(query.reading);
+            if shared < rule.min_shared || span > rule.max_span || distance > rule.max_distance {
+                continue;
+            }
+            let better = best.is_none_or(|(s, d, k, _)| (shared, -distance, std::cmp::Reverse(key.as_str())) > (s, -d, std::cmp::Reverse(k)));
+            if better {
+                best = Some((shared, distance, key.as_str(), judged));
+            }
+        }
+        best.map(|(shared, _, _, judged)| (judged, shared))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feedback::Channel;
+
+    fn row(text: &str, head: Head, label: Option<&str>, action: Action) -> LabelFeedback {
+        LabelFeedback {
+            feedback_id: format!("f-{text}-{label:?}"),
+            story_id: None,
+            text: text.into(),
+            text_hash: crate::feedback::text_hash(text),
+            head,
+            model: None,
+            model_label: None,
+            model_score: None,
+            analyst_label: label.map(str::to_string),
+            action,
+            analyst: "ana".into(),
+            created_at: chrono::Utc::now(),
+            note: None,
+            source: Channel::Cli,
+            supersedes: None,
+        }
+    }
+
+    fn reading(p_negative: f32, topic: &str) -> Reading {
+        Reading { sentiment: [p_negative, 1.0 - p_negative, 0.0], topic: topic.into() }
+    }
+
+    const RULE: NearDuplicates = NearDuplicates { min_shared: 0.5, max_span: 5, max_distance: 0.05 };
+
+    fn ask<'a>(memory: &Memory, text: &str, reading: &Reading) -> Vec<(Head, Correction, Match)> {
+        let (key, words) = (match_key(text), words(text));
+        memory.lookup(&Query { key: &key, words: &words, reading })
+    }
+
+    #[test]
+    fn the_same_text_in_other_case_and_punctuation_matches_exactly() {
+        let mut memory = Memory::new(None, 10);
+        memory.learn(&row("Acme shares fall 5%", Head::Sentiment, Some("neutral"), Action::Correct), None);
+        let found = ask(&memory, "ACME SHARES FALL 5 %!", &reading(0.9, "equity_markets"));
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].0, found[0].1.label.as_str(), found[0].2), (Head::Sentiment, "neutral", Match::Exact));
+        assert!(ask(&memory, "Acme shares rise 5%", &reading(0.9, "equity_markets")).is_empty(), "no rule: exact only");
+    }
+
+    #[test]
+    fn a_near_duplicate_needs_shared_words_and_the_same_reading() {
+        let mut memory = Memory::new(Some(RULE), 10);
+        memory.learn(&row("Acme Corp shares fall 5% after results", Head::Sentiment, Some("neutral"), Action::Correct), Some(reading(0.9, "equity_markets")));
+        let near = ask(&memory, "Globex Inc shares fall 5% after results", &reading(0.92, "equity_markets"));
+        assert_eq!(near.len(), 1);
+        assert!(matches!(near[0].2, Match::Near { shared } if (shared - 5.0 / 7.0).abs() < 1e-6), "{:?}", near[0].2);
+        // The model reads the other text differently: what differs is not a name.
+        assert!(ask(&memory, "Globex Inc shares fall 5% after results", &reading(0.5, "equity_markets")).is_empty());
+        assert!(ask(&memory, "Globex Inc shares fall 5% after results", &reading(0.9, "earnings")).is_empty());
+        // Too little in common.
+        assert!(ask(&memory, "Globex Inc to buy a rival for $2 billion after results", &reading(0.9, "equity_markets")).is_empty());
+    }
+
+    #[test]
+    fn the_newest_judgement_wins_and_unsure_gives_the_model_back() {
+        let mut memory = Memory::new(None, 10);
+        memory.learn(&row("Acme shares fall", Head::Sentiment, Some("neutral"), Action::Correct), None);
+        memory.learn(&row("Acme shares fall", Head::Sentiment, Some("negative"), Action::Correct), None);
+        memory.learn(&row("Acme shares fall", Head::Topic, Some("company_news"), Action::Correct), None);
+        let found = ask(&memory, "Acme shares fall", &reading(0.9, "equity_markets"));
+        assert_eq!(found.iter().map(|f| (f.0, f.1.label.as_str())).collect::<Vec<_>>(), vec![(Head::Sentiment, "negative"), (Head::Topic, "company_news")]);
+        memory.learn(&row("Acme shares fall", Head::Sentiment, None, Action::Unsure), None);
+        let found = ask(&memory, "Acme shares fall", &reading(0.9, "equity_markets"));
+        assert_eq!(found.iter().map(|f| f.0).collect::<Vec<_>>(), vec![Head::Topic]);
+    }
+
+    #[test]
+    fn the_oldest_texts_are_forgotten_beyond_capacity() {
+        let mut memory = Memory::new(Some(RULE), 2);
+        for text in ["one two three", "four five six", "seven eight nine"] {
+            memory.learn(&row(text, Head::Sentiment, Some("neutral"), Action::Correct), Some(reading(0.5, "other")));
+        }
+        assert_eq!(memory.len(), 2);
+        assert!(ask(&memory, "one two three", &reading(0.5, "other")).is_empty());
+        assert_eq!(ask(&memory, "seven eight nine", &reading(0.5, "other")).len(), 1);
+        assert!(memory.by_end.values().flatten().all(|k| memory.by_key.contains_key(k)), "the index forgets with them");
+    }
+}

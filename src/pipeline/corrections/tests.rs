@@ -1,0 +1,118 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::feedback::{Channel, LabelFeedback, record_labels};
+use crate::window::{ALL, WindowSpec, WindowState};
+
+const H: i64 = 3_600_000;
+
+fn scores(sentiment: &'static str, p_negative: f32, topic: &str) -> Scores {
+    Scores {
+        topic: topic.into(),
+        topic_score: 0.9,
+        sentiment,
+        p_negative,
+        p_neutral: 1.0 - p_negative,
+        p_positive: 0.0,
+        sentiment_score: -p_negative,
+        model: Arc::from("m@1"),
+    }
+}
+
+fn judgement(story_id: Option<&str>, text: &str, head: Head, label: Option<&str>, action: Action) -> LabelFeedback {
+    LabelFeedback {
+        feedback_id: format!("f{}", text.len() + label.map_or(0, str::len)),
+        story_id: story_id.map(str::to_string),
+        text: text.into(),
+        text_hash: text_hash(text),
+        head,
+        model: Some("m@1".into()),
+        model_label: None,
+        model_score: None,
+        analyst_label: label.map(str::to_string),
+        action,
+        analyst: "ana".into(),
+        created_at: chrono::Utc::now(),
+        note: None,
+        source: Channel::Api,
+        supersedes: None,
+    }
+}
+
+/// Scores a story into the windows the way `Core::score` does.
+fn count(corrections: &mut Corrections, windows: &mut WindowState, id: &str, headline: &str, t: i64, scores: &Scores) -> Counted {
+    let story = Headline { id: id.into(), headline: headline.into(), p_negative: scores.p_negative, why: vec![] };
+    let mut tracked = Tracked::new(t, vec![], story, scores);
+    let counted = corrections.label(&mut tracked, scores);
+    windows.add(t, &counted.topic, &counted.tickers, &counted.sentiment, counted.sentiment_score, &counted.story);
+    windows.advance("p0", t);
+    corrections.track(tracked);
+    counted
+}
+
+fn negatives(windows: &WindowState, topic: &str) -> Vec<(u64, u64)> {
+    windows.open_counts().filter(|(k, _)| k.topic == topic).map(|(_, c)| (c.n, c.n_negative)).collect()
+}
+
+#[test]
+fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let negative = scores("negative", 0.9, "equity_markets");
+    count(&mut corrections, &mut windows, "a", "S&P says downgrades may ease", 10, &negative);
+    count(&mut corrections, &mut windows, "b", "S&P SAYS DOWNGRADES MAY EASE", 20, &negative);
+    count(&mut corrections, &mut windows, "c", "Oil falls", 30, &negative);
+    assert_eq!(negatives(&windows, ALL), vec![(3, 3)]);
+
+    record_labels(dir.path(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, Some("neutral"), Action::Correct)]).unwrap();
+    let rows = corrections.due_rows().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(corrections.learn(rows, None, &mut windows, 0).unwrap().is_empty(), "only open windows");
+    assert_eq!(negatives(&windows, ALL), vec![(3, 1)], "the story and its re-sent copy count as neutral");
+    let matched: Vec<(&str, &str)> = corrections.applied.iter().map(|a| (a.story_id.as_str(), a.matched.name())).collect();
+    assert_eq!(matched, vec![("a", "story"), ("b", "exact")]);
+    assert!(corrections.applied.iter().all(|a| a.model_label == "negative" && a.label.as_deref() == Some("neutral")));
+
+    // A later story with the same words gets the label as it is scored.
+    let later = count(&mut corrections, &mut windows, "d", "S&P says: downgrades may ease!", 40, &negative);
+    assert_eq!((later.sentiment.as_str(), later.sentiment_score, later.story.p_negative), ("neutral", 0.0, 0.0));
+    assert_eq!(corrections.applied.last().map(|a| (a.story_id.as_str(), a.matched.name())), Some(("d", "exact")));
+
+    // Unsure gives the model's label back to every story that had the correction.
+    corrections.last_poll = None;
+    record_labels(dir.path(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, None, Action::Unsure)]).unwrap();
+    let rows = corrections.due_rows().unwrap();
+    corrections.learn(rows, None, &mut windows, 0).unwrap();
+    assert_eq!(negatives(&windows, ALL), vec![(4, 4)]);
+    assert!(corrections.due_rows().unwrap().is_empty(), "each file is read once");
+}
+
+#[test]
+fn a_topic_correction_moves_the_story_between_topic_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    count(&mut corrections, &mut windows, "a", "Midland sets stock split", 10, &scores("negative", 0.8, "other"));
+    let rows = vec![judgement(Some("a"), "Midland sets stock split", Head::Topic, Some("company_news"), Action::Correct)];
+    corrections.learn(rows, None, &mut windows, 0).unwrap();
+    assert_eq!(negatives(&windows, "other"), vec![(0, 0)]);
+    assert_eq!(negatives(&windows, "company_news"), vec![(1, 1)]);
+    assert_eq!(corrections.tracked()[0].counted.topic, "company_news", "the checkpoint keeps how it is counted");
+}
+
+#[test]
+fn stories_beyond_revise_stories_are_no_longer_recounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = FeedbackConfig { revise_stories: 1, ..FeedbackConfig::default() };
+    let mut corrections = Corrections::new(&config, dir.path(), None);
+    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let negative = scores("negative", 0.9, "energy");
+    count(&mut corrections, &mut windows, "a", "Oil falls", 10, &negative);
+    count(&mut corrections, &mut windows, "b", "Gas falls", 20, &negative);
+    let rows = vec![judgement(Some("a"), "Oil falls", Head::Sentiment, Some("neutral"), Action::Correct)];
+    corrections.learn(rows, None, &mut windows, 0).unwrap();
+    assert_eq!(negatives(&windows, ALL), vec![(2, 2)], "story a was forgotten");
+    assert_eq!(corrections.tracked().len(), 1);
+    assert!(corrections.applied.is_empty());
+}
