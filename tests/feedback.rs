@@ -153,6 +153,34 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     let won = api.sql(VIEWER, "SELECT analyst_label AS label, analyst FROM label_feedback WHERE head = 'sentiment' \
         AND feedback_id NOT IN (SELECT supersedes FROM label_feedback WHERE supersedes IS NOT NULL)");
     assert_eq!(won, vec![json!({"label": "positive", "analyst": "admin"})]);
+    // The replay has ended and its windows are closed: the corrected story's get revised final rows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applied = loop {
+        let rows = api.sql(VIEWER, &format!("SELECT label, matched FROM applied_labels WHERE story_id = '{story_id}' AND head = 'sentiment' ORDER BY applied_at"));
+        if rows.len() == 2 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "corrections not applied: {rows:?}\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(applied, vec![json!({"label": "neutral", "matched": "story"}), json!({"label": "positive", "matched": "story"})]);
+    let revisions = api.sql(
+        VIEWER,
+        &format!(
+            "WITH s AS (SELECT published_at FROM news WHERE id = '{story_id}' LIMIT 1), \
+             w AS (SELECT window_start, n, n_negative, n_positive, \
+                          row_number() OVER (PARTITION BY window_start ORDER BY updated_at) AS first, \
+                          row_number() OVER (PARTITION BY window_start ORDER BY updated_at DESC) AS last \
+                   FROM windows, s WHERE topic = 'all' AND final AND window_start <= s.published_at AND window_end > s.published_at) \
+             SELECT a.window_start, a.n = b.n AS same_n, a.n_negative - b.n_negative AS fewer_negative, b.n_positive - a.n_positive AS more_positive \
+             FROM w a JOIN w b ON a.window_start = b.window_start AND a.first = 1 AND b.last = 1 ORDER BY a.window_start"
+        ),
+    );
+    assert_eq!(revisions.len(), 2, "a 1-day window every 12 hours holds the story twice: {revisions:?}");
+    for window in &revisions {
+        assert_eq!((&window["same_n"], &window["fewer_negative"], &window["more_positive"]), (&json!(true), &json!(1), &json!(1)), "{window}");
+    }
+
     let out = Command::new("psql")
         .args(["-h", "127.0.0.1", "-p", &pg.to_string(), "-U", "bearwatch", "-d", "bearwatch", "-X", "-A", "-t", "-F", "|", "-c"])
         .arg("SELECT v.verdict, v.analyst, m.topic FROM alert_verdicts v CROSS JOIN missed_events m")

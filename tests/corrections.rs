@@ -1,0 +1,122 @@
+//! Corrections act at once, against a real running pipeline: stories from a real Kafka broker, a
+//! correction through a real HTTP client, and the windows, `applied_labels` and `news` read back over
+//! the pipeline's SQL endpoint while it keeps running.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Pipeline, brokers, create_topic_on, produce_to, unique};
+use common::servers::free_port;
+use serde_json::{Value, json};
+
+struct Api {
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut response = self.agent.post(format!("{}{path}", self.url)).header("Content-Type", "application/json").send(body).unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Rows of `query`, or none while the server is not up yet.
+    fn sql(&self, query: &str) -> Vec<Value> {
+        match self.agent.post(format!("{}/sql", self.url)).send(query) {
+            Ok(mut r) if r.status().as_u16() == 200 => serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Waits until `query` returns what `done` accepts; panics with the pipeline's logs after 120 s.
+    fn wait_for(&self, run: &mut Pipeline, what: &str, query: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let rows = self.sql(query);
+            if done(&rows) {
+                return rows;
+            }
+            assert!(run.child.try_wait().unwrap().is_none(), "pipeline exited before {what}\n{}", run.logs());
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {rows:?}\n{}", run.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn story(id: &str, minute: u32, headline: &str) -> String {
+    json!({"id": id, "published_at": format!("2026-11-30T09:{minute:02}:00Z"), "headline": headline, "tickers": []}).to_string() + "\n"
+}
+
+/// The newest row of the day's `all` window: how it counts now.
+const ALL_WINDOW: &str = "SELECT n, n_negative, n_neutral, n_positive FROM windows WHERE topic = 'all' ORDER BY updated_at DESC, n DESC LIMIT 1";
+
+#[test]
+fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplicates_that_arrive_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("corrections");
+    create_topic_on(brokers(), &topic, 1);
+    let http = free_port();
+    let config = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n\
+         [server]\nhttp = \"127.0.0.1:{http}\"\n",
+        brokers = brokers(),
+        group = unique("g")
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+
+    let first = dir.path().join("first.jsonl");
+    let judged = "Acme Corp shares fall 5% after quarterly results";
+    std::fs::write(&first, [story("a", 1, judged), story("b", 2, "Oil prices rise as OPEC cuts output"), story("c", 3, "Central bank holds rates")].concat()).unwrap();
+    produce_to(brokers(), &topic, &first);
+    let scored = api.wait_for(&mut run, "three scored stories", "SELECT id, sentiment, topic, p_negative FROM news ORDER BY id", |r| r.len() == 3);
+    assert_eq!(scored[0]["sentiment"], "negative", "the model's reading of {judged:?} changed: pick another headline");
+    let before = api.wait_for(&mut run, "the open window", ALL_WINDOW, |r| r.first().is_some_and(|w| w["n"] == 3))[0].clone();
+
+    // The analyst says story a is not negative: the open window re-counts it within moments.
+    let correction = json!({"story_id": "a", "head": "sentiment", "label": "neutral"}).to_string();
+    let (status, answer) = api.post("/api/feedback/labels", &correction);
+    assert_eq!(status, 201, "{answer}");
+    let after = api.wait_for(&mut run, "the window to re-count story a", ALL_WINDOW, |r| {
+        r.first().is_some_and(|w| w["n_negative"].as_i64() == before["n_negative"].as_i64().map(|n| n - 1))
+    })[0]
+        .clone();
+    assert_eq!(after["n"], 3, "nothing lost or counted twice");
+    assert_eq!(after["n_neutral"].as_i64(), before["n_neutral"].as_i64().map(|n| n + 1));
+    let applied = api.wait_for(&mut run, "applied_labels for story a", "SELECT story_id, head, model_label, label, matched FROM applied_labels", |r| !r.is_empty());
+    assert_eq!(applied, vec![json!({"story_id": "a", "head": "sentiment", "model_label": "negative", "label": "neutral", "matched": "story"})]);
+
+    // The same story re-sent and the same wording about another company arrive after the correction.
+    let later = dir.path().join("later.jsonl");
+    let copy = "ACME CORP SHARES FALL 5% AFTER QUARTERLY RESULTS.";
+    let near = "Globex Inc shares fall 5% after quarterly results";
+    std::fs::write(&later, [story("d", 4, copy), story("e", 5, near), story("f", 6, "Tech stocks tumble on rate fears")].concat()).unwrap();
+    produce_to(brokers(), &topic, &later);
+    let applied = api.wait_for(
+        &mut run,
+        "the copy and the near-duplicate to get the correction",
+        "SELECT story_id, label, matched, round(shared_words, 2) AS shared FROM applied_labels ORDER BY story_id",
+        |r| r.len() == 3,
+    );
+    assert_eq!(applied[1], json!({"story_id": "d", "label": "neutral", "matched": "exact"}), "no shared_words for an exact copy");
+    assert_eq!(applied[2], json!({"story_id": "e", "label": "neutral", "matched": "near", "shared": 0.75}), "{applied:?}");
+    let news = api.wait_for(&mut run, "six stories", "SELECT id, sentiment FROM news WHERE id IN ('a', 'd', 'e') ORDER BY id", |r| r.len() == 3);
+    assert!(news.iter().all(|s| s["sentiment"] == "negative"), "news keeps the model's scores: {news:?}");
+    let window = api.wait_for(&mut run, "the window with six stories", ALL_WINDOW, |r| r.first().is_some_and(|w| w["n"] == 6))[0].clone();
+    let f_negative = api.sql("SELECT count(*) AS n FROM news WHERE id = 'f' AND sentiment = 'negative'")[0]["n"].as_i64().unwrap();
+    assert_eq!(window["n_negative"].as_i64(), before["n_negative"].as_i64().map(|n| n - 1 + f_negative), "a, d and e count as neutral: {window}");
+    // Which label won, queryable: the model's in news, the analyst's where applied_labels says so.
+    let won = api.sql(
+        "SELECT n.id, coalesce(a.label, n.sentiment) AS label FROM news n \
+         LEFT JOIN applied_labels a ON a.story_id = n.id AND a.head = 'sentiment' WHERE n.id IN ('a', 'e') ORDER BY n.id",
+    );
+    assert_eq!(won, vec![json!({"id": "a", "label": "neutral"}), json!({"id": "e", "label": "neutral"})]);
+
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}
