@@ -37,6 +37,9 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
     ("bearwatch_feedback_rows_total", Kind::Counter, "table", "Rows people added to label_feedback, alert_verdicts or missed_events"),
+    ("bearwatch_feedback_applied_total", Kind::Counter, "matched", "Stories that got an analyst's label, by how they matched (story, exact, near)"),
+    ("bearwatch_feedback_memory_texts", Kind::Gauge, "", "Corrected texts the running pipeline remembers"),
+    ("bearwatch_feedback_unreadable_files_total", Kind::Counter, "", "label_feedback files the pipeline could not read"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];

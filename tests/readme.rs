@@ -70,7 +70,7 @@ fn the_configuration_reference_shows_every_field_and_parses() {
     }
     PipelineConfig::parse(&reference, "README.md config reference").unwrap_or_else(|e| panic!("{e}"));
     let shown = shown_fields(&reference);
-    let sections = ["", "source", "model", "window", "storage", "sink", "run", "server", "alerts", "receivers"];
+    let sections = ["", "source", "model", "window", "storage", "sink", "run", "server", "feedback", "alerts", "receivers"];
     let mut missing = Vec::new();
     for section in sections {
         for field in expected_fields(section) {

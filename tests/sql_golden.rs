@@ -21,6 +21,7 @@ use bearwatch::sql::{self, Format};
 use bearwatch::classify::news_batch;
 use bearwatch::storage::{Storage, Table};
 use bearwatch::window::{Headline, WindowSpec, WindowState, windows_batch};
+use bearwatch::feedback::applied_labels_batch;
 
 const H: i64 = 3_600_000;
 /// 1987-03-02T00:00:00Z.
@@ -139,6 +140,32 @@ fn write_dataset(dir: &Path) {
     storage.write(Table::Alerts, &alerts_batch(&alerts).unwrap()).unwrap();
     storage.write(Table::Notifications, &notifications_batch(&notifications).unwrap()).unwrap();
     write_feedback(dir, &alerts.iter().map(|(a, _)| (a.alert_id.clone(), a.rule.clone())).collect::<Vec<_>>());
+    storage.write(Table::AppliedLabels, &applied_labels_batch(&applied_labels(&news)).unwrap()).unwrap();
+}
+
+/// What the pipeline records when corrections act: a judged story, an exact copy that a later
+/// `unsure` gives back to the model, a near-duplicate, and a topic correction.
+fn applied_labels(news: &[ScoredNews]) -> Vec<bearwatch::feedback::AppliedLabel> {
+    use bearwatch::feedback::{AppliedLabel, Head, Match};
+    let applied = |story: &ScoredNews, head, label: Option<&str>, feedback: &str, matched, hour: i64| AppliedLabel {
+        story_id: story.news.id.clone(),
+        text_hash: bearwatch::feedback::text_hash(&story.news.headline),
+        head,
+        model: "synthetic@1".into(),
+        model_label: if head == Head::Sentiment { story.scores.sentiment.to_string() } else { story.scores.topic.clone() },
+        label: label.map(str::to_string),
+        feedback_id: feedback.into(),
+        matched,
+        applied_at: chrono::DateTime::from_timestamp_millis(START + 7 * 24 * H + hour * H).unwrap(),
+    };
+    let negative: Vec<&ScoredNews> = news.iter().filter(|s| s.scores.sentiment == "negative").take(3).collect();
+    vec![
+        applied(negative[0], Head::Sentiment, Some("neutral"), "f1", Match::Story, 1),
+        applied(negative[1], Head::Sentiment, Some("neutral"), "f1", Match::Exact, 1),
+        applied(negative[2], Head::Sentiment, Some("neutral"), "f1", Match::Near { shared: 0.75 }, 1),
+        applied(negative[1], Head::Sentiment, None, "f6", Match::Exact, 2),
+        applied(&news[13], Head::Topic, Some("macro"), "f7", Match::Story, 3),
+    ]
 }
 
 /// Analysts' judgements at fixed times: a correction that a later one supersedes, a confirmation

@@ -8,11 +8,9 @@ use crate::config::{FieldError, within};
 #[serde(deny_unknown_fields, default)]
 pub struct FeedbackConfig {
     /// Give a correction to near-duplicates of the corrected headline too (the same story re-sent,
-    /// the same wording about another company), found by the model's pooled embedding.
+    /// the same wording about another company), by the model's rule (`near_duplicates` in its
+    /// labels.json, set on validation data).
     pub near_duplicates: bool,
-    /// Cosine similarity at or above which a headline is a near-duplicate. Default: the model's own
-    /// `near_duplicate_similarity` (labels.json), set on validation data.
-    pub near_duplicate_similarity: Option<f32>,
     /// Corrected texts remembered (the newest win); each costs its embedding (1.5 KB for model 2).
     pub remember: usize,
     /// Stories whose windows a correction can still re-count, newest kept.
@@ -23,17 +21,12 @@ pub struct FeedbackConfig {
 
 impl Default for FeedbackConfig {
     fn default() -> Self {
-        FeedbackConfig { near_duplicates: true, near_duplicate_similarity: None, remember: 50_000, revise_stories: 20_000, revise_windows: 5_000 }
+        FeedbackConfig { near_duplicates: true, remember: 50_000, revise_stories: 20_000, revise_windows: 5_000 }
     }
 }
 
 impl FeedbackConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
-        if let Some(s) = self.near_duplicate_similarity
-            && !(s > 0.0 && s <= 1.0)
-        {
-            return Err(("feedback.near_duplicate_similarity", "must be above 0 and at most 1".into()));
-        }
         within("feedback.remember", self.remember, 0, 1_000_000)?;
         within("feedback.revise_stories", self.revise_stories, 0, 1_000_000)?;
         within("feedback.revise_windows", self.revise_windows, 0, 1_000_000)
