@@ -30,11 +30,9 @@ import random
 import re
 
 import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
 
 import data
-from evaluate import wilson
+from evaluate import predict, wilson
 
 MEMORY = 500          # corrected SEntFiN headlines the memory holds in the simulation...
 MAX_FLIPS = 1000      # ...plus up to this many polar headlines that have a direction word
@@ -51,30 +49,10 @@ FLIPS = [("rise", "fall"), ("rises", "falls"), ("gain", "loss"), ("gains", "loss
          ("increase", "decrease"), ("strong", "weak"), ("buy", "sell")]
 
 
-def score(path, texts, threads=1, batch_size=64):
+def score(path, texts):
     """Sentiment probabilities and topic index of each text, from the model bearwatch runs."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    tok = Tokenizer.from_file(str(data.MODELS / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(data.MAX_LENGTH)
-    encs = tok.encode_batch(texts)
-    sent = np.zeros((len(texts), 3), np.float32)
-    topic = np.zeros(len(texts), np.int64)
-    order = sorted(range(len(texts)), key=lambda i: len(encs[i].ids))
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        t = max(len(encs[j].ids) for j in idx)
-        ids = np.zeros((len(idx), t), np.int64)
-        mask = np.zeros((len(idx), t), np.int64)
-        for r, j in enumerate(idx):
-            n = len(encs[j].ids)
-            ids[r, :n] = encs[j].ids
-            mask[r, :n] = 1
-        s, tp = sess.run(["sentiment_probs", "topic_probs"], {"input_ids": ids, "attention_mask": mask})
-        sent[idx], topic[idx] = s, tp.argmax(1)
-    return sent, topic
+    sent, topic = predict(path, texts, 1, data.MODELS / "tokenizer.json")
+    return sent, topic.argmax(1)
 
 
 def headlines(split):

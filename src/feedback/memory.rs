@@ -220,26 +220,9 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::feedback::Channel;
 
     fn row(text: &str, head: Head, label: Option<&str>, action: Action) -> LabelFeedback {
-        LabelFeedback {
-            feedback_id: format!("f-{text}-{label:?}"),
-            story_id: None,
-            text: text.into(),
-            text_hash: crate::feedback::text_hash(text),
-            head,
-            model: None,
-            model_label: None,
-            model_score: None,
-            analyst_label: label.map(str::to_string),
-            action,
-            analyst: "ana".into(),
-            created_at: chrono::Utc::now(),
-            note: None,
-            source: Channel::Cli,
-            supersedes: None,
-        }
+        crate::feedback::judgement(None, text, head, label, action)
     }
 
     fn reading(p_negative: f32, topic: &str) -> Reading {

@@ -433,5 +433,27 @@ pub fn record_missed(storage: &std::path::Path, rows: &[MissedEvent]) -> Result<
     append(storage, Table::MissedEvents, rows, table::missed_events_batch, |r| (&r.missed_id, &r.analyst))
 }
 
+/// A judgement as the journal holds it, for tests of what reads the journal.
+#[cfg(test)]
+pub fn judgement(story_id: Option<&str>, text: &str, head: Head, label: Option<&str>, action: Action) -> LabelFeedback {
+    LabelFeedback {
+        feedback_id: new_id(text),
+        story_id: story_id.map(str::to_string),
+        text: text.into(),
+        text_hash: text_hash(text),
+        head,
+        model: Some("m@1".into()),
+        model_label: None,
+        model_score: None,
+        analyst_label: label.map(str::to_string),
+        action,
+        analyst: "ana".into(),
+        created_at: Utc::now(),
+        note: None,
+        source: Channel::Api,
+        supersedes: None,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::feedback::{Channel, LabelFeedback, record_labels};
+use crate::feedback::{judgement, record_labels};
 use crate::window::{ALL, WindowSpec, WindowState};
 
 const H: i64 = 3_600_000;
@@ -16,26 +16,6 @@ fn scores(sentiment: &'static str, p_negative: f32, topic: &str) -> Scores {
         p_positive: 0.0,
         sentiment_score: -p_negative,
         model: Arc::from("m@1"),
-    }
-}
-
-fn judgement(story_id: Option<&str>, text: &str, head: Head, label: Option<&str>, action: Action) -> LabelFeedback {
-    LabelFeedback {
-        feedback_id: format!("f{}", text.len() + label.map_or(0, str::len)),
-        story_id: story_id.map(str::to_string),
-        text: text.into(),
-        text_hash: text_hash(text),
-        head,
-        model: Some("m@1".into()),
-        model_label: None,
-        model_score: None,
-        analyst_label: label.map(str::to_string),
-        action,
-        analyst: "ana".into(),
-        created_at: chrono::Utc::now(),
-        note: None,
-        source: Channel::Api,
-        supersedes: None,
     }
 }
 
