@@ -9,6 +9,7 @@ pub mod config;
 pub mod detect;
 pub mod error;
 pub mod feedback;
+pub mod learn;
 pub mod telemetry;
 pub mod news;
 pub mod pipeline;

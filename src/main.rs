@@ -73,6 +73,9 @@ enum Command {
     /// Analysts' feedback (DESIGN §10): label judgements in, the training-ready set out.
     #[command(subcommand)]
     Feedback(FeedbackCommand),
+    /// Builds and judges candidate models from analysts' feedback.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Loads a JSON-lines file into a Kafka topic, in event-time order.
     Produce {
         #[arg(long)]
@@ -145,6 +148,27 @@ enum FeedbackCommand {
         /// Output file; stdout when absent.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Refits both heads on the model's embeddings of its shipped examples (refit/anchors.jsonl)
+    /// and the labels that won in STORAGE's label_feedback, recalibrates them, and writes a
+    /// complete model folder to OUT with report.json and report.md: the candidate beside the
+    /// champion on the frozen evaluation set (refit/eval.jsonl) and on the newest feedback, which
+    /// it did not train on. No torch, no pipeline run needed.
+    ///
+    /// Example: bearwatch model retrain --storage data/demo --out candidates/1
+    Retrain {
+        #[arg(long)]
+        storage: PathBuf,
+        /// A new or empty folder for the candidate.
+        #[arg(long)]
+        out: PathBuf,
+        /// The champion to start from; default: the bundled `models/`.
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
 }
 
@@ -240,6 +264,7 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<SourceError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<FeedbackFailure>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<bearwatch::learn::LearnError>().map(Classified::class))
 }
 
 /// The most lines `feedback import` reads from one file.
@@ -275,13 +300,26 @@ fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathB
     Ok(ExitCode::SUCCESS)
 }
 
-fn export_feedback(storage: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::feedback::TrainingLabel>> {
     let limits = bearwatch::server::ServerConfig::default().query_limits();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let labels = runtime.block_on(async {
+    Ok(runtime.block_on(async {
         let ctx = bearwatch::sql::context(storage, limits, None)?;
         bearwatch::sql::lookup::winning_labels(&ctx).await
-    })?;
+    })?)
+}
+
+fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let from = from.unwrap_or_else(|| pipeline::bundled(std::path::Path::new("models")));
+    let feedback = winning_labels(storage)?;
+    let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback })?;
+    print!("{}", report.markdown());
+    eprintln!("candidate {} in {} (report.json, report.md)", report.candidate, out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_feedback(storage: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let labels = winning_labels(storage)?;
     let mut text = String::new();
     for label in &labels {
         text.push_str(&serde_json::to_string(label)?);
@@ -441,6 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
+        Command::Model(ModelCommand::Retrain { storage, out, from }) => retrain(&storage, &out, from),
         Command::Produce { brokers, topic, speed, properties, file } => {
             let mut parsed = BTreeMap::new();
             for property in properties {

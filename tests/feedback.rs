@@ -257,3 +257,50 @@ fn a_folder_with_only_imported_feedback_is_enough_and_unsure_labels_are_not_expo
     assert_eq!(rows.len(), 1, "the newest judgement of the oil headline is unsure: {exported}");
     assert_eq!((rows[0]["text"].as_str(), rows[0]["label"].as_str()), (Some("Fed holds rates"), Some("monetary_policy")));
 }
+
+#[test]
+fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("reviews");
+    let file = dir.path().join("splits.jsonl");
+    // A review of stock splits, which the champion reads as neutral or negative: analysts say positive.
+    let companies = ["Midland", "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne", "Tyrell"];
+    let ratios = ["two-for-one", "three-for-one", "three-for-two", "five-for-four", "four-for-one"];
+    let lines: String = companies
+        .iter()
+        .flat_map(|c| ratios.iter().map(move |r| json!({"text": format!("{c} Corp sets {r} stock split"), "head": "sentiment", "label": "positive"}).to_string() + "\n"))
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let storage = storage.to_str().unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    let out = dir.path().join("candidate");
+    let (code, report_md, err) = bearwatch(&["model", "retrain", "--storage", storage, "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!((report["feedback_trained"].as_u64(), report["feedback_held_out"].as_u64()), (Some(40), Some(10)), "{report}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), report_md);
+    let comparison = |set: &str, head: &str| {
+        report["comparisons"].as_array().unwrap().iter().find(|c| c["set"] == set && c["head"] == head).unwrap_or_else(|| panic!("{set} {head}: {report}")).clone()
+    };
+    let newest = comparison("feedback", "sentiment");
+    assert_eq!(newest["n"], 10);
+    assert!(newest["candidate_accuracy"].as_f64() > newest["champion_accuracy"].as_f64(), "learned from the older corrections: {newest}");
+    for head in ["sentiment", "topic"] {
+        let frozen = comparison("eval", head);
+        assert!(frozen["n"].as_u64().unwrap() >= 800, "{frozen}");
+        assert_eq!(frozen["worse"], false, "no worse beyond its interval on the frozen set: {frozen}");
+    }
+
+    // The candidate is a model folder like any other.
+    let text = dir.path().join("one.txt");
+    std::fs::write(&text, json!({"text": "Hooli Corp sets seven-for-one stock split"}).to_string() + "\n").unwrap();
+    let (code, stdout, err) = bearwatch(&["classify", "--model", out.to_str().unwrap(), text.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let scored: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(scored["model"], report["candidate"], "{scored}");
+    assert!(scored["model"].as_str().unwrap().starts_with("bearwatch-minilm-l6@2.0.0+refit."), "{scored}");
+    let (code, _, err) = bearwatch(&["model", "retrain", "--storage", storage, "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 2, "an existing candidate is never overwritten: {err}");
+}

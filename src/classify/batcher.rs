@@ -49,11 +49,13 @@ impl PaddedBatch {
     }
 }
 
-/// Class probabilities for a batch, row-major: 3 sentiment columns, then `topic.len() / rows` topic columns.
+/// Class probabilities for a batch, row-major: 3 sentiment columns, then `topic.len() / rows` topic
+/// columns; and the pooled embeddings (`embedding.len() / rows` columns), empty when the model lists none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchOutput {
     pub sentiment: Vec<f32>,
     pub topic: Vec<f32>,
+    pub embedding: Vec<f32>,
 }
 
 /// One item's slice of a [`BatchOutput`].
@@ -61,6 +63,7 @@ pub struct BatchOutput {
 pub struct ItemOutput {
     pub sentiment: [f32; 3],
     pub topic: Vec<f32>,
+    pub embedding: Vec<f32>,
 }
 
 /// The model runtime behind the batcher.
@@ -298,19 +301,21 @@ fn execute_group(backend: &mut impl Backend, group: Group, limits: &BatchLimits)
 
 /// Cuts a batch's output into per-item rows, checking the backend returned one row per item.
 fn split(out: BatchOutput, rows: usize) -> Result<Vec<ItemOutput>, ClassifyError> {
-    if rows == 0 || out.sentiment.len() != rows * 3 || out.topic.is_empty() || out.topic.len() % rows != 0 {
+    if rows == 0 || out.sentiment.len() != rows * 3 || out.topic.is_empty() || out.topic.len() % rows != 0 || out.embedding.len() % rows != 0 {
         return Err(ClassifyError::Inference(format!(
-            "model returned {} sentiment and {} topic values for {rows} rows",
+            "model returned {} sentiment, {} topic and {} embedding values for {rows} rows",
             out.sentiment.len(),
-            out.topic.len()
+            out.topic.len(),
+            out.embedding.len()
         )));
     }
-    let width = out.topic.len() / rows;
-    Ok(out
-        .sentiment
-        .chunks_exact(3)
-        .zip(out.topic.chunks_exact(width))
-        .map(|(s, t)| ItemOutput { sentiment: [s[0], s[1], s[2]], topic: t.to_vec() })
+    let (width, dims) = (out.topic.len() / rows, out.embedding.len() / rows);
+    Ok((0..rows)
+        .map(|i| ItemOutput {
+            sentiment: [out.sentiment[3 * i], out.sentiment[3 * i + 1], out.sentiment[3 * i + 2]],
+            topic: out.topic[i * width..(i + 1) * width].to_vec(),
+            embedding: out.embedding[i * dims..(i + 1) * dims].to_vec(),
+        })
         .collect())
 }
 
@@ -345,6 +350,7 @@ mod tests {
             Ok(BatchOutput {
                 sentiment: lengths.iter().flat_map(|&n| [n as f32, 0.0, 0.0]).collect(),
                 topic: vec![1.0; batch.rows],
+                embedding: Vec::new(),
             })
         }
     }

@@ -9,6 +9,7 @@ mod jsonl;
 mod config;
 mod error;
 mod explain;
+pub mod heads;
 mod model;
 pub mod runtime;
 mod table;
@@ -147,7 +148,12 @@ impl Pending {
 
     /// Blocks the calling thread until the result is in. Not for use inside an async task.
     pub fn wait(self) -> Result<Scores, ClassifyError> {
+        self.wait_embedded().map(|(scores, _)| scores)
+    }
+
+    /// Like [`Pending::wait`], with the pooled embedding (empty when the model lists none).
+    pub fn wait_embedded(self) -> Result<(Scores, Vec<f32>), ClassifyError> {
         let out = self.rx.blocking_recv().map_err(|_| ClassifyError::Stopped)??;
-        Ok(self.spec.scores(&out.sentiment, &out.topic))
+        Ok((self.spec.scores(&out.sentiment, &out.topic), out.embedding))
     }
 }

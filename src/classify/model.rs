@@ -4,6 +4,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::ClassifyError;
+use super::heads::Heads;
 use crate::news::{SENTIMENTS, Scores};
 
 /// `labels.json`: what the model's outputs mean.
@@ -21,6 +22,10 @@ struct Labels {
     /// this model (`models/train/near_duplicates.py`); none: exact matches only.
     #[serde(default)]
     near_duplicates: Option<NearDuplicates>,
+    /// A `heads.json` in the folder that scores instead of the graph's own heads (a refitted
+    /// candidate); it reads the `embedding` output.
+    #[serde(default)]
+    heads: Option<String>,
 }
 
 /// A near-duplicate differs from the corrected text in one stretch of at most `max_span` words, the
@@ -39,6 +44,9 @@ pub struct NearDuplicates {
 struct Outputs {
     sentiment: String,
     topic: String,
+    /// The pooled vector both heads read (model 2 on): what `model retrain` refits heads on.
+    #[serde(default)]
+    embedding: Option<String>,
 }
 
 /// A model folder: the files and the meaning of the outputs.
@@ -52,6 +60,9 @@ pub struct ModelSpec {
     pub sentiment_output: String,
     pub topic_output: String,
     pub near_duplicates: Option<NearDuplicates>,
+    pub embedding_output: Option<String>,
+    /// Refitted heads that replace the graph's (see [`Heads`]).
+    pub heads: Option<Arc<Heads>>,
     pub topics: Vec<String>,
     /// The tokens the model was trained with; longer inputs are cut there.
     pub trained_max_length: usize,
@@ -90,6 +101,8 @@ impl ModelSpec {
             sentiment_output: labels.outputs.sentiment,
             topic_output: labels.outputs.topic,
             near_duplicates: labels.near_duplicates,
+            embedding_output: labels.outputs.embedding.clone(),
+            heads: None,
             topics: labels.topics,
             trained_max_length: labels.max_length,
             id: format!("{}@{}", labels.name, labels.version).into(),
@@ -98,6 +111,13 @@ impl ModelSpec {
             if !file.is_file() {
                 return Err(ClassifyError::ModelFiles { path: file.clone(), reason: "missing".into() });
             }
+        }
+        let mut spec = spec;
+        if let Some(file) = &labels.heads {
+            if spec.embedding_output.is_none() {
+                return Err(ClassifyError::ModelFiles { path: labels_path, reason: "`heads` needs `outputs.embedding`".into() });
+            }
+            spec.heads = Some(Arc::new(Heads::load(&dir.join(file), spec.topics.len())?));
         }
         Ok(spec)
     }

@@ -63,6 +63,8 @@ pub struct OrtBackend {
     inputs: [String; 2],
     sentiment_output: String,
     topic_output: String,
+    embedding_output: Option<String>,
+    heads: Option<std::sync::Arc<super::heads::Heads>>,
     provider: &'static str,
 }
 
@@ -118,6 +120,8 @@ impl OrtBackend {
             inputs: spec.inputs.clone(),
             sentiment_output: spec.sentiment_output.clone(),
             topic_output: spec.topic_output.clone(),
+            embedding_output: spec.embedding_output.clone(),
+            heads: spec.heads.clone(),
             provider,
         })
     }
@@ -141,6 +145,14 @@ impl Backend for OrtBackend {
                 .ok_or_else(|| ClassifyError::Inference(format!("the model has no output `{name}`")))?;
             Ok(value.try_extract_tensor::<f32>()?.1.to_vec())
         };
-        Ok(BatchOutput { sentiment: read(&self.sentiment_output)?, topic: read(&self.topic_output)? })
+        let embedding = match &self.embedding_output {
+            Some(name) => read(name)?,
+            None => Vec::new(),
+        };
+        let (sentiment, topic) = match &self.heads {
+            Some(heads) => heads.apply(&embedding, batch.rows)?,
+            None => (read(&self.sentiment_output)?, read(&self.topic_output)?),
+        };
+        Ok(BatchOutput { sentiment, topic, embedding })
     }
 }

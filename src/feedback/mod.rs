@@ -70,6 +70,15 @@ pub enum Head {
     Topic,
 }
 
+impl Head {
+    pub fn name(self) -> &'static str {
+        match self {
+            Head::Sentiment => "sentiment",
+            Head::Topic => "topic",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {

@@ -557,7 +557,7 @@ mod tests {
     impl Backend for SlowModel {
         fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
             std::thread::sleep(Duration::from_millis(2));
-            Ok(BatchOutput { sentiment: [0.2, 0.6, 0.2].repeat(batch.rows), topic: vec![1.0 / 9.0; 9 * batch.rows] })
+            Ok(BatchOutput { sentiment: [0.2, 0.6, 0.2].repeat(batch.rows), topic: vec![1.0 / 9.0; 9 * batch.rows], embedding: Vec::new() })
         }
     }
 
