@@ -19,7 +19,8 @@ pub struct Comparison {
     pub n: usize,
     pub champion_accuracy: f64,
     pub candidate_accuracy: f64,
-    /// Candidate minus champion, and its 95 % interval (paired, normal approximation).
+    /// Candidate minus champion, and its 95 % interval (paired; Agresti–Min: half a pair added to
+    /// each cell, so that small or one-sided samples do not get a zero-width interval).
     pub difference: f64,
     pub difference_95: (f64, f64),
     /// The whole interval is below zero: worse beyond doubt.
@@ -83,6 +84,15 @@ impl Report {
     }
 }
 
+/// 95 % interval of the difference of two paired proportions from the discordant counts `b` (only
+/// the first right) and `c` (only the second right) of `n` pairs, by Agresti and Min (2005).
+fn paired_interval(b: f64, c: f64, n: usize) -> (f64, f64) {
+    let (b, c, n) = (b + 0.5, c + 0.5, n as f64 + 2.0);
+    let centre = (c - b) / n;
+    let half = 1.96 * (((b + c) - (c - b).powi(2) / n) / (n * n)).sqrt();
+    ((centre - half).max(-1.0), (centre + half).min(1.0))
+}
+
 /// Per head: both models' accuracy on `examples` (read by the champion as `reads`).
 pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], heads: &Heads, spec: &ModelSpec) -> Vec<Comparison> {
     let mut out = Vec::new();
@@ -92,40 +102,49 @@ pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], heads: &H
             Kind::Sentiment => &heads.sentiment,
             Kind::Topic => &heads.topic,
         };
-        let mut differences = Vec::new();
-        let (mut champion, mut candidate) = (0usize, 0usize);
+        // Discordant pairs: only the champion right (b), only the candidate right (c).
+        let (mut n, mut champion, mut candidate, mut b, mut c) = (0usize, 0usize, 0usize, 0f64, 0f64);
         let mut p = Vec::new();
         for (e, r) in examples.iter().zip(reads).filter(|(e, _)| e.head == kind) {
             p.clear();
             head.probabilities(&r.embedding, &mut p);
             let predicted = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| names[i].as_str()).unwrap_or_default();
-            let (a, b) = (usize::from(r.label(kind) == e.label), usize::from(predicted == e.label));
-            champion += a;
-            candidate += b;
-            differences.push(b as f64 - a as f64);
+            let (old, new) = (r.label(kind) == e.label, predicted == e.label);
+            n += 1;
+            champion += usize::from(old);
+            candidate += usize::from(new);
+            b += f64::from(u8::from(old && !new));
+            c += f64::from(u8::from(new && !old));
         }
-        let n = differences.len();
         if n == 0 {
             continue;
         }
-        let mean = differences.iter().sum::<f64>() / n as f64;
-        let half = if n < 2 {
-            1.0
-        } else {
-            let variance = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-            1.96 * (variance / n as f64).sqrt()
-        };
-        let (lo, hi) = (mean - half, mean + half);
+        let (lo, hi) = paired_interval(b, c, n);
         out.push(Comparison {
             set: set.to_string(),
             head: kind,
             n,
             champion_accuracy: champion as f64 / n as f64,
             candidate_accuracy: candidate as f64 / n as f64,
-            difference: mean,
+            difference: (c - b) / n as f64,
             difference_95: (lo, hi),
             worse: hi < 0.0,
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired_interval;
+
+    #[test]
+    fn paired_intervals_are_never_zero_width_and_follow_the_discordant_pairs() {
+        let (lo, hi) = paired_interval(0.0, 10.0, 10);
+        assert!(lo > 0.5 && hi == 1.0, "{lo} {hi}");
+        let (lo, hi) = paired_interval(0.0, 0.0, 100);
+        assert!(lo < 0.0 && hi > 0.0 && hi - lo > 0.01, "{lo} {hi}");
+        let (lo, hi) = paired_interval(30.0, 5.0, 900);
+        assert!(hi < 0.0, "25 more wrong of 900 is worse beyond doubt: {lo} {hi}");
+    }
 }
