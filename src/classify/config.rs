@@ -37,6 +37,9 @@ pub struct ClassifierConfig {
     pub body_chars: usize,
     /// Items tokenized and waiting or in flight before producers are held back.
     pub max_queued: usize,
+    /// Hand each item's pooled embedding back too (`model retrain`); not a file setting.
+    #[serde(skip)]
+    pub embeddings: bool,
 }
 
 impl Default for ClassifierConfig {
@@ -51,6 +54,7 @@ impl Default for ClassifierConfig {
             max_length: 64,
             body_chars: 0,
             max_queued: 4096,
+            embeddings: false,
         }
     }
 }

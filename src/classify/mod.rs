@@ -151,7 +151,8 @@ impl Pending {
         self.wait_embedded().map(|(scores, _)| scores)
     }
 
-    /// Like [`Pending::wait`], with the pooled embedding (empty when the model lists none).
+    /// Like [`Pending::wait`], with the pooled embedding (empty unless the model lists one and the
+    /// classifier was started with `embeddings`).
     pub fn wait_embedded(self) -> Result<(Scores, Vec<f32>), ClassifyError> {
         let out = self.rx.blocking_recv().map_err(|_| ClassifyError::Stopped)??;
         Ok((self.spec.scores(&out.sentiment, &out.topic), out.embedding))

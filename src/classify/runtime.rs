@@ -120,7 +120,8 @@ impl OrtBackend {
             inputs: spec.inputs.clone(),
             sentiment_output: spec.sentiment_output.clone(),
             topic_output: spec.topic_output.clone(),
-            embedding_output: spec.embedding_output.clone(),
+            // Read only where something uses it: copying 384 floats a story costs throughput.
+            embedding_output: spec.embedding_output.clone().filter(|_| spec.heads.is_some() || config.embeddings),
             heads: spec.heads.clone(),
             provider,
         })

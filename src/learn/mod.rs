@@ -156,7 +156,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     let newest = feedback.split_off(feedback.len() - held_out);
     tracing::info!(anchors = anchors.len(), feedback = feedback.len(), held_out = newest.len(), eval = evaluation.len(), "refitting heads");
 
-    let config = ClassifierConfig { path: Some(options.from.to_path_buf()), ..ClassifierConfig::default() };
+    let config = ClassifierConfig { path: Some(options.from.to_path_buf()), embeddings: true, ..ClassifierConfig::default() };
     let classifier = Classifier::start(&config)?;
     let texts: Vec<&str> = anchors.iter().chain(&feedback).chain(&evaluation).chain(&newest).map(|e| e.text.as_str()).collect();
     let reads = read_all(&classifier, &texts)?;
