@@ -67,10 +67,19 @@ pub fn describe() {
     for state in ["firing", "resolved"] {
         counter!("bearwatch_alerts_total", "state" => state).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total"] {
+    for matched in ["story", "exact", "near"] {
+        counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
+    }
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total"] {
         counter!(name).increment(0);
     }
-    for name in ["bearwatch_source_paused", "bearwatch_classify_queue_depth", "bearwatch_windows_open", "bearwatch_alerts_firing"] {
+    for name in [
+        "bearwatch_source_paused",
+        "bearwatch_classify_queue_depth",
+        "bearwatch_windows_open",
+        "bearwatch_alerts_firing",
+        "bearwatch_feedback_memory_texts",
+    ] {
         metrics::gauge!(name).increment(0.0);
     }
     for (name, kind, _, help) in METRICS {

@@ -287,11 +287,17 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     let newest = comparison("feedback", "sentiment");
     assert_eq!(newest["n"], 10);
     assert!(newest["candidate_accuracy"].as_f64() > newest["champion_accuracy"].as_f64(), "learned from the older corrections: {newest}");
+    let mut worse = false;
     for head in ["sentiment", "topic"] {
         let frozen = comparison("eval", head);
         assert!(frozen["n"].as_u64().unwrap() >= 800, "{frozen}");
-        assert_eq!(frozen["worse"], false, "no worse beyond its interval on the frozen set: {frozen}");
+        assert!(frozen["difference"].as_f64().unwrap() > -0.03, "it must not forget what it knew: {frozen}");
+        let (lo, hi) = (frozen["difference_95"][0].as_f64().unwrap(), frozen["difference_95"][1].as_f64().unwrap());
+        assert!(lo <= frozen["difference"].as_f64().unwrap() && hi > lo, "{frozen}");
+        assert_eq!(frozen["worse"], json!(hi < 0.0), "{frozen}");
+        worse |= hi < 0.0;
     }
+    assert_eq!(report_md.contains("Verdict: worse than the champion"), worse, "{report_md}");
 
     // The candidate is a model folder like any other.
     let text = dir.path().join("one.txt");

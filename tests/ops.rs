@@ -80,6 +80,14 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert_eq!(serde_json::Value::Array(labels), expected);
     assert_eq!(sql("SELECT alert_id, verdict FROM alert_verdicts"), vec![serde_json::json!({"alert_id": result["verdict"]["alert"], "verdict": "noise"})]);
     assert_eq!(sql("SELECT topic, note FROM missed_events"), vec![serde_json::json!({"topic": "energy", "note": "OPEC meeting"})]);
+    // The correction acts on the windows at once: the story counts with the analyst's label.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sql("SELECT label FROM applied_labels").is_empty() {
+        assert!(Instant::now() < deadline, "the dashboard's correction was not applied\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let applied = sql("SELECT story_id, label, matched FROM applied_labels WHERE matched = 'story'");
+    assert_eq!(applied, vec![serde_json::json!({"story_id": correction["story"], "label": correction["label"], "matched": "story"})]);
 
     // The input has ended (keep_serving holds the server up): every stage has counted.
     let text = loop {
@@ -106,7 +114,8 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert_eq!(value("bearwatch_stage_dropped_total{stage=\"source\",reason=\"dead_letter\"}"), 1.0);
     assert_eq!(value("bearwatch_dead_letter_total{kind=\"json\"}"), 1.0);
     assert_eq!(value("bearwatch_stage_sent_total{stage=\"source\"}"), 3000.0, "every demo story is valid and unique");
-    assert_eq!(value("bearwatch_stage_sent_total{stage=\"classify\"}"), 3000.0);
+    // And the headline corrected in the page, read by the model for near-duplicate matching.
+    assert_eq!(value("bearwatch_stage_sent_total{stage=\"classify\"}"), 3001.0);
     assert_eq!(value("bearwatch_stage_received_total{stage=\"window\"}"), 3000.0);
     assert!(value("bearwatch_alerts_total{state=\"firing\"}") >= 1.0);
 

@@ -64,9 +64,9 @@ pub struct Example {
     pub set: String,
 }
 
-/// Feedback weighs this many anchors: a correction is one voice among thousands of examples, and
-/// must still move the head.
-pub const FEEDBACK_WEIGHT: f32 = 10.0;
+/// Feedback weighs this many anchors: a correction is one voice among thousands of examples and
+/// must still move the head, but 50 alike (a review of one pattern) must not tip a whole class.
+pub const FEEDBACK_WEIGHT: f32 = 3.0;
 /// The newest share of the feedback held out for the report, when there are at least
 /// [`MIN_HELD_OUT_FEEDBACK`] labels.
 pub const HELD_OUT_SHARE: f64 = 0.2;
@@ -127,7 +127,7 @@ pub struct RetrainOptions<'a> {
     pub storage: &'a Path,
     pub out: &'a Path,
     pub from: &'a Path,
-    /// The labels that won (`feedback export`), oldest first.
+    /// The labels that won (`feedback export`).
     pub feedback: Vec<TrainingLabel>,
 }
 
@@ -142,8 +142,11 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     }
     let anchors = read_examples(&options.from.join("refit/anchors.jsonl"))?;
     let evaluation = read_examples(&options.from.join("refit/eval.jsonl"))?;
-    let mut feedback: Vec<Example> = options
-        .feedback
+    // Oldest first; judgements of one import share a millisecond, so the text decides among them and
+    // the held-out set is the same on every run.
+    let mut labels: Vec<&TrainingLabel> = options.feedback.iter().collect();
+    labels.sort_by(|a, b| (a.created_at, &a.text, a.head).cmp(&(b.created_at, &b.text, b.head)));
+    let mut feedback: Vec<Example> = labels
         .iter()
         .map(|l| Example { text: l.text.clone(), head: l.head, label: l.label.clone(), set: "feedback".into() })
         .collect();
@@ -198,7 +201,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
         storage: options.storage.display().to_string(),
         anchors: anchors.len(),
         feedback_trained: feedback.len(),
-        trained_until: options.feedback.get(feedback.len().wrapping_sub(1)).map(|l| (l.feedback_id.clone(), l.created_at)),
+        trained_until: feedback.len().checked_sub(1).map(|i| (labels[i].feedback_id.clone(), labels[i].created_at)),
         feedback_held_out: newest.len(),
         feedback_weight: FEEDBACK_WEIGHT,
         temperatures: (heads.sentiment.temperature, heads.topic.temperature),
