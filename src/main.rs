@@ -170,6 +170,34 @@ enum ModelCommand {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
+    /// (exit 2) when its report shows it worse than the champion beyond its interval on either
+    /// set, unless --force gives a --reason, which is recorded. Pipelines started from then on serve it.
+    ///
+    /// Example: bearwatch model promote candidates/1 --storage data/demo --by ana
+    Promote {
+        dir: PathBuf,
+        #[arg(long)]
+        storage: PathBuf,
+        /// Who promotes it (recorded as `set_by`).
+        #[arg(long)]
+        by: String,
+        #[arg(long, requires = "reason")]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Points the champion alias back at the model it named before, in one step.
+    ///
+    /// Example: bearwatch model rollback --storage data/demo --by ana --reason "too many false alarms"
+    Rollback {
+        #[arg(long)]
+        storage: PathBuf,
+        #[arg(long)]
+        by: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -306,6 +334,15 @@ fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::fe
     Ok(runtime.block_on(async {
         let ctx = bearwatch::sql::context(storage, limits, None)?;
         bearwatch::sql::lookup::winning_labels(&ctx).await
+    })?)
+}
+
+fn champion_history(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::learn::registry::AliasRow>> {
+    let limits = bearwatch::server::ServerConfig::default().query_limits();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    Ok(runtime.block_on(async {
+        let ctx = bearwatch::sql::context(storage, limits, None)?;
+        bearwatch::sql::lookup::champion_history(&ctx).await
     })?)
 }
 
@@ -480,6 +517,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
         Command::Model(ModelCommand::Retrain { storage, out, from }) => retrain(&storage, &out, from),
+        Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
+            let history = champion_history(&storage)?;
+            let forced = reason.as_deref().filter(|_| force);
+            let promoted = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
+            println!("champion: {} ({})", promoted.model, promoted.alias.reason);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
+            let history = champion_history(&storage)?;
+            let row = bearwatch::learn::registry::rollback(&storage, &history, &by, reason.as_deref())?;
+            println!("champion: {} ({})", row.model, row.reason);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Produce { brokers, topic, speed, properties, file } => {
             let mut parsed = BTreeMap::new();
             for property in properties {

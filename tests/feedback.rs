@@ -309,4 +309,57 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     assert!(scored["model"].as_str().unwrap().starts_with("bearwatch-minilm-l6@2.0.0+refit."), "{scored}");
     let (code, _, err) = bearwatch(&["model", "retrain", "--storage", storage, "--out", out.to_str().unwrap()]);
     assert_eq!(code, 2, "an existing candidate is never overwritten: {err}");
+
+    // The gate: a report that shows the candidate worse is refused unless forced with a reason.
+    let worse_dir = dir.path().join("worse");
+    std::fs::create_dir_all(&worse_dir).unwrap();
+    for file in ["model.onnx", "tokenizer.json", "labels.json", "heads.json"] {
+        std::fs::copy(out.join(file), worse_dir.join(file)).unwrap();
+    }
+    let mut worse_report = report.clone();
+    worse_report["comparisons"][0]["worse"] = json!(true);
+    std::fs::write(worse_dir.join("report.json"), worse_report.to_string()).unwrap();
+    let (code, _, err) = bearwatch(&["model", "promote", worse_dir.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is worse than bearwatch-minilm-l6@2.0.0 beyond its interval on eval sentiment") && err.contains("--force"), "{err}");
+    let (code, _, err) = bearwatch(&["model", "promote", worse_dir.to_str().unwrap(), "--storage", storage, "--by", "ana", "--force"]);
+    assert_eq!(code, 2, "--force needs a --reason: {err}");
+
+    // The real candidate goes through (forced, with its reason, only if its own report says worse).
+    let candidate = report["candidate"].as_str().unwrap();
+    let mut promote = vec!["model", "promote", out.to_str().unwrap(), "--storage", storage, "--by", "ana"];
+    let worse = report["comparisons"].as_array().unwrap().iter().any(|c| c["worse"] == true);
+    if worse {
+        promote.extend(["--force", "--reason", "splits matter more than a point on the frozen set"]);
+    }
+    let (code, stdout, err) = bearwatch(&promote);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains(&format!("champion: {candidate}")), "{stdout}");
+    let sql = |query: &str| {
+        let (code, stdout, err) = bearwatch(&["sql", "--storage", storage, "--format", "csv", query]);
+        assert_eq!(code, 0, "{err}");
+        stdout
+    };
+    assert_eq!(
+        sql("SELECT model, set_by FROM model_aliases ORDER BY set_at"),
+        format!("model,set_by\nbearwatch-minilm-l6@2.0.0,ana\n{candidate},ana\n"),
+        "the champion before the first promotion is recorded, then the candidate"
+    );
+    assert_eq!(sql("SELECT model, parent, length(sha256) AS hash FROM models"), format!("model,parent,hash\n{candidate},bearwatch-minilm-l6@2.0.0,64\n"));
+
+    // A pipeline started on this storage serves the champion; after a rollback, the one before.
+    let stories = dir.path().join("stories.jsonl");
+    std::fs::write(&stories, json!({"id": "s1", "published_at": "2026-11-30T09:00:00Z", "headline": "Wayne Corp sets two-for-one stock split"}).to_string() + "\n").unwrap();
+    let pipeline = dir.path().join("p.toml");
+    std::fs::write(&pipeline, format!("[source]\ntype = \"file\"\npath = \"{}\"\n[storage]\npath = \"{storage}\"\nreset_on_start = true\n[run]\nsummary_interval = \"0s\"\n", stories.display())).unwrap();
+    let served = || {
+        let (code, _, err) = bearwatch(&["run", "--pipeline", pipeline.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        sql("SELECT model FROM news")
+    };
+    assert_eq!(served(), format!("model\n{candidate}\n"));
+    let (code, stdout, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "back to the bundled model"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("champion: bearwatch-minilm-l6@2.0.0 (rollback from"), "{stdout}");
+    assert_eq!(served(), "model\nbearwatch-minilm-l6@2.0.0\n");
 }

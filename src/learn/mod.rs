@@ -11,6 +11,7 @@
 //! feedback, which it did not train on (a time split), each with a 95 % interval.
 
 mod fit;
+pub mod registry;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub enum LearnError {
     Files { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// The gate: the candidate's report shows it worse than the champion.
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Classify(#[from] ClassifyError),
 }
@@ -39,7 +43,7 @@ impl Classified for LearnError {
     fn class(&self) -> ErrorClass {
         match self {
             LearnError::Files { .. } => ErrorClass::External,
-            LearnError::Invalid(_) => ErrorClass::User,
+            LearnError::Invalid(_) | LearnError::Refused(_) => ErrorClass::User,
             LearnError::Classify(e) => e.class(),
         }
     }
@@ -196,8 +200,9 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     let compare = |examples: &[Example], reads: &[Read], set: &str| report::compare(set, examples, reads, &heads, &spec);
     let report = Report {
         candidate: format!("{}@{version}", spec.id().split('@').next().unwrap_or_default()),
+        built_at: chrono::Utc::now(),
         champion: spec.id().to_string(),
-        from: options.from.display().to_string(),
+        from: std::fs::canonicalize(options.from).unwrap_or_else(|_| options.from.to_path_buf()).display().to_string(),
         storage: options.storage.display().to_string(),
         anchors: anchors.len(),
         feedback_trained: feedback.len(),

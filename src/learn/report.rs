@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Example, LearnError, Read, classes, files};
 use crate::classify::ModelSpec;
 use crate::classify::heads::Heads;
 use crate::feedback::Head as Kind;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     /// `eval` (the frozen set shipped with the model) or `feedback` (the newest labels, held out).
     pub set: String,
@@ -27,9 +27,10 @@ pub struct Comparison {
     pub worse: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub candidate: String,
+    pub built_at: DateTime<Utc>,
     pub champion: String,
     pub from: String,
     pub storage: String,

@@ -303,7 +303,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     }
     let classifier = match role {
         Role::Aggregate => None,
-        Role::All | Role::Classify => Some(Classifier::start(&config.model)?),
+        Role::All | Role::Classify => Some(Classifier::start(&serving_model(config)?)?),
     };
     let source_config = &config.source;
     let kafka_output = match (&source_config.brokers, source_config.kind) {
@@ -435,6 +435,22 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         storage: core.storage_root().to_path_buf(),
         topics: if core.counters.scored > 0 { summary::final_table(&core.recent) } else { String::new() },
     })
+}
+
+/// `[model]`, pointed at the folder of the `champion` alias when a model was promoted in this
+/// storage (`bearwatch model promote`): the alias decides what serves, not the file.
+fn serving_model(config: &PipelineConfig) -> Result<crate::classify::ClassifierConfig, PipelineError> {
+    let mut model = config.model.clone();
+    if !config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
+        return Ok(model);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), None)?;
+    if let Some(champion) = runtime.block_on(crate::sql::lookup::champion_history(&ctx))?.pop() {
+        tracing::info!(model = %champion.model, path = %champion.path, set_by = %champion.set_by, "serving the champion alias");
+        model.path = Some(PathBuf::from(champion.path));
+    }
+    Ok(model)
 }
 
 /// The loop. Returns whether it was interrupted.

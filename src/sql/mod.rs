@@ -124,6 +124,8 @@ pub fn stored_schema(table: Table) -> SchemaRef {
         Table::LabelFeedback => crate::feedback::label_feedback_schema(),
         Table::AlertVerdicts => crate::feedback::alert_verdicts_schema(),
         Table::MissedEvents => crate::feedback::missed_events_schema(),
+        Table::Models => crate::learn::registry::models_schema(),
+        Table::ModelAliases => crate::learn::registry::model_aliases_schema(),
     }
 }
 

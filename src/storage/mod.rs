@@ -80,10 +80,14 @@ pub enum Table {
     AlertVerdicts,
     /// Journal: events analysts say bearwatch should have alerted on.
     MissedEvents,
+    /// Journal: every model version promoted.
+    Models,
+    /// Journal: which model each alias (`champion`) named, from when, by whom and why.
+    ModelAliases,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 11] = [
         Table::News,
         Table::Windows,
         Table::Late,
@@ -93,12 +97,14 @@ impl Table {
         Table::LabelFeedback,
         Table::AlertVerdicts,
         Table::MissedEvents,
+        Table::Models,
+        Table::ModelAliases,
     ];
     /// The tables the pipeline writes at its checkpoints.
     pub const CHECKPOINTED: [Table; 6] =
         [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications, Table::AppliedLabels];
     /// Append-only tables written by anyone, any time: see [`append`].
-    pub const JOURNALS: [Table; 3] = [Table::LabelFeedback, Table::AlertVerdicts, Table::MissedEvents];
+    pub const JOURNALS: [Table; 5] = [Table::LabelFeedback, Table::AlertVerdicts, Table::MissedEvents, Table::Models, Table::ModelAliases];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -111,6 +117,8 @@ impl Table {
             Table::LabelFeedback => "label_feedback",
             Table::AlertVerdicts => "alert_verdicts",
             Table::MissedEvents => "missed_events",
+            Table::Models => "models",
+            Table::ModelAliases => "model_aliases",
         }
     }
 }

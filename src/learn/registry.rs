@@ -1,0 +1,233 @@
+//! Which model serves (DESIGN §10): every version promoted in `models`, and the history of the
+//! `champion` alias in `model_aliases`, both append-only journals under `storage.path`.
+//! `model promote` is the gate: a candidate whose report shows it worse than the champion beyond its
+//! interval (on the frozen set or on the newest feedback) is refused unless `--force` gives a
+//! reason, which is recorded. `model rollback` points the alias back at the champion before it.
+
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use chrono::{DateTime, Utc};
+use sha2::Digest;
+
+use super::{LearnError, Report, files};
+use crate::classify::ModelSpec;
+use crate::storage::{self, Table};
+
+pub const CHAMPION: &str = "champion";
+
+/// A row of `models`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRow {
+    pub model: String,
+    /// SHA-256 over the folder's model.onnx, tokenizer.json, labels.json and heads.json (if any).
+    pub sha256: String,
+    pub parent: Option<String>,
+    pub built_at: DateTime<Utc>,
+    /// JSON: anchors, feedback labels trained on, the newest one's id and time.
+    pub trained_on: String,
+    /// JSON: the report's comparisons.
+    pub metrics: String,
+    pub path: String,
+}
+
+/// A row of `model_aliases`: from `set_at` on, `alias` is `model` (in the folder `path`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AliasRow {
+    pub alias: String,
+    pub model: String,
+    pub path: String,
+    pub set_at: DateTime<Utc>,
+    pub set_by: String,
+    pub reason: String,
+}
+
+fn utc() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+static MODELS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("model", DataType::Utf8, false),
+        Field::new("sha256", DataType::Utf8, false),
+        Field::new("parent", DataType::Utf8, true),
+        Field::new("built_at", utc(), false),
+        Field::new("trained_on", DataType::Utf8, false),
+        Field::new("metrics", DataType::Utf8, false),
+        Field::new("path", DataType::Utf8, false),
+    ]))
+});
+
+static ALIASES: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("alias", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("set_at", utc(), false),
+        Field::new("set_by", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+    ]))
+});
+
+pub fn models_schema() -> SchemaRef {
+    MODELS.clone()
+}
+
+pub fn model_aliases_schema() -> SchemaRef {
+    ALIASES.clone()
+}
+
+fn text<T>(rows: &[T], f: impl Fn(&T) -> Option<String>) -> ArrayRef {
+    Arc::new(StringArray::from_iter(rows.iter().map(f)))
+}
+
+fn time<T>(rows: &[T], f: impl Fn(&T) -> DateTime<Utc>) -> ArrayRef {
+    Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| f(r).timestamp_millis())).with_timezone("UTC"))
+}
+
+fn models_batch(rows: &[ModelRow]) -> Result<RecordBatch, ArrowError> {
+    let columns = vec![
+        text(rows, |r| Some(r.model.clone())),
+        text(rows, |r| Some(r.sha256.clone())),
+        text(rows, |r| r.parent.clone()),
+        time(rows, |r| r.built_at),
+        text(rows, |r| Some(r.trained_on.clone())),
+        text(rows, |r| Some(r.metrics.clone())),
+        text(rows, |r| Some(r.path.clone())),
+    ];
+    RecordBatch::try_new(models_schema(), columns)
+}
+
+fn aliases_batch(rows: &[AliasRow]) -> Result<RecordBatch, ArrowError> {
+    let columns = vec![
+        text(rows, |r| Some(r.alias.clone())),
+        text(rows, |r| Some(r.model.clone())),
+        text(rows, |r| Some(r.path.clone())),
+        time(rows, |r| r.set_at),
+        text(rows, |r| Some(r.set_by.clone())),
+        text(rows, |r| Some(r.reason.clone())),
+    ];
+    RecordBatch::try_new(model_aliases_schema(), columns)
+}
+
+fn append<T>(storage: &Path, table: Table, rows: &[T], batch: fn(&[T]) -> Result<RecordBatch, ArrowError>, unique: &str) -> Result<(), LearnError> {
+    let batch = batch(rows).map_err(|e| LearnError::Invalid(e.to_string()))?;
+    storage::append(storage, table, &batch, unique).map_err(|e| LearnError::Files { path: storage.to_path_buf(), reason: e.to_string() })?;
+    Ok(())
+}
+
+/// SHA-256 over a model folder's files, in a fixed order.
+fn folder_hash(dir: &Path) -> Result<String, LearnError> {
+    let mut hasher = sha2::Sha256::new();
+    for file in ["model.onnx", "tokenizer.json", "labels.json", "heads.json"] {
+        let path = dir.join(file);
+        if path.exists() {
+            hasher.update(std::fs::read(&path).map_err(files(&path))?);
+        }
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the gate decided, and the rows it wrote.
+#[derive(Debug)]
+pub struct Promoted {
+    pub model: String,
+    pub forced: bool,
+    pub alias: AliasRow,
+}
+
+/// Makes the candidate in `dir` the champion, if its report allows it or `force` gives a reason.
+/// `current`: the champion now (the newest `model_aliases` row), if the alias has a history; when it
+/// has none, the report's champion is recorded first, so that a rollback can return to it.
+pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, current: Option<&AliasRow>) -> Result<Promoted, LearnError> {
+    let path = dir.join("report.json");
+    let report: Report =
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(files(&path))?).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() })?;
+    let spec = ModelSpec::load(dir)?;
+    if spec.id() != report.candidate {
+        return Err(LearnError::Invalid(format!("{}: the folder holds {}, its report is about {}", dir.display(), spec.id(), report.candidate)));
+    }
+    if let Some(current) = current
+        && current.model != report.champion
+    {
+        return Err(LearnError::Invalid(format!(
+            "{} was compared with {}, but the champion is now {}: retrain from the champion (--from {})",
+            report.candidate, report.champion, current.model, current.path
+        )));
+    }
+    let worse: Vec<String> = report
+        .comparisons
+        .iter()
+        .filter(|c| c.worse)
+        .map(|c| format!("{} {}: {:+.3} ({:+.3} to {:+.3})", c.set, c.head.name(), c.difference, c.difference_95.0, c.difference_95.1))
+        .collect();
+    let reason = match (worse.is_empty(), force.map(str::trim).filter(|r| !r.is_empty())) {
+        (true, None) => "its report: not worse than the champion beyond its interval".to_string(),
+        (_, Some(reason)) => format!("forced: {reason}"),
+        (false, None) => {
+            return Err(LearnError::Refused(format!(
+                "{} is worse than {} beyond its interval on {}; promote it anyway only with --force --reason",
+                report.candidate,
+                report.champion,
+                worse.join(", ")
+            )));
+        }
+    };
+    let now = Utc::now();
+    let dir = std::fs::canonicalize(dir).map_err(files(dir))?;
+    if current.is_none() {
+        let initial = AliasRow {
+            alias: CHAMPION.into(),
+            model: report.champion.clone(),
+            path: report.from.clone(),
+            set_at: now - chrono::Duration::milliseconds(1),
+            set_by: by.into(),
+            reason: "the champion before the first promotion".into(),
+        };
+        append(storage, Table::ModelAliases, &[initial], aliases_batch, "initial")?;
+    }
+    let model = ModelRow {
+        model: report.candidate.clone(),
+        sha256: folder_hash(&dir)?,
+        parent: Some(report.champion.clone()),
+        built_at: report.built_at,
+        trained_on: serde_json::json!({
+            "anchors": report.anchors,
+            "feedback": report.feedback_trained,
+            "until": report.trained_until,
+            "storage": report.storage,
+        })
+        .to_string(),
+        metrics: serde_json::to_string(&report.comparisons).unwrap_or_default(),
+        path: dir.display().to_string(),
+    };
+    append(storage, Table::Models, std::slice::from_ref(&model), models_batch, &model.sha256[..16])?;
+    let alias = AliasRow { alias: CHAMPION.into(), model: model.model.clone(), path: model.path.clone(), set_at: now, set_by: by.into(), reason };
+    append(storage, Table::ModelAliases, std::slice::from_ref(&alias), aliases_batch, &model.sha256[..16])?;
+    tracing::info!(model = %alias.model, by, forced = force.is_some(), "promoted to champion");
+    Ok(Promoted { model: alias.model.clone(), forced: force.is_some(), alias })
+}
+
+/// Points the champion alias back at the one before `history`'s newest (oldest first), in one step.
+pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+    let Some(current) = history.last() else {
+        return Err(LearnError::Invalid("nothing to roll back: the champion alias has no history (no model was promoted)".into()));
+    };
+    let Some(previous) = history.iter().rev().find(|row| row.model != current.model) else {
+        return Err(LearnError::Invalid(format!("nothing to roll back to: {} is the only champion there has been", current.model)));
+    };
+    let row = AliasRow {
+        alias: CHAMPION.into(),
+        model: previous.model.clone(),
+        path: previous.path.clone(),
+        set_at: Utc::now(),
+        set_by: by.into(),
+        reason: format!("rollback from {}{}", current.model, reason.map(|r| format!(": {r}")).unwrap_or_default()),
+    };
+    append(storage, Table::ModelAliases, std::slice::from_ref(&row), aliases_batch, "rollback")?;
+    tracing::info!(from = %current.model, to = %row.model, by, "rolled back");
+    Ok(row)
+}
