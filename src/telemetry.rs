@@ -40,6 +40,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_feedback_applied_total", Kind::Counter, "matched", "Stories that got an analyst's label, by how they matched (story, exact, near)"),
     ("bearwatch_feedback_memory_texts", Kind::Gauge, "", "Corrected texts the running pipeline remembers"),
     ("bearwatch_feedback_unreadable_files_total", Kind::Counter, "", "label_feedback files the pipeline could not read"),
+    ("bearwatch_model_swaps_total", Kind::Counter, "outcome", "Switches to a newly promoted champion without a restart (swapped, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];
@@ -66,6 +67,9 @@ pub fn describe() {
     }
     for state in ["firing", "resolved"] {
         counter!("bearwatch_alerts_total", "state" => state).increment(0);
+    }
+    for outcome in ["swapped", "failed"] {
+        counter!("bearwatch_model_swaps_total", "outcome" => outcome).increment(0);
     }
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);

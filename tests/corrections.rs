@@ -120,3 +120,106 @@ fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplic
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
 }
+
+/// A candidate folder without a retrain: the bundled encoder with the champion's own heads as
+/// trained (`models/refit/heads.json`), its report and golden outputs, as `model retrain` writes them.
+fn candidate(dir: &std::path::Path, golden: bool) -> String {
+    let models = std::path::Path::new(common::ROOT).join("models");
+    std::fs::create_dir_all(dir).unwrap();
+    for file in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(models.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::copy(models.join("refit/heads.json"), dir.join("heads.json")).unwrap();
+    let mut labels: Value = serde_json::from_str(&std::fs::read_to_string(models.join("labels.json")).unwrap()).unwrap();
+    labels["version"] = json!("2.0.0+refit.test0001");
+    labels["heads"] = json!("heads.json");
+    std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
+    let id = "bearwatch-minilm-l6@2.0.0+refit.test0001".to_string();
+    let report = json!({"candidate": id, "built_at": "2026-12-01T00:00:00Z", "champion": "bearwatch-minilm-l6@2.0.0",
+        "from": models.display().to_string(), "storage": "", "anchors": 0, "feedback_trained": 0, "trained_until": null,
+        "feedback_held_out": 0, "feedback_weight": 3.0, "temperatures": [1.0, 1.0], "comparisons": []});
+    std::fs::write(dir.join("report.json"), report.to_string()).unwrap();
+    // A golden output no model gives: the swap must refuse the folder.
+    let wrong = json!({"text": "Oil prices fall", "sentiment": [0.0, 0.0, 1.0]}).to_string() + "\n";
+    if !golden {
+        std::fs::write(dir.join("golden.jsonl"), wrong).unwrap();
+    }
+    id
+}
+
+fn bearwatch(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(args).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_no_story_lost_or_scored_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("swap");
+    create_topic_on(brokers(), &topic, 2);
+    let http = free_port();
+    let config = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n\
+         [server]\nhttp = \"127.0.0.1:{http}\"\n",
+        brokers = brokers(),
+        group = unique("g")
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    let storage = dir.path().join("store");
+    let storage = storage.to_str().unwrap();
+    let batch = |name: &str, from: usize, n: usize| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, (from..from + n).map(|i| story(&format!("s{i:04}"), (i % 60) as u32, &format!("Story {i}: shares move"))).collect::<String>()).unwrap();
+        produce_to(brokers(), &topic, &file);
+    };
+    let count = "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news";
+    batch("a.jsonl", 0, 200);
+    api.wait_for(&mut run, "the first stories", count, |r| r.first().is_some_and(|c| c["n"].as_i64() > Some(0)));
+
+    // A folder that does not reproduce its golden outputs is refused while the champion serves on.
+    let broken = dir.path().join("broken");
+    candidate(&broken, false);
+    let (code, _, err) = bearwatch(&["model", "promote", broken.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 0, "{err}");
+    let metrics = || api.agent.get(format!("{}/metrics", api.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !metrics().contains("bearwatch_model_swaps_total{outcome=\"failed\"} 1") {
+        assert!(Instant::now() < deadline, "the broken candidate was not refused\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 0, "{err}");
+
+    // A good one is swapped in mid-stream, with stories still arriving.
+    let good = dir.path().join("good");
+    let id = candidate(&good, true);
+    let (code, _, err) = bearwatch(&["model", "promote", good.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 0, "{err}");
+    batch("b.jsonl", 200, 200);
+    api.wait_for(&mut run, "stories scored by the new champion", &format!("SELECT count(*) AS n FROM news WHERE model = '{id}'"), |r| {
+        r.first().is_some_and(|c| c["n"].as_i64() > Some(0))
+    });
+    let (code, _, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "test"]);
+    assert_eq!(code, 0, "{err}");
+    // The switch back comes within a second; stories after it are the bundled model's.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !metrics().contains("bearwatch_model_swaps_total{outcome=\"swapped\"} 2") {
+        assert!(Instant::now() < deadline, "the rollback was not swapped in\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    batch("c.jsonl", 400, 100);
+    let rows = api.wait_for(&mut run, "all 500 stories", count, |r| r.first().is_some_and(|c| c["n"] == 500));
+    assert_eq!(rows[0]["ids"], 500, "no story lost or scored twice");
+    let by_model = api.wait_for(
+        &mut run,
+        "the rollback to serve the last stories",
+        "SELECT model, count(*) AS n FROM news WHERE id >= 's0480' GROUP BY model",
+        |r| r.len() == 1 && r[0]["model"] == "bearwatch-minilm-l6@2.0.0",
+    );
+    assert_eq!(by_model[0]["n"], 20, "{by_model:?}");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}

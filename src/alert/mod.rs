@@ -192,6 +192,11 @@ impl Alerting {
         self
     }
 
+    /// Explains with another model from now on (the pipeline swapped its classifier).
+    pub fn replace_explainer(&mut self, explainer: Explainer) {
+        self.explainer = Some(explainer);
+    }
+
     /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
     pub fn flush_queue(&mut self) -> Result<(), AlertError> {
         let queued = std::mem::take(&mut self.queued);

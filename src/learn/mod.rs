@@ -197,6 +197,14 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     let heads = Heads { dims, sentiment: fit_head(Kind::Sentiment), topic: fit_head(Kind::Topic) };
 
     let version = write_candidate(options.from, options.out, &spec, &heads)?;
+    // What the folder must reproduce when a pipeline loads it: the first evaluation texts' scores.
+    let mut golden = String::new();
+    for (e, r) in evaluation.iter().zip(eval_reads).take(16) {
+        let (sentiment, _) = heads.apply(&r.embedding, 1)?;
+        let row = registry::Golden { text: e.text.clone(), sentiment: [sentiment[0], sentiment[1], sentiment[2]] };
+        golden.push_str(&(serde_json::to_string(&row).map_err(|e| LearnError::Invalid(e.to_string()))? + "\n"));
+    }
+    std::fs::write(options.out.join("golden.jsonl"), golden).map_err(files(options.out))?;
     let compare = |examples: &[Example], reads: &[Read], set: &str| report::compare(set, examples, reads, &heads, &spec);
     let report = Report {
         candidate: format!("{}@{version}", spec.id().split('@').next().unwrap_or_default()),

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{Array, ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use chrono::{DateTime, Utc};
@@ -230,4 +230,83 @@ pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&
     append(storage, Table::ModelAliases, std::slice::from_ref(&row), aliases_batch, "rollback")?;
     tracing::info!(from = %current.model, to = %row.model, by, "rolled back");
     Ok(row)
+}
+
+/// The `champion` rows of `model_aliases`, oldest first, read straight from its files (what a
+/// running pipeline checks every second, without a query engine). Unreadable files are skipped
+/// with an error in the log.
+pub fn champion_rows(storage: &Path) -> Vec<AliasRow> {
+    let dir = storage.join(Table::ModelAliases.name());
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut names: Vec<std::path::PathBuf> =
+        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))).collect();
+    names.sort();
+    let mut rows = Vec::new();
+    for path in names {
+        match read_aliases(&path) {
+            Ok(found) => rows.extend(found),
+            Err(reason) => tracing::error!(path = %path.display(), reason, "model_aliases file unreadable"),
+        }
+    }
+    rows.retain(|r| r.alias == CHAMPION);
+    rows.sort_by_key(|r| r.set_at);
+    rows
+}
+
+fn read_aliases(path: &Path) -> Result<Vec<AliasRow>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let text = |name: &str| -> Result<&StringArray, String> {
+            batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or(format!("no text column `{name}`"))
+        };
+        let (alias, model, dir, by, reason) = (text("alias")?, text("model")?, text("path")?, text("set_by")?, text("reason")?);
+        let set_at = batch
+            .column_by_name("set_at")
+            .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+            .ok_or("no timestamp column `set_at`")?;
+        for i in 0..batch.num_rows() {
+            rows.push(AliasRow {
+                alias: alias.value(i).into(),
+                model: model.value(i).into(),
+                path: dir.value(i).into(),
+                set_at: DateTime::from_timestamp_millis(set_at.value(i)).unwrap_or_default(),
+                set_by: by.value(i).into(),
+                reason: if reason.is_null(i) { String::new() } else { reason.value(i).into() },
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The outputs a candidate must reproduce when loaded (`golden.jsonl`, written by `retrain`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Golden {
+    pub text: String,
+    pub sentiment: [f32; 3],
+}
+
+/// Classifies `golden.jsonl`'s texts (a warm-up in any case) and checks each sentiment probability
+/// within 1e-3 of what retrain computed; a folder without the file (the bundled model) is warmed up
+/// only.
+pub fn check_golden(classifier: &crate::classify::Classifier, dir: &Path) -> Result<(), LearnError> {
+    let path = dir.join("golden.jsonl");
+    let golden: Vec<Golden> = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() }))
+            .collect::<Result<_, _>>()?,
+        Err(_) => vec![Golden { text: "Warm-up: shares rise".into(), sentiment: [f32::NAN; 3] }],
+    };
+    for g in &golden {
+        let scores = classifier.submit_now(&g.text)?.wait()?;
+        let got = [scores.p_negative, scores.p_neutral, scores.p_positive];
+        if g.sentiment.iter().zip(&got).any(|(want, got)| !want.is_nan() && (want - got).abs() > 1e-3) {
+            return Err(LearnError::Invalid(format!("{}: {:?} scored {got:?}, its golden output says {:?}", dir.display(), g.text, g.sentiment)));
+        }
+    }
+    Ok(())
 }

@@ -132,6 +132,23 @@ pub struct Core {
     pub files: BTreeMap<String, FileProgress>,
     /// Analysts' label corrections acting on the windows (None for role `classify`).
     corrections: Option<Corrections>,
+    /// Follows the `champion` alias, to swap models without a restart (None without a classifier).
+    pub model_watch: Option<ModelWatch>,
+}
+
+/// Follows the `champion` rows of `model_aliases` under `storage`. A new champion is loaded, warmed
+/// up and checked against its own golden outputs while the old one still serves; only then does
+/// the pipeline finish what is in flight and switch, so no story is lost or scored twice. Any
+/// failure keeps the champion that serves, and that row is not tried again.
+pub struct ModelWatch {
+    pub storage: std::path::PathBuf,
+    /// The `[model]` settings; the alias gives the folder.
+    pub config: crate::classify::ClassifierConfig,
+    /// The folder serving now (None: `[model] path`).
+    pub serving: Option<String>,
+    pub failed: HashSet<String>,
+    pub last_poll: Option<Instant>,
+    pub files: usize,
 }
 
 /// A source partition's name in the windows' per-source clocks.
@@ -179,6 +196,7 @@ impl Core {
             live: None,
             files: Default::default(),
             corrections,
+            model_watch: None,
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -496,6 +514,59 @@ impl Core {
         let revised = corrections.learn(rows, self.classifier.as_ref(), &mut self.windows, now_ms())?;
         tracing::debug!(revised_windows = revised.len(), "label judgements applied");
         self.window_rows.extend(revised);
+        Ok(true)
+    }
+
+    /// The model folder the classifier was loaded from.
+    pub fn classifier_dir(&self) -> Option<std::path::PathBuf> {
+        self.classifier.as_ref().map(|c| c.spec().dir.clone())
+    }
+
+    /// Swaps to a newly promoted champion, if there is one (see [`ModelWatch`]); at most once a
+    /// second, and only when `model_aliases` has new files. Returns whether it swapped.
+    pub fn poll_champion(&mut self) -> Result<bool, PipelineError> {
+        let Some(watch) = self.model_watch.as_mut() else { return Ok(false) };
+        if watch.last_poll.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return Ok(false);
+        }
+        watch.last_poll = Some(Instant::now());
+        let dir = watch.storage.join(Table::ModelAliases.name());
+        // Finished files only: a writer's temporary file is renamed into place when complete.
+        let files = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".parquet") && !n.starts_with('.'))).count())
+            .unwrap_or(0);
+        if files == watch.files {
+            return Ok(false);
+        }
+        watch.files = files;
+        let Some(newest) = crate::learn::registry::champion_rows(&watch.storage).pop() else { return Ok(false) };
+        let key = format!("{}|{}", newest.path, newest.set_at);
+        if watch.serving.as_deref() == Some(newest.path.as_str()) || watch.failed.contains(&key) {
+            return Ok(false);
+        }
+        let _span = tracing::info_span!("swap", model = %newest.model).entered();
+        let config = crate::classify::ClassifierConfig { path: Some(newest.path.clone().into()), ..watch.config.clone() };
+        let started = Instant::now();
+        let loaded = Classifier::start(&config)
+            .map_err(crate::learn::LearnError::from)
+            .and_then(|c| crate::learn::registry::check_golden(&c, std::path::Path::new(&newest.path)).map(|()| c));
+        let new = match loaded {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, path = %newest.path, "the new champion failed to load or to match its golden outputs; the model serving keeps serving");
+                metrics::counter!("bearwatch_model_swaps_total", "outcome" => "failed").increment(1);
+                watch.failed.insert(key);
+                return Ok(false);
+            }
+        };
+        watch.serving = Some(newest.path.clone());
+        self.drain(None)?;
+        if let Some(alerting) = self.alerting.as_mut() {
+            alerting.replace_explainer(super::explainer(new.clone()));
+        }
+        self.classifier = Some(new);
+        metrics::counter!("bearwatch_model_swaps_total", "outcome" => "swapped").increment(1);
+        tracing::info!(model = %newest.model, set_by = %newest.set_by, seconds = started.elapsed().as_secs_f64(), "swapped to the new champion");
         Ok(true)
     }
 

@@ -189,7 +189,7 @@ fn prometheus_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle
 /// Loads the rule files of `[alerts]`; `None` when there are none.
 /// Explains alert headlines with the pipeline's classifier: each headline's variants are one group,
 /// all of an alert's groups queued before the first is awaited.
-fn explainer(classifier: Classifier) -> crate::alert::Explainer {
+pub(super) fn explainer(classifier: Classifier) -> crate::alert::Explainer {
     Box::new(move |texts: &[&str]| {
         let pending: Vec<_> = texts.iter().map(|text| classifier.explain_now(text)).collect();
         pending
@@ -301,10 +301,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     if let Some(checkpoint) = &restored {
         tracing::info!(written_at = %checkpoint.written_at, scored = checkpoint.counters.scored, "resuming from checkpoint");
     }
-    let classifier = match role {
+    let serving = match role {
         Role::Aggregate => None,
-        Role::All | Role::Classify => Some(Classifier::start(&serving_model(config)?)?),
+        Role::All | Role::Classify => Some(serving_model(config)?),
     };
+    let classifier = serving.as_ref().map(Classifier::start).transpose()?;
     let source_config = &config.source;
     let kafka_output = match (&source_config.brokers, source_config.kind) {
         (Some(brokers), SourceKind::Kafka) => Some(Arc::new(Output::connect(brokers.as_str(), &source_config.properties)?)),
@@ -378,6 +379,19 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let core =
         Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, corrections, restored)?));
     lock(&core).live = live;
+    if serving.is_some() {
+        let mut core = lock(&core);
+        // The folder serving, as the alias rows name folders: canonical.
+        let dir = core.classifier_dir().map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
+        core.model_watch = Some(core::ModelWatch {
+            storage: config.storage.path.clone(),
+            serving: dir,
+            config: config.model.clone(),
+            failed: Default::default(),
+            last_poll: None,
+            files: 0,
+        });
+    }
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
     let mut source: Box<dyn Source> = match source_config.kind {
@@ -425,6 +439,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             if core.poll_feedback()? {
                 core.checkpoint()?;
             }
+            core.poll_champion()?;
             core.publish_live()?;
         }
     }
@@ -439,7 +454,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
 
 /// `[model]`, pointed at the folder of the `champion` alias when a model was promoted in this
 /// storage (`bearwatch model promote`): the alias decides what serves, not the file.
-fn serving_model(config: &PipelineConfig) -> Result<crate::classify::ClassifierConfig, PipelineError> {
+pub(super) fn serving_model(config: &PipelineConfig) -> Result<crate::classify::ClassifierConfig, PipelineError> {
     let mut model = config.model.clone();
     if !config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
         return Ok(model);
@@ -519,6 +534,7 @@ fn drive(
                 None => {}
             }
             core.poll_feedback()?;
+            core.poll_champion()?;
             if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
                 core.drain(None)?;
                 let offsets = core.checkpoint()?;
