@@ -193,33 +193,32 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     let (code, _, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana"]);
     assert_eq!(code, 0, "{err}");
 
-    // A good one is swapped in mid-stream, with stories still arriving.
+    // A good one is swapped in while a backlog is being scored.
+    let swapped = |run: &Pipeline, n: u32| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !metrics().contains(&format!("bearwatch_model_swaps_total{{outcome=\"swapped\"}} {n}")) {
+            assert!(Instant::now() < deadline, "swap {n} did not happen\n{}", run.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     let good = dir.path().join("good");
     let id = candidate(&good, true);
+    batch("b.jsonl", 200, 600);
     let (code, _, err) = bearwatch(&["model", "promote", good.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
     assert_eq!(code, 0, "{err}");
-    batch("b.jsonl", 200, 200);
-    api.wait_for(&mut run, "stories scored by the new champion", &format!("SELECT count(*) AS n FROM news WHERE model = '{id}'"), |r| {
-        r.first().is_some_and(|c| c["n"].as_i64() > Some(0))
-    });
+    swapped(&run, 1);
+    batch("c.jsonl", 800, 100);
+    let by_model = "SELECT model, count(*) AS n FROM news WHERE id >= 's0800' AND id < 's0900' GROUP BY model";
+    let rows = api.wait_for(&mut run, "the stories after the swap", by_model, |r| r.first().is_some_and(|c| c["n"] == 100));
+    assert_eq!(rows, vec![json!({"model": id, "n": 100})], "every story after the swap is the new champion's");
     let (code, _, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "test"]);
     assert_eq!(code, 0, "{err}");
-    // The switch back comes within a second; stories after it are the bundled model's.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !metrics().contains("bearwatch_model_swaps_total{outcome=\"swapped\"} 2") {
-        assert!(Instant::now() < deadline, "the rollback was not swapped in\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    batch("c.jsonl", 400, 100);
-    let rows = api.wait_for(&mut run, "all 500 stories", count, |r| r.first().is_some_and(|c| c["n"] == 500));
-    assert_eq!(rows[0]["ids"], 500, "no story lost or scored twice");
-    let by_model = api.wait_for(
-        &mut run,
-        "the rollback to serve the last stories",
-        "SELECT model, count(*) AS n FROM news WHERE id >= 's0480' GROUP BY model",
-        |r| r.len() == 1 && r[0]["model"] == "bearwatch-minilm-l6@2.0.0",
-    );
-    assert_eq!(by_model[0]["n"], 20, "{by_model:?}");
+    swapped(&run, 2);
+    batch("d.jsonl", 900, 100);
+    let rows = api.wait_for(&mut run, "all 1,000 stories", count, |r| r.first().is_some_and(|c| c["n"] == 1000));
+    assert_eq!(rows[0]["ids"], 1000, "no story lost or scored twice across both swaps");
+    let back = api.sql("SELECT model, count(*) AS n FROM news WHERE id >= 's0900' GROUP BY model");
+    assert_eq!(back, vec![json!({"model": "bearwatch-minilm-l6@2.0.0", "n": 100})], "rolled back in one step");
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
 }
