@@ -328,22 +328,23 @@ fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathB
     Ok(ExitCode::SUCCESS)
 }
 
-fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::feedback::TrainingLabel>> {
+/// One lookup over the tables under `storage`, with the server's default query limits.
+fn lookup<T, F, Fut>(storage: &std::path::Path, query: F) -> anyhow::Result<T>
+where
+    F: FnOnce(datafusion::prelude::SessionContext) -> Fut,
+    Fut: std::future::Future<Output = Result<T, bearwatch::sql::SqlError>>,
+{
     let limits = bearwatch::server::ServerConfig::default().query_limits();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    Ok(runtime.block_on(async {
-        let ctx = bearwatch::sql::context(storage, limits, None)?;
-        bearwatch::sql::lookup::winning_labels(&ctx).await
-    })?)
+    Ok(runtime.block_on(async { query(bearwatch::sql::context(storage, limits, None)?).await })?)
+}
+
+fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::feedback::TrainingLabel>> {
+    lookup(storage, |ctx| async move { bearwatch::sql::lookup::winning_labels(&ctx).await })
 }
 
 fn champion_history(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::learn::registry::AliasRow>> {
-    let limits = bearwatch::server::ServerConfig::default().query_limits();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    Ok(runtime.block_on(async {
-        let ctx = bearwatch::sql::context(storage, limits, None)?;
-        bearwatch::sql::lookup::champion_history(&ctx).await
-    })?)
+    lookup(storage, |ctx| async move { bearwatch::sql::lookup::champion_history(&ctx).await })
 }
 
 fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>) -> anyhow::Result<ExitCode> {

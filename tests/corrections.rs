@@ -50,14 +50,10 @@ fn story(id: &str, minute: u32, headline: &str) -> String {
     json!({"id": id, "published_at": format!("2026-11-30T09:{minute:02}:00Z"), "headline": headline, "tickers": []}).to_string() + "\n"
 }
 
-/// The newest row of the day's `all` window: how it counts now.
-const ALL_WINDOW: &str = "SELECT n, n_negative, n_neutral, n_positive FROM windows WHERE topic = 'all' ORDER BY updated_at DESC, n DESC LIMIT 1";
-
-#[test]
-fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplicates_that_arrive_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let topic = unique("corrections");
-    create_topic_on(brokers(), &topic, 1);
+/// A pipeline on a new Kafka topic of `partitions`, with the HTTP API, storage `dir/store`.
+fn start(dir: &std::path::Path, name: &str, partitions: i32) -> (String, Pipeline, Api) {
+    let topic = unique(name);
+    create_topic_on(brokers(), &topic, partitions);
     let http = free_port();
     let config = format!(
         "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
@@ -67,8 +63,18 @@ fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplic
         brokers = brokers(),
         group = unique("g")
     );
-    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let run = Pipeline::start(dir, "p", &config);
     let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    (topic, run, api)
+}
+
+/// The newest row of the day's `all` window: how it counts now.
+const ALL_WINDOW: &str = "SELECT n, n_negative, n_neutral, n_positive FROM windows WHERE topic = 'all' ORDER BY updated_at DESC, n DESC LIMIT 1";
+
+#[test]
+fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplicates_that_arrive_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (topic, mut run, api) = start(dir.path(), "corrections", 1);
 
     let first = dir.path().join("first.jsonl");
     let judged = "Acme Corp shares fall 5% after quarterly results";
@@ -155,19 +161,7 @@ fn bearwatch(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_no_story_lost_or_scored_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let topic = unique("swap");
-    create_topic_on(brokers(), &topic, 2);
-    let http = free_port();
-    let config = format!(
-        "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
-         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n\
-         [storage]\npath = \"store\"\ncheckpoint_interval = \"300ms\"\n[run]\nsummary_interval = \"0s\"\n\
-         [server]\nhttp = \"127.0.0.1:{http}\"\n",
-        brokers = brokers(),
-        group = unique("g")
-    );
-    let mut run = Pipeline::start(dir.path(), "p", &config);
-    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    let (topic, mut run, api) = start(dir.path(), "swap", 2);
     let storage = dir.path().join("store");
     let storage = storage.to_str().unwrap();
     let batch = |name: &str, from: usize, n: usize| {
