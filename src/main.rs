@@ -521,8 +521,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
             let history = champion_history(&storage)?;
             let forced = reason.as_deref().filter(|_| force);
-            let promoted = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
-            println!("champion: {} ({})", promoted.model, promoted.alias.reason);
+            let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
+            println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {

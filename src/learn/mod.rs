@@ -123,6 +123,14 @@ fn classes(spec: &ModelSpec, head: Kind) -> Vec<String> {
     }
 }
 
+/// The head of `heads` for `kind`.
+fn head_of(heads: &Heads, kind: Kind) -> &Head {
+    match kind {
+        Kind::Sentiment => &heads.sentiment,
+        Kind::Topic => &heads.topic,
+    }
+}
+
 fn row<'r>(names: &[String], e: &Example, r: &'r Read, weight: f32) -> fit::Row<'r> {
     fit::Row { x: &r.embedding, class: names.iter().position(|n| *n == e.label).unwrap_or(0), weight }
 }
@@ -187,10 +195,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
             if i % TEMPERATURE_EVERY == 0 { calibrate.push(row(&names, e, r, 1.0)) } else { train.push(row(&names, e, r, 1.0)) }
         }
         train.extend(feedback.iter().zip(feedback_reads).filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, FEEDBACK_WEIGHT)));
-        let prior = prior.as_ref().map(|p: &Heads| match kind {
-            Kind::Sentiment => &p.sentiment,
-            Kind::Topic => &p.topic,
-        });
+        let prior = prior.as_ref().map(|p| head_of(p, kind));
         let head = fit::fit(&train, dims, names.len(), &fit::Settings::default(), prior);
         Head { temperature: fit::temperature(&head, &calibrate), ..head }
     };

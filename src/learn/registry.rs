@@ -131,18 +131,11 @@ fn folder_hash(dir: &Path) -> Result<String, LearnError> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// What the gate decided, and the rows it wrote.
-#[derive(Debug)]
-pub struct Promoted {
-    pub model: String,
-    pub forced: bool,
-    pub alias: AliasRow,
-}
-
 /// Makes the candidate in `dir` the champion, if its report allows it or `force` gives a reason.
 /// `current`: the champion now (the newest `model_aliases` row), if the alias has a history; when it
-/// has none, the report's champion is recorded first, so that a rollback can return to it.
-pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, current: Option<&AliasRow>) -> Result<Promoted, LearnError> {
+/// has none, the report's champion is recorded first, so that a rollback can return to it. Returns
+/// the alias row written.
+pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, current: Option<&AliasRow>) -> Result<AliasRow, LearnError> {
     let path = dir.join("report.json");
     let report: Report =
         serde_json::from_str(&std::fs::read_to_string(&path).map_err(files(&path))?).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() })?;
@@ -208,7 +201,7 @@ pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, curren
     let alias = AliasRow { alias: CHAMPION.into(), model: model.model.clone(), path: model.path.clone(), set_at: now, set_by: by.into(), reason };
     append(storage, Table::ModelAliases, std::slice::from_ref(&alias), aliases_batch, &model.sha256[..16])?;
     tracing::info!(model = %alias.model, by, forced = force.is_some(), "promoted to champion");
-    Ok(Promoted { model: alias.model.clone(), forced: force.is_some(), alias })
+    Ok(alias)
 }
 
 /// Points the champion alias back at the one before `history`'s newest (oldest first), in one step.
@@ -236,15 +229,14 @@ pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&
 /// running pipeline checks every second, without a query engine). Unreadable files are skipped
 /// with an error in the log.
 pub fn champion_rows(storage: &Path) -> Vec<AliasRow> {
-    let dir = storage.join(Table::ModelAliases.name());
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
-    let mut names: Vec<std::path::PathBuf> =
-        entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))).collect();
-    names.sort();
+    let files = storage::journal_files(storage, Table::ModelAliases).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "model_aliases unreadable");
+        Vec::new()
+    });
     let mut rows = Vec::new();
-    for path in names {
-        match read_aliases(&path) {
-            Ok(found) => rows.extend(found),
+    for path in files {
+        match storage::read_file(&path).and_then(|batches| batches.iter().map(alias_rows).collect::<Result<Vec<_>, _>>()) {
+            Ok(found) => rows.extend(found.into_iter().flatten()),
             Err(reason) => tracing::error!(path = %path.display(), reason, "model_aliases file unreadable"),
         }
     }
@@ -253,32 +245,25 @@ pub fn champion_rows(storage: &Path) -> Vec<AliasRow> {
     rows
 }
 
-fn read_aliases(path: &Path) -> Result<Vec<AliasRow>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()).map_err(|e| e.to_string())?;
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let text = |name: &str| -> Result<&StringArray, String> {
-            batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or(format!("no text column `{name}`"))
-        };
-        let (alias, model, dir, by, reason) = (text("alias")?, text("model")?, text("path")?, text("set_by")?, text("reason")?);
-        let set_at = batch
-            .column_by_name("set_at")
-            .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-            .ok_or("no timestamp column `set_at`")?;
-        for i in 0..batch.num_rows() {
-            rows.push(AliasRow {
-                alias: alias.value(i).into(),
-                model: model.value(i).into(),
-                path: dir.value(i).into(),
-                set_at: DateTime::from_timestamp_millis(set_at.value(i)).unwrap_or_default(),
-                set_by: by.value(i).into(),
-                reason: if reason.is_null(i) { String::new() } else { reason.value(i).into() },
-            });
-        }
-    }
-    Ok(rows)
+fn alias_rows(batch: &RecordBatch) -> Result<Vec<AliasRow>, String> {
+    let text = |name: &str| -> Result<&StringArray, String> {
+        batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or(format!("no text column `{name}`"))
+    };
+    let (alias, model, dir, by, reason) = (text("alias")?, text("model")?, text("path")?, text("set_by")?, text("reason")?);
+    let set_at = batch
+        .column_by_name("set_at")
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+        .ok_or("no timestamp column `set_at`")?;
+    Ok((0..batch.num_rows())
+        .map(|i| AliasRow {
+            alias: alias.value(i).into(),
+            model: model.value(i).into(),
+            path: dir.value(i).into(),
+            set_at: DateTime::from_timestamp_millis(set_at.value(i)).unwrap_or_default(),
+            set_by: by.value(i).into(),
+            reason: if reason.is_null(i) { String::new() } else { reason.value(i).into() },
+        })
+        .collect())
 }
 
 /// The outputs a candidate must reproduce when loaded (`golden.jsonl`, written by `retrain`).

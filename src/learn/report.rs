@@ -6,7 +6,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Example, LearnError, Read, classes, files};
+use super::{Example, LearnError, Read, classes, files, head_of};
 use crate::classify::ModelSpec;
 use crate::classify::heads::Heads;
 use crate::feedback::Head as Kind;
@@ -99,10 +99,7 @@ pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], heads: &H
     let mut out = Vec::new();
     for kind in [Kind::Sentiment, Kind::Topic] {
         let names = classes(spec, kind);
-        let head = match kind {
-            Kind::Sentiment => &heads.sentiment,
-            Kind::Topic => &heads.topic,
-        };
+        let head = head_of(heads, kind);
         // Discordant pairs: only the champion right (b), only the candidate right (c).
         let (mut n, mut champion, mut candidate, mut b, mut c) = (0usize, 0usize, 0usize, 0f64, 0f64);
         let mut p = Vec::new();

@@ -530,11 +530,7 @@ impl Core {
             return Ok(false);
         }
         watch.last_poll = Some(Instant::now());
-        let dir = watch.storage.join(Table::ModelAliases.name());
-        // Finished files only: a writer's temporary file is renamed into place when complete.
-        let files = std::fs::read_dir(&dir)
-            .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".parquet") && !n.starts_with('.'))).count())
-            .unwrap_or(0);
+        let files = crate::storage::journal_files(&watch.storage, Table::ModelAliases).map_or(0, |f| f.len());
         if files == watch.files {
             return Ok(false);
         }

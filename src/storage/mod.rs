@@ -271,6 +271,33 @@ pub fn append(root: &Path, table: Table, batch: &RecordBatch, unique: &str) -> R
     Ok(path)
 }
 
+/// A journal table's finished files, oldest first: `append` writes each under a temporary dot-name
+/// and renames it into place, so a file listed here is whole. None when nothing was appended yet.
+pub fn journal_files(root: &Path, table: Table) -> Result<Vec<PathBuf>, StorageError> {
+    let dir = root.join(table.name());
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(&dir)(e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".parquet") && !n.starts_with('.')))
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Every batch of one Parquet file (a journal file, for readers that follow a table without SQL).
+pub fn read_file(path: &Path) -> Result<Vec<RecordBatch>, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| e.to_string())?;
+    reader.map(|batch| batch.map_err(|e| e.to_string())).collect()
+}
+
 impl Parts {
     fn next_parts(&self) -> BTreeMap<Table, u64> {
         Table::CHECKPOINTED.iter().map(|t| (*t, self.next_part.get(t.name()).copied().unwrap_or(0))).collect()
