@@ -343,10 +343,6 @@ fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::fe
     lookup(storage, |ctx| async move { bearwatch::sql::lookup::winning_labels(&ctx).await })
 }
 
-fn champion_history(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::learn::registry::AliasRow>> {
-    lookup(storage, |ctx| async move { bearwatch::sql::lookup::champion_history(&ctx).await })
-}
-
 fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let from = from.unwrap_or_else(|| pipeline::bundled(std::path::Path::new("models")));
     let feedback = winning_labels(storage)?;
@@ -519,14 +515,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
         Command::Model(ModelCommand::Retrain { storage, out, from }) => retrain(&storage, &out, from),
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
-            let history = champion_history(&storage)?;
+            let history = bearwatch::learn::registry::champion_history(&storage)?;
             let forced = reason.as_deref().filter(|_| force);
             let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
-            let history = champion_history(&storage)?;
+            let history = bearwatch::learn::registry::champion_history(&storage)?;
             let row = bearwatch::learn::registry::rollback(&storage, &history, &by, reason.as_deref())?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)

@@ -198,15 +198,18 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     let good = dir.path().join("good");
     let id = candidate(&good, true);
     batch("b.jsonl", 200, 600);
-    let (code, _, err) = bearwatch(&["model", "promote", good.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
-    assert_eq!(code, 0, "{err}");
+    // This time an admin promotes over HTTP (the API is open here: everyone is an admin).
+    let (status, answer) = api.post("/api/models/promote", &json!({"dir": good}).to_string());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!((answer["model"].as_str(), answer["set_by"].as_str()), (Some(id.as_str()), Some("anonymous")), "{answer}");
     swapped(&run, 1);
     batch("c.jsonl", 800, 100);
     let by_model = "SELECT model, count(*) AS n FROM news WHERE id >= 's0800' AND id < 's0900' GROUP BY model";
     let rows = api.wait_for(&mut run, "the stories after the swap", by_model, |r| r.first().is_some_and(|c| c["n"] == 100));
     assert_eq!(rows, vec![json!({"model": id, "n": 100})], "every story after the swap is the new champion's");
-    let (code, _, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "test"]);
-    assert_eq!(code, 0, "{err}");
+    let (status, answer) = api.post("/api/models/rollback", r#"{"reason": "test"}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["reason"].as_str().unwrap().starts_with(&format!("rollback from {id}: test")), "{answer}");
     swapped(&run, 2);
     batch("d.jsonl", 900, 100);
     let rows = api.wait_for(&mut run, "all 1,000 stories", count, |r| r.first().is_some_and(|c| c["n"] == 1000));

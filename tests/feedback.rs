@@ -109,8 +109,20 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     for (path, body) in [("/api/feedback/labels", &correction), ("/api/feedback/verdicts", &verdict), ("/api/feedback/missed", &missed), ("/api/silences", &silence)] {
         let (status, answer) = api.call("POST", path, Some(VIEWER), Some(body));
         assert_eq!(status, 403, "{path}: {answer}");
-        assert!(answer["error"].as_str().unwrap().contains("vic is a viewer; this needs the analyst role"), "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains("vic has the viewer role; this needs the analyst role"), "{answer}");
     }
+
+    // Only an admin moves the champion alias.
+    for (who, token) in [("vic has the viewer", VIEWER), ("ana has the analyst", ANALYST)] {
+        for path in ["/api/models/promote", "/api/models/rollback"] {
+            let (status, answer) = api.call("POST", path, Some(token), Some(r#"{"dir": "/tmp"}"#));
+            assert_eq!(status, 403, "{path}: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains(&format!("{who} role; this needs the admin role")), "{answer}");
+        }
+    }
+    let (status, answer) = api.call("POST", "/api/models/rollback", Some(ADMIN), None);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("nothing to roll back"), "{answer}");
 
     // The analyst is who the rows say, whatever the body claims.
     let spoofed = json!({"story_id": story_id, "head": "sentiment", "label": "neutral", "analyst": "mallory"}).to_string();

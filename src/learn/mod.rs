@@ -24,7 +24,7 @@ use crate::error::{Classified, ErrorClass};
 use crate::feedback::{Head as Kind, TrainingLabel};
 use crate::news::SENTIMENTS;
 
-pub use report::{Comparison, Report};
+pub use report::{Comparison, Report, comparison};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LearnError {
@@ -78,7 +78,8 @@ pub const MIN_HELD_OUT_FEEDBACK: usize = 10;
 /// Every this-many-th anchor is held out to fit the temperature.
 const TEMPERATURE_EVERY: usize = 10;
 
-fn read_examples(path: &Path) -> Result<Vec<Example>, LearnError> {
+/// The lines of an examples file (`refit/*.jsonl`, or a set `bench loop` plays the analyst on).
+pub fn read_examples(path: &Path) -> Result<Vec<Example>, LearnError> {
     let text = std::fs::read_to_string(path).map_err(files(path))?;
     text.lines()
         .enumerate()

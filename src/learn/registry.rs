@@ -35,7 +35,7 @@ pub struct ModelRow {
 }
 
 /// A row of `model_aliases`: from `set_at` on, `alias` is `model` (in the folder `path`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct AliasRow {
     pub alias: String,
     pub model: String,
@@ -225,24 +225,24 @@ pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&
     Ok(row)
 }
 
-/// The `champion` rows of `model_aliases`, oldest first, read straight from its files (what a
-/// running pipeline checks every second, without a query engine). Unreadable files are skipped
-/// with an error in the log.
-pub fn champion_rows(storage: &Path) -> Vec<AliasRow> {
-    let files = storage::journal_files(storage, Table::ModelAliases).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "model_aliases unreadable");
-        Vec::new()
-    });
+/// The `champion` rows of `model_aliases`, oldest first, read straight from its files, without a
+/// query engine: what the gate compares with, and what a running pipeline checks every second.
+pub fn champion_history(storage: &Path) -> Result<Vec<AliasRow>, LearnError> {
+    let unreadable = |path: &Path| {
+        let path = path.to_path_buf();
+        move |reason: String| LearnError::Files { path, reason }
+    };
+    let dir = storage.join(Table::ModelAliases.name());
+    let files = storage::journal_files(storage, Table::ModelAliases).map_err(|e| unreadable(&dir)(e.to_string()))?;
     let mut rows = Vec::new();
     for path in files {
-        match storage::read_file(&path).and_then(|batches| batches.iter().map(alias_rows).collect::<Result<Vec<_>, _>>()) {
-            Ok(found) => rows.extend(found.into_iter().flatten()),
-            Err(reason) => tracing::error!(path = %path.display(), reason, "model_aliases file unreadable"),
+        for batch in storage::read_file(&path).map_err(unreadable(&path))? {
+            rows.extend(alias_rows(&batch).map_err(unreadable(&path))?);
         }
     }
     rows.retain(|r| r.alias == CHAMPION);
     rows.sort_by_key(|r| r.set_at);
-    rows
+    Ok(rows)
 }
 
 fn alias_rows(batch: &RecordBatch) -> Result<Vec<AliasRow>, String> {

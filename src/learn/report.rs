@@ -94,40 +94,48 @@ fn paired_interval(b: f64, c: f64, n: usize) -> (f64, f64) {
     ((centre - half).max(-1.0), (centre + half).min(1.0))
 }
 
+/// Both models' accuracy from whether each was right on each example of one set and head
+/// (champion, candidate), with the paired interval; `None` for no examples.
+pub fn comparison(set: &str, head: Kind, right: impl IntoIterator<Item = (bool, bool)>) -> Option<Comparison> {
+    // Discordant pairs: only the champion right (b), only the candidate right (c).
+    let (mut n, mut champion, mut candidate, mut b, mut c) = (0usize, 0usize, 0usize, 0f64, 0f64);
+    for (old, new) in right {
+        n += 1;
+        champion += usize::from(old);
+        candidate += usize::from(new);
+        b += f64::from(u8::from(old && !new));
+        c += f64::from(u8::from(new && !old));
+    }
+    if n == 0 {
+        return None;
+    }
+    let (lo, hi) = paired_interval(b, c, n);
+    Some(Comparison {
+        set: set.to_string(),
+        head,
+        n,
+        champion_accuracy: champion as f64 / n as f64,
+        candidate_accuracy: candidate as f64 / n as f64,
+        difference: (c - b) / n as f64,
+        difference_95: (lo, hi),
+        worse: hi < 0.0,
+    })
+}
+
 /// Per head: both models' accuracy on `examples` (read by the champion as `reads`).
 pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], heads: &Heads, spec: &ModelSpec) -> Vec<Comparison> {
     let mut out = Vec::new();
     for kind in [Kind::Sentiment, Kind::Topic] {
         let names = classes(spec, kind);
         let head = head_of(heads, kind);
-        // Discordant pairs: only the champion right (b), only the candidate right (c).
-        let (mut n, mut champion, mut candidate, mut b, mut c) = (0usize, 0usize, 0usize, 0f64, 0f64);
         let mut p = Vec::new();
-        for (e, r) in examples.iter().zip(reads).filter(|(e, _)| e.head == kind) {
+        let right = examples.iter().zip(reads).filter(|(e, _)| e.head == kind).map(|(e, r)| {
             p.clear();
             head.probabilities(&r.embedding, &mut p);
             let predicted = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| names[i].as_str()).unwrap_or_default();
-            let (old, new) = (r.label(kind) == e.label, predicted == e.label);
-            n += 1;
-            champion += usize::from(old);
-            candidate += usize::from(new);
-            b += f64::from(u8::from(old && !new));
-            c += f64::from(u8::from(new && !old));
-        }
-        if n == 0 {
-            continue;
-        }
-        let (lo, hi) = paired_interval(b, c, n);
-        out.push(Comparison {
-            set: set.to_string(),
-            head: kind,
-            n,
-            champion_accuracy: champion as f64 / n as f64,
-            candidate_accuracy: candidate as f64 / n as f64,
-            difference: (c - b) / n as f64,
-            difference_95: (lo, hi),
-            worse: hi < 0.0,
+            (r.label(kind) == e.label, predicted == e.label)
         });
+        out.extend(comparison(set, kind, right));
     }
     out
 }

@@ -534,8 +534,15 @@ impl Core {
         if files == watch.files {
             return Ok(false);
         }
+        let newest = match crate::learn::registry::champion_history(&watch.storage) {
+            Ok(mut history) => history.pop(),
+            Err(e) => {
+                tracing::error!(error = %e, "model_aliases unreadable; the model serving keeps serving");
+                return Ok(false);
+            }
+        };
         watch.files = files;
-        let Some(newest) = crate::learn::registry::champion_rows(&watch.storage).pop() else { return Ok(false) };
+        let Some(newest) = newest else { return Ok(false) };
         let key = format!("{}|{}", newest.path, newest.set_at);
         if watch.serving.as_deref() == Some(newest.path.as_str()) || watch.failed.contains(&key) {
             return Ok(false);

@@ -56,6 +56,8 @@ pub enum PipelineError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Sql(#[from] crate::sql::SqlError),
+    #[error(transparent)]
+    Learn(#[from] crate::learn::LearnError),
     #[error(
         "the checkpoint in {storage} was written with other [window] settings ({saved}); restore them, \
          or give this pipeline a new storage.path"
@@ -75,6 +77,7 @@ impl Classified for PipelineError {
             PipelineError::Alert(e) => e.class(),
             PipelineError::Server(e) => e.class(),
             PipelineError::Sql(e) => e.class(),
+            PipelineError::Learn(e) => e.class(),
             PipelineError::WindowsChanged { .. } => ErrorClass::User,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
@@ -88,6 +91,7 @@ impl Classified for PipelineError {
             PipelineError::Alert(e) => e.retryable(),
             PipelineError::Server(e) => e.retryable(),
             PipelineError::Sql(e) => e.retryable(),
+            PipelineError::Learn(e) => e.retryable(),
             PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
         }
     }
@@ -459,9 +463,7 @@ pub(super) fn serving_model(config: &PipelineConfig) -> Result<crate::classify::
     if !config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
         return Ok(model);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
-    let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), None)?;
-    if let Some(champion) = runtime.block_on(crate::sql::lookup::champion_history(&ctx))?.pop() {
+    if let Some(champion) = crate::learn::registry::champion_history(&config.storage.path)?.pop() {
         tracing::info!(model = %champion.model, path = %champion.path, set_by = %champion.set_by, "serving the champion alias");
         model.path = Some(PathBuf::from(champion.path));
     }

@@ -41,7 +41,7 @@ fn caller(parts: &Parts, needs: Role) -> Result<Principal, Response> {
     let caller = parts.extensions.get::<Principal>().cloned().ok_or_else(|| error(StatusCode::UNAUTHORIZED, "not authenticated"))?;
     if caller.role < needs {
         let role = |r: Role| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        return Err(error(StatusCode::FORBIDDEN, format!("{} is a {}; this needs the {} role", caller.name, role(caller.role), role(needs))));
+        return Err(error(StatusCode::FORBIDDEN, format!("{} has the {} role; this needs the {} role", caller.name, role(caller.role), role(needs))));
     }
     Ok(caller)
 }
@@ -50,6 +50,8 @@ fn caller(parts: &Parts, needs: Role) -> Result<Principal, Response> {
 pub struct Viewer(pub Principal);
 /// A caller with at least the analyst role.
 pub struct Analyst(pub Principal);
+/// A caller with the admin role.
+pub struct Admin(pub Principal);
 
 impl<S: Send + Sync> FromRequestParts<S> for Viewer {
     type Rejection = Response;
@@ -62,6 +64,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Analyst {
     type Rejection = Response;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
         caller(parts, Role::Analyst).map(Analyst)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
+    type Rejection = Response;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        caller(parts, Role::Admin).map(Admin)
     }
 }
 

@@ -1,13 +1,15 @@
 //! The HTTP API (axum) on its own thread and runtime, so the pipeline thread never waits on it.
 //! Read-only SQL over the pipeline's tables (`POST /sql`), silences (`GET/POST /api/silences`,
 //! `DELETE /api/silences/{id}`), feedback (`POST /api/feedback/labels|verdicts|missed`) and
-//! `GET /api/me`, each for the roles that may use it (`auth`); and, without auth for probes and
+//! `GET /api/me`, each for the roles that may use it (`auth`); promotion and rollback of the
+//! champion model for admins (`POST /api/models/promote|rollback`); and, without auth for probes and
 //! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), and the
 //! dashboard page at `GET /` (its data needs a token when the server has users).
 
 mod auth;
 mod config;
 pub mod feedback;
+mod models;
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -105,6 +107,8 @@ impl Server {
             .route("/api/feedback/labels", post(feedback::labels))
             .route("/api/feedback/verdicts", post(feedback::verdicts))
             .route("/api/feedback/missed", post(feedback::missed))
+            .route("/api/models/promote", post(models::promote))
+            .route("/api/models/rollback", post(models::rollback))
             // A query is at most 64 KiB and a silence far less; 1,000 feedback items fit in 1 MiB.
             .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
             .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));

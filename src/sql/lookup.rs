@@ -149,25 +149,3 @@ pub async fn winning_labels(ctx: &SessionContext) -> Result<Vec<TrainingLabel>, 
     }
     Ok(labels)
 }
-
-/// The `champion` alias's history, oldest first (what `model rollback` steps back through).
-pub async fn champion_history(ctx: &SessionContext) -> Result<Vec<crate::learn::registry::AliasRow>, SqlError> {
-    let mut history = Vec::new();
-    let filter = col("alias").eq(lit(crate::learn::registry::CHAMPION));
-    for batch in rows(ctx, "model_aliases", filter, "set_at").await? {
-        let (model, path, by, reason) = (strings(&batch, "model")?, strings(&batch, "path")?, strings(&batch, "set_by")?, strings(&batch, "reason")?);
-        let set_at = batch.column_by_name("set_at").ok_or_else(|| SqlError::Execution("no column set_at".into()))?;
-        let set_at = set_at.as_primitive::<TimestampMillisecondType>();
-        for i in 0..batch.num_rows() {
-            history.push(crate::learn::registry::AliasRow {
-                alias: crate::learn::registry::CHAMPION.into(),
-                model: model[i].clone().unwrap_or_default(),
-                path: path[i].clone().unwrap_or_default(),
-                set_at: chrono::DateTime::from_timestamp_millis(set_at.value(i)).unwrap_or_default(),
-                set_by: by[i].clone().unwrap_or_default(),
-                reason: reason[i].clone().unwrap_or_default(),
-            });
-        }
-    }
-    Ok(history)
-}

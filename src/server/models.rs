@@ -1,0 +1,93 @@
+//! Admin endpoints for the champion alias: `POST /api/models/promote` and `/api/models/rollback`,
+//! the same gate and journals as `bearwatch model promote|rollback`, with the authenticated admin
+//! recorded as `set_by`. A running pipeline on the same storage swaps within a second or two.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::auth::Admin;
+use super::{AppState, error};
+use crate::learn::LearnError;
+use crate::learn::registry;
+
+/// One promotion or rollback at a time in this process, so two cannot both read the same history
+/// and record conflicting aliases.
+static ALIAS_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteRequest {
+    /// The candidate folder, as the server's filesystem sees it.
+    dir: PathBuf,
+    #[serde(default)]
+    force: bool,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    reason: Option<String>,
+}
+
+fn body<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Response> {
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    serde_json::from_str(text).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+fn answer(result: Result<Result<registry::AliasRow, LearnError>, tokio::task::JoinError>) -> Response {
+    match result {
+        Ok(Ok(row)) => Json(row).into_response(),
+        Ok(Err(e)) => {
+            let status = match e {
+                LearnError::Refused(_) => StatusCode::CONFLICT,
+                LearnError::Invalid(_) | LearnError::Files { .. } => StatusCode::BAD_REQUEST,
+                LearnError::Classify(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+pub(super) async fn promote(State(state): State<AppState>, Admin(who): Admin, text: String) -> Response {
+    let request: PromoteRequest = match body(&text) {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    if request.force && request.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "force needs a reason, which is recorded");
+    }
+    let storage = state.sql.storage.clone();
+    let _one = ALIAS_WRITES.lock().await;
+    // Hashing the folder reads the whole model: off the async workers.
+    answer(
+        tokio::task::spawn_blocking(move || {
+            let history = registry::champion_history(&storage)?;
+            let forced = request.reason.as_deref().filter(|_| request.force);
+            registry::promote(&storage, &request.dir, &who.name, forced, history.last())
+        })
+        .await,
+    )
+}
+
+pub(super) async fn rollback(State(state): State<AppState>, Admin(who): Admin, text: String) -> Response {
+    let request: RollbackRequest = match body(&text) {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let storage = state.sql.storage.clone();
+    let _one = ALIAS_WRITES.lock().await;
+    answer(
+        tokio::task::spawn_blocking(move || {
+            let history = registry::champion_history(&storage)?;
+            registry::rollback(&storage, &history, &who.name, request.reason.as_deref())
+        })
+        .await,
+    )
+}
