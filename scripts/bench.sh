@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes docs/BENCHMARKS.md (from benches/BENCHMARKS.md.in): classify vs
-# the Python reference, SQL vs DuckDB, windows + rules alone, end to end from Kafka, alert latency.
+# the Python reference, SQL vs DuckDB, windows + rules alone, end to end from Kafka, alert latency,
+# the analyst's loop.
 # Takes about 30 minutes on 2 cores. Each bench's own output stays in target/bench-report/.
 #   scripts/bench.sh
 set -euo pipefail
@@ -30,6 +31,7 @@ bench windows --repeats 3
 bench sql --repeats 5
 bench e2e --repeats 3 --brokers "$brokers"
 bench alerts --brokers "$brokers"
+bench loop --splits 3
 
 .venv/bin/python benches/report.py "$out" "$(( $(date +%s) - started ))"
 echo "wrote docs/BENCHMARKS.md" >&2

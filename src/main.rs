@@ -23,13 +23,13 @@ struct Cli {
     /// Log lines on stderr: `text` for people, `json` (one object per line, with the span fields
     /// such as the story id) for log shippers. The level comes from BEARWATCH_LOG (default info).
     #[arg(long, global = true, value_enum, env = "BEARWATCH_LOG_FORMAT", default_value = "text")]
-    log_format: LogFormat,
+    log_format: OutputFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
+enum OutputFormat {
     Text,
     Json,
 }
@@ -169,6 +169,9 @@ enum ModelCommand {
         /// The champion to start from; default: the bundled `models/`.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// How many anchor examples one feedback label weighs.
+        #[arg(long, default_value_t = bearwatch::learn::FEEDBACK_WEIGHT)]
+        feedback_weight: f32,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -186,6 +189,41 @@ enum ModelCommand {
         force: bool,
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Runs DIR in shadow: every pipeline on STORAGE also scores each story with it (loaded and
+    /// checked against its golden outputs first) and writes its scores to `shadow_news`, never to
+    /// the windows or alerts. --stop ends the shadow. A second classification per story costs CPU.
+    ///
+    /// Example: bearwatch model shadow candidates/1 --storage data/demo --by ana
+    Shadow {
+        #[arg(required_unless_present = "stop", conflicts_with = "stop")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        storage: PathBuf,
+        /// Who sets it (recorded as `set_by`).
+        #[arg(long)]
+        by: String,
+        #[arg(long)]
+        stop: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The alert episodes the challenger in shadow would have raised, next to the champion's, on the
+    /// stories both scored: both replayed through the pipeline's [window] and [alerts] rules.
+    ///
+    /// Example: bearwatch model compare --pipeline pipelines/demo.toml
+    Compare {
+        /// The pipeline file whose windows and rules to replay (default: the demo's).
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Instead of the pipeline's `[storage] path`.
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        /// A model id in `shadow_news` (default: the newest).
+        #[arg(long)]
+        challenger: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
     },
     /// Points the champion alias back at the model it named before, in one step.
     ///
@@ -221,6 +259,11 @@ enum BenchCommand {
     E2e(bearwatch::bench::e2e::E2eBenchArgs),
     /// From the story that completes a spike entering Kafka to its webhook notification: p50, p99.
     Alerts(bearwatch::bench::alerts::AlertBenchArgs),
+    /// Plays the analyst: labels part of an unseen set, retrains, promotes, swaps; accuracy before
+    /// and after on the untouched part and elsewhere, and how long each step took.
+    ///
+    /// Example: bearwatch bench loop --set benches/data/loop/sentfin-dev.jsonl --splits 3
+    Loop(bearwatch::bench::feedback_loop::LoopBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -271,8 +314,8 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BEARWATCH_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        OutputFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        OutputFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     match run(cli) {
         Ok(code) => code,
@@ -343,10 +386,10 @@ fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::fe
     lookup(storage, |ctx| async move { bearwatch::sql::lookup::winning_labels(&ctx).await })
 }
 
-fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>, feedback_weight: f32) -> anyhow::Result<ExitCode> {
     let from = from.unwrap_or_else(|| pipeline::bundled(std::path::Path::new("models")));
     let feedback = winning_labels(storage)?;
-    let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback })?;
+    let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback, feedback_weight })?;
     print!("{}", report.markdown());
     eprintln!("candidate {} in {} (report.json, report.md)", report.candidate, out.display());
     Ok(ExitCode::SUCCESS)
@@ -513,12 +556,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
-        Command::Model(ModelCommand::Retrain { storage, out, from }) => retrain(&storage, &out, from),
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight }) => retrain(&storage, &out, from, feedback_weight),
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
             let history = bearwatch::learn::registry::champion_history(&storage)?;
             let forced = reason.as_deref().filter(|_| force);
             let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
             println!("champion: {} ({})", row.model, row.reason);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Shadow { dir, storage, by, stop, reason }) => {
+            let row = bearwatch::learn::registry::shadow(&storage, dir.as_deref().filter(|_| !stop), &by, reason.as_deref())?;
+            match row.model.as_str() {
+                "" => println!("shadow: none ({})", row.reason),
+                model => println!("shadow: {model} ({})", row.reason),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Compare { pipeline: path, storage, challenger, format }) => {
+            let mut config = match &path {
+                Some(path) => PipelineConfig::load(path)?,
+                None => PipelineConfig::parse(pipeline::DEMO_PIPELINE, pipeline::DEMO_PIPELINE_NAME)?,
+            };
+            if let Some(storage) = storage {
+                config.storage.path = storage;
+            }
+            let comparison = pipeline::compare::compare(&config, challenger.as_deref())?;
+            match format {
+                OutputFormat::Text => print!("{}", comparison.render()),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&comparison)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
@@ -587,6 +653,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Sql(args)) => {
             println!("{}", bearwatch::bench::sql::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Loop(args)) => {
+            println!("{}", bearwatch::bench::feedback_loop::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
     }

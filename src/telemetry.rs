@@ -41,6 +41,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_feedback_memory_texts", Kind::Gauge, "", "Corrected texts the running pipeline remembers"),
     ("bearwatch_feedback_unreadable_files_total", Kind::Counter, "", "label_feedback files the pipeline could not read"),
     ("bearwatch_model_swaps_total", Kind::Counter, "outcome", "Switches to a newly promoted champion without a restart (swapped, failed)"),
+    ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];
@@ -70,6 +71,9 @@ pub fn describe() {
     }
     for outcome in ["swapped", "failed"] {
         counter!("bearwatch_model_swaps_total", "outcome" => outcome).increment(0);
+    }
+    for outcome in ["scored", "skipped", "failed"] {
+        counter!("bearwatch_shadow_stories_total", "outcome" => outcome).increment(0);
     }
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);

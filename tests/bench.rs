@@ -46,3 +46,38 @@ fn bench_sql_times_five_queries_on_both_engines_and_checks_they_agree() {
     }
     assert!(std::fs::read_dir(dir.path().join("news")).unwrap().count() == 1, "one 30 000-row part");
 }
+
+/// The analyst's loop on a small set: corrections in, retrain, the gate, the swap's load, and both
+/// models scored on the untouched part and elsewhere, each with its paired interval.
+#[test]
+fn bench_loop_retrains_on_a_reviewed_part_and_compares_before_and_after_on_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/loop");
+    let head = |file: &str, n: usize| {
+        let text: String = std::fs::read_to_string(root.join(file)).unwrap().lines().take(n).map(|l| format!("{l}\n")).collect();
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (set, elsewhere) = (head("sentfin-dev.jsonl", 80), head("phrasebank-dev.jsonl", 40));
+    let out = Command::cargo_bin("bearwatch")
+        .unwrap()
+        .args(["bench", "loop", "--splits", "1", "--set"])
+        .arg(&set)
+        .arg("--elsewhere")
+        .arg(&elsewhere)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row = |set: &str| stdout.lines().find(|l| l.starts_with(&format!("| 0 | {set} | sentiment |"))).map(str::to_string);
+    for set in ["sentfin (untouched)", "phrasebank"] {
+        let row = row(set).unwrap_or_else(|| panic!("no row for {set}: {stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (before, after): (f64, f64) = (cells[5].parse().unwrap(), cells[6].parse().unwrap());
+        assert!((0.0..=1.0).contains(&before) && (0.0..=1.0).contains(&after), "{row}");
+        assert!(cells[7].contains(" to "), "a paired interval: {row}");
+    }
+    assert_eq!(row("phrasebank").unwrap().split('|').nth(4).map(str::trim), Some("40"), "{stdout}");
+    assert!(stdout.contains("Mean seconds: retrain") && stdout.contains("Gate: "), "{stdout}");
+}

@@ -375,3 +375,84 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     assert!(stdout.contains("champion: bearwatch-minilm-l6@2.0.0 (rollback from"), "{stdout}");
     assert_eq!(served(), "model\nbearwatch-minilm-l6@2.0.0\n");
 }
+
+/// A challenger that reads more headlines as negative: the bundled encoder with the champion's own
+/// heads (`models/refit/heads.json`), the negative class's bias raised.
+fn gloomy_challenger(dir: &std::path::Path) -> String {
+    let models = std::path::Path::new(ROOT).join("models");
+    std::fs::create_dir_all(dir).unwrap();
+    for file in ["model.onnx", "tokenizer.json"] {
+        std::fs::copy(models.join(file), dir.join(file)).unwrap();
+    }
+    let mut heads: Value = serde_json::from_str(&std::fs::read_to_string(models.join("refit/heads.json")).unwrap()).unwrap();
+    heads["sentiment"]["bias"][0] = json!(heads["sentiment"]["bias"][0].as_f64().unwrap() + 1.5);
+    std::fs::write(dir.join("heads.json"), heads.to_string()).unwrap();
+    let mut labels: Value = serde_json::from_str(&std::fs::read_to_string(models.join("labels.json")).unwrap()).unwrap();
+    labels["version"] = json!("2.0.0+gloomy");
+    labels["heads"] = json!("heads.json");
+    std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
+    "bearwatch-minilm-l6@2.0.0+gloomy".into()
+}
+
+#[test]
+fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_would_have_raised() {
+    let dir = tempfile::tempdir().unwrap();
+    let challenger = gloomy_challenger(&dir.path().join("gloomy"));
+    let storage = dir.path().join("store");
+    let storage = storage.to_str().unwrap();
+    let (code, stdout, err) = bearwatch(&["model", "shadow", dir.path().join("gloomy").to_str().unwrap(), "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stdout.trim(), format!("shadow: {challenger} (shadow)"));
+
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+         [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n\
+         [alerts]\nrules = [\"{ROOT}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(600)).success(), "{}", run.logs());
+    let sql = |query: &str| {
+        let (code, stdout, err) = bearwatch(&["sql", "--storage", storage, "--format", "csv", query]);
+        assert_eq!(code, 0, "{err}");
+        stdout
+    };
+    // Every story scored by both, the challenger's scores apart from the champion's.
+    assert_eq!(
+        sql("SELECT (SELECT count(*) FROM news) AS news, (SELECT count(DISTINCT id) FROM shadow_news) AS shadow, \
+             (SELECT min(model) FROM shadow_news) AS model"),
+        format!("news,shadow,model\n3000,3000,{challenger}\n")
+    );
+    let negatives = sql("SELECT (SELECT count(*) FROM news WHERE sentiment = 'negative') < (SELECT count(*) FROM shadow_news WHERE sentiment = 'negative') AS gloomier");
+    assert_eq!(negatives, "gloomier\ntrue\n");
+
+    let pipeline = dir.path().join("p.toml");
+    let (code, stdout, err) = bearwatch(&["model", "compare", "--pipeline", pipeline.to_str().unwrap(), "--storage", storage, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let compared: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((compared["stories"].as_u64(), compared["challenger"].as_str()), (Some(3000), Some(challenger.as_str())));
+    assert!(compared["sentiment_agrees"].as_u64().unwrap() < 3000);
+    // The champion's side, replayed from the tables, is exactly what the pipeline raised.
+    let raised = sql("SELECT alert_id, started_at FROM alerts WHERE state = 'firing' ORDER BY started_at, alert_id");
+    let episodes = |side: &str| -> Vec<(String, String)> {
+        let mut found: Vec<(String, String)> = compared[side]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["alert_id"].as_str().unwrap().to_string(), e["started_at"].as_str().unwrap().to_string()))
+            .collect();
+        found.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+        found
+    };
+    let champion = episodes("champion_episodes");
+    assert!(champion.len() >= 3, "{stdout}");
+    let replayed: String = champion.iter().map(|(id, at)| format!("{id},{at}\n")).collect();
+    assert_eq!(replayed, raised.trim_start_matches("alert_id,started_at\n"), "{stdout}");
+    assert_ne!(episodes("challenger_episodes"), champion, "a gloomier model raises other alerts");
+
+    let (code, stdout, err) = bearwatch(&["model", "compare", "--pipeline", pipeline.to_str().unwrap(), "--storage", storage]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("| rule | group | champion | challenger |") && stdout.contains("Episodes: champion"), "{stdout}");
+    let (code, stdout, err) = bearwatch(&["model", "shadow", "--stop", "--storage", storage, "--by", "ana"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stdout.trim(), "shadow: none (shadow stopped)");
+}

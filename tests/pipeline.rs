@@ -255,3 +255,29 @@ fn json_logs_carry_the_story_id_and_info_logs_never_show_bodies() {
     assert!(!info.is_empty() && info.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     assert!(!info.contains("SECRET-BODY-TEXT"), "{info}");
 }
+
+#[test]
+fn two_runs_of_the_same_input_with_different_checkpoint_intervals_raise_the_same_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, checkpoint_interval: &str| {
+        let config = format!(
+            "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n\
+             [window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+             [storage]\npath = \"{name}\"\ncheckpoint_interval = \"{checkpoint_interval}\"\n[run]\nsummary_interval = \"0s\"\n\
+             [alerts]\nrules = [\"{root}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n",
+            root = common::ROOT
+        );
+        let mut pipeline = Pipeline::start(dir.path(), name, &config);
+        assert!(pipeline.wait(Duration::from_secs(600)).success(), "{}", pipeline.logs());
+        let alerts = "SELECT alert_id, rule, state, topic, started_at, resolved_at, window_start, value, baseline, count, summary \
+                      FROM alerts ORDER BY started_at, alert_id, state";
+        (query(&pipeline.storage, alerts), query_one(&pipeline.storage, "SELECT count(*) FROM windows WHERE NOT final"))
+    };
+    // Checkpoints (and with them, before, the rules' live evaluations) every 50 ms in one run, and
+    // none but the last in the other.
+    let (often, often_live) = run("often", "50ms");
+    let (once, once_live) = run("once", "1h");
+    assert!(often.len() >= 3, "the demo raises alerts: {often:?}");
+    assert_ne!(often_live, once_live, "the checkpoints did differ between the runs");
+    assert_eq!(often, once, "same alerts, ids, times and values");
+}

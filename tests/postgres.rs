@@ -46,7 +46,7 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     }
 
     let (ok, out) = psql(port, "s3cret", "\\d");
-    let tables = ["alert_verdicts", "alerts", "applied_labels", "label_feedback", "late", "missed_events", "model_aliases", "models", "news", "notifications", "windows"];
+    let tables = ["alert_verdicts", "alerts", "applied_labels", "label_feedback", "late", "missed_events", "model_aliases", "models", "news", "notifications", "shadow_news", "windows"];
     assert!(ok && tables.iter().all(|t| out.contains(&format!("public|{t}|table"))), "{out}");
     let (ok, out) = psql(port, "s3cret", "\\d windows");
     assert!(ok && out.contains("neg_share|double precision") && out.contains("window_start|timestamp with time zone"), "{out}");

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod classify;
 pub mod e2e;
+pub mod feedback_loop;
 pub mod sql;
 pub mod windows;
 

@@ -5,6 +5,7 @@
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
 mod config;
+pub mod replay;
 pub mod rules;
 mod sql;
 mod table;
@@ -302,20 +303,19 @@ impl Detector {
         let sql_hits = self.sql_hits(rows);
         for row in ordered {
             let group = GroupKey::of(&row.key);
+            // The group's closed windows before this one: the same for every rule.
+            let history: Vec<&Counts> = self
+                .history
+                .get(&group)
+                .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
+                .unwrap_or_default();
             for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;
                 }
                 let reading = match sql_hits.get(&index) {
                     Some(hits) => sql_reading(rule.metric, row, hits),
-                    None => {
-                        let history: Vec<&Counts> = self
-                            .history
-                            .get(&group)
-                            .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
-                            .unwrap_or_default();
-                        read(&rule.condition, rule.metric, &row.counts, &history)
-                    }
+                    None => read(&rule.condition, rule.metric, &row.counts, &history),
                 };
                 if let Some(alert) = step(&mut self.tracked, rule, &group, row, &reading, now_ms) {
                     changes.push(alert);

@@ -142,10 +142,15 @@ pub struct RetrainOptions<'a> {
     pub from: &'a Path,
     /// The labels that won (`feedback export`).
     pub feedback: Vec<TrainingLabel>,
+    /// How many anchors one feedback label weighs ([`FEEDBACK_WEIGHT`] by default).
+    pub feedback_weight: f32,
 }
 
 /// Builds a candidate in `options.out` and returns its report (also written there).
 pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
+    if !(options.feedback_weight.is_finite() && (0.0..=100.0).contains(&options.feedback_weight)) {
+        return Err(LearnError::Invalid(format!("feedback weight {} is not between 0 and 100", options.feedback_weight)));
+    }
     let spec = ModelSpec::load(options.from)?;
     if spec.embedding_output.is_none() {
         return Err(LearnError::Invalid(format!("{}: the model has no `embedding` output to refit heads on", options.from.display())));
@@ -195,7 +200,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
         for (i, (e, r)) in anchors.iter().zip(anchor_reads).enumerate().filter(|(_, (e, _))| e.head == kind) {
             if i % TEMPERATURE_EVERY == 0 { calibrate.push(row(&names, e, r, 1.0)) } else { train.push(row(&names, e, r, 1.0)) }
         }
-        train.extend(feedback.iter().zip(feedback_reads).filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, FEEDBACK_WEIGHT)));
+        train.extend(feedback.iter().zip(feedback_reads).filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, options.feedback_weight)));
         let prior = prior.as_ref().map(|p| head_of(p, kind));
         let head = fit::fit(&train, dims, names.len(), &fit::Settings::default(), prior);
         Head { temperature: fit::temperature(&head, &calibrate), ..head }
@@ -222,7 +227,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
         feedback_trained: feedback.len(),
         trained_until: feedback.len().checked_sub(1).map(|i| (labels[i].feedback_id.clone(), labels[i].created_at)),
         feedback_held_out: newest.len(),
-        feedback_weight: FEEDBACK_WEIGHT,
+        feedback_weight: options.feedback_weight,
         temperatures: (heads.sentiment.temperature, heads.topic.temperature),
         comparisons: [compare(&evaluation, eval_reads, "eval"), compare(&newest, newest_reads, "feedback")].concat(),
     };

@@ -18,6 +18,9 @@ use crate::classify::ModelSpec;
 use crate::storage::{self, Table};
 
 pub const CHAMPION: &str = "champion";
+/// The alias of the model scoring the live stream in shadow (`model shadow`); an empty `path`
+/// means none.
+pub const CHALLENGER: &str = "challenger";
 
 /// A row of `models`.
 #[derive(Debug, Clone, PartialEq)]
@@ -225,9 +228,35 @@ pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&
     Ok(row)
 }
 
-/// The `champion` rows of `model_aliases`, oldest first, read straight from its files, without a
-/// query engine: what the gate compares with, and what a running pipeline checks every second.
+/// The `champion` rows of `model_aliases`, oldest first: what the gate compares with.
 pub fn champion_history(storage: &Path) -> Result<Vec<AliasRow>, LearnError> {
+    alias_history(storage, CHAMPION)
+}
+
+/// Runs `dir` in shadow on the live stream of every pipeline on `storage` (`None`: stops the
+/// shadow): a `challenger` row of `model_aliases`. Any model folder will do; it is loaded and
+/// checked against its golden outputs by the pipeline, as a champion is.
+pub fn shadow(storage: &Path, dir: Option<&Path>, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+    let (model, path) = match dir {
+        Some(dir) => (ModelSpec::load(dir)?.id().to_string(), std::fs::canonicalize(dir).map_err(files(dir))?.display().to_string()),
+        None => (String::new(), String::new()),
+    };
+    let row = AliasRow {
+        alias: CHALLENGER.into(),
+        model,
+        path,
+        set_at: Utc::now(),
+        set_by: by.into(),
+        reason: reason.map(str::to_string).unwrap_or_else(|| if dir.is_some() { "shadow".into() } else { "shadow stopped".into() }),
+    };
+    append(storage, Table::ModelAliases, std::slice::from_ref(&row), aliases_batch, "shadow")?;
+    tracing::info!(model = %row.model, by, "challenger set");
+    Ok(row)
+}
+
+/// The rows of `alias` in `model_aliases`, oldest first, read straight from its files, without a
+/// query engine: what a running pipeline checks every second.
+pub fn alias_history(storage: &Path, alias: &str) -> Result<Vec<AliasRow>, LearnError> {
     let unreadable = |path: &Path| {
         let path = path.to_path_buf();
         move |reason: String| LearnError::Files { path, reason }
@@ -240,7 +269,7 @@ pub fn champion_history(storage: &Path) -> Result<Vec<AliasRow>, LearnError> {
             rows.extend(alias_rows(&batch).map_err(unreadable(&path))?);
         }
     }
-    rows.retain(|r| r.alias == CHAMPION);
+    rows.retain(|r| r.alias == alias);
     rows.sort_by_key(|r| r.set_at);
     Ok(rows)
 }
@@ -264,6 +293,15 @@ fn alias_rows(batch: &RecordBatch) -> Result<Vec<AliasRow>, String> {
             reason: if reason.is_null(i) { String::new() } else { reason.value(i).into() },
         })
         .collect())
+}
+
+/// Loads the model folder `dir` with the `[model]` settings of `config` and checks it against its
+/// golden outputs ([`check_golden`]): what a pipeline does before a model serves or shadows.
+pub fn load_checked(config: &crate::classify::ClassifierConfig, dir: &Path) -> Result<crate::classify::Classifier, LearnError> {
+    let config = crate::classify::ClassifierConfig { path: Some(dir.to_path_buf()), ..config.clone() };
+    let classifier = crate::classify::Classifier::start(&config)?;
+    check_golden(&classifier, dir)?;
+    Ok(classifier)
 }
 
 /// The outputs a candidate must reproduce when loaded (`golden.jsonl`, written by `retrain`).

@@ -27,6 +27,23 @@ pub struct Comparison {
     pub worse: bool,
 }
 
+impl Comparison {
+    /// Set, head, n, both accuracies and the difference with its interval, as Markdown table cells.
+    pub fn cells(&self) -> String {
+        format!(
+            "{} | {} | {} | {:.3} | {:.3} | {:+.3} ({:+.3} to {:+.3})",
+            self.set,
+            self.head.name(),
+            self.n,
+            self.champion_accuracy,
+            self.candidate_accuracy,
+            self.difference,
+            self.difference_95.0,
+            self.difference_95.1
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub candidate: String,
@@ -64,18 +81,7 @@ impl Report {
             self.candidate, self.champion, self.anchors, self.feedback_trained, self.feedback_weight, self.feedback_held_out, self.temperatures.0, self.temperatures.1
         );
         for c in &self.comparisons {
-            md.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:+.3} ({:+.3} to {:+.3}) | {} |\n",
-                c.set,
-                c.head.name(),
-                c.n,
-                c.champion_accuracy,
-                c.candidate_accuracy,
-                c.difference,
-                c.difference_95.0,
-                c.difference_95.1,
-                if c.worse { "worse" } else { "" }
-            ));
+            md.push_str(&format!("| {} | {} |\n", c.cells(), if c.worse { "worse" } else { "" }));
         }
         if self.feedback_held_out == 0 {
             md.push_str(&format!("\nFewer than {} feedback labels: none held out, so no feedback comparison.\n", super::MIN_HELD_OUT_FEEDBACK));

@@ -114,6 +114,7 @@ impl PipelineConfig {
         self.storage.validate()?;
         self.server.validate()?;
         self.feedback.validate()?;
+        self.alerts.validate()?;
         if let Some(sink) = &self.sink
             && sink.brokers.is_none()
             && s.brokers.is_none()

@@ -64,6 +64,8 @@ pub struct Limits {
     pub body_chars: usize,
     pub dedup_horizon_ms: i64,
     pub dedup_max_ids: usize,
+    /// `[alerts] evaluate_every`: the step of event time at which the rules see live rows.
+    pub evaluate_every_ms: i64,
 }
 
 /// Publishes scored stories to `news.scored`, keyed by topic.
@@ -134,6 +136,8 @@ pub struct Core {
     corrections: Option<Corrections>,
     /// Follows the `champion` alias, to swap models without a restart (None without a classifier).
     pub model_watch: Option<ModelWatch>,
+    /// The `challenger` scoring in shadow, if one is set.
+    shadow: Option<super::shadow::Shadow>,
 }
 
 /// Follows the `champion` rows of `model_aliases` under `storage`. A new champion is loaded, warmed
@@ -197,6 +201,7 @@ impl Core {
             files: Default::default(),
             corrections,
             model_watch: None,
+            shadow: None,
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -353,6 +358,9 @@ impl Core {
 
     /// Applies every finished item at the head of the queue; returns how many.
     pub fn complete_ready(&mut self) -> Result<usize, PipelineError> {
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.collect();
+        }
         let mut done = 0;
         loop {
             let result = match self.in_flight.front_mut() {
@@ -466,6 +474,9 @@ impl Core {
         if self.role == Role::Classify {
             return Ok(());
         }
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.submit(&row.news, published_ms, &row.news.classification_text(self.limits.body_chars));
+        }
         let tickers = row.news.tickers.clone().unwrap_or_default();
         let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
         crate::telemetry::received("window", 1);
@@ -493,10 +504,18 @@ impl Core {
             self.late_rows.push(row.clone());
         }
         self.news_rows.push(row);
-        let closed = self.windows.close_due(now);
+        self.evaluate_due(now);
+        Ok(())
+    }
+
+    /// What the watermark now allows: windows it passed close (their final rows to the table and
+    /// the rules), and at each step of `evaluate_every` the rules see the open windows that changed.
+    /// Both follow event time only, so every run of the same input raises the same alerts.
+    fn evaluate_due(&mut self, now: i64) {
+        let (closed, live) = self.windows.due(self.limits.evaluate_every_ms, now);
         self.observe(&closed);
         self.window_rows.extend(closed);
-        Ok(())
+        self.observe(&live);
     }
 
     /// Applies analysts' new label judgements, if any (see [`Corrections`]): finishes what is in
@@ -522,9 +541,10 @@ impl Core {
         self.classifier.as_ref().map(|c| c.spec().dir.clone())
     }
 
-    /// Swaps to a newly promoted champion, if there is one (see [`ModelWatch`]); at most once a
-    /// second, and only when `model_aliases` has new files. Returns whether it swapped.
-    pub fn poll_champion(&mut self) -> Result<bool, PipelineError> {
+    /// Swaps to a newly promoted champion, if there is one (see [`ModelWatch`]), and starts, replaces
+    /// or stops the shadow as the `challenger` alias says; at most once a second, and only when
+    /// `model_aliases` has new files. Returns whether it swapped.
+    pub fn poll_models(&mut self) -> Result<bool, PipelineError> {
         let Some(watch) = self.model_watch.as_mut() else { return Ok(false) };
         if watch.last_poll.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return Ok(false);
@@ -534,26 +554,28 @@ impl Core {
         if files == watch.files {
             return Ok(false);
         }
-        let newest = match crate::learn::registry::champion_history(&watch.storage) {
-            Ok(mut history) => history.pop(),
+        let read = crate::learn::registry::champion_history(&watch.storage)
+            .and_then(|champion| Ok((champion, crate::learn::registry::alias_history(&watch.storage, crate::learn::registry::CHALLENGER)?)));
+        let (newest, challenger) = match read {
+            Ok((mut champion, mut challenger)) => (champion.pop(), challenger.pop()),
             Err(e) => {
                 tracing::error!(error = %e, "model_aliases unreadable; the model serving keeps serving");
                 return Ok(false);
             }
         };
         watch.files = files;
+        if let Some(challenger) = challenger {
+            self.follow_challenger(&challenger);
+        }
+        let Some(watch) = self.model_watch.as_mut() else { return Ok(false) };
         let Some(newest) = newest else { return Ok(false) };
         let key = format!("{}|{}", newest.path, newest.set_at);
         if watch.serving.as_deref() == Some(newest.path.as_str()) || watch.failed.contains(&key) {
             return Ok(false);
         }
         let _span = tracing::info_span!("swap", model = %newest.model).entered();
-        let config = crate::classify::ClassifierConfig { path: Some(newest.path.clone().into()), ..watch.config.clone() };
         let started = Instant::now();
-        let loaded = Classifier::start(&config)
-            .map_err(crate::learn::LearnError::from)
-            .and_then(|c| crate::learn::registry::check_golden(&c, std::path::Path::new(&newest.path)).map(|()| c));
-        let new = match loaded {
+        let new = match crate::learn::registry::load_checked(&watch.config, std::path::Path::new(&newest.path)) {
             Ok(new) => new,
             Err(e) => {
                 tracing::error!(error = %e, path = %newest.path, "the new champion failed to load or to match its golden outputs; the model serving keeps serving");
@@ -571,6 +593,42 @@ impl Core {
         metrics::counter!("bearwatch_model_swaps_total", "outcome" => "swapped").increment(1);
         tracing::info!(model = %newest.model, set_by = %newest.set_by, seconds = started.elapsed().as_secs_f64(), "swapped to the new champion");
         Ok(true)
+    }
+
+    /// Lets the shadow finish the stories it holds (see [`super::shadow::Shadow::finish`]).
+    pub fn finish_shadow(&mut self, deadline: Option<Instant>) {
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.finish(deadline);
+        }
+    }
+
+    /// Starts, replaces or stops the shadow model as the newest `challenger` row says. A folder that
+    /// fails to load or to match its golden outputs is logged and not tried again.
+    fn follow_challenger(&mut self, newest: &crate::learn::registry::AliasRow) {
+        let Some(watch) = self.model_watch.as_mut() else { return };
+        if self.storage.is_none() || self.shadow.as_ref().map(|s| s.path.as_str()) == Some(newest.path.as_str()) {
+            return;
+        }
+        if newest.path.is_empty() {
+            if let Some(stopped) = self.shadow.take() {
+                tracing::info!(model = %stopped.model(), set_by = %newest.set_by, "shadow stopped");
+            }
+            return;
+        }
+        let key = format!("{}|{}", newest.path, newest.set_at);
+        if watch.failed.contains(&key) {
+            return;
+        }
+        match crate::learn::registry::load_checked(&watch.config, std::path::Path::new(&newest.path)) {
+            Ok(classifier) => {
+                tracing::info!(model = %newest.model, set_by = %newest.set_by, "shadow started: the challenger scores every story beside the champion");
+                self.shadow = Some(super::shadow::Shadow::new(classifier, newest.path.clone(), watch.config.max_queued));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %newest.path, "the challenger failed to load or to match its golden outputs; no shadow");
+                watch.failed.insert(key);
+            }
+        }
     }
 
     /// Runs the alert rules on rows the windows just emitted.
@@ -654,11 +712,10 @@ impl Core {
         let now = now_ms();
         // The watermark also moves without new stories (a partition read to its end stops holding
         // it back), so windows it has passed close here too, not only when a story arrives.
-        let closed = self.windows.close_due(now);
-        self.observe(&closed);
-        self.window_rows.extend(closed);
+        self.evaluate_due(now);
+        // Live rows for queries; the rules saw (or will see) them at steps of event time.
         let updates = self.windows.take_updates(now);
-        self.observe(&updates);
+        crate::telemetry::sent("window", updates.len() as u64);
         self.window_rows.extend(updates);
         self.prune_seen();
         self.dead_letter.flush().map_err(PipelineError::Source)?;
@@ -685,6 +742,13 @@ impl Core {
         if !self.window_rows.is_empty() {
             let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
             storage.write(Table::Windows, &batch)?;
+        }
+        if let Some(shadow) = self.shadow.as_mut() {
+            let rows = shadow.take_rows();
+            if !rows.is_empty() {
+                let batch = news_batch(&rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                storage.write(Table::ShadowNews, &batch)?;
+            }
         }
         if let Some(corrections) = self.corrections.as_mut()
             && !corrections.applied.is_empty()

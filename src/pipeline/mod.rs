@@ -11,6 +11,8 @@
 mod config;
 mod core;
 mod corrections;
+mod shadow;
+pub mod compare;
 pub mod summary;
 
 use std::path::{Path, PathBuf};
@@ -190,7 +192,6 @@ fn prometheus_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle
     }
 }
 
-/// Loads the rule files of `[alerts]`; `None` when there are none.
 /// Explains alert headlines with the pipeline's classifier: each headline's variants are one group,
 /// all of an alert's groups queued before the first is awaited.
 pub(super) fn explainer(classifier: Classifier) -> crate::alert::Explainer {
@@ -341,6 +342,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         body_chars: config.model.body_chars,
         dedup_horizon_ms: config.window.dedup_horizon.as_millis(),
         dedup_max_ids: config.window.dedup_max_ids,
+        evaluate_every_ms: config.alerts.evaluate_every.as_millis(),
     };
     let windows = WindowState::new(WindowSpec::from_config(&config.window));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
@@ -395,6 +397,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             last_poll: None,
             files: 0,
         });
+        // A challenger set before the start shadows from the first story.
+        core.poll_models()?;
     }
     let rebalancer = Arc::new(Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) });
 
@@ -443,7 +447,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             if core.poll_feedback()? {
                 core.checkpoint()?;
             }
-            core.poll_champion()?;
+            core.poll_models()?;
             core.publish_live()?;
         }
     }
@@ -536,7 +540,7 @@ fn drive(
                 None => {}
             }
             core.poll_feedback()?;
-            core.poll_champion()?;
+            core.poll_models()?;
             if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
                 core.drain(None)?;
                 let offsets = core.checkpoint()?;
@@ -562,6 +566,7 @@ fn drive(
         tracing::info!(in_flight = core.in_flight(), "stopping: draining in-flight stories");
     }
     core.drain(deadline)?;
+    core.finish_shadow(deadline);
     if !interrupted {
         core.close_all_windows();
     }
@@ -638,6 +643,7 @@ mod tests {
             body_chars: 0,
             dedup_horizon_ms: 0,
             dedup_max_ids: 1000,
+            evaluate_every_ms: 10_000,
         };
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
         let core = Arc::new(Mutex::new(Core::new(Role::All, Some(classifier), limits, windows, Some(storage), dead_letter, None, None, None, None).unwrap()));

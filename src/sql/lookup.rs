@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float32Type, TimestampMillisecondType};
 use datafusion::prelude::{Expr, SessionContext, col, lit};
@@ -148,4 +148,41 @@ pub async fn winning_labels(ctx: &SessionContext) -> Result<Vec<TrainingLabel>, 
         }
     }
     Ok(labels)
+}
+
+/// The scored stories of `table` (`news` or `shadow_news`) where `filter` holds, as the windows
+/// count them, with the model that scored each; oldest `ingested_at` first, so that the last of an
+/// id is its newest score.
+pub async fn scored_stories(ctx: &SessionContext, table: &str, filter: Expr) -> Result<Vec<(String, crate::detect::replay::Story)>, SqlError> {
+    let mut found = Vec::new();
+    for batch in rows(ctx, table, filter, "ingested_at").await? {
+        let (id, headline, model) = (strings(&batch, "id")?, strings(&batch, "headline")?, strings(&batch, "model")?);
+        let (sentiment, topic) = (strings(&batch, "sentiment")?, strings(&batch, "topic")?);
+        let (score, negative) = (floats(&batch, "sentiment_score")?, floats(&batch, "p_negative")?);
+        let published = batch.column_by_name("published_at").ok_or_else(|| SqlError::Execution("no column published_at".into()))?;
+        let published = published.as_primitive::<TimestampMillisecondType>();
+        let tickers = batch.column_by_name("tickers").ok_or_else(|| SqlError::Execution("no column tickers".into()))?;
+        let tickers = tickers.as_list::<i32>();
+        for i in 0..batch.num_rows() {
+            let tickers = if tickers.is_null(i) {
+                Vec::new()
+            } else {
+                tickers.value(i).as_string::<i32>().iter().flatten().map(str::to_string).collect()
+            };
+            found.push((
+                model[i].clone().unwrap_or_default(),
+                crate::detect::replay::Story {
+                    id: id[i].clone().unwrap_or_default(),
+                    published_ms: published.value(i),
+                    headline: headline[i].clone().unwrap_or_default(),
+                    topic: topic[i].clone().unwrap_or_default(),
+                    tickers,
+                    sentiment: sentiment[i].clone().unwrap_or_default(),
+                    sentiment_score: score[i].unwrap_or_default(),
+                    p_negative: negative[i].unwrap_or_default(),
+                },
+            ));
+        }
+    }
+    Ok(found)
 }

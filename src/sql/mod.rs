@@ -116,7 +116,7 @@ fn classify(error: DataFusionError) -> SqlError {
 /// yet is empty rather than missing.
 pub fn stored_schema(table: Table) -> SchemaRef {
     match table {
-        Table::News | Table::Late => crate::classify::news_schema(),
+        Table::News | Table::Late | Table::ShadowNews => crate::classify::news_schema(),
         Table::Windows => crate::window::windows_schema(),
         Table::Alerts => crate::detect::alerts_schema(),
         Table::Notifications => crate::alert::notifications_schema(),

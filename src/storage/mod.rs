@@ -74,6 +74,8 @@ pub enum Table {
     Notifications,
     /// Which stories count an analyst's label instead of the model's, and why.
     AppliedLabels,
+    /// A challenger's scores of the stories the champion scored (`model shadow`); the `news` columns.
+    ShadowNews,
     /// Journal: analysts' label confirmations and corrections.
     LabelFeedback,
     /// Journal: analysts' verdicts on alerts.
@@ -87,13 +89,14 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 12] = [
         Table::News,
         Table::Windows,
         Table::Late,
         Table::Alerts,
         Table::Notifications,
         Table::AppliedLabels,
+        Table::ShadowNews,
         Table::LabelFeedback,
         Table::AlertVerdicts,
         Table::MissedEvents,
@@ -101,8 +104,8 @@ impl Table {
         Table::ModelAliases,
     ];
     /// The tables the pipeline writes at its checkpoints.
-    pub const CHECKPOINTED: [Table; 6] =
-        [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications, Table::AppliedLabels];
+    pub const CHECKPOINTED: [Table; 7] =
+        [Table::News, Table::Windows, Table::Late, Table::Alerts, Table::Notifications, Table::AppliedLabels, Table::ShadowNews];
     /// Append-only tables written by anyone, any time: see [`append`].
     pub const JOURNALS: [Table; 5] = [Table::LabelFeedback, Table::AlertVerdicts, Table::MissedEvents, Table::Models, Table::ModelAliases];
 
@@ -114,6 +117,7 @@ impl Table {
             Table::Alerts => "alerts",
             Table::Notifications => "notifications",
             Table::AppliedLabels => "applied_labels",
+            Table::ShadowNews => "shadow_news",
             Table::LabelFeedback => "label_feedback",
             Table::AlertVerdicts => "alert_verdicts",
             Table::MissedEvents => "missed_events",

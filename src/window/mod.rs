@@ -121,11 +121,23 @@ struct OpenWindow {
     counts: Counts,
     /// Most negative first; ties by id so that results do not depend on arrival order.
     top: Vec<Headline>,
-    /// Changed since its last live row was taken.
+    /// Changed since its last live row was written to the table (at a checkpoint).
     dirty: bool,
+    /// Changed since the alert rules last saw it (at a step of event time).
+    #[serde(default)]
+    unevaluated: bool,
 }
 
 impl OpenWindow {
+    fn empty(changed: bool) -> OpenWindow {
+        OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: changed, unevaluated: changed }
+    }
+
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.unevaluated = true;
+    }
+
     fn keep_if_among_most_negative(&mut self, story: &Headline) {
         fn rank(h: &Headline) -> (std::cmp::Reverse<i64>, &str) {
             (std::cmp::Reverse(ordered(h.p_negative)), h.id.as_str())
@@ -186,6 +198,10 @@ pub struct WindowState {
     /// The newest closed windows, kept so that a label correction can revise their final rows.
     #[serde(default, with = "open_windows")]
     closed: BTreeMap<WindowKey, OpenWindow>,
+    /// The last step of event time (watermark ÷ the evaluation interval) at which the rules saw
+    /// the live rows ([`WindowState::take_due_for_rules`]).
+    #[serde(default)]
+    evaluated_step: Option<i64>,
     /// How many closed windows to keep (0: none). A setting of the running pipeline, not state.
     #[serde(skip)]
     keep_closed: usize,
@@ -222,6 +238,7 @@ impl WindowState {
             sources: BTreeMap::new(),
             watermark_ms: None,
             closed: BTreeMap::new(),
+            evaluated_step: None,
             keep_closed: 0,
         }
     }
@@ -271,7 +288,7 @@ impl WindowState {
                 if let Some(window) = self.open.get_mut(&key) {
                     window.counts.remove(&was.sentiment, was.sentiment_score);
                     window.top.retain(|h| h.id != was.story.id);
-                    window.dirty = true;
+                    window.changed();
                 } else if let Some(window) = self.closed.get_mut(&key) {
                     window.counts.remove(&was.sentiment, was.sentiment_score);
                     window.top.retain(|h| h.id != was.story.id);
@@ -287,17 +304,19 @@ impl WindowState {
                 let key = WindowKey { start_ms: start, topic: topic.clone(), ticker: ticker.clone() };
                 let open = !watermark.is_some_and(|w| start + size <= w);
                 let window = if open {
-                    self.open.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true })
+                    self.open.entry(key).or_insert_with(|| OpenWindow::empty(true))
                 } else if self.closed.contains_key(&key) || oldest_kept.is_some_and(|oldest| start >= oldest) {
                     // A closed window of the new group that had no stories: it now has this one.
                     revised.insert(key.clone());
-                    self.closed.entry(key).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: false })
+                    self.closed.entry(key).or_insert_with(|| OpenWindow::empty(false))
                 } else {
                     continue;
                 };
                 window.counts.add(&now.sentiment, now.sentiment_score);
                 window.keep_if_among_most_negative(&now.story);
-                window.dirty |= open;
+                if open {
+                    window.changed();
+                }
             }
         }
         self.trim_closed();
@@ -398,11 +417,11 @@ impl WindowState {
                 key.start_ms = start;
                 let window = match self.open.get_mut(&key) {
                     Some(window) => window,
-                    None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: true }),
+                    None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow::empty(true)),
                 };
                 window.counts.add(sentiment, sentiment_score);
                 window.keep_if_among_most_negative(story);
-                window.dirty = true;
+                window.changed();
             }
         }
         let windows = starts.len();
@@ -441,15 +460,42 @@ impl WindowState {
         rows
     }
 
-    /// Live (not final) rows for the windows that changed since the last call.
+    /// What the watermark now allows, for the alert rules: the final rows of the windows it passed
+    /// (removed from the open ones), then [`WindowState::take_due_for_rules`]. The pipeline and
+    /// every replay (`model compare`) call this after each story, so they decide alike.
+    pub fn due(&mut self, every_ms: i64, now_ms: i64) -> (Vec<WindowRow>, Vec<WindowRow>) {
+        let closed = self.close_due(now_ms);
+        let live = self.take_due_for_rules(every_ms, now_ms);
+        (closed, live)
+    }
+
+    /// Live rows for the alert rules: the open windows that changed since the rules last saw them,
+    /// once each time the watermark crosses a multiple of `every_ms` (and nothing otherwise). The
+    /// points are of event time, so a replay, a restart from a checkpoint and a second run of the
+    /// same input evaluate the same rows at the same watermarks, however the wall clock went.
+    pub fn take_due_for_rules(&mut self, every_ms: i64, now_ms: i64) -> Vec<WindowRow> {
+        let Some(watermark) = self.watermark_ms else { return Vec::new() };
+        let step = watermark.div_euclid(every_ms.max(1));
+        if self.evaluated_step.is_some_and(|done| step <= done) {
+            return Vec::new();
+        }
+        self.evaluated_step = Some(step);
+        self.take_marked(|w| &mut w.unevaluated, now_ms)
+    }
+
+    /// Live (not final) rows for the table: the windows that changed since the last call.
     pub fn take_updates(&mut self, now_ms: i64) -> Vec<WindowRow> {
+        self.take_marked(|w| &mut w.dirty, now_ms)
+    }
+
+    /// Live rows of the open windows whose `mark` is set, clearing it.
+    fn take_marked(&mut self, mark: fn(&mut OpenWindow) -> &mut bool, now_ms: i64) -> Vec<WindowRow> {
         let size = self.spec.size_ms;
         self.open
             .iter_mut()
-            .filter(|(_, w)| w.dirty)
-            .map(|(key, w)| {
-                w.dirty = false;
-                WindowRow::new(key.clone(), size, w.counts.clone(), w.top.clone(), false, now_ms)
+            .filter_map(|(key, w)| {
+                let marked = std::mem::take(mark(w));
+                marked.then(|| WindowRow::new(key.clone(), size, w.counts.clone(), w.top.clone(), false, now_ms))
             })
             .collect()
     }
@@ -508,6 +554,28 @@ mod tests {
         assert_eq!((energy.counts.n, energy.counts.n_negative, energy.counts.n_positive), (2, 1, 1));
         assert!((energy.counts.mean_sentiment() + 0.2).abs() < 1e-9);
         assert!(energy.final_row && energy.end_ms == H);
+    }
+
+    #[test]
+    fn the_rules_see_changed_windows_once_per_step_of_event_time_whatever_the_checkpoints_take() {
+        const MIN: i64 = 60_000;
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.put(10 * MIN, "energy", &[], "negative", -1.0);
+        assert_eq!(state.take_due_for_rules(10 * MIN, 0).len(), 2, "the first step: energy and all");
+        // A checkpoint's live rows for the table do not take the rules' turn.
+        state.put(12 * MIN, "energy", &[], "negative", -1.0);
+        assert_eq!(state.take_updates(0).len(), 2);
+        assert!(state.take_due_for_rules(10 * MIN, 0).is_empty(), "still the same step");
+        state.put(19 * MIN, "trade", &[], "neutral", 0.0);
+        assert!(state.take_due_for_rules(10 * MIN, 0).is_empty());
+        state.put(20 * MIN, "trade", &[], "neutral", 0.0);
+        let rows = state.take_due_for_rules(10 * MIN, 0);
+        let mut topics: Vec<(&str, u64)> = rows.iter().map(|r| (r.key.topic.as_str(), r.counts.n)).collect();
+        topics.sort();
+        assert_eq!(topics, vec![("all", 4), ("energy", 2), ("trade", 2)], "every window changed since the last step");
+        let mut restored: WindowState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        restored.put(25 * MIN, "trade", &[], "neutral", 0.0);
+        assert!(restored.take_due_for_rules(10 * MIN, 0).is_empty(), "the step evaluated is checkpointed");
     }
 
     #[test]

@@ -1,0 +1,35 @@
+"""Writes the sets `bearwatch bench loop` plays the analyst on (benches/data/loop/), none of them
+trained on:
+- `sentfin-dev.jsonl`: every SEntFiN headline of the dev split (the protocol's settings are chosen
+  on it);
+- `sentfin-final.jsonl`: every SEntFiN headline of the final split, for the one run that reports;
+- `phrasebank-dev.jsonl`, `tweets-dev.jsonl`: the whole dev split of PhraseBank and of the finance
+  tweets (sentiment), the "elsewhere" the loop must not hurt.
+Lines: {"text", "head", "label", "set"}, as models/refit/*.jsonl.
+    python3 models/train/loop_sets.py
+"""
+import json
+
+import data
+
+SETS = {
+    "sentfin-dev": ("dev", "sentfin"),
+    "sentfin-final": ("final", "sentfin"),
+    "phrasebank-dev": ("dev", "phrasebank"),
+    "tweets-dev": ("dev", "tweets_sentiment"),
+}
+
+
+def main():
+    splits = data.load()
+    folder = data.ROOT / "benches" / "data" / "loop"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (split, source) in SETS.items():
+        items = splits[split][source]
+        lines = [{"text": i.text, "head": "sentiment", "label": data.SENTIMENT[i.sentiment], "set": source} for i in items]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        print(name, len(lines))
+
+
+if __name__ == "__main__":
+    main()

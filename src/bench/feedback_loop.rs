@@ -1,0 +1,236 @@
+//! `bearwatch bench loop`: plays the analyst through the whole people-in-the-loop path and measures
+//! what it buys. A labelled set the model never trained on is split by the salted hash of each text;
+//! the analyst reviews one part (labels every headline there, or only the model's mistakes) through
+//! the same import as `bearwatch feedback import`, then `model retrain`, `model promote` and the swap
+//! a running pipeline does (load, golden check) run as they do for users, timed. The champion and
+//! the candidate are then compared, with paired 95 % intervals, on the untouched part and on the
+//! other sets given (`--elsewhere`). Each repetition uses another salt, so another split.
+//!
+//! Goal (issue 16): +3 points or more on the untouched part, at most −1 point elsewhere.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::Digest;
+
+use super::failed;
+use crate::classify::{Classifier, ClassifierConfig};
+use crate::feedback::{Channel, LabelRequest};
+use crate::learn::{self, Comparison, Example, registry};
+use crate::pipeline::PipelineError;
+use crate::server::FeedbackService;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoopBenchArgs {
+    /// The labelled texts the analyst reviews part of, never trained on (JSON lines `{"text",
+    /// "head", "label", "set"?}`; `models/train/loop_sets.py` writes SEntFiN's dev and final splits).
+    #[arg(long, default_value = "benches/data/loop/sentfin-dev.jsonl")]
+    pub set: PathBuf,
+    /// Sets the loop must not hurt, each reported on its own.
+    #[arg(long, value_delimiter = ',', default_value = "benches/data/loop/phrasebank-dev.jsonl,benches/data/loop/tweets-dev.jsonl")]
+    pub elsewhere: Vec<PathBuf>,
+    /// The share of the set the analyst reviews, chosen by the salted hash of each text.
+    #[arg(long, default_value_t = 0.5)]
+    pub review_share: f64,
+    /// Repetitions, each with its own salt (its own review / untouched split).
+    #[arg(long, default_value_t = 3)]
+    pub splits: u32,
+    /// The analyst labels only the texts the champion gets wrong (default: every reviewed text,
+    /// confirming the right ones too, as the dashboard's ✓ does).
+    #[arg(long)]
+    pub mistakes_only: bool,
+    /// The champion to start from (default: the bundled `models/`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `model retrain --feedback-weight`.
+    #[arg(long, default_value_t = learn::FEEDBACK_WEIGHT)]
+    pub feedback_weight: f32,
+}
+
+/// What one repetition measured.
+struct Run {
+    reviewed: usize,
+    corrections: usize,
+    untouched: Vec<Comparison>,
+    elsewhere: Vec<Comparison>,
+    gate: String,
+    seconds: [f64; 3],
+}
+
+/// A stable number in [0, 1) for `text` under `salt`.
+fn bucket(salt: u32, text: &str) -> f64 {
+    let digest = sha2::Sha256::digest(format!("bearwatch-loop-{salt}:{text}").as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().unwrap_or_default()) as f64 / 2f64.powi(64)
+}
+
+/// The label `classifier` gives each example's head.
+fn labels(classifier: &Classifier, examples: &[Example]) -> Result<Vec<String>, PipelineError> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(256) {
+        let pending: Vec<_> = chunk.iter().map(|e| classifier.submit_now(&e.text)).collect::<Result<_, _>>()?;
+        for (e, p) in chunk.iter().zip(pending) {
+            let scores = p.wait()?;
+            out.push(match e.head {
+                crate::feedback::Head::Sentiment => scores.sentiment.to_string(),
+                crate::feedback::Head::Topic => scores.topic,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Per set and head, champion against candidate on the same examples.
+fn compare(set: &str, examples: &[&Example], champion: &[&String], candidate: &[String]) -> Vec<Comparison> {
+    [crate::feedback::Head::Sentiment, crate::feedback::Head::Topic]
+        .into_iter()
+        .filter_map(|head| {
+            let right = examples
+                .iter()
+                .zip(champion.iter().zip(candidate))
+                .filter(|(e, _)| e.head == head)
+                .map(|(e, (old, new))| (**old == e.label, *new == e.label));
+            learn::comparison(set, head, right)
+        })
+        .collect()
+}
+
+fn set_name(path: &Path, examples: &[Example]) -> String {
+    examples
+        .first()
+        .map(|e| e.set.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
+    if !(0.05..=0.95).contains(&args.review_share) {
+        return Err(failed("--review-share must be between 0.05 and 0.95"));
+    }
+    let from = args.model.clone().unwrap_or_else(|| crate::pipeline::bundled(Path::new("models")));
+    let set = learn::read_examples(&crate::pipeline::bundled(&args.set))?;
+    let elsewhere: Vec<(String, Vec<Example>)> = args
+        .elsewhere
+        .iter()
+        .map(|p| learn::read_examples(&crate::pipeline::bundled(p)).map(|e| (set_name(p, &e), e)))
+        .collect::<Result<_, _>>()?;
+    let champion = Classifier::start(&ClassifierConfig { path: Some(from.clone()), ..ClassifierConfig::default() })?;
+    let champion_set = labels(&champion, &set)?;
+    let champion_elsewhere: Vec<Vec<String>> = elsewhere.iter().map(|(_, e)| labels(&champion, e)).collect::<Result<_, _>>()?;
+    drop(champion);
+    let topics = crate::classify::ModelSpec::load(&from)?.topics;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(failed)?;
+
+    let mut runs = Vec::new();
+    for salt in 0..args.splits {
+        let work = tempfile_dir(salt)?;
+        let storage = work.join("store");
+        let (reviewed, untouched): (Vec<usize>, Vec<usize>) = (0..set.len()).partition(|&i| bucket(salt, &set[i].text) < args.review_share);
+        let requests: Vec<LabelRequest> = reviewed
+            .iter()
+            .filter(|&&i| !args.mistakes_only || champion_set[i] != set[i].label)
+            .map(|&i| serde_json::from_value(serde_json::json!({"text": set[i].text, "head": set[i].head, "label": set[i].label})).map_err(failed))
+            .collect::<Result<_, _>>()?;
+        let corrections = reviewed.iter().filter(|&&i| champion_set[i] != set[i].label).count();
+        let given = requests.len();
+        let service = FeedbackService { storage: storage.clone(), topics: topics.clone(), rules_hash: None };
+        let feedback = runtime.block_on(async {
+            let ctx = crate::sql::context(&storage, crate::server::ServerConfig::default().query_limits(), None)?;
+            for chunk in requests.chunks(crate::feedback::MAX_ROWS) {
+                crate::server::feedback::record_labels(&ctx, &service, chunk.to_vec(), "bench", Channel::Cli).await.map_err(failed)?;
+            }
+            let ctx = crate::sql::context(&storage, crate::server::ServerConfig::default().query_limits(), None)?;
+            Ok::<_, PipelineError>(crate::sql::lookup::winning_labels(&ctx).await?)
+        })?;
+
+        let out = work.join("candidate");
+        let started = Instant::now();
+        learn::retrain(learn::RetrainOptions { storage: &storage, out: &out, from: &from, feedback, feedback_weight: args.feedback_weight })?;
+        let retrain_s = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let gate = match registry::promote(&storage, &out, "bench", None, None) {
+            Ok(_) => "promoted".to_string(),
+            Err(learn::LearnError::Refused(why)) => format!("refused: {why}"),
+            Err(e) => return Err(e.into()),
+        };
+        let promote_s = started.elapsed().as_secs_f64();
+        // What a running pipeline does before it drains and switches (`Core::poll_models`).
+        let started = Instant::now();
+        let candidate = registry::load_checked(&ClassifierConfig::default(), &out)?;
+        let swap_s = started.elapsed().as_secs_f64();
+
+        let kept: Vec<Example> = untouched.iter().map(|&i| set[i].clone()).collect();
+        let after = labels(&candidate, &kept)?;
+        let before: Vec<&String> = untouched.iter().map(|&i| &champion_set[i]).collect();
+        let untouched_cmp = compare(&format!("{} (untouched)", set_name(&args.set, &set)), &kept.iter().collect::<Vec<_>>(), &before, &after);
+        let mut elsewhere_cmp = Vec::new();
+        for ((name, examples), old) in elsewhere.iter().zip(&champion_elsewhere) {
+            let new = labels(&candidate, examples)?;
+            elsewhere_cmp.extend(compare(name, &examples.iter().collect::<Vec<_>>(), &old.iter().collect::<Vec<_>>(), &new));
+        }
+        drop(candidate);
+        let _ = std::fs::remove_dir_all(&work);
+        eprintln!("split {salt}: reviewed {} ({given} labels given), retrain {retrain_s:.1} s, {gate}", reviewed.len());
+        runs.push(Run { reviewed: reviewed.len(), corrections, untouched: untouched_cmp, elsewhere: elsewhere_cmp, gate, seconds: [retrain_s, promote_s, swap_s] });
+    }
+    Ok(table(args, &from, &runs))
+}
+
+/// A fresh folder for one repetition's storage and candidate.
+fn tempfile_dir(salt: u32) -> Result<PathBuf, PipelineError> {
+    let dir = std::env::temp_dir().join(format!("bearwatch-bench-loop-{}-{salt}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(failed)?;
+    Ok(dir)
+}
+
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = if values.len() > 1 { (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    (mean, sd)
+}
+
+fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "bench loop: {} from {}, {} split(s), the analyst reviews {:.0} % ({}), feedback weight {}\n",
+        args.set.display(),
+        from.display(),
+        runs.len(),
+        args.review_share * 100.0,
+        if args.mistakes_only { "labels the champion's mistakes only" } else { "labels every reviewed text" },
+        args.feedback_weight
+    );
+    let _ = writeln!(out, "| split | set | head | n | before | after | difference (95 % interval) |\n|---:|---|---|---:|---:|---:|---|");
+    for (i, run) in runs.iter().enumerate() {
+        for c in run.untouched.iter().chain(&run.elsewhere) {
+            let _ = writeln!(out, "| {i} | {} |", c.cells());
+        }
+    }
+    let _ = writeln!(out, "\n| over the splits | mean difference ± sd | goal |\n|---|---|---|");
+    let mut met = true;
+    let mut names: Vec<(String, bool)> = runs.first().map(|r| r.untouched.iter().map(|c| (c.set.clone(), true)).collect()).unwrap_or_default();
+    names.extend(runs.first().map(|r| r.elsewhere.iter().map(|c| (c.set.clone(), false)).collect::<Vec<_>>()).unwrap_or_default());
+    for (name, untouched) in names {
+        let differences: Vec<f64> =
+            runs.iter().flat_map(|r| r.untouched.iter().chain(&r.elsewhere)).filter(|c| c.set == name).map(|c| c.difference).collect();
+        let (mean, sd) = mean_sd(&differences);
+        let (goal, ok) = if untouched { ("≥ +0.030", mean >= 0.03) } else { ("≥ −0.010", mean >= -0.01) };
+        met &= ok;
+        let _ = writeln!(out, "| {name} | {mean:+.3} ± {sd:.3} | {goal}: {} |", if ok { "met" } else { "not met" });
+    }
+    let seconds = |k: usize| mean_sd(&runs.iter().map(|r| r.seconds[k]).collect::<Vec<_>>());
+    let ((retrain, _), (promote, _), (swap, _)) = (seconds(0), seconds(1), seconds(2));
+    let reviewed = mean_sd(&runs.iter().map(|r| r.reviewed as f64).collect::<Vec<_>>()).0;
+    let wrong = mean_sd(&runs.iter().map(|r| r.corrections as f64).collect::<Vec<_>>()).0;
+    let _ = writeln!(
+        out,
+        "\nReviewed {reviewed:.0} texts a split, {wrong:.0} of them wrong. Mean seconds: retrain {retrain:.1}, promote {promote:.2}, \
+         swap (load + golden check) {swap:.2}. Gate: {}.\nGoal {}.",
+        runs.iter().map(|r| r.gate.as_str()).collect::<Vec<_>>().join("; "),
+        if met { "met" } else { "not met" }
+    );
+    out
+}
