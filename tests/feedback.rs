@@ -204,8 +204,26 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
 
-    // Offline: a reviewed spreadsheet goes in, the training-ready set comes out, with the API's rows.
+    // A backtest of the shipped rules counts the verdict and the missed event against the rules
+    // they concern (that it gives back a run's alerts is checked where no correction intervened).
     let storage = run.storage.to_str().unwrap().to_string();
+    let rules = format!("{ROOT}/alerts/default.toml");
+    let pipeline = dir.path().join("p.toml");
+    let args = ["rules", "backtest", &rules, "--pipeline", pipeline.to_str().unwrap(), "--storage", &storage, "--explain", "all", "--format", "json"];
+    let (code, out, err) = bearwatch(&args);
+    assert_eq!(code, 0, "{err}");
+    let backtest: Value = serde_json::from_str(&out).unwrap();
+    assert!(backtest["episodes"].as_array().unwrap().iter().any(|e| e["alert_id"] == alert_id && e["verdict"] == "noise"), "{out}");
+    let judged = backtest["rules"].as_array().unwrap().iter().find(|r| r["rule"] == rule).unwrap();
+    assert_eq!(judged["verdicts"], json!({"noise": 1}), "{judged}");
+    assert_eq!((judged["precision"]["value"].as_f64(), judged["precision"]["of"].as_u64()), (Some(0.0), Some(1)));
+    assert!(judged["precision"]["high"].as_f64().unwrap() > 0.5, "one verdict proves little: {judged}");
+    let topic_rule = backtest["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "topic-negative-spike").unwrap();
+    assert_eq!(topic_rule["recall"]["of"], 1, "the missed energy event: {topic_rule}");
+    let explained = backtest["explain"].as_array().unwrap();
+    assert!(!explained.is_empty() && explained.iter().all(|t| t["rule"] == "market-negative-zscore"), "the `all` group's rule, window by window");
+
+    // Offline: a reviewed spreadsheet goes in, the training-ready set comes out, with the API's rows.
     let review = dir.path().join("review.jsonl");
     let lines = [
         json!({"text": "Acme shares plunge after fraud probe", "head": "sentiment", "label": "negative"}).to_string(),
@@ -448,6 +466,21 @@ fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_w
     let replayed: String = champion.iter().map(|(id, at)| format!("{id},{at}\n")).collect();
     assert_eq!(replayed, raised.trim_start_matches("alert_id,started_at\n"), "{stdout}");
     assert_ne!(episodes("challenger_episodes"), champion, "a gloomier model raises other alerts");
+
+    // A backtest of the same rules on the same storage gives the same episodes.
+    let rules = format!("{ROOT}/alerts/default.toml");
+    let (code, stdout, err) = bearwatch(&["rules", "backtest", &rules, "--pipeline", pipeline.to_str().unwrap(), "--storage", storage, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let backtest: Value = serde_json::from_str(&stdout).unwrap();
+    let mut backtested: Vec<(String, String)> = backtest["episodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["alert_id"].as_str().unwrap().to_string(), e["started_at"].as_str().unwrap().to_string()))
+        .collect();
+    backtested.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
+    assert_eq!(backtested, champion, "backtest and compare replay alike");
+    assert_eq!(backtest["stories"], 3000);
 
     let (code, stdout, err) = bearwatch(&["model", "compare", "--pipeline", pipeline.to_str().unwrap(), "--storage", storage]);
     assert_eq!(code, 0, "{err}");

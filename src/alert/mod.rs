@@ -153,7 +153,8 @@ impl Router {
         out
     }
 
-    fn silenced(&self, labels: &BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> bool {
+    /// Whether a silence (of the rule files or set over the API) matches `labels` at `now`.
+    pub fn silenced(&self, labels: &BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> bool {
         let active = |s: &Silence| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels);
         self.silences.iter().any(active) || self.dynamic.as_ref().is_some_and(|d| d.list().iter().any(|s| active(&s.silence)))
     }

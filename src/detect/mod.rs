@@ -79,7 +79,8 @@ fn metric(metric: Metric, counts: &Counts) -> f64 {
 }
 
 /// What a condition says about one window.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Past the threshold: a new alert may start.
     Breach,
@@ -246,6 +247,26 @@ pub struct Detector {
     history: BTreeMap<GroupKey, VecDeque<Past>>,
     #[serde(with = "as_pairs")]
     tracked: BTreeMap<(String, GroupKey), Tracked>,
+    /// Records every reading of one group (`backtest --explain`); never checkpointed.
+    #[serde(skip)]
+    trace: Option<(BTreeMap<String, String>, Vec<Trace>)>,
+}
+
+/// One rule's reading of one window row: why it did or did not fire there.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Trace {
+    pub rule: String,
+    /// The watermark it was read at.
+    pub at: String,
+    pub window_start: String,
+    pub final_row: bool,
+    pub n: u64,
+    pub value: f64,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+    pub verdict: Verdict,
+    /// `firing` or `resolved` when the reading changed the alert.
+    pub change: Option<AlertState>,
 }
 
 /// JSON object keys must be strings, so maps are stored as lists of pairs.
@@ -275,7 +296,16 @@ impl Detector {
     }
 
     pub fn new(rules: Vec<Rule>) -> Detector {
-        Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new() }
+        Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new(), trace: None }
+    }
+
+    /// From now on, records every reading of the group with these labels (`{"topic": "energy"}`).
+    pub fn trace(&mut self, group: BTreeMap<String, String>) {
+        self.trace = Some((group, Vec::new()));
+    }
+
+    pub fn take_trace(&mut self) -> Vec<Trace> {
+        self.trace.as_mut().map(|(_, rows)| std::mem::take(rows)).unwrap_or_default()
     }
 
     /// Puts restored state under the configured rules; state of rules that no longer exist is dropped.
@@ -317,9 +347,24 @@ impl Detector {
                     Some(hits) => sql_reading(rule.metric, row, hits),
                     None => read(&rule.condition, rule.metric, &row.counts, &history),
                 };
-                if let Some(alert) = step(&mut self.tracked, rule, &group, row, &reading, now_ms) {
-                    changes.push(alert);
+                let change = step(&mut self.tracked, rule, &group, row, &reading, now_ms);
+                if let Some((wanted, rows)) = self.trace.as_mut()
+                    && *wanted == group.labels()
+                {
+                    rows.push(Trace {
+                        rule: rule.name.clone(),
+                        at: time(now_ms),
+                        window_start: time(row.key.start_ms),
+                        final_row: row.final_row,
+                        n: row.counts.n,
+                        value: reading.value,
+                        baseline: reading.baseline,
+                        threshold: reading.threshold,
+                        verdict: reading.verdict,
+                        change: change.as_ref().map(|a| a.state),
+                    });
                 }
+                changes.extend(change);
             }
             if row.final_row && keep > 0 {
                 let past = self.history.entry(group).or_default();

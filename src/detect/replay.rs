@@ -1,8 +1,13 @@
 //! Stored stories through windows and rules again, as the pipeline counted and judged them live:
 //! one event-time clock, [`WindowState::due`] after each story, every window closed at the end.
-//! `bearwatch model compare` replays the champion's and a challenger's scores of the same stories.
+//! `bearwatch model compare` replays the champion's and a challenger's scores of the same stories;
+//! `bearwatch rules backtest` replays stored stories through other rules.
 
-use super::{Alert, Detector};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{Alert, AlertState, Detector};
 use crate::window::{Headline, WindowSpec, WindowState};
 
 /// A scored story as the windows count it.
@@ -20,7 +25,7 @@ pub struct Story {
 
 /// The alert changes (firing, resolved) the rules of `detector` make on `stories`, replayed in
 /// event-time order (ties by id) with the rules seeing live rows every `every_ms` of event time.
-pub fn replay(spec: WindowSpec, mut detector: Detector, every_ms: i64, stories: &[Story]) -> Vec<Alert> {
+pub fn replay(spec: WindowSpec, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<Alert> {
     let mut ordered: Vec<&Story> = stories.iter().collect();
     ordered.sort_by(|a, b| (a.published_ms, &a.id).cmp(&(b.published_ms, &b.id)));
     let mut windows = WindowState::new(spec);
@@ -38,4 +43,54 @@ pub fn replay(spec: WindowSpec, mut detector: Detector, every_ms: i64, stories: 
     let watermark = windows.watermark_ms().unwrap_or(0);
     alerts.extend(detector.evaluate(&closed, watermark));
     alerts
+}
+
+/// One alert from firing to resolved (or still firing when the stories end).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Episode {
+    pub alert_id: String,
+    pub rule: String,
+    /// `topic=earnings`, `ticker=AAPL`...
+    pub group: String,
+    pub labels: BTreeMap<String, String>,
+    pub started_at: String,
+    pub resolved_at: Option<String>,
+    /// The metric when it fired, and over how many stories.
+    pub value: f64,
+    pub count: u64,
+    pub summary: String,
+}
+
+/// The episodes of a replay's alert changes, in the order they fired.
+pub fn episodes(alerts: Vec<Alert>) -> Vec<Episode> {
+    let mut by_id: BTreeMap<String, Episode> = BTreeMap::new();
+    let mut order = Vec::new();
+    for alert in alerts {
+        match alert.state {
+            AlertState::Firing => {
+                order.push(alert.alert_id.clone());
+                let labels = alert.match_labels();
+                by_id.insert(
+                    alert.alert_id.clone(),
+                    Episode {
+                        group: alert.group.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                        alert_id: alert.alert_id,
+                        rule: alert.rule,
+                        labels,
+                        started_at: alert.started_at,
+                        resolved_at: None,
+                        value: alert.value,
+                        count: alert.count,
+                        summary: alert.summary,
+                    },
+                );
+            }
+            AlertState::Resolved => {
+                if let Some(episode) = by_id.get_mut(&alert.alert_id) {
+                    episode.resolved_at = alert.resolved_at;
+                }
+            }
+        }
+    }
+    order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
 }

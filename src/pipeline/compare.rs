@@ -4,29 +4,16 @@
 //! (`detect::replay`), so the champion's side is what the pipeline raised on them. Analysts'
 //! corrections are left out on both sides: this compares models.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use datafusion::prelude::{col, lit};
 use serde::Serialize;
 
-use super::{PipelineConfig, PipelineError, bundled};
-use crate::detect::replay::{Story, replay};
-use crate::detect::{Alert, AlertState, Detector, RuleFile};
+use super::backtest::{newest, time};
+use super::{PipelineConfig, PipelineError};
+use crate::detect::Detector;
+use crate::detect::replay::{Episode, Story, episodes, replay};
 use crate::window::WindowSpec;
-
-/// One alert from firing to resolved (or still firing when the stories end).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Episode {
-    pub alert_id: String,
-    pub rule: String,
-    /// `topic=earnings`, `ticker=AAPL`...
-    pub group: String,
-    pub started_at: String,
-    pub resolved_at: Option<String>,
-    /// The metric when it fired, and over how many stories.
-    pub value: f64,
-    pub count: u64,
-}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
@@ -42,54 +29,10 @@ pub struct Comparison {
     pub challenger_episodes: Vec<Episode>,
 }
 
-fn episodes(alerts: Vec<Alert>) -> Vec<Episode> {
-    let mut by_id: BTreeMap<String, Episode> = BTreeMap::new();
-    let mut order = Vec::new();
-    for alert in alerts {
-        let group = alert.group.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-        match alert.state {
-            AlertState::Firing => {
-                order.push(alert.alert_id.clone());
-                by_id.insert(
-                    alert.alert_id.clone(),
-                    Episode {
-                        alert_id: alert.alert_id,
-                        rule: alert.rule,
-                        group,
-                        started_at: alert.started_at,
-                        resolved_at: None,
-                        value: alert.value,
-                        count: alert.count,
-                    },
-                );
-            }
-            AlertState::Resolved => {
-                if let Some(episode) = by_id.get_mut(&alert.alert_id) {
-                    episode.resolved_at = alert.resolved_at;
-                }
-            }
-        }
-    }
-    order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
-}
-
-/// The newest score of each id.
-fn newest(rows: Vec<(String, Story)>) -> BTreeMap<String, (String, Story)> {
-    rows.into_iter().map(|(model, story)| (story.id.clone(), (model, story))).collect()
-}
-
-fn time(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 /// Compares the newest challenger in `shadow_news` (or `challenger`) with the champion's scores of
 /// the same stories, under the pipeline's `[window]` and `[alerts]`.
 pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comparison, PipelineError> {
-    let mut files = Vec::new();
-    for path in &config.alerts.rules {
-        files.push(RuleFile::load(&bundled(path))?);
-    }
-    let rules = RuleFile::merge(files).rules;
+    let rules = super::backtest::load_rules(&config.alerts.rules)?.rules;
     if rules.is_empty() {
         return Err(PipelineError::Internal("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
     }
@@ -128,8 +71,8 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
         last: time(last),
         sentiment_agrees: old.iter().zip(&new).filter(|(a, b)| a.sentiment == b.sentiment).count(),
         topic_agrees: old.iter().zip(&new).filter(|(a, b)| a.topic == b.topic).count(),
-        champion_episodes: episodes(replay(spec.clone(), Detector::new(rules.clone()), every, &old)),
-        challenger_episodes: episodes(replay(spec, Detector::new(rules), every, &new)),
+        champion_episodes: episodes(replay(spec.clone(), &mut Detector::new(rules.clone()), every, &old)),
+        challenger_episodes: episodes(replay(spec, &mut Detector::new(rules), every, &new)),
     })
 }
 

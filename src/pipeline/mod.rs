@@ -12,6 +12,7 @@ mod config;
 mod core;
 mod corrections;
 mod shadow;
+pub mod backtest;
 pub mod compare;
 pub mod summary;
 

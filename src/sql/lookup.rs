@@ -186,3 +186,75 @@ pub async fn scored_stories(ctx: &SessionContext, table: &str, filter: Expr) -> 
     }
     Ok(found)
 }
+
+/// An alert an analyst judged: its newest verdict, and where and when it fired.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgedAlert {
+    pub alert_id: String,
+    pub verdict: String,
+    pub rule: String,
+    pub topic: String,
+    pub ticker: Option<String>,
+    pub started_ms: i64,
+    /// None while it was still firing.
+    pub resolved_ms: Option<i64>,
+}
+
+fn times(batch: &RecordBatch, name: &str) -> Result<Vec<Option<i64>>, SqlError> {
+    let column = batch.column_by_name(name).ok_or_else(|| SqlError::Execution(format!("no column {name}")))?;
+    Ok(column.as_primitive::<TimestampMillisecondType>().iter().collect())
+}
+
+/// Every judged alert, with its newest verdict (any analyst's).
+pub async fn judged_alerts(ctx: &SessionContext) -> Result<Vec<JudgedAlert>, SqlError> {
+    let mut verdicts = BTreeMap::new();
+    for batch in rows(ctx, "alert_verdicts", lit(true), "created_at").await? {
+        let (id, verdict) = (strings(&batch, "alert_id")?, strings(&batch, "verdict")?);
+        for i in 0..batch.num_rows() {
+            verdicts.insert(id[i].clone().unwrap_or_default(), verdict[i].clone().unwrap_or_default());
+        }
+    }
+    let ids: Vec<String> = verdicts.keys().cloned().collect();
+    let mut judged: BTreeMap<String, JudgedAlert> = BTreeMap::new();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    for batch in rows(ctx, "alerts", any_of("alert_id", &ids), "recorded_at").await? {
+        let (id, rule, topic, ticker) = (strings(&batch, "alert_id")?, strings(&batch, "rule")?, strings(&batch, "topic")?, strings(&batch, "ticker")?);
+        let (started, resolved) = (times(&batch, "started_at")?, times(&batch, "resolved_at")?);
+        for i in 0..batch.num_rows() {
+            let alert_id = id[i].clone().unwrap_or_default();
+            let entry = judged.entry(alert_id.clone()).or_insert_with(|| JudgedAlert {
+                verdict: verdicts.get(&alert_id).cloned().unwrap_or_default(),
+                alert_id,
+                rule: rule[i].clone().unwrap_or_default(),
+                topic: topic[i].clone().unwrap_or_default(),
+                ticker: ticker[i].clone(),
+                started_ms: started[i].unwrap_or_default(),
+                resolved_ms: None,
+            });
+            entry.resolved_ms = entry.resolved_ms.or(resolved[i]);
+        }
+    }
+    Ok(judged.into_values().collect())
+}
+
+/// An event analysts say should have raised an alert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missed {
+    pub topic: Option<String>,
+    pub ticker: Option<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+pub async fn missed_events(ctx: &SessionContext) -> Result<Vec<Missed>, SqlError> {
+    let mut found = Vec::new();
+    for batch in rows(ctx, "missed_events", lit(true), "created_at").await? {
+        let (topic, ticker, from, to) = (strings(&batch, "topic")?, strings(&batch, "ticker")?, times(&batch, "from")?, times(&batch, "to")?);
+        for i in 0..batch.num_rows() {
+            found.push(Missed { topic: topic[i].clone(), ticker: ticker[i].clone(), from_ms: from[i].unwrap_or_default(), to_ms: to[i].unwrap_or_default() });
+        }
+    }
+    Ok(found)
+}

@@ -1,0 +1,295 @@
+//! `bearwatch rules backtest`: what rule files would have raised on a pipeline's stored stories,
+//! and how often people said it was right. The `news` table (the newest score of each story) is
+//! replayed through the pipeline's `[window]` and the given rules (`detect::replay`, the same calls
+//! as the running pipeline), so the shipped rules give back the alerts the run raised, ids
+//! included. Episodes are then matched to analysts' verdicts (`alert_verdicts`: the same alert id,
+//! or the same rule and group with overlapping times) and to `missed_events`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use datafusion::prelude::{col, lit};
+use serde::Serialize;
+
+use super::{PipelineConfig, PipelineError, bundled};
+use crate::alert::Router;
+use crate::detect::replay::{Episode, Story, episodes, replay};
+use crate::detect::{Detector, RuleFile, Trace};
+use crate::sql::lookup::{JudgedAlert, Missed};
+use crate::window::WindowSpec;
+
+pub struct BacktestOptions<'a> {
+    pub rules: &'a [PathBuf],
+    /// Event-time bounds on the stories replayed (RFC 3339).
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// A group (`topic=energy`, `ticker=XOM`, `all`, or a topic) whose every reading to print.
+    pub explain: Option<String>,
+}
+
+/// Verdicts `useful` and `late` say the episode was a real event; `noise` and `duplicate` say not.
+fn hit(verdict: &str) -> bool {
+    matches!(verdict, "useful" | "late")
+}
+
+/// A proportion with its Wilson 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Share {
+    pub of: usize,
+    pub value: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+fn wilson(hits: usize, of: usize) -> Option<Share> {
+    if of == 0 {
+        return None;
+    }
+    let (n, p, z) = (of as f64, hits as f64 / of as f64, 1.96f64);
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z / (1.0 + z * z / n) * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    Some(Share { of, value: p, low: (centre - half).max(0.0), high: (centre + half).min(1.0) })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleResult {
+    pub rule: String,
+    pub episodes: usize,
+    pub per_week: f64,
+    /// Episodes with a verdict, by verdict.
+    pub verdicts: BTreeMap<String, usize>,
+    /// Useful or late, over the episodes with a verdict.
+    pub precision: Option<Share>,
+    /// Events caught (episodes judged useful or late, and missed events one of its episodes
+    /// overlaps) over all known events (those episodes and every missed event of its kind of group).
+    pub recall: Option<Share>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BacktestEpisode {
+    #[serde(flatten)]
+    pub episode: Episode,
+    /// A silence of the rule files or of the storage matched it when it fired (event time).
+    pub silenced: bool,
+    pub verdict: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Backtest {
+    pub storage: String,
+    pub stories: usize,
+    pub first: Option<String>,
+    pub last: Option<String>,
+    pub rules: Vec<RuleResult>,
+    pub episodes: Vec<BacktestEpisode>,
+    pub explain: Vec<Trace>,
+}
+
+/// Loads and merges rule files, naming the file in errors.
+pub(super) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
+    let mut files = Vec::new();
+    for path in paths {
+        files.push(RuleFile::load(&bundled(path))?);
+    }
+    Ok(RuleFile::merge(files))
+}
+
+/// The newest score of each story, with the model that gave it.
+pub(super) fn newest(rows: Vec<(String, Story)>) -> BTreeMap<String, (String, Story)> {
+    rows.into_iter().map(|(model, story)| (story.id.clone(), (model, story))).collect()
+}
+
+pub(super) fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn ms(text: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(text).map_or(i64::MAX, |t| t.timestamp_millis())
+}
+
+/// `topic=energy`, `ticker=XOM`, `all` or `energy`, as an alert's group labels.
+fn group_labels(text: &str) -> BTreeMap<String, String> {
+    let (key, value) = text.split_once('=').unwrap_or(("topic", text));
+    BTreeMap::from([(key.trim().to_string(), value.trim().to_string())])
+}
+
+fn overlaps(episode: &Episode, from_ms: i64, to_ms: Option<i64>) -> bool {
+    let start = ms(&episode.started_at);
+    let end = episode.resolved_at.as_deref().map_or(i64::MAX, ms);
+    start <= to_ms.unwrap_or(i64::MAX) && from_ms <= end
+}
+
+fn same_group(episode: &Episode, topic: Option<&str>, ticker: Option<&str>) -> bool {
+    match ticker {
+        Some(ticker) => episode.labels.get("ticker").map(String::as_str) == Some(ticker),
+        None => topic.is_some_and(|t| episode.labels.get("topic").map(String::as_str) == Some(t)) && !episode.labels.contains_key("ticker"),
+    }
+}
+
+/// The verdict that applies to `episode`: of the same alert, or of the same rule and group with
+/// overlapping times (a backtest of changed rules fires at other times, with other ids).
+fn verdict_of<'a>(episode: &Episode, judged: &'a [JudgedAlert]) -> Option<&'a JudgedAlert> {
+    judged.iter().find(|j| j.alert_id == episode.alert_id).or_else(|| {
+        judged.iter().find(|j| {
+            j.rule == episode.rule && same_group(episode, Some(&j.topic), j.ticker.as_deref()) && overlaps(episode, j.started_ms, j.resolved_ms)
+        })
+    })
+}
+
+pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Result<Backtest, PipelineError> {
+    let rules = load_rules(options.rules)?;
+    if rules.rules.is_empty() {
+        return Err(PipelineError::Internal("the rule files hold no rules".into()));
+    }
+    let storage = &config.storage.path;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let ctx = crate::sql::context(storage, config.server.query_limits(), None)?;
+    let at = |t: chrono::DateTime<chrono::Utc>| lit(datafusion::scalar::ScalarValue::TimestampMillisecond(Some(t.timestamp_millis()), Some("UTC".into())));
+    let mut filter = lit(true);
+    if let Some(from) = options.from {
+        filter = filter.and(col("published_at").gt_eq(at(from)));
+    }
+    if let Some(to) = options.to {
+        filter = filter.and(col("published_at").lt(at(to)));
+    }
+    let (stories, judged, missed) = runtime.block_on(async {
+        Ok::<_, PipelineError>((
+            crate::sql::lookup::scored_stories(&ctx, "news", filter).await?,
+            crate::sql::lookup::judged_alerts(&ctx).await?,
+            crate::sql::lookup::missed_events(&ctx).await?,
+        ))
+    })?;
+    let stories: Vec<Story> = newest(stories).into_values().map(|(_, s)| s).collect();
+    let (first, last) = (stories.iter().map(|s| s.published_ms).min(), stories.iter().map(|s| s.published_ms).max());
+
+    let mut detector = Detector::new(rules.rules.clone());
+    if let Some(group) = &options.explain {
+        detector.trace(group_labels(group));
+    }
+    let spec = WindowSpec::from_config(&config.window);
+    let found = episodes(replay(spec, &mut detector, config.alerts.evaluate_every.as_millis(), &stories));
+    let explain = detector.take_trace();
+
+    let silences = crate::alert::silences::SilenceStore::open(&storage.join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let router = Router::new(rules.routes.clone(), rules.silences.clone()).with_dynamic_silences(silences);
+    let episodes: Vec<BacktestEpisode> = found
+        .into_iter()
+        .map(|episode| {
+            let when = chrono::DateTime::parse_from_rfc3339(&episode.started_at).map(|t| t.to_utc()).unwrap_or_default();
+            let silenced = router.silenced(&episode.labels, when);
+            let verdict = verdict_of(&episode, &judged).map(|j| j.verdict.clone());
+            BacktestEpisode { episode, silenced, verdict }
+        })
+        .collect();
+
+    let weeks = match (first, last) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / (7.0 * 86_400_000.0),
+        _ => 0.0,
+    };
+    let results = rules
+        .rules
+        .iter()
+        .map(|rule| {
+            let mine: Vec<&BacktestEpisode> = episodes.iter().filter(|e| e.episode.rule == rule.name).collect();
+            let mut verdicts = BTreeMap::new();
+            for verdict in mine.iter().filter_map(|e| e.verdict.as_deref()) {
+                *verdicts.entry(verdict.to_string()).or_insert(0) += 1;
+            }
+            let hits = mine.iter().filter(|e| e.verdict.as_deref().is_some_and(hit)).count();
+            let judged_count = mine.iter().filter(|e| e.verdict.is_some()).count();
+            // Missed events this rule could have caught: of its kind of group.
+            let relevant: Vec<&Missed> = missed
+                .iter()
+                .filter(|m| match rule.group {
+                    crate::detect::rules::GroupKind::Ticker => m.ticker.is_some(),
+                    crate::detect::rules::GroupKind::Topic => m.ticker.is_none() && m.topic.as_deref().is_some_and(|t| t != crate::window::ALL),
+                    crate::detect::rules::GroupKind::All => m.ticker.is_none(),
+                })
+                .collect();
+            let caught = relevant
+                .iter()
+                .filter(|m| {
+                    let topic = if rule.group == crate::detect::rules::GroupKind::All { Some(crate::window::ALL) } else { m.topic.as_deref() };
+                    mine.iter().any(|e| same_group(&e.episode, topic, m.ticker.as_deref()) && overlaps(&e.episode, m.from_ms, Some(m.to_ms)))
+                })
+                .count();
+            RuleResult {
+                rule: rule.name.clone(),
+                episodes: mine.len(),
+                per_week: if weeks > 0.0 { mine.len() as f64 / weeks } else { 0.0 },
+                verdicts,
+                precision: wilson(hits, judged_count),
+                recall: wilson(hits + caught, hits + relevant.len()),
+            }
+        })
+        .collect();
+    Ok(Backtest {
+        storage: storage.display().to_string(),
+        stories: stories.len(),
+        first: first.map(time),
+        last: last.map(time),
+        rules: results,
+        episodes,
+        explain,
+    })
+}
+
+impl Backtest {
+    pub fn render(&self, rule_files: &[PathBuf]) -> String {
+        use std::fmt::Write as _;
+        let files: Vec<String> = rule_files.iter().map(|p| p.display().to_string()).collect();
+        let mut out = format!(
+            "backtest of {} on {}: {} stories, {} to {}\n\n| rule | episodes | per week | verdicts | precision (95 %) | recall vs missed events (95 %) |\n|---|---:|---:|---|---|---|\n",
+            files.join(", "),
+            self.storage,
+            self.stories,
+            self.first.as_deref().unwrap_or("-"),
+            self.last.as_deref().unwrap_or("-")
+        );
+        let share = |s: &Option<Share>| match s {
+            Some(s) => format!("{:.2} ({:.2}–{:.2}) of {}", s.value, s.low, s.high, s.of),
+            None => "no verdicts".into(),
+        };
+        for r in &self.rules {
+            let verdicts = if r.verdicts.is_empty() { "—".into() } else { r.verdicts.iter().map(|(v, n)| format!("{n} {v}")).collect::<Vec<_>>().join(", ") };
+            let _ = writeln!(out, "| {} | {} | {:.1} | {} | {} | {} |", r.rule, r.episodes, r.per_week, verdicts, share(&r.precision), share(&r.recall));
+        }
+        out.push_str("\n| rule | group | alert_id | started | resolved | value | stories | verdict |\n|---|---|---|---|---|---:|---:|---|\n");
+        for e in &self.episodes {
+            let ep = &e.episode;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.3} | {} | {}{} |",
+                ep.rule,
+                ep.group,
+                ep.alert_id,
+                ep.started_at,
+                ep.resolved_at.as_deref().unwrap_or("firing"),
+                ep.value,
+                ep.count,
+                e.verdict.as_deref().unwrap_or("—"),
+                if e.silenced { " (silenced)" } else { "" }
+            );
+        }
+        if !self.explain.is_empty() {
+            out.push_str("\n| at (watermark) | rule | window | row | stories | value | baseline | threshold | verdict | change |\n|---|---|---|---|---:|---:|---:|---:|---|---|\n");
+            for t in &self.explain {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+                    t.at,
+                    t.rule,
+                    t.window_start,
+                    if t.final_row { "final" } else { "live" },
+                    t.n,
+                    t.value,
+                    t.baseline.map_or("—".into(), |b| format!("{b:.3}")),
+                    if t.threshold.is_finite() { format!("{:.3}", t.threshold) } else { "—".into() },
+                    serde_json::to_value(t.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                    t.change.map_or("", |c| c.as_str())
+                );
+            }
+        }
+        out
+    }
+}
