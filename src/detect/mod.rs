@@ -123,14 +123,19 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
             let verdict = grade(op.holds(value, *threshold), op.holds(value, exit));
             Reading { verdict, value, baseline: None, threshold: *threshold }
         }
-        Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, min_value, exit_factor } => {
-            let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
-            let baseline_n: u64 = history.iter().rev().take(*baseline_windows).map(|c| c.n).sum();
-            if previous.len() < *baseline_windows || baseline_n < *min_baseline_count {
+        Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, min_baseline_window_count, min_value, exit_factor } => {
+            let windows = baseline(history, *baseline_windows, *min_baseline_window_count);
+            let baseline_n: u64 = windows.iter().map(|c| c.n).sum();
+            if windows.len() < *baseline_windows || baseline_n < *min_baseline_count {
                 return undecided(None, f64::NAN);
             }
-            let baseline = previous.iter().sum::<f64>() / previous.len() as f64;
-            let threshold = baseline * factor;
+            // A share's baseline is pooled (Σ negative / Σ stories): a window of 2 stories weighs
+            // 2 stories, not as much as one of 400. Counts keep the mean of the windows.
+            let baseline = match metric_kind {
+                Metric::NegShare => pooled_share(&windows),
+                _ => windows.iter().map(|c| metric(metric_kind, c)).sum::<f64>() / windows.len() as f64,
+            };
+            let threshold = in_range(metric_kind, baseline * factor);
             // As ElastAlert's spike rule: no spike from or to nothing.
             if current.n < *min_count || baseline <= 0.0 || value <= 0.0 {
                 return undecided(Some(baseline), threshold);
@@ -141,22 +146,121 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
         }
         // Decided over all rows at once by `sql_readings`.
         Condition::Sql { .. } => undecided(None, f64::NAN),
-        Condition::Zscore { sigma, baseline_windows, min_count, exit_sigma } => {
-            let previous: Vec<f64> = history.iter().rev().take(*baseline_windows).map(|c| metric(metric_kind, c)).collect();
+        Condition::Zscore { sigma, baseline_windows, min_count, min_baseline_window_count, exit_sigma } => {
+            let previous: Vec<f64> =
+                baseline(history, *baseline_windows, *min_baseline_window_count).iter().map(|c| metric(metric_kind, c)).collect();
             if previous.len() < *baseline_windows {
                 return undecided(None, f64::NAN);
             }
             let mean = previous.iter().sum::<f64>() / previous.len() as f64;
             let variance = previous.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (previous.len() - 1) as f64;
             let sd = variance.sqrt();
-            let threshold = mean + sigma * sd;
+            let threshold = in_range(metric_kind, mean + sigma * sd);
             if current.n < *min_count || sd == 0.0 {
                 return undecided(Some(mean), threshold);
             }
             let z = (value - mean) / sd;
             Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold }
         }
+        Condition::Binomial { p_value, baseline_windows, min_effect, min_count, min_baseline_count, min_baseline_window_count, exit_p_value } => {
+            let windows = baseline(history, *baseline_windows, *min_baseline_window_count);
+            let baseline_n: u64 = windows.iter().map(|c| c.n).sum();
+            if windows.len() < *baseline_windows || baseline_n < *min_baseline_count || baseline_n == 0 {
+                return undecided(None, f64::NAN);
+            }
+            let usual = pooled_share(&windows);
+            // The share at which the current window would breach: the smallest count whose tail
+            // is under `p_value`, and at least `min_effect` above usual (never above 1).
+            let needed = binomial_threshold(current.n, usual, *p_value).map_or(f64::INFINITY, |k| k as f64);
+            let threshold = (needed / current.n.max(1) as f64).max(usual + min_effect).min(1.0);
+            if current.n < *min_count {
+                return undecided(Some(usual), threshold);
+            }
+            let tail = binomial_tail(current.n_negative, current.n, usual);
+            let effect = value - usual >= *min_effect;
+            Reading {
+                verdict: grade(tail < *p_value && effect, tail < exit_p_value.unwrap_or(*p_value) && effect),
+                value,
+                baseline: Some(usual),
+                threshold,
+            }
+        }
     }
+}
+
+/// The newest `count` closed windows before the current one with at least `min_stories` stories
+/// each (thinner ones are skipped, not counted), oldest first.
+fn baseline<'a>(history: &[&'a Counts], count: usize, min_stories: u64) -> Vec<&'a Counts> {
+    let mut windows: Vec<&Counts> = history.iter().rev().filter(|c| c.n >= min_stories).take(count).copied().collect();
+    windows.reverse();
+    windows
+}
+
+fn pooled_share(windows: &[&Counts]) -> f64 {
+    let (negative, n) = windows.iter().fold((0u64, 0u64), |(neg, n), c| (neg + c.n_negative, n + c.n));
+    if n == 0 { 0.0 } else { negative as f64 / n as f64 }
+}
+
+/// A threshold as the metric can be: a share never above 1 (then the rule cannot fire there).
+fn in_range(metric_kind: Metric, threshold: f64) -> f64 {
+    match metric_kind {
+        Metric::NegShare => threshold.min(1.0),
+        _ => threshold,
+    }
+}
+
+/// The smallest k with P(X ≥ k) < `alpha` for X ~ Binomial(n, p), None if even n is not that
+/// unlikely: the tail summed downwards from n in logs, O(n − k).
+fn binomial_threshold(n: u64, p: f64, alpha: f64) -> Option<u64> {
+    if p <= 0.0 {
+        return Some(1.min(n));
+    }
+    if p >= 1.0 || n == 0 {
+        return None;
+    }
+    let (ln_p, ln_q, ln_alpha) = (p.ln(), (1.0 - p).ln(), alpha.ln());
+    let mut ln_term = n as f64 * ln_p;
+    let mut ln_tail = ln_term;
+    if ln_tail >= ln_alpha {
+        return None;
+    }
+    for j in (1..=n).rev() {
+        // pmf(j − 1) = pmf(j) · j / (n − j + 1) · q / p
+        ln_term += (j as f64).ln() - ((n - j + 1) as f64).ln() + ln_q - ln_p;
+        let (hi, lo) = if ln_tail > ln_term { (ln_tail, ln_term) } else { (ln_term, ln_tail) };
+        let next = hi + (lo - hi).exp().ln_1p();
+        if next >= ln_alpha {
+            return Some(j);
+        }
+        ln_tail = next;
+    }
+    Some(0)
+}
+
+/// P(X ≥ k) for X ~ Binomial(n, p), summed from the mode side in logs so that n in the thousands
+/// neither overflows nor underflows.
+pub fn binomial_tail(k: u64, n: u64, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n || p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (ln_p, ln_q) = (p.ln(), (1.0 - p).ln());
+    // ln C(n, k) by sums of logs, then each next term by the ratio (n − j) / (j + 1) · p / q.
+    let ln_choose: f64 = (1..=k).map(|i| ((n - k + i) as f64).ln() - (i as f64).ln()).sum();
+    let mut ln_term = ln_choose + k as f64 * ln_p + (n - k) as f64 * ln_q;
+    let mut total = 0.0;
+    for j in k..=n {
+        total += ln_term.exp();
+        if j < n {
+            ln_term += ((n - j) as f64).ln() - ((j + 1) as f64).ln() + ln_p - ln_q;
+        }
+    }
+    total.min(1.0)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -529,6 +633,17 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
         (Condition::Zscore { sigma, .. }, Some(mean)) => {
             format!("{} against a mean of {} (alert at {sigma}σ, {})", fmt(reading.value), fmt(mean), fmt(reading.threshold))
         }
+        (Condition::Binomial { p_value, .. }, Some(usual)) => {
+            let tail = binomial_tail(row.counts.n_negative, row.counts.n, usual);
+            let p = if tail < 0.001 { "p < 0.001".to_string() } else { format!("p = {tail:.3}") };
+            format!(
+                "{} of {} negative against {:.0} % usual: {p} (alert under p = {p_value}, from {:.0} %)",
+                row.counts.n_negative,
+                row.counts.n,
+                usual * 100.0,
+                reading.threshold * 100.0
+            )
+        }
         _ => fmt(reading.value),
     };
     let span = format!(
@@ -536,6 +651,10 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
         chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
         chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
     );
+    if matches!(rule.condition, Condition::Binomial { .. }) && reading.baseline.is_some() {
+        // "31 of 68 negative" already says how many stories.
+        return format!("{}: {detail}, {span}", group.describe());
+    }
     format!("{}: {what} {detail} over {} stories, {span}", group.describe(), row.counts.n)
 }
 

@@ -175,6 +175,9 @@ pub enum Condition {
         min_count: u64,
         #[serde(default)]
         min_baseline_count: u64,
+        /// Baseline windows with fewer stories are skipped, not counted (a weekend of 2 stories).
+        #[serde(default)]
+        min_baseline_window_count: u64,
         /// The current value must also reach this, so that 3% against a baseline of 0.4% is no spike.
         #[serde(default)]
         min_value: f64,
@@ -190,10 +193,35 @@ pub enum Condition {
         baseline_windows: usize,
         #[serde(default)]
         min_count: u64,
+        /// Baseline windows with fewer stories are skipped, not counted.
+        #[serde(default)]
+        min_baseline_window_count: u64,
         /// Default: `sigma`.
         exit_sigma: Option<f64>,
     },
+    /// For `neg_share`: the current window's negatives are unlikely under the usual share, pooled
+    /// over the previous `baseline_windows` (Σ negative / Σ stories, thin windows skipped): the
+    /// binomial tail P(X ≥ negatives | stories, usual share) < `p_value`, and the share is at least
+    /// `min_effect` above the usual one. It counts how many stories a share stands on: 8 of 16 is
+    /// weaker evidence than 200 of 400.
+    Binomial {
+        p_value: f64,
+        baseline_windows: usize,
+        #[serde(default)]
+        min_effect: f64,
+        #[serde(default)]
+        min_count: u64,
+        #[serde(default)]
+        min_baseline_count: u64,
+        #[serde(default)]
+        min_baseline_window_count: u64,
+        /// A firing alert stays while the tail is under this (default: `p_value`).
+        exit_p_value: Option<f64>,
+    },
 }
+
+/// Baseline windows a rule may ask for: each is kept per group in memory and in checkpoints.
+pub const MAX_BASELINE_WINDOWS: usize = 1000;
 
 fn one() -> usize {
     1
@@ -205,7 +233,9 @@ impl Condition {
             Condition::Threshold { .. } => 0,
             // The query sees this many closed windows per group besides the current rows.
             Condition::Sql { .. } => super::SQL_HISTORY,
-            Condition::RatioToBaseline { baseline_windows, .. } | Condition::Zscore { baseline_windows, .. } => *baseline_windows,
+            Condition::RatioToBaseline { baseline_windows, .. }
+            | Condition::Zscore { baseline_windows, .. }
+            | Condition::Binomial { baseline_windows, .. } => *baseline_windows,
         }
     }
 
@@ -220,14 +250,37 @@ impl Condition {
                 present(&[("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)])
             }
             Condition::Zscore { sigma, exit_sigma, .. } => present(&[("sigma", Some(*sigma)), ("exit_sigma", *exit_sigma)]),
+            Condition::Binomial { p_value, min_effect, exit_p_value, .. } => {
+                present(&[("p_value", Some(*p_value)), ("min_effect", Some(*min_effect)), ("exit_p_value", *exit_p_value)])
+            }
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self, metric: Metric) -> Result<(), String> {
         if let Some((name, value)) = self.numbers().into_iter().find(|(_, v)| !v.is_finite()) {
             return Err(format!("{name} must be a finite number, is {value}"));
         }
+        if self.baseline_windows() > MAX_BASELINE_WINDOWS {
+            return Err(format!("baseline_windows must be at most {MAX_BASELINE_WINDOWS}"));
+        }
         match self {
+            Condition::Binomial { p_value, baseline_windows, min_effect, exit_p_value, .. } => {
+                if metric != Metric::NegShare {
+                    return Err(format!("kind = \"binomial\" tests a share: use metric = \"neg_share\", not {:?}", metric.as_str()));
+                }
+                if !(*p_value > 0.0 && *p_value < 1.0) {
+                    return Err("p_value must be between 0 and 1".into());
+                }
+                if exit_p_value.is_some_and(|e| !(e >= *p_value && e < 1.0)) {
+                    return Err("exit_p_value must be at least p_value and under 1".into());
+                }
+                if !(0.0..1.0).contains(min_effect) {
+                    return Err("min_effect must be at least 0 and under 1 (a share)".into());
+                }
+                if *baseline_windows == 0 {
+                    return Err("baseline_windows must be at least 1".into());
+                }
+            }
             Condition::Sql { query } => super::sql::validate(query)?,
             Condition::Threshold { op, value, exit_value, .. } => {
                 if let Some(exit) = exit_value
@@ -308,7 +361,7 @@ impl TryFrom<RawRule> for Rule {
         if raw.name.trim().is_empty() {
             return Err("rule `name` must not be empty".into());
         }
-        raw.condition.check().map_err(|e| format!("rule `{}`: condition: {e}", raw.name))?;
+        raw.condition.check(raw.metric).map_err(|e| format!("rule `{}`: condition: {e}", raw.name))?;
         let zero = HumanDuration(std::time::Duration::ZERO);
         Ok(Rule {
             name: raw.name,

@@ -36,6 +36,7 @@ fn ratio_to_baseline_matches_elastalerts_spike_rule() {
         baseline_windows: 1,
         min_count: 15,
         min_baseline_count: 0,
+        min_baseline_window_count: 0,
         min_value: 0.0,
         exit_factor: None,
     };
@@ -112,7 +113,7 @@ fn for_and_keep_firing_for_are_measured_in_event_time() {
 
 #[test]
 fn zscore_needs_a_baseline_and_fires_past_sigma() {
-    let z = Condition::Zscore { sigma: 3.0, baseline_windows: 4, min_count: 0, exit_sigma: None };
+    let z = Condition::Zscore { sigma: 3.0, baseline_windows: 4, min_count: 0, min_baseline_window_count: 0, exit_sigma: None };
     let past = [counts(10, 2), counts(10, 3), counts(10, 2), counts(10, 3)];
     let refs: Vec<&Counts> = past.iter().collect();
     assert_eq!(read(&z, Metric::NNegative, &counts(10, 9), &refs[..3]).verdict, Verdict::Undecided);
@@ -178,4 +179,82 @@ fn sql_conditions_fire_for_the_groups_the_query_returns() {
     .unwrap_err()
     .to_string();
     assert!(err.starts_with("r.toml:1:") && err.contains("rule `q`: condition") && err.contains("DML not supported"), "{err}");
+}
+
+#[test]
+fn binomial_tails_match_exact_sums() {
+    // 8 or more heads of 10 fair coins: (45 + 10 + 1) / 1024.
+    assert!((binomial_tail(8, 10, 0.5) - 56.0 / 1024.0).abs() < 1e-12);
+    assert_eq!(binomial_tail(0, 10, 0.3), 1.0);
+    assert_eq!(binomial_tail(11, 10, 0.3), 0.0);
+    assert_eq!(binomial_tail(1, 10, 0.0), 0.0, "no negatives usually: any is impossible under it");
+    // Thousands of stories neither overflow nor underflow.
+    let tail = binomial_tail(600, 2000, 0.25);
+    assert!(tail > 0.0 && tail < 1e-5, "{tail}");
+    assert!((binomial_tail(500, 2000, 0.25) - 0.5).abs() < 0.02);
+    // The threshold is the first count whose tail is under alpha.
+    for (n, p, alpha) in [(10, 0.5, 0.06), (68, 0.13, 0.001), (400, 0.2, 0.01), (5, 0.0, 0.01)] {
+        let k = binomial_threshold(n, p, alpha).unwrap();
+        assert!(binomial_tail(k, n, p) < alpha, "{n} {p} {k}");
+        assert!(k == 0 || binomial_tail(k - 1, n, p) >= alpha, "{n} {p} {k}");
+    }
+    assert_eq!(binomial_threshold(3, 0.9, 0.001), None, "3 of 3 is usual at 90 %");
+}
+
+fn binomial(p_value: f64, min_effect: f64) -> Condition {
+    Condition::Binomial {
+        p_value,
+        baseline_windows: 3,
+        min_effect,
+        min_count: 10,
+        min_baseline_count: 50,
+        min_baseline_window_count: 20,
+        exit_p_value: None,
+    }
+}
+
+#[test]
+fn binomial_counts_stories_pools_the_baseline_and_skips_thin_windows() {
+    // 13 % usual over 300 stories; a weekend window of 2 stories, both negative, is skipped.
+    let past = [counts(100, 13), counts(100, 13), counts(2, 2), counts(100, 13)];
+    let refs: Vec<&Counts> = past.iter().collect();
+    let rule = binomial(0.001, 0.05);
+    let strong = read(&rule, Metric::NegShare, &counts(68, 31), &refs);
+    assert_eq!(strong.verdict, Verdict::Breach);
+    assert!((strong.baseline.unwrap() - 0.13).abs() < 1e-12, "pooled over the 3 full windows: {strong:?}");
+    assert!(strong.threshold > 0.13 && strong.threshold <= 1.0, "{strong:?}");
+    // The same share over 11 stories is no evidence at p < 0.001.
+    assert_ne!(read(&rule, Metric::NegShare, &counts(11, 5), &refs).verdict, Verdict::Breach);
+    // Too few stories now, or too few full windows before: undecided.
+    assert_eq!(read(&rule, Metric::NegShare, &counts(9, 9), &refs).verdict, Verdict::Undecided);
+    assert_eq!(read(&rule, Metric::NegShare, &counts(68, 31), &refs[1..]).verdict, Verdict::Undecided);
+    // A significant but tiny rise is held back by min_effect.
+    let big = [counts(10_000, 1300), counts(10_000, 1300), counts(10_000, 1300)];
+    let big: Vec<&Counts> = big.iter().collect();
+    assert_eq!(read(&rule, Metric::NegShare, &counts(10_000, 1450), &big).verdict, Verdict::Normal);
+    assert_eq!(read(&binomial(0.001, 0.0), Metric::NegShare, &counts(10_000, 1450), &big).verdict, Verdict::Breach);
+}
+
+#[test]
+fn share_thresholds_stay_within_the_share_range_and_ratio_baselines_are_pooled() {
+    // A mean share 0.5 with a wide spread: mean + 2.5 sd is above 1, printed as 1.
+    let z = Condition::Zscore { sigma: 2.5, baseline_windows: 3, min_count: 0, min_baseline_window_count: 0, exit_sigma: None };
+    let past = [counts(10, 0), counts(10, 10), counts(10, 5)];
+    let refs: Vec<&Counts> = past.iter().collect();
+    assert_eq!(read(&z, Metric::NegShare, &counts(10, 6), &refs).threshold, 1.0);
+    // 2 of 2 on a weekend and 40 of 400 on a weekday: pooled 42 / 402, not the mean 0.55.
+    let ratio = Condition::RatioToBaseline {
+        factor: 2.0,
+        baseline_windows: 2,
+        min_count: 0,
+        min_baseline_count: 0,
+        min_baseline_window_count: 0,
+        min_value: 0.0,
+        exit_factor: None,
+    };
+    let past = [counts(2, 2), counts(400, 40)];
+    let refs: Vec<&Counts> = past.iter().collect();
+    let reading = read(&ratio, Metric::NegShare, &counts(100, 30), &refs);
+    assert!((reading.baseline.unwrap() - 42.0 / 402.0).abs() < 1e-12, "{reading:?}");
+    assert_eq!(reading.verdict, Verdict::Breach);
 }
