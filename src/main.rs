@@ -245,6 +245,14 @@ enum RulesCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Runs unit tests of rule files (promtool-style): synthetic stories in, the alerts expected
+    /// firing at given event times out; prints exp/got for each mismatch and exits 1 on any.
+    ///
+    /// Example: bearwatch rules test alerts/tests/default.test.toml
+    Test {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Replays a pipeline's stored stories (`news`) through its windows and these rules, with the
     /// same lifecycle, and prints the episodes each rule would have raised, with precision from
     /// analysts' verdicts and recall against their missed events (Wilson 95 % intervals).
@@ -609,6 +617,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 model => println!("shadow: {model} ({})", row.reason),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Rules(RulesCommand::Test { files }) => {
+            let mut failed = 0;
+            for file in &files {
+                for outcome in bearwatch::detect::unit::run(file)? {
+                    if outcome.failures.is_empty() {
+                        println!("ok    {}: {}", file.display(), outcome.name);
+                    } else {
+                        failed += 1;
+                        println!("FAIL  {}: {}", file.display(), outcome.name);
+                        for failure in &outcome.failures {
+                            println!("  {failure}");
+                        }
+                    }
+                }
+            }
+            Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Command::Rules(RulesCommand::Backtest { files, pipeline: path, storage, from, to, explain, format }) => {
             let config = replay_config(path.as_deref(), storage)?;

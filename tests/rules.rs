@@ -45,3 +45,32 @@ fn broken_rules_name_file_line_and_field() {
     assert_eq!(code, 2);
     assert!(stderr.contains("also defined in"), "{stderr}");
 }
+
+fn rules_test(file: &std::path::Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["rules", "test"]).arg(file).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn the_shipped_rules_pass_their_unit_tests_and_a_wrong_expectation_prints_exp_and_got() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("alerts/tests/default.test.toml");
+    let (code, out) = rules_test(&shipped);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 4, "{out}");
+
+    // The burst also moves the market-wide z-score: expecting the topic spike alone fails.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&shipped).unwrap().replace("\"../default.toml\"", &format!("{:?}", shipped.parent().unwrap().join("../default.toml")));
+    let wrong = text.replace(
+        r#"firing = [{ rule = "topic-negative-spike", topic = "earnings" }, { rule = "market-negative-zscore", topic = "all" }]"#,
+        r#"firing = [{ rule = "topic-negative-spike", topic = "earnings" }]"#,
+    );
+    assert_ne!(wrong, text);
+    let file = dir.path().join("wrong.test.toml");
+    std::fs::write(&file, wrong).unwrap();
+    let (code, out) = rules_test(&file);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL") && out.contains("at 2026-01-08T11:30:00Z"), "{out}");
+    assert!(out.contains("exp: topic-negative-spike topic=earnings\n"), "{out}");
+    assert!(out.contains("got: market-negative-zscore topic=all, topic-negative-spike topic=earnings"), "{out}");
+}

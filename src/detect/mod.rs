@@ -7,6 +7,7 @@
 mod config;
 pub mod replay;
 pub mod rules;
+pub mod unit;
 mod sql;
 mod table;
 
