@@ -420,8 +420,8 @@ fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::fe
     lookup(storage, |ctx| async move { bearwatch::sql::lookup::winning_labels(&ctx).await })
 }
 
-/// The pipeline file a replay takes its windows and storage from (the demo's by default).
-fn replay_config(path: Option<&std::path::Path>, storage: Option<PathBuf>) -> anyhow::Result<PipelineConfig> {
+/// The pipeline file `path` (the demo's by default), with its storage moved to `storage` if given.
+fn pipeline_config(path: Option<&std::path::Path>, storage: Option<PathBuf>) -> anyhow::Result<PipelineConfig> {
     let mut config = match path {
         Some(path) => PipelineConfig::load(path)?,
         None => PipelineConfig::parse(pipeline::DEMO_PIPELINE, pipeline::DEMO_PIPELINE_NAME)?,
@@ -457,10 +457,7 @@ fn export_feedback(storage: &std::path::Path, out: Option<&std::path::Path>) -> 
 }
 
 fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_serving: bool) -> anyhow::Result<ExitCode> {
-    let mut config = match &path {
-        Some(path) => PipelineConfig::load(path)?,
-        None => PipelineConfig::parse(pipeline::DEMO_PIPELINE, pipeline::DEMO_PIPELINE_NAME)?,
-    };
+    let mut config = pipeline_config(path.as_deref(), None)?;
     config.run.keep_serving |= keep_serving;
     if let Some(role) = role {
         config.run.role = role;
@@ -636,7 +633,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Command::Rules(RulesCommand::Backtest { files, pipeline: path, storage, from, to, explain, format }) => {
-            let config = replay_config(path.as_deref(), storage)?;
+            let config = pipeline_config(path.as_deref(), storage)?;
             let options = pipeline::backtest::BacktestOptions { rules: &files, from, to, explain };
             let backtest = pipeline::backtest::backtest(&config, &options)?;
             match format {
@@ -646,7 +643,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Compare { pipeline: path, storage, challenger, format }) => {
-            let config = replay_config(path.as_deref(), storage)?;
+            let config = pipeline_config(path.as_deref(), storage)?;
             let comparison = pipeline::compare::compare(&config, challenger.as_deref())?;
             match format {
                 OutputFormat::Text => print!("{}", comparison.render()),

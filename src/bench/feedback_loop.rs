@@ -66,18 +66,9 @@ fn bucket(salt: u32, text: &str) -> f64 {
 
 /// The label `classifier` gives each example's head.
 fn labels(classifier: &Classifier, examples: &[Example]) -> Result<Vec<String>, PipelineError> {
-    let mut out = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(256) {
-        let pending: Vec<_> = chunk.iter().map(|e| classifier.submit_now(&e.text)).collect::<Result<_, _>>()?;
-        for (e, p) in chunk.iter().zip(pending) {
-            let scores = p.wait()?;
-            out.push(match e.head {
-                crate::feedback::Head::Sentiment => scores.sentiment.to_string(),
-                crate::feedback::Head::Topic => scores.topic,
-            });
-        }
-    }
-    Ok(out)
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let reads = learn::read_all(classifier, &texts)?;
+    Ok(examples.iter().zip(reads).map(|(e, r)| r.label(e.head).to_string()).collect())
 }
 
 /// Per set and head, champion against candidate on the same examples.

@@ -61,6 +61,20 @@ pub struct Episode {
     pub summary: String,
 }
 
+impl Episode {
+    /// From firing to resolved, in event-time milliseconds; `i64::MAX` while still firing.
+    pub fn span_ms(&self) -> (i64, i64) {
+        let ms = |t: &str| chrono::DateTime::parse_from_rfc3339(t).map_or(i64::MAX, |t| t.timestamp_millis());
+        (ms(&self.started_at), self.resolved_at.as_deref().map_or(i64::MAX, ms))
+    }
+
+    /// Whether it was firing at some time from `from_ms` to `to_ms` (both included).
+    pub fn overlaps(&self, from_ms: i64, to_ms: i64) -> bool {
+        let (start, end) = self.span_ms();
+        start <= to_ms && from_ms <= end
+    }
+}
+
 /// The episodes of a replay's alert changes, in the order they fired.
 pub fn episodes(alerts: Vec<Alert>) -> Vec<Episode> {
     let mut by_id: BTreeMap<String, Episode> = BTreeMap::new();

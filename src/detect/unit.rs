@@ -149,9 +149,13 @@ pub fn run(path: &Path) -> Result<Vec<Outcome>, ConfigError> {
         let mut failures = Vec::new();
         for expect in &case.expect {
             let at = expect.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let at_ms = expect.at.timestamp_millis();
             let got: BTreeSet<Firing> = found
                 .iter()
-                .filter(|e| e.started_at <= at && e.resolved_at.as_ref().is_none_or(|r| *r > at))
+                .filter(|e| {
+                    let (start, end) = e.span_ms();
+                    start <= at_ms && at_ms < end
+                })
                 .map(|e| Firing { rule: e.rule.clone(), topic: e.labels.get("topic").cloned(), ticker: e.labels.get("ticker").cloned() })
                 .collect();
             let expected: BTreeSet<Firing> = expect.firing.iter().cloned().collect();

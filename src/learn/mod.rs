@@ -88,15 +88,16 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>, LearnError> {
         .collect()
 }
 
-/// The champion's reading of each text: its labels and pooled embedding.
-struct Read {
+/// The champion's reading of each text: its labels and pooled embedding (empty unless the
+/// classifier was started with `embeddings`).
+pub(crate) struct Read {
     sentiment: String,
     topic: String,
     embedding: Vec<f32>,
 }
 
 impl Read {
-    fn label(&self, head: Kind) -> &str {
+    pub(crate) fn label(&self, head: Kind) -> &str {
         match head {
             Kind::Sentiment => &self.sentiment,
             Kind::Topic => &self.topic,
@@ -104,7 +105,8 @@ impl Read {
     }
 }
 
-fn read_all(classifier: &Classifier, texts: &[&str]) -> Result<Vec<Read>, LearnError> {
+/// Reads `texts` in order, 256 queued at a time.
+pub(crate) fn read_all(classifier: &Classifier, texts: &[&str]) -> Result<Vec<Read>, LearnError> {
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
         let pending: Vec<_> = chunk.iter().map(|t| classifier.submit_now(t)).collect::<Result<_, _>>()?;

@@ -15,7 +15,7 @@ use super::{PipelineConfig, PipelineError, bundled};
 use crate::alert::Router;
 use crate::detect::replay::{Episode, Story, episodes, replay};
 use crate::detect::{Detector, RuleFile, Trace};
-use crate::sql::lookup::{JudgedAlert, Missed};
+use crate::sql::lookup::{JudgedAlert, Missed, timestamp};
 use crate::window::WindowSpec;
 
 pub struct BacktestOptions<'a> {
@@ -94,6 +94,13 @@ pub(super) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
     Ok(RuleFile::merge(files))
 }
 
+/// A runtime and a query context over the pipeline's tables, for the lookups of a replay.
+pub(super) fn tables(config: &PipelineConfig) -> Result<(tokio::runtime::Runtime, datafusion::prelude::SessionContext), PipelineError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), None)?;
+    Ok((runtime, ctx))
+}
+
 /// The newest score of each story, with the model that gave it.
 pub(super) fn newest(rows: Vec<(String, Story)>) -> BTreeMap<String, (String, Story)> {
     rows.into_iter().map(|(model, story)| (story.id.clone(), (model, story))).collect()
@@ -103,20 +110,10 @@ pub(super) fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn ms(text: &str) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(text).map_or(i64::MAX, |t| t.timestamp_millis())
-}
-
 /// `topic=energy`, `ticker=XOM`, `all` or `energy`, as an alert's group labels.
 fn group_labels(text: &str) -> BTreeMap<String, String> {
     let (key, value) = text.split_once('=').unwrap_or(("topic", text));
     BTreeMap::from([(key.trim().to_string(), value.trim().to_string())])
-}
-
-fn overlaps(episode: &Episode, from_ms: i64, to_ms: Option<i64>) -> bool {
-    let start = ms(&episode.started_at);
-    let end = episode.resolved_at.as_deref().map_or(i64::MAX, ms);
-    start <= to_ms.unwrap_or(i64::MAX) && from_ms <= end
 }
 
 fn same_group(episode: &Episode, topic: Option<&str>, ticker: Option<&str>) -> bool {
@@ -131,7 +128,7 @@ fn same_group(episode: &Episode, topic: Option<&str>, ticker: Option<&str>) -> b
 fn verdict_of<'a>(episode: &Episode, judged: &'a [JudgedAlert]) -> Option<&'a JudgedAlert> {
     judged.iter().find(|j| j.alert_id == episode.alert_id).or_else(|| {
         judged.iter().find(|j| {
-            j.rule == episode.rule && same_group(episode, Some(&j.topic), j.ticker.as_deref()) && overlaps(episode, j.started_ms, j.resolved_ms)
+            j.rule == episode.rule && same_group(episode, Some(&j.topic), j.ticker.as_deref()) && episode.overlaps(j.started_ms, j.resolved_ms.unwrap_or(i64::MAX))
         })
     })
 }
@@ -142,15 +139,13 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
         return Err(PipelineError::Internal("the rule files hold no rules".into()));
     }
     let storage = &config.storage.path;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
-    let ctx = crate::sql::context(storage, config.server.query_limits(), None)?;
-    let at = |t: chrono::DateTime<chrono::Utc>| lit(datafusion::scalar::ScalarValue::TimestampMillisecond(Some(t.timestamp_millis()), Some("UTC".into())));
+    let (runtime, ctx) = tables(config)?;
     let mut filter = lit(true);
     if let Some(from) = options.from {
-        filter = filter.and(col("published_at").gt_eq(at(from)));
+        filter = filter.and(col("published_at").gt_eq(timestamp(from.timestamp_millis())));
     }
     if let Some(to) = options.to {
-        filter = filter.and(col("published_at").lt(at(to)));
+        filter = filter.and(col("published_at").lt(timestamp(to.timestamp_millis())));
     }
     let (stories, judged, missed) = runtime.block_on(async {
         Ok::<_, PipelineError>((
@@ -210,7 +205,7 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
                 .iter()
                 .filter(|m| {
                     let topic = if rule.group == crate::detect::rules::GroupKind::All { Some(crate::window::ALL) } else { m.topic.as_deref() };
-                    mine.iter().any(|e| same_group(&e.episode, topic, m.ticker.as_deref()) && overlaps(&e.episode, m.from_ms, Some(m.to_ms)))
+                    mine.iter().any(|e| same_group(&e.episode, topic, m.ticker.as_deref()) && e.episode.overlaps(m.from_ms, m.to_ms))
                 })
                 .count();
             RuleResult {

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use datafusion::prelude::{col, lit};
 use serde::Serialize;
 
-use super::backtest::{newest, time};
+use super::backtest::{newest, tables, time};
+use crate::sql::lookup::timestamp;
 use super::{PipelineConfig, PipelineError};
 use crate::detect::Detector;
 use crate::detect::replay::{Episode, Story, episodes, replay};
@@ -37,8 +38,7 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
         return Err(PipelineError::Internal("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
     }
     let storage = &config.storage.path;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
-    let ctx = crate::sql::context(storage, config.server.query_limits(), None)?;
+    let (runtime, ctx) = tables(config)?;
     let shadow = runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "shadow_news", lit(true)))?;
     let Some(model) = challenger.map(str::to_string).or_else(|| shadow.last().map(|(model, _)| model.clone())) else {
         return Err(PipelineError::Internal(format!(
@@ -53,8 +53,7 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
     else {
         return Err(PipelineError::Internal(format!("{}: no shadow_news rows of {model}", storage.display())));
     };
-    let at = |ms: i64| lit(datafusion::scalar::ScalarValue::TimestampMillisecond(Some(ms), Some("UTC".into())));
-    let window = col("published_at").between(at(first), at(last));
+    let window = col("published_at").between(timestamp(first), timestamp(last));
     let news = newest(runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "news", window))?);
     let both: Vec<(&(String, Story), &(String, Story))> = news.iter().filter_map(|(id, old)| shadow.get(id).map(|new| (old, new))).collect();
 
@@ -95,8 +94,8 @@ impl Comparison {
         );
         out.push_str("| rule | group | champion | challenger |\n|---|---|---|---|\n");
         let overlap = |a: &Episode, b: &Episode| {
-            let end = |e: &Episode| e.resolved_at.clone().unwrap_or_else(|| "~".into());
-            a.rule == b.rule && a.group == b.group && a.started_at <= end(b) && b.started_at <= end(a)
+            let (start, end) = b.span_ms();
+            a.rule == b.rule && a.group == b.group && a.overlaps(start, end)
         };
         let cell = |e: &Episode| format!("{} → {} ({:.2} over {})", e.started_at, e.resolved_at.as_deref().unwrap_or("firing"), e.value, e.count);
         let mut matched = BTreeSet::new();

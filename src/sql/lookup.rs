@@ -35,6 +35,11 @@ fn head(name: Option<&str>) -> Head {
     if name == Some("topic") { Head::Topic } else { Head::Sentiment }
 }
 
+/// A UTC millisecond timestamp as a literal to compare `published_at` and the like with.
+pub fn timestamp(ms: i64) -> Expr {
+    lit(datafusion::scalar::ScalarValue::TimestampMillisecond(Some(ms), Some("UTC".into())))
+}
+
 fn any_of(column: &str, values: &[String]) -> Expr {
     col(column).in_list(values.iter().map(|v| lit(v.clone())).collect(), false)
 }
@@ -159,8 +164,7 @@ pub async fn scored_stories(ctx: &SessionContext, table: &str, filter: Expr) -> 
         let (id, headline, model) = (strings(&batch, "id")?, strings(&batch, "headline")?, strings(&batch, "model")?);
         let (sentiment, topic) = (strings(&batch, "sentiment")?, strings(&batch, "topic")?);
         let (score, negative) = (floats(&batch, "sentiment_score")?, floats(&batch, "p_negative")?);
-        let published = batch.column_by_name("published_at").ok_or_else(|| SqlError::Execution("no column published_at".into()))?;
-        let published = published.as_primitive::<TimestampMillisecondType>();
+        let published = times(&batch, "published_at")?;
         let tickers = batch.column_by_name("tickers").ok_or_else(|| SqlError::Execution("no column tickers".into()))?;
         let tickers = tickers.as_list::<i32>();
         for i in 0..batch.num_rows() {
@@ -173,7 +177,7 @@ pub async fn scored_stories(ctx: &SessionContext, table: &str, filter: Expr) -> 
                 model[i].clone().unwrap_or_default(),
                 crate::detect::replay::Story {
                     id: id[i].clone().unwrap_or_default(),
-                    published_ms: published.value(i),
+                    published_ms: published[i].unwrap_or_default(),
                     headline: headline[i].clone().unwrap_or_default(),
                     topic: topic[i].clone().unwrap_or_default(),
                     tickers,
