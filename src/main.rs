@@ -276,6 +276,10 @@ enum RulesCommand {
         /// Every reading of this group, window by window: `topic=energy`, `ticker=XOM`, `all`.
         #[arg(long)]
         explain: Option<String>,
+        /// Replays again with a condition field at each value, e.g. condition.p_value=0.0001:0.001:0.0003,
+        /// and prints episodes per week, precision and recall for each (every rule that has the field).
+        #[arg(long)]
+        sweep: Option<pipeline::backtest::Sweep>,
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
@@ -298,6 +302,11 @@ enum BenchCommand {
     ///
     /// Example: bearwatch bench loop --set benches/data/loop/sentfin-dev.jsonl --splits 3
     Loop(bearwatch::bench::feedback_loop::LoopBenchArgs),
+    /// Injects bursts of negative stories into a dense stream and measures what the pipeline's
+    /// windows and rules catch: recall, event-time delay, episodes no burst explains.
+    ///
+    /// Example: bearwatch bench detect --seeds 1,2,3 --bursts 20 --rules alerts/default.toml
+    Detect(bearwatch::bench::detect::DetectBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -632,9 +641,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
-        Command::Rules(RulesCommand::Backtest { files, pipeline: path, storage, from, to, explain, format }) => {
+        Command::Rules(RulesCommand::Backtest { files, pipeline: path, storage, from, to, explain, sweep, format }) => {
             let config = pipeline_config(path.as_deref(), storage)?;
-            let options = pipeline::backtest::BacktestOptions { rules: &files, from, to, explain };
+            let options = pipeline::backtest::BacktestOptions { rules: &files, from, to, explain, sweep };
             let backtest = pipeline::backtest::backtest(&config, &options)?;
             match format {
                 OutputFormat::Text => print!("{}", backtest.render(&files)),
@@ -721,6 +730,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Loop(args)) => {
             println!("{}", bearwatch::bench::feedback_loop::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Detect(args)) => {
+            let config = pipeline_config(args.pipeline.as_deref(), None)?;
+            println!("{}", bearwatch::bench::detect::run(&args, &config)?);
             Ok(ExitCode::SUCCESS)
         }
     }

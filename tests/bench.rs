@@ -81,3 +81,41 @@ fn bench_loop_retrains_on_a_reviewed_part_and_compares_before_and_after_on_the_r
     assert_eq!(row("phrasebank").unwrap().split('|').nth(4).map(str::trim), Some("40"), "{stdout}");
     assert!(stdout.contains("Mean seconds: retrain") && stdout.contains("Gate: "), "{stdout}");
 }
+
+/// `bench detect` on the bundled two weeks of 1987 with a few bursts: the shipped rules catch some
+/// and are measured honestly, and a rule that cannot fire catches none and raises nothing.
+#[test]
+fn bench_detect_counts_caught_bursts_and_unexplained_episodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never.toml");
+    std::fs::write(&never, "[[rules]]\nname = \"never\"\ngroup = \"topic\"\nmetric = \"n\"\ncondition = { kind = \"threshold\", op = \">\", value = 1000000 }\n").unwrap();
+    let bench = |rules: &[&std::path::Path]| {
+        let mut cmd = Command::cargo_bin("bearwatch").unwrap();
+        cmd.args(["bench", "detect", "--stream", "pipelines/data/reuters-1987.jsonl", "--warmup", "3d", "--bursts", "3", "--seeds", "5,6"]);
+        for rules in rules {
+            cmd.arg("--rules").arg(rules);
+        }
+        let out = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let cells = |stdout: &str, seed: &str| -> Vec<String> {
+        let row = stdout.lines().find(|l| l.starts_with(&format!("| {seed} |"))).unwrap_or_else(|| panic!("no row {seed}: {stdout}"));
+        row.split('|').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect()
+    };
+    let shipped = bench(&[]);
+    for seed in ["5", "6", "all"] {
+        let row = cells(&shipped, seed);
+        let (bursts, caught): (usize, usize) = (row[1].parse().unwrap(), row[2].parse().unwrap());
+        assert_eq!(bursts, if seed == "all" { 6 } else { 3 }, "{shipped}");
+        assert!(caught <= bursts, "{shipped}");
+    }
+    let all = cells(&shipped, "all");
+    assert!(all[2].parse::<usize>().unwrap() >= 1, "twelve negative stories in two hours are caught at least once: {shipped}");
+    assert!(shipped.contains("| topic-negative-burst |"), "the per-rule table: {shipped}");
+
+    let silent = bench(&[&never]);
+    let all = cells(&silent, "all");
+    assert_eq!((all[2].as_str(), all[4].as_str(), all[6].as_str(), all[7].as_str()), ("0", "—", "0.00", "0.00"), "{silent}");
+}

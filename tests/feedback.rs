@@ -64,7 +64,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     let dir = tempfile::tempdir().unwrap();
     let (http, pg) = (free_port(), free_port());
     let config = format!(
-        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
          [storage]\npath = \"store\"\ncheckpoint_interval = \"500ms\"\n[run]\nsummary_interval = \"0s\"\nkeep_serving = true\n\
          [alerts]\nrules = [\"{ROOT}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n\
          [server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{ADMIN}\"\npostgres = \"127.0.0.1:{pg}\"\npostgres_password = \"pw\"\n\
@@ -218,10 +218,10 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     assert_eq!(judged["verdicts"], json!({"noise": 1}), "{judged}");
     assert_eq!((judged["precision"]["value"].as_f64(), judged["precision"]["of"].as_u64()), (Some(0.0), Some(1)));
     assert!(judged["precision"]["high"].as_f64().unwrap() > 0.5, "one verdict proves little: {judged}");
-    let topic_rule = backtest["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "topic-negative-spike").unwrap();
+    let topic_rule = backtest["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "topic-negative-burst").unwrap();
     assert_eq!(topic_rule["recall"]["of"], 1, "the missed energy event: {topic_rule}");
     let explained = backtest["explain"].as_array().unwrap();
-    assert!(!explained.is_empty() && explained.iter().all(|t| t["rule"] == "market-negative-zscore"), "the `all` group's rule, window by window");
+    assert!(!explained.is_empty() && explained.iter().all(|t| t["rule"] == "market-negative-burst"), "the `all` group's rule, window by window");
 
     // Offline: a reviewed spreadsheet goes in, the training-ready set comes out, with the API's rows.
     let review = dir.path().join("review.jsonl");
@@ -423,7 +423,7 @@ fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_w
     assert_eq!(stdout.trim(), format!("shadow: {challenger} (shadow)"));
 
     let config = format!(
-        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
          [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n\
          [alerts]\nrules = [\"{ROOT}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n"
     );

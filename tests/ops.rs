@@ -23,7 +23,7 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
         "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 40000\n\
-         [window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+         [window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
          [storage]\npath = \"store\"\ncheckpoint_interval = \"2s\"\n\
          [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n\
          [server]\nhttp = \"127.0.0.1:{port}\"\n\

@@ -262,7 +262,7 @@ fn two_runs_of_the_same_input_with_different_checkpoint_intervals_raise_the_same
     let run = |name: &str, checkpoint_interval: &str| {
         let config = format!(
             "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n\
-             [window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+             [window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
              [storage]\npath = \"{name}\"\ncheckpoint_interval = \"{checkpoint_interval}\"\n[run]\nsummary_interval = \"0s\"\n\
              [alerts]\nrules = [\"{root}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n",
             root = common::ROOT

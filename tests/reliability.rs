@@ -235,7 +235,7 @@ fn an_smtp_outage_during_a_spike_delays_emails_but_delivers_each_once() {
     let smtp_port = free_port();
     std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"mail\"]\ngroup_wait = \"0s\"\nrepeat_interval = \"0s\"\n").unwrap();
     let config = format!(
-        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"1d\"\nslide = \"12h\"\nallowed_lateness = \"1h\"\n\
+        "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n[window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
          [storage]\npath = \"store\"\ncheckpoint_interval = \"1s\"\n[run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"60s\"\n\
          [server]\nhttp = \"127.0.0.1:{}\"\n\
          [alerts]\nrules = [\"{ROOT}/alerts/default.toml\", \"routes.toml\"]\n\

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod classify;
+pub mod detect;
 pub mod e2e;
 pub mod feedback_loop;
 pub mod sql;

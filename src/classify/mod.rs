@@ -120,6 +120,19 @@ impl Classifier {
         Ok(Pending { rx, spec: self.spec.clone() })
     }
 
+    /// Scores every text on this thread, at most 256 in flight (kept below `max_queued` by
+    /// callers that start the classifier for this alone), with each pooled embedding.
+    pub fn score_all(&self, texts: &[&str]) -> Result<Vec<(Scores, Vec<f32>)>, ClassifyError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(256) {
+            let pending: Vec<Pending> = chunk.iter().map(|t| self.submit_now(t)).collect::<Result<_, _>>()?;
+            for p in pending {
+                out.push(p.wait_embedded()?);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn classify(&self, text: &str) -> Result<Scores, ClassifyError> {
         self.submit(text).await?.scores().await
     }

@@ -100,12 +100,31 @@ pub struct Reading {
     pub value: f64,
     pub baseline: Option<f64>,
     pub threshold: f64,
+    /// A `binomial` condition's tail probability.
+    pub p: Option<f64>,
 }
 
-/// Evaluates `condition` on `current` against `history` (closed windows before it, oldest first).
-pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, history: &[&Counts]) -> Reading {
+/// What a window is compared with: its group's closed windows before it and the market's (`all`),
+/// oldest first, and in how many windows of a group each story is counted (size / slide).
+#[derive(Debug, Clone, Copy)]
+pub struct Baselines<'a> {
+    pub own: &'a [&'a Counts],
+    pub market: &'a [&'a Counts],
+    pub overlap: f64,
+}
+
+impl<'a> Baselines<'a> {
+    /// Tumbling windows compared with their own group only.
+    pub fn own(own: &'a [&'a Counts]) -> Baselines<'a> {
+        Baselines { own, market: &[], overlap: 1.0 }
+    }
+}
+
+/// Evaluates `condition` on `current` against its baselines.
+pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baselines: &Baselines<'_>) -> Reading {
+    let history = baselines.own;
     let value = metric(metric_kind, current);
-    let undecided = |baseline, threshold| Reading { verdict: Verdict::Undecided, value, baseline, threshold };
+    let undecided = |baseline, threshold| Reading { verdict: Verdict::Undecided, value, baseline, threshold, p: None };
     let grade = |breach: bool, elevated: bool| {
         if breach {
             Verdict::Breach
@@ -122,12 +141,12 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
             }
             let exit = exit_value.unwrap_or(*threshold);
             let verdict = grade(op.holds(value, *threshold), op.holds(value, exit));
-            Reading { verdict, value, baseline: None, threshold: *threshold }
+            Reading { verdict, value, baseline: None, threshold: *threshold, p: None }
         }
         Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, min_baseline_window_count, min_value, exit_factor } => {
-            let windows = baseline(history, *baseline_windows, *min_baseline_window_count);
+            let windows = baseline(history, *baseline_windows, *min_baseline_window_count).unwrap_or_default();
             let baseline_n: u64 = windows.iter().map(|c| c.n).sum();
-            if windows.len() < *baseline_windows || baseline_n < *min_baseline_count {
+            if windows.is_empty() || baseline_n < *min_baseline_count {
                 return undecided(None, f64::NAN);
             }
             // A share's baseline is pooled (Σ negative / Σ stories): a window of 2 stories weighs
@@ -143,14 +162,18 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
             }
             let exit = baseline * exit_factor.unwrap_or(*factor);
             let breach = value >= threshold && value >= *min_value;
-            Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold }
+            Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold, p: None }
         }
         // Decided over all rows at once by `sql_readings`.
         Condition::Sql { .. } => undecided(None, f64::NAN),
         Condition::Zscore { sigma, baseline_windows, min_count, min_baseline_window_count, exit_sigma } => {
-            let previous: Vec<f64> =
-                baseline(history, *baseline_windows, *min_baseline_window_count).iter().map(|c| metric(metric_kind, c)).collect();
-            if previous.len() < *baseline_windows {
+            let previous: Vec<f64> = baseline(history, *baseline_windows, *min_baseline_window_count)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| metric(metric_kind, c))
+                .collect();
+            // A spread needs two windows.
+            if previous.len() < 2 {
                 return undecided(None, f64::NAN);
             }
             let mean = previous.iter().sum::<f64>() / previous.len() as f64;
@@ -161,44 +184,89 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, histor
                 return undecided(Some(mean), threshold);
             }
             let z = (value - mean) / sd;
-            Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold }
+            Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold, p: None }
         }
-        Condition::Binomial { p_value, baseline_windows, min_effect, min_count, min_baseline_count, min_baseline_window_count, exit_p_value } => {
-            let windows = baseline(history, *baseline_windows, *min_baseline_window_count);
-            let baseline_n: u64 = windows.iter().map(|c| c.n).sum();
-            if windows.len() < *baseline_windows || baseline_n < *min_baseline_count || baseline_n == 0 {
+        Condition::Binomial {
+            p_value,
+            baseline_windows,
+            min_effect,
+            min_count,
+            min_baseline_count,
+            min_baseline_window_count,
+            exit_p_value,
+            prior_stories,
+        } => {
+            let windows = baseline(history, *baseline_windows, *min_baseline_window_count).unwrap_or_default();
+            let (own_negative, own_n) = totals(&windows);
+            if own_n < *min_baseline_count {
                 return undecided(None, f64::NAN);
             }
-            let usual = pooled_share(&windows);
+            let usual = if *prior_stories > 0.0 {
+                // Beta(market share · weight, …) updated by the group's own stories, each counted
+                // once however many hopping windows hold it; +½ each side (Jeffreys) keeps a
+                // market without negatives from making one negative impossible.
+                let Some(market) = baseline(baselines.market, *baseline_windows, *min_baseline_window_count).filter(|w| totals(w).1 > 0) else {
+                    return undecided(None, f64::NAN);
+                };
+                let market = pooled_share(&market);
+                let once = 1.0 / baselines.overlap.max(1.0);
+                Usual::Beta(
+                    own_negative as f64 * once + market * prior_stories + 0.5,
+                    (own_n - own_negative) as f64 * once + (1.0 - market) * prior_stories + 0.5,
+                )
+            } else if own_n == 0 {
+                return undecided(None, f64::NAN);
+            } else {
+                Usual::Share(own_negative as f64 / own_n as f64)
+            };
+            let share = usual.share();
             // The share at which the current window would breach: the smallest count whose tail
             // is under `p_value`, and at least `min_effect` above usual (never above 1).
-            let needed = binomial_threshold(current.n, usual, *p_value).map_or(f64::INFINITY, |k| k as f64);
-            let threshold = (needed / current.n.max(1) as f64).max(usual + min_effect).min(1.0);
+            let needed = usual.threshold(current.n, *p_value).map_or(f64::INFINITY, |k| k as f64);
+            let threshold = (needed / current.n.max(1) as f64).max(share + min_effect).min(1.0);
             if current.n < *min_count {
-                return undecided(Some(usual), threshold);
+                return undecided(Some(share), threshold);
             }
-            let tail = binomial_tail(current.n_negative, current.n, usual);
-            let effect = value - usual >= *min_effect;
+            let tail = usual.tail(current.n_negative, current.n);
+            let effect = value - share >= *min_effect;
             Reading {
                 verdict: grade(tail < *p_value && effect, tail < exit_p_value.unwrap_or(*p_value) && effect),
                 value,
-                baseline: Some(usual),
+                baseline: Some(share),
                 threshold,
+                p: Some(tail),
             }
         }
     }
 }
 
-/// The newest `count` closed windows before the current one with at least `min_stories` stories
-/// each (thinner ones are skipped, not counted), oldest first.
-fn baseline<'a>(history: &[&'a Counts], count: usize, min_stories: u64) -> Vec<&'a Counts> {
-    let mut windows: Vec<&Counts> = history.iter().rev().filter(|c| c.n >= min_stories).take(count).copied().collect();
-    windows.reverse();
-    windows
+/// The newest `count` closed windows before the current one, less those under `min_stories`
+/// stories (skipped, not counted), oldest first; None until the group has `count` closed windows.
+fn baseline<'a>(history: &[&'a Counts], count: usize, min_stories: u64) -> Option<Vec<&'a Counts>> {
+    if history.len() < count {
+        return None;
+    }
+    Some(history[history.len() - count..].iter().filter(|c| c.n >= min_stories).copied().collect())
+}
+
+/// In how many of a group's windows each story is counted: size / slide, the slide read off the
+/// nearest starts of its closed windows (1 for tumbling windows or too little history).
+fn overlap(past: &VecDeque<Past>) -> f64 {
+    let slide = past.iter().zip(past.iter().skip(1)).map(|(a, b)| b.start_ms - a.start_ms).filter(|d| *d > 0).min();
+    let size = past.back().map(|p| p.end_ms - p.start_ms);
+    match (slide, size) {
+        (Some(slide), Some(size)) if size > slide => size as f64 / slide as f64,
+        _ => 1.0,
+    }
+}
+
+/// Σ negative and Σ stories.
+fn totals(windows: &[&Counts]) -> (u64, u64) {
+    windows.iter().fold((0, 0), |(neg, n), c| (neg + c.n_negative, n + c.n))
 }
 
 fn pooled_share(windows: &[&Counts]) -> f64 {
-    let (negative, n) = windows.iter().fold((0u64, 0u64), |(neg, n), c| (neg + c.n_negative, n + c.n));
+    let (negative, n) = totals(windows);
     if n == 0 { 0.0 } else { negative as f64 / n as f64 }
 }
 
@@ -210,58 +278,89 @@ fn in_range(metric_kind: Metric, threshold: f64) -> f64 {
     }
 }
 
-/// The smallest k with P(X ≥ k) < `alpha` for X ~ Binomial(n, p), None if even n is not that
-/// unlikely: the tail summed downwards from n in logs, O(n − k).
-fn binomial_threshold(n: u64, p: f64, alpha: f64) -> Option<u64> {
-    if p <= 0.0 {
-        return Some(1.min(n));
-    }
-    if p >= 1.0 || n == 0 {
-        return None;
-    }
-    let (ln_p, ln_q, ln_alpha) = (p.ln(), (1.0 - p).ln(), alpha.ln());
-    let mut ln_term = n as f64 * ln_p;
-    let mut ln_tail = ln_term;
-    if ln_tail >= ln_alpha {
-        return None;
-    }
-    for j in (1..=n).rev() {
-        // pmf(j − 1) = pmf(j) · j / (n − j + 1) · q / p
-        ln_term += (j as f64).ln() - ((n - j + 1) as f64).ln() + ln_q - ln_p;
-        let (hi, lo) = if ln_tail > ln_term { (ln_tail, ln_term) } else { (ln_term, ln_tail) };
-        let next = hi + (lo - hi).exp().ln_1p();
-        if next >= ln_alpha {
-            return Some(j);
-        }
-        ln_tail = next;
-    }
-    Some(0)
+/// How many of a window's n stories are usually negative.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Usual {
+    /// A known share p: Binomial(n, p).
+    Share(f64),
+    /// A share known as Beta(a, b) (a, b > 0): beta-binomial.
+    Beta(f64, f64),
 }
 
-/// P(X ≥ k) for X ~ Binomial(n, p), summed from the mode side in logs so that n in the thousands
-/// neither overflows nor underflows.
-pub fn binomial_tail(k: u64, n: u64, p: f64) -> f64 {
-    if k == 0 {
-        return 1.0;
-    }
-    if k > n || p <= 0.0 {
-        return 0.0;
-    }
-    if p >= 1.0 {
-        return 1.0;
-    }
-    let (ln_p, ln_q) = (p.ln(), (1.0 - p).ln());
-    // ln C(n, k) by sums of logs, then each next term by the ratio (n − j) / (j + 1) · p / q.
-    let ln_choose: f64 = (1..=k).map(|i| ((n - k + i) as f64).ln() - (i as f64).ln()).sum();
-    let mut ln_term = ln_choose + k as f64 * ln_p + (n - k) as f64 * ln_q;
-    let mut total = 0.0;
-    for j in k..=n {
-        total += ln_term.exp();
-        if j < n {
-            ln_term += ((n - j) as f64).ln() - ((j + 1) as f64).ln() + ln_p - ln_q;
+impl Usual {
+    pub fn share(self) -> f64 {
+        match self {
+            Usual::Share(p) => p,
+            Usual::Beta(a, b) => a / (a + b),
         }
     }
-    total.min(1.0)
+
+    /// A share of exactly 0 or 1 makes the answer certain; None otherwise.
+    fn certain(self, k: u64, n: u64) -> Option<f64> {
+        match self {
+            _ if k == 0 => Some(1.0),
+            _ if k > n => Some(0.0),
+            Usual::Share(p) if p <= 0.0 => Some(0.0),
+            Usual::Share(p) if p >= 1.0 => Some(1.0),
+            _ => None,
+        }
+    }
+
+    /// ln P(X = n).
+    fn ln_all(self, n: u64) -> f64 {
+        match self {
+            Usual::Share(p) => n as f64 * p.ln(),
+            Usual::Beta(a, b) => (0..n).map(|i| ((a + i as f64) / (a + b + i as f64)).ln()).sum(),
+        }
+    }
+
+    /// ln pmf(j − 1) − ln pmf(j).
+    fn ln_step_down(self, j: u64, n: u64) -> f64 {
+        let (j, n) = (j as f64, n as f64);
+        let choose = j.ln() - (n - j + 1.0).ln();
+        match self {
+            Usual::Share(p) => choose + (1.0 - p).ln() - p.ln(),
+            Usual::Beta(a, b) => choose + (n - j + b).ln() - (j - 1.0 + a).ln(),
+        }
+    }
+
+    /// The tail summed downwards from n in logs (neither overflow nor underflow in the
+    /// thousands); `stop` ends it early once the tail reaches it. Returns the last j summed and
+    /// ln P(X ≥ j).
+    fn sum_down(self, n: u64, down_to: u64, ln_stop: f64) -> (u64, f64) {
+        let mut ln_term = self.ln_all(n);
+        let mut ln_tail = ln_term;
+        let mut j = n;
+        while j > down_to && ln_tail < ln_stop {
+            ln_term += self.ln_step_down(j, n);
+            let (hi, lo) = if ln_tail > ln_term { (ln_tail, ln_term) } else { (ln_term, ln_tail) };
+            ln_tail = hi + (lo - hi).exp().ln_1p();
+            j -= 1;
+        }
+        (j, ln_tail)
+    }
+
+    /// P(X ≥ k) for n stories, O(n).
+    pub fn tail(self, k: u64, n: u64) -> f64 {
+        if let Some(p) = self.certain(k, n) {
+            return p;
+        }
+        self.sum_down(n, k, f64::INFINITY).1.exp().min(1.0)
+    }
+
+    /// The smallest k with P(X ≥ k) < `alpha` for n stories, None if even n is not that unlikely.
+    fn threshold(self, n: u64, alpha: f64) -> Option<u64> {
+        match self {
+            _ if n == 0 => None,
+            Usual::Share(p) if p <= 0.0 => Some(1),
+            Usual::Share(p) if p >= 1.0 => None,
+            _ => match self.sum_down(n, 0, alpha.ln()) {
+                (j, ln_tail) if ln_tail < alpha.ln() => Some(j),
+                (j, _) if j == n => None,
+                (j, _) => Some(j + 1),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -439,18 +538,19 @@ impl Detector {
         for row in ordered {
             let group = GroupKey::of(&row.key);
             // The group's closed windows before this one: the same for every rule.
-            let history: Vec<&Counts> = self
-                .history
-                .get(&group)
-                .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect())
-                .unwrap_or_default();
+            let before = |group: &GroupKey| -> Vec<&Counts> {
+                self.history.get(group).map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect()).unwrap_or_default()
+            };
+            let history = before(&group);
+            let market = before(&GroupKey { topic: ALL.to_string(), ticker: None });
+            let baselines = Baselines { own: &history, market: &market, overlap: self.history.get(&group).map_or(1.0, overlap) };
             for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;
                 }
                 let reading = match sql_hits.get(&index) {
                     Some(hits) => sql_reading(rule.metric, row, hits),
-                    None => read(&rule.condition, rule.metric, &row.counts, &history),
+                    None => read(&rule.condition, rule.metric, &row.counts, &baselines),
                 };
                 let change = step(&mut self.tracked, rule, &group, row, &reading, now_ms);
                 if let Some((wanted, rows)) = self.trace.as_mut()
@@ -530,7 +630,7 @@ fn sql_reading(metric_kind: Metric, row: &WindowRow, hits: &[sql::Hit]) -> Readi
     });
     let value = hit.and_then(|h| h.value).unwrap_or_else(|| metric(metric_kind, &row.counts));
     let verdict = if hit.is_some() { Verdict::Breach } else { Verdict::Normal };
-    Reading { verdict, value, baseline: None, threshold: f64::NAN }
+    Reading { verdict, value, baseline: None, threshold: f64::NAN, p: None }
 }
 
 /// Moves one (rule, group) through its lifecycle; returns the alert if it started firing or resolved.
@@ -635,7 +735,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
             format!("{} against a mean of {} (alert at {sigma}σ, {})", fmt(reading.value), fmt(mean), fmt(reading.threshold))
         }
         (Condition::Binomial { p_value, .. }, Some(usual)) => {
-            let tail = binomial_tail(row.counts.n_negative, row.counts.n, usual);
+            let tail = reading.p.unwrap_or(f64::NAN);
             let p = if tail < 0.001 { "p < 0.001".to_string() } else { format!("p = {tail:.3}") };
             format!(
                 "{} of {} negative against {:.0} % usual: {p} (alert under p = {p_value}, from {:.0} %)",

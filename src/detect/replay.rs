@@ -26,22 +26,30 @@ pub struct Story {
 /// The alert changes (firing, resolved) the rules of `detector` make on `stories`, replayed in
 /// event-time order (ties by id) with the rules seeing live rows every `every_ms` of event time.
 pub fn replay(spec: WindowSpec, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<Alert> {
+    replay_timed(spec, detector, every_ms, stories).into_iter().map(|(_, alert)| alert).collect()
+}
+
+/// [`replay`], with the newest story time the pipeline had read when each change was made: an
+/// alert's own times follow the watermark, which trails the stories by the allowed lateness.
+pub fn replay_timed(spec: WindowSpec, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<(i64, Alert)> {
     let mut ordered: Vec<&Story> = stories.iter().collect();
     ordered.sort_by(|a, b| (a.published_ms, &a.id).cmp(&(b.published_ms, &b.id)));
     let mut windows = WindowState::new(spec);
     let mut alerts = Vec::new();
+    let mut newest = i64::MIN;
     for story in ordered {
+        newest = newest.max(story.published_ms);
         let headline = Headline { id: story.id.clone(), headline: story.headline.clone(), p_negative: story.p_negative, why: vec![] };
         windows.add(story.published_ms, &story.topic, &story.tickers, &story.sentiment, story.sentiment_score, &headline);
         windows.advance("replay", story.published_ms);
         let (closed, live) = windows.due(every_ms, story.published_ms);
         let watermark = windows.watermark_ms().unwrap_or(0);
-        alerts.extend(detector.evaluate(&closed, watermark));
-        alerts.extend(detector.evaluate(&live, watermark));
+        alerts.extend(detector.evaluate(&closed, watermark).into_iter().map(|a| (newest, a)));
+        alerts.extend(detector.evaluate(&live, watermark).into_iter().map(|a| (newest, a)));
     }
     let closed = windows.close_all(0);
     let watermark = windows.watermark_ms().unwrap_or(0);
-    alerts.extend(detector.evaluate(&closed, watermark));
+    alerts.extend(detector.evaluate(&closed, watermark).into_iter().map(|a| (newest, a)));
     alerts
 }
 

@@ -152,7 +152,7 @@ impl Op {
 /// When a rule's metric is "bad". Every kind has an exit level for hysteresis: once firing, an alert
 /// resolves only when the metric is back past the exit level, so values hovering at the threshold
 /// don't flap. A window with fewer than `min_count` stories decides nothing.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Condition {
     /// `metric op value`, e.g. neg_share > 0.4.
@@ -217,6 +217,12 @@ pub enum Condition {
         min_baseline_window_count: u64,
         /// A firing alert stays while the tail is under this (default: `p_value`).
         exit_p_value: Option<f64>,
+        /// With a weight (in stories), the usual share is uncertain: a Beta prior centred on the
+        /// market's (`all`) pooled share over the same windows, updated by the group's own stories,
+        /// and the tail is beta-binomial. A topic with little or no history of its own then leans on
+        /// the market instead of staying silent; one with thousands of stories barely moves.
+        #[serde(default)]
+        prior_stories: f64,
     },
 }
 
@@ -250,9 +256,12 @@ impl Condition {
                 present(&[("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)])
             }
             Condition::Zscore { sigma, exit_sigma, .. } => present(&[("sigma", Some(*sigma)), ("exit_sigma", *exit_sigma)]),
-            Condition::Binomial { p_value, min_effect, exit_p_value, .. } => {
-                present(&[("p_value", Some(*p_value)), ("min_effect", Some(*min_effect)), ("exit_p_value", *exit_p_value)])
-            }
+            Condition::Binomial { p_value, min_effect, exit_p_value, prior_stories, .. } => present(&[
+                ("p_value", Some(*p_value)),
+                ("min_effect", Some(*min_effect)),
+                ("exit_p_value", *exit_p_value),
+                ("prior_stories", Some(*prior_stories)),
+            ]),
         }
     }
 
@@ -264,7 +273,10 @@ impl Condition {
             return Err(format!("baseline_windows must be at most {MAX_BASELINE_WINDOWS}"));
         }
         match self {
-            Condition::Binomial { p_value, baseline_windows, min_effect, exit_p_value, .. } => {
+            Condition::Binomial { p_value, baseline_windows, min_effect, exit_p_value, prior_stories, .. } => {
+                if !(0.0..=1e6).contains(prior_stories) {
+                    return Err("prior_stories must be between 0 and 1,000,000".into());
+                }
                 if metric != Metric::NegShare {
                     return Err(format!("kind = \"binomial\" tests a share: use metric = \"neg_share\", not {:?}", metric.as_str()));
                 }
@@ -348,6 +360,29 @@ struct RawRule {
     keep_firing_for: Option<HumanDuration>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+}
+
+impl Rule {
+    /// This rule with `condition.FIELD = value`, checked as in a rule file; None when its kind of
+    /// condition has no such field (`bearwatch rules backtest --sweep`).
+    pub fn with_condition(&self, field: &str, value: f64) -> Result<Option<Rule>, String> {
+        let mut condition = serde_json::to_value(&self.condition).map_err(|e| e.to_string())?;
+        let Some(slot) = condition.as_object_mut().and_then(|o| o.get_mut(field)).filter(|_| field != "kind") else {
+            return Ok(None);
+        };
+        *slot = match slot {
+            serde_json::Value::Number(n) if n.is_u64() => {
+                if value < 0.0 || value.fract() != 0.0 {
+                    return Err(format!("condition.{field} of rule `{}` takes whole numbers, not {value}", self.name));
+                }
+                serde_json::json!(value as u64)
+            }
+            _ => serde_json::json!(value),
+        };
+        let condition: Condition = serde_json::from_value(condition).map_err(|e| format!("rule `{}`: condition.{field}: {e}", self.name))?;
+        condition.check(self.metric).map_err(|e| format!("rule `{}`: condition: {e}", self.name))?;
+        Ok(Some(Rule { condition, ..self.clone() }))
+    }
 }
 
 fn warning() -> Severity {

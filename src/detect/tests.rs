@@ -52,7 +52,7 @@ fn ratio_to_baseline_matches_elastalerts_spike_rule() {
         (20, 15, false),
     ];
     for (reference, current, fires) in cases {
-        let reading = read(&spike, Metric::N, &counts(current, 0), &[&counts(reference, 0)]);
+        let reading = read(&spike, Metric::N, &counts(current, 0), &Baselines::own(&[&counts(reference, 0)]));
         assert_eq!(reading.verdict == Verdict::Breach, fires, "ref {reference}, cur {current}: {reading:?}");
     }
 
@@ -116,12 +116,12 @@ fn zscore_needs_a_baseline_and_fires_past_sigma() {
     let z = Condition::Zscore { sigma: 3.0, baseline_windows: 4, min_count: 0, min_baseline_window_count: 0, exit_sigma: None };
     let past = [counts(10, 2), counts(10, 3), counts(10, 2), counts(10, 3)];
     let refs: Vec<&Counts> = past.iter().collect();
-    assert_eq!(read(&z, Metric::NNegative, &counts(10, 9), &refs[..3]).verdict, Verdict::Undecided);
-    let high = read(&z, Metric::NNegative, &counts(10, 5), &refs);
+    assert_eq!(read(&z, Metric::NNegative, &counts(10, 9), &Baselines::own(&refs[..3])).verdict, Verdict::Undecided);
+    let high = read(&z, Metric::NNegative, &counts(10, 5), &Baselines::own(&refs));
     // mean 2.5, sample sd 0.577: 5 is 4.3σ above.
     assert_eq!(high.verdict, Verdict::Breach, "{high:?}");
     assert!((high.threshold - (2.5 + 3.0 * 0.57735)).abs() < 1e-4);
-    assert_eq!(read(&z, Metric::NNegative, &counts(10, 4), &refs).verdict, Verdict::Normal);
+    assert_eq!(read(&z, Metric::NNegative, &counts(10, 4), &Baselines::own(&refs)).verdict, Verdict::Normal);
 }
 
 #[test]
@@ -184,21 +184,21 @@ fn sql_conditions_fire_for_the_groups_the_query_returns() {
 #[test]
 fn binomial_tails_match_exact_sums() {
     // 8 or more heads of 10 fair coins: (45 + 10 + 1) / 1024.
-    assert!((binomial_tail(8, 10, 0.5) - 56.0 / 1024.0).abs() < 1e-12);
-    assert_eq!(binomial_tail(0, 10, 0.3), 1.0);
-    assert_eq!(binomial_tail(11, 10, 0.3), 0.0);
-    assert_eq!(binomial_tail(1, 10, 0.0), 0.0, "no negatives usually: any is impossible under it");
+    assert!((Usual::Share(0.5).tail(8, 10) - 56.0 / 1024.0).abs() < 1e-12);
+    assert_eq!(Usual::Share(0.3).tail(0, 10), 1.0);
+    assert_eq!(Usual::Share(0.3).tail(11, 10), 0.0);
+    assert_eq!(Usual::Share(0.0).tail(1, 10), 0.0, "no negatives usually: any is impossible under it");
     // Thousands of stories neither overflow nor underflow.
-    let tail = binomial_tail(600, 2000, 0.25);
+    let tail = Usual::Share(0.25).tail(600, 2000);
     assert!(tail > 0.0 && tail < 1e-5, "{tail}");
-    assert!((binomial_tail(500, 2000, 0.25) - 0.5).abs() < 0.02);
+    assert!((Usual::Share(0.25).tail(500, 2000) - 0.5).abs() < 0.02);
     // The threshold is the first count whose tail is under alpha.
     for (n, p, alpha) in [(10, 0.5, 0.06), (68, 0.13, 0.001), (400, 0.2, 0.01), (5, 0.0, 0.01)] {
-        let k = binomial_threshold(n, p, alpha).unwrap();
-        assert!(binomial_tail(k, n, p) < alpha, "{n} {p} {k}");
-        assert!(k == 0 || binomial_tail(k - 1, n, p) >= alpha, "{n} {p} {k}");
+        let k = Usual::Share(p).threshold(n, alpha).unwrap();
+        assert!(Usual::Share(p).tail(k, n) < alpha, "{n} {p} {k}");
+        assert!(k == 0 || Usual::Share(p).tail(k - 1, n) >= alpha, "{n} {p} {k}");
     }
-    assert_eq!(binomial_threshold(3, 0.9, 0.001), None, "3 of 3 is usual at 90 %");
+    assert_eq!(Usual::Share(0.9).threshold(3, 0.001), None, "3 of 3 is usual at 90 %");
 }
 
 fn binomial(p_value: f64, min_effect: f64) -> Condition {
@@ -210,6 +210,7 @@ fn binomial(p_value: f64, min_effect: f64) -> Condition {
         min_baseline_count: 50,
         min_baseline_window_count: 20,
         exit_p_value: None,
+        prior_stories: 0.0,
     }
 }
 
@@ -219,20 +220,20 @@ fn binomial_counts_stories_pools_the_baseline_and_skips_thin_windows() {
     let past = [counts(100, 13), counts(100, 13), counts(2, 2), counts(100, 13)];
     let refs: Vec<&Counts> = past.iter().collect();
     let rule = binomial(0.001, 0.05);
-    let strong = read(&rule, Metric::NegShare, &counts(68, 31), &refs);
+    let strong = read(&rule, Metric::NegShare, &counts(68, 31), &Baselines::own(&refs));
     assert_eq!(strong.verdict, Verdict::Breach);
     assert!((strong.baseline.unwrap() - 0.13).abs() < 1e-12, "pooled over the 3 full windows: {strong:?}");
     assert!(strong.threshold > 0.13 && strong.threshold <= 1.0, "{strong:?}");
     // The same share over 11 stories is no evidence at p < 0.001.
-    assert_ne!(read(&rule, Metric::NegShare, &counts(11, 5), &refs).verdict, Verdict::Breach);
+    assert_ne!(read(&rule, Metric::NegShare, &counts(11, 5), &Baselines::own(&refs)).verdict, Verdict::Breach);
     // Too few stories now, or too few full windows before: undecided.
-    assert_eq!(read(&rule, Metric::NegShare, &counts(9, 9), &refs).verdict, Verdict::Undecided);
-    assert_eq!(read(&rule, Metric::NegShare, &counts(68, 31), &refs[1..]).verdict, Verdict::Undecided);
+    assert_eq!(read(&rule, Metric::NegShare, &counts(9, 9), &Baselines::own(&refs)).verdict, Verdict::Undecided);
+    assert_eq!(read(&rule, Metric::NegShare, &counts(68, 31), &Baselines::own(&refs[2..])).verdict, Verdict::Undecided);
     // A significant but tiny rise is held back by min_effect.
     let big = [counts(10_000, 1300), counts(10_000, 1300), counts(10_000, 1300)];
     let big: Vec<&Counts> = big.iter().collect();
-    assert_eq!(read(&rule, Metric::NegShare, &counts(10_000, 1450), &big).verdict, Verdict::Normal);
-    assert_eq!(read(&binomial(0.001, 0.0), Metric::NegShare, &counts(10_000, 1450), &big).verdict, Verdict::Breach);
+    assert_eq!(read(&rule, Metric::NegShare, &counts(10_000, 1450), &Baselines::own(&big)).verdict, Verdict::Normal);
+    assert_eq!(read(&binomial(0.001, 0.0), Metric::NegShare, &counts(10_000, 1450), &Baselines::own(&big)).verdict, Verdict::Breach);
 }
 
 #[test]
@@ -241,7 +242,7 @@ fn share_thresholds_stay_within_the_share_range_and_ratio_baselines_are_pooled()
     let z = Condition::Zscore { sigma: 2.5, baseline_windows: 3, min_count: 0, min_baseline_window_count: 0, exit_sigma: None };
     let past = [counts(10, 0), counts(10, 10), counts(10, 5)];
     let refs: Vec<&Counts> = past.iter().collect();
-    assert_eq!(read(&z, Metric::NegShare, &counts(10, 6), &refs).threshold, 1.0);
+    assert_eq!(read(&z, Metric::NegShare, &counts(10, 6), &Baselines::own(&refs)).threshold, 1.0);
     // 2 of 2 on a weekend and 40 of 400 on a weekday: pooled 42 / 402, not the mean 0.55.
     let ratio = Condition::RatioToBaseline {
         factor: 2.0,
@@ -254,7 +255,86 @@ fn share_thresholds_stay_within_the_share_range_and_ratio_baselines_are_pooled()
     };
     let past = [counts(2, 2), counts(400, 40)];
     let refs: Vec<&Counts> = past.iter().collect();
-    let reading = read(&ratio, Metric::NegShare, &counts(100, 30), &refs);
+    let reading = read(&ratio, Metric::NegShare, &counts(100, 30), &Baselines::own(&refs));
     assert!((reading.baseline.unwrap() - 42.0 / 402.0).abs() < 1e-12, "{reading:?}");
     assert_eq!(reading.verdict, Verdict::Breach);
+}
+
+#[test]
+fn beta_binomial_tails_match_exact_sums_and_approach_the_binomial() {
+    // Beta(1, 1) is uniform: X is uniform on 0..=n, so P(X ≥ k) = (n − k + 1) / (n + 1).
+    for (k, n) in [(0, 5), (3, 5), (5, 5), (7, 10)] {
+        let exact = (n - k + 1) as f64 / (n + 1) as f64;
+        assert!((Usual::Beta(1.0, 1.0).tail(k, n) - exact).abs() < 1e-12, "{k} {n}");
+    }
+    // A share known from a million stories is the binomial's.
+    let (sure, known) = (Usual::Beta(130_000.0, 870_000.0), Usual::Share(0.13));
+    assert!((sure.tail(20, 68) - known.tail(20, 68)).abs() < 1e-4);
+    // Uncertainty about the share widens the tail: the same count is weaker evidence.
+    assert!(Usual::Beta(1.3, 8.7).tail(20, 68) > 10.0 * known.tail(20, 68));
+    for (n, usual, alpha) in [(12, Usual::Beta(2.0, 12.0), 1e-4), (68, Usual::Beta(13.5, 87.5), 0.001), (400, Usual::Beta(40.0, 160.0), 0.01)] {
+        let k = usual.threshold(n, alpha).unwrap();
+        assert!(usual.tail(k, n) < alpha && (k == 0 || usual.tail(k - 1, n) >= alpha), "{n} {usual:?} {k}");
+    }
+    assert_eq!(Usual::Beta(1.0, 1.0).threshold(3, 0.001), None, "under a uniform share 3 of 3 has p = 1/4");
+}
+
+#[test]
+fn a_binomial_prior_lets_a_topic_without_history_lean_on_the_market() {
+    let rule = |prior_stories| Condition::Binomial {
+        p_value: 1e-4,
+        baseline_windows: 3,
+        min_effect: 0.2,
+        min_count: 6,
+        min_baseline_count: 0,
+        min_baseline_window_count: 0,
+        exit_p_value: None,
+        prior_stories,
+    };
+    let market = [counts(300, 45), counts(300, 45), counts(300, 45)];
+    let market: Vec<&Counts> = market.iter().collect();
+    let never_seen = Baselines { own: &[], market: &market, overlap: 1.0 };
+    // No history of its own: without a prior it cannot decide; with one, 11 of 12 against the
+    // market's 15 % fires, and 2 of 12 does not.
+    assert_eq!(read(&rule(0.0), Metric::NegShare, &counts(12, 11), &never_seen).verdict, Verdict::Undecided);
+    let burst = read(&rule(20.0), Metric::NegShare, &counts(12, 11), &never_seen);
+    assert_eq!(burst.verdict, Verdict::Breach, "{burst:?}");
+    assert!(burst.p.unwrap() < 1e-4 && (burst.baseline.unwrap() - 0.15).abs() < 0.02, "{burst:?}");
+    assert_eq!(read(&rule(20.0), Metric::NegShare, &counts(12, 2), &never_seen).verdict, Verdict::Normal);
+    // Its own thousands of stories outweigh the prior: a topic that is usually 60 % negative.
+    let own = [counts(1000, 600), counts(1000, 600), counts(1000, 600)];
+    let own: Vec<&Counts> = own.iter().collect();
+    let gloomy = Baselines { own: &own, market: &market, overlap: 1.0 };
+    let usual = read(&rule(20.0), Metric::NegShare, &counts(12, 9), &gloomy);
+    assert!((usual.baseline.unwrap() - 0.6).abs() < 0.01 && usual.verdict == Verdict::Normal, "{usual:?}");
+    // Hopping windows count each story several times: the same stories weigh once, so the usual
+    // share is less certain and the same count weaker evidence.
+    let like_market = [counts(100, 15), counts(100, 15), counts(100, 15)];
+    let like_market: Vec<&Counts> = like_market.iter().collect();
+    let tumbling = Baselines { own: &like_market, market: &market, overlap: 1.0 };
+    let hopping = Baselines { own: &like_market, market: &market, overlap: 4.0 };
+    let (a, b) = match (read(&rule(20.0), Metric::NegShare, &counts(40, 20), &tumbling).p, read(&rule(20.0), Metric::NegShare, &counts(40, 20), &hopping).p) {
+        (Some(a), Some(b)) => (a, b),
+        other => panic!("{other:?}"),
+    };
+    assert!(b > a, "less certain baseline, weaker evidence: {a} {b}");
+}
+
+#[test]
+fn a_swept_condition_field_is_set_and_checked_as_in_a_rule_file() {
+    let file = RuleFile::parse(
+        "[[rules]]\nname = \"b\"\ngroup = \"topic\"\nmetric = \"neg_share\"\n[rules.condition]\nkind = \"binomial\"\np_value = 0.001\nbaseline_windows = 4\n\n\
+         [[rules]]\nname = \"t\"\ngroup = \"topic\"\nmetric = \"n\"\ncondition = { kind = \"threshold\", op = \">\", value = 3 }\n",
+        "t.toml",
+    )
+    .unwrap();
+    let (binomial, threshold) = (&file.rules[0], &file.rules[1]);
+    let changed = binomial.with_condition("p_value", 0.01).unwrap().unwrap();
+    assert!(matches!(changed.condition, Condition::Binomial { p_value, .. } if p_value == 0.01));
+    let changed = binomial.with_condition("baseline_windows", 8.0).unwrap().unwrap();
+    assert_eq!(changed.condition.baseline_windows(), 8);
+    assert!(binomial.with_condition("baseline_windows", 2.5).unwrap_err().contains("whole numbers"));
+    assert!(binomial.with_condition("p_value", 1.5).unwrap_err().contains("p_value must be between 0 and 1"));
+    assert_eq!(threshold.with_condition("p_value", 0.01).unwrap(), None, "a threshold has no p_value");
+    assert_eq!(binomial.with_condition("kind", 1.0).unwrap(), None);
 }

@@ -107,15 +107,8 @@ impl Read {
 
 /// Reads `texts` in order, 256 queued at a time.
 pub(crate) fn read_all(classifier: &Classifier, texts: &[&str]) -> Result<Vec<Read>, LearnError> {
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(256) {
-        let pending: Vec<_> = chunk.iter().map(|t| classifier.submit_now(t)).collect::<Result<_, _>>()?;
-        for p in pending {
-            let (scores, embedding) = p.wait_embedded()?;
-            out.push(Read { sentiment: scores.sentiment.to_string(), topic: scores.topic, embedding });
-        }
-    }
-    Ok(out)
+    let scored = classifier.score_all(texts)?;
+    Ok(scored.into_iter().map(|(scores, embedding)| Read { sentiment: scores.sentiment.to_string(), topic: scores.topic, embedding }).collect())
 }
 
 /// The labels a head has, in its output order.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::{PipelineConfig, PipelineError, bundled};
 use crate::alert::Router;
 use crate::detect::replay::{Episode, Story, episodes, replay};
-use crate::detect::{Detector, RuleFile, Trace};
+use crate::detect::{Detector, GroupKind, Rule, RuleFile, Trace};
 use crate::sql::lookup::{JudgedAlert, Missed, timestamp};
 use crate::window::WindowSpec;
 
@@ -25,6 +25,49 @@ pub struct BacktestOptions<'a> {
     pub to: Option<chrono::DateTime<chrono::Utc>>,
     /// A group (`topic=energy`, `ticker=XOM`, `all`, or a topic) whose every reading to print.
     pub explain: Option<String>,
+    /// Replays again with one condition field set to each value.
+    pub sweep: Option<Sweep>,
+}
+
+/// `--sweep condition.FIELD=FROM:TO:STEP`: every value from FROM to TO (both included), for
+/// every rule whose kind of condition has FIELD.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sweep {
+    pub field: String,
+    pub values: Vec<f64>,
+}
+
+/// Values one sweep may replay: each is a whole replay of the stories.
+pub const MAX_SWEEP_VALUES: usize = 100;
+
+impl std::str::FromStr for Sweep {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Sweep, String> {
+        let usage = || format!("`{text}`: expected condition.FIELD=FROM:TO:STEP, e.g. condition.p_value=0.0001:0.01:0.002");
+        let (field, range) = text.split_once('=').ok_or_else(usage)?;
+        let field = field.trim().strip_prefix("condition.").filter(|f| !f.is_empty()).ok_or_else(usage)?;
+        let numbers: Vec<f64> = range.split(':').map(|n| n.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| usage())?;
+        let [from, to, step] = numbers[..] else { return Err(usage()) };
+        if !(from.is_finite() && to.is_finite() && step.is_finite() && step > 0.0 && to >= from) {
+            return Err(format!("`{text}`: FROM ≤ TO and a positive STEP"));
+        }
+        let count = ((to - from) / step + 1e-9).floor() as usize + 1;
+        if count > MAX_SWEEP_VALUES {
+            return Err(format!("`{text}`: {count} values; at most {MAX_SWEEP_VALUES}"));
+        }
+        // Rounded to the step's decimals, so that 0.1 + 0.2 prints and applies as 0.3.
+        let round = |v: f64| (v * 1e9).round() / 1e9;
+        Ok(Sweep { field: field.to_string(), values: (0..count).map(|i| round(from + i as f64 * step)).collect() })
+    }
+}
+
+/// One rule's results with the swept field at `value`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    pub value: f64,
+    #[serde(flatten)]
+    pub rule: RuleResult,
 }
 
 /// Verdicts `useful` and `late` say the episode was a real event; `noise` and `duplicate` say not.
@@ -41,7 +84,7 @@ pub struct Share {
     pub high: f64,
 }
 
-fn wilson(hits: usize, of: usize) -> Option<Share> {
+pub(crate) fn wilson(hits: usize, of: usize) -> Option<Share> {
     if of == 0 {
         return None;
     }
@@ -83,10 +126,12 @@ pub struct Backtest {
     pub rules: Vec<RuleResult>,
     pub episodes: Vec<BacktestEpisode>,
     pub explain: Vec<Trace>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sweep: Vec<SweepRow>,
 }
 
 /// Loads and merges rule files, naming the file in errors.
-pub(super) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
+pub(crate) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
     let mut files = Vec::new();
     for path in paths {
         files.push(RuleFile::load(&bundled(path))?);
@@ -106,7 +151,7 @@ pub(super) fn newest(rows: Vec<(String, Story)>) -> BTreeMap<String, (String, St
     rows.into_iter().map(|(model, story)| (story.id.clone(), (model, story))).collect()
 }
 
-pub(super) fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
@@ -162,71 +207,101 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
         detector.trace(group_labels(group));
     }
     let spec = WindowSpec::from_config(&config.window);
-    let found = episodes(replay(spec, &mut detector, config.alerts.evaluate_every.as_millis(), &stories));
+    let every = config.alerts.evaluate_every.as_millis();
+    let found = episodes(replay(spec.clone(), &mut detector, every, &stories));
     let explain = detector.take_trace();
 
     let silences = crate::alert::silences::SilenceStore::open(&storage.join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
     let router = Router::new(rules.routes.clone(), rules.silences.clone()).with_dynamic_silences(silences);
-    let episodes: Vec<BacktestEpisode> = found
-        .into_iter()
-        .map(|episode| {
-            let when = chrono::DateTime::parse_from_rfc3339(&episode.started_at).map(|t| t.to_utc()).unwrap_or_default();
-            let silenced = router.silenced(&episode.labels, when);
-            let verdict = verdict_of(&episode, &judged).map(|j| j.verdict.clone());
-            BacktestEpisode { episode, silenced, verdict }
-        })
-        .collect();
-
     let weeks = match (first, last) {
         (Some(a), Some(b)) if b > a => (b - a) as f64 / (7.0 * 86_400_000.0),
         _ => 0.0,
     };
-    let results = rules
-        .rules
-        .iter()
-        .map(|rule| {
-            let mine: Vec<&BacktestEpisode> = episodes.iter().filter(|e| e.episode.rule == rule.name).collect();
-            let mut verdicts = BTreeMap::new();
-            for verdict in mine.iter().filter_map(|e| e.verdict.as_deref()) {
-                *verdicts.entry(verdict.to_string()).or_insert(0) += 1;
+    let known = Known { router: &router, judged: &judged, missed: &missed, weeks };
+    let (found, results) = known.judge(&rules.rules, found);
+
+    let mut sweep = Vec::new();
+    if let Some(Sweep { field, values }) = &options.sweep {
+        for &value in values {
+            let changed: Vec<Rule> = rules.rules.iter().map(|r| r.with_condition(field, value)).collect::<Result<Vec<_>, _>>().map_err(PipelineError::Internal)?.into_iter().flatten().collect();
+            if changed.is_empty() {
+                return Err(PipelineError::Internal(format!("--sweep: no rule's condition has a field `{field}`")));
             }
-            let hits = mine.iter().filter(|e| e.verdict.as_deref().is_some_and(hit)).count();
-            let judged_count = mine.iter().filter(|e| e.verdict.is_some()).count();
-            // Missed events this rule could have caught: of its kind of group.
-            let relevant: Vec<&Missed> = missed
-                .iter()
-                .filter(|m| match rule.group {
-                    crate::detect::rules::GroupKind::Ticker => m.ticker.is_some(),
-                    crate::detect::rules::GroupKind::Topic => m.ticker.is_none() && m.topic.as_deref().is_some_and(|t| t != crate::window::ALL),
-                    crate::detect::rules::GroupKind::All => m.ticker.is_none(),
-                })
-                .collect();
-            let caught = relevant
-                .iter()
-                .filter(|m| {
-                    let topic = if rule.group == crate::detect::rules::GroupKind::All { Some(crate::window::ALL) } else { m.topic.as_deref() };
-                    mine.iter().any(|e| same_group(&e.episode, topic, m.ticker.as_deref()) && e.episode.overlaps(m.from_ms, m.to_ms))
-                })
-                .count();
-            RuleResult {
-                rule: rule.name.clone(),
-                episodes: mine.len(),
-                per_week: if weeks > 0.0 { mine.len() as f64 / weeks } else { 0.0 },
-                verdicts,
-                precision: wilson(hits, judged_count),
-                recall: wilson(hits + caught, hits + relevant.len()),
-            }
-        })
-        .collect();
+            let found = episodes(replay(spec.clone(), &mut Detector::new(changed.clone()), every, &stories));
+            sweep.extend(known.judge(&changed, found).1.into_iter().map(|rule| SweepRow { value, rule }));
+        }
+    }
     Ok(Backtest {
         storage: storage.display().to_string(),
         stories: stories.len(),
         first: first.map(time),
         last: last.map(time),
         rules: results,
-        episodes,
+        episodes: found,
         explain,
+        sweep,
     })
+}
+
+/// What people said, the silences, and how long the replay spans: what a replay's episodes are
+/// judged against.
+struct Known<'a> {
+    router: &'a Router,
+    judged: &'a [JudgedAlert],
+    missed: &'a [Missed],
+    weeks: f64,
+}
+
+impl Known<'_> {
+    /// Each episode with its silence and verdict, and per rule its counts, precision and recall.
+    fn judge(&self, rules: &[Rule], found: Vec<Episode>) -> (Vec<BacktestEpisode>, Vec<RuleResult>) {
+        let episodes: Vec<BacktestEpisode> = found
+            .into_iter()
+            .map(|episode| {
+                let when = chrono::DateTime::parse_from_rfc3339(&episode.started_at).map(|t| t.to_utc()).unwrap_or_default();
+                let silenced = self.router.silenced(&episode.labels, when);
+                let verdict = verdict_of(&episode, self.judged).map(|j| j.verdict.clone());
+                BacktestEpisode { episode, silenced, verdict }
+            })
+            .collect();
+        let results = rules.iter().map(|rule| self.rule_result(rule, &episodes)).collect();
+        (episodes, results)
+    }
+
+    fn rule_result(&self, rule: &Rule, episodes: &[BacktestEpisode]) -> RuleResult {
+        let mine: Vec<&BacktestEpisode> = episodes.iter().filter(|e| e.episode.rule == rule.name).collect();
+        let mut verdicts = BTreeMap::new();
+        for verdict in mine.iter().filter_map(|e| e.verdict.as_deref()) {
+            *verdicts.entry(verdict.to_string()).or_insert(0) += 1;
+        }
+        let hits = mine.iter().filter(|e| e.verdict.as_deref().is_some_and(hit)).count();
+        let judged_count = mine.iter().filter(|e| e.verdict.is_some()).count();
+        // Missed events this rule could have caught: of its kind of group.
+        let relevant: Vec<&Missed> = self
+            .missed
+            .iter()
+            .filter(|m| match rule.group {
+                GroupKind::Ticker => m.ticker.is_some(),
+                GroupKind::Topic => m.ticker.is_none() && m.topic.as_deref().is_some_and(|t| t != crate::window::ALL),
+                GroupKind::All => m.ticker.is_none(),
+            })
+            .collect();
+        let caught = relevant
+            .iter()
+            .filter(|m| {
+                let topic = if rule.group == GroupKind::All { Some(crate::window::ALL) } else { m.topic.as_deref() };
+                mine.iter().any(|e| same_group(&e.episode, topic, m.ticker.as_deref()) && e.episode.overlaps(m.from_ms, m.to_ms))
+            })
+            .count();
+        RuleResult {
+            rule: rule.name.clone(),
+            episodes: mine.len(),
+            per_week: if self.weeks > 0.0 { mine.len() as f64 / self.weeks } else { 0.0 },
+            verdicts,
+            precision: wilson(hits, judged_count),
+            recall: wilson(hits + caught, hits + relevant.len()),
+        }
+    }
 }
 
 impl Backtest {
@@ -245,9 +320,18 @@ impl Backtest {
             Some(s) => format!("{:.2} ({:.2}–{:.2}) of {}", s.value, s.low, s.high, s.of),
             None => "no verdicts".into(),
         };
+        let verdicts = |r: &RuleResult| -> String {
+            if r.verdicts.is_empty() { "—".into() } else { r.verdicts.iter().map(|(v, n)| format!("{n} {v}")).collect::<Vec<_>>().join(", ") }
+        };
         for r in &self.rules {
-            let verdicts = if r.verdicts.is_empty() { "—".into() } else { r.verdicts.iter().map(|(v, n)| format!("{n} {v}")).collect::<Vec<_>>().join(", ") };
-            let _ = writeln!(out, "| {} | {} | {:.1} | {} | {} | {} |", r.rule, r.episodes, r.per_week, verdicts, share(&r.precision), share(&r.recall));
+            let _ = writeln!(out, "| {} | {} | {:.1} | {} | {} | {} |", r.rule, r.episodes, r.per_week, verdicts(r), share(&r.precision), share(&r.recall));
+        }
+        if !self.sweep.is_empty() {
+            out.push_str("\n| swept value | rule | episodes | per week | verdicts | precision (95 %) | recall vs missed events (95 %) |\n|---:|---|---:|---:|---|---|---|\n");
+            for row in &self.sweep {
+                let r = &row.rule;
+                let _ = writeln!(out, "| {} | {} | {} | {:.1} | {} | {} | {} |", row.value, r.rule, r.episodes, r.per_week, verdicts(r), share(&r.precision), share(&r.recall));
+            }
         }
         out.push_str("\n| rule | group | alert_id | started | resolved | value | stories | verdict |\n|---|---|---|---|---|---:|---:|---|\n");
         for e in &self.episodes {
@@ -286,5 +370,20 @@ impl Backtest {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sweep;
+
+    #[test]
+    fn a_sweep_lists_every_value_from_its_start_to_its_end() {
+        let sweep: Sweep = "condition.p_value=0.001:0.003:0.001".parse().unwrap();
+        assert_eq!((sweep.field.as_str(), sweep.values), ("p_value", vec![0.001, 0.002, 0.003]));
+        assert_eq!("condition.factor=1.5:3:0.5".parse::<Sweep>().unwrap().values, vec![1.5, 2.0, 2.5, 3.0]);
+        for bad in ["p_value=1:2:1", "condition.p_value=0.1:0.2", "condition.x=2:1:1", "condition.x=0:1:0", "condition.x=0:1000:1"] {
+            assert!(bad.parse::<Sweep>().is_err(), "{bad}");
+        }
     }
 }
