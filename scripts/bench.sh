@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes docs/BENCHMARKS.md (from benches/BENCHMARKS.md.in): classify vs
 # the Python reference, SQL vs DuckDB, windows + rules alone, end to end from Kafka, alert latency,
-# the analyst's loop.
+# the analyst's loop, detection of injected bursts.
 # Takes about 30 minutes on 2 cores. Each bench's own output stays in target/bench-report/.
 #   scripts/bench.sh
 set -euo pipefail
@@ -32,6 +32,7 @@ bench sql --repeats 5
 bench e2e --repeats 3 --brokers "$brokers"
 bench alerts --brokers "$brokers"
 bench loop --splits 3
+bench detect --seeds 201,202,203,204,205 --bursts 20
 
 .venv/bin/python benches/report.py "$out" "$(( $(date +%s) - started ))"
 echo "wrote docs/BENCHMARKS.md" >&2

@@ -276,8 +276,9 @@ enum RulesCommand {
         /// Every reading of this group, window by window: `topic=energy`, `ticker=XOM`, `all`.
         #[arg(long)]
         explain: Option<String>,
-        /// Replays again with a condition field at each value, e.g. condition.p_value=0.0001:0.001:0.0003,
-        /// and prints episodes per week, precision and recall for each (every rule that has the field).
+        /// Replays again with a condition field at each value and prints episodes per week, precision
+        /// and recall for each: `[RULE.]condition.FIELD=FROM:TO:STEP`, e.g.
+        /// topic-negative-burst.condition.p_value=0.001:0.005:0.002 (no RULE: every rule with FIELD).
         #[arg(long)]
         sweep: Option<pipeline::backtest::Sweep>,
         #[arg(long, value_enum, default_value = "text")]

@@ -129,7 +129,7 @@ fn explains(firing: &Firing, topic: &str, from_ms: i64, to_ms: i64) -> bool {
 
 /// The scored stories of a news JSON-lines file; lines that are not news are skipped and counted.
 fn read_stream(path: &Path, classifier: &Classifier, body_chars: usize) -> Result<(Vec<Story>, usize), PipelineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| failed(format!("{}: {e} (pass --stream)", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Usage(format!("{}: {e} (pass --stream)", path.display())))?;
     let mut news = Vec::new();
     let mut skipped = 0;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -139,7 +139,7 @@ fn read_stream(path: &Path, classifier: &Classifier, body_chars: usize) -> Resul
         }
     }
     if news.is_empty() {
-        return Err(failed(format!("{}: no news stories", path.display())));
+        return Err(PipelineError::Usage(format!("{}: no news stories", path.display())));
     }
     let texts: Vec<String> = news.iter().map(|n| n.classification_text(body_chars)).collect();
     let scores = classifier.score_all(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -167,12 +167,12 @@ fn read_pool(paths: &[PathBuf], classifier: &Classifier) -> Result<BTreeMap<Stri
 
 pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, PipelineError> {
     if args.burst_stories == 0 || args.bursts == 0 || args.seeds.is_empty() {
-        return Err(failed("--burst-stories, --bursts and --seeds must be at least 1"));
+        return Err(PipelineError::Usage("--burst-stories, --bursts and --seeds must be at least 1".into()));
     }
     let rule_paths = if args.rules.is_empty() { config.alerts.rules.clone() } else { args.rules.clone() };
     let rules = crate::pipeline::backtest::load_rules(&rule_paths)?.rules;
     if rules.is_empty() {
-        return Err(failed("the rule files hold no rules"));
+        return Err(PipelineError::Usage("the rule files hold no rules".into()));
     }
     let classifier = Classifier::start(&config.model)?;
     let model = classifier.spec().id().to_string();
@@ -181,7 +181,7 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
     drop(classifier);
     let topics: Vec<&String> = pool.iter().filter(|(_, texts)| texts.len() >= args.burst_stories).map(|(t, _)| t).collect();
     if topics.is_empty() {
-        return Err(failed(format!("no topic has {} negative pool texts", args.burst_stories)));
+        return Err(PipelineError::Usage(format!("no topic has {} negative pool texts", args.burst_stories)));
     }
 
     let first = base.iter().map(|s| s.published_ms).min().unwrap_or(0);
@@ -190,7 +190,7 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
     let span = args.burst_span.as_millis();
     let (earliest, latest) = (first + args.warmup.as_millis(), last - span - args.horizon.as_millis());
     if latest <= earliest {
-        return Err(failed("the stream is shorter than --warmup + --burst-span + --horizon"));
+        return Err(PipelineError::Usage("the stream is shorter than --warmup + --burst-span + --horizon".into()));
     }
     let spec = WindowSpec::from_config(&config.window);
     let every = config.alerts.evaluate_every.as_millis();

@@ -523,8 +523,11 @@ impl Detector {
         self.rules
     }
 
+    /// Closed windows kept per group: the longest baseline, and one more, because the market's
+    /// (`all`) window of the same start as a topic's closes with it and may be kept first; the
+    /// topic's baseline is the windows before its own start.
     fn history_len(&self) -> usize {
-        self.rules.iter().map(|r| r.condition.baseline_windows()).max().unwrap_or(0)
+        self.rules.iter().map(|r| r.condition.baseline_windows()).max().map_or(0, |n| n + 1)
     }
 
     /// Evaluates every rule on new `windows` rows (live or final) at event time `now_ms`, and

@@ -29,10 +29,11 @@ pub struct BacktestOptions<'a> {
     pub sweep: Option<Sweep>,
 }
 
-/// `--sweep condition.FIELD=FROM:TO:STEP`: every value from FROM to TO (both included), for
-/// every rule whose kind of condition has FIELD.
+/// `--sweep [RULE.]condition.FIELD=FROM:TO:STEP`: every value from FROM to TO (both included),
+/// for the rule named (default: every rule whose kind of condition has FIELD).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sweep {
+    pub rule: Option<String>,
     pub field: String,
     pub values: Vec<f64>,
 }
@@ -44,9 +45,16 @@ impl std::str::FromStr for Sweep {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Sweep, String> {
-        let usage = || format!("`{text}`: expected condition.FIELD=FROM:TO:STEP, e.g. condition.p_value=0.0001:0.01:0.002");
-        let (field, range) = text.split_once('=').ok_or_else(usage)?;
-        let field = field.trim().strip_prefix("condition.").filter(|f| !f.is_empty()).ok_or_else(usage)?;
+        let usage = || format!("`{text}`: expected [RULE.]condition.FIELD=FROM:TO:STEP, e.g. condition.p_value=0.0001:0.01:0.002");
+        let (target, range) = text.split_once('=').ok_or_else(usage)?;
+        let (rule, field) = target.trim().rsplit_once("condition.").ok_or_else(usage)?;
+        let rule = match rule {
+            "" => None,
+            named => Some(named.strip_suffix('.').filter(|r| !r.is_empty()).ok_or_else(usage)?.to_string()),
+        };
+        if field.is_empty() || field.contains('.') {
+            return Err(usage());
+        }
         let numbers: Vec<f64> = range.split(':').map(|n| n.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| usage())?;
         let [from, to, step] = numbers[..] else { return Err(usage()) };
         if !(from.is_finite() && to.is_finite() && step.is_finite() && step > 0.0 && to >= from) {
@@ -58,7 +66,7 @@ impl std::str::FromStr for Sweep {
         }
         // Rounded to the step's decimals, so that 0.1 + 0.2 prints and applies as 0.3.
         let round = |v: f64| (v * 1e9).round() / 1e9;
-        Ok(Sweep { field: field.to_string(), values: (0..count).map(|i| round(from + i as f64 * step)).collect() })
+        Ok(Sweep { rule, field: field.to_string(), values: (0..count).map(|i| round(from + i as f64 * step)).collect() })
     }
 }
 
@@ -181,7 +189,7 @@ fn verdict_of<'a>(episode: &Episode, judged: &'a [JudgedAlert]) -> Option<&'a Ju
 pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Result<Backtest, PipelineError> {
     let rules = load_rules(options.rules)?;
     if rules.rules.is_empty() {
-        return Err(PipelineError::Internal("the rule files hold no rules".into()));
+        return Err(PipelineError::Usage("the rule files hold no rules".into()));
     }
     let storage = &config.storage.path;
     let (runtime, ctx) = tables(config)?;
@@ -221,11 +229,19 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
     let (found, results) = known.judge(&rules.rules, found);
 
     let mut sweep = Vec::new();
-    if let Some(Sweep { field, values }) = &options.sweep {
+    if let Some(Sweep { rule, field, values }) = &options.sweep {
+        if let Some(name) = rule
+            && !rules.rules.iter().any(|r| &r.name == name)
+        {
+            return Err(PipelineError::Usage(format!("--sweep: no rule named `{name}` in the rule files")));
+        }
         for &value in values {
-            let changed: Vec<Rule> = rules.rules.iter().map(|r| r.with_condition(field, value)).collect::<Result<Vec<_>, _>>().map_err(PipelineError::Internal)?.into_iter().flatten().collect();
+            let mut changed = Vec::new();
+            for r in rules.rules.iter().filter(|r| rule.as_ref().is_none_or(|name| &r.name == name)) {
+                changed.extend(r.with_condition(field, value).map_err(PipelineError::Usage)?);
+            }
             if changed.is_empty() {
-                return Err(PipelineError::Internal(format!("--sweep: no rule's condition has a field `{field}`")));
+                return Err(PipelineError::Usage(format!("--sweep: no rule's condition has a field `{field}`")));
             }
             let found = episodes(replay(spec.clone(), &mut Detector::new(changed.clone()), every, &stories));
             sweep.extend(known.judge(&changed, found).1.into_iter().map(|rule| SweepRow { value, rule }));
@@ -380,9 +396,11 @@ mod tests {
     #[test]
     fn a_sweep_lists_every_value_from_its_start_to_its_end() {
         let sweep: Sweep = "condition.p_value=0.001:0.003:0.001".parse().unwrap();
-        assert_eq!((sweep.field.as_str(), sweep.values), ("p_value", vec![0.001, 0.002, 0.003]));
+        assert_eq!((sweep.rule, sweep.field.as_str(), sweep.values), (None, "p_value", vec![0.001, 0.002, 0.003]));
+        let sweep: Sweep = "topic-negative-burst.condition.min_count=4:8:2".parse().unwrap();
+        assert_eq!((sweep.rule.as_deref(), sweep.field.as_str(), sweep.values), (Some("topic-negative-burst"), "min_count", vec![4.0, 6.0, 8.0]));
         assert_eq!("condition.factor=1.5:3:0.5".parse::<Sweep>().unwrap().values, vec![1.5, 2.0, 2.5, 3.0]);
-        for bad in ["p_value=1:2:1", "condition.p_value=0.1:0.2", "condition.x=2:1:1", "condition.x=0:1:0", "condition.x=0:1000:1"] {
+        for bad in ["p_value=1:2:1", "x.condition.a.b=1:2:1", ".condition.a=1:2:1", "condition.p_value=0.1:0.2", "condition.x=2:1:1", "condition.x=0:1:0", "condition.x=0:1000:1"] {
             assert!(bad.parse::<Sweep>().is_err(), "{bad}");
         }
     }

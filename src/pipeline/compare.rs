@@ -35,13 +35,13 @@ pub struct Comparison {
 pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comparison, PipelineError> {
     let rules = super::backtest::load_rules(&config.alerts.rules)?.rules;
     if rules.is_empty() {
-        return Err(PipelineError::Internal("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
+        return Err(PipelineError::Usage("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
     }
     let storage = &config.storage.path;
     let (runtime, ctx) = tables(config)?;
     let shadow = runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "shadow_news", lit(true)))?;
     let Some(model) = challenger.map(str::to_string).or_else(|| shadow.last().map(|(model, _)| model.clone())) else {
-        return Err(PipelineError::Internal(format!(
+        return Err(PipelineError::Usage(format!(
             "{}: no shadow_news rows; set a challenger with `bearwatch model shadow DIR --storage {}` while a pipeline runs",
             storage.display(),
             storage.display()
@@ -51,7 +51,7 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
     let (Some(first), Some(last)) =
         (shadow.values().map(|(_, s)| s.published_ms).min(), shadow.values().map(|(_, s)| s.published_ms).max())
     else {
-        return Err(PipelineError::Internal(format!("{}: no shadow_news rows of {model}", storage.display())));
+        return Err(PipelineError::Usage(format!("{}: no shadow_news rows of {model}", storage.display())));
     };
     let window = col("published_at").between(timestamp(first), timestamp(last));
     let news = newest(runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "news", window))?);

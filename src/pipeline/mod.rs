@@ -66,6 +66,9 @@ pub enum PipelineError {
          or give this pipeline a new storage.path"
     )]
     WindowsChanged { storage: PathBuf, saved: String },
+    /// A request that cannot be met as asked (a command's arguments, rule files without rules).
+    #[error("{0}")]
+    Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -81,7 +84,7 @@ impl Classified for PipelineError {
             PipelineError::Server(e) => e.class(),
             PipelineError::Sql(e) => e.class(),
             PipelineError::Learn(e) => e.class(),
-            PipelineError::WindowsChanged { .. } => ErrorClass::User,
+            PipelineError::WindowsChanged { .. } | PipelineError::Usage(_) => ErrorClass::User,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -95,7 +98,7 @@ impl Classified for PipelineError {
             PipelineError::Server(e) => e.retryable(),
             PipelineError::Sql(e) => e.retryable(),
             PipelineError::Learn(e) => e.retryable(),
-            PipelineError::WindowsChanged { .. } | PipelineError::Internal(_) => false,
+            PipelineError::WindowsChanged { .. } | PipelineError::Usage(_) | PipelineError::Internal(_) => false,
         }
     }
 }

@@ -44,11 +44,11 @@ pub fn live_line(counters: &Counters, start: (Instant, u64), windows: &WindowSta
         counters.duplicates,
         windows.open_windows(),
     );
-    // The most negative topic among the newest open windows with enough stories to mean something.
-    let newest = windows.open_counts().filter(|(k, _)| k.ticker.is_none()).map(|(k, _)| k.start_ms).max();
+    // The most negative topic among the open windows with enough stories to mean something (the
+    // newest alone is minutes old when windows start hourly), if any of them has a negative story.
     let worst = windows
         .open_counts()
-        .filter(|(k, c)| Some(k.start_ms) == newest && k.topic != ALL && k.ticker.is_none() && c.n >= 5)
+        .filter(|(k, c)| k.topic != ALL && k.ticker.is_none() && c.n >= 5 && c.n_negative > 0)
         .max_by(|a, b| a.1.neg_share().total_cmp(&b.1.neg_share()));
     if let Some((key, counts)) = worst {
         let _ = write!(line, "  most negative now: {} {:.0}% of {}", key.topic, counts.neg_share() * 100.0, counts.n);
