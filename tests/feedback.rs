@@ -188,7 +188,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
              FROM w a JOIN w b ON a.window_start = b.window_start AND a.first = 1 AND b.last = 1 ORDER BY a.window_start"
         ),
     );
-    assert_eq!(revisions.len(), 2, "a 1-day window every 12 hours holds the story twice: {revisions:?}");
+    assert_eq!(revisions.len(), 4, "a 4-hour window every hour holds the story four times: {revisions:?}");
     for window in &revisions {
         assert_eq!((&window["same_n"], &window["fewer_negative"], &window["more_positive"]), (&json!(true), &json!(1), &json!(1)), "{window}");
     }
@@ -487,6 +487,18 @@ fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_w
     backtested.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
     assert_eq!(backtested, champion, "backtest and compare replay alike");
     assert_eq!(backtest["stories"], 3000);
+    // A sweep replays once per value; at the rule's own value it gives the same episodes.
+    let args = ["rules", "backtest", rules, "--pipeline", pipeline.to_str().unwrap(), "--storage", storage, "--format", "json"];
+    let (code, stdout, err) = bearwatch(&[&args[..], &["--sweep", "topic-negative-burst.condition.p_value=0.001:0.01:0.009"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let swept: Value = serde_json::from_str(&stdout).unwrap();
+    let rows = swept["sweep"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["value"].as_f64().unwrap()).collect::<Vec<_>>(), vec![0.001, 0.01], "{stdout}");
+    assert_eq!(rows[1]["episodes"].as_u64(), Some(champion.len() as u64), "{stdout}");
+    assert!(rows[0]["episodes"].as_u64().unwrap() < champion.len() as u64, "a stricter p fires less: {stdout}");
+    let (code, _, err) = bearwatch(&[&args[..], &["--sweep", "nope.condition.p_value=0.001:0.01:0.009"]].concat());
+    assert_ne!(code, 0);
+    assert!(err.contains("no rule named `nope`"), "{err}");
 
     let (code, stdout, err) = bearwatch(&["model", "compare", "--pipeline", pipeline.to_str().unwrap(), "--storage", storage]);
     assert_eq!(code, 0, "{err}");
