@@ -14,7 +14,7 @@ use bearwatch::pipeline::{self, PipelineConfig, PipelineError};
 use bearwatch::server::FeedbackService;
 use bearwatch::server::feedback::{self, FeedbackFailure};
 use bearwatch::source::{SourceError, produce};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Watches financial news for bursts of negative sentiment.
 #[derive(Parser)]
@@ -36,6 +36,14 @@ enum OutputFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Shell completions on stdout, generated from the same definitions as --help.
+    ///
+    /// Example: bearwatch completions bash > ~/.local/share/bash-completion/completions/bearwatch
+    Completions { shell: clap_complete::Shell },
+    /// The manual page (roff) on stdout, generated from the same definitions as --help.
+    ///
+    /// Example: bearwatch man > bearwatch.1 && man ./bearwatch.1
+    Man,
     /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM.
     Run {
         /// Pipeline file; default: the embedded demo (`pipelines/demo.toml`), which needs no broker.
@@ -731,6 +739,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Loop(args)) => {
             println!("{}", bearwatch::bench::feedback_loop::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            // Into memory first: the generator panics on a closed stdout (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "bearwatch", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Detect(args)) => {
