@@ -259,10 +259,7 @@ fn json_logs_carry_the_story_id_and_info_logs_never_show_bodies() {
 #[test]
 fn two_runs_of_the_same_input_with_different_checkpoint_intervals_raise_the_same_alerts() {
     let dir = tempfile::tempdir().unwrap();
-    // The shipped rule at p < 0.01: several episodes on the demo's two weeks (the shipped one has one).
-    let rules = dir.path().join("loose.toml");
-    let shipped = std::fs::read_to_string(format!("{}/alerts/default.toml", common::ROOT)).unwrap();
-    std::fs::write(&rules, shipped.replacen("p_value = 0.001 ", "p_value = 0.01 ", 1)).unwrap();
+    let rules = common::loose_rules(dir.path());
     let run = |name: &str, checkpoint_interval: &str| {
         let config = format!(
             "[source]\ntype = \"file\"\npath = \"{DEMO_DATA}\"\n\

@@ -81,9 +81,8 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
     produce_to(brokers(), &topic, &file);
     let hook = WebhookServer::start();
     std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\nrepeat_interval = \"0s\"\n").unwrap();
-    // The shipped rule at p < 0.01, so that a few thousand stories raise several alerts to deliver.
-    let shipped = std::fs::read_to_string(format!("{ROOT}/alerts/default.toml")).unwrap();
-    std::fs::write(dir.path().join("loose.toml"), shipped.replacen("p_value = 0.001 ", "p_value = 0.01 ", 1)).unwrap();
+    // Several alerts to deliver.
+    common::loose_rules(dir.path());
     let alerting = format!(
         "[alerts]\nrules = [\"loose.toml\", \"routes.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n\
          [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/\"\ntimeout = \"2s\"\n",

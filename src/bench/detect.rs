@@ -149,10 +149,10 @@ fn read_stream(path: &Path, classifier: &Classifier, body_chars: usize) -> Resul
 
 /// The pool's negative texts, scored, by the topic the model gives them.
 fn read_pool(paths: &[PathBuf], classifier: &Classifier) -> Result<BTreeMap<String, Vec<(String, Scores)>>, PipelineError> {
-    let mut texts = Vec::new();
+    let (mut texts, mut seen) = (Vec::new(), std::collections::HashSet::new());
     for path in paths {
         for e in learn::read_examples(&bundled(path))? {
-            if e.head == Head::Sentiment && e.label == "negative" && !texts.contains(&e.text) {
+            if e.head == Head::Sentiment && e.label == "negative" && seen.insert(e.text.clone()) {
                 texts.push(e.text);
             }
         }
@@ -171,9 +171,6 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
     }
     let rule_paths = if args.rules.is_empty() { config.alerts.rules.clone() } else { args.rules.clone() };
     let rules = crate::pipeline::backtest::load_rules(&rule_paths)?.rules;
-    if rules.is_empty() {
-        return Err(PipelineError::Usage("the rule files hold no rules".into()));
-    }
     let classifier = Classifier::start(&config.model)?;
     let model = classifier.spec().id().to_string();
     let (base, skipped) = read_stream(&bundled(&args.stream), &classifier, config.model.body_chars)?;

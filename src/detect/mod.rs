@@ -325,7 +325,7 @@ impl Usual {
     }
 
     /// The tail summed downwards from n in logs (neither overflow nor underflow in the
-    /// thousands); `stop` ends it early once the tail reaches it. Returns the last j summed and
+    /// thousands) to `down_to`, or until the tail reaches `ln_stop`. Returns the last j summed and
     /// ln P(X ≥ j).
     fn sum_down(self, n: u64, down_to: u64, ln_stop: f64) -> (u64, f64) {
         let mut ln_term = self.ln_all(n);
@@ -538,6 +538,7 @@ impl Detector {
         let mut changes = Vec::new();
         let keep = self.history_len();
         let sql_hits = self.sql_hits(rows);
+        let priors = self.rules.iter().any(|r| r.condition.leans_on_market());
         for row in ordered {
             let group = GroupKey::of(&row.key);
             // The group's closed windows before this one: the same for every rule.
@@ -545,8 +546,13 @@ impl Detector {
                 self.history.get(group).map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect()).unwrap_or_default()
             };
             let history = before(&group);
-            let market = before(&GroupKey { topic: ALL.to_string(), ticker: None });
-            let baselines = Baselines { own: &history, market: &market, overlap: self.history.get(&group).map_or(1.0, overlap) };
+            // Only a prior reads the market's windows and how often each story is counted.
+            let (market, overlap) = if priors {
+                (before(&GroupKey { topic: ALL.to_string(), ticker: None }), self.history.get(&group).map_or(1.0, overlap))
+            } else {
+                (Vec::new(), 1.0)
+            };
+            let baselines = Baselines { own: &history, market: &market, overlap };
             for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;

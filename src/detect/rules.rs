@@ -234,6 +234,11 @@ fn one() -> usize {
 }
 
 impl Condition {
+    /// Whether the condition reads the market's (`all`) windows: a binomial with a prior.
+    pub fn leans_on_market(&self) -> bool {
+        matches!(self, Condition::Binomial { prior_stories, .. } if *prior_stories > 0.0)
+    }
+
     pub fn baseline_windows(&self) -> usize {
         match self {
             Condition::Threshold { .. } => 0,

@@ -138,13 +138,17 @@ pub struct Backtest {
     pub sweep: Vec<SweepRow>,
 }
 
-/// Loads and merges rule files, naming the file in errors.
+/// Loads and merges rule files, naming the file in errors; a replay of no rules is refused.
 pub(crate) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
     let mut files = Vec::new();
     for path in paths {
         files.push(RuleFile::load(&bundled(path))?);
     }
-    Ok(RuleFile::merge(files))
+    let merged = RuleFile::merge(files);
+    if merged.rules.is_empty() {
+        return Err(PipelineError::Usage("the rule files hold no rules".into()));
+    }
+    Ok(merged)
 }
 
 /// A runtime and a query context over the pipeline's tables, for the lookups of a replay.
@@ -188,9 +192,6 @@ fn verdict_of<'a>(episode: &Episode, judged: &'a [JudgedAlert]) -> Option<&'a Ju
 
 pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Result<Backtest, PipelineError> {
     let rules = load_rules(options.rules)?;
-    if rules.rules.is_empty() {
-        return Err(PipelineError::Usage("the rule files hold no rules".into()));
-    }
     let storage = &config.storage.path;
     let (runtime, ctx) = tables(config)?;
     let mut filter = lit(true);

@@ -33,10 +33,10 @@ pub struct Comparison {
 /// Compares the newest challenger in `shadow_news` (or `challenger`) with the champion's scores of
 /// the same stories, under the pipeline's `[window]` and `[alerts]`.
 pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comparison, PipelineError> {
-    let rules = super::backtest::load_rules(&config.alerts.rules)?.rules;
-    if rules.is_empty() {
+    if config.alerts.rules.is_empty() {
         return Err(PipelineError::Usage("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
     }
+    let rules = super::backtest::load_rules(&config.alerts.rules)?.rules;
     let storage = &config.storage.path;
     let (runtime, ctx) = tables(config)?;
     let shadow = runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "shadow_news", lit(true)))?;

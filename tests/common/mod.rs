@@ -113,6 +113,17 @@ fn storage_path(config: &str) -> String {
     table["storage"]["path"].as_str().unwrap().to_string()
 }
 
+/// The shipped rule at p < 0.01 instead of 0.001, written to `dir/loose.toml`: on the demo's two
+/// weeks it raises several alerts (the shipped one raises one), for tests that need a few.
+pub fn loose_rules(dir: &Path) -> PathBuf {
+    let shipped = std::fs::read_to_string(Path::new(ROOT).join("alerts/default.toml")).unwrap();
+    let loose = shipped.replacen("p_value = 0.001 ", "p_value = 0.01 ", 1);
+    assert_ne!(loose, shipped, "alerts/default.toml no longer says `p_value = 0.001 `");
+    let path = dir.join("loose.toml");
+    std::fs::write(&path, loose).unwrap();
+    path
+}
+
 pub fn checkpoint(storage: &Path) -> Option<serde_json::Value> {
     let bytes = std::fs::read(storage.join("checkpoint.json")).ok()?;
     serde_json::from_slice(&bytes).ok()
