@@ -67,6 +67,7 @@ fn the_configuration_reference_shows_every_field_and_parses() {
         std::env::set_var("BEARWATCH_TOKEN_ANA", "a-token-of-16-chars");
         std::env::set_var("SMTP_PASSWORD", "x");
         std::env::set_var("KAFKA_PASSWORD", "x");
+        std::env::set_var("AM_TOKEN", "x");
     }
     PipelineConfig::parse(&reference, "README.md config reference").unwrap_or_else(|e| panic!("{e}"));
     let shown = shown_fields(&reference);

@@ -1,5 +1,5 @@
 //! Where alerts go: routes pick receivers by labels, silences mute, and each receiver is a
-//! notifier (the log here; email, webhook and Kafka through the outbox).
+//! notifier (the log here; email, webhook, Kafka and Alertmanager through the outbox).
 
 mod error;
 pub mod notify;
@@ -29,6 +29,8 @@ pub enum ReceiverKind {
     Webhook,
     Email,
     Kafka,
+    /// Prometheus Alertmanager's `POST /api/v2/alerts`, re-sent while firing.
+    Alertmanager,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -46,8 +48,20 @@ pub struct ReceiverConfig {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: ReceiverKind,
-    /// webhook: where the Alert JSON is POSTed.
+    /// webhook: where the Alert JSON is POSTed; alertmanager: the Alertmanager's base URL.
     pub url: Option<EnvString>,
+    /// alertmanager: several base URLs (an HA pair); each gets every alert.
+    #[serde(default)]
+    pub urls: Vec<EnvString>,
+    /// alertmanager: `Authorization: Bearer …` (or `username`/`password` for basic auth).
+    pub bearer_token: Option<EnvString>,
+    /// alertmanager: how often a firing alert is posted again. Alertmanager resolves an alert that
+    /// is not re-sent before its `endsAt` (4 × this), as it does for Prometheus.
+    #[serde(default = "one_minute")]
+    pub resend_every: HumanDuration,
+    /// alertmanager: the dashboard's address as people reach it (e.g. "https://bearwatch.example"),
+    /// for the `dashboard` annotation and `generatorURL`; default: `[server] http`.
+    pub dashboard_url: Option<EnvString>,
     /// webhook: a Slack-compatible `{"text": …}` body instead of the Alert.
     #[serde(default)]
     pub slack: bool,
@@ -74,6 +88,9 @@ pub struct ReceiverConfig {
 fn ten_seconds() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(10))
 }
+fn one_minute() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(60))
+}
 fn one_day() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(86_400))
 }
@@ -99,6 +116,19 @@ impl ReceiverConfig {
                 need(!self.to.is_empty(), "to")
             }
             ReceiverKind::Kafka => need(self.topic.is_some(), "topic"),
+            ReceiverKind::Alertmanager => {
+                need(self.url.is_some() || !self.urls.is_empty(), "urls")?;
+                if self.bearer_token.is_some() && self.username.is_some() {
+                    return Err(("bearer_token", format!("receiver `{}`: give `bearer_token` or `username`/`password`, not both", self.name)));
+                }
+                if self.password.is_some() && self.username.is_none() {
+                    return Err(("username", format!("receiver `{}`: `password` without `username`", self.name)));
+                }
+                if self.resend_every.0.is_zero() {
+                    return Err(("resend_every", format!("receiver `{}`: `resend_every` must be more than 0s", self.name)));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -167,11 +197,21 @@ pub type Explainer = Box<dyn FnMut(&[&str]) -> Vec<Vec<Why>> + Send>;
 /// How many words an alert shows for each of its headlines.
 pub const WHY_WORDS: usize = 3;
 
+/// How a receiver's notifications are scheduled in the outbox.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    kind: ReceiverKind,
+    expire_ms: i64,
+    /// Alertmanager groups, waits and repeats by itself, and needs a firing alert re-sent on its own
+    /// interval: it gets each change at once and a re-send every `resend_every`, whatever the route says.
+    resend_ms: Option<i64>,
+}
+
 /// The alerting stage of a pipeline: rules on window rows, then routing to receivers.
 pub struct Alerting {
     pub detector: Detector,
     router: Router,
-    receivers: BTreeMap<String, (ReceiverKind, i64)>,
+    receivers: BTreeMap<String, Timing>,
     /// State changes since the last checkpoint, with the wall-clock time they were recorded.
     pub changes: Vec<(Alert, i64)>,
     /// Notifications for the outbox, written at the next checkpoint (before it, so none is lost).
@@ -184,7 +224,12 @@ pub struct Alerting {
 
 impl Alerting {
     pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig], notifier: Option<notify::Notifier>) -> Alerting {
-        let receivers = receivers.iter().map(|r| (r.name.clone(), (r.kind, r.expire_after.as_millis()))).collect();
+        let timing = |r: &ReceiverConfig| Timing {
+            kind: r.kind,
+            expire_ms: r.expire_after.as_millis(),
+            resend_ms: (r.kind == ReceiverKind::Alertmanager).then(|| r.resend_every.as_millis()),
+        };
+        let receivers = receivers.iter().map(|r| (r.name.clone(), timing(r))).collect();
         Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), notifier, explainer: None }
     }
 
@@ -249,21 +294,22 @@ impl Alerting {
                 continue;
             }
             match self.receivers.get(&delivery.receiver) {
-                Some((ReceiverKind::Log, _)) => {
+                Some(Timing { kind: ReceiverKind::Log, .. }) => {
                     tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
                     println!("{}", render_text(alert));
                 }
-                Some((_, expire_ms)) => {
+                Some(timing) => {
                     let now = chrono::Utc::now().timestamp_millis();
                     let key = format!("{}/{}/{}", alert.alert_id, alert.state.as_str(), delivery.receiver);
-                    let repeat = if alert.state == AlertState::Firing { delivery.repeat_interval_ms } else { 0 };
-                    let due = now + delivery.group_wait_ms;
+                    let (wait, repeat) = timing.resend_ms.map_or((delivery.group_wait_ms, delivery.repeat_interval_ms), |resend| (0, resend));
+                    let repeat = if alert.state == AlertState::Firing { repeat } else { 0 };
+                    let due = now + wait;
                     self.queued.push(notify::Queued {
                         key,
                         receiver: delivery.receiver.clone(),
                         alert: alert.clone(),
                         due_ms: due,
-                        expires_ms: due + expire_ms,
+                        expires_ms: due + timing.expire_ms,
                         repeat_ms: repeat,
                     });
                 }

@@ -1,4 +1,4 @@
-//! Notifiers (email, webhook, Kafka) and the thread that delivers the outbox with retries.
+//! Notifiers (email, webhook, Kafka, Alertmanager) and the thread that delivers the outbox with retries.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,18 +121,125 @@ impl Notify for KafkaAlerts {
     }
 }
 
+/// Prometheus Alertmanager: every alert goes to each URL (Alertmanagers of an HA pair deduplicate
+/// among themselves); a send counts when one of them took it, and the others catch up at the next
+/// re-send.
+pub struct Alertmanager {
+    urls: Vec<String>,
+    authorization: Option<String>,
+    /// A firing alert stays valid this long after each post (4 × `resend_every`, as Prometheus does).
+    valid_for: chrono::Duration,
+    dashboard: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Alertmanager {
+    /// The alert as Alertmanager's `postableAlert`.
+    pub fn postable(&self, alert: &Alert, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+        let mut labels: BTreeMap<String, String> = alert.labels.clone();
+        labels.extend(alert.group.clone());
+        labels.insert("alertname".into(), alert.rule.clone());
+        labels.insert("severity".into(), alert.severity.as_str().into());
+        // Alertmanager drops empty labels anyway; leaving them out keeps the fingerprint stable.
+        labels.retain(|_, v| !v.is_empty());
+        let mut annotations = BTreeMap::from([
+            ("summary".to_string(), alert.summary.clone()),
+            ("description".to_string(), describe(alert)),
+            ("alert_id".to_string(), alert.alert_id.clone()),
+        ]);
+        let mut body = serde_json::json!({ "labels": labels, "startsAt": alert.started_at });
+        if let Some(base) = &self.dashboard {
+            annotations.insert("dashboard".into(), format!("{base}/?alert={}", alert.alert_id));
+            let topic = alert.group.get("topic").map(|t| format!("&topic={t}")).unwrap_or_default();
+            body["generatorURL"] = format!("{base}/?rule={}{topic}", alert.rule).into();
+        }
+        body["annotations"] = serde_json::json!(annotations);
+        let ends = match alert.state {
+            AlertState::Firing => now + self.valid_for,
+            // An event-time resolve ahead of the clock would keep it firing in Alertmanager.
+            AlertState::Resolved => alert
+                .resolved_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map_or(now, |t| t.with_timezone(&chrono::Utc).min(now)),
+        };
+        body["endsAt"] = ends.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true).into();
+        body
+    }
+}
+
+/// The `description` annotation: the numbers and the headlines behind them, as plain text.
+fn describe(alert: &Alert) -> String {
+    let baseline = alert.baseline.map_or("none".to_string(), |b| format!("{b:.3}"));
+    let mut text = format!(
+        "value {:.3} (threshold {:.3}, baseline {baseline}) over {} stories, window {} to {}",
+        alert.value, alert.threshold, alert.count, alert.window_start, alert.window_end
+    );
+    for h in &alert.top_headlines {
+        text.push_str(&format!("\n- p_negative {:.2} {} ({})", h.p_negative, h.headline, h.id));
+        if !h.why.is_empty() {
+            let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
+            text.push_str(&format!(" why: {}", words.join(", ")));
+        }
+    }
+    text
+}
+
+impl Notify for Alertmanager {
+    fn send(&mut self, alert: &Alert, _key: &str) -> Result<(), String> {
+        // Alertmanager deduplicates by label set: a repeat after a crash is harmless.
+        let body = serde_json::json!([self.postable(alert, chrono::Utc::now())]).to_string();
+        let mut errors = Vec::new();
+        for url in &self.urls {
+            let mut request = self.agent.post(format!("{url}/api/v2/alerts")).header("Content-Type", "application/json");
+            if let Some(authorization) = &self.authorization {
+                request = request.header("Authorization", authorization);
+            }
+            match request.send(body.as_bytes()) {
+                Ok(response) if response.status().is_success() => {}
+                Ok(response) => errors.push(format!("{url}: HTTP {}", response.status())),
+                Err(e) => errors.push(format!("{url}: {e}")),
+            }
+        }
+        if errors.len() == self.urls.len() {
+            return Err(errors.join("; "));
+        }
+        for error in errors {
+            tracing::warn!(alert_id = %alert.alert_id, %error, "one Alertmanager did not take the alert; it gets the next re-send");
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP client whose every request, connection included, ends within `timeout`.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into()
+}
+
 /// Builds the notifier of one receiver (not for `log`, which prints on the spot).
-pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>) -> Result<Box<dyn Notify>, String> {
+/// `default_dashboard` is the dashboard's address when the receiver names none (from `[server]`).
+pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>, default_dashboard: Option<&str>) -> Result<Box<dyn Notify>, String> {
     let timeout = config.timeout.0;
     match config.kind {
         ReceiverKind::Log => Err("the log receiver has no notifier".into()),
         ReceiverKind::Webhook => {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .timeout_global(Some(timeout))
-                .http_status_as_error(false)
-                .build()
-                .into();
-            Ok(Box::new(Webhook { url: config.url.as_ref().map(|u| u.as_str().to_string()).unwrap_or_default(), slack: config.slack, agent }))
+            let url = config.url.as_ref().map(|u| u.as_str().to_string()).unwrap_or_default();
+            Ok(Box::new(Webhook { url, slack: config.slack, agent: http_agent(timeout) }))
+        }
+        ReceiverKind::Alertmanager => {
+            let urls = config.url.iter().chain(&config.urls).map(|u| u.as_str().trim_end_matches('/').to_string()).collect();
+            let authorization = match (&config.bearer_token, &config.username) {
+                (Some(token), _) => Some(format!("Bearer {}", token.as_str())),
+                (None, Some(user)) => {
+                    use base64::Engine;
+                    let password = config.password.as_ref().map_or("", |p| p.as_str());
+                    Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", user.as_str()))))
+                }
+                (None, None) => None,
+            };
+            let valid_for = chrono::Duration::milliseconds(4 * config.resend_every.as_millis());
+            let dashboard = config.dashboard_url.as_ref().map(|u| u.as_str()).or(default_dashboard).map(|u| u.trim_end_matches('/').to_string());
+            Ok(Box::new(Alertmanager { urls, authorization, valid_for, dashboard, agent: http_agent(timeout) }))
         }
         ReceiverKind::Email => {
             let host = config.smtp_host.as_deref().unwrap_or_default();
@@ -368,15 +475,18 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot write the outbox");
         }
-        let outbox = lock(&shared.outbox);
+        let mut outbox = lock(&shared.outbox);
         if outbox.get(&key).is_some_and(|e| e.status != Status::Pending || e.attempts > 0) {
             lock(&shared.rows).extend(row(&outbox, &key));
+        }
+        if let Err(e) = outbox.compact_when_due() {
+            tracing::error!(error = %e, "cannot compact the outbox");
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::detect::rules::Severity;
 
@@ -390,7 +500,8 @@ mod tests {
         }
     }
 
-    fn alert(state: AlertState) -> Alert {
+    /// A small alert of rule `r`, for the outbox's tests too.
+    pub(crate) fn alert(state: AlertState) -> Alert {
         Alert {
             alert_id: "a1".into(),
             rule: "r".into(),
@@ -444,6 +555,32 @@ mod tests {
         assert!(after.len() <= firing + 2, "no reminders after the resolved notice: {after:?}");
         let rows = notifier.take_rows();
         assert!(rows.iter().any(|r| r.status == "dropped" && r.last_error.as_deref() == Some("alert resolved")));
+    }
+
+    #[test]
+    fn alertmanager_alerts_stay_valid_for_four_resends_and_never_resolve_ahead_of_the_clock() {
+        let am = Alertmanager {
+            urls: vec![],
+            authorization: None,
+            valid_for: chrono::Duration::minutes(4),
+            dashboard: Some("https://bw.example".into()),
+            agent: http_agent(Duration::from_secs(1)),
+        };
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-02T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let mut firing = alert(AlertState::Firing);
+        firing.group = BTreeMap::from([("topic".into(), "energy".into()), ("ticker".into(), String::new())]);
+        firing.labels = BTreeMap::from([("team".into(), "desk".into()), ("severity".into(), "ignored".into())]);
+        let body = am.postable(&firing, now);
+        assert_eq!(body["labels"], serde_json::json!({"alertname": "r", "severity": "warning", "team": "desk", "topic": "energy"}));
+        assert_eq!(body["endsAt"], "2026-12-02T10:04:00Z");
+        assert_eq!(body["annotations"]["dashboard"], "https://bw.example/?alert=a1");
+        assert_eq!(body["generatorURL"], "https://bw.example/?rule=r&topic=energy");
+
+        let mut resolved = alert(AlertState::Resolved);
+        resolved.resolved_at = Some("2026-12-02T09:30:00Z".into());
+        assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T09:30:00Z");
+        resolved.resolved_at = Some("2026-12-03T00:00:00Z".into());
+        assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T10:00:00Z", "a resolve dated ahead ends now");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The outbox: every notification is written here (appended and fsynced) before it is sent, and
 //! every attempt's outcome after. Replaying the file at start restores what is pending, so a
-//! restart neither loses a notification nor sends one again that was recorded as sent.
+//! restart neither loses a notification nor sends one again that was recorded as sent. Reminders
+//! and Alertmanager re-sends (`KEY#n`) add entries while an alert fires; once settled they are not
+//! needed, and the file is rewritten without them from time to time, so it stays bounded.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -20,9 +22,19 @@ enum Event {
     Sent { key: String, at_ms: i64 },
     /// Given up: past its expiry, or a reminder made moot by the alert resolving.
     Dropped { key: String, at_ms: i64, reason: String },
+    /// An entry as it stood when the file was compacted.
+    Restored(Entry),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Settled reminders allowed before the file is rewritten without them.
+const SETTLED_REMINDERS_MAX: usize = 256;
+
+fn is_reminder(key: &str) -> bool {
+    key.contains('#')
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
     Sent,
@@ -39,7 +51,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub key: String,
     pub receiver: String,
@@ -57,6 +69,7 @@ pub struct Outbox {
     path: PathBuf,
     file: File,
     entries: BTreeMap<String, Entry>,
+    settled_reminders: usize,
 }
 
 impl Outbox {
@@ -74,7 +87,44 @@ impl Outbox {
             }
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-        Ok(Outbox { path: path.to_path_buf(), file, entries })
+        let settled_reminders = entries.values().filter(|e| e.status != Status::Pending && is_reminder(&e.key)).count();
+        let mut outbox = Outbox { path: path.to_path_buf(), file, entries, settled_reminders };
+        if outbox.settled_reminders > 0 {
+            outbox.compact()?;
+        }
+        Ok(outbox)
+    }
+
+    /// Rewrites the file with every entry but the settled reminders (written to a temporary file,
+    /// fsynced, then renamed over the old one: a crash leaves one or the other, whole).
+    fn compact(&mut self) -> Result<(), AlertError> {
+        let io = AlertError::io(&self.path);
+        self.entries.retain(|key, e| e.status == Status::Pending || !is_reminder(key));
+        let temporary = self.path.with_extension("jsonl.tmp");
+        let mut text = Vec::new();
+        for entry in self.entries.values() {
+            serde_json::to_writer(&mut text, &Event::Restored(entry.clone())).map_err(|e| AlertError::Io { path: temporary.clone(), reason: e.to_string() })?;
+            text.push(b'\n');
+        }
+        let mut file = File::create(&temporary).map_err(io)?;
+        file.write_all(&text).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&temporary, &self.path).map_err(io)?;
+        self.file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
+        self.settled_reminders = 0;
+        Ok(())
+    }
+
+    fn settled(&mut self, key: &str) {
+        if is_reminder(key) {
+            self.settled_reminders += 1;
+        }
+    }
+
+    /// Compacts when settled reminders have piled up (the notifier calls it once it has recorded
+    /// their rows for the `notifications` table).
+    pub fn compact_when_due(&mut self) -> Result<(), AlertError> {
+        if self.settled_reminders > SETTLED_REMINDERS_MAX { self.compact() } else { Ok(()) }
     }
 
     fn append(&mut self, event: Event) -> Result<(), AlertError> {
@@ -101,11 +151,15 @@ impl Outbox {
     }
 
     pub fn sent(&mut self, key: &str, at_ms: i64) -> Result<(), AlertError> {
-        self.append(Event::Sent { key: key.to_string(), at_ms })
+        self.append(Event::Sent { key: key.to_string(), at_ms })?;
+        self.settled(key);
+        Ok(())
     }
 
     pub fn drop_entry(&mut self, key: &str, at_ms: i64, reason: String) -> Result<(), AlertError> {
-        self.append(Event::Dropped { key: key.to_string(), at_ms, reason })
+        self.append(Event::Dropped { key: key.to_string(), at_ms, reason })?;
+        self.settled(key);
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> Option<&Entry> {
@@ -163,5 +217,44 @@ fn apply(entries: &mut BTreeMap<String, Entry>, event: Event) {
                 e.last_error = Some(reason);
             }
         }
+        Event::Restored(entry) => {
+            entries.insert(entry.key.clone(), entry);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::notify::tests::alert;
+    use crate::detect::AlertState;
+
+    #[test]
+    fn settled_reminders_are_compacted_away_and_the_rest_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut outbox = Outbox::open(&path).unwrap();
+        outbox.enqueue("a1/firing/am".into(), "am".into(), alert(AlertState::Firing), 0, 100, 10).unwrap();
+        outbox.sent("a1/firing/am", 1).unwrap();
+        // A long firing alert: one re-send after another.
+        for n in 1..=2 * SETTLED_REMINDERS_MAX {
+            let key = format!("a1/firing/am#{n}");
+            outbox.enqueue(key.clone(), "am".into(), alert(AlertState::Firing), n as i64, 100, 10).unwrap();
+            outbox.sent(&key, n as i64).unwrap();
+            outbox.compact_when_due().unwrap();
+        }
+        outbox.enqueue("a1/firing/am#999".into(), "am".into(), alert(AlertState::Firing), 5, 100, 10).unwrap();
+        outbox.failed("a1/firing/am#999", 6, "down".into(), 7).unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        // Uncompacted: two lines per re-send, 4 × SETTLED_REMINDERS_MAX and more.
+        assert!(lines <= 2 * SETTLED_REMINDERS_MAX + 4, "the file was compacted while it ran: {lines} lines");
+        drop(outbox);
+
+        let reopened = Outbox::open(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2, "compacted on open: the original and the pending re-send");
+        assert_eq!(reopened.get("a1/firing/am").map(|e| e.status), Some(Status::Sent), "still known as sent: never sent again");
+        let pending = reopened.get("a1/firing/am#999").unwrap();
+        assert_eq!((pending.status, pending.attempts, pending.next_ms, pending.last_error.as_deref()), (Status::Pending, 1, 7, Some("down")));
+        assert!(reopened.get("a1/firing/am#1").is_none());
     }
 }

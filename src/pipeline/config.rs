@@ -183,6 +183,10 @@ fn receiver_field(field: &str) -> &'static str {
         "to" => "receivers.to",
         "topic" => "receivers.topic",
         "password" => "receivers.password",
+        "urls" => "receivers.urls",
+        "username" => "receivers.username",
+        "bearer_token" => "receivers.bearer_token",
+        "resend_every" => "receivers.resend_every",
         _ => "receivers",
     }
 }

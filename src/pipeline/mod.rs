@@ -266,8 +266,9 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
+    let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
     for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
-        let notifier = notify::notifier(receiver, config.source.brokers.as_ref().map(|b| b.as_str())).map_err(|reason| {
+        let notifier = notify::notifier(receiver, config.source.brokers.as_ref().map(|b| b.as_str()), dashboard.as_deref()).map_err(|reason| {
             PipelineError::Config(ConfigError::Invalid {
                 file: "pipeline".into(),
                 line: 0,

@@ -98,3 +98,115 @@ impl WebhookServer {
     }
 }
 
+
+/// A real Prometheus Alertmanager (`scripts/alertmanager.sh run`, built by scripts/go-tools.sh) on
+/// `port`, with its silences and notification log in `dir`. Its API needs basic auth
+/// `bearwatch:am-test-password` (Alertmanager's own `--web.config.file`).
+pub struct Alertmanager {
+    pub port: u16,
+    config: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub const ALERTMANAGER_USER: &str = "bearwatch";
+pub const ALERTMANAGER_PASSWORD: &str = "am-test-password";
+
+impl Alertmanager {
+    /// `config` is an alertmanager.yml; waits until the API answers.
+    pub fn start(config: &str, dir: &Path) -> Alertmanager {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("alertmanager.yml");
+        std::fs::write(&path, config).unwrap();
+        // bcrypt of ALERTMANAGER_PASSWORD (cost 4: the test needs no strength, only the check).
+        let web = "basic_auth_users:\n  bearwatch: $2b$04$grZkRQX7lUIn/5rq9Y5gLOg3TeVMos.1yWynTjFWpVP5HdSvKeIwC\n";
+        std::fs::write(dir.join("web.yml"), web).unwrap();
+        let mut am = Alertmanager { port: free_port(), config: path, dir: dir.to_path_buf(), child: None };
+        am.restart();
+        am
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it with SIGKILL (a crash: it keeps only what it had written to `dir`).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port and data, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("bash")
+            .arg(format!("{ROOT}/scripts/alertmanager.sh"))
+            .args(["run", self.config.to_str().unwrap(), &self.port.to_string(), self.dir.join("data").to_str().unwrap()])
+            .arg(format!("--web.config.file={}", self.dir.join("web.yml").display()))
+            .stdout(std::fs::File::create(self.dir.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(self.dir.join("stderr")).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // The first start may build Alertmanager (scripts/go-tools.sh): minutes on a cold cache.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+        while self.get("/-/ready").is_none() {
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(exited.is_none() && std::time::Instant::now() < deadline, "Alertmanager did not start:\n{}", self.logs());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(std::time::Duration::from_secs(10))).build().into()
+    }
+
+    fn authorization() -> String {
+        use base64::Engine;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{ALERTMANAGER_USER}:{ALERTMANAGER_PASSWORD}")))
+    }
+
+    /// GET with credentials: the body of a 2xx answer, None otherwise (or when it is down).
+    pub fn get(&self, path: &str) -> Option<String> {
+        let mut response = Self::agent().get(format!("{}{path}", self.url())).header("Authorization", Self::authorization()).call().ok()?;
+        response.status().is_success().then(|| response.body_mut().read_to_string().unwrap())
+    }
+
+    /// HTTP status of a GET without credentials.
+    pub fn status_without_credentials(&self, path: &str) -> u16 {
+        Self::agent().get(format!("{}{path}", self.url())).call().unwrap().status().as_u16()
+    }
+
+    /// The alerts it holds (`GET /api/v2/alerts`); empty while it is down.
+    pub fn alerts(&self) -> Vec<serde_json::Value> {
+        self.get("/api/v2/alerts").map(|body| serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()).unwrap_or_default()
+    }
+
+    /// POSTs JSON with credentials; returns the status and the parsed answer.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let mut response = Self::agent()
+            .post(format!("{}{path}", self.url()))
+            .header("Authorization", Self::authorization())
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        (response.status().as_u16(), serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    pub fn delete(&self, path: &str) -> u16 {
+        Self::agent().delete(format!("{}{path}", self.url())).header("Authorization", Self::authorization()).call().unwrap().status().as_u16()
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
