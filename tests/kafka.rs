@@ -340,15 +340,18 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     };
     assert_eq!(ureq::get(format!("http://127.0.0.1:{http}/ready")).call().unwrap().status(), 200, "the broker is reachable");
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let text = loop {
         let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
         let lines = lag_lines(&text);
         if lines.len() == 3 && lines.iter().all(|l| l.ends_with(" 0")) {
-            break;
+            break text;
         }
         assert!(Instant::now() < deadline, "lag per partition never reached 0: {lines:?}");
         std::thread::sleep(Duration::from_millis(200));
-    }
+    };
+    // The lag gauge as Prometheus's tools read it (tests/ops.rs checks the others).
+    let others: Vec<&str> = bearwatch::telemetry::METRICS.iter().map(|m| m.0).filter(|n| *n != "bearwatch_kafka_consumer_lag").collect();
+    common::check_with_prometheus_tools(&text, &others);
     aggregate.signal("TERM");
     assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
 

@@ -242,3 +242,29 @@ pub fn assert_same_rows(actual: &[Vec<String>], expected: &[Vec<String>], what: 
         differing.join("\n")
     );
 }
+
+/// Checks a `/metrics` text with Prometheus's own tools: `promtool check metrics` (its parser and
+/// linter, built by scripts/go-tools.sh) must be silent, and Prometheus's Python client
+/// (tests/metrics_check.py) must parse every metric of `bearwatch::telemetry::METRICS` but `absent`
+/// with its type, help text and well-formed histogram buckets.
+pub fn check_with_prometheus_tools(text: &str, absent: &[&str]) {
+    use std::io::Write;
+    let tool = Command::new("bash").arg(format!("{ROOT}/scripts/go-tools.sh")).arg("promtool").output().unwrap();
+    assert!(tool.status.success(), "scripts/go-tools.sh promtool failed:\n{}", String::from_utf8_lossy(&tool.stderr));
+    let promtool = String::from_utf8(tool.stdout).unwrap().trim().to_string();
+    let run = |command: &mut Command| {
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let lint = run(Command::new(&promtool).args(["check", "metrics"]));
+    let complaints = format!("{}{}", String::from_utf8_lossy(&lint.stdout), String::from_utf8_lossy(&lint.stderr));
+    assert!(lint.status.success() && complaints.trim().is_empty(), "promtool check metrics:\n{complaints}\n---\n{text}");
+
+    let expected = bearwatch::telemetry::METRICS
+        .iter()
+        .filter(|(name, ..)| !absent.contains(name))
+        .map(|(name, kind, ..)| format!("{name}={}", format!("{kind:?}").to_lowercase()));
+    let parsed = run(Command::new(format!("{ROOT}/.venv/bin/python")).arg(format!("{ROOT}/tests/metrics_check.py")).args(expected));
+    assert!(parsed.status.success(), "Prometheus's Python parser:\n{}{}", String::from_utf8_lossy(&parsed.stdout), String::from_utf8_lossy(&parsed.stderr));
+}
