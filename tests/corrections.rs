@@ -7,26 +7,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Pipeline, brokers, create_topic_on, produce_to, unique};
+use common::api::Api;
 use common::servers::free_port;
 use serde_json::{Value, json};
 
-struct Api {
-    url: String,
-    agent: ureq::Agent,
-}
-
+/// The open API of these pipelines (no users), each answer checked against docs/openapi.json.
 impl Api {
     fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let mut response = self.agent.post(format!("{}{path}", self.url)).header("Content-Type", "application/json").send(body).unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        self.call("POST", path, None, Some(body))
     }
 
     /// Rows of `query`, or none while the server is not up yet.
-    fn sql(&self, query: &str) -> Vec<Value> {
-        match self.agent.post(format!("{}/sql", self.url)).send(query) {
-            Ok(mut r) if r.status().as_u16() == 200 => serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+    fn rows(&self, query: &str) -> Vec<Value> {
+        match self.raw("POST", "/sql", &[], Some(query)) {
+            Ok((200, _, text)) => serde_json::from_str(&text).unwrap(),
             _ => Vec::new(),
         }
     }
@@ -35,7 +29,7 @@ impl Api {
     fn wait_for(&self, run: &mut Pipeline, what: &str, query: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let rows = self.sql(query);
+            let rows = self.rows(query);
             if done(&rows) {
                 return rows;
             }
@@ -64,7 +58,7 @@ fn start(dir: &std::path::Path, name: &str, partitions: i32) -> (String, Pipelin
         group = unique("g")
     );
     let run = Pipeline::start(dir, "p", &config);
-    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    let api = Api::new(&format!("http://127.0.0.1:{http}"));
     (topic, run, api)
 }
 
@@ -114,10 +108,10 @@ fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplic
     let news = api.wait_for(&mut run, "six stories", "SELECT id, sentiment FROM news WHERE id IN ('a', 'd', 'e') ORDER BY id", |r| r.len() == 3);
     assert!(news.iter().all(|s| s["sentiment"] == "negative"), "news keeps the model's scores: {news:?}");
     let window = api.wait_for(&mut run, "the window with six stories", ALL_WINDOW, |r| r.first().is_some_and(|w| w["n"] == 6))[0].clone();
-    let f_negative = api.sql("SELECT count(*) AS n FROM news WHERE id = 'f' AND sentiment = 'negative'")[0]["n"].as_i64().unwrap();
+    let f_negative = api.rows("SELECT count(*) AS n FROM news WHERE id = 'f' AND sentiment = 'negative'")[0]["n"].as_i64().unwrap();
     assert_eq!(window["n_negative"].as_i64(), before["n_negative"].as_i64().map(|n| n - 1 + f_negative), "a, d and e count as neutral: {window}");
     // Which label won, queryable: the model's in news, the analyst's where applied_labels says so.
-    let won = api.sql(
+    let won = api.rows(
         "SELECT n.id, coalesce(a.label, n.sentiment) AS label FROM news n \
          LEFT JOIN applied_labels a ON a.story_id = n.id AND a.head = 'sentiment' WHERE n.id IN ('a', 'e') ORDER BY n.id",
     );
@@ -178,7 +172,7 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     candidate(&broken, false);
     let (code, _, err) = bearwatch(&["model", "promote", broken.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
     assert_eq!(code, 0, "{err}");
-    let metrics = || api.agent.get(format!("{}/metrics", api.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    let metrics = || api.raw("GET", "/metrics", &[], None).unwrap().2;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !metrics().contains("bearwatch_model_swaps_total{outcome=\"failed\"} 1") {
         assert!(Instant::now() < deadline, "the broken candidate was not refused\n{}", run.logs());
@@ -214,7 +208,7 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     batch("d.jsonl", 900, 100);
     let rows = api.wait_for(&mut run, "all 1,000 stories", count, |r| r.first().is_some_and(|c| c["n"] == 1000));
     assert_eq!(rows[0]["ids"], 1000, "no story lost or scored twice across both swaps");
-    let back = api.sql("SELECT model, count(*) AS n FROM news WHERE id >= 's0900' GROUP BY model");
+    let back = api.rows("SELECT model, count(*) AS n FROM news WHERE id >= 's0900' GROUP BY model");
     assert_eq!(back, vec![json!({"model": "bearwatch-minilm-l6@2.0.0", "n": 100})], "rolled back in one step");
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::api::Api;
 use common::servers::free_port;
 use common::{DEMO_DATA, Pipeline, ROOT};
 use serde_json::{Value, json};
@@ -14,45 +15,6 @@ use serde_json::{Value, json};
 const VIEWER: &str = "viewer-token-0123456789";
 const ANALYST: &str = "analyst-token-0123456789";
 const ADMIN: &str = "admin-token-0123456789";
-
-struct Api {
-    url: String,
-    agent: ureq::Agent,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-        let url = format!("{}{path}", self.url);
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let mut response = match (method, body) {
-            ("GET", _) => {
-                let request = self.agent.get(&url);
-                match &auth {
-                    Some(a) => request.header("Authorization", a).call(),
-                    None => request.call(),
-                }
-            }
-            (_, body) => {
-                let request = self.agent.post(&url).header("Content-Type", "application/json");
-                let request = match &auth {
-                    Some(a) => request.header("Authorization", a),
-                    None => request,
-                };
-                request.send(body.unwrap_or(""))
-            }
-        }
-        .unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
-    fn sql(&self, token: &str, query: &str) -> Vec<Value> {
-        let (status, body) = self.call("POST", "/sql", Some(token), Some(query));
-        assert_eq!(status, 200, "{query}: {body}");
-        body.as_array().cloned().unwrap_or_default()
-    }
-}
 
 fn bearwatch(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(args).output().unwrap();
@@ -74,12 +36,13 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     // SAFETY: set before any thread of this test binary reads the environment.
     unsafe { std::env::set_var("FEEDBACK_VIEWER", VIEWER) };
     let mut run = Pipeline::start(dir.path(), "p", &config);
-    let api = Api { url: format!("http://127.0.0.1:{http}"), agent: ureq::Agent::config_builder().http_status_as_error(false).build().into() };
+    let api = Api::new(&format!("http://127.0.0.1:{http}"));
     // The replay ends and the server stays up: wait for the alerts the demo data raises.
     let deadline = Instant::now() + Duration::from_secs(300);
     let alert_id = loop {
-        let asked = api.agent.post(format!("{}/sql", api.url)).header("Authorization", format!("Bearer {VIEWER}")).send("SELECT alert_id FROM alerts ORDER BY recorded_at LIMIT 1");
-        let rows: Vec<Value> = asked.ok().and_then(|mut r| serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()).unwrap_or_default();
+        let auth = format!("Bearer {VIEWER}");
+        let asked = api.raw("POST", "/sql", &[("Authorization", &auth)], Some("SELECT alert_id FROM alerts ORDER BY recorded_at LIMIT 1"));
+        let rows: Vec<Value> = asked.ok().and_then(|(_, _, text)| serde_json::from_str(&text).ok()).unwrap_or_default();
         if let Some(id) = rows.first().and_then(|r| r["alert_id"].as_str()) {
             break id.to_string();
         }
@@ -97,7 +60,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     assert_eq!(api.call("GET", "/api/me", None, None).0, 401);
     assert_eq!(api.call("GET", "/api/me", Some("wrong-token-0123456789"), None).0, 401);
 
-    let story = api.sql(VIEWER, "SELECT id, headline, sentiment, topic FROM news WHERE sentiment = 'negative' ORDER BY id LIMIT 1")[0].clone();
+    let story = api.sql(Some(VIEWER), "SELECT id, headline, sentiment, topic FROM news WHERE sentiment = 'negative' ORDER BY id LIMIT 1")[0].clone();
     let story_id = story["id"].as_str().unwrap();
     let correction = json!({"story_id": story_id, "head": "sentiment", "label": "neutral", "note": "a split is not bad news"}).to_string();
     let verdict = json!({"alert_id": alert_id, "verdict": "noise"}).to_string();
@@ -152,7 +115,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
 
     let (status, answer) = api.call("POST", "/api/feedback/verdicts", Some(ANALYST), Some(&verdict));
     assert_eq!(status, 201, "{answer}");
-    let rule = api.sql(VIEWER, &format!("SELECT rule FROM alerts WHERE alert_id = '{alert_id}' LIMIT 1"))[0]["rule"].clone();
+    let rule = api.sql(Some(VIEWER), &format!("SELECT rule FROM alerts WHERE alert_id = '{alert_id}' LIMIT 1"))[0]["rule"].clone();
     assert_eq!(answer["rows"][0]["rule"], rule);
     assert_eq!(answer["rows"][0]["rules_hash"].as_str().map(str::len), Some(64));
     let (status, answer) = api.call("POST", "/api/feedback/missed", Some(ANALYST), Some(&missed));
@@ -160,15 +123,15 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     assert_eq!(api.call("POST", "/api/silences", Some(ANALYST), Some(&silence)).0, 201);
 
     // Everything is in the append-only tables, over HTTP SQL and over the Postgres wire.
-    let rows = api.sql(VIEWER, "SELECT analyst, head, action, analyst_label, supersedes FROM label_feedback ORDER BY created_at, head");
+    let rows = api.sql(Some(VIEWER), "SELECT analyst, head, action, analyst_label, supersedes FROM label_feedback ORDER BY created_at, head");
     assert_eq!(rows.len(), 3, "{rows:?}");
-    let won = api.sql(VIEWER, "SELECT analyst_label AS label, analyst FROM label_feedback WHERE head = 'sentiment' \
+    let won = api.sql(Some(VIEWER), "SELECT analyst_label AS label, analyst FROM label_feedback WHERE head = 'sentiment' \
         AND feedback_id NOT IN (SELECT supersedes FROM label_feedback WHERE supersedes IS NOT NULL)");
     assert_eq!(won, vec![json!({"label": "positive", "analyst": "admin"})]);
     // The replay has ended and its windows are closed: the corrected story's get revised final rows.
     let deadline = Instant::now() + Duration::from_secs(60);
     let applied = loop {
-        let rows = api.sql(VIEWER, &format!("SELECT label, matched FROM applied_labels WHERE story_id = '{story_id}' AND head = 'sentiment' ORDER BY applied_at"));
+        let rows = api.sql(Some(VIEWER), &format!("SELECT label, matched FROM applied_labels WHERE story_id = '{story_id}' AND head = 'sentiment' ORDER BY applied_at"));
         if rows.len() == 2 {
             break rows;
         }
@@ -176,8 +139,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(applied, vec![json!({"label": "neutral", "matched": "story"}), json!({"label": "positive", "matched": "story"})]);
-    let revisions = api.sql(
-        VIEWER,
+    let revisions = api.sql(Some(VIEWER),
         &format!(
             "WITH s AS (SELECT published_at FROM news WHERE id = '{story_id}' LIMIT 1), \
              w AS (SELECT window_start, n, n_negative, n_positive, \

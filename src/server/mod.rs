@@ -3,8 +3,9 @@
 //! `DELETE /api/silences/{id}`), feedback (`POST /api/feedback/labels|verdicts|missed`) and
 //! `GET /api/me`, each for the roles that may use it (`auth`); promotion and rollback of the
 //! champion model for admins (`POST /api/models/promote|rollback`); and, without auth for probes and
-//! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), and the
-//! dashboard page at `GET /` (its data needs a token when the server has users).
+//! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), the API's
+//! description at `GET /api/openapi.json`, and the dashboard page at `GET /` (its data needs a
+//! token when the server has users).
 
 mod auth;
 mod config;
@@ -98,7 +99,8 @@ impl Server {
             .route("/", get(|| async { axum::response::Html(DASHBOARD) }))
             .route("/health", get(|| async { "ok\n" }))
             .route("/ready", get(ready))
-            .route("/metrics", get(metrics));
+            .route("/metrics", get(metrics))
+            .route("/api/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }));
         let guarded = Router::new()
             .route("/sql", post(query))
             .route("/api/silences", get(list).post(create))
@@ -145,6 +147,10 @@ impl Drop for Server {
 
 /// The live dashboard: one hand-written page that polls `POST /sql` (no external assets).
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// This API as OpenAPI 3.1, kept in the repository (tests/openapi.rs checks it against the routes
+/// here and every answer the tests get).
+const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()

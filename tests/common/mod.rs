@@ -2,6 +2,7 @@
 //! tables back with DataFusion, and the real Kafka broker of `scripts/kafka.sh`.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod api;
 pub mod servers;
 
 use std::path::{Path, PathBuf};
