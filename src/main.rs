@@ -17,6 +17,8 @@ use bearwatch::source::{SourceError, produce};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Watches financial news for bursts of negative sentiment.
+///
+/// Example: bearwatch run   (the demo pipeline; dashboard at http://127.0.0.1:9464/)
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -45,6 +47,8 @@ enum Command {
     /// Example: bearwatch man > bearwatch.1 && man ./bearwatch.1
     Man,
     /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM.
+    ///
+    /// Example: bearwatch run --pipeline pipelines/kafka.toml
     Run {
         /// Pipeline file; default: the embedded demo (`pipelines/demo.toml`), which needs no broker.
         #[arg(long)]
@@ -58,6 +62,8 @@ enum Command {
         keep_serving: bool,
     },
     /// Runs a read-only SQL query over a pipeline's tables (news, windows, late, alerts, notifications).
+    ///
+    /// Example: bearwatch sql "SELECT topic, count(*) FROM news GROUP BY topic"
     Sql {
         /// The storage folder of a pipeline (default: the demo's).
         #[arg(long, conflicts_with = "url")]
@@ -73,18 +79,28 @@ enum Command {
         query: String,
     },
     /// Alert rule files.
+    ///
+    /// Example: bearwatch rules check alerts/default.toml
     #[command(subcommand)]
     Rules(RulesCommand),
     /// A pipeline's storage folder.
+    ///
+    /// Example: bearwatch storage repair --storage data/kafka
     #[command(subcommand)]
     Storage(StorageCommand),
     /// Analysts' feedback (DESIGN §10): label judgements in, the training-ready set out.
+    ///
+    /// Example: bearwatch feedback export --storage data/demo --out feedback.jsonl
     #[command(subcommand)]
     Feedback(FeedbackCommand),
     /// Builds and judges candidate models from analysts' feedback.
+    ///
+    /// Example: bearwatch model retrain --storage data/demo --out candidates/1
     #[command(subcommand)]
     Model(ModelCommand),
     /// Loads a JSON-lines file into a Kafka topic, in event-time order.
+    ///
+    /// Example: bearwatch produce --brokers 127.0.0.1:9092 --topic news pipelines/data/reuters-1987.jsonl
     Produce {
         #[arg(long)]
         brokers: String,
@@ -99,6 +115,8 @@ enum Command {
         file: PathBuf,
     },
     /// Scores JSON lines (news objects or {"text": …}) from a file or stdin; one scored line out per line in.
+    ///
+    /// Example: bearwatch classify --explain pipelines/data/reuters-1987.jsonl
     Classify {
         /// Input file; stdin when absent or `-`.
         input: Option<PathBuf>,
@@ -113,6 +131,8 @@ enum Command {
         explain: bool,
     },
     /// Throughput benchmarks.
+    ///
+    /// Example: bearwatch bench classify --items 512
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -122,6 +142,8 @@ enum StorageCommand {
     /// Sets aside the Parquet parts that a start-up refuses (missing, or with a footer that does not
     /// read): unreadable ones move to `<storage>/damaged/`, the checkpoint records them as lost, and
     /// the pipeline starts again with the rest. Exits 0 with what it set aside.
+    ///
+    /// Example: bearwatch storage repair --storage data/kafka
     Repair {
         #[arg(long)]
         storage: PathBuf,
@@ -249,6 +271,8 @@ enum ModelCommand {
 #[derive(Subcommand)]
 enum RulesCommand {
     /// Validates rule files (rules, routes, silences); errors give file, line and field, exit 2.
+    ///
+    /// Example: bearwatch rules check alerts/default.toml alerts/market.toml
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -297,14 +321,24 @@ enum RulesCommand {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Headlines/s and batch latency of the classifier against bare ONNX Runtime and a Python pipeline.
+    ///
+    /// Example: bearwatch bench classify --items 512 --batch-sizes 1 32
     Classify(bearwatch::bench::classify::BenchArgs),
     /// Five representative queries on a generated 10 M-row `news` table, beside DuckDB.
+    ///
+    /// Example: bearwatch bench sql --rows 1000000
     Sql(bearwatch::bench::sql::SqlBenchArgs),
     /// Event-time windows and alert rules alone on pre-scored events: events/s on one core.
+    ///
+    /// Example: bearwatch bench windows --rules alerts/default.toml
     Windows(bearwatch::bench::windows::WindowsBenchArgs),
     /// The whole pipeline from a Kafka backlog beside the classifier alone: stories/s and memory.
+    ///
+    /// Example: bearwatch bench e2e --brokers "$(scripts/kafka.sh start)" --stories 6000
     E2e(bearwatch::bench::e2e::E2eBenchArgs),
     /// From the story that completes a spike entering Kafka to its webhook notification: p50, p99.
+    ///
+    /// Example: bearwatch bench alerts --brokers "$(scripts/kafka.sh start)" --samples 20
     Alerts(bearwatch::bench::alerts::AlertBenchArgs),
     /// Plays the analyst: labels part of an unseen set, retrains, promotes, swaps; accuracy before
     /// and after on the untouched part and elsewhere, and how long each step took.

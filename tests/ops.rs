@@ -63,6 +63,39 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert!(!marked.is_empty() && marked.iter().all(|w| alert.contains(w.as_str().unwrap())), "the words behind its headlines are marked: {result}");
     assert!(result["headlines"].as_u64().unwrap() >= 10, "{result}");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "screenshot kept");
+    assert!(std::fs::metadata(artifacts.join("dashboard-narrow.png")).unwrap().len() > 10_000, "narrow screenshot kept");
+
+    // Drill-down: an alert's window lists its stories, most negative first, its words marked.
+    let window = &result["alertWindow"];
+    assert!(window["stories"].as_u64().unwrap() >= 1 && window["descending"] == true, "{result}");
+    assert!(window["marked"].as_u64().unwrap() >= 1, "the alert's words are marked in its window: {result}");
+    assert!(window["url"].as_str().unwrap().contains("alert="), "{result}");
+    assert_eq!(result["csv"]["name"], "bearwatch-stories.csv");
+    assert_eq!(result["csv"]["header"], "id,published_at,topic,sentiment,p_negative,p_neutral,p_positive,headline");
+    assert_eq!(result["csv"]["rows"], window["stories"], "the CSV holds what is shown");
+    // A point: how many stories the window stands on, and its stories.
+    let point = &result["pointWindow"];
+    assert!(point["title"].as_str().unwrap().contains(" stories in the window"), "{result}");
+    assert!(point["descending"] == true && point["url"].as_str().unwrap().contains("window="), "{result}");
+    // Keyboard: the chart is reached by Tab with a visible focus ring; arrows and Enter work.
+    let keyboard = &result["keyboard"];
+    assert_eq!(keyboard["focused"]["id"], "chart", "{result}");
+    assert_ne!(keyboard["focused"]["outline"], "none", "focus is visible: {result}");
+    assert!(keyboard["readout"].as_str().unwrap().contains("Enter lists its stories"), "{result}");
+    assert!(keyboard["title"].as_str().unwrap().contains("stories in the window"), "{result}");
+    // Filters in the address, and the address reopens the same view.
+    let filtered = &result["filtered"];
+    let topic = filtered["topic"].as_str().unwrap();
+    let shared = filtered["url"].as_str().unwrap();
+    assert!(shared.contains(&format!("topic={topic}")) && shared.contains("from=1987-03-09T00") && shared.contains("to=1987-03-12T00"), "{result}");
+    assert!(filtered["first"].as_str().unwrap() >= "1987-03-09 00:00" && filtered["last"].as_str().unwrap() < "1987-03-12 00:00", "{result}");
+    let mut lines = vec!["all".to_string(), topic.to_string()];
+    lines.sort();
+    assert_eq!(filtered["reopened"], serde_json::json!({"topic": topic, "from": "1987-03-09T00:00", "to": "1987-03-12T00:00", "lines": lines}));
+    // 360 to 1920 px: nothing wider than the screen (and no console errors, checked above).
+    for width in result["widths"].as_array().unwrap() {
+        assert!(width["scroll"].as_u64() <= width["width"].as_u64(), "wider than the screen: {result}");
+    }
 
     // The feedback given in the page is in the tables, as the open API's `anonymous` user.
     let correction = &result["correction"];

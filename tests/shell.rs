@@ -39,3 +39,34 @@ fn the_man_page_is_roff_with_every_top_level_command() {
         assert!(page.contains(&format!("bearwatch\\-{sub}")), "the man page lacks {sub}");
     }
 }
+
+/// The subcommands a `--help` lists under "Commands:" (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    let Some(start) = help.find("Commands:\n") else { return Vec::new() };
+    help[start + 10..]
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_commands_help_shows_an_example_of_itself() {
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = bearwatch(&args);
+        let invocation = format!("Example: {}", ["bearwatch"].into_iter().chain(path.iter().map(String::as_str)).collect::<Vec<_>>().join(" "));
+        let example = help.lines().find(|l| l.trim_start().starts_with("Example: "));
+        assert!(example.is_some_and(|e| e.trim_start().starts_with(&invocation)), "`{}` shows no example of itself:\n{help}", args.join(" "));
+        seen += 1;
+        for sub in subcommands(&help) {
+            pending.push(path.iter().cloned().chain([sub]).collect());
+        }
+    }
+    assert!(seen >= 30, "walked only {seen} commands");
+}

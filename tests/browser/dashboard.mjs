@@ -3,8 +3,11 @@
 // the words behind its headlines, marked), the
 // latest headlines are listed, and the numbers move while the pipeline runs; then it gives feedback
 // as an analyst would: corrects a headline's sentiment, marks an alert as noise and reports a missed
-// event. Prints one JSON line.
-// Usage: node dashboard.mjs URL SCREENSHOT.png
+// event; then works in it: opens an alert's window and a chart point's window (by mouse and by
+// keyboard), downloads the stories as CSV, filters by topic and time range, opens the shared
+// address in a new page, and looks at it from 360 to 1920 px wide. Prints one JSON line.
+// Usage: node dashboard.mjs URL SCREENSHOT.png   (a narrow one goes beside it, as -narrow.png)
+import { readFile } from "node:fs/promises";
 import { chromium } from "playwright-core";
 
 const [url, screenshot] = process.argv.slice(2);
@@ -17,7 +20,10 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 950 } });
   page.on("pageerror", (e) => errors.push(e.message));
   page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
-  page.on("request", (r) => !r.url().startsWith(new URL(url).origin) && errors.push("external request: " + r.url()));
+  const origin = new URL(url).origin;
+  // The CSV download is a blob of the page's own.
+  const outside = (r) => !r.url().startsWith(origin) && !r.url().startsWith("blob:" + origin);
+  page.on("request", (r) => outside(r) && errors.push("external request: " + r.url()));
   await page.goto(url);
   const stories = () => page.$eval("#status", (e) => Number((e.textContent.match(/^(\d+) stories/) || [0, -1])[1]));
   await page.waitForFunction(() => /^\d+ stories/.test(document.getElementById("status").textContent), null, { timeout: 60000 });
@@ -62,6 +68,87 @@ try {
   await page.click("#missed button");
   await page.waitForFunction(() => /recorded/.test(document.getElementById("missed-result").textContent), null, { timeout: 30000 });
   result.missed = await page.locator("#missed-result").innerText();
+
+  // An alert's window: its stories, most negative first, the alert's words marked.
+  const rowsShown = () => page.$$eval("#stories tr[data-story]", (rows) => rows.map((r) => ({ id: r.dataset.story, p: parseFloat(r.children[3].textContent) })));
+  const titled = (pattern) => page.waitForFunction((p) => new RegExp(p).test(document.getElementById("stories-title").textContent), pattern, { timeout: 30000 });
+  await page.locator("#alerts .alert button.open").first().click();
+  await titled(" · alert ");
+  await titled("negative of \\d+ listed");
+  const inAlert = await rowsShown();
+  result.alertWindow = {
+    title: await page.locator("#stories-title").innerText(),
+    stories: inAlert.length,
+    descending: inAlert.every((r, i) => i === 0 || r.p <= inAlert[i - 1].p),
+    marked: await page.locator("#stories mark").count(),
+    url: page.url(),
+  };
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#stories-csv")]);
+  const csv = (await readFile(await download.path(), "utf8")).split("\r\n").filter(Boolean);
+  result.csv = { name: download.suggestedFilename(), header: csv[0], rows: csv.length - 1 };
+
+  // A point of the chart, by mouse: that window's stories and how many it stands on.
+  await page.locator("svg#chart").scrollIntoViewIfNeeded();
+  const point = await page.locator("svg#chart circle.point").last().boundingBox();
+  await page.mouse.click(point.x + point.width / 2, point.y + point.height / 2);
+  await titled("negative of \\d+ stories in the window");
+  const clicked = await rowsShown();
+  result.pointWindow = { title: await page.locator("#stories-title").innerText(), stories: clicked.length, descending: clicked.every((r, i) => i === 0 || r.p <= clicked[i - 1].p), url: page.url() };
+
+  // By keyboard: Tab to the chart (focus visible), arrows along and across lines, Enter.
+  await page.locator("#stories-close").click();
+  await page.locator("#f-topic").focus();
+  // (Each part of a date-time field is a stop of its own.)
+  for (let i = 0; i < 40 && (await page.evaluate(() => document.activeElement.id)) !== "chart"; i++) await page.keyboard.press("Tab");
+  const focused = await page.evaluate(() => ({ id: document.activeElement.id, outline: getComputedStyle(document.activeElement).outlineStyle }));
+  for (const key of ["Home", "ArrowRight", "ArrowRight", "ArrowDown"]) await page.keyboard.press(key);
+  const readout = await page.locator("#readout").innerText();
+  await page.keyboard.press("Enter");
+  await titled("negative of \\d+ stories in the window");
+  result.keyboard = { focused, readout, title: await page.locator("#stories-title").innerText() };
+
+  // Filters: one topic and a time range, kept in the address; the address opens the same view.
+  const topic = await page.$eval("#f-topic", (s) => [...s.options].map((o) => o.value).find((v) => v && v !== "other") || "");
+  await page.selectOption("#f-topic", topic);
+  await page.fill("#f-from", "1987-03-09T00:00");
+  await page.fill("#f-to", "1987-03-12T00:00");
+  // Drawn for this view (the page marks what it drew for which address).
+  await page.waitForFunction(() => document.body.dataset.drawn === location.search && /to=1987-03-12/.test(location.search), null, { timeout: 30000 });
+  await page.waitForFunction((t) => {
+    const lines = [...document.querySelectorAll("svg#chart path.series")].map((p) => p.dataset.topic);
+    return lines.length === 2 && lines.includes(t) && lines.includes("all");
+  }, topic, { timeout: 30000 });
+  const starts = await page.$$eval("svg#chart circle.point title", (ts) => ts.map((t) => t.textContent.slice(t.textContent.indexOf("·") + 2, t.textContent.indexOf("·") + 18)));
+  const shared = page.url();
+  const other = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  other.on("pageerror", (e) => errors.push(e.message));
+  other.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  await other.goto(shared);
+  await other.waitForFunction(() => document.body.dataset.drawn === location.search, null, { timeout: 30000 });
+  result.filtered = {
+    topic,
+    url: shared,
+    first: starts[0],
+    last: starts[starts.length - 1],
+    reopened: { topic: await other.$eval("#f-topic", (s) => s.value), from: await other.$eval("#f-from", (i) => i.value), to: await other.$eval("#f-to", (i) => i.value),
+                lines: await other.$$eval("svg#chart path.series", (ps) => ps.map((p) => p.dataset.topic).sort()) },
+  };
+  await other.close();
+
+  // From a phone to a wide screen: no errors and nothing wider than the screen.
+  result.widths = [];
+  for (const width of [360, 768, 1280, 1920]) {
+    await page.setViewportSize({ width, height: 900 });
+    const before = await page.locator("#status").innerText();
+    await page.waitForFunction((b) => document.getElementById("status").textContent !== b, before, { timeout: 30000 });
+    result.widths.push({ width, scroll: await page.evaluate(() => document.documentElement.scrollWidth) });
+    if (width === 360) await page.screenshot({ path: screenshot.replace(/\.png$/, "-narrow.png"), fullPage: true });
+  }
+  await page.setViewportSize({ width: 1400, height: 950 });
+  await page.locator("#f-clear").click();
+  await page.waitForFunction(() => document.querySelectorAll("svg#chart path.series").length > 2, null, { timeout: 30000 });
+  await page.locator("#alerts .alert button.open").first().click();
+  await titled(" · alert ");
   result.errors = errors;
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify(result));
