@@ -216,6 +216,8 @@ pub struct Alerting {
     pub changes: Vec<(Alert, i64)>,
     /// Notifications for the outbox, written at the next checkpoint (before it, so none is lost).
     queued: Vec<notify::Queued>,
+    /// Alerts resolved since the last checkpoint, whose reminders end then.
+    resolved: Vec<String>,
     pub notifier: Option<notify::Notifier>,
     /// Explains each new alert's headlines before it is recorded or sent; none in role `aggregate`,
     /// which loads no model.
@@ -230,7 +232,7 @@ impl Alerting {
             resend_ms: (r.kind == ReceiverKind::Alertmanager).then(|| r.resend_every.as_millis()),
         };
         let receivers = receivers.iter().map(|r| (r.name.clone(), timing(r))).collect();
-        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), notifier, explainer: None }
+        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), resolved: Vec::new(), notifier, explainer: None }
     }
 
     pub fn with_explainer(mut self, explainer: Explainer) -> Alerting {
@@ -246,10 +248,12 @@ impl Alerting {
     /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
     pub fn flush_queue(&mut self) -> Result<(), AlertError> {
         let queued = std::mem::take(&mut self.queued);
-        match &self.notifier {
-            Some(notifier) if !queued.is_empty() => notifier.enqueue(queued),
-            _ => Ok(()),
+        let resolved = std::mem::take(&mut self.resolved);
+        let Some(notifier) = &self.notifier else { return Ok(()) };
+        if !queued.is_empty() {
+            notifier.enqueue(queued)?;
         }
+        notifier.end_reminders(&resolved)
     }
 
     /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.
@@ -286,6 +290,9 @@ impl Alerting {
     fn notify(&mut self, alert: &Alert) {
         metrics::counter!("bearwatch_alerts_total", "state" => alert.state.as_str())
             .increment(1);
+        if alert.state == AlertState::Resolved {
+            self.resolved.push(alert.alert_id.clone());
+        }
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
             crate::telemetry::received("notify", 1);
             if delivery.silenced {

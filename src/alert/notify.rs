@@ -376,26 +376,31 @@ impl Notifier {
     pub fn enqueue(&self, items: Vec<Queued>) -> Result<(), super::AlertError> {
         let mut outbox = lock(&self.shared.outbox);
         for Queued { key, receiver, alert, due_ms, expires_ms, repeat_ms } in items {
-            let resolved = alert.state == AlertState::Resolved;
-            let alert_id = alert.alert_id.clone();
             if outbox.enqueue(key.clone(), receiver.clone(), alert, due_ms, expires_ms, repeat_ms)? {
                 lock(&self.shared.rows).extend(row(&outbox, &key));
-            }
-            if resolved {
-                // Reminders of a firing alert that has resolved are moot.
-                let moot: Vec<String> = outbox
-                    .pending()
-                    .filter(|e| e.alert.alert_id == alert_id && e.receiver == receiver && e.alert.state == AlertState::Firing && e.key.contains('#'))
-                    .map(|e| e.key.clone())
-                    .collect();
-                for key in moot {
-                    outbox.drop_entry(&key, chrono::Utc::now().timestamp_millis(), "alert resolved".into())?;
-                    lock(&self.shared.rows).extend(row(&outbox, &key));
-                }
             }
         }
         drop(outbox);
         self.shared.wake();
+        Ok(())
+    }
+
+    /// Ends the reminders (and Alertmanager re-sends) of alerts that have resolved, at every
+    /// receiver, whether or not it is told of the resolve (`send_resolved = false`).
+    pub fn end_reminders(&self, alert_ids: &[String]) -> Result<(), super::AlertError> {
+        if alert_ids.is_empty() {
+            return Ok(());
+        }
+        let mut outbox = lock(&self.shared.outbox);
+        let moot: Vec<String> = outbox
+            .pending()
+            .filter(|e| e.key.contains('#') && e.alert.state == AlertState::Firing && alert_ids.contains(&e.alert.alert_id))
+            .map(|e| e.key.clone())
+            .collect();
+        for key in moot {
+            outbox.drop_entry(&key, chrono::Utc::now().timestamp_millis(), "alert resolved".into())?;
+            lock(&self.shared.rows).extend(row(&outbox, &key));
+        }
         Ok(())
     }
 
@@ -452,9 +457,11 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
                     metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
                     crate::telemetry::sent("notify", 1);
                     tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
+                    // The alert resolved while this reminder was on its way: the chain ends here.
+                    let ended = outbox.get(&key).is_some_and(|e| e.status == Status::Dropped);
                     let sent = outbox.sent(&key, now);
                     // A firing alert is repeated every repeat interval until it resolves.
-                    if sent.is_ok() && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
+                    if sent.is_ok() && !ended && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
                         let (base, n) = key.split_once('#').map_or((key.as_str(), 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
                         let next = format!("{base}#{}", n + 1);
                         let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), now + entry.repeat_ms, entry.expires_ms + entry.repeat_ms, entry.repeat_ms);
@@ -548,6 +555,7 @@ pub(crate) mod tests {
 
         let now = chrono::Utc::now().timestamp_millis();
         notifier.enqueue(vec![queued("a1/resolved/r", AlertState::Resolved, now, 0)]).unwrap();
+        notifier.end_reminders(&["a1".to_string()]).unwrap();
         std::thread::sleep(Duration::from_millis(800));
         let after = lock(&sent).clone();
         assert_eq!(after.last().unwrap().1, AlertState::Resolved);
@@ -581,6 +589,29 @@ pub(crate) mod tests {
         assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T09:30:00Z");
         resolved.resolved_at = Some("2026-12-03T00:00:00Z".into());
         assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T10:00:00Z", "a resolve dated ahead ends now");
+    }
+
+    #[test]
+    fn a_resolve_ends_the_reminders_even_where_it_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
+        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]));
+        let now = chrono::Utc::now().timestamp_millis();
+        let firing = Queued { key: "a1/firing/r".into(), receiver: "r".into(), alert: alert(AlertState::Firing), due_ms: now, expires_ms: now + 60_000, repeat_ms: 50 };
+        notifier.enqueue(vec![firing]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock(&sent).len() < 3 {
+            assert!(Instant::now() < deadline, "no reminders");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A route with send_resolved = false: no resolved notice, only the end of the reminders.
+        notifier.end_reminders(&["a1".to_string()]).unwrap();
+        let ended = lock(&sent).len();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(lock(&sent).len() <= ended + 1, "reminders went on after the resolve: {:?}", lock(&sent));
+        let outbox = lock(&notifier.shared.outbox);
+        assert_eq!(outbox.pending().count(), 0, "nothing left to send");
     }
 
     #[test]
