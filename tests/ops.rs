@@ -65,13 +65,16 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000, "screenshot kept");
     assert!(std::fs::metadata(artifacts.join("dashboard-narrow.png")).unwrap().len() > 10_000, "narrow screenshot kept");
 
+    // A window's stories count as its windows do: the corrected one shows the analyst's label.
+    let listed = result["correctedInWindow"].as_str().unwrap();
+    assert!(listed.contains(&format!("{} (analyst)", result["correction"]["label"].as_str().unwrap())), "{result}");
     // Drill-down: an alert's window lists its stories, most negative first, its words marked.
     let window = &result["alertWindow"];
     assert!(window["stories"].as_u64().unwrap() >= 1 && window["descending"] == true, "{result}");
     assert!(window["marked"].as_u64().unwrap() >= 1, "the alert's words are marked in its window: {result}");
     assert!(window["url"].as_str().unwrap().contains("alert="), "{result}");
     assert_eq!(result["csv"]["name"], "bearwatch-stories.csv");
-    assert_eq!(result["csv"]["header"], "id,published_at,topic,sentiment,p_negative,p_neutral,p_positive,headline");
+    assert_eq!(result["csv"]["header"], "id,published_at,topic,sentiment,model_sentiment,p_negative,p_neutral,p_positive,headline");
     assert_eq!(result["csv"]["rows"], window["stories"], "the CSV holds what is shown");
     // A point: how many stories the window stands on, and its stories.
     let point = &result["pointWindow"];

@@ -51,6 +51,7 @@ try {
   const story = await top.getAttribute("data-story");
   const cell = page.locator(`#headlines td.feedback[data-story="${story}"]`);
   const given = await cell.getAttribute("data-sentiment");
+  const published = await cell.evaluate((td) => td.closest("tr").children[0].textContent);
   const label = ["negative", "neutral", "positive"].find((l) => l !== given);
   await cell.locator('select[data-head="sentiment"]').selectOption(label);
   // Recorded: said above the headlines (the story may scroll out of the latest ones meanwhile).
@@ -68,6 +69,15 @@ try {
   await page.click("#missed button");
   await page.waitForFunction(() => /recorded/.test(document.getElementById("missed-result").textContent), null, { timeout: 30000 });
   result.missed = await page.locator("#missed-result").innerText();
+
+  // The corrected story, in its window (opened from an address): listed as the analyst labelled it.
+  const hour = new Date(published.replace(" ", "T").slice(0, 13) + ":00:00Z").toISOString();
+  const corrected = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  corrected.on("pageerror", (e) => errors.push(e.message));
+  await corrected.goto(`${url}?window=all,${hour}`);
+  await corrected.waitForSelector(`#stories tr[data-story="${story}"]`, { timeout: 30000 });
+  result.correctedInWindow = await corrected.locator(`#stories tr[data-story="${story}"]`).innerText();
+  await corrected.close();
 
   // An alert's window: its stories, most negative first, the alert's words marked.
   const rowsShown = () => page.$$eval("#stories tr[data-story]", (rows) => rows.map((r) => ({ id: r.dataset.story, p: parseFloat(r.children[3].textContent) })));
