@@ -140,30 +140,31 @@ impl Alertmanager {
         labels.extend(alert.group.clone());
         labels.insert("alertname".into(), alert.rule.clone());
         labels.insert("severity".into(), alert.severity.as_str().into());
-        // Alertmanager drops empty labels anyway; leaving them out keeps the fingerprint stable.
-        labels.retain(|_, v| !v.is_empty());
+        // Alertmanager refuses an empty name and drops empty values; leave both out.
+        labels.retain(|k, v| !k.is_empty() && !v.is_empty());
         let mut annotations = BTreeMap::from([
             ("summary".to_string(), alert.summary.clone()),
             ("description".to_string(), describe(alert)),
             ("alert_id".to_string(), alert.alert_id.clone()),
         ]);
-        let mut body = serde_json::json!({ "labels": labels, "startsAt": alert.started_at });
+        let mut body = serde_json::json!({ "labels": labels });
         if let Some(base) = &self.dashboard {
             annotations.insert("dashboard".into(), format!("{base}/?alert={}", alert.alert_id));
             let topic = alert.group.get("topic").map(|t| format!("&topic={t}")).unwrap_or_default();
             body["generatorURL"] = format!("{base}/?rule={}{topic}", alert.rule).into();
         }
         body["annotations"] = serde_json::json!(annotations);
+        // Event times ahead of the clock (stories dated up to `max_clock_skew` ahead) would make
+        // Alertmanager refuse the alert (start after end) or keep it firing: neither is after now.
+        let instant = |t: Option<&str>| t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map_or(now, |t| t.with_timezone(&chrono::Utc).min(now));
+        let starts = instant(Some(&alert.started_at));
         let ends = match alert.state {
             AlertState::Firing => now + self.valid_for,
-            // An event-time resolve ahead of the clock would keep it firing in Alertmanager.
-            AlertState::Resolved => alert
-                .resolved_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map_or(now, |t| t.with_timezone(&chrono::Utc).min(now)),
+            AlertState::Resolved => instant(alert.resolved_at.as_deref()).max(starts),
         };
-        body["endsAt"] = ends.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true).into();
+        let format = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        body["startsAt"] = format(starts).into();
+        body["endsAt"] = format(ends).into();
         body
     }
 }
@@ -585,10 +586,15 @@ pub(crate) mod tests {
         assert_eq!(body["generatorURL"], "https://bw.example/?rule=r&topic=energy");
 
         let mut resolved = alert(AlertState::Resolved);
+        resolved.started_at = "2026-12-02T09:00:00Z".into();
         resolved.resolved_at = Some("2026-12-02T09:30:00Z".into());
         assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T09:30:00Z");
         resolved.resolved_at = Some("2026-12-03T00:00:00Z".into());
         assert_eq!(am.postable(&resolved, now)["endsAt"], "2026-12-02T10:00:00Z", "a resolve dated ahead ends now");
+        // Stories dated ahead of the clock: it never starts after now, nor ends before it starts.
+        resolved.started_at = "2026-12-02T10:30:00Z".into();
+        let ahead = am.postable(&resolved, now);
+        assert_eq!((ahead["startsAt"].as_str(), ahead["endsAt"].as_str()), (Some("2026-12-02T10:00:00Z"), Some("2026-12-02T10:00:00Z")));
     }
 
     #[test]
