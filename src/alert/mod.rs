@@ -107,6 +107,20 @@ impl ReceiverConfig {
         if self.password.as_ref().is_some_and(|p| p.as_str().is_empty()) {
             return Err(("password", format!("receiver `{}`: `password` is empty (check the environment variable it names)", self.name)));
         }
+        // A URL without its scheme would only fail at the first send, and then be retried for a day.
+        let web = |field: &'static str, url: &EnvString| {
+            let url = url.as_str();
+            if url.starts_with("http://") || url.starts_with("https://") {
+                Ok(())
+            } else {
+                Err((field, format!("receiver `{}`: `{field}` must be an http:// or https:// URL (it is not shown here: its path may be a secret)", self.name)))
+            }
+        };
+        if matches!(self.kind, ReceiverKind::Webhook | ReceiverKind::Alertmanager) {
+            self.url.iter().try_for_each(|u| web("url", u))?;
+            self.urls.iter().try_for_each(|u| web("urls", u))?;
+            self.dashboard_url.iter().try_for_each(|u| web("dashboard_url", u))?;
+        }
         match self.kind {
             ReceiverKind::Log => Ok(()),
             ReceiverKind::Webhook => need(self.url.is_some(), "url"),

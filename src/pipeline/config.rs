@@ -187,6 +187,7 @@ fn receiver_field(field: &str) -> &'static str {
         "username" => "receivers.username",
         "bearer_token" => "receivers.bearer_token",
         "resend_every" => "receivers.resend_every",
+        "dashboard_url" => "receivers.dashboard_url",
         _ => "receivers",
     }
 }
@@ -257,6 +258,23 @@ path = "data"
         assert!(err.contains("`source.group_id`") && err.starts_with("p.toml:2:"), "{err}");
         let err = error("[source\n");
         assert!(err.starts_with("p.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn receivers_are_checked_by_kind_and_name_the_field() {
+        let receiver = |body: &str| error(&format!("{KAFKA}\n[[receivers]]\nname = \"r\"\n{body}"));
+        let err = receiver("type = \"webhook\"\nurl = \"hooks.example.com/SECRET\"\n");
+        assert!(err.contains("`receivers.url`") && err.contains("http:// or https://") && !err.contains("SECRET"), "{err}");
+        let err = receiver("type = \"alertmanager\"\n");
+        assert!(err.contains("`receivers.urls`"), "{err}");
+        let err = receiver("type = \"alertmanager\"\nurls = [\"http://am:9093\", \"am2:9093\"]\n");
+        assert!(err.contains("`receivers.urls`") && err.contains("http://"), "{err}");
+        let err = receiver("type = \"alertmanager\"\nurl = \"http://am:9093\"\nbearer_token = \"t\"\nusername = \"u\"\n");
+        assert!(err.contains("`receivers.bearer_token`") && err.contains("not both"), "{err}");
+        let err = receiver("type = \"alertmanager\"\nurl = \"http://am:9093\"\nresend_every = \"0s\"\n");
+        assert!(err.contains("`receivers.resend_every`"), "{err}");
+        let ok = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"alertmanager\"\nurls = [\"http://a:9093\", \"https://b\"]\n");
+        assert_eq!(PipelineConfig::parse(&ok, "p.toml").unwrap().receivers[0].resend_every.as_millis(), 60_000);
     }
 
     #[test]
