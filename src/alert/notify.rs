@@ -135,7 +135,7 @@ pub struct Alertmanager {
 
 impl Alertmanager {
     /// The alert as Alertmanager's `postableAlert`.
-    pub fn postable(&self, alert: &Alert, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+    fn postable(&self, alert: &Alert, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
         let mut labels: BTreeMap<String, String> = alert.labels.clone();
         labels.extend(alert.group.clone());
         labels.insert("alertname".into(), alert.rule.clone());
