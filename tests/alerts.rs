@@ -233,38 +233,36 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
     let mut run = Pipeline::start(dir.path(), "p", &config);
 
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("http://127.0.0.1:{http}/api/silences");
+    // Every answer is also checked against docs/openapi.json.
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+    let url = "/api/silences";
     let deadline = Instant::now() + Duration::from_secs(30);
-    while agent.get(&url).header("Authorization", "Bearer t0ken").call().is_err() {
+    while api.raw("GET", url, &[("Authorization", "Bearer t0ken")], None).is_err() {
         assert!(Instant::now() < deadline, "the API never came up\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(agent.get(&url).call().unwrap().status(), 401, "no token");
-    assert_eq!(agent.get(&url).header("Authorization", "Bearer wrong").call().unwrap().status(), 401);
+    assert_eq!(api.call("GET", url, None, None).0, 401, "no token");
+    assert_eq!(api.call("GET", url, Some("wrong"), None).0, 401);
 
     let now = chrono::Utc::now();
     let silence = |matcher: serde_json::Value, starts: chrono::DateTime<chrono::Utc>, ends: chrono::DateTime<chrono::Utc>| {
         serde_json::json!({"match": matcher, "starts_at": starts, "ends_at": ends, "comment": "test"}).to_string()
     };
-    let post = |body: String| agent.post(&url).header("Authorization", "Bearer t0ken").header("Content-Type", "application/json").send(body).unwrap();
+    let post = |body: String| api.call("POST", url, Some("t0ken"), Some(&body));
     let hour = chrono::Duration::hours(1);
-    let mut created = post(silence(serde_json::json!({"rule": "market-negative"}), now - hour, now + hour));
-    assert_eq!(created.status(), 201);
-    let id: serde_json::Value = serde_json::from_reader(created.body_mut().as_reader()).unwrap();
+    let (status, id) = post(silence(serde_json::json!({"rule": "market-negative"}), now - hour, now + hour));
+    assert_eq!(status, 201);
     assert!(id["id"].as_str().unwrap().starts_with('s'));
-    assert_eq!(post(silence(serde_json::json!({"rule": "x"}), now + hour, now)).status(), 400, "ends before it starts");
-    assert_eq!(post("{\"match\": 3}".into()).status(), 400);
+    assert_eq!(post(silence(serde_json::json!({"rule": "x"}), now + hour, now)).0, 400, "ends before it starts");
+    assert_eq!(post("{\"match\": 3}".into()).0, 400);
     let many: serde_json::Map<String, serde_json::Value> = (0..33).map(|i| (format!("label{i}"), "x".into())).collect();
-    assert_eq!(post(silence(serde_json::Value::Object(many), now, now + hour)).status(), 400, "33 matchers");
+    assert_eq!(post(silence(serde_json::Value::Object(many), now, now + hour)).0, 400, "33 matchers");
 
-    let mut other = post(silence(serde_json::json!({"topic": "energy"}), now, now + hour));
-    let other: serde_json::Value = serde_json::from_reader(other.body_mut().as_reader()).unwrap();
+    let (_, other) = post(silence(serde_json::json!({"topic": "energy"}), now, now + hour));
     let other_url = format!("{url}/{}", other["id"].as_str().unwrap());
-    assert_eq!(agent.delete(&other_url).header("Authorization", "Bearer t0ken").call().unwrap().status(), 204);
-    assert_eq!(agent.delete(&other_url).header("Authorization", "Bearer t0ken").call().unwrap().status(), 404);
-    let mut listed = agent.get(&url).header("Authorization", "Bearer t0ken").call().unwrap();
-    let listed: serde_json::Value = serde_json::from_reader(listed.body_mut().as_reader()).unwrap();
+    assert_eq!(api.call("DELETE", &other_url, Some("t0ken"), None).0, 204);
+    assert_eq!(api.call("DELETE", &other_url, Some("t0ken"), None).0, 404);
+    let (_, listed) = api.call("GET", url, Some("t0ken"), None);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["match"]["rule"], "market-negative");
 

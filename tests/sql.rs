@@ -67,21 +67,17 @@ fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
     let config = pipeline("speed = 10000") + &format!("[server]\nhttp = \"127.0.0.1:{port}\"\nauth_token = \"k3y\"\n");
     let mut run = Pipeline::start(dir.path(), "p", &config);
     let url = format!("http://127.0.0.1:{port}");
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    // Every answer is also checked against docs/openapi.json.
+    let api = common::api::Api::new(&url);
     let post = |query: &str, accept: &str, token: &str| {
-        let mut response = agent
-            .post(format!("{url}/sql"))
-            .header("Accept", accept)
-            .header("Authorization", format!("Bearer {token}"))
-            .send(query)
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.body_mut().read_to_vec().unwrap())
+        let auth = format!("Bearer {token}");
+        let (status, _, body) = api.bytes("POST", "/sql", &[("Accept", accept), ("Authorization", &auth)], Some(query)).unwrap();
+        (status, body)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ready = agent.post(format!("{url}/sql")).header("Authorization", "Bearer k3y").send("SELECT count(*) AS n FROM news");
-        if ready.is_ok_and(|mut r| r.status() == 200 && r.body_mut().read_to_string().unwrap() != "[{\"n\":0}]") {
+        let ready = api.raw("POST", "/sql", &[("Authorization", "Bearer k3y")], Some("SELECT count(*) AS n FROM news"));
+        if ready.is_ok_and(|(status, _, text)| status == 200 && text != "[{\"n\":0}]") {
             break;
         }
         assert!(Instant::now() < deadline, "no rows became queryable\n{}", run.logs());

@@ -28,6 +28,12 @@ impl Api {
 
     /// One request; returns the status, the content type and the body as text.
     pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Result<(u16, String, String), ureq::Error> {
+        let (status, content_type, bytes) = self.bytes(method, path, headers, body)?;
+        Ok((status, content_type, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// As [`Api::raw`], with the body as bytes (an Arrow IPC stream is binary).
+    pub fn bytes(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Result<(u16, String, Vec<u8>), ureq::Error> {
         let url = format!("{}{path}", self.url);
         let mut response = match method {
             "GET" | "DELETE" => {
@@ -47,12 +53,12 @@ impl Api {
         };
         let status = response.status().as_u16();
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let bytes = response.body_mut().with_config().limit(64 << 20).read_to_vec()?;
         // Lossy: an Arrow IPC answer is binary, and only its media type is checked.
-        let text = String::from_utf8_lossy(&response.body_mut().with_config().limit(64 << 20).read_to_vec()?).into_owned();
         self.exchanges.lock().unwrap().push(serde_json::json!({
-            "method": method, "path": path, "status": status, "content_type": content_type, "body": text,
+            "method": method, "path": path, "status": status, "content_type": content_type, "body": String::from_utf8_lossy(&bytes),
         }));
-        Ok((status, content_type, text))
+        Ok((status, content_type, bytes))
     }
 
     /// A JSON call with an optional bearer token; the answer parsed (a string when it is not JSON).
