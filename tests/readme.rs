@@ -1,6 +1,7 @@
 //! README's reference sections are checked against the code: the configuration reference against
-//! the typed config (every field of every section is shown, and the block parses), and the metrics
-//! table against `bearwatch::telemetry::METRICS`.
+//! the typed config (every field of every section is shown, and the block parses), the metrics
+//! table against `bearwatch::telemetry::METRICS`, and the Alertmanager route shown against
+//! `alerts/alertmanager.yml`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -96,3 +97,11 @@ fn the_metrics_table_lists_exactly_the_exported_metrics() {
     assert_eq!(listed, exported);
 }
 
+
+#[test]
+fn the_alertmanager_route_shown_is_the_shipped_file() {
+    let shipped = include_str!("../alerts/alertmanager.yml");
+    let section = &README[README.find("### Alertmanager").expect("README has an Alertmanager section")..];
+    let code = &section[section.find("```yaml\n").unwrap() + 8..];
+    assert_eq!(&code[..code.find("```").unwrap()], shipped, "README's alertmanager.yml differs from alerts/alertmanager.yml");
+}
