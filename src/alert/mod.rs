@@ -204,6 +204,18 @@ impl Router {
     }
 }
 
+/// Replaces `path` with `bytes` whole: written beside it, fsynced, then renamed over it, so that a
+/// crash leaves the old file or the new one, never a torn one.
+fn replace_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), AlertError> {
+    let io = AlertError::io(path);
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let mut file = std::fs::File::create(&temporary).map_err(io)?;
+    std::io::Write::write_all(&mut file, bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temporary, path).map_err(io)
+}
+
 /// Finds the words behind texts, each text's strongest push towards negative first (the pipeline
 /// makes one from its classifier; see `classify --explain`).
 pub type Explainer = Box<dyn FnMut(&[&str]) -> Vec<Vec<Why>> + Send>;
@@ -340,18 +352,23 @@ impl Alerting {
     }
 }
 
+/// One headline behind an alert: its score, its text and id, and the words that make it negative.
+fn headline_line(h: &crate::window::Headline) -> String {
+    let mut line = format!("p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
+    if !h.why.is_empty() {
+        let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
+        let _ = write!(line, "  why: {}", words.join(", "));
+    }
+    line
+}
+
 /// The alert as a person reads it: the summary, then the most negative headlines behind it.
 pub fn render_text(alert: &Alert) -> String {
     let state = alert.state.as_str().to_uppercase();
     let mut text = format!("[{state}] {} ({}) {}\n", alert.rule, alert.severity.as_str(), alert.summary);
     if alert.state == AlertState::Firing {
         for h in &alert.top_headlines {
-            let _ = write!(text, "    p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
-            if !h.why.is_empty() {
-                let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
-                let _ = write!(text, "  why: {}", words.join(", "));
-            }
-            text.push('\n');
+            let _ = writeln!(text, "    {}", headline_line(h));
         }
     }
     let _ = write!(text, "    alert_id {}  window {} to {}", alert.alert_id, alert.window_start, alert.window_end);

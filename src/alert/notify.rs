@@ -11,7 +11,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{Message, SmtpTransport, Transport};
 
 use super::outbox::{Outbox, Status};
-use super::{ReceiverConfig, ReceiverKind, SmtpTls, render_text};
+use super::{ReceiverConfig, ReceiverKind, SmtpTls, headline_line, render_text};
 use crate::detect::{Alert, AlertState};
 use crate::source::kafka::Output;
 
@@ -177,11 +177,8 @@ fn describe(alert: &Alert) -> String {
         alert.value, alert.threshold, alert.count, alert.window_start, alert.window_end
     );
     for h in &alert.top_headlines {
-        text.push_str(&format!("\n- p_negative {:.2} {} ({})", h.p_negative, h.headline, h.id));
-        if !h.why.is_empty() {
-            let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
-            text.push_str(&format!(" why: {}", words.join(", ")));
-        }
+        text.push_str("\n- ");
+        text.push_str(&headline_line(h));
     }
     text
 }

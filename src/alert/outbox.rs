@@ -95,22 +95,16 @@ impl Outbox {
         Ok(outbox)
     }
 
-    /// Rewrites the file with every entry but the settled reminders (written to a temporary file,
-    /// fsynced, then renamed over the old one: a crash leaves one or the other, whole).
+    /// Rewrites the file, whole, with every entry but the settled reminders.
     fn compact(&mut self) -> Result<(), AlertError> {
-        let io = AlertError::io(&self.path);
         self.entries.retain(|key, e| e.status == Status::Pending || !is_reminder(key));
-        let temporary = self.path.with_extension("jsonl.tmp");
         let mut text = Vec::new();
         for entry in self.entries.values() {
-            serde_json::to_writer(&mut text, &Event::Restored(entry.clone())).map_err(|e| AlertError::Io { path: temporary.clone(), reason: e.to_string() })?;
+            serde_json::to_writer(&mut text, &Event::Restored(entry.clone())).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
             text.push(b'\n');
         }
-        let mut file = File::create(&temporary).map_err(io)?;
-        file.write_all(&text).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&temporary, &self.path).map_err(io)?;
-        self.file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
+        super::replace_file(&self.path, &text)?;
+        self.file = OpenOptions::new().append(true).open(&self.path).map_err(AlertError::io(&self.path))?;
         self.settled_reminders = 0;
         Ok(())
     }

@@ -68,12 +68,8 @@ impl SilenceStore {
     }
 
     fn save(&self, all: &[StoredSilence]) -> Result<(), AlertError> {
-        let io = AlertError::io(&self.path);
-        let temp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(all).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
-        std::fs::write(&temp, bytes).map_err(io)?;
-        std::fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(&temp, &self.path).map_err(io)
+        super::replace_file(&self.path, &bytes)
     }
 }
 
