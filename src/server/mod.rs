@@ -111,9 +111,9 @@ impl Server {
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))
             .route("/api/models/rollback", post(models::rollback))
-            // A query is at most 64 KiB and a silence far less; 1,000 feedback items fit in 1 MiB.
-            .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
-            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+            .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
+            .layer(middleware::from_fn(refuse_oversized));
         let app = open.merge(guarded).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -151,6 +151,39 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// This API as OpenAPI 3.1, kept in the repository (tests/openapi.rs checks it against the routes
 /// here and every answer the tests get).
 const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// A query is at most 64 KiB and a silence far less; 1,000 feedback items fit in 1 MiB.
+const BODY_LIMIT: usize = 1 << 20;
+/// How much of a refused body is read and dropped, and for how long, before the answer.
+const DRAIN_LIMIT: usize = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers a body over [`BODY_LIMIT`] with a JSON 413 (before the token is checked). A declared
+/// oversized body is first read and dropped, up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a server that
+/// answers and closes while the client is still sending makes the kernel reset the connection, and
+/// the client then sees "connection reset" instead of the 413 (nginx's lingering close does the same).
+async fn refuse_oversized(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over {BODY_LIMIT} bytes"));
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        use futures::StreamExt;
+        let mut body = request.into_body().into_data_stream();
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            let mut read = 0;
+            while read < DRAIN_LIMIT {
+                match body.next().await {
+                    Some(Ok(chunk)) => read += chunk.len(),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        return too_large();
+    }
+    // A chunked body over the limit is refused by the extractor (`DefaultBodyLimit`) as plain text.
+    let response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { response }
+}
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
