@@ -1,5 +1,7 @@
 //! `bearwatch classify` end to end: the real binary, the committed model, ONNX Runtime from the wheel.
 
+mod common;
+
 use assert_cmd::Command;
 use serde_json::Value;
 
@@ -41,7 +43,7 @@ fn assert_scored(line: &Value) {
     assert!(["negative", "neutral", "positive"].contains(&line["sentiment"].as_str().unwrap()), "{line}");
     assert!(TOPICS.contains(&line["topic"].as_str().unwrap()), "{line}");
     assert!((0.0..=1.0).contains(&p("topic_score")), "{line}");
-    assert_eq!(line["model"], "bearwatch-minilm-l6@2.0.0");
+    assert_eq!(line["model"], common::bundled_model().as_str());
 }
 
 /// The committed model speaks taxonomy 2: its topic head is DESIGN §9 in order, and `models/topics.csv`

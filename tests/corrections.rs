@@ -131,11 +131,11 @@ fn candidate(dir: &std::path::Path, golden: bool) -> String {
     }
     std::fs::copy(models.join("refit/heads.json"), dir.join("heads.json")).unwrap();
     let mut labels: Value = serde_json::from_str(&std::fs::read_to_string(models.join("labels.json")).unwrap()).unwrap();
-    labels["version"] = json!("2.0.0+refit.test0001");
+    labels["version"] = json!(format!("{}+refit.test0001", labels["version"].as_str().unwrap()));
     labels["heads"] = json!("heads.json");
     std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
-    let id = "bearwatch-minilm-l6@2.0.0+refit.test0001".to_string();
-    let report = json!({"candidate": id, "built_at": "2026-12-01T00:00:00Z", "champion": "bearwatch-minilm-l6@2.0.0",
+    let id = format!("{}+refit.test0001", common::bundled_model());
+    let report = json!({"candidate": id, "built_at": "2026-12-01T00:00:00Z", "champion": common::bundled_model(),
         "from": models.display().to_string(), "storage": "", "anchors": 0, "feedback_trained": 0, "trained_until": null,
         "feedback_held_out": 0, "feedback_weight": 3.0, "temperatures": [1.0, 1.0], "comparisons": []});
     std::fs::write(dir.join("report.json"), report.to_string()).unwrap();
@@ -209,7 +209,7 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     let rows = api.wait_for(&mut run, "all 1,000 stories", count, |r| r.first().is_some_and(|c| c["n"] == 1000));
     assert_eq!(rows[0]["ids"], 1000, "no story lost or scored twice across both swaps");
     let back = api.rows("SELECT model, count(*) AS n FROM news WHERE id >= 's0900' GROUP BY model");
-    assert_eq!(back, vec![json!({"model": "bearwatch-minilm-l6@2.0.0", "n": 100})], "rolled back in one step");
+    assert_eq!(back, vec![json!({"model": common::bundled_model(), "n": 100})], "rolled back in one step");
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
 }

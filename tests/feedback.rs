@@ -298,7 +298,8 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     assert_eq!(code, 0, "{err}");
     let scored: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(scored["model"], report["candidate"], "{scored}");
-    assert!(scored["model"].as_str().unwrap().starts_with("bearwatch-minilm-l6@2.0.0+refit."), "{scored}");
+    let bundled = common::bundled_model();
+    assert!(scored["model"].as_str().unwrap().starts_with(&format!("{bundled}+refit.")), "{scored}");
     let (code, _, err) = bearwatch(&["model", "retrain", "--storage", storage, "--out", out.to_str().unwrap()]);
     assert_eq!(code, 2, "an existing candidate is never overwritten: {err}");
 
@@ -313,7 +314,7 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     std::fs::write(worse_dir.join("report.json"), worse_report.to_string()).unwrap();
     let (code, _, err) = bearwatch(&["model", "promote", worse_dir.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("is worse than bearwatch-minilm-l6@2.0.0 beyond its interval on eval sentiment") && err.contains("--force"), "{err}");
+    assert!(err.contains(&format!("is worse than {bundled} beyond its interval on eval sentiment")) && err.contains("--force"), "{err}");
     let (code, _, err) = bearwatch(&["model", "promote", worse_dir.to_str().unwrap(), "--storage", storage, "--by", "ana", "--force"]);
     assert_eq!(code, 2, "--force needs a --reason: {err}");
 
@@ -334,10 +335,10 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     };
     assert_eq!(
         sql("SELECT model, set_by FROM model_aliases ORDER BY set_at"),
-        format!("model,set_by\nbearwatch-minilm-l6@2.0.0,ana\n{candidate},ana\n"),
+        format!("model,set_by\n{bundled},ana\n{candidate},ana\n"),
         "the champion before the first promotion is recorded, then the candidate"
     );
-    assert_eq!(sql("SELECT model, parent, length(sha256) AS hash FROM models"), format!("model,parent,hash\n{candidate},bearwatch-minilm-l6@2.0.0,64\n"));
+    assert_eq!(sql("SELECT model, parent, length(sha256) AS hash FROM models"), format!("model,parent,hash\n{candidate},{bundled},64\n"));
 
     // A pipeline started on this storage serves the champion; after a rollback, the one before.
     let stories = dir.path().join("stories.jsonl");
@@ -352,8 +353,8 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     assert_eq!(served(), format!("model\n{candidate}\n"));
     let (code, stdout, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "back to the bundled model"]);
     assert_eq!(code, 0, "{err}");
-    assert!(stdout.contains("champion: bearwatch-minilm-l6@2.0.0 (rollback from"), "{stdout}");
-    assert_eq!(served(), "model\nbearwatch-minilm-l6@2.0.0\n");
+    assert!(stdout.contains(&format!("champion: {bundled} (rollback from")), "{stdout}");
+    assert_eq!(served(), format!("model\n{bundled}\n"));
 }
 
 /// A challenger that reads more headlines as negative: the bundled encoder with the champion's own
@@ -368,10 +369,10 @@ fn gloomy_challenger(dir: &std::path::Path) -> String {
     heads["sentiment"]["bias"][0] = json!(heads["sentiment"]["bias"][0].as_f64().unwrap() + 1.5);
     std::fs::write(dir.join("heads.json"), heads.to_string()).unwrap();
     let mut labels: Value = serde_json::from_str(&std::fs::read_to_string(models.join("labels.json")).unwrap()).unwrap();
-    labels["version"] = json!("2.0.0+gloomy");
+    labels["version"] = json!(format!("{}+gloomy", labels["version"].as_str().unwrap()));
     labels["heads"] = json!("heads.json");
     std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
-    "bearwatch-minilm-l6@2.0.0+gloomy".into()
+    format!("{}+gloomy", common::bundled_model())
 }
 
 #[test]

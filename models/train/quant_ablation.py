@@ -15,21 +15,23 @@ import evaluate
 from quantize import quantize
 from train import WORK
 
-LAST_FFN = ("layers.5/inter/MatMul", "layers.5/out/MatMul")
 ALL_FFN_OUT = tuple(f"layers.{i}/out/MatMul" for i in range(6))
+# Each variant's settings over quantize()'s defaults, whose outlier split (folded-outliers-4) ships.
+PLAIN = {"ffn_outlier_channels": 0}
 VARIANTS = {
-    "minmax-512": {},
-    "minmax-2048": {"calibration_size": 2048},
-    "percentile-99.99": {"method": "percentile", "percentile": 99.99},
-    "percentile-99.999": {"method": "percentile", "percentile": 99.999},
-    "entropy": {"method": "entropy"},
-    "minmax-last-ffn-fp32": {"keep_fp32": LAST_FFN},
-    "minmax-ffn-out-fp32": {"keep_fp32": ALL_FFN_OUT},
-    "embeddings-only": {"keep_fp32": ("MatMul",)},
-    "matmuls-only": {"int8_embeddings": False},
-    "smooth-0.5": {"smooth_alpha": 0.5},
-    "smooth-0.65": {"smooth_alpha": 0.65},
-    "smooth-0.8": {"smooth_alpha": 0.8},
+    "minmax-512": PLAIN,
+    "percentile-99.999": PLAIN | {"method": "percentile", "percentile": 99.999},
+    "smooth-0.5": PLAIN | {"smooth_alpha": 0.5},
+    "smooth-ffn-out-0.7": PLAIN | {"smooth_alpha": 0.7, "smooth_only": ("/out/MatMul",)},
+    "weights-only": PLAIN | {"keep_fp32": ("MatMul",)},
+    "qkv-fp32": PLAIN | {"keep_fp32": ("query/MatMul", "key/MatMul", "value/MatMul")},
+    "attn-out-fp32": PLAIN | {"keep_fp32": ("attn_out/MatMul",)},
+    "inter-fp32": PLAIN | {"keep_fp32": ("inter/MatMul",)},
+    "ffn-out-fp32": PLAIN | {"keep_fp32": ALL_FFN_OUT},
+    **{f"layer-{i}-ffn-out-fp32": PLAIN | {"keep_fp32": (f"layers.{i}/out/MatMul",)} for i in range(6)},
+    "masked-outliers-4": PLAIN | {"outlier_channels": 4, "outlier_only": ("out/MatMul",)},
+    "all-masked-outliers-4": PLAIN | {"outlier_channels": 4, "outlier_only": ("MatMul",)},
+    **{f"folded-outliers-{k}": {"ffn_outlier_channels": k} for k in (4, 8)},
 }
 
 
@@ -39,10 +41,12 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--keep", action="store_true", help="keep each export as work/NAME/model.VARIANT.onnx")
+    p.add_argument("--limit", type=int, default=0, help="score the first N texts of each dev set (a quick look); 0 = all")
     args = p.parse_args()
     work = WORK / args.name
     splits = data.load()
-    dev = splits["dev"]
+    dev = {name: items[:args.limit] if args.limit else items for name, items in splits["dev"].items()}
     temps = json.loads((work / "temperatures.json").read_text())
     tok_path = work / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
@@ -55,7 +59,7 @@ def main():
         return preds, time.perf_counter() - started
 
     reference, fp32_seconds = score(work / "model.fp32.onnx")
-    out_path = work / "quant_ablation.json"
+    out_path = work / (f"quant_ablation.first{args.limit}.json" if args.limit else "quant_ablation.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results["fp32"] = {"seconds": round(fp32_seconds, 1), **{n: m for n, m in summary(reference, reference, dev).items()}}
     for variant in args.variants:
@@ -63,7 +67,8 @@ def main():
         quantize(work / "model.fp32.onnx", dst, tok, train_texts, args.seed, **VARIANTS[variant])
         preds, seconds = score(dst)
         results[variant] = {"seconds": round(seconds, 1), "bytes": dst.stat().st_size, **summary(preds, reference, dev)}
-        dst.unlink()
+        if not args.keep:
+            dst.unlink()
         out_path.write_text(json.dumps(results, indent=2) + "\n")
         print(variant, json.dumps(results[variant]), flush=True)
     print(table(results))

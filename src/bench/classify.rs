@@ -25,6 +25,7 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32, 128])]
     pub batch_sizes: Vec<usize>,
+    /// Model folder (model.onnx, tokenizer.json, labels.json); default: the bundled `models/`.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// ONNX Runtime intra-op threads, for bearwatch and Python alike; 0 = one per core.
