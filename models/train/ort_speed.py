@@ -1,0 +1,61 @@
+"""Relative speed of ONNX model files under ONNX Runtime: the same 2,048 benchmark headlines in
+batches of 64 (in file order), 2 threads, one untimed warm-up, then interleaved timed rounds so that
+a shared machine's drift hits every file alike. Prints each file's median items/s and its per-round
+ratio to the first file.
+    .venv/bin/python models/train/ort_speed.py models/model.onnx OTHER.onnx [--rounds 5]
+(the speed column of the model card's "Which int8" table; `bearwatch bench classify` measures the
+whole pipeline)."""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--input", default=str(ROOT / "benches/data/headlines_mix.jsonl"))
+    args = p.parse_args()
+    tok = Tokenizer.from_file(str(ROOT / "models/tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(64)
+    texts = [json.loads(line)["text"] for line in open(args.input)][:2048]
+    encoded = [e.ids for e in tok.encode_batch(texts)]
+    batches = []
+    for i in range(0, len(encoded), 64):
+        chunk = encoded[i:i + 64]
+        ids = np.zeros((len(chunk), max(map(len, chunk))), np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(chunk):
+            ids[row, :len(e)], mask[row, :len(e)] = e, 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    sessions = [ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]) for m in args.models]
+    for session in sessions:
+        for batch in batches[:3]:
+            session.run(None, batch)
+    rates = [[] for _ in sessions]
+    for _ in range(args.rounds):
+        for k, session in enumerate(sessions):
+            started = time.perf_counter()
+            for batch in batches:
+                session.run(None, batch)
+            rates[k].append(len(encoded) / (time.perf_counter() - started))
+    first = np.array(rates[0])
+    for path, r in zip(args.models, rates):
+        ratio = np.array(r) / first
+        print(f"{path}: median {np.median(r):.0f} items/s; to the first: median {np.median(ratio):.2f}× "
+              f"({ratio.min():.2f}–{ratio.max():.2f})")
+
+
+if __name__ == "__main__":
+    main()
