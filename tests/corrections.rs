@@ -134,7 +134,7 @@ fn candidate(dir: &std::path::Path, golden: bool) -> String {
     labels["version"] = json!(format!("{}+refit.test0001", labels["version"].as_str().unwrap()));
     labels["heads"] = json!("heads.json");
     std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
-    let id = format!("{}+refit.test0001", common::bundled_model());
+    let id = common::model_id(&labels);
     let report = json!({"candidate": id, "built_at": "2026-12-01T00:00:00Z", "champion": common::bundled_model(),
         "from": models.display().to_string(), "storage": "", "anchors": 0, "feedback_trained": 0, "trained_until": null,
         "feedback_held_out": 0, "feedback_weight": 3.0, "temperatures": [1.0, 1.0], "comparisons": []});

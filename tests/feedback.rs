@@ -372,7 +372,7 @@ fn gloomy_challenger(dir: &std::path::Path) -> String {
     labels["version"] = json!(format!("{}+gloomy", labels["version"].as_str().unwrap()));
     labels["heads"] = json!("heads.json");
     std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
-    format!("{}+gloomy", common::bundled_model())
+    common::model_id(&labels)
 }
 
 #[test]

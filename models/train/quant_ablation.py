@@ -47,7 +47,6 @@ def main():
     work = WORK / args.name
     splits = data.load()
     dev = {name: items[:args.limit] if args.limit else items for name, items in splits["dev"].items()}
-    temps = json.loads((work / "temperatures.json").read_text())
     tok_path = work / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
     train_texts = [it.text for items in splits["train"].values() for it in items]
@@ -61,7 +60,7 @@ def main():
     reference, fp32_seconds = score(work / "model.fp32.onnx")
     out_path = work / (f"quant_ablation.first{args.limit}.json" if args.limit else "quant_ablation.json")
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    results["fp32"] = {"seconds": round(fp32_seconds, 1), **{n: m for n, m in summary(reference, reference, dev).items()}}
+    results["fp32"] = {"seconds": round(fp32_seconds, 1), **summary(reference, reference, dev)}
     for variant in args.variants:
         dst = work / f"model.{variant}.onnx"
         quantize(work / "model.fp32.onnx", dst, tok, train_texts, args.seed, **VARIANTS[variant])

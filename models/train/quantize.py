@@ -70,7 +70,7 @@ def quantize(src, dst, tokenizer, texts, seed, calibration_size=512, method="min
     model = onnx.load(str(src))
     weights = {i.name for i in model.graph.initializer}
     excluded = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                and (n.input[1] not in weights or n.name.endswith("_fp32") or any(n.name.endswith(k) for k in keep_fp32))]
+                and (n.input[1] not in weights or n.name.endswith(("_fp32", *keep_fp32)))]
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     tmp = str(dst) + ".static.onnx"
     quantize_static(str(src), tmp, _Texts(token_ids),
@@ -94,9 +94,8 @@ def smooth(src, dst, token_ids, alpha, only=("MatMul",)):
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     groups = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and any(node.name.endswith(k) for k in only):
-            groups.setdefault(node.input[0], []).append(node)
+    for node in _weight_matmuls(graph, inits, only):
+        groups.setdefault(node.input[0], []).append(node)
     amax = _channel_maxima(src, list(groups), token_ids)
     for name, nodes in groups.items():
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
@@ -121,7 +120,7 @@ def split_outliers(src, dst, token_ids, channels, only=("out/MatMul",)):
     model = onnx.load(str(src))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    targets = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and any(n.name.endswith(k) for k in only)]
+    targets = _weight_matmuls(graph, inits, only)
     amax = _channel_maxima(src, [n.input[0] for n in targets], token_ids)
     for node in targets:
         w = numpy_helper.to_array(inits[node.input[1]])
@@ -159,7 +158,7 @@ def split_ffn_outliers(src, dst, token_ids, channels):
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    outs = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("/out/MatMul") and n.input[1] in inits]
+    outs = _weight_matmuls(graph, inits, ("/out/MatMul",))
     amax = _channel_maxima(src, [n.input[0] for n in outs], token_ids)
     for out in outs:
         layer = out.name.rsplit("/out/MatMul", 1)[0]
@@ -196,6 +195,11 @@ def split_ffn_outliers(src, dst, token_ids, channels):
     _topological_sort(graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
+
+
+def _weight_matmuls(graph, inits, suffixes):
+    """The MatMuls with a constant weight whose names end with one of `suffixes`."""
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and n.name.endswith(tuple(suffixes))]
 
 
 def _channel_maxima(src, tensors, token_ids):

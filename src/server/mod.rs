@@ -180,7 +180,8 @@ async fn refuse_oversized(request: axum::extract::Request, next: middleware::Nex
         .await;
         return too_large();
     }
-    // A chunked body over the limit is refused by the extractor (`DefaultBodyLimit`) as plain text.
+    // A chunked body over the limit is refused by the extractor (`DefaultBodyLimit`) in plain text,
+    // answered here in JSON like the rest.
     let response = next.run(request).await;
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { response }
 }

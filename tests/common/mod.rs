@@ -17,10 +17,14 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 pub const DEMO_DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/data/reuters-1987.jsonl");
 
-/// The bundled model's id as the tables record it (`name@version` of models/labels.json).
-pub fn bundled_model() -> String {
-    let labels: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/models/labels.json")).unwrap()).unwrap();
+/// A model's id as the tables record it: `name@version` of its labels.json.
+pub fn model_id(labels: &serde_json::Value) -> String {
     format!("{}@{}", labels["name"].as_str().unwrap(), labels["version"].as_str().unwrap())
+}
+
+/// The bundled model's id (models/labels.json).
+pub fn bundled_model() -> String {
+    model_id(&serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/models/labels.json")).unwrap()).unwrap())
 }
 
 /// A `bearwatch run` child process with its output captured in files.
