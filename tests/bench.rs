@@ -60,6 +60,22 @@ fn bench_loop_retrains_on_a_reviewed_part_and_compares_before_and_after_on_the_r
         path
     };
     let (set, elsewhere) = (head("sentfin-dev.jsonl", 80), head("phrasebank-dev.jsonl", 40));
+    // Each headline twice (the twin in upper case with a "!", the same text to the memory), every
+    // one labelled negative: where a reviewed headline's twin is untouched, the memory carries the
+    // analyst's label to it, as the pipeline does to a re-sent story.
+    let twinned: String = std::fs::read_to_string(&set)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["label"] = "negative".into();
+            let mut twin = row.clone();
+            twin["text"] = format!("{}!", row["text"].as_str().unwrap().to_uppercase()).into();
+            [row.to_string(), twin.to_string()]
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&set, twinned).unwrap();
     let out = Command::cargo_bin("bearwatch")
         .unwrap()
         .args(["bench", "loop", "--splits", "1", "--set"])
@@ -80,6 +96,9 @@ fn bench_loop_retrains_on_a_reviewed_part_and_compares_before_and_after_on_the_r
     }
     assert_eq!(row("phrasebank").unwrap().split('|').nth(4).map(str::trim), Some("40"), "{stdout}");
     assert!(stdout.contains("Mean seconds: retrain") && stdout.contains("Gate: "), "{stdout}");
+    let after = |set: &str| row(set).unwrap().split('|').nth(6).unwrap().trim().parse::<f64>().unwrap();
+    let carried: f64 = stdout.split("the memory changed ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(carried > 0.0 && after("sentfin (untouched, with the memory)") > after("sentfin (untouched)"), "{stdout}");
 }
 
 /// `bench detect` on the bundled two weeks of 1987 with a few bursts: the shipped rules catch some

@@ -56,6 +56,8 @@ struct Run {
     elsewhere: Vec<Comparison>,
     gate: String,
     seconds: [f64; 3],
+    /// Untouched texts whose label the memory changed.
+    carried: usize,
 }
 
 /// A stable number in [0, 1) for `text` under `salt`.
@@ -69,6 +71,31 @@ fn labels(classifier: &Classifier, examples: &[Example]) -> Result<Vec<String>, 
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let reads = learn::read_all(classifier, &texts)?;
     Ok(examples.iter().zip(reads).map(|(e, r)| r.label(e.head).to_string()).collect())
+}
+
+/// What the pipeline gives each example after the loop: the candidate's label, or the analysts'
+/// correction that the memory carries to it (the same text, or a near-duplicate by the model's
+/// rule), as `pipeline::corrections` applies it to a new story.
+fn remembered_labels(candidate: &Classifier, storage: &Path, examples: &[Example], labels: &[String]) -> Result<Vec<String>, PipelineError> {
+    let rows = crate::feedback::JournalTail::new(storage).new_rows().map_err(failed)?;
+    let mut memory = crate::feedback::Memory::new(candidate.spec().near_duplicates, crate::feedback::FeedbackConfig::default().remember);
+    let judged: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    for (row, (scores, _)) in rows.iter().zip(candidate.score_all(&judged)?) {
+        memory.learn(row, Some(crate::feedback::Reading::of(&scores)));
+    }
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let scored = candidate.score_all(&texts)?;
+    Ok(examples
+        .iter()
+        .zip(scored)
+        .zip(labels)
+        .map(|((e, (scores, _)), label)| {
+            let (key, words) = (crate::feedback::match_key(&e.text), crate::feedback::words(&e.text));
+            let reading = crate::feedback::Reading::of(&scores);
+            let corrections = memory.lookup(&crate::feedback::Query { key: &key, words: &words, reading: &reading });
+            corrections.into_iter().find(|(head, _, _)| *head == e.head).map_or_else(|| label.clone(), |(_, c, _)| c.label)
+        })
+        .collect())
 }
 
 /// Per set and head, champion against candidate on the same examples.
@@ -152,8 +179,13 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
 
         let kept: Vec<Example> = untouched.iter().map(|&i| set[i].clone()).collect();
         let after = labels(&candidate, &kept)?;
+        let remembered = remembered_labels(&candidate, &storage, &kept, &after)?;
+        let carried = remembered.iter().zip(&after).filter(|(r, a)| r != a).count();
         let before: Vec<&String> = untouched.iter().map(|&i| &champion_set[i]).collect();
-        let untouched_cmp = compare(&format!("{} (untouched)", set_name(&args.set, &set)), &kept.iter().collect::<Vec<_>>(), &before, &after);
+        let name = set_name(&args.set, &set);
+        let kept_refs: Vec<&Example> = kept.iter().collect();
+        let mut untouched_cmp = compare(&format!("{name} (untouched)"), &kept_refs, &before, &after);
+        untouched_cmp.extend(compare(&format!("{name} (untouched, with the memory)"), &kept_refs, &before, &remembered));
         let mut elsewhere_cmp = Vec::new();
         for ((name, examples), old) in elsewhere.iter().zip(&champion_elsewhere) {
             let new = labels(&candidate, examples)?;
@@ -162,7 +194,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         drop(candidate);
         let _ = std::fs::remove_dir_all(&work);
         eprintln!("split {salt}: reviewed {} ({given} labels given), retrain {retrain_s:.1} s, {gate}", reviewed.len());
-        runs.push(Run { reviewed: reviewed.len(), corrections, untouched: untouched_cmp, elsewhere: elsewhere_cmp, gate, seconds: [retrain_s, promote_s, swap_s] });
+        runs.push(Run { reviewed: reviewed.len(), corrections, untouched: untouched_cmp, elsewhere: elsewhere_cmp, gate, seconds: [retrain_s, promote_s, swap_s], carried });
     }
     Ok(table(args, &from, &runs))
 }
@@ -216,9 +248,10 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
     let ((retrain, _), (promote, _), (swap, _)) = (seconds(0), seconds(1), seconds(2));
     let reviewed = mean_sd(&runs.iter().map(|r| r.reviewed as f64).collect::<Vec<_>>()).0;
     let wrong = mean_sd(&runs.iter().map(|r| r.corrections as f64).collect::<Vec<_>>()).0;
+    let carried = mean_sd(&runs.iter().map(|r| r.carried as f64).collect::<Vec<_>>()).0;
     let _ = writeln!(
         out,
-        "\nReviewed {reviewed:.0} texts a split, {wrong:.0} of them wrong. Mean seconds: retrain {retrain:.1}, promote {promote:.2}, \
+        "\nReviewed {reviewed:.0} texts a split, {wrong:.0} of them wrong; the memory changed {carried:.1} untouched labels a split. Mean seconds: retrain {retrain:.1}, promote {promote:.2}, \
          swap (load + golden check) {swap:.2}. Gate: {}.\nGoal {}.",
         runs.iter().map(|r| r.gate.as_str()).collect::<Vec<_>>().join("; "),
         if met { "met" } else { "not met" }

@@ -118,6 +118,7 @@ try {
   result.keyboard = { focused, readout, title: await page.locator("#stories-title").innerText() };
 
   // Filters: one topic and a time range, kept in the address; the address opens the same view.
+  const openBefore = new URL(page.url()).searchParams.get("window");
   const topic = await page.$eval("#f-topic", (s) => [...s.options].map((o) => o.value).find((v) => v && v !== "other") || "");
   await page.selectOption("#f-topic", topic);
   await page.fill("#f-from", "1987-03-09T00:00");
@@ -128,6 +129,8 @@ try {
     const lines = [...document.querySelectorAll("svg#chart path.series")].map((p) => p.dataset.topic);
     return lines.length === 2 && lines.includes(t) && lines.includes("all");
   }, topic, { timeout: 30000 });
+  // The window opened by keyboard is not in the new view: its stories are closed with it.
+  const panel = { before: openBefore, shown: await page.locator("#stories-section").isVisible(), window: new URL(page.url()).searchParams.get("window") };
   const starts = await page.$$eval("svg#chart circle.point title", (ts) => ts.map((t) => t.textContent.slice(t.textContent.indexOf("·") + 2, t.textContent.indexOf("·") + 18)));
   const shared = page.url();
   const other = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -140,6 +143,7 @@ try {
     url: shared,
     first: starts[0],
     last: starts[starts.length - 1],
+    panel,
     reopened: { topic: await other.$eval("#f-topic", (s) => s.value), from: await other.$eval("#f-from", (i) => i.value), to: await other.$eval("#f-to", (i) => i.value),
                 lines: await other.$$eval("svg#chart path.series", (ps) => ps.map((p) => p.dataset.topic).sort()) },
   };
