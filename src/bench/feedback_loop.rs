@@ -73,10 +73,11 @@ fn labels(classifier: &Classifier, examples: &[Example]) -> Result<Vec<String>, 
     Ok(examples.iter().zip(reads).map(|(e, r)| r.label(e.head).to_string()).collect())
 }
 
-/// What the pipeline gives each example after the loop: the candidate's label, or the analysts'
-/// correction that the memory carries to it (the same text, or a near-duplicate by the model's
-/// rule), as `pipeline::corrections` applies it to a new story.
-fn remembered_labels(candidate: &Classifier, storage: &Path, examples: &[Example], labels: &[String]) -> Result<Vec<String>, PipelineError> {
+/// The candidate's own label for each example, and what the pipeline gives it after the loop: that
+/// label, or the analysts' correction that the memory carries to it (the same text, or a
+/// near-duplicate by the model's rule), as `pipeline::corrections` applies it to a new story. One
+/// scoring pass gives both.
+fn candidate_labels(candidate: &Classifier, storage: &Path, examples: &[Example]) -> Result<(Vec<String>, Vec<String>), PipelineError> {
     let rows = crate::feedback::JournalTail::new(storage).new_rows().map_err(failed)?;
     let mut memory = crate::feedback::Memory::new(candidate.spec().near_duplicates, crate::feedback::FeedbackConfig::default().remember);
     let judged: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
@@ -88,14 +89,18 @@ fn remembered_labels(candidate: &Classifier, storage: &Path, examples: &[Example
     Ok(examples
         .iter()
         .zip(scored)
-        .zip(labels)
-        .map(|((e, (scores, _)), label)| {
+        .map(|(e, (scores, _))| {
+            let own = match e.head {
+                crate::feedback::Head::Sentiment => scores.sentiment.to_string(),
+                crate::feedback::Head::Topic => scores.topic.clone(),
+            };
             let (key, words) = (crate::feedback::match_key(&e.text), crate::feedback::words(&e.text));
             let reading = crate::feedback::Reading::of(&scores);
             let corrections = memory.lookup(&crate::feedback::Query { key: &key, words: &words, reading: &reading });
-            corrections.into_iter().find(|(head, _, _)| *head == e.head).map_or_else(|| label.clone(), |(_, c, _)| c.label)
+            let remembered = corrections.into_iter().find(|(head, _, _)| *head == e.head).map_or_else(|| own.clone(), |(_, c, _)| c.label);
+            (own, remembered)
         })
-        .collect())
+        .unzip())
 }
 
 /// Per set and head, champion against candidate on the same examples.
@@ -178,8 +183,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         let swap_s = started.elapsed().as_secs_f64();
 
         let kept: Vec<Example> = untouched.iter().map(|&i| set[i].clone()).collect();
-        let after = labels(&candidate, &kept)?;
-        let remembered = remembered_labels(&candidate, &storage, &kept, &after)?;
+        let (after, remembered) = candidate_labels(&candidate, &storage, &kept)?;
         let carried = remembered.iter().zip(&after).filter(|(r, a)| r != a).count();
         let before: Vec<&String> = untouched.iter().map(|&i| &champion_set[i]).collect();
         let name = set_name(&args.set, &set);
