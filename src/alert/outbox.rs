@@ -251,4 +251,19 @@ mod tests {
         assert_eq!((pending.status, pending.attempts, pending.next_ms, pending.last_error.as_deref()), (Status::Pending, 1, 7, Some("down")));
         assert!(reopened.get("a1/firing/am#1").is_none());
     }
+
+    #[test]
+    fn an_alert_without_a_threshold_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut outbox = Outbox::open(&path).unwrap();
+        // A `sql` rule's alert has no threshold: JSON writes NaN as null.
+        let sql_alert = Alert { threshold: f64::NAN, ..alert(AlertState::Firing) };
+        outbox.enqueue("a1/firing/am".into(), "am".into(), sql_alert, 0, 100, 10).unwrap();
+        drop(outbox);
+        let reopened = Outbox::open(&path).unwrap();
+        let entry = reopened.get("a1/firing/am").expect("the queued notification is still there after a restart");
+        assert_eq!(entry.status, Status::Pending);
+        assert!(entry.alert.threshold.is_nan());
+    }
 }

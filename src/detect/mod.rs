@@ -408,8 +408,11 @@ pub struct Alert {
     pub resolved_at: Option<String>,
     pub window_start: String,
     pub window_end: String,
+    #[serde(deserialize_with = "null_as_nan")]
     pub value: f64,
     pub baseline: Option<f64>,
+    /// NaN where the rule has none (`sql`): JSON writes it as null.
+    #[serde(deserialize_with = "null_as_nan")]
     pub threshold: f64,
     pub count: u64,
     pub summary: String,
@@ -425,6 +428,11 @@ impl Alert {
         labels.insert("severity".into(), self.severity.as_str().into());
         labels
     }
+}
+
+/// serde_json writes a non-finite number as null; reading it back (outbox, checkpoints) must not fail.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn time(ms: i64) -> String {
