@@ -64,8 +64,28 @@ def sentiment_target(item, soft_phrasebank):
     return target
 
 
+def mixed(gold, teacher, share):
+    """The target a distilled item teaches: `share` of the teachers' distribution, the rest gold."""
+    return [(1 - share) * g + share * t for g, t in zip(gold, teacher)]
+
+
+def teacher_readings(paths, train_sets, threads):
+    """{text: (sentiment probs, topic probs)}, the mean of the teacher models' calibrated outputs
+    for every text a training item can be seen as (headline, and Reuters headline + body lead)."""
+    texts = sorted({t for items in train_sets.values() for it in items for t in (it.text, it.lead) if t})
+    sent = np.zeros((len(texts), len(data.SENTIMENT)), np.float32)
+    topic = np.zeros((len(texts), len(data.TOPICS)), np.float32)
+    for path in paths:
+        started = time.time()
+        s, tp = evaluate.predict(path, texts, threads, BASE / "tokenizer.json")
+        sent += s / len(paths)
+        topic += tp / len(paths)
+        print(f"teacher {path}: {len(texts)} texts in {(time.time() - started) / 60:.1f} min", flush=True)
+    return {t: (sent[i].tolist(), topic[i].tolist()) for i, t in enumerate(texts)}
+
+
 def collate(batch):
-    """Pads (ids, sentiment target | None, aux target | None, topic | -1) items."""
+    """Pads (ids, sentiment target | None, aux target | None, topic | -1, topic target | None) items."""
     t = max(len(item[0]) for item in batch)
     ids = torch.zeros(len(batch), t, dtype=torch.long)
     mask = torch.zeros(len(batch), t, dtype=torch.long)
@@ -73,14 +93,15 @@ def collate(batch):
         ids[i, :len(item[0])] = torch.tensor(item[0])
         mask[i, :len(item[0])] = 1
 
-    def targets(k):
+    def targets(k, width):
         rows = [item[k] for item in batch]
         has = torch.tensor([r is not None for r in rows])
-        dist = torch.tensor([r if r is not None else [0.0, 0.0, 0.0] for r in rows])
+        dist = torch.tensor([r if r is not None else [0.0] * width for r in rows])
         return dist, has
 
     topic = torch.tensor([item[3] for item in batch])
-    return ids, mask, *targets(1), *targets(2), topic
+    n_sent, n_topic = len(data.SENTIMENT), len(data.TOPICS)
+    return ids, mask, *targets(1, n_sent), *targets(2, n_sent), topic, *targets(4, n_topic)
 
 
 def param_groups(model, lr, decay, head_lr, weight_decay):
@@ -120,6 +141,7 @@ def train(args, splits):
     train_sets = {name: items for name, items in splits["train"].items() if name in args.sets}
     print({k: len(v) for k, v in train_sets.items()}, flush=True)
     separate_tweets = args.tweets_head == "separate"
+    teacher = teacher_readings(args.teacher, train_sets, args.threads) if args.teacher else None
 
     def epoch_items(rng):
         """This epoch's (ids, sentiment target, aux target, topic) items."""
@@ -132,9 +154,15 @@ def train(args, splits):
                 texts = [it.text for it in items]
             repeat = args.repeat.get(name, 1)
             aux = name == "tweets_sentiment" and separate_tweets
-            for enc, it in zip(tok.encode_batch(texts), items):
+            for enc, it, text in zip(tok.encode_batch(texts), items, texts):
                 target = sentiment_target(it, args.soft_phrasebank)
-                row = (enc.ids, None if aux else target, target if aux else None, -1 if it.topic is None else it.topic)
+                topic_target = None
+                if teacher is not None:
+                    teacher_sent, teacher_topic = teacher[text]
+                    target = None if target is None else mixed(target, teacher_sent, args.distill)
+                    if it.topic is not None:
+                        topic_target = mixed([float(i == it.topic) for i in range(len(data.TOPICS))], teacher_topic, args.distill)
+                row = (enc.ids, None if aux else target, target if aux else None, -1 if it.topic is None else it.topic, topic_target)
                 out += [row] * repeat
         return out
 
@@ -153,12 +181,14 @@ def train(args, splits):
     model.train()
     for epoch in range(args.epochs):
         for batch in batches(epoch_items(rng), args.batch_size, rng):
-            ids, mask, sent, has_sent, aux, has_aux, topic = collate(batch)
+            ids, mask, sent, has_sent, aux, has_aux, topic, topic_dist, has_topic_dist = collate(batch)
             s_logits, t_logits, aux_logits = model.heads(ids, mask)
             losses = [soft_cross_entropy(s_logits, sent, has_sent)]
             if aux_logits is not None:
                 losses.append(soft_cross_entropy(aux_logits, aux, has_aux))
-            if (topic >= 0).any():
+            if teacher is not None:
+                losses.append(soft_cross_entropy(t_logits, topic_dist, has_topic_dist))
+            elif (topic >= 0).any():
                 losses.append(topic_loss(t_logits, topic))
             loss = sum(l for l in losses if l is not None)
             scale = (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / (total - warmup))
@@ -260,6 +290,11 @@ def main():
                    help="train tweet sentiment on the shipped head, or on an auxiliary head")
     p.add_argument("--body-share", type=float, default=0.5,
                    help="share of Reuters stories seen as headline + body lead in each epoch")
+    p.add_argument("--teacher", type=lambda s: s.split(","), default=[],
+                   help="exported models (comma-separated ONNX files) whose mean calibrated outputs on the "
+                        "training texts the student also learns (distillation)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="with --teacher: the teachers' share of each target, the rest the gold label")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (a smoke test); 0 = all")
     p.add_argument("--sets", type=lambda s: s.split(","), default=list(SENTIMENT_SETS + TOPIC_SETS),
