@@ -19,6 +19,7 @@ pub use config::AlertsConfig;
 pub use rules::{Condition, GroupKind, Metric, Rule, RuleFile};
 pub use table::{alerts_batch, alerts_schema};
 
+use crate::config::HumanDuration;
 use crate::window::{ALL, Counts, Headline, WindowKey, WindowRow};
 
 /// A group of `windows` rows: a topic, `all`, or a ticker.
@@ -376,6 +377,27 @@ struct Tracked {
     phase: Phase,
     /// Newest window evaluated; older ones (final rows of hopping windows) no longer move the state.
     last_start_ms: i64,
+    /// What that window read: a quiet resolution reports it (absent from older checkpoints).
+    #[serde(default)]
+    seen: Option<Seen>,
+}
+
+/// The numbers of the newest window a (rule, group) read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Seen {
+    end_ms: i64,
+    #[serde(deserialize_with = "null_as_nan")]
+    value: f64,
+    baseline: Option<f64>,
+    #[serde(deserialize_with = "null_as_nan")]
+    threshold: f64,
+    count: u64,
+}
+
+impl Seen {
+    fn of(row: &WindowRow, reading: &Reading) -> Seen {
+        Seen { end_ms: row.end_ms, value: reading.value, baseline: reading.baseline, threshold: reading.threshold, count: row.counts.n }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,8 +618,80 @@ impl Detector {
                 }
             }
         }
+        changes.extend(self.resolve_quiet(now_ms));
         changes
     }
+
+    /// Resolves the firing alerts whose group has had no window in breach or past the exit level for
+    /// the rule's `quiet_for`: windows too thin to decide, or a group with no stories at all (which
+    /// gets no rows, so `step` never sees it), no longer hold an alert open for good.
+    fn resolve_quiet(&mut self, now_ms: i64) -> Vec<Alert> {
+        let quiet: Vec<(String, GroupKey)> = self
+            .tracked
+            .iter()
+            .filter(|((name, _), t)| {
+                let (Phase::Firing { last_breach_ms, .. }, Some(seen), Some(rule)) = (&t.phase, &t.seen, self.rules.iter().find(|r| &r.name == name)) else {
+                    return false;
+                };
+                now_ms - last_breach_ms >= quiet_ms(rule, seen.end_ms - t.last_start_ms)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for key in quiet {
+            let Some(Tracked { phase: Phase::Firing { alert_id, started_ms, last_breach_ms }, seen: Some(seen), last_start_ms, group, .. }) = self.tracked.remove(&key) else {
+                continue;
+            };
+            let Some(rule) = self.rules.iter().find(|r| r.name == key.0) else { continue };
+            let summary = format!(
+                "{}: resolved as quiet, nothing has held the alert since {} (windows too thin to decide, or none)",
+                group.describe(),
+                time(last_breach_ms)
+            );
+            if let Some((wanted, rows)) = self.trace.as_mut()
+                && *wanted == group.labels()
+            {
+                rows.push(Trace {
+                    rule: rule.name.clone(),
+                    at: time(now_ms),
+                    window_start: time(last_start_ms),
+                    final_row: false,
+                    n: seen.count,
+                    value: seen.value,
+                    baseline: seen.baseline,
+                    threshold: seen.threshold,
+                    verdict: Verdict::Undecided,
+                    change: Some(AlertState::Resolved),
+                });
+            }
+            changes.push(Alert {
+                alert_id,
+                rule: rule.name.clone(),
+                severity: rule.severity,
+                state: AlertState::Resolved,
+                group: group.labels(),
+                labels: rule.labels.clone(),
+                started_at: time(started_ms),
+                resolved_at: Some(time(now_ms)),
+                window_start: time(last_start_ms),
+                window_end: time(seen.end_ms),
+                value: seen.value,
+                baseline: seen.baseline,
+                threshold: seen.threshold,
+                count: seen.count,
+                summary,
+                top_headlines: Vec::new(),
+            });
+        }
+        changes
+    }
+}
+
+/// How long a firing alert of `rule` may read nothing decided before it resolves: the rule's
+/// `quiet_for`, else two lengths of its windows (`window_ms`), and never less than `keep_firing_for`.
+fn quiet_ms(rule: &Rule, window_ms: i64) -> i64 {
+    let quiet = rule.quiet_for.as_ref().map_or(2 * window_ms, HumanDuration::as_millis);
+    quiet.max(rule.keep_firing_for.as_millis()).max(1)
 }
 
 impl Detector {
@@ -681,22 +775,24 @@ fn step(
         summary: summary(rule, group, row, reading),
         top_headlines: row.top.clone(),
     };
+    let seen = Some(Seen::of(row, reading));
     let current = tracked.get_mut(&key);
     match (current, reading.verdict) {
         (None, Verdict::Breach) => {
             if rule.pending_for.as_millis() == 0 {
                 let id = alert_id(&rule.name, group, now_ms);
                 let phase = Phase::Firing { alert_id: id.clone(), started_ms: now_ms, last_breach_ms: now_ms };
-                tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms });
+                tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
                 return Some(alert(AlertState::Firing, &id, now_ms, None));
             }
             let phase = Phase::Pending { since_ms: now_ms };
-            tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms });
+            tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
             None
         }
         (None, _) => None,
         (Some(t), verdict) => {
             t.last_start_ms = row.key.start_ms;
+            t.seen = seen;
             match (&mut t.phase, verdict) {
                 (Phase::Pending { since_ms }, Verdict::Breach) => {
                     if now_ms - *since_ms >= rule.pending_for.as_millis() {

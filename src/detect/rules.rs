@@ -346,6 +346,9 @@ pub struct Rule {
     pub pending_for: HumanDuration,
     /// How long (event time) a firing alert stays firing after the condition stops holding.
     pub keep_firing_for: HumanDuration,
+    /// How long (event time) a firing alert stays firing while its group's windows decide nothing
+    /// (too few stories, or none at all); None: two window lengths. Never less than `keep_firing_for`.
+    pub quiet_for: Option<HumanDuration>,
     /// Extra labels for routing and for the receivers.
     pub labels: BTreeMap<String, String>,
 }
@@ -363,6 +366,8 @@ struct RawRule {
     pending_for: Option<HumanDuration>,
     #[serde(default)]
     keep_firing_for: Option<HumanDuration>,
+    #[serde(default)]
+    quiet_for: Option<HumanDuration>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
 }
@@ -411,6 +416,7 @@ impl TryFrom<RawRule> for Rule {
             condition: raw.condition,
             pending_for: raw.pending_for.unwrap_or(zero),
             keep_firing_for: raw.keep_firing_for.unwrap_or(zero),
+            quiet_for: raw.quiet_for,
             labels: raw.labels,
         })
     }

@@ -22,6 +22,7 @@ fn rule(metric: Metric, group: GroupKind, condition: Condition) -> Rule {
         condition,
         pending_for: HumanDuration::parse("0s").unwrap(),
         keep_firing_for: HumanDuration::parse("0s").unwrap(),
+        quiet_for: None,
         labels: BTreeMap::new(),
     }
 }
@@ -109,6 +110,56 @@ fn for_and_keep_firing_for_are_measured_in_event_time() {
     assert!(at(&mut detector, 10, 6, 10).is_empty());
     assert!(at(&mut detector, 10, 1, 10).is_empty());
     assert!(at(&mut detector, 11, 6, 11).is_empty(), "pending again from scratch");
+}
+
+#[test]
+fn a_firing_alert_resolves_when_its_group_goes_quiet() {
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 5, exit_value: None };
+    let mut r = rule(Metric::NegShare, GroupKind::Topic, threshold);
+    r.keep_firing_for = HumanDuration::parse("1h").unwrap();
+    let mut detector = Detector::new(vec![r.clone()]);
+    assert_eq!(detector.evaluate(&[row(0, 2, "energy", 10, 8, true)], 2 * H).len(), 1, "fires");
+    // Energy gets no more stories (so no rows); other topics move the watermark on.
+    assert!(detector.evaluate(&[row(2, 2, "metals", 10, 1, true)], 4 * H).is_empty(), "two window lengths (4 h) not yet over");
+    let resolved = detector.evaluate(&[row(3, 2, "metals", 10, 1, true)], 6 * H);
+    assert_eq!(resolved.len(), 1, "resolved 4 h after the last breach: {resolved:?}");
+    let quiet = &resolved[0];
+    assert_eq!((quiet.state, quiet.group["topic"].as_str()), (AlertState::Resolved, "energy"));
+    assert_eq!(quiet.resolved_at.as_deref(), Some("1970-01-01T06:00:00Z"));
+    assert_eq!((quiet.window_end.as_str(), quiet.value, quiet.count), ("1970-01-01T02:00:00Z", 0.8, 10), "the last window it read");
+    assert!(quiet.summary.starts_with("energy: resolved as quiet, nothing has held the alert since 1970-01-01T02:00:00Z"), "{}", quiet.summary);
+    assert_eq!(detector.firing(), 0);
+
+    // Windows too thin to decide (under min_count) hold it no longer than no windows at all.
+    let mut detector = Detector::new(vec![r.clone()]);
+    assert_eq!(detector.evaluate(&[row(0, 2, "energy", 10, 8, true)], 2 * H).len(), 1);
+    assert!(detector.evaluate(&[row(2, 2, "energy", 2, 2, true)], 4 * H).is_empty(), "2 of 2 negative decides nothing");
+    assert_eq!(detector.evaluate(&[row(4, 2, "energy", 3, 3, true)], 6 * H)[0].state, AlertState::Resolved);
+
+    // `quiet_for` sets the time; `keep_firing_for` is the least it can be.
+    r.quiet_for = Some(HumanDuration::parse("30m").unwrap());
+    let mut detector = Detector::new(vec![r.clone()]);
+    assert_eq!(detector.evaluate(&[row(0, 2, "energy", 10, 8, true)], 2 * H).len(), 1);
+    assert!(detector.evaluate(&[row(2, 2, "metals", 10, 1, true)], 2 * H + H / 2).is_empty(), "keep_firing_for (1 h) wins over 30 m");
+    assert_eq!(detector.evaluate(&[row(3, 2, "metals", 10, 1, true)], 3 * H).len(), 1);
+    r.quiet_for = Some(HumanDuration::parse("10h").unwrap());
+    let mut detector = Detector::new(vec![r]);
+    assert_eq!(detector.evaluate(&[row(0, 2, "energy", 10, 8, true)], 2 * H).len(), 1);
+    assert!(detector.evaluate(&[row(2, 2, "metals", 10, 1, true)], 11 * H).is_empty());
+    assert_eq!(detector.evaluate(&[row(3, 2, "metals", 10, 1, true)], 12 * H).len(), 1);
+}
+
+#[test]
+fn state_from_a_checkpoint_without_the_last_reading_still_loads() {
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 0, exit_value: None };
+    let rules = vec![rule(Metric::NegShare, GroupKind::All, threshold)];
+    let mut detector = Detector::new(rules.clone());
+    assert_eq!(detector.evaluate(&[row(0, 1, "all", 10, 8, true)], H).len(), 1);
+    let mut saved = serde_json::to_value(&detector).unwrap();
+    saved["tracked"][0][1].as_object_mut().unwrap().remove("seen").expect("the checkpoint keeps the last reading");
+    let mut restored = serde_json::from_value::<Detector>(saved).unwrap().restore(rules);
+    assert!(restored.evaluate(&[row(1, 1, "all", 10, 8, true)], 2 * H).is_empty(), "still firing");
+    assert_eq!(restored.evaluate(&[row(2, 1, "all", 10, 1, true)], 3 * H)[0].state, AlertState::Resolved);
 }
 
 #[test]
