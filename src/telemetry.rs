@@ -34,6 +34,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_windows_open", Kind::Gauge, "", "Windows not yet closed by the watermark"),
     ("bearwatch_alerts_firing", Kind::Gauge, "", "Alerts firing now"),
     ("bearwatch_alerts_total", Kind::Counter, "state", "Alert state changes (firing, resolved)"),
+    ("bearwatch_detect_groups_dropped_total", Kind::Counter, "", "Groups whose closed windows the detector dropped, past its bound on groups held"),
     ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
     ("bearwatch_feedback_rows_total", Kind::Counter, "table", "Rows people added to label_feedback, alert_verdicts or missed_events"),
@@ -78,7 +79,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total"] {
         counter!(name).increment(0);
     }
     for name in [

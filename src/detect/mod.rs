@@ -62,6 +62,10 @@ impl GroupKey {
 /// Closed windows per group that `sql` conditions can query besides the current rows.
 pub const SQL_HISTORY: usize = 48;
 
+/// Groups whose closed windows the detector keeps at most. Tickers come from the input, so this
+/// bounds what a feed that keeps naming new tickers can make it (and its checkpoints) hold.
+pub const MAX_GROUPS: usize = 20_000;
+
 /// A closed window's numbers, kept as baseline for the next ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Past {
@@ -366,7 +370,12 @@ impl Usual {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Phase {
-    Pending { since_ms: i64 },
+    Pending {
+        since_ms: i64,
+        /// Absent from older checkpoints: then `since_ms`.
+        #[serde(default)]
+        last_breach_ms: Option<i64>,
+    },
     Firing { alert_id: String, started_ms: i64, last_breach_ms: i64 },
 }
 
@@ -610,7 +619,7 @@ impl Detector {
                 }
                 changes.extend(change);
             }
-            if row.final_row && keep > 0 {
+            if row.final_row && keep > 0 && self.keeps_history(group.kind(), priors) {
                 let past = self.history.entry(group).or_default();
                 past.push_back(Past { start_ms: row.key.start_ms, end_ms: row.end_ms, counts: row.counts.clone() });
                 while past.len() > keep {
@@ -619,20 +628,47 @@ impl Detector {
             }
         }
         changes.extend(self.resolve_quiet(now_ms));
+        self.bound_history();
         changes
     }
 
-    /// Resolves the firing alerts whose group has had no window in breach or past the exit level for
-    /// the rule's `quiet_for`: windows too thin to decide, or a group with no stories at all (which
-    /// gets no rows, so `step` never sees it), no longer hold an alert open for good.
+    /// Drops the closed windows of the groups read longest ago while more than [`MAX_GROUPS`] are
+    /// held, a tenth below it at a time.
+    fn bound_history(&mut self) {
+        if self.history.len() <= MAX_GROUPS {
+            return;
+        }
+        let mut newest: Vec<(i64, GroupKey)> = self.history.iter().map(|(g, past)| (past.back().map_or(i64::MIN, |p| p.end_ms), g.clone())).collect();
+        newest.sort_unstable();
+        let drop = self.history.len() - MAX_GROUPS * 9 / 10;
+        tracing::warn!(groups = self.history.len(), dropped = drop, "detector holds too many groups: dropping the baselines of those read longest ago");
+        metrics::counter!("bearwatch_detect_groups_dropped_total").increment(drop as u64);
+        for (_, group) in newest.into_iter().take(drop) {
+            self.history.remove(&group);
+        }
+    }
+
+    /// Whether closed windows of groups of `kind` are kept: only the rules read them (their own kind,
+    /// `all` for a prior, every group for a `sql` query), so per-ticker rows cost nothing unless a
+    /// rule watches tickers.
+    fn keeps_history(&self, kind: GroupKind, priors: bool) -> bool {
+        (priors && kind == GroupKind::All) || self.rules.iter().any(|r| r.group == kind || matches!(r.condition, Condition::Sql { .. }))
+    }
+
+    /// Once the rows up to watermark `now_ms` are read: resolves the firing alerts, and forgets the
+    /// pending ones, whose group has had no window in breach or past the exit level for the rule's
+    /// `quiet_for`. Windows too thin to decide, or a group with no stories at all (which gets no
+    /// rows, so `step` never sees it), no longer hold an alert open for good.
     fn resolve_quiet(&mut self, now_ms: i64) -> Vec<Alert> {
         let quiet: Vec<(String, GroupKey)> = self
             .tracked
             .iter()
             .filter(|((name, _), t)| {
-                let (Phase::Firing { last_breach_ms, .. }, Some(seen), Some(rule)) = (&t.phase, &t.seen, self.rules.iter().find(|r| &r.name == name)) else {
-                    return false;
+                let last_breach_ms = match t.phase {
+                    Phase::Firing { last_breach_ms, .. } => last_breach_ms,
+                    Phase::Pending { since_ms, last_breach_ms } => last_breach_ms.unwrap_or(since_ms),
                 };
+                let (Some(seen), Some(rule)) = (&t.seen, self.rules.iter().find(|r| &r.name == name)) else { return false };
                 now_ms - last_breach_ms >= quiet_ms(rule, seen.end_ms - t.last_start_ms)
             })
             .map(|(key, _)| key.clone())
@@ -785,7 +821,7 @@ fn step(
                 tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
                 return Some(alert(AlertState::Firing, &id, now_ms, None));
             }
-            let phase = Phase::Pending { since_ms: now_ms };
+            let phase = Phase::Pending { since_ms: now_ms, last_breach_ms: Some(now_ms) };
             tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
             None
         }
@@ -794,7 +830,13 @@ fn step(
             t.last_start_ms = row.key.start_ms;
             t.seen = seen;
             match (&mut t.phase, verdict) {
-                (Phase::Pending { since_ms }, Verdict::Breach) => {
+                (Phase::Pending { since_ms, last_breach_ms }, Verdict::Breach) => {
+                    // After a silence longer than `quiet_for` (which `resolve_quiet` would have
+                    // ended, had it run in it), the condition has not held all along.
+                    if now_ms - last_breach_ms.unwrap_or(*since_ms) > quiet_ms(rule, row.end_ms - row.key.start_ms) {
+                        *since_ms = now_ms;
+                    }
+                    *last_breach_ms = Some(now_ms);
                     if now_ms - *since_ms >= rule.pending_for.as_millis() {
                         let started = now_ms;
                         let id = alert_id(&rule.name, group, started);

@@ -150,6 +150,49 @@ fn a_firing_alert_resolves_when_its_group_goes_quiet() {
 }
 
 #[test]
+fn a_breach_after_a_long_silence_waits_its_for_again() {
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 5, exit_value: None };
+    let mut r = rule(Metric::NegShare, GroupKind::Topic, threshold);
+    r.pending_for = HumanDuration::parse("2h").unwrap();
+    let mut detector = Detector::new(vec![r]);
+    assert!(detector.evaluate(&[row(0, 1, "energy", 10, 8, true)], H).is_empty(), "pending");
+    // Thin windows (undecided) keep it pending, but not past `quiet_for` (two 1 h windows).
+    assert!(detector.evaluate(&[row(1, 1, "energy", 2, 2, true)], 2 * H).is_empty());
+    assert!(detector.evaluate(&[row(2, 1, "energy", 2, 2, true)], 3 * H).is_empty());
+    assert!(detector.tracked.is_empty(), "forgotten after 2 h without a breach");
+    assert!(detector.evaluate(&[row(3, 1, "energy", 10, 8, true)], 4 * H).is_empty(), "pending from scratch, not firing");
+    assert!(detector.evaluate(&[row(4, 1, "energy", 10, 8, true)], 5 * H).is_empty());
+    assert_eq!(detector.evaluate(&[row(5, 1, "energy", 10, 8, true)], 6 * H).len(), 1, "fires 2 h after the new first breach");
+
+    // Within `quiet_for`, the same path (breach, thin window, breach) still fires at 2 h.
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 5, exit_value: None };
+    let mut r = rule(Metric::NegShare, GroupKind::Topic, threshold);
+    r.pending_for = HumanDuration::parse("2h").unwrap();
+    let mut detector = Detector::new(vec![r]);
+    assert!(detector.evaluate(&[row(0, 1, "energy", 10, 8, true)], H).is_empty());
+    assert!(detector.evaluate(&[row(1, 1, "energy", 2, 2, true)], 2 * H).is_empty());
+    assert_eq!(detector.evaluate(&[row(2, 1, "energy", 10, 8, true)], 3 * H).len(), 1);
+}
+
+#[test]
+fn closed_windows_are_kept_only_for_the_groups_rules_read_and_at_most_max_groups() {
+    let z = Condition::Zscore { sigma: 3.0, baseline_windows: 2, min_count: 0, min_baseline_window_count: 0, exit_sigma: None };
+    let mut detector = Detector::new(vec![rule(Metric::N, GroupKind::Ticker, z)]);
+    let ticker_row = |start_h: i64, ticker: String| {
+        let key = WindowKey { start_ms: start_h * H, topic: ALL.into(), ticker: Some(ticker) };
+        WindowRow::new(key, H, counts(3, 0), Vec::new(), true, 0)
+    };
+    detector.evaluate(&[row(0, 1, "energy", 3, 0, true), row(0, 1, "all", 3, 0, true)], H);
+    assert!(detector.history.is_empty(), "no rule reads topics or `all`");
+    // A feed that names ever new tickers: the oldest are dropped, never more than MAX_GROUPS held.
+    let batch: Vec<WindowRow> = (0..MAX_GROUPS + 1).map(|i| ticker_row(1, format!("T{i}"))).collect();
+    detector.evaluate(&batch, 2 * H);
+    assert_eq!(detector.history.len(), MAX_GROUPS * 9 / 10);
+    detector.evaluate(&[ticker_row(2, "NEW".into())], 3 * H);
+    assert!(detector.history.contains_key(&GroupKey { topic: ALL.into(), ticker: Some("NEW".into()) }), "the newest group is kept");
+}
+
+#[test]
 fn state_from_a_checkpoint_without_the_last_reading_still_loads() {
     let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 0, exit_value: None };
     let rules = vec![rule(Metric::NegShare, GroupKind::All, threshold)];

@@ -11,11 +11,27 @@ pub use fields::{Fields, NotFields};
 
 /// Longest headline accepted, in characters.
 pub const MAX_HEADLINE_CHARS: usize = 2000;
+/// Most tickers one story may name: each is a window group when grouping by ticker, so this bounds
+/// what one message can make the windows and rules hold.
+pub const MAX_TICKERS: usize = 64;
+/// Longest ticker accepted, in characters.
+pub const MAX_TICKER_CHARS: usize = 32;
 
 /// Whitespace, and characters that print nothing (zero-width spaces and joiners, word joiner, BOM,
 /// soft hyphen, bidi marks): a headline of only these has nothing to classify.
 fn invisible(c: char) -> bool {
     c.is_whitespace() || matches!(c, '\u{00ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
+}
+
+fn check_tickers(tickers: &[String]) -> Result<(), NewsError> {
+    if tickers.len() > MAX_TICKERS {
+        return Err(NewsError::Tickers(format!("it has {}", tickers.len())));
+    }
+    match tickers.iter().find(|t| t.chars().count() > MAX_TICKER_CHARS || t.chars().all(invisible)) {
+        Some(t) if t.chars().all(invisible) => Err(NewsError::Tickers("one is blank".into())),
+        Some(t) => Err(NewsError::Tickers(format!("one has {} characters", t.chars().count()))),
+        None => Ok(()),
+    }
 }
 
 /// A validated news item. Fields outside the schema are kept in `extra`, exactly as written, and
@@ -56,6 +72,8 @@ pub enum NewsError {
     HeadlineLength(usize),
     #[error("field `headline` is blank: it has only whitespace or invisible characters")]
     BlankHeadline,
+    #[error("field `tickers` must name at most {MAX_TICKERS} tickers of 1 to {MAX_TICKER_CHARS} visible characters: {0}")]
+    Tickers(String),
 }
 
 impl NewsError {
@@ -69,6 +87,7 @@ impl NewsError {
             NewsError::BadTimestamp(_) => "bad_timestamp",
             NewsError::HeadlineLength(_) => "headline_length",
             NewsError::BlankHeadline => "headline_blank",
+            NewsError::Tickers(_) => "tickers",
         }
     }
 }
@@ -140,10 +159,13 @@ impl News {
                         Value::String(s) => Ok(s),
                         _ => Err(NewsError::WrongType { field: "tickers", expected: "an array of strings" }),
                     })
-                    .collect::<Result<_, _>>()?,
+                    .collect::<Result<Vec<String>, _>>()?,
             ),
             Some(_) => return Err(NewsError::WrongType { field: "tickers", expected: "an array of strings" }),
         };
+        if let Some(tickers) = &tickers {
+            check_tickers(tickers)?;
+        }
         Ok(News {
             id,
             published_at,
@@ -325,5 +347,19 @@ mod tests {
         assert!(News::from_json(br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":" x "}"#).is_ok());
         let long = format!(r#"{{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"{}"}}"#, "x".repeat(2001));
         assert_eq!(News::from_json(long.as_bytes()).unwrap_err(), NewsError::HeadlineLength(2001));
+    }
+
+    #[test]
+    fn tickers_are_bounded_in_number_and_length() {
+        let story = |tickers: &[String]| format!(r#"{{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"x","tickers":{}}}"#, serde_json::to_string(tickers).unwrap());
+        let many: Vec<String> = (0..MAX_TICKERS).map(|i| format!("T{i}")).collect();
+        assert_eq!(News::from_json(story(&many).as_bytes()).unwrap().tickers.map(|t| t.len()), Some(MAX_TICKERS));
+        let too_many: Vec<String> = (0..=MAX_TICKERS).map(|i| format!("T{i}")).collect();
+        let err = News::from_json(story(&too_many).as_bytes()).unwrap_err();
+        assert_eq!((err.kind(), err.to_string().ends_with(&format!("it has {}", MAX_TICKERS + 1))), ("tickers", true), "{err}");
+        let long = News::from_json(story(&["X".repeat(MAX_TICKER_CHARS + 1)]).as_bytes()).unwrap_err();
+        assert!(long.to_string().ends_with("one has 33 characters"), "{long}");
+        assert!(News::from_json(story(&["Ü".repeat(MAX_TICKER_CHARS)]).as_bytes()).is_ok(), "characters, not bytes");
+        assert_eq!(News::from_json(story(&["XOM".into(), " ".into()]).as_bytes()).unwrap_err(), NewsError::Tickers("one is blank".into()));
     }
 }
