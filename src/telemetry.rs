@@ -23,6 +23,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_stage_dropped_total", Kind::Counter, "stage, reason", "Items a stage did not pass on, and why"),
     ("bearwatch_dead_letter_total", Kind::Counter, "kind", "Messages sent to the dead-letter output, by error kind"),
     ("bearwatch_window_late_total", Kind::Counter, "", "Stories behind the watermark (kept in table `late`)"),
+    ("bearwatch_window_tickers_refused_total", Kind::Counter, "", "Per-ticker windows not opened because the bound on open windows was reached"),
     ("bearwatch_source_paused", Kind::Gauge, "", "1 while reading waits because `max_queued` stories are in flight (back to 0 under half)"),
     ("bearwatch_kafka_consumer_lag", Kind::Gauge, "topic, partition", "Messages behind the high watermark, per assigned partition"),
     ("bearwatch_classify_queue_depth", Kind::Gauge, "", "Texts waiting for a batch"),
@@ -79,7 +80,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total"] {
         counter!(name).increment(0);
     }
     for name in [

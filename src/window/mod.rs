@@ -116,6 +116,11 @@ pub struct Headline {
 /// How many of the most negative stories each window keeps.
 pub const TOP_HEADLINES: usize = 5;
 
+/// Open windows past which no new per-ticker window opens (the story still counts in its topic and
+/// `all`): tickers come from the input, so this bounds what a feed naming ever new tickers can make
+/// the windows (and their checkpoints) hold. Topic windows are bounded by the model's topics.
+pub const MAX_OPEN_WINDOWS: usize = 50_000;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenWindow {
     counts: Counts,
@@ -415,8 +420,13 @@ impl WindowState {
             let mut key = WindowKey { start_ms: 0, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
             for &start in &starts {
                 key.start_ms = start;
+                let full = ticker.is_some() && self.open.len() >= MAX_OPEN_WINDOWS;
                 let window = match self.open.get_mut(&key) {
                     Some(window) => window,
+                    None if full => {
+                        metrics::counter!("bearwatch_window_tickers_refused_total").increment(1);
+                        continue;
+                    }
                     None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow::empty(true)),
                 };
                 window.counts.add(sentiment, sentiment_score);
@@ -539,6 +549,23 @@ mod tests {
 
     fn spec(size: i64, slide: i64, lateness: i64) -> WindowSpec {
         WindowSpec { size_ms: size, slide_ms: slide, allowed_lateness_ms: lateness, by_ticker: false }
+    }
+
+    #[test]
+    fn new_ticker_windows_stop_opening_at_the_bound_and_the_story_still_counts_in_its_topic() {
+        let mut state = WindowState::new(WindowSpec { by_ticker: true, ..spec(H, H, 0) });
+        let tickers: Vec<String> = (0..MAX_OPEN_WINDOWS).map(|i| format!("T{i}")).collect();
+        for chunk in tickers.chunks(crate::news::MAX_TICKERS) {
+            state.put(10, "energy", chunk, "negative", -0.9);
+        }
+        assert_eq!(state.open.len(), MAX_OPEN_WINDOWS, "energy, all and tickers up to the bound");
+        state.put(20, "energy", &["XOM".into(), "T0".into()], "negative", -0.9);
+        assert_eq!(state.open.len(), MAX_OPEN_WINDOWS);
+        let t0 = WindowKey { start_ms: 0, topic: ALL.into(), ticker: Some("T0".into()) };
+        assert_eq!(state.open[&t0].counts.n, 2, "an open ticker window still counts");
+        let energy = WindowKey { start_ms: 0, topic: "energy".into(), ticker: None };
+        assert_eq!(state.open[&energy].counts.n, (MAX_OPEN_WINDOWS as u64).div_ceil(crate::news::MAX_TICKERS as u64) + 1);
+        assert!(!state.open.contains_key(&WindowKey { ticker: Some("XOM".into()), ..t0 }), "no new ticker window past the bound");
     }
 
     #[test]
