@@ -290,7 +290,7 @@ fn an_smtp_outage_during_a_spike_delays_emails_but_delivers_each_once() {
     );
 }
 
-/// Malformed messages of eleven kinds interleaved with good stories: each bad one is in the dead-letter
+/// Malformed messages of twelve kinds interleaved with good stories: each bad one is in the dead-letter
 /// topic with its reason, each good one is scored, and memory stays bounded.
 #[test]
 fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_processed() {
@@ -299,7 +299,7 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
     let topic = unique("malformed");
     create_topic_on(brokers(), &topic, 3);
     let stories: Vec<String> = reuters(good).lines().map(str::to_string).collect();
-    let bad_kinds: [(&str, Vec<u8>); 11] = [
+    let bad_kinds: [(&str, Vec<u8>); 12] = [
         ("json", b"{\"id\": \"x\", ".to_vec()),
         ("not_an_object", b"[1, 2, 3]".to_vec()),
         ("missing_field", br#"{"id":"m","published_at":"1987-03-02T10:00:00Z"}"#.to_vec()),
@@ -310,6 +310,7 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
         ("empty", Vec::new()),
         ("too_large", format!(r#"{{"id":"l","published_at":"1987-03-02T10:00:00Z","headline":"x","body":"{}"}}"#, "y".repeat(70_000)).into_bytes()),
         ("timestamp_out_of_range", br#"{"id":"f","published_at":"2999-01-01T00:00:00Z","headline":"x"}"#.to_vec()),
+        ("id_length", format!(r#"{{"id":"{}","published_at":"1987-03-02T10:00:00Z","headline":"x"}}"#, "i".repeat(300)).into_bytes()),
         ("tickers", format!(r#"{{"id":"k","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":{:?}}}"#, (0..1000).map(|i| format!("T{i}")).collect::<Vec<_>>()).into_bytes()),
     ];
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();

@@ -11,6 +11,8 @@ pub use fields::{Fields, NotFields};
 
 /// Longest headline accepted, in characters.
 pub const MAX_HEADLINE_CHARS: usize = 2000;
+/// Longest story id accepted, in characters: de-duplication holds up to `dedup_max_ids` of them.
+pub const MAX_ID_CHARS: usize = 256;
 /// Most tickers one story may name: each is a window group when grouping by ticker, so this bounds
 /// what one message can make the windows and rules hold.
 pub const MAX_TICKERS: usize = 64;
@@ -68,6 +70,8 @@ pub enum NewsError {
     WrongType { field: &'static str, expected: &'static str },
     #[error("field `published_at` is not an RFC 3339 timestamp: {0}")]
     BadTimestamp(String),
+    #[error("field `id` must have 1 to {MAX_ID_CHARS} characters, has {0}")]
+    IdLength(usize),
     #[error("field `headline` must have 1 to {MAX_HEADLINE_CHARS} characters, has {0}")]
     HeadlineLength(usize),
     #[error("field `headline` is blank: it has only whitespace or invisible characters")]
@@ -85,6 +89,7 @@ impl NewsError {
             NewsError::Missing(_) => "missing_field",
             NewsError::WrongType { .. } => "wrong_type",
             NewsError::BadTimestamp(_) => "bad_timestamp",
+            NewsError::IdLength(_) => "id_length",
             NewsError::HeadlineLength(_) => "headline_length",
             NewsError::BlankHeadline => "headline_blank",
             NewsError::Tickers(_) => "tickers",
@@ -139,6 +144,10 @@ impl News {
     /// The schema's fields taken out of `map`; what is left is `extra`.
     pub fn from_fields(mut map: Fields) -> Result<News, NewsError> {
         let id = required_string(&mut map, "id")?;
+        let id_chars = id.chars().count();
+        if id_chars == 0 || id_chars > MAX_ID_CHARS {
+            return Err(NewsError::IdLength(id_chars));
+        }
         let published_at = required_string(&mut map, "published_at")?;
         chrono::DateTime::parse_from_rfc3339(&published_at)
             .map_err(|e| NewsError::BadTimestamp(format!("{published_at:?}: {e}")))?;
@@ -347,6 +356,9 @@ mod tests {
         assert!(News::from_json(br#"{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":" x "}"#).is_ok());
         let long = format!(r#"{{"id":"a","published_at":"2024-01-02T03:04:05Z","headline":"{}"}}"#, "x".repeat(2001));
         assert_eq!(News::from_json(long.as_bytes()).unwrap_err(), NewsError::HeadlineLength(2001));
+        let long_id = format!(r#"{{"id":"{}","published_at":"2024-01-02T03:04:05Z","headline":"x"}}"#, "i".repeat(MAX_ID_CHARS + 1));
+        assert_eq!(News::from_json(long_id.as_bytes()).unwrap_err(), NewsError::IdLength(MAX_ID_CHARS + 1));
+        assert_eq!(News::from_json(br#"{"id":"","published_at":"2024-01-02T03:04:05Z","headline":"x"}"#).unwrap_err(), NewsError::IdLength(0));
     }
 
     #[test]
