@@ -45,6 +45,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_model_swaps_total", Kind::Counter, "outcome", "Switches to a newly promoted champion without a restart (swapped, failed)"),
     ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
+    ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once because the bound on open ones was reached"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];
 
@@ -80,7 +81,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total"] {
         counter!(name).increment(0);
     }
     for name in [

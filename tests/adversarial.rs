@@ -212,6 +212,90 @@ fn run_config(dir: &std::path::Path, config: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Clients that open connections and send nothing, or a request head a byte at a time: one past
+/// the bound on open connections is closed at once, each is cut off once its head is 30 s late, and
+/// the API answers again as soon as one frees a place.
+#[test]
+fn idle_and_crawling_http_clients_are_cut_off_and_the_api_keeps_answering() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    const MAX_CONNECTIONS: usize = 256;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(20)).unwrap();
+    let http = free_port();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n\
+         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    // One connection per request, closed by the server after its answer: no client pool holds a place.
+    let get = |path: &str| -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", http)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(answer)
+    };
+    let health = || get("/health").is_some();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !health() {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no API\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opened = Instant::now();
+    let connect = || {
+        let stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+        stream
+    };
+    // Whether the server closed `stream` (end of stream or a reset), waiting at most its read timeout.
+    let closed_by_server = |stream: &mut TcpStream| match stream.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
+    let mut idle: Vec<TcpStream> = (0..MAX_CONNECTIONS).map(|_| connect()).collect();
+    // A crawler sends its head a byte at a time, one byte a second, and never finishes it.
+    let mut crawler = idle.pop().unwrap();
+    let crawling = std::thread::spawn(move || {
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+            if crawler.write_all(&[*byte]).is_err() {
+                return (opened.elapsed(), true);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            if opened.elapsed() > Duration::from_secs(120) {
+                return (opened.elapsed(), false);
+            }
+        }
+        unreachable!()
+    });
+    // One more than the bound (the listener takes connections in order, so this one comes last).
+    let mut extra = connect();
+    extra.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    assert!(closed_by_server(&mut extra), "the connection past the bound was not closed");
+    // Freeing one place lets a request through.
+    drop(idle.pop());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !health() {
+        assert!(Instant::now() < deadline, "the API did not answer once a connection closed\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The idle ones are cut off after the head timeout, not before.
+    for stream in idle.iter_mut() {
+        assert!(closed_by_server(stream), "an idle connection stayed open");
+    }
+    let cut = opened.elapsed();
+    assert!(cut >= Duration::from_secs(29), "cut off after {cut:?}, before the 30 s head timeout");
+    let (crawled, cut_off) = crawling.join().unwrap();
+    assert!(cut_off, "the crawler was still sending after {crawled:?}");
+    let metrics = get("/metrics").expect("metrics answer");
+    let refused = metrics.lines().find_map(|l| l.strip_prefix("bearwatch_http_connections_refused_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(refused >= Some(1.0), "refused connections are counted: {refused:?}");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}
+
 #[test]
 fn config_extremes_are_refused_with_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();

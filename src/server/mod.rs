@@ -10,6 +10,7 @@
 mod auth;
 mod config;
 pub mod feedback;
+mod listen;
 mod models;
 
 use std::net::SocketAddr;
@@ -119,14 +120,7 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
-                runtime.block_on(async move {
-                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    });
-                    if let Err(e) = served.await {
-                        tracing::error!(error = %e, "http server stopped");
-                    }
-                });
+                runtime.block_on(listen::serve(listener, app, stopped));
             })
             .map_err(bind_error)?;
         tracing::info!(addr = %local, "http api listening");
