@@ -112,10 +112,8 @@ impl Server {
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))
             .route("/api/models/rollback", post(models::rollback))
-            .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
-            .layer(middleware::from_fn(refuse_oversized));
-        let app = open.merge(guarded).with_state(state);
+            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+        let app = open.merge(guarded).layer(middleware::from_fn(read_body)).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("http".into())
@@ -151,17 +149,23 @@ const BODY_LIMIT: usize = 1 << 20;
 /// How much of a refused body is read and dropped, and for how long, before the answer.
 const DRAIN_LIMIT: usize = 64 << 20;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// From the end of a request's head to the end of its body: 1 MiB at 35 KB/s.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Answers a body over [`BODY_LIMIT`] with a JSON 413 (before the token is checked). A declared
-/// oversized body is first read and dropped, up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a server that
-/// answers and closes while the client is still sending makes the kernel reset the connection, and
-/// the client then sees "connection reset" instead of the 413 (nginx's lingering close does the same).
-async fn refuse_oversized(request: axum::extract::Request, next: middleware::Next) -> Response {
+/// Reads the whole request body before any handler (or the token check) runs: at most
+/// [`BODY_LIMIT`] bytes, else a JSON 413, and within [`BODY_TIMEOUT`] of its head, else a 408 that
+/// closes the connection, so a client that sends a body a byte at a time cannot hold a connection
+/// (the head has its own deadline in `listen`). A declared oversized body is first read and dropped,
+/// up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a server that answers and closes while the client is
+/// still sending makes the kernel reset the connection, and the client then sees "connection reset"
+/// instead of the 413 (nginx's lingering close does the same).
+async fn read_body(request: axum::extract::Request, next: middleware::Next) -> Response {
+    use futures::StreamExt;
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over {BODY_LIMIT} bytes"));
+    let (parts, body) = request.into_parts();
+    let mut body = body.into_data_stream();
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-        use futures::StreamExt;
-        let mut body = request.into_body().into_data_stream();
         let _ = tokio::time::timeout(DRAIN_TIME, async {
             let mut read = 0;
             while read < DRAIN_LIMIT {
@@ -174,10 +178,28 @@ async fn refuse_oversized(request: axum::extract::Request, next: middleware::Nex
         .await;
         return too_large();
     }
-    // A chunked body over the limit is refused by the extractor (`DefaultBodyLimit`) in plain text,
-    // answered here in JSON like the rest.
-    let response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE { too_large() } else { response }
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body could not be read: {e}")))?;
+            if bytes.len() + chunk.len() > BODY_LIMIT {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(())
+    })
+    .await;
+    match read {
+        Ok(Ok(())) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(Err(refused)) => refused,
+        Err(_) => {
+            metrics::counter!("bearwatch_http_body_timeouts_total").increment(1);
+            let mut late = error(StatusCode::REQUEST_TIMEOUT, format!("the body was not sent within {} s", BODY_TIMEOUT.as_secs()));
+            late.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            late
+        }
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
