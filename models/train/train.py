@@ -303,7 +303,7 @@ def repeats(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--base", choices=sorted(BASES), default="minilm-l6",
-                   help="the encoder to fine-tune (bge-small: 12 layers, about twice the time and the int8 size)")
+                   help="the encoder to fine-tune (bge-small: 12 layers, about twice the time; 33 M weights against 23 M, so about 33 MB in int8)")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)

@@ -108,7 +108,8 @@ impl WriteDeadline {
         }
         self.stalled = None;
         metrics::counter!("bearwatch_http_write_timeouts_total").increment(1);
-        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client took no byte of the answer for 30 s")))
+        let message = format!("the client took no byte of the answer for {} s", WRITE_TIMEOUT.as_secs());
+        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
     }
 }
 
