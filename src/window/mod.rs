@@ -121,6 +121,16 @@ pub const TOP_HEADLINES: usize = 5;
 /// the windows (and their checkpoints) hold. Topic windows are bounded by the model's topics.
 pub const MAX_OPEN_WINDOWS: usize = 50_000;
 
+/// Whether a window that is not open yet must stay unopened: a ticker's, with
+/// [`MAX_OPEN_WINDOWS`] open (counted in `bearwatch_window_tickers_refused_total`).
+fn refuses_new_window(open_windows: usize, key: &WindowKey) -> bool {
+    let refused = key.ticker.is_some() && open_windows >= MAX_OPEN_WINDOWS;
+    if refused {
+        metrics::counter!("bearwatch_window_tickers_refused_total").increment(1);
+    }
+    refused
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct OpenWindow {
     counts: Counts,
@@ -309,6 +319,9 @@ impl WindowState {
                 let key = WindowKey { start_ms: start, topic: topic.clone(), ticker: ticker.clone() };
                 let open = !watermark.is_some_and(|w| start + size <= w);
                 let window = if open {
+                    if !self.open.contains_key(&key) && refuses_new_window(self.open.len(), &key) {
+                        continue;
+                    }
                     self.open.entry(key).or_insert_with(|| OpenWindow::empty(true))
                 } else if self.closed.contains_key(&key) || oldest_kept.is_some_and(|oldest| start >= oldest) {
                     // A closed window of the new group that had no stories: it now has this one.
@@ -420,13 +433,10 @@ impl WindowState {
             let mut key = WindowKey { start_ms: 0, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
             for &start in &starts {
                 key.start_ms = start;
-                let full = ticker.is_some() && self.open.len() >= MAX_OPEN_WINDOWS;
+                let open_windows = self.open.len();
                 let window = match self.open.get_mut(&key) {
                     Some(window) => window,
-                    None if full => {
-                        metrics::counter!("bearwatch_window_tickers_refused_total").increment(1);
-                        continue;
-                    }
+                    None if refuses_new_window(open_windows, &key) => continue,
                     None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow::empty(true)),
                 };
                 window.counts.add(sentiment, sentiment_score);
@@ -565,7 +575,15 @@ mod tests {
         assert_eq!(state.open[&t0].counts.n, 2, "an open ticker window still counts");
         let energy = WindowKey { start_ms: 0, topic: "energy".into(), ticker: None };
         assert_eq!(state.open[&energy].counts.n, (MAX_OPEN_WINDOWS as u64).div_ceil(crate::news::MAX_TICKERS as u64) + 1);
-        assert!(!state.open.contains_key(&WindowKey { ticker: Some("XOM".into()), ..t0 }), "no new ticker window past the bound");
+        let xom = WindowKey { ticker: Some("XOM".into()), ..t0.clone() };
+        assert!(!state.open.contains_key(&xom), "no new ticker window past the bound");
+        // An analyst's correction of that story opens none either.
+        let was = Counted { tickers: vec!["XOM".into(), "T0".into()], ..counted("x", 20, "energy", "negative", -0.9, 0.5) };
+        let now = Counted { sentiment: "neutral".into(), sentiment_score: 0.0, ..was.clone() };
+        state.relabel(&was, &now, 30);
+        assert_eq!(state.open.len(), MAX_OPEN_WINDOWS);
+        assert!(!state.open.contains_key(&xom));
+        assert_eq!(state.open[&t0].counts.n_negative, 1, "the open ticker window follows the correction");
     }
 
     #[test]
