@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
 MODELS = ROOT / "models"
+# Training runs write under work/NAME/ (git-ignored).
+WORK = MODELS / "train" / "work"
 
 SENTIMENT = ["negative", "neutral", "positive"]
 # DESIGN §9, in this order: the topic head's outputs.

@@ -14,7 +14,7 @@ import data
 
 def heads(name):
     """The run's heads as `heads.json` holds them."""
-    work = data.ROOT / "models" / "train" / "work" / name
+    work = data.WORK / name
     state = torch.load(work / "model.pt", map_location="cpu")
     temperatures = json.loads((work / "temperatures.json").read_text())
 

@@ -22,7 +22,7 @@ def main():
     p.add_argument("--version", required=True, help="the version its labels.json names")
     p.add_argument("--model-name", help="the name its labels.json gives (default: the shipped model's)")
     args = p.parse_args()
-    work = data.ROOT / "models" / "train" / "work" / args.name
+    work = data.WORK / args.name
     out = Path(args.out)
     (out / "refit").mkdir(parents=True)
     trained_on = set(json.loads((work / "results.json").read_text())["settings"]["sets"])

@@ -8,8 +8,10 @@ import json
 import statistics
 from pathlib import Path
 
-WORK = Path(__file__).resolve().parent / "work"
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+import data
+
+WORK = data.WORK
+DOCS = data.ROOT / "docs"
 SETS = ["phrasebank", "phrasebank_agree_100", "sentfin", "tweets_sentiment", "head_sentiment",
         "tweets_topic", "reuters", "reuters_with_body", "head_topic"]
 # Issue 15's targets: (metric, at least / at most, value).

