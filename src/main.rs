@@ -426,21 +426,49 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
 
 /// The most lines `feedback import` reads from one file.
 const MAX_IMPORT_LINES: usize = 100_000;
+/// The longest line `feedback import` reads: a 10,000-character text and a 2,000-character note of
+/// four-byte characters, escaped, fit.
+const MAX_IMPORT_LINE_BYTES: u64 = 128 << 10;
+/// The largest file `feedback import` reads, refused before reading: 256 MiB.
+const MAX_IMPORT_BYTES: u64 = 256 << 20;
 
 fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathBuf>, file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    use std::io::BufRead as _;
+    use std::io::Read as _;
+    let opened = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let size = opened.metadata().map(|m| m.len()).unwrap_or(0);
+    let bad = |line: usize, why: String| FeedbackFailure::from(FeedbackError::Invalid(format!("{}:{line}: {why}", file.display())));
+    anyhow::ensure!(
+        size <= MAX_IMPORT_BYTES,
+        "{}: {size} bytes, over the {MAX_IMPORT_BYTES} bytes one import takes; split the file",
+        file.display()
+    );
+    // Line by line, each read at most MAX_IMPORT_LINE_BYTES: a file is never held whole.
+    let mut reader = std::io::BufReader::new(opened);
     let mut requests = Vec::new();
     let mut lines = Vec::new();
-    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    let mut bytes = Vec::new();
+    for number in 1.. {
+        bytes.clear();
+        let read = (&mut reader).take(MAX_IMPORT_LINE_BYTES + 1).read_until(b'\n', &mut bytes).with_context(|| format!("cannot read {}", file.display()))?;
+        if read == 0 {
+            break;
+        }
+        if bytes.len() as u64 > MAX_IMPORT_LINE_BYTES {
+            return Err(bad(number, format!("the line is over {MAX_IMPORT_LINE_BYTES} bytes")).into());
+        }
+        let line = std::str::from_utf8(&bytes).map_err(|e| bad(number, format!("not UTF-8 ({e})")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
         anyhow::ensure!(requests.len() < MAX_IMPORT_LINES, "{}: more than {MAX_IMPORT_LINES} lines; split the file", file.display());
-        let request: LabelRequest = serde_json::from_str(line)
-            .map_err(|e| FeedbackFailure::from(FeedbackError::Invalid(format!("{}:{}: {e}", file.display(), number + 1))))?;
+        let request: LabelRequest = serde_json::from_str(line).map_err(|e| bad(number, e.to_string()))?;
         requests.push(request);
-        lines.push(number + 1);
+        lines.push(number);
     }
     let model = ClassifierConfig { path: model, ..ClassifierConfig::default() }.model_dir();
     let topics = classify::ModelSpec::load(&model)?.topics;
-    let service = FeedbackService { storage: storage.to_path_buf(), topics, rules_hash: None };
+    let service = FeedbackService::new(storage.to_path_buf(), topics, None);
     let limits = bearwatch::server::ServerConfig::default().query_limits();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = runtime.block_on(async {
@@ -653,9 +681,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
         Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight }) => retrain(&storage, &out, from, feedback_weight),
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
-            let history = bearwatch::learn::registry::champion_history(&storage)?;
             let forced = reason.as_deref().filter(|_| force);
-            let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced, history.last())?;
+            let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced)?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
@@ -704,8 +731,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
-            let history = bearwatch::learn::registry::champion_history(&storage)?;
-            let row = bearwatch::learn::registry::rollback(&storage, &history, &by, reason.as_deref())?;
+            let row = bearwatch::learn::registry::rollback(&storage, &by, reason.as_deref())?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }

@@ -229,7 +229,7 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     let config = pipeline(free_port(), hook.port)
         .replace("path = \"in.jsonl\"", "path = \"in.jsonl\"\nspeed = 3600")
         .replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")
-        + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"t0ken\"\n");
+        + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"t0ken-0123456789abcdef\"\n");
     std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
     let mut run = Pipeline::start(dir.path(), "p", &config);
 
@@ -237,7 +237,7 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
     let url = "/api/silences";
     let deadline = Instant::now() + Duration::from_secs(30);
-    while api.raw("GET", url, &[("Authorization", "Bearer t0ken")], None).is_err() {
+    while api.raw("GET", url, &[("Authorization", "Bearer t0ken-0123456789abcdef")], None).is_err() {
         assert!(Instant::now() < deadline, "the API never came up\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -248,7 +248,7 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     let silence = |matcher: serde_json::Value, starts: chrono::DateTime<chrono::Utc>, ends: chrono::DateTime<chrono::Utc>| {
         serde_json::json!({"match": matcher, "starts_at": starts, "ends_at": ends, "comment": "test"}).to_string()
     };
-    let post = |body: String| api.call("POST", url, Some("t0ken"), Some(&body));
+    let post = |body: String| api.call("POST", url, Some("t0ken-0123456789abcdef"), Some(&body));
     let hour = chrono::Duration::hours(1);
     let (status, id) = post(silence(serde_json::json!({"rule": "market-negative"}), now - hour, now + hour));
     assert_eq!(status, 201);
@@ -260,9 +260,9 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
 
     let (_, other) = post(silence(serde_json::json!({"topic": "energy"}), now, now + hour));
     let other_url = format!("{url}/{}", other["id"].as_str().unwrap());
-    assert_eq!(api.call("DELETE", &other_url, Some("t0ken"), None).0, 204);
-    assert_eq!(api.call("DELETE", &other_url, Some("t0ken"), None).0, 404);
-    let (_, listed) = api.call("GET", url, Some("t0ken"), None);
+    assert_eq!(api.call("DELETE", &other_url, Some("t0ken-0123456789abcdef"), None).0, 204);
+    assert_eq!(api.call("DELETE", &other_url, Some("t0ken-0123456789abcdef"), None).0, 404);
+    let (_, listed) = api.call("GET", url, Some("t0ken-0123456789abcdef"), None);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert_eq!(listed[0]["match"]["rule"], "market-negative");
 

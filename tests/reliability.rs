@@ -299,7 +299,7 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
     let topic = unique("malformed");
     create_topic_on(brokers(), &topic, 3);
     let stories: Vec<String> = reuters(good).lines().map(str::to_string).collect();
-    let bad_kinds: [(&str, Vec<u8>); 12] = [
+    let bad_kinds: [(&str, Vec<u8>); 14] = [
         ("json", b"{\"id\": \"x\", ".to_vec()),
         ("not_an_object", b"[1, 2, 3]".to_vec()),
         ("missing_field", br#"{"id":"m","published_at":"1987-03-02T10:00:00Z"}"#.to_vec()),
@@ -312,6 +312,11 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
         ("timestamp_out_of_range", br#"{"id":"f","published_at":"2999-01-01T00:00:00Z","headline":"x"}"#.to_vec()),
         ("id_length", format!(r#"{{"id":"{}","published_at":"1987-03-02T10:00:00Z","headline":"x"}}"#, "i".repeat(300)).into_bytes()),
         ("tickers", format!(r#"{{"id":"k","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":{:?}}}"#, (0..1000).map(|i| format!("T{i}")).collect::<Vec<_>>()).into_bytes()),
+        // A ticker or an id that would split a log line or forge a mail header.
+        ("tickers", br#"{"id":"c","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":["XOM
+Bcc: x@example.com"]}"#.to_vec()),
+        ("id_control", br#"{"id":"c
+forged=1","published_at":"1987-03-02T10:00:00Z","headline":"x"}"#.to_vec()),
     ];
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let mut sent_kinds: BTreeMap<&str, usize> = BTreeMap::new();

@@ -64,7 +64,7 @@ fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
     std::fs::write(dir.path().join("in.jsonl"), stories(600)).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // Paced so that the pipeline (and its server) is still running while the queries are made.
-    let config = pipeline("speed = 10000") + &format!("[server]\nhttp = \"127.0.0.1:{port}\"\nauth_token = \"k3y\"\n");
+    let config = pipeline("speed = 10000") + &format!("[server]\nhttp = \"127.0.0.1:{port}\"\nauth_token = \"k3y-0123456789abcdef\"\n");
     let mut run = Pipeline::start(dir.path(), "p", &config);
     let url = format!("http://127.0.0.1:{port}");
     // Every answer is also checked against docs/openapi.json.
@@ -76,7 +76,7 @@ fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ready = api.raw("POST", "/sql", &[("Authorization", "Bearer k3y")], Some("SELECT count(*) AS n FROM news"));
+        let ready = api.raw("POST", "/sql", &[("Authorization", "Bearer k3y-0123456789abcdef")], Some("SELECT count(*) AS n FROM news"));
         if ready.is_ok_and(|(status, _, text)| status == 200 && text != "[{\"n\":0}]") {
             break;
         }
@@ -86,35 +86,35 @@ fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
 
     // Parquet parts and unflushed rows together, across checkpoints: never a story twice.
     for _ in 0..20 {
-        let (_, body) = post("SELECT count(*) - count(DISTINCT id) AS twice FROM news", "text/csv", "k3y");
+        let (_, body) = post("SELECT count(*) - count(DISTINCT id) AS twice FROM news", "text/csv", "k3y-0123456789abcdef");
         assert_eq!(String::from_utf8(body).unwrap(), "twice\n0\n");
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let (status, body) = post("SELECT topic, count(*) AS n FROM news GROUP BY topic ORDER BY topic", "application/json", "k3y");
+    let (status, body) = post("SELECT topic, count(*) AS n FROM news GROUP BY topic ORDER BY topic", "application/json", "k3y-0123456789abcdef");
     assert_eq!(status, 200);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
     assert!(rows.iter().all(|r| r["topic"].is_string() && r["n"].as_u64().unwrap() > 0));
-    let (_, body) = post("SELECT 1 AS one, 'x' AS s", "text/csv", "k3y");
+    let (_, body) = post("SELECT 1 AS one, 'x' AS s", "text/csv", "k3y-0123456789abcdef");
     assert_eq!(String::from_utf8(body).unwrap(), "one,s\n1,x\n");
-    let (_, body) = post("SELECT topic, n FROM windows LIMIT 3", "application/vnd.apache.arrow.stream", "k3y");
+    let (_, body) = post("SELECT topic, n FROM windows LIMIT 3", "application/vnd.apache.arrow.stream", "k3y-0123456789abcdef");
     let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None).unwrap();
     assert_eq!(reader.schema().field(1).name(), "n");
 
     assert_eq!(post("SELECT 1", "application/json", "wrong").0, 401);
-    let (status, body) = post("SELECT nope FROM news", "application/json", "k3y");
+    let (status, body) = post("SELECT nope FROM news", "application/json", "k3y-0123456789abcdef");
     assert_eq!(status, 400);
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(error["error"].as_str().unwrap().contains("nope"), "{error}");
     for statement in forbidden() {
-        let (status, body) = post(statement, "application/json", "k3y");
+        let (status, body) = post(statement, "application/json", "k3y-0123456789abcdef");
         assert!(status == 403 || status == 400, "{statement}: {status} {}", String::from_utf8_lossy(&body));
     }
 
     // The CLI against the running server.
     let out = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
         .args(["sql", "--url", &url, "--format", "csv", "SELECT 2 AS two"])
-        .env("BEARWATCH_TOKEN", "k3y")
+        .env("BEARWATCH_TOKEN", "k3y-0123456789abcdef")
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "two\n2\n", "{}", String::from_utf8_lossy(&out.stderr));

@@ -29,7 +29,7 @@ pub struct Webhook {
 impl Notify for Webhook {
     fn send(&mut self, alert: &Alert, key: &str) -> Result<(), String> {
         let body = if self.slack {
-            serde_json::json!({ "text": render_text(alert) })
+            serde_json::json!({ "text": slack_escape(&render_text(alert)) })
         } else {
             serde_json::to_value(alert).map_err(|e| e.to_string())?
         };
@@ -44,6 +44,12 @@ impl Notify for Webhook {
         let status = response.status();
         if status.is_success() { Ok(()) } else { Err(format!("HTTP {status}")) }
     }
+}
+
+/// Text as Slack's `text` field must carry it: `&`, `<` and `>` escaped, so that a headline holding
+/// `<!channel>` or `<http://x|click>` is shown as written, never as a mention or a link.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 pub struct Email {
@@ -525,6 +531,20 @@ pub(crate) mod tests {
             summary: String::new(),
             top_headlines: vec![],
         }
+    }
+
+    #[test]
+    fn slack_text_carries_no_mentions_or_links_from_headlines() {
+        let mut firing = alert(AlertState::Firing);
+        firing.top_headlines = vec![crate::window::Headline {
+            id: "s1".into(),
+            headline: "<!channel> AT&T <http://x|click> falls".into(),
+            p_negative: 0.9,
+            why: vec![],
+        }];
+        let text = slack_escape(&render_text(&firing));
+        assert!(text.contains("&lt;!channel&gt; AT&amp;T &lt;http://x|click&gt; falls"), "{text}");
+        assert!(!text.contains('<') && !text.contains('>'));
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             .collect::<Result<_, _>>()?;
         let corrections = reviewed.iter().filter(|&&i| champion_set[i] != set[i].label).count();
         let given = requests.len();
-        let service = FeedbackService { storage: storage.clone(), topics: topics.clone(), rules_hash: None };
+        let service = FeedbackService::new(storage.clone(), topics.clone(), None);
         let feedback = runtime.block_on(async {
             let ctx = crate::sql::context(&storage, crate::server::ServerConfig::default().query_limits(), None)?;
             for chunk in requests.chunks(crate::feedback::MAX_ROWS) {
@@ -171,7 +171,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         learn::retrain(learn::RetrainOptions { storage: &storage, out: &out, from: &from, feedback, feedback_weight: args.feedback_weight })?;
         let retrain_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
-        let gate = match registry::promote(&storage, &out, "bench", None, None) {
+        let gate = match registry::promote(&storage, &out, "bench", None) {
             Ok(_) => "promoted".to_string(),
             Err(learn::LearnError::Refused(why)) => format!("refused: {why}"),
             Err(e) => return Err(e.into()),

@@ -65,6 +65,8 @@ pub struct OrtBackend {
     topic_output: String,
     embedding_output: Option<String>,
     heads: Option<std::sync::Arc<super::heads::Heads>>,
+    /// Topic probabilities per row, as labels.json names them.
+    topics: usize,
     provider: &'static str,
 }
 
@@ -107,15 +109,28 @@ impl OrtBackend {
             path: spec.onnx.clone(),
             reason: e.to_string(),
         })?;
+        let invalid = |reason: String| ClassifyError::ModelFiles { path: spec.onnx.clone(), reason };
         for name in spec.inputs.iter() {
             if !session.inputs().iter().any(|i| i.name() == name) {
-                return Err(ClassifyError::ModelFiles {
-                    path: spec.onnx.clone(),
-                    reason: format!("the model has no input `{name}`"),
-                });
+                return Err(invalid(format!("the model has no input `{name}`")));
             }
         }
-        Ok(OrtBackend {
+        // What each read output must hold per row: labels.json's lists, or heads.json's width.
+        let expected: Vec<(&str, usize, &str)> = match (&spec.heads, &spec.embedding_output) {
+            (Some(heads), Some(embedding)) => vec![(embedding.as_str(), heads.dims, "heads.json reads")],
+            _ => vec![(spec.sentiment_output.as_str(), 3, "labels.json names"), (spec.topic_output.as_str(), spec.topics.len(), "labels.json names")],
+        };
+        for (name, width, named_by) in &expected {
+            let outlet = session.outputs().iter().find(|o| o.name() == *name).ok_or_else(|| invalid(format!("the model has no output `{name}`")))?;
+            if let ort::value::ValueType::Tensor { shape, .. } = outlet.dtype()
+                && let Some(&last) = shape.last()
+                && last > 0
+                && last as usize != *width
+            {
+                return Err(invalid(format!("output `{name}` has {last} values per row; {named_by} {width}")));
+            }
+        }
+        let mut backend = OrtBackend {
             session,
             inputs: spec.inputs.clone(),
             sentiment_output: spec.sentiment_output.clone(),
@@ -123,8 +138,14 @@ impl OrtBackend {
             // Read only where something uses it: copying 384 floats a story costs throughput.
             embedding_output: spec.embedding_output.clone().filter(|_| spec.heads.is_some() || config.embeddings),
             heads: spec.heads.clone(),
+            topics: spec.topics.len(),
             provider,
-        })
+        };
+        // One row through the graph: a file that loads but cannot run, or whose outputs are shaped
+        // otherwise than declared (dynamic dimensions), fails here, not on the first story.
+        let probe = PaddedBatch { ids: vec![0, 0], mask: vec![1, 1], rows: 1, cols: 2 };
+        backend.run(&probe).map_err(|e| invalid(format!("a test row does not run: {e}")))?;
+        Ok(backend)
     }
 
     pub fn provider(&self) -> &'static str {
@@ -154,6 +175,15 @@ impl Backend for OrtBackend {
             Some(heads) => heads.apply(&embedding, batch.rows)?,
             None => (read(&self.sentiment_output)?, read(&self.topic_output)?),
         };
+        if sentiment.len() != batch.rows * 3 || topic.len() != batch.rows * self.topics {
+            return Err(ClassifyError::Inference(format!(
+                "the model gave {} sentiment and {} topic values for {} rows; labels.json names 3 sentiments and {} topics",
+                sentiment.len(),
+                topic.len(),
+                batch.rows,
+                self.topics
+            )));
+        }
         Ok(BatchOutput { sentiment, topic, embedding })
     }
 }

@@ -2,10 +2,12 @@
 //! dashboard and HTTP API, `bearwatch feedback import` from another process) appends files of its
 //! own, so following the folder is how corrections from anywhere reach the pipeline.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use super::{FeedbackError, LabelFeedback, table};
+use chrono::{DateTime, Utc};
+
+use super::{FeedbackError, Head, LabelFeedback, table};
 use crate::storage::{self, Table};
 
 pub struct JournalTail {
@@ -40,5 +42,40 @@ impl JournalTail {
         }
         rows.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(rows)
+    }
+}
+
+/// The newest `label_feedback` row of each (text hash, head): what a new judgement supersedes. It
+/// follows the journal like [`JournalTail`], so a request costs the files written since the last
+/// one, not a scan of the whole table (which grows with every request). About 150 bytes a judged
+/// text and head.
+pub struct LatestLabels {
+    tail: JournalTail,
+    latest: HashMap<(String, Head), (DateTime<Utc>, String)>,
+}
+
+impl LatestLabels {
+    pub fn new(storage: &Path) -> LatestLabels {
+        LatestLabels { tail: JournalTail::new(storage), latest: HashMap::new() }
+    }
+
+    /// Reads what was appended since the last call, by any writer.
+    pub fn refresh(&mut self) -> Result<(), FeedbackError> {
+        for row in self.tail.new_rows()? {
+            self.note(&row);
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, text_hash: &str, head: Head) -> Option<&String> {
+        self.latest.get(&(text_hash.to_string(), head)).map(|(_, id)| id)
+    }
+
+    /// Takes in one row; an older row read late (another writer's) does not displace a newer one.
+    pub fn note(&mut self, row: &LabelFeedback) {
+        let entry = self.latest.entry((row.text_hash.clone(), row.head)).or_insert_with(|| (row.created_at, row.feedback_id.clone()));
+        if row.created_at >= entry.0 {
+            *entry = (row.created_at, row.feedback_id.clone());
+        }
     }
 }

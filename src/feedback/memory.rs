@@ -8,6 +8,11 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::{Action, Head, LabelFeedback, match_key};
+
+/// Corrected texts a near-duplicate lookup compares, at most, per end word (the newest): the cost of
+/// scoring a story stays flat however many corrections share a first or last word (templated
+/// headlines), at the price of matching only the newest of them.
+pub const NEAR_CANDIDATES: usize = 64;
 use crate::classify::NearDuplicates;
 use crate::news::Scores;
 
@@ -69,6 +74,12 @@ pub fn words(text: &str) -> Vec<String> {
     text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
+/// The first and the last word (one, for a one-word text): what near-duplicates are indexed by.
+fn ends(words: &[String]) -> impl Iterator<Item = &String> {
+    let last = words.last().filter(|_| words.len() > 1);
+    words.first().into_iter().chain(last)
+}
+
 /// How much of the longer text the common prefix and suffix cover, and how many words of the longer
 /// one differ between them.
 fn aligned(a: &[String], b: &[String]) -> (f32, usize) {
@@ -104,8 +115,8 @@ impl Judged {
 pub struct Memory {
     /// By match key.
     by_key: HashMap<String, Judged>,
-    /// Match keys by first and by last word: a near-duplicate shares one of them.
-    by_end: HashMap<String, Vec<String>>,
+    /// Match keys by first and by last word, oldest first: a near-duplicate shares one of them.
+    by_end: HashMap<String, VecDeque<String>>,
     /// Match keys, oldest first, to forget the oldest beyond `capacity`.
     order: VecDeque<String>,
     /// `None`: exact matches only.
@@ -129,6 +140,11 @@ impl Memory {
         self.by_key.len()
     }
 
+    /// Whether the memory already holds the model's reading of the text with this match key.
+    pub fn has_reading(&self, key: &str) -> bool {
+        self.by_key.get(key).is_some_and(|judged| judged.reading.is_some())
+    }
+
     /// Whether near-duplicates are matched, so that judged texts need the model's reading.
     pub fn wants_readings(&self) -> bool {
         self.rule.is_some()
@@ -143,11 +159,8 @@ impl Memory {
         let key = match_key(&row.text);
         if !self.by_key.contains_key(&key) {
             let words = words(&row.text);
-            for end in [words.first(), words.last()].into_iter().flatten() {
-                let keys = self.by_end.entry(end.clone()).or_default();
-                if !keys.contains(&key) {
-                    keys.push(key.clone());
-                }
+            for end in ends(&words) {
+                self.by_end.entry(end.clone()).or_default().push_back(key.clone());
             }
             self.by_key.insert(key.clone(), Judged { words, ..Judged::default() });
             self.order.push_back(key.clone());
@@ -169,9 +182,14 @@ impl Memory {
 
     fn forget(&mut self, key: &str) {
         let Some(judged) = self.by_key.remove(key) else { return };
-        for end in [judged.words.first(), judged.words.last()].into_iter().flatten() {
+        for end in ends(&judged.words) {
             if let Some(keys) = self.by_end.get_mut(end) {
-                keys.retain(|k| k != key);
+                // The oldest text is forgotten first, and it is the oldest of its ends too.
+                if keys.front().is_some_and(|k| k == key) {
+                    keys.pop_front();
+                } else {
+                    keys.retain(|k| k != key);
+                }
                 if keys.is_empty() {
                     self.by_end.remove(end);
                 }
@@ -195,9 +213,9 @@ impl Memory {
     /// reading, then the key, so that the answer does not depend on memory order).
     fn nearest(&self, query: &Query<'_>) -> Option<(&Judged, f32)> {
         let rule = self.rule?;
-        let ends = [query.words.first(), query.words.last()].into_iter().flatten();
         let mut best: Option<(f32, f32, &str, &Judged)> = None;
-        for key in ends.filter_map(|end| self.by_end.get(end)).flatten() {
+        let candidates = ends(query.words).filter_map(|end| self.by_end.get(end)).flat_map(|keys| keys.iter().rev().take(NEAR_CANDIDATES));
+        for key in candidates {
             let Some(judged) = self.by_key.get(key) else { continue };
             let Some(reading) = &judged.reading else { continue };
             if judged.corrections().next().is_none() || reading.topic != query.reading.topic {
@@ -283,5 +301,26 @@ mod tests {
         assert!(ask(&memory, "one two three", &reading(0.5, "other")).is_empty());
         assert_eq!(ask(&memory, "seven eight nine", &reading(0.5, "other")).len(), 1);
         assert!(memory.by_end.values().flatten().all(|k| memory.by_key.contains_key(k)), "the index forgets with them");
+    }
+
+    #[test]
+    fn a_lookup_compares_a_bounded_number_of_texts_that_share_an_end_word() {
+        let mut memory = Memory::new(Some(RULE), 10_000);
+        for i in 0..5_000 {
+            memory.learn(&row(&format!("Acme unit {i} shares fall after results"), Head::Sentiment, Some("neutral"), Action::Correct), Some(reading(0.9, "equity_markets")));
+        }
+        assert_eq!(memory.by_end["acme"].len(), 5_000);
+        let (key, words) = (match_key("Acme unit x shares fall after results"), words("Acme unit x shares fall after results"));
+        let compared = ends(&words).filter_map(|end| memory.by_end.get(end)).map(|keys| keys.len().min(NEAR_CANDIDATES)).sum::<usize>();
+        assert_eq!(compared, 2 * NEAR_CANDIDATES);
+        let found = memory.lookup(&Query { key: &key, words: &words, reading: &reading(0.9, "equity_markets") });
+        assert_eq!(found.len(), 1, "the newest look-alikes still match");
+        // Forgetting the oldest stays cheap and keeps the index right.
+        let mut small = Memory::new(Some(RULE), 3);
+        for i in 0..6 {
+            small.learn(&row(&format!("Acme {i} falls"), Head::Sentiment, Some("neutral"), Action::Correct), Some(reading(0.9, "other")));
+        }
+        assert_eq!(small.by_end["acme"].len(), 3);
+        assert!(small.by_end.values().flatten().all(|k| small.by_key.contains_key(k)));
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 pub use config::FeedbackConfig;
-pub use journal::JournalTail;
+pub use journal::{JournalTail, LatestLabels};
 pub use memory::{Correction, Match, Memory, Query, Reading, words};
 pub use table::{applied_labels_batch, applied_labels_schema, alert_verdicts_schema, label_feedback_schema, missed_events_schema};
 
@@ -62,8 +62,10 @@ fn invalid(message: impl Into<String>) -> FeedbackError {
 pub const MAX_ROWS: usize = 1000;
 pub const MAX_NOTE_CHARS: usize = 2000;
 pub const MAX_TEXT_CHARS: usize = 10_000;
+/// The longest missed event: longer is not an event a rule could have caught.
+pub const MAX_MISSED_DAYS: i64 = 31;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Head {
     Sentiment,
@@ -294,8 +296,8 @@ impl LabelRequest {
             (None, Some(text)) => text.trim().to_string(),
             (None, None) => return Err(invalid("give `story_id` or `text`")),
         };
-        if text.is_empty() {
-            return Err(invalid("text is empty"));
+        if !text.chars().any(char::is_alphanumeric) {
+            return Err(invalid("text has no letter or digit"));
         }
         if text.chars().count() > MAX_TEXT_CHARS {
             return Err(invalid(format!("text: at most {MAX_TEXT_CHARS} characters")));
@@ -323,7 +325,10 @@ impl LabelRequest {
             (None, _) => (None, None),
         };
         let action = match (self.action, label) {
-            (Some(Action::Unsure), _) => Action::Unsure,
+            (Some(Action::Unsure), Some(label)) => {
+                return Err(invalid(format!("unsure takes no label: leave out {label:?}, or send it with confirm or correct")));
+            }
+            (Some(Action::Unsure), None) => Action::Unsure,
             (Some(action), Some(label)) => {
                 if action == Action::Confirm && model_label.as_deref().is_some_and(|m| m != label) {
                     return Err(invalid(format!("confirm: the model said {:?}, not {label:?}", model_label.unwrap_or_default())));
@@ -384,6 +389,13 @@ impl MissedRequest {
         check_analyst(analyst)?;
         if self.from >= self.to {
             return Err(invalid("`from` must be before `to`"));
+        }
+        if self.to - self.from > chrono::Duration::days(MAX_MISSED_DAYS) {
+            return Err(invalid(format!("an event spans at most {MAX_MISSED_DAYS} days")));
+        }
+        let latest = Utc::now() + chrono::Duration::days(1);
+        if self.from < DateTime::UNIX_EPOCH || self.to > latest {
+            return Err(invalid("an event lies between 1970 and now"));
         }
         let topic = self.topic.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
         if let Some(topic) = &topic

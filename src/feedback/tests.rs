@@ -59,7 +59,7 @@ fn wrong_labels_are_refused_with_what_is_allowed() {
 
 #[test]
 fn unsure_needs_no_label_and_records_none() {
-    let r = row(r#"{"text": "Shares of XYZ move", "head": "sentiment", "label": "positive", "action": "unsure"}"#, None).unwrap();
+    let r = row(r#"{"text": "Shares of XYZ move", "head": "sentiment", "action": "unsure"}"#, None).unwrap();
     assert_eq!((r.action, r.analyst_label, r.model), (Action::Unsure, None, None));
     let r = row(r#"{"text": "Shares of XYZ move", "head": "sentiment", "action": "unsure", "note": "  "}"#, None).unwrap();
     assert_eq!((r.action, r.note), (Action::Unsure, None));
@@ -95,4 +95,20 @@ fn each_record_call_appends_one_readable_file_and_keeps_the_earlier_ones() {
         rows += reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum::<usize>();
     }
     assert_eq!(rows, 2);
+}
+
+#[test]
+fn texts_without_words_unsure_with_a_label_and_endless_events_are_refused() {
+    for text in ["\u{200b}\u{200b}", "?!", " -- "] {
+        let json = serde_json::json!({"text": text, "head": "sentiment", "label": "neutral"}).to_string();
+        assert!(row(&json, None).unwrap_err().to_string().contains("no letter or digit"), "{text:?}");
+    }
+    let err = row(r#"{"text": "Oil falls", "head": "sentiment", "label": "neutral", "action": "unsure"}"#, None).unwrap_err();
+    assert!(err.to_string().contains("unsure takes no label"), "{err}");
+    assert!(row(r#"{"text": "Oil falls", "head": "sentiment", "action": "unsure"}"#, None).is_ok());
+    let missed = |from: &str, to: &str| serde_json::from_str::<MissedRequest>(&format!(r#"{{"from": "{from}", "to": "{to}"}}"#)).unwrap().into_row(&topics(), "ana");
+    assert!(missed("1987-03-02T00:00:00Z", "1987-03-03T00:00:00Z").is_ok());
+    assert!(missed("0001-01-01T00:00:00Z", "9999-01-01T00:00:00Z").unwrap_err().to_string().contains("at most 31 days"));
+    assert!(missed("9999-01-01T00:00:00Z", "9999-01-02T00:00:00Z").unwrap_err().to_string().contains("between 1970 and now"));
+    assert!(missed("0001-01-01T00:00:00Z", "0001-01-02T00:00:00Z").unwrap_err().to_string().contains("between 1970 and now"));
 }

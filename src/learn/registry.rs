@@ -134,11 +134,23 @@ fn folder_hash(dir: &Path) -> Result<String, LearnError> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Makes the candidate in `dir` the champion, if its report allows it or `force` gives a reason.
-/// `current`: the champion now (the newest `model_aliases` row), if the alias has a history; when it
-/// has none, the report's champion is recorded first, so that a rollback can return to it. Returns
-/// the alias row written.
-pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, current: Option<&AliasRow>) -> Result<AliasRow, LearnError> {
+/// Held while the champion alias is read, compared with and written: a promote or rollback from
+/// another process (the CLI beside a server) waits, so each one compares with the champion it
+/// replaces (compare-and-set), not with one read before another promote landed.
+fn alias_lock(storage: &Path) -> Result<std::fs::File, LearnError> {
+    std::fs::create_dir_all(storage).map_err(files(storage))?;
+    let path = storage.join(".model_aliases.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(files(&path))?;
+    file.lock().map_err(files(&path))?;
+    Ok(file)
+}
+
+/// Makes the candidate in `dir` the champion, if its report allows it or `force` gives a reason,
+/// and only once the folder loads, its outputs match its labels and it reproduces its golden
+/// outputs: an alias never names a model that cannot serve. The champion it replaces is read under
+/// [`alias_lock`]; when the alias has no history, the report's champion is recorded first, so that
+/// a rollback can return to it. Returns the alias row written.
+pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>) -> Result<AliasRow, LearnError> {
     let path = dir.join("report.json");
     let report: Report =
         serde_json::from_str(&std::fs::read_to_string(&path).map_err(files(&path))?).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() })?;
@@ -146,6 +158,11 @@ pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, curren
     if spec.id() != report.candidate {
         return Err(LearnError::Invalid(format!("{}: the folder holds {}, its report is about {}", dir.display(), spec.id(), report.candidate)));
     }
+    let serving = crate::classify::ClassifierConfig { device: crate::classify::Device::Cpu, ..crate::classify::ClassifierConfig::default() };
+    drop(load_checked(&serving, dir).map_err(|e| LearnError::Invalid(format!("{} cannot serve: {e}", dir.display())))?);
+    let _lock = alias_lock(storage)?;
+    let history = champion_history(storage)?;
+    let current = history.last();
     if let Some(current) = current
         && current.model != report.champion
     {
@@ -207,8 +224,10 @@ pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>, curren
     Ok(alias)
 }
 
-/// Points the champion alias back at the one before `history`'s newest (oldest first), in one step.
-pub fn rollback(storage: &Path, history: &[AliasRow], by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+/// Points the champion alias back at the one before its newest, in one step (under [`alias_lock`]).
+pub fn rollback(storage: &Path, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+    let _lock = alias_lock(storage)?;
+    let history = champion_history(storage)?;
     let Some(current) = history.last() else {
         return Err(LearnError::Invalid("nothing to roll back: the champion alias has no history (no model was promoted)".into()));
     };

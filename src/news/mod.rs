@@ -25,9 +25,18 @@ fn invisible(c: char) -> bool {
     c.is_whitespace() || matches!(c, '\u{00ad}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}')
 }
 
+/// Characters that break a line or a header where ids and tickers end up (log lines, mail headers,
+/// Alertmanager labels): C0 and C1 controls, and the Unicode line and paragraph separators.
+fn control(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
 fn check_tickers(tickers: &[String]) -> Result<(), NewsError> {
     if tickers.len() > MAX_TICKERS {
         return Err(NewsError::Tickers(format!("it has {}", tickers.len())));
+    }
+    if let Some(t) = tickers.iter().find(|t| t.chars().any(control)) {
+        return Err(NewsError::Tickers(format!("{t:?} has a control character")));
     }
     match tickers.iter().find(|t| t.chars().count() > MAX_TICKER_CHARS || t.chars().all(invisible)) {
         Some(t) if t.chars().all(invisible) => Err(NewsError::Tickers("one is blank".into())),
@@ -72,6 +81,8 @@ pub enum NewsError {
     BadTimestamp(String),
     #[error("field `id` must have 1 to {MAX_ID_CHARS} characters, has {0}")]
     IdLength(usize),
+    #[error("field `id` has a control character (a line break, tab or other): {0:?}")]
+    IdControl(String),
     #[error("field `headline` must have 1 to {MAX_HEADLINE_CHARS} characters, has {0}")]
     HeadlineLength(usize),
     #[error("field `headline` is blank: it has only whitespace or invisible characters")]
@@ -90,6 +101,7 @@ impl NewsError {
             NewsError::WrongType { .. } => "wrong_type",
             NewsError::BadTimestamp(_) => "bad_timestamp",
             NewsError::IdLength(_) => "id_length",
+            NewsError::IdControl(_) => "id_control",
             NewsError::HeadlineLength(_) => "headline_length",
             NewsError::BlankHeadline => "headline_blank",
             NewsError::Tickers(_) => "tickers",
@@ -147,6 +159,9 @@ impl News {
         let id_chars = id.chars().count();
         if id_chars == 0 || id_chars > MAX_ID_CHARS {
             return Err(NewsError::IdLength(id_chars));
+        }
+        if id.chars().any(control) {
+            return Err(NewsError::IdControl(id));
         }
         let published_at = required_string(&mut map, "published_at")?;
         chrono::DateTime::parse_from_rfc3339(&published_at)
@@ -373,5 +388,18 @@ mod tests {
         assert!(long.to_string().ends_with("one has 33 characters"), "{long}");
         assert!(News::from_json(story(&["Ü".repeat(MAX_TICKER_CHARS)]).as_bytes()).is_ok(), "characters, not bytes");
         assert_eq!(News::from_json(story(&["XOM".into(), " ".into()]).as_bytes()).unwrap_err(), NewsError::Tickers("one is blank".into()));
+        for forged in ["XOM\r\nBcc: x@example.com", "A\u{0}B", "A\u{85}B", "A\u{2028}B", "A\tB"] {
+            let err = News::from_json(story(&["XOM".into(), forged.into()]).as_bytes()).unwrap_err();
+            assert!(err.kind() == "tickers" && err.to_string().ends_with("has a control character"), "{forged:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ids_with_control_characters_are_refused() {
+        for id in ["a\r\nb", "a\u{1b}[31mb", "a\u{2029}"] {
+            let json = format!(r#"{{"id":{},"published_at":"2024-01-02T03:04:05Z","headline":"x"}}"#, serde_json::to_string(id).unwrap());
+            let err = News::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(err.kind(), "id_control", "{id:?}");
+        }
     }
 }

@@ -237,8 +237,10 @@ impl Core {
         self.in_flight.len()
     }
 
+    /// Rows waiting for the next checkpoint: stories, window rows and applied labels alike, so that
+    /// a backlog of re-counted windows is flushed like a backlog of stories.
     pub fn buffered_rows(&self) -> usize {
-        self.news_rows.len()
+        self.news_rows.len() + self.window_rows.len() + self.corrections.as_ref().map_or(0, |c| c.applied.len())
     }
 
     /// The checkpointed position of `topic`/`partition`, if any.
@@ -525,7 +527,13 @@ impl Core {
         let Some(corrections) = self.corrections.as_mut() else { return Ok(false) };
         let rows = corrections.due_rows()?;
         if rows.is_empty() {
-            return Ok(false);
+            // Judgements whose stories were not all re-counted in earlier rounds go on.
+            if !corrections.has_pending() {
+                return Ok(false);
+            }
+            let revised = corrections.recount(&mut self.windows, now_ms());
+            self.window_rows.extend(revised);
+            return Ok(true);
         }
         let _span = tracing::info_span!("feedback", rows = rows.len()).entered();
         self.drain(None)?;

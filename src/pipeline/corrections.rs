@@ -12,7 +12,7 @@
 //! An analyst's label counts with full confidence: sentiment score −1, 0 or 1, and p_negative 1 or 0
 //! for the window's most negative headlines.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,18 @@ use crate::window::{Counted, Headline, WindowRow, WindowState};
 const POLL_EVERY: Duration = Duration::from_millis(250);
 /// Judged texts classified per round trip.
 const READ_CHUNK: usize = 32;
+/// Stories re-counted per round at most: a judgement of a text that thousands of kept stories share
+/// finishes over several rounds, with scoring and checkpoints in between, instead of holding the
+/// pipeline (and its memory) for all of them at once.
+pub const RECOUNT_PER_ROUND: usize = 2_000;
+
+/// The newest judgement of one text and head, not yet carried to every kept story with that text.
+#[derive(Debug, Clone)]
+struct Pending {
+    label: Option<String>,
+    feedback_id: String,
+    story_id: Option<String>,
+}
 
 /// A story in the windows, with the model's labels and any analyst's, so either can be counted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +149,9 @@ pub struct Corrections {
     pub revise_windows: usize,
     /// Rows for `applied_labels`, written at the next checkpoint.
     pub applied: Vec<AppliedLabel>,
+    /// Judgements still to re-count, by match key and head: a flip of the same text coalesces here,
+    /// so a thousand flips cost what the last one costs.
+    pending: BTreeMap<(String, Head), Pending>,
     last_poll: Option<Instant>,
 }
 
@@ -152,6 +167,7 @@ impl Corrections {
             capacity: config.revise_stories,
             revise_windows: config.revise_windows,
             applied: Vec::new(),
+            pending: BTreeMap::new(),
             last_poll: None,
         }
     }
@@ -207,8 +223,14 @@ impl Corrections {
         self.tail.new_rows().map_err(|e| PipelineError::Internal(format!("reading label_feedback: {e}")))
     }
 
-    /// Learns judgements (oldest first) and re-counts the stories they apply to. Returns the revised
-    /// final rows of closed windows. `classifier` reads the judged texts for near-duplicate
+    /// Whether judgements learnt earlier still have stories to re-count.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Learns judgements (oldest first) and re-counts the stories they apply to, at most
+    /// [`RECOUNT_PER_ROUND`] now and the rest in later [`Corrections::recount`] rounds. Returns the
+    /// revised final rows of closed windows. `classifier` reads the judged texts for near-duplicate
     /// matching; nothing may be in flight on it.
     pub fn learn(
         &mut self,
@@ -218,48 +240,77 @@ impl Corrections {
         now_ms: i64,
     ) -> Result<Vec<WindowRow>, PipelineError> {
         let readings = self.read(&rows, classifier)?;
-        let mut revised = Vec::new();
-        for (row, reading) in rows.iter().zip(readings) {
-            self.memory.learn(row, reading);
-            let mut ids: Vec<String> = self.by_key.get(&match_key(&row.text)).cloned().unwrap_or_default();
-            if let Some(story) = &row.story_id
-                && !ids.contains(story)
-            {
-                ids.push(story.clone());
-            }
-            for id in ids {
-                let Some(tracked) = self.tracked.get_mut(&id) else { continue };
-                let label = match &row.analyst_label {
-                    Some(label) if row.action != Action::Unsure => Some(label.clone()),
-                    _ => None,
-                };
-                if *tracked.label(row.head) == label {
-                    continue;
-                }
-                *tracked.label(row.head) = label.clone();
-                let was = tracked.counted.clone();
-                let now = tracked.effective();
-                revised.extend(windows.relabel(&was, &now, now_ms));
-                tracked.counted = now;
-                let matched = if row.story_id.as_deref() == Some(id.as_str()) { Match::Story } else { Match::Exact };
-                self.applied.push(tracked.applied(row.head, label, &row.feedback_id, matched));
-                metrics::counter!("bearwatch_feedback_applied_total", "matched" => matched.name()).increment(1);
-            }
+        for (row, reading) in rows.into_iter().zip(readings) {
+            self.memory.learn(&row, reading);
+            let label = match row.analyst_label {
+                Some(label) if row.action != Action::Unsure => Some(label),
+                _ => None,
+            };
+            self.pending.insert((match_key(&row.text), row.head), Pending { label, feedback_id: row.feedback_id, story_id: row.story_id });
         }
         metrics::gauge!("bearwatch_feedback_memory_texts").set(self.memory.len() as f64);
-        // One row per window: the last revision of this round.
-        let mut newest: std::collections::BTreeMap<_, WindowRow> = std::collections::BTreeMap::new();
-        for row in revised {
-            newest.insert(row.key.clone(), row);
+        Ok(self.recount(windows, now_ms))
+    }
+
+    /// Carries pending judgements to the kept stories with their text, re-counting at most
+    /// [`RECOUNT_PER_ROUND`] of them; a judgement whose stories are not all done stays pending.
+    /// Returns the revised final rows of closed windows, one per window.
+    pub fn recount(&mut self, windows: &mut WindowState, now_ms: i64) -> Vec<WindowRow> {
+        let mut revised: BTreeMap<_, WindowRow> = BTreeMap::new();
+        let mut budget = RECOUNT_PER_ROUND;
+        while budget > 0 {
+            let Some(((key, head), judgement)) = self.pending.pop_first() else { break };
+            let mut ids: Vec<&String> = self.by_key.get(&key).map(|ids| ids.iter().collect()).unwrap_or_default();
+            if let Some(story) = &judgement.story_id
+                && !ids.contains(&story)
+            {
+                ids.push(story);
+            }
+            let mut done = true;
+            for id in ids {
+                let Some(tracked) = self.tracked.get_mut(id) else { continue };
+                if *tracked.label(head) == judgement.label {
+                    continue;
+                }
+                if budget == 0 {
+                    done = false;
+                    break;
+                }
+                budget -= 1;
+                *tracked.label(head) = judgement.label.clone();
+                let was = tracked.counted.clone();
+                let now = tracked.effective();
+                for row in windows.relabel(&was, &now, now_ms) {
+                    revised.insert(row.key.clone(), row);
+                }
+                tracked.counted = now;
+                let matched = if judgement.story_id.as_ref() == Some(id) { Match::Story } else { Match::Exact };
+                self.applied.push(tracked.applied(head, judgement.label.clone(), &judgement.feedback_id, matched));
+                metrics::counter!("bearwatch_feedback_applied_total", "matched" => matched.name()).increment(1);
+            }
+            if !done {
+                self.pending.insert((key, head), judgement);
+            }
         }
-        Ok(newest.into_values().collect())
+        metrics::gauge!("bearwatch_feedback_pending_texts").set(self.pending.len() as f64);
+        revised.into_values().collect()
     }
 
     /// The model's reading of each row's text, when near-duplicates are matched.
+    /// Each text is read once: by the newest row of its match key, and only if the memory has no
+    /// reading of that key yet (a flipped label needs no new reading).
     fn read(&self, rows: &[LabelFeedback], classifier: Option<&Classifier>) -> Result<Vec<Option<Reading>>, PipelineError> {
         let mut out: Vec<Option<Reading>> = vec![None; rows.len()];
         let Some(classifier) = classifier.filter(|_| self.memory.wants_readings()) else { return Ok(out) };
-        let indices: Vec<usize> = (0..rows.len()).collect();
+        let mut keys = HashSet::new();
+        let mut indices: Vec<usize> = (0..rows.len())
+            .rev()
+            .filter(|&i| {
+                let key = match_key(&rows[i].text);
+                !self.memory.has_reading(&key) && keys.insert(key)
+            })
+            .collect();
+        indices.reverse();
         for chunk in indices.chunks(READ_CHUNK) {
             let mut pending = Vec::with_capacity(chunk.len());
             for &i in chunk {

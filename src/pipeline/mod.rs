@@ -25,7 +25,7 @@ pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunCon
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Api, FeedbackService, Ops, Server, ServerError, SqlService};
+use crate::server::{Api, FeedbackService, Ops, Server, ServerError, SqlService, WebPolicy};
 use crate::sql::live::LiveRows;
 use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier, ModelSpec};
@@ -311,11 +311,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     if let Some(checkpoint) = &restored {
         tracing::info!(written_at = %checkpoint.written_at, scored = checkpoint.counters.scored, "resuming from checkpoint");
     }
-    let serving = match role {
-        Role::Aggregate => None,
-        Role::All | Role::Classify => Some(serving_model(config)?),
+    let (classifier, serving_warning) = match role {
+        Role::Aggregate => (None, None),
+        Role::All | Role::Classify => {
+            let (classifier, warning) = start_serving(config)?;
+            (Some(classifier), warning)
+        }
     };
-    let classifier = serving.as_ref().map(Classifier::start).transpose()?;
+    let serves = classifier.is_some();
     let source_config = &config.source;
     let kafka_output = match (&source_config.brokers, source_config.kind) {
         (Some(brokers), SourceKind::Kafka) => Some(Arc::new(Output::connect(brokers.as_str(), &source_config.properties)?)),
@@ -371,9 +374,13 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 limits: config.server.query_limits(),
                 live: live.clone(),
             };
-            let ops = Ops { metrics, ready: ready.clone() };
-            let feedback = FeedbackService { storage: config.storage.path.clone(), topics: model_topics(config), rules_hash: rules_hash(config) };
-            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback };
+            let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone() };
+            let feedback = FeedbackService::new(config.storage.path.clone(), model_topics(config), rules_hash(config));
+            let web = WebPolicy::new(addr.as_str(), &config.server.allowed_hosts, &config.server.allowed_origins);
+            if config.server.is_open() && !crate::server::is_loopback(addr.as_str()) {
+                tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
+            }
+            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,
@@ -390,7 +397,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let core =
         Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, corrections, restored)?));
     lock(&core).live = live;
-    if serving.is_some() {
+    if serves {
         let mut core = lock(&core);
         // The folder serving, as the alias rows name folders: canonical.
         let dir = core.classifier_dir().map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
@@ -465,18 +472,41 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     })
 }
 
-/// `[model]`, pointed at the folder of the `champion` alias when a model was promoted in this
-/// storage (`bearwatch model promote`): the alias decides what serves, not the file.
-pub(super) fn serving_model(config: &PipelineConfig) -> Result<crate::classify::ClassifierConfig, PipelineError> {
-    let mut model = config.model.clone();
-    if !config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
-        return Ok(model);
+/// Starts the model of the `champion` alias when a model was promoted in this storage (`bearwatch
+/// model promote`): the alias decides what serves, not the file. A champion that cannot load (a
+/// folder changed or lost since its promotion) does not stop the pipeline: the newest earlier
+/// champion that loads serves, else `[model]`, and the returned warning says so (logged, counted in
+/// `bearwatch_model_champion_unloadable`, and shown by `/ready`).
+pub(super) fn start_serving(config: &PipelineConfig) -> Result<(Classifier, Option<String>), PipelineError> {
+    let history = if config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
+        crate::learn::registry::champion_history(&config.storage.path)?
+    } else {
+        Vec::new()
+    };
+    let Some(champion) = history.last() else { return Ok((Classifier::start(&config.model)?, None)) };
+    let mut tried = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for row in history.iter().rev().filter(|row| tried.insert(row.path.clone())) {
+        let model = crate::classify::ClassifierConfig { path: Some(PathBuf::from(&row.path)), ..config.model.clone() };
+        match crate::learn::registry::load_checked(&model, std::path::Path::new(&row.path)) {
+            Ok(classifier) if failures.is_empty() => {
+                tracing::info!(model = %row.model, path = %row.path, set_by = %row.set_by, "serving the champion alias");
+                return Ok((classifier, None));
+            }
+            Ok(classifier) => return Ok((classifier, Some(fell_back(champion, &failures, &row.model)))),
+            Err(e) => failures.push(format!("{} ({}): {e}", row.model, row.path)),
+        }
     }
-    if let Some(champion) = crate::learn::registry::champion_history(&config.storage.path)?.pop() {
-        tracing::info!(model = %champion.model, path = %champion.path, set_by = %champion.set_by, "serving the champion alias");
-        model.path = Some(PathBuf::from(champion.path));
-    }
-    Ok(model)
+    let classifier = Classifier::start(&config.model)?;
+    let configured = classifier.spec().id().to_string();
+    Ok((classifier, Some(fell_back(champion, &failures, &configured))))
+}
+
+fn fell_back(champion: &crate::learn::registry::AliasRow, failures: &[String], serving: &str) -> String {
+    let warning = format!("the champion {} cannot load, so {serving} serves instead: {}; roll back or promote a model that loads", champion.model, failures.join("; "));
+    tracing::error!("{warning}");
+    metrics::gauge!("bearwatch_model_champion_unloadable").set(1.0);
+    warning
 }
 
 /// The loop. Returns whether it was interrupted.

@@ -32,6 +32,28 @@ pub struct UserConfig {
 pub const MAX_USERS: usize = 1000;
 /// The user `auth_token` authenticates.
 pub const AUTH_TOKEN_USER: &str = "admin";
+/// The name of every caller of an open API: no user may take it.
+pub const ANONYMOUS: &str = "anonymous";
+/// The shortest token, `auth_token` and users' alike.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Why a token cannot work: too short, or with characters a bearer header cannot carry as sent
+/// (spaces are trimmed from the header, and only visible ASCII fits in it).
+fn token_problem(token: &str) -> Option<String> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some("has spaces or characters other than visible ASCII: no bearer header could carry it (check the environment variable it names)".into());
+    }
+    (token.len() < MIN_TOKEN_CHARS).then(|| format!("is shorter than {MIN_TOKEN_CHARS} characters (check the environment variable it names)"))
+}
+
+/// Whether a listen address ("127.0.0.1:9464", "[::1]:80", "localhost:9464") is on loopback only.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
 
 /// `[server]`: the HTTP API. Off unless `http` is set.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +79,19 @@ pub struct ServerConfig {
     pub postgres_user: EnvString,
     /// Required with `postgres`; e.g. "${BEARWATCH_PG_PASSWORD}".
     pub postgres_password: Option<EnvString>,
+    /// An open API (no users, no `auth_token`) listens on loopback only unless this is set: on any
+    /// other address everyone who reaches the port would be an admin.
+    #[serde(default)]
+    pub allow_open: bool,
+    /// Host names (besides IP addresses, `localhost` and the listen address's own) that requests may
+    /// name in `Host`, e.g. "bearwatch.example.com": a name not listed is refused, which stops DNS
+    /// rebinding. "*" accepts any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Other origins whose pages may send writes, e.g. "https://grafana.example.com"; the page this
+    /// server serves is always allowed.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 fn default_postgres_user() -> EnvString {
@@ -74,6 +109,9 @@ impl Default for ServerConfig {
             postgres: None,
             postgres_user: default_postgres_user(),
             postgres_password: None,
+            allow_open: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -105,17 +143,44 @@ impl ServerConfig {
                 return Err((field, "is empty (check the environment variable it names): an empty secret would let anyone in".into()));
             }
         }
+        if let Some(problem) = self.auth_token.as_ref().and_then(|t| token_problem(t.as_str())) {
+            return Err(("server.auth_token", problem));
+        }
+        if let Some(http) = &self.http
+            && self.is_open()
+            && !self.allow_open
+            && !is_loopback(http.as_str())
+        {
+            return Err((
+                "server.http",
+                format!(
+                    "{} is not a loopback address and the API has no auth_token or users: anyone who reaches the port would be an admin; set auth_token or [[server.users]], listen on 127.0.0.1, or set allow_open = true",
+                    http.as_str()
+                ),
+            ));
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
+                return Err(("server.allowed_origins", format!("{origin:?} is not an origin like \"https://grafana.example.com\"")));
+            }
+        }
         self.validate_users()
+    }
+
+    /// Whether the API has no users and no `auth_token`: every caller is the admin `anonymous`.
+    pub fn is_open(&self) -> bool {
+        self.auth_token.is_none() && self.users.is_empty()
     }
 
     fn validate_users(&self) -> Result<(), FieldError> {
         if self.users.len() > MAX_USERS {
             return Err(("server.users", format!("at most {MAX_USERS} users, found {}", self.users.len())));
         }
-        let mut names = std::collections::BTreeSet::new();
+        // Names compare case-insensitively: `Admin` beside `admin` would read as the same person.
+        let mut names = std::collections::BTreeSet::from([ANONYMOUS.to_string()]);
         let mut tokens = std::collections::BTreeSet::new();
         if let Some(token) = &self.auth_token {
-            names.insert(AUTH_TOKEN_USER);
+            names.insert(AUTH_TOKEN_USER.to_string());
             tokens.insert(token.as_str());
         }
         for (i, user) in self.users.iter().enumerate() {
@@ -125,12 +190,19 @@ impl ServerConfig {
             if !valid {
                 return Err(("server.users", format!("{which}: a name is 1 to 64 letters, digits or . _ @ -")));
             }
-            if !names.insert(user.name.as_str()) {
-                let why = if user.name == AUTH_TOKEN_USER && self.auth_token.is_some() { " (auth_token is the user admin)" } else { "" };
+            if !names.insert(user.name.to_ascii_lowercase()) {
+                let lower = user.name.to_ascii_lowercase();
+                let why = if lower == ANONYMOUS {
+                    " (anonymous is every caller of an open API)"
+                } else if lower == AUTH_TOKEN_USER && self.auth_token.is_some() {
+                    " (auth_token is the user admin)"
+                } else {
+                    " (names compare without case)"
+                };
                 return Err(("server.users", format!("{which}: the name is taken{why}")));
             }
-            if user.token.as_str().trim().len() < 16 {
-                return Err(("server.users", format!("{which}: the token is shorter than 16 characters (check the environment variable it names)")));
+            if let Some(problem) = token_problem(user.token.as_str()) {
+                return Err(("server.users", format!("{which}: the token {problem}")));
             }
             if !tokens.insert(user.token.as_str()) {
                 return Err(("server.users", format!("{which}: another user has the same token")));
@@ -157,7 +229,7 @@ pub struct Principal {
 impl Principal {
     /// Who calls an open API (no users, no `auth_token`).
     pub fn anonymous() -> Principal {
-        Principal { name: "anonymous".into(), role: Role::Admin }
+        Principal { name: ANONYMOUS.into(), role: Role::Admin }
     }
 }
 
@@ -181,8 +253,12 @@ mod tests {
         assert_eq!(principals[1], (long.to_string(), Principal { name: "ana".into(), role: Role::Analyst }));
         for (config, complaint) in [
             (user("ana", long) + &user("ana", &format!("{long}x")), "the name is taken"),
-            ("auth_token = \"t\"\n".to_string() + &user("admin", long), "auth_token is the user admin"),
+            (user("ana", long) + &user("Ana", &format!("{long}x")), "without case"),
+            (user("Anonymous", long), "every caller of an open API"),
+            (format!("auth_token = \"{long}-admin\"\n") + &user("Admin", long), "auth_token is the user admin"),
             (user("ana", "short"), "shorter than 16"),
+            (user("ana", &format!(" {long}")), "visible ASCII"),
+            (user("ana", &format!("{long}é")), "visible ASCII"),
             (user("ana", long) + &user("bob", long), "same token"),
             (user("a b", long), "letters, digits"),
         ] {
@@ -192,5 +268,31 @@ mod tests {
         }
         assert!(toml::from_str::<ServerConfig>(&user("ana", long).replace("analyst", "owner")).is_err(), "unknown role");
         assert!(Role::Viewer < Role::Analyst && Role::Analyst < Role::Admin);
+    }
+
+    #[test]
+    fn auth_token_follows_the_users_token_rules() {
+        for (token, complaint) in [("t", "shorter than 16"), (" 0123456789abcdef ", "visible ASCII"), ("0123456789abcdefü", "visible ASCII")] {
+            let (field, message) = server(&format!("auth_token = \"{token}\"\n")).validate().unwrap_err();
+            assert_eq!(field, "server.auth_token");
+            assert!(message.contains(complaint), "{token:?}: {message}");
+        }
+        server("auth_token = \"0123456789abcdef\"\n").validate().unwrap();
+    }
+
+    #[test]
+    fn an_open_api_listens_on_loopback_unless_allowed() {
+        for listen in ["127.0.0.1:9464", "[::1]:9464", "localhost:9464", "127.0.0.1:0"] {
+            server(&format!("http = \"{listen}\"\n")).validate().unwrap();
+        }
+        for listen in ["0.0.0.0:9464", "[::]:9464", "10.1.2.3:80", "bearwatch.example.com:9464"] {
+            let (field, message) = server(&format!("http = \"{listen}\"\n")).validate().unwrap_err();
+            assert_eq!(field, "server.http");
+            assert!(message.contains("allow_open"), "{message}");
+            server(&format!("http = \"{listen}\"\nallow_open = true\n")).validate().unwrap();
+            server(&format!("http = \"{listen}\"\nauth_token = \"0123456789abcdef\"\n")).validate().unwrap();
+        }
+        let (field, _) = server("allowed_origins = [\"grafana.example.com\"]\n").validate().unwrap_err();
+        assert_eq!(field, "server.allowed_origins");
     }
 }

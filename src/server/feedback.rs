@@ -4,6 +4,7 @@
 //! entirely or not at all.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::extract::State;
@@ -17,8 +18,8 @@ use super::auth::Analyst;
 use crate::error::{Classified, ErrorClass};
 use super::{AppState, error};
 use crate::feedback::{
-    self, AlertVerdict, Channel, FeedbackError, LabelContext, LabelFeedback, LabelRequest, MAX_ROWS, MissedEvent, MissedRequest,
-    VerdictRequest,
+    self, AlertVerdict, Channel, FeedbackError, LabelContext, LabelFeedback, LabelRequest, LatestLabels, MAX_ROWS, MissedEvent,
+    MissedRequest, VerdictRequest,
 };
 use crate::sql::{self, SqlError, lookup};
 
@@ -30,6 +31,16 @@ pub struct FeedbackService {
     pub topics: Vec<String>,
     /// SHA-256 of the pipeline's rule files, recorded with each verdict.
     pub rules_hash: Option<String>,
+    /// What each new judgement supersedes; held while a request's rows are linked and written, so
+    /// that two requests about the same text cannot both supersede the same row.
+    latest: Arc<Mutex<LatestLabels>>,
+}
+
+impl FeedbackService {
+    pub fn new(storage: PathBuf, topics: Vec<String>, rules_hash: Option<String>) -> FeedbackService {
+        let latest = Arc::new(Mutex::new(LatestLabels::new(&storage)));
+        FeedbackService { storage, topics, rules_hash, latest }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,17 +92,18 @@ pub async fn record_labels(
         };
         hashes.push(feedback::text_hash(&request.text(story).map_err(item(i))?));
     }
-    let mut latest = lookup::latest_labels(ctx, &hashes).await?;
+    let mut latest = service.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    latest.refresh()?;
     let mut rows = Vec::with_capacity(requests.len());
     for (i, (request, hash)) in requests.into_iter().zip(hashes).enumerate() {
         let story = request.story_id.as_ref().and_then(|id| stories.get(id));
-        let key = (hash, request.head);
-        let context = LabelContext { story, topics: &service.topics, analyst, source, supersedes: latest.get(&key).cloned() };
+        let supersedes = latest.get(&hash, request.head).cloned();
+        let context = LabelContext { story, topics: &service.topics, analyst, source, supersedes };
         let row = request.into_row(context).map_err(item(i))?;
-        latest.insert(key, row.feedback_id.clone());
         rows.push(row);
     }
     feedback::record_labels(&service.storage, &rows)?;
+    rows.iter().for_each(|row| latest.note(row));
     Ok(rows)
 }
 

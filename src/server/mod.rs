@@ -12,6 +12,7 @@ mod config;
 pub mod feedback;
 mod listen;
 mod models;
+mod web;
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
@@ -26,8 +27,9 @@ use axum::routing::{delete, get, post};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-pub use config::{Principal, Role, ServerConfig, UserConfig};
+pub use config::{Principal, Role, ServerConfig, UserConfig, is_loopback};
 pub use feedback::FeedbackService;
+pub use web::WebPolicy;
 
 use auth::{Analyst, Viewer};
 
@@ -67,6 +69,8 @@ pub struct Ops {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Set once the model is loaded and the source is open.
     pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What `/ready` adds while the pipeline runs degraded (a champion that could not load).
+    pub warning: Option<String>,
 }
 
 /// Everything the API serves.
@@ -78,6 +82,7 @@ pub struct Api {
     pub sql: SqlService,
     pub ops: Ops,
     pub feedback: FeedbackService,
+    pub web: WebPolicy,
 }
 
 type AppState = std::sync::Arc<Api>;
@@ -112,7 +117,8 @@ impl Server {
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))
             .route("/api/models/rollback", post(models::rollback))
-            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
+            .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
+            .layer(middleware::from_fn_with_state(state.clone(), web::guard));
         let app = open.merge(guarded).layer(middleware::from_fn(read_body)).with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -214,7 +220,10 @@ async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
 
 async fn ready(State(state): State<AppState>) -> Response {
     if state.ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
-        "ready\n".into_response()
+        match &state.ops.warning {
+            Some(warning) => format!("ready\nwarning: {warning}\n").into_response(),
+            None => "ready\n".into_response(),
+        }
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }

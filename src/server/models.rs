@@ -15,10 +15,6 @@ use super::{AppState, error};
 use crate::learn::LearnError;
 use crate::learn::registry;
 
-/// One promotion or rollback at a time in this process, so two cannot both read the same history
-/// and record conflicting aliases.
-static ALIAS_WRITES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PromoteRequest {
@@ -64,13 +60,11 @@ pub(super) async fn promote(State(state): State<AppState>, Admin(who): Admin, te
         return error(StatusCode::BAD_REQUEST, "force needs a reason, which is recorded");
     }
     let storage = state.sql.storage.clone();
-    let _one = ALIAS_WRITES.lock().await;
     // Hashing the folder reads the whole model: off the async workers.
     answer(
         tokio::task::spawn_blocking(move || {
-            let history = registry::champion_history(&storage)?;
             let forced = request.reason.as_deref().filter(|_| request.force);
-            registry::promote(&storage, &request.dir, &who.name, forced, history.last())
+            registry::promote(&storage, &request.dir, &who.name, forced)
         })
         .await,
     )
@@ -82,11 +76,9 @@ pub(super) async fn rollback(State(state): State<AppState>, Admin(who): Admin, t
         Err(response) => return response,
     };
     let storage = state.sql.storage.clone();
-    let _one = ALIAS_WRITES.lock().await;
     answer(
         tokio::task::spawn_blocking(move || {
-            let history = registry::champion_history(&storage)?;
-            registry::rollback(&storage, &history, &who.name, request.reason.as_deref())
+            registry::rollback(&storage, &who.name, request.reason.as_deref())
         })
         .await,
     )

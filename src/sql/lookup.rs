@@ -84,22 +84,6 @@ pub async fn stories(ctx: &SessionContext, ids: &[String]) -> Result<BTreeMap<St
     Ok(found)
 }
 
-/// The newest `label_feedback` row for each (text hash, head) among `hashes`: what a new judgement
-/// of the same text and head supersedes.
-pub async fn latest_labels(ctx: &SessionContext, hashes: &[String]) -> Result<BTreeMap<(String, Head), String>, SqlError> {
-    let mut latest = BTreeMap::new();
-    if hashes.is_empty() {
-        return Ok(latest);
-    }
-    for batch in rows(ctx, "label_feedback", any_of("text_hash", hashes), "created_at").await? {
-        let (hash, head_name, id) = (strings(&batch, "text_hash")?, strings(&batch, "head")?, strings(&batch, "feedback_id")?);
-        for i in 0..batch.num_rows() {
-            latest.insert((hash[i].clone().unwrap_or_default(), head(head_name[i].as_deref())), id[i].clone().unwrap_or_default());
-        }
-    }
-    Ok(latest)
-}
-
 /// The rule of each of these alerts, from the `alerts` table.
 pub async fn alert_rules(ctx: &SessionContext, alert_ids: &[String]) -> Result<BTreeMap<String, String>, SqlError> {
     let mut rules = BTreeMap::new();

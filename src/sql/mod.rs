@@ -337,6 +337,33 @@ fn table_cells(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::er
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
+/// Whether a spreadsheet would read a CSV cell as a formula (OWASP's CSV injection rule).
+fn formula_like(cell: &str) -> bool {
+    cell.starts_with(['=', '+', '-', '@', '\t', '\r'])
+}
+
+/// The batch with every text cell that starts like a formula prefixed with `'`, so that a
+/// spreadsheet shows a headline such as `=HYPERLINK(…)` as text instead of running it. Numbers
+/// are not text columns and keep their sign.
+fn csv_safe(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    use datafusion::arrow::array::{ArrayRef, AsArray, StringArray};
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+        if matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+            let text = datafusion::arrow::compute::cast(column, &DataType::Utf8)?;
+            let safe: StringArray =
+                text.as_string::<i32>().iter().map(|cell| cell.map(|c| if formula_like(c) { format!("'{c}") } else { c.to_string() })).collect();
+            columns.push(Arc::new(safe));
+            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
+        } else {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
 pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
     let failed = |e: datafusion::arrow::error::ArrowError| SqlError::Execution(e.to_string());
     match format {
@@ -348,7 +375,7 @@ pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlErr
             let mut out = Vec::new();
             let mut writer = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
             for batch in batches {
-                writer.write(batch).map_err(failed)?;
+                writer.write(&csv_safe(batch).map_err(failed)?).map_err(failed)?;
             }
             drop(writer);
             Ok(out)

@@ -107,3 +107,15 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
     let batches = runtime().block_on(run(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "a,b,c,d\nééé,007,x  ,2000\n");
 }
+
+#[test]
+fn csv_text_cells_that_start_like_formulas_are_neutralised() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(dir.path(), limits(), None).unwrap();
+    let query = "SELECT * FROM (VALUES ('=HYPERLINK(\"http://x\")', -1.5), ('+1', 2.0), ('@SUM(A1)', 0.0), ('-2', 0.0), (concat(chr(9), 'tab'), 0.0), ('plain - text', 0.0)) AS t(headline, score)";
+    let batches = runtime().block_on(run(&ctx, query)).unwrap();
+    let csv = String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap();
+    assert_eq!(csv, "headline,score\n\"'=HYPERLINK(\"\"http://x\"\")\",-1.5\n'+1,2.0\n'@SUM(A1),0.0\n'-2,0.0\n'\ttab,0.0\nplain - text,0.0\n");
+    let json = String::from_utf8(encode(&batches, Format::Json).unwrap()).unwrap();
+    assert!(json.contains("\"=HYPERLINK"), "only CSV is changed: {json}");
+}

@@ -96,3 +96,28 @@ fn stories_beyond_revise_stories_are_no_longer_recounted() {
     assert_eq!(corrections.tracked().len(), 1);
     assert!(corrections.applied.is_empty());
 }
+
+#[test]
+fn flips_of_one_text_coalesce_and_a_round_recounts_a_bounded_number_of_stories() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let negative = scores("negative", 0.9, "energy");
+    let stories = RECOUNT_PER_ROUND + RECOUNT_PER_ROUND / 2;
+    for i in 0..stories {
+        count(&mut corrections, &mut windows, &format!("s{i}"), "Oil falls", 10, &negative);
+    }
+    // One request of a thousand items flipping the same headline back and forth.
+    let rows: Vec<_> = (0..1000)
+        .map(|i| judgement(Some("s0"), "Oil falls", Head::Sentiment, Some(if i % 2 == 0 { "neutral" } else { "positive" }), Action::Correct))
+        .collect();
+    corrections.learn(rows, None, &mut windows, 0).unwrap();
+    assert_eq!(corrections.applied.len(), RECOUNT_PER_ROUND, "the first round stops at its budget, not at 1000 x {stories}");
+    assert!(corrections.has_pending());
+    corrections.recount(&mut windows, 0);
+    assert!(!corrections.has_pending());
+    assert_eq!(corrections.applied.len(), stories, "each story re-counted once, to the last label");
+    assert!(corrections.applied.iter().all(|a| a.label.as_deref() == Some("positive")));
+    assert_eq!(negatives(&windows, ALL), vec![(stories as u64, 0)]);
+    assert!(corrections.recount(&mut windows, 0).is_empty() && corrections.applied.len() == stories, "nothing left to do");
+}
