@@ -7,9 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-600}"
-targets=(news_decoder pipeline_config rules_config sql_guard)
+targets=(news_decoder pipeline_config rules_config sql_guard model_folder)
 # Seeds: the shipped files and a few messages, so the fuzzer starts from valid inputs.
-mkdir -p fuzz/corpus/{news_decoder,pipeline_config,rules_config,sql_guard}
+mkdir -p fuzz/corpus/{news_decoder,pipeline_config,rules_config,sql_guard,model_folder}
+# A model folder's labels.json, a NUL byte, then a heads.json.
+{ cat models/labels.json; printf '\0'; cat models/refit/heads.json 2>/dev/null || true; } >fuzz/corpus/model_folder/seed-bundled
 head -n 20 pipelines/data/reuters-1987.jsonl | split -l 1 - fuzz/corpus/news_decoder/seed-
 cp pipelines/*.toml fuzz/corpus/pipeline_config/
 cp alerts/*.toml fuzz/corpus/rules_config/
@@ -23,9 +25,9 @@ run() {
 status=0
 for ((i = 0; i < ${#targets[@]}; i += 2)); do
   run "${targets[i]}" & a=$!
-  run "${targets[i+1]}" & b=$!
+  if ((i + 1 < ${#targets[@]})); then run "${targets[i+1]}" & b=$!; else b=""; fi
   wait $a || status=1
-  wait $b || status=1
+  if [[ -n "$b" ]]; then wait $b || status=1; fi
 done
 # Minimize, then keep the 200 smallest inputs of each in git (fuzz/corpus/); the rest stays local in
 # fuzz/target/corpus-rest/ and is merged back by the next run.

@@ -41,11 +41,14 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_feedback_rows_total", Kind::Counter, "table", "Rows people added to label_feedback, alert_verdicts or missed_events"),
     ("bearwatch_feedback_applied_total", Kind::Counter, "matched", "Stories that got an analyst's label, by how they matched (story, exact, near)"),
     ("bearwatch_feedback_memory_texts", Kind::Gauge, "", "Corrected texts the running pipeline remembers"),
+    ("bearwatch_feedback_pending_texts", Kind::Gauge, "", "Judged texts whose stories are still being re-counted (2,000 stories a round)"),
     ("bearwatch_feedback_unreadable_files_total", Kind::Counter, "", "label_feedback files the pipeline could not read"),
     ("bearwatch_model_swaps_total", Kind::Counter, "outcome", "Switches to a newly promoted champion without a restart (swapped, failed)"),
+    ("bearwatch_model_champion_unloadable", Kind::Gauge, "", "1 when the champion alias's folder could not load at start and an earlier model serves"),
     ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once because the bound on open ones was reached"),
+    ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
 ];
 
@@ -78,6 +81,9 @@ pub fn describe() {
     for outcome in ["scored", "skipped", "failed"] {
         counter!("bearwatch_shadow_stories_total", "outcome" => outcome).increment(0);
     }
+    for reason in ["origin", "content_type"] {
+        counter!("bearwatch_http_refused_total", "reason" => reason).increment(0);
+    }
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
@@ -90,6 +96,8 @@ pub fn describe() {
         "bearwatch_windows_open",
         "bearwatch_alerts_firing",
         "bearwatch_feedback_memory_texts",
+        "bearwatch_feedback_pending_texts",
+        "bearwatch_model_champion_unloadable",
     ] {
         metrics::gauge!(name).increment(0.0);
     }

@@ -129,16 +129,19 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
         AND feedback_id NOT IN (SELECT supersedes FROM label_feedback WHERE supersedes IS NOT NULL)");
     assert_eq!(won, vec![json!({"label": "positive", "analyst": "admin"})]);
     // The replay has ended and its windows are closed: the corrected story's get revised final rows.
+    // Judgements that reach the pipeline in one round coalesce: the neutral one may never count.
     let deadline = Instant::now() + Duration::from_secs(60);
     let applied = loop {
         let rows = api.sql(Some(VIEWER), &format!("SELECT label, matched FROM applied_labels WHERE story_id = '{story_id}' AND head = 'sentiment' ORDER BY applied_at"));
-        if rows.len() == 2 {
+        if rows.last().is_some_and(|r| r["label"] == "positive") {
             break rows;
         }
         assert!(Instant::now() < deadline, "corrections not applied: {rows:?}\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(applied, vec![json!({"label": "neutral", "matched": "story"}), json!({"label": "positive", "matched": "story"})]);
+    let neutral = json!({"label": "neutral", "matched": "story"});
+    let positive = json!({"label": "positive", "matched": "story"});
+    assert!(applied == vec![neutral, positive.clone()] || applied == vec![positive], "{applied:?}");
     let revisions = api.sql(Some(VIEWER),
         &format!(
             "WITH s AS (SELECT published_at FROM news WHERE id = '{story_id}' LIMIT 1), \
@@ -318,6 +321,42 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     let (code, _, err) = bearwatch(&["model", "promote", worse_dir.to_str().unwrap(), "--storage", storage, "--by", "ana", "--force"]);
     assert_eq!(code, 2, "--force needs a --reason: {err}");
 
+    // A candidate that cannot serve never becomes champion: a truncated graph, or labels.json that
+    // names fewer or more topics than the model has outputs.
+    let broken = |name: &str, edit: &dyn Fn(&std::path::Path)| {
+        let folder = dir.path().join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        for file in ["model.onnx", "tokenizer.json", "labels.json", "heads.json", "report.json", "golden.jsonl"] {
+            std::fs::copy(out.join(file), folder.join(file)).unwrap();
+        }
+        edit(&folder);
+        let (code, _, err) = bearwatch(&["model", "promote", folder.to_str().unwrap(), "--storage", storage, "--by", "ana", "--force", "--reason", "try"]);
+        assert_eq!(code, 2, "{name}: {err}");
+        let (_, aliases, _) = bearwatch(&["sql", "--storage", storage, "--format", "csv", "SELECT count(*) AS n FROM model_aliases"]);
+        assert_eq!(aliases, "n\n0\n", "{name}: the alias did not move");
+        err
+    };
+    let err = broken("truncated", &|f| {
+        let bytes = std::fs::read(f.join("model.onnx")).unwrap();
+        std::fs::write(f.join("model.onnx"), &bytes[..bytes.len() / 3]).unwrap();
+    });
+    assert!(err.contains("cannot serve"), "{err}");
+    for (name, change) in [("fewer-topics", -1i32), ("more-topics", 1)] {
+        let err = broken(name, &|f| {
+            let mut labels: Value = serde_json::from_str(&std::fs::read_to_string(f.join("labels.json")).unwrap()).unwrap();
+            let topics = labels["topics"].as_array_mut().unwrap();
+            if change < 0 {
+                topics.pop();
+            } else {
+                topics.push(json!("weather"));
+            }
+            std::fs::write(f.join("labels.json"), labels.to_string()).unwrap();
+        });
+        assert!(err.contains("classes expected"), "{name}: {err}");
+    }
+    let (code, _, err) = bearwatch(&["classify", "--model", dir.path().join("more-topics").to_str().unwrap(), text.to_str().unwrap()]);
+    assert!(code == 1 && err.contains("classes expected") && !err.contains("panicked"), "classify refuses the folder too: {code} {err}");
+
     // The real candidate goes through (forced, with its reason, only if its own report says worse).
     let candidate = report["candidate"].as_str().unwrap();
     let mut promote = vec!["model", "promote", out.to_str().unwrap(), "--storage", storage, "--by", "ana"];
@@ -351,6 +390,14 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
         sql("SELECT model FROM news")
     };
     assert_eq!(served(), format!("model\n{candidate}\n"));
+    // The champion's folder breaks after its promotion: a start serves the one before, and says so.
+    let graph = std::fs::read(out.join("model.onnx")).unwrap();
+    std::fs::write(out.join("model.onnx"), &graph[..graph.len() / 2]).unwrap();
+    let (code, _, err) = bearwatch(&["run", "--pipeline", pipeline.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("the champion {candidate} cannot load, so {bundled} serves instead")), "{err}");
+    assert_eq!(sql("SELECT model FROM news"), format!("model\n{bundled}\n"));
+    std::fs::write(out.join("model.onnx"), &graph).unwrap();
     let (code, stdout, err) = bearwatch(&["model", "rollback", "--storage", storage, "--by", "ana", "--reason", "back to the bundled model"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains(&format!("champion: {bundled} (rollback from")), "{stdout}");

@@ -64,7 +64,7 @@ fn the_configuration_reference_shows_every_field_and_parses() {
     // SAFETY: only this test, in its own process, uses these variables.
     unsafe {
         std::env::set_var("BEARWATCH_PG_PASSWORD", "x");
-        std::env::set_var("BEARWATCH_TOKEN", "x");
+        std::env::set_var("BEARWATCH_TOKEN", "an-admin-token-of-16");
         std::env::set_var("BEARWATCH_TOKEN_ANA", "a-token-of-16-chars");
         std::env::set_var("SMTP_PASSWORD", "x");
         std::env::set_var("KAFKA_PASSWORD", "x");

@@ -58,6 +58,9 @@ impl Heads {
         let invalid = |reason: String| ClassifyError::ModelFiles { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
         let heads: Heads = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if heads.dims == 0 {
+            return Err(invalid("dims: the heads read at least one value".into()));
+        }
         heads.sentiment.check("sentiment", 3, heads.dims).map_err(invalid)?;
         heads.topic.check("topic", topics, heads.dims).map_err(invalid)?;
         Ok(heads)

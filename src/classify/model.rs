@@ -153,3 +153,65 @@ pub fn sentiment_label(p: &[f32; 3]) -> &'static str {
 fn argmax(values: &[f32]) -> (usize, f32) {
     values.iter().copied().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, v)| if v > best.1 { (i, v) } else { best })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled labels.json and refitted heads with bytes changed at random (the same seeds each
+    /// run): every folder gives a spec or an error, and a spec scores outputs of its own widths.
+    #[test]
+    fn damaged_labels_and_heads_give_errors_not_panics() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let labels = std::fs::read(root.join("labels.json")).unwrap();
+        let mut with_heads: serde_json::Value = serde_json::from_slice(&labels).unwrap();
+        with_heads["heads"] = "heads.json".into();
+        let with_heads = with_heads.to_string().into_bytes();
+        let heads = std::fs::read(root.join("refit/heads.json")).unwrap();
+        let alphabet = b"{}[]\",:0123456789-.eE truenull\x00\xff";
+        let mut rng = crate::rng::Lcg(7);
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["model.onnx", "tokenizer.json"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
+        }
+        let (mut loaded, mut refused) = (0, 0);
+        for case in 0..600 {
+            let (mut l, mut h) = (if case % 2 == 0 { labels.clone() } else { with_heads.clone() }, heads.clone());
+            let target = if case % 3 == 0 { &mut h } else { &mut l };
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(target.len());
+                match rng.below(3) {
+                    0 => target[at] = alphabet[rng.below(alphabet.len())],
+                    1 => target.truncate(at),
+                    _ => target.insert(at, alphabet[rng.below(alphabet.len())]),
+                }
+                if target.is_empty() {
+                    break;
+                }
+            }
+            std::fs::write(dir.path().join("labels.json"), &l).unwrap();
+            std::fs::write(dir.path().join("heads.json"), &h).unwrap();
+            match ModelSpec::load(dir.path()) {
+                Ok(spec) => {
+                    loaded += 1;
+                    let scores = spec.scores(&[0.2, 0.3, 0.5], &vec![0.1; spec.topics.len()]);
+                    assert!(spec.topics.contains(&scores.topic));
+                    if let Some(heads) = &spec.heads {
+                        let (sentiment, topic) = heads.apply(&vec![0.5; heads.dims], 1).unwrap();
+                        assert_eq!((sentiment.len(), topic.len()), (3, spec.topics.len()));
+                    }
+                }
+                Err(ClassifyError::ModelFiles { .. }) => refused += 1,
+                Err(other) => panic!("case {case}: {other}"),
+            }
+        }
+        assert!(loaded > 0 && refused > 0, "{loaded} loaded, {refused} refused");
+        // Heads that read nothing would split embeddings into empty rows.
+        let topics = serde_json::from_slice::<serde_json::Value>(&labels).unwrap()["topics"].as_array().unwrap().len();
+        let head = |classes: usize| serde_json::json!({"weight": vec![Vec::<f32>::new(); classes], "bias": vec![0.0; classes], "temperature": 1.0});
+        let empty = serde_json::json!({"dims": 0, "sentiment": head(3), "topic": head(topics)});
+        std::fs::write(dir.path().join("labels.json"), &with_heads).unwrap();
+        std::fs::write(dir.path().join("heads.json"), empty.to_string()).unwrap();
+        assert!(matches!(ModelSpec::load(dir.path()), Err(ClassifyError::ModelFiles { reason, .. }) if reason.contains("dims")));
+    }
+}

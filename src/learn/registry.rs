@@ -154,12 +154,13 @@ pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>) -> Res
     let path = dir.join("report.json");
     let report: Report =
         serde_json::from_str(&std::fs::read_to_string(&path).map_err(files(&path))?).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() })?;
-    let spec = ModelSpec::load(dir)?;
+    let cannot_serve = |e: &dyn std::fmt::Display| LearnError::Invalid(format!("{} cannot serve: {e}", dir.display()));
+    let spec = ModelSpec::load(dir).map_err(|e| cannot_serve(&e))?;
     if spec.id() != report.candidate {
         return Err(LearnError::Invalid(format!("{}: the folder holds {}, its report is about {}", dir.display(), spec.id(), report.candidate)));
     }
     let serving = crate::classify::ClassifierConfig { device: crate::classify::Device::Cpu, ..crate::classify::ClassifierConfig::default() };
-    drop(load_checked(&serving, dir).map_err(|e| LearnError::Invalid(format!("{} cannot serve: {e}", dir.display())))?);
+    drop(load_checked(&serving, dir).map_err(|e| cannot_serve(&e))?);
     let _lock = alias_lock(storage)?;
     let history = champion_history(storage)?;
     let current = history.last();

@@ -3,6 +3,7 @@
 //! stories and alerts it names must exist) and then written as one append, so a request lands
 //! entirely or not at all.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -18,8 +19,8 @@ use super::auth::Analyst;
 use crate::error::{Classified, ErrorClass};
 use super::{AppState, error};
 use crate::feedback::{
-    self, AlertVerdict, Channel, FeedbackError, LabelContext, LabelFeedback, LabelRequest, LatestLabels, MAX_ROWS, MissedEvent,
-    MissedRequest, VerdictRequest,
+    self, AlertVerdict, Channel, FeedbackError, Head, LabelContext, LabelFeedback, LabelRequest, LatestLabels, MAX_ROWS,
+    MissedEvent, MissedRequest, VerdictRequest,
 };
 use crate::sql::{self, SqlError, lookup};
 
@@ -94,12 +95,16 @@ pub async fn record_labels(
     }
     let mut latest = service.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     latest.refresh()?;
+    // A later item about the same text and head supersedes an earlier one of this request.
+    let mut here: HashMap<(String, Head), String> = HashMap::new();
     let mut rows = Vec::with_capacity(requests.len());
     for (i, (request, hash)) in requests.into_iter().zip(hashes).enumerate() {
         let story = request.story_id.as_ref().and_then(|id| stories.get(id));
-        let supersedes = latest.get(&hash, request.head).cloned();
+        let key = (hash, request.head);
+        let supersedes = here.get(&key).or_else(|| latest.get(&key.0, key.1)).cloned();
         let context = LabelContext { story, topics: &service.topics, analyst, source, supersedes };
         let row = request.into_row(context).map_err(item(i))?;
+        here.insert(key, row.feedback_id.clone());
         rows.push(row);
     }
     feedback::record_labels(&service.storage, &rows)?;
