@@ -21,7 +21,9 @@ fn the_compose_stack_matches_the_pipeline_it_runs() {
     assert_eq!(config.source.brokers.as_ref().unwrap().as_str(), "kafka:9092");
     let http_port = config.server.http.as_ref().map(|s| s.as_str()).unwrap().rsplit(':').next().unwrap().to_string();
     let pg_port = config.server.postgres.as_ref().map(|s| s.as_str()).unwrap().rsplit(':').next().unwrap().to_string();
-    assert!(compose.contains(&format!("\"{http_port}:{http_port}\"")) && compose.contains(&format!("\"{pg_port}:{pg_port}\"")));
+    // The API is open in compose (allow_open): its port is published on the host's loopback only.
+    assert!(config.server.allow_open && config.server.is_open());
+    assert!(compose.contains(&format!("\"127.0.0.1:{http_port}:{http_port}\"")) && compose.contains(&format!("\"{pg_port}:{pg_port}\"")));
     assert!(read("deploy/prometheus.yml").contains(&format!("bearwatch:{http_port}")), "Prometheus scrapes the HTTP port");
     assert!(read("deploy/grafana/provisioning/datasources/bearwatch.yml").contains(&format!("url: bearwatch:{pg_port}")));
     assert!(compose.contains("image: apache/kafka:") && compose.contains("KAFKA_PROCESS_ROLES: broker,controller"), "official image, KRaft");
