@@ -273,3 +273,33 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     // The silence outlives the process.
     assert!(std::fs::read_to_string(dir.path().join("store/silences.json")).unwrap().contains("market-negative"));
 }
+
+/// A Slack-compatible webhook (`slack = true`) gets the alert as text in which a headline's
+/// `<!channel>`, links and `&` are escaped as Slack requires: shown as written, mentioning no one.
+#[test]
+fn a_slack_webhook_gets_headlines_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = WebhookServer::start();
+    let stories = [
+        ("s1", "1987-03-02T10:05:00Z", "<!channel> Stocks crash as AT&T bank collapses"),
+        ("s2", "1987-03-02T10:20:00Z", "Company warns of huge losses <http://evil.example|click here>"),
+        ("s3", "1987-03-02T15:10:00Z", "Company reports record profit and raises dividend"),
+    ];
+    let input: String = stories.iter().map(|(id, at, h)| format!("{}\n", serde_json::json!({"id": id, "published_at": at, "headline": h}))).collect();
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"slack\"]")).unwrap();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\n[storage]\npath = \"store\"\n\
+         [run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"60s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
+         [[receivers]]\nname = \"slack\"\ntype = \"webhook\"\nslack = true\nurl = \"http://127.0.0.1:{}/slack\"\ntimeout = \"2s\"\n",
+        hook.port
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+    let requests = hook.requests.lock().unwrap().clone();
+    let firing = requests.iter().map(|(_, body)| body["text"].as_str().unwrap_or_default().to_string()).find(|t| t.starts_with("[FIRING]"));
+    let text = firing.unwrap_or_else(|| panic!("no firing notice: {requests:?}"));
+    assert!(text.contains("&lt;!channel&gt; Stocks crash as AT&amp;T bank collapses"), "{text}");
+    assert!(text.contains("&lt;http://evil.example|click here&gt;"), "{text}");
+    assert!(!text.contains('<') && !text.contains('>'), "nothing Slack would read as a mention or a link: {text}");
+}

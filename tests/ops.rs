@@ -224,3 +224,64 @@ fn ready_waits_for_the_broker_while_health_answers() {
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }
+
+/// A per-ticker rule's alert in the browser: titled by its ticker, its window's stories are the
+/// stories that name the ticker, and the stories' CSV keeps a formula-like headline as text.
+#[test]
+fn a_ticker_alert_is_titled_by_its_ticker_and_lists_the_stories_that_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-01-05T09:00:00Z").unwrap();
+    let line = |i: usize, headline: &str, tickers: &str| {
+        let published = (at + chrono::Duration::minutes(i as i64)).to_rfc3339();
+        format!("{{\"id\":\"t{i}\",\"published_at\":\"{published}\",\"headline\":{},\"tickers\":{tickers}}}\n", serde_json::to_string(headline).unwrap())
+    };
+    let mut input = String::new();
+    for (i, headline) in ["=HYPERLINK(\"http://x\") Acme shares plunge after fraud probe", "Acme posts record loss, cuts outlook", "Acme shares slump as regulator sues"].iter().enumerate() {
+        input += &line(i, headline, "[\"ACME\"]");
+    }
+    input += &line(3, "Globex raises dividend", "[\"GLBX\"]");
+    // A later story moves the watermark past the window, so that it closes.
+    input += &line(600, "Initech opens a new plant", "[]");
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(
+        dir.path().join("ticker-rules.toml"),
+        "[[rules]]\nname = \"ticker-losses\"\nseverity = \"warning\"\ngroup = \"ticker\"\nmetric = \"n_negative\"\n\
+         [rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 2\nmin_count = 2\n[[routes]]\nreceivers = [\"log\"]\n",
+    )
+    .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n\
+         [window]\nsize = \"1h\"\nslide = \"1h\"\ngroup_by = [\"topic\", \"ticker\"]\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"1s\"\n\
+         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n\
+         [server]\nhttp = \"127.0.0.1:{port}\"\n\
+         [alerts]\nrules = [\"ticker-rules.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "ticker", &config);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get(format!("http://127.0.0.1:{port}/ready")).call().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "never ready\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new("node")
+        .arg(std::path::Path::new(ROOT).join("tests/browser/ticker.mjs"))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg("ACME")
+        .output()
+        .expect("node is needed (and `npm ci` in tests/browser; scripts/test.sh does both)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser run failed: {stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), run.logs());
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(result["errors"], serde_json::json!([]), "errors in the page: {result}");
+    let title = result["title"].as_str().unwrap();
+    assert!(title.contains("ticker-losses · ACME") && !title.contains("undefined"), "{result}");
+    assert!(result["storiesTitle"].as_str().unwrap().contains("ticker ACME"), "{result}");
+    assert_eq!((result["stories"].as_u64(), result["linkedStories"].as_u64()), (Some(3), Some(3)), "the three ACME stories: {result}");
+    let csv: Vec<&str> = result["csv"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
+    assert!(csv.iter().any(|l| l.ends_with("\"'=HYPERLINK(\"\"http://x\"\") Acme shares plunge after fraud probe\"")), "{csv:?}");
+    assert!(csv.iter().all(|l| !l.contains(",=")), "{csv:?}");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}

@@ -313,10 +313,8 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
         ("id_length", format!(r#"{{"id":"{}","published_at":"1987-03-02T10:00:00Z","headline":"x"}}"#, "i".repeat(300)).into_bytes()),
         ("tickers", format!(r#"{{"id":"k","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":{:?}}}"#, (0..1000).map(|i| format!("T{i}")).collect::<Vec<_>>()).into_bytes()),
         // A ticker or an id that would split a log line or forge a mail header.
-        ("tickers", br#"{"id":"c","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":["XOM
-Bcc: x@example.com"]}"#.to_vec()),
-        ("id_control", br#"{"id":"c
-forged=1","published_at":"1987-03-02T10:00:00Z","headline":"x"}"#.to_vec()),
+        ("tickers", br#"{"id":"c","published_at":"1987-03-02T10:00:00Z","headline":"x","tickers":["XOM\r\nBcc: x@example.com"]}"#.to_vec()),
+        ("id_control", br#"{"id":"c\r\nforged=1","published_at":"1987-03-02T10:00:00Z","headline":"x"}"#.to_vec()),
     ];
     let producer: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let mut sent_kinds: BTreeMap<&str, usize> = BTreeMap::new();
