@@ -33,12 +33,7 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
          [[receivers]]\nname = \"closed\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hooks/SECRET-PATH-TOKEN\"\ntimeout = \"1s\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "demo", &config);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get(format!("http://127.0.0.1:{port}/ready")).call().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "never ready\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let agent = wait_ready(&run, port);
 
     let artifacts = std::path::Path::new(ROOT).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -175,6 +170,17 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
 }
 
 /// A webhook endpoint that answers 200 to everything; returns its port.
+/// Waits until the pipeline's `/ready` answers 200; returns the agent that asked.
+fn wait_ready(run: &Pipeline, port: u16) -> ureq::Agent {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get(format!("http://127.0.0.1:{port}/ready")).call().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "never ready\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent
+}
+
 fn webhook() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -259,12 +265,7 @@ fn a_ticker_alert_is_titled_by_its_ticker_and_lists_the_stories_that_name_it() {
          [alerts]\nrules = [\"ticker-rules.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "ticker", &config);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get(format!("http://127.0.0.1:{port}/ready")).call().map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-        assert!(Instant::now() < deadline, "never ready\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(&run, port);
     let out = Command::new("node")
         .arg(std::path::Path::new(ROOT).join("tests/browser/ticker.mjs"))
         .arg(format!("http://127.0.0.1:{port}/"))

@@ -8,18 +8,13 @@
 // address in a new page, and looks at it from 360 to 1920 px wide. Prints one JSON line.
 // Usage: node dashboard.mjs URL SCREENSHOT.png   (a narrow one goes beside it, as -narrow.png)
 import { readFile } from "node:fs/promises";
-import { chromium } from "playwright-core";
+import { launch, watchedPage } from "./launch.mjs";
 
 const [url, screenshot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.BEARWATCH_CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu"],
-});
+const browser = await launch();
 const errors = [];
 try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 950 } });
-  page.on("pageerror", (e) => errors.push(e.message));
-  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  const page = await watchedPage(browser, errors);
   const origin = new URL(url).origin;
   // The CSV download is a blob of the page's own.
   const outside = (r) => !r.url().startsWith(origin) && !r.url().startsWith("blob:" + origin);

@@ -3,18 +3,13 @@
 // and the stories' CSV keeps a formula-like headline as text. Prints one JSON line.
 // Usage: node ticker.mjs URL TICKER
 import { readFile } from "node:fs/promises";
-import { chromium } from "playwright-core";
+import { launch, watchedPage } from "./launch.mjs";
 
 const [url, ticker] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.BEARWATCH_CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu"],
-});
+const browser = await launch();
 const errors = [];
 try {
-  const page = await browser.newPage({ viewport: { width: 1400, height: 950 } });
-  page.on("pageerror", (e) => errors.push(e.message));
-  page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+  const page = await watchedPage(browser, errors);
   await page.goto(url);
   const alert = page.locator("#alerts .alert", { hasText: ticker }).first();
   await alert.waitFor({ timeout: 120000 });
@@ -26,8 +21,7 @@ try {
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#stories-csv")]);
   result.csv = (await readFile(await download.path(), "utf8")).split("\r\n").filter(Boolean);
   // The alert's own address, as a link from Alertmanager opens it.
-  const linked = await browser.newPage({ viewport: { width: 1400, height: 950 } });
-  linked.on("pageerror", (e) => errors.push(e.message));
+  const linked = await watchedPage(browser, errors);
   await linked.goto(`${url}?alert=${encodeURIComponent(result.id)}`);
   await linked.waitForSelector("#stories tr[data-story]", { timeout: 60000 });
   result.linkedStories = await linked.locator("#stories tr[data-story]").count();
