@@ -112,3 +112,26 @@ fn texts_without_words_unsure_with_a_label_and_endless_events_are_refused() {
     assert!(missed("9999-01-01T00:00:00Z", "9999-01-02T00:00:00Z").unwrap_err().to_string().contains("between 1970 and now"));
     assert!(missed("0001-01-01T00:00:00Z", "0001-01-02T00:00:00Z").unwrap_err().to_string().contains("between 1970 and now"));
 }
+
+#[test]
+fn latest_labels_follow_every_writer_and_an_older_row_read_late_does_not_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut latest = LatestLabels::new(dir.path());
+    // The table keeps milliseconds: rows made a few apart.
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(3));
+    let older = judgement(None, "Oil falls", Head::Sentiment, Some("neutral"), Action::Correct);
+    pause();
+    let newer = judgement(None, "Oil falls", Head::Sentiment, Some("negative"), Action::Correct);
+    // This process wrote the newer row; another writer's older row arrives afterwards.
+    latest.note(&newer);
+    record_labels(dir.path(), std::slice::from_ref(&older)).unwrap();
+    latest.refresh().unwrap();
+    assert_eq!(latest.get(&older.text_hash, Head::Sentiment), Some(&newer.feedback_id));
+    assert_eq!(latest.get(&older.text_hash, Head::Topic), None, "heads are apart");
+    // A newer row from another writer wins; files already read are not read again.
+    pause();
+    let newest = judgement(None, "Oil falls", Head::Sentiment, None, Action::Unsure);
+    record_labels(dir.path(), std::slice::from_ref(&newest)).unwrap();
+    latest.refresh().unwrap();
+    assert_eq!(latest.get(&older.text_hash, Head::Sentiment), Some(&newest.feedback_id));
+}
