@@ -244,6 +244,14 @@ fn a_folder_with_only_imported_feedback_is_enough_and_unsure_labels_are_not_expo
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "x y", file.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
+    // Read line by line: a line that is not UTF-8, or longer than a line may be, is named.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, [b"{\"text\": \"fine\", \"head\": \"sentiment\", \"label\": \"neutral\"}\n".as_slice(), b"{\"text\": \"\xff\"}\n"].concat()).unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", bad.to_str().unwrap()]);
+    assert!(code == 2 && err.contains(&format!("{}:2: not UTF-8", bad.display())), "{err}");
+    std::fs::write(&bad, format!("{}\n", json!({"text": "x".repeat(200_000), "head": "sentiment", "label": "neutral"}))).unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", bad.to_str().unwrap()]);
+    assert!(code == 2 && err.contains(&format!("{}:1: the line is over", bad.display())), "{err}");
     let out_file = dir.path().join("out.jsonl");
     let (code, _, err) = bearwatch(&["feedback", "export", "--storage", storage, "--out", out_file.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
@@ -402,6 +410,26 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains(&format!("champion: {bundled} (rollback from")), "{stdout}");
     assert_eq!(served(), format!("model\n{bundled}\n"));
+
+    // Two promotes built against the same champion, at once: the alias is compared and set under a
+    // lock, so the second sees the first's champion and is refused.
+    let copy = dir.path().join("candidate-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["model.onnx", "tokenizer.json", "labels.json", "heads.json", "report.json", "golden.jsonl"] {
+        std::fs::copy(out.join(file), copy.join(file)).unwrap();
+    }
+    let promote = |folder: &std::path::Path| {
+        let mut args = vec!["model", "promote", folder.to_str().unwrap(), "--storage", storage, "--by", "ana"];
+        if worse {
+            args.extend(["--force", "--reason", "splits matter more"]);
+        }
+        Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(args).spawn().unwrap()
+    };
+    let (a, b) = (promote(&out), promote(&copy));
+    let codes = [a, b].map(|mut child| child.wait().unwrap().code());
+    assert!(codes.contains(&Some(0)) && codes.contains(&Some(2)), "one promote wins, the other is refused: {codes:?}");
+    let newest = sql("SELECT model, reason FROM model_aliases ORDER BY set_at DESC LIMIT 2");
+    assert!(newest.lines().nth(2).is_some_and(|l| l.contains("rollback from")), "one promotion after the rollback: {newest}");
 }
 
 /// A challenger that reads more headlines as negative: the bundled encoder with the champion's own
