@@ -88,7 +88,7 @@ enum Command {
     /// Example: bearwatch storage repair --storage data/kafka
     #[command(subcommand)]
     Storage(StorageCommand),
-    /// Analysts' feedback (DESIGN §10): label judgements in, the training-ready set out.
+    /// Analysts' feedback (README, "People in the loop"): label judgements in, the training-ready set out.
     ///
     /// Example: bearwatch feedback export --storage data/demo --out feedback.jsonl
     #[command(subcommand)]
@@ -555,20 +555,38 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())?;
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    // Where the dashboard is, said before the first progress line; a file replay ends, and its
+    // dashboard with it, unless the run keeps serving.
+    let dashboard = config.server.http.as_ref().map(|a| a.as_str().to_string()).filter(|a| !a.ends_with(":0"));
+    let replay_ends = config.source.kind == bearwatch::source::SourceKind::File && !config.run.keep_serving;
+    if let Some(addr) = &dashboard {
+        let until = if replay_ends { " while the replay runs (add --keep-serving to keep it up afterwards)" } else { "" };
+        println!("dashboard: http://{addr}/{until}");
+    }
     let started = std::time::Instant::now();
     let outcome = pipeline::run(&config, stop)?;
     let c = &outcome.counters;
     println!(
-        "{}: {} stories read, {} scored, {} dead-lettered, {} late, {} duplicates in {:.1} s",
+        "{}: {} stories read, {} scored, {} dead-lettered, {} late, {} duplicates, {} alert state changes in {:.1} s",
         if outcome.interrupted { "stopped" } else { "done" },
         c.received,
         c.scored,
         c.dead_lettered,
         c.late,
         c.duplicates,
+        c.alerts,
         started.elapsed().as_secs_f64()
     );
-    println!("tables (Parquet) and checkpoint in {}: news/, windows/, late/", outcome.storage.display());
+    // Every table that holds parts, the people's journals too.
+    let written: Vec<String> = bearwatch::storage::Table::ALL
+        .iter()
+        .filter(|t| bearwatch::storage::journal_files(&outcome.storage, **t).is_ok_and(|files| !files.is_empty()))
+        .map(|t| format!("{}/", t.name()))
+        .collect();
+    println!("tables (Parquet) and checkpoint in {}: {}", outcome.storage.display(), written.join(", "));
+    if let Some(addr) = dashboard.filter(|_| replay_ends && !outcome.interrupted) {
+        println!("the dashboard at http://{addr}/ closed with the replay: `bearwatch run --keep-serving` keeps it up");
+    }
     if !outcome.topics.is_empty() {
         println!("\n{}", outcome.topics);
     }

@@ -111,7 +111,9 @@ fn bad_lines_go_to_the_dead_letter_file_with_reasons_and_the_rest_replays_in_eve
     let status = pipeline.wait(Duration::from_secs(60));
     assert!(status.success(), "{}", pipeline.logs());
     let stdout = std::fs::read_to_string(&pipeline.stdout).unwrap();
-    assert!(stdout.contains("11 stories read, 3 scored, 7 dead-lettered, 0 late, 1 duplicates"), "{stdout}");
+    assert!(stdout.contains("11 stories read, 3 scored, 7 dead-lettered, 0 late, 1 duplicates, 0 alert state changes"), "{stdout}");
+    // The closing summary names the tables that hold parts, and only those.
+    assert!(stdout.contains("tables (Parquet) and checkpoint in store: news/, windows/\n"), "{stdout}");
 
     let dead: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("store/dead-letter.jsonl"))
         .unwrap()
