@@ -5,6 +5,7 @@
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
 mod config;
+pub mod count;
 pub mod replay;
 pub mod rules;
 pub mod unit;
@@ -114,14 +115,35 @@ pub struct Reading {
 #[derive(Debug, Clone, Copy)]
 pub struct Baselines<'a> {
     pub own: &'a [&'a Counts],
+    /// Where each of `own` starts, and where the current window does: for a `count` condition's
+    /// time of the week. Empty: every window is in the same slot.
+    pub own_starts: &'a [i64],
+    pub start_ms: i64,
     pub market: &'a [&'a Counts],
     pub overlap: f64,
 }
 
 impl<'a> Baselines<'a> {
-    /// Tumbling windows compared with their own group only.
+    /// Tumbling windows compared with their own group only, all in one season slot.
     pub fn own(own: &'a [&'a Counts]) -> Baselines<'a> {
-        Baselines { own, market: &[], overlap: 1.0 }
+        Baselines { own, own_starts: &[], start_ms: 0, market: &[], overlap: 1.0 }
+    }
+
+    /// The counts of `own`'s newest `count` windows that start in the current window's `season`
+    /// slot, less those with under a quarter of the slot's median stories (a holiday, an outage).
+    fn same_slot(&self, metric_kind: Metric, count: usize, season: rules::Season) -> Vec<f64> {
+        let recent = self.own.len().saturating_sub(count);
+        let slot = count::slot(season, self.start_ms);
+        let in_slot: Vec<&Counts> = self.own[recent..]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.own_starts.get(recent + i).is_none_or(|start| count::slot(season, *start) == slot))
+            .map(|(_, c)| *c)
+            .collect();
+        let mut stories: Vec<u64> = in_slot.iter().map(|c| c.n).collect();
+        stories.sort_unstable();
+        let median = stories.get(stories.len() / 2).copied().unwrap_or(0);
+        in_slot.iter().filter(|c| c.n * 4 >= median).map(|c| metric(metric_kind, c)).collect()
     }
 }
 
@@ -190,6 +212,26 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
             }
             let z = (value - mean) / sd;
             Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold, p: None }
+        }
+        Condition::Count { p_value, baseline_windows, season, min_count, min_ratio, min_slot_windows, exit_p_value } => {
+            let past = baselines.same_slot(metric_kind, *baseline_windows, *season);
+            if past.len() < *min_slot_windows {
+                return undecided(None, f64::NAN);
+            }
+            let Some(model) = count::CountModel::fit(&past) else { return undecided(None, f64::NAN) };
+            // The count at which the window would breach: the first one under `p_value`, and no
+            // less than `min_count` and `min_ratio` × usual.
+            let floor = (*min_count as f64).max(min_ratio * model.mean).ceil();
+            let threshold = model.threshold(*p_value).map_or(f64::INFINITY, |k| (k as f64).max(floor));
+            let tail = model.tail(value as u64);
+            let big_enough = value >= floor;
+            Reading {
+                verdict: grade(tail < *p_value && big_enough, tail < exit_p_value.unwrap_or(*p_value) && big_enough),
+                value,
+                baseline: Some(model.mean),
+                threshold,
+                p: Some(tail),
+            }
         }
         Condition::Binomial {
             p_value,
@@ -585,13 +627,18 @@ impl Detector {
                 self.history.get(group).map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| &p.counts).collect()).unwrap_or_default()
             };
             let history = before(&group);
+            let starts: Vec<i64> = self
+                .history
+                .get(&group)
+                .map(|h| h.iter().filter(|p| p.start_ms < row.key.start_ms).map(|p| p.start_ms).collect())
+                .unwrap_or_default();
             // Only a prior reads the market's windows and how often each story is counted.
             let (market, overlap) = if priors {
                 (before(&GroupKey { topic: ALL.to_string(), ticker: None }), self.history.get(&group).map_or(1.0, overlap))
             } else {
                 (Vec::new(), 1.0)
             };
-            let baselines = Baselines { own: &history, market: &market, overlap };
+            let baselines = Baselines { own: &history, own_starts: &starts, start_ms: row.key.start_ms, market: &market, overlap };
             for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;
@@ -900,6 +947,19 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
                 reading.threshold * 100.0
             )
         }
+        (Condition::Count { .. }, Some(usual)) => {
+            let tail = reading.p.unwrap_or(f64::NAN);
+            let p = if tail < 1e-6 {
+                "p < 1e-6".to_string()
+            } else if tail < 0.001 {
+                format!("p = {tail:.0e}")
+            } else {
+                format!("p = {tail:.3}")
+            };
+            let what = if rule.metric == Metric::N { "stories" } else { "negative" };
+            let hours = (row.end_ms - row.key.start_ms) as f64 / 3_600_000.0;
+            format!("{} {what} in {hours} h against {usual:.1} usual at this hour: {p} (alert from {})", fmt(reading.value), fmt(reading.threshold))
+        }
         _ => fmt(reading.value),
     };
     let span = format!(
@@ -907,7 +967,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
         chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
         chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
     );
-    if matches!(rule.condition, Condition::Binomial { .. }) && reading.baseline.is_some() {
+    if matches!(rule.condition, Condition::Binomial { .. } | Condition::Count { .. }) && reading.baseline.is_some() {
         // "31 of 68 negative" already says how many stories.
         return format!("{}: {detail}, {span}", group.describe());
     }

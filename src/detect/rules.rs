@@ -224,6 +224,48 @@ pub enum Condition {
         #[serde(default)]
         prior_stories: f64,
     },
+    /// For counts (`n_negative`, or `n`): the window's count against the usual count of its group at
+    /// this time of the week, a negative binomial fitted to the previous `baseline_windows` that
+    /// start in the same `season` slot (windows with under a quarter of the slot's median stories,
+    /// a holiday or an outage, are skipped). Fires when P(X ≥ count) < `p_value`, the count is at
+    /// least `min_count` and at least `min_ratio` × usual. A surge of negative news is first of all
+    /// a number of stories: a busy topic whose usual share is high cannot pass a share test.
+    Count {
+        p_value: f64,
+        baseline_windows: usize,
+        #[serde(default)]
+        season: Season,
+        #[serde(default)]
+        min_count: u64,
+        #[serde(default = "default_min_ratio")]
+        min_ratio: f64,
+        /// Past windows of the slot needed before it decides.
+        #[serde(default = "default_slot_windows")]
+        min_slot_windows: usize,
+        /// A firing alert stays while the tail is under this (default: `p_value`).
+        exit_p_value: Option<f64>,
+    },
+}
+
+/// What "the same time" is for a `count` condition's usual level (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Season {
+    /// The same hour on the same kind of day: weekday hours are not weekend hours.
+    #[default]
+    Week,
+    /// The same hour of any day.
+    Day,
+    /// Every baseline window alike.
+    None,
+}
+
+fn default_min_ratio() -> f64 {
+    2.0
+}
+
+fn default_slot_windows() -> usize {
+    3
 }
 
 /// Baseline windows a rule may ask for: each is kept per group in memory and in checkpoints.
@@ -246,7 +288,8 @@ impl Condition {
             Condition::Sql { .. } => super::SQL_HISTORY,
             Condition::RatioToBaseline { baseline_windows, .. }
             | Condition::Zscore { baseline_windows, .. }
-            | Condition::Binomial { baseline_windows, .. } => *baseline_windows,
+            | Condition::Binomial { baseline_windows, .. }
+            | Condition::Count { baseline_windows, .. } => *baseline_windows,
         }
     }
 
@@ -267,6 +310,9 @@ impl Condition {
                 ("exit_p_value", *exit_p_value),
                 ("prior_stories", Some(*prior_stories)),
             ]),
+            Condition::Count { p_value, min_ratio, exit_p_value, .. } => {
+                present(&[("p_value", Some(*p_value)), ("min_ratio", Some(*min_ratio)), ("exit_p_value", *exit_p_value)])
+            }
         }
     }
 
@@ -296,6 +342,23 @@ impl Condition {
                 }
                 if *baseline_windows == 0 {
                     return Err("baseline_windows must be at least 1".into());
+                }
+            }
+            Condition::Count { p_value, baseline_windows, min_ratio, min_slot_windows, exit_p_value, .. } => {
+                if !matches!(metric, Metric::NNegative | Metric::N) {
+                    return Err(format!("kind = \"count\" tests a count: use metric = \"n_negative\" or \"n\", not {:?}", metric.as_str()));
+                }
+                if !(*p_value > 0.0 && *p_value < 1.0) {
+                    return Err("p_value must be between 0 and 1".into());
+                }
+                if exit_p_value.is_some_and(|e| !(e >= *p_value && e < 1.0)) {
+                    return Err("exit_p_value must be at least p_value and under 1".into());
+                }
+                if *min_ratio < 0.0 {
+                    return Err("min_ratio must be at least 0".into());
+                }
+                if *min_slot_windows < 2 || *min_slot_windows > *baseline_windows {
+                    return Err("min_slot_windows must be at least 2 (a spread) and at most baseline_windows".into());
                 }
             }
             Condition::Sql { query } => super::sql::validate(query)?,

@@ -387,7 +387,7 @@ fn a_binomial_prior_lets_a_topic_without_history_lean_on_the_market() {
     };
     let market = [counts(300, 45), counts(300, 45), counts(300, 45)];
     let market: Vec<&Counts> = market.iter().collect();
-    let never_seen = Baselines { own: &[], market: &market, overlap: 1.0 };
+    let never_seen = Baselines { market: &market, ..Baselines::own(&[]) };
     // No history of its own: without a prior it cannot decide; with one, 11 of 12 against the
     // market's 15 % fires, and 2 of 12 does not.
     assert_eq!(read(&rule(0.0), Metric::NegShare, &counts(12, 11), &never_seen).verdict, Verdict::Undecided);
@@ -398,15 +398,15 @@ fn a_binomial_prior_lets_a_topic_without_history_lean_on_the_market() {
     // Its own thousands of stories outweigh the prior: a topic that is usually 60 % negative.
     let own = [counts(1000, 600), counts(1000, 600), counts(1000, 600)];
     let own: Vec<&Counts> = own.iter().collect();
-    let gloomy = Baselines { own: &own, market: &market, overlap: 1.0 };
+    let gloomy = Baselines { market: &market, ..Baselines::own(&own) };
     let usual = read(&rule(20.0), Metric::NegShare, &counts(12, 9), &gloomy);
     assert!((usual.baseline.unwrap() - 0.6).abs() < 0.01 && usual.verdict == Verdict::Normal, "{usual:?}");
     // Hopping windows count each story several times: the same stories weigh once, so the usual
     // share is less certain and the same count weaker evidence.
     let like_market = [counts(100, 15), counts(100, 15), counts(100, 15)];
     let like_market: Vec<&Counts> = like_market.iter().collect();
-    let tumbling = Baselines { own: &like_market, market: &market, overlap: 1.0 };
-    let hopping = Baselines { own: &like_market, market: &market, overlap: 4.0 };
+    let tumbling = Baselines { market: &market, ..Baselines::own(&like_market) };
+    let hopping = Baselines { market: &market, overlap: 4.0, ..Baselines::own(&like_market) };
     let (a, b) = match (read(&rule(20.0), Metric::NegShare, &counts(40, 20), &tumbling).p, read(&rule(20.0), Metric::NegShare, &counts(40, 20), &hopping).p) {
         (Some(a), Some(b)) => (a, b),
         other => panic!("{other:?}"),
@@ -431,4 +431,128 @@ fn a_swept_condition_field_is_set_and_checked_as_in_a_rule_file() {
     assert!(binomial.with_condition("p_value", 1.5).unwrap_err().contains("p_value must be between 0 and 1"));
     assert_eq!(threshold.with_condition("p_value", 0.01).unwrap(), None, "a threshold has no p_value");
     assert_eq!(binomial.with_condition("kind", 1.0).unwrap(), None);
+}
+
+/// p_value 1e-4, min_count 6, min_ratio 3, exit under `exit`.
+fn count_condition(baseline_windows: usize, season: rules::Season, exit: f64) -> Condition {
+    Condition::Count { p_value: 1e-4, baseline_windows, season, min_count: 6, min_ratio: 3.0, min_slot_windows: 3, exit_p_value: Some(exit) }
+}
+
+
+/// Four weeks of 4 h windows starting hourly, each with `stories` and `negative` at its start.
+fn weeks(stories: impl Fn(i64) -> (u64, u64)) -> (Vec<Counts>, Vec<i64>) {
+    let monday = chrono::DateTime::parse_from_rfc3339("1987-02-02T00:00:00Z").unwrap().timestamp_millis();
+    let starts: Vec<i64> = (0..672).map(|h| monday + h * H).collect();
+    (starts.iter().map(|s| { let (n, neg) = stories(*s); counts(n, neg) }).collect(), starts)
+}
+
+fn weekend(start_ms: i64) -> bool {
+    count::slot(rules::Season::Week, start_ms) >= 24
+}
+
+/// The miss that a share test cannot see: metals windows usually hold 2 to 4 stories, half of them
+/// negative; a burst of 14 stories, 12 negative, is a share of 0.86 (a binomial tail near 0.002)
+/// but six times the usual number of negative stories.
+#[test]
+fn a_count_condition_fires_on_a_volume_surge_in_a_topic_whose_share_is_usually_high() {
+    let (past, starts) = weeks(|s| { let n = 2 + (s / H % 3) as u64; (n, n / 2) });
+    let refs: Vec<&Counts> = past.iter().collect();
+    let now = starts[671] + H;
+    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: now, market: &[], overlap: 1.0 };
+    let reading = read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &counts(14, 12), &baselines);
+    assert_eq!(reading.verdict, Verdict::Breach, "{reading:?}");
+    assert!(reading.baseline.is_some_and(|b| (1.0..2.0).contains(&b)) && reading.p.is_some_and(|p| p < 1e-6), "{reading:?}");
+    assert!(reading.threshold <= 12.0 && reading.threshold >= 6.0, "{reading:?}");
+    // The share test on the same window stays under its bar.
+    let share = read(&binomial(0.001, 0.2), Metric::NegShare, &counts(14, 12), &Baselines::own(&refs[refs.len() - 40..]));
+    assert_ne!(share.verdict, Verdict::Breach, "{share:?}");
+    // A usual window, and one just under min_count, are normal; hysteresis keeps a firing one.
+    assert_eq!(read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &counts(4, 2), &baselines).verdict, Verdict::Normal);
+    assert_eq!(read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &counts(5, 5), &baselines).verdict, Verdict::Normal);
+    let lenient = count_condition(672, rules::Season::Week, 0.5);
+    assert_eq!(read(&lenient, Metric::NNegative, &counts(8, 6), &baselines).verdict, Verdict::Elevated);
+}
+
+#[test]
+fn weekday_hours_are_not_weekend_hours_and_a_quiet_holiday_is_not_a_baseline() {
+    // Weekdays: about 12 stories, 6 negative; weekends: 1, none negative.
+    let (past, starts) = weeks(|s| if weekend(s) { (1, 0) } else { (12 + (s / H % 3) as u64, 6 + (s / H % 2) as u64) });
+    let refs: Vec<&Counts> = past.iter().collect();
+    let tuesday_afternoon = starts[24 + 14] + 4 * 7 * 24 * H;
+    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: tuesday_afternoon, market: &[], overlap: 1.0 };
+    let busy = counts(14, 8);
+    assert_eq!(read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &busy, &baselines).verdict, Verdict::Normal, "a usual weekday");
+    // A Saturday afternoon with a weekday's number of negative stories is a surge for a Saturday;
+    // without seasons it would be measured against weekdays (the thin weekends are skipped).
+    let saturday = Baselines { start_ms: starts[5 * 24 + 14] + 4 * 7 * 24 * H, ..baselines };
+    let weekday_like = counts(9, 8);
+    let seasonal = read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &weekday_like, &saturday);
+    assert_eq!(seasonal.verdict, Verdict::Breach, "{seasonal:?}");
+    let flat = read(&count_condition(672, rules::Season::None, 0.01), Metric::NNegative, &weekday_like, &saturday);
+    assert_eq!(flat.verdict, Verdict::Normal, "{flat:?}");
+    // A holiday: the slot's windows on one Tuesday held nothing; they are skipped, not averaged in.
+    let (holiday, _) = weeks(|s| {
+        let day = (s - starts[0]) / (24 * H);
+        if day == 8 { (0, 0) } else if weekend(s) { (1, 0) } else { (12, 6) }
+    });
+    let with_holiday: Vec<&Counts> = holiday.iter().collect();
+    let held = Baselines { own: &with_holiday, ..baselines };
+    let reading = read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &busy, &held);
+    assert!((reading.baseline.unwrap() - 6.0).abs() < 0.2, "the holiday is not averaged in: {reading:?}");
+    // Too little history in the slot decides nothing.
+    let short = Baselines { own: &refs[..30], own_starts: &starts[..30], ..baselines };
+    assert_eq!(read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &busy, &short).verdict, Verdict::Undecided);
+}
+
+/// A golden decision table for `kind = "count"`: usual counts at the slot, the window's count, and
+/// what the rule says (p_value 1e-4, min_count 6, min_ratio 3, exit under 0.01).
+#[test]
+fn count_condition_decision_table() {
+    let cases: [(&[f64], u64, Verdict); 10] = [
+        (&[2.0, 1.0, 2.0, 3.0, 2.0], 12, Verdict::Breach),    // Poisson, 2 usual: 12 is p ~ 1e-6
+        (&[2.0, 1.0, 2.0, 3.0, 2.0], 7, Verdict::Elevated),   // p ~ 0.004: under exit, not under p_value
+        (&[2.0, 1.0, 2.0, 3.0, 2.0], 4, Verdict::Normal),
+        (&[0.0, 0.0, 9.0, 1.0, 0.0, 8.0], 12, Verdict::Normal), // bursty slot: 12 is no surprise
+        (&[0.0, 0.0, 9.0, 1.0, 0.0, 8.0], 40, Verdict::Elevated), // p ~ 3e-4: a slot this bursty needs more
+        (&[0.0, 0.0, 9.0, 1.0, 0.0, 8.0], 80, Verdict::Breach),
+        (&[0.0, 0.0, 0.0, 0.0], 5, Verdict::Normal),           // under min_count however rare
+        (&[0.0, 0.0, 0.0, 0.0], 6, Verdict::Breach),
+        (&[20.0, 22.0, 19.0, 21.0], 65, Verdict::Breach),
+        (&[20.0, 22.0, 19.0, 21.0], 45, Verdict::Normal),      // p ~ 2e-6 but under 3 × usual
+    ];
+    let rule = count_condition(100, rules::Season::None, 0.01);
+    for (past, now, want) in cases {
+        let past: Vec<Counts> = past.iter().map(|&c| counts(c as u64 + 2, c as u64)).collect();
+        let refs: Vec<&Counts> = past.iter().collect();
+        let reading = read(&rule, Metric::NNegative, &counts(now + 2, now), &Baselines::own(&refs));
+        assert_eq!(reading.verdict, want, "{past:?} then {now}: {reading:?}");
+    }
+}
+
+#[test]
+fn a_count_alert_says_it_in_words() {
+    let mut detector = Detector::new(vec![rule(Metric::NNegative, GroupKind::Topic, count_condition(6, rules::Season::None, 0.01))]);
+    for h in 0..6 {
+        detector.evaluate(&[row(h, 1, "metals", 4, 2, true)], (h + 1) * H);
+    }
+    let alerts = detector.evaluate(&[row(6, 1, "metals", 14, 12, true)], 7 * H);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    let summary = &alerts[0].summary;
+    assert!(summary.starts_with("metals: 12 negative in 1 h against 2.1 usual at this hour: p = 2e-6 (alert from 10), 1970-01-01 06:00"), "{summary}");
+}
+
+#[test]
+fn count_rules_parse_with_their_defaults_and_refuse_a_share() {
+    let text = "[[rules]]\nname = \"surge\"\ngroup = \"topic\"\nmetric = \"n_negative\"\n[rules.condition]\nkind = \"count\"\np_value = 1e-4\nbaseline_windows = 672\n";
+    let file = RuleFile::parse(text, "r.toml").unwrap();
+    assert_eq!(
+        file.rules[0].condition,
+        Condition::Count { p_value: 1e-4, baseline_windows: 672, season: rules::Season::Week, min_count: 0, min_ratio: 2.0, min_slot_windows: 3, exit_p_value: None }
+    );
+    let err = RuleFile::parse(&text.replace("n_negative", "neg_share"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("tests a count") && err.contains("rules[0]"), "{err}");
+    let err = RuleFile::parse(&text.replace("672", "1"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("min_slot_windows"), "{err}");
+    let err = RuleFile::parse(&format!("{text}season = \"month\"\n"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("unknown variant `month`") && err.contains("week"), "{err}");
 }
