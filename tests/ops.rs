@@ -39,16 +39,7 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = artifacts.join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
-    let out = Command::new("node")
-        .arg(std::path::Path::new(ROOT).join("tests/browser/dashboard.mjs"))
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .arg(&screenshot)
-        .output()
-        .expect("node is needed (and `npm ci` in tests/browser; scripts/test.sh does both)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser run failed: {stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), run.logs());
-    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
-    assert_eq!(result["errors"], serde_json::json!([]), "errors in the page: {result}");
+    let result = browse(&run, "dashboard.mjs", port, screenshot.to_str().unwrap());
     assert!(result["later"].as_u64() > result["first"].as_u64(), "the page did not update: {result}");
     assert!(result["series"].as_u64().unwrap() >= 2, "the chart has the `all` line and topic lines: {result}");
     assert!(result["points"].as_u64().unwrap() >= 2, "a line has several windows: {result}");
@@ -170,6 +161,22 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
 }
 
 /// A webhook endpoint that answers 200 to everything; returns its port.
+/// Runs `tests/browser/SCRIPT` on the pipeline's dashboard with one more argument; returns the JSON
+/// line it prints, which must report no errors in the page.
+fn browse(run: &Pipeline, script: &str, port: u16, arg: &str) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(std::path::Path::new(ROOT).join("tests/browser").join(script))
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .arg(arg)
+        .output()
+        .expect("node is needed (and `npm ci` in tests/browser; scripts/test.sh does both)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "browser run failed: {stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), run.logs());
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(result["errors"], serde_json::json!([]), "errors in the page: {result}");
+    result
+}
+
 /// Waits until the pipeline's `/ready` answers 200; returns the agent that asked.
 fn wait_ready(run: &Pipeline, port: u16) -> ureq::Agent {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -266,16 +273,7 @@ fn a_ticker_alert_is_titled_by_its_ticker_and_lists_the_stories_that_name_it() {
     );
     let mut run = Pipeline::start(dir.path(), "ticker", &config);
     wait_ready(&run, port);
-    let out = Command::new("node")
-        .arg(std::path::Path::new(ROOT).join("tests/browser/ticker.mjs"))
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .arg("ACME")
-        .output()
-        .expect("node is needed (and `npm ci` in tests/browser; scripts/test.sh does both)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "browser run failed: {stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), run.logs());
-    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
-    assert_eq!(result["errors"], serde_json::json!([]), "errors in the page: {result}");
+    let result = browse(&run, "ticker.mjs", port, "ACME");
     let title = result["title"].as_str().unwrap();
     assert!(title.contains("ticker-losses · ACME") && !title.contains("undefined"), "{result}");
     assert!(result["storiesTitle"].as_str().unwrap().contains("ticker ACME"), "{result}");
