@@ -187,6 +187,7 @@ fn analysts_judge_stories_and_alerts_and_each_role_gets_only_what_it_may() {
     assert_eq!(topic_rule["recall"]["of"], 1, "the missed energy event: {topic_rule}");
     let explained = backtest["explain"].as_array().unwrap();
     assert!(!explained.is_empty() && explained.iter().all(|t| t["rule"] == "topic-negative-burst"), "the topic rule on earnings, window by window");
+    assert!(explained.iter().any(|t| t["p"].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))), "each decision with its tail probability");
 
     // Offline: a reviewed spreadsheet goes in, the training-ready set comes out, with the API's rows.
     let review = dir.path().join("review.jsonl");

@@ -549,6 +549,8 @@ pub struct Trace {
     pub value: f64,
     pub baseline: Option<f64>,
     pub threshold: f64,
+    /// A `binomial` or `count` condition's tail probability.
+    pub p: Option<f64>,
     pub verdict: Verdict,
     /// `firing` or `resolved` when the reading changed the alert.
     pub change: Option<AlertState>,
@@ -660,6 +662,7 @@ impl Detector {
                         value: reading.value,
                         baseline: reading.baseline,
                         threshold: reading.threshold,
+                        p: reading.p,
                         verdict: reading.verdict,
                         change: change.as_ref().map(|a| a.state),
                     });
@@ -743,6 +746,7 @@ impl Detector {
                     value: seen.value,
                     baseline: seen.baseline,
                     threshold: seen.threshold,
+                    p: None,
                     verdict: Verdict::Undecided,
                     change: Some(AlertState::Resolved),
                 });

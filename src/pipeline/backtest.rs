@@ -368,11 +368,11 @@ impl Backtest {
             );
         }
         if !self.explain.is_empty() {
-            out.push_str("\n| at (watermark) | rule | window | row | stories | value | baseline | threshold | verdict | change |\n|---|---|---|---|---:|---:|---:|---:|---|---|\n");
+            out.push_str("\n| at (watermark) | rule | window | row | stories | value | baseline | threshold | p | verdict | change |\n|---|---|---|---|---:|---:|---:|---:|---:|---|---|\n");
             for t in &self.explain {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |",
                     t.at,
                     t.rule,
                     t.window_start,
@@ -381,6 +381,7 @@ impl Backtest {
                     t.value,
                     t.baseline.map_or("—".into(), |b| format!("{b:.3}")),
                     if t.threshold.is_finite() { format!("{:.3}", t.threshold) } else { "—".into() },
+                    t.p.map_or("—".into(), |p| format!("{p:.1e}")),
                     serde_json::to_value(t.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
                     t.change.map_or("", |c| c.as_str())
                 );
