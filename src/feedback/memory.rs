@@ -9,12 +9,13 @@ use std::collections::{HashMap, VecDeque};
 
 use super::{Action, Head, LabelFeedback, match_key};
 
+use crate::classify::NearDuplicates;
+use crate::news::Scores;
+
 /// Corrected texts a near-duplicate lookup compares, at most, per end word (the newest): the cost of
 /// scoring a story stays flat however many corrections share a first or last word (templated
 /// headlines), at the price of matching only the newest of them.
 pub const NEAR_CANDIDATES: usize = 64;
-use crate::classify::NearDuplicates;
-use crate::news::Scores;
 
 /// An analyst's label for one head of one text.
 #[derive(Debug, Clone, PartialEq)]

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
+use super::config::host_name;
 use super::{AppState, error};
 
 /// Who may reach the API from a browser.
@@ -45,18 +46,6 @@ impl WebPolicy {
         let origin = origin.to_ascii_lowercase();
         let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
         authority.is_some_and(|a| a.eq_ignore_ascii_case(host)) || self.origins.contains(&origin)
-    }
-}
-
-/// The host of "name:port", "[v6]:port" or a bare name or address.
-fn host_name(authority: &str) -> &str {
-    let authority = authority.trim();
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
     }
 }
 
