@@ -310,7 +310,8 @@ enum RulesCommand {
         explain: Option<String>,
         /// Replays again with a condition field at each value and prints episodes per week, precision
         /// and recall for each: `[RULE.]condition.FIELD=FROM:TO:STEP`, e.g.
-        /// topic-negative-burst.condition.p_value=0.001:0.005:0.002 (no RULE: every rule with FIELD).
+        /// topic-negative-burst.condition.p_value=0.001:0.005:0.002 (no RULE: every rule with FIELD);
+        /// `condition.of.1.p_value` is the second test of a `kind = "any"` condition.
         #[arg(long)]
         sweep: Option<pipeline::backtest::Sweep>,
         #[arg(long, value_enum, default_value = "text")]

@@ -110,7 +110,7 @@ fn bench_detect_counts_caught_bursts_and_unexplained_episodes() {
     std::fs::write(&never, "[[rules]]\nname = \"never\"\ngroup = \"topic\"\nmetric = \"n\"\ncondition = { kind = \"threshold\", op = \">\", value = 1000000 }\n").unwrap();
     let bench = |rules: &[&std::path::Path]| {
         let mut cmd = Command::cargo_bin("bearwatch").unwrap();
-        cmd.args(["bench", "detect", "--stream", "pipelines/data/reuters-1987.jsonl", "--warmup", "3d", "--bursts", "3", "--seeds", "5,6"]);
+        cmd.args(["bench", "detect", "--stream", "pipelines/data/reuters-1987.jsonl", "--warmup", "3d", "--bursts", "2", "--seeds", "5,6", "--sizes", "12", "--spans", "2h"]);
         for rules in rules {
             cmd.arg("--rules").arg(rules);
         }
@@ -127,12 +127,16 @@ fn bench_detect_counts_caught_bursts_and_unexplained_episodes() {
     for seed in ["5", "6", "all"] {
         let row = cells(&shipped, seed);
         let (bursts, caught): (usize, usize) = (row[1].parse().unwrap(), row[2].parse().unwrap());
-        assert_eq!(bursts, if seed == "all" { 6 } else { 3 }, "{shipped}");
+        // Two kinds (added, turned) × one size × one span × 2.
+        assert_eq!(bursts, if seed == "all" { 8 } else { 4 }, "{shipped}");
         assert!(caught <= bursts, "{shipped}");
     }
     let all = cells(&shipped, "all");
     assert!(all[2].parse::<usize>().unwrap() >= 1, "twelve negative stories in two hours are caught at least once: {shipped}");
     assert!(shipped.contains("| topic-negative-burst |"), "the per-rule table: {shipped}");
+    for table in ["| kind, size, span |", "| added 12 in 2h |", "| size |", "| texts |", "| topic |"] {
+        assert!(shipped.contains(table), "{table}: {shipped}");
+    }
 
     let silent = bench(&[&never]);
     let all = cells(&silent, "all");

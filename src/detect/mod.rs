@@ -106,8 +106,23 @@ pub struct Reading {
     pub value: f64,
     pub baseline: Option<f64>,
     pub threshold: f64,
-    /// A `binomial` condition's tail probability.
+    /// A `binomial` or `count` condition's tail probability.
     pub p: Option<f64>,
+    /// Which test of an `any` condition decided (the first with the strongest verdict).
+    pub test: Option<usize>,
+}
+
+impl Verdict {
+    /// Which of two tests' verdicts decides an `any` condition: a breach over an elevated reading
+    /// over a normal one over none.
+    fn strength(self) -> u8 {
+        match self {
+            Verdict::Breach => 3,
+            Verdict::Elevated => 2,
+            Verdict::Normal => 1,
+            Verdict::Undecided => 0,
+        }
+    }
 }
 
 /// What a window is compared with: its group's closed windows before it and the market's (`all`),
@@ -151,7 +166,7 @@ impl<'a> Baselines<'a> {
 pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baselines: &Baselines<'_>) -> Reading {
     let history = baselines.own;
     let value = metric(metric_kind, current);
-    let undecided = |baseline, threshold| Reading { verdict: Verdict::Undecided, value, baseline, threshold, p: None };
+    let undecided = |baseline, threshold| Reading { verdict: Verdict::Undecided, value, baseline, threshold, p: None, test: None };
     let grade = |breach: bool, elevated: bool| {
         if breach {
             Verdict::Breach
@@ -168,7 +183,7 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
             }
             let exit = exit_value.unwrap_or(*threshold);
             let verdict = grade(op.holds(value, *threshold), op.holds(value, exit));
-            Reading { verdict, value, baseline: None, threshold: *threshold, p: None }
+            Reading { verdict, value, baseline: None, threshold: *threshold, p: None, test: None }
         }
         Condition::RatioToBaseline { factor, baseline_windows, min_count, min_baseline_count, min_baseline_window_count, min_value, exit_factor } => {
             let windows = baseline(history, *baseline_windows, *min_baseline_window_count).unwrap_or_default();
@@ -189,7 +204,7 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
             }
             let exit = baseline * exit_factor.unwrap_or(*factor);
             let breach = value >= threshold && value >= *min_value;
-            Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold, p: None }
+            Reading { verdict: grade(breach, value >= exit), value, baseline: Some(baseline), threshold, p: None, test: None }
         }
         // Decided over all rows at once by `sql_readings`.
         Condition::Sql { .. } => undecided(None, f64::NAN),
@@ -211,7 +226,15 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
                 return undecided(Some(mean), threshold);
             }
             let z = (value - mean) / sd;
-            Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold, p: None }
+            Reading { verdict: grade(z >= *sigma, z >= exit_sigma.unwrap_or(*sigma)), value, baseline: Some(mean), threshold, p: None, test: None }
+        }
+        Condition::Any { of } => {
+            let readings = read_tests(of, metric_kind, current, baselines);
+            // `max_by_key` keeps the last of equals: reversed, the first listed test wins a tie.
+            let Some((index, reading)) = readings.into_iter().enumerate().rev().max_by_key(|(_, r)| r.verdict.strength()) else {
+                return undecided(None, f64::NAN);
+            };
+            Reading { test: Some(index), ..reading }
         }
         Condition::Count { p_value, baseline_windows, season, min_count, min_ratio, min_slot_windows, exit_p_value } => {
             let past = baselines.same_slot(metric_kind, *baseline_windows, *season);
@@ -231,6 +254,7 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
                 baseline: Some(model.mean),
                 threshold,
                 p: Some(tail),
+                test: None,
             }
         }
         Condition::Binomial {
@@ -238,6 +262,7 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
             baseline_windows,
             min_effect,
             min_count,
+            min_negative,
             min_baseline_count,
             min_baseline_window_count,
             exit_p_value,
@@ -270,21 +295,27 @@ pub fn read(condition: &Condition, metric_kind: Metric, current: &Counts, baseli
             // The share at which the current window would breach: the smallest count whose tail
             // is under `p_value`, and at least `min_effect` above usual (never above 1).
             let needed = usual.threshold(current.n, *p_value).map_or(f64::INFINITY, |k| k as f64);
-            let threshold = (needed / current.n.max(1) as f64).max(share + min_effect).min(1.0);
+            let threshold = (needed / current.n.max(1) as f64).max(share + min_effect).max(*min_negative as f64 / current.n.max(1) as f64).min(1.0);
             if current.n < *min_count {
                 return undecided(Some(share), threshold);
             }
             let tail = usual.tail(current.n_negative, current.n);
-            let effect = value - share >= *min_effect;
+            let effect = value - share >= *min_effect && current.n_negative >= *min_negative;
             Reading {
                 verdict: grade(tail < *p_value && effect, tail < exit_p_value.unwrap_or(*p_value) && effect),
                 value,
                 baseline: Some(share),
                 threshold,
                 p: Some(tail),
+                test: None,
             }
         }
     }
+}
+
+/// Each test of an `any` condition's reading, in order.
+pub fn read_tests(tests: &[rules::Test], metric_kind: Metric, current: &Counts, baselines: &Baselines<'_>) -> Vec<Reading> {
+    tests.iter().map(|t| read(&t.condition, t.metric.unwrap_or(metric_kind), current, baselines)).collect()
 }
 
 /// The newest `count` closed windows before the current one, less those under `min_stories`
@@ -554,6 +585,21 @@ pub struct Trace {
     pub verdict: Verdict,
     /// `firing` or `resolved` when the reading changed the alert.
     pub change: Option<AlertState>,
+    /// An `any` condition's tests, each with its own reading; the row's numbers are the deciding one's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestTrace>,
+}
+
+/// One test's reading of a window, beside the others of its `any` condition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TestTrace {
+    pub test: &'static str,
+    pub metric: Metric,
+    pub value: f64,
+    pub baseline: Option<f64>,
+    pub threshold: f64,
+    pub p: Option<f64>,
+    pub verdict: Verdict,
 }
 
 /// JSON object keys must be strings, so maps are stored as lists of pairs.
@@ -665,6 +711,22 @@ impl Detector {
                         p: reading.p,
                         verdict: reading.verdict,
                         change: change.as_ref().map(|a| a.state),
+                        tests: match &rule.condition {
+                            Condition::Any { of } => read_tests(of, rule.metric, &row.counts, &baselines)
+                                .into_iter()
+                                .zip(of)
+                                .map(|(r, t)| TestTrace {
+                                    test: t.condition.test_name(),
+                                    metric: t.metric.unwrap_or(rule.metric),
+                                    value: r.value,
+                                    baseline: r.baseline,
+                                    threshold: r.threshold,
+                                    p: r.p,
+                                    verdict: r.verdict,
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        },
                     });
                 }
                 changes.extend(change);
@@ -749,6 +811,7 @@ impl Detector {
                     p: None,
                     verdict: Verdict::Undecided,
                     change: Some(AlertState::Resolved),
+                    tests: Vec::new(),
                 });
             }
             changes.push(Alert {
@@ -828,7 +891,7 @@ fn sql_reading(metric_kind: Metric, row: &WindowRow, hits: &[sql::Hit]) -> Readi
     });
     let value = hit.and_then(|h| h.value).unwrap_or_else(|| metric(metric_kind, &row.counts));
     let verdict = if hit.is_some() { Verdict::Breach } else { Verdict::Normal };
-    Reading { verdict, value, baseline: None, threshold: f64::NAN, p: None }
+    Reading { verdict, value, baseline: None, threshold: f64::NAN, p: None, test: None }
 }
 
 /// Moves one (rule, group) through its lifecycle; returns the alert if it started firing or resolved.
@@ -841,7 +904,17 @@ fn step(
     now_ms: i64,
 ) -> Option<Alert> {
     let key = (rule.name.clone(), group.clone());
-    if tracked.get(&key).is_some_and(|t| row.key.start_ms < t.last_start_ms) {
+    if let Some(t) = tracked.get_mut(&key)
+        && row.key.start_ms < t.last_start_ms
+    {
+        // An older window of a hopping set moves nothing but this: while it still holds the surge,
+        // a firing alert stays, though the newest window (its first hour) reads normal. Else one
+        // surge would resolve and fire again as the windows slide over it.
+        if let Phase::Firing { last_breach_ms, .. } = &mut t.phase
+            && matches!(reading.verdict, Verdict::Breach | Verdict::Elevated)
+        {
+            *last_breach_ms = now_ms;
+        }
         return None;
     }
     let alert = |state, alert_id: &str, started_ms, resolved_ms: Option<i64>| Alert {
@@ -907,7 +980,9 @@ fn step(
                 }
                 (Phase::Firing { .. }, Verdict::Undecided) => None,
                 (Phase::Firing { alert_id, started_ms, last_breach_ms }, Verdict::Normal) => {
-                    if now_ms - *last_breach_ms < rule.keep_firing_for.as_millis() {
+                    // A window that breached at this very watermark (an older one of a hopping
+                    // set, read first) holds the alert too.
+                    if now_ms == *last_breach_ms || now_ms - *last_breach_ms < rule.keep_firing_for.as_millis() {
                         return None;
                     }
                     let (id, started) = (alert_id.clone(), *started_ms);
@@ -919,16 +994,29 @@ fn step(
     }
 }
 
-/// One line a person can read: what, how much, against what, over how many stories, when.
+/// One line a person can read: what, how much, against what, over how many stories, when; for an
+/// `any` condition, which test saw it.
 fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) -> String {
-    let what = match rule.metric {
+    if let (Condition::Any { of }, Some(test)) = (&rule.condition, reading.test.and_then(|i| rule.condition_test(i)))
+        && of.len() > 1
+    {
+        let line = summary_of(&test.condition, test.metric.unwrap_or(rule.metric), group, row, reading);
+        let described = group.describe();
+        let rest = line.strip_prefix(&format!("{described}: ")).unwrap_or(&line);
+        return format!("{described} ({}): {rest}", test.condition.test_name());
+    }
+    summary_of(&rule.condition, rule.metric, group, row, reading)
+}
+
+fn summary_of(condition: &Condition, metric_kind: Metric, group: &GroupKey, row: &WindowRow, reading: &Reading) -> String {
+    let what = match metric_kind {
         Metric::NegShare => "negative share",
         Metric::NNegative => "negative stories",
         Metric::MeanSentiment => "mean sentiment",
         Metric::N => "stories",
     };
-    let fmt = |v: f64| if matches!(rule.metric, Metric::NegShare | Metric::MeanSentiment) { format!("{v:.2}") } else { format!("{v:.0}") };
-    let detail = match (&rule.condition, reading.baseline) {
+    let fmt = |v: f64| if matches!(metric_kind, Metric::NegShare | Metric::MeanSentiment) { format!("{v:.2}") } else { format!("{v:.0}") };
+    let detail = match (condition, reading.baseline) {
         (Condition::Threshold { op, .. }, _) => format!("{} {} {}", fmt(reading.value), op.symbol(), fmt(reading.threshold)),
         (Condition::RatioToBaseline { factor, .. }, Some(baseline)) => format!(
             "{} is {:.1}× its baseline {} (alert at {factor}×)",
@@ -960,7 +1048,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
             } else {
                 format!("p = {tail:.3}")
             };
-            let what = if rule.metric == Metric::N { "stories" } else { "negative" };
+            let what = if metric_kind == Metric::N { "stories" } else { "negative" };
             let hours = (row.end_ms - row.key.start_ms) as f64 / 3_600_000.0;
             format!("{} {what} in {hours} h against {usual:.1} usual at this hour: {p} (alert from {})", fmt(reading.value), fmt(reading.threshold))
         }
@@ -971,7 +1059,7 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
         chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
         chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
     );
-    if matches!(rule.condition, Condition::Binomial { .. } | Condition::Count { .. }) && reading.baseline.is_some() {
+    if matches!(condition, Condition::Binomial { .. } | Condition::Count { .. }) && reading.baseline.is_some() {
         // "31 of 68 negative" already says how many stories.
         return format!("{}: {detail}, {span}", group.describe());
     }

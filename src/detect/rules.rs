@@ -211,6 +211,10 @@ pub enum Condition {
         min_effect: f64,
         #[serde(default)]
         min_count: u64,
+        /// No alert on fewer negative stories than this, whatever the share: a surge a person is
+        /// woken for is a number of stories.
+        #[serde(default)]
+        min_negative: u64,
         #[serde(default)]
         min_baseline_count: u64,
         #[serde(default)]
@@ -245,7 +249,34 @@ pub enum Condition {
         /// A firing alert stays while the tail is under this (default: `p_value`).
         exit_p_value: Option<f64>,
     },
+    /// Several tests of one group behind one alert: it fires when any test breaches and stays while
+    /// any is past its exit level, so a surge that the share and the count both see is one alert,
+    /// explained by the test that saw it first.
+    Any { of: Vec<Test> },
 }
+
+/// One test of an `any` condition: a condition and the metric it reads (default: the rule's).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Test {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Metric>,
+    #[serde(flatten)]
+    pub condition: Condition,
+}
+
+/// A test is written as one table: the condition's fields beside an optional `metric`.
+impl<'de> Deserialize<'de> for Test {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Test, D::Error> {
+        use serde::de::Error;
+        let mut table = serde_json::Map::deserialize(d)?;
+        let metric = table.remove("metric").map(serde_json::from_value).transpose().map_err(D::Error::custom)?;
+        let condition = serde_json::from_value(serde_json::Value::Object(table)).map_err(D::Error::custom)?;
+        Ok(Test { metric, condition })
+    }
+}
+
+/// Tests an `any` condition may hold: each is read and explained on its own.
+pub const MAX_TESTS: usize = 8;
 
 /// What "the same time" is for a `count` condition's usual level (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -278,7 +309,11 @@ fn one() -> usize {
 impl Condition {
     /// Whether the condition reads the market's (`all`) windows: a binomial with a prior.
     pub fn leans_on_market(&self) -> bool {
-        matches!(self, Condition::Binomial { prior_stories, .. } if *prior_stories > 0.0)
+        match self {
+            Condition::Binomial { prior_stories, .. } => *prior_stories > 0.0,
+            Condition::Any { of } => of.iter().any(|t| t.condition.leans_on_market()),
+            _ => false,
+        }
     }
 
     pub fn baseline_windows(&self) -> usize {
@@ -290,6 +325,20 @@ impl Condition {
             | Condition::Zscore { baseline_windows, .. }
             | Condition::Binomial { baseline_windows, .. }
             | Condition::Count { baseline_windows, .. } => *baseline_windows,
+            Condition::Any { of } => of.iter().map(|t| t.condition.baseline_windows()).max().unwrap_or(0),
+        }
+    }
+
+    /// What a test is called in explanations: "share test", "count test"…
+    pub fn test_name(&self) -> &'static str {
+        match self {
+            Condition::Threshold { .. } => "threshold",
+            Condition::RatioToBaseline { .. } => "ratio test",
+            Condition::Sql { .. } => "query",
+            Condition::Zscore { .. } => "z-score",
+            Condition::Binomial { .. } => "share test",
+            Condition::Count { .. } => "count test",
+            Condition::Any { .. } => "any",
         }
     }
 
@@ -298,7 +347,7 @@ impl Condition {
     fn numbers(&self) -> Vec<(&'static str, f64)> {
         let present = |pairs: &[(&'static str, Option<f64>)]| pairs.iter().filter_map(|(n, v)| Some((*n, (*v)?))).collect();
         match self {
-            Condition::Sql { .. } => Vec::new(),
+            Condition::Sql { .. } | Condition::Any { .. } => Vec::new(),
             Condition::Threshold { value, exit_value, .. } => present(&[("value", Some(*value)), ("exit_value", *exit_value)]),
             Condition::RatioToBaseline { factor, min_value, exit_factor, .. } => {
                 present(&[("factor", Some(*factor)), ("min_value", Some(*min_value)), ("exit_factor", *exit_factor)])
@@ -362,6 +411,17 @@ impl Condition {
                 }
             }
             Condition::Sql { query } => super::sql::validate(query)?,
+            Condition::Any { of } => {
+                if of.is_empty() || of.len() > MAX_TESTS {
+                    return Err(format!("kind = \"any\" takes 1 to {MAX_TESTS} tests in `of`"));
+                }
+                for (i, test) in of.iter().enumerate() {
+                    if matches!(test.condition, Condition::Any { .. } | Condition::Sql { .. }) {
+                        return Err(format!("of[{i}]: a test of `any` is a threshold, ratio_to_baseline, zscore, binomial or count"));
+                    }
+                    test.condition.check(test.metric.unwrap_or(metric)).map_err(|e| format!("of[{i}]: {e}"))?;
+                }
+            }
             Condition::Threshold { op, value, exit_value, .. } => {
                 if let Some(exit) = exit_value
                     && op.holds(*exit, *value)
@@ -436,11 +496,21 @@ struct RawRule {
 }
 
 impl Rule {
+    /// Test `index` of an `any` condition.
+    pub fn condition_test(&self, index: usize) -> Option<&Test> {
+        match &self.condition {
+            Condition::Any { of } => of.get(index),
+            _ => None,
+        }
+    }
+
     /// This rule with `condition.FIELD = value`, checked as in a rule file; None when its kind of
     /// condition has no such field (`bearwatch rules backtest --sweep`).
     pub fn with_condition(&self, field: &str, value: f64) -> Result<Option<Rule>, String> {
         let mut condition = serde_json::to_value(&self.condition).map_err(|e| e.to_string())?;
-        let Some(slot) = condition.as_object_mut().and_then(|o| o.get_mut(field)).filter(|_| field != "kind") else {
+        // `of.1.p_value` reaches into an `any` condition's second test.
+        let pointer = format!("/{}", field.replace('.', "/"));
+        let Some(slot) = condition.pointer_mut(&pointer).filter(|_| !field.ends_with("kind")) else {
             return Ok(None);
         };
         *slot = match slot {

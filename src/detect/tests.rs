@@ -301,6 +301,7 @@ fn binomial(p_value: f64, min_effect: f64) -> Condition {
         baseline_windows: 3,
         min_effect,
         min_count: 10,
+        min_negative: 0,
         min_baseline_count: 50,
         min_baseline_window_count: 20,
         exit_p_value: None,
@@ -380,6 +381,7 @@ fn a_binomial_prior_lets_a_topic_without_history_lean_on_the_market() {
         baseline_windows: 3,
         min_effect: 0.2,
         min_count: 6,
+        min_negative: 0,
         min_baseline_count: 0,
         min_baseline_window_count: 0,
         exit_p_value: None,
@@ -555,4 +557,125 @@ fn count_rules_parse_with_their_defaults_and_refuse_a_share() {
     assert!(err.contains("min_slot_windows"), "{err}");
     let err = RuleFile::parse(&format!("{text}season = \"month\"\n"), "r.toml").unwrap_err().to_string();
     assert!(err.contains("unknown variant `month`") && err.contains("week"), "{err}");
+}
+
+/// The shipped pairing: a share test (binomial, with a floor of negative stories) or a count test
+/// of the same topic, one alert.
+fn share_or_count() -> Condition {
+    let text = "[[rules]]\nname = \"r\"\ngroup = \"topic\"\nmetric = \"neg_share\"\n[rules.condition]\nkind = \"any\"\n\
+        [[rules.condition.of]]\nkind = \"binomial\"\np_value = 0.001\nmin_effect = 0.2\nbaseline_windows = 6\nmin_count = 6\nmin_negative = 6\nexit_p_value = 0.01\n\
+        [[rules.condition.of]]\nkind = \"count\"\nmetric = \"n_negative\"\np_value = 1e-4\nbaseline_windows = 6\nseason = \"none\"\nmin_count = 6\nmin_ratio = 3.0\nexit_p_value = 0.01\n";
+    RuleFile::parse(text, "r.toml").unwrap().rules.remove(0).condition
+}
+
+/// A golden decision table for `kind = "any"`: each test's verdict and the one that decides (the
+/// strongest; the first listed on a tie). Baselines: six windows of 4 stories, 2 negative (a busy
+/// topic whose share is high), or of 8 stories, 1 negative.
+#[test]
+fn any_condition_decision_table() {
+    type Case = ((u64, u64), (u64, u64), [Verdict; 2], Verdict, Option<usize>);
+    let cases: [Case; 8] = [
+        ((4, 2), (4, 2), [Verdict::Undecided, Verdict::Normal], Verdict::Normal, Some(1)),
+        // 12 of 14 negative against half usual: a share tail near 0.006, a count six times usual.
+        ((4, 2), (14, 12), [Verdict::Elevated, Verdict::Breach], Verdict::Breach, Some(1)),
+        ((4, 2), (16, 10), [Verdict::Normal, Verdict::Breach], Verdict::Breach, Some(1)),
+        ((4, 2), (10, 10), [Verdict::Breach, Verdict::Breach], Verdict::Breach, Some(0)),
+        ((4, 2), (8, 8), [Verdict::Elevated, Verdict::Elevated], Verdict::Elevated, Some(0)),
+        // 6 of 6 against 1 in 8 usual: the share breaches; 6 against about 1 usual is p ~ 6e-4.
+        ((8, 1), (6, 6), [Verdict::Breach, Verdict::Elevated], Verdict::Breach, Some(0)),
+        // 5 of 5: under min_negative and min_count.
+        ((8, 1), (5, 5), [Verdict::Undecided, Verdict::Normal], Verdict::Normal, Some(1)),
+        ((8, 1), (8, 1), [Verdict::Normal, Verdict::Normal], Verdict::Normal, Some(0)),
+    ];
+    let condition = share_or_count();
+    let Condition::Any { of } = &condition else { panic!("{condition:?}") };
+    for ((past_n, past_negative), (n, negative), tests, want, decided_by) in cases {
+        let past: Vec<Counts> = (0..6).map(|_| counts(past_n, past_negative)).collect();
+        let refs: Vec<&Counts> = past.iter().collect();
+        let baselines = Baselines::own(&refs);
+        let each: Vec<Verdict> = read_tests(of, Metric::NegShare, &counts(n, negative), &baselines).iter().map(|r| r.verdict).collect();
+        assert_eq!(each, tests, "{negative} of {n} against {past_negative} of {past_n}");
+        let reading = read(&condition, Metric::NegShare, &counts(n, negative), &baselines);
+        assert_eq!((reading.verdict, reading.test), (want, decided_by), "{negative} of {n}: {reading:?}");
+    }
+}
+
+/// One surge that both tests see is one alert, named after the test that saw it first, and it
+/// stays while either test is past its exit level.
+#[test]
+fn an_any_rule_raises_one_alert_per_surge_and_names_its_test() {
+    let mut detector = Detector::new(vec![rule(Metric::NegShare, GroupKind::Topic, share_or_count())]);
+    for h in 0..6 {
+        assert!(detector.evaluate(&[row(h, 1, "metals", 4, 2, true)], (h + 1) * H).is_empty());
+    }
+    let fired = detector.evaluate(&[row(6, 1, "metals", 14, 12, true)], 7 * H);
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert!(fired[0].summary.starts_with("metals (count test): 12 negative in 1 h against 2.1 usual at this hour"), "{}", fired[0].summary);
+    // Both tests breach next: still the one alert.
+    assert!(detector.evaluate(&[row(7, 1, "metals", 40, 30, true)], 8 * H).is_empty());
+    // Back to usual: resolved once.
+    let resolved = detector.evaluate(&[row(8, 1, "metals", 4, 2, true)], 9 * H);
+    assert_eq!(resolved.iter().map(|a| a.state).collect::<Vec<_>>(), [AlertState::Resolved], "{resolved:?}");
+    assert_eq!(resolved[0].alert_id, fired[0].alert_id);
+
+    let mut traced = Detector::new(vec![rule(Metric::NegShare, GroupKind::Topic, share_or_count())]);
+    traced.trace(BTreeMap::from([("topic".to_string(), "metals".to_string())]));
+    for h in 0..6 {
+        traced.evaluate(&[row(h, 1, "metals", 4, 2, true)], (h + 1) * H);
+    }
+    traced.evaluate(&[row(6, 1, "metals", 14, 12, true)], 7 * H);
+    let last = traced.take_trace().pop().unwrap();
+    assert_eq!(last.tests.iter().map(|t| (t.test, t.verdict)).collect::<Vec<_>>(), [("share test", Verdict::Elevated), ("count test", Verdict::Breach)]);
+}
+
+#[test]
+fn any_rules_refuse_nesting_a_query_and_a_test_with_the_wrong_metric() {
+    let head = "[[rules]]\nname = \"r\"\ngroup = \"topic\"\nmetric = \"neg_share\"\n[rules.condition]\nkind = \"any\"\n";
+    let err = RuleFile::parse(&format!("{head}of = []\n"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("1 to 8 tests"), "{err}");
+    let err = RuleFile::parse(&format!("{head}[[rules.condition.of]]\nkind = \"count\"\np_value = 1e-4\nbaseline_windows = 10\n"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("of[0]") && err.contains("tests a count"), "{err}");
+    let err = RuleFile::parse(&format!("{head}[[rules.condition.of]]\nkind = \"any\"\nof = []\n"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("of[0]: a test of `any`"), "{err}");
+    let err = RuleFile::parse(&format!("{head}[[rules.condition.of]]\nkind = \"binomial\"\np_value = 0.001\nbaseline_windows = 10\nsigma = 2\n"), "r.toml").unwrap_err().to_string();
+    assert!(err.contains("sigma"), "an unknown field in a test is refused: {err}");
+    // A sweep reaches a test's field by its place.
+    let rule = Rule { condition: share_or_count(), ..rule(Metric::NegShare, GroupKind::Topic, share_or_count()) };
+    let swept = rule.with_condition("of.1.p_value", 0.01).unwrap().unwrap();
+    assert!(matches!(&swept.condition, Condition::Any { of } if matches!(of[1].condition, Condition::Count { p_value, .. } if p_value == 0.01)));
+    assert!(rule.with_condition("of.1.p_value", 2.0).is_err());
+    assert!(rule.with_condition("of.5.p_value", 0.01).unwrap().is_none());
+}
+
+/// Hopping windows: once the newest window (the surge's last hour only) reads normal, the older
+/// windows that still hold the surge keep the alert; it resolves when none does, and does not fire
+/// again for the same surge.
+#[test]
+fn an_older_hopping_window_that_still_holds_the_surge_keeps_the_alert() {
+    let threshold = Condition::Threshold { op: rules::Op::AtLeast, value: 10.0, min_count: 0, exit_value: None };
+    let mut detector = Detector::new(vec![rule(Metric::NNegative, GroupKind::Topic, threshold)]);
+    let fired = detector.evaluate(&[row(0, 4, "metals", 12, 12, false)], H);
+    assert_eq!(fired.len(), 1);
+    // The window starting an hour later holds two of the stories; the first still holds twelve.
+    let both = [row(0, 4, "metals", 12, 12, false), row(1, 4, "metals", 2, 2, false)];
+    assert!(detector.evaluate(&both, 2 * H).is_empty(), "the older window holds the alert");
+    assert!(detector.evaluate(&both, 3 * H).is_empty());
+    let later = [row(0, 4, "metals", 12, 12, true), row(1, 4, "metals", 2, 2, false), row(2, 4, "metals", 2, 2, false)];
+    assert!(detector.evaluate(&later, 4 * H).is_empty(), "the final row of the first window still holds it");
+    let resolved = detector.evaluate(&[row(3, 4, "metals", 1, 1, false)], 5 * H);
+    assert_eq!(resolved.iter().map(|a| a.state).collect::<Vec<_>>(), [AlertState::Resolved], "{resolved:?}");
+}
+
+#[test]
+fn a_share_test_needs_min_negative_stories() {
+    let past: Vec<Counts> = (0..6).map(|_| counts(20, 1)).collect();
+    let refs: Vec<&Counts> = past.iter().collect();
+    let mut condition = binomial(0.001, 0.2);
+    if let Condition::Binomial { min_negative, min_count, min_baseline_count, min_baseline_window_count, .. } = &mut condition {
+        (*min_negative, *min_count, *min_baseline_count, *min_baseline_window_count) = (6, 5, 0, 0);
+    }
+    let five = read(&condition, Metric::NegShare, &counts(10, 5), &Baselines::own(&refs));
+    assert_eq!(five.verdict, Verdict::Normal, "5 negative stories: {five:?}");
+    assert!((five.threshold - 0.6).abs() < 1e-9, "the bar is 6 of 10: {five:?}");
+    assert_eq!(read(&condition, Metric::NegShare, &counts(10, 6), &Baselines::own(&refs)).verdict, Verdict::Breach);
 }

@@ -45,14 +45,16 @@ impl std::str::FromStr for Sweep {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Sweep, String> {
-        let usage = || format!("`{text}`: expected [RULE.]condition.FIELD=FROM:TO:STEP, e.g. condition.p_value=0.0001:0.01:0.002");
+        let usage = || format!("`{text}`: expected [RULE.]condition.[of.N.]FIELD=FROM:TO:STEP, e.g. condition.p_value=0.0001:0.01:0.002");
         let (target, range) = text.split_once('=').ok_or_else(usage)?;
         let (rule, field) = target.trim().rsplit_once("condition.").ok_or_else(usage)?;
         let rule = match rule {
             "" => None,
             named => Some(named.strip_suffix('.').filter(|r| !r.is_empty()).ok_or_else(usage)?.to_string()),
         };
-        if field.is_empty() || field.contains('.') {
+        // A field, or `of.N.FIELD` for a test of an `any` condition.
+        let nested = field.strip_prefix("of.").and_then(|rest| rest.split_once('.')).is_some_and(|(n, f)| n.parse::<usize>().is_ok() && !f.is_empty() && !f.contains('.'));
+        if field.is_empty() || (field.contains('.') && !nested) {
             return Err(usage());
         }
         let numbers: Vec<f64> = range.split(':').map(|n| n.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| usage())?;
@@ -368,11 +370,11 @@ impl Backtest {
             );
         }
         if !self.explain.is_empty() {
-            out.push_str("\n| at (watermark) | rule | window | row | stories | value | baseline | threshold | p | verdict | change |\n|---|---|---|---|---:|---:|---:|---:|---:|---|---|\n");
+            out.push_str("\n| at (watermark) | rule | window | row | stories | value | baseline | threshold | p | verdict | change | each test |\n|---|---|---|---|---:|---:|---:|---:|---:|---|---|---|\n");
             for t in &self.explain {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {:.3} | {} | {} | {} | {} | {} | {} |",
                     t.at,
                     t.rule,
                     t.window_start,
@@ -383,12 +385,28 @@ impl Backtest {
                     if t.threshold.is_finite() { format!("{:.3}", t.threshold) } else { "—".into() },
                     t.p.map_or("—".into(), |p| format!("{p:.1e}")),
                     serde_json::to_value(t.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
-                    t.change.map_or("", |c| c.as_str())
+                    t.change.map_or("", |c| c.as_str()),
+                    tests(t)
                 );
             }
         }
         out
     }
+}
+
+/// An `any` condition's tests in one cell: "share test normal 0.450 of 0.800 (p 2.0e-3); …".
+fn tests(trace: &Trace) -> String {
+    let tests: Vec<String> = trace
+        .tests
+        .iter()
+        .map(|t| {
+            let verdict = serde_json::to_value(t.verdict).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+            let threshold = if t.threshold.is_finite() { format!("{:.3}", t.threshold) } else { "—".into() };
+            let p = t.p.map_or(String::new(), |p| format!(" (p {p:.1e})"));
+            format!("{} {verdict} {:.3} of {threshold}{p}", t.test, t.value)
+        })
+        .collect();
+    if tests.is_empty() { "—".into() } else { tests.join("; ") }
 }
 
 #[cfg(test)]
