@@ -37,7 +37,7 @@ use crate::news::{News, Scores};
 use crate::pipeline::backtest::{Share, wilson};
 use crate::pipeline::{PipelineConfig, PipelineError, bundled};
 use crate::rng::Lcg;
-use crate::window::{ALL, WindowSpec};
+use crate::window::{ALL, Folding, WindowSpec};
 
 const HOUR_MS: f64 = 3_600_000.0;
 const WEEK_MS: f64 = 7.0 * 86_400_000.0;
@@ -196,8 +196,8 @@ fn weekday(ms: i64) -> bool {
     chrono::DateTime::from_timestamp_millis(ms).is_some_and(|t| t.weekday().number_from_monday() <= 5)
 }
 
-fn firings(spec: WindowSpec, rules: &[crate::detect::Rule], every_ms: i64, stories: &[Story]) -> Vec<Firing> {
-    replay_timed(spec, &mut Detector::new(rules.to_vec()), every_ms, stories)
+fn firings(spec: WindowSpec, folding: Option<Folding>, rules: &[crate::detect::Rule], every_ms: i64, stories: &[Story]) -> Vec<Firing> {
+    replay_timed(spec, folding, &mut Detector::new(rules.to_vec()), every_ms, stories)
         .into_iter()
         .filter(|(_, a)| a.state == AlertState::Firing)
         .map(|(seen_ms, a)| Firing { rule: a.rule, topic: if a.group.contains_key("ticker") { None } else { a.group.get("topic").cloned() }, seen_ms, summary: a.summary })
@@ -370,6 +370,7 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
     let rules = crate::pipeline::backtest::load_rules(&rule_paths)?.rules;
     let classifier = Classifier::start(&config.model)?;
     let model = classifier.spec().id().to_string();
+    let folding = crate::pipeline::folding(config, classifier.spec().near_duplicates);
     let (base, skipped) = read_stream(&bundled(&args.stream), &classifier, config.model.body_chars)?;
     let pool = read_pool(&args.pool, &classifier)?;
     drop(classifier);
@@ -385,7 +386,7 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
     }
     let spec = WindowSpec::from_config(&config.window);
     let every = config.alerts.evaluate_every.as_millis();
-    let quiet = firings(spec, &rules, every, &base);
+    let quiet = firings(spec, folding, &rules, every, &base);
 
     // Every seed walks the topics in its own order, one burst each, across the grid.
     let mut bursts = Vec::new();
@@ -424,7 +425,7 @@ pub fn run(args: &DetectBenchArgs, config: &PipelineConfig) -> Result<String, Pi
         return Err(PipelineError::Usage("no burst could be drawn: the stream and pool are too thin for these sizes".into()));
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let replay = |stories: &[Story]| firings(spec, &rules, every, stories);
+    let replay = |stories: &[Story]| firings(spec, folding, &rules, every, stories);
     let outcomes = measure(&bursts, &base, threads, &replay, args.horizon.as_millis());
     if outcomes.len() != bursts.len() {
         return Err(failed("a replay thread stopped early"));

@@ -15,7 +15,7 @@ use crate::detect::{Detector, RuleFile};
 use crate::feedback::{Action, Head, LabelFeedback, Memory, Query, Reading, match_key, words};
 use crate::news::SENTIMENTS;
 use crate::rng::Lcg;
-use crate::window::{Headline, WindowSpec, WindowState};
+use crate::window::{Counted, Folding, Headline, WindowSpec, WindowState};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WindowsBenchArgs {
@@ -71,6 +71,19 @@ const TOPICS: [&str; 16] = [
     "other",
 ];
 
+/// Words the middle of a headline is drawn from.
+const WORDS: [&str; 24] = [
+    "shares", "fall", "rise", "profit", "loss", "bank", "deal", "bid", "rates", "oil", "gold", "yen", "dollar", "cut", "raise", "sees",
+    "says", "plans", "output", "talks", "strike", "exports", "sales", "forecast",
+];
+
+/// "energy story yen cut talks 812 today": distinct stories (copies are rare, as in a real feed)
+/// whose end words each lookup of a copy or a correction meets thousands of times.
+fn headline(topic: &str, i: usize, next: &mut impl FnMut() -> f64) -> String {
+    let mut word = || WORDS[(next() * WORDS.len() as f64) as usize % WORDS.len()];
+    format!("{topic} story {} {} {} {i} today", word(), word(), word())
+}
+
 /// Events a few seconds apart (a busy feed), slightly out of order, with sentiment that drifts.
 fn events(n: usize) -> Vec<Event> {
     let mut rng = Lcg(42);
@@ -88,17 +101,21 @@ fn events(n: usize) -> Vec<Event> {
                 topic,
                 sentiment,
                 score: 1.0 - 2.0 * p_negative,
-                story: Headline { id: format!("s{i}"), headline: format!("{} story {i} today", TOPICS[topic]), p_negative, why: vec![] },
+                story: Headline { id: format!("s{i}"), headline: headline(TOPICS[topic], i, &mut next), p_negative, why: vec![] },
             }
         })
         .collect()
 }
 
+/// The near-duplicate rule of the bench's memory and windows.
+fn near_rule() -> NearDuplicates {
+    NearDuplicates { min_shared: 0.5, max_span: 5, max_distance: 0.1 }
+}
+
 /// A memory of `n` corrections shaped like the events' headlines ("energy story c7 today"): every
 /// event shares both end words with thousands of them, so each lookup meets the most candidates.
 fn full_memory(n: usize) -> Memory {
-    let rule = NearDuplicates { min_shared: 0.5, max_span: 5, max_distance: 0.1 };
-    let mut memory = Memory::new(Some(rule), n);
+    let mut memory = Memory::new(Some(near_rule()), n);
     for j in 0..n {
         let topic = TOPICS[j % TOPICS.len()];
         let text = format!("{topic} story c{j} today");
@@ -129,6 +146,8 @@ fn full_memory(n: usize) -> Memory {
 fn pass(events: &[Event], detector: &mut Detector, checkpoint_every: usize, evaluate_every_ms: i64, memory: Option<&Memory>) -> (f64, usize, usize) {
     let spec = WindowSpec { size_ms: 3_600_000, slide_ms: 900_000, allowed_lateness_ms: 300_000, by_ticker: false };
     let mut windows = WindowState::new(spec);
+    // Copies fold as in the pipeline: exact ones, and near-duplicates by the bench memory's rule.
+    windows.fold_copies(Some(Folding { near: Some(near_rule()) }));
     let (mut rows, mut changes) = (0, 0);
     let started = Instant::now();
     for (i, event) in events.iter().enumerate() {
@@ -138,7 +157,17 @@ fn pass(events: &[Event], detector: &mut Detector, checkpoint_every: usize, eval
             let reading = Reading { sentiment: [event.story.p_negative, 1.0 - event.story.p_negative, 0.0], topic: TOPICS[event.topic].into() };
             std::hint::black_box(memory.lookup(&Query { key: &key, words: &words, reading: &reading }));
         }
-        windows.add(event.ms, TOPICS[event.topic], &[], event.sentiment, event.score, &event.story);
+        let reading = Reading { sentiment: [event.story.p_negative, 1.0 - event.story.p_negative, 0.0], topic: TOPICS[event.topic].into() };
+        let cluster = windows.cluster_of(event.ms, &event.story.headline, &reading);
+        windows.add(&Counted {
+            event_ms: event.ms,
+            topic: TOPICS[event.topic].into(),
+            tickers: Vec::new(),
+            sentiment: event.sentiment.into(),
+            sentiment_score: event.score,
+            story: event.story.clone(),
+            cluster,
+        });
         windows.advance("bench", event.ms);
         let closed = windows.close_due(event.ms);
         let watermark = windows.watermark_ms().unwrap_or(event.ms);

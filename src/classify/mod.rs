@@ -11,6 +11,7 @@ mod error;
 mod explain;
 pub mod heads;
 mod model;
+pub mod near;
 pub mod runtime;
 mod table;
 mod tokenize;

@@ -545,13 +545,8 @@ fn time(ms: i64) -> String {
 
 /// A stable id: FNV-1a over rule, group and start (never changes across versions or machines).
 fn alert_id(rule: &str, group: &GroupKey, started_ms: i64) -> String {
-    let mut hash: u64 = 0xcbf29ce484222325;
     let text = format!("{rule}\u{1f}{}\u{1f}{}\u{1f}{started_ms}", group.topic, group.ticker.as_deref().unwrap_or(""));
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x100000001b3);
-    }
-    format!("{hash:016x}")
+    format!("{:016x}", crate::classify::near::stable_hash(&text))
 }
 
 /// All rules and their state; serializable as a whole for checkpoints.
@@ -1059,11 +1054,17 @@ fn summary_of(condition: &Condition, metric_kind: Metric, group: &GroupKey, row:
         chrono::DateTime::from_timestamp_millis(row.key.start_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
         chrono::DateTime::from_timestamp_millis(row.end_ms).unwrap_or_default().format("%Y-%m-%d %H:%M"),
     );
+    // Re-sends of a story already counted are not in the numbers; the person should know.
+    let copies = match row.counts.n_copies {
+        0 => String::new(),
+        1 => ", 1 copy of a story folded in".to_string(),
+        n => format!(", {n} copies of stories folded in"),
+    };
     if matches!(condition, Condition::Binomial { .. } | Condition::Count { .. }) && reading.baseline.is_some() {
         // "31 of 68 negative" already says how many stories.
-        return format!("{}: {detail}, {span}", group.describe());
+        return format!("{}: {detail}{copies}, {span}", group.describe());
     }
-    format!("{}: {what} {detail} over {} stories, {span}", group.describe(), row.counts.n)
+    format!("{}: {what} {detail} over {} stories{copies}, {span}", group.describe(), row.counts.n)
 }
 
 #[cfg(test)]

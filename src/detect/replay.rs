@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Alert, AlertState, Detector};
-use crate::window::{Headline, WindowSpec, WindowState};
+use crate::classify::near::Reading;
+use crate::window::{Counted, Folding, Headline, WindowSpec, WindowState};
 
 /// A scored story as the windows count it.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,24 +24,44 @@ pub struct Story {
     pub p_negative: f32,
 }
 
+impl Story {
+    /// The model's reading, as copies are matched by: p_positive is the score plus p_negative.
+    fn reading(&self) -> Reading {
+        let p_positive = (self.sentiment_score + self.p_negative).clamp(0.0, 1.0);
+        let p_neutral = (1.0 - self.p_negative - p_positive).max(0.0);
+        Reading { sentiment: [self.p_negative, p_neutral, p_positive], topic: self.topic.clone() }
+    }
+}
+
 /// The alert changes (firing, resolved) the rules of `detector` make on `stories`, replayed in
 /// event-time order (ties by id) with the rules seeing live rows every `every_ms` of event time.
-pub fn replay(spec: WindowSpec, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<Alert> {
-    replay_timed(spec, detector, every_ms, stories).into_iter().map(|(_, alert)| alert).collect()
+pub fn replay(spec: WindowSpec, folding: Option<Folding>, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<Alert> {
+    replay_timed(spec, folding, detector, every_ms, stories).into_iter().map(|(_, alert)| alert).collect()
 }
 
 /// [`replay`], with the newest story time the pipeline had read when each change was made: an
 /// alert's own times follow the watermark, which trails the stories by the allowed lateness.
-pub fn replay_timed(spec: WindowSpec, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<(i64, Alert)> {
+pub fn replay_timed(spec: WindowSpec, folding: Option<Folding>, detector: &mut Detector, every_ms: i64, stories: &[Story]) -> Vec<(i64, Alert)> {
     let mut ordered: Vec<&Story> = stories.iter().collect();
     ordered.sort_by(|a, b| (a.published_ms, &a.id).cmp(&(b.published_ms, &b.id)));
     let mut windows = WindowState::new(spec);
+    windows.fold_copies(folding);
     let mut alerts = Vec::new();
     let mut newest = i64::MIN;
     for story in ordered {
         newest = newest.max(story.published_ms);
         let headline = Headline { id: story.id.clone(), headline: story.headline.clone(), p_negative: story.p_negative, why: vec![] };
-        windows.add(story.published_ms, &story.topic, &story.tickers, &story.sentiment, story.sentiment_score, &headline);
+        let cluster = windows.cluster_of(story.published_ms, &story.headline, &story.reading());
+        let counted = Counted {
+            event_ms: story.published_ms,
+            topic: story.topic.clone(),
+            tickers: story.tickers.clone(),
+            sentiment: story.sentiment.clone(),
+            sentiment_score: story.sentiment_score,
+            story: headline,
+            cluster,
+        };
+        windows.add(&counted);
         windows.advance("replay", story.published_ms);
         let (closed, live) = windows.due(every_ms, story.published_ms);
         let watermark = windows.watermark_ms().unwrap_or(0);

@@ -4,7 +4,7 @@ use crate::config::HumanDuration;
 const H: i64 = 3_600_000;
 
 fn counts(n: u64, n_negative: u64) -> Counts {
-    Counts { n, n_negative, n_neutral: n - n_negative, n_positive: 0, sentiment_micros: -(n_negative as i64) * 1_000_000 }
+    Counts { n, n_negative, n_neutral: n - n_negative, n_positive: 0, sentiment_micros: -(n_negative as i64) * 1_000_000, n_copies: 0 }
 }
 
 fn row(start_h: i64, size_h: i64, topic: &str, n: u64, n_negative: u64, final_row: bool) -> WindowRow {

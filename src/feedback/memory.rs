@@ -10,12 +10,9 @@ use std::collections::{HashMap, VecDeque};
 use super::{Action, Head, LabelFeedback, match_key};
 
 use crate::classify::NearDuplicates;
-use crate::news::Scores;
+pub use crate::classify::near::{NEAR_CANDIDATES, Reading, words};
+use crate::classify::near::ends;
 
-/// Corrected texts a near-duplicate lookup compares, at most, per end word (the newest): the cost of
-/// scoring a story stays flat however many corrections share a first or last word (templated
-/// headlines), at the price of matching only the newest of them.
-pub const NEAR_CANDIDATES: usize = 64;
 
 /// An analyst's label for one head of one text.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,45 +47,6 @@ impl Match {
             Match::Story | Match::Exact => None,
         }
     }
-}
-
-/// How the model read a text: what near-duplicate matching compares.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
-    /// `[p_negative, p_neutral, p_positive]`.
-    pub sentiment: [f32; 3],
-    pub topic: String,
-}
-
-impl Reading {
-    pub fn of(scores: &Scores) -> Reading {
-        Reading { sentiment: [scores.p_negative, scores.p_neutral, scores.p_positive], topic: scores.topic.clone() }
-    }
-
-    fn distance(&self, other: &Reading) -> f32 {
-        0.5 * self.sentiment.iter().zip(&other.sentiment).map(|(a, b)| (a - b).abs()).sum::<f32>()
-    }
-}
-
-/// The words [`match_key`] hashes: lower case, runs of letters and digits.
-pub fn words(text: &str) -> Vec<String> {
-    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
-}
-
-/// The first and the last word (one, for a one-word text): what near-duplicates are indexed by.
-fn ends(words: &[String]) -> impl Iterator<Item = &String> {
-    let last = words.last().filter(|_| words.len() > 1);
-    words.first().into_iter().chain(last)
-}
-
-/// How much of the longer text the common prefix and suffix cover, and how many words of the longer
-/// one differ between them.
-fn aligned(a: &[String], b: &[String]) -> (f32, usize) {
-    let shortest = a.len().min(b.len());
-    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let suffix = a.iter().rev().zip(b.iter().rev()).take(shortest - prefix).take_while(|(x, y)| x == y).count();
-    let longest = a.len().max(b.len()).max(1);
-    ((prefix + suffix) as f32 / longest as f32, a.len().max(b.len()) - prefix - suffix)
 }
 
 #[derive(Debug, Default)]
@@ -219,14 +177,10 @@ impl Memory {
         for key in candidates {
             let Some(judged) = self.by_key.get(key) else { continue };
             let Some(reading) = &judged.reading else { continue };
-            if judged.corrections().next().is_none() || reading.topic != query.reading.topic {
+            if judged.corrections().next().is_none() {
                 continue;
             }
-            let (shared, span) = aligned(query.words, &judged.words);
-            let distance = reading.distance(query.reading);
-            if shared < rule.min_shared || span > rule.max_span || distance > rule.max_distance {
-                continue;
-            }
+            let Some((shared, distance)) = rule.matches((query.words, query.reading), (&judged.words, reading)) else { continue };
             let better = best.is_none_or(|(s, d, k, _)| (shared, -distance, std::cmp::Reverse(key.as_str())) > (s, -d, std::cmp::Reverse(k)));
             if better {
                 best = Some((shared, distance, key.as_str(), judged));

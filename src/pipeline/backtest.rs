@@ -219,7 +219,8 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
     }
     let spec = WindowSpec::from_config(&config.window);
     let every = config.alerts.evaluate_every.as_millis();
-    let found = episodes(replay(spec.clone(), &mut detector, every, &stories));
+    let folding = super::stored_folding(config);
+    let found = episodes(replay(spec, folding, &mut detector, every, &stories));
     let explain = detector.take_trace();
 
     let silences = crate::alert::silences::SilenceStore::open(&storage.join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
@@ -246,7 +247,7 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
             if changed.is_empty() {
                 return Err(PipelineError::Usage(format!("--sweep: no rule's condition has a field `{field}`")));
             }
-            let found = episodes(replay(spec.clone(), &mut Detector::new(changed.clone()), every, &stories));
+            let found = episodes(replay(spec, folding, &mut Detector::new(changed.clone()), every, &stories));
             sweep.extend(known.judge(&changed, found).1.into_iter().map(|rule| SweepRow { value, rule }));
         }
     }

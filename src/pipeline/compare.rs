@@ -70,8 +70,8 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
         last: time(last),
         sentiment_agrees: old.iter().zip(&new).filter(|(a, b)| a.sentiment == b.sentiment).count(),
         topic_agrees: old.iter().zip(&new).filter(|(a, b)| a.topic == b.topic).count(),
-        champion_episodes: episodes(replay(spec.clone(), &mut Detector::new(rules.clone()), every, &old)),
-        challenger_episodes: episodes(replay(spec, &mut Detector::new(rules), every, &new)),
+        champion_episodes: episodes(replay(spec, super::stored_folding(config), &mut Detector::new(rules.clone()), every, &old)),
+        challenger_episodes: episodes(replay(spec, super::stored_folding(config), &mut Detector::new(rules), every, &new)),
     })
 }
 

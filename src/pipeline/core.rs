@@ -210,7 +210,9 @@ impl Core {
                     saved: format!("{:?}", checkpoint.windows.spec()),
                 });
             }
+            let folding = core.windows.folding();
             core.windows = checkpoint.windows;
+            core.windows.fold_copies(folding);
             core.windows.upgrade_restored();
             core.offsets = checkpoint.offsets;
             core.seen = checkpoint.seen.into_iter().collect();
@@ -482,19 +484,13 @@ impl Core {
         let tickers = row.news.tickers.clone().unwrap_or_default();
         let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
         crate::telemetry::received("window", 1);
-        let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores);
+        let cluster = self.windows.cluster_of(published_ms, &row.news.headline, &crate::classify::near::Reading::of(&row.scores));
+        let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores, cluster);
         let counted = match self.corrections.as_mut() {
             Some(corrections) => corrections.label(&mut tracked, &row.scores),
             None => tracked.counted.clone(),
         };
-        let placed = self.windows.add(
-            published_ms,
-            &counted.topic,
-            &counted.tickers,
-            &counted.sentiment,
-            counted.sentiment_score,
-            &counted.story,
-        );
+        let placed = self.windows.add(&counted);
         if let (Some(corrections), Placed::Counted(_)) = (self.corrections.as_mut(), placed) {
             corrections.track(tracked);
         }

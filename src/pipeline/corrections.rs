@@ -60,7 +60,7 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(event_ms: i64, tickers: Vec<String>, story: Headline, scores: &Scores) -> Tracked {
+    pub fn new(event_ms: i64, tickers: Vec<String>, story: Headline, scores: &Scores, cluster: u64) -> Tracked {
         let headline = story.headline.trim();
         let (text_hash, key) = (text_hash(headline), match_key(headline));
         let counted = Counted {
@@ -70,6 +70,7 @@ impl Tracked {
             sentiment: scores.sentiment.to_string(),
             sentiment_score: scores.sentiment_score,
             story,
+            cluster,
         };
         Tracked {
             counted,

@@ -215,6 +215,17 @@ pub(super) fn explainer(classifier: Classifier) -> crate::alert::Explainer {
 }
 
 /// The topics feedback may name: the configured model's, also in a role that runs no model.
+/// How the windows fold copies under `config` with a model of near-duplicate rule `near`.
+pub(crate) fn folding(config: &PipelineConfig, near: Option<crate::classify::NearDuplicates>) -> Option<crate::window::Folding> {
+    config.window.fold_copies.then_some(crate::window::Folding { near })
+}
+
+/// [`folding`] with the rule of the configured model, for replays of stored stories (a model
+/// folder that does not load folds exact copies only).
+pub(crate) fn stored_folding(config: &PipelineConfig) -> Option<crate::window::Folding> {
+    folding(config, ModelSpec::load(&config.model.model_dir()).ok().and_then(|spec| spec.near_duplicates))
+}
+
 fn model_topics(config: &PipelineConfig) -> Vec<String> {
     ModelSpec::load(&config.model.model_dir()).map(|spec| spec.topics).unwrap_or_default()
 }
@@ -352,7 +363,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         dedup_max_ids: config.window.dedup_max_ids,
         evaluate_every_ms: config.alerts.evaluate_every.as_millis(),
     };
-    let windows = WindowState::new(WindowSpec::from_config(&config.window));
+    let mut windows = WindowState::new(WindowSpec::from_config(&config.window));
+    windows.fold_copies(folding(config, classifier.as_ref().and_then(|c| c.spec().near_duplicates)));
     let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
     let alerting = match (role, &classifier) {
         (Role::Classify, _) => None,

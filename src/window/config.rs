@@ -25,6 +25,9 @@ pub struct WindowConfig {
     pub dedup_horizon: HumanDuration,
     /// ...and at most this many of them.
     pub dedup_max_ids: usize,
+    /// Copies of a story within a window (the same words, or a near-duplicate by the model's rule)
+    /// count once there; the rest are in the `copies` column.
+    pub fold_copies: bool,
 }
 
 impl Default for WindowConfig {
@@ -37,6 +40,7 @@ impl Default for WindowConfig {
             group_by: vec![GroupBy::Topic],
             dedup_horizon: d("1d"),
             dedup_max_ids: 1_000_000,
+            fold_copies: true,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! order stories arrive in.
 
 mod config;
+mod copies;
 mod table;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::news::Why;
 
 pub use config::{GroupBy, MAX_WINDOWS_PER_STORY, WindowConfig};
+pub use copies::{Copies, Folding, MAX_RECENT};
 pub use table::{WindowRow, windows_batch, windows_schema};
 
 /// The group that counts every story, whatever its topic.
@@ -67,6 +69,9 @@ pub struct Counts {
     pub n_positive: u64,
     /// Σ sentiment_score in millionths: integer, so sums are exact in any order.
     pub sentiment_micros: i64,
+    /// Copies of stories already counted here (the same or near-same text), not in `n`.
+    #[serde(default)]
+    pub n_copies: u64,
 }
 
 impl Counts {
@@ -141,11 +146,81 @@ struct OpenWindow {
     /// Changed since the alert rules last saw it (at a step of event time).
     #[serde(default)]
     unevaluated: bool,
+    /// The clusters of copies counted here: which story counts for each, and how many copies of it
+    /// were folded in (absent from older checkpoints: nothing folds into what they held).
+    #[serde(default)]
+    folded: BTreeMap<u64, Folded>,
 }
+
+/// One cluster of copies in one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Folded {
+    /// The story counted for the cluster; empty while none is (it moved to another group).
+    counted: String,
+    copies: u64,
+}
+
+/// Clusters a window tracks, at most; stories past it count without folding.
+pub const MAX_FOLDED_PER_WINDOW: usize = 20_000;
 
 impl OpenWindow {
     fn empty(changed: bool) -> OpenWindow {
-        OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: changed, unevaluated: changed }
+        OpenWindow { counts: Counts::default(), top: Vec::new(), dirty: changed, unevaluated: changed, folded: BTreeMap::new() }
+    }
+
+    /// Counts `story` here: as a story, or as a copy of its cluster's story.
+    fn count_in(&mut self, story: &Counted) {
+        let counts_as_story = match self.folded.get_mut(&story.cluster) {
+            _ if story.cluster == 0 => true,
+            Some(f) if f.counted.is_empty() || f.counted == story.story.id => {
+                f.counted.clone_from(&story.story.id);
+                true
+            }
+            Some(f) => {
+                f.copies += 1;
+                false
+            }
+            None => {
+                if self.folded.len() < MAX_FOLDED_PER_WINDOW {
+                    self.folded.insert(story.cluster, Folded { counted: story.story.id.clone(), copies: 0 });
+                }
+                true
+            }
+        };
+        if counts_as_story {
+            self.counts.add(&story.sentiment, story.sentiment_score);
+            self.keep_if_among_most_negative(&story.story);
+        } else {
+            self.counts.n_copies += 1;
+        }
+    }
+
+    /// Takes back what [`OpenWindow::count_in`] counted for `story`.
+    fn count_out(&mut self, story: &Counted) {
+        let counted_as_story = match self.folded.get_mut(&story.cluster) {
+            _ if story.cluster == 0 => true,
+            Some(f) if f.counted == story.story.id => {
+                f.counted.clear();
+                if f.copies == 0 {
+                    self.folded.remove(&story.cluster);
+                }
+                true
+            }
+            Some(f) => {
+                f.copies = f.copies.saturating_sub(1);
+                if f.copies == 0 && f.counted.is_empty() {
+                    self.folded.remove(&story.cluster);
+                }
+                false
+            }
+            None => true,
+        };
+        if counted_as_story {
+            self.counts.remove(&story.sentiment, story.sentiment_score);
+            self.top.retain(|h| h.id != story.story.id);
+        } else {
+            self.counts.n_copies = self.counts.n_copies.saturating_sub(1);
+        }
     }
 
     fn changed(&mut self) {
@@ -175,6 +250,9 @@ pub struct Counted {
     pub sentiment: String,
     pub sentiment_score: f32,
     pub story: Headline,
+    /// The cluster of copies it belongs to ([`WindowState::cluster_of`]); 0: counted on its own.
+    #[serde(default)]
+    pub cluster: u64,
 }
 
 /// f32 probabilities as a totally ordered key.
@@ -220,6 +298,12 @@ pub struct WindowState {
     /// How many closed windows to keep (0: none). A setting of the running pipeline, not state.
     #[serde(skip)]
     keep_closed: usize,
+    /// The recent stories copies fold into.
+    #[serde(default)]
+    copies: Copies,
+    /// None: copies count as stories. A setting of the running pipeline, not state.
+    #[serde(skip)]
+    folding: Option<Folding>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -255,7 +339,26 @@ impl WindowState {
             closed: BTreeMap::new(),
             evaluated_step: None,
             keep_closed: 0,
+            copies: Copies::default(),
+            folding: None,
         }
+    }
+
+    /// Copies of a story within a window count once from now on (`None`: every story counts).
+    pub fn fold_copies(&mut self, folding: Option<Folding>) {
+        self.folding = folding;
+    }
+
+    pub fn folding(&self) -> Option<Folding> {
+        self.folding
+    }
+
+    /// The cluster of copies a story belongs to, for [`Counted::cluster`]: 0 when copies do not fold.
+    pub fn cluster_of(&mut self, event_ms: i64, text: &str, reading: &crate::classify::near::Reading) -> u64 {
+        let Some(folding) = &self.folding else { return 0 };
+        // Copies fold within a window; a story can arrive up to the lateness after its window.
+        let (reach, keep) = (self.spec.size_ms, self.spec.size_ms + self.spec.allowed_lateness_ms);
+        self.copies.cluster(folding, event_ms, text, reading, reach, keep)
     }
 
     /// Keeps the newest `count` closed windows revisable (see [`WindowState::relabel`]).
@@ -301,12 +404,10 @@ impl WindowState {
             for &start in &starts {
                 let key = WindowKey { start_ms: start, topic: topic.to_string(), ticker: ticker.map(str::to_string) };
                 if let Some(window) = self.open.get_mut(&key) {
-                    window.counts.remove(&was.sentiment, was.sentiment_score);
-                    window.top.retain(|h| h.id != was.story.id);
+                    window.count_out(was);
                     window.changed();
                 } else if let Some(window) = self.closed.get_mut(&key) {
-                    window.counts.remove(&was.sentiment, was.sentiment_score);
-                    window.top.retain(|h| h.id != was.story.id);
+                    window.count_out(was);
                     revised.insert(key);
                 }
             }
@@ -330,8 +431,7 @@ impl WindowState {
                 } else {
                     continue;
                 };
-                window.counts.add(&now.sentiment, now.sentiment_score);
-                window.keep_if_among_most_negative(&now.story);
+                window.count_in(now);
                 if open {
                     window.changed();
                 }
@@ -412,21 +512,14 @@ impl WindowState {
         self.open.len()
     }
 
-    /// Counts one scored story into every open window it belongs to, in each of its groups. The
-    /// caller moves the watermark with [`WindowState::advance`].
-    pub fn add(
-        &mut self,
-        event_ms: i64,
-        topic: &str,
-        tickers: &[String],
-        sentiment: &str,
-        sentiment_score: f32,
-        story: &Headline,
-    ) -> Placed {
+    /// Counts one scored story into every open window it belongs to, in each of its groups (a copy
+    /// of a story already there counts as a copy). The caller moves the watermark with
+    /// [`WindowState::advance`].
+    pub fn add(&mut self, story: &Counted) -> Placed {
         let watermark = self.watermark_ms();
-        let groups = self.groups(topic, tickers);
+        let groups = self.groups(&story.topic, &story.tickers);
         let size = self.spec.size_ms;
-        let starts: Vec<i64> = self.spec.starts(event_ms).filter(|start| !watermark.is_some_and(|w| start + size <= w)).collect();
+        let starts: Vec<i64> = self.spec.starts(story.event_ms).filter(|start| !watermark.is_some_and(|w| start + size <= w)).collect();
         for (topic, ticker) in &groups {
             // One key per group, re-pointed at each window start: most windows exist already, and a
             // lookup by reference allocates nothing.
@@ -439,8 +532,7 @@ impl WindowState {
                     None if refuses_new_window(open_windows, &key) => continue,
                     None => self.open.entry(key.clone()).or_insert_with(|| OpenWindow::empty(true)),
                 };
-                window.counts.add(sentiment, sentiment_score);
-                window.keep_if_among_most_negative(story);
+                window.count_in(story);
                 window.changed();
             }
         }
@@ -551,7 +643,7 @@ mod tests {
 
     impl AddPlain for WindowState {
         fn put(&mut self, t: i64, topic: &str, tickers: &[String], sentiment: &str, score: f32) -> Placed {
-            let placed = self.add(t, topic, tickers, sentiment, score, &story("x", 0.5));
+            let placed = self.add(&Counted { tickers: tickers.to_vec(), ..counted("x", t, topic, sentiment, score, 0.5) });
             self.advance("p0", t);
             placed
         }
@@ -678,7 +770,7 @@ mod tests {
     fn each_window_keeps_its_most_negative_stories() {
         let mut state = WindowState::new(spec(H, H, 0));
         for (i, p) in [0.1f32, 0.9, 0.5, 0.95, 0.2, 0.7, 0.9].iter().enumerate() {
-            state.add(1, "energy", &[], "neutral", 0.0, &story(&format!("s{i}"), *p));
+            state.add(&counted(&format!("s{i}"), 1, "energy", "neutral", 0.0, *p));
         }
         let rows = state.close_all(2);
         let top: Vec<&str> = rows[0].top.iter().map(|h| h.id.as_str()).collect();
@@ -689,7 +781,7 @@ mod tests {
     fn the_watermark_follows_the_slowest_source_with_data_left_and_never_moves_back() {
         let mut state = WindowState::new(spec(H, H, 0));
         let add = |state: &mut WindowState, source: &str, t: i64| {
-            let placed = state.add(t, "x", &[], "neutral", 0.0, &story("s", 0.5));
+            let placed = state.add(&counted("s", t, "x", "neutral", 0.0, 0.5));
             state.advance(source, t);
             placed
         };
@@ -762,11 +854,11 @@ mod tests {
     }
 
     fn counted(id: &str, t: i64, topic: &str, sentiment: &str, score: f32, p_negative: f32) -> Counted {
-        Counted { event_ms: t, topic: topic.into(), tickers: vec![], sentiment: sentiment.into(), sentiment_score: score, story: story(id, p_negative) }
+        Counted { event_ms: t, topic: topic.into(), tickers: vec![], sentiment: sentiment.into(), sentiment_score: score, story: story(id, p_negative), cluster: 0 }
     }
 
     fn add(state: &mut WindowState, c: &Counted) {
-        state.add(c.event_ms, &c.topic, &c.tickers, &c.sentiment, c.sentiment_score, &c.story);
+        state.add(c);
         state.advance("p0", c.event_ms);
     }
 
@@ -810,5 +902,56 @@ mod tests {
         assert_eq!((row.counts.n, row.counts.n_negative, row.counts.n_positive), (1, 0, 1));
         let old_now = Counted { sentiment: "neutral".into(), ..old.clone() };
         assert!(state.relabel(&old, &old_now, 10).is_empty());
+    }
+
+    /// Twenty re-sends of one headline within a window are one story there; a relabel moves the
+    /// counted story and leaves the copies copies; another window counts the story anew.
+    #[test]
+    fn copies_within_a_window_count_once_and_survive_a_relabel() {
+        let mut state = WindowState::new(spec(4 * H, H, 0));
+        state.fold_copies(Some(Folding { near: None }));
+        let reading = crate::classify::near::Reading { sentiment: [0.9, 0.1, 0.0], topic: "metals".into() };
+        let mut stories = Vec::new();
+        for i in 0..20 {
+            let t = 10 * H + i * 60_000;
+            let cluster = state.cluster_of(t, "Copper slumps as Chile mine strike ends", &reading);
+            let story = Counted { cluster, ..counted(&format!("copy{i}"), t, "metals", "negative", -0.9, 0.9) };
+            add(&mut state, &story);
+            stories.push(story);
+        }
+        let other = Counted { cluster: state.cluster_of(10 * H, "Gold steady", &reading), ..counted("gold", 10 * H, "metals", "neutral", 0.0, 0.1) };
+        add(&mut state, &other);
+        let metals = |state: &WindowState| -> Vec<(u64, u64, u64)> {
+            state.open_counts().filter(|(k, _)| k.topic == "metals").map(|(_, c)| (c.n, c.n_negative, c.n_copies)).collect()
+        };
+        assert_eq!(metals(&state), vec![(2, 1, 19); 4], "each of the 4 windows: 2 stories, 1 negative, 19 copies");
+        let rows = state.snapshot(0);
+        let batch = windows_batch(&rows).unwrap();
+        let copies = batch.column_by_name("copies").unwrap().as_any().downcast_ref::<arrow::array::Int64Array>().unwrap();
+        assert!(copies.iter().any(|c| c == Some(19)), "the column says how many were folded");
+        let key = WindowKey { start_ms: 10 * H, topic: "metals".into(), ticker: None };
+        assert_eq!(state.open[&key].top.len(), 2, "copies do not fill the most negative headlines");
+
+        // An analyst says the text is neutral: every copy is relabelled, the counted one first.
+        for story in &stories {
+            let now = Counted { sentiment: "neutral".into(), sentiment_score: 0.0, ..story.clone() };
+            state.relabel(story, &now, 1);
+        }
+        assert_eq!(metals(&state), vec![(2, 0, 19); 4]);
+        // Moved to another topic: the story leaves metals with its copies and counts once in energy.
+        for story in &stories {
+            let was = Counted { sentiment: "neutral".into(), sentiment_score: 0.0, ..story.clone() };
+            let now = Counted { topic: "energy".into(), ..was.clone() };
+            state.relabel(&was, &now, 2);
+        }
+        assert_eq!(metals(&state), vec![(1, 0, 0); 4]);
+        let energy: Vec<(u64, u64)> = state.open_counts().filter(|(k, _)| k.topic == "energy").map(|(_, c)| (c.n, c.n_copies)).collect();
+        assert_eq!(energy, vec![(1, 19); 4]);
+        // A window that starts after the first copies counts the first copy it holds as the story.
+        let late = 13 * H + 30 * 60_000;
+        let cluster = state.cluster_of(late, "Copper slumps as Chile mine strike ends", &reading);
+        add(&mut state, &Counted { cluster, ..counted("copy-late", late, "energy", "neutral", 0.0, 0.1) });
+        let by_start: Vec<(i64, u64, u64)> = state.open_counts().filter(|(k, _)| k.topic == "energy").map(|(k, c)| (k.start_ms / H, c.n, c.n_copies)).collect();
+        assert!(by_start.contains(&(10, 1, 20)) && by_start.contains(&(11, 1, 0)) && by_start.contains(&(13, 1, 0)), "{by_start:?}");
     }
 }

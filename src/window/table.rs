@@ -44,6 +44,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("mean_sentiment", DataType::Float64, false),
         Field::new("final", DataType::Boolean, false),
         Field::new("updated_at", utc_millis(), false),
+        // Nullable: parts written before copies folded have no such column.
+        Field::new("copies", DataType::Int64, true),
     ]))
 });
 
@@ -71,6 +73,7 @@ pub fn windows_batch(rows: &[WindowRow]) -> Result<RecordBatch, ArrowError> {
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.counts.mean_sentiment()))),
         Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.final_row)))),
         times(|r| r.updated_ms),
+        ints(|c| c.n_copies),
     ];
     RecordBatch::try_new(windows_schema(), columns)
 }

@@ -1,0 +1,93 @@
+//! Near-duplicate headlines by the model's rule ([`NearDuplicates`]): one stretch of a few words
+//! differs, the rest is shared, and the model reads both texts the same way, so what differs is a
+//! name or a number, not what the headline says. The corrections memory carries an analyst's label
+//! to them; the windows count them once.
+
+use super::NearDuplicates;
+use crate::news::Scores;
+
+/// Earlier texts a near-duplicate lookup compares, at most, per end word (the newest): the cost of
+/// a lookup stays flat however many texts share a first or last word (templated headlines), at the
+/// price of matching only the newest of them.
+pub const NEAR_CANDIDATES: usize = 64;
+
+/// FNV-1a: a hash that never changes across versions or machines (ids, keys in checkpoints).
+pub fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3))
+}
+
+/// How the model read a text: what near-duplicate matching compares.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reading {
+    /// `[p_negative, p_neutral, p_positive]`.
+    pub sentiment: [f32; 3],
+    pub topic: String,
+}
+
+impl Reading {
+    pub fn of(scores: &Scores) -> Reading {
+        Reading { sentiment: [scores.p_negative, scores.p_neutral, scores.p_positive], topic: scores.topic.clone() }
+    }
+
+    /// Total variation between the two sentiment readings.
+    pub fn distance(&self, other: &Reading) -> f32 {
+        0.5 * self.sentiment.iter().zip(&other.sentiment).map(|(a, b)| (a - b).abs()).sum::<f32>()
+    }
+}
+
+/// Lower case, runs of letters and digits: what exact matches hash and near ones align.
+pub fn words(text: &str) -> Vec<String> {
+    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+}
+
+/// The first and the last word (one, for a one-word text): what near-duplicates are indexed by, as
+/// a near-duplicate shares one of them.
+pub fn ends(words: &[String]) -> impl Iterator<Item = &String> {
+    let last = words.last().filter(|_| words.len() > 1);
+    words.first().into_iter().chain(last)
+}
+
+/// How much of the longer text the common prefix and suffix cover, and how many words of the longer
+/// one differ between them.
+fn aligned(a: &[String], b: &[String]) -> (f32, usize) {
+    let shortest = a.len().min(b.len());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a.iter().rev().zip(b.iter().rev()).take(shortest - prefix).take_while(|(x, y)| x == y).count();
+    let longest = a.len().max(b.len()).max(1);
+    ((prefix + suffix) as f32 / longest as f32, a.len().max(b.len()) - prefix - suffix)
+}
+
+impl NearDuplicates {
+    /// Whether text `a` (its words and reading) is a near-duplicate of `b`: Some((share of words
+    /// shared, reading distance)) when it is.
+    pub fn matches(&self, a: (&[String], &Reading), b: (&[String], &Reading)) -> Option<(f32, f32)> {
+        if a.1.topic != b.1.topic {
+            return None;
+        }
+        let (shared, span) = aligned(a.0, b.0);
+        let distance = a.1.distance(b.1);
+        (shared >= self.min_shared && span <= self.max_span && distance <= self.max_distance).then_some((shared, distance))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(p_negative: f32, topic: &str) -> Reading {
+        Reading { sentiment: [p_negative, 1.0 - p_negative, 0.0], topic: topic.into() }
+    }
+
+    #[test]
+    fn one_differing_name_is_near_a_different_story_is_not() {
+        let rule = NearDuplicates { min_shared: 0.6, max_span: 3, max_distance: 0.2 };
+        let a = words("Acme shares slump after profit warning");
+        let b = words("Globex shares slump after profit warning");
+        let c = words("Acme shares jump after record profit");
+        let (neg, neg2) = (reading(0.9, "earnings"), reading(0.85, "earnings"));
+        assert!(rule.matches((&a, &neg), (&b, &neg2)).is_some_and(|(shared, _)| (shared - 5.0 / 6.0).abs() < 1e-6));
+        assert_eq!(rule.matches((&a, &neg), (&c, &neg2)), None);
+        assert_eq!(rule.matches((&a, &neg), (&b, &reading(0.9, "energy"))), None, "another topic");
+        assert_eq!(rule.matches((&a, &neg), (&b, &reading(0.2, "earnings"))), None, "read another way");
+    }
+}
