@@ -484,6 +484,14 @@ fn share(s: &Option<Share>) -> String {
     s.as_ref().map_or("—".into(), |s| format!("{:.2} ({:.2}–{:.2})", s.value, s.low, s.high))
 }
 
+/// A 95 % interval for the mean of a Poisson count `k` (Garwood's, with the Wilson–Hilferty
+/// approximation of the chi-square quantiles: within a few percent for any k).
+fn poisson_interval(k: usize) -> (f64, f64) {
+    let chi_square = |p_z: f64, dof: f64| dof * (1.0 - 2.0 / (9.0 * dof) + p_z * (2.0 / (9.0 * dof)).sqrt()).powi(3);
+    let low = if k == 0 { 0.0 } else { chi_square(-1.959_964, 2.0 * k as f64) / 2.0 };
+    (low.max(0.0), chi_square(1.959_964, 2.0 * k as f64 + 2.0) / 2.0)
+}
+
 /// Which outcomes a row of a breakdown table counts.
 type Keep = Box<dyn Fn(&Outcome) -> bool>;
 
@@ -575,6 +583,15 @@ fn render(args: &DetectBenchArgs, cx: &Context<'_>, outcomes: &[Outcome]) -> Str
         met(quiet_per_week <= 0.5),
         met(g.most_alerts <= 1)
     );
+    let (low, high) = poisson_interval(cx.quiet.len());
+    let _ = writeln!(
+        out,
+        "episodes without injection: {} in {:.1} weeks, {quiet_per_week:.2} a week (95 % interval {:.2}–{:.2}: one stream is one sample)\n",
+        cx.quiet.len(),
+        cx.weeks,
+        low / cx.weeks.max(f64::MIN_POSITIVE),
+        high / cx.weeks.max(f64::MIN_POSITIVE)
+    );
 
     let breakdown = |out: &mut String, title: &str, keys: Vec<(String, Keep)>| {
         let _ = writeln!(out, "| {title} | bursts | caught | recall (95 %) | median delay h | most alerts for one burst |\n|---|---:|---:|---|---:|---:|");
@@ -654,6 +671,15 @@ mod tests {
         assert!(!explains(&firing(Some("metals"), 10), "energy", 5, 20));
         assert!(!explains(&firing(Some("energy"), 4), "energy", 5, 20), "fired before the burst began");
         assert!(!explains(&firing(None, 10), "energy", 5, 20), "a ticker's alert is not a topic's");
+    }
+
+    #[test]
+    fn poisson_intervals_match_garwoods_table() {
+        // Garwood (1936): k = 0 → (0, 3.689), 3 → (0.619, 8.767), 10 → (4.795, 18.39).
+        for (k, low, high) in [(0, 0.0, 3.689), (3, 0.619, 8.767), (10, 4.795, 18.39)] {
+            let (l, h) = poisson_interval(k);
+            assert!((l - low).abs() < 0.05 && (h - high).abs() / high < 0.02, "{k}: {l} {h}");
+        }
     }
 
     #[test]

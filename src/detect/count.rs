@@ -7,12 +7,15 @@ use super::rules::Season;
 
 /// Slots of the week a window's start falls in, by [`Season`] (UTC).
 pub fn slot(season: Season, start_ms: i64) -> u32 {
-    use chrono::{Datelike, Timelike};
-    let Some(at) = chrono::DateTime::from_timestamp_millis(start_ms) else { return 0 };
+    // Plain arithmetic, not a calendar: a reading compares hundreds of windows' slots. Day 0 of
+    // the Unix epoch (1 January 1970) was a Thursday: weekday 3 counting Monday as 0.
+    const HOUR_MS: i64 = 3_600_000;
+    let hour = start_ms.div_euclid(HOUR_MS).rem_euclid(24) as u32;
+    let weekend = (start_ms.div_euclid(24 * HOUR_MS) + 3).rem_euclid(7) >= 5;
     match season {
         Season::None => 0,
-        Season::Day => at.hour(),
-        Season::Week => at.hour() + if at.weekday().number_from_monday() >= 6 { 24 } else { 0 },
+        Season::Day => hour,
+        Season::Week => hour + if weekend { 24 } else { 0 },
     }
 }
 

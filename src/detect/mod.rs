@@ -4,6 +4,7 @@
 //! Times are event times (the watermark), so a replay of 1987 news fires the alerts that 1987 would
 //! have fired, and a test gets the same answer every run. State is plain data kept in checkpoints.
 
+pub mod band;
 mod config;
 pub mod count;
 pub mod replay;

@@ -679,3 +679,17 @@ fn a_share_test_needs_min_negative_stories() {
     assert!((five.threshold - 0.6).abs() < 1e-9, "the bar is 6 of 10: {five:?}");
     assert_eq!(read(&condition, Metric::NegShare, &counts(10, 6), &Baselines::own(&refs)).verdict, Verdict::Breach);
 }
+
+#[test]
+fn slots_by_arithmetic_agree_with_the_calendar() {
+    use chrono::{Datelike, Timelike};
+    let mut rng = crate::rng::Lcg(7);
+    for _ in 0..20_000 {
+        let ms = ((rng.next_f64() - 0.3) * 4e12) as i64;
+        let at = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        let weekend = at.weekday().number_from_monday() >= 6;
+        assert_eq!(count::slot(rules::Season::Day, ms), at.hour(), "{at}");
+        assert_eq!(count::slot(rules::Season::Week, ms), at.hour() + if weekend { 24 } else { 0 }, "{at}");
+        assert_eq!(count::slot(rules::Season::None, ms), 0);
+    }
+}

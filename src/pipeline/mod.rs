@@ -392,7 +392,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             if config.server.is_open() && !crate::server::is_loopback(addr.as_str()) {
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
-            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web };
+            let rules = backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default();
+            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,

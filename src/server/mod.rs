@@ -8,6 +8,7 @@
 //! token when the server has users).
 
 mod auth;
+mod bands;
 mod config;
 pub mod feedback;
 mod listen;
@@ -83,6 +84,8 @@ pub struct Api {
     pub ops: Ops,
     pub feedback: FeedbackService,
     pub web: WebPolicy,
+    /// The pipeline's alert rules: `/api/bands` draws what their count test expects.
+    pub rules: Vec<crate::detect::Rule>,
 }
 
 type AppState = std::sync::Arc<Api>;
@@ -112,6 +115,7 @@ impl Server {
             .route("/api/silences", get(list).post(create))
             .route("/api/silences/{id}", delete(remove))
             .route("/api/me", get(me))
+            .route("/api/bands", get(bands::bands))
             .route("/api/feedback/labels", post(feedback::labels))
             .route("/api/feedback/verdicts", post(feedback::verdicts))
             .route("/api/feedback/missed", post(feedback::missed))
