@@ -88,6 +88,37 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     let mut lines = vec!["all".to_string(), topic.to_string()];
     lines.sort();
     assert_eq!(filtered["reopened"], serde_json::json!({"topic": topic, "from": "1987-03-09T00:00", "to": "1987-03-12T00:00", "lines": lines}));
+    // The chart: a panel per busy topic and the market, the count test's band, the alert spans
+    // shaded, thin windows marked as thin; at 1400 and 390 px, kept as chart-1400.png and chart-390.png.
+    for (width, facts) in [("wide", &result["chart"]["wide"]), ("narrow", &result["chart"]["narrow"])] {
+        let panels: Vec<&str> = facts["panels"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        assert!(panels.len() >= 3 && panels.last() == Some(&"all"), "{width}: {facts}");
+        assert!(facts["bands"].as_u64().unwrap() >= 1 && facts["thresholds"].as_u64().unwrap() >= 1, "{width}: {facts}");
+        let spans = facts["spans"].as_array().unwrap();
+        assert!(spans.iter().any(|s| s.as_str().unwrap().starts_with("topic-negative-burst firing from")), "{width}: {facts}");
+        assert!(facts["thin"].as_array().unwrap().iter().all(|t| t.as_str().unwrap().contains("a thin window")), "{width}: {facts}");
+        assert!(facts["titles"].as_array().unwrap().iter().any(|t| t.as_str().unwrap().contains("alert from")), "{width}: {facts}");
+        assert!(facts["scroll"].as_u64() <= Some(if width == "wide" { 1400 } else { 390 }), "{width}: {facts}");
+    }
+    for shot in ["chart-1400.png", "chart-390.png"] {
+        assert!(std::fs::metadata(artifacts.join(shot)).unwrap().len() > 5_000, "{shot} kept");
+    }
+    // What the chart's band is drawn from, asked directly: the rule's count test per window.
+    let band = |query: &str| agent.get(format!("http://127.0.0.1:{port}/api/bands?{query}")).call();
+    let mut answer = band("topic=earnings").unwrap();
+    let bands: serde_json::Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!((bands["rule"].as_str(), bands["test"].as_str(), bands["metric"].as_str()), (Some("topic-negative-burst"), Some("count test"), Some("n_negative")), "{bands}");
+    let windows = bands["windows"].as_array().unwrap();
+    assert!(windows.len() > 50 && windows.iter().all(|w| w["usual"].as_f64() <= w["threshold"].as_f64()), "{bands}");
+    let ranged = band("topic=earnings&from=1987-03-09T00:00:00Z&to=1987-03-10T00:00:00Z").unwrap().body_mut().read_to_string().unwrap();
+    let ranged: serde_json::Value = serde_json::from_str(&ranged).unwrap();
+    let day = ranged["windows"].as_array().unwrap();
+    assert!((12..=24).contains(&day.len()), "a band per hourly window of the day that has stories: {ranged}");
+    assert!(day.iter().all(|w| w["window_start"].as_str().unwrap().starts_with("1987-03-09T")), "{ranged}");
+    for bad in ["topic=earnings&from=yesterday", "topic=", "topic=earnings&limit=5"] {
+        assert_eq!(band(bad).unwrap().status().as_u16(), 400, "{bad}");
+    }
+
     // 360 to 1920 px: nothing wider than the screen (and no console errors, checked above).
     for width in result["widths"].as_array().unwrap() {
         assert!(width["scroll"].as_u64() <= width["width"].as_u64(), "wider than the screen: {result}");

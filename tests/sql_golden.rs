@@ -80,7 +80,15 @@ fn write_dataset(dir: &Path) {
             ingested_ms: published_ms + 1000,
         };
         let story = Headline { id: row.news.id.clone(), headline, p_negative: row.scores.p_negative, why: vec![] };
-        windows.add(published_ms, topic, &[], sentiment, row.scores.sentiment_score, &story);
+        windows.add(&bearwatch::window::Counted {
+            event_ms: published_ms,
+            topic: topic.into(),
+            tickers: Vec::new(),
+            sentiment: sentiment.into(),
+            sentiment_score: row.scores.sentiment_score,
+            story,
+            cluster: 0,
+        });
         windows.advance("golden", published_ms);
         news.push(row);
         // Every 100th story also arrives again, three hours late.

@@ -156,6 +156,29 @@ try {
   await page.setViewportSize({ width: 1400, height: 950 });
   await page.locator("#f-clear").click();
   await page.waitForFunction(() => document.querySelectorAll("svg#chart path.series").length > 2, null, { timeout: 30000 });
+  // The chart as a person reads it: a panel per topic with its negative count, the band the count
+  // test expects, the spans where alerts fired, thin windows marked. Kept as images at two widths.
+  await page.waitForFunction(() => document.querySelectorAll("svg#chart path.band").length > 0 && document.querySelectorAll("svg#chart rect.alert-span").length > 0, null, { timeout: 60000 });
+  const chartFacts = () => page.evaluate(() => ({
+    panels: [...document.querySelectorAll("svg#chart g.panel")].map((g) => g.dataset.topic),
+    bands: document.querySelectorAll("svg#chart path.band").length,
+    thresholds: document.querySelectorAll("svg#chart path.threshold").length,
+    spans: [...document.querySelectorAll("svg#chart rect.alert-span title")].map((t) => t.textContent),
+    thin: [...document.querySelectorAll("svg#chart circle.point.thin title")].map((t) => t.textContent).slice(0, 3),
+    titles: [...document.querySelectorAll("svg#chart .panel-title")].map((t) => t.textContent),
+    height: document.getElementById("chart").getBoundingClientRect().height,
+    scroll: document.documentElement.scrollWidth,
+  }));
+  result.chart = { wide: await chartFacts() };
+  const shots = screenshot.replace(/dashboard\.png$/, "");
+  await page.locator("#chart-section").screenshot({ path: shots + "chart-1400.png" });
+  await page.setViewportSize({ width: 390, height: 900 });
+  await page.waitForFunction(() => document.getElementById("chart").getBoundingClientRect().width < 390, null, { timeout: 30000 });
+  const status = await page.locator("#status").innerText();
+  await page.waitForFunction((b) => document.getElementById("status").textContent !== b, status, { timeout: 30000 });
+  result.chart.narrow = await chartFacts();
+  await page.locator("#chart-section").screenshot({ path: shots + "chart-390.png" });
+  await page.setViewportSize({ width: 1400, height: 950 });
   await page.locator("#alerts .alert button.open").first().click();
   await titled(" · alert ");
   result.errors = errors;
