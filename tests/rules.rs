@@ -56,7 +56,7 @@ fn the_shipped_rules_pass_their_unit_tests_and_a_wrong_expectation_prints_exp_an
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("alerts/tests/default.test.toml");
     let (code, out) = rules_test(&shipped);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 5, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 7, "{out}");
 
     // Expecting the burst to go unnoticed fails, and says what fired instead.
     let dir = tempfile::tempdir().unwrap();

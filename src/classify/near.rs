@@ -57,7 +57,26 @@ fn aligned(a: &[String], b: &[String]) -> (f32, usize) {
     ((prefix + suffix) as f32 / longest as f32, a.len().max(b.len()) - prefix - suffix)
 }
 
+/// The words of each text between their common prefix and suffix: what differs.
+fn differing<'a>(a: &'a [String], b: &'a [String]) -> (&'a [String], &'a [String]) {
+    let shortest = a.len().min(b.len());
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a.iter().rev().zip(b.iter().rev()).take(shortest - prefix).take_while(|(x, y)| x == y).count();
+    (&a[prefix..a.len() - suffix], &b[prefix..b.len() - suffix])
+}
+
 impl NearDuplicates {
+    /// Whether `a` is a copy of `b`: the same story sent again, not another story in the same
+    /// words. A near-duplicate by [`NearDuplicates::matches`] whose difference is only added or
+    /// dropped words ("UPDATE 1", "- sources") or changed numbers ("5 pct" → "7 pct"); another
+    /// name in the same template ("Acme" → "Globex", "Caesars" → "Chrysler") is another story.
+    pub fn copies(&self, a: (&[String], &Reading), b: (&[String], &Reading)) -> Option<(f32, f32)> {
+        let found = self.matches(a, b)?;
+        let (only_a, only_b) = differing(a.0, b.0);
+        let numbers = |words: &[String]| words.iter().all(|w| w.chars().any(|c| c.is_ascii_digit()));
+        (only_a.is_empty() || only_b.is_empty() || (numbers(only_a) && numbers(only_b))).then_some(found)
+    }
+
     /// Whether text `a` (its words and reading) is a near-duplicate of `b`: Some((share of words
     /// shared, reading distance)) when it is.
     pub fn matches(&self, a: (&[String], &Reading), b: (&[String], &Reading)) -> Option<(f32, f32)> {
@@ -89,5 +108,18 @@ mod tests {
         assert_eq!(rule.matches((&a, &neg), (&c, &neg2)), None);
         assert_eq!(rule.matches((&a, &neg), (&b, &reading(0.9, "energy"))), None, "another topic");
         assert_eq!(rule.matches((&a, &neg), (&b, &reading(0.2, "earnings"))), None, "read another way");
+    }
+
+    #[test]
+    fn a_copy_is_the_same_story_again_not_another_name_in_the_same_words() {
+        let rule = NearDuplicates { min_shared: 0.4, max_span: 5, max_distance: 0.05 };
+        let r = reading(0.8, "earnings");
+        let copy = |a: &str, b: &str| rule.copies((&words(a), &r), (&words(b), &r)).is_some();
+        assert!(copy("Acme shares slump 5 pct after warning", "Acme shares slump 7 pct after warning"), "a number updated");
+        assert!(copy("UPDATE 1-Acme shares slump after warning", "Acme shares slump after warning"), "a tag added");
+        assert!(copy("Philippines says debt pact \"better than Mexico's'", "PHILIPPINES SAYS DEBT PACT BETTER THAN MEXICO'S"));
+        assert!(!copy("ASHTON-TATE <TATE> 4TH QTR NET", "MINSTAR INC <MNST> 4TH QTR NET"), "two companies' results");
+        assert!(!copy("MOODY'S MAY DOWNGRADE CAESARS <CAW> AND UNIT", "MOODY'S MAY DOWNGRADE CHRYSLER <C> AND UNIT"));
+        assert!(rule.matches((&words("ASHTON-TATE <TATE> 4TH QTR NET"), &r), (&words("MINSTAR INC <MNST> 4TH QTR NET"), &r)).is_some(), "one label fits both");
     }
 }

@@ -25,7 +25,8 @@ pub struct WindowConfig {
     pub dedup_horizon: HumanDuration,
     /// ...and at most this many of them.
     pub dedup_max_ids: usize,
-    /// Copies of a story within a window (the same words, or a near-duplicate by the model's rule)
+    /// Copies of a story within a window (the same words, or a near-duplicate by the model's rule
+    /// that only adds or drops words or changes numbers)
     /// count once there; the rest are in the `copies` column.
     pub fold_copies: bool,
 }

@@ -1,5 +1,5 @@
 //! Copies count once: the same wire story sent again (the same words, or a near-duplicate by the
-//! model's rule) within a window is one story there. [`Copies`] gives each story a cluster: the
+//! model's rule that only adds or drops words or changes numbers) within a window is one story there. [`Copies`] gives each story a cluster: the
 //! cluster of an earlier story it copies, else its own; each window counts a cluster once and the
 //! rest as `copies`. Twenty re-sends of one headline are one story, and a person is not woken for
 //! them.
@@ -122,7 +122,7 @@ impl Copies {
             candidates
                 .filter_map(|seq| self.entry(*seq))
                 .filter(within)
-                .filter_map(|e| rule.matches((&words, reading), (&e.words, &e.reading)).map(|(shared, distance)| (shared, distance, e.cluster)))
+                .filter_map(|e| rule.copies((&words, reading), (&e.words, &e.reading)).map(|(shared, distance)| (shared, distance, e.cluster)))
                 // Most words shared, then the closest reading, then the smallest cluster: the
                 // answer does not depend on arrival order among equals.
                 .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)).then(b.2.cmp(&a.2)))
@@ -160,9 +160,10 @@ mod tests {
         let mut cluster = |t: i64, text: &str, p: f32| copies.cluster(&folding, t, text, &reading(p), 4 * H, 5 * H);
         let first = cluster(0, "Copper slumps as Chile mine strike ends", 0.9);
         assert_eq!(cluster(H, "COPPER SLUMPS AS CHILE MINE STRIKE ENDS", 0.9), first, "the same words");
-        assert_eq!(cluster(2 * H, "Copper slumps as Peru mine strike ends", 0.88), first, "a near-duplicate");
+        assert_eq!(cluster(2 * H, "UPDATE 1-Copper slumps as Chile mine strike ends", 0.88), first, "the story again, tagged");
+        assert_ne!(cluster(2 * H, "Copper slumps as Peru mine strike ends", 0.88), first, "another mine: another story");
         assert_ne!(cluster(2 * H, "Gold rallies on safe-haven demand", 0.1), first);
-        assert_ne!(cluster(7 * H, "Copper slumps as Peru mine strike ends", 0.88), first, "a near-duplicate out of a window's reach");
+        assert_ne!(cluster(7 * H, "UPDATE 2-Copper slumps as Chile mine strike ends", 0.88), first, "a copy out of a window's reach");
         let exact_only = Folding { near: None };
         let mut copies = Copies::default();
         let a = copies.cluster(&exact_only, 0, "Copper slumps as Chile mine strike ends", &reading(0.9), 4 * H, 5 * H);
