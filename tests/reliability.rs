@@ -28,7 +28,8 @@ fn size<T>(short: T, full_size: T) -> T {
     if full() { full_size } else { short }
 }
 
-const ALL_TOTAL: &str = "SELECT CAST(sum(m) AS BIGINT) FROM (SELECT max(n) AS m FROM windows WHERE topic = 'all' GROUP BY window_start)";
+/// Stories in the `all` windows: each counted once, as a story or as a copy of one.
+const ALL_TOTAL: &str = "SELECT CAST(sum(m) AS BIGINT) FROM (SELECT max(n + copies) AS m FROM windows WHERE topic = 'all' GROUP BY window_start)";
 
 /// The bundled Reuters stories, repeated with new ids and times shifted 15 days per copy (in order),
 /// until there are `n`.

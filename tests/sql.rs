@@ -41,7 +41,7 @@ fn the_cli_answers_over_stored_tables_and_refuses_writes() {
 
     let (_, out, _) = sql(&["--storage", &storage, "--format", "csv", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"]);
     assert_eq!(out, "n,ids\n600,600\n");
-    let (_, out, _) = sql(&["--storage", &storage, "--format", "json", "SELECT sum(n) AS n FROM windows WHERE final AND topic = 'all'"]);
+    let (_, out, _) = sql(&["--storage", &storage, "--format", "json", "SELECT sum(n + copies) AS n FROM windows WHERE final AND topic = 'all'"]);
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rows, serde_json::json!([{"n": 600}]));
 
