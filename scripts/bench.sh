@@ -32,7 +32,7 @@ bench sql --repeats 5
 bench e2e --repeats 3 --brokers "$brokers"
 bench alerts --brokers "$brokers"
 bench loop --splits 3
-bench detect --seeds 201,202,203,204,205 --bursts 20
+bench detect --seeds 201,202,203,204,205 --bursts 3
 
 .venv/bin/python benches/report.py "$out" "$(( $(date +%s) - started ))"
 echo "wrote docs/BENCHMARKS.md" >&2

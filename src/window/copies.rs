@@ -137,10 +137,6 @@ impl Copies {
         self.recent.push_back(entry);
         cluster
     }
-
-    pub fn len(&self) -> usize {
-        self.recent.len()
-    }
 }
 
 #[cfg(test)]
@@ -179,7 +175,7 @@ mod tests {
         for h in 1..=10 {
             copies.cluster(&folding, h * H, &format!("story {h}"), &reading(0.5), 4 * H, 5 * H);
         }
-        assert_eq!(copies.len(), 6, "stories within 5 h of the newest");
+        assert_eq!(copies.recent.len(), 6, "stories within 5 h of the newest");
         let mut restored: Copies = serde_json::from_str(&serde_json::to_string(&copies).unwrap()).unwrap();
         assert_eq!(restored, copies);
         let again = restored.cluster(&folding, 10 * H, "story 9", &reading(0.5), 4 * H, 5 * H);
