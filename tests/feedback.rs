@@ -525,7 +525,7 @@ fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_w
     assert_eq!(backtest["stories"], 3000);
     // A sweep replays once per value; at the rule's own value it gives the same episodes.
     let args = ["rules", "backtest", rules, "--pipeline", pipeline.to_str().unwrap(), "--storage", storage, "--format", "json"];
-    let (code, stdout, err) = bearwatch(&[&args[..], &["--sweep", "topic-negative-burst.condition.p_value=0.001:0.01:0.009"]].concat());
+    let (code, stdout, err) = bearwatch(&[&args[..], &["--sweep", "topic-negative-burst.condition.of.0.p_value=0.001:0.01:0.009"]].concat());
     assert_eq!(code, 0, "{err}");
     let swept: Value = serde_json::from_str(&stdout).unwrap();
     let rows = swept["sweep"].as_array().unwrap();
