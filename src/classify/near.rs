@@ -80,7 +80,8 @@ impl NearDuplicates {
     /// Whether text `a` (its words and reading) is a near-duplicate of `b`: Some((share of words
     /// shared, reading distance)) when it is.
     pub fn matches(&self, a: (&[String], &Reading), b: (&[String], &Reading)) -> Option<(f32, f32)> {
-        if a.1.topic != b.1.topic {
+        // The differing stretch is at least the difference in length: a cheap first test.
+        if a.1.topic != b.1.topic || a.0.len().abs_diff(b.0.len()) > self.max_span {
             return None;
         }
         let (shared, span) = aligned(a.0, b.0);

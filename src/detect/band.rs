@@ -36,7 +36,7 @@ pub fn bands(condition: &Condition, metric: Metric, windows: &[(i64, Counts)]) -
     (0..windows.len())
         .filter_map(|i| {
             let from = i.saturating_sub(keep);
-            let baselines = Baselines { own: &counts[from..i], own_starts: &starts[from..i], start_ms: starts[i], market: &[], overlap: 1.0 };
+            let baselines = Baselines { own: &counts[from..i], own_starts: &starts[from..i], start_ms: starts[i], market: &[], overlap: 1.0, slots: None };
             let reading = read(condition, metric, counts[i], &baselines);
             let usual = reading.baseline?;
             reading.threshold.is_finite().then_some(Band { window_start_ms: starts[i], usual, threshold: reading.threshold })

@@ -137,17 +137,73 @@ pub struct Baselines<'a> {
     pub start_ms: i64,
     pub market: &'a [&'a Counts],
     pub overlap: f64,
+    /// Where count tests keep the same-slot baselines of this window between readings.
+    pub slots: Option<SlotScope<'a>>,
+}
+
+/// The count tests' same-slot baselines of each group's window, kept while the group's history is
+/// the same: every live reading of a window (each step of event time) reads the same ones, and
+/// finding them walks up to 1,000 closed windows. Not state: a restart recomputes them.
+#[derive(Debug, Default)]
+pub struct SlotMemo(std::cell::RefCell<std::collections::HashMap<(GroupKey, i64), (i64, Vec<((Metric, usize, rules::Season), Vec<f64>)>)>>);
+
+/// Windows a memo holds at most before it starts afresh (closed windows leave it as they close).
+const SLOT_MEMO_WINDOWS: usize = 100_000;
+
+impl Clone for SlotMemo {
+    fn clone(&self) -> SlotMemo {
+        SlotMemo::default()
+    }
+}
+
+impl PartialEq for SlotMemo {
+    fn eq(&self, _: &SlotMemo) -> bool {
+        true
+    }
+}
+
+/// One window's place in a [`SlotMemo`]: its group and start, and the newest closed window of the
+/// group before it (a new one changes the baseline).
+#[derive(Debug, Clone, Copy)]
+pub struct SlotScope<'a> {
+    memo: &'a SlotMemo,
+    group: &'a GroupKey,
+    start_ms: i64,
+    newest_ms: i64,
 }
 
 impl<'a> Baselines<'a> {
     /// Tumbling windows compared with their own group only, all in one season slot.
     pub fn own(own: &'a [&'a Counts]) -> Baselines<'a> {
-        Baselines { own, own_starts: &[], start_ms: 0, market: &[], overlap: 1.0 }
+        Baselines { own, own_starts: &[], start_ms: 0, market: &[], overlap: 1.0, slots: None }
     }
 
     /// The counts of `own`'s newest `count` windows that start in the current window's `season`
     /// slot, less those with under a quarter of the slot's median stories (a holiday, an outage).
     fn same_slot(&self, metric_kind: Metric, count: usize, season: rules::Season) -> Vec<f64> {
+        let Some(scope) = self.slots else { return self.find_same_slot(metric_kind, count, season) };
+        let key = (scope.group.clone(), scope.start_ms);
+        let which = (metric_kind, count, season);
+        if let Some((newest, found)) = scope.memo.0.borrow().get(&key)
+            && *newest == scope.newest_ms
+            && let Some((_, values)) = found.iter().find(|(w, _)| *w == which)
+        {
+            return values.clone();
+        }
+        let values = self.find_same_slot(metric_kind, count, season);
+        let mut memo = scope.memo.0.borrow_mut();
+        if memo.len() >= SLOT_MEMO_WINDOWS {
+            memo.clear();
+        }
+        let entry = memo.entry(key).or_insert_with(|| (scope.newest_ms, Vec::new()));
+        if entry.0 != scope.newest_ms {
+            *entry = (scope.newest_ms, Vec::new());
+        }
+        entry.1.push((which, values.clone()));
+        values
+    }
+
+    fn find_same_slot(&self, metric_kind: Metric, count: usize, season: rules::Season) -> Vec<f64> {
         let recent = self.own.len().saturating_sub(count);
         let slot = count::slot(season, self.start_ms);
         let in_slot: Vec<&Counts> = self.own[recent..]
@@ -562,6 +618,8 @@ pub struct Detector {
     /// Records every reading of one group (`backtest --explain`); never checkpointed.
     #[serde(skip)]
     trace: Option<(BTreeMap<String, String>, Vec<Trace>)>,
+    #[serde(skip)]
+    slots: SlotMemo,
 }
 
 /// One rule's reading of one window row: why it did or did not fire there.
@@ -625,7 +683,7 @@ impl Detector {
     }
 
     pub fn new(rules: Vec<Rule>) -> Detector {
-        Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new(), trace: None }
+        Detector { rules, history: BTreeMap::new(), tracked: BTreeMap::new(), trace: None, slots: SlotMemo::default() }
     }
 
     /// From now on, records every reading of the group with these labels (`{"topic": "energy"}`).
@@ -682,7 +740,8 @@ impl Detector {
             } else {
                 (Vec::new(), 1.0)
             };
-            let baselines = Baselines { own: &history, own_starts: &starts, start_ms: row.key.start_ms, market: &market, overlap };
+            let scope = SlotScope { memo: &self.slots, group: &group, start_ms: row.key.start_ms, newest_ms: starts.last().copied().unwrap_or(i64::MIN) };
+            let baselines = Baselines { own: &history, own_starts: &starts, start_ms: row.key.start_ms, market: &market, overlap, slots: Some(scope) };
             for (index, rule) in self.rules.iter().enumerate() {
                 if rule.group != group.kind() {
                     continue;
@@ -726,6 +785,10 @@ impl Detector {
                     });
                 }
                 changes.extend(change);
+            }
+            if row.final_row {
+                // A closed window is read again only if a correction revises it.
+                self.slots.0.borrow_mut().remove(&(group.clone(), row.key.start_ms));
             }
             if row.final_row && keep > 0 && self.keeps_history(group.kind(), priors) {
                 let past = self.history.entry(group).or_default();

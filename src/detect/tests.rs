@@ -460,7 +460,7 @@ fn a_count_condition_fires_on_a_volume_surge_in_a_topic_whose_share_is_usually_h
     let (past, starts) = weeks(|s| { let n = 2 + (s / H % 3) as u64; (n, n / 2) });
     let refs: Vec<&Counts> = past.iter().collect();
     let now = starts[671] + H;
-    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: now, market: &[], overlap: 1.0 };
+    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: now, market: &[], overlap: 1.0, slots: None };
     let reading = read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &counts(14, 12), &baselines);
     assert_eq!(reading.verdict, Verdict::Breach, "{reading:?}");
     assert!(reading.baseline.is_some_and(|b| (1.0..2.0).contains(&b)) && reading.p.is_some_and(|p| p < 1e-6), "{reading:?}");
@@ -481,7 +481,7 @@ fn weekday_hours_are_not_weekend_hours_and_a_quiet_holiday_is_not_a_baseline() {
     let (past, starts) = weeks(|s| if weekend(s) { (1, 0) } else { (12 + (s / H % 3) as u64, 6 + (s / H % 2) as u64) });
     let refs: Vec<&Counts> = past.iter().collect();
     let tuesday_afternoon = starts[24 + 14] + 4 * 7 * 24 * H;
-    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: tuesday_afternoon, market: &[], overlap: 1.0 };
+    let baselines = Baselines { own: &refs, own_starts: &starts, start_ms: tuesday_afternoon, market: &[], overlap: 1.0, slots: None };
     let busy = counts(14, 8);
     assert_eq!(read(&count_condition(672, rules::Season::Week, 0.01), Metric::NNegative, &busy, &baselines).verdict, Verdict::Normal, "a usual weekday");
     // A Saturday afternoon with a weekday's number of negative stories is a surge for a Saturday;
@@ -692,4 +692,33 @@ fn slots_by_arithmetic_agree_with_the_calendar() {
         assert_eq!(count::slot(rules::Season::Week, ms), at.hour() + if weekend { 24 } else { 0 }, "{at}");
         assert_eq!(count::slot(rules::Season::None, ms), 0);
     }
+}
+
+/// A window's live readings reuse its same-slot baseline until the group closes another window;
+/// then the baseline is found again (as a detector without the memo would).
+#[test]
+fn the_count_baseline_memo_follows_the_groups_history() {
+    let mut detector = Detector::new(vec![rule(Metric::NNegative, GroupKind::Topic, count_condition(6, rules::Season::None, 0.01))]);
+    detector.trace(BTreeMap::from([("topic".to_string(), "metals".to_string())]));
+    for h in 0..6 {
+        detector.evaluate(&[row(h, 1, "metals", 4, 2, true)], (h + 1) * H);
+    }
+    // Window 7 read live twice: the same baseline (2 negative a window).
+    detector.evaluate(&[row(7, 1, "metals", 3, 1, false)], 8 * H);
+    detector.evaluate(&[row(7, 1, "metals", 4, 2, false)], 8 * H + 1);
+    // Window 6 closes with 12 negative: window 7's baseline now holds it.
+    detector.evaluate(&[row(6, 1, "metals", 12, 12, true)], 8 * H + 2);
+    detector.evaluate(&[row(7, 1, "metals", 5, 2, false)], 8 * H + 3);
+    let baselines: Vec<f64> = detector.take_trace().iter().filter(|t| t.window_start.starts_with("1970-01-01T07")).map(|t| t.baseline.unwrap()).collect();
+    assert_eq!(baselines.len(), 3);
+    assert_eq!(baselines[0], baselines[1]);
+    assert!(baselines[2] > baselines[1] + 1.0, "the closed surge moved the usual level: {baselines:?}");
+    let mut fresh = Detector::new(vec![rule(Metric::NNegative, GroupKind::Topic, count_condition(6, rules::Season::None, 0.01))]);
+    fresh.trace(BTreeMap::from([("topic".to_string(), "metals".to_string())]));
+    for h in 0..7 {
+        let negative = if h == 6 { 12 } else { 2 };
+        fresh.evaluate(&[row(h, 1, "metals", if h == 6 { 12 } else { 4 }, negative, true)], (h + 1) * H);
+    }
+    fresh.evaluate(&[row(7, 1, "metals", 5, 2, false)], 8 * H + 3);
+    assert_eq!(fresh.take_trace().last().unwrap().baseline.unwrap(), baselines[2], "as found without the memo");
 }
