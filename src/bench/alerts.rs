@@ -46,9 +46,14 @@ pub struct AlertBenchArgs {
 /// Negative stories per ticker that make a burst (`n_negative >= BURST` in the ticker's window).
 const BURST: usize = 3;
 
-/// A headline the model scores negative; checked before timing starts.
-fn burst_headline(ticker: &str) -> String {
-    format!("{ticker} shares plunge after profit warning as losses widen and lenders cut credit lines")
+/// The `n`th story of a ticker's burst: three different stories the model scores negative (checked
+/// before timing starts), not one re-sent, which the windows would count once.
+fn burst_headline(ticker: &str, n: usize) -> String {
+    match n % BURST {
+        1 => format!("{ticker} shares plunge after profit warning as losses widen and lenders cut credit lines"),
+        2 => format!("{ticker} slashes outlook and warns of deeper losses as demand collapses"),
+        _ => format!("{ticker} defaults on bond payment, ratings cut to junk, shares crash"),
+    }
 }
 
 const RULES: &str = r#"
@@ -166,7 +171,7 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
     let output = Output::connect(&args.brokers, &Default::default())?;
     for ticker in &tickers {
         for n in 1..BURST {
-            send(&output, &topic, &story(format!("{ticker}-{n}"), burst_headline(ticker), &burst_time, Some(ticker)))?;
+            send(&output, &topic, &story(format!("{ticker}-{n}"), burst_headline(ticker, n), &burst_time, Some(ticker)))?;
         }
     }
     output.flush(Duration::from_secs(60))?;
@@ -207,7 +212,7 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
         let mut sent_at = BTreeMap::new();
         for ticker in &tickers {
             std::thread::sleep(args.gap.0.mul_f64(0.3 + 1.4 * rng.next_f64()));
-            let completing = story(format!("{ticker}-{BURST}"), burst_headline(ticker), &burst_time, Some(ticker));
+            let completing = story(format!("{ticker}-{BURST}"), burst_headline(ticker, BURST), &burst_time, Some(ticker));
             sent_at.insert(ticker.clone(), Instant::now());
             send(&output, &topic, &completing)?;
             output.flush(Duration::from_secs(30))?;
@@ -242,12 +247,15 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-/// Fails unless the model scores the burst headline negative: otherwise no alert could fire.
+/// Fails unless the model scores every burst headline negative: otherwise no alert could fire.
 fn check_headline() -> Result<(), PipelineError> {
     let classifier = Classifier::start(&ClassifierConfig::default())?;
-    let scores = classifier.submit_now(&burst_headline("LAT0"))?.wait()?;
-    if scores.sentiment != "negative" {
-        return Err(failed(format!("the model scores the burst headline {} (p_negative {:.2})", scores.sentiment, scores.p_negative)));
+    for n in 1..=BURST {
+        let headline = burst_headline("LAT0", n);
+        let scores = classifier.submit_now(&headline)?.wait()?;
+        if scores.sentiment != "negative" {
+            return Err(failed(format!("the model scores the burst headline {headline:?} {} (p_negative {:.2})", scores.sentiment, scores.p_negative)));
+        }
     }
     Ok(())
 }
