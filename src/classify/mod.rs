@@ -11,7 +11,6 @@ mod error;
 mod explain;
 pub mod heads;
 mod model;
-pub mod near;
 pub mod runtime;
 mod table;
 mod tokenize;
@@ -25,7 +24,8 @@ pub use config::{ClassifierConfig, Device};
 pub use error::ClassifyError;
 pub use explain::{Explained, PendingExplanation};
 pub use jsonl::{LineStats, classify_lines};
-pub use model::{ModelSpec, NearDuplicates, sentiment_label};
+pub use crate::news::near::NearDuplicates;
+pub use model::{ModelSpec, sentiment_label};
 pub use table::{news_batch, news_schema};
 pub use tokenize::Encoder;
 

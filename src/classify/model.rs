@@ -5,6 +5,7 @@ use serde::Deserialize;
 
 use super::ClassifyError;
 use super::heads::Heads;
+use crate::news::near::NearDuplicates;
 use crate::news::{SENTIMENTS, Scores};
 
 /// `labels.json`: what the model's outputs mean.
@@ -26,17 +27,6 @@ struct Labels {
     /// candidate); it reads the `embedding` output.
     #[serde(default)]
     heads: Option<String>,
-}
-
-/// A near-duplicate differs from the corrected text in one stretch of at most `max_span` words, the
-/// words around it are at least `min_shared` of the longer text, and the model reads both the same
-/// way: the same topic, and sentiment probabilities at most `max_distance` apart (total variation).
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NearDuplicates {
-    pub min_shared: f32,
-    pub max_span: usize,
-    pub max_distance: f32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,12 +26,14 @@ pub fn count_test(rule: &Rule) -> Option<(&Condition, Metric)> {
     }
 }
 
-/// The band of each of a group's closed windows (`windows`: start and counts, oldest first), read
-/// as the detector reads them: each against the windows before it. Windows whose slot has too
-/// little history have none.
-pub fn bands(condition: &Condition, metric: Metric, windows: &[(i64, Counts)]) -> Vec<Band> {
+/// The band of each of a group's closed windows (`windows`: start and `[n, negative, neutral,
+/// positive]`, oldest first), read as the detector reads them: each against the windows before it.
+/// Windows whose slot has too little history have none.
+pub fn bands(condition: &Condition, metric: Metric, windows: &[(i64, [u64; 4])]) -> Vec<Band> {
     let keep = condition.baseline_windows();
-    let counts: Vec<&Counts> = windows.iter().map(|(_, c)| c).collect();
+    let counted: Vec<Counts> =
+        windows.iter().map(|(_, [n, n_negative, n_neutral, n_positive])| Counts { n: *n, n_negative: *n_negative, n_neutral: *n_neutral, n_positive: *n_positive, ..Counts::default() }).collect();
+    let counts: Vec<&Counts> = counted.iter().collect();
     let starts: Vec<i64> = windows.iter().map(|(s, _)| *s).collect();
     (0..windows.len())
         .filter_map(|i| {
@@ -57,8 +59,8 @@ mod tests {
         let rule = RuleFile::parse(text, "r.toml").unwrap().rules.remove(0);
         let (condition, metric) = count_test(&rule).unwrap();
         assert_eq!(metric, Metric::NNegative);
-        let counts = |negative: u64| Counts { n: negative + 2, n_negative: negative, n_neutral: 2, ..Counts::default() };
-        let windows: Vec<(i64, Counts)> = (0..10).map(|i| (i * 3_600_000, counts(if i == 9 { 14 } else { 2 }))).collect();
+        let counts = |negative: u64| [negative + 2, negative, 2, 0];
+        let windows: Vec<(i64, [u64; 4])> = (0..10).map(|i| (i * 3_600_000, counts(if i == 9 { 14 } else { 2 }))).collect();
         let bands = bands(condition, metric, &windows);
         // Three windows of history before the first band (min_slot_windows).
         assert_eq!(bands.first().map(|b| b.window_start_ms), Some(3 * 3_600_000));

@@ -603,7 +603,7 @@ fn time(ms: i64) -> String {
 /// A stable id: FNV-1a over rule, group and start (never changes across versions or machines).
 fn alert_id(rule: &str, group: &GroupKey, started_ms: i64) -> String {
     let text = format!("{rule}\u{1f}{}\u{1f}{}\u{1f}{started_ms}", group.topic, group.ticker.as_deref().unwrap_or(""));
-    format!("{:016x}", crate::classify::near::stable_hash(&text))
+    format!("{:016x}", crate::news::near::stable_hash(&text))
 }
 
 /// All rules and their state; serializable as a whole for checkpoints.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{Alert, AlertState, Detector};
-use crate::classify::near::Reading;
+use crate::news::near::Reading;
 use crate::window::{Counted, Folding, Headline, WindowSpec, WindowState};
 
 /// A scored story as the windows count it.

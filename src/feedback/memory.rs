@@ -10,8 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use super::{Action, Head, LabelFeedback, match_key};
 
 use crate::classify::NearDuplicates;
-pub use crate::classify::near::{NEAR_CANDIDATES, Reading, words};
-use crate::classify::near::ends;
+pub use crate::news::near::{NEAR_CANDIDATES, Reading, words};
+use crate::news::near::ends;
 
 
 /// An analyst's label for one head of one text.

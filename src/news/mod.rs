@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod near;
 mod fields;
 
 pub use fields::{Fields, NotFields};

@@ -484,7 +484,7 @@ impl Core {
         let tickers = row.news.tickers.clone().unwrap_or_default();
         let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
         crate::telemetry::received("window", 1);
-        let cluster = self.windows.cluster_of(published_ms, &row.news.headline, &crate::classify::near::Reading::of(&row.scores));
+        let cluster = self.windows.cluster_of(published_ms, &row.news.headline, &crate::news::near::Reading::of(&row.scores));
         let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores, cluster);
         let counted = match self.corrections.as_mut() {
             Some(corrections) => corrections.label(&mut tracked, &row.scores),

@@ -14,7 +14,6 @@ use super::{AppState, error};
 use crate::detect::band;
 use crate::detect::rules::GroupKind;
 use crate::sql::{self, Format};
-use crate::window::Counts;
 
 /// Days of windows before `from` read as baseline (the count test's four weeks, and a margin).
 const BASELINE_DAYS: i64 = 35;
@@ -87,18 +86,21 @@ pub async fn bands(State(state): State<AppState>, _: Viewer, RawQuery(raw): RawQ
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("windows: {e}")),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let windows: Vec<(i64, Counts)> = rows
+    let windows: Vec<(i64, [u64; 4])> = rows
         .iter()
         .filter_map(|r| {
             let start = chrono::DateTime::parse_from_rfc3339(&r.window_start).or_else(|_| chrono::DateTime::parse_from_rfc3339(&format!("{}Z", r.window_start))).ok()?;
-            Some((start.timestamp_millis(), Counts { n: r.n, n_negative: r.n_negative, n_neutral: r.n_neutral, n_positive: r.n_positive, ..Counts::default() }))
+            Some((start.timestamp_millis(), [r.n, r.n_negative, r.n_neutral, r.n_positive]))
         })
         .collect();
     let from_ms = q.from.map_or(i64::MIN, |f| f.timestamp_millis());
     let bands: Vec<serde_json::Value> = band::bands(condition, metric, &windows)
         .into_iter()
         .filter(|b| b.window_start_ms >= from_ms)
-        .map(|b| json!({ "window_start": crate::pipeline::backtest::time(b.window_start_ms), "usual": b.usual, "threshold": b.threshold }))
+        .map(|b| {
+            let start = chrono::DateTime::from_timestamp_millis(b.window_start_ms).unwrap_or_default();
+            json!({ "window_start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "usual": b.usual, "threshold": b.threshold })
+        })
         .collect();
     Json(json!({ "rule": rule.name, "test": condition.test_name(), "metric": metric.as_str(), "windows": bands })).into_response()
 }

@@ -8,8 +8,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::classify::NearDuplicates;
-use crate::classify::near::{NEAR_CANDIDATES, Reading, ends, stable_hash, words};
+use crate::news::near::{NEAR_CANDIDATES, NearDuplicates, Reading, ends, stable_hash, words};
 
 /// Recent stories a lookup can fold into, at most: a bound on memory and checkpoints whatever the
 /// feed sends within a window.

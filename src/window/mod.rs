@@ -354,7 +354,7 @@ impl WindowState {
     }
 
     /// The cluster of copies a story belongs to, for [`Counted::cluster`]: 0 when copies do not fold.
-    pub fn cluster_of(&mut self, event_ms: i64, text: &str, reading: &crate::classify::near::Reading) -> u64 {
+    pub fn cluster_of(&mut self, event_ms: i64, text: &str, reading: &crate::news::near::Reading) -> u64 {
         let Some(folding) = &self.folding else { return 0 };
         // Copies fold within a window; a story can arrive up to the lateness after its window.
         let (reach, keep) = (self.spec.size_ms, self.spec.size_ms + self.spec.allowed_lateness_ms);
@@ -910,7 +910,7 @@ mod tests {
     fn copies_within_a_window_count_once_and_survive_a_relabel() {
         let mut state = WindowState::new(spec(4 * H, H, 0));
         state.fold_copies(Some(Folding { near: None }));
-        let reading = crate::classify::near::Reading { sentiment: [0.9, 0.1, 0.0], topic: "metals".into() };
+        let reading = crate::news::near::Reading { sentiment: [0.9, 0.1, 0.0], topic: "metals".into() };
         let mut stories = Vec::new();
         for i in 0..20 {
             let t = 10 * H + i * 60_000;

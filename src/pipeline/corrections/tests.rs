@@ -22,7 +22,7 @@ fn scores(sentiment: &'static str, p_negative: f32, topic: &str) -> Scores {
 /// Scores a story into the windows the way `Core::score` does.
 fn count(corrections: &mut Corrections, windows: &mut WindowState, id: &str, headline: &str, t: i64, scores: &Scores) -> Counted {
     let story = Headline { id: id.into(), headline: headline.into(), p_negative: scores.p_negative, why: vec![] };
-    let cluster = windows.cluster_of(t, headline, &crate::classify::near::Reading::of(scores));
+    let cluster = windows.cluster_of(t, headline, &crate::news::near::Reading::of(scores));
     let mut tracked = Tracked::new(t, vec![], story, scores, cluster);
     let counted = corrections.label(&mut tracked, scores);
     windows.add(&counted);

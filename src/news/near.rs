@@ -3,8 +3,21 @@
 //! name or a number, not what the headline says. The corrections memory carries an analyst's label
 //! to them; the windows count them once.
 
-use super::NearDuplicates;
-use crate::news::Scores;
+use serde::Deserialize;
+
+use super::Scores;
+
+/// A near-duplicate differs from the corrected text in one stretch of at most `max_span` words, the
+/// words around it are at least `min_shared` of the longer text, and the model reads both the same
+/// way: the same topic, and sentiment probabilities at most `max_distance` apart (total variation).
+/// Each model folder sets its own (`labels.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearDuplicates {
+    pub min_shared: f32,
+    pub max_span: usize,
+    pub max_distance: f32,
+}
 
 /// Earlier texts a near-duplicate lookup compares, at most, per end word (the newest): the cost of
 /// a lookup stays flat however many texts share a first or last word (templated headlines), at the
