@@ -1059,15 +1059,14 @@ fn summary(rule: &Rule, group: &GroupKey, row: &WindowRow, reading: &Reading) ->
     if let (Condition::Any { of }, Some(test)) = (&rule.condition, reading.test.and_then(|i| rule.condition_test(i)))
         && of.len() > 1
     {
-        let line = summary_of(&test.condition, test.metric.unwrap_or(rule.metric), group, row, reading);
-        let described = group.describe();
-        let rest = line.strip_prefix(&format!("{described}: ")).unwrap_or(&line);
-        return format!("{described} ({}): {rest}", test.condition.test_name());
+        let subject = format!("{} ({})", group.describe(), test.condition.test_name());
+        return summary_of(&test.condition, test.metric.unwrap_or(rule.metric), &subject, row, reading);
     }
-    summary_of(&rule.condition, rule.metric, group, row, reading)
+    summary_of(&rule.condition, rule.metric, &group.describe(), row, reading)
 }
 
-fn summary_of(condition: &Condition, metric_kind: Metric, group: &GroupKey, row: &WindowRow, reading: &Reading) -> String {
+/// The summary of `condition`'s reading, after `subject` (the group, and the test that decided).
+fn summary_of(condition: &Condition, metric_kind: Metric, subject: &str, row: &WindowRow, reading: &Reading) -> String {
     let what = match metric_kind {
         Metric::NegShare => "negative share",
         Metric::NNegative => "negative stories",
@@ -1126,9 +1125,9 @@ fn summary_of(condition: &Condition, metric_kind: Metric, group: &GroupKey, row:
     };
     if matches!(condition, Condition::Binomial { .. } | Condition::Count { .. }) && reading.baseline.is_some() {
         // "31 of 68 negative" already says how many stories.
-        return format!("{}: {detail}{copies}, {span}", group.describe());
+        return format!("{subject}: {detail}{copies}, {span}");
     }
-    format!("{}: {what} {detail} over {} stories{copies}, {span}", group.describe(), row.counts.n)
+    format!("{subject}: {what} {detail} over {} stories{copies}, {span}", row.counts.n)
 }
 
 #[cfg(test)]
