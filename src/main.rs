@@ -183,13 +183,16 @@ enum FeedbackCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Refits both heads on the model's embeddings of its shipped examples (refit/anchors.jsonl)
-    /// and the labels that won in STORAGE's label_feedback, recalibrates them, and writes a
-    /// complete model folder to OUT with report.json and report.md: the candidate beside the
-    /// champion on the frozen evaluation set (refit/eval.jsonl) and on the newest feedback, which
-    /// it did not train on. No torch, no pipeline run needed.
+    /// Builds a candidate from the labels that won in STORAGE's label_feedback and the model's
+    /// shipped examples (refit/anchors.jsonl). By default it refits both heads on the model's
+    /// embeddings (seconds); with --encoder it fine-tunes the encoder itself with the heads, on the
+    /// CPU, replaying the shipped examples so that it does not forget them and stopping when
+    /// held-out loss rises (minutes). Either way it recalibrates the heads and writes a complete
+    /// model folder to OUT with report.json and report.md: the candidate beside the champion, with
+    /// paired 95 % intervals, on the frozen evaluation set (refit/eval.jsonl), on each of its
+    /// domains and on the newest feedback, which it did not train on. No Python, no pipeline run.
     ///
-    /// Example: bearwatch model retrain --storage data/demo --out candidates/1
+    /// Example: bearwatch model retrain --storage data/demo --out candidates/1 --encoder
     Retrain {
         #[arg(long)]
         storage: PathBuf,
@@ -199,9 +202,21 @@ enum ModelCommand {
         /// The champion to start from; default: the bundled `models/`.
         #[arg(long)]
         from: Option<PathBuf>,
-        /// How many anchor examples one feedback label weighs.
+        /// How many anchor examples one feedback label weighs (head refit).
         #[arg(long, default_value_t = bearwatch::learn::FEEDBACK_WEIGHT)]
         feedback_weight: f32,
+        /// Fine-tune the encoder as well as the heads.
+        #[arg(long)]
+        encoder: bool,
+        /// Fine-tuning: at most this many epochs (it stops earlier when held-out loss rises).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().epochs, requires = "encoder")]
+        epochs: usize,
+        /// Fine-tuning: the seed of the shuffles and of the anchors replayed.
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().seed, requires = "encoder")]
+        seed: u64,
+        /// Fine-tuning: the encoder's learning rate (AdamW; the heads' is 1e-3).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
+        learning_rate: f64,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -513,10 +528,17 @@ fn pipeline_config(path: Option<&std::path::Path>, storage: Option<PathBuf>) -> 
     Ok(config)
 }
 
-fn retrain(storage: &std::path::Path, out: &std::path::Path, from: Option<PathBuf>, feedback_weight: f32) -> anyhow::Result<ExitCode> {
+fn retrain(
+    storage: &std::path::Path,
+    out: &std::path::Path,
+    from: Option<PathBuf>,
+    feedback_weight: f32,
+    encoder: Option<bearwatch::learn::tune::TuneSettings>,
+) -> anyhow::Result<ExitCode> {
     let from = from.unwrap_or_else(|| pipeline::bundled(std::path::Path::new("models")));
     let feedback = winning_labels(storage)?;
-    let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback, feedback_weight })?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback, feedback_weight, encoder, progress })?;
     print!("{}", report.markdown());
     eprintln!("candidate {} in {} (report.json, report.md)", report.candidate, out.display());
     Ok(ExitCode::SUCCESS)
@@ -698,7 +720,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight }) => retrain(&storage, &out, from, feedback_weight),
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, ..Default::default() });
+            retrain(&storage, &out, from, feedback_weight, tune)
+        }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
             let forced = reason.as_deref().filter(|_| force);
             let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced)?;

@@ -123,9 +123,9 @@ fn a_correction_recounts_open_windows_at_once_and_reaches_copies_and_near_duplic
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
 }
 
-/// A candidate folder without a retrain: the bundled encoder with the champion's own heads as
-/// trained (`models/refit/heads.json`), its report and golden outputs, as `model retrain` writes them.
-fn candidate(dir: &std::path::Path, golden: bool) -> String {
+/// A candidate folder that cannot serve: the bundled encoder with the champion's own heads
+/// (`models/refit/heads.json`) and its report, but a golden output no model gives.
+fn broken_candidate(dir: &std::path::Path) {
     let models = std::path::Path::new(common::ROOT).join("models");
     std::fs::create_dir_all(dir).unwrap();
     for file in ["model.onnx", "tokenizer.json"] {
@@ -136,17 +136,48 @@ fn candidate(dir: &std::path::Path, golden: bool) -> String {
     labels["version"] = json!(format!("{}+refit.test0001", labels["version"].as_str().unwrap()));
     labels["heads"] = json!("heads.json");
     std::fs::write(dir.join("labels.json"), labels.to_string()).unwrap();
-    let id = common::model_id(&labels);
-    let report = json!({"candidate": id, "built_at": "2026-12-01T00:00:00Z", "champion": common::bundled_model(),
+    let report = json!({"candidate": common::model_id(&labels), "built_at": "2026-12-01T00:00:00Z", "champion": common::bundled_model(),
         "from": models.display().to_string(), "storage": "", "anchors": 0, "feedback_trained": 0, "trained_until": null,
         "feedback_held_out": 0, "feedback_weight": 3.0, "temperatures": [1.0, 1.0], "comparisons": []});
     std::fs::write(dir.join("report.json"), report.to_string()).unwrap();
-    // A golden output no model gives: the swap must refuse the folder.
     let wrong = json!({"text": "Oil prices fall", "sentiment": [0.0, 0.0, 1.0]}).to_string() + "\n";
-    if !golden {
-        std::fs::write(dir.join("golden.jsonl"), wrong).unwrap();
+    std::fs::write(dir.join("golden.jsonl"), wrong).unwrap();
+}
+
+/// A candidate whose encoder `model retrain --encoder` fine-tuned (one epoch) on a review of stock
+/// splits, which the champion reads as neutral or negative and analysts call positive; checked to
+/// be the champion's graph op for op with new encoder weights, its int8 export close to the fp32
+/// weights it came from, and a report that compares it on every domain.
+fn fine_tuned(work: &std::path::Path, out: &std::path::Path) -> String {
+    let storage = work.join("reviews");
+    let file = work.join("splits.jsonl");
+    common::write_stock_split_review(&file, &["two-for-one", "three-for-one", "three-for-two", "five-for-four"]);
+    let storage = storage.to_str().unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, report_md, err) = bearwatch(&["model", "retrain", "--storage", storage, "--out", out.to_str().unwrap(), "--encoder", "--epochs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let tuning = &report["tuning"];
+    assert_eq!((tuning["epochs"].as_array().map(Vec::len), tuning["kept_epoch"].as_u64()), (Some(2), Some(1)), "the epoch was kept: {tuning}");
+    assert_eq!((tuning["stopping_feedback"].as_u64(), report["feedback_held_out"].as_u64()), (Some(6), Some(8)), "{report}");
+    // The stated tolerance of the int8 export against the fp32 weights it was quantized from.
+    let export = &tuning["export"];
+    assert!(export["agreement"].as_f64() >= Some(0.9) && export["mean_abs_difference"].as_f64() <= Some(0.05), "{export}");
+    assert!(report_md.contains("Fine-tuned the encoder"), "{report_md}");
+    for domain in ["phrasebank", "sentfin", "tweets_sentiment", "reuters", "tweets_topic"] {
+        let set = format!("eval/{domain}");
+        assert!(report["comparisons"].as_array().unwrap().iter().any(|c| c["set"] == set.as_str()), "{set}: {report}");
     }
-    id
+    // The same graph, op for op, with new encoder weights and the frozen embeddings unchanged.
+    let parse = |dir: &std::path::Path| bearwatch::learn::onnx::Model::parse(std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+    let (champion, tuned) = (parse(&std::path::Path::new(common::ROOT).join("models")), parse(out));
+    let ops = |m: &bearwatch::learn::onnx::Model| m.nodes.iter().map(|n| (n.name.clone(), n.op_type.clone(), n.inputs.clone())).collect::<Vec<_>>();
+    assert_eq!(ops(&champion), ops(&tuned));
+    let values = |m: &bearwatch::learn::onnx::Model, name: &str| m.initializer(name).unwrap().data.clone();
+    assert_ne!(values(&champion, "model.layers.0.query.bias"), values(&tuned, "model.layers.0.query.bias"), "the encoder moved");
+    assert_eq!(values(&champion, "model.word.weight_int8"), values(&tuned, "model.word.weight_int8"));
+    report["candidate"].as_str().unwrap().to_string()
 }
 
 fn bearwatch(args: &[&str]) -> (i32, String, String) {
@@ -172,7 +203,7 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
     // A folder that does not reproduce its golden outputs is refused before the alias moves, so a
     // restart could not serve it either; the champion serves on.
     let broken = dir.path().join("broken");
-    candidate(&broken, false);
+    broken_candidate(&broken);
     let (code, _, err) = bearwatch(&["model", "promote", broken.to_str().unwrap(), "--storage", storage, "--by", "ana"]);
     assert!(code == 2 && err.contains("cannot serve") && err.contains("golden output"), "{code} {err}");
     let (_, aliases, _) = bearwatch(&["sql", "--storage", storage, "--format", "csv", "SELECT count(*) AS n FROM model_aliases"]);
@@ -188,7 +219,8 @@ fn a_promoted_champion_serves_without_a_restart_and_a_rollback_swaps_back_with_n
         }
     };
     let good = dir.path().join("good");
-    let id = candidate(&good, true);
+    let id = fine_tuned(dir.path(), &good);
+    assert!(id.contains("+tune."), "{id}");
     batch("b.jsonl", 200, 600);
     // This time an admin promotes over HTTP (the API is open here: everyone is an admin).
     let (status, answer) = api.post("/api/models/promote", &json!({"dir": good}).to_string());

@@ -268,13 +268,7 @@ fn retrain_learns_imported_corrections_and_writes_a_model_folder_that_classify_a
     let storage = dir.path().join("reviews");
     let file = dir.path().join("splits.jsonl");
     // A review of stock splits, which the champion reads as neutral or negative: analysts say positive.
-    let companies = ["Midland", "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne", "Tyrell"];
-    let ratios = ["two-for-one", "three-for-one", "three-for-two", "five-for-four", "four-for-one"];
-    let lines: String = companies
-        .iter()
-        .flat_map(|c| ratios.iter().map(move |r| json!({"text": format!("{c} Corp sets {r} stock split"), "head": "sentiment", "label": "positive"}).to_string() + "\n"))
-        .collect();
-    std::fs::write(&file, lines).unwrap();
+    common::write_stock_split_review(&file, &["two-for-one", "three-for-one", "three-for-two", "five-for-four", "four-for-one"]);
     let storage = storage.to_str().unwrap();
     let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "ana", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");

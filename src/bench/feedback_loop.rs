@@ -46,6 +46,15 @@ pub struct LoopBenchArgs {
     /// `model retrain --feedback-weight`.
     #[arg(long, default_value_t = learn::FEEDBACK_WEIGHT)]
     pub feedback_weight: f32,
+    /// `model retrain --encoder`: fine-tune the encoder, not only the heads.
+    #[arg(long)]
+    pub encoder: bool,
+    /// `model retrain --epochs` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().epochs, requires = "encoder")]
+    pub epochs: usize,
+    /// `model retrain --learning-rate` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
+    pub learning_rate: f64,
 }
 
 /// What one repetition measured.
@@ -167,8 +176,9 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         })?;
 
         let out = work.join("candidate");
+        let encoder = args.encoder.then(|| learn::tune::TuneSettings { epochs: args.epochs, learning_rate: args.learning_rate, seed: 13 + u64::from(salt), ..Default::default() });
         let started = Instant::now();
-        learn::retrain(learn::RetrainOptions { storage: &storage, out: &out, from: &from, feedback, feedback_weight: args.feedback_weight })?;
+        learn::retrain(learn::RetrainOptions { storage: &storage, out: &out, from: &from, feedback, feedback_weight: args.feedback_weight, encoder, progress: false })?;
         let retrain_s = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let gate = match registry::promote(&storage, &out, "bench", None) {
@@ -222,13 +232,17 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "bench loop: {} from {}, {} split(s), the analyst reviews {:.0} % ({}), feedback weight {}\n",
+        "bench loop: {} from {}, {} split(s), the analyst reviews {:.0} % ({}), {}\n",
         args.set.display(),
         from.display(),
         runs.len(),
         args.review_share * 100.0,
         if args.mistakes_only { "labels the champion's mistakes only" } else { "labels every reviewed text" },
-        args.feedback_weight
+        if args.encoder {
+            format!("encoder fine-tuned (at most {} epochs, learning rate {})", args.epochs, args.learning_rate)
+        } else {
+            format!("heads refitted, feedback weight {}", args.feedback_weight)
+        }
     );
     let _ = writeln!(out, "| split | set | head | n | before | after | difference (95 % interval) |\n|---:|---|---|---:|---:|---:|---|");
     for (i, run) in runs.iter().enumerate() {

@@ -11,15 +11,19 @@
 //! feedback, which it did not train on (a time split), each with a 95 % interval.
 
 mod fit;
+mod minilm;
+pub mod onnx;
 pub mod registry;
 mod report;
+pub mod tune;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::classify::heads::{Head, Heads};
-use crate::classify::{Classifier, ClassifierConfig, ClassifyError, ModelSpec};
+use crate::classify::{Classifier, ClassifierConfig, ClassifyError, Encoder, ModelSpec};
+use sha2::Digest;
 use crate::error::{Classified, ErrorClass};
 use crate::feedback::{Head as Kind, TrainingLabel};
 use crate::news::SENTIMENTS;
@@ -75,6 +79,8 @@ pub const FEEDBACK_WEIGHT: f32 = 3.0;
 /// [`MIN_HELD_OUT_FEEDBACK`] labels.
 pub const HELD_OUT_SHARE: f64 = 0.2;
 pub const MIN_HELD_OUT_FEEDBACK: usize = 10;
+/// How many texts of the frozen set measure what the int8 export changed.
+const CHECK_TEXTS: usize = 512;
 /// Every this-many-th anchor is held out to fit the temperature.
 const TEMPERATURE_EVERY: usize = 10;
 
@@ -90,6 +96,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>, LearnError> {
 
 /// The champion's reading of each text: its labels and pooled embedding (empty unless the
 /// classifier was started with `embeddings`).
+#[derive(Clone)]
 pub(crate) struct Read {
     sentiment: String,
     topic: String,
@@ -137,8 +144,12 @@ pub struct RetrainOptions<'a> {
     pub from: &'a Path,
     /// The labels that won (`feedback export`).
     pub feedback: Vec<TrainingLabel>,
-    /// How many anchors one feedback label weighs ([`FEEDBACK_WEIGHT`] by default).
+    /// How many anchors one feedback label weighs ([`FEEDBACK_WEIGHT`] by default) in a head refit.
     pub feedback_weight: f32,
+    /// Fine-tune the encoder with the heads (`--encoder`); `None` refits the heads alone.
+    pub encoder: Option<tune::TuneSettings>,
+    /// Draw a progress bar on the terminal while fine-tuning.
+    pub progress: bool,
 }
 
 /// Builds a candidate in `options.out` and returns its report (also written there).
@@ -170,12 +181,13 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     }
     let held_out = if feedback.len() >= MIN_HELD_OUT_FEEDBACK { (feedback.len() as f64 * HELD_OUT_SHARE).ceil() as usize } else { 0 };
     let newest = feedback.split_off(feedback.len() - held_out);
-    tracing::info!(anchors = anchors.len(), feedback = feedback.len(), held_out = newest.len(), eval = evaluation.len(), "refitting heads");
+    tracing::info!(anchors = anchors.len(), feedback = feedback.len(), held_out = newest.len(), eval = evaluation.len(), "retraining");
 
     let config = ClassifierConfig { path: Some(options.from.to_path_buf()), embeddings: true, ..ClassifierConfig::default() };
     let classifier = Classifier::start(&config)?;
     let texts: Vec<&str> = anchors.iter().chain(&feedback).chain(&evaluation).chain(&newest).map(|e| e.text.as_str()).collect();
     let reads = read_all(&classifier, &texts)?;
+    drop(classifier);
     let (anchor_reads, rest) = reads.split_at(anchors.len());
     let (feedback_reads, rest) = rest.split_at(feedback.len());
     let (eval_reads, newest_reads) = rest.split_at(evaluation.len());
@@ -189,29 +201,113 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
             path.exists().then(|| Heads::load(&path, spec.topics.len())).transpose()?
         }
     };
-    let fit_head = |kind| {
-        let names = classes(&spec, kind);
-        let (mut train, mut calibrate) = (Vec::new(), Vec::new());
-        for (i, (e, r)) in anchors.iter().zip(anchor_reads).enumerate().filter(|(_, (e, _))| e.head == kind) {
-            if i % TEMPERATURE_EVERY == 0 { calibrate.push(row(&names, e, r, 1.0)) } else { train.push(row(&names, e, r, 1.0)) }
-        }
-        train.extend(feedback.iter().zip(feedback_reads).filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, options.feedback_weight)));
-        let prior = prior.as_ref().map(|p| head_of(p, kind));
-        let head = fit::fit(&train, dims, names.len(), &fit::Settings::default(), prior);
-        Head { temperature: fit::temperature(&head, &calibrate), ..head }
-    };
-    let heads = Heads { dims, sentiment: fit_head(Kind::Sentiment), topic: fit_head(Kind::Topic) };
+    // Held-out anchors: the temperature's (and, fine-tuning, early stopping's).
+    let calibrating = |i: usize| i % TEMPERATURE_EVERY == 0;
 
-    let version = write_candidate(options.from, options.out, &spec, &heads)?;
+    let (heads, version, candidate_reads, tuning) = match &options.encoder {
+        None => {
+            let fit_head = |kind| {
+                let names = classes(&spec, kind);
+                let (mut train, mut calibrate) = (Vec::new(), Vec::new());
+                for (i, (e, r)) in anchors.iter().zip(anchor_reads).enumerate().filter(|(_, (e, _))| e.head == kind) {
+                    if calibrating(i) { calibrate.push(row(&names, e, r, 1.0)) } else { train.push(row(&names, e, r, 1.0)) }
+                }
+                train.extend(feedback.iter().zip(feedback_reads).filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, options.feedback_weight)));
+                let prior = prior.as_ref().map(|p| head_of(p, kind));
+                let head = fit::fit(&train, dims, names.len(), &fit::Settings::default(), prior);
+                Head { temperature: fit::temperature(&head, &calibrate), ..head }
+            };
+            let heads = Heads { dims, sentiment: fit_head(Kind::Sentiment), topic: fit_head(Kind::Topic) };
+            let version = write_candidate(options.from, options.out, &spec, &heads, None)?;
+            (heads, version, None, None)
+        }
+        Some(settings) => {
+            let prior = prior.ok_or_else(|| LearnError::Invalid(format!("{}: fine-tuning starts from the champion's heads, and it has no refit/heads.json", options.from.display())))?;
+            let tokens = Encoder::load(&spec, config.max_length)?;
+            let item = |e: &Example| -> Result<tune::Item, LearnError> {
+                let ids = tokens.encode(&e.text)?.into_iter().map(|id| id as u32).collect();
+                Ok(tune::Item { ids, head: e.head, class: classes(&spec, e.head).iter().position(|n| *n == e.label).unwrap_or(0) })
+            };
+            let (mut train_feedback, mut stop_feedback) = (Vec::new(), Vec::new());
+            for (i, e) in feedback.iter().enumerate() {
+                // Every fifth label (once there are enough) decides when to stop, not what to learn.
+                if feedback.len() >= MIN_HELD_OUT_FEEDBACK && i % 5 == 4 { stop_feedback.push(item(e)?) } else { train_feedback.push(item(e)?) }
+            }
+            let (mut train_anchors, mut stop_anchors) = (Vec::new(), Vec::new());
+            for (i, e) in anchors.iter().enumerate() {
+                if calibrating(i) { stop_anchors.push(item(e)?) } else { train_anchors.push(item(e)?) }
+            }
+            let model_path = options.from.join("model.onnx");
+            let graph = onnx::Model::parse(std::fs::read(&model_path).map_err(files(&model_path))?)
+                .map_err(|reason| LearnError::Files { path: model_path.clone(), reason })?;
+            // The export's error is measured on up to CHECK_TEXTS of the frozen set, every domain.
+            let stride = evaluation.len().div_ceil(CHECK_TEXTS).max(1);
+            let check: Vec<tune::Item> = evaluation.iter().step_by(stride).map(item).collect::<Result<_, _>>()?;
+            let sets = tune::Sets { feedback: &train_feedback, feedback_held_out: &stop_feedback, anchors: &train_anchors, anchors_held_out: &stop_anchors, check: &check };
+            tracing::info!(feedback = train_feedback.len(), stop_feedback = stop_feedback.len(), anchors = train_anchors.len(), "fine-tuning the encoder");
+            let started = std::time::Instant::now();
+            let tuned = tune::fine_tune(&graph, &prior, &sets, settings, options.progress)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let bytes = graph.with_initializers(&tuned.initializers).map_err(|reason| LearnError::Files { path: model_path.clone(), reason })?;
+            // The exported graph's own embeddings: what the heads' temperatures and the report read.
+            write_candidate(options.from, options.out, &spec, &tuned.heads, Some(&bytes))?;
+            let candidate = Classifier::start(&ClassifierConfig { path: Some(options.out.to_path_buf()), embeddings: true, ..ClassifierConfig::default() })?;
+            let calibrate_texts: Vec<&str> = anchors.iter().enumerate().filter(|(i, _)| calibrating(*i)).map(|(_, e)| e.text.as_str()).collect();
+            let texts: Vec<&str> = calibrate_texts.iter().copied().chain(evaluation.iter().chain(&newest).map(|e| e.text.as_str())).collect();
+            let candidate_reads = read_all(&candidate, &texts)?;
+            drop(candidate);
+            let calibrate: Vec<(&Example, &Read)> = anchors.iter().enumerate().filter(|(i, _)| calibrating(*i)).map(|(_, e)| e).zip(&candidate_reads).collect();
+            let temperature = |kind| {
+                let names = classes(&spec, kind);
+                let rows: Vec<fit::Row<'_>> = calibrate.iter().filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, 1.0)).collect();
+                fit::temperature(head_of(&tuned.heads, kind), &rows)
+            };
+            let heads = Heads {
+                dims,
+                sentiment: Head { temperature: temperature(Kind::Sentiment), ..tuned.heads.sentiment.clone() },
+                topic: Head { temperature: temperature(Kind::Topic), ..tuned.heads.topic.clone() },
+            };
+            let version = write_candidate(options.from, options.out, &spec, &heads, Some(&bytes))?;
+            let exported: Vec<Read> = candidate_reads[calibrate_texts.len()..][..evaluation.len()].iter().step_by(stride).cloned().collect();
+            let export = report::export_error(&heads, &tuned.check_embeddings, &exported)?;
+            let tuning = report::Tuning {
+                settings: settings.clone(),
+                epochs: tuned.epochs,
+                kept_epoch: tuned.best,
+                seconds,
+                stopping_feedback: stop_feedback.len(),
+                stopping_anchors: stop_anchors.len(),
+                export,
+            };
+            (heads, version, Some(candidate_reads[calibrate_texts.len()..].to_vec()), Some(tuning))
+        }
+    };
+    let (candidate_eval, candidate_newest) = match &candidate_reads {
+        Some(reads) => reads.split_at(evaluation.len()),
+        None => (eval_reads, newest_reads),
+    };
+
     // What the folder must reproduce when a pipeline loads it: the first evaluation texts' scores.
     let mut golden = String::new();
-    for (e, r) in evaluation.iter().zip(eval_reads).take(16) {
+    for (e, r) in evaluation.iter().zip(candidate_eval).take(16) {
         let (sentiment, _) = heads.apply(&r.embedding, 1)?;
         let row = registry::Golden { text: e.text.clone(), sentiment: [sentiment[0], sentiment[1], sentiment[2]] };
         golden.push_str(&(serde_json::to_string(&row).map_err(|e| LearnError::Invalid(e.to_string()))? + "\n"));
     }
     std::fs::write(options.out.join("golden.jsonl"), golden).map_err(files(options.out))?;
-    let compare = |examples: &[Example], reads: &[Read], set: &str| report::compare(set, examples, reads, &heads, &spec);
+    let mut comparisons = report::compare("eval", &evaluation, eval_reads, candidate_eval, &heads, &spec);
+    // Each domain of the frozen set on its own: a loss in one must not hide behind gains in another.
+    let mut domains: Vec<&str> = evaluation.iter().map(|e| e.set.as_str()).filter(|s| !s.is_empty()).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    for domain in domains {
+        let pick = |reads: &[Read]| -> (Vec<Example>, Vec<Read>) {
+            evaluation.iter().zip(reads).filter(|(e, _)| e.set == domain).map(|(e, r)| (e.clone(), r.clone())).unzip()
+        };
+        let ((examples, champion), (_, candidate)) = (pick(eval_reads), pick(candidate_eval));
+        comparisons.extend(report::compare(&format!("eval/{domain}"), &examples, &champion, &candidate, &heads, &spec));
+    }
+    comparisons.extend(report::compare("feedback", &newest, newest_reads, candidate_newest, &heads, &spec));
     let report = Report {
         candidate: format!("{}@{version}", spec.id().split('@').next().unwrap_or_default()),
         built_at: chrono::Utc::now(),
@@ -224,17 +320,23 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
         feedback_held_out: newest.len(),
         feedback_weight: options.feedback_weight,
         temperatures: (heads.sentiment.temperature, heads.topic.temperature),
-        comparisons: [compare(&evaluation, eval_reads, "eval"), compare(&newest, newest_reads, "feedback")].concat(),
+        tuning,
+        comparisons,
     };
     report.write(options.out)?;
     Ok(report)
 }
 
-/// Copies the champion's files, adds the heads and names the new version in `labels.json`.
-fn write_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads) -> Result<String, LearnError> {
+/// Copies the champion's files (or writes `model`, a fine-tuned graph, as model.onnx), adds the
+/// heads and names the new version in `labels.json`.
+fn write_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads, model: Option<&[u8]>) -> Result<String, LearnError> {
     std::fs::create_dir_all(out.join("refit")).map_err(files(out))?;
-    for file in ["model.onnx", "tokenizer.json", "refit/anchors.jsonl", "refit/eval.jsonl"] {
+    for file in ["tokenizer.json", "refit/anchors.jsonl", "refit/eval.jsonl"] {
         std::fs::copy(from.join(file), out.join(file)).map_err(files(&from.join(file)))?;
+    }
+    match model {
+        Some(bytes) => std::fs::write(out.join("model.onnx"), bytes).map_err(files(out))?,
+        None => std::fs::copy(from.join("model.onnx"), out.join("model.onnx")).map(drop).map_err(files(&from.join("model.onnx")))?,
     }
     let json = serde_json::to_string(heads).map_err(|e| LearnError::Invalid(e.to_string()))?;
     std::fs::write(out.join("heads.json"), &json).map_err(files(out))?;
@@ -245,7 +347,14 @@ fn write_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads) -> 
             reason: e.to_string(),
         })?;
     let base = spec.id().split('@').nth(1).unwrap_or_default().split('+').next().unwrap_or_default().to_string();
-    let version = format!("{base}+refit.{}", &crate::feedback::text_hash(&json)[..8]);
+    // A fine-tuned graph is part of what the version names.
+    let version = match model {
+        None => format!("{base}+refit.{}", &crate::feedback::text_hash(&json)[..8]),
+        Some(bytes) => {
+            let digest: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+            format!("{base}+tune.{}", &crate::feedback::text_hash(&(json.clone() + &digest))[..8])
+        }
+    };
     labels["version"] = serde_json::Value::String(version.clone());
     labels["heads"] = serde_json::Value::String("heads.json".into());
     let text = serde_json::to_string_pretty(&labels).map_err(|e| LearnError::Invalid(e.to_string()))?;

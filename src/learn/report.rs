@@ -6,6 +6,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::tune::{Epoch, TuneSettings};
 use super::{Example, LearnError, Read, classes, files, head_of};
 use crate::classify::ModelSpec;
 use crate::classify::heads::Heads;
@@ -59,7 +60,53 @@ pub struct Report {
     pub feedback_weight: f32,
     /// (sentiment, topic).
     pub temperatures: (f32, f32),
+    /// How the encoder was fine-tuned; absent for a head refit.
+    #[serde(default)]
+    pub tuning: Option<Tuning>,
     pub comparisons: Vec<Comparison>,
+}
+
+/// What `model retrain --encoder` did: its settings, each epoch's losses and the one kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tuning {
+    pub settings: TuneSettings,
+    pub epochs: Vec<Epoch>,
+    pub kept_epoch: usize,
+    /// Wall-clock seconds of the fine-tuning itself.
+    pub seconds: f64,
+    /// Held out to decide when to stop: feedback labels (every fifth) and anchors.
+    pub stopping_feedback: usize,
+    pub stopping_anchors: usize,
+    /// The int8 graph against the fp32 weights it was quantized from, on the frozen set.
+    pub export: ExportError,
+}
+
+/// How far the exported int8 graph's sentiment probabilities lie from the trained fp32 weights'.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportError {
+    pub texts: usize,
+    pub mean_abs_difference: f64,
+    pub max_abs_difference: f64,
+    /// Share of texts whose sentiment label is the same under both.
+    pub agreement: f64,
+}
+
+/// Sentiment probabilities of the fp32 embeddings `float` and the exported graph's `exported`.
+pub(super) fn export_error(heads: &Heads, float: &[Vec<f32>], exported: &[Read]) -> Result<ExportError, LearnError> {
+    let (mut sum, mut max, mut same) = (0.0f64, 0.0f64, 0usize);
+    for (f, e) in float.iter().zip(exported) {
+        let (a, _) = heads.apply(f, 1)?;
+        let (b, _) = heads.apply(&e.embedding, 1)?;
+        let argmax = |p: &[f32]| p.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| i);
+        same += usize::from(argmax(&a) == argmax(&b));
+        for (x, y) in a.iter().zip(&b) {
+            let d = f64::from((x - y).abs());
+            sum += d / 3.0;
+            max = max.max(d);
+        }
+    }
+    let n = float.len().min(exported.len()).max(1) as f64;
+    Ok(ExportError { texts: float.len().min(exported.len()), mean_abs_difference: sum / n, max_abs_difference: max, agreement: same as f64 / n })
 }
 
 impl Report {
@@ -75,10 +122,26 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
+        let how = match &self.tuning {
+            None => format!("Refitted heads on {} anchors and {} feedback labels (weight {})", self.anchors, self.feedback_trained, self.feedback_weight),
+            Some(t) => format!(
+                "Fine-tuned the encoder and heads on {} feedback labels with anchors replayed ({} labels and {} anchors held out to stop; \
+                 kept epoch {} of {}, {:.0} s; the int8 export agrees with the fp32 weights on {:.1} % of the frozen set's sentiment labels, \
+                 probabilities {:.4} apart on average)",
+                self.feedback_trained - t.stopping_feedback,
+                t.stopping_feedback,
+                t.stopping_anchors,
+                t.kept_epoch,
+                t.epochs.len() - 1,
+                t.seconds,
+                100.0 * t.export.agreement,
+                t.export.mean_abs_difference
+            ),
+        };
         let mut md = format!(
-            "# {} against {}\n\nRefitted heads on {} anchors and {} feedback labels (weight {}); {} newer labels held out. \
+            "# {} against {}\n\n{how}; {} newer labels held out. \
              Temperatures: sentiment {:.3}, topic {:.3}.\n\n| set | head | n | champion | candidate | difference (95 % interval) | |\n|---|---|---:|---:|---:|---|---|\n",
-            self.candidate, self.champion, self.anchors, self.feedback_trained, self.feedback_weight, self.feedback_held_out, self.temperatures.0, self.temperatures.1
+            self.candidate, self.champion, self.feedback_held_out, self.temperatures.0, self.temperatures.1
         );
         for c in &self.comparisons {
             md.push_str(&format!("| {} | {} |\n", c.cells(), if c.worse { "worse" } else { "" }));
@@ -128,16 +191,17 @@ pub fn comparison(set: &str, head: Kind, right: impl IntoIterator<Item = (bool, 
     })
 }
 
-/// Per head: both models' accuracy on `examples` (read by the champion as `reads`).
-pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], heads: &Heads, spec: &ModelSpec) -> Vec<Comparison> {
+/// Per head: both models' accuracy on `examples`, read by the champion as `reads` and by the
+/// candidate's encoder as `candidate` (the same reads when only the heads changed) under `heads`.
+pub(super) fn compare(set: &str, examples: &[Example], reads: &[Read], candidate: &[Read], heads: &Heads, spec: &ModelSpec) -> Vec<Comparison> {
     let mut out = Vec::new();
     for kind in [Kind::Sentiment, Kind::Topic] {
         let names = classes(spec, kind);
         let head = head_of(heads, kind);
         let mut p = Vec::new();
-        let right = examples.iter().zip(reads).filter(|(e, _)| e.head == kind).map(|(e, r)| {
+        let right = examples.iter().zip(reads.iter().zip(candidate)).filter(|(e, _)| e.head == kind).map(|(e, (r, c))| {
             p.clear();
-            head.probabilities(&r.embedding, &mut p);
+            head.probabilities(&c.embedding, &mut p);
             let predicted = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| names[i].as_str()).unwrap_or_default();
             (r.label(kind) == e.label, predicted == e.label)
         });

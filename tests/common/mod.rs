@@ -17,6 +17,19 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 pub const DEMO_DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/data/reuters-1987.jsonl");
 
+/// Writes a review of stock splits to `file` as `feedback import` reads it: ten companies × each
+/// of `ratios`, all labelled positive (the champion reads them as neutral or negative).
+pub fn write_stock_split_review(file: &Path, ratios: &[&str]) {
+    let companies = ["Midland", "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne", "Tyrell"];
+    let lines: String = companies
+        .iter()
+        .flat_map(|c| {
+            ratios.iter().map(move |r| serde_json::json!({"text": format!("{c} Corp sets {r} stock split"), "head": "sentiment", "label": "positive"}).to_string() + "\n")
+        })
+        .collect();
+    std::fs::write(file, lines).unwrap();
+}
+
 /// A model's id as the tables record it: `name@version` of its labels.json.
 pub fn model_id(labels: &serde_json::Value) -> String {
     format!("{}@{}", labels["name"].as_str().unwrap(), labels["version"].as_str().unwrap())

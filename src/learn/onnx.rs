@@ -1,0 +1,396 @@
+//! Just enough of the ONNX protobuf to read a model's weights and write them back: the graph's
+//! nodes (name, op, inputs, outputs) and its initializers, decoded to little-endian bytes. Writing
+//! replaces the named initializers and copies every other byte of the file as it was, so a
+//! fine-tuned candidate is the champion's graph, op for op, with new numbers in it.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// ONNX `TensorProto.DataType` values this module decodes.
+pub const FLOAT: i32 = 1;
+pub const UINT8: i32 = 2;
+pub const INT8: i32 = 3;
+pub const INT64: i32 = 7;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub dims: Vec<i64>,
+    pub data_type: i32,
+    /// The values, little-endian, whatever field the file kept them in.
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    pub fn floats(&self) -> Result<Vec<f32>, String> {
+        if self.data_type != FLOAT {
+            return Err(format!("{}: type {} is not float", self.name, self.data_type));
+        }
+        Ok(self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
+    pub fn int8s(&self) -> Result<Vec<i8>, String> {
+        if self.data_type != INT8 {
+            return Err(format!("{}: type {} is not int8", self.name, self.data_type));
+        }
+        Ok(self.data.iter().map(|&b| b as i8).collect())
+    }
+
+    pub fn from_floats(name: &str, dims: &[i64], values: &[f32]) -> Tensor {
+        Tensor { name: name.into(), dims: dims.to_vec(), data_type: FLOAT, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    }
+
+    pub fn from_int8s(name: &str, dims: &[i64], values: &[i8]) -> Tensor {
+        Tensor { name: name.into(), dims: dims.to_vec(), data_type: INT8, data: values.iter().map(|&v| v as u8).collect() }
+    }
+
+    fn elements(&self) -> usize {
+        self.dims.iter().map(|&d| d.max(0) as usize).product()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub op_type: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// A parsed model: its bytes, and where in them the graph and each initializer lie.
+pub struct Model {
+    bytes: Vec<u8>,
+    graph: Range<usize>,
+    pub nodes: Vec<Node>,
+    initializers: Vec<(Range<usize>, Tensor)>,
+    by_name: HashMap<String, usize>,
+}
+
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_NODE: u32 = 1;
+const GRAPH_INITIALIZER: u32 = 5;
+
+impl Model {
+    pub fn parse(bytes: Vec<u8>) -> Result<Model, String> {
+        let mut graph = None;
+        for field in Fields::new(&bytes, 0..bytes.len()) {
+            let field = field?;
+            if field.number == MODEL_GRAPH {
+                graph = Some(field.value.clone());
+            }
+        }
+        let graph = graph.ok_or("the file has no graph")?;
+        let (mut nodes, mut initializers) = (Vec::new(), Vec::new());
+        for field in Fields::new(&bytes, graph.clone()) {
+            let field = field?;
+            match field.number {
+                GRAPH_NODE => nodes.push(node(&bytes[field.value])?),
+                GRAPH_INITIALIZER => initializers.push((field.whole, tensor(&bytes[field.value])?)),
+                _ => {}
+            }
+        }
+        let by_name = initializers.iter().enumerate().map(|(i, (_, t))| (t.name.clone(), i)).collect();
+        Ok(Model { bytes, graph, nodes, initializers, by_name })
+    }
+
+    pub fn initializer(&self, name: &str) -> Result<&Tensor, String> {
+        self.by_name.get(name).map(|&i| &self.initializers[i].1).ok_or_else(|| format!("no initializer {name:?}"))
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node, String> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| format!("no node {name:?}"))
+    }
+
+    /// The node that writes `output`.
+    pub fn producer(&self, output: &str) -> Result<&Node, String> {
+        self.nodes.iter().find(|n| n.outputs.iter().any(|o| o == output)).ok_or_else(|| format!("nothing writes {output:?}"))
+    }
+
+    /// The model's bytes with each tensor of `replace` in place of the initializer of its name.
+    /// Every replacement must name an initializer and keep its type and shape.
+    pub fn with_initializers(&self, replace: &[Tensor]) -> Result<Vec<u8>, String> {
+        let mut new: HashMap<&str, &Tensor> = HashMap::new();
+        for t in replace {
+            let old = self.initializer(&t.name)?;
+            if old.dims != t.dims || old.data_type != t.data_type || t.data.len() != old.data.len() {
+                return Err(format!("{}: a replacement must keep type {} and shape {:?}", t.name, old.data_type, old.dims));
+            }
+            new.insert(&t.name, t);
+        }
+        let mut graph = Vec::with_capacity(self.graph.len());
+        let mut at = self.graph.start;
+        for (whole, tensor) in &self.initializers {
+            if let Some(t) = new.get(tensor.name.as_str()) {
+                graph.extend_from_slice(&self.bytes[at..whole.start]);
+                let mut message = Vec::new();
+                encode_tensor(t, &mut message);
+                key(GRAPH_INITIALIZER, 2, &mut graph);
+                varint(message.len() as u64, &mut graph);
+                graph.extend_from_slice(&message);
+                at = whole.end;
+            }
+        }
+        graph.extend_from_slice(&self.bytes[at..self.graph.end]);
+        // The graph is the model's field 7: rewrite its length, copy all else.
+        let mut out = Vec::with_capacity(self.bytes.len());
+        let mut at = 0;
+        for field in Fields::new(&self.bytes, 0..self.bytes.len()) {
+            let field = field?;
+            if field.number == MODEL_GRAPH {
+                out.extend_from_slice(&self.bytes[at..field.whole.start]);
+                key(MODEL_GRAPH, 2, &mut out);
+                varint(graph.len() as u64, &mut out);
+                out.extend_from_slice(&graph);
+                at = field.whole.end;
+            }
+        }
+        out.extend_from_slice(&self.bytes[at..]);
+        Ok(out)
+    }
+}
+
+struct Field {
+    number: u32,
+    wire: u8,
+    /// The payload: a length-delimited field's bytes, or the varint/fixed value's bytes.
+    value: Range<usize>,
+    /// Key to end.
+    whole: Range<usize>,
+}
+
+struct Fields<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    end: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(bytes: &'a [u8], range: Range<usize>) -> Fields<'a> {
+        Fields { bytes, at: range.start, end: range.end }
+    }
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize, end: usize) -> Result<u64, String> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let &b = bytes.get(*at).filter(|_| *at < end).ok_or("a number runs past its message")?;
+        *at += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err("a number longer than 10 bytes".into())
+}
+
+impl Iterator for Fields<'_> {
+    type Item = Result<Field, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.end {
+            return None;
+        }
+        let start = self.at;
+        let result = (|| {
+            let k = read_varint(self.bytes, &mut self.at, self.end)?;
+            let (number, wire) = ((k >> 3) as u32, (k & 7) as u8);
+            let value = match wire {
+                0 => {
+                    let s = self.at;
+                    read_varint(self.bytes, &mut self.at, self.end)?;
+                    s..self.at
+                }
+                1 | 5 => {
+                    let len = if wire == 1 { 8 } else { 4 };
+                    (self.at + len <= self.end).then_some(self.at..self.at + len).ok_or("a fixed-width value runs past its message")?
+                }
+                2 => {
+                    let len = read_varint(self.bytes, &mut self.at, self.end)? as usize;
+                    let s = self.at;
+                    (len <= self.end - s).then_some(s..s + len).ok_or("a field runs past its message")?
+                }
+                other => return Err(format!("wire type {other} is not one ONNX uses")),
+            };
+            self.at = value.end;
+            Ok(Field { number, wire, value, whole: start..self.at })
+        })();
+        if result.is_err() {
+            self.at = self.end;
+        }
+        Some(result)
+    }
+}
+
+fn string(bytes: &[u8]) -> Result<String, String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+}
+
+fn node(bytes: &[u8]) -> Result<Node, String> {
+    let mut node = Node { name: String::new(), op_type: String::new(), inputs: Vec::new(), outputs: Vec::new() };
+    for field in Fields::new(bytes, 0..bytes.len()) {
+        let field = field?;
+        let value = &bytes[field.value];
+        match field.number {
+            1 => node.inputs.push(string(value)?),
+            2 => node.outputs.push(string(value)?),
+            3 => node.name = string(value)?,
+            4 => node.op_type = string(value)?,
+            _ => {}
+        }
+    }
+    Ok(node)
+}
+
+/// Repeated numbers, packed (wire 2) or one per field.
+fn numbers(bytes: &[u8], field: &Field, out: &mut Vec<u64>) -> Result<(), String> {
+    match field.wire {
+        0 => out.push(read_varint(bytes, &mut field.value.start.clone(), field.value.end)?),
+        2 => {
+            let mut at = field.value.start;
+            while at < field.value.end {
+                out.push(read_varint(bytes, &mut at, field.value.end)?);
+            }
+        }
+        _ => return Err("a repeated integer field with an unexpected encoding".into()),
+    }
+    Ok(())
+}
+
+fn tensor(bytes: &[u8]) -> Result<Tensor, String> {
+    let mut t = Tensor { name: String::new(), dims: Vec::new(), data_type: 0, data: Vec::new() };
+    let (mut dims, mut ints, mut floats, mut raw) = (Vec::new(), Vec::new(), Vec::new(), None);
+    for field in Fields::new(bytes, 0..bytes.len()) {
+        let field = field?;
+        match field.number {
+            1 => numbers(bytes, &field, &mut dims)?,
+            2 => t.data_type = read_varint(bytes, &mut field.value.start.clone(), field.value.end)? as i32,
+            // Packed, or one fixed32 per field: little-endian floats either way.
+            4 => floats.extend_from_slice(&bytes[field.value]),
+            5 | 7 => numbers(bytes, &field, &mut ints)?,
+            8 => t.name = string(&bytes[field.value])?,
+            9 => raw = Some(bytes[field.value].to_vec()),
+            13 | 14 => return Err(format!("{}: tensors kept outside the file are not read", t.name)),
+            _ => {}
+        }
+    }
+    t.dims = dims.into_iter().map(|d| d as i64).collect();
+    t.data = match (raw, t.data_type) {
+        (Some(raw), _) => raw,
+        (None, FLOAT) => floats,
+        (None, INT8 | UINT8) => ints.iter().map(|&v| v as u8).collect(),
+        (None, INT64) => ints.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        (None, other) => return Err(format!("{}: type {other} is not read", t.name)),
+    };
+    let width = match t.data_type {
+        FLOAT => 4,
+        INT8 | UINT8 => 1,
+        INT64 => 8,
+        _ => return Ok(t),
+    };
+    if t.data.len() != t.elements() * width {
+        return Err(format!("{}: {} bytes for shape {:?}", t.name, t.data.len(), t.dims));
+    }
+    Ok(t)
+}
+
+fn key(number: u32, wire: u8, out: &mut Vec<u8>) {
+    varint(u64::from(number) << 3 | u64::from(wire), out);
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn encode_tensor(t: &Tensor, out: &mut Vec<u8>) {
+    for &d in &t.dims {
+        key(1, 0, out);
+        varint(d as u64, out);
+    }
+    key(2, 0, out);
+    varint(t.data_type as u64, out);
+    key(8, 2, out);
+    varint(t.name.len() as u64, out);
+    out.extend_from_slice(t.name.as_bytes());
+    key(9, 2, out);
+    varint(t.data.len() as u64, out);
+    out.extend_from_slice(&t.data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, v) in fields {
+            key(*n, 2, &mut out);
+            varint(v.len() as u64, &mut out);
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// A model whose graph has a node, a float tensor in `float_data` and an int8 one in
+    /// `int32_data`, as exporters write small tensors.
+    fn small_model() -> Vec<u8> {
+        let node = message(&[(1, b"x".to_vec()), (1, b"w".to_vec()), (2, b"y".to_vec()), (3, b"mm".to_vec()), (4, b"MatMul".to_vec())]);
+        let mut floats = Vec::new();
+        key(1, 0, &mut floats);
+        varint(2, &mut floats);
+        key(2, 0, &mut floats);
+        varint(FLOAT as u64, &mut floats);
+        floats.extend(message(&[(4, [1.5f32, -2.0].iter().flat_map(|f| f.to_le_bytes()).collect()), (8, b"w".to_vec())]));
+        let mut ints = Vec::new();
+        key(1, 0, &mut ints);
+        varint(3, &mut ints);
+        key(2, 0, &mut ints);
+        varint(INT8 as u64, &mut ints);
+        let mut packed = Vec::new();
+        for v in [1i64, -1, 127] {
+            varint(v as u64, &mut packed);
+        }
+        ints.extend(message(&[(5, packed), (8, b"q".to_vec())]));
+        let graph = message(&[(1, node), (2, b"g".to_vec()), (5, floats), (5, ints)]);
+        let mut model = Vec::new();
+        key(1, 0, &mut model);
+        varint(8, &mut model);
+        model.extend(message(&[(7, graph)]));
+        model
+    }
+
+    #[test]
+    fn reads_nodes_and_tensors_in_every_encoding() {
+        let model = Model::parse(small_model()).unwrap();
+        assert_eq!(model.nodes[0].op_type, "MatMul");
+        assert_eq!(model.nodes[0].inputs, ["x", "w"]);
+        assert_eq!(model.initializer("w").unwrap().floats().unwrap(), [1.5, -2.0]);
+        assert_eq!(model.initializer("q").unwrap().int8s().unwrap(), [1, -1, 127]);
+        assert_eq!(model.producer("y").unwrap().name, "mm");
+    }
+
+    #[test]
+    fn a_replaced_initializer_reads_back_and_the_rest_is_unchanged() {
+        let model = Model::parse(small_model()).unwrap();
+        let bytes = model.with_initializers(&[Tensor::from_floats("w", &[2], &[0.25, 4.0])]).unwrap();
+        let again = Model::parse(bytes.clone()).unwrap();
+        assert_eq!(again.initializer("w").unwrap().floats().unwrap(), [0.25, 4.0]);
+        assert_eq!(again.initializer("q").unwrap(), model.initializer("q").unwrap());
+        assert_eq!(again.nodes.len(), 1);
+        // Nothing replaced: the very same bytes.
+        assert_eq!(model.with_initializers(&[]).unwrap(), small_model());
+        assert!(model.with_initializers(&[Tensor::from_floats("w", &[3], &[0.0; 3])]).is_err(), "a shape change is refused");
+        assert!(model.with_initializers(&[Tensor::from_floats("nope", &[1], &[0.0])]).is_err());
+    }
+
+    #[test]
+    fn truncated_bytes_are_an_error_not_a_panic() {
+        let bytes = small_model();
+        for cut in 1..bytes.len() {
+            let _ = Model::parse(bytes[..cut].to_vec());
+        }
+    }
+}
