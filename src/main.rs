@@ -168,6 +168,29 @@ enum FeedbackCommand {
         model: Option<PathBuf>,
         file: PathBuf,
     },
+    /// Lists the recent stories (the week before the newest, by default) whose label would be worth
+    /// most: where the model is least sure (the margin between its two likeliest classes), weighted
+    /// up to 3x where the story's window is near the count at which the topic's rule fires; near-
+    /// duplicates of a listed story and stories already judged are left out. Label them with
+    /// `feedback import` (by story_id), the dashboard's Review view or POST /api/feedback/labels.
+    ///
+    /// Example: bearwatch feedback queue --pipeline pipelines/demo.toml --limit 20
+    Queue {
+        /// The pipeline whose storage, rules and model to read; default: the demo's.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        /// Read this storage instead of the pipeline's.
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: u16,
+        /// Stories published within this many hours of the newest.
+        #[arg(long, default_value_t = 168, value_parser = clap::value_parser!(u32).range(1..=8784))]
+        hours: u32,
+        /// `table` for people, `json` (one object per line) for scripts.
+        #[arg(long, value_enum, default_value = "table")]
+        format: QueueFormat,
+    },
     /// Writes the label that won for each text and head, one JSON object per line:
     /// {"text", "head", "label", "analyst", "created_at", "feedback_id", "story_id"}.
     ///
@@ -179,6 +202,12 @@ enum FeedbackCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QueueFormat {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -720,6 +749,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Feedback(FeedbackCommand::Import { storage, analyst, model, file }) => import_feedback(&storage, &analyst, model, &file),
         Command::Feedback(FeedbackCommand::Export { storage, out }) => export_feedback(&storage, out.as_deref()),
+        Command::Feedback(FeedbackCommand::Queue { pipeline, storage, limit, hours, format }) => {
+            let config = pipeline_config(pipeline.as_deref(), storage)?;
+            let queue = pipeline::review_queue(&config, usize::from(limit), hours)?;
+            match format {
+                QueueFormat::Json => {
+                    for item in &queue {
+                        println!("{}", serde_json::to_string(item)?);
+                    }
+                }
+                QueueFormat::Table => {
+                    println!("| # | story | published | topic | sentiment | ask | uncertain | near alert | score | headline |\n|---:|---|---|---|---|---|---:|---:|---:|---|");
+                    for i in &queue {
+                        println!(
+                            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
+                            i.rank, i.story_id, i.published_at, i.topic, i.sentiment, i.ask.name(), i.uncertainty, i.alert_closeness, i.score, i.headline.replace('|', "/")
+                        );
+                    }
+                }
+            }
+            eprintln!("{} stories to review", queue.len());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate }) => {
             let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)

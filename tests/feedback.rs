@@ -537,3 +537,48 @@ fn a_challenger_in_shadow_scores_every_story_and_compare_shows_the_episodes_it_w
     assert_eq!(code, 0, "{err}");
     assert_eq!(stdout.trim(), "shadow: none (shadow stopped)");
 }
+
+#[test]
+fn the_review_queue_ranks_unsure_stories_first_lists_one_of_a_template_and_drops_what_was_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 demo stories, and ten companies' stock splits in one template, an hour apart.
+    let mut stories: String = std::fs::read_to_string(DEMO_DATA).unwrap().lines().take(200).map(|l| format!("{l}\n")).collect();
+    let companies = ["Midland", "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne", "Tyrell"];
+    for (i, c) in companies.iter().enumerate() {
+        stories.push_str(&(json!({"id": format!("split-{i}"), "published_at": format!("1987-02-27T{:02}:00:00Z", i + 1), "headline": format!("{c} Corp sets two-for-one stock split")}).to_string() + "\n"));
+    }
+    std::fs::write(dir.path().join("in.jsonl"), stories).unwrap();
+    let pipeline = dir.path().join("p.toml");
+    let (input, storage) = (dir.path().join("in.jsonl"), dir.path().join("store"));
+    std::fs::write(&pipeline, format!("[source]\ntype = \"file\"\npath = {input:?}\n[storage]\npath = {storage:?}\n[run]\nsummary_interval = \"0s\"\n[alerts]\nrules = [\"{ROOT}/alerts/default.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n")).unwrap();
+    let (code, _, err) = bearwatch(&["run", "--pipeline", pipeline.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let queue = || -> Vec<Value> {
+        let (code, out, err) = bearwatch(&["feedback", "queue", "--pipeline", pipeline.to_str().unwrap(), "--limit", "500", "--hours", "8784", "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let first = queue();
+    assert!(first.len() > 100, "{}", first.len());
+    for (i, item) in first.iter().enumerate() {
+        assert_eq!(item["rank"], i + 1);
+        let (u, c, score) = (item["uncertainty"].as_f64().unwrap(), item["alert_closeness"].as_f64().unwrap(), item["score"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&u) && (0.0..=1.0).contains(&c) && (score - u * (1.0 + 2.0 * c)).abs() < 1e-4, "{item}");
+        assert!(item["why"].as_str().unwrap().starts_with("the model is unsure of its"), "{item}");
+    }
+    assert!(first.windows(2).all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()), "best first");
+    let uncertainty = |items: &[Value]| items.iter().map(|i| i["uncertainty"].as_f64().unwrap()).sum::<f64>() / items.len() as f64;
+    assert!(uncertainty(&first[..20]) > uncertainty(&first[first.len() - 20..]), "the unsure come first");
+    let splits = first.iter().filter(|i| i["headline"].as_str().unwrap().ends_with("stock split")).count();
+    assert_eq!(splits, 1, "one template fills one place, not ten");
+
+    // A label given for the top story (as the dashboard's Review view gives it) takes it off.
+    let top = first[0]["story_id"].as_str().unwrap().to_string();
+    let file = dir.path().join("label.jsonl");
+    std::fs::write(&file, json!({"story_id": top, "head": first[0]["ask"], "label": if first[0]["ask"] == "topic" { &first[0]["topic"] } else { &first[0]["sentiment"] }}).to_string() + "\n").unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage.to_str().unwrap(), "--analyst", "ana", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let second = queue();
+    assert!(second.iter().all(|i| i["story_id"] != top.as_str()), "labelled, so no longer asked");
+    assert_eq!(second[0]["story_id"], first[1]["story_id"]);
+}

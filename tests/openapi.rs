@@ -73,7 +73,8 @@ fn the_readmes_curl_examples_call_documented_operations() {
             next += 1;
         }
         let Some(start) = command.find("http://127.0.0.1:9464") else { continue };
-        let path = command[start + 21..].split_whitespace().next().unwrap();
+        // The path, without its query string or the quotes around a URL that has one.
+        let path = command[start + 21..].split_whitespace().next().unwrap().split(['?', '\'', '"']).next().unwrap();
         let path = if path.starts_with("/api/silences/") { "/api/silences/{id}" } else { path };
         let method = if command.contains("-X DELETE") {
             "DELETE"
@@ -175,6 +176,15 @@ fn every_operation_answers_as_documented_with_its_errors() {
     let missed = r#"[{"topic": "energy", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z", "note": "OPEC"}]"#;
     assert_eq!(api.call("POST", "/api/feedback/missed", Some(ANALYST), Some(missed)).0, 201);
     assert_eq!(api.call("POST", "/api/feedback/missed", Some(ANALYST), Some("[]")).0, 400);
+
+    // The review queue: analysts only; the story just labelled is no longer on it.
+    let (status, queue) = api.call("GET", "/api/feedback/queue?limit=500&hours=8784", Some(ANALYST), None);
+    assert_eq!(status, 200, "{queue}");
+    let listed = queue["stories"].as_array().unwrap();
+    assert!(!listed.is_empty() && listed.iter().all(|s| s["story_id"] != story), "{queue}");
+    assert!(listed.windows(2).all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()), "best first: {queue}");
+    assert_eq!(api.call("GET", "/api/feedback/queue", Some(VIEWER), None).0, 403);
+    assert_eq!(api.call("GET", "/api/feedback/queue?limit=0", Some(ANALYST), None).0, 400);
 
     // Models: admins only, and the gate's refusals.
     assert_eq!(api.call("POST", "/api/models/promote", Some(ANALYST), Some(r#"{"dir": "/tmp"}"#)).0, 403);

@@ -134,19 +134,35 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
         let mut response = agent.post(format!("http://127.0.0.1:{port}/sql")).send(query).unwrap();
         serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
     };
-    let labels = sql("SELECT story_id, model_label, analyst_label, action, analyst, source FROM label_feedback");
+    let labels = sql("SELECT story_id, model_label, analyst_label, action, analyst, source FROM label_feedback WHERE action = 'correct'");
     let expected = serde_json::json!([{"story_id": correction["story"], "model_label": correction["given"], "analyst_label": correction["label"],
         "action": "correct", "analyst": "anonymous", "source": "dashboard"}]);
     assert_eq!(serde_json::Value::Array(labels), expected);
+    // The review queue's story, confirmed there: both heads, as the model read them; and it said why.
+    let review = &result["review"];
+    assert!(review["why"].as_str().unwrap().starts_with("the model is unsure of its"), "{result}");
+    assert!(review["listed"].as_u64().unwrap() >= 10, "{result}");
+    let confirmed = sql(&format!(
+        "SELECT head, action, source FROM label_feedback WHERE story_id = '{}' ORDER BY head",
+        review["story"].as_str().unwrap()
+    ));
+    assert_eq!(
+        confirmed,
+        vec![
+            serde_json::json!({"head": "sentiment", "action": "confirm", "source": "dashboard"}),
+            serde_json::json!({"head": "topic", "action": "confirm", "source": "dashboard"})
+        ]
+    );
     assert_eq!(sql("SELECT alert_id, verdict FROM alert_verdicts"), vec![serde_json::json!({"alert_id": result["verdict"]["alert"], "verdict": "noise"})]);
     assert_eq!(sql("SELECT topic, note FROM missed_events"), vec![serde_json::json!({"topic": "energy", "note": "OPEC meeting"})]);
     // The correction acts on the windows at once: the story counts with the analyst's label.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sql("SELECT label FROM applied_labels").is_empty() {
+    let of_correction = format!("SELECT story_id, label, matched FROM applied_labels WHERE matched = 'story' AND story_id = '{story}'");
+    while sql(&of_correction).is_empty() {
         assert!(Instant::now() < deadline, "the dashboard's correction was not applied\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let applied = sql("SELECT story_id, label, matched FROM applied_labels WHERE matched = 'story'");
+    let applied = sql(&of_correction);
     assert_eq!(applied, vec![serde_json::json!({"story_id": correction["story"], "label": correction["label"], "matched": "story"})]);
 
     // The input has ended (keep_serving holds the server up): every stage has counted.
@@ -176,8 +192,9 @@ fn the_dashboard_draws_the_windows_shows_an_alert_and_updates_live_and_every_sta
     assert_eq!(value("bearwatch_stage_dropped_total{stage=\"source\",reason=\"dead_letter\"}"), 1.0);
     assert_eq!(value("bearwatch_dead_letter_total{kind=\"json\"}"), 1.0);
     assert_eq!(value("bearwatch_stage_sent_total{stage=\"source\"}"), 3000.0, "every demo story is valid and unique");
-    // And the headline corrected in the page, read by the model for near-duplicate matching.
-    assert_eq!(value("bearwatch_stage_sent_total{stage=\"classify\"}"), 3001.0);
+    // And the two headlines judged in the page (the correction, and the review queue's confirmed
+    // story), each read by the model for near-duplicate matching.
+    assert_eq!(value("bearwatch_stage_sent_total{stage=\"classify\"}"), 3002.0);
     assert_eq!(value("bearwatch_stage_received_total{stage=\"window\"}"), 3000.0);
     assert!(value("bearwatch_alerts_total{state=\"firing\"}") >= 1.0);
 

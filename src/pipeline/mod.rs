@@ -230,6 +230,17 @@ fn model_topics(config: &PipelineConfig) -> Vec<String> {
     ModelSpec::load(&config.model.model_dir()).map(|spec| spec.topics).unwrap_or_default()
 }
 
+/// `bearwatch feedback queue`: the review queue over `config`'s storage, its topic rule's band
+/// and its model's near-duplicate rule, as the HTTP endpoint builds it for a running pipeline.
+pub fn review_queue(config: &PipelineConfig, limit: usize, hours: u32) -> Result<Vec<crate::sql::queue::QueueItem>, PipelineError> {
+    let rules = backtest::load_rules(&config.alerts.rules)?.rules;
+    let near_duplicates = ModelSpec::load(&config.model.model_dir()).ok().and_then(|spec| spec.near_duplicates);
+    let options = crate::sql::queue::QueueOptions { limit, hours, near_duplicates };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Sql(crate::sql::SqlError::Execution(e.to_string())))?;
+    let limits = config.server.query_limits();
+    Ok(runtime.block_on(async { crate::sql::queue::review_queue(&crate::sql::context(&config.storage.path, limits, None)?, &rules, &options).await })?)
+}
+
 /// SHA-256 over the rule files in order, recorded with each verdict so that a verdict says which
 /// rules it judged.
 fn rules_hash(config: &PipelineConfig) -> Option<String> {
@@ -393,7 +404,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
             let rules = backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default();
-            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules };
+            let near_duplicates = ModelSpec::load(&config.model.model_dir()).ok().and_then(|spec| spec.near_duplicates);
+            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules, near_duplicates };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -206,6 +206,34 @@ pub(super) async fn labels(State(state): State<AppState>, Analyst(who): Analyst,
     match record_labels(&ctx, &state.feedback, requests, &who.name, channel(&headers)).await {
         Ok(rows) => created(&rows),
         Err(e) => failure(e),
+    }
+}
+
+/// `GET /api/feedback/queue?limit=&hours=`: what to label next (`sql::queue`), for analysts.
+pub(super) async fn queue(State(state): State<AppState>, _: Analyst, RawQuery(raw): RawQuery) -> Response {
+    let mut options = sql::queue::QueueOptions { limit: 50, hours: 168, near_duplicates: state.near_duplicates };
+    for (key, value) in form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes()) {
+        let number = |max: usize| value.parse::<usize>().ok().filter(|n| (1..=max).contains(n));
+        match key.as_ref() {
+            "limit" => match number(sql::queue::MAX_LIMIT) {
+                Some(n) => options.limit = n,
+                None => return error(StatusCode::BAD_REQUEST, format!("limit: a whole number from 1 to {}", sql::queue::MAX_LIMIT)),
+            },
+            "hours" => match number(24 * 366) {
+                Some(n) => options.hours = n as u32,
+                None => return error(StatusCode::BAD_REQUEST, "hours: a whole number from 1 to 8784"),
+            },
+            other => return error(StatusCode::BAD_REQUEST, format!("unknown parameter {other:?}: limit, hours")),
+        }
+    }
+    let service = &state.sql;
+    let queue = match sql::context(&service.storage, service.limits, service.live.clone()) {
+        Ok(ctx) => sql::queue::review_queue(&ctx, &state.rules, &options).await,
+        Err(e) => Err(e),
+    };
+    match queue {
+        Ok(items) => Json(json!({ "stories": items })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

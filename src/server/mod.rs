@@ -86,6 +86,8 @@ pub struct Api {
     pub web: WebPolicy,
     /// The pipeline's alert rules: `/api/bands` draws what their count test expects.
     pub rules: Vec<crate::detect::Rule>,
+    /// The serving model's near-duplicate rule, which keeps the review queue diverse.
+    pub near_duplicates: Option<crate::news::near::NearDuplicates>,
 }
 
 type AppState = std::sync::Arc<Api>;
@@ -117,6 +119,7 @@ impl Server {
             .route("/api/me", get(me))
             .route("/api/bands", get(bands::bands))
             .route("/api/feedback/labels", post(feedback::labels))
+            .route("/api/feedback/queue", get(feedback::queue))
             .route("/api/feedback/verdicts", post(feedback::verdicts))
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))

@@ -26,6 +26,7 @@ pub mod guard;
 pub mod live;
 pub mod lookup;
 pub mod postgres;
+pub mod queue;
 
 use crate::error::{Classified, ErrorClass};
 use crate::storage::Table;

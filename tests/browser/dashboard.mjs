@@ -2,8 +2,8 @@
 // would look for: the chart draws lines from the windows, a firing alert shows its explanation (and
 // the words behind its headlines, marked), the
 // latest headlines are listed, and the numbers move while the pipeline runs; then it gives feedback
-// as an analyst would: corrects a headline's sentiment, marks an alert as noise and reports a missed
-// event; then works in it: opens an alert's window and a chart point's window (by mouse and by
+// as an analyst would: corrects a headline's sentiment, marks an alert as noise, reports a missed
+// event and confirms the first story of the review queue; then works in it: opens an alert's window and a chart point's window (by mouse and by
 // keyboard), downloads the stories as CSV, filters by topic and time range, opens the shared
 // address in a new page, and looks at it from 360 to 1920 px wide. Prints one JSON line.
 // Usage: node dashboard.mjs URL SCREENSHOT.png   (a narrow one goes beside it, as -narrow.png)
@@ -64,6 +64,17 @@ try {
   await page.click("#missed button");
   await page.waitForFunction(() => /recorded/.test(document.getElementById("missed-result").textContent), null, { timeout: 30000 });
   result.missed = await page.locator("#missed-result").innerText();
+  // The review queue: the first story it lists is confirmed there (✓), and once the queue is read
+  // again it is no longer listed.
+  await page.waitForSelector("#review td.feedback[data-story]", { timeout: 30000 });
+  const reviewed = await page.locator("#review td.feedback[data-story]").first().getAttribute("data-story");
+  const why = await page.locator(`#review tr[data-story="${reviewed}"] td.why`).innerText();
+  await page.locator(`#review td.feedback[data-story="${reviewed}"] button.confirm`).click();
+  await page.waitForFunction((id) => document.getElementById("feedback-result").textContent.includes(id), reviewed, { timeout: 30000 });
+  await page.click("#review-refresh");
+  await page.waitForFunction((id) => !document.querySelector(`#review tr[data-story="${id}"]`) && document.querySelector("#review td.feedback[data-story]"),
+    reviewed, { timeout: 30000 });
+  result.review = { story: reviewed, why, listed: await page.locator("#review tr[data-story]").count() };
 
   // The corrected story, in its window (opened from an address): listed as the analyst labelled it.
   const hour = new Date(published.replace(" ", "T").slice(0, 13) + ":00:00Z").toISOString();
