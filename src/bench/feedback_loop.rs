@@ -6,7 +6,9 @@
 //! the candidate are then compared, with paired 95 % intervals, on the untouched part and on the
 //! other sets given (`--elsewhere`). Each repetition uses another salt, so another split.
 //!
-//! Goal (issue 16): +3 points or more on the untouched part, at most −1 point elsewhere.
+//! Goal: +5 points or more on the untouched part of a domain the champion never trained on, with
+//! 1,000 labels, at most −0.5 point on any other set; 300 labels picked by the review queue gain
+//! more than 300 picked at random (`--labels 300 --pick queue|random`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,13 @@ pub struct LoopBenchArgs {
     /// `model retrain --feedback-weight`.
     #[arg(long, default_value_t = learn::FEEDBACK_WEIGHT)]
     pub feedback_weight: f32,
+    /// How many of the reviewed part the analyst labels (default: all of it), chosen by `--pick`.
+    #[arg(long)]
+    pub labels: Option<usize>,
+    /// Which of the reviewed part get labels: `random` (a salted order) or `queue` (the review
+    /// queue's order: the champion's uncertainty, near-duplicates of a picked text skipped).
+    #[arg(long, value_enum, default_value = "random")]
+    pub pick: Pick,
     /// `model retrain --encoder`: fine-tune the encoder, not only the heads.
     #[arg(long)]
     pub encoder: bool,
@@ -55,6 +64,12 @@ pub struct LoopBenchArgs {
     /// `model retrain --learning-rate` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
     pub learning_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Pick {
+    Random,
+    Queue,
 }
 
 /// What one repetition measured.
@@ -147,7 +162,26 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         .map(|p| learn::read_examples(&crate::pipeline::bundled(p)).map(|e| (set_name(p, &e), e)))
         .collect::<Result<_, _>>()?;
     let champion = Classifier::start(&ClassifierConfig { path: Some(from.clone()), ..ClassifierConfig::default() })?;
-    let champion_set = labels(&champion, &set)?;
+    let texts: Vec<&str> = set.iter().map(|e| e.text.as_str()).collect();
+    let scored = champion.score_all(&texts)?;
+    let champion_set: Vec<String> = set
+        .iter()
+        .zip(&scored)
+        .map(|(e, (s, _))| match e.head {
+            crate::feedback::Head::Sentiment => s.sentiment.to_string(),
+            crate::feedback::Head::Topic => s.topic.clone(),
+        })
+        .collect();
+    // How unsure the champion is of each example's own head: what the review queue ranks by.
+    let unsure: Vec<f32> = set
+        .iter()
+        .zip(&scored)
+        .map(|(e, (s, _))| match e.head {
+            crate::feedback::Head::Sentiment => crate::feedback::queue::margin_uncertainty(&[s.p_negative, s.p_neutral, s.p_positive]),
+            crate::feedback::Head::Topic => 1.0 - s.topic_score,
+        })
+        .collect();
+    let near_duplicates = champion.spec().near_duplicates;
     let champion_elsewhere: Vec<Vec<String>> = elsewhere.iter().map(|(_, e)| labels(&champion, e)).collect::<Result<_, _>>()?;
     drop(champion);
     let topics = crate::classify::ModelSpec::load(&from)?.topics;
@@ -157,7 +191,19 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
     for salt in 0..args.splits {
         let work = tempfile_dir(salt)?;
         let storage = work.join("store");
-        let (reviewed, untouched): (Vec<usize>, Vec<usize>) = (0..set.len()).partition(|&i| bucket(salt, &set[i].text) < args.review_share);
+        let (mut reviewed, untouched): (Vec<usize>, Vec<usize>) = (0..set.len()).partition(|&i| bucket(salt, &set[i].text) < args.review_share);
+        if let Some(labels) = args.labels {
+            // Another salt orders the reviewed part, so that the pick does not follow the split.
+            reviewed.sort_by(|&a, &b| bucket(salt + 1000, &set[a].text).total_cmp(&bucket(salt + 1000, &set[b].text)));
+            reviewed = match args.pick {
+                Pick::Random => reviewed.into_iter().take(labels).collect(),
+                Pick::Queue => {
+                    reviewed.sort_by(|&a, &b| unsure[b].total_cmp(&unsure[a]));
+                    let picked = crate::feedback::queue::pick_diverse(reviewed.iter().map(|&i| set[i].text.as_str()), labels, near_duplicates);
+                    picked.into_iter().map(|k| reviewed[k]).collect()
+                }
+            };
+        }
         let requests: Vec<LabelRequest> = reviewed
             .iter()
             .filter(|&&i| !args.mistakes_only || champion_set[i] != set[i].label)
@@ -237,7 +283,11 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         from.display(),
         runs.len(),
         args.review_share * 100.0,
-        if args.mistakes_only { "labels the champion's mistakes only" } else { "labels every reviewed text" },
+        match (args.labels, args.mistakes_only) {
+            (Some(n), _) => format!("labels {n} of them, picked {}", if args.pick == Pick::Queue { "by the review queue" } else { "at random" }),
+            (None, true) => "labels the champion's mistakes only".to_string(),
+            (None, false) => "labels every reviewed text".to_string(),
+        },
         if args.encoder {
             format!("encoder fine-tuned (at most {} epochs, learning rate {})", args.epochs, args.learning_rate)
         } else {
@@ -258,7 +308,7 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         let differences: Vec<f64> =
             runs.iter().flat_map(|r| r.untouched.iter().chain(&r.elsewhere)).filter(|c| c.set == name).map(|c| c.difference).collect();
         let (mean, sd) = mean_sd(&differences);
-        let (goal, ok) = if untouched { ("≥ +0.030", mean >= 0.03) } else { ("≥ −0.010", mean >= -0.01) };
+        let (goal, ok) = if untouched { ("≥ +0.050", mean >= 0.05) } else { ("≥ −0.005", mean >= -0.005) };
         met &= ok;
         let _ = writeln!(out, "| {name} | {mean:+.3} ± {sd:.3} | {goal}: {} |", if ok { "met" } else { "not met" });
     }

@@ -10,6 +10,7 @@
 mod config;
 mod journal;
 mod memory;
+pub mod queue;
 mod table;
 
 use std::sync::atomic::{AtomicU64, Ordering};

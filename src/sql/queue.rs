@@ -19,8 +19,9 @@ use super::{Format, SqlError, encode, run};
 use crate::detect::Rule;
 use crate::detect::band;
 use crate::detect::rules::GroupKind;
+use crate::feedback::queue::{least_sure, pick_diverse};
 use crate::feedback::{Head, match_key};
-use crate::news::near::{NearDuplicates, Reading, words};
+use crate::news::near::NearDuplicates;
 use datafusion::prelude::SessionContext;
 
 /// Stories read as candidates, newest first, at most.
@@ -132,13 +133,6 @@ pub async fn topic_windows(ctx: &SessionContext, topic: &str, from_ms: Option<i6
     Ok(found.iter().filter_map(|r| Some((millis(&r.window_start)?, millis(&r.window_end)?, [r.n, r.n_negative, r.n_neutral, r.n_positive]))).collect())
 }
 
-/// 1 − the margin between the two largest of `p`.
-fn margin_uncertainty(p: &[f32]) -> f32 {
-    let mut sorted = p.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    1.0 - (sorted.first().copied().unwrap_or(0.0) - sorted.get(1).copied().unwrap_or(0.0))
-}
-
 /// How near `count` lies to `level`: 1 at it, falling by e for each √level away.
 fn closeness(count: u64, level: f64) -> f32 {
     (-(count as f64 - level).abs() / level.max(1.0).sqrt()).exp() as f32
@@ -195,9 +189,7 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
         .filter(|c| !judged_ids.contains(c.id.as_str()) && !judged_keys.contains(&match_key(&c.headline)))
         .filter_map(|c| {
             let published = millis(&c.published_at)?;
-            let sentiment_u = margin_uncertainty(&[c.p_negative, c.p_neutral, c.p_positive]);
-            let topic_u = 1.0 - c.topic_score;
-            let (ask, uncertainty) = if topic_u > sentiment_u { (Head::Topic, topic_u) } else { (Head::Sentiment, sentiment_u) };
+            let (ask, uncertainty): (Head, f32) = least_sure([c.p_negative, c.p_neutral, c.p_positive], c.topic_score);
             let nearest = levels
                 .get(c.topic.as_str())
                 .into_iter()
@@ -248,24 +240,14 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.story_id.cmp(&b.1.story_id)));
 
-    // Diversity: the model's near-duplicate rule on the words alone (any reading, any topic).
-    let rule = options.near_duplicates.map(|n| NearDuplicates { max_distance: f32::INFINITY, ..n });
-    let anything = Reading { sentiment: [0.0; 3], topic: String::new() };
-    let mut taken: Vec<(String, Vec<String>)> = Vec::new();
-    let mut queue = Vec::new();
-    for (_, mut item) in scored {
-        if queue.len() >= options.limit.min(MAX_LIMIT) {
-            break;
-        }
-        let (key, item_words) = (match_key(&item.headline), words(&item.headline));
-        let repeat = taken.iter().any(|(k, w)| *k == key || rule.is_some_and(|r| r.matches((&item_words, &anything), (w, &anything)).is_some()));
-        if repeat {
-            continue;
-        }
-        taken.push((key, item_words));
-        item.rank = queue.len() + 1;
-        queue.push(item);
-    }
+    let limit = options.limit.min(MAX_LIMIT);
+    let picked = pick_diverse(scored.iter().map(|(_, item)| item.headline.as_str()), limit, options.near_duplicates);
+    let mut items: Vec<Option<QueueItem>> = scored.into_iter().map(|(_, item)| Some(item)).collect();
+    let queue: Vec<QueueItem> = picked
+        .into_iter()
+        .enumerate()
+        .filter_map(|(rank, i)| items[i].take().map(|item| QueueItem { rank: rank + 1, ..item }))
+        .collect();
     Ok(queue)
 }
 
@@ -274,9 +256,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uncertainty_is_highest_at_a_tie_and_closeness_at_the_level() {
-        assert!((margin_uncertainty(&[0.45, 0.45, 0.10]) - 1.0).abs() < 1e-6);
-        assert!(margin_uncertainty(&[0.98, 0.01, 0.01]) < 0.05);
+    fn closeness_is_highest_at_the_level() {
         assert_eq!(closeness(9, 9.0), 1.0);
         assert!(closeness(8, 9.0) > closeness(5, 9.0) && closeness(5, 9.0) > closeness(0, 9.0));
         assert!(closeness(12, 9.0) < 1.0);

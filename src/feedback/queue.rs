@@ -1,0 +1,64 @@
+//! What makes a story worth an analyst's label, shared by the review queue (`sql::queue`) and
+//! `bench loop --pick queue`: how unsure the model is, and a pick that skips near-duplicates of
+//! what is already picked, so that one template does not take every place.
+
+use crate::news::near::{NearDuplicates, Reading, words};
+
+use super::{Head, match_key};
+
+/// 1 − the margin between the two largest of `p`: 1 at a tie, 0 when one class has it all.
+pub fn margin_uncertainty(p: &[f32]) -> f32 {
+    let mut sorted = p.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    1.0 - (sorted.first().copied().unwrap_or(0.0) - sorted.get(1).copied().unwrap_or(0.0))
+}
+
+/// The head the model is least sure of, from its sentiment probabilities `[negative, neutral,
+/// positive]` and its topic's score, and how unsure (topic: 1 − its score).
+pub fn least_sure(sentiment: [f32; 3], topic_score: f32) -> (Head, f32) {
+    let sentiment = margin_uncertainty(&sentiment);
+    let topic = 1.0 - topic_score;
+    if topic > sentiment { (Head::Topic, topic) } else { (Head::Sentiment, sentiment) }
+}
+
+/// The first `limit` of `texts` (already in order of preference) that are neither a copy (the same
+/// words) nor a near-duplicate by `rule` (on words alone: any reading, any topic) of one picked
+/// before them; their positions in `texts`. Without a rule, only copies are skipped.
+pub fn pick_diverse<'a>(texts: impl IntoIterator<Item = &'a str>, limit: usize, rule: Option<NearDuplicates>) -> Vec<usize> {
+    let rule = rule.map(|n| NearDuplicates { max_distance: f32::INFINITY, ..n });
+    let anything = Reading { sentiment: [0.0; 3], topic: String::new() };
+    let mut taken: Vec<(String, Vec<String>)> = Vec::new();
+    let mut picked = Vec::new();
+    for (i, text) in texts.into_iter().enumerate() {
+        if picked.len() >= limit {
+            break;
+        }
+        let (key, these) = (match_key(text), words(text));
+        if taken.iter().any(|(k, w)| *k == key || rule.is_some_and(|r| r.matches((&these, &anything), (w, &anything)).is_some())) {
+            continue;
+        }
+        taken.push((key, these));
+        picked.push(i);
+    }
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uncertainty_is_highest_at_a_tie() {
+        assert!((margin_uncertainty(&[0.45, 0.45, 0.10]) - 1.0).abs() < 1e-6);
+        assert!(margin_uncertainty(&[0.98, 0.01, 0.01]) < 0.05);
+    }
+
+    #[test]
+    fn one_template_takes_one_place() {
+        let rule = NearDuplicates { min_shared: 0.4, max_span: 5, max_distance: 0.05 };
+        let texts = ["Acme Corp sets two-for-one stock split", "acme corp sets two for one stock split!", "Globex Corp sets two-for-one stock split", "Oil prices fall"];
+        assert_eq!(pick_diverse(texts, 10, Some(rule)), [0, 3]);
+        assert_eq!(pick_diverse(texts, 10, None), [0, 2, 3], "without the rule, copies only");
+        assert_eq!(pick_diverse(texts, 1, Some(rule)), [0]);
+    }
+}
