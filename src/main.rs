@@ -246,6 +246,9 @@ enum ModelCommand {
         /// Fine-tuning: the encoder's learning rate (AdamW; the heads' is 1e-3).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
         learning_rate: f64,
+        /// Fine-tuning: shipped examples replayed per label each epoch (more forgets less, costs time).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().replay, requires = "encoder")]
+        replay: f64,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -771,8 +774,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

@@ -61,6 +61,9 @@ pub struct LoopBenchArgs {
     /// `model retrain --epochs` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().epochs, requires = "encoder")]
     pub epochs: usize,
+    /// `model retrain --replay` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().replay, requires = "encoder")]
+    pub replay: f64,
     /// `model retrain --learning-rate` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
     pub learning_rate: f64,
@@ -222,7 +225,13 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         })?;
 
         let out = work.join("candidate");
-        let encoder = args.encoder.then(|| learn::tune::TuneSettings { epochs: args.epochs, learning_rate: args.learning_rate, seed: 13 + u64::from(salt), ..Default::default() });
+        let encoder = args.encoder.then(|| learn::tune::TuneSettings {
+            epochs: args.epochs,
+            learning_rate: args.learning_rate,
+            replay: args.replay,
+            seed: 13 + u64::from(salt),
+            ..Default::default()
+        });
         let started = Instant::now();
         learn::retrain(learn::RetrainOptions { storage: &storage, out: &out, from: &from, feedback, feedback_weight: args.feedback_weight, encoder, progress: false })?;
         let retrain_s = started.elapsed().as_secs_f64();
@@ -289,7 +298,7 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
             (None, false) => "labels every reviewed text".to_string(),
         },
         if args.encoder {
-            format!("encoder fine-tuned (at most {} epochs, learning rate {})", args.epochs, args.learning_rate)
+            format!("encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label)", args.epochs, args.learning_rate, args.replay)
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)
         }
