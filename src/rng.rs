@@ -15,6 +15,13 @@ impl Lcg {
         (self.next_f64() * n as f64) as usize % n.max(1)
     }
 
+    /// Fisher–Yates, from the back: the same order for the same seed on every machine.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }

@@ -179,10 +179,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
     let unsure: Vec<f32> = set
         .iter()
         .zip(&scored)
-        .map(|(e, (s, _))| match e.head {
-            crate::feedback::Head::Sentiment => crate::feedback::queue::margin_uncertainty(&[s.p_negative, s.p_neutral, s.p_positive]),
-            crate::feedback::Head::Topic => 1.0 - s.topic_score,
-        })
+        .map(|(e, (s, _))| crate::feedback::queue::uncertainty(e.head, [s.p_negative, s.p_neutral, s.p_positive], s.topic_score))
         .collect();
     let near_duplicates = champion.spec().near_duplicates;
     let champion_elsewhere: Vec<Vec<String>> = elsewhere.iter().map(|(_, e)| labels(&champion, e)).collect::<Result<_, _>>()?;

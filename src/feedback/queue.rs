@@ -13,12 +13,19 @@ pub fn margin_uncertainty(p: &[f32]) -> f32 {
     1.0 - (sorted.first().copied().unwrap_or(0.0) - sorted.get(1).copied().unwrap_or(0.0))
 }
 
-/// The head the model is least sure of, from its sentiment probabilities `[negative, neutral,
-/// positive]` and its topic's score, and how unsure (topic: 1 − its score).
+/// How unsure the model is of `head`, from its sentiment probabilities `[negative, neutral,
+/// positive]` and its topic's score: the sentiment margin's complement, or 1 − the topic score.
+pub fn uncertainty(head: Head, sentiment: [f32; 3], topic_score: f32) -> f32 {
+    match head {
+        Head::Sentiment => margin_uncertainty(&sentiment),
+        Head::Topic => 1.0 - topic_score,
+    }
+}
+
+/// The head the model is least sure of, and how unsure ([`uncertainty`]).
 pub fn least_sure(sentiment: [f32; 3], topic_score: f32) -> (Head, f32) {
-    let sentiment = margin_uncertainty(&sentiment);
-    let topic = 1.0 - topic_score;
-    if topic > sentiment { (Head::Topic, topic) } else { (Head::Sentiment, sentiment) }
+    let (s, t) = (uncertainty(Head::Sentiment, sentiment, topic_score), uncertainty(Head::Topic, sentiment, topic_score));
+    if t > s { (Head::Topic, t) } else { (Head::Sentiment, s) }
 }
 
 /// The first `limit` of `texts` (already in order of preference) that are neither a copy (the same

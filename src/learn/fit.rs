@@ -75,9 +75,7 @@ pub fn fit(rows: &[Row<'_>], dims: usize, classes: usize, settings: &Settings, p
     let mut grad = vec![0f32; w.len()];
     let mut p = vec![0f32; classes];
     for _ in 0..settings.epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next_f64() * (i + 1) as f64) as usize % (i + 1));
-        }
+        rng.shuffle(&mut order);
         for chunk in order.chunks(settings.batch.max(1)) {
             grad.iter_mut().for_each(|g| *g = 0.0);
             let total: f32 = chunk.iter().map(|&i| rows[i].weight).sum::<f32>().max(1e-6);

@@ -5,10 +5,14 @@
 //! data shipped with the model (`refit/anchors.jsonl`, so that the heads do not forget) and the labels
 //! that won in `label_feedback`; then each head's temperature is fitted on held-out anchors.
 //!
-//! The candidate is a complete model folder: the champion's encoder, tokenizer and labels, and a
-//! `heads.json` that scores instead of the graph's heads. Its report compares it with the champion
-//! on the frozen evaluation set shipped with the model (`refit/eval.jsonl`) and on the newest
-//! feedback, which it did not train on (a time split), each with a 95 % interval.
+//! With `--encoder` (`tune`) the encoder is fine-tuned with the heads instead, in candle, and written
+//! back into the champion's int8 graph (`minilm`, `onnx`); its heads are recalibrated on that
+//! graph's own embeddings.
+//!
+//! The candidate is a complete model folder: the champion's encoder (or the fine-tuned one),
+//! tokenizer and labels, and a `heads.json` that scores instead of the graph's heads. Its report compares it with the champion
+//! on the frozen evaluation set shipped with the model (`refit/eval.jsonl`), on each of its domains
+//! and on the newest feedback, which it did not train on (a time split), each with a 95 % interval.
 
 mod fit;
 mod minilm;
@@ -20,10 +24,10 @@ pub mod tune;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sha2::Digest;
 
 use crate::classify::heads::{Head, Heads};
 use crate::classify::{Classifier, ClassifierConfig, ClassifyError, Encoder, ModelSpec};
-use sha2::Digest;
 use crate::error::{Classified, ErrorClass};
 use crate::feedback::{Head as Kind, TrainingLabel};
 use crate::news::SENTIMENTS;
@@ -218,7 +222,8 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
                 Head { temperature: fit::temperature(&head, &calibrate), ..head }
             };
             let heads = Heads { dims, sentiment: fit_head(Kind::Sentiment), topic: fit_head(Kind::Topic) };
-            let version = write_candidate(options.from, options.out, &spec, &heads, None)?;
+            copy_champion(options.from, options.out, None)?;
+            let version = name_candidate(options.from, options.out, &spec, &heads, None)?;
             (heads, version, None, None)
         }
         Some(settings) => {
@@ -249,14 +254,16 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
             let tuned = tune::fine_tune(&graph, &prior, &sets, settings, options.progress)?;
             let seconds = started.elapsed().as_secs_f64();
             let bytes = graph.with_initializers(&tuned.initializers).map_err(|reason| LearnError::Files { path: model_path.clone(), reason })?;
+            let digest: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
             // The exported graph's own embeddings: what the heads' temperatures and the report read.
-            write_candidate(options.from, options.out, &spec, &tuned.heads, Some(&bytes))?;
+            copy_champion(options.from, options.out, Some(&bytes))?;
+            name_candidate(options.from, options.out, &spec, &tuned.heads, Some(&digest))?;
             let candidate = Classifier::start(&ClassifierConfig { path: Some(options.out.to_path_buf()), embeddings: true, ..ClassifierConfig::default() })?;
-            let calibrate_texts: Vec<&str> = anchors.iter().enumerate().filter(|(i, _)| calibrating(*i)).map(|(_, e)| e.text.as_str()).collect();
-            let texts: Vec<&str> = calibrate_texts.iter().copied().chain(evaluation.iter().chain(&newest).map(|e| e.text.as_str())).collect();
+            let calibration: Vec<&Example> = anchors.iter().enumerate().filter(|(i, _)| calibrating(*i)).map(|(_, e)| e).collect();
+            let texts: Vec<&str> = calibration.iter().copied().chain(&evaluation).chain(&newest).map(|e| e.text.as_str()).collect();
             let candidate_reads = read_all(&candidate, &texts)?;
             drop(candidate);
-            let calibrate: Vec<(&Example, &Read)> = anchors.iter().enumerate().filter(|(i, _)| calibrating(*i)).map(|(_, e)| e).zip(&candidate_reads).collect();
+            let calibrate: Vec<(&Example, &Read)> = calibration.iter().copied().zip(&candidate_reads).collect();
             let temperature = |kind| {
                 let names = classes(&spec, kind);
                 let rows: Vec<fit::Row<'_>> = calibrate.iter().filter(|(e, _)| e.head == kind).map(|(e, r)| row(&names, e, r, 1.0)).collect();
@@ -267,8 +274,8 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
                 sentiment: Head { temperature: temperature(Kind::Sentiment), ..tuned.heads.sentiment.clone() },
                 topic: Head { temperature: temperature(Kind::Topic), ..tuned.heads.topic.clone() },
             };
-            let version = write_candidate(options.from, options.out, &spec, &heads, Some(&bytes))?;
-            let exported: Vec<Read> = candidate_reads[calibrate_texts.len()..][..evaluation.len()].iter().step_by(stride).cloned().collect();
+            let version = name_candidate(options.from, options.out, &spec, &heads, Some(&digest))?;
+            let exported: Vec<Read> = candidate_reads[calibration.len()..][..evaluation.len()].iter().step_by(stride).cloned().collect();
             let export = report::export_error(&heads, &tuned.check_embeddings, &exported)?;
             let tuning = report::Tuning {
                 settings: settings.clone(),
@@ -279,7 +286,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
                 stopping_anchors: stop_anchors.len(),
                 export,
             };
-            (heads, version, Some(candidate_reads[calibrate_texts.len()..].to_vec()), Some(tuning))
+            (heads, version, Some(candidate_reads[calibration.len()..].to_vec()), Some(tuning))
         }
     };
     let (candidate_eval, candidate_newest) = match &candidate_reads {
@@ -327,17 +334,21 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     Ok(report)
 }
 
-/// Copies the champion's files (or writes `model`, a fine-tuned graph, as model.onnx), adds the
-/// heads and names the new version in `labels.json`.
-fn write_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads, model: Option<&[u8]>) -> Result<String, LearnError> {
+/// Copies the champion's files into `out`, or writes `model` (a fine-tuned graph) as its model.onnx.
+fn copy_champion(from: &Path, out: &Path, model: Option<&[u8]>) -> Result<(), LearnError> {
     std::fs::create_dir_all(out.join("refit")).map_err(files(out))?;
     for file in ["tokenizer.json", "refit/anchors.jsonl", "refit/eval.jsonl"] {
         std::fs::copy(from.join(file), out.join(file)).map_err(files(&from.join(file)))?;
     }
     match model {
-        Some(bytes) => std::fs::write(out.join("model.onnx"), bytes).map_err(files(out))?,
-        None => std::fs::copy(from.join("model.onnx"), out.join("model.onnx")).map(drop).map_err(files(&from.join("model.onnx")))?,
+        Some(bytes) => std::fs::write(out.join("model.onnx"), bytes).map_err(files(out)),
+        None => std::fs::copy(from.join("model.onnx"), out.join("model.onnx")).map(drop).map_err(files(&from.join("model.onnx"))),
     }
+}
+
+/// Writes the heads into the copied folder `out` and names the new version in `labels.json`: a refit
+/// by its heads, a fine-tune (`graph_digest`: SHA-256 of its model.onnx) by its heads and graph.
+fn name_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads, graph_digest: Option<&str>) -> Result<String, LearnError> {
     let json = serde_json::to_string(heads).map_err(|e| LearnError::Invalid(e.to_string()))?;
     std::fs::write(out.join("heads.json"), &json).map_err(files(out))?;
     let labels_path = from.join("labels.json");
@@ -347,13 +358,9 @@ fn write_candidate(from: &Path, out: &Path, spec: &ModelSpec, heads: &Heads, mod
             reason: e.to_string(),
         })?;
     let base = spec.id().split('@').nth(1).unwrap_or_default().split('+').next().unwrap_or_default().to_string();
-    // A fine-tuned graph is part of what the version names.
-    let version = match model {
+    let version = match graph_digest {
         None => format!("{base}+refit.{}", &crate::feedback::text_hash(&json)[..8]),
-        Some(bytes) => {
-            let digest: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-            format!("{base}+tune.{}", &crate::feedback::text_hash(&(json.clone() + &digest))[..8])
-        }
+        Some(digest) => format!("{base}+tune.{}", &crate::feedback::text_hash(&(json.clone() + digest))[..8]),
     };
     labels["version"] = serde_json::Value::String(version.clone());
     labels["heads"] = serde_json::Value::String("heads.json".into());

@@ -122,11 +122,16 @@ impl TrainedHeads {
     }
 }
 
-/// Summed cross-entropy of `items` (and how many there were), each on the head it labels.
-fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item]) -> candle_core::Result<Tensor> {
-    let ids: Vec<&[u32]> = items.iter().map(|i| i.ids.as_slice()).collect();
+/// The encoder's pooled embeddings `[items, hidden]` of one batch.
+fn pooled<'a>(model: &Minilm, items: impl Iterator<Item = &'a Item>) -> candle_core::Result<Tensor> {
+    let ids: Vec<&[u32]> = items.map(|i| i.ids.as_slice()).collect();
     let (ids, mask) = minilm::batch(&ids, model.device())?;
-    let pooled = model.forward(&ids, &mask)?;
+    model.forward(&ids, &mask)
+}
+
+/// Summed cross-entropy of `items`, each on the head it labels.
+fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item]) -> candle_core::Result<Tensor> {
+    let pooled = pooled(model, items.iter().copied())?;
     let mut total = Tensor::zeros((), candle_core::DType::F32, model.device())?;
     for kind in [Kind::Sentiment, Kind::Topic] {
         let log_p = heads.log_probabilities(&pooled, kind)?;
@@ -197,9 +202,9 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     for epoch in 1..=settings.epochs {
         let started = Instant::now();
         bar.set_message(format!("{epoch}/{}", settings.epochs));
-        shuffle(&mut anchor_order, &mut rng);
+        rng.shuffle(&mut anchor_order);
         let mut order: Vec<&Item> = sets.feedback.iter().chain(anchor_order[..replayed].iter().map(|&i| &sets.anchors[i])).collect();
-        shuffle(&mut order, &mut rng);
+        rng.shuffle(&mut order);
         let mut sum = 0.0;
         for chunk in batches(&mut order, settings.batch, &mut rng) {
             let scale = schedule(step, steps * settings.epochs);
@@ -232,9 +237,7 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     }
     let mut check_embeddings = Vec::with_capacity(sets.check.len());
     for chunk in sets.check.chunks(settings.batch) {
-        let ids: Vec<&[u32]> = chunk.iter().map(|i| i.ids.as_slice()).collect();
-        let pooled = minilm::batch(&ids, &device).and_then(|(ids, mask)| model.forward(&ids, &mask)).and_then(|p| p.to_vec2::<f32>()).map_err(candle)?;
-        check_embeddings.extend(pooled);
+        check_embeddings.extend(pooled(&model, chunk.iter()).and_then(|p| p.to_vec2::<f32>()).map_err(candle)?);
     }
     Ok(Tuned {
         initializers: model.to_initializers().map_err(candle)?,
@@ -260,17 +263,11 @@ fn batches<'a, 'b>(items: &'b mut [&'a Item], batch: usize, rng: &mut Lcg) -> Ve
         run.sort_by_key(|i| i.ids.len());
     }
     let mut out: Vec<&'b [&'a Item]> = items.chunks(batch).collect();
-    shuffle(&mut out, rng);
+    rng.shuffle(&mut out);
     out
 }
 
 const BUCKET: usize = 8;
-
-fn shuffle<T>(items: &mut [T], rng: &mut Lcg) {
-    for i in (1..items.len()).rev() {
-        items.swap(i, (rng.next_f64() * (i + 1) as f64) as usize % (i + 1));
-    }
-}
 
 #[cfg(test)]
 mod tests {

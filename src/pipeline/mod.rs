@@ -226,10 +226,6 @@ pub(crate) fn stored_folding(config: &PipelineConfig) -> Option<crate::window::F
     folding(config, ModelSpec::load(&config.model.model_dir()).ok().and_then(|spec| spec.near_duplicates))
 }
 
-fn model_topics(config: &PipelineConfig) -> Vec<String> {
-    ModelSpec::load(&config.model.model_dir()).map(|spec| spec.topics).unwrap_or_default()
-}
-
 /// `bearwatch feedback queue`: the review queue over `config`'s storage, its topic rule's band
 /// and its model's near-duplicate rule, as the HTTP endpoint builds it for a running pipeline.
 pub fn review_queue(config: &PipelineConfig, limit: usize, hours: u32) -> Result<Vec<crate::sql::queue::QueueItem>, PipelineError> {
@@ -398,13 +394,15 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 live: live.clone(),
             };
             let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone() };
-            let feedback = FeedbackService::new(config.storage.path.clone(), model_topics(config), rules_hash(config));
+            // The model's topics (what topic labels may name) and its near-duplicate rule (the review queue's).
+            let spec = ModelSpec::load(&config.model.model_dir()).ok();
+            let feedback = FeedbackService::new(config.storage.path.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
             let web = WebPolicy::new(addr.as_str(), &config.server.allowed_hosts, &config.server.allowed_origins);
             if config.server.is_open() && !crate::server::is_loopback(addr.as_str()) {
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
             let rules = backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default();
-            let near_duplicates = ModelSpec::load(&config.model.model_dir()).ok().and_then(|spec| spec.near_duplicates);
+            let near_duplicates = spec.and_then(|spec| spec.near_duplicates);
             let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules, near_duplicates };
             Some(Server::start(addr.as_str(), api)?)
         }

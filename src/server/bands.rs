@@ -14,9 +14,6 @@ use crate::detect::band;
 use crate::detect::rules::GroupKind;
 use crate::sql;
 
-/// Days of windows before `from` read as baseline (the count test's four weeks, and a margin).
-const BASELINE_DAYS: i64 = 35;
-
 #[derive(Default)]
 struct BandQuery {
     topic: String,
@@ -51,7 +48,7 @@ pub async fn bands(State(state): State<AppState>, _: Viewer, RawQuery(raw): RawQ
     let Some((rule, (condition, metric))) = state.rules.iter().filter(|r| r.group == GroupKind::Topic).find_map(|r| Some((r, band::count_test(r)?))) else {
         return Json(json!({ "rule": null, "windows": [] })).into_response();
     };
-    let baseline_from = q.from.map(|from| (from - chrono::Duration::days(BASELINE_DAYS)).timestamp_millis());
+    let baseline_from = q.from.map(|from| (from - chrono::Duration::days(sql::queue::BASELINE_DAYS)).timestamp_millis());
     let service = &state.sql;
     let windows = match sql::context(&service.storage, service.limits, service.live.clone()) {
         Ok(ctx) => sql::queue::topic_windows(&ctx, &q.topic, baseline_from, q.to.map(|t| t.timestamp_millis())).await,

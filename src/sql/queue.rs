@@ -28,8 +28,9 @@ use datafusion::prelude::SessionContext;
 pub const MAX_CANDIDATES: usize = 20_000;
 /// Judged texts read to leave out, at most (the newest).
 const MAX_JUDGED: usize = 200_000;
-/// Days of windows before the horizon read as the count test's baseline (four weeks and a margin).
-const BASELINE_DAYS: i64 = 35;
+/// Days of windows before the first one wanted, read as the count test's baseline (its four weeks
+/// and a margin); `/api/bands` reads the same.
+pub const BASELINE_DAYS: i64 = 35;
 /// The most a queue lists.
 pub const MAX_LIMIT: usize = 500;
 
@@ -184,7 +185,7 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
     }
     let rule_name = test.map(|(r, _)| r.name.clone()).unwrap_or_default();
 
-    let mut scored: Vec<(f32, QueueItem)> = candidates
+    let mut scored: Vec<QueueItem> = candidates
         .into_iter()
         .filter(|c| !judged_ids.contains(c.id.as_str()) && !judged_keys.contains(&match_key(&c.headline)))
         .filter_map(|c| {
@@ -235,14 +236,14 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
                 window,
                 why,
             };
-            Some((score, item))
+            Some(item)
         })
         .collect();
-    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.story_id.cmp(&b.1.story_id)));
+    scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.story_id.cmp(&b.story_id)));
 
     let limit = options.limit.min(MAX_LIMIT);
-    let picked = pick_diverse(scored.iter().map(|(_, item)| item.headline.as_str()), limit, options.near_duplicates);
-    let mut items: Vec<Option<QueueItem>> = scored.into_iter().map(|(_, item)| Some(item)).collect();
+    let picked = pick_diverse(scored.iter().map(|item| item.headline.as_str()), limit, options.near_duplicates);
+    let mut items: Vec<Option<QueueItem>> = scored.into_iter().map(Some).collect();
     let queue: Vec<QueueItem> = picked
         .into_iter()
         .enumerate()
