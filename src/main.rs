@@ -249,6 +249,10 @@ enum ModelCommand {
         /// Fine-tuning: shipped examples replayed per label each epoch (more forgets less, costs time).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().replay, requires = "encoder")]
         replay: f64,
+        /// Fine-tuning: how strongly each example keeps the champion's probabilities on the head it
+        /// does not label (0 lets that head drift with the encoder).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().distill, requires = "encoder")]
+        distill: f64,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -774,8 +778,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, distill }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, distill, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

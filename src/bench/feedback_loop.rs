@@ -67,6 +67,9 @@ pub struct LoopBenchArgs {
     /// `model retrain --learning-rate` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
     pub learning_rate: f64,
+    /// `model retrain --distill` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().distill, requires = "encoder")]
+    pub distill: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -226,6 +229,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             epochs: args.epochs,
             learning_rate: args.learning_rate,
             replay: args.replay,
+            distill: args.distill,
             seed: 13 + u64::from(salt),
             ..Default::default()
         });
@@ -295,7 +299,10 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
             (None, false) => "labels every reviewed text".to_string(),
         },
         if args.encoder {
-            format!("encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label)", args.epochs, args.learning_rate, args.replay)
+            format!(
+                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label, distillation {})",
+                args.epochs, args.learning_rate, args.replay, args.distill
+            )
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)
         }
