@@ -520,7 +520,8 @@ fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathB
     }
     let model = ClassifierConfig { path: model, ..ClassifierConfig::default() }.model_dir();
     let topics = classify::ModelSpec::load(&model)?.topics;
-    let service = FeedbackService::new(storage.to_path_buf(), topics, None);
+    let storage = &location(storage)?;
+    let service = FeedbackService::new(storage.clone(), topics, None);
     let limits = bearwatch::server::ServerConfig::default().query_limits();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = runtime.block_on(async {
@@ -533,7 +534,7 @@ fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathB
         })
     })?;
     let corrected = rows.iter().filter(|r| r.action == bearwatch::feedback::Action::Correct).count();
-    eprintln!("recorded {} judgements ({corrected} corrections) by {analyst} in {}", rows.len(), storage.join("label_feedback").display());
+    eprintln!("recorded {} judgements ({corrected} corrections) by {analyst} in {storage}/label_feedback", rows.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -544,8 +545,14 @@ where
     Fut: std::future::Future<Output = Result<T, bearwatch::sql::SqlError>>,
 {
     let limits = bearwatch::server::ServerConfig::default().query_limits();
+    let storage = location(storage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    Ok(runtime.block_on(async { query(bearwatch::sql::context(storage, limits, None)?).await })?)
+    Ok(runtime.block_on(async { query(bearwatch::sql::context(&storage, limits, None)?).await })?)
+}
+
+/// `--storage`: a folder or an `s3://bucket/prefix` (its client set by the `AWS_*` environment).
+fn location(storage: &std::path::Path) -> anyhow::Result<bearwatch::storage::Location> {
+    Ok(bearwatch::storage::Location::parse(&storage.to_string_lossy(), &bearwatch::storage::S3Config::default())?)
 }
 
 fn winning_labels(storage: &std::path::Path) -> anyhow::Result<Vec<bearwatch::feedback::TrainingLabel>> {
@@ -574,6 +581,7 @@ fn retrain(
     let from = from.unwrap_or_else(|| pipeline::bundled(std::path::Path::new("models")));
     let feedback = winning_labels(storage)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let storage = &location(storage)?;
     let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback, feedback_weight, encoder, progress })?;
     print!("{}", report.markdown());
     eprintln!("candidate {} in {} (report.json, report.md)", report.candidate, out.display());
@@ -642,7 +650,7 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         .filter(|t| bearwatch::storage::journal_files(&outcome.storage, **t).is_ok_and(|files| !files.is_empty()))
         .map(|t| format!("{}/", t.name()))
         .collect();
-    println!("tables (Parquet) and checkpoint in {}: {}", outcome.storage.display(), written.join(", "));
+    println!("tables (Parquet) and checkpoint in {}: {}", outcome.storage, written.join(", "));
     if let Some(addr) = dashboard.filter(|_| replay_ends && !outcome.interrupted) {
         println!("the dashboard at http://{addr}/ closed with the replay: `bearwatch run --keep-serving` keeps it up");
     }
@@ -690,8 +698,10 @@ fn run_sql(
             }
         }
         None => {
-            let storage = storage.unwrap_or_else(|| PathBuf::from("data/demo"));
-            anyhow::ensure!(storage.is_dir(), "{} is not a storage folder (run a pipeline first, or pass --storage)", storage.display());
+            let storage = location(&storage.unwrap_or_else(|| PathBuf::from("data/demo")))?;
+            if let Some(folder) = storage.as_local() {
+                anyhow::ensure!(folder.is_dir(), "{} is not a storage folder (run a pipeline first, or pass --storage)", folder.display());
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(async {
                 let limits = sql::Limits { memory_bytes: 1 << 30, timeout: std::time::Duration::from_secs(300) };
@@ -722,10 +732,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { pipeline, role, keep_serving } => run_pipeline(pipeline, role, keep_serving),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
         Command::Storage(StorageCommand::Repair { storage }) => {
-            anyhow::ensure!(storage.join("checkpoint.json").is_file(), "{} holds no checkpoint.json: not a pipeline's storage", storage.display());
+            if storage.to_str().is_none_or(|s| !s.contains("://")) {
+                anyhow::ensure!(storage.join("checkpoint.json").is_file(), "{} holds no checkpoint.json: not a pipeline's storage", storage.display());
+            }
+            let storage = location(&storage)?;
             let found = bearwatch::storage::Storage::repair(&storage)?;
             if found.is_empty() {
-                println!("{}: nothing to repair", storage.display());
+                println!("{storage}: nothing to repair");
             }
             for damage in found {
                 println!("set aside: {damage}");
@@ -784,12 +797,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
             let forced = reason.as_deref().filter(|_| force);
-            let row = bearwatch::learn::registry::promote(&storage, &dir, &by, forced)?;
+            let row = bearwatch::learn::registry::promote(&location(&storage)?, &dir, &by, forced)?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Shadow { dir, storage, by, stop, reason }) => {
-            let row = bearwatch::learn::registry::shadow(&storage, dir.as_deref().filter(|_| !stop), &by, reason.as_deref())?;
+            let row = bearwatch::learn::registry::shadow(&location(&storage)?, dir.as_deref().filter(|_| !stop), &by, reason.as_deref())?;
             match row.model.as_str() {
                 "" => println!("shadow: none ({})", row.reason),
                 model => println!("shadow: {model} ({})", row.reason),
@@ -833,7 +846,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
-            let row = bearwatch::learn::registry::rollback(&storage, &by, reason.as_deref())?;
+            let row = bearwatch::learn::registry::rollback(&location(&storage)?, &by, reason.as_deref())?;
             println!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }

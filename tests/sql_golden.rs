@@ -32,7 +32,7 @@ fn time(ms: i64) -> String {
 }
 
 fn write_dataset(dir: &Path) {
-    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(dir, false).unwrap();
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&dir.into(), false).unwrap();
     let topics = ["earnings", "energy", "macro", "metals"];
     let mut rng = Lcg(7);
     let spec = WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false };
@@ -200,7 +200,7 @@ fn write_feedback(dir: &Path, alerts: &[(String, String)]) {
         source: Channel::Api,
         supersedes: supersedes.map(str::to_string),
     };
-    record_labels(dir, &[
+    record_labels(&dir.into(), &[
         label("f1", "OIL PRICES SLUMP", Head::Sentiment, Some("neutral"), Action::Correct, "ana", 1, None),
         label("f2", "OIL PRICES SLUMP", Head::Sentiment, Some("positive"), Action::Correct, "bob", 2, Some("f1")),
         label("f3", "GOLD RISES", Head::Topic, Some("metals"), Action::Confirm, "ana", 3, None),
@@ -225,7 +225,7 @@ fn write_feedback(dir: &Path, alerts: &[(String, String)]) {
             supersedes: None,
         })
         .collect();
-    record_verdicts(dir, &verdicts).unwrap();
+    record_verdicts(&dir.into(), &verdicts).unwrap();
 }
 
 /// The ```sql blocks of docs/SQL.md, in order.
@@ -244,7 +244,7 @@ fn the_documented_queries_give_the_pinned_answers() {
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sql/golden");
     let bless = std::env::var_os("BEARWATCH_BLESS").is_some();
     for (index, query) in queries.iter().enumerate() {
-        let ctx = sql::context(dir.path(), sql::Limits { memory_bytes: 256 << 20, timeout: Duration::from_secs(60) }, None).unwrap();
+        let ctx = sql::context(&dir.path().into(), sql::Limits { memory_bytes: 256 << 20, timeout: Duration::from_secs(60) }, None).unwrap();
         let batches = runtime.block_on(sql::run(&ctx, query)).unwrap_or_else(|e| panic!("query {}: {e}\n{query}", index + 1));
         let answer = String::from_utf8(sql::encode(&batches, Format::Csv).unwrap()).unwrap();
         let path = golden.join(format!("{:02}.csv", index + 1));

@@ -107,7 +107,7 @@ fn labels(classifier: &Classifier, examples: &[Example]) -> Result<Vec<String>, 
 /// label, or the analysts' correction that the memory carries to it (the same text, or a
 /// near-duplicate by the model's rule), as `pipeline::corrections` applies it to a new story. One
 /// scoring pass gives both.
-fn candidate_labels(candidate: &Classifier, storage: &Path, examples: &[Example]) -> Result<(Vec<String>, Vec<String>), PipelineError> {
+fn candidate_labels(candidate: &Classifier, storage: &crate::storage::Location, examples: &[Example]) -> Result<(Vec<String>, Vec<String>), PipelineError> {
     let rows = crate::feedback::JournalTail::new(storage).new_rows().map_err(failed)?;
     let mut memory = crate::feedback::Memory::new(candidate.spec().near_duplicates, crate::feedback::FeedbackConfig::default().remember);
     let judged: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
@@ -193,7 +193,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
     let mut runs = Vec::new();
     for salt in 0..args.splits {
         let work = tempfile_dir(salt)?;
-        let storage = work.join("store");
+        let storage = crate::storage::Location::from(work.join("store"));
         let (mut reviewed, untouched): (Vec<usize>, Vec<usize>) = (0..set.len()).partition(|&i| bucket(salt, &set[i].text) < args.review_share);
         if let Some(labels) = args.labels {
             // Another salt orders the reviewed part, so that the pick does not follow the split.

@@ -124,7 +124,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
     }
     let tickers: Vec<String> = (0..300).map(|i| format!("T{i:03}")).collect();
     let model: Arc<str> = Arc::from("synthetic@1");
-    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&args.dir, true).map_err(|e| failed(e.to_string()))?;
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&args.dir.as_path().into(), true).map_err(|e| failed(e.to_string()))?;
     let mut rng = Lcg(42);
     let step = YEAR_MS / args.rows.max(1) as i64;
     let mut start = 0;
@@ -291,7 +291,7 @@ pub fn run(args: &SqlBenchArgs) -> Result<String, SqlBenchError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| data_error(&args.dir)(e.to_string()))?;
     // The limits a server runs queries under by default.
     let limits = crate::server::ServerConfig::default().query_limits();
-    let ctx = sql::context(&args.dir, limits, None)?;
+    let ctx = sql::context(&args.dir.as_path().into(), limits, None)?;
     let partitions = ctx.state().config().target_partitions();
     let mut duck = DuckDb::start(&args.python, &args.dir)?;
 

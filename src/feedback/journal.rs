@@ -3,42 +3,41 @@
 //! own, so following the folder is how corrections from anywhere reach the pipeline.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use chrono::{DateTime, Utc};
 
 use super::{FeedbackError, Head, LabelFeedback, table};
-use crate::storage::{self, Table};
+use crate::storage::{self, Location, Table};
 
 pub struct JournalTail {
-    storage: std::path::PathBuf,
+    storage: Location,
     /// Files already read (names start with their creation time, so few are ever listed twice).
-    read: HashSet<std::path::PathBuf>,
+    read: HashSet<String>,
 }
 
 impl JournalTail {
-    pub fn new(storage: &Path) -> JournalTail {
-        JournalTail { storage: storage.to_path_buf(), read: HashSet::new() }
+    pub fn new(storage: &Location) -> JournalTail {
+        JournalTail { storage: storage.clone(), read: HashSet::new() }
     }
 
     /// Rows of the files not read before, oldest file first and in file order within one.
     pub fn new_rows(&mut self) -> Result<Vec<LabelFeedback>, FeedbackError> {
         let mut rows = Vec::new();
-        for path in storage::journal_files(&self.storage, Table::LabelFeedback)? {
-            if self.read.contains(&path) {
+        for name in storage::journal_files(&self.storage, Table::LabelFeedback)? {
+            if self.read.contains(&name) {
                 continue;
             }
-            let parsed = storage::read_file(&path)
+            let parsed = storage::read_journal(&self.storage, Table::LabelFeedback, &name)
                 .and_then(|batches| batches.iter().map(|b| table::label_feedback_rows(b).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>());
             match parsed {
                 Ok(file_rows) => rows.extend(file_rows.into_iter().flatten()),
                 // Not a reason to stop scoring: the file stays where it is, and SQL reports it too.
                 Err(reason) => {
                     metrics::counter!("bearwatch_feedback_unreadable_files_total").increment(1);
-                    tracing::error!(path = %path.display(), reason, "journal file unreadable: its corrections are not applied");
+                    tracing::error!(file = %name, reason, "journal file unreadable: its corrections are not applied");
                 }
             }
-            self.read.insert(path);
+            self.read.insert(name);
         }
         rows.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(rows)
@@ -55,7 +54,7 @@ pub struct LatestLabels {
 }
 
 impl LatestLabels {
-    pub fn new(storage: &Path) -> LatestLabels {
+    pub fn new(storage: &Location) -> LatestLabels {
         LatestLabels { tail: JournalTail::new(storage), latest: HashMap::new() }
     }
 

@@ -429,7 +429,7 @@ fn recorded(table: Table, rows: usize, analyst: &str) {
 /// Appends rows to their journal table under `storage` (one file per call, named after the first
 /// row's id); nothing when empty.
 fn append<T>(
-    storage: &std::path::Path,
+    storage: &storage::Location,
     table: Table,
     rows: &[T],
     batch: fn(&[T]) -> Result<arrow::array::RecordBatch, arrow::error::ArrowError>,
@@ -443,15 +443,15 @@ fn append<T>(
     Ok(())
 }
 
-pub fn record_labels(storage: &std::path::Path, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
+pub fn record_labels(storage: &storage::Location, rows: &[LabelFeedback]) -> Result<(), FeedbackError> {
     append(storage, Table::LabelFeedback, rows, table::label_feedback_batch, |r| (&r.feedback_id, &r.analyst))
 }
 
-pub fn record_verdicts(storage: &std::path::Path, rows: &[AlertVerdict]) -> Result<(), FeedbackError> {
+pub fn record_verdicts(storage: &storage::Location, rows: &[AlertVerdict]) -> Result<(), FeedbackError> {
     append(storage, Table::AlertVerdicts, rows, table::alert_verdicts_batch, |r| (&r.verdict_id, &r.analyst))
 }
 
-pub fn record_missed(storage: &std::path::Path, rows: &[MissedEvent]) -> Result<(), FeedbackError> {
+pub fn record_missed(storage: &storage::Location, rows: &[MissedEvent]) -> Result<(), FeedbackError> {
     append(storage, Table::MissedEvents, rows, table::missed_events_batch, |r| (&r.missed_id, &r.analyst))
 }
 

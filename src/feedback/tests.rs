@@ -83,9 +83,9 @@ fn each_record_call_appends_one_readable_file_and_keeps_the_earlier_ones() {
     let s = story();
     let first = row(r#"{"story_id": "s1", "head": "sentiment", "label": "positive"}"#, Some(&s)).unwrap();
     let second = row(r#"{"text": "Gold rises", "head": "topic", "label": "other", "note": "not metals?"}"#, None).unwrap();
-    record_labels(dir.path(), std::slice::from_ref(&first)).unwrap();
-    record_labels(dir.path(), &[second]).unwrap();
-    record_labels(dir.path(), &[]).unwrap();
+    record_labels(&dir.path().into(), std::slice::from_ref(&first)).unwrap();
+    record_labels(&dir.path().into(), &[second]).unwrap();
+    record_labels(&dir.path().into(), &[]).unwrap();
     let files: Vec<_> = std::fs::read_dir(dir.path().join("label_feedback")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 2, "{files:?}");
     let mut rows = 0;
@@ -116,7 +116,7 @@ fn texts_without_words_unsure_with_a_label_and_endless_events_are_refused() {
 #[test]
 fn latest_labels_follow_every_writer_and_an_older_row_read_late_does_not_win() {
     let dir = tempfile::tempdir().unwrap();
-    let mut latest = LatestLabels::new(dir.path());
+    let mut latest = LatestLabels::new(&dir.path().into());
     // The table keeps milliseconds: rows made a few apart.
     let pause = || std::thread::sleep(std::time::Duration::from_millis(3));
     let older = judgement(None, "Oil falls", Head::Sentiment, Some("neutral"), Action::Correct);
@@ -124,14 +124,14 @@ fn latest_labels_follow_every_writer_and_an_older_row_read_late_does_not_win() {
     let newer = judgement(None, "Oil falls", Head::Sentiment, Some("negative"), Action::Correct);
     // This process wrote the newer row; another writer's older row arrives afterwards.
     latest.note(&newer);
-    record_labels(dir.path(), std::slice::from_ref(&older)).unwrap();
+    record_labels(&dir.path().into(), std::slice::from_ref(&older)).unwrap();
     latest.refresh().unwrap();
     assert_eq!(latest.get(&older.text_hash, Head::Sentiment), Some(&newer.feedback_id));
     assert_eq!(latest.get(&older.text_hash, Head::Topic), None, "heads are apart");
     // A newer row from another writer wins; files already read are not read again.
     pause();
     let newest = judgement(None, "Oil falls", Head::Sentiment, None, Action::Unsure);
-    record_labels(dir.path(), std::slice::from_ref(&newest)).unwrap();
+    record_labels(&dir.path().into(), std::slice::from_ref(&newest)).unwrap();
     latest.refresh().unwrap();
     assert_eq!(latest.get(&older.text_hash, Head::Sentiment), Some(&newest.feedback_id));
 }

@@ -143,7 +143,7 @@ fn row<'r>(names: &[String], e: &Example, r: &'r Read, weight: f32) -> fit::Row<
 }
 
 pub struct RetrainOptions<'a> {
-    pub storage: &'a Path,
+    pub storage: &'a crate::storage::Location,
     pub out: &'a Path,
     pub from: &'a Path,
     /// The labels that won (`feedback export`).
@@ -328,7 +328,7 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
         built_at: chrono::Utc::now(),
         champion: spec.id().to_string(),
         from: std::fs::canonicalize(options.from).unwrap_or_else(|_| options.from.to_path_buf()).display().to_string(),
-        storage: options.storage.display().to_string(),
+        storage: options.storage.to_string(),
         anchors: anchors.len(),
         feedback_trained: feedback.len(),
         trained_until: feedback.len().checked_sub(1).map(|i| (labels[i].feedback_id.clone(), labels[i].created_at)),

@@ -15,7 +15,7 @@ use sha2::Digest;
 
 use super::{LearnError, Report, files};
 use crate::classify::ModelSpec;
-use crate::storage::{self, Table};
+use crate::storage::{self, Location, Table};
 
 pub const CHAMPION: &str = "champion";
 /// The alias of the model scoring the live stream in shadow (`model shadow`); an empty `path`
@@ -116,9 +116,9 @@ fn aliases_batch(rows: &[AliasRow]) -> Result<RecordBatch, ArrowError> {
     RecordBatch::try_new(model_aliases_schema(), columns)
 }
 
-fn append<T>(storage: &Path, table: Table, rows: &[T], batch: fn(&[T]) -> Result<RecordBatch, ArrowError>, unique: &str) -> Result<(), LearnError> {
+fn append<T>(storage: &Location, table: Table, rows: &[T], batch: fn(&[T]) -> Result<RecordBatch, ArrowError>, unique: &str) -> Result<(), LearnError> {
     let batch = batch(rows).map_err(|e| LearnError::Invalid(e.to_string()))?;
-    storage::append(storage, table, &batch, unique).map_err(|e| LearnError::Files { path: storage.to_path_buf(), reason: e.to_string() })?;
+    storage::append(storage, table, &batch, unique).map_err(|e| LearnError::Files { path: storage.to_string().into(), reason: e.to_string() })?;
     Ok(())
 }
 
@@ -136,10 +136,18 @@ fn folder_hash(dir: &Path) -> Result<String, LearnError> {
 
 /// Held while the champion alias is read, compared with and written: a promote or rollback from
 /// another process (the CLI beside a server) waits, so each one compares with the champion it
-/// replaces (compare-and-set), not with one read before another promote landed.
-fn alias_lock(storage: &Path) -> Result<std::fs::File, LearnError> {
-    std::fs::create_dir_all(storage).map_err(files(storage))?;
-    let path = storage.join(".model_aliases.lock");
+/// replaces (compare-and-set), not with one read before another promote landed. On object storage
+/// the lock is a file in the temp folder named after the URL: it orders the processes of one host.
+fn alias_lock(storage: &Location) -> Result<std::fs::File, LearnError> {
+    let folder = match storage {
+        Location::Local(root) => root.clone(),
+        Location::Bucket(bucket) => {
+            let digest: String = sha2::Sha256::digest(bucket.url().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+            std::env::temp_dir().join(format!("bearwatch-{digest}"))
+        }
+    };
+    std::fs::create_dir_all(&folder).map_err(files(&folder))?;
+    let path = folder.join(".model_aliases.lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(files(&path))?;
     file.lock().map_err(files(&path))?;
     Ok(file)
@@ -150,7 +158,7 @@ fn alias_lock(storage: &Path) -> Result<std::fs::File, LearnError> {
 /// outputs: an alias never names a model that cannot serve. The champion it replaces is read under
 /// [`alias_lock`]; when the alias has no history, the report's champion is recorded first, so that
 /// a rollback can return to it. Returns the alias row written.
-pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>) -> Result<AliasRow, LearnError> {
+pub fn promote(storage: &Location, dir: &Path, by: &str, force: Option<&str>) -> Result<AliasRow, LearnError> {
     let path = dir.join("report.json");
     let report: Report =
         serde_json::from_str(&std::fs::read_to_string(&path).map_err(files(&path))?).map_err(|e| LearnError::Files { path: path.clone(), reason: e.to_string() })?;
@@ -226,7 +234,7 @@ pub fn promote(storage: &Path, dir: &Path, by: &str, force: Option<&str>) -> Res
 }
 
 /// Points the champion alias back at the one before its newest, in one step (under [`alias_lock`]).
-pub fn rollback(storage: &Path, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+pub fn rollback(storage: &Location, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
     let _lock = alias_lock(storage)?;
     let history = champion_history(storage)?;
     let Some(current) = history.last() else {
@@ -249,14 +257,14 @@ pub fn rollback(storage: &Path, by: &str, reason: Option<&str>) -> Result<AliasR
 }
 
 /// The `champion` rows of `model_aliases`, oldest first: what the gate compares with.
-pub fn champion_history(storage: &Path) -> Result<Vec<AliasRow>, LearnError> {
+pub fn champion_history(storage: &Location) -> Result<Vec<AliasRow>, LearnError> {
     alias_history(storage, CHAMPION)
 }
 
 /// Runs `dir` in shadow on the live stream of every pipeline on `storage` (`None`: stops the
 /// shadow): a `challenger` row of `model_aliases`. Any model folder will do; it is loaded and
 /// checked against its golden outputs by the pipeline, as a champion is.
-pub fn shadow(storage: &Path, dir: Option<&Path>, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
+pub fn shadow(storage: &Location, dir: Option<&Path>, by: &str, reason: Option<&str>) -> Result<AliasRow, LearnError> {
     let (model, path) = match dir {
         Some(dir) => (ModelSpec::load(dir)?.id().to_string(), std::fs::canonicalize(dir).map_err(files(dir))?.display().to_string()),
         None => (String::new(), String::new()),
@@ -276,17 +284,17 @@ pub fn shadow(storage: &Path, dir: Option<&Path>, by: &str, reason: Option<&str>
 
 /// The rows of `alias` in `model_aliases`, oldest first, read straight from its files, without a
 /// query engine: what a running pipeline checks every second.
-pub fn alias_history(storage: &Path, alias: &str) -> Result<Vec<AliasRow>, LearnError> {
-    let unreadable = |path: &Path| {
-        let path = path.to_path_buf();
+pub fn alias_history(storage: &Location, alias: &str) -> Result<Vec<AliasRow>, LearnError> {
+    let table = Table::ModelAliases.name();
+    let unreadable = |name: &str| {
+        let path = std::path::PathBuf::from(format!("{storage}/{table}/{name}"));
         move |reason: String| LearnError::Files { path, reason }
     };
-    let dir = storage.join(Table::ModelAliases.name());
-    let files = storage::journal_files(storage, Table::ModelAliases).map_err(|e| unreadable(&dir)(e.to_string()))?;
+    let files = storage::journal_files(storage, Table::ModelAliases).map_err(|e| unreadable("")(e.to_string()))?;
     let mut rows = Vec::new();
-    for path in files {
-        for batch in storage::read_file(&path).map_err(unreadable(&path))? {
-            rows.extend(alias_rows(&batch).map_err(unreadable(&path))?);
+    for name in files {
+        for batch in storage::read_journal(storage, Table::ModelAliases, &name).map_err(unreadable(&name))? {
+            rows.extend(alias_rows(&batch).map_err(unreadable(&name))?);
         }
     }
     rows.retain(|r| r.alias == alias);

@@ -156,7 +156,7 @@ pub(crate) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
 /// A runtime and a query context over the pipeline's tables, for the lookups of a replay.
 pub(super) fn tables(config: &PipelineConfig) -> Result<(tokio::runtime::Runtime, datafusion::prelude::SessionContext), PipelineError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Internal(e.to_string()))?;
-    let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), None)?;
+    let ctx = crate::sql::context(&config.storage.location()?, config.server.query_limits(), None)?;
     Ok((runtime, ctx))
 }
 
@@ -194,7 +194,6 @@ fn verdict_of<'a>(episode: &Episode, judged: &'a [JudgedAlert]) -> Option<&'a Ju
 
 pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Result<Backtest, PipelineError> {
     let rules = load_rules(options.rules)?;
-    let storage = &config.storage.path;
     let (runtime, ctx) = tables(config)?;
     let mut filter = lit(true);
     if let Some(from) = options.from {
@@ -223,7 +222,7 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
     let found = episodes(replay(spec, folding, &mut detector, every, &stories));
     let explain = detector.take_trace();
 
-    let silences = crate::alert::silences::SilenceStore::open(&storage.join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
+    let silences = crate::alert::silences::SilenceStore::open(&config.storage.local_dir().join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
     let router = Router::new(rules.routes.clone(), rules.silences.clone()).with_dynamic_silences(silences);
     let weeks = match (first, last) {
         (Some(a), Some(b)) if b > a => (b - a) as f64 / (7.0 * 86_400_000.0),
@@ -252,7 +251,7 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
         }
     }
     Ok(Backtest {
-        storage: storage.display().to_string(),
+        storage: config.storage.path.display().to_string(),
         stories: stories.len(),
         first: first.map(time),
         last: last.map(time),

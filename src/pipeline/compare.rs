@@ -37,21 +37,20 @@ pub fn compare(config: &PipelineConfig, challenger: Option<&str>) -> Result<Comp
         return Err(PipelineError::Usage("the pipeline has no [alerts] rules to compare the models' episodes with".into()));
     }
     let rules = super::backtest::load_rules(&config.alerts.rules)?.rules;
-    let storage = &config.storage.path;
+    let storage = config.storage.path.display();
     let (runtime, ctx) = tables(config)?;
     let shadow = runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "shadow_news", lit(true)))?;
     let Some(model) = challenger.map(str::to_string).or_else(|| shadow.last().map(|(model, _)| model.clone())) else {
         return Err(PipelineError::Usage(format!(
             "{}: no shadow_news rows; set a challenger with `bearwatch model shadow DIR --storage {}` while a pipeline runs",
-            storage.display(),
-            storage.display()
+            storage, storage
         )));
     };
     let shadow = newest(shadow.into_iter().filter(|(m, _)| *m == model).collect());
     let (Some(first), Some(last)) =
         (shadow.values().map(|(_, s)| s.published_ms).min(), shadow.values().map(|(_, s)| s.published_ms).max())
     else {
-        return Err(PipelineError::Usage(format!("{}: no shadow_news rows of {model}", storage.display())));
+        return Err(PipelineError::Usage(format!("{}: no shadow_news rows of {model}", storage)));
     };
     let window = col("published_at").between(timestamp(first), timestamp(last));
     let news = newest(runtime.block_on(crate::sql::lookup::scored_stories(&ctx, "news", window))?);

@@ -145,7 +145,7 @@ pub struct Core {
 /// the pipeline finish what is in flight and switch, so no story is lost or scored twice. Any
 /// failure keeps the champion that serves, and that row is not tried again.
 pub struct ModelWatch {
-    pub storage: std::path::PathBuf,
+    pub storage: crate::storage::Location,
     /// The `[model]` settings; the alias gives the folder.
     pub config: crate::classify::ClassifierConfig,
     /// The folder serving now (None: `[model] path`).
@@ -206,7 +206,7 @@ impl Core {
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
                 return Err(PipelineError::WindowsChanged {
-                    storage: core.storage_root().to_path_buf(),
+                    storage: core.storage.as_ref().map(|s| s.location().to_string()).unwrap_or_default(),
                     saved: format!("{:?}", checkpoint.windows.spec()),
                 });
             }
@@ -849,7 +849,5 @@ impl Core {
         self.alerting.as_ref().and_then(|a| a.notifier.as_ref()).map_or(0, |n| n.settle(deadline))
     }
 
-    pub fn storage_root(&self) -> &std::path::Path {
-        self.storage.as_ref().map_or(std::path::Path::new(""), |s| s.root())
-    }
+
 }

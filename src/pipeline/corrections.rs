@@ -158,7 +158,7 @@ pub struct Corrections {
 
 impl Corrections {
     /// `near_duplicates`: the model's rule, or `None` for exact matches only.
-    pub fn new(config: &FeedbackConfig, storage: &std::path::Path, near_duplicates: Option<NearDuplicates>) -> Corrections {
+    pub fn new(config: &FeedbackConfig, storage: &crate::storage::Location, near_duplicates: Option<NearDuplicates>) -> Corrections {
         Corrections {
             memory: Memory::new(near_duplicates, config.remember),
             tail: JournalTail::new(storage),

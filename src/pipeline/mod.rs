@@ -65,7 +65,7 @@ pub enum PipelineError {
         "the checkpoint in {storage} was written with other [window] settings ({saved}); restore them, \
          or give this pipeline a new storage.path"
     )]
-    WindowsChanged { storage: PathBuf, saved: String },
+    WindowsChanged { storage: String, saved: String },
     /// A request that cannot be met as asked (a command's arguments, rule files without rules).
     #[error("{0}")]
     Usage(String),
@@ -109,7 +109,7 @@ pub struct RunOutcome {
     pub counters: Counters,
     /// Stopped by a signal rather than by the end of a bounded input.
     pub interrupted: bool,
-    pub storage: PathBuf,
+    pub storage: crate::storage::Location,
     /// Per-topic table of this run's stories, most negative first.
     pub topics: String,
 }
@@ -234,7 +234,8 @@ pub fn review_queue(config: &PipelineConfig, limit: usize, hours: u32) -> Result
     let options = crate::sql::queue::QueueOptions { limit, hours, near_duplicates };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| PipelineError::Sql(crate::sql::SqlError::Execution(e.to_string())))?;
     let limits = config.server.query_limits();
-    Ok(runtime.block_on(async { crate::sql::queue::review_queue(&crate::sql::context(&config.storage.path, limits, None)?, &rules, &options).await })?)
+    let location = config.storage.location()?;
+    Ok(runtime.block_on(async { crate::sql::queue::review_queue(&crate::sql::context(&location, limits, None)?, &rules, &options).await })?)
 }
 
 /// SHA-256 over the rule files in order, recorded with each verdict so that a verdict says which
@@ -300,7 +301,7 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     let notifier = if notifiers.is_empty() {
         None
     } else {
-        let outbox = Outbox::open(&config.storage.path.join("outbox.jsonl"))?;
+        let outbox = Outbox::open(&config.storage.local_dir().join("outbox.jsonl"))?;
         let pending = outbox.pending().count();
         if pending > 0 {
             tracing::info!(pending, "notifications pending from an earlier run will be retried");
@@ -319,10 +320,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let ready = Arc::new(AtomicBool::new(false));
     let role = config.run.role;
     tracing::info!(role = ?role, "starting");
+    let location = config.storage.location()?;
+    if let Some(local) = &config.storage.local_path {
+        std::fs::create_dir_all(local).map_err(|e| crate::storage::StorageError::Io { path: local.clone(), reason: e.to_string() })?;
+    }
     let (storage, restored) = match role {
         Role::Classify => (None, None),
         Role::All | Role::Aggregate => {
-            let (storage, restored) = Storage::open::<Checkpoint>(&config.storage.path, config.storage.reset_on_start)?;
+            let (storage, restored) = Storage::open::<Checkpoint>(&location, config.storage.reset_on_start)?;
             (Some(storage), restored)
         }
     };
@@ -332,7 +337,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let (classifier, serving_warning) = match role {
         Role::Aggregate => (None, None),
         Role::All | Role::Classify => {
-            let (classifier, warning) = start_serving(config)?;
+            let (classifier, warning) = start_serving(config, &location)?;
             (Some(classifier), warning)
         }
     };
@@ -345,7 +350,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let dead_letter = match (&kafka_output, source_config.kind) {
         (Some(output), _) => DeadLetter::topic(output.clone(), source_config.dead_letter_topic.clone()),
         (None, _) => {
-            let path = source_config.dead_letter_path.clone().unwrap_or_else(|| config.storage.path.join("dead-letter.jsonl"));
+            let path = source_config.dead_letter_path.clone().unwrap_or_else(|| config.storage.local_dir().join("dead-letter.jsonl"));
             DeadLetter::file(&path)?
         }
     };
@@ -372,7 +377,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     };
     let mut windows = WindowState::new(WindowSpec::from_config(&config.window));
     windows.fold_copies(folding(config, classifier.as_ref().and_then(|c| c.spec().near_duplicates)));
-    let silences = SilenceStore::open(&config.storage.path.join("silences.json"))?;
+    let silences = SilenceStore::open(&config.storage.local_dir().join("silences.json"))?;
     let alerting = match (role, &classifier) {
         (Role::Classify, _) => None,
         (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|a| a.with_explainer(explainer(classifier.clone()))),
@@ -381,7 +386,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
-            let ctx = crate::sql::context(&config.storage.path, config.server.query_limits(), live.clone())?;
+            let ctx = crate::sql::context(&location, config.server.query_limits(), live.clone())?;
             Some(crate::sql::postgres::serve(addr.as_str(), ctx, config.server.postgres_user.as_str(), password.as_str())?)
         }
         _ => None,
@@ -389,14 +394,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let _server = match &config.server.http {
         Some(addr) => {
             let sql = SqlService {
-                storage: config.storage.path.clone(),
+                storage: location.clone(),
                 limits: config.server.query_limits(),
                 live: live.clone(),
             };
             let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone() };
             // The model's topics (what topic labels may name) and its near-duplicate rule (the review queue's).
             let spec = ModelSpec::load(&config.model.model_dir()).ok();
-            let feedback = FeedbackService::new(config.storage.path.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
+            let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
             let web = WebPolicy::new(addr.as_str(), &config.server.allowed_hosts, &config.server.allowed_origins);
             if config.server.is_open() && !crate::server::is_loopback(addr.as_str()) {
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
@@ -414,7 +419,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             // Near-duplicates need the model's reading of each corrected text, and the model's rule.
             let rule = classifier.as_ref().and_then(|c| c.spec().near_duplicates).filter(|_| config.feedback.near_duplicates);
             tracing::info!(near_duplicates = ?rule, "label corrections act on the windows");
-            Some(Corrections::new(&config.feedback, &config.storage.path, rule))
+            Some(Corrections::new(&config.feedback, &location, rule))
         }
     };
     let core =
@@ -425,7 +430,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         // The folder serving, as the alias rows name folders: canonical.
         let dir = core.classifier_dir().map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
         core.model_watch = Some(core::ModelWatch {
-            storage: config.storage.path.clone(),
+            storage: location.clone(),
             serving: dir,
             config: config.model.clone(),
             failed: Default::default(),
@@ -490,7 +495,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     Ok(RunOutcome {
         counters: core.counters.clone(),
         interrupted,
-        storage: core.storage_root().to_path_buf(),
+        storage: location,
         topics: if core.counters.scored > 0 { summary::final_table(&core.recent) } else { String::new() },
     })
 }
@@ -500,12 +505,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
 /// folder changed or lost since its promotion) does not stop the pipeline: the newest earlier
 /// champion that loads serves, else `[model]`, and the returned warning says so (logged, counted in
 /// `bearwatch_model_champion_unloadable`, and shown by `/ready`).
-pub(super) fn start_serving(config: &PipelineConfig) -> Result<(Classifier, Option<String>), PipelineError> {
-    let history = if config.storage.path.join(crate::storage::Table::ModelAliases.name()).is_dir() {
-        crate::learn::registry::champion_history(&config.storage.path)?
-    } else {
-        Vec::new()
-    };
+pub(super) fn start_serving(config: &PipelineConfig, location: &crate::storage::Location) -> Result<(Classifier, Option<String>), PipelineError> {
+    let history = crate::learn::registry::champion_history(location)?;
     let Some(champion) = history.last() else { return Ok((Classifier::start(&config.model)?, None)) };
     let mut tried = std::collections::BTreeSet::new();
     let mut failures = Vec::new();
@@ -693,7 +694,7 @@ mod tests {
         let config = PipelineConfig::parse(&text, "test.toml").unwrap();
         let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
         let classifier = Classifier::with_backend(&config.model, spec, SlowModel, "fake").unwrap();
-        let (storage, _) = Storage::open::<Checkpoint>(dir.path(), false).unwrap();
+        let (storage, _) = Storage::open::<Checkpoint>(&dir.path().into(), false).unwrap();
         let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
         let limits = Limits {
             max_message_bytes: 1 << 20,

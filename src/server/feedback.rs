@@ -4,7 +4,6 @@
 //! entirely or not at all.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
@@ -27,7 +26,7 @@ use crate::sql::{self, SqlError, lookup};
 /// What the feedback endpoints need beyond SQL.
 #[derive(Clone)]
 pub struct FeedbackService {
-    pub storage: PathBuf,
+    pub storage: crate::storage::Location,
     /// The topics of the model the pipeline runs (empty when it runs none: topic labels are refused).
     pub topics: Vec<String>,
     /// SHA-256 of the pipeline's rule files, recorded with each verdict.
@@ -38,7 +37,7 @@ pub struct FeedbackService {
 }
 
 impl FeedbackService {
-    pub fn new(storage: PathBuf, topics: Vec<String>, rules_hash: Option<String>) -> FeedbackService {
+    pub fn new(storage: crate::storage::Location, topics: Vec<String>, rules_hash: Option<String>) -> FeedbackService {
         let latest = Arc::new(Mutex::new(LatestLabels::new(&storage)));
         FeedbackService { storage, topics, rules_hash, latest }
     }

@@ -57,7 +57,7 @@ impl Classified for ServerError {
 /// Where `POST /sql` reads, and how much one query may take.
 #[derive(Clone)]
 pub struct SqlService {
-    pub storage: std::path::PathBuf,
+    pub storage: crate::storage::Location,
     pub limits: sql::Limits,
     /// The running pipeline's unflushed rows.
     pub live: Option<std::sync::Arc<crate::sql::live::LiveRows>>,

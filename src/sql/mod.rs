@@ -2,7 +2,6 @@
 //! memory. Used by `bearwatch sql` and by the HTTP API's `POST /sql`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ pub mod postgres;
 pub mod queue;
 
 use crate::error::{Classified, ErrorClass};
-use crate::storage::Table;
+use crate::storage::{Location, Table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
@@ -143,8 +142,8 @@ pub struct Limits {
 
 /// A session over the tables under `storage`, within `limits`; with `live`, a running pipeline's
 /// unflushed rows too.
-pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
-    let tables_error = |reason: String| SqlError::Tables { path: storage.display().to_string(), reason };
+pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRows>>) -> Result<SessionContext, SqlError> {
+    let tables_error = |reason: String| SqlError::Tables { path: storage.to_string(), reason };
     let runtime = shared_runtime_env(limits.memory_bytes).map_err(|e| tables_error(e.to_string()))?;
     // information_schema (read only) is what Grafana's Postgres data source browses.
     let config = SessionConfig::from_env().map_err(|e| tables_error(e.to_string()))?.with_information_schema(true);
@@ -156,11 +155,20 @@ pub fn context(storage: &Path, limits: Limits, live: Option<Arc<live::LiveRows>>
         .build();
     let ctx = SessionContext::new_with_state(state);
     bounded::register(&ctx, limits.memory_bytes);
+    if let Location::Bucket(bucket) = storage {
+        let store_url = url::Url::parse(&bucket.store_url()).map_err(|e| tables_error(e.to_string()))?;
+        ctx.register_object_store(&store_url, bucket.client().map_err(|e| tables_error(e.to_string()))?);
+    }
     for table in Table::ALL {
-        let dir = storage.join(table.name());
-        std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
-        let dir = std::fs::canonicalize(&dir).map_err(|e| tables_error(e.to_string()))?;
-        let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(|e| tables_error(e.to_string()))?;
+        let folder = match storage {
+            Location::Local(root) => {
+                let dir = root.join(table.name());
+                std::fs::create_dir_all(&dir).map_err(|e| tables_error(e.to_string()))?;
+                std::fs::canonicalize(&dir).map_err(|e| tables_error(e.to_string()))?.display().to_string()
+            }
+            Location::Bucket(bucket) => bucket.url_of(table.name()),
+        };
+        let url = ListingTableUrl::parse(format!("{folder}/")).map_err(|e| tables_error(e.to_string()))?;
         let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
         let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(read_schema(table));
         let listing: Arc<dyn datafusion::catalog::TableProvider> =

@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use super::*;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -18,7 +20,7 @@ pub fn forbidden() -> impl Iterator<Item = &'static str> {
 #[test]
 fn writes_settings_and_file_access_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), limits(), None).unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
     assert!(forbidden().count() >= 20);
     for statement in forbidden() {
         let result = runtime().block_on(run(&ctx, statement));
@@ -33,7 +35,7 @@ fn writes_settings_and_file_access_are_refused() {
 #[test]
 fn empty_tables_answer_and_errors_point_at_the_query() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), limits(), None).unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
     let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM news")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
     let query = "SELECT topic\nFROM windows WHER n > 1";
@@ -46,7 +48,7 @@ fn empty_tables_answer_and_errors_point_at_the_query() {
 fn queries_stop_at_the_time_limit() {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits { memory_bytes: 64 << 20, timeout: Duration::from_millis(300) };
-    let ctx = context(dir.path(), limits, None).unwrap();
+    let ctx = context(&dir.path().into(), limits, None).unwrap();
     let started = std::time::Instant::now();
     let err = runtime().block_on(run(&ctx, "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3")).unwrap_err();
     assert!(matches!(err, SqlError::Timeout(t) if t == limits.timeout), "{err:?}");
@@ -91,7 +93,7 @@ fn a_table_cuts_long_cells_and_the_other_formats_keep_them_whole() {
 #[test]
 fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), limits(), None).unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
     let started = std::time::Instant::now();
     for query in [
         "SELECT repeat('x', 100000000) AS s",
@@ -111,7 +113,7 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
 #[test]
 fn csv_text_cells_that_start_like_formulas_are_neutralised() {
     let dir = tempfile::tempdir().unwrap();
-    let ctx = context(dir.path(), limits(), None).unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
     let query = "SELECT * FROM (VALUES ('=HYPERLINK(\"http://x\")', -1.5), ('+1', 2.0), ('@SUM(A1)', 0.0), ('-2', 0.0), (concat(chr(9), 'tab'), 0.0), ('plain - text', 0.0)) AS t(headline, score)";
     let batches = runtime().block_on(run(&ctx, query)).unwrap();
     let csv = String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap();

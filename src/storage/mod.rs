@@ -3,16 +3,25 @@
 //! Storage knows tables and checkpoints, not the stages that fill them: a caller hands it record
 //! batches for a [`Table`] and its own serialisable state for the checkpoint.
 //!
-//! Layout: `<path>/<table>/part-<seq>.parquet` for every [`Table`], and `<path>/checkpoint.json`. Files are written only at a checkpoint, each to a temp name, fsynced and
-//! renamed; the checkpoint written right after records the next sequence number of every table. A
-//! crash between the two leaves parts numbered at or past the checkpoint's: on start they are deleted,
-//! and the stories in them are read again from the checkpointed offsets. So no row is lost or doubled.
+//! Layout: `<path>/<table>/part-<seq>.parquet` for every [`Table`], and `<path>/checkpoint.json`,
+//! under a local folder or an `s3://bucket/prefix` ([`Location`]). Files are written only at a
+//! checkpoint: locally each to a temp name, fsynced and renamed; on object storage each in one PUT
+//! (readers see all of it or none). The checkpoint written right after records the next sequence
+//! number of every table. A crash between the two leaves parts numbered at or past the checkpoint's:
+//! on start they are deleted, and the stories in them are read again from the checkpointed offsets.
+//! So no row is lost or doubled.
+//!
+//! On object storage the checkpoint is replaced only if it is still the version this process read
+//! or wrote last (`If-Match`; `If-None-Match` for the first): a second process writing to the same
+//! prefix makes the other's next checkpoint fail ([`StorageError::Fenced`]) instead of both
+//! committing over each other.
 //!
 //! Journal tables (what people tell bearwatch: [`Table::JOURNALS`]) are outside the checkpoint: any
 //! process may [`append`] to them at any time, one file per append, and nothing ever deletes them,
 //! not even `--reset` (that restarts the pipeline, not people's work).
 
 mod config;
+mod location;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -26,7 +35,9 @@ use parquet::file::properties::WriterProperties;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use config::StorageConfig;
+pub use config::{S3Config, StorageConfig};
+pub use location::{Bucket, Location};
+use location::Mode;
 
 use crate::error::{Classified, ErrorClass};
 
@@ -34,6 +45,17 @@ use crate::error::{Classified, ErrorClass};
 pub enum StorageError {
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    #[error("{reason}")]
+    Config { reason: String },
+    /// A request to object storage that failed after the client's retries (or was refused by a
+    /// precondition: someone else wrote first).
+    #[error("{url}: {reason}")]
+    Object { url: String, reason: String, precondition: bool },
+    #[error(
+        "{url} was changed by another process since this one last wrote it: two pipelines share this storage \
+         (give each its own path, or stop the other). Nothing more is written here"
+    )]
+    Fenced { url: String },
     #[error("cannot write Parquet file {path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
     #[error("checkpoint {path} is unreadable ({reason}); move it away to start from scratch")]
@@ -49,12 +71,13 @@ pub enum StorageError {
 impl Classified for StorageError {
     fn class(&self) -> ErrorClass {
         match self {
-            StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } | StorageError::Damaged { .. } => ErrorClass::External,
+            StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } | StorageError::Damaged { .. } | StorageError::Object { .. } => ErrorClass::External,
+            StorageError::Config { .. } | StorageError::Fenced { .. } => ErrorClass::User,
             StorageError::Parquet { .. } => ErrorClass::Internal,
         }
     }
     fn retryable(&self) -> bool {
-        matches!(self, StorageError::Io { .. })
+        matches!(self, StorageError::Io { .. } | StorageError::Object { precondition: false, .. })
     }
 }
 
@@ -138,6 +161,13 @@ struct Parts {
     /// Parts that `bearwatch storage repair` set aside, per table: their rows are accepted as lost.
     #[serde(default)]
     lost_parts: BTreeMap<String, Vec<u64>>,
+    /// Which opening of the storage wrote the checkpoint, and its how-manieth commit: no two
+    /// checkpoints have the same bytes, so their versions (ETags, digests of the bytes) differ and
+    /// a conditional write can tell them apart.
+    #[serde(default)]
+    writer: String,
+    #[serde(default)]
+    commit: u64,
 }
 
 /// What [`Storage::commit`] writes: the caller's state with storage's fields beside it.
@@ -150,98 +180,108 @@ struct Written<'a, S> {
 }
 
 pub struct Storage {
-    root: PathBuf,
+    location: Location,
     next_part: BTreeMap<Table, u64>,
     lost_parts: BTreeMap<String, Vec<u64>>,
     properties: WriterProperties,
+    /// Object storage: the checkpoint's version this process read or wrote last (none: there was
+    /// none), which the next commit must still find there.
+    checkpoint_version: Option<String>,
+    writer: String,
+    commits: u64,
 }
 
 const CHECKPOINT: &str = "checkpoint.json";
 
 impl Storage {
-    /// Opens (creating) the storage folder, restores the caller's checkpointed state if any, and
-    /// removes parts written after it. With `reset`, earlier tables and checkpoint are deleted first.
-    pub fn open<S: DeserializeOwned>(root: &Path, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
+    /// Opens (creating) the storage, restores the caller's checkpointed state if any, and removes
+    /// parts written after it. With `reset`, earlier tables and checkpoint are deleted first.
+    pub fn open<S: DeserializeOwned>(location: &Location, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
         if reset {
+            reset_tables(location)?;
+        }
+        if let Location::Local(root) = location {
             for table in Table::CHECKPOINTED {
                 let dir = root.join(table.name());
-                if dir.exists() {
-                    fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
-                }
-            }
-            let checkpoint = root.join(CHECKPOINT);
-            if checkpoint.exists() {
-                fs::remove_file(&checkpoint).map_err(io_error(&checkpoint))?;
+                fs::create_dir_all(&dir).map_err(io_error(&dir))?;
             }
         }
-        for table in Table::CHECKPOINTED {
-            let dir = root.join(table.name());
-            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        }
-        let bytes = read_checkpoint(root)?;
+        let (bytes, checkpoint_version) = read_checkpoint(location)?;
         let parts: Parts = match &bytes {
-            Some(bytes) => parse_checkpoint(root, bytes)?,
+            Some(bytes) => parse_checkpoint(location, bytes)?,
             None => Parts::default(),
         };
         let next_part = parts.next_parts();
         for (&table, &next) in &next_part {
-            remove_leftovers(&root.join(table.name()), next)?;
+            remove_leftovers(location, table, next)?;
         }
-        let damage: Vec<String> = damaged_parts(root, &next_part, &parts.lost_parts).into_iter().map(|(_, _, what)| what).collect();
+        let damage: Vec<String> = damaged_parts(location, &next_part, &parts.lost_parts)?.into_iter().map(|(_, _, what)| what).collect();
         if !damage.is_empty() {
-            return Err(StorageError::Damaged { root: root.display().to_string(), damage });
+            return Err(StorageError::Damaged { root: location.to_string(), damage });
         }
-        let state = bytes.as_deref().map(|bytes| parse_checkpoint(root, bytes)).transpose()?;
-        Ok((Storage { root: root.to_path_buf(), next_part, lost_parts: parts.lost_parts, properties: properties() }, state))
+        let state = bytes.as_deref().map(|bytes| parse_checkpoint(location, bytes)).transpose()?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let writer = format!("{}-{nanos:x}", std::process::id());
+        let storage =
+            Storage { location: location.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
+        Ok((storage, state))
     }
 
     /// Sets aside the parts that [`Storage::open`] finds missing or unreadable: unreadable ones move
     /// to `<root>/damaged/`, and the checkpoint records all of them as lost, so that the pipeline
     /// starts again with the rest. Returns what it found. The rest of the checkpoint is kept as it is.
-    pub fn repair(root: &Path) -> Result<Vec<String>, StorageError> {
-        let Some(bytes) = read_checkpoint(root)? else { return Ok(Vec::new()) };
-        let mut parts: Parts = parse_checkpoint(root, &bytes)?;
-        let damaged = damaged_parts(root, &parts.next_parts(), &parts.lost_parts);
+    pub fn repair(location: &Location) -> Result<Vec<String>, StorageError> {
+        let (Some(bytes), version) = read_checkpoint(location)? else { return Ok(Vec::new()) };
+        let mut parts: Parts = parse_checkpoint(location, &bytes)?;
+        let damaged = damaged_parts(location, &parts.next_parts(), &parts.lost_parts)?;
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
-        let aside = root.join("damaged");
-        fs::create_dir_all(&aside).map_err(io_error(&aside))?;
         for (table, seq, _) in &damaged {
-            let path = part_path(root, *table, *seq);
-            if path.exists() {
-                let target = aside.join(format!("{}-part-{seq:08}.parquet", table.name()));
-                fs::rename(&path, &target).map_err(io_error(&path))?;
-            }
+            set_aside(location, *table, *seq)?;
             parts.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
         }
-        let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(root, &bytes)?;
-        state.remove("next_part");
-        state.remove("lost_parts");
-        write_atomically(root, &Written { state: &state, parts: &parts })?;
+        let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(location, &bytes)?;
+        for field in ["next_part", "lost_parts", "writer", "commit"] {
+            state.remove(field);
+        }
+        parts.writer = "repair".into();
+        write_checkpoint(location, &Written { state: &state, parts: &parts }, version.as_deref())?;
         Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     /// Writes one Parquet part. Not visible to a restart until the next [`Storage::commit`].
-    pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<PathBuf, StorageError> {
+    pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<String, StorageError> {
         let seq = self.next_part[&table];
-        let path = write_file(&self.root.join(table.name()), &format!("part-{seq:08}"), batch, &self.properties)?;
+        let written = match &self.location {
+            Location::Local(root) => write_file(&root.join(table.name()), &part_name(seq), batch, &self.properties)?.display().to_string(),
+            Location::Bucket(bucket) => {
+                let relative = format!("{}/{}", table.name(), part_name(seq));
+                bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &self.properties)?, Mode::Overwrite)?;
+                bucket.url_of(&relative)
+            }
+        };
         self.next_part.insert(table, seq + 1);
-        Ok(path)
+        Ok(written)
     }
 
-    /// Atomically replaces the checkpoint (temp file, fsync, rename, fsync of the folder) with
-    /// `state` and the part numbers written so far. `state` must serialise as a JSON object.
+    /// Atomically replaces the checkpoint with `state` and the part numbers written so far (locally:
+    /// temp file, fsync, rename, fsync of the folder; on object storage: a conditional PUT, see the
+    /// module's doc). `state` must serialise as a JSON object.
     pub fn commit<S: Serialize>(&mut self, state: &S) -> Result<(), StorageError> {
+        self.commits += 1;
         let parts = Parts {
             next_part: self.next_part.iter().map(|(t, n)| (t.name().to_string(), *n)).collect(),
             lost_parts: self.lost_parts.clone(),
+            writer: self.writer.clone(),
+            commit: self.commits,
         };
-        write_atomically(&self.root, &Written { state, parts: &parts })
+        self.checkpoint_version = write_checkpoint(&self.location, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
+        Ok(())
     }
 }
 
@@ -249,10 +289,22 @@ fn properties() -> WriterProperties {
     WriterProperties::builder().set_compression(Compression::SNAPPY).build()
 }
 
-/// Writes `batch` as `<dir>/<stem>.parquet` through a temp name, fsynced, then renamed.
-fn write_file(dir: &Path, stem: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<PathBuf, StorageError> {
-    let path = dir.join(format!("{stem}.parquet"));
-    let temp = dir.join(format!(".{stem}.parquet.tmp"));
+fn part_name(seq: u64) -> String {
+    format!("part-{seq:08}.parquet")
+}
+
+/// `batch` as the bytes of one Parquet file.
+fn encode(name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
+    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: PathBuf::from(name), reason: e.to_string() };
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties.clone())).map_err(parquet_error)?;
+    writer.write(batch).map_err(parquet_error)?;
+    writer.into_inner().map_err(parquet_error)
+}
+
+/// Writes `batch` as `<dir>/<name>` through a temp name, fsynced, then renamed.
+fn write_file(dir: &Path, name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<PathBuf, StorageError> {
+    let path = dir.join(name);
+    let temp = dir.join(format!(".{name}.tmp"));
     let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
     let file = File::create(&temp).map_err(io_error(&temp))?;
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties.clone())).map_err(parquet_error)?;
@@ -264,41 +316,58 @@ fn write_file(dir: &Path, stem: &str, batch: &RecordBatch, properties: &WriterPr
 }
 
 /// Appends `batch` to a journal table as a file of its own, `<created ms>-<unique>.parquet`, durable
-/// (fsynced file and folder) before it returns; readers see all of it or none.
-pub fn append(root: &Path, table: Table, batch: &RecordBatch, unique: &str) -> Result<PathBuf, StorageError> {
+/// before it returns (locally: fsynced file and folder; on object storage: one PUT that refuses to
+/// replace anything); readers see all of it or none. Returns where it went.
+pub fn append(location: &Location, table: Table, batch: &RecordBatch, unique: &str) -> Result<String, StorageError> {
     debug_assert!(Table::JOURNALS.contains(&table), "{} is written at checkpoints", table.name());
-    let dir = root.join(table.name());
-    fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-    let stem = format!("{:013}-{unique}", chrono::Utc::now().timestamp_millis());
-    let path = write_file(&dir, &stem, batch, &properties())?;
-    File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
-    Ok(path)
+    let name = format!("{:013}-{unique}.parquet", chrono::Utc::now().timestamp_millis());
+    match location {
+        Location::Local(root) => {
+            let dir = root.join(table.name());
+            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            let path = write_file(&dir, &name, batch, &properties())?;
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
+            Ok(path.display().to_string())
+        }
+        Location::Bucket(bucket) => {
+            let relative = format!("{}/{name}", table.name());
+            bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &properties())?, Mode::Create)?;
+            Ok(bucket.url_of(&relative))
+        }
+    }
 }
 
-/// A journal table's finished files, oldest first: `append` writes each under a temporary dot-name
-/// and renames it into place, so a file listed here is whole. None when nothing was appended yet.
-pub fn journal_files(root: &Path, table: Table) -> Result<Vec<PathBuf>, StorageError> {
-    let dir = root.join(table.name());
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_error(&dir)(e)),
+/// A journal table's finished files (names), oldest first: locally `append` writes each under a
+/// temporary dot-name and renames it into place, and on object storage in one PUT, so a file listed
+/// here is whole. None when nothing was appended yet.
+pub fn journal_files(location: &Location, table: Table) -> Result<Vec<String>, StorageError> {
+    let mut names: Vec<String> = match location {
+        Location::Local(root) => {
+            let dir = root.join(table.name());
+            match fs::read_dir(&dir) {
+                Ok(entries) => entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io_error(&dir)(e)),
+            }
+        }
+        Location::Bucket(bucket) => bucket.list(table.name())?.into_iter().map(|(name, _)| name).collect(),
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".parquet") && !n.starts_with('.')))
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    Ok(files)
+    names.retain(|n| n.ends_with(".parquet") && !n.starts_with('.'));
+    names.sort();
+    Ok(names)
 }
 
-/// Every batch of one Parquet file (a journal file, for readers that follow a table without SQL).
-pub fn read_file(path: &Path) -> Result<Vec<RecordBatch>, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(|e| e.to_string())?;
+/// Every batch of one journal file named by [`journal_files`] (for readers that follow a table
+/// without SQL).
+pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, String> {
+    let bytes = match location {
+        Location::Local(root) => bytes::Bytes::from(fs::read(root.join(table.name()).join(name)).map_err(|e| e.to_string())?),
+        Location::Bucket(bucket) => {
+            let relative = format!("{}/{name}", table.name());
+            bytes::Bytes::from(bucket.get(&relative).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} is gone", bucket.url_of(&relative)))?.0)
+        }
+    };
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| e.to_string())?;
     reader.map(|batch| batch.map_err(|e| e.to_string())).collect()
 }
 
@@ -308,70 +377,178 @@ impl Parts {
     }
 }
 
-fn read_checkpoint(root: &Path) -> Result<Option<Vec<u8>>, StorageError> {
-    let path = root.join(CHECKPOINT);
-    match fs::read(&path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_error(&path)(e)),
+/// Deletes the checkpointed tables and the checkpoint (not the journals: people's work).
+fn reset_tables(location: &Location) -> Result<(), StorageError> {
+    match location {
+        Location::Local(root) => {
+            for table in Table::CHECKPOINTED {
+                let dir = root.join(table.name());
+                if dir.exists() {
+                    fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
+                }
+            }
+            let checkpoint = root.join(CHECKPOINT);
+            if checkpoint.exists() {
+                fs::remove_file(&checkpoint).map_err(io_error(&checkpoint))?;
+            }
+        }
+        Location::Bucket(bucket) => {
+            for table in Table::CHECKPOINTED {
+                for name in bucket.list_all(table.name())? {
+                    bucket.delete(&format!("{}/{name}", table.name()))?;
+                }
+            }
+            bucket.delete(CHECKPOINT)?;
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint's bytes and (object storage) version; none when there is no checkpoint yet.
+fn read_checkpoint(location: &Location) -> Result<(Option<Vec<u8>>, Option<String>), StorageError> {
+    match location {
+        Location::Local(root) => {
+            let path = root.join(CHECKPOINT);
+            match fs::read(&path) {
+                Ok(bytes) => Ok((Some(bytes), None)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, None)),
+                Err(e) => Err(io_error(&path)(e)),
+            }
+        }
+        Location::Bucket(bucket) => Ok(match bucket.get(CHECKPOINT)? {
+            Some((bytes, version)) => (Some(bytes.to_vec()), version),
+            None => (None, None),
+        }),
+    }
+}
+
+fn checkpoint_name(location: &Location) -> String {
+    match location {
+        Location::Local(root) => root.join(CHECKPOINT).display().to_string(),
+        Location::Bucket(bucket) => bucket.url_of(CHECKPOINT),
     }
 }
 
 /// One view of the checkpoint's JSON object: storage's [`Parts`] or the caller's state (each
 /// ignores the other's fields), read straight from the bytes.
-fn parse_checkpoint<T: DeserializeOwned>(root: &Path, bytes: &[u8]) -> Result<T, StorageError> {
-    serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: root.join(CHECKPOINT), reason: e.to_string() })
+fn parse_checkpoint<T: DeserializeOwned>(location: &Location, bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: PathBuf::from(checkpoint_name(location)), reason: e.to_string() })
 }
 
-fn write_atomically<S: Serialize>(root: &Path, checkpoint: &Written<'_, S>) -> Result<(), StorageError> {
-    let path = root.join(CHECKPOINT);
-    let temp = root.join(".checkpoint.json.tmp");
-    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: path.clone(), reason: e.to_string() })?;
-    let mut file = File::create(&temp).map_err(io_error(&temp))?;
-    file.write_all(&bytes).map_err(io_error(&temp))?;
-    file.sync_all().map_err(io_error(&temp))?;
-    fs::rename(&temp, &path).map_err(io_error(&path))?;
-    File::open(root).and_then(|d| d.sync_all()).map_err(io_error(root))?;
-    Ok(())
-}
-
-fn part_path(root: &Path, table: Table, seq: u64) -> PathBuf {
-    root.join(table.name()).join(format!("part-{seq:08}.parquet"))
-}
-
-/// Every part the checkpoint counts (numbers below `next_part`, not accepted as lost) that is
-/// missing or whose Parquet footer does not read, with what is wrong with it.
-fn damaged_parts(root: &Path, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Vec<(Table, u64, String)> {
-    let mut damaged = Vec::new();
-    for (&table, &next) in next_part {
-        let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
-        for seq in (0..next).filter(|seq| !lost.contains(seq)) {
-            let path = part_path(root, table, seq);
-            let name = format!("{}/part-{seq:08}.parquet", table.name());
-            match File::open(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => damaged.push((table, seq, format!("{name} is missing"))),
-                Err(e) => damaged.push((table, seq, format!("{name} cannot be opened ({e})"))),
-                Ok(file) => {
-                    if let Err(e) = parquet::file::reader::SerializedFileReader::new(file) {
-                        damaged.push((table, seq, format!("{name} is unreadable ({e})")));
-                    }
-                }
+/// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
+/// one there. Returns the new version.
+fn write_checkpoint<S: Serialize>(location: &Location, checkpoint: &Written<'_, S>, version: Option<&str>) -> Result<Option<String>, StorageError> {
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: PathBuf::from(checkpoint_name(location)), reason: e.to_string() })?;
+    match location {
+        Location::Local(root) => {
+            let path = root.join(CHECKPOINT);
+            let temp = root.join(".checkpoint.json.tmp");
+            let mut file = File::create(&temp).map_err(io_error(&temp))?;
+            file.write_all(&bytes).map_err(io_error(&temp))?;
+            file.sync_all().map_err(io_error(&temp))?;
+            fs::rename(&temp, &path).map_err(io_error(&path))?;
+            File::open(root).and_then(|d| d.sync_all()).map_err(io_error(root))?;
+            Ok(None)
+        }
+        Location::Bucket(bucket) => {
+            let mode = match version {
+                Some(etag) => Mode::Replace(etag),
+                None => Mode::Create,
+            };
+            match bucket.put(CHECKPOINT, bytes, mode) {
+                Err(StorageError::Object { precondition: true, url, .. }) => Err(StorageError::Fenced { url }),
+                other => other,
             }
         }
     }
-    damaged
+}
+
+fn part_path(root: &Path, table: Table, seq: u64) -> PathBuf {
+    root.join(table.name()).join(part_name(seq))
+}
+
+/// Every part the checkpoint counts (numbers below `next_part`, not accepted as lost) that is
+/// missing or unreadable, with what is wrong with it. Locally each part's Parquet footer is read;
+/// on object storage (where a part is written in one PUT and cannot be cut short by a crash) one
+/// listing per table finds missing and empty parts.
+fn damaged_parts(location: &Location, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(Table, u64, String)>, StorageError> {
+    let mut damaged = Vec::new();
+    for (&table, &next) in next_part {
+        let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
+        let listed: Option<BTreeMap<String, u64>> = match location {
+            Location::Local(_) => None,
+            Location::Bucket(bucket) => Some(if next == 0 { BTreeMap::new() } else { bucket.list(table.name())?.into_iter().collect() }),
+        };
+        for seq in (0..next).filter(|seq| !lost.contains(seq)) {
+            let name = format!("{}/{}", table.name(), part_name(seq));
+            let problem = match (location, &listed) {
+                (Location::Local(root), _) => match File::open(part_path(root, table, seq)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is missing".to_string()),
+                    Err(e) => Some(format!("cannot be opened ({e})")),
+                    Ok(file) => parquet::file::reader::SerializedFileReader::new(file).err().map(|e| format!("is unreadable ({e})")),
+                },
+                (_, listed) => match listed.as_ref().and_then(|l| l.get(&part_name(seq))) {
+                    None => Some("is missing".to_string()),
+                    Some(0) => Some("is unreadable (empty)".to_string()),
+                    Some(_) => None,
+                },
+            };
+            if let Some(problem) = problem {
+                damaged.push((table, seq, format!("{name} {problem}")));
+            }
+        }
+    }
+    Ok(damaged)
+}
+
+/// Moves a damaged part to `damaged/<table>-<part>` (if it is there at all).
+fn set_aside(location: &Location, table: Table, seq: u64) -> Result<(), StorageError> {
+    let aside = format!("{}-{}", table.name(), part_name(seq));
+    match location {
+        Location::Local(root) => {
+            let path = part_path(root, table, seq);
+            if path.exists() {
+                let dir = root.join("damaged");
+                fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+                fs::rename(&path, dir.join(aside)).map_err(io_error(&path))?;
+            }
+        }
+        Location::Bucket(bucket) => {
+            let relative = format!("{}/{}", table.name(), part_name(seq));
+            if let Some((bytes, _)) = bucket.get(&relative)? {
+                bucket.put(&format!("damaged/{aside}"), bytes.to_vec(), Mode::Overwrite)?;
+                bucket.delete(&relative)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes parts numbered `next` or later and unfinished temp files: writes a crash interrupted.
-fn remove_leftovers(dir: &Path, next: u64) -> Result<(), StorageError> {
-    for entry in fs::read_dir(dir).map_err(io_error(dir))? {
-        let path = entry.map_err(io_error(dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+fn remove_leftovers(location: &Location, table: Table, next: u64) -> Result<(), StorageError> {
+    let leftover = |name: &str| {
         let part = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).and_then(|n| n.parse::<u64>().ok());
-        let leftover = name.ends_with(".tmp") || part.is_some_and(|seq| seq >= next);
-        if leftover {
-            tracing::info!(file = %path.display(), "removing a part written after the last checkpoint");
-            fs::remove_file(&path).map_err(io_error(&path))?;
+        name.ends_with(".tmp") || part.is_some_and(|seq| seq >= next)
+    };
+    match location {
+        Location::Local(root) => {
+            let dir = root.join(table.name());
+            for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
+                let path = entry.map_err(io_error(&dir))?.path();
+                if leftover(path.file_name().and_then(|n| n.to_str()).unwrap_or_default()) {
+                    tracing::info!(file = %path.display(), "removing a part written after the last checkpoint");
+                    fs::remove_file(&path).map_err(io_error(&path))?;
+                }
+            }
+        }
+        Location::Bucket(bucket) => {
+            for (name, _) in bucket.list(table.name())? {
+                if leftover(&name) {
+                    let relative = format!("{}/{name}", table.name());
+                    tracing::info!(file = %bucket.url_of(&relative), "removing a part written after the last checkpoint");
+                    bucket.delete(&relative)?;
+                }
+            }
         }
     }
     Ok(())
@@ -394,6 +571,14 @@ mod tests {
         State { offsets: BTreeMap::from([("news".to_string(), BTreeMap::from([(0, 42)]))]), received: 3 }
     }
 
+    fn here(dir: &tempfile::TempDir) -> Location {
+        Location::from(dir.path())
+    }
+
+    fn exists(path: &str) -> bool {
+        Path::new(path).exists()
+    }
+
     fn batch() -> RecordBatch {
         let schema = Schema::new(vec![Field::new("n", DataType::Int64, false)]);
         RecordBatch::try_new(std::sync::Arc::new(schema), vec![std::sync::Arc::new(Int64Array::from(vec![1, 2]))]).unwrap()
@@ -402,7 +587,7 @@ mod tests {
     #[test]
     fn parts_after_the_last_checkpoint_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, restored) = Storage::open::<State>(dir.path(), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(&here(&dir), false).unwrap();
         assert!(restored.is_none());
         let batch = batch();
         let kept = storage.write(Table::Windows, &batch).unwrap();
@@ -410,32 +595,32 @@ mod tests {
         let orphan = storage.write(Table::Windows, &batch).unwrap();
         fs::write(dir.path().join("news/.part-00000000.parquet.tmp"), b"half").unwrap();
 
-        let (mut storage, restored) = Storage::open::<State>(dir.path(), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(&here(&dir), false).unwrap();
         let restored = restored.unwrap();
         assert_eq!(restored.offsets["news"][&0], 42);
         assert_eq!(restored.received, 3);
-        assert!(kept.exists());
-        assert!(!orphan.exists(), "a part written after the checkpoint must go");
+        assert!(exists(&kept));
+        assert!(!exists(&orphan), "a part written after the checkpoint must go");
         assert!(!dir.path().join("news/.part-00000000.parquet.tmp").exists());
         assert_eq!(storage.write(Table::Windows, &batch).unwrap(), orphan, "numbering resumes at the checkpoint");
 
-        let (_, restored) = Storage::open::<State>(dir.path(), true).unwrap();
-        assert!(restored.is_none() && !kept.exists(), "reset starts from nothing");
+        let (_, restored) = Storage::open::<State>(&here(&dir), true).unwrap();
+        assert!(restored.is_none() && !exists(&kept), "reset starts from nothing");
     }
 
     #[test]
     fn journal_appends_are_outside_the_checkpoint_and_survive_reset_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, _) = Storage::open::<State>(dir.path(), false).unwrap();
-        let first = append(dir.path(), Table::LabelFeedback, &batch(), "a1").unwrap();
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), false).unwrap();
+        let first = append(&here(&dir), Table::LabelFeedback, &batch(), "a1").unwrap();
         storage.commit(&checkpoint()).unwrap();
-        let second = append(dir.path(), Table::LabelFeedback, &batch(), "b2").unwrap();
+        let second = append(&here(&dir), Table::LabelFeedback, &batch(), "b2").unwrap();
         assert_ne!(first, second);
         assert!(!dir.path().join("label_feedback").read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
         // An append after the last checkpoint is no crash leftover, and a reset keeps people's work.
-        Storage::open::<State>(dir.path(), false).unwrap();
-        Storage::open::<State>(dir.path(), true).unwrap();
-        assert!(first.exists() && second.exists());
+        Storage::open::<State>(&here(&dir), false).unwrap();
+        Storage::open::<State>(&here(&dir), true).unwrap();
+        assert!(exists(&first) && exists(&second));
         let written = fs::read_to_string(dir.path().join(CHECKPOINT)).unwrap_or_default();
         assert!(!written.contains("label_feedback"), "journals have no part numbers: {written}");
     }
@@ -443,7 +628,7 @@ mod tests {
     #[test]
     fn a_missing_or_truncated_part_refuses_the_start_until_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, _) = Storage::open::<State>(dir.path(), false).unwrap();
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), false).unwrap();
         let batch = batch();
         let first = storage.write(Table::Windows, &batch).unwrap();
         let second = storage.write(Table::Windows, &batch).unwrap();
@@ -453,29 +638,29 @@ mod tests {
         let bytes = fs::read(&second).unwrap();
         fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
 
-        let err = Storage::open::<State>(dir.path(), false).err().unwrap().to_string();
+        let err = Storage::open::<State>(&here(&dir), false).err().unwrap().to_string();
         assert!(err.contains("windows/part-00000000.parquet is missing"), "{err}");
         assert!(err.contains("windows/part-00000001.parquet is unreadable"), "{err}");
         assert!(err.contains("bearwatch storage repair"), "{err}");
 
-        let found = Storage::repair(dir.path()).unwrap();
+        let found = Storage::repair(&here(&dir)).unwrap();
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(dir.path().join("damaged/windows-part-00000001.parquet").exists());
-        let (mut storage, restored) = Storage::open::<serde_json::Value>(dir.path(), false).unwrap();
+        let (mut storage, restored) = Storage::open::<serde_json::Value>(&here(&dir), false).unwrap();
         let restored = restored.unwrap();
-        assert!(third.exists() && restored["lost_parts"]["windows"] == serde_json::json!([0, 1]));
+        assert!(exists(&third) && restored["lost_parts"]["windows"] == serde_json::json!([0, 1]));
         assert_eq!(restored["offsets"]["news"]["0"], 42, "repair keeps the caller's state");
         // What was accepted as lost stays accepted through later checkpoints.
         storage.commit(&checkpoint()).unwrap();
-        assert!(Storage::open::<State>(dir.path(), false).is_ok());
-        assert!(Storage::repair(dir.path()).unwrap().is_empty());
+        assert!(Storage::open::<State>(&here(&dir), false).is_ok());
+        assert!(Storage::repair(&here(&dir)).unwrap().is_empty());
     }
 
     #[test]
     fn a_corrupt_checkpoint_is_an_error_not_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(CHECKPOINT), b"{").unwrap();
-        let err = Storage::open::<State>(dir.path(), false).err().unwrap();
+        let err = Storage::open::<State>(&here(&dir), false).err().unwrap();
         assert!(err.to_string().contains("move it away"), "{err}");
     }
 }

@@ -210,3 +210,77 @@ impl Drop for Alertmanager {
         self.kill();
     }
 }
+
+/// A real S3-compatible server (tests/s3_server.py: moto's, in memory) on a free port, with
+/// `bucket` created; credentials `test`/`test`, region us-east-1.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        let port = free_port();
+        let mut child = Command::new(format!("{ROOT}/.venv/bin/python"))
+            .arg(format!("{ROOT}/tests/s3_server.py"))
+            .arg(port.to_string())
+            .arg(bucket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the test S3 server needs .venv with moto (scripts/test.sh installs it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "S3 server did not start");
+        S3Server { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_string() }
+    }
+
+    /// The `[storage.s3]` table of a pipeline file that writes to this server.
+    pub fn storage_settings(&self) -> String {
+        format!("[storage.s3]\nendpoint = \"{}\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n", self.endpoint)
+    }
+
+    /// The environment that `bearwatch sql --storage s3://…` and the other commands read.
+    pub fn env(&self) -> [(&'static str, String); 4] {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// The object at `key` (under the bucket), if any: read with its own client, not bearwatch's.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStoreExt;
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&self.bucket)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            match store.get(&object_store::path::Path::from(key)).await {
+                Ok(got) => Some(got.bytes().await.unwrap().to_vec()),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => panic!("{key}: {e}"),
+            }
+        })
+    }
+
+    pub fn checkpoint(&self, prefix: &str) -> Option<serde_json::Value> {
+        self.get(&format!("{prefix}/checkpoint.json")).map(|bytes| serde_json::from_slice(&bytes).unwrap())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

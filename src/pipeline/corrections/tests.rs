@@ -38,7 +38,7 @@ fn negatives(windows: &WindowState, topic: &str) -> Vec<(u64, u64)> {
 #[test]
 fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
     let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
     let negative = scores("negative", 0.9, "equity_markets");
     count(&mut corrections, &mut windows, "a", "S&P says downgrades may ease", 10, &negative);
@@ -46,7 +46,7 @@ fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones
     count(&mut corrections, &mut windows, "c", "Oil falls", 30, &negative);
     assert_eq!(negatives(&windows, ALL), vec![(3, 3)]);
 
-    record_labels(dir.path(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, Some("neutral"), Action::Correct)]).unwrap();
+    record_labels(&dir.path().into(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, Some("neutral"), Action::Correct)]).unwrap();
     let rows = corrections.due_rows().unwrap();
     assert_eq!(rows.len(), 1);
     assert!(corrections.learn(rows, None, &mut windows, 0).unwrap().is_empty(), "only open windows");
@@ -62,7 +62,7 @@ fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones
 
     // Unsure gives the model's label back to every story that had the correction.
     corrections.last_poll = None;
-    record_labels(dir.path(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, None, Action::Unsure)]).unwrap();
+    record_labels(&dir.path().into(), &[judgement(Some("a"), "S&P says downgrades may ease", Head::Sentiment, None, Action::Unsure)]).unwrap();
     let rows = corrections.due_rows().unwrap();
     corrections.learn(rows, None, &mut windows, 0).unwrap();
     assert_eq!(negatives(&windows, ALL), vec![(4, 4)]);
@@ -72,7 +72,7 @@ fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones
 #[test]
 fn a_topic_correction_moves_the_story_between_topic_windows() {
     let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
     let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
     count(&mut corrections, &mut windows, "a", "Midland sets stock split", 10, &scores("negative", 0.8, "other"));
     let rows = vec![judgement(Some("a"), "Midland sets stock split", Head::Topic, Some("company_news"), Action::Correct)];
@@ -86,7 +86,7 @@ fn a_topic_correction_moves_the_story_between_topic_windows() {
 fn stories_beyond_revise_stories_are_no_longer_recounted() {
     let dir = tempfile::tempdir().unwrap();
     let config = FeedbackConfig { revise_stories: 1, ..FeedbackConfig::default() };
-    let mut corrections = Corrections::new(&config, dir.path(), None);
+    let mut corrections = Corrections::new(&config, &dir.path().into(), None);
     let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
     let negative = scores("negative", 0.9, "energy");
     count(&mut corrections, &mut windows, "a", "Oil falls", 10, &negative);
@@ -101,7 +101,7 @@ fn stories_beyond_revise_stories_are_no_longer_recounted() {
 #[test]
 fn flips_of_one_text_coalesce_and_a_round_recounts_a_bounded_number_of_stories() {
     let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), dir.path(), None);
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
     let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
     let negative = scores("negative", 0.9, "energy");
     let stories = RECOUNT_PER_ROUND + RECOUNT_PER_ROUND / 2;
