@@ -50,6 +50,9 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once because the bound on open ones was reached"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
+    ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete"),
+    ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
+    ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),
 ];
 
 /// Every (metric, stage) pair that is counted, and every (stage, reason) a stage drops for. They start

@@ -78,6 +78,11 @@ fn a_pipeline_on_s3_killed_mid_stream_loses_and_doubles_nothing_and_sql_reads_th
     let api = Api::new(&format!("http://127.0.0.1:{http}"));
     let rows = api.sql(None, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news");
     assert_eq!((rows[0]["n"].as_u64(), rows[0]["ids"].as_u64()), (Some(total as u64), Some(total as u64)), "over HTTP: {rows:?}");
+    // The object-store metrics as Prometheus's tools read them (tests/ops.rs checks the others).
+    let (_, _, metrics) = api.raw("GET", "/metrics", &[], None).unwrap();
+    assert!(metrics.contains("bearwatch_object_store_requests_total{op=\"put\"}"), "{metrics}");
+    let others: Vec<&str> = bearwatch::telemetry::METRICS.iter().map(|m| m.0).filter(|n| !n.starts_with("bearwatch_object_store_")).collect();
+    common::check_with_prometheus_tools(&metrics, &others);
     second.signal("TERM");
     assert!(second.wait(Duration::from_secs(60)).success(), "{}", second.logs());
 

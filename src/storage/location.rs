@@ -87,6 +87,9 @@ pub(crate) enum Mode<'a> {
     Replace(&'a str),
 }
 
+/// The `op` label of the object-store metrics.
+const OPERATIONS: [&str; 4] = ["get", "put", "list", "delete"];
+
 /// A bucket and prefix on an S3-compatible store.
 pub struct Bucket {
     /// `s3://bucket/prefix`, as written (no trailing slash).
@@ -115,6 +118,10 @@ impl Bucket {
             .enable_all()
             .build()
             .map_err(|e| StorageError::Config { reason: format!("{url}: cannot start its client: {e}") })?;
+        for op in OPERATIONS {
+            metrics::counter!("bearwatch_object_store_requests_total", "op" => op).increment(0);
+            metrics::counter!("bearwatch_object_store_errors_total", "op" => op).increment(0);
+        }
         Ok(Bucket { url, bucket: bucket.to_string(), prefix, builder, store, runtime, timeout: s3.timeout.0 })
     }
 
