@@ -147,6 +147,9 @@ enum StorageCommand {
     Repair {
         #[arg(long)]
         storage: PathBuf,
+        /// The instance whose parts to check (`[storage] instance`), when several share the storage.
+        #[arg(long)]
+        instance: Option<String>,
     },
 }
 
@@ -731,12 +734,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { pipeline, role, keep_serving } => run_pipeline(pipeline, role, keep_serving),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
-        Command::Storage(StorageCommand::Repair { storage }) => {
+        Command::Storage(StorageCommand::Repair { storage, instance }) => {
             if storage.to_str().is_none_or(|s| !s.contains("://")) {
-                anyhow::ensure!(storage.join("checkpoint.json").is_file(), "{} holds no checkpoint.json: not a pipeline's storage", storage.display());
+                let checkpoint = match &instance {
+                    Some(name) => storage.join("checkpoints").join(format!("{name}.json")),
+                    None => storage.join("checkpoint.json"),
+                };
+                anyhow::ensure!(checkpoint.is_file(), "{} is missing: not a pipeline's storage (or not that instance's)", checkpoint.display());
             }
             let storage = location(&storage)?;
-            let found = bearwatch::storage::Storage::repair(&storage)?;
+            let found = bearwatch::storage::Storage::repair(&storage, instance.as_deref())?;
             if found.is_empty() {
                 println!("{storage}: nothing to repair");
             }

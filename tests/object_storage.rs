@@ -134,8 +134,8 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
     let state = serde_json::json!({"offsets": {"news": {"0": 10}}});
 
     // Both read "no checkpoint"; the first commit wins, the second is fenced off.
-    let (mut a, _) = Storage::open::<serde_json::Value>(&at("one"), false).unwrap();
-    let (mut b, _) = Storage::open::<serde_json::Value>(&at("one"), false).unwrap();
+    let (mut a, _) = Storage::open::<serde_json::Value>(&at("one"), None, false).unwrap();
+    let (mut b, _) = Storage::open::<serde_json::Value>(&at("one"), None, false).unwrap();
     a.commit(&state).unwrap();
     let err = b.commit(&state).unwrap_err();
     assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
@@ -144,7 +144,7 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
     a.commit(&state).unwrap();
 
     // One that restarted and read the newest checkpoint takes over; the one before it cannot commit.
-    let (mut c, restored) = Storage::open::<serde_json::Value>(&at("one"), false).unwrap();
+    let (mut c, restored) = Storage::open::<serde_json::Value>(&at("one"), None, false).unwrap();
     assert_eq!(restored.unwrap()["offsets"]["news"]["0"], 10);
     c.commit(&state).unwrap();
     assert!(matches!(a.commit(&state), Err(StorageError::Fenced { .. })));
@@ -152,7 +152,85 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
     // An unreachable store is a clear error, after the client's retries, not a hang.
     let closed = S3Config { endpoint: text(&format!("http://127.0.0.1:{}", free_port())), retries: 1, ..settings.clone() };
     let started = Instant::now();
-    let err = Storage::open::<serde_json::Value>(&Location::parse("s3://fence/gone", &closed).unwrap(), false).err().unwrap();
+    let err = Storage::open::<serde_json::Value>(&Location::parse("s3://fence/gone", &closed).unwrap(), None, false).err().unwrap();
     assert!(err.to_string().contains("s3://fence/gone/checkpoint.json"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+/// Two `aggregate` instances (and one `classify`) on one bucket, each with its own `[storage]
+/// instance`: SQL over the bucket (the CLI, and the HTTP API of either instance) sees both
+/// instances' rows, every story once, each topic's windows from the one instance that owns it.
+#[test]
+fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
+    let s3 = S3Server::start("market");
+    let dir = tempfile::tempdir().unwrap();
+    let brokers = common::brokers();
+    let topic = common::unique("instances");
+    let scored = format!("{topic}.scored");
+    common::create_topic_on(brokers, &topic, 2);
+    common::create_topic_on(brokers, &scored, 4);
+    let group = common::unique("group");
+    let remote = "s3://market/desk";
+    let pipeline = |instance: &str, extra: &str| {
+        format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+             [source.properties]\n\"session.timeout.ms\" = \"6000\"\n[sink]\ntopic = \"{scored}\"\n\
+             [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n\
+             [storage]\npath = \"{remote}\"\ninstance = \"{instance}\"\nlocal_path = \"local-{instance}\"\ncheckpoint_interval = \"300ms\"\n{}\
+             [run]\nsummary_interval = \"0s\"\n{extra}",
+            s3.storage_settings()
+        )
+    };
+    let http = free_port();
+    let mut a = Pipeline::start_with(dir.path(), "a", &pipeline("a", &format!("[server]\nhttp = \"127.0.0.1:{http}\"\n")), &["--role", "aggregate"]);
+    let mut b = Pipeline::start_with(dir.path(), "b", &pipeline("b", ""), &["--role", "aggregate"]);
+    let mut classify = Pipeline::start_with(dir.path(), "classify", &pipeline("classify", ""), &["--role", "classify"]);
+    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(owns_partitions(&a) && owns_partitions(&b) && owns_partitions(&classify)) {
+        assert!(Instant::now() < deadline, "members never got partitions\n{}\n{}\n{}", a.logs(), b.logs(), classify.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let total = 1500u64;
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(total as usize)).unwrap();
+    common::produce_to(brokers, &topic, &file);
+    let scored_by = |name: &str| s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
+        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while scored_by("a") + scored_by("b") < total {
+        assert!(Instant::now() < deadline, "the instances did not window every story\n{}\n{}", a.logs(), b.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(scored_by("a") > 0 && scored_by("b") > 0, "one instance got every story; nothing was shared");
+
+    // Instance a's HTTP API answers over both instances' tables.
+    let api = Api::new(&format!("http://127.0.0.1:{http}"));
+    let rows = api.sql(None, "SELECT instance, count(*) AS n FROM news GROUP BY instance ORDER BY instance");
+    let counted: Vec<(String, u64)> = rows.iter().map(|r| (r["instance"].as_str().unwrap().to_string(), r["n"].as_u64().unwrap())).collect();
+    assert_eq!(counted.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(), ["a", "b"], "{rows:?}");
+    assert_eq!(counted.iter().map(|(_, n)| n).sum::<u64>(), total, "{rows:?}");
+    for p in [&mut classify, &mut a, &mut b] {
+        p.signal("TERM");
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.logs());
+    }
+
+    // The CLI over the bucket: every story once, named by no instance.
+    assert_eq!(sql(&s3, remote, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"), format!("n,ids\n{total},{total}\n"));
+    assert_eq!(sql(&s3, remote, "SELECT count(DISTINCT instance) AS instances FROM windows"), "instances\n2\n");
+    // A topic's stories all went to one instance (the scored topic is keyed by topic) ...
+    assert_eq!(sql(&s3, remote, "SELECT count(*) AS split FROM (SELECT topic FROM news GROUP BY topic HAVING count(DISTINCT instance) > 1)"), "split\n0\n");
+    // ... whose windows count each of them once; each instance's `all` counts its own topics.
+    let per_topic = sql(&s3, remote, "SELECT topic, count(*) AS n FROM news GROUP BY topic ORDER BY topic");
+    let windowed = sql(
+        &s3,
+        remote,
+        "SELECT topic, CAST(sum(n) AS BIGINT) AS n FROM (SELECT topic, window_start, max(n + copies) AS n FROM windows WHERE topic <> 'all' \
+         GROUP BY topic, window_start) GROUP BY topic ORDER BY topic",
+    );
+    assert_eq!(windowed, per_topic);
+    let market = "SELECT CAST(sum(m) AS BIGINT) AS n FROM (SELECT max(n + copies) AS m FROM windows WHERE topic = 'all' GROUP BY instance, window_start)";
+    assert_eq!(sql(&s3, remote, market), format!("n\n{total}\n"));
 }

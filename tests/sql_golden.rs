@@ -32,7 +32,7 @@ fn time(ms: i64) -> String {
 }
 
 fn write_dataset(dir: &Path) {
-    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&dir.into(), false).unwrap();
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&dir.into(), None, false).unwrap();
     let topics = ["earnings", "energy", "macro", "metals"];
     let mut rng = Lcg(7);
     let spec = WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false };

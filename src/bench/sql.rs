@@ -124,7 +124,7 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
     }
     let tickers: Vec<String> = (0..300).map(|i| format!("T{i:03}")).collect();
     let model: Arc<str> = Arc::from("synthetic@1");
-    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&args.dir.as_path().into(), true).map_err(|e| failed(e.to_string()))?;
+    let (mut storage, _) = Storage::open::<serde::de::IgnoredAny>(&args.dir.as_path().into(), None, true).map_err(|e| failed(e.to_string()))?;
     let mut rng = Lcg(42);
     let step = YEAR_MS / args.rows.max(1) as i64;
     let mut start = 0;

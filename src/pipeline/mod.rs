@@ -327,7 +327,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let (storage, restored) = match role {
         Role::Classify => (None, None),
         Role::All | Role::Aggregate => {
-            let (storage, restored) = Storage::open::<Checkpoint>(&location, config.storage.reset_on_start)?;
+            let (storage, restored) = Storage::open::<Checkpoint>(&location, config.storage.instance(), config.storage.reset_on_start)?;
             (Some(storage), restored)
         }
     };
@@ -383,7 +383,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|a| a.with_explainer(explainer(classifier.clone()))),
         (Role::All | Role::Aggregate, _) => alerting(config, &silences)?,
     };
-    let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::default()));
+    let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::new(config.storage.instance().map(str::to_string))));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
             let ctx = crate::sql::context(&location, config.server.query_limits(), live.clone())?;
@@ -694,7 +694,7 @@ mod tests {
         let config = PipelineConfig::parse(&text, "test.toml").unwrap();
         let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
         let classifier = Classifier::with_backend(&config.model, spec, SlowModel, "fake").unwrap();
-        let (storage, _) = Storage::open::<Checkpoint>(&dir.path().into(), false).unwrap();
+        let (storage, _) = Storage::open::<Checkpoint>(&dir.path().into(), None, false).unwrap();
         let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
         let limits = Limits {
             max_message_bytes: 1 << 20,

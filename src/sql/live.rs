@@ -20,12 +20,21 @@ use tokio::sync::RwLock;
 use crate::storage::Table;
 
 /// The latest unflushed rows of every table.
-#[derive(Default)]
 pub struct LiveRows {
     tables: RwLock<BTreeMap<Table, Vec<RecordBatch>>>,
+    /// The pipeline's `[storage] instance`: the value of the tables' `instance` column for its rows.
+    instance: Option<String>,
 }
 
 impl LiveRows {
+    pub fn new(instance: Option<String>) -> LiveRows {
+        LiveRows { tables: RwLock::default(), instance }
+    }
+
+    pub(crate) fn is_an_instance(&self) -> bool {
+        self.instance.is_some()
+    }
+
     /// Replaces the snapshot (called from the pipeline thread, never from async code).
     pub fn publish(&self, tables: BTreeMap<Table, Vec<RecordBatch>>) {
         *self.tables.blocking_write() = tables;
@@ -91,14 +100,18 @@ impl TableProvider for LiveTable {
         if batches.is_empty() {
             return Ok(stored);
         }
-        // The snapshot is built with the stored (Utf8) schema; queries read text as Utf8View.
+        // The snapshot is built with the stored (Utf8) schema; queries read text as Utf8View. Where
+        // the stored tables are partitioned by instance, the rows get this pipeline's.
         let schema = self.schema();
         let batches = batches
             .iter()
             .map(|b| {
+                let instance: datafusion::arrow::array::ArrayRef =
+                    Arc::new(datafusion::arrow::array::StringArray::from(vec![self.live.instance.clone(); b.num_rows()]));
                 let columns = b
                     .columns()
                     .iter()
+                    .chain(std::iter::repeat(&instance))
                     .zip(schema.fields())
                     .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
                     .collect::<std::result::Result<Vec<_>, _>>()?;

@@ -159,6 +159,9 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
         let store_url = url::Url::parse(&bucket.store_url()).map_err(|e| tables_error(e.to_string()))?;
         ctx.register_object_store(&store_url, bucket.client().map_err(|e| tables_error(e.to_string()))?);
     }
+    // Several instances' tables: each table gets their `instance` column (Hive partitions).
+    // (A pipeline that is an instance knows before its first checkpoint.)
+    let partitioned = live.as_ref().is_some_and(|l| l.is_an_instance()) || !crate::storage::instances(storage).map_err(|e| tables_error(e.to_string()))?.is_empty();
     for table in Table::ALL {
         let folder = match storage {
             Location::Local(root) => {
@@ -169,7 +172,10 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
             Location::Bucket(bucket) => bucket.url_of(table.name()),
         };
         let url = ListingTableUrl::parse(format!("{folder}/")).map_err(|e| tables_error(e.to_string()))?;
-        let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let mut options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        if partitioned && Table::CHECKPOINTED.contains(&table) {
+            options = options.with_table_partition_cols(vec![(crate::storage::INSTANCE.to_string(), DataType::Utf8)]);
+        }
         let config = ListingTableConfig::new(url).with_listing_options(options).with_schema(read_schema(table));
         let listing: Arc<dyn datafusion::catalog::TableProvider> =
             Arc::new(ListingTable::try_new(config).map_err(|e| tables_error(e.to_string()))?);

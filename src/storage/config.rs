@@ -29,6 +29,10 @@ pub struct StorageConfig {
     /// `s3://` path.
     #[serde(default, deserialize_with = "crate::config::env::optional_path")]
     pub local_path: Option<PathBuf>,
+    /// This process's name among several that share `path` (aggregate instances, `${ENV}` expands):
+    /// its tables go to `<table>/instance=<name>/` and its checkpoint to `checkpoints/<name>.json`,
+    /// and SQL over the storage reads every instance's. Unset: the storage is this process's alone.
+    pub instance: Option<EnvString>,
     /// `[storage.s3]`: the client of an `s3://` path.
     #[serde(default)]
     pub s3: S3Config,
@@ -94,6 +98,11 @@ impl StorageConfig {
         if !(1..=600).contains(&self.s3.timeout.0.as_secs()) {
             return Err(("storage.s3.timeout", "must be between 1 s and 10 min".into()));
         }
+        if let Some(name) = &self.instance
+            && (name.as_str().is_empty() || name.as_str().len() > 64 || !name.as_str().chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(("storage.instance", format!("{name:?} must be 1 to 64 letters, digits, `-` or `_`")));
+        }
         if self.is_object_storage() && self.local_path.is_none() {
             return Err(("storage.local_path", "is required when storage.path is an s3:// URL: the notification outbox, silences and dead letters stay on this machine".into()));
         }
@@ -107,6 +116,10 @@ impl StorageConfig {
     /// Where the tables, checkpoint and journals are (this builds the object-store client).
     pub fn location(&self) -> Result<Location, StorageError> {
         Location::parse(&self.path.to_string_lossy(), &self.s3)
+    }
+
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_ref().map(EnvString::as_str)
     }
 
     /// The folder for files only this process uses (see `local_path`).

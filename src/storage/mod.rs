@@ -180,7 +180,7 @@ struct Written<'a, S> {
 }
 
 pub struct Storage {
-    location: Location,
+    place: Place,
     next_part: BTreeMap<Table, u64>,
     lost_parts: BTreeMap<String, Vec<u64>>,
     properties: WriterProperties,
@@ -191,82 +191,173 @@ pub struct Storage {
     commits: u64,
 }
 
-const CHECKPOINT: &str = "checkpoint.json";
+/// One writer's share of a storage: the tables' folders and the checkpoint. Without an instance
+/// name, the storage's own (`<table>/`, `checkpoint.json`); with one (`[storage] instance`),
+/// `<table>/instance=<name>/` and `checkpoints/<name>.json`, beside the other instances', so that
+/// SQL over the storage reads every instance's rows, with an `instance` column.
+#[derive(Clone)]
+struct Place {
+    location: Location,
+    instance: Option<String>,
+}
+
+impl Place {
+    fn folder(&self, table: Table) -> String {
+        match &self.instance {
+            Some(name) => format!("{}/{INSTANCE}={name}", table.name()),
+            None => table.name().to_string(),
+        }
+    }
+
+    fn part(&self, table: Table, seq: u64) -> String {
+        format!("{}/{}", self.folder(table), part_name(seq))
+    }
+
+    fn checkpoint(&self) -> String {
+        match &self.instance {
+            Some(name) => format!("checkpoints/{name}.json"),
+            None => "checkpoint.json".to_string(),
+        }
+    }
+
+    /// `relative` as a file name or URL, for messages.
+    fn name(&self, relative: &str) -> String {
+        match &self.location {
+            Location::Local(root) => root.join(relative).display().to_string(),
+            Location::Bucket(bucket) => bucket.url_of(relative),
+        }
+    }
+
+    fn read(&self, relative: &str) -> Result<Option<(Vec<u8>, Option<String>)>, StorageError> {
+        match &self.location {
+            Location::Local(root) => {
+                let path = root.join(relative);
+                match fs::read(&path) {
+                    Ok(bytes) => Ok(Some((bytes, None))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io_error(&path)(e)),
+                }
+            }
+            Location::Bucket(bucket) => Ok(bucket.get(relative)?.map(|(bytes, version)| (bytes.to_vec(), version))),
+        }
+    }
+
+    /// Names and sizes of the files directly in `folder` (none when it does not exist).
+    fn list(&self, folder: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        match &self.location {
+            Location::Local(root) => {
+                let dir = root.join(folder);
+                let entries = match fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io_error(&dir)(e)),
+                };
+                let mut files = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(io_error(&dir))?;
+                    let meta = entry.metadata().map_err(io_error(&entry.path()))?;
+                    if meta.is_file()
+                        && let Some(name) = entry.file_name().to_str()
+                    {
+                        files.push((name.to_string(), meta.len()));
+                    }
+                }
+                Ok(files)
+            }
+            Location::Bucket(bucket) => bucket.list(folder),
+        }
+    }
+
+    fn delete(&self, relative: &str) -> Result<(), StorageError> {
+        match &self.location {
+            Location::Local(root) => {
+                let path = root.join(relative);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&path)(e)),
+                    _ => Ok(()),
+                }
+            }
+            Location::Bucket(bucket) => bucket.delete(relative),
+        }
+    }
+}
+
+/// The Hive-style partition that names an instance: `<table>/instance=<name>/`.
+pub const INSTANCE: &str = "instance";
 
 impl Storage {
     /// Opens (creating) the storage, restores the caller's checkpointed state if any, and removes
-    /// parts written after it. With `reset`, earlier tables and checkpoint are deleted first.
-    pub fn open<S: DeserializeOwned>(location: &Location, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
+    /// parts written after it. With `reset`, earlier tables and checkpoint are deleted first (with
+    /// `instance`, that instance's only).
+    pub fn open<S: DeserializeOwned>(location: &Location, instance: Option<&str>, reset: bool) -> Result<(Storage, Option<S>), StorageError> {
+        let place = Place { location: location.clone(), instance: instance.map(str::to_string) };
         if reset {
-            reset_tables(location)?;
+            reset_tables(&place)?;
         }
         if let Location::Local(root) = location {
             for table in Table::CHECKPOINTED {
-                let dir = root.join(table.name());
+                let dir = root.join(place.folder(table));
                 fs::create_dir_all(&dir).map_err(io_error(&dir))?;
             }
         }
-        let (bytes, checkpoint_version) = read_checkpoint(location)?;
+        let (bytes, checkpoint_version) = place.read(&place.checkpoint())?.map_or((None, None), |(b, v)| (Some(b), v));
         let parts: Parts = match &bytes {
-            Some(bytes) => parse_checkpoint(location, bytes)?,
+            Some(bytes) => parse_checkpoint(&place, bytes)?,
             None => Parts::default(),
         };
         let next_part = parts.next_parts();
         for (&table, &next) in &next_part {
-            remove_leftovers(location, table, next)?;
+            remove_leftovers(&place, table, next)?;
         }
-        let damage: Vec<String> = damaged_parts(location, &next_part, &parts.lost_parts)?.into_iter().map(|(_, _, what)| what).collect();
+        let damage: Vec<String> = damaged_parts(&place, &next_part, &parts.lost_parts)?.into_iter().map(|(_, _, what)| what).collect();
         if !damage.is_empty() {
             return Err(StorageError::Damaged { root: location.to_string(), damage });
         }
-        let state = bytes.as_deref().map(|bytes| parse_checkpoint(location, bytes)).transpose()?;
+        let state = bytes.as_deref().map(|bytes| parse_checkpoint(&place, bytes)).transpose()?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let writer = format!("{}-{nanos:x}", std::process::id());
-        let storage =
-            Storage { location: location.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
+        let storage = Storage { place, next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
         Ok((storage, state))
     }
 
     /// Sets aside the parts that [`Storage::open`] finds missing or unreadable: unreadable ones move
     /// to `<root>/damaged/`, and the checkpoint records all of them as lost, so that the pipeline
     /// starts again with the rest. Returns what it found. The rest of the checkpoint is kept as it is.
-    pub fn repair(location: &Location) -> Result<Vec<String>, StorageError> {
-        let (Some(bytes), version) = read_checkpoint(location)? else { return Ok(Vec::new()) };
-        let mut parts: Parts = parse_checkpoint(location, &bytes)?;
-        let damaged = damaged_parts(location, &parts.next_parts(), &parts.lost_parts)?;
+    pub fn repair(location: &Location, instance: Option<&str>) -> Result<Vec<String>, StorageError> {
+        let place = Place { location: location.clone(), instance: instance.map(str::to_string) };
+        let Some((bytes, version)) = place.read(&place.checkpoint())? else { return Ok(Vec::new()) };
+        let mut parts: Parts = parse_checkpoint(&place, &bytes)?;
+        let damaged = damaged_parts(&place, &parts.next_parts(), &parts.lost_parts)?;
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
         for (table, seq, _) in &damaged {
-            set_aside(location, *table, *seq)?;
+            set_aside(&place, *table, *seq)?;
             parts.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
         }
-        let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(location, &bytes)?;
+        let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(&place, &bytes)?;
         for field in ["next_part", "lost_parts", "writer", "commit"] {
             state.remove(field);
         }
         parts.writer = "repair".into();
-        write_checkpoint(location, &Written { state: &state, parts: &parts }, version.as_deref())?;
+        write_checkpoint(&place, &Written { state: &state, parts: &parts }, version.as_deref())?;
         Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
     }
 
     pub fn location(&self) -> &Location {
-        &self.location
+        &self.place.location
     }
 
     /// Writes one Parquet part. Not visible to a restart until the next [`Storage::commit`].
     pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<String, StorageError> {
         let seq = self.next_part[&table];
-        let written = match &self.location {
-            Location::Local(root) => write_file(&root.join(table.name()), &part_name(seq), batch, &self.properties)?.display().to_string(),
-            Location::Bucket(bucket) => {
-                let relative = format!("{}/{}", table.name(), part_name(seq));
-                bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &self.properties)?, Mode::Overwrite)?;
-                bucket.url_of(&relative)
-            }
-        };
+        let relative = self.place.part(table, seq);
+        match &self.place.location {
+            Location::Local(root) => write_file(&root.join(self.place.folder(table)), &part_name(seq), batch, &self.properties)?,
+            Location::Bucket(bucket) => bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &self.properties)?, Mode::Overwrite).map(|_| ())?,
+        }
         self.next_part.insert(table, seq + 1);
-        Ok(written)
+        Ok(self.place.name(&relative))
     }
 
     /// Atomically replaces the checkpoint with `state` and the part numbers written so far (locally:
@@ -280,7 +371,7 @@ impl Storage {
             writer: self.writer.clone(),
             commit: self.commits,
         };
-        self.checkpoint_version = write_checkpoint(&self.location, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
+        self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
         Ok(())
     }
 }
@@ -302,7 +393,7 @@ fn encode(name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Res
 }
 
 /// Writes `batch` as `<dir>/<name>` through a temp name, fsynced, then renamed.
-fn write_file(dir: &Path, name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<PathBuf, StorageError> {
+fn write_file(dir: &Path, name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<(), StorageError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
     let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
@@ -312,25 +403,26 @@ fn write_file(dir: &Path, name: &str, batch: &RecordBatch, properties: &WriterPr
     let file = writer.into_inner().map_err(parquet_error)?;
     file.sync_all().map_err(io_error(&temp))?;
     fs::rename(&temp, &path).map_err(io_error(&path))?;
-    Ok(path)
+    Ok(())
 }
 
 /// Appends `batch` to a journal table as a file of its own, `<created ms>-<unique>.parquet`, durable
 /// before it returns (locally: fsynced file and folder; on object storage: one PUT that refuses to
-/// replace anything); readers see all of it or none. Returns where it went.
+/// replace anything); readers see all of it or none. Journals are shared by every instance. Returns
+/// where it went.
 pub fn append(location: &Location, table: Table, batch: &RecordBatch, unique: &str) -> Result<String, StorageError> {
     debug_assert!(Table::JOURNALS.contains(&table), "{} is written at checkpoints", table.name());
     let name = format!("{:013}-{unique}.parquet", chrono::Utc::now().timestamp_millis());
+    let relative = format!("{}/{name}", table.name());
     match location {
         Location::Local(root) => {
             let dir = root.join(table.name());
             fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-            let path = write_file(&dir, &name, batch, &properties())?;
+            write_file(&dir, &name, batch, &properties())?;
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
-            Ok(path.display().to_string())
+            Ok(root.join(relative).display().to_string())
         }
         Location::Bucket(bucket) => {
-            let relative = format!("{}/{name}", table.name());
             bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &properties())?, Mode::Create)?;
             Ok(bucket.url_of(&relative))
         }
@@ -341,18 +433,18 @@ pub fn append(location: &Location, table: Table, batch: &RecordBatch, unique: &s
 /// temporary dot-name and renames it into place, and on object storage in one PUT, so a file listed
 /// here is whole. None when nothing was appended yet.
 pub fn journal_files(location: &Location, table: Table) -> Result<Vec<String>, StorageError> {
-    let mut names: Vec<String> = match location {
-        Location::Local(root) => {
-            let dir = root.join(table.name());
-            match fs::read_dir(&dir) {
-                Ok(entries) => entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str().map(str::to_string)).collect(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(io_error(&dir)(e)),
-            }
-        }
-        Location::Bucket(bucket) => bucket.list(table.name())?.into_iter().map(|(name, _)| name).collect(),
-    };
+    let place = Place { location: location.clone(), instance: None };
+    let mut names: Vec<String> = place.list(table.name())?.into_iter().map(|(name, _)| name).collect();
     names.retain(|n| n.ends_with(".parquet") && !n.starts_with('.'));
+    names.sort();
+    Ok(names)
+}
+
+/// The instances that have checkpointed into this storage (`checkpoints/<name>.json`): none
+/// when it is one pipeline's alone.
+pub fn instances(location: &Location) -> Result<Vec<String>, StorageError> {
+    let place = Place { location: location.clone(), instance: None };
+    let mut names: Vec<String> = place.list("checkpoints")?.into_iter().filter_map(|(name, _)| name.strip_suffix(".json").map(str::to_string)).collect();
     names.sort();
     Ok(names)
 }
@@ -360,14 +452,12 @@ pub fn journal_files(location: &Location, table: Table) -> Result<Vec<String>, S
 /// Every batch of one journal file named by [`journal_files`] (for readers that follow a table
 /// without SQL).
 pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, String> {
-    let bytes = match location {
-        Location::Local(root) => bytes::Bytes::from(fs::read(root.join(table.name()).join(name)).map_err(|e| e.to_string())?),
-        Location::Bucket(bucket) => {
-            let relative = format!("{}/{name}", table.name());
-            bytes::Bytes::from(bucket.get(&relative).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} is gone", bucket.url_of(&relative)))?.0)
-        }
-    };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| e.to_string())?;
+    let place = Place { location: location.clone(), instance: None };
+    let relative = format!("{}/{name}", table.name());
+    let (bytes, _) = place.read(&relative).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} is gone", place.name(&relative)))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+        .and_then(|b| b.build())
+        .map_err(|e| e.to_string())?;
     reader.map(|batch| batch.map_err(|e| e.to_string())).collect()
 }
 
@@ -377,77 +467,50 @@ impl Parts {
     }
 }
 
-/// Deletes the checkpointed tables and the checkpoint (not the journals: people's work).
-fn reset_tables(location: &Location) -> Result<(), StorageError> {
-    match location {
-        Location::Local(root) => {
-            for table in Table::CHECKPOINTED {
-                let dir = root.join(table.name());
+/// Deletes the checkpointed tables and the checkpoint of `place` (not the journals: people's work).
+fn reset_tables(place: &Place) -> Result<(), StorageError> {
+    for table in Table::CHECKPOINTED {
+        let folder = place.folder(table);
+        match &place.location {
+            Location::Local(root) => {
+                let dir = root.join(&folder);
                 if dir.exists() {
                     fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
                 }
             }
-            let checkpoint = root.join(CHECKPOINT);
-            if checkpoint.exists() {
-                fs::remove_file(&checkpoint).map_err(io_error(&checkpoint))?;
-            }
-        }
-        Location::Bucket(bucket) => {
-            for table in Table::CHECKPOINTED {
-                for name in bucket.list_all(table.name())? {
-                    bucket.delete(&format!("{}/{name}", table.name()))?;
+            Location::Bucket(bucket) => {
+                // Without an instance name, the table's instances' folders go too: all of it.
+                for name in bucket.list_all(&folder)? {
+                    bucket.delete(&format!("{folder}/{name}"))?;
                 }
             }
-            bucket.delete(CHECKPOINT)?;
         }
     }
-    Ok(())
-}
-
-/// The checkpoint's bytes and (object storage) version; none when there is no checkpoint yet.
-fn read_checkpoint(location: &Location) -> Result<(Option<Vec<u8>>, Option<String>), StorageError> {
-    match location {
-        Location::Local(root) => {
-            let path = root.join(CHECKPOINT);
-            match fs::read(&path) {
-                Ok(bytes) => Ok((Some(bytes), None)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, None)),
-                Err(e) => Err(io_error(&path)(e)),
-            }
-        }
-        Location::Bucket(bucket) => Ok(match bucket.get(CHECKPOINT)? {
-            Some((bytes, version)) => (Some(bytes.to_vec()), version),
-            None => (None, None),
-        }),
-    }
-}
-
-fn checkpoint_name(location: &Location) -> String {
-    match location {
-        Location::Local(root) => root.join(CHECKPOINT).display().to_string(),
-        Location::Bucket(bucket) => bucket.url_of(CHECKPOINT),
-    }
+    place.delete(&place.checkpoint())
 }
 
 /// One view of the checkpoint's JSON object: storage's [`Parts`] or the caller's state (each
 /// ignores the other's fields), read straight from the bytes.
-fn parse_checkpoint<T: DeserializeOwned>(location: &Location, bytes: &[u8]) -> Result<T, StorageError> {
-    serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: PathBuf::from(checkpoint_name(location)), reason: e.to_string() })
+fn parse_checkpoint<T: DeserializeOwned>(place: &Place, bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: PathBuf::from(place.name(&place.checkpoint())), reason: e.to_string() })
 }
 
 /// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
 /// one there. Returns the new version.
-fn write_checkpoint<S: Serialize>(location: &Location, checkpoint: &Written<'_, S>, version: Option<&str>) -> Result<Option<String>, StorageError> {
-    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: PathBuf::from(checkpoint_name(location)), reason: e.to_string() })?;
-    match location {
+fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, version: Option<&str>) -> Result<Option<String>, StorageError> {
+    let relative = place.checkpoint();
+    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: PathBuf::from(place.name(&relative)), reason: e.to_string() })?;
+    match &place.location {
         Location::Local(root) => {
-            let path = root.join(CHECKPOINT);
-            let temp = root.join(".checkpoint.json.tmp");
+            let path = root.join(&relative);
+            let dir = path.parent().unwrap_or(root);
+            fs::create_dir_all(dir).map_err(io_error(dir))?;
+            let temp = path.with_extension("json.tmp");
             let mut file = File::create(&temp).map_err(io_error(&temp))?;
             file.write_all(&bytes).map_err(io_error(&temp))?;
             file.sync_all().map_err(io_error(&temp))?;
             fs::rename(&temp, &path).map_err(io_error(&path))?;
-            File::open(root).and_then(|d| d.sync_all()).map_err(io_error(root))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
             Ok(None)
         }
         Location::Bucket(bucket) => {
@@ -455,7 +518,7 @@ fn write_checkpoint<S: Serialize>(location: &Location, checkpoint: &Written<'_, 
                 Some(etag) => Mode::Replace(etag),
                 None => Mode::Create,
             };
-            match bucket.put(CHECKPOINT, bytes, mode) {
+            match bucket.put(&relative, bytes, mode) {
                 Err(StorageError::Object { precondition: true, url, .. }) => Err(StorageError::Fenced { url }),
                 other => other,
             }
@@ -463,38 +526,30 @@ fn write_checkpoint<S: Serialize>(location: &Location, checkpoint: &Written<'_, 
     }
 }
 
-fn part_path(root: &Path, table: Table, seq: u64) -> PathBuf {
-    root.join(table.name()).join(part_name(seq))
-}
-
 /// Every part the checkpoint counts (numbers below `next_part`, not accepted as lost) that is
 /// missing or unreadable, with what is wrong with it. Locally each part's Parquet footer is read;
 /// on object storage (where a part is written in one PUT and cannot be cut short by a crash) one
 /// listing per table finds missing and empty parts.
-fn damaged_parts(location: &Location, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(Table, u64, String)>, StorageError> {
+fn damaged_parts(place: &Place, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(Table, u64, String)>, StorageError> {
     let mut damaged = Vec::new();
     for (&table, &next) in next_part {
+        if next == 0 {
+            continue;
+        }
         let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
-        let listed: Option<BTreeMap<String, u64>> = match location {
-            Location::Local(_) => None,
-            Location::Bucket(bucket) => Some(if next == 0 { BTreeMap::new() } else { bucket.list(table.name())?.into_iter().collect() }),
-        };
+        let listed: BTreeMap<String, u64> = place.list(&place.folder(table))?.into_iter().collect();
         for seq in (0..next).filter(|seq| !lost.contains(seq)) {
-            let name = format!("{}/{}", table.name(), part_name(seq));
-            let problem = match (location, &listed) {
-                (Location::Local(root), _) => match File::open(part_path(root, table, seq)) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is missing".to_string()),
+            let problem = match (&place.location, listed.get(&part_name(seq))) {
+                (_, None) => Some("is missing".to_string()),
+                (_, Some(0)) => Some("is unreadable (empty)".to_string()),
+                (Location::Local(root), Some(_)) => match File::open(root.join(place.part(table, seq))) {
                     Err(e) => Some(format!("cannot be opened ({e})")),
                     Ok(file) => parquet::file::reader::SerializedFileReader::new(file).err().map(|e| format!("is unreadable ({e})")),
                 },
-                (_, listed) => match listed.as_ref().and_then(|l| l.get(&part_name(seq))) {
-                    None => Some("is missing".to_string()),
-                    Some(0) => Some("is unreadable (empty)".to_string()),
-                    Some(_) => None,
-                },
+                (Location::Bucket(_), Some(_)) => None,
             };
             if let Some(problem) = problem {
-                damaged.push((table, seq, format!("{name} {problem}")));
+                damaged.push((table, seq, format!("{} {problem}", place.part(table, seq))));
             }
         }
     }
@@ -502,21 +557,21 @@ fn damaged_parts(location: &Location, next_part: &BTreeMap<Table, u64>, lost: &B
 }
 
 /// Moves a damaged part to `damaged/<table>-<part>` (if it is there at all).
-fn set_aside(location: &Location, table: Table, seq: u64) -> Result<(), StorageError> {
-    let aside = format!("{}-{}", table.name(), part_name(seq));
-    match location {
+fn set_aside(place: &Place, table: Table, seq: u64) -> Result<(), StorageError> {
+    let relative = place.part(table, seq);
+    let aside = format!("damaged/{}-{}{}", table.name(), place.instance.as_deref().map(|i| format!("{i}-")).unwrap_or_default(), part_name(seq));
+    match &place.location {
         Location::Local(root) => {
-            let path = part_path(root, table, seq);
+            let path = root.join(&relative);
             if path.exists() {
                 let dir = root.join("damaged");
                 fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-                fs::rename(&path, dir.join(aside)).map_err(io_error(&path))?;
+                fs::rename(&path, root.join(aside)).map_err(io_error(&path))?;
             }
         }
         Location::Bucket(bucket) => {
-            let relative = format!("{}/{}", table.name(), part_name(seq));
             if let Some((bytes, _)) = bucket.get(&relative)? {
-                bucket.put(&format!("damaged/{aside}"), bytes.to_vec(), Mode::Overwrite)?;
+                bucket.put(&aside, bytes.to_vec(), Mode::Overwrite)?;
                 bucket.delete(&relative)?;
             }
         }
@@ -525,30 +580,14 @@ fn set_aside(location: &Location, table: Table, seq: u64) -> Result<(), StorageE
 }
 
 /// Deletes parts numbered `next` or later and unfinished temp files: writes a crash interrupted.
-fn remove_leftovers(location: &Location, table: Table, next: u64) -> Result<(), StorageError> {
-    let leftover = |name: &str| {
+fn remove_leftovers(place: &Place, table: Table, next: u64) -> Result<(), StorageError> {
+    let folder = place.folder(table);
+    for (name, _) in place.list(&folder)? {
         let part = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).and_then(|n| n.parse::<u64>().ok());
-        name.ends_with(".tmp") || part.is_some_and(|seq| seq >= next)
-    };
-    match location {
-        Location::Local(root) => {
-            let dir = root.join(table.name());
-            for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
-                let path = entry.map_err(io_error(&dir))?.path();
-                if leftover(path.file_name().and_then(|n| n.to_str()).unwrap_or_default()) {
-                    tracing::info!(file = %path.display(), "removing a part written after the last checkpoint");
-                    fs::remove_file(&path).map_err(io_error(&path))?;
-                }
-            }
-        }
-        Location::Bucket(bucket) => {
-            for (name, _) in bucket.list(table.name())? {
-                if leftover(&name) {
-                    let relative = format!("{}/{name}", table.name());
-                    tracing::info!(file = %bucket.url_of(&relative), "removing a part written after the last checkpoint");
-                    bucket.delete(&relative)?;
-                }
-            }
+        if name.ends_with(".tmp") || part.is_some_and(|seq| seq >= next) {
+            let relative = format!("{folder}/{name}");
+            tracing::info!(file = %place.name(&relative), "removing a part written after the last checkpoint");
+            place.delete(&relative)?;
         }
     }
     Ok(())
@@ -587,7 +626,7 @@ mod tests {
     #[test]
     fn parts_after_the_last_checkpoint_are_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, restored) = Storage::open::<State>(&here(&dir), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(&here(&dir), None, false).unwrap();
         assert!(restored.is_none());
         let batch = batch();
         let kept = storage.write(Table::Windows, &batch).unwrap();
@@ -595,7 +634,7 @@ mod tests {
         let orphan = storage.write(Table::Windows, &batch).unwrap();
         fs::write(dir.path().join("news/.part-00000000.parquet.tmp"), b"half").unwrap();
 
-        let (mut storage, restored) = Storage::open::<State>(&here(&dir), false).unwrap();
+        let (mut storage, restored) = Storage::open::<State>(&here(&dir), None, false).unwrap();
         let restored = restored.unwrap();
         assert_eq!(restored.offsets["news"][&0], 42);
         assert_eq!(restored.received, 3);
@@ -604,31 +643,31 @@ mod tests {
         assert!(!dir.path().join("news/.part-00000000.parquet.tmp").exists());
         assert_eq!(storage.write(Table::Windows, &batch).unwrap(), orphan, "numbering resumes at the checkpoint");
 
-        let (_, restored) = Storage::open::<State>(&here(&dir), true).unwrap();
+        let (_, restored) = Storage::open::<State>(&here(&dir), None, true).unwrap();
         assert!(restored.is_none() && !exists(&kept), "reset starts from nothing");
     }
 
     #[test]
     fn journal_appends_are_outside_the_checkpoint_and_survive_reset_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, _) = Storage::open::<State>(&here(&dir), false).unwrap();
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), None, false).unwrap();
         let first = append(&here(&dir), Table::LabelFeedback, &batch(), "a1").unwrap();
         storage.commit(&checkpoint()).unwrap();
         let second = append(&here(&dir), Table::LabelFeedback, &batch(), "b2").unwrap();
         assert_ne!(first, second);
         assert!(!dir.path().join("label_feedback").read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
         // An append after the last checkpoint is no crash leftover, and a reset keeps people's work.
-        Storage::open::<State>(&here(&dir), false).unwrap();
-        Storage::open::<State>(&here(&dir), true).unwrap();
+        Storage::open::<State>(&here(&dir), None, false).unwrap();
+        Storage::open::<State>(&here(&dir), None, true).unwrap();
         assert!(exists(&first) && exists(&second));
-        let written = fs::read_to_string(dir.path().join(CHECKPOINT)).unwrap_or_default();
+        let written = fs::read_to_string(dir.path().join("checkpoint.json")).unwrap_or_default();
         assert!(!written.contains("label_feedback"), "journals have no part numbers: {written}");
     }
 
     #[test]
     fn a_missing_or_truncated_part_refuses_the_start_until_repaired() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut storage, _) = Storage::open::<State>(&here(&dir), false).unwrap();
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), None, false).unwrap();
         let batch = batch();
         let first = storage.write(Table::Windows, &batch).unwrap();
         let second = storage.write(Table::Windows, &batch).unwrap();
@@ -638,29 +677,29 @@ mod tests {
         let bytes = fs::read(&second).unwrap();
         fs::write(&second, &bytes[..bytes.len() / 2]).unwrap();
 
-        let err = Storage::open::<State>(&here(&dir), false).err().unwrap().to_string();
+        let err = Storage::open::<State>(&here(&dir), None, false).err().unwrap().to_string();
         assert!(err.contains("windows/part-00000000.parquet is missing"), "{err}");
         assert!(err.contains("windows/part-00000001.parquet is unreadable"), "{err}");
         assert!(err.contains("bearwatch storage repair"), "{err}");
 
-        let found = Storage::repair(&here(&dir)).unwrap();
+        let found = Storage::repair(&here(&dir), None).unwrap();
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(dir.path().join("damaged/windows-part-00000001.parquet").exists());
-        let (mut storage, restored) = Storage::open::<serde_json::Value>(&here(&dir), false).unwrap();
+        let (mut storage, restored) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
         let restored = restored.unwrap();
         assert!(exists(&third) && restored["lost_parts"]["windows"] == serde_json::json!([0, 1]));
         assert_eq!(restored["offsets"]["news"]["0"], 42, "repair keeps the caller's state");
         // What was accepted as lost stays accepted through later checkpoints.
         storage.commit(&checkpoint()).unwrap();
-        assert!(Storage::open::<State>(&here(&dir), false).is_ok());
-        assert!(Storage::repair(&here(&dir)).unwrap().is_empty());
+        assert!(Storage::open::<State>(&here(&dir), None, false).is_ok());
+        assert!(Storage::repair(&here(&dir), None).unwrap().is_empty());
     }
 
     #[test]
     fn a_corrupt_checkpoint_is_an_error_not_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(CHECKPOINT), b"{").unwrap();
-        let err = Storage::open::<State>(&here(&dir), false).err().unwrap();
+        fs::write(dir.path().join("checkpoint.json"), b"{").unwrap();
+        let err = Storage::open::<State>(&here(&dir), None, false).err().unwrap();
         assert!(err.to_string().contains("move it away"), "{err}");
     }
 }
