@@ -14,8 +14,11 @@ fn read(path: &str) -> String {
 #[test]
 fn the_compose_stack_matches_the_pipeline_it_runs() {
     let compose = read("docker-compose.yml");
-    // SAFETY: only this test, in its own process, reads this variable (compose passes it in).
-    unsafe { std::env::set_var("BEARWATCH_PG_PASSWORD", "test") };
+    // SAFETY: only this test, in its own process, reads these variables (compose passes them in).
+    unsafe {
+        std::env::set_var("BEARWATCH_PG_PASSWORD", "test");
+        std::env::set_var("BEARWATCH_INSTANCE", "a");
+    }
     let config = bearwatch::pipeline::PipelineConfig::parse(&read("pipelines/compose.toml"), "pipelines/compose.toml").unwrap();
     assert!(compose.contains("pipelines/compose.toml"), "compose runs pipelines/compose.toml");
     assert_eq!(config.source.brokers.as_ref().unwrap().as_str(), "kafka:9092");
@@ -31,6 +34,20 @@ fn the_compose_stack_matches_the_pipeline_it_runs() {
         assert!(compose.contains(mounted));
         assert!(Path::new(ROOT).join(mounted).exists(), "{mounted} is missing");
     }
+    // Scaled out: one classify process and two aggregate instances with their own instance names,
+    // whose storage is the `s3` service's bucket, made by the one-shot before they start.
+    assert!(compose.matches("\"--role\", \"aggregate\"]").count() == 2 && compose.contains("\"--role\", \"classify\"]"));
+    for instance in ["BEARWATCH_INSTANCE: a", "BEARWATCH_INSTANCE: b", "BEARWATCH_INSTANCE: classify"] {
+        assert!(compose.contains(instance), "{instance}");
+    }
+    assert_eq!(config.storage.instance(), Some("a"));
+    let path = config.storage.path.to_str().unwrap();
+    let bucket = path.strip_prefix("s3://").and_then(|p| p.split('/').next()).expect("the storage is an s3:// bucket");
+    assert!(compose.contains(&format!("\"s3\", \"mb\", \"s3://{bucket}\"")), "the one-shot makes bucket {bucket}");
+    let endpoint = config.storage.s3.endpoint.as_ref().map(|e| e.as_str().to_string()).unwrap();
+    assert_eq!(endpoint, "http://s3:5000");
+    assert!(compose.contains("  s3:\n    image: motoserver/moto:") && compose.contains("\"127.0.0.1:5000:5000\""));
+    assert!(compose.contains("condition: service_completed_successfully"), "instances wait for the bucket");
     // The rule files and receivers load as the container will load them.
     for rules in &config.alerts.rules {
         bearwatch::detect::RuleFile::load(&Path::new(ROOT).join(rules)).unwrap();

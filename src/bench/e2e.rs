@@ -1,6 +1,8 @@
 //! `bearwatch bench e2e`: the whole pipeline from Kafka (source → classify → windows → Parquet with
 //! checkpoints and commits) on a backlog, beside the classifier alone on the same stories, in the same
 //! process and round. The ratio says what everything around the model costs; the goal is ≥ 90 %.
+//! With `--object-store s3://…`, each round also runs the pipeline writing there, beside the local
+//! folder: the goal is that object storage costs at most 10 % of the local throughput.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -25,6 +27,10 @@ pub struct E2eBenchArgs {
     pub repeats: usize,
     #[arg(long, default_value = "pipelines/data/reuters-1987.jsonl")]
     pub input: PathBuf,
+    /// Also run each round with `[storage] path` here (`s3://bucket/prefix`; the client from the
+    /// `AWS_*` environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    #[arg(long)]
+    pub object_store: Option<String>,
 }
 
 fn stories(args: &E2eBenchArgs) -> Result<Vec<News>, PipelineError> {
@@ -58,7 +64,7 @@ fn classify_alone(stories: &[News], config: &ClassifierConfig) -> Result<f64, Pi
 
 /// One pipeline run over a fresh topic holding the stories: stories/s between the first and the last
 /// checkpoint that counted them, and the largest resident memory seen after the first quarter.
-fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<(f64, u64), PipelineError> {
+fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize, object_store: Option<&str>) -> Result<(f64, u64), PipelineError> {
     let topic = format!("bench-e2e-{}-{round}-{}", std::process::id(), chrono::Utc::now().timestamp_millis());
     let output = Output::connect(&args.brokers, &Default::default())?;
     for story in stories {
@@ -66,25 +72,29 @@ fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<
         output.send(&topic, story.id.as_bytes(), &json, None)?;
     }
     output.flush(Duration::from_secs(60))?;
-    let storage = std::env::temp_dir().join(&topic);
+    let local = std::env::temp_dir().join(&topic);
+    // Each round writes under a prefix of its own.
+    let path = object_store.map_or_else(|| local.display().to_string(), |url| format!("{}/{topic}", url.trim_end_matches('/')));
     let text = format!(
         "[source]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}\"\nmax_clock_skew = \"1h\"\n\
-         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n[storage]\npath = \"{}\"\ncheckpoint_interval = \"5s\"\n\
+         [window]\nsize = \"1d\"\nallowed_lateness = \"30d\"\n[storage]\npath = \"{path}\"\nlocal_path = \"{}\"\ncheckpoint_interval = \"5s\"\n\
          [run]\nsummary_interval = \"0s\"\n",
         args.brokers,
-        storage.display()
+        local.display()
     );
     let config = PipelineConfig::parse(&text, "bench e2e")?;
+    let location = config.storage.location()?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let (stop, checkpoint, total) = (stop.clone(), storage.join("checkpoint.json"), stories.len() as u64);
+        let (stop, location, total) = (stop.clone(), location.clone(), stories.len() as u64);
         std::thread::spawn(move || {
             let (mut first, mut last, mut peak) = (None::<(Instant, u64)>, None::<(Instant, u64)>, 0u64);
             let started = Instant::now();
             loop {
                 std::thread::sleep(Duration::from_millis(50));
-                let scored = std::fs::read(&checkpoint)
+                let scored = crate::storage::checkpoint(&location, None)
                     .ok()
+                    .flatten()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
                     .and_then(|c| c["counters"]["scored"].as_u64())
                     .unwrap_or(0);
@@ -110,7 +120,7 @@ fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize) -> Result<
     };
     let result = crate::pipeline::run(&config, stop);
     let measured = watcher.join().map_err(|_| failed("watcher panicked"));
-    let _ = std::fs::remove_dir_all(&storage);
+    let _ = std::fs::remove_dir_all(&local);
     result?;
     measured
 }
@@ -119,14 +129,22 @@ pub fn run(args: &E2eBenchArgs) -> Result<String, PipelineError> {
     let stories = stories(args)?;
     let model = ClassifierConfig::default();
     let (mut alone, mut e2e, mut ratios, mut steady) = (Vec::new(), Vec::new(), Vec::new(), 0u64);
+    let (mut remote, mut remote_ratios) = (Vec::new(), Vec::new());
     for round in 0..=args.repeats {
         let a = classify_alone(&stories, &model)?;
-        let (p, rss) = pipeline_once(args, &stories, round)?;
+        let (p, rss) = pipeline_once(args, &stories, round, None)?;
+        // Back to back with the local run, so that the machine's drift hits both alike.
+        let object_store = args.object_store.as_deref().map(|url| pipeline_once(args, &stories, round, Some(url))).transpose()?;
         if round > 0 {
             alone.push(a);
             e2e.push(p);
             ratios.push(p / a);
             steady = steady.max(rss);
+            if let Some((o, rss)) = object_store {
+                remote.push(o);
+                remote_ratios.push(o / p);
+                steady = steady.max(rss);
+            }
         }
     }
     let (alone, e2e, ratio) = (median(&mut alone), median(&mut e2e), median(&mut ratios));
@@ -145,6 +163,12 @@ pub fn run(args: &E2eBenchArgs) -> Result<String, PipelineError> {
         if ratio >= 0.9 { "met" } else { "not met" },
         memory_mib().1
     );
+    if let Some(url) = &args.object_store {
+        let (remote, ratio) = (median(&mut remote), median(&mut remote_ratios));
+        let _ = writeln!(out, "\n| storage | pipeline from Kafka, stories/s | against the local folder | goal ≥ 90 % |\n|---|---:|---:|---|");
+        let _ = writeln!(out, "| local folder | {e2e:.0} | 100 % | |");
+        let _ = writeln!(out, "| {url} | {remote:.0} | {:.1} % | {} |", ratio * 100.0, if ratio >= 0.9 { "met" } else { "not met" });
+    }
     let _ = writeln!(out, "\nPipeline stories/s counts between its first and last checkpoint (5 s apart: each one drains the classifier, as in production), so model loading is left out of both.");
     Ok(out)
 }

@@ -440,6 +440,13 @@ pub fn journal_files(location: &Location, table: Table) -> Result<Vec<String>, S
     Ok(names)
 }
 
+/// The checkpoint's bytes (of `instance`, when given), if there is one: for readers that follow a
+/// pipeline's progress from outside it.
+pub fn checkpoint(location: &Location, instance: Option<&str>) -> Result<Option<Vec<u8>>, StorageError> {
+    let place = Place { location: location.clone(), instance: instance.map(str::to_string) };
+    Ok(place.read(&place.checkpoint())?.map(|(bytes, _)| bytes))
+}
+
 /// The instances that have checkpointed into this storage (`checkpoints/<name>.json`): none
 /// when it is one pipeline's alone.
 pub fn instances(location: &Location) -> Result<Vec<String>, StorageError> {
