@@ -50,6 +50,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once because the bound on open ones was reached"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
+    ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while checkpoints wait for the storage (object storage unreachable); reading waits with them"),
     ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete"),
     ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
     ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),
@@ -101,6 +102,7 @@ pub fn describe() {
         "bearwatch_feedback_memory_texts",
         "bearwatch_feedback_pending_texts",
         "bearwatch_model_champion_unloadable",
+        "bearwatch_storage_unavailable",
     ] {
         metrics::gauge!(name).increment(0.0);
     }

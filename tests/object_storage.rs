@@ -234,3 +234,38 @@ fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
     let market = "SELECT CAST(sum(m) AS BIGINT) AS n FROM (SELECT max(n + copies) AS m FROM windows WHERE topic = 'all' GROUP BY instance, window_start)";
     assert_eq!(sql(&s3, remote, market), format!("n\n{total}\n"));
 }
+
+/// The S3 server stops answering mid-stream: the checkpoint waits (logged, and the gauge says so),
+/// reading waits with it, and once the server answers again every story arrives, once.
+#[test]
+fn an_unreachable_store_makes_the_pipeline_wait_and_lose_nothing() {
+    let total = 1500;
+    let s3 = S3Server::start("outage");
+    let dir = tempfile::tempdir().unwrap();
+    let news = dir.path().join("news.jsonl");
+    std::fs::write(&news, stories(total)).unwrap();
+    let http = free_port();
+    let settings = format!(
+        "local_path = \"local\"\n{}timeout = \"1s\"\nretries = 1\n[server]\nhttp = \"127.0.0.1:{http}\"\n",
+        s3.storage_settings()
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config(news.to_str().unwrap(), "s3://outage/desk", &settings));
+    let scored = |c: &serde_json::Value| c["counters"]["scored"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !s3.checkpoint("desk").is_some_and(|c| scored(&c) > 0) {
+        assert!(run.child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no first checkpoint\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s3.pause();
+    let metrics = || ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default();
+    while !(std::fs::read_to_string(&run.stderr).unwrap_or_default().contains("storage unavailable") && metrics().contains("bearwatch_storage_unavailable 1")) {
+        if run.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            s3.resume();
+            panic!("the pipeline did not wait for the store\n{}", run.logs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s3.resume();
+    assert!(run.wait(Duration::from_secs(300)).success(), "{}", run.logs());
+    assert_eq!(sql(&s3, "s3://outage/desk", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"), format!("n,ids\n{total},{total}\n"));
+}

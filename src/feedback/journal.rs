@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{FeedbackError, Head, LabelFeedback, table};
+use crate::error::Classified;
 use crate::storage::{self, Location, Table};
 
 pub struct JournalTail {
@@ -27,7 +28,14 @@ impl JournalTail {
             if self.read.contains(&name) {
                 continue;
             }
-            let parsed = storage::read_journal(&self.storage, Table::LabelFeedback, &name)
+            let batches = match storage::read_journal(&self.storage, Table::LabelFeedback, &name) {
+                // Out of reach for now (object storage): this file and the rest at the next call.
+                Err(e) if e.retryable() && rows.is_empty() => return Err(e.into()),
+                Err(e) if e.retryable() => break,
+                other => other,
+            };
+            let parsed = batches
+                .map_err(|e| e.to_string())
                 .and_then(|batches| batches.iter().map(|b| table::label_feedback_rows(b).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>());
             match parsed {
                 Ok(file_rows) => rows.extend(file_rows.into_iter().flatten()),

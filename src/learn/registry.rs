@@ -293,7 +293,7 @@ pub fn alias_history(storage: &Location, alias: &str) -> Result<Vec<AliasRow>, L
     let files = storage::journal_files(storage, Table::ModelAliases).map_err(|e| unreadable("")(e.to_string()))?;
     let mut rows = Vec::new();
     for name in files {
-        for batch in storage::read_journal(storage, Table::ModelAliases, &name).map_err(unreadable(&name))? {
+        for batch in storage::read_journal(storage, Table::ModelAliases, &name).map_err(|e| unreadable(&name)(e.to_string()))? {
             rows.extend(alias_rows(&batch).map_err(unreadable(&name))?);
         }
     }

@@ -220,8 +220,11 @@ path = "data"
 
     #[test]
     fn every_shipped_pipeline_parses() {
-        // SAFETY: no other test reads or writes this variable. The compose pipeline takes it from the environment.
-        unsafe { std::env::set_var("BEARWATCH_PG_PASSWORD", "test") };
+        // SAFETY: no other test reads or writes these variables. The compose pipeline takes them from the environment.
+        unsafe {
+            std::env::set_var("BEARWATCH_PG_PASSWORD", "test");
+            std::env::set_var("BEARWATCH_INSTANCE", "a");
+        }
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

@@ -20,6 +20,7 @@ use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileProgress;
 use crate::source::kafka::Output;
 use crate::source::{Offsets, Record};
+use crate::error::Classified;
 use crate::storage::{Storage, Table};
 use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
 
@@ -130,6 +131,8 @@ pub struct Core {
     pub alerting: Option<Alerting>,
     /// Where unflushed rows are published for SQL, when a server runs.
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
+    /// Set when the process is asked to stop: a checkpoint waiting for the storage gives up.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// What a file source has read, for the checkpoint (see [`FileProgress`]).
     pub files: BTreeMap<String, FileProgress>,
     /// Analysts' label corrections acting on the windows (None for role `classify`).
@@ -198,6 +201,7 @@ impl Core {
             recent: Default::default(),
             alerting: None,
             live: None,
+            stop: Default::default(),
             files: Default::default(),
             corrections,
             model_watch: None,
@@ -732,47 +736,40 @@ impl Core {
             metrics::counter!("bearwatch_checkpoints_total").increment(1);
             return Ok(self.offsets.clone());
         };
-        // Queries wait while rows move from the live snapshot into parts, so none is seen twice.
-        let live = self.live.clone();
-        let _flushing = live.as_ref().map(|l| l.flushing());
+        // Every part of this checkpoint, built before any is written: a write that fails (object
+        // storage unreachable) is retried with the same rows, and nothing is dropped until the
+        // checkpoint is committed.
+        let internal = |e: arrow::error::ArrowError| PipelineError::Internal(e.to_string());
+        let mut parts: Vec<(Table, arrow::array::RecordBatch)> = Vec::new();
         if !self.news_rows.is_empty() {
-            let batch = news_batch(&self.news_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            storage.write(Table::News, &batch)?;
+            parts.push((Table::News, news_batch(&self.news_rows).map_err(internal)?));
         }
         if !self.late_rows.is_empty() {
-            let batch = news_batch(&self.late_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            storage.write(Table::Late, &batch)?;
+            parts.push((Table::Late, news_batch(&self.late_rows).map_err(internal)?));
         }
         if !self.window_rows.is_empty() {
-            let batch = windows_batch(&self.window_rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            storage.write(Table::Windows, &batch)?;
+            parts.push((Table::Windows, windows_batch(&self.window_rows).map_err(internal)?));
         }
         if let Some(shadow) = self.shadow.as_mut() {
             let rows = shadow.take_rows();
             if !rows.is_empty() {
-                let batch = news_batch(&rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                storage.write(Table::ShadowNews, &batch)?;
+                parts.push((Table::ShadowNews, news_batch(&rows).map_err(internal)?));
             }
         }
-        if let Some(corrections) = self.corrections.as_mut()
+        if let Some(corrections) = self.corrections.as_ref()
             && !corrections.applied.is_empty()
         {
-            let batch = crate::feedback::applied_labels_batch(&corrections.applied).map_err(|e| PipelineError::Internal(e.to_string()))?;
-            storage.write(Table::AppliedLabels, &batch)?;
-            corrections.applied.clear();
+            parts.push((Table::AppliedLabels, crate::feedback::applied_labels_batch(&corrections.applied).map_err(internal)?));
         }
         if let Some(alerting) = self.alerting.as_mut() {
             if !alerting.changes.is_empty() {
-                let batch = alerts_batch(&alerting.changes).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                storage.write(Table::Alerts, &batch)?;
-                alerting.changes.clear();
+                parts.push((Table::Alerts, alerts_batch(&alerting.changes).map_err(internal)?));
             }
             // Into the outbox before the checkpoint: a crash in between may repeat a notice, never lose one.
             alerting.flush_queue()?;
             let rows = alerting.notifier.as_ref().map(|n| n.take_rows()).unwrap_or_default();
             if !rows.is_empty() {
-                let batch = notifications_batch(&rows).map_err(|e| PipelineError::Internal(e.to_string()))?;
-                storage.write(Table::Notifications, &batch)?;
+                parts.push((Table::Notifications, notifications_batch(&rows).map_err(internal)?));
             }
         }
         tracing::debug!(
@@ -782,7 +779,7 @@ impl Core {
             open_windows = self.windows.open_windows(),
             "checkpoint"
         );
-        storage.commit(&Checkpoint {
+        let state = Checkpoint {
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             offsets: self.offsets.clone(),
             windows: self.windows.clone(),
@@ -791,7 +788,14 @@ impl Core {
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             files: self.files.clone(),
             tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
-        })?;
+        };
+        store(storage, self.live.as_deref(), &parts, &state, &self.stop)?;
+        if let Some(corrections) = self.corrections.as_mut() {
+            corrections.applied.clear();
+        }
+        if let Some(alerting) = self.alerting.as_mut() {
+            alerting.changes.clear();
+        }
         self.news_rows.clear();
         self.late_rows.clear();
         self.window_rows.clear();
@@ -850,4 +854,38 @@ impl Core {
     }
 
 
+}
+
+/// Writes a checkpoint's parts and commits it. While the storage cannot be reached (an error a retry
+/// can help), the checkpoint waits and tries again (1 s, doubling to 30 s), and reading waits with
+/// it: stories stay in Kafka or the file, nothing is dropped. A stop request ends the wait with the
+/// error: the next start resumes from the last checkpoint. Queries hold off only while a write is
+/// under way, so that each row is seen once, from a part or from the live rows.
+fn store(
+    storage: &mut crate::storage::Storage,
+    live: Option<&crate::sql::live::LiveRows>,
+    parts: &[(Table, arrow::array::RecordBatch)],
+    state: &Checkpoint,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), PipelineError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let flushing = live.map(|l| l.flushing());
+        let attempt = parts.iter().try_for_each(|(table, batch)| storage.write(*table, batch).map(drop)).and_then(|()| storage.commit(state));
+        drop(flushing);
+        match attempt {
+            Ok(()) => {
+                metrics::gauge!("bearwatch_storage_unavailable").set(0.0);
+                return Ok(());
+            }
+            Err(e) if e.retryable() && !stop.load(std::sync::atomic::Ordering::SeqCst) => {
+                storage.forget_uncommitted();
+                metrics::gauge!("bearwatch_storage_unavailable").set(1.0);
+                tracing::warn!(error = %e, retry_in = ?wait, "storage unavailable: the checkpoint waits, and reading with it; nothing is lost");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -221,7 +221,15 @@ impl Corrections {
             return Ok(Vec::new());
         }
         self.last_poll = Some(Instant::now());
-        self.tail.new_rows().map_err(|e| PipelineError::Internal(format!("reading label_feedback: {e}")))
+        match self.tail.new_rows() {
+            Ok(rows) => Ok(rows),
+            // The storage out of reach for now: the judgements are read at a later poll.
+            Err(crate::feedback::FeedbackError::Storage(e)) if crate::error::Classified::retryable(&e) => {
+                tracing::warn!(error = %e, "label_feedback unreadable for now; judgements are applied once it can be read");
+                Ok(Vec::new())
+            }
+            Err(e) => Err(PipelineError::Internal(format!("reading label_feedback: {e}"))),
+        }
     }
 
     /// Whether judgements learnt earlier still have stories to re-count.

@@ -425,6 +425,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let core =
         Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, corrections, restored)?));
     lock(&core).live = live;
+    lock(&core).stop = stop.clone();
     if serves {
         let mut core = lock(&core);
         // The folder serving, as the alias rows name folders: canonical.

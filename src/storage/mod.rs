@@ -187,6 +187,8 @@ pub struct Storage {
     /// Object storage: the checkpoint's version this process read or wrote last (none: there was
     /// none), which the next commit must still find there.
     checkpoint_version: Option<String>,
+    /// `next_part` as of the last commit (or the open).
+    committed: BTreeMap<Table, u64>,
     writer: String,
     commits: u64,
 }
@@ -316,7 +318,8 @@ impl Storage {
         let state = bytes.as_deref().map(|bytes| parse_checkpoint(&place, bytes)).transpose()?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let writer = format!("{}-{nanos:x}", std::process::id());
-        let storage = Storage { place, next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
+        let storage =
+            Storage { place, committed: next_part.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
         Ok((storage, state))
     }
 
@@ -372,7 +375,14 @@ impl Storage {
             commit: self.commits,
         };
         self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
+        self.committed = self.next_part.clone();
         Ok(())
+    }
+
+    /// Numbers the next parts from the last commit again, after a checkpoint that failed part way:
+    /// its retry writes the same rows over the same part names, and nothing is counted twice.
+    pub fn forget_uncommitted(&mut self) {
+        self.next_part = self.committed.clone();
     }
 }
 
@@ -458,14 +468,15 @@ pub fn instances(location: &Location) -> Result<Vec<String>, StorageError> {
 
 /// Every batch of one journal file named by [`journal_files`] (for readers that follow a table
 /// without SQL).
-pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, String> {
+pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, StorageError> {
     let place = Place { location: location.clone(), instance: None };
     let relative = format!("{}/{name}", table.name());
-    let (bytes, _) = place.read(&relative).map_err(|e| e.to_string())?.ok_or_else(|| format!("{} is gone", place.name(&relative)))?;
+    let unreadable = |reason: String| StorageError::Parquet { path: PathBuf::from(place.name(&relative)), reason };
+    let (bytes, _) = place.read(&relative)?.ok_or_else(|| unreadable("the file is gone".into()))?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
         .and_then(|b| b.build())
-        .map_err(|e| e.to_string())?;
-    reader.map(|batch| batch.map_err(|e| e.to_string())).collect()
+        .map_err(|e| unreadable(e.to_string()))?;
+    reader.map(|batch| batch.map_err(|e| unreadable(e.to_string()))).collect()
 }
 
 impl Parts {

@@ -273,6 +273,15 @@ impl S3Server {
         })
     }
 
+    /// Stops answering (SIGSTOP: connections open, no replies) until [`S3Server::resume`].
+    pub fn pause(&self) {
+        assert!(Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    pub fn resume(&self) {
+        assert!(Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap().success());
+    }
+
     pub fn checkpoint(&self, prefix: &str) -> Option<serde_json::Value> {
         self.get(&format!("{prefix}/checkpoint.json")).map(|bytes| serde_json::from_slice(&bytes).unwrap())
     }
