@@ -650,7 +650,7 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
     // Every table that holds parts, the people's journals too.
     let written: Vec<String> = bearwatch::storage::Table::ALL
         .iter()
-        .filter(|t| bearwatch::storage::journal_files(&outcome.storage, **t).is_ok_and(|files| !files.is_empty()))
+        .filter(|t| bearwatch::storage::holds_parts(&outcome.storage, config.storage.instance(), **t).unwrap_or(false))
         .map(|t| format!("{}/", t.name()))
         .collect();
     println!("tables (Parquet) and checkpoint in {}: {}", outcome.storage, written.join(", "));

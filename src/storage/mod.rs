@@ -450,6 +450,12 @@ pub fn journal_files(location: &Location, table: Table) -> Result<Vec<String>, S
     Ok(names)
 }
 
+/// Whether `table` holds any Parquet file (of `instance`, for a checkpointed table, when given).
+pub fn holds_parts(location: &Location, instance: Option<&str>, table: Table) -> Result<bool, StorageError> {
+    let place = Place { location: location.clone(), instance: instance.filter(|_| Table::CHECKPOINTED.contains(&table)).map(str::to_string) };
+    Ok(place.list(&place.folder(table))?.iter().any(|(name, _)| name.ends_with(".parquet") && !name.starts_with('.')))
+}
+
 /// The checkpoint's bytes (of `instance`, when given), if there is one: for readers that follow a
 /// pipeline's progress from outside it.
 pub fn checkpoint(location: &Location, instance: Option<&str>) -> Result<Option<Vec<u8>>, StorageError> {
