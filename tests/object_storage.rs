@@ -233,6 +233,16 @@ fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
     assert_eq!(windowed, per_topic);
     let market = "SELECT CAST(sum(m) AS BIGINT) AS n FROM (SELECT max(n + copies) AS m FROM windows WHERE topic = 'all' GROUP BY instance, window_start)";
     assert_eq!(sql(&s3, remote, market), format!("n\n{total}\n"));
+    // docs/SQL.md's market query over instances: per window, the instances' `all` rows summed.
+    let doc = std::fs::read_to_string(format!("{ROOT}/docs/SQL.md")).unwrap();
+    let documented = doc.split("```sql instances\n").nth(1).and_then(|b| b.split("```").next()).expect("docs/SQL.md shows the market query");
+    let first_two = |csv: String| csv.lines().skip(1).map(|l| l.split(',').take(2).collect::<Vec<_>>().join(",")).collect::<Vec<_>>();
+    let summed = first_two(sql(&s3, remote, documented));
+    // The same counts from the topics' windows: every story has one topic, in one instance.
+    let topics = "SELECT window_start, CAST(sum(n) AS BIGINT) AS stories FROM (SELECT topic, window_start, max(n) AS n FROM windows \
+                  WHERE topic <> 'all' AND ticker IS NULL GROUP BY topic, window_start) GROUP BY window_start ORDER BY window_start";
+    assert!(!summed.is_empty());
+    assert_eq!(summed, first_two(sql(&s3, remote, topics)));
 }
 
 /// The S3 server stops answering mid-stream: the checkpoint waits (logged, and the gauge says so),
