@@ -405,6 +405,11 @@ enum BenchCommand {
     ///
     /// Example: bearwatch bench detect --seeds 1,2,3 --bursts 20 --rules alerts/default.toml
     Detect(bearwatch::bench::detect::DetectBenchArgs),
+    /// The dashboard's queries over two aggregate instances' tables on object storage, against the
+    /// same rows in one local folder: milliseconds per query and the ratio.
+    ///
+    /// Example: bearwatch bench instances --object-store s3://bearwatch/bench --stories 3000
+    Instances(bearwatch::bench::instances::InstancesBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -917,6 +922,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Sql(args)) => {
             println!("{}", bearwatch::bench::sql::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Instances(args)) => {
+            println!("{}", bearwatch::bench::instances::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Loop(args)) => {

@@ -2,7 +2,7 @@
 //! memory. Used by `bearwatch sql` and by the HTTP API's `POST /sql`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -161,7 +161,7 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
     }
     // Several instances' tables: each table gets their `instance` column (Hive partitions).
     // (A pipeline that is an instance knows before its first checkpoint.)
-    let partitioned = live.as_ref().is_some_and(|l| l.is_an_instance()) || !crate::storage::instances(storage).map_err(|e| tables_error(e.to_string()))?.is_empty();
+    let partitioned = live.as_ref().is_some_and(|l| l.is_an_instance()) || crate::storage::has_instances(storage).map_err(|e| tables_error(e.to_string()))?;
     for table in Table::ALL {
         let folder = match storage {
             Location::Local(root) => {
@@ -210,8 +210,17 @@ fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusion
         }
     };
     // No file-listing cache: its entries never expire by default, and a pipeline adds parts at
-    // every checkpoint (a long-lived Postgres session would stop seeing them).
-    let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+    // every checkpoint (a long-lived Postgres session would stop seeing them). Parquet footers and
+    // file statistics are cached for the whole process: an entry holds only while the file's size,
+    // time and version are the same, and parts never change once written, so every query after
+    // the first reads each part's footer from memory (on object storage, a request saved per part).
+    static CACHES: OnceLock<Result<Arc<CacheManager>, String>> = OnceLock::new();
+    let shared = CACHES.get_or_init(|| CacheManager::try_new(&CacheManagerConfig::default().with_list_files_cache_limit(0)).map_err(|e| e.to_string()));
+    let shared = shared.as_ref().map_err(|e| DataFusionError::Internal(e.clone()))?;
+    let caches = CacheManagerConfig::default()
+        .with_list_files_cache_limit(0)
+        .with_file_metadata_cache(Some(shared.get_file_metadata_cache()))
+        .with_file_statistics_cache(shared.get_file_statistic_cache());
     RuntimeEnvBuilder::new().with_memory_pool(pool).with_cache_manager(caches).build_arc()
 }
 

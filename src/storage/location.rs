@@ -87,6 +87,9 @@ pub(crate) enum Mode<'a> {
     Replace(&'a str),
 }
 
+/// What SQL keeps of the parts it read (see `storage::cache`).
+const SQL_CACHE_BYTES: usize = 256 << 20;
+
 /// The `op` label of the object-store metrics.
 const OPERATIONS: [&str; 4] = ["get", "put", "list", "delete"];
 
@@ -100,6 +103,10 @@ pub struct Bucket {
     store: Arc<AmazonS3>,
     runtime: tokio::runtime::Runtime,
     timeout: Duration,
+    /// SQL's client, made once: building one loads the system's TLS roots.
+    sql_client: std::sync::OnceLock<Arc<dyn ObjectStore>>,
+    /// Whether instances were seen here: once they are, they stay (see `storage::instances`).
+    instances_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Bucket {
@@ -122,7 +129,17 @@ impl Bucket {
             metrics::counter!("bearwatch_object_store_requests_total", "op" => op).increment(0);
             metrics::counter!("bearwatch_object_store_errors_total", "op" => op).increment(0);
         }
-        Ok(Bucket { url, bucket: bucket.to_string(), prefix, builder, store, runtime, timeout: s3.timeout.0 })
+        Ok(Bucket {
+            url,
+            bucket: bucket.to_string(),
+            prefix,
+            builder,
+            store,
+            runtime,
+            timeout: s3.timeout.0,
+            sql_client: std::sync::OnceLock::new(),
+            instances_seen: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -134,11 +151,24 @@ impl Bucket {
         format!("s3://{}", self.bucket)
     }
 
-    /// A client of its own, for a caller on another runtime (a SQL session): connections are not
-    /// shared with storage's runtime, which may outlive or be outlived by the caller's.
+    /// SQL's client, apart from storage's own (which runs on storage's runtime): its connections
+    /// belong to the runtimes of the queries that open them, and a connection whose runtime has
+    /// ended is not reused. It keeps the column chunks it read, up to 256 MiB (`storage::cache`).
     pub fn client(&self) -> Result<Arc<dyn ObjectStore>, StorageError> {
-        let store = self.builder.clone().build().map_err(|e| StorageError::Config { reason: format!("{}: {e}", self.url) })?;
-        Ok(Arc::new(store))
+        if let Some(client) = self.sql_client.get() {
+            return Ok(client.clone());
+        }
+        let store = Arc::new(self.builder.clone().build().map_err(|e| StorageError::Config { reason: format!("{}: {e}", self.url) })?);
+        let store: Arc<dyn ObjectStore> = Arc::new(super::cache::PartCache::new(store, SQL_CACHE_BYTES));
+        Ok(self.sql_client.get_or_init(|| store).clone())
+    }
+
+    pub(crate) fn instances_seen(&self) -> bool {
+        self.instances_seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn saw_instances(&self) {
+        self.instances_seen.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The key of `relative` (slash-separated) under the prefix.

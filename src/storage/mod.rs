@@ -20,6 +20,7 @@
 //! process may [`append`] to them at any time, one file per append, and nothing ever deletes them,
 //! not even `--reset` (that restarts the pipeline, not people's work).
 
+mod cache;
 mod config;
 mod location;
 
@@ -465,11 +466,26 @@ pub fn checkpoint(location: &Location, instance: Option<&str>) -> Result<Option<
 
 /// The instances that have checkpointed into this storage (`checkpoints/<name>.json`): none
 /// when it is one pipeline's alone.
-pub fn instances(location: &Location) -> Result<Vec<String>, StorageError> {
+fn instances(location: &Location) -> Result<Vec<String>, StorageError> {
     let place = Place { location: location.clone(), instance: None };
     let mut names: Vec<String> = place.list("checkpoints")?.into_iter().filter_map(|(name, _)| name.strip_suffix(".json").map(str::to_string)).collect();
     names.sort();
     Ok(names)
+}
+
+/// Whether several instances share this storage. On object storage a yes is remembered (instances
+/// do not go away), which spares each SQL context a listing.
+pub fn has_instances(location: &Location) -> Result<bool, StorageError> {
+    if let Location::Bucket(bucket) = location
+        && bucket.instances_seen()
+    {
+        return Ok(true);
+    }
+    let seen = !instances(location)?.is_empty();
+    if let (true, Location::Bucket(bucket)) = (seen, location) {
+        bucket.saw_instances();
+    }
+    Ok(seen)
 }
 
 /// Every batch of one journal file named by [`journal_files`] (for readers that follow a table

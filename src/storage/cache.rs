@@ -1,0 +1,164 @@
+//! SQL's reads of Parquet parts on object storage, kept in memory: a part never changes once
+//! written, so after the first query reads a column chunk, later queries (a dashboard refreshing
+//! every few seconds) take it from here, as the page cache serves a local folder's files. An entry
+//! is keyed by the part's version (ETag) as the last listing gave it: a part written again under
+//! the same name (a storage reset) is a new version and is read afresh. Bounded in bytes; the oldest
+//! entries go first.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
+    PutPayload, PutResult,
+};
+
+type Key = (Path, String, Range<u64>);
+
+pub struct PartCache {
+    inner: Arc<dyn ObjectStore>,
+    /// The newest version each listing saw of each part.
+    versions: Arc<Mutex<HashMap<Path, String>>>,
+    chunks: Mutex<Chunks>,
+}
+
+#[derive(Default)]
+struct Chunks {
+    bytes: HashMap<Key, (Bytes, ObjectMeta)>,
+    order: VecDeque<Key>,
+    held: usize,
+    limit: usize,
+}
+
+impl Chunks {
+    fn insert(&mut self, key: Key, value: (Bytes, ObjectMeta)) {
+        let size = value.0.len();
+        if size > self.limit / 4 || self.bytes.contains_key(&key) {
+            return;
+        }
+        while self.held + size > self.limit {
+            let Some(oldest) = self.order.pop_front() else { break };
+            if let Some((bytes, _)) = self.bytes.remove(&oldest) {
+                self.held -= bytes.len();
+            }
+        }
+        self.held += size;
+        self.order.push_back(key.clone());
+        self.bytes.insert(key, value);
+    }
+}
+
+impl PartCache {
+    pub fn new(inner: Arc<dyn ObjectStore>, limit_bytes: usize) -> PartCache {
+        PartCache { inner, versions: Arc::default(), chunks: Mutex::new(Chunks { limit: limit_bytes, ..Chunks::default() }) }
+    }
+
+    fn key(&self, location: &Path, range: &Range<u64>) -> Option<Key> {
+        let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        versions.get(location).map(|tag| (location.clone(), tag.clone(), range.clone()))
+    }
+
+    fn cached(&self, key: &Key) -> Option<(Bytes, ObjectMeta)> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).bytes.get(key).cloned()
+    }
+
+    fn keep(&self, key: Key, bytes: Bytes, meta: ObjectMeta) {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (bytes, meta));
+    }
+}
+
+fn note(versions: &Mutex<HashMap<Path, String>>, objects: &[ObjectMeta]) {
+    let mut versions = versions.lock().unwrap_or_else(|p| p.into_inner());
+    for meta in objects.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
+        if let Some(tag) = &meta.e_tag {
+            versions.insert(meta.location.clone(), tag.clone());
+        }
+    }
+}
+
+impl fmt::Debug for PartCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PartCache({})", self.inner)
+    }
+}
+
+impl fmt::Display for PartCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PartCache({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for PartCache {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        // Only plain reads of a byte range of a listed part: anything conditional goes through.
+        let plain = options.if_match.is_none()
+            && options.if_none_match.is_none()
+            && options.if_modified_since.is_none()
+            && options.if_unmodified_since.is_none()
+            && options.version.is_none()
+            && !options.head;
+        let key = match &options.range {
+            Some(GetRange::Bounded(range)) if plain => self.key(location, range),
+            _ => None,
+        };
+        let Some(key) = key else { return self.inner.get_opts(location, options).await };
+        if let Some((bytes, meta)) = self.cached(&key) {
+            return Ok(GetResult {
+                range: key.2.clone(),
+                payload: GetResultPayload::Stream(futures::stream::once(async move { Ok(bytes) }).boxed()),
+                meta,
+                attributes: Default::default(),
+            });
+        }
+        let result = self.inner.get_opts(location, options).await?;
+        let (meta, range, attributes) = (result.meta.clone(), result.range.clone(), result.attributes.clone());
+        let bytes = result.bytes().await?;
+        if meta.e_tag.as_deref() == Some(key.1.as_str()) {
+            self.keep(key, bytes.clone(), meta.clone());
+        }
+        Ok(GetResult { payload: GetResultPayload::Stream(futures::stream::once(async move { Ok(bytes) }).boxed()), meta, range, attributes })
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        // Noted as the listing streams by: queries read the parts they listed.
+        let versions = self.versions.clone();
+        self.inner
+            .list(prefix)
+            .inspect(move |item| {
+                if let Ok(meta) = item {
+                    note(&versions, std::slice::from_ref(meta));
+                }
+            })
+            .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let listed = self.inner.list_with_delimiter(prefix).await?;
+        note(&self.versions, &listed.objects);
+        Ok(listed)
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
