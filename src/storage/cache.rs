@@ -162,3 +162,54 @@ impl ObjectStore for PartCache {
         self.inner.copy_opts(from, to, options).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn a_listed_part_is_read_once_and_a_new_version_is_read_afresh() {
+        runtime().block_on(async {
+            let inner = Arc::new(InMemory::new());
+            let cache = PartCache::new(inner.clone(), 1 << 20);
+            let part = Path::from("news/part-00000000.parquet");
+            inner.put(&part, PutPayload::from_static(b"first version")).await.unwrap();
+            let listed: Vec<ObjectMeta> = cache.list(Some(&Path::from("news"))).try_collect().await.unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(&cache.get_range(&part, 0..5).await.unwrap()[..], b"first");
+            // Gone from the store, still served: the listed version never changes.
+            inner.delete(&part).await.unwrap();
+            assert_eq!(&cache.get_range(&part, 0..5).await.unwrap()[..], b"first");
+            // Written again under the same name: the next listing sees a new version.
+            inner.put(&part, PutPayload::from_static(b"again, new")).await.unwrap();
+            let _: Vec<ObjectMeta> = cache.list(Some(&Path::from("news"))).try_collect().await.unwrap();
+            assert_eq!(&cache.get_range(&part, 0..5).await.unwrap()[..], b"again");
+            // Not listed: not kept.
+            let other = Path::from("news/part-00000001.parquet");
+            inner.put(&other, PutPayload::from_static(b"unlisted")).await.unwrap();
+            cache.get_range(&other, 0..3).await.unwrap();
+            inner.delete(&other).await.unwrap();
+            assert!(cache.get_range(&other, 0..3).await.is_err());
+        });
+    }
+
+    #[test]
+    fn the_oldest_chunks_go_first_past_the_bound() {
+        let meta = ObjectMeta { location: Path::from("p"), last_modified: chrono::Utc::now(), size: 0, e_tag: None, version: None };
+        let mut chunks = Chunks { limit: 40, ..Chunks::default() };
+        for i in 0..5u64 {
+            chunks.insert((Path::from("p"), "v".into(), i * 10..i * 10 + 10), (Bytes::from(vec![0; 10]), meta.clone()));
+        }
+        assert_eq!(chunks.held, 40);
+        assert!(!chunks.bytes.contains_key(&(Path::from("p"), "v".into(), 0..10)), "the oldest went");
+        assert!(chunks.bytes.contains_key(&(Path::from("p"), "v".into(), 40..50)));
+    }
+}
