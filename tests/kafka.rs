@@ -225,12 +225,7 @@ fn two_processes_in_one_group_split_the_partitions_and_process_every_story_once(
     let group = unique("group");
     let mut a = Pipeline::start(dir.path(), "a", &kafka_pipeline(&topic, &group, "store-a", ""));
     let mut b = Pipeline::start(dir.path(), "b", &kafka_pipeline(&topic, &group, "store-b", ""));
-    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(owns_partitions(&a) && owns_partitions(&b)) {
-        assert!(Instant::now() < deadline, "both members never got partitions\n{}\n{}", a.logs(), b.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_partitions(&[&a, &b], Duration::from_secs(60));
 
     let total = 600;
     let file = dir.path().join("in.jsonl");
@@ -314,12 +309,7 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     let classify = kafka_pipeline(&topic, &group, "aggregate", &sink).replace("checkpoint_interval = \"300ms\"", "checkpoint_interval = \"20s\"");
     let mut a = Pipeline::start_with(dir.path(), "classify-a", &classify, &["--role", "classify"]);
     let mut b = Pipeline::start_with(dir.path(), "classify-b", &classify, &["--role", "classify"]);
-    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(owns_partitions(&a) && owns_partitions(&b) && owns_partitions(&aggregate)) {
-        assert!(Instant::now() < deadline, "members never got partitions\n{}\n{}\n{}", a.logs(), b.logs(), aggregate.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_partitions(&[&a, &b, &aggregate], Duration::from_secs(60));
 
     let total = 3000u64;
     let file = dir.path().join("in.jsonl");

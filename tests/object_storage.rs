@@ -185,12 +185,7 @@ fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
     let mut a = Pipeline::start_with(dir.path(), "a", &pipeline("a", &format!("[server]\nhttp = \"127.0.0.1:{http}\"\n")), &["--role", "aggregate"]);
     let mut b = Pipeline::start_with(dir.path(), "b", &pipeline("b", ""), &["--role", "aggregate"]);
     let mut classify = Pipeline::start_with(dir.path(), "classify", &pipeline("classify", ""), &["--role", "classify"]);
-    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !(owns_partitions(&a) && owns_partitions(&b) && owns_partitions(&classify)) {
-        assert!(Instant::now() < deadline, "members never got partitions\n{}\n{}\n{}", a.logs(), b.logs(), classify.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_partitions(&[&a, &b, &classify], Duration::from_secs(90));
     let total = 1500u64;
     let file = dir.path().join("in.jsonl");
     std::fs::write(&file, stories(total as usize)).unwrap();

@@ -139,6 +139,17 @@ fn storage_path(config: &str) -> String {
 
 /// The shipped rule at p < 0.01 instead of 0.001, written to `dir/loose.toml`: on the demo's two
 /// weeks it raises several alerts (the shipped one raises one), for tests that need a few.
+/// Waits until every one of `members` has partitions of its consumer group, or panics with their logs.
+pub fn wait_for_partitions(members: &[&Pipeline], limit: Duration) {
+    let owns_partitions = |p: &Pipeline| std::fs::read_to_string(&p.stderr).unwrap_or_default().contains("partitions assigned partitions=[(");
+    let deadline = Instant::now() + limit;
+    while !members.iter().all(|p| owns_partitions(p)) {
+        let logs: Vec<String> = members.iter().map(|p| p.logs()).collect();
+        assert!(Instant::now() < deadline, "members never got partitions\n{}", logs.join("\n"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn loose_rules(dir: &Path) -> PathBuf {
     let shipped = std::fs::read_to_string(Path::new(ROOT).join("alerts/default.toml")).unwrap();
     let loose = shipped.replacen("p_value = 0.001 ", "p_value = 0.01 ", 1);
