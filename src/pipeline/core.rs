@@ -871,7 +871,7 @@ fn store(
     let mut wait = Duration::from_secs(1);
     loop {
         let flushing = live.map(|l| l.flushing());
-        let attempt = parts.iter().try_for_each(|(table, batch)| storage.write(*table, batch).map(drop)).and_then(|()| storage.commit(state));
+        let attempt = storage.write_all(parts).and_then(|_| storage.commit(state));
         drop(flushing);
         match attempt {
             Ok(()) => {

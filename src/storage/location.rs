@@ -184,13 +184,24 @@ impl Bucket {
     /// Runs one request on the bucket's runtime, whatever thread or runtime the caller is on,
     /// counted by `op`.
     fn call<T: Send>(&self, op: &'static str, relative: &str, request: impl Future<Output = object_store::Result<T>> + Send) -> Result<T, StorageError> {
+        self.calls(op, 1, relative, request)
+    }
+
+    /// As [`Bucket::call`], for `requests` requests made at once (counted each; the latency is all of them).
+    fn calls<T: Send>(
+        &self,
+        op: &'static str,
+        requests: u64,
+        relative: &str,
+        request: impl Future<Output = object_store::Result<T>> + Send,
+    ) -> Result<T, StorageError> {
         let started = Instant::now();
         let outcome = std::thread::scope(|s| {
             s.spawn(|| self.runtime.block_on(async { tokio::time::timeout(self.timeout * 4, request).await }))
                 .join()
                 .unwrap_or_else(|_| Ok(Err(object_store::Error::Generic { store: "S3", source: "the request's thread stopped".into() })))
         });
-        metrics::counter!("bearwatch_object_store_requests_total", "op" => op).increment(1);
+        metrics::counter!("bearwatch_object_store_requests_total", "op" => op).increment(requests);
         metrics::histogram!("bearwatch_object_store_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
         let result = match outcome {
             Ok(result) => result,
@@ -232,6 +243,17 @@ impl Bucket {
         let options = PutOptions { mode, ..PutOptions::default() };
         let put = self.call("put", relative, self.store.put_opts(&key, PutPayload::from(bytes), options))?;
         Ok(put.e_tag)
+    }
+
+    /// Writes several objects at once, each in one request that may replace what is there.
+    pub(crate) fn put_all(&self, objects: Vec<(String, Vec<u8>)>) -> Result<(), StorageError> {
+        let Some(first) = objects.first().map(|(relative, _)| relative.clone()) else { return Ok(()) };
+        let requests = objects.len() as u64;
+        let puts = objects.into_iter().map(|(relative, bytes)| {
+            let key = self.key(&relative);
+            async move { self.store.put(&key, PutPayload::from(bytes)).await }
+        });
+        self.calls("put", requests, &first, futures::future::try_join_all(puts)).map(drop)
     }
 
     /// Names (relative to `folder`) and sizes of the objects directly under `folder`.

@@ -354,14 +354,28 @@ impl Storage {
 
     /// Writes one Parquet part. Not visible to a restart until the next [`Storage::commit`].
     pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<String, StorageError> {
-        let seq = self.next_part[&table];
-        let relative = self.place.part(table, seq);
-        match &self.place.location {
-            Location::Local(root) => write_file(&root.join(self.place.folder(table)), &part_name(seq), batch, &self.properties)?,
-            Location::Bucket(bucket) => bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &self.properties)?, Mode::Overwrite).map(|_| ())?,
+        Ok(self.write_all(std::slice::from_ref(&(table, batch.clone())))?.remove(0))
+    }
+
+    /// Writes one part per batch (on object storage, all at once: a checkpoint waits for one round
+    /// trip, not one per table). Returns where each went.
+    pub fn write_all(&mut self, parts: &[(Table, RecordBatch)]) -> Result<Vec<String>, StorageError> {
+        let mut written = Vec::with_capacity(parts.len());
+        let mut uploads = Vec::new();
+        for (table, batch) in parts {
+            let seq = self.next_part[table];
+            let relative = self.place.part(*table, seq);
+            match &self.place.location {
+                Location::Local(root) => write_file(&root.join(self.place.folder(*table)), &part_name(seq), batch, &self.properties)?,
+                Location::Bucket(bucket) => uploads.push((relative.clone(), encode(&bucket.url_of(&relative), batch, &self.properties)?)),
+            }
+            self.next_part.insert(*table, seq + 1);
+            written.push(self.place.name(&relative));
         }
-        self.next_part.insert(table, seq + 1);
-        Ok(self.place.name(&relative))
+        if let Location::Bucket(bucket) = &self.place.location {
+            bucket.put_all(uploads)?;
+        }
+        Ok(written)
     }
 
     /// Atomically replaces the checkpoint with `state` and the part numbers written so far (locally:
