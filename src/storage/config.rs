@@ -103,6 +103,11 @@ impl StorageConfig {
         {
             return Err(("storage.instance", format!("{name:?} must be 1 to 64 letters, digits, `-` or `_`")));
         }
+        if let Some(text) = self.path.to_str().filter(|p| p.contains("://"))
+            && !text.starts_with("s3://")
+        {
+            return Err(("storage.path", format!("{text:?}: a folder or an s3:// URL (S3 or an S3-compatible server)")));
+        }
         if self.is_object_storage() && self.local_path.is_none() {
             return Err(("storage.local_path", "is required when storage.path is an s3:// URL: the notification outbox, silences and dead letters stay on this machine".into()));
         }
@@ -125,5 +130,25 @@ impl StorageConfig {
     /// The folder for files only this process uses (see `local_path`).
     pub fn local_dir(&self) -> &std::path::Path {
         self.local_path.as_deref().unwrap_or(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(text: &str) -> StorageConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn an_s3_path_needs_a_local_folder_and_other_schemes_are_refused() {
+        assert_eq!(storage("path = \"s3://b/p\"").validate().unwrap_err().0, "storage.local_path");
+        assert!(storage("path = \"s3://b/p\"\nlocal_path = \"here\"").validate().is_ok());
+        assert_eq!(storage("path = \"gs://b/p\"\nlocal_path = \"here\"").validate().unwrap_err().0, "storage.path");
+        assert_eq!(storage("path = \"data\"\ninstance = \"a/b\"").validate().unwrap_err().0, "storage.instance");
+        assert_eq!(storage("path = \"data\"\n[s3]\ntimeout = \"0s\"").validate().unwrap_err().0, "storage.s3.timeout");
+        let local = storage("path = \"data\"\ninstance = \"a-1\"");
+        assert_eq!((local.local_dir(), local.instance()), (std::path::Path::new("data"), Some("a-1")));
     }
 }
