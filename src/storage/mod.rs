@@ -572,8 +572,13 @@ fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, ve
                 Some(etag) => Mode::Replace(etag),
                 None => Mode::Create,
             };
-            match bucket.put(&relative, bytes, mode) {
-                Err(StorageError::Object { precondition: true, url, .. }) => Err(StorageError::Fenced { url }),
+            match bucket.put(&relative, bytes.clone(), mode) {
+                // Refused: someone else wrote since, unless what is there is this very write (a
+                // retry of a PUT whose first answer was lost finds its own bytes).
+                Err(StorageError::Object { precondition: true, url, .. }) => match bucket.get(&relative)? {
+                    Some((there, version)) if there[..] == bytes[..] => Ok(version),
+                    _ => Err(StorageError::Fenced { url }),
+                },
                 other => other,
             }
         }
