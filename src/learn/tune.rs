@@ -34,7 +34,7 @@ pub struct TuneSettings {
 
 impl Default for TuneSettings {
     fn default() -> Self {
-        TuneSettings { epochs: 4, batch: 32, learning_rate: 8e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, seed: 13 }
+        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, seed: 13 }
     }
 }
 
