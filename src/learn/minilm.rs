@@ -322,4 +322,18 @@ mod tests {
         }
         assert_eq!(quantize_columns(&[0.0; 4], 2, 2).1, [1.0, 1.0], "an all-zero column keeps a usable scale");
     }
+
+    #[test]
+    fn training_sees_the_exported_grid_and_its_gradient_passes_straight_through() {
+        let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * if i % 3 == 0 { 10.0 } else { 0.013 }).collect();
+        let var = Var::from_vec(w.clone(), (4, 3), &Device::Cpu).unwrap();
+        let forward = fake_quantize(var.as_tensor()).unwrap();
+        let (q, scale) = quantize_columns(&w, 4, 3);
+        for (i, v) in forward.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().enumerate() {
+            assert!((v - f32::from(q[i]) * scale[i % 3]).abs() < 1e-6, "{i}: {v} is not what the export holds");
+        }
+        let grads = (forward * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(grad.iter().all(|g| (g - 3.0).abs() < 1e-6), "{grad:?}");
+    }
 }
