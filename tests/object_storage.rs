@@ -240,6 +240,129 @@ fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
     assert_eq!(summed, first_two(sql(&s3, remote, topics)));
 }
 
+/// Two `aggregate` instances on one bucket; one is killed with -9 mid-stream. The other takes its
+/// partitions over from its checkpoint (windows, alert state, offsets) once Kafka hands them over,
+/// and the union of both instances' tables equals one instance's run over the same scored stories:
+/// every story once in `news`, every topic's windows, the market's `all` windows summed over the
+/// instances, and the alerts.
+#[test]
+fn an_aggregate_instance_killed_mid_stream_is_taken_over_and_the_union_equals_one_instance() {
+    let s3 = S3Server::start("takeover");
+    let dir = tempfile::tempdir().unwrap();
+    let brokers = common::brokers();
+    let topic = common::unique("takeover");
+    let scored = format!("{topic}.scored");
+    // One partition in: the scored topic gets each topic's stories in event-time order; and no
+    // partition counts as read to its end (no statistics), so the watermark is the slowest
+    // partition's and neither run has a late story: the windows close alike.
+    common::create_topic_on(brokers, &topic, 1);
+    common::create_topic_on(brokers, &scored, 4);
+    // Topic rules that read only the topic's own windows (the market prior reads `all`, which each
+    // instance counts for its own stories), and no grace period, which reads the watermark's
+    // position between stories.
+    let shipped = std::fs::read_to_string(format!("{ROOT}/alerts/default.toml")).unwrap();
+    let rules = shipped.replacen("p_value = 0.001 ", "p_value = 0.01 ", 1).replacen("prior_stories = 50", "prior_stories = 0", 1).replacen("keep_firing_for = \"1h\"", "", 1);
+    assert!(!rules.contains("prior_stories = 50") && !rules.contains("keep_firing_for"), "alerts/default.toml changed");
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    let group = common::unique("group");
+    let remote = "s3://takeover/desk";
+    // Live rows are read at steps of event time with however many stories each run read ahead
+    // of the watermark (which differs between any two runs over several partitions): alerts here
+    // come from final rows only.
+    let pipeline = |group: &str, storage: &str| {
+        format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\n\
+             [source.properties]\n\"session.timeout.ms\" = \"6000\"\n\"statistics.interval.ms\" = \"0\"\n[sink]\ntopic = \"{scored}\"\n\
+             [window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n{storage}\
+             [run]\nsummary_interval = \"0s\"\n[alerts]\nrules = [\"rules.toml\"]\nevaluate_every = \"3650d\"\n\
+             [[receivers]]\nname = \"log\"\ntype = \"log\"\n"
+        )
+    };
+    let instance = |name: &str| {
+        let storage = format!(
+            "[storage]\npath = \"{remote}\"\ninstance = \"{name}\"\nlocal_path = \"local-{name}\"\ncheckpoint_interval = \"300ms\"\n{}",
+            s3.storage_settings()
+        );
+        pipeline(&group, &storage)
+    };
+    let mut a = Pipeline::start_with(dir.path(), "a", &instance("a"), &["--role", "aggregate"]);
+    let mut b = Pipeline::start_with(dir.path(), "b", &instance("b"), &["--role", "aggregate"]);
+    // The reference: one instance alone, in its own group, reading the same scored stories.
+    let alone = pipeline(&common::unique("alone"), "[storage]\npath = \"alone\"\ncheckpoint_interval = \"300ms\"\n");
+    let mut whole = Pipeline::start_with(dir.path(), "whole", &alone, &["--role", "aggregate"]);
+    let mut classify = Pipeline::start_with(dir.path(), "classify", &instance("classify"), &["--role", "classify"]);
+    common::wait_for_partitions(&[&a, &b, &whole, &classify], Duration::from_secs(90));
+    let total = 3000u64;
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(total as usize)).unwrap();
+    common::produce_to(brokers, &topic, &file);
+
+    let scored_by = |name: &str| s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
+        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while scored_by("a") < 300 {
+        assert!(Instant::now() < deadline, "instance a made no progress\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.signal("KILL");
+    a.wait(Duration::from_secs(10));
+    let at_kill = scored_by("a");
+    while scored_by("a") + scored_by("b") < total || common::checkpoint(&whole.storage).is_none_or(|c| common::counter(&c, "scored") < total) {
+        assert!(Instant::now() < deadline, "the stories were not all counted (a {at_kill}, b {})\n{}\n{}", scored_by("b"), b.logs(), whole.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(at_kill < total / 2, "a was killed after its share ({at_kill}); nothing was taken over");
+    for p in [&mut classify, &mut b, &mut whole] {
+        p.signal("TERM");
+        assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.logs());
+    }
+    let logs = b.logs();
+    assert!(logs.contains("took over a partition from another instance's checkpoint"), "{logs}");
+
+    let alone = dir.path().join("alone");
+    let alone = alone.to_str().unwrap();
+    // Every story once across the union.
+    assert_eq!(sql(&s3, remote, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"), format!("n,ids\n{total},{total}\n"));
+    let late = "SELECT count(*) AS n FROM news WHERE id IN (SELECT id FROM late)";
+    assert_eq!((sql(&s3, remote, late), sql(&s3, alone, late)), ("n\n0\n".into(), "n\n0\n".into()), "no story missed its windows");
+    // Each topic's windows: the newest row of each window (the instance that went on with it
+    // wrote it last) equals the reference's.
+    let topics = "SELECT window_start, topic, n, n_negative, n_neutral, n_positive, copies, mean_sentiment FROM \
+                  (SELECT *, row_number() OVER (PARTITION BY window_start, topic ORDER BY updated_at DESC, n DESC) AS rn FROM windows \
+                   WHERE topic <> 'all' AND ticker IS NULL) WHERE rn = 1 ORDER BY window_start, topic";
+    let (union, reference) = (sql(&s3, remote, topics), sql(&s3, alone, topics));
+    assert!(reference.lines().count() > 100, "{reference}");
+    let same = |a: &str, b: &str| {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split(',').collect(), b.split(',').collect());
+        let mean = |row: &[&str]| row.last().and_then(|m| m.parse::<f64>().ok());
+        a[..a.len() - 1] == b[..b.len() - 1] && (a == b || matches!((mean(&a), mean(&b)), (Some(x), Some(y)) if (x - y).abs() < 1e-9))
+    };
+    let differ: Vec<(&str, &str)> = union.lines().zip(reference.lines()).filter(|(u, r)| !same(u, r)).take(5).collect();
+    assert!(
+        differ.is_empty() && union.lines().count() == reference.lines().count(),
+        "topic windows differ from one instance's ({} rows against {}): {differ:?}",
+        union.lines().count(),
+        reference.lines().count()
+    );
+    // The market: per window, each instance's `all` (its own stories) summed.
+    let market = "SELECT window_start, CAST(sum(n) AS BIGINT) AS n, CAST(sum(n_negative) AS BIGINT) AS negative FROM \
+                  (SELECT window_start, max(n) AS n, max(n_negative) AS n_negative FROM windows WHERE topic = 'all' AND ticker IS NULL \
+                   GROUP BY {by}window_start) GROUP BY window_start ORDER BY window_start";
+    assert_eq!(sql(&s3, remote, &market.replace("{by}", "instance, ")), sql(&s3, alone, &market.replace("{by}", "")));
+    // The alerts: the same changes of the same windows with the same numbers. (When each was
+    // raised, in event time, is the watermark at that moment, which depends on interleaving.)
+    let alerts = "SELECT rule, state, topic, window_start, round(value, 9) AS value, round(baseline, 9) AS baseline, count FROM alerts \
+                  ORDER BY window_start, topic, rule, state";
+    let (union, reference) = (sql(&s3, remote, alerts), sql(&s3, alone, alerts));
+    assert!(reference.lines().count() > 1, "the reference raised no alert; nothing was compared");
+    assert_eq!(union, reference, "alerts");
+    // Both instances' rows are there: a's up to its last checkpoint, named (settled by b if the
+    // kill came between a checkpoint and its renames).
+    assert_eq!(sql(&s3, remote, "SELECT count(DISTINCT instance) AS instances FROM news"), "instances\n2\n");
+}
+
 /// The S3 server stops answering mid-stream: the checkpoint waits (logged, and the gauge says so),
 /// reading waits with it, and once the server answers again every story arrives, once.
 #[test]

@@ -7,6 +7,7 @@
 pub mod band;
 mod config;
 pub mod count;
+mod handover;
 pub mod replay;
 pub mod rules;
 pub mod unit;
@@ -1039,9 +1040,12 @@ fn step(
                 }
                 (Phase::Firing { .. }, Verdict::Undecided) => None,
                 (Phase::Firing { alert_id, started_ms, last_breach_ms }, Verdict::Normal) => {
-                    // A window that breached at this very watermark (an older one of a hopping
-                    // set, read first) holds the alert too.
-                    if now_ms == *last_breach_ms || now_ms - *last_breach_ms < rule.keep_firing_for.as_millis() {
+                    // A window that breached at this very step of the rules (an older live one
+                    // of a hopping set, read first) holds the alert too. Not a final row: windows
+                    // close in order of start, and whether two close at one watermark depends on
+                    // how the partitions interleave, which must not decide an alert.
+                    let held = now_ms == *last_breach_ms && !row.final_row;
+                    if held || now_ms - *last_breach_ms < rule.keep_firing_for.as_millis() {
                         return None;
                     }
                     let (id, started) = (alert_id.clone(), *started_ms);

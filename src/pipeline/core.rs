@@ -24,6 +24,8 @@ use crate::error::Classified;
 use crate::storage::{Storage, Table};
 use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
 
+mod handover;
+
 /// Running totals, kept in the checkpoint so that they survive restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -56,6 +58,10 @@ pub struct Checkpoint {
     /// Stories whose windows a label correction can still re-count.
     #[serde(default)]
     pub tracked: Vec<Tracked>,
+    /// The source partition each topic's stories came from last (the scored topic is keyed by
+    /// topic): what moves with a partition when another instance takes it over.
+    #[serde(default)]
+    pub topic_sources: BTreeMap<String, String>,
 }
 
 /// Per-message checks that come before scoring.
@@ -141,6 +147,15 @@ pub struct Core {
     pub model_watch: Option<ModelWatch>,
     /// The `challenger` scoring in shadow, if one is set.
     shadow: Option<super::shadow::Shadow>,
+    /// See [`Checkpoint::topic_sources`].
+    topic_sources: BTreeMap<String, String>,
+    /// `[storage] checkpoint_interval`: how often this instance's progress note is renewed.
+    pub checkpoint_every: Duration,
+    /// The other instances' progress notes as last read, and when each last changed (this
+    /// process's clock): see [`handover`].
+    others: handover::Others,
+    /// Since when each partition has been read to its end, for the progress note.
+    idle_since: HashMap<String, Instant>,
 }
 
 /// Follows the `champion` rows of `model_aliases` under `storage`. A new champion is loaded, warmed
@@ -206,6 +221,10 @@ impl Core {
             corrections,
             model_watch: None,
             shadow: None,
+            topic_sources: BTreeMap::new(),
+            checkpoint_every: Duration::from_secs(10),
+            others: Default::default(),
+            idle_since: HashMap::new(),
         };
         if let Some(checkpoint) = restored {
             if checkpoint.windows.spec() != core.windows.spec() {
@@ -222,6 +241,7 @@ impl Core {
             core.seen = checkpoint.seen.into_iter().collect();
             core.counters = checkpoint.counters;
             core.files = checkpoint.files;
+            core.topic_sources = checkpoint.topic_sources;
             if let Some(corrections) = core.corrections.as_mut() {
                 for tracked in checkpoint.tracked {
                     corrections.track(tracked);
@@ -482,6 +502,9 @@ impl Core {
         if self.role == Role::Classify {
             return Ok(());
         }
+        if at.from_kafka && self.topic_sources.get(&row.scores.topic).is_none_or(|s| *s != source_key(&at.topic, at.partition)) {
+            self.topic_sources.insert(row.scores.topic.clone(), source_key(&at.topic, at.partition));
+        }
         if let Some(shadow) = self.shadow.as_mut() {
             shadow.submit(&row.news, published_ms, &row.news.classification_text(self.limits.body_chars));
         }
@@ -670,7 +693,13 @@ impl Core {
             let at = item.position();
             at.partition == partition && &*at.topic == topic
         });
-        self.windows.set_caught_up(&source_key(topic, partition), at_end && !waiting);
+        let source = source_key(topic, partition);
+        if at_end && !waiting {
+            self.idle_since.entry(source.clone()).or_insert_with(Instant::now);
+        } else {
+            self.idle_since.remove(&source);
+        }
+        self.windows.set_caught_up(&source, at_end && !waiting);
     }
 
     /// Revoked partitions keep holding event time back until the assignment that follows says
@@ -692,15 +721,20 @@ impl Core {
     }
 
     /// Event time waits for each assigned partition (for its first story if it is new), and stops
-    /// waiting for revoked ones that went to another member (their new owner counts them).
-    pub fn assigned(&mut self, partitions: &[(String, i32)]) {
+    /// waiting for revoked ones that went to another member (their new owner counts them). With
+    /// instances sharing the storage, partitions also change hands with their state (see
+    /// [`handover`]): an error there (the storage unreachable) ends the run before any story of an
+    /// assigned partition is counted without its state.
+    pub fn assigned(&mut self, partitions: &[(String, i32)]) -> Result<(), PipelineError> {
         let assigned: HashSet<String> = partitions.iter().map(|(topic, partition)| source_key(topic, *partition)).collect();
         for gone in std::mem::take(&mut self.revoked).difference(&assigned) {
             self.windows.forget_source(gone);
         }
+        self.hand_over(partitions)?;
         for source in &assigned {
             self.windows.set_caught_up(source, false);
         }
+        Ok(())
     }
 
     /// Forgets partitions this member no longer owns once their offsets are committed.
@@ -788,8 +822,10 @@ impl Core {
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             files: self.files.clone(),
             tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
+            topic_sources: self.topic_sources.clone(),
         };
         store(storage, self.live.as_deref(), &parts, &state, &self.stop)?;
+        self.share_progress();
         if let Some(corrections) = self.corrections.as_mut() {
             corrections.applied.clear();
         }

@@ -215,6 +215,23 @@ impl Corrections {
         }
     }
 
+    /// Forgets the stories of `topics`: their partition went to another instance, which can revise
+    /// their windows from now on.
+    pub fn drop_topics(&mut self, topics: &std::collections::BTreeSet<String>) {
+        let gone: Vec<String> = self.tracked.iter().filter(|(_, t)| topics.contains(&t.counted.topic)).map(|(id, _)| id.clone()).collect();
+        for id in gone {
+            if let Some(tracked) = self.tracked.remove(&id)
+                && let Some(ids) = self.by_key.get_mut(&tracked.key)
+            {
+                ids.retain(|i| *i != id);
+                if ids.is_empty() {
+                    self.by_key.remove(&tracked.key);
+                }
+            }
+        }
+        self.order.retain(|id| self.tracked.contains_key(id));
+    }
+
     /// New journal rows, at most every [`POLL_EVERY`].
     pub fn due_rows(&mut self) -> Result<Vec<LabelFeedback>, PipelineError> {
         if self.last_poll.is_some_and(|t| t.elapsed() < POLL_EVERY) {

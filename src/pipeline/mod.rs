@@ -151,7 +151,10 @@ impl GroupHandler for Rebalancer {
     }
 
     fn assigned(&self, partitions: &[(String, i32)]) {
-        lock(&self.core).assigned(partitions);
+        if let Err(e) = lock(&self.core).assigned(partitions) {
+            tracing::error!(error = %e, "cannot take over the assigned partitions' state; stopping before counting any of their stories");
+            self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
     }
 
     fn read_to_end(&self, partitions: &[((String, i32), bool)]) {
@@ -425,7 +428,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     let core =
         Arc::new(Mutex::new(Core::new(role, classifier, limits, windows, storage, dead_letter, sink, alerting, corrections, restored)?));
     lock(&core).live = live;
-    lock(&core).stop = stop.clone();
+    {
+        let mut core = lock(&core);
+        core.stop = stop.clone();
+        core.checkpoint_every = config.storage.checkpoint_interval.0;
+    }
     if serves {
         let mut core = lock(&core);
         // The folder serving, as the alias rows name folders: canonical.
@@ -591,6 +598,10 @@ fn drive(
         let timeout = if in_flight == 0 { Duration::from_millis(100) } else { Duration::ZERO };
         // No lock held here: rebalance callbacks inside `poll` take it.
         let record = if source.finished() { None } else { source.poll(timeout)? };
+        // A rebalance inside `poll` that failed: nothing of its partitions may be counted.
+        if let Some(e) = rebalancer.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
         {
             let mut core = lock(core);
             match record {

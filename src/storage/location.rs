@@ -270,6 +270,23 @@ impl Bucket {
         Ok(listed.into_iter().filter_map(|o| o.location.prefix_match(&key).map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))).collect())
     }
 
+    /// Renames objects (a server-side copy, then a delete of the source), all at once. A source that
+    /// is gone while its destination is there was renamed already.
+    pub(crate) fn rename_all(&self, renames: Vec<(String, String)>) -> Result<(), StorageError> {
+        let Some(first) = renames.first().map(|(from, _)| from.clone()) else { return Ok(()) };
+        let requests = renames.len() as u64 * 2;
+        let moves = renames.into_iter().map(|(from, to)| {
+            let (from, to) = (self.key(&from), self.key(&to));
+            async move {
+                match self.store.rename(&from, &to).await {
+                    Err(object_store::Error::NotFound { .. }) => self.store.head(&to).await.map(drop),
+                    other => other,
+                }
+            }
+        });
+        self.calls("rename", requests, &first, futures::future::try_join_all(moves)).map(drop)
+    }
+
     pub(crate) fn delete(&self, relative: &str) -> Result<(), StorageError> {
         let key = self.key(relative);
         self.call("delete", relative, async {

@@ -4,12 +4,16 @@
 //! batches for a [`Table`] and its own serialisable state for the checkpoint.
 //!
 //! Layout: `<path>/<table>/part-<seq>.parquet` for every [`Table`], and `<path>/checkpoint.json`,
-//! under a local folder or an `s3://bucket/prefix` ([`Location`]). Files are written only at a
-//! checkpoint: locally each to a temp name, fsynced and renamed; on object storage each in one PUT
-//! (readers see all of it or none). The checkpoint written right after records the next sequence
-//! number of every table. A crash between the two leaves parts numbered at or past the checkpoint's:
-//! on start they are deleted, and the stories in them are read again from the checkpointed offsets.
-//! So no row is lost or doubled.
+//! under a local folder or an `s3://bucket/prefix` ([`Location`]). Parts are written only at a
+//! checkpoint, first under a hidden pending name (`.part-<seq>.parquet.pending`: locally through a
+//! temp name, fsynced and renamed; on object storage in one PUT); the checkpoint written next
+//! records the next sequence number of every table; only then are the parts renamed to their
+//! names, where readers (bearwatch's SQL, DuckDB, Trino) see them. So a reader never sees rows
+//! that a crash would have the pipeline read again. A crash before the checkpoint leaves pending
+//! parts numbered at or past it: deleted on start (their stories are read again from the
+//! checkpointed offsets). A crash after it leaves pending parts below it: renamed on start, or by
+//! another instance that takes over the crashed one's partitions ([`settle`]). So no row is lost or
+//! doubled.
 //!
 //! On object storage the checkpoint is replaced only if it is still the version this process read
 //! or wrote last (`If-Match`; `If-None-Match` for the first): a second process writing to the same
@@ -190,6 +194,9 @@ pub struct Storage {
     checkpoint_version: Option<String>,
     /// `next_part` as of the last commit (or the open).
     committed: BTreeMap<Table, u64>,
+    /// Parts below these numbers are under their names; from there to `committed`, committed but
+    /// still pending (a rename that failed is tried again at the next commit).
+    published: BTreeMap<Table, u64>,
     writer: String,
     commits: u64,
 }
@@ -214,6 +221,10 @@ impl Place {
 
     fn part(&self, table: Table, seq: u64) -> String {
         format!("{}/{}", self.folder(table), part_name(seq))
+    }
+
+    fn pending(&self, table: Table, seq: u64) -> String {
+        format!("{}/{}", self.folder(table), pending_name(seq))
     }
 
     fn checkpoint(&self) -> String {
@@ -288,6 +299,9 @@ impl Place {
 /// The Hive-style partition that names an instance: `<table>/instance=<name>/`.
 pub const INSTANCE: &str = "instance";
 
+/// Where instances publish their progress notes ([`Storage::publish_progress`]).
+const PROGRESS: &str = "progress";
+
 impl Storage {
     /// Opens (creating) the storage, restores the caller's checkpointed state if any, and removes
     /// parts written after it. With `reset`, earlier tables and checkpoint are deleted first (with
@@ -310,7 +324,7 @@ impl Storage {
         };
         let next_part = parts.next_parts();
         for (&table, &next) in &next_part {
-            remove_leftovers(&place, table, next)?;
+            settle_parts(&place, table, next, true)?;
         }
         let damage: Vec<String> = damaged_parts(&place, &next_part, &parts.lost_parts)?.into_iter().map(|(_, _, what)| what).collect();
         if !damage.is_empty() {
@@ -320,7 +334,7 @@ impl Storage {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let writer = format!("{}-{nanos:x}", std::process::id());
         let storage =
-            Storage { place, committed: next_part.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
+            Storage { place, committed: next_part.clone(), published: next_part.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
         Ok((storage, state))
     }
 
@@ -352,7 +366,7 @@ impl Storage {
         &self.place.location
     }
 
-    /// Writes one Parquet part. Not visible to a restart until the next [`Storage::commit`].
+    /// Writes one Parquet part. Not visible to a restart or a reader until the next [`Storage::commit`].
     pub fn write(&mut self, table: Table, batch: &RecordBatch) -> Result<String, StorageError> {
         Ok(self.write_all(std::slice::from_ref(&(table, batch.clone())))?.remove(0))
     }
@@ -364,13 +378,13 @@ impl Storage {
         let mut uploads = Vec::new();
         for (table, batch) in parts {
             let seq = self.next_part[table];
-            let relative = self.place.part(*table, seq);
+            let relative = self.place.pending(*table, seq);
             match &self.place.location {
-                Location::Local(root) => write_file(&root.join(self.place.folder(*table)), &part_name(seq), batch, &self.properties)?,
+                Location::Local(root) => write_file(&root.join(self.place.folder(*table)), &pending_name(seq), batch, &self.properties)?,
                 Location::Bucket(bucket) => uploads.push((relative.clone(), encode(&bucket.url_of(&relative), batch, &self.properties)?)),
             }
             self.next_part.insert(*table, seq + 1);
-            written.push(self.place.name(&relative));
+            written.push(self.place.name(&self.place.part(*table, seq)));
         }
         if let Location::Bucket(bucket) = &self.place.location {
             bucket.put_all(uploads)?;
@@ -391,7 +405,75 @@ impl Storage {
         };
         self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
         self.committed = self.next_part.clone();
+        self.publish();
         Ok(())
+    }
+
+    /// Renames the committed parts to their names. A failure leaves them pending (hidden from
+    /// readers, not lost): tried again at the next commit, and at the next open.
+    fn publish(&mut self) {
+        let renames: Vec<(String, String)> = self
+            .committed
+            .iter()
+            .flat_map(|(&table, &next)| (self.published[&table]..next).map(move |seq| (table, seq)))
+            .map(|(table, seq)| (self.place.pending(table, seq), self.place.part(table, seq)))
+            .collect();
+        match rename_all(&self.place, renames) {
+            Ok(()) => self.published = self.committed.clone(),
+            Err(e) => tracing::warn!(error = %e, "committed parts stay hidden until the next checkpoint renames them"),
+        }
+    }
+
+    /// The instance this storage writes as (none: it is the storage's only writer).
+    pub fn instance(&self) -> Option<&str> {
+        self.place.instance.as_deref()
+    }
+
+    /// Replaces this instance's progress note, `progress/<instance>.json`: a few bytes each
+    /// checkpoint that the other instances read ([`progress`]) to learn how far its partitions
+    /// are, without reading its whole checkpoint. Not a commitment: a lost note is only late news.
+    pub fn publish_progress(&self, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let Some(name) = &self.place.instance else { return Ok(()) };
+        let relative = format!("{PROGRESS}/{name}.json");
+        match &self.place.location {
+            Location::Local(root) => {
+                let path = root.join(&relative);
+                let dir = path.parent().unwrap_or(root);
+                fs::create_dir_all(dir).map_err(io_error(dir))?;
+                let temp = path.with_extension("json.tmp");
+                fs::write(&temp, &bytes).map_err(io_error(&temp))?;
+                fs::rename(&temp, &path).map_err(io_error(&path))
+            }
+            Location::Bucket(bucket) => bucket.put(&relative, bytes, Mode::Overwrite).map(|_| ()),
+        }
+    }
+
+    /// The other instances' checkpoints, by instance name (for taking over their partitions).
+    pub fn others_checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let mut found = Vec::new();
+        for name in instances(&self.place.location)? {
+            if Some(&name) != self.place.instance.as_ref()
+                && let Some(bytes) = checkpoint(&self.place.location, Some(&name))?
+            {
+                found.push((name, bytes));
+            }
+        }
+        Ok(found)
+    }
+
+    /// The other instances' progress notes ([`Storage::publish_progress`]), by instance name.
+    pub fn others_progress(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let place = Place { location: self.place.location.clone(), instance: None };
+        let mut found = Vec::new();
+        for (file, _) in place.list(PROGRESS)? {
+            let Some(name) = file.strip_suffix(".json") else { continue };
+            if Some(name) != self.place.instance.as_deref()
+                && let Some((bytes, _)) = place.read(&format!("{PROGRESS}/{file}"))?
+            {
+                found.push((name.to_string(), bytes));
+            }
+        }
+        Ok(found)
     }
 
     /// Numbers the next parts from the last commit again, after a checkpoint that failed part way:
@@ -407,6 +489,48 @@ fn properties() -> WriterProperties {
 
 fn part_name(seq: u64) -> String {
     format!("part-{seq:08}.parquet")
+}
+
+/// A part's name until the checkpoint that counts it is committed: hidden (a leading dot, and not
+/// `.parquet`) from every reader.
+fn pending_name(seq: u64) -> String {
+    format!(".part-{seq:08}.parquet.pending")
+}
+
+/// Renames each `(pending, name)` pair (on object storage all at once). One already renamed (by
+/// another instance settling the same parts) is no error.
+fn rename_all(place: &Place, renames: Vec<(String, String)>) -> Result<(), StorageError> {
+    match &place.location {
+        Location::Local(root) => {
+            let mut dirs = std::collections::BTreeSet::new();
+            for (from, to) in &renames {
+                let (from, to) = (root.join(from), root.join(to));
+                match fs::rename(&from, &to) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && to.exists() => {}
+                    other => other.map_err(io_error(&from))?,
+                }
+                dirs.extend(to.parent().map(Path::to_path_buf));
+            }
+            for dir in dirs {
+                File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
+            }
+            Ok(())
+        }
+        Location::Bucket(bucket) => bucket.rename_all(renames),
+    }
+}
+
+/// Settles another instance's parts that its last checkpoint committed but that are still pending
+/// (it crashed before renaming them), so that readers see them. Leaves the rest: that instance may
+/// be writing them now.
+pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
+    let place = Place { location: location.clone(), instance: Some(instance.to_string()) };
+    let Some((bytes, _)) = place.read(&place.checkpoint())? else { return Ok(()) };
+    let parts: Parts = parse_checkpoint(&place, &bytes)?;
+    for (table, next) in parts.next_parts() {
+        settle_parts(&place, table, next, false)?;
+    }
+    Ok(())
 }
 
 /// `batch` as the bytes of one Parquet file.
@@ -638,18 +762,27 @@ fn set_aside(place: &Place, table: Table, seq: u64) -> Result<(), StorageError> 
     Ok(())
 }
 
-/// Deletes parts numbered `next` or later and unfinished temp files: writes a crash interrupted.
-fn remove_leftovers(place: &Place, table: Table, next: u64) -> Result<(), StorageError> {
+/// Renames the pending parts below `next` (committed: a crash came before their rename) and, with
+/// `leftovers` (the writer itself, on start), deletes the parts numbered `next` or later and
+/// unfinished temp files: writes that a crash interrupted.
+fn settle_parts(place: &Place, table: Table, next: u64, leftovers: bool) -> Result<(), StorageError> {
     let folder = place.folder(table);
+    let mut committed = Vec::new();
     for (name, _) in place.list(&folder)? {
-        let part = name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).and_then(|n| n.parse::<u64>().ok());
-        if name.ends_with(".tmp") || part.is_some_and(|seq| seq >= next) {
+        let seq = |name: &str, prefix: &str, suffix: &str| name.strip_prefix(prefix).and_then(|n| n.strip_suffix(suffix)).and_then(|n| n.parse::<u64>().ok());
+        let (part, pending) = (seq(&name, "part-", ".parquet"), seq(&name, ".part-", ".parquet.pending"));
+        if let Some(seq) = pending.filter(|seq| *seq < next) {
+            committed.push((place.pending(table, seq), place.part(table, seq)));
+        } else if leftovers && (name.ends_with(".tmp") || part.or(pending).is_some_and(|seq| seq >= next)) {
             let relative = format!("{folder}/{name}");
             tracing::info!(file = %place.name(&relative), "removing a part written after the last checkpoint");
             place.delete(&relative)?;
         }
     }
-    Ok(())
+    if !committed.is_empty() {
+        tracing::info!(table = table.name(), parts = committed.len(), "renaming parts the last checkpoint committed");
+    }
+    rename_all(place, committed)
 }
 
 #[cfg(test)]
@@ -683,14 +816,18 @@ mod tests {
     }
 
     #[test]
-    fn parts_after_the_last_checkpoint_are_removed_on_open() {
+    fn parts_after_the_last_checkpoint_are_hidden_and_removed_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let (mut storage, restored) = Storage::open::<State>(&here(&dir), None, false).unwrap();
         assert!(restored.is_none());
         let batch = batch();
         let kept = storage.write(Table::Windows, &batch).unwrap();
+        assert!(!exists(&kept), "hidden until the checkpoint commits it");
         storage.commit(&checkpoint()).unwrap();
+        assert!(exists(&kept), "named once committed");
         let orphan = storage.write(Table::Windows, &batch).unwrap();
+        let pending = dir.path().join("windows/.part-00000001.parquet.pending");
+        assert!(pending.exists() && !exists(&orphan), "an uncommitted part is hidden from readers");
         fs::write(dir.path().join("news/.part-00000000.parquet.tmp"), b"half").unwrap();
 
         let (mut storage, restored) = Storage::open::<State>(&here(&dir), None, false).unwrap();
@@ -698,12 +835,42 @@ mod tests {
         assert_eq!(restored.offsets["news"][&0], 42);
         assert_eq!(restored.received, 3);
         assert!(exists(&kept));
-        assert!(!exists(&orphan), "a part written after the checkpoint must go");
+        assert!(!pending.exists() && !exists(&orphan), "a part written after the checkpoint must go");
         assert!(!dir.path().join("news/.part-00000000.parquet.tmp").exists());
         assert_eq!(storage.write(Table::Windows, &batch).unwrap(), orphan, "numbering resumes at the checkpoint");
 
         let (_, restored) = Storage::open::<State>(&here(&dir), None, true).unwrap();
         assert!(restored.is_none() && !exists(&kept), "reset starts from nothing");
+    }
+
+    /// A crash between the checkpoint and the renames leaves committed parts hidden: the writer's
+    /// next start names them, and so does another instance settling its parts (which leaves the
+    /// parts the writer has not committed yet).
+    #[test]
+    fn committed_parts_left_pending_by_a_crash_are_named_by_the_next_start_or_another_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let hide = |named: &str| {
+            let named = Path::new(named);
+            fs::rename(named, named.with_file_name(format!(".{}.pending", named.file_name().unwrap().to_str().unwrap()))).unwrap();
+        };
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), Some("a"), false).unwrap();
+        let first = storage.write(Table::News, &batch()).unwrap();
+        storage.commit(&checkpoint()).unwrap();
+        hide(&first);
+        assert!(!exists(&first));
+        Storage::open::<State>(&here(&dir), Some("a"), false).unwrap();
+        assert!(exists(&first), "the writer's next start names it");
+
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), Some("a"), false).unwrap();
+        let second = storage.write(Table::News, &batch()).unwrap();
+        storage.commit(&checkpoint()).unwrap();
+        hide(&second);
+        let writing = storage.write(Table::News, &batch()).unwrap();
+        settle(&here(&dir), "a").unwrap();
+        assert!(exists(&second), "another instance names the committed part");
+        assert!(dir.path().join("news/instance=a/.part-00000002.parquet.pending").exists(), "and leaves the one being written");
+        storage.commit(&checkpoint()).unwrap();
+        assert!(exists(&writing));
     }
 
     #[test]

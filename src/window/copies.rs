@@ -138,6 +138,25 @@ impl Copies {
     }
 }
 
+impl Copies {
+    /// Adds another instance's recent stories (a partition taken over from it), ordered by event
+    /// time with these, each story once, the newest [`MAX_RECENT`] kept.
+    pub fn merge(&mut self, other: &Copies) {
+        let mut all: Vec<Recent> = self.recent.drain(..).chain(other.recent.iter().cloned()).collect();
+        all.sort_by_key(|e| e.event_ms);
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|e| seen.insert((e.event_ms, e.exact, e.words.clone())));
+        let skip = all.len().saturating_sub(MAX_RECENT);
+        self.recent = all.into_iter().skip(skip).enumerate().map(|(seq, e)| Recent { seq: seq as u64, ..e }).collect();
+        self.next_seq = self.recent.len() as u64;
+        self.newest_ms = match (self.newest_ms, other.newest_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.index = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +183,19 @@ mod tests {
         let a = copies.cluster(&exact_only, 0, "Copper slumps as Chile mine strike ends", &reading(0.9), 4 * H, 5 * H);
         assert_ne!(copies.cluster(&exact_only, 0, "Copper slumps as Peru mine strike ends", &reading(0.9), 4 * H, 5 * H), a);
         assert_eq!(copies.cluster(&exact_only, 0, "!!!", &reading(0.9), 4 * H, 5 * H), 0, "no words: never folded");
+    }
+
+    #[test]
+    fn another_instances_recent_stories_merged_in_still_fold_their_copies() {
+        let folding = Folding { near: None };
+        let (mut here, mut there) = (Copies::default(), Copies::default());
+        let mine = here.cluster(&folding, 2 * H, "Gold steady", &reading(0.1), 4 * H, 5 * H);
+        let theirs = there.cluster(&folding, H, "Oil falls", &reading(0.9), 4 * H, 5 * H);
+        here.merge(&there);
+        here.merge(&there);
+        assert_eq!(here.recent.len(), 2, "each story once");
+        assert_eq!(here.cluster(&folding, 3 * H, "Oil falls", &reading(0.9), 4 * H, 5 * H), theirs, "a copy of theirs folds here");
+        assert_eq!(here.cluster(&folding, 3 * H, "Gold steady", &reading(0.1), 4 * H, 5 * H), mine);
     }
 
     #[test]
