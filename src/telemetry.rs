@@ -51,9 +51,10 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
     ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while checkpoints wait for the storage (object storage unreachable); reading waits with them"),
-    ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete"),
+    ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete, rename"),
     ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
     ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),
+    ("bearwatch_partitions_taken_over_total", Kind::Counter, "", "Partitions this instance took over from another instance's checkpoint (windows, alert state, offset)"),
 ];
 
 /// Every (metric, stage) pair that is counted, and every (stage, reason) a stage drops for. They start
@@ -91,7 +92,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_partitions_taken_over_total"] {
         counter!(name).increment(0);
     }
     for name in [
