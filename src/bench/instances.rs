@@ -178,11 +178,20 @@ pub fn run(args: &InstancesBenchArgs) -> Result<String, PipelineError> {
     let remote = Location::parse(&args.object_store, &S3Config::default())?;
     let parts = split(&args.dir, &remote)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(failed)?;
-    let mut times: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); QUERIES.len()];
+    // Per query: the local folder, then the bucket listing its tables afresh (as the first query of
+    // a refresh does), then again within a second (as the others of that refresh do).
+    let mut times: Vec<[Vec<f64>; 3]> = vec![Default::default(); QUERIES.len()];
     let mut refresh: (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     let mut answers = Vec::new();
+    let forget = || {
+        if let Location::Bucket(bucket) = &remote {
+            bucket.forget_listings();
+        }
+    };
     for round in 0..=args.repeats {
-        // A dashboard refresh: the seven queries at once, as the page sends them.
+        // A dashboard refresh: the seven queries at once, as the page sends them (the bucket's
+        // listings afresh: refreshes come seconds apart).
+        forget();
         for (location, sink) in [(&local, &mut refresh.0), (&remote, &mut refresh.1)] {
             let started = Instant::now();
             let all = runtime.block_on(futures::future::join_all(QUERIES.iter().map(|(_, q)| timed(location, q))));
@@ -193,15 +202,18 @@ pub fn run(args: &InstancesBenchArgs) -> Result<String, PipelineError> {
         }
         for (i, (name, query)) in QUERIES.iter().enumerate() {
             let (local_ms, local_rows) = runtime.block_on(timed(&local, query))?;
-            let (remote_ms, remote_rows) = runtime.block_on(timed(&remote, query))?;
+            forget();
+            let (afresh_ms, remote_rows) = runtime.block_on(timed(&remote, query))?;
+            let (reused_ms, _) = runtime.block_on(timed(&remote, query))?;
             if local_rows != remote_rows {
                 return Err(failed(format!("{name}: the instances' answer differs from the local one ({} rows against {})", remote_rows.len(), local_rows.len())));
             }
             if round == 0 {
                 answers.push(local_rows.len().saturating_sub(1));
             } else {
-                times[i].0.push(local_ms);
-                times[i].1.push(remote_ms);
+                for (sink, ms) in times[i].iter_mut().zip([local_ms, afresh_ms, reused_ms]) {
+                    sink.push(ms);
+                }
             }
         }
     }
@@ -218,16 +230,19 @@ pub fn run(args: &InstancesBenchArgs) -> Result<String, PipelineError> {
         args.dir.display(),
         args.object_store
     );
-    let _ = writeln!(out, "| query | rows | one local instance, ms | two instances on object storage, ms | ratio | goal ≤ 1.5× |\n|---|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        out,
+        "| query | rows | one local instance, ms | two instances on object storage, listing afresh, ms | ratio | listing of the last second, ms | ratio | goal ≤ 1.5× |\n|---|---:|---:|---:|---:|---:|---:|---|"
+    );
     let mut ratios = Vec::new();
-    for (((name, _), (local_ms, remote_ms)), rows) in QUERIES.iter().zip(times.iter_mut()).zip(&answers) {
-        let (l, r) = (median(local_ms), median(remote_ms));
-        ratios.push(r / l);
-        let _ = writeln!(out, "| {name} | {rows} | {l:.1} | {r:.1} | {:.2}× | {} |", r / l, if r / l <= 1.5 { "met" } else { "not met" });
+    for (((name, _), [local_ms, afresh_ms, reused_ms]), rows) in QUERIES.iter().zip(times.iter_mut()).zip(&answers) {
+        let (l, a, r) = (median(local_ms), median(afresh_ms), median(reused_ms));
+        ratios.push(a / l);
+        let _ = writeln!(out, "| {name} | {rows} | {l:.1} | {a:.1} | {:.2}× | {r:.1} | {:.2}× | {} |", a / l, r / l, if a / l <= 1.5 { "met" } else { "not met" });
     }
     let (l, r) = (median(&mut refresh.0), median(&mut refresh.1));
-    let _ = writeln!(out, "| **a dashboard refresh** (all seven at once) | | {l:.1} | {r:.1} | {:.2}× | {} |", r / l, if r / l <= 1.5 { "met" } else { "not met" });
+    let _ = writeln!(out, "| **a dashboard refresh** (all seven at once) | | {l:.1} | {r:.1} | {:.2}× | | | {} |", r / l, if r / l <= 1.5 { "met" } else { "not met" });
     let worst = ratios.iter().copied().fold(0.0, f64::max);
-    let _ = writeln!(out, "\nWorst single query {worst:.2}×: {}.", if worst <= 1.5 { "met" } else { "not met" });
+    let _ = writeln!(out, "\nWorst single query (listing afresh) {worst:.2}×: {}.", if worst <= 1.5 { "met" } else { "not met" });
     Ok(out)
 }

@@ -4,6 +4,11 @@
 //! is keyed by the part's version (ETag) as the last listing gave it: a part written again under
 //! the same name (a storage reset) is a new version and is read afresh. Bounded in bytes; the oldest
 //! entries go first.
+//!
+//! Listings are reused for [`LISTING_TTL`]: the queries of one dashboard refresh list the same
+//! tables, one request each. A checkpoint of this process forgets them at once
+//! ([`PartCache::forget_listings`]), so its own rows never fall between its live rows and its parts;
+//! another instance's new parts show up at most that much later.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -12,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
@@ -22,11 +27,28 @@ use object_store::{
 
 type Key = (Path, String, Range<u64>);
 
+/// How long a listing is reused.
+pub const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct PartCache {
     inner: Arc<dyn ObjectStore>,
     /// The newest version each listing saw of each part.
     versions: Arc<Mutex<HashMap<Path, String>>>,
     chunks: Mutex<Chunks>,
+    listings: Arc<Mutex<Listings>>,
+}
+
+/// Recent listings by (with a delimiter, prefix); `generation` moves on each forget, so that a
+/// listing that started before it is not kept.
+#[derive(Default)]
+struct Listings {
+    generation: u64,
+    flat: HashMap<Option<Path>, (std::time::Instant, Vec<ObjectMeta>)>,
+    delimited: HashMap<Option<Path>, (std::time::Instant, Vec<Path>, Vec<ObjectMeta>)>,
+}
+
+fn fresh(at: &std::time::Instant) -> bool {
+    at.elapsed() < LISTING_TTL
 }
 
 #[derive(Default)]
@@ -57,7 +79,19 @@ impl Chunks {
 
 impl PartCache {
     pub fn new(inner: Arc<dyn ObjectStore>, limit_bytes: usize) -> PartCache {
-        PartCache { inner, versions: Arc::default(), chunks: Mutex::new(Chunks { limit: limit_bytes, ..Chunks::default() }) }
+        PartCache {
+            inner,
+            versions: Arc::default(),
+            chunks: Mutex::new(Chunks { limit: limit_bytes, ..Chunks::default() }),
+            listings: Arc::default(),
+        }
+    }
+
+    /// Lists afresh from now on (this process just committed parts).
+    pub fn forget_listings(&self) {
+        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = listings.generation + 1;
+        *listings = Listings { generation, ..Listings::default() };
     }
 
     fn key(&self, location: &Path, range: &Range<u64>) -> Option<Key> {
@@ -140,21 +174,42 @@ impl ObjectStore for PartCache {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        // Noted as the listing streams by: queries read the parts they listed.
-        let versions = self.versions.clone();
-        self.inner
-            .list(prefix)
-            .inspect(move |item| {
-                if let Ok(meta) = item {
-                    note(&versions, std::slice::from_ref(meta));
+        let (inner, versions, listings, prefix) = (self.inner.clone(), self.versions.clone(), self.listings.clone(), prefix.cloned());
+        let listing = async move {
+            let generation = {
+                let listings = listings.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((_, objects)) = listings.flat.get(&prefix).filter(|(at, _)| fresh(at)) {
+                    return Ok::<_, object_store::Error>(objects.clone());
                 }
-            })
-            .boxed()
+                listings.generation
+            };
+            let objects: Vec<ObjectMeta> = inner.list(prefix.as_ref()).try_collect().await?;
+            // Noted: queries read the parts they listed.
+            note(&versions, &objects);
+            let mut listings = listings.lock().unwrap_or_else(|p| p.into_inner());
+            if listings.generation == generation {
+                listings.flat.insert(prefix, (std::time::Instant::now(), objects.clone()));
+            }
+            Ok(objects)
+        };
+        futures::stream::once(listing).map_ok(|objects| futures::stream::iter(objects.into_iter().map(Ok))).try_flatten().boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let key = prefix.cloned();
+        let generation = {
+            let listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, common_prefixes, objects)) = listings.delimited.get(&key).filter(|(at, _, _)| fresh(at)) {
+                return Ok(ListResult { common_prefixes: common_prefixes.clone(), objects: objects.clone() });
+            }
+            listings.generation
+        };
         let listed = self.inner.list_with_delimiter(prefix).await?;
         note(&self.versions, &listed.objects);
+        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        if listings.generation == generation {
+            listings.delimited.insert(key, (std::time::Instant::now(), listed.common_prefixes.clone(), listed.objects.clone()));
+        }
         Ok(listed)
     }
 
@@ -190,6 +245,7 @@ mod tests {
             assert_eq!(&cache.get_range(&part, 0..5).await.unwrap()[..], b"first");
             // Written again under the same name: the next listing sees a new version.
             inner.put(&part, PutPayload::from_static(b"again, new")).await.unwrap();
+            cache.forget_listings();
             let _: Vec<ObjectMeta> = cache.list(Some(&Path::from("news"))).try_collect().await.unwrap();
             assert_eq!(&cache.get_range(&part, 0..5).await.unwrap()[..], b"again");
             // Not listed: not kept.
@@ -198,6 +254,27 @@ mod tests {
             cache.get_range(&other, 0..3).await.unwrap();
             inner.delete(&other).await.unwrap();
             assert!(cache.get_range(&other, 0..3).await.is_err());
+        });
+    }
+
+    #[test]
+    fn a_listing_is_reused_for_a_moment_and_forgotten_at_a_commit() {
+        runtime().block_on(async {
+            let inner = Arc::new(InMemory::new());
+            let cache = PartCache::new(inner.clone(), 1 << 20);
+            async fn count(cache: &PartCache) -> (usize, usize) {
+                let news = Path::from("news");
+                (cache.list(Some(&news)).try_collect::<Vec<_>>().await.unwrap().len(), cache.list_with_delimiter(Some(&news)).await.unwrap().objects.len())
+            }
+            inner.put(&Path::from("news/part-00000000.parquet"), PutPayload::from_static(b"a")).await.unwrap();
+            assert_eq!(count(&cache).await, (1, 1));
+            inner.put(&Path::from("news/part-00000001.parquet"), PutPayload::from_static(b"b")).await.unwrap();
+            assert_eq!(count(&cache).await, (1, 1), "the listing of a moment ago");
+            cache.forget_listings();
+            assert_eq!(count(&cache).await, (2, 2), "after this process's commit: afresh");
+            inner.put(&Path::from("news/part-00000002.parquet"), PutPayload::from_static(b"c")).await.unwrap();
+            tokio::time::sleep(LISTING_TTL + std::time::Duration::from_millis(50)).await;
+            assert_eq!(count(&cache).await, (3, 3), "another writer's part, once the listing expired");
         });
     }
 

@@ -104,7 +104,7 @@ pub struct Bucket {
     runtime: tokio::runtime::Runtime,
     timeout: Duration,
     /// SQL's client, made once: building one loads the system's TLS roots.
-    sql_client: std::sync::OnceLock<Arc<dyn ObjectStore>>,
+    sql_client: std::sync::OnceLock<Arc<super::cache::PartCache>>,
     /// Whether instances were seen here: once they are, they stay (see `storage::instances`).
     instances_seen: std::sync::atomic::AtomicBool,
 }
@@ -159,8 +159,15 @@ impl Bucket {
             return Ok(client.clone());
         }
         let store = Arc::new(self.builder.clone().build().map_err(|e| StorageError::Config { reason: format!("{}: {e}", self.url) })?);
-        let store: Arc<dyn ObjectStore> = Arc::new(super::cache::PartCache::new(store, SQL_CACHE_BYTES));
+        let store = Arc::new(super::cache::PartCache::new(store, SQL_CACHE_BYTES));
         Ok(self.sql_client.get_or_init(|| store).clone())
+    }
+
+    /// SQL lists the tables afresh from now on: this process just committed parts.
+    pub(crate) fn forget_listings(&self) {
+        if let Some(client) = self.sql_client.get() {
+            client.forget_listings();
+        }
     }
 
     pub(crate) fn instances_seen(&self) -> bool {

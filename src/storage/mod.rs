@@ -422,6 +422,9 @@ impl Storage {
             Ok(()) => self.published = self.committed.clone(),
             Err(e) => tracing::warn!(error = %e, "committed parts stay hidden until the next checkpoint renames them"),
         }
+        if let Location::Bucket(bucket) = &self.place.location {
+            bucket.forget_listings();
+        }
     }
 
     /// The instance this storage writes as (none: it is the storage's only writer).
