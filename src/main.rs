@@ -256,6 +256,10 @@ enum ModelCommand {
         /// does not label (0 lets that head drift with the encoder).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().distill, requires = "encoder")]
         distill: f64,
+        /// Fine-tuning: how much each shipped example replayed aims at the champion's own answer
+        /// rather than its label, 0 to 1 (more keeps the shipped domains as they were).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().keep, requires = "encoder")]
+        keep: f64,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -803,8 +807,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, distill }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, distill, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, distill, keep }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, distill, keep, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

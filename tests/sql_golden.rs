@@ -151,6 +151,8 @@ fn write_dataset(dir: &Path) {
     storage.write(Table::Notifications, &notifications_batch(&notifications).unwrap()).unwrap();
     write_feedback(dir, &alerts.iter().map(|(a, _)| (a.alert_id.clone(), a.rule.clone())).collect::<Vec<_>>());
     storage.write(Table::AppliedLabels, &applied_labels_batch(&applied_labels(&news)).unwrap()).unwrap();
+    // Parts are seen once a checkpoint commits them.
+    storage.commit(&serde_json::json!({})).unwrap();
 }
 
 /// What the pipeline records when corrections act: a judged story, an exact copy that a later

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::hardware::{Machine, Work};
 use crate::classify::runtime::OrtBackend;
 use crate::classify::{Backend, BatchOutput, Classifier, ClassifierConfig, ClassifyError, ModelSpec, PaddedBatch};
 
@@ -40,6 +41,10 @@ pub struct BenchArgs {
     /// Skip the Python reference.
     #[arg(long)]
     pub no_python: bool,
+    /// Also replay the default configuration's batches through a profiling ONNX Runtime session
+    /// and print its time per operator type (and where the rest of the run goes).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,10 @@ struct Subject {
     bare_seconds: Vec<f64>,
     batch_ms: Vec<f64>,
     padded_tokens: usize,
+    /// Arithmetic of the batches it formed (see [`Work`]).
+    ops: f64,
+    /// The batches of the last timed round, for `--profile`.
+    batches: Vec<PaddedBatch>,
 }
 
 impl Subject {
@@ -88,12 +97,12 @@ impl Subject {
         let classifier = Classifier::with_backend(config, spec.clone(), Recording { inner, log: log.clone() }, provider)?;
         let bare = OrtBackend::new(spec, config)?;
         let (seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new());
-        Ok(Subject { label, classifier, log, bare, seconds, bare_seconds, batch_ms, padded_tokens: 0 })
+        Ok(Subject { label, classifier, log, bare, seconds, bare_seconds, batch_ms, padded_tokens: 0, ops: 0.0, batches: Vec::new() })
     }
 
     /// Scores every text through the pipeline, then replays the batches it formed on the bare
     /// session; records both times when `timed`.
-    fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], timed: bool) -> Result<(), ClassifyError> {
+    fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], work: &Work, timed: bool) -> Result<(), ClassifyError> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let started = Instant::now();
         runtime.block_on(async {
@@ -117,6 +126,8 @@ impl Subject {
             self.seconds.push(seconds);
             self.batch_ms.extend(batches.iter().map(|(_, d)| d.as_secs_f64() * 1e3));
             self.padded_tokens = batches.iter().map(|(b, _)| b.padded_tokens()).sum();
+            self.ops = batches.iter().map(|(b, _)| work.ops(b.rows, b.cols)).sum();
+            self.batches = batches.into_iter().map(|(b, _)| b).collect();
         }
         Ok(())
     }
@@ -126,6 +137,9 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     let texts = read_texts(args)?;
     let base = ClassifierConfig { path: args.model.clone(), threads: args.threads, ..ClassifierConfig::default() };
     let spec = ModelSpec::load(&base.model_dir())?;
+    let graph = base.model_dir().join("model.onnx");
+    let unreadable = |reason: String| BenchError::Input { path: graph.clone(), reason };
+    let work = Work::of(&crate::learn::onnx::Model::parse(std::fs::read(&graph).map_err(|e| unreadable(e.to_string()))?).map_err(unreadable)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -143,18 +157,75 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     // round then measures every configuration and the Python reference back to back, so a slow
     // spell of the machine hits one round rather than one configuration; ratios are per round.
     for subject in &mut subjects {
-        subject.measure(&runtime, &texts, false)?;
+        subject.measure(&runtime, &texts, &work, false)?;
     }
     let mut python = Vec::new();
     for _ in 0..args.repeats.max(1) {
         for subject in &mut subjects {
-            subject.measure(&runtime, &texts, true)?;
+            subject.measure(&runtime, &texts, &work, true)?;
         }
         if !args.no_python {
             python.push(python_pass(args, &spec, texts.len())?);
         }
     }
-    Ok(report(&subjects, &python, args, &base, texts.len()))
+    let mut out = report(&subjects, &python, args, &base, texts.len(), &Machine::read());
+    if args.profile {
+        let defaults = subjects.last().expect("the defaults are measured");
+        out.push_str(&profile(&spec, &base, &defaults.batches, median(&defaults.seconds), median(&defaults.bare_seconds))?);
+    }
+    Ok(out)
+}
+
+/// ONNX Runtime's own profile of `batches` (one pass, after one untimed pass), summed per operator
+/// type, beside the pipeline's and bare ORT's times for the same batches.
+fn profile(spec: &ModelSpec, config: &ClassifierConfig, batches: &[PaddedBatch], pipeline_s: f64, bare_s: f64) -> Result<String, BenchError> {
+    let dir = std::env::temp_dir().join(format!("bearwatch-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| BenchError::Input { path: dir.clone(), reason: e.to_string() })?;
+    let mut session = OrtBackend::profiled(spec, config, &dir.join("ort"))?;
+    for batch in batches.iter().chain(batches) {
+        session.run(batch)?;
+    }
+    let file = session.end_profiling()?;
+    let unreadable = |reason: String| BenchError::Input { path: file.clone(), reason };
+    let events: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&file).map_err(|e| unreadable(e.to_string()))?).map_err(|e| unreadable(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    // Kernel times of the second pass (the first sizes ORT's buffers): the later half of each node's.
+    let mut per_node: std::collections::BTreeMap<(String, String), Vec<f64>> = Default::default();
+    for event in &events {
+        let (Some(name), Some(dur)) = (event["name"].as_str(), event["dur"].as_f64()) else { continue };
+        if event["cat"] == "Node" && name.ends_with("_kernel_time") {
+            let op = event["args"]["op_name"].as_str().unwrap_or("?").to_string();
+            per_node.entry((op, name.to_string())).or_default().push(dur);
+        }
+    }
+    let mut per_op: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    for ((op, _), durations) in &per_node {
+        let second: f64 = durations[durations.len() / 2..].iter().sum();
+        let entry = per_op.entry(op.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += second / 1e3;
+    }
+    let total: f64 = per_op.values().map(|(_, ms)| ms).sum();
+    let mut rows: Vec<(&String, &(usize, f64))> = per_op.iter().collect();
+    rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+    let mut out = format!(
+        "\nONNX Runtime profile of the defaults' {} batches (one pass after one untimed): time per operator type, summed over its nodes\n\n\
+         | operator | nodes | ms | share of kernel time |\n|---|---:|---:|---:|\n",
+        batches.len()
+    );
+    for (op, (nodes, ms)) in rows {
+        let _ = writeln!(out, "| {op} | {nodes} | {ms:.1} | {:.1} % |", 100.0 * ms / total);
+    }
+    let _ = writeln!(
+        out,
+        "\nKernels {:.0} ms of bare ORT's {:.0} ms for these batches (the rest: ORT's own work between kernels, and the \
+         profiler); the pipeline took {:.0} ms: its own share (tokenizing, batching, copying out) is {:.1} %.",
+        total,
+        bare_s * 1e3,
+        pipeline_s * 1e3,
+        100.0 * (pipeline_s - bare_s) / pipeline_s
+    );
+    Ok(out)
 }
 
 fn read_texts(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
@@ -214,33 +285,45 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(f64::NAN)
 }
 
-fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &ClassifierConfig, items: usize) -> String {
+fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &ClassifierConfig, items: usize, machine: &Machine) -> String {
     let mut out = String::new();
     let rounds = args.repeats.max(1);
     let _ = writeln!(
         out,
-        "{items} items from {}, {} ORT threads, max_length {}, median of {rounds} timed rounds\n",
+        "{items} items from {}, {} ORT threads, max_length {}, median of {rounds} timed rounds\n{}\n",
         args.input.display(),
         threads(args),
         base.max_length,
+        machine.describe(),
     );
+    // GOP/s per core against the strongest vector ISA's peak, and AMX's where there is one.
+    let vector = machine.int8.iter().find(|(name, _)| *name != "AMX-INT8");
+    let amx = machine.int8.iter().find(|(name, _)| *name == "AMX-INT8");
+    let peaks: Vec<(&str, f64)> = vector.into_iter().chain(amx).filter_map(|(name, ops)| Some((*name, machine.peak_gops(*ops)?))).collect();
+    let per_core = |s: &Subject| {
+        let gops = s.ops / median(&s.seconds) / threads(args) as f64 / 1e9;
+        let shares: Vec<String> = peaks.iter().map(|(name, peak)| format!("{:.1} % {name}", 100.0 * gops / peak)).collect();
+        if shares.is_empty() { format!("{gops:.0}") } else { format!("{gops:.0} ({})", shares.join(", ")) }
+    };
     let _ = writeln!(
         out,
-        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | bare ORT items/s | overhead vs bare ORT | × Python |"
+        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | GOP/item | GOP/s per core (% of int8 peak) | bare ORT items/s | overhead vs bare ORT | × Python |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let python_seconds: Vec<f64> = python.iter().map(|p| p.seconds).collect();
     for s in subjects {
         let overhead: Vec<f64> = s.seconds.iter().zip(&s.bare_seconds).map(|(t, b)| t / b - 1.0).collect();
         let speedup: Vec<f64> = python_seconds.iter().zip(&s.seconds).map(|(p, t)| p / t).collect();
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:+.1} % | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.3} | {} | {:.0} | {:+.1} % | {} |",
             s.label,
             items as f64 / median(&s.seconds),
             percentile(&s.batch_ms, 50.0),
             percentile(&s.batch_ms, 99.0),
             s.padded_tokens as f64 / items as f64,
+            s.ops / items as f64 / 1e9,
+            per_core(s),
             items as f64 / median(&s.bare_seconds),
             median(&overhead) * 100.0,
             if speedup.is_empty() { "–".to_string() } else { format!("{:.2}×", median(&speedup)) },
@@ -250,7 +333,7 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
         let batch_ms: Vec<f64> = python.iter().flat_map(|p| p.batch_ms.iter().copied()).collect();
         let _ = writeln!(
             out,
-            "| Python reference, batches of 32 in arrival order | {:.0} | {:.2} | {:.2} | {:.1} | – | – | 1.00× |",
+            "| Python reference, batches of 32 in arrival order | {:.0} | {:.2} | {:.2} | {:.1} | | | – | – | 1.00× |",
             items as f64 / median(&python_seconds),
             percentile(&batch_ms, 50.0),
             percentile(&batch_ms, 99.0),
@@ -261,7 +344,9 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
         out,
         "\nOverhead and × Python are medians of per-round ratios. Batch ms: bearwatch rows time the model \
          run of each batch (tokenizing overlaps it on another thread); the Python row times tokenize + run, \
-         which its loop does in turn."
+         which its loop does in turn. GOP/item: the batches' arithmetic (2 × every weight matrix per padded \
+         token, and attention's 4 × T² × hidden per item and layer) over the items; GOP/s per core: that × items/s ÷ \
+         ORT threads; peak: int8 operations per cycle per core of the instruction set × the clock above."
     );
     out
 }

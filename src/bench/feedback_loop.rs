@@ -70,6 +70,9 @@ pub struct LoopBenchArgs {
     /// `model retrain --distill` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().distill, requires = "encoder")]
     pub distill: f64,
+    /// `model retrain --keep` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().keep, requires = "encoder")]
+    pub keep: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -230,6 +233,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             learning_rate: args.learning_rate,
             replay: args.replay,
             distill: args.distill,
+            keep: args.keep,
             seed: 13 + u64::from(salt),
             ..Default::default()
         });
@@ -300,8 +304,8 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         },
         if args.encoder {
             format!(
-                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label, distillation {})",
-                args.epochs, args.learning_rate, args.replay, args.distill
+                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label, distillation {}, keep {})",
+                args.epochs, args.learning_rate, args.replay, args.distill, args.keep
             )
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)

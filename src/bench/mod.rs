@@ -6,6 +6,7 @@ pub mod classify;
 pub mod detect;
 pub mod e2e;
 pub mod feedback_loop;
+mod hardware;
 pub mod instances;
 pub mod sql;
 pub mod windows;

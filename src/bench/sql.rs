@@ -178,6 +178,8 @@ fn prepare(args: &SqlBenchArgs) -> Result<(), SqlBenchError> {
         storage.write(Table::News, &batch).map_err(|e| failed(e.to_string()))?;
         start = end;
     }
+    // Parts are seen once a checkpoint commits them.
+    storage.commit(&serde_json::json!({})).map_err(|e| failed(e.to_string()))?;
     std::fs::write(&marker, args.rows.to_string()).map_err(|e| failed(e.to_string()))?;
     Ok(())
 }

@@ -72,6 +72,21 @@ pub struct OrtBackend {
 
 impl OrtBackend {
     pub fn new(spec: &ModelSpec, config: &ClassifierConfig) -> Result<OrtBackend, ClassifyError> {
+        OrtBackend::build(spec, config, None)
+    }
+
+    /// A session that records ONNX Runtime's profile (every node's time) into a file named from
+    /// `prefix`, until [`OrtBackend::end_profiling`] (`bench classify --profile`).
+    pub fn profiled(spec: &ModelSpec, config: &ClassifierConfig, prefix: &std::path::Path) -> Result<OrtBackend, ClassifyError> {
+        OrtBackend::build(spec, config, Some(prefix))
+    }
+
+    /// Stops profiling; returns the profile's file (Chrome trace JSON).
+    pub fn end_profiling(&mut self) -> Result<std::path::PathBuf, ClassifyError> {
+        Ok(self.session.end_profiling()?.into())
+    }
+
+    fn build(spec: &ModelSpec, config: &ClassifierConfig, profile: Option<&std::path::Path>) -> Result<OrtBackend, ClassifyError> {
         let environment = init_runtime()?;
         let session_error = |e: ort::Error| ClassifyError::Session(e.to_string());
         let mut builder = Session::builder(environment)
@@ -80,6 +95,9 @@ impl OrtBackend {
             .map_err(|e| session_error(e.into()))?
             .with_intra_threads(config.threads())
             .map_err(|e| session_error(e.into()))?;
+        if let Some(prefix) = profile {
+            builder = builder.with_profiling(prefix).map_err(|e| session_error(e.into()))?;
+        }
         let provider = match config.device {
             Device::Cpu => "cpu",
             Device::Cuda => {

@@ -230,32 +230,34 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
             let prior = prior.ok_or_else(|| LearnError::Invalid(format!("{}: fine-tuning starts from the champion's heads, and it has no refit/heads.json", options.from.display())))?;
             let tokens = Encoder::load(&spec, config.max_length)?;
             // A training item carries the champion's probabilities on the head it does not label.
-            let item = |e: &Example, champion: Option<&Read>| -> Result<tune::Item, LearnError> {
+            // A replayed anchor also carries them on the head it labels (`--keep`).
+            let item = |e: &Example, champion: Option<&Read>, anchor: bool| -> Result<tune::Item, LearnError> {
                 let ids = tokens.encode(&e.text)?.into_iter().map(|id| id as u32).collect();
-                let teacher = match champion {
+                let (teacher, own_teacher) = match champion {
                     Some(r) => {
                         let (sentiment, topic) = prior.apply(&r.embedding, 1)?;
-                        Some(if e.head == Kind::Sentiment { topic } else { sentiment })
+                        let (own, other) = if e.head == Kind::Sentiment { (sentiment, topic) } else { (topic, sentiment) };
+                        (Some(other), anchor.then_some(own))
                     }
-                    None => None,
+                    None => (None, None),
                 };
-                Ok(tune::Item { ids, head: e.head, class: classes(&spec, e.head).iter().position(|n| *n == e.label).unwrap_or(0), teacher })
+                Ok(tune::Item { ids, head: e.head, class: classes(&spec, e.head).iter().position(|n| *n == e.label).unwrap_or(0), teacher, own_teacher })
             };
             let (mut train_feedback, mut stop_feedback) = (Vec::new(), Vec::new());
             for (i, (e, r)) in feedback.iter().zip(feedback_reads).enumerate() {
                 // Every fifth label (once there are enough) decides when to stop, not what to learn.
-                if feedback.len() >= MIN_HELD_OUT_FEEDBACK && i % 5 == 4 { stop_feedback.push(item(e, None)?) } else { train_feedback.push(item(e, Some(r))?) }
+                if feedback.len() >= MIN_HELD_OUT_FEEDBACK && i % 5 == 4 { stop_feedback.push(item(e, None, false)?) } else { train_feedback.push(item(e, Some(r), false)?) }
             }
             let (mut train_anchors, mut stop_anchors) = (Vec::new(), Vec::new());
             for (i, (e, r)) in anchors.iter().zip(anchor_reads).enumerate() {
-                if calibrating(i) { stop_anchors.push(item(e, None)?) } else { train_anchors.push(item(e, Some(r))?) }
+                if calibrating(i) { stop_anchors.push(item(e, None, false)?) } else { train_anchors.push(item(e, Some(r), true)?) }
             }
             let model_path = options.from.join("model.onnx");
             let graph = onnx::Model::parse(std::fs::read(&model_path).map_err(files(&model_path))?)
                 .map_err(|reason| LearnError::Files { path: model_path.clone(), reason })?;
             // The export's error is measured on up to CHECK_TEXTS of the frozen set, every domain.
             let stride = evaluation.len().div_ceil(CHECK_TEXTS).max(1);
-            let check: Vec<tune::Item> = evaluation.iter().step_by(stride).map(|e| item(e, None)).collect::<Result<_, _>>()?;
+            let check: Vec<tune::Item> = evaluation.iter().step_by(stride).map(|e| item(e, None, false)).collect::<Result<_, _>>()?;
             let sets = tune::Sets { feedback: &train_feedback, feedback_held_out: &stop_feedback, anchors: &train_anchors, anchors_held_out: &stop_anchors, check: &check };
             tracing::info!(feedback = train_feedback.len(), stop_feedback = stop_feedback.len(), anchors = train_anchors.len(), "fine-tuning the encoder");
             let started = std::time::Instant::now();

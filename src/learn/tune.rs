@@ -29,12 +29,17 @@ pub struct TuneSettings {
     /// topic, for a sentiment label): without it that head drifts freely as the encoder moves.
     #[serde(default)]
     pub distill: f64,
+    /// How much a replayed anchor's own head aims at the champion's probabilities instead of its
+    /// label (0: the label alone): the shipped domains keep the champion's answers, margins
+    /// included, while the encoder moves for the feedback.
+    #[serde(default)]
+    pub keep: f64,
     pub seed: u64,
 }
 
 impl Default for TuneSettings {
     fn default() -> Self {
-        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, seed: 13 }
+        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, seed: 13 }
     }
 }
 
@@ -46,6 +51,9 @@ pub struct Item {
     /// The champion's probabilities on the head this item does not label: the soft target that
     /// keeps it (none for held-out items, scored on their label alone).
     pub teacher: Option<Vec<f32>>,
+    /// The champion's probabilities on the head this item labels, for anchors replayed (see
+    /// [`TuneSettings::keep`]); none for feedback, which is there to change them.
+    pub own_teacher: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -138,7 +146,7 @@ fn pooled<'a>(model: &Minilm, items: impl Iterator<Item = &'a Item>) -> candle_c
 
 /// Summed cross-entropy of `items`: each on the head it labels, plus `distill` times the
 /// cross-entropy against the champion's probabilities on the other head.
-fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item], distill: f32) -> candle_core::Result<Tensor> {
+fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item], distill: f32, keep: f32) -> candle_core::Result<Tensor> {
     let pooled = pooled(model, items.iter().copied())?;
     let mut total = Tensor::zeros((), candle_core::DType::F32, model.device())?;
     for kind in [Kind::Sentiment, Kind::Topic] {
@@ -148,7 +156,14 @@ fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item], distill: f32) -> 
         for (r, item) in items.iter().enumerate() {
             let row = &mut target[r * classes..(r + 1) * classes];
             if item.head == kind {
-                row[item.class.min(classes - 1)] = 1.0;
+                let label_share = match item.own_teacher.as_ref().filter(|t| t.len() == classes && keep > 0.0) {
+                    Some(teacher) => {
+                        row.iter_mut().zip(teacher).for_each(|(t, p)| *t = keep * p);
+                        1.0 - keep
+                    }
+                    None => 1.0,
+                };
+                row[item.class.min(classes - 1)] += label_share;
             } else if let Some(teacher) = item.teacher.as_ref().filter(|t| t.len() == classes && distill > 0.0) {
                 row.iter_mut().zip(teacher).for_each(|(t, p)| *t = distill * p);
             }
@@ -167,15 +182,15 @@ fn held_out_loss(model: &Minilm, heads: &TrainedHeads, items: &[Item], batch: us
     let mut sum = 0.0;
     for chunk in items.chunks(batch.max(1)) {
         let refs: Vec<&Item> = chunk.iter().collect();
-        sum += f64::from(loss(model, heads, &refs, 0.0).and_then(|l| l.to_scalar::<f32>()).map_err(candle)?);
+        sum += f64::from(loss(model, heads, &refs, 0.0, 0.0).and_then(|l| l.to_scalar::<f32>()).map_err(candle)?);
     }
     Ok(Some(sum / items.len() as f64))
 }
 
 /// Fine-tunes the encoder in `graph` and the `prior` heads on `sets`.
 pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneSettings, progress: bool) -> Result<Tuned, LearnError> {
-    if settings.epochs == 0 || settings.batch == 0 || !(settings.learning_rate > 0.0 && settings.head_learning_rate > 0.0) || !(settings.replay >= 0.0) || !(0.0..=10.0).contains(&settings.distill) {
-        return Err(LearnError::Invalid("fine-tuning needs at least 1 epoch, a batch of 1, positive learning rates and a distillation weight between 0 and 10".into()));
+    if settings.epochs == 0 || settings.batch == 0 || !(settings.learning_rate > 0.0 && settings.head_learning_rate > 0.0) || !(settings.replay >= 0.0) || !(0.0..=10.0).contains(&settings.distill) || !(0.0..=1.0).contains(&settings.keep) {
+        return Err(LearnError::Invalid("fine-tuning needs at least 1 epoch, a batch of 1, positive learning rates, a distillation weight between 0 and 10 and a keep share between 0 and 1".into()));
     }
     let device = Device::Cpu;
     let model = Minilm::from_graph(graph, &device).map_err(|e| LearnError::Invalid(format!("the champion's graph: {e}")))?;
@@ -224,7 +239,7 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
             encoder_opt.set_learning_rate(settings.learning_rate * scale);
             heads_opt.set_learning_rate(settings.head_learning_rate * scale);
             step += 1;
-            let total = loss(&model, &heads, chunk, settings.distill as f32).map_err(candle)?;
+            let total = loss(&model, &heads, chunk, settings.distill as f32, settings.keep as f32).map_err(candle)?;
             sum += f64::from(total.to_scalar::<f32>().map_err(candle)?);
             let grads = (total / chunk.len() as f64).and_then(|mean| mean.backward()).map_err(candle)?;
             encoder_opt.step(&grads).map_err(candle)?;
@@ -308,7 +323,7 @@ mod tests {
         let tokens = Encoder::load(&spec, 64).unwrap();
         let items: Vec<Item> = TEXTS
             .iter()
-            .map(|(t, class)| Item { ids: tokens.encode(t).unwrap().into_iter().map(|id| id as u32).collect(), head: Kind::Sentiment, class: *class, teacher: Some(vec![1.0 / spec.topics.len() as f32; spec.topics.len()]) })
+            .map(|(t, class)| Item { ids: tokens.encode(t).unwrap().into_iter().map(|id| id as u32).collect(), head: Kind::Sentiment, class: *class, teacher: Some(vec![1.0 / spec.topics.len() as f32; spec.topics.len()]), own_teacher: None })
             .collect();
         let graph = Model::parse(std::fs::read(bundled().join("model.onnx")).unwrap()).unwrap();
 
