@@ -6,7 +6,7 @@ use assert_cmd::Command;
 fn bench_classify_prints_a_row_per_configuration_with_its_python_ratio() {
     let out = Command::cargo_bin("bearwatch")
         .unwrap()
-        .args(["bench", "classify", "--items", "40", "--batch-sizes", "1,8", "--threads", "1", "--repeats", "2"])
+        .args(["bench", "classify", "--items", "40", "--batch-sizes", "1,8", "--threads", "1", "--repeats", "2", "--profile"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -17,9 +17,20 @@ fn bench_classify_prints_a_row_per_configuration_with_its_python_ratio() {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let items_per_second: f64 = cells[2].parse().unwrap();
         assert!(items_per_second > 0.0, "{row}");
-        let speedup: f64 = cells[8].trim_end_matches('×').parse().unwrap();
+        let speedup: f64 = cells[cells.len() - 2].trim_end_matches('×').parse().unwrap();
         assert!(speedup > 0.0, "{row}");
+        if row.starts_with("| bearwatch") {
+            let gop_per_item: f64 = cells[6].parse().unwrap();
+            assert!((0.1..2.0).contains(&gop_per_item), "{row}");
+        }
     }
+    // The machine's int8 instruction sets, and ORT's profile: its time per operator type.
+    assert!(stdout.contains("int8:"), "{stdout}");
+    let operators: Vec<&str> = stdout.split("| operator |").nth(1).expect("a profile table").lines().skip(2).take_while(|l| l.starts_with('|')).collect();
+    assert!(operators.len() >= 5, "{stdout}");
+    let shares: f64 = operators.iter().map(|l| l.split('|').nth(4).unwrap().trim().trim_end_matches(" %").parse::<f64>().unwrap()).sum();
+    assert!((shares - 100.0).abs() < 0.5, "the shares add up: {stdout}");
+    assert!(operators.iter().any(|l| l.contains("MatMul")), "{stdout}");
 }
 
 /// A small table: both engines must give the same answers (the bench fails otherwise), and each of
