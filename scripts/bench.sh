@@ -26,7 +26,7 @@ bench() {
   ./target/release/bearwatch bench "$name" "$@" | tee "$out/$name.md.partial"
   mv "$out/$name.md.partial" "$out/$name.md"
 }
-bench classify --repeats 5
+bench classify --repeats 5 --profile
 bench windows --repeats 3
 bench sql --repeats 5
 bench e2e --repeats 3 --brokers "$brokers"

@@ -24,6 +24,14 @@ fn sql(s3: &S3Server, storage: &str, query: &str) -> String {
     out
 }
 
+/// Stories instance `name` under `desk/` had counted at its last checkpoint.
+fn scored_by(s3: &S3Server, name: &str) -> u64 {
+    s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
+        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
+    })
+}
+
 fn config(news: &str, storage: &str, extra: &str) -> String {
     format!(
         "[source]\ntype = \"file\"\npath = \"{news}\"\nspeed = 100000\n[window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
@@ -190,10 +198,7 @@ fn two_aggregate_instances_share_a_bucket_and_one_sql_reads_both() {
     let file = dir.path().join("in.jsonl");
     std::fs::write(&file, stories(total as usize)).unwrap();
     common::produce_to(brokers, &topic, &file);
-    let scored_by = |name: &str| s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
-        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
-    });
+    let scored_by = |name: &str| scored_by(&s3, name);
     let deadline = Instant::now() + Duration::from_secs(240);
     while scored_by("a") + scored_by("b") < total {
         assert!(Instant::now() < deadline, "the instances did not window every story\n{}\n{}", a.logs(), b.logs());
@@ -297,10 +302,7 @@ fn an_aggregate_instance_killed_mid_stream_is_taken_over_and_the_union_equals_on
     std::fs::write(&file, stories(total as usize)).unwrap();
     common::produce_to(brokers, &topic, &file);
 
-    let scored_by = |name: &str| s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
-        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
-    });
+    let scored_by = |name: &str| scored_by(&s3, name);
     let deadline = Instant::now() + Duration::from_secs(300);
     while scored_by("a") < 300 {
         assert!(Instant::now() < deadline, "instance a made no progress\n{}", a.logs());

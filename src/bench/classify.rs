@@ -80,6 +80,8 @@ struct Subject {
     /// A second session for replaying the pipeline's batches without the pipeline.
     bare: OrtBackend,
     seconds: Vec<f64>,
+    /// The process's CPU time (every thread) while the pipeline scored.
+    cpu_seconds: Vec<f64>,
     bare_seconds: Vec<f64>,
     batch_ms: Vec<f64>,
     padded_tokens: usize,
@@ -96,15 +98,15 @@ impl Subject {
         let provider = inner.provider();
         let classifier = Classifier::with_backend(config, spec.clone(), Recording { inner, log: log.clone() }, provider)?;
         let bare = OrtBackend::new(spec, config)?;
-        let (seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new());
-        Ok(Subject { label, classifier, log, bare, seconds, bare_seconds, batch_ms, padded_tokens: 0, ops: 0.0, batches: Vec::new() })
+        let (seconds, cpu_seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        Ok(Subject { label, classifier, log, bare, seconds, cpu_seconds, bare_seconds, batch_ms, padded_tokens: 0, ops: 0.0, batches: Vec::new() })
     }
 
     /// Scores every text through the pipeline, then replays the batches it formed on the bare
     /// session; records both times when `timed`.
     fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], work: &Work, timed: bool) -> Result<(), ClassifyError> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), process_cpu_seconds());
         runtime.block_on(async {
             let mut pending = Vec::with_capacity(texts.len());
             for text in texts {
@@ -115,7 +117,7 @@ impl Subject {
             }
             Ok::<_, ClassifyError>(())
         })?;
-        let seconds = started.elapsed().as_secs_f64();
+        let (seconds, cpu_seconds) = (started.elapsed().as_secs_f64(), process_cpu_seconds() - cpu);
         let batches = std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
         let started = Instant::now();
         for (batch, _) in &batches {
@@ -124,6 +126,7 @@ impl Subject {
         if timed {
             self.bare_seconds.push(started.elapsed().as_secs_f64());
             self.seconds.push(seconds);
+            self.cpu_seconds.push(cpu_seconds);
             self.batch_ms.extend(batches.iter().map(|(_, d)| d.as_secs_f64() * 1e3));
             self.padded_tokens = batches.iter().map(|(b, _)| b.padded_tokens()).sum();
             self.ops = batches.iter().map(|(b, _)| work.ops(b.rows, b.cols)).sum();
@@ -248,6 +251,7 @@ fn read_texts(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
 #[derive(serde::Deserialize)]
 struct PythonPass {
     seconds: f64,
+    cpu_seconds: f64,
     batch_ms: Vec<f64>,
     padded_tokens: usize,
 }
@@ -268,6 +272,16 @@ fn python_pass(args: &BenchArgs, spec: &ModelSpec, items: usize) -> Result<Pytho
         return Err(BenchError::Python(String::from_utf8_lossy(&output.stderr).into_owned()));
     }
     serde_json::from_slice(&output.stdout).map_err(|e| BenchError::Python(format!("unreadable result: {e}")))
+}
+
+/// CPU time of this process so far, every thread's.
+fn process_cpu_seconds() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) } != 0 {
+        return f64::NAN;
+    }
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
 fn threads(args: &BenchArgs) -> usize {
@@ -307,16 +321,20 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
     };
     let _ = writeln!(
         out,
-        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | GOP/item | GOP/s per core (% of int8 peak) | bare ORT items/s | overhead vs bare ORT | × Python |"
+        "| pipeline | items/s | p50 batch ms | p99 batch ms | padded tokens/item | GOP/item | GOP/s per core (% of int8 peak) | bare ORT items/s | overhead vs bare ORT | CPU ms/item | × Python (wall) | × Python (CPU) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let python_seconds: Vec<f64> = python.iter().map(|p| p.seconds).collect();
+    let python_cpu: Vec<f64> = python.iter().map(|p| p.cpu_seconds).collect();
+    let ratio = |ours: &[f64], theirs: &[f64]| {
+        let per_round: Vec<f64> = theirs.iter().zip(ours).map(|(p, t)| p / t).collect();
+        if per_round.is_empty() { "–".to_string() } else { format!("{:.2}×", median(&per_round)) }
+    };
     for s in subjects {
         let overhead: Vec<f64> = s.seconds.iter().zip(&s.bare_seconds).map(|(t, b)| t / b - 1.0).collect();
-        let speedup: Vec<f64> = python_seconds.iter().zip(&s.seconds).map(|(p, t)| p / t).collect();
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.3} | {} | {:.0} | {:+.1} % | {} |",
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.3} | {} | {:.0} | {:+.1} % | {:.2} | {} | {} |",
             s.label,
             items as f64 / median(&s.seconds),
             percentile(&s.batch_ms, 50.0),
@@ -326,23 +344,27 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
             per_core(s),
             items as f64 / median(&s.bare_seconds),
             median(&overhead) * 100.0,
-            if speedup.is_empty() { "–".to_string() } else { format!("{:.2}×", median(&speedup)) },
+            median(&s.cpu_seconds) * 1e3 / items as f64,
+            ratio(&s.seconds, &python_seconds),
+            ratio(&s.cpu_seconds, &python_cpu),
         );
     }
     if let Some(last) = python.last() {
         let batch_ms: Vec<f64> = python.iter().flat_map(|p| p.batch_ms.iter().copied()).collect();
         let _ = writeln!(
             out,
-            "| Python reference, batches of 32 in arrival order | {:.0} | {:.2} | {:.2} | {:.1} | | | – | – | 1.00× |",
+            "| Python reference, batches of 32 in arrival order | {:.0} | {:.2} | {:.2} | {:.1} | | | – | – | {:.2} | 1.00× | 1.00× |",
             items as f64 / median(&python_seconds),
             percentile(&batch_ms, 50.0),
             percentile(&batch_ms, 99.0),
             last.padded_tokens as f64 / items as f64,
+            median(&python_cpu) * 1e3 / items as f64,
         );
     }
     let _ = writeln!(
         out,
-        "\nOverhead and × Python are medians of per-round ratios. Batch ms: bearwatch rows time the model \
+        "\nOverhead and × Python are medians of per-round ratios; CPU is every thread's of each process (ORT's pool, \
+         tokenizing, batching) while it scored. Batch ms: bearwatch rows time the model \
          run of each batch (tokenizing overlaps it on another thread); the Python row times tokenize + run, \
          which its loop does in turn. GOP/item: the batches' arithmetic (2 × every weight matrix per padded \
          token, and attention's 4 × T² × hidden per item and layer) over the items; GOP/s per core: that × items/s ÷ \
