@@ -53,10 +53,6 @@ struct PartitionProgress {
 }
 
 impl Core {
-    fn shares_storage(&self) -> bool {
-        self.storage.as_ref().is_some_and(|s| s.instance().is_some())
-    }
-
     /// Publishes this instance's progress and holds the watermark for the other instances'
     /// partitions. Failures only delay news (logged): the checkpoint is already committed.
     pub(super) fn share_progress(&mut self) {
@@ -114,18 +110,7 @@ impl Core {
     /// On an assignment (the whole of it): drops the topics of partitions that went elsewhere, and
     /// takes over each assigned partition whose newest checkpoint is another instance's.
     pub(super) fn hand_over(&mut self, assigned: &[(String, i32)]) -> Result<(), PipelineError> {
-        if !self.shares_storage() {
-            return Ok(());
-        }
-        let ours: HashSet<String> = assigned.iter().map(|(topic, partition)| source_key(topic, *partition)).collect();
-        let gone: BTreeSet<String> = self.topic_sources.iter().filter(|(_, source)| !ours.contains(*source)).map(|(topic, _)| topic.clone()).collect();
-        self.drop_topics(&gone);
-        self.topic_sources.retain(|topic, _| !gone.contains(topic));
-        let stale: Vec<String> = self.windows.clocks().keys().filter(|source| !ours.contains(*source)).cloned().collect();
-        for source in stale {
-            self.windows.forget_source(&source);
-        }
-        let storage = self.storage.as_ref().expect("shares storage");
+        let Some(storage) = self.storage.as_ref().filter(|s| s.instance().is_some()) else { return Ok(()) };
         let mut donors: Vec<(String, Checkpoint)> = Vec::new();
         for (instance, bytes) in storage.others_checkpoints().map_err(PipelineError::Storage)? {
             match serde_json::from_slice::<Checkpoint>(&bytes) {
@@ -138,6 +123,14 @@ impl Core {
         }
         let storage_location = storage.location().clone();
         let storage_location = &storage_location;
+        let ours: HashSet<String> = assigned.iter().map(|(topic, partition)| source_key(topic, *partition)).collect();
+        let gone: BTreeSet<String> = self.topic_sources.iter().filter(|(_, source)| !ours.contains(*source)).map(|(topic, _)| topic.clone()).collect();
+        self.drop_topics(&gone);
+        self.topic_sources.retain(|topic, _| !gone.contains(topic));
+        let stale: Vec<String> = self.windows.clocks().keys().filter(|source| !ours.contains(*source)).cloned().collect();
+        for source in stale {
+            self.windows.forget_source(&source);
+        }
         let mut took_copies = BTreeSet::new();
         for (topic, partition) in assigned {
             let here = self.offset(topic, *partition);
