@@ -4,7 +4,8 @@ a shared machine's drift hits every file alike. Prints each file's median items/
 ratio to the first file.
     .venv/bin/python models/train/ort_speed.py models/model.onnx OTHER.onnx [--rounds 5]
 (the speed column of the model card's "Which int8" table; `bearwatch bench classify` measures the
-whole pipeline)."""
+whole pipeline). `--config KEY=VALUE` adds the first file again under that ONNX Runtime session
+setting (e.g. `session.intra_op.allow_spinning=0`). CPU ms/item counts every thread of the process."""
 import argparse
 import json
 import time
@@ -23,6 +24,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--input", default=str(ROOT / "benches/data/headlines_mix.jsonl"))
+    p.add_argument("--config", action="append", default=[], help="KEY=VALUE: the first file again with this session setting")
     args = p.parse_args()
     tok = Tokenizer.from_file(str(ROOT / "models/tokenizer.json"))
     tok.no_padding()
@@ -37,24 +39,30 @@ def main():
         for row, e in enumerate(chunk):
             ids[row, :len(e)], mask[row, :len(e)] = e, 1
         batches.append({"input_ids": ids, "attention_mask": mask})
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    sessions = [ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]) for m in args.models]
-    for session in sessions:
+    def session(path, entry=None):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        if entry:
+            opts.add_session_config_entry(*entry.split("=", 1))
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+    runs = [(m, session(m)) for m in args.models] + [(f"{args.models[0]} with {c}", session(args.models[0], c)) for c in args.config]
+    for _, s in runs:
         for batch in batches[:3]:
-            session.run(None, batch)
-    rates = [[] for _ in sessions]
+            s.run(None, batch)
+    rates, cpu = [[] for _ in runs], [[] for _ in runs]
     for _ in range(args.rounds):
-        for k, session in enumerate(sessions):
-            started = time.perf_counter()
+        for k, (_, s) in enumerate(runs):
+            started, used = time.perf_counter(), time.process_time()
             for batch in batches:
-                session.run(None, batch)
+                s.run(None, batch)
             rates[k].append(len(encoded) / (time.perf_counter() - started))
+            cpu[k].append((time.process_time() - used) * 1e3 / len(encoded))
     first = np.array(rates[0])
-    for path, r in zip(args.models, rates):
+    for (label, _), r, c in zip(runs, rates, cpu):
         ratio = np.array(r) / first
-        print(f"{path}: median {np.median(r):.0f} items/s; to the first: median {np.median(ratio):.2f}× "
-              f"({ratio.min():.2f}–{ratio.max():.2f})")
+        print(f"{label}: median {np.median(r):.0f} items/s, {np.median(c):.2f} CPU ms/item; to the first: "
+              f"median {np.median(ratio):.2f}× ({ratio.min():.2f}–{ratio.max():.2f})")
 
 
 if __name__ == "__main__":
