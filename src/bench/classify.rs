@@ -84,10 +84,7 @@ struct Subject {
     cpu_seconds: Vec<f64>,
     bare_seconds: Vec<f64>,
     batch_ms: Vec<f64>,
-    padded_tokens: usize,
-    /// Arithmetic of the batches it formed (see [`Work`]).
-    ops: f64,
-    /// The batches of the last timed round, for `--profile`.
+    /// The batches of the last timed round: their padding and arithmetic, and `--profile`'s input.
     batches: Vec<PaddedBatch>,
 }
 
@@ -99,12 +96,12 @@ impl Subject {
         let classifier = Classifier::with_backend(config, spec.clone(), Recording { inner, log: log.clone() }, provider)?;
         let bare = OrtBackend::new(spec, config)?;
         let (seconds, cpu_seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        Ok(Subject { label, classifier, log, bare, seconds, cpu_seconds, bare_seconds, batch_ms, padded_tokens: 0, ops: 0.0, batches: Vec::new() })
+        Ok(Subject { label, classifier, log, bare, seconds, cpu_seconds, bare_seconds, batch_ms, batches: Vec::new() })
     }
 
     /// Scores every text through the pipeline, then replays the batches it formed on the bare
     /// session; records both times when `timed`.
-    fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], work: &Work, timed: bool) -> Result<(), ClassifyError> {
+    fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], timed: bool) -> Result<(), ClassifyError> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let (started, cpu) = (Instant::now(), process_cpu_seconds());
         runtime.block_on(async {
@@ -128,11 +125,18 @@ impl Subject {
             self.seconds.push(seconds);
             self.cpu_seconds.push(cpu_seconds);
             self.batch_ms.extend(batches.iter().map(|(_, d)| d.as_secs_f64() * 1e3));
-            self.padded_tokens = batches.iter().map(|(b, _)| b.padded_tokens()).sum();
-            self.ops = batches.iter().map(|(b, _)| work.ops(b.rows, b.cols)).sum();
             self.batches = batches.into_iter().map(|(b, _)| b).collect();
         }
         Ok(())
+    }
+
+    fn padded_tokens(&self) -> usize {
+        self.batches.iter().map(PaddedBatch::padded_tokens).sum()
+    }
+
+    /// Arithmetic of the batches it formed (see [`Work`]).
+    fn ops(&self, work: &Work) -> f64 {
+        self.batches.iter().map(|b| work.ops(b.rows, b.cols)).sum()
     }
 }
 
@@ -160,18 +164,18 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     // round then measures every configuration and the Python reference back to back, so a slow
     // spell of the machine hits one round rather than one configuration; ratios are per round.
     for subject in &mut subjects {
-        subject.measure(&runtime, &texts, &work, false)?;
+        subject.measure(&runtime, &texts, false)?;
     }
     let mut python = Vec::new();
     for _ in 0..args.repeats.max(1) {
         for subject in &mut subjects {
-            subject.measure(&runtime, &texts, &work, true)?;
+            subject.measure(&runtime, &texts, true)?;
         }
         if !args.no_python {
             python.push(python_pass(args, &spec, texts.len())?);
         }
     }
-    let mut out = report(&subjects, &python, args, &base, texts.len(), &Machine::read());
+    let mut out = report(&subjects, &python, args, &base, texts.len(), &Machine::read(), &work);
     if args.profile {
         let defaults = subjects.last().expect("the defaults are measured");
         out.push_str(&profile(&spec, &base, &defaults.batches, median(&defaults.seconds), median(&defaults.bare_seconds))?);
@@ -299,7 +303,7 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(f64::NAN)
 }
 
-fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &ClassifierConfig, items: usize, machine: &Machine) -> String {
+fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &ClassifierConfig, items: usize, machine: &Machine, work: &Work) -> String {
     let mut out = String::new();
     let rounds = args.repeats.max(1);
     let _ = writeln!(
@@ -315,7 +319,7 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
     let amx = machine.int8.iter().find(|(name, _)| *name == "AMX-INT8");
     let peaks: Vec<(&str, f64)> = vector.into_iter().chain(amx).filter_map(|(name, ops)| Some((*name, machine.peak_gops(*ops)?))).collect();
     let per_core = |s: &Subject| {
-        let gops = s.ops / median(&s.seconds) / threads(args) as f64 / 1e9;
+        let gops = s.ops(work) / median(&s.seconds) / threads(args) as f64 / 1e9;
         let shares: Vec<String> = peaks.iter().map(|(name, peak)| format!("{:.1} % {name}", 100.0 * gops / peak)).collect();
         if shares.is_empty() { format!("{gops:.0}") } else { format!("{gops:.0} ({})", shares.join(", ")) }
     };
@@ -339,8 +343,8 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
             items as f64 / median(&s.seconds),
             percentile(&s.batch_ms, 50.0),
             percentile(&s.batch_ms, 99.0),
-            s.padded_tokens as f64 / items as f64,
-            s.ops / items as f64 / 1e9,
+            s.padded_tokens() as f64 / items as f64,
+            s.ops(work) / items as f64 / 1e9,
             per_core(s),
             items as f64 / median(&s.bare_seconds),
             median(&overhead) * 100.0,

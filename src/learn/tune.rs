@@ -144,8 +144,9 @@ fn pooled<'a>(model: &Minilm, items: impl Iterator<Item = &'a Item>) -> candle_c
     model.forward(&ids, &mask)
 }
 
-/// Summed cross-entropy of `items`: each on the head it labels, plus `distill` times the
-/// cross-entropy against the champion's probabilities on the other head.
+/// Summed cross-entropy of `items`: each on the head it labels (for a replayed anchor, against its
+/// label mixed with `keep` of the champion's probabilities), plus `distill` times the cross-entropy
+/// against the champion's probabilities on the other head.
 fn loss(model: &Minilm, heads: &TrainedHeads, items: &[&Item], distill: f32, keep: f32) -> candle_core::Result<Tensor> {
     let pooled = pooled(model, items.iter().copied())?;
     let mut total = Tensor::zeros((), candle_core::DType::F32, model.device())?;

@@ -502,8 +502,11 @@ impl Core {
         if self.role == Role::Classify {
             return Ok(());
         }
-        if at.from_kafka && self.topic_sources.get(&row.scores.topic).is_none_or(|s| *s != source_key(&at.topic, at.partition)) {
-            self.topic_sources.insert(row.scores.topic.clone(), source_key(&at.topic, at.partition));
+        if at.from_kafka {
+            let source = source_key(&at.topic, at.partition);
+            if self.topic_sources.get(&row.scores.topic) != Some(&source) {
+                self.topic_sources.insert(row.scores.topic.clone(), source);
+            }
         }
         if let Some(shadow) = self.shadow.as_mut() {
             shadow.submit(&row.news, published_ms, &row.news.classification_text(self.limits.body_chars));

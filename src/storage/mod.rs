@@ -439,14 +439,7 @@ impl Storage {
         let Some(name) = &self.place.instance else { return Ok(()) };
         let relative = format!("{PROGRESS}/{name}.json");
         match &self.place.location {
-            Location::Local(root) => {
-                let path = root.join(&relative);
-                let dir = path.parent().unwrap_or(root);
-                fs::create_dir_all(dir).map_err(io_error(dir))?;
-                let temp = path.with_extension("json.tmp");
-                fs::write(&temp, &bytes).map_err(io_error(&temp))?;
-                fs::rename(&temp, &path).map_err(io_error(&path))
-            }
+            Location::Local(root) => replace_local(root, &relative, &bytes),
             Location::Bucket(bucket) => bucket.put(&relative, bytes, Mode::Overwrite).map(|_| ()),
         }
     }
@@ -676,24 +669,27 @@ fn parse_checkpoint<T: DeserializeOwned>(place: &Place, bytes: &[u8]) -> Result<
     serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: PathBuf::from(place.name(&place.checkpoint())), reason: e.to_string() })
 }
 
+/// Replaces the JSON file `relative` under `root` whole: a temp file, fsynced, renamed over it, and
+/// the folder fsynced (created if need be).
+fn replace_local(root: &Path, relative: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    let path = root.join(relative);
+    let dir = path.parent().unwrap_or(root);
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let temp = path.with_extension("json.tmp");
+    let mut file = File::create(&temp).map_err(io_error(&temp))?;
+    file.write_all(bytes).map_err(io_error(&temp))?;
+    file.sync_all().map_err(io_error(&temp))?;
+    fs::rename(&temp, &path).map_err(io_error(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
+}
+
 /// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
 /// one there. Returns the new version.
 fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, version: Option<&str>) -> Result<Option<String>, StorageError> {
     let relative = place.checkpoint();
     let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: PathBuf::from(place.name(&relative)), reason: e.to_string() })?;
     match &place.location {
-        Location::Local(root) => {
-            let path = root.join(&relative);
-            let dir = path.parent().unwrap_or(root);
-            fs::create_dir_all(dir).map_err(io_error(dir))?;
-            let temp = path.with_extension("json.tmp");
-            let mut file = File::create(&temp).map_err(io_error(&temp))?;
-            file.write_all(&bytes).map_err(io_error(&temp))?;
-            file.sync_all().map_err(io_error(&temp))?;
-            fs::rename(&temp, &path).map_err(io_error(&path))?;
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
-            Ok(None)
-        }
+        Location::Local(root) => replace_local(root, &relative, &bytes).map(|()| None),
         Location::Bucket(bucket) => {
             let mode = match version {
                 Some(etag) => Mode::Replace(etag),

@@ -136,9 +136,7 @@ impl Copies {
         self.recent.push_back(entry);
         cluster
     }
-}
 
-impl Copies {
     /// Adds another instance's recent stories (a partition taken over from it), ordered by event
     /// time with these, each story once, the newest [`MAX_RECENT`] kept.
     pub fn merge(&mut self, other: &Copies) {

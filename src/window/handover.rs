@@ -7,13 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{SourceClock, WindowKey, WindowState};
 
+/// A window of one of `topics` itself (not `all`, not a ticker's).
+fn of_topics(key: &WindowKey, topics: &BTreeSet<String>) -> bool {
+    key.ticker.is_none() && topics.contains(&key.topic)
+}
+
 impl WindowState {
     /// Forgets the windows of `topics`: their partition went to another instance, which goes on
     /// with them from the checkpoint this one just wrote.
     pub fn drop_topics(&mut self, topics: &BTreeSet<String>) {
-        let theirs = |key: &WindowKey| key.ticker.is_none() && topics.contains(&key.topic);
-        self.open.retain(|key, _| !theirs(key));
-        self.closed.retain(|key, _| !theirs(key));
+        self.open.retain(|key, _| !of_topics(key, topics));
+        self.closed.retain(|key, _| !of_topics(key, topics));
     }
 
     /// Goes on with `topics`' windows and `source`'s clock as `donor` (the checkpoint of the
@@ -21,9 +25,8 @@ impl WindowState {
     /// older: replaced. A window the watermark here has already passed closes at the next story.
     pub fn adopt(&mut self, donor: &WindowState, topics: &BTreeSet<String>, source: &str) {
         self.drop_topics(topics);
-        let theirs = |key: &WindowKey| key.ticker.is_none() && topics.contains(&key.topic);
-        self.open.extend(donor.open.iter().filter(|(key, _)| theirs(key)).map(|(k, w)| (k.clone(), w.clone())));
-        self.closed.extend(donor.closed.iter().filter(|(key, _)| theirs(key)).map(|(k, w)| (k.clone(), w.clone())));
+        self.open.extend(donor.open.iter().filter(|(key, _)| of_topics(key, topics)).map(|(k, w)| (k.clone(), w.clone())));
+        self.closed.extend(donor.closed.iter().filter(|(key, _)| of_topics(key, topics)).map(|(k, w)| (k.clone(), w.clone())));
         self.trim_closed();
         let clock = donor.sources.get(source).copied().unwrap_or(SourceClock { max_event_ms: None, caught_up: false });
         if let Some(event_ms) = clock.max_event_ms {

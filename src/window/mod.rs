@@ -597,14 +597,16 @@ impl WindowState {
     pub fn take_due_for_rules(&mut self, every_ms: i64, now_ms: i64) -> Vec<WindowRow> {
         let Some(watermark) = self.watermark_ms else { return Vec::new() };
         let step = watermark.div_euclid(every_ms.max(1));
-        let Some(done) = self.evaluated_step.replace(step.max(self.evaluated_step.unwrap_or(step))) else {
+        let Some(done) = self.evaluated_step else {
             // The first watermark crosses nothing: when it comes depends on how the partitions
             // interleave, and the rules would read whatever was open then.
+            self.evaluated_step = Some(step);
             return Vec::new();
         };
         if step <= done {
             return Vec::new();
         }
+        self.evaluated_step = Some(step);
         self.take_marked(|w| &mut w.unevaluated, now_ms)
     }
 
