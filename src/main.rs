@@ -430,7 +430,10 @@ struct ModelArgs {
     max_batch_size: Option<usize>,
     #[arg(long)]
     max_wait_ms: Option<u64>,
-    /// ONNX Runtime intra-op threads; 0 = one per core.
+    /// Model workers, each running one batch at a time; 0 = one per core on CPU (at most 8), one on CUDA.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// ONNX Runtime intra-op threads per worker; 0 = the cores shared out among the workers.
     #[arg(long)]
     threads: Option<usize>,
     /// Tokens kept per text.
@@ -450,6 +453,7 @@ impl ModelArgs {
             max_batch_tokens: self.max_batch_tokens.unwrap_or(defaults.max_batch_tokens),
             max_batch_size: self.max_batch_size.unwrap_or(defaults.max_batch_size),
             max_wait_ms: self.max_wait_ms.unwrap_or(defaults.max_wait_ms),
+            workers: self.workers.unwrap_or(defaults.workers),
             threads: self.threads.unwrap_or(defaults.threads),
             max_length: self.max_length.unwrap_or(defaults.max_length),
             body_chars: self.body_chars.unwrap_or(defaults.body_chars),

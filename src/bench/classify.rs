@@ -29,7 +29,11 @@ pub struct BenchArgs {
     /// Model folder (model.onnx, tokenizer.json, labels.json); default: the bundled `models/`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads, for bearwatch and Python alike; 0 = one per core.
+    /// Model workers (sessions running batches side by side); 0 = the classifier's default.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// ONNX Runtime intra-op threads per worker; 0 = the classifier's default. Python gets
+    /// workers × threads, the same cores.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Python interpreter with onnxruntime and tokenizers (what scripts/setup-ort.sh installs).
@@ -77,8 +81,8 @@ struct Subject {
     label: String,
     classifier: Classifier,
     log: Arc<Mutex<Vec<(PaddedBatch, Duration)>>>,
-    /// A second session for replaying the pipeline's batches without the pipeline.
-    bare: OrtBackend,
+    /// As many sessions again, for replaying the pipeline's batches without the pipeline.
+    bare: Vec<OrtBackend>,
     seconds: Vec<f64>,
     /// The process's CPU time (every thread) while the pipeline scored.
     cpu_seconds: Vec<f64>,
@@ -91,10 +95,10 @@ struct Subject {
 impl Subject {
     fn new(label: String, config: &ClassifierConfig, spec: &ModelSpec) -> Result<Subject, ClassifyError> {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let inner = OrtBackend::new(spec, config)?;
-        let provider = inner.provider();
-        let classifier = Classifier::with_backend(config, spec.clone(), Recording { inner, log: log.clone() }, provider)?;
-        let bare = OrtBackend::new(spec, config)?;
+        let (sessions, provider) = Classifier::sessions(spec, config)?;
+        let recording = sessions.into_iter().map(|inner| Recording { inner, log: log.clone() }).collect();
+        let classifier = Classifier::with_backends(config, spec.clone(), recording, provider)?;
+        let bare = Classifier::sessions(spec, config)?.0;
         let (seconds, cpu_seconds, bare_seconds, batch_ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         Ok(Subject { label, classifier, log, bare, seconds, cpu_seconds, bare_seconds, batch_ms, batches: Vec::new() })
     }
@@ -117,9 +121,7 @@ impl Subject {
         let (seconds, cpu_seconds) = (started.elapsed().as_secs_f64(), process_cpu_seconds() - cpu);
         let batches = std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
         let started = Instant::now();
-        for (batch, _) in &batches {
-            self.bare.run(batch)?;
-        }
+        replay(&mut self.bare, batches.iter().map(|(batch, _)| batch))?;
         if timed {
             self.bare_seconds.push(started.elapsed().as_secs_f64());
             self.seconds.push(seconds);
@@ -140,9 +142,28 @@ impl Subject {
     }
 }
 
+/// Runs `batches` through the sessions side by side, each taking the next batch when it is free,
+/// as the pipeline's workers do.
+fn replay<'a>(sessions: &mut [OrtBackend], batches: impl Iterator<Item = &'a PaddedBatch> + Send) -> Result<(), ClassifyError> {
+    let next = Mutex::new(batches);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = sessions
+            .iter_mut()
+            .map(|session| {
+                let next = &next;
+                scope.spawn(move || loop {
+                    let Some(batch) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else { return Ok(()) };
+                    session.run(batch)?;
+                })
+            })
+            .collect();
+        runs.into_iter().try_for_each(|run| run.join().unwrap_or_else(|_| Err(ClassifyError::Inference("a replay thread panicked".into()))))
+    })
+}
+
 pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     let texts = read_texts(args)?;
-    let base = ClassifierConfig { path: args.model.clone(), threads: args.threads, ..ClassifierConfig::default() };
+    let base = config(args);
     let spec = ModelSpec::load(&base.model_dir())?;
     let graph = base.model_dir().join("model.onnx");
     let unreadable = |reason: String| BenchError::Input { path: graph.clone(), reason };
@@ -188,10 +209,16 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
 fn profile(spec: &ModelSpec, config: &ClassifierConfig, batches: &[PaddedBatch], pipeline_s: f64, bare_s: f64) -> Result<String, BenchError> {
     let dir = std::env::temp_dir().join(format!("bearwatch-profile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Input { path: dir.clone(), reason: e.to_string() })?;
+    // One worker's session, every batch in turn: kernel times add up to its wall time.
     let mut session = OrtBackend::profiled(spec, config, &dir.join("ort"))?;
-    for batch in batches.iter().chain(batches) {
+    for batch in batches {
         session.run(batch)?;
     }
+    let started = Instant::now();
+    for batch in batches {
+        session.run(batch)?;
+    }
+    let session_s = started.elapsed().as_secs_f64();
     let file = session.end_profiling()?;
     let unreadable = |reason: String| BenchError::Input { path: file.clone(), reason };
     let events: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&file).map_err(|e| unreadable(e.to_string()))?).map_err(|e| unreadable(e.to_string()))?;
@@ -216,7 +243,7 @@ fn profile(spec: &ModelSpec, config: &ClassifierConfig, batches: &[PaddedBatch],
     let mut rows: Vec<(&String, &(usize, f64))> = per_op.iter().collect();
     rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
     let mut out = format!(
-        "\nONNX Runtime profile of the defaults' {} batches (one pass after one untimed): time per operator type, summed over its nodes\n\n\
+        "\nONNX Runtime profile of the defaults' {} batches through one worker's session (one pass after one untimed): time per operator type, summed over its nodes\n\n\
          | operator | nodes | ms | share of kernel time |\n|---|---:|---:|---:|\n",
         batches.len()
     );
@@ -225,9 +252,11 @@ fn profile(spec: &ModelSpec, config: &ClassifierConfig, batches: &[PaddedBatch],
     }
     let _ = writeln!(
         out,
-        "\nKernels {:.0} ms of bare ORT's {:.0} ms for these batches (the rest: ORT's own work between kernels, and the \
-         profiler); the pipeline took {:.0} ms: its own share (tokenizing, batching, copying out) is {:.1} %.",
+        "\nKernels {:.0} ms of that session's {:.0} ms for these batches (the rest: ORT's own work between kernels, and the \
+         profiler). On all workers, bare ORT took {:.0} ms and the pipeline {:.0} ms: its own share (tokenizing, batching, \
+         copying out) is {:.1} %.",
         total,
+        session_s * 1e3,
         bare_s * 1e3,
         pipeline_s * 1e3,
         100.0 * (pipeline_s - bare_s) / pipeline_s
@@ -288,8 +317,14 @@ fn process_cpu_seconds() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
+fn config(args: &BenchArgs) -> ClassifierConfig {
+    ClassifierConfig { path: args.model.clone(), workers: args.workers, threads: args.threads, ..ClassifierConfig::default() }
+}
+
+/// Threads on the model in all, the cores the pipeline's workers share (and what Python gets).
 fn threads(args: &BenchArgs) -> usize {
-    ClassifierConfig { threads: args.threads, ..ClassifierConfig::default() }.threads()
+    let config = config(args);
+    config.workers() * config.threads()
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -308,8 +343,10 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
     let rounds = args.repeats.max(1);
     let _ = writeln!(
         out,
-        "{items} items from {}, {} ORT threads, max_length {}, median of {rounds} timed rounds\n{}\n",
+        "{items} items from {}, {} model workers × {} ORT threads (Python: one session, {} threads), max_length {}, median of {rounds} timed rounds\n{}\n",
         args.input.display(),
+        base.workers(),
+        base.threads(),
         threads(args),
         base.max_length,
         machine.describe(),
@@ -372,7 +409,7 @@ fn report(subjects: &[Subject], python: &[PythonPass], args: &BenchArgs, base: &
          run of each batch (tokenizing overlaps it on another thread); the Python row times tokenize + run, \
          which its loop does in turn. GOP/item: the batches' arithmetic (2 × every weight matrix per padded \
          token, and attention's 4 × T² × hidden per item and layer) over the items; GOP/s per core: that × items/s ÷ \
-         ORT threads; peak: int8 operations per cycle per core of the instruction set × the clock above."
+         model threads (workers × ORT threads); peak: int8 operations per cycle per core of the instruction set × the clock above."
     );
     out
 }

@@ -1,13 +1,15 @@
-//! Token-budget dynamic batching, after Hugging Face TEI.
+//! Token-budget dynamic batching, after Hugging Face TEI, over one or more model workers (Triton's
+//! instance count).
 //!
-//! Callers tokenize on their own tasks and queue token ids; one thread owns the model and forms each
-//! batch from whatever is queued the moment the model is free. A batch always takes the oldest item
-//! (so nothing starves), then the queued items closest to it in length (so little is padding), as
-//! long as rows × longest row stays within `max_batch_tokens` and rows within `max_batch_size`.
-//! The only deliberate wait is for a lone item that finds the model idle: up to `max_wait` for
-//! company, then it runs alone. Work that queued while the model was busy runs as soon as it is free.
+//! Callers tokenize on their own tasks and queue token ids; each worker thread owns one model
+//! session and, the moment it is free, forms a batch from whatever is queued. A batch always takes
+//! the oldest item (so nothing starves), then the queued items closest to it in length (so little is
+//! padding), as long as rows × longest row stays within `max_batch_tokens` and rows within
+//! `max_batch_size`. The only deliberate wait is for a lone item that finds a worker idle: up to
+//! `max_wait` for company, then it runs alone. Work that queued while the workers were busy runs as
+//! soon as one is free.
 
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
@@ -98,15 +100,75 @@ struct Group {
     slot: Option<OwnedSemaphorePermit>,
 }
 
-enum Job {
-    Item(Request),
-    Group(Group),
+/// What is queued, shared by the submitters and the workers.
+#[derive(Default)]
+struct Queue {
+    items: Vec<Request>,
+    groups: Vec<Group>,
+    /// False once every [`Submitter`] is dropped: the workers finish what is queued and end.
+    open: bool,
+    /// Workers still running; at 0 (all panicked) nothing queued could ever run, so submits fail.
+    workers: usize,
 }
 
-/// The sending side of the batcher's queue; the batcher thread ends when every clone is dropped.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when work is queued or the queue closes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A worker that panicked mid-batch leaves a queue that is still consistent: every change
+        // to it is a single push or remove.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, add: impl FnOnce(&mut Queue)) -> Result<(), ClassifyError> {
+        let mut queue = self.lock();
+        if queue.workers == 0 {
+            return Err(ClassifyError::Stopped);
+        }
+        add(&mut queue);
+        drop(queue);
+        self.changed.notify_one();
+        Ok(())
+    }
+}
+
+/// Counts a worker out when its thread ends, however it ends; the last one fails what is queued.
+struct Running<'a>(&'a Shared);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.workers -= 1;
+        if queue.workers == 0 {
+            let stranded = queue.items.len();
+            metrics::gauge!("bearwatch_classify_queue_depth").decrement(stranded as f64);
+            crate::telemetry::dropped("classify", "stopped", stranded as u64);
+            // Dropping the replies tells their callers the classifier stopped.
+            queue.items.clear();
+            queue.groups.clear();
+        }
+    }
+}
+
+/// Closes the queue when the last [`Submitter`] clone is dropped.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().open = false;
+        self.0.changed.notify_all();
+    }
+}
+
+/// The sending side of the batcher's queue; the workers end when every clone is dropped.
 #[derive(Clone)]
 pub struct Submitter {
-    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
 }
 
 impl Submitter {
@@ -118,7 +180,7 @@ impl Submitter {
     ) -> Result<oneshot::Receiver<Result<ItemOutput, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
         let request = Request { ids, arrived: Instant::now(), reply, slot };
-        self.tx.send(Job::Item(request)).map_err(|_| ClassifyError::Stopped)?;
+        self.shared.push(|queue| queue.items.push(request))?;
         metrics::gauge!("bearwatch_classify_queue_depth").increment(1.0);
         crate::telemetry::received("classify", 1);
         Ok(rx)
@@ -132,80 +194,82 @@ impl Submitter {
         slot: Option<OwnedSemaphorePermit>,
     ) -> Result<oneshot::Receiver<Result<Vec<ItemOutput>, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job::Group(Group { rows, reply, slot })).map_err(|_| ClassifyError::Stopped)?;
+        self.shared.push(|queue| queue.groups.push(Group { rows, reply, slot }))?;
         Ok(rx)
     }
 }
 
-/// Starts the batcher thread that owns `backend`.
-pub fn spawn(backend: impl Backend, limits: BatchLimits) -> Result<Submitter, ClassifyError> {
-    let (tx, rx) = mpsc::channel();
+/// Starts one worker thread per backend, all serving one queue.
+pub fn spawn<B: Backend>(backends: Vec<B>, limits: BatchLimits) -> Result<Submitter, ClassifyError> {
+    if backends.is_empty() {
+        return Err(ClassifyError::Session("no model worker to run batches".into()));
+    }
+    let queue = Queue { open: true, workers: backends.len(), ..Queue::default() };
+    let shared = Arc::new(Shared { queue: Mutex::new(queue), changed: Condvar::new() });
+    // Made first: if a thread cannot start, dropping it closes the queue for those that did.
+    let submitter = Submitter { _closer: Arc::new(Closer(shared.clone())), shared: shared.clone() };
     // Taken before any item can be submitted, so the first item counts as arriving at an idle model.
     let idle_since = Instant::now();
-    std::thread::Builder::new()
-        .name("classify-batcher".into())
-        .spawn(move || run(backend, rx, limits, idle_since))
-        .map_err(|e| ClassifyError::Session(format!("cannot start the batcher thread: {e}")))?;
-    Ok(Submitter { tx })
+    for (index, backend) in backends.into_iter().enumerate() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("classify-worker-{index}"))
+            .spawn(move || work(backend, &shared, limits, idle_since))
+            .map_err(|e| ClassifyError::Session(format!("cannot start a classify worker thread: {e}")))?;
+    }
+    Ok(submitter)
 }
 
-fn run(mut backend: impl Backend, rx: mpsc::Receiver<Job>, limits: BatchLimits, mut idle_since: Instant) {
-    let mut queue: Vec<Request> = Vec::new();
-    let mut groups: Vec<Group> = Vec::new();
-    let mut open = true;
-    let push = |job: Job, queue: &mut Vec<Request>, groups: &mut Vec<Group>| match job {
-        Job::Item(request) => queue.push(request),
-        Job::Group(group) => groups.push(group),
-    };
-    loop {
-        loop {
-            match rx.try_recv() {
-                Ok(job) => push(job, &mut queue, &mut groups),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
+enum Next {
+    Items(Vec<Request>),
+    Group(Group),
+}
+
+/// One worker: takes the next batch whenever it is free, until the queue is closed and empty.
+fn work(mut backend: impl Backend, shared: &Shared, limits: BatchLimits, mut idle_since: Instant) {
+    let _running = Running(shared);
+    while let Some(next) = next_batch(shared, &limits, idle_since) {
+        match next {
+            Next::Group(group) => execute_group(&mut backend, group, &limits),
+            Next::Items(batch) => execute(&mut backend, batch),
         }
-        // Callers that gave up need no compute.
-        let before = queue.len();
-        queue.retain(|r| !r.reply.is_closed());
-        metrics::gauge!("bearwatch_classify_queue_depth").decrement((before - queue.len()) as f64);
-        crate::telemetry::dropped("classify", "abandoned", (before - queue.len()) as u64);
-        groups.retain(|g| !g.reply.is_closed());
-        if !groups.is_empty() {
-            let group = groups.remove(0);
-            execute_group(&mut backend, group, &limits);
-            idle_since = Instant::now();
-            continue;
-        }
-        if queue.is_empty() {
-            match rx.recv() {
-                Ok(job) => push(job, &mut queue, &mut groups),
-                Err(_) => return,
-            }
-            continue;
-        }
-        // Only an item that found the model idle waits for company; one that arrived while a batch
-        // ran has waited already.
-        if queue.len() == 1 && open && limits.max_batch_size > 1 && queue[0].arrived >= idle_since {
-            let waited = queue[0].arrived.elapsed();
-            if let Some(left) = limits.max_wait.checked_sub(waited).filter(|d| !d.is_zero()) {
-                match rx.recv_timeout(left) {
-                    Ok(job) => {
-                        push(job, &mut queue, &mut groups);
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => open = false,
-                }
-            }
-        }
-        let batch = take_batch(&mut queue, &limits);
-        metrics::gauge!("bearwatch_classify_queue_depth").decrement(batch.len() as f64);
-        execute(&mut backend, batch);
         idle_since = Instant::now();
+    }
+}
+
+/// Waits for work and removes it from the queue; `None` once the queue is closed and drained.
+fn next_batch(shared: &Shared, limits: &BatchLimits, idle_since: Instant) -> Option<Next> {
+    let mut queue = shared.lock();
+    loop {
+        // Callers that gave up need no compute.
+        let before = queue.items.len();
+        queue.items.retain(|r| !r.reply.is_closed());
+        let abandoned = before - queue.items.len();
+        metrics::gauge!("bearwatch_classify_queue_depth").decrement(abandoned as f64);
+        crate::telemetry::dropped("classify", "abandoned", abandoned as u64);
+        queue.groups.retain(|g| !g.reply.is_closed());
+        if !queue.groups.is_empty() {
+            return Some(Next::Group(queue.groups.remove(0)));
+        }
+        if queue.items.is_empty() {
+            if !queue.open {
+                return None;
+            }
+            queue = shared.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        // Only an item that found this worker idle waits for company; one that arrived while every
+        // worker was busy has waited already.
+        if queue.items.len() == 1 && queue.open && limits.max_batch_size > 1 && queue.items[0].arrived >= idle_since {
+            let waited = queue.items[0].arrived.elapsed();
+            if let Some(left) = limits.max_wait.checked_sub(waited).filter(|d| !d.is_zero()) {
+                queue = shared.changed.wait_timeout(queue, left).unwrap_or_else(|e| e.into_inner()).0;
+                continue;
+            }
+        }
+        let batch = take_batch(&mut queue.items, limits);
+        metrics::gauge!("bearwatch_classify_queue_depth").decrement(batch.len() as f64);
+        return Some(Next::Items(batch));
     }
 }
 
@@ -372,7 +436,7 @@ mod tests {
             fail_first: bool,
         ) -> Harness {
             let batches = Arc::new(Mutex::new(Vec::new()));
-            let submitter = spawn(Echo { batches: batches.clone(), gate, fail_first }, limits).unwrap();
+            let submitter = spawn(vec![Echo { batches: batches.clone(), gate, fail_first }], limits).unwrap();
             Harness { submitter, slots: Arc::new(Semaphore::new(100_000)), batches }
         }
 
@@ -517,6 +581,70 @@ mod tests {
         let failed = harness.submit(5).await.unwrap();
         assert!(matches!(failed, Err(ClassifyError::Inference(ref m)) if m.contains("device lost")));
         assert_eq!(harness.submit(6).await.unwrap().unwrap().sentiment[0], 6.0);
+    }
+
+    /// Blocks any batch holding a row of 99 tokens until the test opens the gate.
+    struct Blocking {
+        entered: std_mpsc::Sender<()>,
+        gate: Arc<Mutex<std_mpsc::Receiver<()>>>,
+    }
+
+    impl Backend for Blocking {
+        fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
+            let lengths: Vec<usize> = batch.mask.chunks(batch.cols).map(|row| row.iter().sum::<i64>() as usize).collect();
+            if lengths.contains(&99) {
+                self.entered.send(()).unwrap();
+                self.gate.lock().unwrap().recv().unwrap();
+            }
+            Ok(BatchOutput {
+                sentiment: lengths.iter().flat_map(|&n| [n as f32, 0.0, 0.0]).collect(),
+                topic: vec![1.0; batch.rows],
+                embedding: Vec::new(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_worker_serves_the_queue_while_the_first_is_busy() {
+        let (open, gate) = std_mpsc::channel();
+        let (entered_tx, entered) = std_mpsc::channel();
+        let gate = Arc::new(Mutex::new(gate));
+        let workers = (0..2).map(|_| Blocking { entered: entered_tx.clone(), gate: gate.clone() }).collect();
+        let submitter = spawn(workers, limits(4096, 64, 0)).unwrap();
+        let slots = Arc::new(Semaphore::new(100));
+        let submit = |len| submitter.submit(vec![7; len], slots.clone().try_acquire_owned().unwrap()).unwrap();
+        let slow = submit(99);
+        entered.recv().unwrap();
+        // One worker is inside the model until the gate opens; the other must answer meanwhile.
+        let quick: Vec<_> = (0..20).map(|i| submit(3 + i % 5)).collect();
+        for (i, reply) in quick.into_iter().enumerate() {
+            assert_eq!(reply.await.unwrap().unwrap().sentiment[0], (3 + i % 5) as f32);
+        }
+        open.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap().sentiment[0], 99.0);
+    }
+
+    struct Panics;
+
+    impl Backend for Panics {
+        fn run(&mut self, _: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
+            panic!("a backend bug");
+        }
+    }
+
+    #[tokio::test]
+    async fn when_every_worker_has_died_queued_items_fail_and_new_ones_are_refused() {
+        let submitter = spawn(vec![Panics, Panics], limits(4096, 1, 0)).unwrap();
+        let slots = Arc::new(Semaphore::new(100));
+        let replies: Vec<_> = (0..2).map(|_| submitter.submit(vec![7; 4], slots.clone().try_acquire_owned().unwrap()).unwrap()).collect();
+        for reply in replies {
+            assert!(reply.await.is_err(), "a dead worker's item must not wait forever");
+        }
+        // Refused, or (if the last worker's thread is still unwinding) failed when it ends: never left waiting.
+        match submitter.submit(vec![7; 4], slots.clone().try_acquire_owned().unwrap()) {
+            Err(e) => assert!(matches!(e, ClassifyError::Stopped), "{e}"),
+            Ok(reply) => assert!(reply.await.is_err()),
+        }
     }
 
     #[test]

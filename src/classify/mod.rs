@@ -31,8 +31,8 @@ pub use tokenize::Encoder;
 
 use crate::news::Scores;
 
-/// A running classifier: tokenizes on the caller's task, batches and infers on its own thread.
-/// Cheap to clone; the batcher stops when the last clone is dropped.
+/// A running classifier: tokenizes on the caller's task, batches and infers on its worker threads.
+/// Cheap to clone; the workers stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct Classifier {
     encoder: Arc<Encoder>,
@@ -48,27 +48,45 @@ impl Classifier {
     pub fn start(config: &ClassifierConfig) -> Result<Classifier, ClassifyError> {
         config.validate()?;
         let spec = ModelSpec::load(&config.model_dir())?;
-        let backend = runtime::OrtBackend::new(&spec, config)?;
-        let provider = backend.provider();
-        tracing::info!(model = %spec.id(), provider, threads = config.threads(), "classifier ready");
-        Classifier::assemble(config, spec, backend, provider)
+        let (backends, provider) = Classifier::sessions(&spec, config)?;
+        Classifier::assemble(config, spec, backends, provider)
     }
 
-    /// Starts the batcher over any backend; tests and benchmarks use this to wrap or fake the model.
-    pub fn with_backend(
+    /// One ONNX Runtime session per worker. A GPU takes one session with the machine's threads
+    /// unless `workers` asks for more: its batches queue on one device anyway.
+    pub fn sessions(spec: &ModelSpec, config: &ClassifierConfig) -> Result<(Vec<runtime::OrtBackend>, &'static str), ClassifyError> {
+        let first_config = match config.device {
+            Device::Cuda if config.workers == 0 => config.single_worker(),
+            _ => config.clone(),
+        };
+        let first = runtime::OrtBackend::new(spec, &first_config)?;
+        let provider = first.provider();
+        let workers = if provider == "cuda" && config.workers == 0 { 1 } else { config.workers() };
+        let threads = first_config.threads();
+        let mut backends = vec![first];
+        while backends.len() < workers {
+            backends.push(runtime::OrtBackend::new(spec, config)?);
+        }
+        tracing::info!(model = %spec.id(), provider, workers, threads, "classifier ready");
+        Ok((backends, provider))
+    }
+
+    /// Starts the batcher over any backends, one worker each; tests and benchmarks use this to wrap
+    /// or fake the model.
+    pub fn with_backends<B: Backend>(
         config: &ClassifierConfig,
         spec: ModelSpec,
-        backend: impl Backend,
+        backends: Vec<B>,
         provider: &'static str,
     ) -> Result<Classifier, ClassifyError> {
         config.validate()?;
-        Classifier::assemble(config, spec, backend, provider)
+        Classifier::assemble(config, spec, backends, provider)
     }
 
-    fn assemble(
+    fn assemble<B: Backend>(
         config: &ClassifierConfig,
         spec: ModelSpec,
-        backend: impl Backend,
+        backends: Vec<B>,
         provider: &'static str,
     ) -> Result<Classifier, ClassifyError> {
         if config.max_length > spec.trained_max_length {
@@ -79,7 +97,7 @@ impl Classifier {
             );
         }
         let encoder = Encoder::load(&spec, config.max_length)?;
-        let queue = batcher::spawn(backend, config.limits())?;
+        let queue = batcher::spawn(backends, config.limits())?;
         Ok(Classifier {
             encoder: Arc::new(encoder),
             spec: Arc::new(spec),

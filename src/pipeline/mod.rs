@@ -705,7 +705,7 @@ mod tests {
         );
         let config = PipelineConfig::parse(&text, "test.toml").unwrap();
         let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
-        let classifier = Classifier::with_backend(&config.model, spec, SlowModel, "fake").unwrap();
+        let classifier = Classifier::with_backends(&config.model, spec, vec![SlowModel], "fake").unwrap();
         let (storage, _) = Storage::open::<Checkpoint>(&dir.path().into(), None, false).unwrap();
         let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
         let limits = Limits {
