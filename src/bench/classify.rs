@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32, 128])]
     pub batch_sizes: Vec<usize>,
+    /// Token budgets to measure as well, each with the default batch size.
+    #[arg(long, value_delimiter = ',')]
+    pub batch_tokens: Vec<usize>,
     /// Model folder (model.onnx, tokenizer.json, labels.json); default: the bundled `models/`.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -177,6 +180,10 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
         // Only the batch size limits these rows.
         let config = ClassifierConfig { max_batch_size: size, max_batch_tokens: size * base.max_length, ..base.clone() };
         subjects.push(Subject::new(format!("bearwatch, batch ≤ {size}"), &config, &spec)?);
+    }
+    for &tokens in &args.batch_tokens {
+        let config = ClassifierConfig { max_batch_tokens: tokens, ..base.clone() };
+        subjects.push(Subject::new(format!("bearwatch, ≤ {} items, ≤ {tokens} tokens", base.max_batch_size), &config, &spec)?);
     }
     let defaults = format!("bearwatch, defaults (≤ {} items, ≤ {} tokens)", base.max_batch_size, base.max_batch_tokens);
     subjects.push(Subject::new(defaults, &base, &spec)?);
