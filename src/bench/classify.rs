@@ -185,8 +185,10 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
         let config = ClassifierConfig { max_batch_tokens: tokens, ..base.clone() };
         subjects.push(Subject::new(format!("bearwatch, ≤ {} items, ≤ {tokens} tokens", base.max_batch_size), &config, &spec)?);
     }
-    let defaults = format!("bearwatch, defaults (≤ {} items, ≤ {} tokens)", base.max_batch_size, base.max_batch_tokens);
-    subjects.push(Subject::new(defaults, &base, &spec)?);
+    let mut defaults = Subject::new(String::new(), &base, &spec)?;
+    let limits = defaults.classifier.limits();
+    defaults.label = format!("bearwatch, defaults (≤ {} items, ≤ {} tokens)", limits.max_batch_size, limits.max_batch_tokens);
+    subjects.push(defaults);
 
     // ORT sizes its buffers on the first run of each shape: one untimed round first. Each timed
     // round then measures every configuration and the Python reference back to back, so a slow

@@ -24,7 +24,8 @@ pub struct ClassifierConfig {
     /// Folder with `model.onnx`, `tokenizer.json` and `labels.json`; default: the bundled `models/`.
     pub path: Option<PathBuf>,
     pub device: Device,
-    /// Most padded tokens (rows × longest row) in one batch.
+    /// Most padded tokens (rows × longest row) in one batch; 0 = 512 on CPU, where a batch's
+    /// activations then stay in the core's cache, and 2048 on CUDA.
     pub max_batch_tokens: usize,
     pub max_batch_size: usize,
     /// How long a lone item may wait for company before it runs by itself.
@@ -50,7 +51,7 @@ impl Default for ClassifierConfig {
         ClassifierConfig {
             path: None,
             device: Device::Auto,
-            max_batch_tokens: 2048,
+            max_batch_tokens: 0,
             max_batch_size: 64,
             max_wait_ms: 5,
             workers: 0,
@@ -62,6 +63,12 @@ impl Default for ClassifierConfig {
         }
     }
 }
+
+/// Measured on 2 cores with 2 single-threaded workers: 512 padded tokens a batch gave 1.2× the
+/// items/s of 2048 (the feed-forward activations of 2048 tokens, 12 MB, spill out of the cache).
+const CPU_BATCH_TOKENS: usize = 512;
+/// A GPU wants bigger batches; the default before there was a CPU one.
+const CUDA_BATCH_TOKENS: usize = 2048;
 
 /// Auto never starts more sessions than this: each holds its own copy of the weights.
 const MAX_AUTO_WORKERS: usize = 8;
@@ -77,7 +84,7 @@ impl ClassifierConfig {
         let bounds: [(&'static str, usize, usize, usize); 7] = [
             ("max_batch_size", self.max_batch_size, 1, 4096),
             ("max_length", self.max_length, 3, 512),
-            ("max_batch_tokens", self.max_batch_tokens, 3, 1 << 20),
+            ("max_batch_tokens", self.max_batch_tokens, 0, 1 << 20),
             ("max_queued", self.max_queued, 1, 1_000_000),
             ("workers", self.workers, 0, 64),
             ("threads", self.threads, 0, 1024),
@@ -88,7 +95,7 @@ impl ClassifierConfig {
                 return bad(field, format!("must be between {min} and {max}, is {value}"));
             }
         }
-        if self.max_batch_tokens < self.max_length {
+        if self.max_batch_tokens != 0 && self.max_batch_tokens < self.max_length {
             return bad("max_batch_tokens", "must be at least max_length, or a long text could never run".into());
         }
         if self.max_wait_ms > 10_000 {
@@ -97,9 +104,12 @@ impl ClassifierConfig {
         Ok(())
     }
 
-    pub fn limits(&self) -> BatchLimits {
+    /// The batcher's limits for sessions on `provider` (`cpu` or `cuda`).
+    pub fn limits(&self, provider: &str) -> BatchLimits {
+        let auto = if provider == "cuda" { CUDA_BATCH_TOKENS } else { CPU_BATCH_TOKENS };
         BatchLimits {
-            max_batch_tokens: self.max_batch_tokens,
+            // Never below max_length (at most 512), so that the longest text fits a batch alone.
+            max_batch_tokens: if self.max_batch_tokens > 0 { self.max_batch_tokens } else { auto.max(self.max_length) },
             max_batch_size: self.max_batch_size,
             max_wait: Duration::from_millis(self.max_wait_ms),
         }
@@ -151,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn workers_and_threads_share_out_the_cores_unless_both_are_set() {
+    fn workers_threads_and_the_token_budget_resolve_per_device_unless_set() {
         let cores = cores();
         assert_eq!(plan(3, 2), (3, 2), "explicit settings are kept");
         let (workers, threads) = plan(0, 0);
@@ -161,6 +171,12 @@ mod tests {
         assert_eq!(plan(2, 0).1, (cores / 2).max(1));
         let single = ClassifierConfig::default().single_worker();
         assert_eq!((single.workers(), single.threads()), (1, cores));
+        assert_eq!(ClassifierConfig::default().limits("cpu").max_batch_tokens, CPU_BATCH_TOKENS);
+        assert_eq!(ClassifierConfig::default().limits("cuda").max_batch_tokens, CUDA_BATCH_TOKENS);
+        let long = ClassifierConfig { max_length: 512, max_batch_tokens: 0, ..ClassifierConfig::default() };
+        assert!(long.limits("cpu").max_batch_tokens >= 512, "the longest text must fit a batch");
+        let set = ClassifierConfig { max_batch_tokens: 100, ..ClassifierConfig::default() };
+        assert_eq!(set.limits("cuda").max_batch_tokens, 100);
         let too_many = ClassifierConfig { workers: 65, ..ClassifierConfig::default() };
         assert!(matches!(too_many.validate(), Err(ClassifyError::Config { field: "workers", .. })));
     }

@@ -41,6 +41,7 @@ pub struct Classifier {
     /// Bounds the items queued or in flight, so a fast producer waits instead of growing memory.
     slots: Arc<Semaphore>,
     provider: &'static str,
+    limits: BatchLimits,
 }
 
 impl Classifier {
@@ -97,19 +98,26 @@ impl Classifier {
             );
         }
         let encoder = Encoder::load(&spec, config.max_length)?;
-        let queue = batcher::spawn(backends, config.limits())?;
+        let limits = config.limits(provider);
+        let queue = batcher::spawn(backends, limits)?;
         Ok(Classifier {
             encoder: Arc::new(encoder),
             spec: Arc::new(spec),
             queue,
             slots: Arc::new(Semaphore::new(config.max_queued)),
             provider,
+            limits,
         })
     }
 
     /// The execution provider the model runs on (`cpu` or `cuda`).
     pub fn provider(&self) -> &'static str {
         self.provider
+    }
+
+    /// The batch limits in force, with defaults resolved for the device.
+    pub fn limits(&self) -> BatchLimits {
+        self.limits
     }
 
     pub fn spec(&self) -> &ModelSpec {
