@@ -86,8 +86,9 @@ def goals(out):
     )
     verdict = lambda ok: "**met**" if ok else "**not met**"
     rows = [
-        ("classify ≥ 1.5× the Python reference", f'{defaults["× Python"]} with the defaults: {verdict(number(defaults["× Python"]) >= 1.5)}'),
-        ("classify overhead ≤ 10 % over bare ORT", f"at most {max(overheads):.1f} % at any batch size: {verdict(max(overheads) <= 10)}"),
+        ("classify ≥ 1.5× the Python reference (wall time)", f'{defaults["× Python (wall)"]} with the defaults: {verdict(number(defaults["× Python (wall)"]) >= 1.5)}'),
+        ("classify ≥ 4× the Python reference in CPU time (issue 36)", f'{defaults["× Python (CPU)"]} with the defaults: {verdict(number(defaults["× Python (CPU)"]) >= 4)}'),
+        ("classify overhead ≤ 5 % over bare ORT (issue 36; was ≤ 10 %)", f"at most {max(overheads):.1f} % at any batch size: {verdict(max(overheads) <= 5)}"),
         ("windows + rules ≥ 1 M events/s per core", f'{number(windows["events/s per core"]):,.0f} events/s: {verdict(windows["goal ≥ 1 M events/s"] == "met")}'),
         ("end to end ≥ 90 % of classify alone", f'{e2e["pipeline / classify"]} ({e2e["pipeline from Kafka, stories/s"]} vs {e2e["classify alone, stories/s"]} stories/s): {verdict(e2e["goal ≥ 90 %"] == "met")} in this run (runs vary by several points; see its section)'),
         ("alert latency, p50 / p99 (no target set)", "; ".join(f'checkpoint every {r["checkpoint_interval"]}: {r["p50 ms"]} / {r["p99 ms"]} ms' for r in alerts)),

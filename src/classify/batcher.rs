@@ -286,21 +286,40 @@ fn take_batch(queue: &mut Vec<Request>, limits: &BatchLimits) -> Vec<Request> {
     batch.into_iter().map(|(request, _)| request).collect()
 }
 
-/// Which queued items (indices into `lengths`, arrival order) form the next batch.
+/// Which queued items (indices into `lengths`, arrival order) form the next batch: the oldest, then
+/// the others by distance in length from it (the older first among equals), each taken if the batch
+/// still fits. Linear in the queue: lengths are bucketed rather than sorted, since a deep queue
+/// formed into small batches would otherwise be sorted once per batch.
 pub fn choose(lengths: &[usize], limits: &BatchLimits) -> Vec<usize> {
     let Some(&anchor) = lengths.first() else { return Vec::new() };
-    let mut candidates: Vec<usize> = (1..lengths.len()).collect();
-    candidates.sort_by_key(|&i| (lengths[i].abs_diff(anchor), i));
     let mut chosen = vec![0];
+    if limits.max_batch_size <= 1 {
+        return chosen;
+    }
+    let widest = lengths.iter().copied().max().unwrap_or(anchor);
+    let mut by_length: Vec<Vec<usize>> = vec![Vec::new(); widest + 1];
+    for (i, &length) in lengths.iter().enumerate().skip(1) {
+        by_length[length].push(i);
+    }
     let mut longest = anchor;
-    for i in candidates {
-        if chosen.len() == limits.max_batch_size {
-            break;
-        }
-        let new_longest = longest.max(lengths[i]);
-        if new_longest * (chosen.len() + 1) <= limits.max_batch_tokens {
-            chosen.push(i);
-            longest = new_longest;
+    for distance in 0..=widest {
+        let shorter: &[usize] = anchor.checked_sub(distance).map_or(&[], |n| &by_length[n]);
+        let longer: &[usize] = if distance == 0 { &[] } else { by_length.get(anchor + distance).map_or(&[], |v| v) };
+        // Both in arrival order: merged, the older first.
+        let (mut a, mut b) = (shorter.iter().peekable(), longer.iter().peekable());
+        while let Some(&i) = match (a.peek(), b.peek()) {
+            (Some(&&x), Some(&&y)) => if x < y { a.next() } else { b.next() },
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        } {
+            if chosen.len() == limits.max_batch_size {
+                return chosen;
+            }
+            let new_longest = longest.max(lengths[i]);
+            if new_longest * (chosen.len() + 1) <= limits.max_batch_tokens {
+                chosen.push(i);
+                longest = new_longest;
+            }
         }
     }
     chosen
@@ -498,6 +517,36 @@ mod tests {
         // The oldest item always goes, even alone and over budget.
         assert_eq!(choose(&[100, 5], &limits(64, 8, 0)), vec![0]);
         assert!(choose(&[], &limits(64, 8, 0)).is_empty());
+    }
+
+    #[test]
+    fn choose_takes_the_nearest_lengths_in_the_order_a_full_sort_would() {
+        // The rule written plainly: every other item by (distance in length, arrival), each taken if it fits.
+        let by_sorting = |lengths: &[usize], limits: &BatchLimits| {
+            let mut order: Vec<usize> = (1..lengths.len()).collect();
+            order.sort_by_key(|&i| (lengths[i].abs_diff(lengths[0]), i));
+            let (mut chosen, mut longest) = (vec![0], lengths[0]);
+            for i in order {
+                if chosen.len() == limits.max_batch_size {
+                    break;
+                }
+                if longest.max(lengths[i]) * (chosen.len() + 1) <= limits.max_batch_tokens {
+                    chosen.push(i);
+                    longest = longest.max(lengths[i]);
+                }
+            }
+            chosen
+        };
+        let mut state = 7u64;
+        let mut next = |below: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % below
+        };
+        for _ in 0..500 {
+            let lengths: Vec<usize> = (0..1 + next(200)).map(|_| 1 + next(64) as usize).collect();
+            let limits = limits(64 + next(2048) as usize, 1 + next(70) as usize, 0);
+            assert_eq!(choose(&lengths, &limits), by_sorting(&lengths, &limits), "{lengths:?} {limits:?}");
+        }
     }
 
     #[tokio::test]

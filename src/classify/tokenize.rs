@@ -24,7 +24,8 @@ impl Encoder {
         if text.trim().is_empty() {
             return Err(ClassifyError::EmptyText);
         }
-        let encoding = self.tokenizer.encode(text, true).map_err(|e| ClassifyError::Tokenize(e.to_string()))?;
+        // `encode_fast` skips the character offsets, which nothing here reads.
+        let encoding = self.tokenizer.encode_fast(text, true).map_err(|e| ClassifyError::Tokenize(e.to_string()))?;
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 }
