@@ -79,6 +79,9 @@ pub struct LoopBenchArgs {
 pub enum Pick {
     Random,
     Queue,
+    /// The queue's order shared out over the champion's readings (topic × sentiment) in proportion
+    /// to their sizes.
+    Stratified,
 }
 
 /// What one repetition measured.
@@ -203,8 +206,12 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             reviewed.sort_by(|&a, &b| bucket(salt + 1000, &set[a].text).total_cmp(&bucket(salt + 1000, &set[b].text)));
             reviewed = match args.pick {
                 Pick::Random => reviewed.into_iter().take(labels).collect(),
-                Pick::Queue => {
+                Pick::Queue | Pick::Stratified => {
                     reviewed.sort_by(|&a, &b| unsure[b].total_cmp(&unsure[a]));
+                    if args.pick == Pick::Stratified {
+                        let readings: Vec<(&str, String)> = reviewed.iter().map(|&i| (scored[i].0.topic.as_str(), scored[i].0.sentiment.to_string())).collect();
+                        reviewed = crate::feedback::queue::stratified(&readings).into_iter().map(|k| reviewed[k]).collect();
+                    }
                     let picked = crate::feedback::queue::pick_diverse(reviewed.iter().map(|&i| set[i].text.as_str()), labels, near_duplicates);
                     picked.into_iter().map(|k| reviewed[k]).collect()
                 }
@@ -298,7 +305,11 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         runs.len(),
         args.review_share * 100.0,
         match (args.labels, args.mistakes_only) {
-            (Some(n), _) => format!("labels {n} of them, picked {}", if args.pick == Pick::Queue { "by the review queue" } else { "at random" }),
+            (Some(n), _) => format!("labels {n} of them, picked {}", match args.pick {
+                    Pick::Queue => "by the review queue",
+                    Pick::Stratified => "by the review queue, shared out over the champion's readings",
+                    Pick::Random => "at random",
+                }),
             (None, true) => "labels the champion's mistakes only".to_string(),
             (None, false) => "labels every reviewed text".to_string(),
         },

@@ -28,6 +28,29 @@ pub fn least_sure(sentiment: [f32; 3], topic_score: f32) -> (Head, f32) {
     if t > s { (Head::Topic, t) } else { (Head::Sentiment, s) }
 }
 
+/// A ranking interleaved so that each stratum (e.g. the model's reading: topic and sentiment) gets
+/// places in proportion to its size, each in its own rank order. Top-uncertainty alone crowds onto
+/// one boundary (neutral against negative headlines); this keeps the hard cases of every kind of
+/// story. An item's key is (its place within its stratum + ½) ÷ the stratum's size; ties keep rank.
+pub fn stratified<K: std::hash::Hash + Eq>(ranked: &[K]) -> Vec<usize> {
+    let mut sizes: std::collections::HashMap<&K, usize> = std::collections::HashMap::new();
+    for key in ranked {
+        *sizes.entry(key).or_default() += 1;
+    }
+    let mut seen: std::collections::HashMap<&K, usize> = std::collections::HashMap::new();
+    let mut keyed: Vec<(f64, usize)> = ranked
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let place = seen.entry(key).or_default();
+            *place += 1;
+            ((*place as f64 - 0.5) / sizes[key] as f64, i)
+        })
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    keyed.into_iter().map(|(_, i)| i).collect()
+}
+
 /// The first `limit` of `texts` (already in order of preference) that are neither a copy (the same
 /// words) nor a near-duplicate by `rule` (on words alone: any reading, any topic) of one picked
 /// before them; their positions in `texts`. Without a rule, only copies are skipped.
@@ -53,6 +76,18 @@ pub fn pick_diverse<'a>(texts: impl IntoIterator<Item = &'a str>, limit: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_stratum_gets_places_in_proportion_to_its_size_in_its_own_order() {
+        // 6 of stratum a, 3 of b, ranked with every a first.
+        let ranked = ["a", "a", "a", "a", "a", "a", "b", "b", "b"];
+        let order = stratified(&ranked);
+        assert_eq!(order.len(), ranked.len());
+        // Keys: a at 1/12, 3/12, 5/12, …; b at 1/6 = 2/12, 6/12, 10/12.
+        assert_eq!(order, [0, 6, 1, 2, 7, 3, 4, 8, 5]);
+        let first_three: Vec<&str> = order[..3].iter().map(|&i| ranked[i]).collect();
+        assert_eq!(first_three, ["a", "b", "a"], "a third of the first places go to the third of the stories in b");
+    }
 
     #[test]
     fn uncertainty_is_highest_at_a_tie() {
