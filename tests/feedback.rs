@@ -566,7 +566,16 @@ fn the_review_queue_ranks_unsure_stories_first_lists_one_of_a_template_and_drops
         assert!((0.0..=1.0).contains(&u) && (0.0..=1.0).contains(&c) && (score - u * (1.0 + 2.0 * c)).abs() < 1e-4, "{item}");
         assert!(item["why"].as_str().unwrap().starts_with("the model is unsure of its"), "{item}");
     }
-    assert!(first.windows(2).all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()), "best first");
+    // Best first within each of the model's readings; the readings share the places by size.
+    let mut last_score: std::collections::HashMap<(String, String), f64> = Default::default();
+    for item in &first {
+        let reading = (item["topic"].as_str().unwrap().to_string(), item["sentiment"].as_str().unwrap().to_string());
+        let score = item["score"].as_f64().unwrap();
+        assert!(last_score.insert(reading, score).is_none_or(|before| before >= score), "best first within a reading: {item}");
+    }
+    let share = |items: &[Value], topic: &str| items.iter().filter(|i| i["topic"] == topic).count() as f64 / items.len() as f64;
+    let (top, all) = (&first[..first.len() / 2], &first[..]);
+    assert!((share(top, "earnings") - share(all, "earnings")).abs() < 0.1, "each reading in proportion, at the top too");
     let uncertainty = |items: &[Value]| items.iter().map(|i| i["uncertainty"].as_f64().unwrap()).sum::<f64>() / items.len() as f64;
     assert!(uncertainty(&first[..20]) > uncertainty(&first[first.len() - 20..]), "the unsure come first");
     let splits = first.iter().filter(|i| i["headline"].as_str().unwrap().ends_with("stock split")).count();
@@ -580,5 +589,9 @@ fn the_review_queue_ranks_unsure_stories_first_lists_one_of_a_template_and_drops
     assert_eq!(code, 0, "{err}");
     let second = queue();
     assert!(second.iter().all(|i| i["story_id"] != top.as_str()), "labelled, so no longer asked");
-    assert_eq!(second[0]["story_id"], first[1]["story_id"]);
+    let ids = |items: &[Value]| items.iter().map(|i| i["story_id"].as_str().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>();
+    let mut expected = ids(&first);
+    expected.remove(&top);
+    // (A near-duplicate that the labelled story kept off the list may take its place.)
+    assert!(first.len() < 500 && expected.is_subset(&ids(&second)) && second.len() <= first.len(), "the rest stay listed");
 }

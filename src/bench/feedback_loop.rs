@@ -8,7 +8,7 @@
 //!
 //! Goal: +5 points or more on the untouched part of a domain the champion never trained on, with
 //! 1,000 labels, at most −0.5 point on any other set; 300 labels picked by the review queue gain
-//! more than 300 picked at random (`--labels 300 --pick queue|random`).
+//! more than 300 picked at random (`--labels 300 --pick queue|random|uncertainty`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -51,8 +51,9 @@ pub struct LoopBenchArgs {
     /// How many of the reviewed part the analyst labels (default: all of it), chosen by `--pick`.
     #[arg(long)]
     pub labels: Option<usize>,
-    /// Which of the reviewed part get labels: `random` (a salted order) or `queue` (the review
-    /// queue's order: the champion's uncertainty, near-duplicates of a picked text skipped).
+    /// Which of the reviewed part get labels: `random` (a salted order), `queue` (the review
+    /// queue's order: the champion's uncertainty within each of its readings, the readings sharing
+    /// places by size, near-duplicates of a picked text skipped) or `uncertainty` (uncertainty alone).
     #[arg(long, value_enum, default_value = "random")]
     pub pick: Pick,
     /// `model retrain --encoder`: fine-tune the encoder, not only the heads.
@@ -78,10 +79,11 @@ pub struct LoopBenchArgs {
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum Pick {
     Random,
+    /// The review queue's order: uncertainty within each of the champion's readings (topic ×
+    /// sentiment), the readings sharing places in proportion to their sizes.
     Queue,
-    /// The queue's order shared out over the champion's readings (topic × sentiment) in proportion
-    /// to their sizes.
-    Stratified,
+    /// Uncertainty alone (the queue before it shared places out over readings).
+    Uncertainty,
 }
 
 /// What one repetition measured.
@@ -206,9 +208,9 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             reviewed.sort_by(|&a, &b| bucket(salt + 1000, &set[a].text).total_cmp(&bucket(salt + 1000, &set[b].text)));
             reviewed = match args.pick {
                 Pick::Random => reviewed.into_iter().take(labels).collect(),
-                Pick::Queue | Pick::Stratified => {
+                Pick::Queue | Pick::Uncertainty => {
                     reviewed.sort_by(|&a, &b| unsure[b].total_cmp(&unsure[a]));
-                    if args.pick == Pick::Stratified {
+                    if args.pick == Pick::Queue {
                         let readings: Vec<(&str, String)> = reviewed.iter().map(|&i| (scored[i].0.topic.as_str(), scored[i].0.sentiment.to_string())).collect();
                         reviewed = crate::feedback::queue::stratified(&readings).into_iter().map(|k| reviewed[k]).collect();
                     }
@@ -307,7 +309,7 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         match (args.labels, args.mistakes_only) {
             (Some(n), _) => format!("labels {n} of them, picked {}", match args.pick {
                     Pick::Queue => "by the review queue",
-                    Pick::Stratified => "by the review queue, shared out over the champion's readings",
+                    Pick::Uncertainty => "by uncertainty alone",
                     Pick::Random => "at random",
                 }),
             (None, true) => "labels the champion's mistakes only".to_string(),

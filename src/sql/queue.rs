@@ -10,8 +10,12 @@
 //!   √level), 1 at the level; 0 where no rule draws a band. One label moves that count by one.
 //! - `score` = uncertainty × (1 + 2 × alert_closeness).
 //!
-//! They are taken in score order, skipping any story whose words are a near-duplicate (the model's
-//! rule on words alone) or a copy of one already taken, so one template does not fill the list.
+//! They are taken in score order within each of the model's readings (topic × sentiment), the
+//! readings sharing the places in proportion to their sizes (`feedback::queue::stratified`): top
+//! uncertainty alone crowds onto one boundary, and `bench loop` measured 300 labels picked this way
+//! gaining more than 300 random ones where the plain score order did not. A story whose words are a
+//! near-duplicate (the model's rule on words alone) or a copy of one already taken is skipped, so
+//! one template does not fill the list.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +23,7 @@ use super::{Format, SqlError, encode, run};
 use crate::detect::Rule;
 use crate::detect::band;
 use crate::detect::rules::GroupKind;
-use crate::feedback::queue::{least_sure, pick_diverse};
+use crate::feedback::queue::{least_sure, pick_diverse, stratified};
 use crate::feedback::{Head, match_key};
 use crate::news::near::NearDuplicates;
 use datafusion::prelude::SessionContext;
@@ -240,6 +244,10 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
         })
         .collect();
     scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.story_id.cmp(&b.story_id)));
+    let readings: Vec<(&str, &str)> = scored.iter().map(|item| (item.topic.as_str(), item.sentiment.as_str())).collect();
+    let order = stratified(&readings);
+    let mut by_score: Vec<Option<QueueItem>> = scored.into_iter().map(Some).collect();
+    let scored: Vec<QueueItem> = order.into_iter().filter_map(|i| by_score[i].take()).collect();
 
     let limit = options.limit.min(MAX_LIMIT);
     let picked = pick_diverse(scored.iter().map(|item| item.headline.as_str()), limit, options.near_duplicates);
