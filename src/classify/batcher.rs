@@ -9,6 +9,7 @@
 //! `max_wait` for company, then it runs alone. Work that queued while the workers were busy runs as
 //! soon as one is free.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -103,7 +104,7 @@ struct Group {
 /// What is queued, shared by the submitters and the workers.
 #[derive(Default)]
 struct Queue {
-    items: Vec<Request>,
+    items: VecDeque<Request>,
     groups: Vec<Group>,
     /// False once every [`Submitter`] is dropped: the workers finish what is queued and end.
     open: bool,
@@ -180,7 +181,7 @@ impl Submitter {
     ) -> Result<oneshot::Receiver<Result<ItemOutput, ClassifyError>>, ClassifyError> {
         let (reply, rx) = oneshot::channel();
         let request = Request { ids, arrived: Instant::now(), reply, slot };
-        self.shared.push(|queue| queue.items.push(request))?;
+        self.shared.push(|queue| queue.items.push_back(request))?;
         metrics::gauge!("bearwatch_classify_queue_depth").increment(1.0);
         crate::telemetry::received("classify", 1);
         Ok(rx)
@@ -274,16 +275,15 @@ fn next_batch(shared: &Shared, limits: &BatchLimits, idle_since: Instant) -> Opt
 }
 
 /// Removes the next batch from `queue`, keeping the rest in arrival order.
-fn take_batch(queue: &mut Vec<Request>, limits: &BatchLimits) -> Vec<Request> {
+fn take_batch(queue: &mut VecDeque<Request>, limits: &BatchLimits) -> Vec<Request> {
     let lengths: Vec<usize> = queue.iter().map(|r| r.ids.len()).collect();
-    let mut in_batch = vec![false; queue.len()];
-    for i in choose(&lengths, limits) {
-        in_batch[i] = true;
-    }
-    let (batch, rest): (Vec<_>, Vec<_>) =
-        std::mem::take(queue).into_iter().zip(in_batch).partition(|(_, chosen)| *chosen);
-    *queue = rest.into_iter().map(|(request, _)| request).collect();
-    batch.into_iter().map(|(request, _)| request).collect()
+    let mut chosen = choose(&lengths, limits);
+    chosen.sort_unstable();
+    // Taken from the back first so that earlier indices hold; a deque shifts the shorter side, so
+    // the oldest items (a batch always holds the oldest) come off the front at no cost.
+    let mut batch: Vec<Request> = chosen.iter().rev().filter_map(|&i| queue.remove(i)).collect();
+    batch.reverse();
+    batch
 }
 
 /// Which queued items (indices into `lengths`, arrival order) form the next batch: the oldest, then
