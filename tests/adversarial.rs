@@ -359,6 +359,7 @@ fn config_extremes_are_refused_with_file_line_and_field() {
         ("[model]\nmax_queued = 0\n", "model.max_queued"),
         ("[model]\nmax_queued = 100000000000\n", "model.max_queued"),
         ("[model]\nmax_batch_size = 1000000\n", "model.max_batch_size"),
+        ("[model]\nworkers = 1000\n", "model.workers"),
         ("[server]\nhttp = \"127.0.0.1:0\"\nauth_token = \"\"\n", "server.auth_token"),
         ("[server]\npostgres = \"127.0.0.1:0\"\npostgres_password = \"${BEARWATCH_EMPTY}\"\n", "server.postgres_password"),
         ("[server]\nquery_memory_mib = 0\n", "server.query_memory_mib"),

@@ -168,6 +168,7 @@ fn model_field(field: &str) -> &'static str {
         "max_length" => "model.max_length",
         "max_batch_tokens" => "model.max_batch_tokens",
         "max_queued" => "model.max_queued",
+        "workers" => "model.workers",
         "threads" => "model.threads",
         "body_chars" => "model.body_chars",
         "max_wait_ms" => "model.max_wait_ms",
