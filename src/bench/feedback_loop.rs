@@ -210,11 +210,13 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
                 Pick::Random => reviewed.into_iter().take(labels).collect(),
                 Pick::Queue | Pick::Uncertainty => {
                     reviewed.sort_by(|&a, &b| unsure[b].total_cmp(&unsure[a]));
-                    if args.pick == Pick::Queue {
+                    let texts: Vec<&str> = reviewed.iter().map(|&i| set[i].text.as_str()).collect();
+                    let picked = if args.pick == Pick::Queue {
                         let readings: Vec<(&str, String)> = reviewed.iter().map(|&i| (scored[i].0.topic.as_str(), scored[i].0.sentiment.to_string())).collect();
-                        reviewed = crate::feedback::queue::stratified(&readings).into_iter().map(|k| reviewed[k]).collect();
-                    }
-                    let picked = crate::feedback::queue::pick_diverse(reviewed.iter().map(|&i| set[i].text.as_str()), labels, near_duplicates);
+                        crate::feedback::queue::pick_for_review(&texts, &readings, labels, near_duplicates)
+                    } else {
+                        crate::feedback::queue::pick_diverse(texts.iter().copied(), labels, near_duplicates)
+                    };
                     picked.into_iter().map(|k| reviewed[k]).collect()
                 }
             };

@@ -537,14 +537,10 @@ mod tests {
             }
             chosen
         };
-        let mut state = 7u64;
-        let mut next = |below: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 33) % below
-        };
+        let mut random = crate::rng::Lcg(7);
         for _ in 0..500 {
-            let lengths: Vec<usize> = (0..1 + next(200)).map(|_| 1 + next(64) as usize).collect();
-            let limits = limits(64 + next(2048) as usize, 1 + next(70) as usize, 0);
+            let lengths: Vec<usize> = (0..1 + random.below(200)).map(|_| 1 + random.below(64)).collect();
+            let limits = limits(64 + random.below(2048), 1 + random.below(70), 0);
             assert_eq!(choose(&lengths, &limits), by_sorting(&lengths, &limits), "{lengths:?} {limits:?}");
         }
     }

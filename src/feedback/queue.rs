@@ -51,6 +51,15 @@ pub fn stratified<K: std::hash::Hash + Eq>(ranked: &[K]) -> Vec<usize> {
     keyed.into_iter().map(|(_, i)| i).collect()
 }
 
+/// The review queue's pick from `texts` in score order, each with the model's reading: score order
+/// kept within a reading, the readings sharing places by size ([`stratified`]), then copies and
+/// near-duplicates skipped ([`pick_diverse`]). Returns positions in `texts`, in the queue's order.
+pub fn pick_for_review<K: std::hash::Hash + Eq>(texts: &[&str], readings: &[K], limit: usize, rule: Option<NearDuplicates>) -> Vec<usize> {
+    let order = stratified(readings);
+    let picked = pick_diverse(order.iter().map(|&i| texts[i]), limit, rule);
+    picked.into_iter().map(|k| order[k]).collect()
+}
+
 /// The first `limit` of `texts` (already in order of preference) that are neither a copy (the same
 /// words) nor a near-duplicate by `rule` (on words alone: any reading, any topic) of one picked
 /// before them; their positions in `texts`. Without a rule, only copies are skipped.

@@ -23,7 +23,7 @@ use super::{Format, SqlError, encode, run};
 use crate::detect::Rule;
 use crate::detect::band;
 use crate::detect::rules::GroupKind;
-use crate::feedback::queue::{least_sure, pick_diverse, stratified};
+use crate::feedback::queue::{least_sure, pick_for_review};
 use crate::feedback::{Head, match_key};
 use crate::news::near::NearDuplicates;
 use datafusion::prelude::SessionContext;
@@ -244,13 +244,9 @@ pub async fn review_queue(ctx: &SessionContext, rules: &[Rule], options: &QueueO
         })
         .collect();
     scored.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.story_id.cmp(&b.story_id)));
+    let headlines: Vec<&str> = scored.iter().map(|item| item.headline.as_str()).collect();
     let readings: Vec<(&str, &str)> = scored.iter().map(|item| (item.topic.as_str(), item.sentiment.as_str())).collect();
-    let order = stratified(&readings);
-    let mut by_score: Vec<Option<QueueItem>> = scored.into_iter().map(Some).collect();
-    let scored: Vec<QueueItem> = order.into_iter().filter_map(|i| by_score[i].take()).collect();
-
-    let limit = options.limit.min(MAX_LIMIT);
-    let picked = pick_diverse(scored.iter().map(|item| item.headline.as_str()), limit, options.near_duplicates);
+    let picked = pick_for_review(&headlines, &readings, options.limit.min(MAX_LIMIT), options.near_duplicates);
     let mut items: Vec<Option<QueueItem>> = scored.into_iter().map(Some).collect();
     let queue: Vec<QueueItem> = picked
         .into_iter()
