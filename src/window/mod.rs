@@ -156,8 +156,14 @@ struct OpenWindow {
 /// One cluster of copies in one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Folded {
-    /// The story counted for the cluster; empty while none is (it moved to another group).
+    /// The story counted for the cluster: the smallest id among its copies here, so that what a
+    /// window holds does not depend on which copy arrived first (a restart replays partitions in
+    /// another interleaving). Empty while none is (it moved to another group).
     counted: String,
+    /// The counted story's label and score, to take it back when a smaller id arrives (absent from
+    /// older checkpoints: their counted story stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counted_as: Option<(String, f32)>,
     copies: u64,
 }
 
@@ -171,10 +177,22 @@ impl OpenWindow {
 
     /// Counts `story` here: as a story, or as a copy of its cluster's story.
     fn count_in(&mut self, story: &Counted) {
+        let counted_as = || Some((story.sentiment.clone(), story.sentiment_score));
         let counts_as_story = match self.folded.get_mut(&story.cluster) {
             _ if story.cluster == 0 => true,
             Some(f) if f.counted.is_empty() || f.counted == story.story.id => {
                 f.counted.clone_from(&story.story.id);
+                f.counted_as = counted_as();
+                true
+            }
+            Some(f) if story.story.id < f.counted && f.counted_as.is_some() => {
+                // A smaller id takes the count over; the story counted so far becomes a copy.
+                let replaced = std::mem::replace(&mut f.counted, story.story.id.clone());
+                let (sentiment, score) = std::mem::replace(&mut f.counted_as, counted_as()).unwrap_or_default();
+                f.copies += 1;
+                self.counts.remove(&sentiment, score);
+                self.counts.n_copies += 1;
+                self.top.retain(|h| h.id != replaced);
                 true
             }
             Some(f) => {
@@ -183,7 +201,7 @@ impl OpenWindow {
             }
             None => {
                 if self.folded.len() < MAX_FOLDED_PER_WINDOW {
-                    self.folded.insert(story.cluster, Folded { counted: story.story.id.clone(), copies: 0 });
+                    self.folded.insert(story.cluster, Folded { counted: story.story.id.clone(), counted_as: counted_as(), copies: 0 });
                 }
                 true
             }
@@ -202,6 +220,7 @@ impl OpenWindow {
             _ if story.cluster == 0 => true,
             Some(f) if f.counted == story.story.id => {
                 f.counted.clear();
+                f.counted_as = None;
                 if f.copies == 0 {
                     self.folded.remove(&story.cluster);
                 }
@@ -955,6 +974,37 @@ mod tests {
         assert_eq!((row.counts.n, row.counts.n_negative, row.counts.n_positive), (1, 0, 1));
         let old_now = Counted { sentiment: "neutral".into(), ..old.clone() };
         assert!(state.relabel(&old, &old_now, 10).is_empty());
+    }
+
+    /// A restart replays partitions in another interleaving: the copy that counts for a cluster is
+    /// the smallest id, whichever arrived first, so the windows come out the same.
+    #[test]
+    fn which_copy_counts_does_not_depend_on_arrival_order() {
+        let reading = crate::news::near::Reading { sentiment: [0.9, 0.1, 0.0], topic: "metals".into() };
+        let copies: Vec<(&str, &str, f32, f32)> = vec![
+            ("b", "negative", -0.9, 0.9),
+            ("a", "neutral", -0.2, 0.4),
+            ("c", "negative", -0.7, 0.8),
+        ];
+        let windows = |order: &[usize]| {
+            let mut state = WindowState::new(spec(4 * H, H, 0));
+            state.fold_copies(Some(Folding { near: None }));
+            for &i in order {
+                let (id, sentiment, score, p) = copies[i];
+                let t = 10 * H + i as i64 * 60_000;
+                let cluster = state.cluster_of(t, "Copper slumps as Chile mine strike ends", &reading);
+                state.add(&Counted { cluster, ..counted(id, t, "metals", sentiment, score, p) });
+            }
+            let key = WindowKey { start_ms: 10 * H, topic: "metals".into(), ticker: None };
+            let window = &state.open[&key];
+            (window.counts.clone(), window.top.iter().map(|h| h.id.clone()).collect::<Vec<_>>())
+        };
+        let first = windows(&[0, 1, 2]);
+        assert_eq!((first.0.n, first.0.n_neutral, first.0.n_copies), (1, 1, 2), "\"a\" counts, the others are copies");
+        assert_eq!(first.1, vec!["a".to_string()]);
+        for order in [[1, 0, 2], [2, 1, 0], [2, 0, 1], [0, 2, 1], [1, 2, 0]] {
+            assert_eq!(windows(&order), first, "arrival order {order:?}");
+        }
     }
 
     /// Twenty re-sends of one headline within a window are one story there; a relabel moves the
