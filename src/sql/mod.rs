@@ -155,10 +155,13 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
         .build();
     let ctx = SessionContext::new_with_state(state);
     bounded::register(&ctx, limits.memory_bytes);
-    if let Location::Bucket(bucket) = storage {
-        let store_url = url::Url::parse(&bucket.store_url()).map_err(|e| tables_error(e.to_string()))?;
-        ctx.register_object_store(&store_url, bucket.client().map_err(|e| tables_error(e.to_string()))?);
-    }
+    // Listings leave out the parts that a merge holds until they are deleted (storage::compact).
+    let (store_url, store) = match storage {
+        Location::Bucket(bucket) => (bucket.store_url(), bucket.client().map_err(|e| tables_error(e.to_string()))?),
+        Location::Local(_) => ("file://".to_string(), Arc::new(object_store::local::LocalFileSystem::new()) as Arc<dyn object_store::ObjectStore>),
+    };
+    let store_url = url::Url::parse(&store_url).map_err(|e| tables_error(e.to_string()))?;
+    ctx.register_object_store(&store_url, Arc::new(crate::storage::Visible::new(store)));
     // Several instances' tables: each table gets their `instance` column (Hive partitions).
     // (A pipeline that is an instance knows before its first checkpoint.)
     let partitioned = live.as_ref().is_some_and(|l| l.is_an_instance()) || crate::storage::has_instances(storage).map_err(|e| tables_error(e.to_string()))?;

@@ -20,11 +20,16 @@
 //! prefix makes the other's next checkpoint fail ([`StorageError::Fenced`]) instead of both
 //! committing over each other.
 //!
+//! The writer merges its small committed parts in the background ([`compact`]): a merge's name,
+//! `part-<first>-<last>.parquet`, says which parts it holds, and readers skip those parts until they
+//! are deleted.
+//!
 //! Journal tables (what people tell bearwatch: [`Table::JOURNALS`]) are outside the checkpoint: any
 //! process may [`append`] to them at any time, one file per append, and nothing ever deletes them,
 //! not even `--reset` (that restarts the pipeline, not people's work).
 
 mod cache;
+mod compact;
 mod config;
 mod location;
 
@@ -40,6 +45,7 @@ use parquet::file::properties::WriterProperties;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use compact::Visible;
 pub use config::{S3Config, StorageConfig};
 pub use location::{Bucket, Location};
 use location::Mode;
@@ -199,6 +205,16 @@ pub struct Storage {
     published: BTreeMap<Table, u64>,
     writer: String,
     commits: u64,
+    compactor: Compactor,
+}
+
+/// The writer's background merges: one round at a time, after a commit that named new parts.
+#[derive(Default)]
+struct Compactor {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Tables whose parts cannot be merged (their schemas differ beyond added nullable columns):
+    /// left alone for the rest of the process, instead of being read again each round.
+    refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<Table>>>,
 }
 
 /// One writer's share of a storage: the tables' folders and the checkpoint. Without an instance
@@ -302,6 +318,20 @@ pub const INSTANCE: &str = "instance";
 /// Where instances publish their progress notes ([`Storage::publish_progress`]).
 const PROGRESS: &str = "progress";
 
+/// A stop lets a round of merges finish (a bounded wait), so that a stopped pipeline leaves no
+/// merged part beside its inputs for a plain glob to read twice. A merge cut short loses nothing:
+/// the next start deletes what it left.
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if !self.wait_for_compaction(STOP_WAIT) {
+            tracing::warn!("stopping in the middle of merging parts; the next start deletes what it leaves");
+        }
+    }
+}
+
+/// How long a stop waits for a round of merges.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Storage {
     /// Opens (creating) the storage, restores the caller's checkpointed state if any, and removes
     /// parts written after it. With `reset`, earlier tables and checkpoint are deleted first (with
@@ -333,8 +363,18 @@ impl Storage {
         let state = bytes.as_deref().map(|bytes| parse_checkpoint(&place, bytes)).transpose()?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let writer = format!("{}-{nanos:x}", std::process::id());
-        let storage =
-            Storage { place, committed: next_part.clone(), published: next_part.clone(), next_part, lost_parts: parts.lost_parts, properties: properties(), checkpoint_version, writer, commits: 0 };
+        let storage = Storage {
+            place,
+            committed: next_part.clone(),
+            published: next_part.clone(),
+            next_part,
+            lost_parts: parts.lost_parts,
+            properties: properties(),
+            checkpoint_version,
+            writer,
+            commits: 0,
+            compactor: Compactor::default(),
+        };
         Ok((storage, state))
     }
 
@@ -349,9 +389,13 @@ impl Storage {
         if damaged.is_empty() {
             return Ok(Vec::new());
         }
-        for (table, seq, _) in &damaged {
-            set_aside(&place, *table, *seq)?;
-            parts.lost_parts.entry(table.name().to_string()).or_default().push(*seq);
+        for (table, (first, last), _) in &damaged {
+            set_aside(&place, *table, (*first, *last))?;
+            parts.lost_parts.entry(table.name().to_string()).or_default().extend(*first..=*last);
+        }
+        for lost in parts.lost_parts.values_mut() {
+            lost.sort_unstable();
+            lost.dedup();
         }
         let mut state: serde_json::Map<String, serde_json::Value> = parse_checkpoint(&place, &bytes)?;
         for field in ["next_part", "lost_parts", "writer", "commit"] {
@@ -380,8 +424,8 @@ impl Storage {
             let seq = self.next_part[table];
             let relative = self.place.pending(*table, seq);
             match &self.place.location {
-                Location::Local(root) => write_file(&root.join(self.place.folder(*table)), &pending_name(seq), batch, &self.properties)?,
-                Location::Bucket(bucket) => uploads.push((relative.clone(), encode(&bucket.url_of(&relative), batch, &self.properties)?)),
+                Location::Local(root) => write_file(&root.join(self.place.folder(*table)), &pending_name(seq), std::slice::from_ref(batch), &self.properties)?,
+                Location::Bucket(bucket) => uploads.push((relative.clone(), encode(&bucket.url_of(&relative), std::slice::from_ref(batch), &self.properties)?)),
             }
             self.next_part.insert(*table, seq + 1);
             written.push(self.place.name(&self.place.part(*table, seq)));
@@ -419,12 +463,69 @@ impl Storage {
             .map(|(table, seq)| (self.place.pending(table, seq), self.place.part(table, seq)))
             .collect();
         match rename_all(&self.place, renames) {
-            Ok(()) => self.published = self.committed.clone(),
+            Ok(()) => {
+                let named = self.published != self.committed;
+                self.published = self.committed.clone();
+                if named {
+                    self.compact_in_background();
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "committed parts stay hidden until the next checkpoint renames them"),
         }
         if let Location::Bucket(bucket) = &self.place.location {
             bucket.forget_listings();
         }
+    }
+
+    /// Starts a round of merges ([`compact`]) on a thread of its own, unless one is running.
+    fn compact_in_background(&self) {
+        if self.compactor.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let (place, published, running, refused) =
+            (self.place.clone(), self.published.clone(), self.compactor.running.clone(), self.compactor.refused.clone());
+        let started = std::thread::Builder::new().name("compact".into()).spawn(move || {
+            let _span = tracing::info_span!("compact").entered();
+            for (&table, &next) in &published {
+                if refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&table) {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                match compact_table(&place, table, next) {
+                    Ok(Merge::Nothing) => {}
+                    Ok(Merge::Merged { parts, into }) => {
+                        metrics::counter!("bearwatch_storage_compactions_total").increment(1);
+                        metrics::counter!("bearwatch_storage_compacted_parts_total").increment(parts as u64);
+                        tracing::debug!(table = table.name(), parts, into = %place.name(&into), took = ?started.elapsed(), "merged parts");
+                    }
+                    Ok(Merge::Refused(reason)) => {
+                        tracing::warn!(table = table.name(), %reason, "its parts are not merged");
+                        refused.lock().unwrap_or_else(|p| p.into_inner()).insert(table);
+                    }
+                    Err(e) => {
+                        metrics::counter!("bearwatch_storage_compaction_errors_total").increment(1);
+                        tracing::warn!(table = table.name(), error = %e, "merging parts failed; tried again after the next checkpoint");
+                    }
+                }
+            }
+            running.store(false, std::sync::atomic::Ordering::Release);
+        });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start merging parts");
+            self.compactor.running.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Waits for a round of merges to end, at most `limit`; whether it ended.
+    fn wait_for_compaction(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.compactor.running.load(std::sync::atomic::Ordering::Acquire) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
     }
 
     /// The instance this storage writes as (none: it is the storage's only writer).
@@ -529,22 +630,29 @@ pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// `batch` as the bytes of one Parquet file.
-fn encode(name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
+/// `batches` (one schema, at least one batch) as the bytes of one Parquet file.
+fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
     let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: PathBuf::from(name), reason: e.to_string() };
-    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(properties.clone())).map_err(parquet_error)?;
-    writer.write(batch).map_err(parquet_error)?;
+    let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
+    let mut writer = ArrowWriter::try_new(Vec::new(), schema, Some(properties.clone())).map_err(parquet_error)?;
+    for batch in batches {
+        writer.write(batch).map_err(parquet_error)?;
+    }
     writer.into_inner().map_err(parquet_error)
 }
 
-/// Writes `batch` as `<dir>/<name>` through a temp name, fsynced, then renamed.
-fn write_file(dir: &Path, name: &str, batch: &RecordBatch, properties: &WriterProperties) -> Result<(), StorageError> {
+/// Writes `batches` (one schema, at least one batch) as `<dir>/<name>` through a temp name,
+/// fsynced, then renamed.
+fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<(), StorageError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
     let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
+    let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
     let file = File::create(&temp).map_err(io_error(&temp))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties.clone())).map_err(parquet_error)?;
-    writer.write(batch).map_err(parquet_error)?;
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties.clone())).map_err(parquet_error)?;
+    for batch in batches {
+        writer.write(batch).map_err(parquet_error)?;
+    }
     let file = writer.into_inner().map_err(parquet_error)?;
     file.sync_all().map_err(io_error(&temp))?;
     fs::rename(&temp, &path).map_err(io_error(&path))?;
@@ -563,12 +671,12 @@ pub fn append(location: &Location, table: Table, batch: &RecordBatch, unique: &s
         Location::Local(root) => {
             let dir = root.join(table.name());
             fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-            write_file(&dir, &name, batch, &properties())?;
+            write_file(&dir, &name, std::slice::from_ref(batch), &properties())?;
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
             Ok(root.join(relative).display().to_string())
         }
         Location::Bucket(bucket) => {
-            bucket.put(&relative, encode(&bucket.url_of(&relative), batch, &properties())?, Mode::Create)?;
+            bucket.put(&relative, encode(&bucket.url_of(&relative), std::slice::from_ref(batch), &properties())?, Mode::Create)?;
             Ok(bucket.url_of(&relative))
         }
     }
@@ -709,39 +817,58 @@ fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, ve
 }
 
 /// Every part the checkpoint counts (numbers below `next_part`, not accepted as lost) that is
-/// missing or unreadable, with what is wrong with it. Locally each part's Parquet footer is read;
-/// on object storage (where a part is written in one PUT and cannot be cut short by a crash) one
-/// listing per table finds missing and empty parts.
-fn damaged_parts(place: &Place, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(Table, u64, String)>, StorageError> {
+/// missing or unreadable, with what is wrong with it, by the part numbers its file holds. Locally
+/// each file's Parquet footer is read; on object storage (where a part is written in one PUT and
+/// cannot be cut short by a crash) one listing per table finds missing and empty parts.
+fn damaged_parts(place: &Place, next_part: &BTreeMap<Table, u64>, lost: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(Table, (u64, u64), String)>, StorageError> {
     let mut damaged = Vec::new();
     for (&table, &next) in next_part {
         if next == 0 {
             continue;
         }
         let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
-        let listed: BTreeMap<String, u64> = place.list(&place.folder(table))?.into_iter().collect();
-        for seq in (0..next).filter(|seq| !lost.contains(seq)) {
-            let problem = match (&place.location, listed.get(&part_name(seq))) {
-                (_, None) => Some("is missing".to_string()),
-                (_, Some(0)) => Some("is unreadable (empty)".to_string()),
-                (Location::Local(root), Some(_)) => match File::open(root.join(place.part(table, seq))) {
+        let listed = place.list(&place.folder(table))?;
+        let hidden = compact::superseded(listed.iter().map(|(n, _)| n.as_str()));
+        let mut files: Vec<((u64, u64), &str, u64)> = listed
+            .iter()
+            .filter(|(name, _)| !hidden.contains(name.as_str()))
+            .filter_map(|(name, bytes)| compact::span(name).filter(|(_, last)| *last < next).map(|span| (span, name.as_str(), *bytes)))
+            .collect();
+        files.sort();
+        for &(span, name, bytes) in &files {
+            let relative = format!("{}/{name}", place.folder(table));
+            let problem = match &place.location {
+                _ if bytes == 0 => Some("is unreadable (empty)".to_string()),
+                Location::Local(root) => match File::open(root.join(&relative)) {
                     Err(e) => Some(format!("cannot be opened ({e})")),
                     Ok(file) => parquet::file::reader::SerializedFileReader::new(file).err().map(|e| format!("is unreadable ({e})")),
                 },
-                (Location::Bucket(_), Some(_)) => None,
+                Location::Bucket(_) => None,
             };
             if let Some(problem) = problem {
-                damaged.push((table, seq, format!("{} {problem}", place.part(table, seq))));
+                damaged.push((table, span, format!("{relative} {problem}")));
+            }
+        }
+        // Numbers that no file holds; the files are sorted and do not overlap.
+        let mut held = files.iter().map(|(span, _, _)| *span).peekable();
+        for seq in (0..next).filter(|seq| !lost.contains(seq)) {
+            while held.peek().is_some_and(|(_, last)| *last < seq) {
+                held.next();
+            }
+            if !held.peek().is_some_and(|(first, _)| *first <= seq) {
+                damaged.push((table, (seq, seq), format!("{} is missing", place.part(table, seq))));
             }
         }
     }
     Ok(damaged)
 }
 
-/// Moves a damaged part to `damaged/<table>-<part>` (if it is there at all).
-fn set_aside(place: &Place, table: Table, seq: u64) -> Result<(), StorageError> {
-    let relative = place.part(table, seq);
-    let aside = format!("damaged/{}-{}{}", table.name(), place.instance.as_deref().map(|i| format!("{i}-")).unwrap_or_default(), part_name(seq));
+/// Moves a damaged part (holding part numbers `span`) to `damaged/<table>-<part>` (if it is there
+/// at all).
+fn set_aside(place: &Place, table: Table, span: (u64, u64)) -> Result<(), StorageError> {
+    let name = compact::merged_name(span.0, span.1);
+    let relative = format!("{}/{name}", place.folder(table));
+    let aside = format!("damaged/{}-{}{name}", table.name(), place.instance.as_deref().map(|i| format!("{i}-")).unwrap_or_default());
     match &place.location {
         Location::Local(root) => {
             let path = root.join(&relative);
@@ -761,13 +888,71 @@ fn set_aside(place: &Place, table: Table, seq: u64) -> Result<(), StorageError> 
     Ok(())
 }
 
+/// What one round of [`compact_table`] did.
+enum Merge {
+    Nothing,
+    Merged { parts: usize, into: String },
+    /// The parts cannot be merged without losing data; why.
+    Refused(String),
+}
+
+/// Merges the next run of small named parts of `table` below `published` ([`compact::plan`]) into
+/// one, then deletes them.
+fn compact_table(place: &Place, table: Table, published: u64) -> Result<Merge, StorageError> {
+    let folder = place.folder(table);
+    let Some(run) = compact::plan(&place.list(&folder)?, published) else { return Ok(Merge::Nothing) };
+    let (first, last) = (run[0].1.0, run[run.len() - 1].1.1);
+    let into = format!("{folder}/{}", compact::merged_name(first, last));
+    let mut batches = Vec::new();
+    for (name, _) in &run {
+        let relative = format!("{folder}/{name}");
+        let unreadable = |reason: String| StorageError::Parquet { path: PathBuf::from(place.name(&relative)), reason };
+        // Gone: another round (a restart's) merged it already; this one stops.
+        let Some((bytes, _)) = place.read(&relative)? else { return Ok(Merge::Nothing) };
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .and_then(|b| b.build())
+            .map_err(|e| unreadable(e.to_string()))?;
+        for batch in reader {
+            batches.push(batch.map_err(|e| unreadable(e.to_string()))?);
+        }
+    }
+    // The newest part's columns; older parts gain the nullable columns added since.
+    let Some(schema) = batches.last().map(RecordBatch::schema) else { return Ok(Merge::Nothing) };
+    let Some(batches) = batches.iter().map(|b| compact::align(b, &schema)).collect::<Option<Vec<_>>>() else {
+        return Ok(Merge::Refused(format!("{} parts {first}..={last} have columns that differ beyond added nullable ones", table.name())));
+    };
+    match &place.location {
+        Location::Local(root) => {
+            let dir = root.join(&folder);
+            write_file(&dir, &compact::merged_name(first, last), &batches, &properties())?;
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
+        }
+        Location::Bucket(bucket) => {
+            bucket.put(&into, encode(&bucket.url_of(&into), &batches, &properties())?, Mode::Overwrite)?;
+        }
+    }
+    for (name, _) in &run {
+        place.delete(&format!("{folder}/{name}"))?;
+    }
+    Ok(Merge::Merged { parts: run.len(), into })
+}
+
 /// Renames the pending parts below `next` (committed: a crash came before their rename) and, with
 /// `leftovers` (the writer itself, on start), deletes the parts numbered `next` or later and
 /// unfinished temp files: writes that a crash interrupted.
 fn settle_parts(place: &Place, table: Table, next: u64, leftovers: bool) -> Result<(), StorageError> {
     let folder = place.folder(table);
     let mut committed = Vec::new();
-    for (name, _) in place.list(&folder)? {
+    let listed = place.list(&folder)?;
+    if leftovers {
+        // A merge is in place but some of its inputs were not deleted yet (a crash in between).
+        for name in compact::superseded(listed.iter().map(|(n, _)| n.as_str())) {
+            let relative = format!("{folder}/{name}");
+            tracing::info!(file = %place.name(&relative), "removing a part that a merge holds");
+            place.delete(&relative)?;
+        }
+    }
+    for (name, _) in listed {
         let seq = |name: &str, prefix: &str, suffix: &str| name.strip_prefix(prefix).and_then(|n| n.strip_suffix(suffix)).and_then(|n| n.parse::<u64>().ok());
         let (part, pending) = (seq(&name, "part-", ".parquet"), seq(&name, ".part-", ".parquet.pending"));
         if let Some(seq) = pending.filter(|seq| *seq < next) {
@@ -918,6 +1103,57 @@ mod tests {
         storage.commit(&checkpoint()).unwrap();
         assert!(Storage::open::<State>(&here(&dir), None, false).is_ok());
         assert!(Storage::repair(&here(&dir), None).unwrap().is_empty());
+    }
+
+    /// Twenty checkpoints' parts become one merge and the newest few, in the background; a crash
+    /// between a merge and the deletion of its inputs is cleaned up at the next start; a damaged
+    /// merge is set aside whole by a repair.
+    #[test]
+    fn small_parts_merge_in_the_background_and_a_restart_cleans_up_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("windows");
+        let listed = || -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        };
+        let rows = |names: &[String]| -> usize {
+            let hidden = compact::superseded(names.iter().map(String::as_str));
+            names
+                .iter()
+                .filter(|n| compact::span(n).is_some() && !hidden.contains(n.as_str()))
+                .map(|n| parquet::file::reader::SerializedFileReader::new(File::open(folder.join(n)).unwrap()).unwrap())
+                .map(|r| parquet::file::reader::FileReader::metadata(&r).file_metadata().num_rows() as usize)
+                .sum()
+        };
+        let (mut storage, _) = Storage::open::<State>(&here(&dir), None, false).unwrap();
+        for _ in 0..20 {
+            storage.write(Table::Windows, &batch()).unwrap();
+            storage.commit(&checkpoint()).unwrap();
+            assert!(storage.wait_for_compaction(std::time::Duration::from_secs(30)));
+        }
+        let mut expected = vec![compact::merged_name(0, 14)];
+        expected.extend((15..20).map(part_name));
+        assert_eq!(listed(), expected, "0..=7 merged at the 8th checkpoint, then with 8..=14 at the 15th");
+        assert_eq!(rows(&listed()), 40);
+
+        // A crash after a merge, before its inputs were all deleted, and during the next merge.
+        write_file(&folder, &part_name(3), &[batch()], &properties()).unwrap();
+        fs::write(folder.join(".part-00000000-00000019.parquet.tmp"), b"half").unwrap();
+        assert_eq!(rows(&listed()), 40, "readers skip what a merge holds");
+        drop(storage);
+        Storage::open::<State>(&here(&dir), None, false).unwrap();
+        assert_eq!(listed(), expected, "the start deletes the merged input and the unfinished merge");
+
+        let merged = folder.join(compact::merged_name(0, 14));
+        let bytes = fs::read(&merged).unwrap();
+        fs::write(&merged, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Storage::open::<State>(&here(&dir), None, false).err().unwrap().to_string();
+        assert!(err.contains("windows/part-00000000-00000014.parquet is unreadable"), "{err}");
+        assert_eq!(Storage::repair(&here(&dir), None).unwrap().len(), 1);
+        assert!(dir.path().join("damaged/windows-part-00000000-00000014.parquet").exists());
+        let (_, restored) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
+        assert_eq!(restored.unwrap()["lost_parts"]["windows"], serde_json::json!((0..15).collect::<Vec<u64>>()));
     }
 
     #[test]

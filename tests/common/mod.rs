@@ -303,3 +303,24 @@ pub fn check_with_prometheus_tools(text: &str, absent: &[&str]) {
     let parsed = run(Command::new(format!("{ROOT}/.venv/bin/python")).arg(format!("{ROOT}/tests/metrics_check.py")).args(expected));
     assert!(parsed.status.success(), "Prometheus's Python parser:\n{}{}", String::from_utf8_lossy(&parsed.stdout), String::from_utf8_lossy(&parsed.stderr));
 }
+
+/// Of a listing's keys, the parts that a merged part in the same folder holds
+/// (`part-<first>-<last>.parquet` holds the parts numbered first..=last): what a plain glob would
+/// read twice.
+pub fn unmerged_inputs(keys: &[String]) -> Vec<String> {
+    let span = |key: &str| -> Option<(String, u64, u64)> {
+        let (folder, name) = key.rsplit_once('/')?;
+        let digits = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+        let (first, last) = digits.split_once('-').unwrap_or((digits, digits));
+        Some((folder.to_string(), first.parse().ok()?, last.parse().ok()?))
+    };
+    let spans: Vec<(String, u64, u64)> = keys.iter().filter_map(|k| span(k)).collect();
+    keys.iter()
+        .filter(|k| {
+            span(k).is_some_and(|(folder, first, last)| {
+                spans.iter().any(|(f, a, b)| *f == folder && *a <= first && last <= *b && (*a, *b) != (first, last))
+            })
+        })
+        .cloned()
+        .collect()
+}

@@ -251,10 +251,9 @@ impl S3Server {
         ]
     }
 
-    /// The object at `key` (under the bucket), if any: read with its own client, not bearwatch's.
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStoreExt;
-        let store = object_store::aws::AmazonS3Builder::new()
+    /// A client of its own, not bearwatch's.
+    fn client(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&self.endpoint)
             .with_allow_http(true)
             .with_bucket_name(&self.bucket)
@@ -262,7 +261,26 @@ impl S3Server {
             .with_access_key_id("test")
             .with_secret_access_key("test")
             .build()
+            .unwrap()
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let store = self.client();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut keys: Vec<String> = runtime
+            .block_on(store.list(Some(&object_store::path::Path::from(prefix))).map_ok(|m| m.location.to_string()).try_collect())
             .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// The object at `key` (under the bucket), if any: read with its own client, not bearwatch's.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStoreExt;
+        let store = self.client();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             match store.get(&object_store::path::Path::from(key)).await {

@@ -1,0 +1,288 @@
+//! Compaction: a checkpoint every 10 s writes one part per table that changed, some 8,640 a day,
+//! and every query opens every part it lists. So the writer merges its small committed parts in the
+//! background: a run of at least [`FANOUT`] consecutive parts of one size tier becomes one part,
+//! `part-<first>-<last>.parquet`, whose name says which part numbers it holds.
+//!
+//! Order: the merged part is written whole (locally through a temp name, fsynced and renamed; on
+//! object storage in one PUT), then its inputs are deleted. Between the two, and after a crash in
+//! between, both are listed: readers skip a part whose numbers a listed merge holds
+//! ([`superseded`]; bearwatch's SQL through [`Visible`]), and the writer's next start deletes such
+//! parts. A merge holds committed parts only, whose rows never change, so a merge written twice (a
+//! crash, or a fenced-off writer) has the same rows.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::{RecordBatch, new_null_array};
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+/// Parts merged at once, at least: fewer small ones are left as they are.
+pub const FANOUT: usize = 8;
+/// Parts merged at once, at most: bounds one merge's time (a backlog takes several rounds).
+pub const MAX_RUN: usize = 64;
+/// Size tiers: parts under 512 KiB, and under 4 MiB, merge with parts of their own tier; bigger
+/// ones are left alone.
+const TIER_BYTES: [u64; 2] = [512 << 10, 4 << 20];
+/// Bytes merged at once, at most: a merge holds its inputs and its output in memory.
+const MAX_RUN_BYTES: u64 = 64 << 20;
+
+/// The part numbers a part file holds: its own (`part-<n>.parquet`) or a merge's
+/// (`part-<first>-<last>.parquet`). None for any other file.
+pub fn span(name: &str) -> Option<(u64, u64)> {
+    let digits = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let number = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u64>().ok()).flatten();
+    match digits.split_once('-') {
+        None => number(digits).map(|n| (n, n)),
+        Some((first, last)) => {
+            let (first, last) = (number(first)?, number(last)?);
+            (first < last).then_some((first, last))
+        }
+    }
+}
+
+/// The name of a part that merges part numbers `first..=last`.
+pub fn merged_name(first: u64, last: u64) -> String {
+    if first == last { super::part_name(first) } else { format!("part-{first:08}-{last:08}.parquet") }
+}
+
+/// Of one folder's file names, the parts a reader skips: those whose numbers another listed part
+/// (a merge) also holds.
+pub fn superseded<'a>(names: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
+    let mut spans: Vec<(u64, u64, &str)> = names.into_iter().filter_map(|n| span(n).map(|(f, l)| (f, l, n))).collect();
+    // By first number, the widest first: a part is held by an earlier one that reaches as far.
+    spans.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut reach: Option<u64> = None;
+    let mut hidden = HashSet::new();
+    for (_, last, name) in spans {
+        if reach.is_some_and(|r| r >= last) {
+            hidden.insert(name);
+        } else {
+            reach = Some(last);
+        }
+    }
+    hidden
+}
+
+fn tier(bytes: u64) -> Option<usize> {
+    TIER_BYTES.iter().position(|&limit| bytes < limit)
+}
+
+/// The next merge in one folder (names and sizes of its files): the oldest run of at least
+/// [`FANOUT`] consecutive visible parts of one tier, all below `published` (committed and named),
+/// at most [`MAX_RUN`] of them and [`MAX_RUN_BYTES`] together. Numbers missing between them (parts accepted as lost) do not break a
+/// run.
+pub fn plan(files: &[(String, u64)], published: u64) -> Option<Vec<(String, (u64, u64))>> {
+    let hidden = superseded(files.iter().map(|(n, _)| n.as_str()));
+    let mut parts: Vec<(&str, (u64, u64), u64)> = files
+        .iter()
+        .filter(|(name, _)| !hidden.contains(name.as_str()))
+        .filter_map(|(name, bytes)| span(name).map(|s| (name.as_str(), s, *bytes)))
+        .filter(|(_, (_, last), _)| *last < published)
+        .collect();
+    parts.sort_by_key(|(_, (first, _), _)| *first);
+    let mut start = 0;
+    for end in 1..=parts.len() {
+        let this_tier = tier(parts[start].2);
+        if end == parts.len() || tier(parts[end].2) != this_tier {
+            if this_tier.is_some() && end - start >= FANOUT {
+                let mut bytes = 0;
+                let run = parts[start..end].iter().take(MAX_RUN).take_while(|(_, _, b)| {
+                    bytes += b;
+                    bytes <= MAX_RUN_BYTES
+                });
+                return Some(run.map(|(n, s, _)| (n.to_string(), *s)).collect());
+            }
+            start = end;
+        }
+    }
+    None
+}
+
+/// `batch` with `schema`'s columns: the same columns, or nulls for a nullable column it lacks (a
+/// part written before the column was added). None when it cannot be done without losing data.
+pub fn align(batch: &RecordBatch, schema: &SchemaRef) -> Option<RecordBatch> {
+    if batch.schema().fields().iter().any(|f| schema.field_with_name(f.name()).is_err()) {
+        return None;
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(column) if column.data_type() == field.data_type() => Some(column.clone()),
+            Some(_) => None,
+            None => field.is_nullable().then(|| new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<Option<Vec<_>>>()?;
+    RecordBatch::try_new(schema.clone(), columns).ok()
+}
+
+/// An object store as bearwatch's SQL lists it: parts that a merge holds are left out of listings
+/// (see the module's doc), so a query never reads a row twice while a merge's inputs await deletion.
+#[derive(Debug)]
+pub struct Visible {
+    inner: Arc<dyn ObjectStore>,
+}
+
+impl Visible {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Visible {
+        Visible { inner }
+    }
+}
+
+/// `objects` without the parts that a merge in the same folder holds.
+fn visible(mut objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+    let hidden: HashSet<Path> = {
+        let mut by_folder: std::collections::HashMap<Option<&str>, Vec<&ObjectMeta>> = std::collections::HashMap::new();
+        for meta in &objects {
+            by_folder.entry(meta.location.as_ref().rsplit_once('/').map(|(folder, _)| folder)).or_default().push(meta);
+        }
+        by_folder
+            .values()
+            .flat_map(|metas| {
+                let names: Vec<&str> = metas.iter().filter_map(|m| m.location.filename()).collect();
+                let hidden = superseded(names);
+                metas.iter().filter(move |m| m.location.filename().is_some_and(|n| hidden.contains(n))).map(|m| m.location.clone()).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    objects.retain(|m| !hidden.contains(&m.location));
+    objects
+}
+
+impl fmt::Display for Visible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Visible({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Visible {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        // Whole, then filtered: whether a part is held by a merge depends on the rest of its folder.
+        let listing = self.inner.list(prefix).try_collect::<Vec<ObjectMeta>>();
+        futures::stream::once(listing).map_ok(|objects| futures::stream::iter(visible(objects).into_iter().map(Ok))).try_flatten().boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let listed = self.inner.list_with_delimiter(prefix).await?;
+        Ok(ListResult { common_prefixes: listed.common_prefixes, objects: visible(listed.objects) })
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use object_store::ObjectStoreExt;
+
+    fn names(n: impl IntoIterator<Item = u64>) -> Vec<(String, u64)> {
+        n.into_iter().map(|s| (super::super::part_name(s), 10_000)).collect()
+    }
+
+    #[test]
+    fn part_names_say_which_numbers_they_hold() {
+        assert_eq!(span("part-00000007.parquet"), Some((7, 7)));
+        assert_eq!(span(&merged_name(3, 40)), Some((3, 40)));
+        assert_eq!(merged_name(5, 5), "part-00000005.parquet");
+        for other in [".part-00000001.parquet.pending", "part-1-1.parquet", "part-9-2.parquet", "part--2.parquet", "part-x.parquet", "1700-a1.parquet"] {
+            assert_eq!(span(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_merge_hides_the_parts_it_holds_and_only_those() {
+        let files = ["part-00000000.parquet", "part-00000001.parquet", "part-00000000-00000001.parquet", "part-00000002.parquet", "other.txt"];
+        let hidden = superseded(files);
+        assert_eq!(hidden, HashSet::from(["part-00000000.parquet", "part-00000001.parquet"]));
+        // A merge of merges hides them and their inputs; a part after it stays.
+        let files = ["part-00000000-00000007.parquet", "part-00000008-00000015.parquet", "part-00000000-00000015.parquet", "part-00000003.parquet", "part-00000016.parquet"];
+        assert_eq!(superseded(files).len(), 3);
+        assert!(!superseded(files).contains("part-00000016.parquet") && !superseded(files).contains("part-00000000-00000015.parquet"));
+    }
+
+    #[test]
+    fn runs_of_small_committed_parts_merge_oldest_first() {
+        assert_eq!(plan(&names(0..7), 100), None, "fewer than FANOUT");
+        let run = plan(&names(0..10), 100).unwrap();
+        assert_eq!(run.len(), 10);
+        assert_eq!(plan(&names(0..10), 5), None, "parts not yet named are not merged");
+        assert_eq!(plan(&names(0..200), 1000).unwrap().len(), MAX_RUN);
+        // A lost part (3) does not break a run; a big part does.
+        let mut files = names((0..3).chain(4..12));
+        files[5].1 = 50 << 20;
+        assert_eq!(plan(&files, 100), None, "5 small, 1 big, 5 small");
+        files[5].1 = 10_000;
+        assert_eq!(plan(&files, 100).unwrap().first().unwrap().1, (0, 0));
+        // Merged parts of the next tier merge with each other, not with the small ones after them.
+        let mut tiers: Vec<(String, u64)> = (0..8).map(|i| (merged_name(i * 10, i * 10 + 9), 1 << 20)).collect();
+        tiers.extend(names(80..85));
+        let run = plan(&tiers, 100).unwrap();
+        assert_eq!((run.len(), run[0].1, run[7].1), (8, (0, 9), (70, 79)));
+        // What a merge already holds is not merged again.
+        let mut held = names(0..10);
+        held.push((merged_name(0, 9), 80_000));
+        assert_eq!(plan(&held, 100), None);
+    }
+
+    #[test]
+    fn older_parts_gain_null_columns_and_nothing_is_dropped() {
+        let new = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("copies", DataType::Int64, true)]));
+        let old = RecordBatch::try_new(Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)])), vec![Arc::new(Int64Array::from(vec![1, 2]))]).unwrap();
+        let aligned = align(&old, &new).unwrap();
+        assert_eq!((aligned.num_columns(), aligned.column(1).null_count()), (2, 2));
+        let extra = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("gone", DataType::Utf8, false)])),
+            vec![Arc::new(Int64Array::from(vec![1])), Arc::new(StringArray::from(vec!["x"]))],
+        )
+        .unwrap();
+        assert!(align(&extra, &new).is_none(), "a column the newer schema lacks");
+        let required = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false), Field::new("must", DataType::Int64, false)]));
+        assert!(align(&old, &required).is_none(), "a required column it lacks");
+    }
+
+    #[test]
+    fn listings_through_visible_leave_out_merged_inputs() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let inner: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+            for name in ["news/instance=a/part-00000000.parquet", "news/instance=a/part-00000001.parquet", "news/instance=a/part-00000000-00000001.parquet", "news/instance=b/part-00000000.parquet"] {
+                inner.put(&Path::from(name), PutPayload::from_static(b"x")).await.unwrap();
+            }
+            let store = Visible::new(inner);
+            let mut listed: Vec<String> = store.list(Some(&Path::from("news"))).map_ok(|m| m.location.to_string()).try_collect().await.unwrap();
+            listed.sort();
+            assert_eq!(listed, vec!["news/instance=a/part-00000000-00000001.parquet", "news/instance=b/part-00000000.parquet"], "another folder's part 0 stays");
+            let folder = store.list_with_delimiter(Some(&Path::from("news/instance=a"))).await.unwrap();
+            assert_eq!(folder.objects.len(), 1);
+        });
+    }
+}
