@@ -176,7 +176,10 @@ pub fn run(args: &InstancesBenchArgs) -> Result<String, PipelineError> {
     replay(args)?;
     let local = Location::from(args.dir.as_path());
     let remote = Location::parse(&args.object_store, &S3Config::default())?;
-    let parts = split(&args.dir, &remote)?;
+    let written = split(&args.dir, &remote)?;
+    // What the queries open: after the writers' merges (the pipeline's during its run, the
+    // instances' when they stop).
+    let (local_files, remote_files) = (crate::storage::visible_parts(&local)?, crate::storage::visible_parts(&remote)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(failed)?;
     // Per query: the local folder, then the bucket listing its tables afresh (as the first query of
     // a refresh does), then again within a second (as the others of that refresh do).
@@ -223,7 +226,7 @@ pub fn run(args: &InstancesBenchArgs) -> Result<String, PipelineError> {
     let _ = writeln!(
         out,
         "{} stories ({} in `news`), the dashboard's queries in its default view, a new SQL context per query; median of {} rounds after 1 warm-up\n\
-         local: one pipeline's folder {}; object storage: the same rows split by topic into instances a and b under {} ({parts} parts)\n",
+         local: one pipeline's folder {} ({local_files} files); object storage: the same rows split by topic into instances a and b under {} ({written} parts written, {remote_files} files after merging)\n",
         args.stories,
         stored,
         args.repeats,

@@ -28,11 +28,12 @@ use object_store::{
 pub const FANOUT: usize = 8;
 /// Parts merged at once, at most: bounds one merge's time (a backlog takes several rounds).
 pub const MAX_RUN: usize = 64;
-/// Size tiers: parts under 512 KiB, and under 4 MiB, merge with parts of their own tier; bigger
-/// ones are left alone.
-const TIER_BYTES: [u64; 2] = [512 << 10, 4 << 20];
+/// Parts this big or bigger are left as they are.
+const SMALL_BYTES: u64 = 4 << 20;
 /// Bytes merged at once, at most: a merge holds its inputs and its output in memory.
 const MAX_RUN_BYTES: u64 = 64 << 20;
+// A run cut at MAX_RUN_BYTES can still hold FANOUT small parts.
+const _: () = assert!(MAX_RUN_BYTES >= FANOUT as u64 * SMALL_BYTES);
 
 /// The part numbers a part file holds: its own (`part-<n>.parquet`) or a merge's
 /// (`part-<first>-<last>.parquet`). None for any other file.
@@ -71,13 +72,12 @@ pub fn superseded<'a>(names: impl IntoIterator<Item = &'a str>) -> HashSet<&'a s
     hidden
 }
 
-fn tier(bytes: u64) -> Option<usize> {
-    TIER_BYTES.iter().position(|&limit| bytes < limit)
-}
-
-/// The next merge in one folder (names and sizes of its files): the oldest run of at least
-/// [`FANOUT`] consecutive visible parts of one tier, all below `published` (committed and named),
-/// at most [`MAX_RUN`] of them and [`MAX_RUN_BYTES`] together. Numbers missing between them (parts accepted as lost) do not break a
+/// The next merge in one folder (names and sizes of its files): from the oldest, a run of at least
+/// [`FANOUT`] consecutive visible small parts, all below `published` (committed and named), at most
+/// [`MAX_RUN`] of them and [`MAX_RUN_BYTES`] together, the longest from its start in which no part
+/// holds more than half the bytes. That last rule is what bounds the rewriting: a row is merged
+/// again only into a file at least twice the size of the one it is in, so at most
+/// log2(4 MiB / part size) times. Numbers missing between parts (accepted as lost) do not break a
 /// run.
 pub fn plan(files: &[(String, u64)], published: u64) -> Option<Vec<(String, (u64, u64))>> {
     let hidden = superseded(files.iter().map(|(n, _)| n.as_str()));
@@ -88,19 +88,20 @@ pub fn plan(files: &[(String, u64)], published: u64) -> Option<Vec<(String, (u64
         .filter(|(_, (_, last), _)| *last < published)
         .collect();
     parts.sort_by_key(|(_, (first, _), _)| *first);
-    let mut start = 0;
-    for end in 1..=parts.len() {
-        let this_tier = tier(parts[start].2);
-        if end == parts.len() || tier(parts[end].2) != this_tier {
-            if this_tier.is_some() && end - start >= FANOUT {
-                let mut bytes = 0;
-                let run = parts[start..end].iter().take(MAX_RUN).take_while(|(_, _, b)| {
-                    bytes += b;
-                    bytes <= MAX_RUN_BYTES
-                });
-                return Some(run.map(|(n, s, _)| (n.to_string(), *s)).collect());
+    for start in 0..parts.len() {
+        let (mut total, mut biggest, mut end) = (0, 0, None);
+        for (at, (_, _, bytes)) in parts.iter().enumerate().skip(start).take(MAX_RUN) {
+            if *bytes >= SMALL_BYTES || total + bytes > MAX_RUN_BYTES {
+                break;
             }
-            start = end;
+            total += bytes;
+            biggest = biggest.max(*bytes);
+            if at + 1 - start >= FANOUT && biggest * 2 <= total {
+                end = Some(at + 1);
+            }
+        }
+        if let Some(end) = end {
+            return Some(parts[start..end].iter().map(|(n, s, _)| (n.to_string(), *s)).collect());
         }
     }
     None
@@ -242,15 +243,55 @@ mod tests {
         assert_eq!(plan(&files, 100), None, "5 small, 1 big, 5 small");
         files[5].1 = 10_000;
         assert_eq!(plan(&files, 100).unwrap().first().unwrap().1, (0, 0));
-        // Merged parts of the next tier merge with each other, not with the small ones after them.
-        let mut tiers: Vec<(String, u64)> = (0..8).map(|i| (merged_name(i * 10, i * 10 + 9), 1 << 20)).collect();
-        tiers.extend(names(80..85));
-        let run = plan(&tiers, 100).unwrap();
-        assert_eq!((run.len(), run[0].1, run[7].1), (8, (0, 9), (70, 79)));
+        // A merge is merged again only with as many bytes as it holds: not with 7 small parts.
+        let mut grown: Vec<(String, u64)> = vec![(merged_name(0, 9), 100_000)];
+        grown.extend(names(10..17));
+        assert_eq!(plan(&grown, 100), None);
+        grown.extend(names(17..30));
+        let run = plan(&grown, 100).unwrap();
+        assert_eq!((run.len(), run[0].1), (21, (0, 9)), "with 20 parts of 10,000 bytes after it, it is");
+        grown[0].1 = 300_000;
+        assert_eq!(plan(&grown, 100).unwrap()[0].1, (10, 10), "the small ones merge among themselves");
         // What a merge already holds is not merged again.
         let mut held = names(0..10);
         held.push((merged_name(0, 9), 80_000));
         assert_eq!(plan(&held, 100), None);
+    }
+
+    /// A day of checkpoints every 10 s, one merge per checkpoint as the writer does, with parts of
+    /// one size and of sizes that vary a hundredfold: the files a query opens stay few, and each
+    /// byte is rewritten a few times.
+    #[test]
+    fn a_day_of_parts_stays_a_few_dozen_files() {
+        let mut rng = crate::rng::Lcg(7);
+        let sizes: [(&str, Box<dyn FnMut() -> u64>); 4] = [
+            ("2 KB", Box::new(|| 2_000)),
+            ("40 KB", Box::new(|| 40_000)),
+            ("700 KB", Box::new(|| 700_000)),
+            ("1–300 KB", Box::new(move || 1_000 + (rng.next_f64() * 299_000.0) as u64)),
+        ];
+        for (label, mut size) in sizes {
+            let mut files: Vec<(String, u64)> = Vec::new();
+            let (mut most, mut written, mut rewritten) = (0, 0u64, 0u64);
+            for seq in 0..8_640u64 {
+                let bytes = size();
+                written += bytes;
+                files.push((super::super::part_name(seq), bytes));
+                if let Some(run) = plan(&files, seq + 1) {
+                    let merged: u64 = files.iter().filter(|(n, _)| run.iter().any(|(r, _)| r == n)).map(|(_, b)| b).sum();
+                    rewritten += merged;
+                    files.retain(|(n, _)| !run.iter().any(|(r, _)| r == n));
+                    files.push((merged_name(run[0].1.0, run[run.len() - 1].1.1), merged));
+                    files.sort_by_key(|(n, _)| span(n));
+                }
+                most = most.max(files.len());
+            }
+            let rewrites = rewritten as f64 / written as f64;
+            eprintln!("{label} parts: {} files at the end, at most {most}; each byte rewritten {rewrites:.1} times", files.len());
+            let small = files.iter().filter(|(_, b)| *b < SMALL_BYTES).count();
+            assert!(small <= 64, "{label} parts: {small} small files left");
+            assert!(rewrites <= 12.0, "{label} parts: each byte rewritten {rewrites:.1} times");
+        }
     }
 
     #[test]

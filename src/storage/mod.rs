@@ -699,6 +699,22 @@ pub fn holds_parts(location: &Location, instance: Option<&str>, table: Table) ->
     Ok(place.list(&place.folder(table))?.iter().any(|(name, _)| name.ends_with(".parquet") && !name.starts_with('.')))
 }
 
+/// How many Parquet files a reader of the checkpointed tables opens: every instance's parts, less
+/// those a merge holds.
+pub fn visible_parts(location: &Location) -> Result<usize, StorageError> {
+    let mut places = vec![Place { location: location.clone(), instance: None }];
+    places.extend(instances(location)?.into_iter().map(|name| Place { location: location.clone(), instance: Some(name) }));
+    let mut count = 0;
+    for place in &places {
+        for table in Table::CHECKPOINTED {
+            let listed = place.list(&place.folder(table))?;
+            let hidden = compact::superseded(listed.iter().map(|(n, _)| n.as_str()));
+            count += listed.iter().filter(|(n, _)| compact::span(n).is_some() && !hidden.contains(n.as_str())).count();
+        }
+    }
+    Ok(count)
+}
+
 /// The checkpoint's bytes (of `instance`, when given), if there is one: for readers that follow a
 /// pipeline's progress from outside it.
 pub fn checkpoint(location: &Location, instance: Option<&str>) -> Result<Option<Vec<u8>>, StorageError> {
