@@ -24,8 +24,11 @@ use crate::feedback::{Action, AppliedLabel, FeedbackConfig, Head, JournalTail, L
 use crate::news::Scores;
 use crate::window::{Counted, Headline, WindowRow, WindowState};
 
-/// How often the journal folder is listed for new judgements.
+/// How often the journal folder is listed for new judgements: a local folder often; object storage
+/// every 2 s, since each listing is a request that costs a round trip (and, on AWS, money), and a
+/// judgement reaching the windows within 2 s is soon enough.
 const POLL_EVERY: Duration = Duration::from_millis(250);
+const POLL_EVERY_ON_OBJECT_STORAGE: Duration = Duration::from_secs(2);
 /// Judged texts classified per round trip.
 const READ_CHUNK: usize = 32;
 /// Stories re-counted per round at most: a judgement of a text that thousands of kept stories share
@@ -154,6 +157,7 @@ pub struct Corrections {
     /// so a thousand flips cost what the last one costs.
     pending: BTreeMap<(String, Head), Pending>,
     last_poll: Option<Instant>,
+    poll_every: Duration,
 }
 
 impl Corrections {
@@ -170,6 +174,7 @@ impl Corrections {
             applied: Vec::new(),
             pending: BTreeMap::new(),
             last_poll: None,
+            poll_every: if storage.as_local().is_some() { POLL_EVERY } else { POLL_EVERY_ON_OBJECT_STORAGE },
         }
     }
 
@@ -232,9 +237,9 @@ impl Corrections {
         self.order.retain(|id| self.tracked.contains_key(id));
     }
 
-    /// New journal rows, at most every [`POLL_EVERY`].
+    /// New journal rows, at most every [`POLL_EVERY`] (or [`POLL_EVERY_ON_OBJECT_STORAGE`]).
     pub fn due_rows(&mut self) -> Result<Vec<LabelFeedback>, PipelineError> {
-        if self.last_poll.is_some_and(|t| t.elapsed() < POLL_EVERY) {
+        if self.last_poll.is_some_and(|t| t.elapsed() < self.poll_every) {
             return Ok(Vec::new());
         }
         self.last_poll = Some(Instant::now());
