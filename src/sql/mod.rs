@@ -273,6 +273,19 @@ fn check_nesting(statement: &datafusion::sql::parser::Statement) -> Result<(), S
 /// [`Limits`]: the collected result counts against the query memory, so a result too large to hold
 /// is refused rather than grown without bound. Dropping the future stops the query.
 pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    match run_once(ctx, query).await {
+        // A part listed at planning was deleted before it was read: a merge holds its rows now
+        // (storage::compact deletes a merge's inputs a few seconds after the merge appears). A
+        // query only reads, so it runs again on a fresh listing, once.
+        Err(SqlError::Execution(message)) if message.contains("Object at location") && message.contains("not found") => {
+            tracing::debug!(%message, "a part went away during the query; running it again");
+            run_once(ctx, query).await
+        }
+        other => other,
+    }
+}
+
+async fn run_once(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
     let (ctx, query) = (ctx.clone(), query.to_string());
     let mut task = AbortOnDrop(guard::pool()?.spawn(async move {
         let frame = plan(&ctx, &query).await?;

@@ -163,3 +163,66 @@ fn parts_that_a_merge_holds_are_read_once() {
     let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n,ids\n11,11\n");
 }
+
+/// A store whose first read finds nothing: as a part deleted between the listing and the read.
+#[derive(Debug)]
+struct GoneOnce {
+    inner: Arc<dyn object_store::ObjectStore>,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for GoneOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GoneOnce({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for GoneOnce {
+    async fn put_opts(&self, location: &object_store::path::Path, payload: object_store::PutPayload, opts: object_store::PutOptions) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(&self, location: &object_store::path::Path, opts: object_store::PutMultipartOptions) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &object_store::path::Path, options: object_store::GetOptions) -> object_store::Result<object_store::GetResult> {
+        if !self.gone.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(object_store::Error::NotFound { path: location.to_string(), source: "deleted by a merge".into() });
+        }
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&object_store::path::Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&object_store::path::Path>) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(&self, from: &object_store::path::Path, to: &object_store::path::Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A part that a merge deleted after the query listed it: the query runs again, once, and answers.
+#[test]
+fn a_part_gone_between_listing_and_reading_runs_the_query_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("alerts");
+    std::fs::create_dir_all(&folder).unwrap();
+    let schema = stored_schema(Table::Alerts);
+    let batch = RecordBatch::new_empty(schema.clone());
+    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(folder.join("part-00000000.parquet")).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
+    let store = Arc::new(GoneOnce { inner: Arc::new(object_store::local::LocalFileSystem::new()), gone: false.into() });
+    ctx.register_object_store(&url::Url::parse("file://").unwrap(), store.clone());
+    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM alerts")).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
+    assert!(store.gone.load(std::sync::atomic::Ordering::SeqCst), "the first read found nothing");
+}

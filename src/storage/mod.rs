@@ -212,6 +212,8 @@ pub struct Storage {
 #[derive(Default)]
 struct Compactor {
     running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the storage is dropped: a round in progress deletes its inputs without waiting.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Tables whose parts cannot be merged (their schemas differ beyond added nullable columns):
     /// left alone for the rest of the process, instead of being read again each round.
     refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<Table>>>,
@@ -323,6 +325,7 @@ const PROGRESS: &str = "progress";
 /// the next start deletes what it left.
 impl Drop for Storage {
     fn drop(&mut self) {
+        self.compactor.stopping.store(true, std::sync::atomic::Ordering::Release);
         if !self.wait_for_compaction(STOP_WAIT) {
             tracing::warn!("stopping in the middle of merging parts; the next start deletes what it leaves");
         }
@@ -482,8 +485,13 @@ impl Storage {
         if self.compactor.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
-        let (place, published, running, refused) =
-            (self.place.clone(), self.published.clone(), self.compactor.running.clone(), self.compactor.refused.clone());
+        let (place, published, running, refused, stopping) = (
+            self.place.clone(),
+            self.published.clone(),
+            self.compactor.running.clone(),
+            self.compactor.refused.clone(),
+            self.compactor.stopping.clone(),
+        );
         let started = std::thread::Builder::new().name("compact".into()).spawn(move || {
             let _span = tracing::info_span!("compact").entered();
             for (&table, &next) in &published {
@@ -491,7 +499,7 @@ impl Storage {
                     continue;
                 }
                 let started = std::time::Instant::now();
-                match compact_table(&place, table, next) {
+                match compact_table(&place, table, next, &stopping) {
                     Ok(Merge::Nothing) => {}
                     Ok(Merge::Merged { parts, into }) => {
                         metrics::counter!("bearwatch_storage_compactions_total").increment(1);
@@ -912,9 +920,14 @@ enum Merge {
     Refused(String),
 }
 
+/// How long a merge's inputs stay after the merge is in place: a query that listed the folder
+/// before the merge appeared (SQL on object storage reuses a listing for a second) still finds the
+/// files it reads. One that takes longer runs again on a fresh listing (`sql::run`).
+const DELETE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Merges the next run of small named parts of `table` below `published` ([`compact::plan`]) into
-/// one, then deletes them.
-fn compact_table(place: &Place, table: Table, published: u64) -> Result<Merge, StorageError> {
+/// one, then deletes them ([`DELETE_GRACE`] later, or at once when `stopping`).
+fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sync::atomic::AtomicBool) -> Result<Merge, StorageError> {
     let folder = place.folder(table);
     let Some(run) = compact::plan(&place.list(&folder)?, published) else { return Ok(Merge::Nothing) };
     let (first, last) = (run[0].1.0, run[run.len() - 1].1.1);
@@ -946,6 +959,10 @@ fn compact_table(place: &Place, table: Table, published: u64) -> Result<Merge, S
         Location::Bucket(bucket) => {
             bucket.put(&into, encode(&bucket.url_of(&into), &batches, &properties())?, Mode::Overwrite)?;
         }
+    }
+    let merged = std::time::Instant::now();
+    while merged.elapsed() < DELETE_GRACE && !stopping.load(std::sync::atomic::Ordering::Acquire) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     for (name, _) in &run {
         place.delete(&format!("{folder}/{name}"))?;
