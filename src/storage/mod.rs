@@ -638,19 +638,20 @@ pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// `batches` (one schema, at least one batch) as the bytes of one Parquet file.
+/// `batches` (one schema, at least one batch) as the bytes of one Parquet file, one row group each.
 fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
     let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: PathBuf::from(name), reason: e.to_string() };
     let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
     let mut writer = ArrowWriter::try_new(Vec::new(), schema, Some(properties.clone())).map_err(parquet_error)?;
     for batch in batches {
         writer.write(batch).map_err(parquet_error)?;
+        writer.flush().map_err(parquet_error)?;
     }
     writer.into_inner().map_err(parquet_error)
 }
 
-/// Writes `batches` (one schema, at least one batch) as `<dir>/<name>` through a temp name,
-/// fsynced, then renamed.
+/// Writes `batches` (one schema, at least one batch) as `<dir>/<name>`, one row group each, through
+/// a temp name, fsynced, then renamed.
 fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<(), StorageError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
@@ -660,6 +661,7 @@ fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &Writ
     let mut writer = ArrowWriter::try_new(file, schema, Some(properties.clone())).map_err(parquet_error)?;
     for batch in batches {
         writer.write(batch).map_err(parquet_error)?;
+        writer.flush().map_err(parquet_error)?;
     }
     let file = writer.into_inner().map_err(parquet_error)?;
     file.sync_all().map_err(io_error(&temp))?;
@@ -932,6 +934,8 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
     let Some(run) = compact::plan(&place.list(&folder)?, published) else { return Ok(Merge::Nothing) };
     let (first, last) = (run[0].1.0, run[run.len() - 1].1.1);
     let into = format!("{folder}/{}", compact::merged_name(first, last));
+    // One batch per part, written as a row group of its own: the merge reads as its parts did, in
+    // the same pieces (a query's operators see the batches they saw before the merge).
     let mut batches = Vec::new();
     for (name, _) in &run {
         let relative = format!("{folder}/{name}");
@@ -941,8 +945,9 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
             .and_then(|b| b.build())
             .map_err(|e| unreadable(e.to_string()))?;
-        for batch in reader {
-            batches.push(batch.map_err(|e| unreadable(e.to_string()))?);
+        let part: Vec<RecordBatch> = reader.collect::<Result<_, _>>().map_err(|e| unreadable(e.to_string()))?;
+        if let Some(first) = part.first() {
+            batches.push(arrow::compute::concat_batches(&first.schema(), &part).map_err(|e| unreadable(e.to_string()))?);
         }
     }
     // The newest part's columns; older parts gain the nullable columns added since.
