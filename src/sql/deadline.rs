@@ -204,7 +204,10 @@ impl ExecutionPlan for RelayExec {
         let input = self.input.clone();
         // `None` marks the end of the input: a channel closed without it means the task died.
         let (sender, receiver) = tokio::sync::mpsc::channel::<Option<Result<RecordBatch>>>(2);
+        // While the query reads, the writer's merges keep the parts it may have listed.
+        let pin = crate::storage::ReadPin::new();
         let task = pool.spawn(async move {
+            let _pin = pin;
             let mut stream = match input.execute(partition, context) {
                 Ok(stream) => stream,
                 Err(e) => {

@@ -224,7 +224,13 @@ fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusion
         .with_list_files_cache_limit(0)
         .with_file_metadata_cache(Some(shared.get_file_metadata_cache()))
         .with_file_statistics_cache(shared.get_file_statistic_cache());
-    RuntimeEnvBuilder::new().with_memory_pool(pool).with_cache_manager(caches).build_arc()
+    // No spilling to disk: a query that needs more than its memory fails with that reason instead
+    // of writing temp files (a bound a user's query could otherwise push to the disk's size), and
+    // DataFusion 55's nested-loop join fallback that spills its left side answered a three-way
+    // self-join with a wrong count (a fraction of the rows, fast) once that side outgrew 64 MiB.
+    let no_spill = datafusion::execution::disk_manager::DiskManagerBuilder::default()
+        .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled);
+    RuntimeEnvBuilder::new().with_memory_pool(pool).with_cache_manager(caches).with_disk_manager_builder(no_spill).build_arc()
 }
 
 /// A table's schema as queries see it: text as `Utf8View`, which DataFusion's string kernels

@@ -24,6 +24,42 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 
+/// Queries of this process that are reading now, by when they started: a merge's inputs are
+/// deleted only once no query that may have listed them is still reading ([`ReadPin`]).
+static READING: std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+static NEXT_PIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Held by a query of this process while it reads parts (SQL takes one per execution): the
+/// writer's merges keep their inputs until every query that started before the merge appeared has
+/// let go of its pin. Queries of other processes are not seen; they run again on a fresh listing
+/// if a part went away under them.
+pub struct ReadPin(u64);
+
+impl ReadPin {
+    pub fn new() -> ReadPin {
+        let id = NEXT_PIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        READING.lock().unwrap_or_else(|p| p.into_inner()).insert(id, std::time::Instant::now());
+        ReadPin(id)
+    }
+}
+
+impl Default for ReadPin {
+    fn default() -> ReadPin {
+        ReadPin::new()
+    }
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        READING.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+    }
+}
+
+/// When the oldest query still reading started.
+pub fn oldest_reader() -> Option<std::time::Instant> {
+    READING.lock().unwrap_or_else(|p| p.into_inner()).values().min().copied()
+}
+
 /// Parts merged at once, at least: fewer small ones are left as they are.
 pub const FANOUT: usize = 8;
 /// Parts merged at once, at most: bounds one merge's time (a backlog takes several rounds).

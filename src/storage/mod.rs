@@ -45,7 +45,7 @@ use parquet::file::properties::WriterProperties;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use compact::Visible;
+pub use compact::{ReadPin, Visible};
 pub use config::{S3Config, StorageConfig};
 pub use location::{Bucket, Location};
 use location::Mode;
@@ -922,10 +922,15 @@ enum Merge {
     Refused(String),
 }
 
-/// How long a merge's inputs stay after the merge is in place: a query that listed the folder
-/// before the merge appeared (SQL on object storage reuses a listing for a second) still finds the
-/// files it reads. One that takes longer runs again on a fresh listing (`sql::run`).
+/// How long a merge's inputs stay after the merge is in place, at least: a query that listed the
+/// folder before the merge appeared (SQL on object storage reuses a listing for a second) still
+/// finds the files it reads. Longer while a query of this process that started before then (or
+/// within this much after: it may have listed before) is still reading ([`ReadPin`]), up to
+/// [`DELETE_WAIT_MAX`]. A query of another process that meets a deleted part runs again on a fresh
+/// listing (`sql::run`).
 const DELETE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+/// The longest a merge's inputs wait for queries to finish (a bound on the files kept).
+const DELETE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Merges the next run of small named parts of `table` below `published` ([`compact::plan`]) into
 /// one, then deletes them ([`DELETE_GRACE`] later, or at once when `stopping`).
@@ -966,7 +971,11 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
         }
     }
     let merged = std::time::Instant::now();
-    while merged.elapsed() < DELETE_GRACE && !stopping.load(std::sync::atomic::Ordering::Acquire) {
+    let may_have_listed = |started: std::time::Instant| started < merged + DELETE_GRACE;
+    while !stopping.load(std::sync::atomic::Ordering::Acquire)
+        && merged.elapsed() < DELETE_WAIT_MAX
+        && (merged.elapsed() < DELETE_GRACE || compact::oldest_reader().is_some_and(may_have_listed))
+    {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     for (name, _) in &run {
