@@ -1,6 +1,6 @@
 //! Compaction: a checkpoint every 10 s writes one part per table that changed, some 8,640 a day,
 //! and every query opens every part it lists. So the writer merges its small committed parts in the
-//! background: a run of at least [`FANOUT`] consecutive parts of one size tier becomes one part,
+//! background: a run of at least [`FANOUT`] consecutive small parts ([`plan`]) becomes one part,
 //! `part-<first>-<last>.parquet`, whose name says which part numbers it holds.
 //!
 //! Order: the merged part is written whole (locally through a temp name, fsynced and renamed; on
@@ -90,6 +90,19 @@ pub fn merged_name(first: u64, last: u64) -> String {
     if first == last { super::part_name(first) } else { format!("part-{first:08}-{last:08}.parquet") }
 }
 
+/// Of one folder's files (names and sizes), the parts a reader opens, by their numbers: the files
+/// named as parts, less those a merge holds ([`superseded`]).
+pub fn visible_parts(files: &[(String, u64)]) -> Vec<(&str, (u64, u64), u64)> {
+    let hidden = superseded(files.iter().map(|(n, _)| n.as_str()));
+    let mut parts: Vec<(&str, (u64, u64), u64)> = files
+        .iter()
+        .filter(|(name, _)| !hidden.contains(name.as_str()))
+        .filter_map(|(name, bytes)| span(name).map(|s| (name.as_str(), s, *bytes)))
+        .collect();
+    parts.sort_by_key(|(_, span, _)| *span);
+    parts
+}
+
 /// Of one folder's file names, the parts a reader skips: those whose numbers another listed part
 /// (a merge) also holds.
 pub fn superseded<'a>(names: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
@@ -116,14 +129,8 @@ pub fn superseded<'a>(names: impl IntoIterator<Item = &'a str>) -> HashSet<&'a s
 /// log2(4 MiB / part size) times. Numbers missing between parts (accepted as lost) do not break a
 /// run.
 pub fn plan(files: &[(String, u64)], published: u64) -> Option<Vec<(String, (u64, u64))>> {
-    let hidden = superseded(files.iter().map(|(n, _)| n.as_str()));
-    let mut parts: Vec<(&str, (u64, u64), u64)> = files
-        .iter()
-        .filter(|(name, _)| !hidden.contains(name.as_str()))
-        .filter_map(|(name, bytes)| span(name).map(|s| (name.as_str(), s, *bytes)))
-        .filter(|(_, (_, last), _)| *last < published)
-        .collect();
-    parts.sort_by_key(|(_, (first, _), _)| *first);
+    let mut parts = visible_parts(files);
+    parts.retain(|(_, (_, last), _)| *last < published);
     for start in 0..parts.len() {
         let (mut total, mut biggest, mut end) = (0, 0, None);
         for (at, (_, _, bytes)) in parts.iter().enumerate().skip(start).take(MAX_RUN) {
@@ -175,7 +182,7 @@ impl Visible {
 }
 
 /// `objects` without the parts that a merge in the same folder holds.
-fn visible(mut objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+fn visible_objects(mut objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
     let hidden: HashSet<Path> = {
         let mut by_folder: std::collections::HashMap<Option<&str>, Vec<&ObjectMeta>> = std::collections::HashMap::new();
         for meta in &objects {
@@ -221,12 +228,12 @@ impl ObjectStore for Visible {
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         // Whole, then filtered: whether a part is held by a merge depends on the rest of its folder.
         let listing = self.inner.list(prefix).try_collect::<Vec<ObjectMeta>>();
-        futures::stream::once(listing).map_ok(|objects| futures::stream::iter(visible(objects).into_iter().map(Ok))).try_flatten().boxed()
+        futures::stream::once(listing).map_ok(|objects| futures::stream::iter(visible_objects(objects).into_iter().map(Ok))).try_flatten().boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let listed = self.inner.list_with_delimiter(prefix).await?;
-        Ok(ListResult { common_prefixes: listed.common_prefixes, objects: visible(listed.objects) })
+        Ok(ListResult { common_prefixes: listed.common_prefixes, objects: visible_objects(listed.objects) })
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {

@@ -638,11 +638,12 @@ pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// `batches` (one schema, at least one batch) as the bytes of one Parquet file, one row group each.
-fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
-    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: PathBuf::from(name), reason: e.to_string() };
+/// Writes `batches` (one schema, at least one batch) to `out` as one Parquet file, one row group
+/// each; `name` is for errors.
+fn write_parquet<W: Write + Send>(out: W, name: &Path, batches: &[RecordBatch], properties: &WriterProperties) -> Result<W, StorageError> {
+    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: name.to_path_buf(), reason: e.to_string() };
     let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
-    let mut writer = ArrowWriter::try_new(Vec::new(), schema, Some(properties.clone())).map_err(parquet_error)?;
+    let mut writer = ArrowWriter::try_new(out, schema, Some(properties.clone())).map_err(parquet_error)?;
     for batch in batches {
         writer.write(batch).map_err(parquet_error)?;
         writer.flush().map_err(parquet_error)?;
@@ -650,20 +651,17 @@ fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) ->
     writer.into_inner().map_err(parquet_error)
 }
 
+/// `batches` (one schema, at least one batch) as the bytes of one Parquet file, one row group each.
+fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<Vec<u8>, StorageError> {
+    write_parquet(Vec::new(), Path::new(name), batches, properties)
+}
+
 /// Writes `batches` (one schema, at least one batch) as `<dir>/<name>`, one row group each, through
 /// a temp name, fsynced, then renamed.
 fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<(), StorageError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
-    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: path.clone(), reason: e.to_string() };
-    let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
-    let file = File::create(&temp).map_err(io_error(&temp))?;
-    let mut writer = ArrowWriter::try_new(file, schema, Some(properties.clone())).map_err(parquet_error)?;
-    for batch in batches {
-        writer.write(batch).map_err(parquet_error)?;
-        writer.flush().map_err(parquet_error)?;
-    }
-    let file = writer.into_inner().map_err(parquet_error)?;
+    let file = write_parquet(File::create(&temp).map_err(io_error(&temp))?, &path, batches, properties)?;
     file.sync_all().map_err(io_error(&temp))?;
     fs::rename(&temp, &path).map_err(io_error(&path))?;
     Ok(())
@@ -717,9 +715,7 @@ pub fn visible_parts(location: &Location) -> Result<usize, StorageError> {
     let mut count = 0;
     for place in &places {
         for table in Table::CHECKPOINTED {
-            let listed = place.list(&place.folder(table))?;
-            let hidden = compact::superseded(listed.iter().map(|(n, _)| n.as_str()));
-            count += listed.iter().filter(|(n, _)| compact::span(n).is_some() && !hidden.contains(n.as_str())).count();
+            count += compact::visible_parts(&place.list(&place.folder(table))?).len();
         }
     }
     Ok(count)
@@ -854,14 +850,9 @@ fn damaged_parts(place: &Place, next_part: &BTreeMap<Table, u64>, lost: &BTreeMa
         }
         let lost = lost.get(table.name()).map(Vec::as_slice).unwrap_or_default();
         let listed = place.list(&place.folder(table))?;
-        let hidden = compact::superseded(listed.iter().map(|(n, _)| n.as_str()));
-        let mut files: Vec<((u64, u64), &str, u64)> = listed
-            .iter()
-            .filter(|(name, _)| !hidden.contains(name.as_str()))
-            .filter_map(|(name, bytes)| compact::span(name).filter(|(_, last)| *last < next).map(|span| (span, name.as_str(), *bytes)))
-            .collect();
-        files.sort();
-        for &(span, name, bytes) in &files {
+        let mut files = compact::visible_parts(&listed);
+        files.retain(|(_, (_, last), _)| *last < next);
+        for &(name, span, bytes) in &files {
             let relative = format!("{}/{name}", place.folder(table));
             let problem = match &place.location {
                 _ if bytes == 0 => Some("is unreadable (empty)".to_string()),
@@ -876,7 +867,7 @@ fn damaged_parts(place: &Place, next_part: &BTreeMap<Table, u64>, lost: &BTreeMa
             }
         }
         // Numbers that no file holds; the files are sorted and do not overlap.
-        let mut held = files.iter().map(|(span, _, _)| *span).peekable();
+        let mut held = files.iter().map(|(_, span, _)| *span).peekable();
         for seq in (0..next).filter(|seq| !lost.contains(seq)) {
             while held.peek().is_some_and(|(_, last)| *last < seq) {
                 held.next();
@@ -938,7 +929,8 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
     let folder = place.folder(table);
     let Some(run) = compact::plan(&place.list(&folder)?, published) else { return Ok(Merge::Nothing) };
     let (first, last) = (run[0].1.0, run[run.len() - 1].1.1);
-    let into = format!("{folder}/{}", compact::merged_name(first, last));
+    let merged_name = compact::merged_name(first, last);
+    let into = format!("{folder}/{merged_name}");
     // One batch per part, written as a row group of its own: the merge reads as its parts did, in
     // the same pieces (a query's operators see the batches they saw before the merge).
     let mut batches = Vec::new();
@@ -963,7 +955,7 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
     match &place.location {
         Location::Local(root) => {
             let dir = root.join(&folder);
-            write_file(&dir, &compact::merged_name(first, last), &batches, &properties())?;
+            write_file(&dir, &merged_name, &batches, &properties())?;
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io_error(&dir))?;
         }
         Location::Bucket(bucket) => {
@@ -1165,11 +1157,10 @@ mod tests {
             names
         };
         let rows = |names: &[String]| -> usize {
-            let hidden = compact::superseded(names.iter().map(String::as_str));
-            names
-                .iter()
-                .filter(|n| compact::span(n).is_some() && !hidden.contains(n.as_str()))
-                .map(|n| parquet::file::reader::SerializedFileReader::new(File::open(folder.join(n)).unwrap()).unwrap())
+            let files: Vec<(String, u64)> = names.iter().map(|n| (n.clone(), 0)).collect();
+            compact::visible_parts(&files)
+                .into_iter()
+                .map(|(n, _, _)| parquet::file::reader::SerializedFileReader::new(File::open(folder.join(n)).unwrap()).unwrap())
                 .map(|r| parquet::file::reader::FileReader::metadata(&r).file_metadata().num_rows() as usize)
                 .sum()
         };
