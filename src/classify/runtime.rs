@@ -13,6 +13,12 @@ use super::{Backend, BatchOutput, ClassifierConfig, ClassifyError, Device, Model
 /// The file name inside the wheel the pinned `ort` binds to (API 31).
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 
+/// Graph rewrites a CPU session leaves out. ONNX Runtime's CPU SkipLayerNormalization kernel (the
+/// residual Add and LayerNormalization fused) runs a scalar loop with a division per element: it
+/// took 16 % of a batch's time, where the unfused Add and LayerNormalization take 4 % (profile in
+/// BENCHMARKS.md, "One fusion left out on CPU"). CUDA keeps every fusion.
+const CPU_DISABLED_OPTIMIZERS: &str = "SkipLayerNormFusion";
+
 /// Where `scripts/setup-ort.sh` puts the library, relative to a project root.
 fn setup_locations(root: &Path) -> Vec<PathBuf> {
     let Ok(lib) = std::fs::read_dir(root.join(".venv/lib")) else { return Vec::new() };
@@ -123,6 +129,11 @@ impl OrtBackend {
                 }
             }
         };
+        if provider == "cpu" {
+            builder = builder
+                .with_config_entry("optimization.disable_specified_optimizers", CPU_DISABLED_OPTIMIZERS)
+                .map_err(|e| session_error(e.into()))?;
+        }
         let session = builder.commit_from_file(&spec.onnx).map_err(|e| ClassifyError::ModelFiles {
             path: spec.onnx.clone(),
             reason: e.to_string(),
