@@ -260,6 +260,10 @@ enum ModelCommand {
         /// rather than its label, 0 to 1 (more keeps the shipped domains as they were).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().keep, requires = "encoder")]
         keep: f64,
+        /// Fine-tuning: the fine-tuned weights' share in the candidate, above 0 up to 1, the rest
+        /// the champion's (less keeps the shipped domains closer to where they were).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().blend, requires = "encoder")]
+        blend: f64,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -811,8 +815,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, distill, keep }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, distill, keep, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, distill, keep, blend }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, distill, keep, blend, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

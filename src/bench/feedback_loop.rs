@@ -74,6 +74,9 @@ pub struct LoopBenchArgs {
     /// `model retrain --keep` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().keep, requires = "encoder")]
     pub keep: f64,
+    /// `model retrain --blend` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().blend, requires = "encoder")]
+    pub blend: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -245,6 +248,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             replay: args.replay,
             distill: args.distill,
             keep: args.keep,
+            blend: args.blend,
             seed: 13 + u64::from(salt),
             ..Default::default()
         });
@@ -319,8 +323,8 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         },
         if args.encoder {
             format!(
-                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label, distillation {}, keep {})",
-                args.epochs, args.learning_rate, args.replay, args.distill, args.keep
+                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label, distillation {}, keep {}, blend {})",
+                args.epochs, args.learning_rate, args.replay, args.distill, args.keep, args.blend
             )
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)

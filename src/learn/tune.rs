@@ -34,12 +34,21 @@ pub struct TuneSettings {
     /// included, while the encoder moves for the feedback.
     #[serde(default)]
     pub keep: f64,
+    /// Share of the fine-tuned weights in the candidate, the rest the champion's (1: the fine-tuned
+    /// weights alone). Averaging the two in weight space keeps most of what the feedback taught
+    /// while the shipped domains move back toward the champion (WiSE-FT).
+    #[serde(default = "one")]
+    pub blend: f64,
     pub seed: u64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for TuneSettings {
     fn default() -> Self {
-        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, seed: 13 }
+        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, blend: 1.0, seed: 13 }
     }
 }
 
@@ -190,8 +199,8 @@ fn held_out_loss(model: &Minilm, heads: &TrainedHeads, items: &[Item], batch: us
 
 /// Fine-tunes the encoder in `graph` and the `prior` heads on `sets`.
 pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneSettings, progress: bool) -> Result<Tuned, LearnError> {
-    if settings.epochs == 0 || settings.batch == 0 || !(settings.learning_rate > 0.0 && settings.head_learning_rate > 0.0) || !(settings.replay >= 0.0) || !(0.0..=10.0).contains(&settings.distill) || !(0.0..=1.0).contains(&settings.keep) {
-        return Err(LearnError::Invalid("fine-tuning needs at least 1 epoch, a batch of 1, positive learning rates, a distillation weight between 0 and 10 and a keep share between 0 and 1".into()));
+    if settings.epochs == 0 || settings.batch == 0 || !(settings.learning_rate > 0.0 && settings.head_learning_rate > 0.0) || !(settings.replay >= 0.0) || !(0.0..=10.0).contains(&settings.distill) || !(0.0..=1.0).contains(&settings.keep) || !(settings.blend > 0.0 && settings.blend <= 1.0) {
+        return Err(LearnError::Invalid("fine-tuning needs at least 1 epoch, a batch of 1, positive learning rates, a distillation weight between 0 and 10, a keep share between 0 and 1 and a blend above 0 up to 1".into()));
     }
     let device = Device::Cpu;
     let model = Minilm::from_graph(graph, &device).map_err(|e| LearnError::Invalid(format!("the champion's graph: {e}")))?;
@@ -224,6 +233,7 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     let mut epochs = vec![evaluate(0, None, Instant::now())?];
     tracing::info!(feedback_loss = epochs[0].feedback_loss, anchor_loss = epochs[0].anchor_loss, "fine-tuning: the champion's held-out loss");
     // The champion as it was is epoch 0: if no epoch beats it, the candidate keeps its weights.
+    let champion = snapshot().map_err(candle)?;
     let mut best = (0, epochs[0].score(), snapshot().map_err(candle)?);
     let mut rng = Lcg(settings.seed);
     let mut step = 0;
@@ -260,9 +270,13 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     }
     bar.finish_and_clear();
     let (encoder, head_values) = &best.2;
-    model.restore(encoder).map_err(candle)?;
-    for (v, t) in heads.vars().iter().zip(head_values) {
-        v.set(t).map_err(candle)?;
+    let (champion_encoder, champion_heads) = &champion;
+    let blended = |trained: &[Tensor], start: &[Tensor]| -> candle_core::Result<Vec<Tensor>> {
+        trained.iter().zip(start).map(|(t, s)| (t * settings.blend)? + (s * (1.0 - settings.blend))?).collect()
+    };
+    model.restore(&blended(encoder, champion_encoder).map_err(candle)?).map_err(candle)?;
+    for (v, t) in heads.vars().iter().zip(blended(head_values, champion_heads).map_err(candle)?) {
+        v.set(&t).map_err(candle)?;
     }
     let mut check_embeddings = Vec::with_capacity(sets.check.len());
     for chunk in sets.check.chunks(settings.batch) {
@@ -355,5 +369,16 @@ mod tests {
         let moved = first.initializers.iter().zip(&champion).filter(|(a, b)| a.data != b.data).count();
         assert!(moved > champion.len() / 2, "{moved} of {} tensors moved", champion.len());
         assert_eq!(first.check_embeddings.len(), 1);
+
+        // Blending: the heads (fp32 throughout) lie halfway between the champion's and the
+        // fine-tuned ones; the encoder's int8 tensors differ from both.
+        let half = fine_tune(&graph, &prior, &sets, &TuneSettings { blend: 0.5, ..settings }, false).unwrap();
+        let start = TrainedHeads::new(&prior, &Device::Cpu).unwrap().to_heads(prior.dims).unwrap();
+        let values = |h: &Heads| -> Vec<f32> { [&h.sentiment, &h.topic].iter().flat_map(|k| k.weight.iter().flatten().chain(&k.bias).copied().collect::<Vec<_>>()).collect() };
+        for ((h, f), s) in values(&half.heads).iter().zip(values(&first.heads)).zip(values(&start)) {
+            assert!((h - (f + s) / 2.0).abs() < 1e-5, "{h} is not halfway between {f} and {s}");
+        }
+        let differs = |a: &[onnx::Tensor], b: &[onnx::Tensor]| a.iter().zip(b).filter(|(x, y)| x.data != y.data).count();
+        assert!(differs(&half.initializers, &first.initializers) > 0 && differs(&half.initializers, &champion) > 0);
     }
 }
