@@ -12,7 +12,7 @@ import sys
 import onnx
 from onnx import helper
 
-from fuse_attention import drop_dead
+from fuse_attention import save_with_contrib_ops
 
 
 def bias_into_matmul(src, dst):
@@ -45,10 +45,7 @@ def bias_into_matmul(src, dst):
         if add is not None:
             graph.node.remove(add)
         count += 1
-    drop_dead(graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(dst))
+    save_with_contrib_ops(model, graph, dst)
     return count
 
 

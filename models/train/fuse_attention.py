@@ -44,6 +44,14 @@ def drop_dead(graph):
         graph.initializer.remove(init)
 
 
+def save_with_contrib_ops(model, graph, dst):
+    """Drops what nothing reads, declares the com.microsoft domain and writes the file."""
+    drop_dead(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+
+
 def fuse_attention(src, dst):
     model = onnx.load(str(src))
     graph = model.graph
@@ -67,10 +75,7 @@ def fuse_attention(src, dst):
         at = next(k for k, n in enumerate(graph.node) if node.output[0] in n.input)
         graph.node.insert(at, node)
     graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [MASK], name="/attention_mask_keys", to=onnx.TensorProto.INT32))
-    drop_dead(graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(dst))
+    save_with_contrib_ops(model, graph, dst)
     return layer
 
 
