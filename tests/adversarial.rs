@@ -154,8 +154,11 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     let canceller = std::thread::spawn({
         let answered = answered.clone();
         move || {
-            while !answered.load(Ordering::SeqCst) {
+            loop {
                 std::thread::sleep(Duration::from_millis(300));
+                if answered.load(Ordering::SeqCst) {
+                    break;
+                }
                 token.cancel_query(postgres::NoTls).unwrap();
             }
         }
@@ -169,8 +172,15 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     canceller.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(7), "cancel took {:?}", started.elapsed());
     assert!(format!("{err:?}").contains("cancelled"), "{err:?}");
-    // The connection stays usable after a cancel.
-    assert_eq!(client.simple_query("SELECT 1").unwrap().len(), 3, "row description, row, completion");
+    // The connection stays usable after a cancel. A cancel sent just as the query ended may still
+    // reach the server while the next query runs and cancel that one (Postgres says the same of its
+    // cancel requests): one such stray cancel is allowed, then the connection must answer.
+    let select = |client: &mut postgres::Client| client.simple_query("SELECT 1");
+    let rows = match select(&mut client) {
+        Err(e) if format!("{e:?}").contains("cancelled") => select(&mut client),
+        other => other,
+    };
+    assert_eq!(rows.unwrap().len(), 3, "row description, row, completion");
 
     // A wide cross join too large to hold: refused within the query memory, RSS bounded.
     let peak = std::sync::atomic::AtomicU64::new(0);
