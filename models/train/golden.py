@@ -3,7 +3,8 @@
 Computed with Python onnxruntime + tokenizers, one headline per run (batch size 1), so the Rust
 classifier is checked against an independent implementation, with the session settings bearwatch
 uses on CPU (SkipLayerNormFusion off: with the fused kernel's other rounding, an activation now and
-then lands on the other side of an int8 step and a probability moves by up to a few 1e-2). Run with the ORT virtualenv:
+then lands on the other side of an int8 step and a probability moves by up to a few 1e-2). Run with
+the ORT virtualenv:
     .venv/bin/python models/train/golden.py
 """
 import json

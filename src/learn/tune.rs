@@ -233,8 +233,9 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     let mut epochs = vec![evaluate(0, None, Instant::now())?];
     tracing::info!(feedback_loss = epochs[0].feedback_loss, anchor_loss = epochs[0].anchor_loss, "fine-tuning: the champion's held-out loss");
     // The champion as it was is epoch 0: if no epoch beats it, the candidate keeps its weights.
+    // Snapshots are copies no one writes to: `best` starts as the champion's, sharing its tensors.
     let champion = snapshot().map_err(candle)?;
-    let mut best = (0, epochs[0].score(), snapshot().map_err(candle)?);
+    let mut best = (0, epochs[0].score(), champion.clone());
     let mut rng = Lcg(settings.seed);
     let mut step = 0;
     let mut anchor_order: Vec<usize> = (0..sets.anchors.len()).collect();
