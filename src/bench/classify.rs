@@ -170,7 +170,7 @@ pub fn run(args: &BenchArgs) -> Result<String, BenchError> {
     let spec = ModelSpec::load(&base.model_dir())?;
     let graph = base.model_dir().join("model.onnx");
     let unreadable = |reason: String| BenchError::Input { path: graph.clone(), reason };
-    let work = Work::of(&crate::learn::onnx::Model::parse(std::fs::read(&graph).map_err(|e| unreadable(e.to_string()))?).map_err(unreadable)?);
+    let work = Work::of(&crate::classify::onnx::Model::parse(std::fs::read(&graph).map_err(|e| unreadable(e.to_string()))?).map_err(unreadable)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

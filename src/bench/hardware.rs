@@ -8,7 +8,7 @@
 //! (`VPMADDUBSW` + `VPMADDWD`: two instructions where VNNI has one). Parts with one 512-bit port
 //! reach half the AVX-512 figures. The clock is the one `/proc/cpuinfo` reports (turbo not counted).
 
-use crate::learn::onnx::Model;
+use crate::classify::onnx::Model;
 
 /// (cpuinfo flag, name, int8 operations per cycle per core), strongest first.
 const INT8_PEAKS: [(&str, &str, f64); 5] = [
@@ -66,7 +66,7 @@ pub struct Work {
 
 impl Work {
     pub fn of(model: &Model) -> Work {
-        let constant = |name: &str| -> Option<&crate::learn::onnx::Tensor> {
+        let constant = |name: &str| -> Option<&crate::classify::onnx::Tensor> {
             model.initializer(name).ok().or_else(|| {
                 let producer = model.producer(name).ok()?;
                 (producer.op_type == "DequantizeLinear").then(|| model.initializer(producer.inputs.first()?).ok()).flatten()

@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod explain;
 pub mod heads;
+pub mod onnx;
 mod model;
 pub mod runtime;
 mod table;

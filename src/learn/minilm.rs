@@ -8,7 +8,7 @@
 
 use candle_core::{D, DType, Device, Tensor, Var};
 
-use super::onnx::{self, Model};
+use crate::classify::onnx::{self, Model};
 
 const PARTS: [&str; 6] = ["query", "key", "value", "attn_out", "inter", "out"];
 const QUERY: usize = 0;

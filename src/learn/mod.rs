@@ -16,7 +16,6 @@
 
 mod fit;
 mod minilm;
-pub mod onnx;
 pub mod registry;
 mod report;
 pub mod tune;
@@ -27,6 +26,7 @@ use serde::Deserialize;
 use sha2::Digest;
 
 use crate::classify::heads::{Head, Heads};
+use crate::classify::onnx;
 use crate::classify::{Classifier, ClassifierConfig, ClassifyError, Encoder, ModelSpec};
 use crate::error::{Classified, ErrorClass};
 use crate::feedback::{Head as Kind, TrainingLabel};

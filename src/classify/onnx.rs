@@ -1,7 +1,8 @@
 //! Just enough of the ONNX protobuf to read a model's weights and write them back: the graph's
 //! nodes (name, op, inputs, outputs) and its initializers, decoded to little-endian bytes. Writing
 //! replaces the named initializers and copies every other byte of the file as it was, so a
-//! fine-tuned candidate is the champion's graph, op for op, with new numbers in it.
+//! fine-tuned candidate is the champion's graph, op for op, with new numbers in it. One rewrite of
+//! nodes, for CPU sessions: [`Model::with_biases_in_matmuls`].
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -55,6 +56,8 @@ pub struct Node {
     pub op_type: String,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
+    /// The `axis` attribute (DequantizeLinear's), if the node has one.
+    axis: Option<i64>,
 }
 
 /// A parsed model: its bytes, and where in them the graph and each initializer lie.
@@ -62,13 +65,18 @@ pub struct Model {
     bytes: Vec<u8>,
     graph: Range<usize>,
     pub nodes: Vec<Node>,
+    /// Each node's field in the graph, key to end, in `nodes`' order.
+    node_fields: Vec<Range<usize>>,
     initializers: Vec<(Range<usize>, Tensor)>,
     by_name: HashMap<String, usize>,
 }
 
 const MODEL_GRAPH: u32 = 7;
+const MODEL_OPSET_IMPORT: u32 = 8;
 const GRAPH_NODE: u32 = 1;
 const GRAPH_INITIALIZER: u32 = 5;
+/// The domain of ONNX Runtime's own operators.
+const MICROSOFT: &str = "com.microsoft";
 
 impl Model {
     pub fn parse(bytes: Vec<u8>) -> Result<Model, String> {
@@ -80,17 +88,20 @@ impl Model {
             }
         }
         let graph = graph.ok_or("the file has no graph")?;
-        let (mut nodes, mut initializers) = (Vec::new(), Vec::new());
+        let (mut nodes, mut node_fields, mut initializers) = (Vec::new(), Vec::new(), Vec::new());
         for field in Fields::new(&bytes, graph.clone()) {
             let field = field?;
             match field.number {
-                GRAPH_NODE => nodes.push(node(&bytes[field.value])?),
+                GRAPH_NODE => {
+                    nodes.push(node(&bytes[field.value])?);
+                    node_fields.push(field.whole);
+                }
                 GRAPH_INITIALIZER => initializers.push((field.whole, tensor(&bytes[field.value])?)),
                 _ => {}
             }
         }
         let by_name = initializers.iter().enumerate().map(|(i, (_, t))| (t.name.clone(), i)).collect();
-        Ok(Model { bytes, graph, nodes, initializers, by_name })
+        Ok(Model { bytes, graph, nodes, node_fields, initializers, by_name })
     }
 
     pub fn initializer(&self, name: &str) -> Result<&Tensor, String> {
@@ -131,8 +142,13 @@ impl Model {
             }
         }
         graph.extend_from_slice(&self.bytes[at..self.graph.end]);
+        self.with_graph(&graph, &[])
+    }
+
+    /// The model's bytes with `graph` as its graph and `fields` (encoded model fields) appended.
+    fn with_graph(&self, graph: &[u8], fields: &[u8]) -> Result<Vec<u8>, String> {
         // The graph is the model's field 7: rewrite its length, copy all else.
-        let mut out = Vec::with_capacity(self.bytes.len());
+        let mut out = Vec::with_capacity(self.bytes.len() + fields.len());
         let mut at = 0;
         for field in Fields::new(&self.bytes, 0..self.bytes.len()) {
             let field = field?;
@@ -140,12 +156,112 @@ impl Model {
                 out.extend_from_slice(&self.bytes[at..field.whole.start]);
                 key(MODEL_GRAPH, 2, &mut out);
                 varint(graph.len() as u64, &mut out);
-                out.extend_from_slice(&graph);
+                out.extend_from_slice(graph);
                 at = field.whole.end;
             }
         }
         out.extend_from_slice(&self.bytes[at..]);
+        out.extend_from_slice(fields);
         Ok(out)
+    }
+
+    /// The model with each int8 MatMul of a quantized graph (DequantizeLinear of the activations
+    /// and of a weight initializer into MatMul) and the bias Add after it written as one
+    /// `com.microsoft.MatMulIntegerToFloat` node, and how many were. ONNX Runtime makes that node
+    /// of the MatMul itself but leaves the Add beside it (and, before a GELU, fuses the Add into a
+    /// BiasGelu slower than GELU alone); the node adds the bias as it writes its output, the
+    /// same arithmetic. A CPU-only operator: only CPU sessions load this form. MatMuls of
+    /// another shape (a per-row weight scale, a scale not in the file) stay as they are.
+    pub fn with_biases_in_matmuls(&self) -> Result<(Vec<u8>, usize), String> {
+        let mut producer: HashMap<&str, usize> = HashMap::new();
+        let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            n.outputs.iter().for_each(|o| _ = producer.insert(o, i));
+            n.inputs.iter().for_each(|input| readers.entry(input).or_default().push(i));
+        }
+        let produced_by = |name: &str, op: &str| producer.get(name).copied().filter(|&i| self.nodes[i].op_type == op);
+        let only_reader = |name: &str, node: usize| readers.get(name).is_some_and(|r| r == &[node]);
+        let scalar = |name: &str| self.initializer(name).is_ok_and(|t| t.elements() == 1);
+        let mut replaced: HashMap<usize, Vec<u8>> = HashMap::new();
+        let mut dropped = std::collections::HashSet::new();
+        for (m, matmul) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "MatMul" && n.inputs.len() == 2) {
+            let (Some(a), Some(w)) = (produced_by(&matmul.inputs[0], "DequantizeLinear"), produced_by(&matmul.inputs[1], "DequantizeLinear")) else { continue };
+            let (dq_a, dq_w) = (&self.nodes[a], &self.nodes[w]);
+            let Ok(weight) = self.initializer(&dq_w.inputs[0]) else { continue };
+            let Some(&columns) = weight.dims.get(1).filter(|_| weight.dims.len() == 2) else { continue };
+            let per_column = self.initializer(&dq_w.inputs[1]).is_ok_and(|s| s.dims == [columns] && matches!(dq_w.axis, Some(1) | Some(-1)));
+            if dq_a.inputs.len() < 2 || dq_w.inputs.len() < 2 || !scalar(&dq_a.inputs[1]) || !(scalar(&dq_w.inputs[1]) || per_column) {
+                continue;
+            }
+            let mut output = matmul.outputs[0].as_str();
+            let mut bias = "";
+            let add = readers.get(output).filter(|r| r.len() == 1).map(|r| r[0]).filter(|&i| self.nodes[i].op_type == "Add" && self.nodes[i].inputs.len() == 2);
+            if let Some(add) = add {
+                let other = self.nodes[add].inputs.iter().find(|i| *i != output).map(String::as_str).unwrap_or_default();
+                if self.initializer(other).is_ok_and(|b| b.data_type == FLOAT && b.dims == [columns]) {
+                    (bias, output) = (other, self.nodes[add].outputs[0].as_str());
+                    dropped.insert(add);
+                }
+            }
+            fn zero_point(dq: &Node) -> &str {
+                dq.inputs.get(2).map_or("", String::as_str)
+            }
+            let mut inputs = vec![dq_a.inputs[0].as_str(), dq_w.inputs[0].as_str(), &dq_a.inputs[1], &dq_w.inputs[1], zero_point(dq_a), zero_point(dq_w), bias];
+            while inputs.last() == Some(&"") {
+                inputs.pop();
+            }
+            replaced.insert(m, encode_node(&matmul.name, "MatMulIntegerToFloat", MICROSOFT, &inputs, &[output]));
+            for dq in [a, w] {
+                if only_reader(&self.nodes[dq].outputs[0], m) {
+                    dropped.insert(dq);
+                }
+            }
+        }
+        if replaced.is_empty() {
+            return Ok((self.bytes.clone(), 0));
+        }
+        let mut graph = Vec::with_capacity(self.graph.len());
+        let mut at = self.graph.start;
+        for (i, whole) in self.node_fields.iter().enumerate() {
+            let new = replaced.get(&i);
+            if new.is_some() || dropped.contains(&i) {
+                graph.extend_from_slice(&self.bytes[at..whole.start]);
+                if let Some(message) = new {
+                    key(GRAPH_NODE, 2, &mut graph);
+                    varint(message.len() as u64, &mut graph);
+                    graph.extend_from_slice(message);
+                }
+                at = whole.end;
+            }
+        }
+        graph.extend_from_slice(&self.bytes[at..self.graph.end]);
+        let mut opset = Vec::new();
+        if !self.imports(MICROSOFT)? {
+            let mut import = Vec::new();
+            string_field(1, MICROSOFT, &mut import);
+            key(2, 0, &mut import);
+            varint(1, &mut import);
+            key(MODEL_OPSET_IMPORT, 2, &mut opset);
+            varint(import.len() as u64, &mut opset);
+            opset.extend_from_slice(&import);
+        }
+        Ok((self.with_graph(&graph, &opset)?, replaced.len()))
+    }
+
+    /// Whether the model imports an operator set of `domain`.
+    fn imports(&self, domain: &str) -> Result<bool, String> {
+        for field in Fields::new(&self.bytes, 0..self.bytes.len()) {
+            let field = field?;
+            if field.number == MODEL_OPSET_IMPORT {
+                for inner in Fields::new(&self.bytes, field.value) {
+                    let inner = inner?;
+                    if inner.number == 1 && &self.bytes[inner.value] == domain.as_bytes() {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -226,19 +342,38 @@ fn string(bytes: &[u8]) -> Result<String, String> {
 }
 
 fn node(bytes: &[u8]) -> Result<Node, String> {
-    let mut node = Node { name: String::new(), op_type: String::new(), inputs: Vec::new(), outputs: Vec::new() };
+    let mut node = Node { name: String::new(), op_type: String::new(), inputs: Vec::new(), outputs: Vec::new(), axis: None };
     for field in Fields::new(bytes, 0..bytes.len()) {
         let field = field?;
-        let value = &bytes[field.value];
+        let value = &bytes[field.value.clone()];
         match field.number {
             1 => node.inputs.push(string(value)?),
             2 => node.outputs.push(string(value)?),
             3 => node.name = string(value)?,
             4 => node.op_type = string(value)?,
+            5 => {
+                if let Some(axis) = integer_attribute(value, "axis")? {
+                    node.axis = Some(axis);
+                }
+            }
             _ => {}
         }
     }
     Ok(node)
+}
+
+/// An `AttributeProto`'s integer (field 3) if its name (field 1) is `name`.
+fn integer_attribute(bytes: &[u8], name: &str) -> Result<Option<i64>, String> {
+    let (mut named, mut value) = (false, None);
+    for field in Fields::new(bytes, 0..bytes.len()) {
+        let field = field?;
+        match field.number {
+            1 => named = &bytes[field.value] == name.as_bytes(),
+            3 if field.wire == 0 => value = Some(read_varint(bytes, &mut field.value.start.clone(), field.value.end)? as i64),
+            _ => {}
+        }
+    }
+    Ok(value.filter(|_| named))
 }
 
 /// Repeated numbers, packed (wire 2) or one per field.
@@ -305,6 +440,22 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
+fn string_field(number: u32, value: &str, out: &mut Vec<u8>) {
+    key(number, 2, out);
+    varint(value.len() as u64, out);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn encode_node(name: &str, op_type: &str, domain: &str, inputs: &[&str], outputs: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    inputs.iter().for_each(|i| string_field(1, i, &mut out));
+    outputs.iter().for_each(|o| string_field(2, o, &mut out));
+    string_field(3, name, &mut out);
+    string_field(4, op_type, &mut out);
+    string_field(7, domain, &mut out);
+    out
+}
+
 fn encode_tensor(t: &Tensor, out: &mut Vec<u8>) {
     for &d in &t.dims {
         key(1, 0, out);
@@ -312,9 +463,7 @@ fn encode_tensor(t: &Tensor, out: &mut Vec<u8>) {
     }
     key(2, 0, out);
     varint(t.data_type as u64, out);
-    key(8, 2, out);
-    varint(t.name.len() as u64, out);
-    out.extend_from_slice(t.name.as_bytes());
+    string_field(8, &t.name, out);
     key(9, 2, out);
     varint(t.data.len() as u64, out);
     out.extend_from_slice(&t.data);
@@ -384,6 +533,107 @@ mod tests {
         assert_eq!(model.with_initializers(&[]).unwrap(), small_model());
         assert!(model.with_initializers(&[Tensor::from_floats("w", &[3], &[0.0; 3])]).is_err(), "a shape change is refused");
         assert!(model.with_initializers(&[Tensor::from_floats("nope", &[1], &[0.0])]).is_err());
+    }
+
+    fn float_tensor(name: &str, dims: &[u64], values: &[f32]) -> Vec<u8> {
+        let mut t = Vec::new();
+        for &d in dims {
+            key(1, 0, &mut t);
+            varint(d, &mut t);
+        }
+        key(2, 0, &mut t);
+        varint(FLOAT as u64, &mut t);
+        t.extend(message(&[(8, name.as_bytes().to_vec()), (9, values.iter().flat_map(|f| f.to_le_bytes()).collect())]));
+        t
+    }
+
+    fn node_with(inputs: &[&str], output: &str, name: &str, op: &str, axis: Option<u64>) -> Vec<u8> {
+        let mut fields: Vec<(u32, Vec<u8>)> = inputs.iter().map(|i| (1, i.as_bytes().to_vec())).collect();
+        fields.extend([(2, output.as_bytes().to_vec()), (3, name.as_bytes().to_vec()), (4, op.as_bytes().to_vec())]);
+        let mut node = message(&fields);
+        if let Some(axis) = axis {
+            let mut attribute = message(&[(1, b"axis".to_vec())]);
+            key(3, 0, &mut attribute);
+            varint(axis, &mut attribute);
+            node.extend(message(&[(5, attribute)]));
+        }
+        node
+    }
+
+    /// x (quantized) × w (int8, per-column scales) + b, as a QDQ export writes it; `bias` names
+    /// what the Add adds (an initializer, or a graph input).
+    fn quantized_linear(bias: &str) -> Vec<u8> {
+        let nodes = [
+            node_with(&["xq", "xs", "xz"], "x", "dq_x", "DequantizeLinear", None),
+            node_with(&["wq", "ws"], "w", "dq_w", "DequantizeLinear", Some(1)),
+            node_with(&["x", "w"], "y", "mm", "MatMul", None),
+            node_with(&["y", bias], "z", "add", "Add", None),
+        ];
+        let mut weights = Vec::new();
+        key(1, 0, &mut weights);
+        varint(3, &mut weights);
+        key(1, 0, &mut weights);
+        varint(2, &mut weights);
+        key(2, 0, &mut weights);
+        varint(INT8 as u64, &mut weights);
+        weights.extend(message(&[(8, b"wq".to_vec()), (9, vec![1, 2, 3, 4, 5, 6])]));
+        let mut graph: Vec<(u32, Vec<u8>)> = nodes.into_iter().map(|n| (GRAPH_NODE, n)).collect();
+        graph.extend([
+            (GRAPH_INITIALIZER, weights),
+            (GRAPH_INITIALIZER, float_tensor("ws", &[2], &[0.5, 0.25])),
+            (GRAPH_INITIALIZER, float_tensor("xs", &[], &[0.1])),
+            (GRAPH_INITIALIZER, float_tensor("b", &[2], &[1.0, -1.0])),
+        ]);
+        let mut model = Vec::new();
+        key(1, 0, &mut model);
+        varint(8, &mut model);
+        let mut onnx_opset = message(&[(1, Vec::new())]);
+        key(2, 0, &mut onnx_opset);
+        varint(17, &mut onnx_opset);
+        model.extend(message(&[(MODEL_GRAPH, message(&graph)), (MODEL_OPSET_IMPORT, onnx_opset)]));
+        model
+    }
+
+    #[test]
+    fn an_int8_matmul_and_its_bias_become_one_node() {
+        let model = Model::parse(quantized_linear("b")).unwrap();
+        let (bytes, folded) = model.with_biases_in_matmuls().unwrap();
+        assert_eq!(folded, 1);
+        let rewritten = Model::parse(bytes).unwrap();
+        assert_eq!(rewritten.nodes.len(), 1, "{:?}", rewritten.nodes);
+        let node = &rewritten.nodes[0];
+        assert_eq!((node.name.as_str(), node.op_type.as_str()), ("mm", "MatMulIntegerToFloat"));
+        assert_eq!(node.inputs, ["xq", "wq", "xs", "ws", "xz", "", "b"]);
+        assert_eq!(node.outputs, ["z"]);
+        assert!(rewritten.imports(MICROSOFT).unwrap() && !model.imports(MICROSOFT).unwrap());
+        assert_eq!(rewritten.initializer("wq").unwrap(), model.initializer("wq").unwrap());
+        assert_eq!(rewritten.with_biases_in_matmuls().unwrap().1, 0, "nothing left to fold");
+
+        // A bias that is not a constant of the right width stays an Add after the fused MatMul.
+        let model = Model::parse(quantized_linear("other")).unwrap();
+        let rewritten = Model::parse(model.with_biases_in_matmuls().unwrap().0).unwrap();
+        let ops: Vec<&str> = rewritten.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["MatMulIntegerToFloat", "Add"]);
+        assert_eq!(rewritten.nodes[0].inputs, ["xq", "wq", "xs", "ws", "xz"]);
+        assert_eq!(rewritten.nodes[0].outputs, ["y"]);
+    }
+
+    /// The shipped model: every int8 MatMul (6 layers × 6) becomes one node, with its bias in it
+    /// but for the feed-forward outputs (whose Add brings the fp32 outlier columns' product).
+    #[test]
+    fn the_bundled_model_folds_every_bias() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/model.onnx");
+        let model = Model::parse(std::fs::read(path).unwrap()).unwrap();
+        let (bytes, folded) = model.with_biases_in_matmuls().unwrap();
+        assert_eq!(folded, 36);
+        let rewritten = Model::parse(bytes).unwrap();
+        let count = |m: &Model, op: &str| m.nodes.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count(&rewritten, "MatMulIntegerToFloat"), 36);
+        let with_bias = rewritten.nodes.iter().filter(|n| n.op_type == "MatMulIntegerToFloat" && n.inputs.len() == 7 && n.inputs[6].ends_with(".bias")).count();
+        assert_eq!(with_bias, 30);
+        assert_eq!(count(&model, "Add") - count(&rewritten, "Add"), 30);
+        assert_eq!(count(&model, "MatMul") - count(&rewritten, "MatMul"), 36);
+        assert_eq!(rewritten.initializers.len(), model.initializers.len());
     }
 
     #[test]
