@@ -246,16 +246,15 @@ enum ModelCommand {
         /// Fine-tuning: the seed of the shuffles and of the anchors replayed.
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().seed, requires = "encoder")]
         seed: u64,
-        /// Fine-tuning: the encoder's learning rate (AdamW; the heads' is 1e-3).
+        /// Fine-tuning: the encoder's learning rate (AdamW).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
         learning_rate: f64,
+        /// Fine-tuning: the heads' learning rate (AdamW; they start from the champion's).
+        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().head_learning_rate, requires = "encoder")]
+        head_learning_rate: f64,
         /// Fine-tuning: shipped examples replayed per label each epoch (more forgets less, costs time).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().replay, requires = "encoder")]
         replay: f64,
-        /// Fine-tuning: draw each head's shipped examples in proportion to the labels on that head
-        /// (sentiment labels replay sentiment examples), instead of from all alike.
-        #[arg(long, requires = "encoder")]
-        match_heads: bool,
         /// Fine-tuning: how strongly each example keeps the champion's probabilities on the head it
         /// does not label (0 lets that head drift with the encoder).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().distill, requires = "encoder")]
@@ -819,8 +818,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, replay, match_heads, distill, keep, blend }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, replay, match_heads, distill, keep, blend, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

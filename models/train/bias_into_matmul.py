@@ -1,7 +1,8 @@
-"""An experiment, not part of the export: every int8 MatMul with its bias Add written as one
-`com.microsoft.MatMulIntegerToFloat` node that adds the bias itself (docs/BENCHMARKS.md, "One
-fusion left out on CPU": 3–8 % less CPU in ONNX Runtime alone, not adopted because the file would
-then hold a CPU contrib op that the CUDA provider may not run).
+"""Not part of the export: every int8 MatMul with its bias Add written as one
+`com.microsoft.MatMulIntegerToFloat` node that adds the bias itself, into a file, to measure the
+rewrite with Python onnxruntime (docs/BENCHMARKS.md, "One fusion left out on CPU": 3–8 % less CPU
+in ONNX Runtime alone). bearwatch makes the same rewrite at load for CPU sessions
+(`classify::onnx`); the shipped file stays without it, since the CUDA provider may not run the op.
 
 ONNX Runtime turns DequantizeLinear → MatMul into MatMulIntegerToFloat at load but leaves the bias
 Add after it (and fuses that Add with the GELU into BiasGelu, which is slower than GELU alone).

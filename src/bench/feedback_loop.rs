@@ -65,12 +65,12 @@ pub struct LoopBenchArgs {
     /// `model retrain --replay` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().replay, requires = "encoder")]
     pub replay: f64,
-    /// `model retrain --match-heads` (with --encoder).
-    #[arg(long, requires = "encoder")]
-    pub match_heads: bool,
     /// `model retrain --learning-rate` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().learning_rate, requires = "encoder")]
     pub learning_rate: f64,
+    /// `model retrain --head-learning-rate` (with --encoder).
+    #[arg(long, default_value_t = learn::tune::TuneSettings::default().head_learning_rate, requires = "encoder")]
+    pub head_learning_rate: f64,
     /// `model retrain --distill` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().distill, requires = "encoder")]
     pub distill: f64,
@@ -248,8 +248,8 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
         let encoder = args.encoder.then(|| learn::tune::TuneSettings {
             epochs: args.epochs,
             learning_rate: args.learning_rate,
+            head_learning_rate: args.head_learning_rate,
             replay: args.replay,
-            match_heads: args.match_heads,
             distill: args.distill,
             keep: args.keep,
             blend: args.blend,
@@ -327,8 +327,8 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         },
         if args.encoder {
             format!(
-                "encoder fine-tuned (at most {} epochs, learning rate {}, {} anchors replayed per label{}, distillation {}, keep {}, blend {})",
-                args.epochs, args.learning_rate, args.replay, if args.match_heads { " of its head" } else { "" }, args.distill, args.keep, args.blend
+                "encoder fine-tuned (at most {} epochs, learning rate {} (heads {}), {} anchors replayed per label, distillation {}, keep {}, blend {})",
+                args.epochs, args.learning_rate, args.head_learning_rate, args.replay, args.distill, args.keep, args.blend
             )
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)

@@ -25,11 +25,6 @@ pub struct TuneSettings {
     pub head_learning_rate: f64,
     /// Anchors drawn per feedback label each epoch.
     pub replay: f64,
-    /// Draw each head's anchors in proportion to the feedback's labels on that head (sentiment
-    /// labels replay sentiment anchors), instead of from all anchors alike: the head the
-    /// feedback moves is the one whose shipped domains need holding.
-    #[serde(default)]
-    pub match_heads: bool,
     /// Weight of the champion's own probabilities on the head an example does not label (its
     /// topic, for a sentiment label): without it that head drifts freely as the encoder moves.
     #[serde(default)]
@@ -53,7 +48,7 @@ fn one() -> f64 {
 
 impl Default for TuneSettings {
     fn default() -> Self {
-        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, match_heads: false, distill: 1.0, keep: 0.0, blend: 1.0, seed: 13 }
+        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, blend: 1.0, seed: 13 }
     }
 }
 
@@ -214,8 +209,8 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     let mut encoder_opt = AdamW::new(model.vars(), adam(settings.learning_rate)).map_err(candle)?;
     let mut heads_opt = AdamW::new(heads.vars(), adam(settings.head_learning_rate)).map_err(candle)?;
 
-    let mut pools = replay_pools(sets, settings);
-    let per_epoch = sets.feedback.len() + pools.iter().map(|(_, n)| n).sum::<usize>();
+    let replayed = ((sets.feedback.len() as f64 * settings.replay).round() as usize).min(sets.anchors.len());
+    let per_epoch = sets.feedback.len() + replayed;
     let steps = per_epoch.div_ceil(settings.batch);
     let bar = if progress { indicatif::ProgressBar::new((steps * settings.epochs) as u64) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
@@ -243,14 +238,12 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     let mut best = (0, epochs[0].score(), champion.clone());
     let mut rng = Lcg(settings.seed);
     let mut step = 0;
+    let mut anchor_order: Vec<usize> = (0..sets.anchors.len()).collect();
     for epoch in 1..=settings.epochs {
         let started = Instant::now();
         bar.set_message(format!("{epoch}/{}", settings.epochs));
-        let mut order: Vec<&Item> = sets.feedback.iter().collect();
-        for (pool, replayed) in &mut pools {
-            rng.shuffle(pool);
-            order.extend(pool[..*replayed].iter().map(|&i| &sets.anchors[i]));
-        }
+        rng.shuffle(&mut anchor_order);
+        let mut order: Vec<&Item> = sets.feedback.iter().chain(anchor_order[..replayed].iter().map(|&i| &sets.anchors[i])).collect();
         rng.shuffle(&mut order);
         let mut sum = 0.0;
         for chunk in batches(&mut order, settings.batch, &mut rng) {
@@ -297,20 +290,6 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
         best: best.0,
         check_embeddings,
     })
-}
-
-/// The anchors' indices to draw from each epoch, and how many of each: one pool of all anchors, or
-/// one per head sized by the feedback's labels on it ([`TuneSettings::match_heads`]).
-fn replay_pools(sets: &Sets<'_>, settings: &TuneSettings) -> Vec<(Vec<usize>, usize)> {
-    let pool = |keep: &dyn Fn(&Item) -> bool, labels: usize| {
-        let indices: Vec<usize> = (0..sets.anchors.len()).filter(|&i| keep(&sets.anchors[i])).collect();
-        let replayed = ((labels as f64 * settings.replay).round() as usize).min(indices.len());
-        (indices, replayed)
-    };
-    if !settings.match_heads {
-        return vec![pool(&|_| true, sets.feedback.len())];
-    }
-    [Kind::Sentiment, Kind::Topic].into_iter().map(|kind| pool(&|a: &Item| a.head == kind, sets.feedback.iter().filter(|f| f.head == kind).count())).collect()
 }
 
 /// The learning rate's share at `step` of `total`: a linear warm-up over the first tenth (Adam's
