@@ -4,7 +4,7 @@
 //! fine-tuned candidate is the champion's graph, op for op, with new numbers in it. One rewrite of
 //! nodes, for CPU sessions: [`Model::with_biases_in_matmuls`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 /// ONNX `TensorProto.DataType` values this module decodes.
@@ -67,6 +67,8 @@ pub struct Model {
     pub nodes: Vec<Node>,
     /// Each node's field in the graph, key to end, in `nodes`' order.
     node_fields: Vec<Range<usize>>,
+    /// The graph's output names.
+    outputs: Vec<String>,
     initializers: Vec<(Range<usize>, Tensor)>,
     by_name: HashMap<String, usize>,
 }
@@ -75,6 +77,7 @@ const MODEL_GRAPH: u32 = 7;
 const MODEL_OPSET_IMPORT: u32 = 8;
 const GRAPH_NODE: u32 = 1;
 const GRAPH_INITIALIZER: u32 = 5;
+const GRAPH_OUTPUT: u32 = 12;
 /// The domain of ONNX Runtime's own operators.
 const MICROSOFT: &str = "com.microsoft";
 
@@ -88,7 +91,7 @@ impl Model {
             }
         }
         let graph = graph.ok_or("the file has no graph")?;
-        let (mut nodes, mut node_fields, mut initializers) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut nodes, mut node_fields, mut initializers, mut outputs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for field in Fields::new(&bytes, graph.clone()) {
             let field = field?;
             match field.number {
@@ -97,11 +100,19 @@ impl Model {
                     node_fields.push(field.whole);
                 }
                 GRAPH_INITIALIZER => initializers.push((field.whole, tensor(&bytes[field.value])?)),
+                GRAPH_OUTPUT => {
+                    for inner in Fields::new(&bytes, field.value) {
+                        let inner = inner?;
+                        if inner.number == 1 {
+                            outputs.push(string(&bytes[inner.value])?);
+                        }
+                    }
+                }
                 _ => {}
             }
         }
         let by_name = initializers.iter().enumerate().map(|(i, (_, t))| (t.name.clone(), i)).collect();
-        Ok(Model { bytes, graph, nodes, node_fields, initializers, by_name })
+        Ok(Model { bytes, graph, nodes, node_fields, outputs, initializers, by_name })
     }
 
     pub fn initializer(&self, name: &str) -> Result<&Tensor, String> {
@@ -179,23 +190,28 @@ impl Model {
             n.outputs.iter().for_each(|o| _ = producer.insert(o, i));
             n.inputs.iter().for_each(|input| readers.entry(input).or_default().push(i));
         }
-        let produced_by = |name: &str, op: &str| producer.get(name).copied().filter(|&i| self.nodes[i].op_type == op);
-        let only_reader = |name: &str, node: usize| readers.get(name).is_some_and(|r| r == &[node]);
+        // Node shapes are checked before indexing: the file may be anyone's.
+        let dequantized_by = |name: &str| producer.get(name).copied().filter(|&i| self.nodes[i].op_type == "DequantizeLinear" && self.nodes[i].inputs.len() >= 2 && self.nodes[i].outputs.len() == 1);
         let scalar = |name: &str| self.initializer(name).is_ok_and(|t| t.elements() == 1);
         let mut replaced: HashMap<usize, Vec<u8>> = HashMap::new();
-        let mut dropped = std::collections::HashSet::new();
-        for (m, matmul) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "MatMul" && n.inputs.len() == 2) {
-            let (Some(a), Some(w)) = (produced_by(&matmul.inputs[0], "DequantizeLinear"), produced_by(&matmul.inputs[1], "DequantizeLinear")) else { continue };
+        let (mut dropped, mut dequantized) = (HashSet::new(), HashSet::new());
+        for (m, matmul) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "MatMul" && n.inputs.len() == 2 && n.outputs.len() == 1) {
+            let (Some(a), Some(w)) = (dequantized_by(&matmul.inputs[0]), dequantized_by(&matmul.inputs[1])) else { continue };
             let (dq_a, dq_w) = (&self.nodes[a], &self.nodes[w]);
             let Ok(weight) = self.initializer(&dq_w.inputs[0]) else { continue };
             let Some(&columns) = weight.dims.get(1).filter(|_| weight.dims.len() == 2) else { continue };
-            let per_column = self.initializer(&dq_w.inputs[1]).is_ok_and(|s| s.dims == [columns] && matches!(dq_w.axis, Some(1) | Some(-1)));
-            if dq_a.inputs.len() < 2 || dq_w.inputs.len() < 2 || !scalar(&dq_a.inputs[1]) || !(scalar(&dq_w.inputs[1]) || per_column) {
+            let per_column = self.initializer(&dq_w.inputs[1]).is_ok_and(|s| s.dims == [columns] && matches!(dq_w.axis, None | Some(1) | Some(-1)));
+            if !scalar(&dq_a.inputs[1]) || !(scalar(&dq_w.inputs[1]) || per_column) {
                 continue;
             }
             let mut output = matmul.outputs[0].as_str();
             let mut bias = "";
-            let add = readers.get(output).filter(|r| r.len() == 1).map(|r| r[0]).filter(|&i| self.nodes[i].op_type == "Add" && self.nodes[i].inputs.len() == 2);
+            // The product must have no reader but the Add, since the node then writes the sum.
+            let add = readers
+                .get(output)
+                .filter(|r| r.len() == 1 && !self.outputs.iter().any(|o| o == output))
+                .map(|r| r[0])
+                .filter(|&i| self.nodes[i].op_type == "Add" && self.nodes[i].inputs.len() == 2 && self.nodes[i].outputs.len() == 1);
             if let Some(add) = add {
                 let other = self.nodes[add].inputs.iter().find(|i| *i != output).map(String::as_str).unwrap_or_default();
                 if self.initializer(other).is_ok_and(|b| b.data_type == FLOAT && b.dims == [columns]) {
@@ -211,10 +227,13 @@ impl Model {
                 inputs.pop();
             }
             replaced.insert(m, encode_node(&matmul.name, "MatMulIntegerToFloat", MICROSOFT, &inputs, &[output]));
-            for dq in [a, w] {
-                if only_reader(&self.nodes[dq].outputs[0], m) {
-                    dropped.insert(dq);
-                }
+            dequantized.extend([a, w]);
+        }
+        // A DequantizeLinear whose every reader became a fused node, and not a graph output, goes.
+        for dq in dequantized {
+            let output = self.nodes[dq].outputs[0].as_str();
+            if readers.get(output).is_some_and(|r| r.iter().all(|n| replaced.contains_key(n))) && !self.outputs.iter().any(|o| o == output) {
+                dropped.insert(dq);
             }
         }
         if replaced.is_empty() {
@@ -561,8 +580,8 @@ mod tests {
     }
 
     /// x (quantized) × w (int8, per-column scales) + b, as a QDQ export writes it; `bias` names
-    /// what the Add adds (an initializer, or a graph input).
-    fn quantized_linear(bias: &str) -> Vec<u8> {
+    /// what the Add adds (an initializer, or a graph input); `outputs` the graph's outputs.
+    fn quantized_linear(bias: &str, outputs: &[&str]) -> Vec<u8> {
         let nodes = [
             node_with(&["xq", "xs", "xz"], "x", "dq_x", "DequantizeLinear", None),
             node_with(&["wq", "ws"], "w", "dq_w", "DequantizeLinear", Some(1)),
@@ -584,6 +603,7 @@ mod tests {
             (GRAPH_INITIALIZER, float_tensor("xs", &[], &[0.1])),
             (GRAPH_INITIALIZER, float_tensor("b", &[2], &[1.0, -1.0])),
         ]);
+        graph.extend(outputs.iter().map(|o| (GRAPH_OUTPUT, message(&[(1, o.as_bytes().to_vec())]))));
         let mut model = Vec::new();
         key(1, 0, &mut model);
         varint(8, &mut model);
@@ -596,7 +616,7 @@ mod tests {
 
     #[test]
     fn an_int8_matmul_and_its_bias_become_one_node() {
-        let model = Model::parse(quantized_linear("b")).unwrap();
+        let model = Model::parse(quantized_linear("b", &["z"])).unwrap();
         let (bytes, folded) = model.with_biases_in_matmuls().unwrap();
         assert_eq!(folded, 1);
         let rewritten = Model::parse(bytes).unwrap();
@@ -610,12 +630,14 @@ mod tests {
         assert_eq!(rewritten.with_biases_in_matmuls().unwrap().1, 0, "nothing left to fold");
 
         // A bias that is not a constant of the right width stays an Add after the fused MatMul.
-        let model = Model::parse(quantized_linear("other")).unwrap();
-        let rewritten = Model::parse(model.with_biases_in_matmuls().unwrap().0).unwrap();
-        let ops: Vec<&str> = rewritten.nodes.iter().map(|n| n.op_type.as_str()).collect();
-        assert_eq!(ops, ["MatMulIntegerToFloat", "Add"]);
-        assert_eq!(rewritten.nodes[0].inputs, ["xq", "wq", "xs", "ws", "xz"]);
-        assert_eq!(rewritten.nodes[0].outputs, ["y"]);
+        // So does one whose product is also a graph output; and a dequantized input that is one stays.
+        for (bias, outputs, kept) in [("other", vec!["z"], vec!["MatMulIntegerToFloat", "Add"]), ("b", vec!["y", "z"], vec!["MatMulIntegerToFloat", "Add"]), ("b", vec!["x", "z"], vec!["DequantizeLinear", "MatMulIntegerToFloat"])] {
+            let model = Model::parse(quantized_linear(bias, &outputs)).unwrap();
+            let rewritten = Model::parse(model.with_biases_in_matmuls().unwrap().0).unwrap();
+            let ops: Vec<&str> = rewritten.nodes.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, kept, "{bias} {outputs:?}");
+            assert_eq!(rewritten.outputs, outputs);
+        }
     }
 
     /// The shipped model: every int8 MatMul (6 layers × 6) becomes one node, with its bias in it
@@ -638,9 +660,12 @@ mod tests {
 
     #[test]
     fn truncated_bytes_are_an_error_not_a_panic() {
-        let bytes = small_model();
-        for cut in 1..bytes.len() {
-            let _ = Model::parse(bytes[..cut].to_vec());
+        for bytes in [small_model(), quantized_linear("b", &["z"])] {
+            for cut in 1..bytes.len() {
+                if let Ok(model) = Model::parse(bytes[..cut].to_vec()) {
+                    let _ = model.with_biases_in_matmuls();
+                }
+            }
         }
     }
 }
