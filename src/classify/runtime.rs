@@ -20,8 +20,8 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 /// BENCHMARKS.md, "One fusion left out on CPU"). CUDA keeps every fusion.
 const CPU_DISABLED_OPTIMIZERS: &str = "SkipLayerNormFusion";
 
-/// The model as a CPU session loads it: each int8 MatMul with its bias Add in one node (3–8 % less
-/// CPU a batch; [`onnx::Model::with_biases_in_matmuls`]). `None` where the file has none to fold
+/// The model as a CPU session loads it: each int8 MatMul with its bias Add in one node (about 8 %
+/// less CPU per story at the defaults; [`onnx::Model::with_biases_in_matmuls`]). `None` where the file has none to fold
 /// or is not one this reader takes (weights kept outside the file): the session loads the file.
 fn cpu_form(path: &Path) -> Option<Vec<u8>> {
     let model = onnx::Model::parse(std::fs::read(path).ok()?).ok()?;
