@@ -170,11 +170,11 @@ fn fine_tuned(work: &std::path::Path, out: &std::path::Path) -> String {
         assert!(report["comparisons"].as_array().unwrap().iter().any(|c| c["set"] == set.as_str()), "{set}: {report}");
     }
     // The same graph, op for op, with new encoder weights and the frozen embeddings unchanged.
-    let parse = |dir: &std::path::Path| bearwatch::learn::onnx::Model::parse(std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+    let parse = |dir: &std::path::Path| bearwatch::classify::onnx::Model::parse(std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
     let (champion, tuned) = (parse(&std::path::Path::new(common::ROOT).join("models")), parse(out));
-    let ops = |m: &bearwatch::learn::onnx::Model| m.nodes.iter().map(|n| (n.name.clone(), n.op_type.clone(), n.inputs.clone())).collect::<Vec<_>>();
+    let ops = |m: &bearwatch::classify::onnx::Model| m.nodes.iter().map(|n| (n.name.clone(), n.op_type.clone(), n.inputs.clone())).collect::<Vec<_>>();
     assert_eq!(ops(&champion), ops(&tuned));
-    let values = |m: &bearwatch::learn::onnx::Model, name: &str| m.initializer(name).unwrap().data.clone();
+    let values = |m: &bearwatch::classify::onnx::Model, name: &str| m.initializer(name).unwrap().data.clone();
     assert_ne!(values(&champion, "model.layers.0.query.bias"), values(&tuned, "model.layers.0.query.bias"), "the encoder moved");
     assert_eq!(values(&champion, "model.word.weight_int8"), values(&tuned, "model.word.weight_int8"));
     report["candidate"].as_str().unwrap().to_string()
