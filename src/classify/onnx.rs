@@ -198,7 +198,7 @@ impl Model {
         for (m, matmul) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "MatMul" && n.inputs.len() == 2 && n.outputs.len() == 1) {
             let (Some(a), Some(w)) = (dequantized_by(&matmul.inputs[0]), dequantized_by(&matmul.inputs[1])) else { continue };
             let (dq_a, dq_w) = (&self.nodes[a], &self.nodes[w]);
-            let Ok(weight) = self.initializer(&dq_w.inputs[0]) else { continue };
+            let Some(weight) = self.initializer(&dq_w.inputs[0]).ok().filter(|t| matches!(t.data_type, INT8 | UINT8)) else { continue };
             let Some(&columns) = weight.dims.get(1).filter(|_| weight.dims.len() == 2) else { continue };
             let per_column = self.initializer(&dq_w.inputs[1]).is_ok_and(|s| s.dims == [columns] && matches!(dq_w.axis, None | Some(1) | Some(-1)));
             if !scalar(&dq_a.inputs[1]) || !(scalar(&dq_w.inputs[1]) || per_column) {

@@ -155,7 +155,12 @@ impl OrtBackend {
         }
         let invalid = |reason: String| ClassifyError::ModelFiles { path: spec.onnx.clone(), reason };
         let session = match (provider == "cpu").then(|| cpu_form(&spec.onnx)).flatten() {
-            Some(bytes) => builder.commit_from_memory(&bytes),
+            // A rewrite ONNX Runtime refuses (an input type this reader cannot see) costs only the
+            // rewrite: the file loads as it is.
+            Some(bytes) => builder.commit_from_memory(&bytes).or_else(|e| {
+                tracing::warn!(path = %spec.onnx.display(), error = %e, "the model's CPU form did not load; loading the file as it is");
+                builder.commit_from_file(&spec.onnx)
+            }),
             None => builder.commit_from_file(&spec.onnx),
         }
         .map_err(|e| invalid(e.to_string()))?;
