@@ -2,7 +2,7 @@
 //! nodes (name, op, inputs, outputs) and its initializers, decoded to little-endian bytes. Writing
 //! replaces the named initializers and copies every other byte of the file as it was, so a
 //! fine-tuned candidate is the champion's graph, op for op, with new numbers in it. One rewrite of
-//! nodes, for CPU sessions: [`Model::with_biases_in_matmuls`].
+//! nodes, for CPU sessions: [`Model::for_cpu`].
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -65,8 +65,8 @@ pub struct Model {
     bytes: Vec<u8>,
     graph: Range<usize>,
     pub nodes: Vec<Node>,
-    /// Each node's field in the graph, key to end, in `nodes`' order.
-    node_fields: Vec<Range<usize>>,
+    /// Each node's field in the graph (key to end) and its message, in `nodes`' order.
+    node_fields: Vec<(Range<usize>, Range<usize>)>,
     /// The graph's output names.
     outputs: Vec<String>,
     initializers: Vec<(Range<usize>, Tensor)>,
@@ -96,8 +96,8 @@ impl Model {
             let field = field?;
             match field.number {
                 GRAPH_NODE => {
-                    nodes.push(node(&bytes[field.value])?);
-                    node_fields.push(field.whole);
+                    nodes.push(node(&bytes[field.value.clone()])?);
+                    node_fields.push((field.whole, field.value));
                 }
                 GRAPH_INITIALIZER => initializers.push((field.whole, tensor(&bytes[field.value])?)),
                 GRAPH_OUTPUT => {
@@ -176,14 +176,17 @@ impl Model {
         Ok(out)
     }
 
-    /// The model with each int8 MatMul of a quantized graph (DequantizeLinear of the activations
-    /// and of a weight initializer into MatMul) and the bias Add after it written as one
-    /// `com.microsoft.MatMulIntegerToFloat` node, and how many were. ONNX Runtime makes that node
-    /// of the MatMul itself but leaves the Add beside it (and, before a GELU, fuses the Add into a
-    /// BiasGelu slower than GELU alone); the node adds the bias as it writes its output, the
-    /// same arithmetic. A CPU-only operator: only CPU sessions load this form. MatMuls of
-    /// another shape (a per-row weight scale, a scale not in the file) stay as they are.
-    pub fn with_biases_in_matmuls(&self) -> Result<(Vec<u8>, usize), String> {
+    /// The model as a CPU session runs it fastest, and how many nodes changed; the arithmetic is
+    /// the same. Each int8 MatMul of a quantized graph (DequantizeLinear of the activations and
+    /// of a weight initializer into MatMul) and the bias Add after it become one
+    /// `com.microsoft.MatMulIntegerToFloat` node: ONNX Runtime makes that node of the MatMul
+    /// itself but leaves the Add beside it (and, before a GELU, fuses the Add into a BiasGelu
+    /// slower than GELU alone); the node adds the bias as it writes its output. And a Shape that
+    /// reads a DequantizeLinear's output reads its quantized input instead (the same shape):
+    /// ONNX Runtime gives each reader its own copy of a DequantizeLinear, which would dequantize a
+    /// whole activation for its shape alone. A CPU-only operator: only CPU sessions load this
+    /// form. MatMuls of another shape (a per-row weight scale, a scale not in the file) stay.
+    pub fn for_cpu(&self) -> Result<(Vec<u8>, usize), String> {
         let mut producer: HashMap<&str, usize> = HashMap::new();
         let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -229,7 +232,13 @@ impl Model {
             replaced.insert(m, encode_node(&matmul.name, "MatMulIntegerToFloat", MICROSOFT, &inputs, &[output]));
             dequantized.extend([a, w]);
         }
-        // A DequantizeLinear whose every reader became a fused node, and not a graph output, goes.
+        for (i, shape) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "Shape" && n.inputs.len() == 1) {
+            if let Some(dq) = dequantized_by(&shape.inputs[0]) {
+                replaced.insert(i, self.with_input(i, &shape.inputs[0], &self.nodes[dq].inputs[0])?);
+                dequantized.insert(dq);
+            }
+        }
+        // A DequantizeLinear whose every reader was rewritten, and not a graph output, goes.
         for dq in dequantized {
             let output = self.nodes[dq].outputs[0].as_str();
             if readers.get(output).is_some_and(|r| r.iter().all(|n| replaced.contains_key(n))) && !self.outputs.iter().any(|o| o == output) {
@@ -241,7 +250,7 @@ impl Model {
         }
         let mut graph = Vec::with_capacity(self.graph.len());
         let mut at = self.graph.start;
-        for (i, whole) in self.node_fields.iter().enumerate() {
+        for (i, (whole, _)) in self.node_fields.iter().enumerate() {
             let new = replaced.get(&i);
             if new.is_some() || dropped.contains(&i) {
                 graph.extend_from_slice(&self.bytes[at..whole.start]);
@@ -265,6 +274,21 @@ impl Model {
             opset.extend_from_slice(&import);
         }
         Ok((self.with_graph(&graph, &opset)?, replaced.len()))
+    }
+
+    /// Node `node`'s message with its input `from` read from `to`, every other field as it was.
+    fn with_input(&self, node: usize, from: &str, to: &str) -> Result<Vec<u8>, String> {
+        let message = self.node_fields[node].1.clone();
+        let mut out = Vec::with_capacity(message.len() + to.len());
+        for field in Fields::new(&self.bytes, message) {
+            let field = field?;
+            if field.number == 1 && &self.bytes[field.value.clone()] == from.as_bytes() {
+                string_field(1, to, &mut out);
+            } else {
+                out.extend_from_slice(&self.bytes[field.whole]);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the model imports an operator set of `domain`.
@@ -587,6 +611,8 @@ mod tests {
             node_with(&["wq", "ws"], "w", "dq_w", "DequantizeLinear", Some(1)),
             node_with(&["x", "w"], "y", "mm", "MatMul", None),
             node_with(&["y", bias], "z", "add", "Add", None),
+            // An attribute (whatever its name) rides along when the node is rewired.
+            node_with(&["x"], "s", "shape", "Shape", Some(1)),
         ];
         let mut weights = Vec::new();
         key(1, 0, &mut weights);
@@ -617,23 +643,29 @@ mod tests {
     #[test]
     fn an_int8_matmul_and_its_bias_become_one_node() {
         let model = Model::parse(quantized_linear("b", &["z"])).unwrap();
-        let (bytes, folded) = model.with_biases_in_matmuls().unwrap();
-        assert_eq!(folded, 1);
+        let (bytes, folded) = model.for_cpu().unwrap();
+        assert_eq!(folded, 2, "the MatMul and the Shape");
         let rewritten = Model::parse(bytes).unwrap();
-        assert_eq!(rewritten.nodes.len(), 1, "{:?}", rewritten.nodes);
+        assert_eq!(rewritten.nodes.len(), 2, "{:?}", rewritten.nodes);
+        let shape = &rewritten.nodes[1];
+        assert_eq!((shape.op_type.as_str(), shape.inputs.as_slice(), shape.axis), ("Shape", &["xq".to_string()][..], Some(1)));
         let node = &rewritten.nodes[0];
         assert_eq!((node.name.as_str(), node.op_type.as_str()), ("mm", "MatMulIntegerToFloat"));
         assert_eq!(node.inputs, ["xq", "wq", "xs", "ws", "xz", "", "b"]);
         assert_eq!(node.outputs, ["z"]);
         assert!(rewritten.imports(MICROSOFT).unwrap() && !model.imports(MICROSOFT).unwrap());
         assert_eq!(rewritten.initializer("wq").unwrap(), model.initializer("wq").unwrap());
-        assert_eq!(rewritten.with_biases_in_matmuls().unwrap().1, 0, "nothing left to fold");
+        assert_eq!(rewritten.for_cpu().unwrap().1, 0, "nothing left to fold");
 
         // A bias that is not a constant of the right width stays an Add after the fused MatMul.
         // So does one whose product is also a graph output; and a dequantized input that is one stays.
-        for (bias, outputs, kept) in [("other", vec!["z"], vec!["MatMulIntegerToFloat", "Add"]), ("b", vec!["y", "z"], vec!["MatMulIntegerToFloat", "Add"]), ("b", vec!["x", "z"], vec!["DequantizeLinear", "MatMulIntegerToFloat"])] {
+        for (bias, outputs, kept) in [
+            ("other", vec!["z"], vec!["MatMulIntegerToFloat", "Add", "Shape"]),
+            ("b", vec!["y", "z"], vec!["MatMulIntegerToFloat", "Add", "Shape"]),
+            ("b", vec!["x", "z"], vec!["DequantizeLinear", "MatMulIntegerToFloat", "Shape"]),
+        ] {
             let model = Model::parse(quantized_linear(bias, &outputs)).unwrap();
-            let rewritten = Model::parse(model.with_biases_in_matmuls().unwrap().0).unwrap();
+            let rewritten = Model::parse(model.for_cpu().unwrap().0).unwrap();
             let ops: Vec<&str> = rewritten.nodes.iter().map(|n| n.op_type.as_str()).collect();
             assert_eq!(ops, kept, "{bias} {outputs:?}");
             assert_eq!(rewritten.outputs, outputs);
@@ -641,14 +673,17 @@ mod tests {
     }
 
     /// The shipped model: every int8 MatMul (6 layers × 6) becomes one node, with its bias in it
-    /// but for the feed-forward outputs (whose Add brings the fp32 outlier columns' product).
+    /// but for the feed-forward outputs (whose Add brings the fp32 outlier columns' product), and
+    /// no Shape reads a DequantizeLinear.
     #[test]
-    fn the_bundled_model_folds_every_bias() {
+    fn the_bundled_models_cpu_form() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/model.onnx");
         let model = Model::parse(std::fs::read(path).unwrap()).unwrap();
-        let (bytes, folded) = model.with_biases_in_matmuls().unwrap();
-        assert_eq!(folded, 36);
+        let (bytes, rewritten) = model.for_cpu().unwrap();
+        assert_eq!(rewritten, 36 + 18, "36 MatMuls, 18 Shapes");
         let rewritten = Model::parse(bytes).unwrap();
+        let dequantizes = |name: &String| rewritten.producer(name).is_ok_and(|p| p.op_type == "DequantizeLinear");
+        assert!(!rewritten.nodes.iter().any(|n| n.op_type == "Shape" && dequantizes(&n.inputs[0])));
         let count = |m: &Model, op: &str| m.nodes.iter().filter(|n| n.op_type == op).count();
         assert_eq!(count(&rewritten, "MatMulIntegerToFloat"), 36);
         let with_bias = rewritten.nodes.iter().filter(|n| n.op_type == "MatMulIntegerToFloat" && n.inputs.len() == 7 && n.inputs[6].ends_with(".bias")).count();
@@ -663,7 +698,7 @@ mod tests {
         for bytes in [small_model(), quantized_linear("b", &["z"])] {
             for cut in 1..bytes.len() {
                 if let Ok(model) = Model::parse(bytes[..cut].to_vec()) {
-                    let _ = model.with_biases_in_matmuls();
+                    let _ = model.for_cpu();
                 }
             }
         }

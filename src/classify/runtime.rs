@@ -21,13 +21,13 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 const CPU_DISABLED_OPTIMIZERS: &str = "SkipLayerNormFusion";
 
 /// The model as a CPU session loads it: each int8 MatMul with its bias Add in one node (about 8 %
-/// less CPU per story at the defaults; [`onnx::Model::with_biases_in_matmuls`]). `None` where the file has none to fold
+/// less CPU per story at the defaults), Shapes off DequantizeLinear copies ([`onnx::Model::for_cpu`]). `None` where the file has none to fold
 /// or is not one this reader takes (weights kept outside the file): the session loads the file.
 fn cpu_form(path: &Path) -> Option<Vec<u8>> {
     let model = onnx::Model::parse(std::fs::read(path).ok()?).ok()?;
-    match model.with_biases_in_matmuls() {
-        Ok((bytes, folded)) if folded > 0 => {
-            tracing::debug!(path = %path.display(), folded, "int8 MatMuls with their biases in one node");
+    match model.for_cpu() {
+        Ok((bytes, rewritten)) if rewritten > 0 => {
+            tracing::debug!(path = %path.display(), rewritten, "the model's CPU form: nodes rewritten");
             Some(bytes)
         }
         Ok(_) => None,
