@@ -61,13 +61,14 @@ impl Classifier {
             Device::Cuda if config.workers == 0 => config.single_worker(),
             _ => config.clone(),
         };
-        let first = runtime::OrtBackend::new(spec, &first_config)?;
+        let cpu_form = runtime::CpuForm::default();
+        let first = runtime::OrtBackend::new(spec, &first_config, &cpu_form)?;
         let provider = first.provider();
         let workers = if provider == "cuda" && config.workers == 0 { 1 } else { config.workers() };
         let threads = first_config.threads();
         let mut backends = vec![first];
         while backends.len() < workers {
-            backends.push(runtime::OrtBackend::new(spec, config)?);
+            backends.push(runtime::OrtBackend::new(spec, config, &cpu_form)?);
         }
         tracing::info!(model = %spec.id(), provider, workers, threads, "classifier ready");
         Ok((backends, provider))

@@ -139,21 +139,28 @@ impl Model {
             }
             new.insert(&t.name, t);
         }
+        let edits = self.initializers.iter().filter_map(|(whole, tensor)| {
+            let mut message = Vec::new();
+            encode_tensor(new.get(tensor.name.as_str())?, &mut message);
+            Some((whole, Some((GRAPH_INITIALIZER, message))))
+        });
+        self.with_graph(&self.graph_edited(edits), &[])
+    }
+
+    /// The graph's bytes with each field at `whole` replaced by `(number, message)` or, for
+    /// `None`, left out; `edits` in file order, every other byte as it was.
+    fn graph_edited<'a>(&self, edits: impl IntoIterator<Item = (&'a Range<usize>, Option<(u32, Vec<u8>)>)>) -> Vec<u8> {
         let mut graph = Vec::with_capacity(self.graph.len());
         let mut at = self.graph.start;
-        for (whole, tensor) in &self.initializers {
-            if let Some(t) = new.get(tensor.name.as_str()) {
-                graph.extend_from_slice(&self.bytes[at..whole.start]);
-                let mut message = Vec::new();
-                encode_tensor(t, &mut message);
-                key(GRAPH_INITIALIZER, 2, &mut graph);
-                varint(message.len() as u64, &mut graph);
-                graph.extend_from_slice(&message);
-                at = whole.end;
+        for (whole, new) in edits {
+            graph.extend_from_slice(&self.bytes[at..whole.start]);
+            if let Some((number, message)) = new {
+                length_delimited(number, &message, &mut graph);
             }
+            at = whole.end;
         }
         graph.extend_from_slice(&self.bytes[at..self.graph.end]);
-        self.with_graph(&graph, &[])
+        graph
     }
 
     /// The model's bytes with `graph` as its graph and `fields` (encoded model fields) appended.
@@ -165,9 +172,7 @@ impl Model {
             let field = field?;
             if field.number == MODEL_GRAPH {
                 out.extend_from_slice(&self.bytes[at..field.whole.start]);
-                key(MODEL_GRAPH, 2, &mut out);
-                varint(graph.len() as u64, &mut out);
-                out.extend_from_slice(graph);
+                length_delimited(MODEL_GRAPH, graph, &mut out);
                 at = field.whole.end;
             }
         }
@@ -196,6 +201,7 @@ impl Model {
         // Node shapes are checked before indexing: the file may be anyone's.
         let dequantized_by = |name: &str| producer.get(name).copied().filter(|&i| self.nodes[i].op_type == "DequantizeLinear" && self.nodes[i].inputs.len() >= 2 && self.nodes[i].outputs.len() == 1);
         let scalar = |name: &str| self.initializer(name).is_ok_and(|t| t.elements() == 1);
+        let graph_output = |name: &str| self.outputs.iter().any(|o| o == name);
         let mut replaced: HashMap<usize, Vec<u8>> = HashMap::new();
         let (mut dropped, mut dequantized) = (HashSet::new(), HashSet::new());
         for (m, matmul) in self.nodes.iter().enumerate().filter(|(_, n)| n.op_type == "MatMul" && n.inputs.len() == 2 && n.outputs.len() == 1) {
@@ -212,7 +218,7 @@ impl Model {
             // The product must have no reader but the Add, since the node then writes the sum.
             let add = readers
                 .get(output)
-                .filter(|r| r.len() == 1 && !self.outputs.iter().any(|o| o == output))
+                .filter(|r| r.len() == 1 && !graph_output(output))
                 .map(|r| r[0])
                 .filter(|&i| self.nodes[i].op_type == "Add" && self.nodes[i].inputs.len() == 2 && self.nodes[i].outputs.len() == 1);
             if let Some(add) = add {
@@ -241,39 +247,28 @@ impl Model {
         // A DequantizeLinear whose every reader was rewritten, and not a graph output, goes.
         for dq in dequantized {
             let output = self.nodes[dq].outputs[0].as_str();
-            if readers.get(output).is_some_and(|r| r.iter().all(|n| replaced.contains_key(n))) && !self.outputs.iter().any(|o| o == output) {
+            if readers.get(output).is_some_and(|r| r.iter().all(|n| replaced.contains_key(n))) && !graph_output(output) {
                 dropped.insert(dq);
             }
         }
         if replaced.is_empty() {
             return Ok((self.bytes.clone(), 0));
         }
-        let mut graph = Vec::with_capacity(self.graph.len());
-        let mut at = self.graph.start;
-        for (i, (whole, _)) in self.node_fields.iter().enumerate() {
-            let new = replaced.get(&i);
-            if new.is_some() || dropped.contains(&i) {
-                graph.extend_from_slice(&self.bytes[at..whole.start]);
-                if let Some(message) = new {
-                    key(GRAPH_NODE, 2, &mut graph);
-                    varint(message.len() as u64, &mut graph);
-                    graph.extend_from_slice(message);
-                }
-                at = whole.end;
-            }
-        }
-        graph.extend_from_slice(&self.bytes[at..self.graph.end]);
+        let count = replaced.len();
+        let edits = self.node_fields.iter().enumerate().filter_map(|(i, (whole, _))| match replaced.remove(&i) {
+            Some(message) => Some((whole, Some((GRAPH_NODE, message)))),
+            None => dropped.contains(&i).then_some((whole, None)),
+        });
+        let graph = self.graph_edited(edits);
         let mut opset = Vec::new();
         if !self.imports(MICROSOFT)? {
             let mut import = Vec::new();
             string_field(1, MICROSOFT, &mut import);
             key(2, 0, &mut import);
             varint(1, &mut import);
-            key(MODEL_OPSET_IMPORT, 2, &mut opset);
-            varint(import.len() as u64, &mut opset);
-            opset.extend_from_slice(&import);
+            length_delimited(MODEL_OPSET_IMPORT, &import, &mut opset);
         }
-        Ok((self.with_graph(&graph, &opset)?, replaced.len()))
+        Ok((self.with_graph(&graph, &opset)?, count))
     }
 
     /// Node `node`'s message with its input `from` read from `to`, every other field as it was.
@@ -483,10 +478,15 @@ fn varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
-fn string_field(number: u32, value: &str, out: &mut Vec<u8>) {
+/// Field `number` holding `bytes` (a string, bytes or a message: wire type 2).
+fn length_delimited(number: u32, bytes: &[u8], out: &mut Vec<u8>) {
     key(number, 2, out);
-    varint(value.len() as u64, out);
-    out.extend_from_slice(value.as_bytes());
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+fn string_field(number: u32, value: &str, out: &mut Vec<u8>) {
+    length_delimited(number, value.as_bytes(), out);
 }
 
 fn encode_node(name: &str, op_type: &str, domain: &str, inputs: &[&str], outputs: &[&str]) -> Vec<u8> {
@@ -507,9 +507,7 @@ fn encode_tensor(t: &Tensor, out: &mut Vec<u8>) {
     key(2, 0, out);
     varint(t.data_type as u64, out);
     string_field(8, &t.name, out);
-    key(9, 2, out);
-    varint(t.data.len() as u64, out);
-    out.extend_from_slice(&t.data);
+    length_delimited(9, &t.data, out);
 }
 
 #[cfg(test)]
@@ -518,11 +516,7 @@ mod tests {
 
     fn message(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
         let mut out = Vec::new();
-        for (n, v) in fields {
-            key(*n, 2, &mut out);
-            varint(v.len() as u64, &mut out);
-            out.extend_from_slice(v);
-        }
+        fields.iter().for_each(|(n, v)| length_delimited(*n, v, &mut out));
         out
     }
 
@@ -578,15 +572,9 @@ mod tests {
         assert!(model.with_initializers(&[Tensor::from_floats("nope", &[1], &[0.0])]).is_err());
     }
 
-    fn float_tensor(name: &str, dims: &[u64], values: &[f32]) -> Vec<u8> {
+    fn float_tensor(name: &str, dims: &[i64], values: &[f32]) -> Vec<u8> {
         let mut t = Vec::new();
-        for &d in dims {
-            key(1, 0, &mut t);
-            varint(d, &mut t);
-        }
-        key(2, 0, &mut t);
-        varint(FLOAT as u64, &mut t);
-        t.extend(message(&[(8, name.as_bytes().to_vec()), (9, values.iter().flat_map(|f| f.to_le_bytes()).collect())]));
+        encode_tensor(&Tensor::from_floats(name, dims, values), &mut t);
         t
     }
 
@@ -615,13 +603,7 @@ mod tests {
             node_with(&["x"], "s", "shape", "Shape", Some(1)),
         ];
         let mut weights = Vec::new();
-        key(1, 0, &mut weights);
-        varint(3, &mut weights);
-        key(1, 0, &mut weights);
-        varint(2, &mut weights);
-        key(2, 0, &mut weights);
-        varint(INT8 as u64, &mut weights);
-        weights.extend(message(&[(8, b"wq".to_vec()), (9, vec![1, 2, 3, 4, 5, 6])]));
+        encode_tensor(&Tensor::from_int8s("wq", &[3, 2], &[1, 2, 3, 4, 5, 6]), &mut weights);
         let mut graph: Vec<(u32, Vec<u8>)> = nodes.into_iter().map(|n| (GRAPH_NODE, n)).collect();
         graph.extend([
             (GRAPH_INITIALIZER, weights),

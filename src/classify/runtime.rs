@@ -20,9 +20,20 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 /// BENCHMARKS.md, "One fusion left out on CPU"). CUDA keeps every fusion.
 const CPU_DISABLED_OPTIMIZERS: &str = "SkipLayerNormFusion";
 
-/// The model as a CPU session loads it: each int8 MatMul with its bias Add in one node (about 8 %
-/// less CPU per story at the defaults), Shapes off DequantizeLinear copies ([`onnx::Model::for_cpu`]). `None` where the file has none to fold
-/// or is not one this reader takes (weights kept outside the file): the session loads the file.
+/// The model as CPU sessions load it ([`onnx::Model::for_cpu`]: each int8 MatMul with its bias
+/// Add in one node, about 8 % less CPU per story at the defaults; Shapes off DequantizeLinear
+/// copies), made at most once however many sessions share it: reading and rewriting the file
+/// takes about as long as starting a session. Empty where the file has nothing to rewrite or is
+/// not one this reader takes (weights kept outside the file): the sessions load the file.
+#[derive(Default)]
+pub struct CpuForm(std::cell::OnceCell<Option<Vec<u8>>>);
+
+impl CpuForm {
+    fn of(&self, path: &Path) -> Option<&[u8]> {
+        self.0.get_or_init(|| cpu_form(path)).as_deref()
+    }
+}
+
 fn cpu_form(path: &Path) -> Option<Vec<u8>> {
     let model = onnx::Model::parse(std::fs::read(path).ok()?).ok()?;
     match model.for_cpu() {
@@ -96,14 +107,15 @@ pub struct OrtBackend {
 }
 
 impl OrtBackend {
-    pub fn new(spec: &ModelSpec, config: &ClassifierConfig) -> Result<OrtBackend, ClassifyError> {
-        OrtBackend::build(spec, config, None)
+    /// A session of `spec`'s model; sessions built with one `cpu_form` share its rewrite.
+    pub fn new(spec: &ModelSpec, config: &ClassifierConfig, cpu_form: &CpuForm) -> Result<OrtBackend, ClassifyError> {
+        OrtBackend::build(spec, config, cpu_form, None)
     }
 
     /// A session that records ONNX Runtime's profile (every node's time) into a file named from
     /// `prefix`, until [`OrtBackend::end_profiling`] (`bench classify --profile`).
     pub fn profiled(spec: &ModelSpec, config: &ClassifierConfig, prefix: &std::path::Path) -> Result<OrtBackend, ClassifyError> {
-        OrtBackend::build(spec, config, Some(prefix))
+        OrtBackend::build(spec, config, &CpuForm::default(), Some(prefix))
     }
 
     /// Stops profiling; returns the profile's file (Chrome trace JSON).
@@ -111,7 +123,7 @@ impl OrtBackend {
         Ok(self.session.end_profiling()?.into())
     }
 
-    fn build(spec: &ModelSpec, config: &ClassifierConfig, profile: Option<&std::path::Path>) -> Result<OrtBackend, ClassifyError> {
+    fn build(spec: &ModelSpec, config: &ClassifierConfig, cpu_form: &CpuForm, profile: Option<&std::path::Path>) -> Result<OrtBackend, ClassifyError> {
         let environment = init_runtime()?;
         let session_error = |e: ort::Error| ClassifyError::Session(e.to_string());
         let mut builder = Session::builder(environment)
@@ -154,10 +166,10 @@ impl OrtBackend {
                 .map_err(|e| session_error(e.into()))?;
         }
         let invalid = |reason: String| ClassifyError::ModelFiles { path: spec.onnx.clone(), reason };
-        let session = match (provider == "cpu").then(|| cpu_form(&spec.onnx)).flatten() {
+        let session = match (provider == "cpu").then(|| cpu_form.of(&spec.onnx)).flatten() {
             // A rewrite ONNX Runtime refuses (an input type this reader cannot see) costs only the
             // rewrite: the file loads as it is.
-            Some(bytes) => builder.commit_from_memory(&bytes).or_else(|e| {
+            Some(bytes) => builder.commit_from_memory(bytes).or_else(|e| {
                 tracing::warn!(path = %spec.onnx.display(), error = %e, "the model's CPU form did not load; loading the file as it is");
                 builder.commit_from_file(&spec.onnx)
             }),
@@ -225,5 +237,24 @@ impl Backend for OrtBackend {
             )));
         }
         Ok(BatchOutput { sentiment, topic, embedding })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled model's CPU form is made once for every session built with it, and ONNX
+    /// Runtime takes it as it is (a refusal would otherwise hide behind the fallback to the file).
+    #[test]
+    fn cpu_sessions_share_one_rewrite_that_onnx_runtime_loads() {
+        let config = ClassifierConfig { device: Device::Cpu, ..ClassifierConfig::default() };
+        let spec = ModelSpec::load(&config.model_dir()).unwrap();
+        let form = CpuForm::default();
+        for _ in 0..2 {
+            assert_eq!(OrtBackend::new(&spec, &config, &form).unwrap().provider(), "cpu");
+        }
+        let bytes = form.0.get().expect("made by the first session").as_deref().expect("the bundled model has nodes to rewrite");
+        assert!(Session::builder(init_runtime().unwrap()).unwrap().commit_from_memory(bytes).is_ok());
     }
 }
