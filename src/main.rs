@@ -267,10 +267,6 @@ enum ModelCommand {
         /// the champion's (less keeps the shipped domains closer to where they were).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().blend, requires = "encoder")]
         blend: f64,
-        /// Fine-tuning: the encoder's lowest this-many layers keep the champion's weights (more
-        /// keeps the shipped domains closer to where they were, and learns less).
-        #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().frozen_layers, requires = "encoder")]
-        frozen_layers: usize,
     },
     /// Makes a candidate the champion (a `model_aliases` row, with the version in `models`). Refused
     /// (exit 2) when its report shows it worse than the champion beyond its interval on either
@@ -822,8 +818,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} stories to review", queue.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend, frozen_layers }) => {
-            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend, frozen_layers, ..Default::default() });
+        Command::Model(ModelCommand::Retrain { storage, out, from, feedback_weight, encoder, epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend }) => {
+            let tune = encoder.then(|| bearwatch::learn::tune::TuneSettings { epochs, seed, learning_rate, head_learning_rate, replay, distill, keep, blend, ..Default::default() });
             retrain(&storage, &out, from, feedback_weight, tune)
         }
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {

@@ -80,9 +80,6 @@ pub struct LoopBenchArgs {
     /// `model retrain --blend` (with --encoder).
     #[arg(long, default_value_t = learn::tune::TuneSettings::default().blend, requires = "encoder")]
     pub blend: f64,
-    /// `model retrain --frozen-layers` (with --encoder).
-    #[arg(long, default_value_t = learn::tune::TuneSettings::default().frozen_layers, requires = "encoder")]
-    pub frozen_layers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -256,7 +253,6 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             distill: args.distill,
             keep: args.keep,
             blend: args.blend,
-            frozen_layers: args.frozen_layers,
             seed: 13 + u64::from(salt),
             ..Default::default()
         });
@@ -331,8 +327,8 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
         },
         if args.encoder {
             format!(
-                "encoder fine-tuned (at most {} epochs, learning rate {} (heads {}), {} anchors replayed per label, distillation {}, keep {}, blend {}, lowest {} layers frozen)",
-                args.epochs, args.learning_rate, args.head_learning_rate, args.replay, args.distill, args.keep, args.blend, args.frozen_layers
+                "encoder fine-tuned (at most {} epochs, learning rate {} (heads {}), {} anchors replayed per label, distillation {}, keep {}, blend {})",
+                args.epochs, args.learning_rate, args.head_learning_rate, args.replay, args.distill, args.keep, args.blend
             )
         } else {
             format!("heads refitted, feedback weight {}", args.feedback_weight)

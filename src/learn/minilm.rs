@@ -164,14 +164,9 @@ impl Minilm {
         Ok((floats(model, &name("w_in"))?, floats(model, &name("b_in"))?, floats(model, &name("w_out"))?))
     }
 
-    /// The trainable variables of the layers above the lowest `frozen`: weights, biases and norms
-    /// (the embeddings stay).
-    pub fn vars_above(&self, frozen: usize) -> Vec<Var> {
-        self.layers.iter().skip(frozen).flat_map(|l| l.weight.iter().chain(&l.bias).chain(l.norms.iter().flat_map(|(g, b)| [g, b])).cloned()).collect()
-    }
-
-    pub fn layers(&self) -> usize {
-        self.layers.len()
+    /// Every trainable variable: the layers' weights, biases and norms (the embeddings stay).
+    pub fn vars(&self) -> Vec<Var> {
+        self.layers.iter().flat_map(|l| l.weight.iter().chain(&l.bias).chain(l.norms.iter().flat_map(|(g, b)| [g, b])).cloned()).collect()
     }
 
     pub fn device(&self) -> &Device {
@@ -244,11 +239,11 @@ impl Minilm {
 
     /// A copy of every trainable value, to go back to after an epoch that made things worse.
     pub fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
-        self.vars_above(0).iter().map(|v| v.as_tensor().copy()).collect()
+        self.vars().iter().map(|v| v.as_tensor().copy()).collect()
     }
 
     pub fn restore(&self, snapshot: &[Tensor]) -> candle_core::Result<()> {
-        for (v, t) in self.vars_above(0).iter().zip(snapshot) {
+        for (v, t) in self.vars().iter().zip(snapshot) {
             v.set(t)?;
         }
         Ok(())

@@ -39,10 +39,6 @@ pub struct TuneSettings {
     /// while the shipped domains move back toward the champion (WiSE-FT).
     #[serde(default = "one")]
     pub blend: f64,
-    /// The encoder's lowest this-many layers keep the champion's weights: the general reading of
-    /// text stays, and only the layers above it move for the feedback.
-    #[serde(default)]
-    pub frozen_layers: usize,
     pub seed: u64,
 }
 
@@ -52,7 +48,7 @@ fn one() -> f64 {
 
 impl Default for TuneSettings {
     fn default() -> Self {
-        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, blend: 1.0, frozen_layers: 0, seed: 13 }
+        TuneSettings { epochs: 4, batch: 32, learning_rate: 3e-5, head_learning_rate: 1e-3, replay: 1.0, distill: 1.0, keep: 0.0, blend: 1.0, seed: 13 }
     }
 }
 
@@ -208,12 +204,9 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     }
     let device = Device::Cpu;
     let model = Minilm::from_graph(graph, &device).map_err(|e| LearnError::Invalid(format!("the champion's graph: {e}")))?;
-    if settings.frozen_layers >= model.layers() {
-        return Err(LearnError::Invalid(format!("fine-tuning: {} frozen layers leave none of the encoder's {} to train", settings.frozen_layers, model.layers())));
-    }
     let heads = TrainedHeads::new(prior, &device).map_err(candle)?;
     let adam = |lr| ParamsAdamW { lr, weight_decay: 0.0, ..ParamsAdamW::default() };
-    let mut encoder_opt = AdamW::new(model.vars_above(settings.frozen_layers), adam(settings.learning_rate)).map_err(candle)?;
+    let mut encoder_opt = AdamW::new(model.vars(), adam(settings.learning_rate)).map_err(candle)?;
     let mut heads_opt = AdamW::new(heads.vars(), adam(settings.head_learning_rate)).map_err(candle)?;
 
     let replayed = ((sets.feedback.len() as f64 * settings.replay).round() as usize).min(sets.anchors.len());
@@ -388,15 +381,5 @@ mod tests {
         }
         let differs = |a: &[onnx::Tensor], b: &[onnx::Tensor]| a.iter().zip(b).filter(|(x, y)| x.data != y.data).count();
         assert!(differs(&half.initializers, &first.initializers) > 0 && differs(&half.initializers, &champion) > 0);
-
-        // Frozen layers keep the champion's values; the layer above them moves.
-        let top = model.layers() - 1;
-        let frozen = fine_tune(&graph, &prior, &sets, &TuneSettings { frozen_layers: top, ..settings }, false).unwrap();
-        let moved_in = |layer: usize| {
-            frozen.initializers.iter().zip(&champion).filter(|(a, _)| a.name.starts_with(&format!("model.layers.{layer}."))).filter(|(a, b)| a.data != b.data).count()
-        };
-        assert!((0..top).all(|l| moved_in(l) == 0), "a frozen layer moved");
-        assert!(moved_in(top) > 0, "the layer above the frozen ones did not move");
-        assert!(fine_tune(&graph, &prior, &sets, &TuneSettings { frozen_layers: top + 1, ..settings }, false).is_err());
     }
 }
