@@ -45,8 +45,9 @@ impl Tensor {
         Tensor { name: name.into(), dims: dims.to_vec(), data_type: INT8, data: values.iter().map(|&v| v as u8).collect() }
     }
 
-    fn elements(&self) -> usize {
-        self.dims.iter().map(|&d| d.max(0) as usize).product()
+    /// `None` past `usize`: no file holds that many values.
+    fn elements(&self) -> Option<usize> {
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d.max(0) as usize))
     }
 }
 
@@ -200,7 +201,7 @@ impl Model {
         }
         // Node shapes are checked before indexing: the file may be anyone's.
         let dequantized_by = |name: &str| producer.get(name).copied().filter(|&i| self.nodes[i].op_type == "DequantizeLinear" && self.nodes[i].inputs.len() >= 2 && self.nodes[i].outputs.len() == 1);
-        let scalar = |name: &str| self.initializer(name).is_ok_and(|t| t.elements() == 1);
+        let scalar = |name: &str| self.initializer(name).is_ok_and(|t| t.elements() == Some(1));
         let graph_output = |name: &str| self.outputs.iter().any(|o| o == name);
         let mut replaced: HashMap<usize, Vec<u8>> = HashMap::new();
         let (mut dropped, mut dequantized) = (HashSet::new(), HashSet::new());
@@ -460,7 +461,7 @@ fn tensor(bytes: &[u8]) -> Result<Tensor, String> {
         INT64 => 8,
         _ => return Ok(t),
     };
-    if t.data.len() != t.elements() * width {
+    if t.elements().and_then(|n| n.checked_mul(width)) != Some(t.data.len()) {
         return Err(format!("{}: {} bytes for shape {:?}", t.name, t.data.len(), t.dims));
     }
     Ok(t)
@@ -673,6 +674,14 @@ mod tests {
         assert_eq!(count(&model, "Add") - count(&rewritten, "Add"), 30);
         assert_eq!(count(&model, "MatMul") - count(&rewritten, "MatMul"), 36);
         assert_eq!(rewritten.initializers.len(), model.initializers.len());
+    }
+
+    #[test]
+    fn a_shape_past_the_address_space_is_an_error_not_a_panic() {
+        let huge = float_tensor("w", &[i64::MAX, i64::MAX, 4], &[]);
+        let graph = message(&[(2, b"g".to_vec()), (5, huge)]);
+        let Err(error) = Model::parse(message(&[(7, graph)])) else { panic!("a shape past the address space was read") };
+        assert!(error.contains("0 bytes for shape"), "{error}");
     }
 
     #[test]
