@@ -240,7 +240,7 @@ enum ModelCommand {
         /// Fine-tune the encoder as well as the heads.
         #[arg(long)]
         encoder: bool,
-        /// Fine-tuning: at most this many epochs (it stops earlier when held-out loss rises).
+        /// Fine-tuning: at most this many epochs (it stops earlier when held-out loss rises two epochs in a row).
         #[arg(long, default_value_t = bearwatch::learn::tune::TuneSettings::default().epochs, requires = "encoder")]
         epochs: usize,
         /// Fine-tuning: the seed of the shuffles and of the anchors replayed.

@@ -260,6 +260,16 @@ fn a_folder_with_only_imported_feedback_is_enough_and_unsure_labels_are_not_expo
     let rows: Vec<Value> = exported.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1, "the newest judgement of the oil headline is unsure: {exported}");
     assert_eq!((rows[0]["text"].as_str(), rows[0]["label"].as_str()), (Some("Fed holds rates"), Some("monetary_policy")));
+
+    // A full request's rows share one time, however long checking them took: a retrain holds out
+    // the newest labels (the text deciding among equal times), the same ones on every run.
+    let many: String = (0..1000).map(|i| json!({"text": format!("Company {i} beats estimates"), "head": "sentiment", "label": "positive"}).to_string() + "\n").collect();
+    std::fs::write(&file, many).unwrap();
+    let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage, "--analyst", "bo", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = bearwatch(&["sql", "--storage", storage, "--format", "csv", "SELECT count(*) AS n, count(DISTINCT created_at) AS times FROM label_feedback WHERE analyst = 'bo'"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "n,times\n1000,1\n");
 }
 
 #[test]

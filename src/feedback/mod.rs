@@ -287,6 +287,10 @@ pub struct LabelContext<'a> {
     pub source: Channel,
     /// The row this one replaces: the newest earlier one for the same text and head.
     pub supersedes: Option<String>,
+    /// When the request came. Every row of one request carries it: the rows of an import are one
+    /// act, and their order by time must not depend on how many milliseconds checking them took
+    /// (a retrain holds out the newest labels, the text deciding among equal times).
+    pub created_at: DateTime<Utc>,
 }
 
 impl LabelRequest {
@@ -359,7 +363,7 @@ impl LabelRequest {
             analyst_label,
             action,
             analyst: context.analyst.to_string(),
-            created_at: Utc::now(),
+            created_at: context.created_at,
             note: check_note(&self.note)?,
             source: context.source,
             supersedes: context.supersedes,

@@ -22,7 +22,7 @@ fn request(json: &str) -> LabelRequest {
 
 fn row(json: &str, story: Option<&Story>) -> Result<LabelFeedback, FeedbackError> {
     let topics = topics();
-    request(json).into_row(LabelContext { story, topics: &topics, analyst: "ana", source: Channel::Api, supersedes: None })
+    request(json).into_row(LabelContext { story, topics: &topics, analyst: "ana", source: Channel::Api, supersedes: None, created_at: chrono::Utc::now() })
 }
 
 #[test]

@@ -97,11 +97,12 @@ pub async fn record_labels(
     // A later item about the same text and head supersedes an earlier one of this request.
     let mut here: HashMap<(String, Head), String> = HashMap::new();
     let mut rows = Vec::with_capacity(requests.len());
+    let created_at = chrono::Utc::now();
     for (i, (request, hash)) in requests.into_iter().zip(hashes).enumerate() {
         let story = request.story_id.as_ref().and_then(|id| stories.get(id));
         let key = (hash, request.head);
         let supersedes = here.get(&key).or_else(|| latest.get(&key.0, key.1)).cloned();
-        let context = LabelContext { story, topics: &service.topics, analyst, source, supersedes };
+        let context = LabelContext { story, topics: &service.topics, analyst, source, supersedes, created_at };
         let row = request.into_row(context).map_err(item(i))?;
         here.insert(key, row.feedback_id.clone());
         rows.push(row);
