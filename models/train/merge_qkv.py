@@ -13,14 +13,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fuse_attention import save_with_contrib_ops
+from fuse_attention import _constant, save_with_contrib_ops
 
 
 def merge_qkv(src, dst):
     model = onnx.load(str(src))
     graph = model.graph
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    value = lambda name: _constant(graph, name)
     by_name = {n.name: n for n in graph.node}
     layer = 0
     while f"/layers.{layer}/query/MatMul" in by_name:
@@ -28,13 +27,13 @@ def merge_qkv(src, dst):
         parts = [by_name[p + f"{x}/MatMul"] for x in ("query", "key", "value")]
         if any(n.op_type != "MatMulIntegerToFloat" or n.input[0] != parts[0].input[0] or n.input[2] != parts[0].input[2] for n in parts):
             raise SystemExit(f"layer {layer}: not three bias-folded int8 projections of one input (run bias_into_matmul.py first)")
-        columns = [values[n.input[1]].shape[1] for n in parts]
-        per_column = lambda i: np.concatenate([np.broadcast_to(values[n.input[i]].reshape(-1), (c,)) for n, c in zip(parts, columns)])
+        columns = [value(n.input[1]).shape[1] for n in parts]
+        per_column = lambda i: np.concatenate([np.broadcast_to(value(n.input[i]).reshape(-1), (c,)) for n, c in zip(parts, columns)])
         joined = {
-            p + "qkv_weight": np.concatenate([values[n.input[1]] for n in parts], axis=1),
+            p + "qkv_weight": np.concatenate([value(n.input[1]) for n in parts], axis=1),
             p + "qkv_scale": per_column(3).astype(np.float32),
-            p + "qkv_zero_point": per_column(5).astype(values[parts[0].input[1]].dtype),
-            p + "qkv_bias": np.concatenate([values[n.input[6]] for n in parts]).astype(np.float32),
+            p + "qkv_zero_point": per_column(5).astype(value(parts[0].input[1]).dtype),
+            p + "qkv_bias": np.concatenate([value(n.input[6]) for n in parts]).astype(np.float32),
             p + "qkv_sizes": np.array(columns, np.int64),
         }
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in joined.items())

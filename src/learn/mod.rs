@@ -170,8 +170,8 @@ pub fn retrain(options: RetrainOptions<'_>) -> Result<Report, LearnError> {
     }
     let anchors = read_examples(&options.from.join("refit/anchors.jsonl"))?;
     let evaluation = read_examples(&options.from.join("refit/eval.jsonl"))?;
-    // Oldest first; the judgements of one request share a time (`LabelContext::created_at`), so the text decides among them and
-    // the held-out set is the same on every run.
+    // Oldest first; the judgements of one request share a time (`LabelContext::created_at`), so
+    // the text decides among them and the held-out set is the same on every run.
     let mut labels: Vec<&TrainingLabel> = options.feedback.iter().collect();
     labels.sort_by(|a, b| (a.created_at, &a.text, a.head).cmp(&(b.created_at, &b.text, b.head)));
     let mut feedback: Vec<Example> = labels
