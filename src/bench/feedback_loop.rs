@@ -38,6 +38,10 @@ pub struct LoopBenchArgs {
     /// Repetitions, each with its own salt (its own review / untouched split).
     #[arg(long, default_value_t = 3)]
     pub splits: u32,
+    /// The first split's salt: splits `first_split` to `first_split + splits − 1` run, so that a
+    /// later run can add splits to an earlier one without repeating them.
+    #[arg(long, default_value_t = 0)]
+    pub first_split: u32,
     /// The analyst labels only the texts the champion gets wrong (default: every reviewed text,
     /// confirming the right ones too, as the dashboard's ✓ does).
     #[arg(long)]
@@ -205,7 +209,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(failed)?;
 
     let mut runs = Vec::new();
-    for salt in 0..args.splits {
+    for salt in args.first_split..args.first_split.saturating_add(args.splits) {
         let work = tempfile_dir(salt)?;
         let storage = crate::storage::Location::from(work.join("store"));
         let (mut reviewed, untouched): (Vec<usize>, Vec<usize>) = (0..set.len()).partition(|&i| bucket(salt, &set[i].text) < args.review_share);

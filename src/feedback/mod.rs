@@ -372,8 +372,16 @@ impl LabelRequest {
 }
 
 impl VerdictRequest {
-    /// The row for a verdict on an alert of `rule`.
-    pub fn into_row(self, rule: String, rules_hash: Option<String>, analyst: &str, supersedes: Option<String>) -> Result<AlertVerdict, FeedbackError> {
+    /// The row for a verdict on an alert of `rule`, recorded at `created_at` (the request's time,
+    /// shared by every row of one request).
+    pub fn into_row(
+        self,
+        rule: String,
+        rules_hash: Option<String>,
+        analyst: &str,
+        supersedes: Option<String>,
+        created_at: DateTime<Utc>,
+    ) -> Result<AlertVerdict, FeedbackError> {
         check_analyst(analyst)?;
         Ok(AlertVerdict {
             verdict_id: new_id(&self.alert_id),
@@ -382,7 +390,7 @@ impl VerdictRequest {
             rules_hash,
             verdict: self.verdict,
             analyst: analyst.to_string(),
-            created_at: Utc::now(),
+            created_at,
             note: check_note(&self.note)?,
             supersedes,
         })
@@ -390,7 +398,8 @@ impl VerdictRequest {
 }
 
 impl MissedRequest {
-    pub fn into_row(self, topics: &[String], analyst: &str) -> Result<MissedEvent, FeedbackError> {
+    /// The row for a missed event, recorded at `created_at` (the request's time).
+    pub fn into_row(self, topics: &[String], analyst: &str, created_at: DateTime<Utc>) -> Result<MissedEvent, FeedbackError> {
         check_analyst(analyst)?;
         if self.from >= self.to {
             return Err(invalid("`from` must be before `to`"));
@@ -398,7 +407,7 @@ impl MissedRequest {
         if self.to - self.from > chrono::Duration::days(MAX_MISSED_DAYS) {
             return Err(invalid(format!("an event spans at most {MAX_MISSED_DAYS} days")));
         }
-        let latest = Utc::now() + chrono::Duration::days(1);
+        let latest = created_at + chrono::Duration::days(1);
         if self.from < DateTime::UNIX_EPOCH || self.to > latest {
             return Err(invalid("an event lies between 1970 and now"));
         }
@@ -420,7 +429,7 @@ impl MissedRequest {
             to: self.to,
             note: check_note(&self.note)?,
             analyst: analyst.to_string(),
-            created_at: Utc::now(),
+            created_at,
         })
     }
 }

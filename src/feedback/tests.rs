@@ -69,12 +69,14 @@ fn unsure_needs_no_label_and_records_none() {
 fn a_missed_event_needs_a_span_and_a_known_topic() {
     let topics = topics();
     let missed: MissedRequest = serde_json::from_str(r#"{"topic": "earnings", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z"}"#).unwrap();
-    let event = missed.into_row(&topics, "ana").unwrap();
+    let requested = chrono::Utc::now();
+    let event = missed.into_row(&topics, "ana", requested).unwrap();
     assert_eq!(event.topic.as_deref(), Some("earnings"));
+    assert_eq!(event.created_at, requested, "the row carries its request's time");
     let backwards: MissedRequest = serde_json::from_str(r#"{"from": "1987-03-03T00:00:00Z", "to": "1987-03-02T00:00:00Z"}"#).unwrap();
-    assert!(backwards.into_row(&topics, "ana").unwrap_err().to_string().contains("before"));
+    assert!(backwards.into_row(&topics, "ana", chrono::Utc::now()).unwrap_err().to_string().contains("before"));
     let unknown: MissedRequest = serde_json::from_str(r#"{"topic": "weather", "from": "1987-03-02T00:00:00Z", "to": "1987-03-03T00:00:00Z"}"#).unwrap();
-    assert!(unknown.into_row(&topics, "ana").is_err());
+    assert!(unknown.into_row(&topics, "ana", chrono::Utc::now()).is_err());
 }
 
 #[test]
@@ -106,7 +108,7 @@ fn texts_without_words_unsure_with_a_label_and_endless_events_are_refused() {
     let err = row(r#"{"text": "Oil falls", "head": "sentiment", "label": "neutral", "action": "unsure"}"#, None).unwrap_err();
     assert!(err.to_string().contains("unsure takes no label"), "{err}");
     assert!(row(r#"{"text": "Oil falls", "head": "sentiment", "action": "unsure"}"#, None).is_ok());
-    let missed = |from: &str, to: &str| serde_json::from_str::<MissedRequest>(&format!(r#"{{"from": "{from}", "to": "{to}"}}"#)).unwrap().into_row(&topics(), "ana");
+    let missed = |from: &str, to: &str| serde_json::from_str::<MissedRequest>(&format!(r#"{{"from": "{from}", "to": "{to}"}}"#)).unwrap().into_row(&topics(), "ana", chrono::Utc::now());
     assert!(missed("1987-03-02T00:00:00Z", "1987-03-03T00:00:00Z").is_ok());
     assert!(missed("0001-01-01T00:00:00Z", "9999-01-01T00:00:00Z").unwrap_err().to_string().contains("at most 31 days"));
     assert!(missed("9999-01-01T00:00:00Z", "9999-01-02T00:00:00Z").unwrap_err().to_string().contains("between 1970 and now"));

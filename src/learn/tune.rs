@@ -235,9 +235,10 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
     let mut epochs = vec![evaluate(0, None, Instant::now())?];
     tracing::info!(feedback_loss = epochs[0].feedback_loss, anchor_loss = epochs[0].anchor_loss, "fine-tuning: the champion's held-out loss");
     // The champion as it was is epoch 0: if no epoch beats it, the candidate keeps its weights.
-    // Snapshots are copies no one writes to: `best` starts as the champion's, sharing its tensors.
+    // Snapshots are copies no one writes to: the weights kept start as the champion's, sharing its tensors.
     let champion = snapshot().map_err(candle)?;
-    let mut best = (0, epochs[0].score(), champion.clone());
+    let mut stopping = EarlyStopping { best: 0, best_score: epochs[0].score() };
+    let mut kept = champion.clone();
     let mut rng = Lcg(settings.seed);
     let mut step = 0;
     let mut anchor_order: Vec<usize> = (0..sets.anchors.len()).collect();
@@ -264,15 +265,14 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
         tracing::info!(epoch, train_loss = result.train_loss, feedback_loss = result.feedback_loss, anchor_loss = result.anchor_loss, seconds = result.seconds, "fine-tuning epoch");
         let score = result.score();
         epochs.push(result);
-        if score < best.1 {
-            best = (epoch, score, snapshot().map_err(candle)?);
-        } else if epoch - best.0 > PATIENCE {
-            // Held-out loss rose twice running: later epochs would only fit the training labels harder.
-            break;
+        match stopping.after(epoch, score) {
+            Held::Better => kept = snapshot().map_err(candle)?,
+            Held::NotBetter => {}
+            Held::Stop => break,
         }
     }
     bar.finish_and_clear();
-    let (encoder, head_values) = &best.2;
+    let (encoder, head_values) = &kept;
     let (champion_encoder, champion_heads) = &champion;
     let blended = |trained: &[Tensor], start: &[Tensor]| -> candle_core::Result<Vec<Tensor>> {
         trained.iter().zip(start).map(|(t, s)| (t * settings.blend)? + (s * (1.0 - settings.blend))?).collect()
@@ -289,7 +289,7 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
         initializers: model.to_initializers().map_err(candle)?,
         heads: heads.to_heads(prior.dims).map_err(candle)?,
         epochs,
-        best: best.0,
+        best: stopping.best,
         check_embeddings,
     })
 }
@@ -299,6 +299,36 @@ pub fn fine_tune(graph: &Model, prior: &Heads, sets: &Sets<'_>, settings: &TuneS
 /// first epoch that did not beat the champion kept the champion on one of three splits of 300
 /// queue-picked labels (`bench loop`, 2026-12-06).
 const PATIENCE: usize = 1;
+
+/// The epoch with the lowest held-out score so far (0: the champion as it was).
+struct EarlyStopping {
+    best: usize,
+    best_score: f64,
+}
+
+#[derive(Debug, PartialEq)]
+enum Held {
+    /// A new lowest score: this epoch's weights are the ones to keep.
+    Better,
+    /// Not lower, and patience is not spent yet.
+    NotBetter,
+    /// More than [`PATIENCE`] epochs since the best: later epochs would only fit the training
+    /// labels harder.
+    Stop,
+}
+
+impl EarlyStopping {
+    fn after(&mut self, epoch: usize, score: f64) -> Held {
+        if score < self.best_score {
+            (self.best, self.best_score) = (epoch, score);
+            Held::Better
+        } else if epoch - self.best > PATIENCE {
+            Held::Stop
+        } else {
+            Held::NotBetter
+        }
+    }
+}
 
 /// The learning rate's share at `step` of `total`: a linear warm-up over the first tenth (Adam's
 /// first steps are as large as the rate whatever the gradient, and would throw the encoder off
@@ -340,6 +370,20 @@ mod tests {
         ("Umbrella cuts 2,000 jobs as sales slump", 0),
         ("Vandelay names new finance chief", 1),
     ];
+
+    #[test]
+    fn training_stops_after_two_epochs_in_a_row_without_a_lower_held_out_score_and_keeps_the_best() {
+        let mut stopping = EarlyStopping { best: 0, best_score: 1.0 };
+        assert_eq!(stopping.after(1, 1.1), Held::NotBetter, "one epoch worse than the champion: patience");
+        assert_eq!(stopping.after(2, 0.8), Held::Better);
+        assert_eq!(stopping.after(3, 0.8), Held::NotBetter, "equal is not lower");
+        assert_eq!(stopping.after(4, 0.9), Held::Stop);
+        assert_eq!(stopping.best, 2);
+
+        let mut never = EarlyStopping { best: 0, best_score: 1.0 };
+        assert_eq!([never.after(1, 1.2), never.after(2, 1.1)], [Held::NotBetter, Held::Stop]);
+        assert_eq!(never.best, 0, "no epoch beat the champion: its weights are kept");
+    }
 
     #[test]
     fn the_fp32_encoder_reads_texts_as_the_int8_graph_does_and_training_is_seeded() {

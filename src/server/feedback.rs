@@ -122,12 +122,13 @@ pub async fn record_verdicts(
     let rules = lookup::alert_rules(ctx, &ids).await?;
     let mut latest = lookup::latest_verdicts(ctx, &ids, analyst).await?;
     let mut rows = Vec::with_capacity(requests.len());
+    let created_at = chrono::Utc::now();
     for (i, request) in requests.into_iter().enumerate() {
         let Some(rule) = rules.get(&request.alert_id).cloned() else {
             return Err(item(i)(FeedbackError::NotFound(format!("no alert {:?} in the alerts table", request.alert_id))));
         };
         let alert_id = request.alert_id.clone();
-        let row = request.into_row(rule, service.rules_hash.clone(), analyst, latest.get(&alert_id).cloned()).map_err(item(i))?;
+        let row = request.into_row(rule, service.rules_hash.clone(), analyst, latest.get(&alert_id).cloned(), created_at).map_err(item(i))?;
         latest.insert(alert_id, row.verdict_id.clone());
         rows.push(row);
     }
@@ -136,7 +137,8 @@ pub async fn record_verdicts(
 }
 
 pub fn record_missed(service: &FeedbackService, requests: Vec<MissedRequest>, analyst: &str) -> Result<Vec<MissedEvent>, FeedbackFailure> {
-    let rows = requests.into_iter().enumerate().map(|(i, r)| r.into_row(&service.topics, analyst).map_err(item(i))).collect::<Result<Vec<_>, _>>()?;
+    let created_at = chrono::Utc::now();
+    let rows = requests.into_iter().enumerate().map(|(i, r)| r.into_row(&service.topics, analyst, created_at).map_err(item(i))).collect::<Result<Vec<_>, _>>()?;
     feedback::record_missed(&service.storage, &rows)?;
     Ok(rows)
 }
