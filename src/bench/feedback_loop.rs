@@ -341,7 +341,7 @@ fn table(args: &LoopBenchArgs, from: &Path, runs: &[Run]) -> String {
     let _ = writeln!(out, "| split | set | head | n | before | after | difference (95 % interval) |\n|---:|---|---|---:|---:|---:|---|");
     for (i, run) in runs.iter().enumerate() {
         for c in run.untouched.iter().chain(&run.elsewhere) {
-            let _ = writeln!(out, "| {i} | {} |", c.cells());
+            let _ = writeln!(out, "| {} | {} |", args.first_split as usize + i, c.cells());
         }
     }
     let _ = writeln!(out, "\n| over the splits | mean difference ± sd | goal |\n|---|---|---|");
