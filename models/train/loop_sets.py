@@ -9,6 +9,9 @@ trained on:
   the shipped model trained on but a model trained without SEntFiN (`run.sh --sets
   phrasebank,tweets_sentiment,tweets_topic,reuters`) never saw: the unseen domain the encoder
   fine-tune is measured on (1,000 labels from it, the rest untouched).
+- `phrasebank-train.jsonl`: every PhraseBank sentence of the train split, the second unseen domain,
+  for a model trained without PhraseBank (`run.sh --sets sentfin,tweets_sentiment,tweets_topic,reuters`);
+  `sentfin-dev.jsonl` is then one of the sets it must not hurt.
 Lines: {"text", "head", "label", "set"}, as models/refit/*.jsonl.
     python3 models/train/loop_sets.py
 """
@@ -19,6 +22,7 @@ import data
 
 SETS = {
     "sentfin-train-3000": ("train", "sentfin"),
+    "phrasebank-train": ("train", "phrasebank"),
     "sentfin-dev": ("dev", "sentfin"),
     "sentfin-final": ("final", "sentfin"),
     "phrasebank-dev": ("dev", "phrasebank"),
@@ -32,7 +36,7 @@ def main():
     folder.mkdir(parents=True, exist_ok=True)
     for name, (split, source) in SETS.items():
         items = splits[split][source]
-        if split == "train":
+        if split == "train" and len(items) > 3000:
             items = random.Random(13).sample(items, 3000)
         lines = [{"text": i.text, "head": "sentiment", "label": data.SENTIMENT[i.sentiment], "set": source} for i in items]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
