@@ -9,7 +9,8 @@ trained on:
   the shipped model trained on but a model trained without SEntFiN (`run.sh --sets
   phrasebank,tweets_sentiment,tweets_topic,reuters`) never saw: the unseen domain the encoder
   fine-tune is measured on (1,000 labels from it, the rest untouched).
-- `phrasebank-train.jsonl`: every PhraseBank sentence of the train split, the second unseen domain,
+- `phrasebank-train.jsonl`: 3,000 PhraseBank sentences of the train split (a seeded sample, as
+  above), the second unseen domain,
   for a model trained without PhraseBank (`run.sh --sets sentfin,tweets_sentiment,tweets_topic,reuters`);
   `sentfin-dev.jsonl` is then one of the sets it must not hurt.
 Lines: {"text", "head", "label", "set"}, as models/refit/*.jsonl.
