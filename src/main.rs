@@ -151,6 +151,15 @@ enum StorageCommand {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Merges the analysts' journals' files (labels, verdicts, missed events) by hour and by day
+    /// now, until none is due: what a running pipeline does a few dozen merges a minute. For a
+    /// backlog, or a storage that no pipeline writes. Safe beside running pipelines.
+    ///
+    /// Example: bearwatch storage merge --storage data/kafka
+    Merge {
+        #[arg(long)]
+        storage: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -770,6 +779,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for damage in found {
                 println!("set aside: {damage}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Storage(StorageCommand::Merge { storage }) => {
+            let storage = location(&storage)?;
+            for table in bearwatch::storage::Table::JOURNALS {
+                let (mut merges, mut deleted, mut rescued) = (0, 0, 0);
+                loop {
+                    let round = bearwatch::storage::merge_journal(&storage, table, chrono::Utc::now())?;
+                    (merges, deleted, rescued) = (merges + round.merges, deleted + round.deleted, rescued + round.rescued);
+                    for bucket in &round.refused {
+                        eprintln!("{}: {bucket} not merged: its files' columns differ beyond added nullable ones", table.name());
+                    }
+                    if round.merges == 0 {
+                        break;
+                    }
+                }
+                if merges + deleted + rescued > 0 {
+                    println!("{}: {merges} merges, {deleted} files deleted, {rescued} written again", table.name());
+                }
+            }
+            let left: usize = bearwatch::storage::Table::JOURNALS.iter().map(|t| bearwatch::storage::journal_files(&storage, *t).map_or(0, |f| f.len())).sum();
+            println!("{storage}: {left} journal files");
             Ok(ExitCode::SUCCESS)
         }
         Command::Rules(RulesCommand::Check { files }) => {

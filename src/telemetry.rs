@@ -56,7 +56,9 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),
     ("bearwatch_storage_compactions_total", Kind::Counter, "", "Merges of a table's small Parquet parts into one (in the background, after checkpoints)"),
     ("bearwatch_storage_compacted_parts_total", Kind::Counter, "", "Parquet parts merged into bigger ones and deleted"),
-    ("bearwatch_storage_compaction_errors_total", Kind::Counter, "", "Merges of parts that failed (tried again after the next checkpoint; nothing is lost)"),
+    ("bearwatch_storage_compaction_errors_total", Kind::Counter, "", "Merges of parts or journal files that failed (tried again later; nothing is lost)"),
+    ("bearwatch_storage_journal_merges_total", Kind::Counter, "", "Merges of a journal's files (analysts' labels, verdicts, missed events) by hour and by day"),
+    ("bearwatch_storage_journal_files_merged_total", Kind::Counter, "", "Journal files deleted once a merge held their rows"),
     ("bearwatch_partitions_taken_over_total", Kind::Counter, "", "Partitions this instance took over from another instance's checkpoint (windows, alert state, offset)"),
 ];
 
@@ -95,7 +97,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [

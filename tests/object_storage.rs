@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bearwatch::config::env::EnvString;
-use bearwatch::storage::{Location, S3Config, Storage, StorageError};
+use bearwatch::feedback::JournalTail;
+use bearwatch::storage::{Location, S3Config, Storage, StorageError, Table};
 use common::api::Api;
 use common::servers::{S3Server, free_port};
 use common::{LATEST_WINDOWS, Pipeline, ROOT, stories};
@@ -136,6 +137,29 @@ fn journals_on_s3_take_analysts_labels_and_sql_reads_them() {
     let judged = sql(&s3, storage, "SELECT count(*) AS n, min(analyst) AS analyst FROM label_feedback");
     let lines = std::fs::read_to_string(&file).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
     assert_eq!(judged, format!("n,analyst\n{lines},ana\n"));
+
+    // Their files merge by hour and then by day (rounds run as if that much later), on the real
+    // server's conditional PUTs; SQL and the feedback tail read every label once throughout.
+    let (code, _, err) = bearwatch(&s3, &["feedback", "import", "--storage", storage, "--analyst", "bo", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let text = |t: &str| Some(EnvString::expand(t).unwrap());
+    let settings =
+        S3Config { endpoint: text(&s3.endpoint), access_key_id: text("test"), secret_access_key: text("test"), region: text("us-east-1"), ..S3Config::default() };
+    let location = Location::parse(storage, &settings).unwrap();
+    let files = || bearwatch::storage::journal_files(&location, Table::LabelFeedback).unwrap();
+    assert_eq!(files().len(), 2);
+    let mut tail = JournalTail::new(&location);
+    assert_eq!(tail.new_rows().unwrap().len(), 2 * lines);
+    let later = |hours| chrono::Utc::now() + chrono::Duration::hours(hours);
+    let round = bearwatch::storage::merge_journal(&location, Table::LabelFeedback, later(3)).unwrap();
+    assert_eq!((round.merges >= 1, round.deleted), (true, 2), "{round:?}");
+    assert!(files().iter().all(|n| n.contains("-merged-hour")), "{:?}", files());
+    assert!(tail.new_rows().unwrap().is_empty(), "the tail had read both files the merge holds");
+    // A second writer's round finds nothing left to do: the merge's name is taken.
+    assert_eq!(bearwatch::storage::merge_journal(&location, Table::LabelFeedback, later(3)).unwrap(), Default::default());
+    let both = format!("n,analysts\n{},2\n", 2 * lines);
+    assert_eq!(sql(&s3, storage, "SELECT count(*) AS n, count(DISTINCT analyst) AS analysts FROM label_feedback"), both);
+    assert_eq!(JournalTail::new(&location).new_rows().unwrap().len(), 2 * lines);
 }
 
 #[test]

@@ -12,7 +12,9 @@ use crate::storage::{self, Location, Table};
 
 pub struct JournalTail {
     storage: Location,
-    /// Files already read (names start with their creation time, so few are ever listed twice).
+    /// Files whose rows were taken, among those listed at the last call (names start with their
+    /// creation time, so few are ever listed twice). A merge of files read before is recognised
+    /// by the record of what it holds, and only its other rows are taken.
     read: HashSet<String>,
 }
 
@@ -21,35 +23,78 @@ impl JournalTail {
         JournalTail { storage: storage.clone(), read: HashSet::new() }
     }
 
-    /// Rows of the files not read before, oldest file first and in file order within one.
+    /// Rows of the files not read before, oldest first (by `created_at`).
     pub fn new_rows(&mut self) -> Result<Vec<LabelFeedback>, FeedbackError> {
         let mut rows = Vec::new();
-        for name in storage::journal_files(&self.storage, Table::LabelFeedback)? {
-            if self.read.contains(&name) {
+        let listed = storage::journal_files(&self.storage, Table::LabelFeedback)?;
+        let merged = storage::merged_journal_files(listed.iter().map(String::as_str));
+        let mut interrupted = false;
+        // An append written again under a fresh name (it had landed in a merged hour, and may have
+        // been read before that merge appeared) keeps its id: `<ms>-<id>.parquet`.
+        let ids_read: HashSet<String> = self.read.iter().filter_map(|n| id_of(n)).map(str::to_string).collect();
+        for name in &listed {
+            if merged.contains(name.as_str()) || self.read.contains(name) {
                 continue;
             }
-            let batches = match storage::read_journal(&self.storage, Table::LabelFeedback, &name) {
+            if id_of(name).is_some_and(|id| ids_read.contains(id)) {
+                self.read.insert(name.clone());
+                continue;
+            }
+            let file = match storage::read_journal_file(&self.storage, Table::LabelFeedback, name) {
                 // Out of reach for now (object storage): this file and the rest at the next call.
                 Err(e) if e.retryable() && rows.is_empty() => return Err(e.into()),
-                Err(e) if e.retryable() => break,
+                Err(e) if e.retryable() => {
+                    interrupted = true;
+                    break;
+                }
                 other => other,
             };
-            let parsed = batches
-                .map_err(|e| e.to_string())
-                .and_then(|batches| batches.iter().map(|b| table::label_feedback_rows(b).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>());
+            let parsed = file.map_err(|e| e.to_string()).and_then(|file| {
+                let all: Vec<LabelFeedback> =
+                    file.batches.iter().map(|b| table::label_feedback_rows(b).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?.into_iter().flatten().collect();
+                Ok(unread(&file.held, &self.read, 0).into_iter().flat_map(|range| all.get(range.start.min(all.len())..range.end.min(all.len())).unwrap_or_default().to_vec()).collect::<Vec<_>>())
+            });
             match parsed {
-                Ok(file_rows) => rows.extend(file_rows.into_iter().flatten()),
+                Ok(file_rows) => rows.extend(file_rows),
                 // Not a reason to stop scoring: the file stays where it is, and SQL reports it too.
                 Err(reason) => {
                     metrics::counter!("bearwatch_feedback_unreadable_files_total").increment(1);
                     tracing::error!(file = %name, reason, "journal file unreadable: its corrections are not applied");
                 }
             }
-            self.read.insert(name);
+            self.read.insert(name.clone());
+        }
+        // A file no longer listed was merged (its merge, listed since, was read above) or is gone.
+        // Kept while some file was left unread: a merge of it may be among them.
+        if !interrupted {
+            let listed: HashSet<&String> = listed.iter().collect();
+            self.read.retain(|name| listed.contains(name));
         }
         rows.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         Ok(rows)
     }
+}
+
+/// An append's id, the part of its name after the time (none for a merge).
+fn id_of(name: &str) -> Option<&str> {
+    name.get(13..).filter(|rest| !rest.starts_with("-merged-"))
+}
+
+/// The row ranges of a file not yet taken: all of an append (`held` empty); of a merge, the rows
+/// of each file it holds that was not `read`, at any depth (a merge of merges holds their records).
+fn unread(held: &[storage::Held], read: &HashSet<String>, at: usize) -> Vec<std::ops::Range<usize>> {
+    if held.is_empty() {
+        return vec![at..usize::MAX];
+    }
+    let mut ranges = Vec::new();
+    let mut start = at;
+    for item in held {
+        if !read.contains(&item.name) {
+            if item.held.is_empty() { ranges.push(start..start + item.rows) } else { ranges.extend(unread(&item.held, read, start)) }
+        }
+        start += item.rows;
+    }
+    ranges
 }
 
 /// The newest `label_feedback` row of each (text hash, head): what a new judgement supersedes. It

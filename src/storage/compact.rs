@@ -181,7 +181,7 @@ impl Visible {
     }
 }
 
-/// `objects` without the parts that a merge in the same folder holds.
+/// `objects` without the parts, and the journal files, that a merge in the same folder holds.
 fn visible_objects(mut objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
     let hidden: HashSet<Path> = {
         let mut by_folder: std::collections::HashMap<Option<&str>, Vec<&ObjectMeta>> = std::collections::HashMap::new();
@@ -192,7 +192,8 @@ fn visible_objects(mut objects: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
             .values()
             .flat_map(|metas| {
                 let names: Vec<&str> = metas.iter().filter_map(|m| m.location.filename()).collect();
-                let hidden = superseded(names);
+                let mut hidden = superseded(names.iter().copied());
+                hidden.extend(super::journals::covered(names));
                 metas.iter().filter(move |m| m.location.filename().is_some_and(|n| hidden.contains(n))).map(|m| m.location.clone()).collect::<Vec<_>>()
             })
             .collect()
@@ -367,6 +368,15 @@ mod tests {
             assert_eq!(listed, vec!["news/instance=a/part-00000000-00000001.parquet", "news/instance=b/part-00000000.parquet"], "another folder's part 0 stays");
             let folder = store.list_with_delimiter(Some(&Path::from("news/instance=a"))).await.unwrap();
             assert_eq!(folder.objects.len(), 1);
+            // A journal's hour merge hides the appends of its hour, not those after it.
+            let journal = ["label_feedback/1764979200000-a.parquet", "label_feedback/1764979200000-merged-hour.parquet", "label_feedback/1764982800000-b.parquet"];
+            for name in journal {
+                store.put(&Path::from(name), PutPayload::from_static(b"x")).await.unwrap();
+            }
+            let folder = store.list_with_delimiter(Some(&Path::from("label_feedback"))).await.unwrap();
+            let mut listed: Vec<String> = folder.objects.iter().map(|m| m.location.to_string()).collect();
+            listed.sort();
+            assert_eq!(listed, journal[1..]);
         });
     }
 }

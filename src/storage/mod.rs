@@ -25,12 +25,14 @@
 //! are deleted.
 //!
 //! Journal tables (what people tell bearwatch: [`Table::JOURNALS`]) are outside the checkpoint: any
-//! process may [`append`] to them at any time, one file per append, and nothing ever deletes them,
-//! not even `--reset` (that restarts the pipeline, not people's work).
+//! process may [`append`] to them at any time, one file per append, and no row of them is ever
+//! deleted, not even by `--reset` (that restarts the pipeline, not people's work). The writer merges
+//! the analysts' journals' files by hour and day in the background ([`journals`]).
 
 mod cache;
 mod compact;
 mod config;
+mod journals;
 mod location;
 
 use std::collections::BTreeMap;
@@ -47,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub use compact::{ReadPin, Visible};
 pub use config::{S3Config, StorageConfig};
+pub use journals::{Held, JournalFile, Round as JournalRound};
 pub use location::{Bucket, Location};
 use location::Mode;
 
@@ -217,7 +220,13 @@ struct Compactor {
     /// Tables whose parts cannot be merged (their schemas differ beyond added nullable columns):
     /// left alone for the rest of the process, instead of being read again each round.
     refused: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<Table>>>,
+    /// When the last round over the journals started ([`JOURNAL_ROUND_EVERY`]).
+    journals_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How often the writer merges journal files: a bucket is due an hour after it ends, so a minute
+/// late costs nothing, and a round lists each merged journal once.
+const JOURNAL_ROUND_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One writer's share of a storage: the tables' folders and the checkpoint. Without an instance
 /// name, the storage's own (`<table>/`, `checkpoint.json`); with one (`[storage] instance`),
@@ -469,9 +478,7 @@ impl Storage {
             Ok(()) => {
                 let named = self.published != self.committed;
                 self.published = self.committed.clone();
-                if named {
-                    self.compact_in_background();
-                }
+                self.compact_in_background(named);
             }
             Err(e) => tracing::warn!(error = %e, "committed parts stay hidden until the next checkpoint renames them"),
         }
@@ -480,20 +487,29 @@ impl Storage {
         }
     }
 
-    /// Starts a round of merges ([`compact`]) on a thread of its own, unless one is running.
-    fn compact_in_background(&self) {
-        if self.compactor.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+    /// Starts a round of merges on a thread of its own, unless one is running: of the parts
+    /// ([`compact`]) when `parts` (new ones were named), of the journals ([`journals`]) when
+    /// [`JOURNAL_ROUND_EVERY`] has passed since the last.
+    fn compact_in_background(&self, parts: bool) {
+        let journals_due = self.compactor.journals_at.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|at| at.elapsed() >= JOURNAL_ROUND_EVERY);
+        if !(parts || journals_due) || self.compactor.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
+        }
+        if journals_due {
+            *self.compactor.journals_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         }
         let (place, published, running, refused, stopping) = (
             self.place.clone(),
-            self.published.clone(),
+            if parts { self.published.clone() } else { BTreeMap::new() },
             self.compactor.running.clone(),
             self.compactor.refused.clone(),
             self.compactor.stopping.clone(),
         );
         let started = std::thread::Builder::new().name("compact".into()).spawn(move || {
             let _span = tracing::info_span!("compact").entered();
+            if journals_due {
+                merge_journals(&Place { location: place.location.clone(), instance: None }, &stopping);
+            }
             for (&table, &next) in &published {
                 if refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&table) {
                     continue;
@@ -674,6 +690,9 @@ fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &Writ
 pub fn append(location: &Location, table: Table, batch: &RecordBatch, unique: &str) -> Result<String, StorageError> {
     debug_assert!(Table::JOURNALS.contains(&table), "{} is written at checkpoints", table.name());
     let name = format!("{:013}-{unique}.parquet", chrono::Utc::now().timestamp_millis());
+    if journals::entry(&name).map(|(_, level)| level) != Some(journals::Level::Append) {
+        return Err(StorageError::Config { reason: format!("{unique:?} cannot name a journal file") });
+    }
     let relative = format!("{}/{name}", table.name());
     match location {
         Location::Local(root) => {
@@ -755,14 +774,34 @@ pub fn has_instances(location: &Location) -> Result<bool, StorageError> {
 /// Every batch of one journal file named by [`journal_files`] (for readers that follow a table
 /// without SQL).
 pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, StorageError> {
+    read_journal_file(location, table, name).map(|file| file.batches)
+}
+
+/// One journal file named by [`journal_files`]: its rows and, for a merge, which files it holds
+/// and their rows ([`journals`]).
+pub fn read_journal_file(location: &Location, table: Table, name: &str) -> Result<JournalFile, StorageError> {
     let place = Place { location: location.clone(), instance: None };
     let relative = format!("{}/{name}", table.name());
     let unreadable = |reason: String| StorageError::Parquet { path: PathBuf::from(place.name(&relative)), reason };
     let (bytes, _) = place.read(&relative)?.ok_or_else(|| unreadable("the file is gone".into()))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-        .and_then(|b| b.build())
-        .map_err(|e| unreadable(e.to_string()))?;
-    reader.map(|batch| batch.map_err(|e| unreadable(e.to_string()))).collect()
+    journals::parse(bytes).map_err(unreadable)
+}
+
+/// Of a journal's file names ([`journal_files`]), those a reader skips: files that a listed merge
+/// holds ([`journals::covered`]).
+pub fn merged_journal_files<'a>(names: impl IntoIterator<Item = &'a str>) -> std::collections::HashSet<&'a str> {
+    journals::covered(names)
+}
+
+/// One round of merging `table`'s journal files as at `now` ([`journals`]): what the writer's
+/// background runs every minute. No-op for the model
+/// registry's journals.
+pub fn merge_journal(location: &Location, table: Table, now: chrono::DateTime<chrono::Utc>) -> Result<JournalRound, StorageError> {
+    if !journals::MERGED.contains(&table) {
+        return Ok(JournalRound::default());
+    }
+    let place = Place { location: location.clone(), instance: None };
+    journals::merge_round(&place, table, now.timestamp_millis(), &std::sync::atomic::AtomicBool::new(false))
 }
 
 impl Parts {
@@ -923,6 +962,42 @@ const DELETE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 /// The longest a merge's inputs wait for queries to finish (a bound on the files kept).
 const DELETE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// One round over each merged journal ([`journals::MERGED`]), logged and counted.
+fn merge_journals(root: &Place, stopping: &std::sync::atomic::AtomicBool) {
+    for table in journals::MERGED {
+        let started = std::time::Instant::now();
+        match journals::merge_round(root, table, chrono::Utc::now().timestamp_millis(), stopping) {
+            Ok(round) => {
+                metrics::counter!("bearwatch_storage_journal_merges_total").increment(round.merges as u64);
+                metrics::counter!("bearwatch_storage_journal_files_merged_total").increment(round.deleted as u64);
+                if round.merges + round.deleted + round.rescued > 0 {
+                    tracing::debug!(table = table.name(), merges = round.merges, deleted = round.deleted, rescued = round.rescued, took = ?started.elapsed(), "merged journal files");
+                }
+                for bucket in round.refused {
+                    tracing::warn!(table = table.name(), %bucket, "journal files not merged: their columns differ beyond added nullable ones");
+                }
+            }
+            Err(e) => {
+                metrics::counter!("bearwatch_storage_compaction_errors_total").increment(1);
+                tracing::warn!(table = table.name(), error = %e, "merging journal files failed; tried again in a minute");
+            }
+        }
+    }
+}
+
+/// Waits, after a merge was in place at `merged`, until its inputs may go: [`DELETE_GRACE`] and
+/// no query of this process that may have listed them still reading, at most [`DELETE_WAIT_MAX`];
+/// at once when `stopping`.
+fn wait_for_readers(merged: std::time::Instant, stopping: &std::sync::atomic::AtomicBool) {
+    let may_have_listed = |started: std::time::Instant| started < merged + DELETE_GRACE;
+    while !stopping.load(std::sync::atomic::Ordering::Acquire)
+        && merged.elapsed() < DELETE_WAIT_MAX
+        && (merged.elapsed() < DELETE_GRACE || compact::oldest_reader().is_some_and(may_have_listed))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Merges the next run of small named parts of `table` below `published` ([`compact::plan`]) into
 /// one, then deletes them ([`DELETE_GRACE`] later, or at once when `stopping`).
 fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sync::atomic::AtomicBool) -> Result<Merge, StorageError> {
@@ -962,14 +1037,7 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
             bucket.put(&into, encode(&bucket.url_of(&into), &batches, &properties())?, Mode::Overwrite)?;
         }
     }
-    let merged = std::time::Instant::now();
-    let may_have_listed = |started: std::time::Instant| started < merged + DELETE_GRACE;
-    while !stopping.load(std::sync::atomic::Ordering::Acquire)
-        && merged.elapsed() < DELETE_WAIT_MAX
-        && (merged.elapsed() < DELETE_GRACE || compact::oldest_reader().is_some_and(may_have_listed))
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_readers(std::time::Instant::now(), stopping);
     for (name, _) in &run {
         place.delete(&format!("{folder}/{name}"))?;
     }
