@@ -47,7 +47,10 @@ impl JournalTail {
                     interrupted = true;
                     break;
                 }
-                other => other,
+                // Merged and deleted since the listing: its merge is listed at the next call.
+                Ok(None) => continue,
+                Ok(Some(file)) => Ok(file),
+                Err(e) => Err(e),
             };
             let parsed = file.map_err(|e| e.to_string()).and_then(|file| {
                 let all: Vec<LabelFeedback> =

@@ -191,4 +191,6 @@ fn an_append_read_before_a_merge_hid_it_is_not_taken_again_from_its_copy() {
     std::fs::rename(folder.join(&appended), folder.join(copy)).unwrap();
     assert!(tail.new_rows().unwrap().is_empty());
     assert_eq!(JournalTail::new(&storage).new_rows().unwrap().len(), 1);
+    // A file merged and deleted between the listing and the read is no error: its merge follows.
+    assert!(storage::read_journal_file(&storage, Table::LabelFeedback, &appended).unwrap().is_none());
 }

@@ -774,17 +774,18 @@ pub fn has_instances(location: &Location) -> Result<bool, StorageError> {
 /// Every batch of one journal file named by [`journal_files`] (for readers that follow a table
 /// without SQL).
 pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec<RecordBatch>, StorageError> {
-    read_journal_file(location, table, name).map(|file| file.batches)
+    let gone = || StorageError::Parquet { path: PathBuf::from(format!("{location}/{}/{name}", table.name())), reason: "the file is gone".into() };
+    read_journal_file(location, table, name)?.map(|file| file.batches).ok_or_else(gone)
 }
 
 /// One journal file named by [`journal_files`]: its rows and, for a merge, which files it holds
-/// and their rows ([`journals`]).
-pub fn read_journal_file(location: &Location, table: Table, name: &str) -> Result<JournalFile, StorageError> {
+/// and their rows ([`journals`]). None when it is gone since it was listed: a merge that holds
+/// it is listed now.
+pub fn read_journal_file(location: &Location, table: Table, name: &str) -> Result<Option<JournalFile>, StorageError> {
     let place = Place { location: location.clone(), instance: None };
     let relative = format!("{}/{name}", table.name());
     let unreadable = |reason: String| StorageError::Parquet { path: PathBuf::from(place.name(&relative)), reason };
-    let (bytes, _) = place.read(&relative)?.ok_or_else(|| unreadable("the file is gone".into()))?;
-    journals::parse(bytes).map_err(unreadable)
+    place.read(&relative)?.map(|(bytes, _)| journals::parse(bytes).map_err(unreadable)).transpose()
 }
 
 /// Of a journal's file names ([`journal_files`]), those a reader skips: files that a listed merge
