@@ -605,3 +605,51 @@ fn the_review_queue_ranks_unsure_stories_first_lists_one_of_a_template_and_drops
     // (A near-duplicate that the labelled story kept off the list may take its place.)
     assert!(first.len() < 500 && expected.is_subset(&ids(&second)) && second.len() <= first.len(), "the rest stay listed");
 }
+
+#[test]
+fn a_running_pipeline_merges_the_journal_files_of_settled_hours_and_storage_merge_does_it_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("store");
+    let review = dir.path().join("review.jsonl");
+    let folder = storage.join("label_feedback");
+    // Labels imported in two requests, as if three hours ago: their hour has settled.
+    let import_as_of = |texts: &[&str], hours_ago: i64| {
+        std::fs::write(&review, texts.iter().map(|t| json!({"text": t, "head": "sentiment", "label": "negative"}).to_string() + "\n").collect::<String>()).unwrap();
+        let before: Vec<String> = std::fs::read_dir(&folder).map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect()).unwrap_or_default();
+        let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage.to_str().unwrap(), "--analyst", "ana", review.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !before.contains(&name) {
+                let old = format!("{:013}{}", chrono::Utc::now().timestamp_millis() - hours_ago * 3_600_000, &name[13..]);
+                std::fs::rename(folder.join(&name), folder.join(old)).unwrap();
+            }
+        }
+    };
+    import_as_of(&["Oil glut deepens", "Miner cuts output"], 3);
+    import_as_of(&["Bank misses estimates"], 3);
+    std::fs::write(dir.path().join("in.jsonl"), common::stories(40)).unwrap();
+    let config = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\ncheckpoint_interval = \"300ms\"\n";
+    let mut run = Pipeline::start(dir.path(), "p", config);
+    assert!(run.wait(Duration::from_secs(180)).success(), "{}", run.logs());
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    assert!(files().len() == 1 && files()[0].ends_with("-merged-hour.parquet"), "{:?}\n{}", files(), run.logs());
+    let count = || {
+        let (code, out, err) = bearwatch(&["sql", "--storage", storage.to_str().unwrap(), "--format", "csv", "SELECT count(*) AS n FROM label_feedback"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(count(), "n\n3\n");
+
+    // Another hour's labels, merged on demand.
+    import_as_of(&["Airline grounds fleet"], 5);
+    let (code, out, err) = bearwatch(&["storage", "merge", "--storage", storage.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("label_feedback: 1 merges, 1 files deleted, 0 written again") && out.contains(": 2 journal files"), "{out}");
+    assert_eq!(count(), "n\n4\n");
+    assert!(files().iter().all(|n| n.ends_with("-merged-hour.parquet")), "{:?}", files());
+}

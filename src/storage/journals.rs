@@ -293,10 +293,9 @@ pub(super) fn merge_round(place: &Place, table: Table, now_ms: i64, stopping: &s
     let files = place.list(table.name())?;
     let mut round = Round::default();
     let mut doomed = settle(place, table, &files, now_ms, &mut round)?;
+    // A stop lets the round finish (small files, at most MAX_MERGES; `Drop for Storage` waits
+    // up to 10 s) and delete its inputs without the wait; one cut short leaves what `settle` mends.
     for planned in plan(&files, now_ms) {
-        if stopping.load(std::sync::atomic::Ordering::Acquire) {
-            break;
-        }
         let mut inputs = Vec::new();
         for name in &planned.inputs {
             // Gone: another writer merged it already; its merge is listed next round.
