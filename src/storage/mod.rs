@@ -795,8 +795,7 @@ pub fn merged_journal_files<'a>(names: impl IntoIterator<Item = &'a str>) -> std
 }
 
 /// One round of merging `table`'s journal files as at `now` ([`journals`]): what the writer's
-/// background runs every minute. No-op for the model
-/// registry's journals.
+/// background runs every minute. No-op for the model registry's journals.
 pub fn merge_journal(location: &Location, table: Table, now: chrono::DateTime<chrono::Utc>) -> Result<JournalRound, StorageError> {
     if !journals::MERGED.contains(&table) {
         return Ok(JournalRound::default());
