@@ -73,7 +73,7 @@ impl JournalTail {
             let listed: HashSet<&String> = listed.iter().collect();
             self.read.retain(|name| listed.contains(name));
         }
-        rows.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        rows.sort_by_key(|r| r.created_at);
         Ok(rows)
     }
 }
@@ -87,7 +87,7 @@ fn id_of(name: &str) -> Option<&str> {
 /// of each file it holds that was not `read`, at any depth (a merge of merges holds their records).
 fn unread(held: &[storage::Held], read: &HashSet<String>, at: usize) -> Vec<std::ops::Range<usize>> {
     if held.is_empty() {
-        return vec![at..usize::MAX];
+        return std::iter::once(at..usize::MAX).collect();
     }
     let mut ranges = Vec::new();
     let mut start = at;
