@@ -782,6 +782,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Storage(StorageCommand::Merge { storage }) => {
+            if storage.to_str().is_none_or(|s| !s.contains("://")) {
+                anyhow::ensure!(storage.is_dir(), "{} is not a folder: not a storage", storage.display());
+            }
             let storage = location(&storage)?;
             for table in bearwatch::storage::Table::JOURNALS {
                 let (mut merges, mut deleted, mut rescued) = (0, 0, 0);

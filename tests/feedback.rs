@@ -652,4 +652,6 @@ fn a_running_pipeline_merges_the_journal_files_of_settled_hours_and_storage_merg
     assert!(out.contains("label_feedback: 1 merges, 1 files deleted, 0 written again") && out.contains(": 2 journal files"), "{out}");
     assert_eq!(count(), "n\n4\n");
     assert!(files().iter().all(|n| n.ends_with("-merged-hour.parquet")), "{:?}", files());
+    let (code, _, err) = bearwatch(&["storage", "merge", "--storage", dir.path().join("typo").to_str().unwrap()]);
+    assert!(code != 0 && err.contains("typo is not a folder"), "{err}");
 }
