@@ -794,7 +794,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for bucket in &round.refused {
                         eprintln!("{}: {bucket} not merged: its files' columns differ beyond added nullable ones", table.name());
                     }
-                    if round.merges == 0 {
+                    // Nothing merged or deleted: nothing is due (or another process is merging).
+                    if round.merges + round.deleted == 0 {
                         break;
                     }
                 }
@@ -802,7 +803,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}: {merges} merges, {deleted} files deleted, {rescued} written again", table.name());
                 }
             }
-            let left: usize = bearwatch::storage::Table::JOURNALS.iter().map(|t| bearwatch::storage::journal_files(&storage, *t).map_or(0, |f| f.len())).sum();
+            let visible = |table| -> anyhow::Result<usize> {
+                let files = bearwatch::storage::journal_files(&storage, table)?;
+                Ok(files.len() - bearwatch::storage::merged_journal_files(files.iter().map(String::as_str)).len())
+            };
+            let left = bearwatch::storage::Table::JOURNALS.into_iter().map(visible).sum::<anyhow::Result<usize>>()?;
             println!("{storage}: {left} journal files");
             Ok(ExitCode::SUCCESS)
         }

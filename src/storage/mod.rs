@@ -296,7 +296,12 @@ impl Place {
                 let mut files = Vec::new();
                 for entry in entries {
                     let entry = entry.map_err(io_error(&dir))?;
-                    let meta = entry.metadata().map_err(io_error(&entry.path()))?;
+                    let meta = match entry.metadata() {
+                        Ok(meta) => meta,
+                        // Deleted since the folder was read (a merge's input): not there.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(io_error(&entry.path())(e)),
+                    };
                     if meta.is_file()
                         && let Some(name) = entry.file_name().to_str()
                     {
