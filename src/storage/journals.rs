@@ -296,10 +296,12 @@ pub(super) fn merge_round(place: &Place, table: Table, now_ms: i64, stopping: &s
     // A stop lets the round finish (small files, at most MAX_MERGES; `Drop for Storage` waits
     // up to 10 s) and delete its inputs without the wait; one cut short leaves what `settle` mends.
     for planned in plan(&files, now_ms) {
+        let relatives: Vec<String> = planned.inputs.iter().map(|name| format!("{}/{name}", table.name())).collect();
         let mut inputs = Vec::new();
-        for name in &planned.inputs {
+        for ((name, relative), bytes) in planned.inputs.iter().zip(&relatives).zip(place.read_many(&relatives)?) {
             // Gone: another writer merged it already; its merge is listed next round.
-            let Some(file) = read(place, table, name)? else { break };
+            let Some(bytes) = bytes else { break };
+            let file = parse(bytes).map_err(|reason| StorageError::Parquet { path: place.name(relative).into(), reason })?;
             inputs.push((name, file));
         }
         if inputs.len() < planned.inputs.len() {
@@ -330,9 +332,7 @@ pub(super) fn merge_round(place: &Place, table: Table, now_ms: i64, stopping: &s
     }
     if !doomed.is_empty() {
         super::wait_for_readers(std::time::Instant::now(), stopping);
-        for name in &doomed {
-            place.delete(&format!("{}/{name}", table.name()))?;
-        }
+        place.delete_many(&doomed.iter().map(|name| format!("{}/{name}", table.name())).collect::<Vec<_>>())?;
         round.deleted = doomed.len();
     }
     Ok(round)

@@ -14,13 +14,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, UpdateVersion};
 
 use super::StorageError;
 use super::config::S3Config;
+
+/// Requests in flight at once when many objects are read or deleted together (a merge's inputs).
+const MANY_AT_ONCE: usize = 16;
+/// Objects per call of many at once: each call's time limit covers all of its requests.
+const MANY_PER_CALL: usize = 256;
 
 /// A storage root: what `[storage] path` and `--storage` name.
 #[derive(Clone)]
@@ -237,6 +242,44 @@ impl Bucket {
             }
         })?;
         Ok(got)
+    }
+
+    /// Several objects' bytes, in the order asked, [`MANY_AT_ONCE`] requests in flight; none for
+    /// one that is not there.
+    pub(crate) fn get_many(&self, relatives: &[String]) -> Result<Vec<Option<Bytes>>, StorageError> {
+        let mut all = Vec::with_capacity(relatives.len());
+        for chunk in relatives.chunks(MANY_PER_CALL) {
+            let gets = chunk.iter().map(|relative| {
+                let key = self.key(relative);
+                async move {
+                    match self.store.get(&key).await {
+                        Ok(result) => result.bytes().await.map(Some),
+                        Err(object_store::Error::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            });
+            let fetched = futures::stream::iter(gets).buffered(MANY_AT_ONCE).try_collect::<Vec<_>>();
+            all.extend(self.calls("get", chunk.len() as u64, &chunk[0], fetched)?);
+        }
+        Ok(all)
+    }
+
+    /// Deletes several objects, [`MANY_AT_ONCE`] requests in flight; one that is not there is no error.
+    pub(crate) fn delete_many(&self, relatives: &[String]) -> Result<(), StorageError> {
+        for chunk in relatives.chunks(MANY_PER_CALL) {
+            let deletes = chunk.iter().map(|relative| {
+                let key = self.key(relative);
+                async move {
+                    match self.store.delete(&key).await {
+                        Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        other => other,
+                    }
+                }
+            });
+            self.calls("delete", chunk.len() as u64, &chunk[0], futures::stream::iter(deletes).buffer_unordered(MANY_AT_ONCE).try_collect::<Vec<()>>())?;
+        }
+        Ok(())
     }
 
     /// Writes one object in one request (so readers see all of it or none). Returns its version.

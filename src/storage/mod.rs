@@ -314,6 +314,24 @@ impl Place {
         }
     }
 
+    /// Several files' bytes, in order (none for one that is not there): on object storage
+    /// several requests at once.
+    fn read_many(&self, relatives: &[String]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
+        match &self.location {
+            Location::Local(_) => relatives.iter().map(|r| Ok(self.read(r)?.map(|(bytes, _)| bytes))).collect(),
+            Location::Bucket(bucket) => Ok(bucket.get_many(relatives)?.into_iter().map(|b| b.map(|b| b.to_vec())).collect()),
+        }
+    }
+
+    /// Deletes several files (one that is not there is no error): on object storage several
+    /// requests at once.
+    fn delete_many(&self, relatives: &[String]) -> Result<(), StorageError> {
+        match &self.location {
+            Location::Local(_) => relatives.iter().try_for_each(|r| self.delete(r)),
+            Location::Bucket(bucket) => bucket.delete_many(relatives),
+        }
+    }
+
     fn delete(&self, relative: &str) -> Result<(), StorageError> {
         match &self.location {
             Location::Local(root) => {
