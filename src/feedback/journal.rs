@@ -31,12 +31,12 @@ impl JournalTail {
         let mut interrupted = false;
         // An append written again under a fresh name (it had landed in a merged hour, and may have
         // been read before that merge appeared) keeps its id: `<ms>-<id>.parquet`.
-        let ids_read: HashSet<String> = self.read.iter().filter_map(|n| id_of(n)).map(str::to_string).collect();
+        let ids_read: HashSet<String> = self.read.iter().filter_map(|n| storage::journal_append_id(n)).map(str::to_string).collect();
         for name in &listed {
             if merged.contains(name.as_str()) || self.read.contains(name) {
                 continue;
             }
-            if id_of(name).is_some_and(|id| ids_read.contains(id)) {
+            if storage::journal_append_id(name).is_some_and(|id| ids_read.contains(id)) {
                 self.read.insert(name.clone());
                 continue;
             }
@@ -76,11 +76,6 @@ impl JournalTail {
         rows.sort_by_key(|r| r.created_at);
         Ok(rows)
     }
-}
-
-/// An append's id, the part of its name after the time (none for a merge).
-fn id_of(name: &str) -> Option<&str> {
-    name.get(13..).filter(|rest| !rest.starts_with("-merged-"))
 }
 
 /// The row ranges of a file not yet taken: all of an append (`held` empty); of a merge, the rows

@@ -89,6 +89,12 @@ pub fn entry(name: &str) -> Option<(i64, Level)> {
     Some((digits.parse().ok()?, level))
 }
 
+/// An append's id, what follows its time (`-<unique>.parquet`): a copy written again keeps it.
+/// None for a merge or any other name.
+pub fn append_id(name: &str) -> Option<&str> {
+    entry(name).filter(|(_, level)| *level == Level::Append).and_then(|_| name.get(13..))
+}
+
 fn bucket(ms: i64, level: Level) -> i64 {
     ms - ms.rem_euclid(level.span_ms())
 }
@@ -98,10 +104,10 @@ pub fn merged_name(level: Level, start: i64) -> String {
     format!("{start:013}-merged-{}.parquet", level.word())
 }
 
-/// The listed merge whose bucket holds a file of `level` at `ms`: the highest, since its record
-/// holds the lower ones'.
-fn covering(ms: i64, level: Level, merges: &HashSet<(Level, i64)>) -> Option<String> {
-    Level::MERGES.iter().rev().filter(|&&l| l > level).find(|&&l| merges.contains(&(l, bucket(ms, l)))).map(|&l| merged_name(l, bucket(ms, l)))
+/// The level of the listed merge whose bucket holds a file of `level` at `ms`: the highest, since
+/// its record holds the lower ones'.
+fn covering(ms: i64, level: Level, merges: &HashSet<(Level, i64)>) -> Option<Level> {
+    Level::MERGES.iter().rev().copied().filter(|&l| l > level).find(|&l| merges.contains(&(l, bucket(ms, l))))
 }
 
 fn merges<'a>(entries: impl IntoIterator<Item = &'a (&'a str, i64, Level)>) -> HashSet<(Level, i64)> {
@@ -164,10 +170,10 @@ pub fn plan(files: &[(String, u64)], now_ms: i64) -> Vec<Planned> {
     let mut by_bucket: BTreeMap<(i64, Level), (Vec<String>, u64, bool)> = BTreeMap::new();
     for (name, bytes) in files.iter().filter(|(n, _)| !hidden.contains(n.as_str())) {
         let Some((ms, level)) = entry(name) else { continue };
-        let target = if level == Level::Append { Level::Hour } else { Level::Day };
         if level == Level::Day {
             continue;
         }
+        let target = if level == Level::Append { Level::Hour } else { Level::Day };
         let (inputs, total, only_hours) = by_bucket.entry((bucket(ms, target), target)).or_insert((Vec::new(), 0, true));
         inputs.push(name.clone());
         *total += bytes;
@@ -213,16 +219,15 @@ impl JournalFile {
         if self.held.is_empty() { vec![(name, 0..self.rows())] } else { Held::appends(&self.held, 0) }
     }
 
-    /// Rows `range` as one batch.
-    pub fn slice(&self, range: Range<usize>) -> Result<Option<RecordBatch>, String> {
+    /// All its rows as one batch (none when it has no batch).
+    fn concat(&self) -> Result<Option<RecordBatch>, String> {
         let Some(first) = self.batches.first() else { return Ok(None) };
-        let all = arrow::compute::concat_batches(&first.schema(), &self.batches).map_err(|e| e.to_string())?;
-        Ok((range.end <= all.num_rows()).then(|| all.slice(range.start, range.len())))
+        arrow::compute::concat_batches(&first.schema(), &self.batches).map(Some).map_err(|e| e.to_string())
     }
 }
 
-/// Parses a journal file's bytes (`path` for errors).
-pub fn parse(bytes: Vec<u8>) -> Result<JournalFile, String> {
+/// Parses a journal file's bytes.
+fn parse(bytes: Vec<u8>) -> Result<JournalFile, String> {
     let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).map_err(|e| e.to_string())?;
     let held = match builder.metadata().file_metadata().key_value_metadata().and_then(|kv| kv.iter().find(|k| k.key == HELD_KEY)) {
         Some(KeyValue { value: Some(json), .. }) => serde_json::from_str(json).map_err(|e| format!("{HELD_KEY}: {e}"))?,
@@ -237,10 +242,15 @@ pub fn parse(bytes: Vec<u8>) -> Result<JournalFile, String> {
     Ok(file)
 }
 
-fn read(place: &Place, table: Table, name: &str) -> Result<Option<JournalFile>, StorageError> {
+/// `<table>/<name>`, parsed; none when it is not there.
+pub(super) fn read(place: &Place, table: Table, name: &str) -> Result<Option<JournalFile>, StorageError> {
     let relative = format!("{}/{name}", table.name());
-    let Some((bytes, _)) = place.read(&relative)? else { return Ok(None) };
-    parse(bytes).map(Some).map_err(|reason| StorageError::Parquet { path: place.name(&relative).into(), reason })
+    place.read(&relative)?.map(|(bytes, _)| parsed(place, &relative, bytes)).transpose()
+}
+
+/// The bytes of `relative`, parsed, with its name in the error.
+fn parsed(place: &Place, relative: &str, bytes: Vec<u8>) -> Result<JournalFile, StorageError> {
+    parse(bytes).map_err(|reason| StorageError::Parquet { path: place.name(relative).into(), reason })
 }
 
 /// Writes `batches` as `<table>/<name>` unless that name exists (then false): locally through a
@@ -301,8 +311,7 @@ pub(super) fn merge_round(place: &Place, table: Table, now_ms: i64, stopping: &s
         for ((name, relative), bytes) in planned.inputs.iter().zip(&relatives).zip(place.read_many(&relatives)?) {
             // Gone: another writer merged it already; its merge is listed next round.
             let Some(bytes) = bytes else { break };
-            let file = parse(bytes).map_err(|reason| StorageError::Parquet { path: place.name(relative).into(), reason })?;
-            inputs.push((name, file));
+            inputs.push((name, parsed(place, relative, bytes)?));
         }
         if inputs.len() < planned.inputs.len() {
             continue;
@@ -351,7 +360,7 @@ fn settle(place: &Place, table: Table, files: &[(String, u64)], now_ms: i64, rou
     hidden.sort();
     for name in hidden {
         let Some((ms, level)) = entry(name) else { continue };
-        let Some(cover) = covering(ms, level, &merges) else { continue };
+        let Some(cover) = covering(ms, level, &merges).map(|l| merged_name(l, bucket(ms, l))) else { continue };
         if !records.contains_key(&cover) {
             let record = read(place, table, &cover)?.map(|f| Held::names(&f.held));
             records.insert(cover.clone(), record);
@@ -364,16 +373,17 @@ fn settle(place: &Place, table: Table, files: &[(String, u64)], now_ms: i64, rou
         }
         let Some(file) = read(place, table, name)? else { continue };
         let unreadable = |reason: String| StorageError::Parquet { path: place.name(&format!("{}/{name}", table.name())).into(), reason };
+        let all = file.concat().map_err(unreadable)?;
         for (append, rows) in file.appends(name) {
             if holds.contains(append) {
                 continue;
             }
-            let unique = append.get(13..).unwrap_or("-rescued.parquet");
+            let unique = append_id(append).unwrap_or("-rescued.parquet");
             // Rescued already (a crash came before the delete): the copy is listed and visible.
-            if entries.iter().any(|(n, _, l)| *l == Level::Append && n.get(13..) == Some(unique) && *n != append) {
+            if entries.iter().any(|(n, _, _)| append_id(n) == Some(unique) && *n != append) {
                 continue;
             }
-            let Some(batch) = file.slice(rows).map_err(unreadable)? else { continue };
+            let Some(batch) = all.as_ref().filter(|all| rows.end <= all.num_rows()).map(|all| all.slice(rows.start, rows.len())) else { continue };
             tracing::warn!(table = table.name(), file = append, "an append landed in a merged bucket after its merge: written again under a fresh name");
             create_once(place, table, &format!("{now_ms:013}{unique}"), &[batch], &super::properties())?;
             round.rescued += 1;

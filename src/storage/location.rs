@@ -338,13 +338,7 @@ impl Bucket {
     }
 
     pub(crate) fn delete(&self, relative: &str) -> Result<(), StorageError> {
-        let key = self.key(relative);
-        self.call("delete", relative, async {
-            match self.store.delete(&key).await {
-                Err(object_store::Error::NotFound { .. }) => Ok(()),
-                other => other,
-            }
-        })
+        self.delete_many(&[relative.to_string()])
     }
 }
 

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub use compact::{ReadPin, Visible};
 pub use config::{S3Config, StorageConfig};
-pub use journals::{Held, JournalFile, Round as JournalRound};
+pub use journals::{Held, JournalFile, Round as JournalRound, append_id as journal_append_id, covered as merged_journal_files};
 pub use location::{Bucket, Location};
 use location::Mode;
 
@@ -805,16 +805,7 @@ pub fn read_journal(location: &Location, table: Table, name: &str) -> Result<Vec
 /// and their rows ([`journals`]). None when it is gone since it was listed: a merge that holds
 /// it is listed now.
 pub fn read_journal_file(location: &Location, table: Table, name: &str) -> Result<Option<JournalFile>, StorageError> {
-    let place = Place { location: location.clone(), instance: None };
-    let relative = format!("{}/{name}", table.name());
-    let unreadable = |reason: String| StorageError::Parquet { path: PathBuf::from(place.name(&relative)), reason };
-    place.read(&relative)?.map(|(bytes, _)| journals::parse(bytes).map_err(unreadable)).transpose()
-}
-
-/// Of a journal's file names ([`journal_files`]), those a reader skips: files that a listed merge
-/// holds ([`journals::covered`]).
-pub fn merged_journal_files<'a>(names: impl IntoIterator<Item = &'a str>) -> std::collections::HashSet<&'a str> {
-    journals::covered(names)
+    journals::read(&Place { location: location.clone(), instance: None }, table, name)
 }
 
 /// One round of merging `table`'s journal files as at `now` ([`journals`]): what the writer's
@@ -1061,9 +1052,7 @@ fn compact_table(place: &Place, table: Table, published: u64, stopping: &std::sy
         }
     }
     wait_for_readers(std::time::Instant::now(), stopping);
-    for (name, _) in &run {
-        place.delete(&format!("{folder}/{name}"))?;
-    }
+    place.delete_many(&run.iter().map(|(name, _)| format!("{folder}/{name}")).collect::<Vec<_>>())?;
     Ok(Merge::Merged { parts: run.len(), into })
 }
 
