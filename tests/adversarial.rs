@@ -207,6 +207,45 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     let (status, body) = post_sql(http, "SELECT repeat('x', 100000000) AS s");
     assert!(status == 400 && body.contains("query_memory_mib"), "{status} {body}");
 
+    // Functions that multiply their input or nest into an exponential, constants that the planner
+    // folds one call at a time, a constant repeated on every row: each took gigabytes (or had the
+    // process killed) before they were bounded. Refused at once, RSS bounded.
+    let many_constants = format!("SELECT {} 1", (0..40).map(|i| format!("repeat('x', 60000000) AS c{i}, ")).collect::<String>());
+    let growing = [
+        "SELECT cardinality(array_repeat(1, 2000000000))",
+        "SELECT cardinality(range(1, 1000000000))",
+        "SELECT length(replace(repeat('a', 1000000), 'a', repeat('b', 1000)))",
+        "SELECT length(encode(encode(encode(encode(encode(repeat('x', 10000000), 'hex'), 'hex'), 'hex'), 'hex'), 'hex'))",
+        many_constants.as_str(),
+        "SELECT length(h) FROM (SELECT headline || repeat('x', 10000000) AS h FROM news)",
+        "SELECT count(*) FROM (SELECT repeat('x', 10000000) AS s, headline FROM news) GROUP BY s",
+    ];
+    let peak = std::sync::atomic::AtomicU64::new(0);
+    let rss_before = rss_mib(run.child.id());
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(rss_mib(run.child.id()), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        for query in growing {
+            let started = Instant::now();
+            let (status, body) = post_sql(http, query);
+            assert!(status == 400 && body.contains("query_memory_mib"), "{query}: {status} {body}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{query} refused after {:?}", started.elapsed());
+        }
+        let (ok, out) = psql(pg, "SELECT cardinality(array_repeat(1, 2000000000))");
+        assert!(!ok && out.contains("Resources exhausted"), "{out}");
+        done.store(true, Ordering::SeqCst);
+    });
+    let grown = peak.load(Ordering::SeqCst).saturating_sub(rss_before);
+    assert!(grown < 400, "RSS grew {grown} MiB refusing growing functions with query_memory_mib = 64");
+    // Within the bounds the same functions answer.
+    let (status, body) = post_sql(http, "SELECT cardinality(range(1, 1000)) AS r, 'a' || 'b' AS ab, length(replace('a-b', '-', '--')) AS n");
+    assert!(status == 200 && body.contains("\"r\":999") && body.contains("\"ab\":\"ab\"") && body.contains("\"n\":4"), "{status} {body}");
+
     // Through all of it the pipeline went on scoring, and it still stops cleanly.
     let after = scored(http);
     assert!(after > before + 20.0, "scored {before} → {after} during the attacks\n{}", run.logs());

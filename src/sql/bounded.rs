@@ -1,52 +1,264 @@
-//! Functions whose output a few bytes of query can make huge (`repeat('x', 1e9)`, `lpad('', 1e9)`):
-//! wrapped so that they refuse, before allocating, an output larger than the query's memory. The
-//! memory pool does not see a function's output, and the planner folds constant calls while it plans,
-//! where no deadline runs yet: without this, one such call held a core (and gigabytes) for minutes.
+//! A bound on what one function call can allocate. The memory pool sees operators' state (sorts,
+//! joins, aggregates), not a function's output, and the planner folds constant calls while it plans,
+//! where no deadline runs yet: a few bytes of query (`repeat('x', 1e9)`, `array_repeat(1, 2e9)`,
+//! `range(1, 1e9)`, `replace(s, 'a', repeat('b', 1000))`, four nested `encode(…, 'hex')`) held a core
+//! and gigabytes for minutes, or had the process killed for memory.
+//!
+//! Every scalar function of a session is wrapped, and so is the `||` operator on text (rewritten into
+//! the same wrapper, see [`ConcatOperator`]). A call whose output is text, binary or nested:
+//! - refuses before it runs when its estimated output exceeds the bound. Functions whose output a
+//!   count or a pattern multiplies have their own estimate ([`Growth`]); any other is held to the size
+//!   of its inputs, a scalar counting once per row, so `concat(s, s, …, s)` cannot multiply either;
+//! - fails after it ran when its actual output exceeds the bound, so that a function that grows its
+//!   input by a small factor (`encode(…, 'hex')` doubles) cannot be nested into an exponential.
+//!
+//! So no call allocates more than a small multiple of the bound. `levenshtein`, quadratic in time,
+//! refuses pairs of texts whose product of lengths would hold a query thread for more than a second
+//! or so (a kernel does not see the deadline until it returns).
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type};
-use datafusion::common::{DataFusionError, Result, ScalarValue};
-use datafusion::logical_expr::{
-    ColumnarValue, Documentation, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type, IntervalUnit, Schema, TimeUnit};
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{DFSchema, DataFusionError, ExprSchema, Result, ScalarValue};
 use datafusion::execution::FunctionRegistry;
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::expr_rewriter::FunctionRewrite;
+use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
+use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
+use datafusion::logical_expr::type_coercion::binary::BinaryTypeCoercer;
+use datafusion::logical_expr::{
+    BinaryExpr, ColumnarValue, Documentation, Expr, ExprSchemable, Operator, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 
-/// The wrapped functions, by how their output size follows from their arguments.
-const BOUNDED: [(&str, Growth); 3] = [("repeat", Growth::Repeat), ("lpad", Growth::Pad), ("rpad", Growth::Pad)];
+/// Most bytes one call of constant arguments may produce, whatever the query memory: the planner
+/// folds such a call into a literal that it copies from pass to pass (a 600 MB `repeat` took 45 s
+/// to plan in a debug build), and no text of the news tables comes near it. A call over a batch of
+/// rows may produce up to the query memory.
+pub const MAX_CALL_BYTES: usize = 64 << 20;
 
+/// Literals larger than this count toward [`NoBroadcast`]'s bound (an `IN` list's items stay below).
+const BROADCAST_LITERAL_BYTES: u128 = 4096;
+
+/// Most character pairs one `levenshtein` call may compare (about a second of a core).
+const MAX_LEVENSHTEIN_PAIRS: u128 = 1 << 30;
+
+/// How a function's output size follows from its arguments, where not from their sizes alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
     /// `repeat(text, n)`: len(text) × n bytes.
     Repeat,
     /// `lpad/rpad(text, length [, fill])`: `length` characters of at most the fill's width.
     Pad,
+    /// `array_repeat(element, n)`: n copies of the element.
+    ArrayRepeat,
+    /// `array_resize(array, size [, value])`: `size` elements of at most the value's size.
+    ArrayResize,
+    /// `range/generate_series([start,] stop [, step])`: (stop − start) ÷ step elements.
+    Series,
+    /// `replace(text, from, to)`: every `from` (or every gap, when empty) becomes `to`.
+    Replace,
+    /// `regexp_replace(text, pattern, replacement [, flags])`: every match (each position, with `g`)
+    /// becomes the replacement, whose group references copy at most the whole text each.
+    RegexpReplace,
+    /// `array_to_string(array, delimiter [, null])`: a delimiter (and null text) per element.
+    ArrayToString,
+    /// `array_replace[_n|_all](array, from, to)`: each element may become `to`.
+    ArrayReplace,
+    /// `concat_ws(separator, text…)`: a separator between every two.
+    ConcatWs,
+    /// Anything else: output within a small factor of the inputs.
+    Inputs,
+    /// `levenshtein(a, b)`: time ∝ len(a) × len(b).
+    Quadratic,
+}
+
+impl Growth {
+    fn of(name: &str) -> Growth {
+        match name {
+            "repeat" => Growth::Repeat,
+            "lpad" | "rpad" => Growth::Pad,
+            "array_repeat" => Growth::ArrayRepeat,
+            "array_resize" => Growth::ArrayResize,
+            "range" | "generate_series" => Growth::Series,
+            "replace" => Growth::Replace,
+            "regexp_replace" => Growth::RegexpReplace,
+            "array_to_string" => Growth::ArrayToString,
+            "array_replace" | "array_replace_n" | "array_replace_all" => Growth::ArrayReplace,
+            "concat_ws" => Growth::ConcatWs,
+            "levenshtein" => Growth::Quadratic,
+            _ => Growth::Inputs,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Bounded {
     inner: ScalarUDF,
     growth: Growth,
-    max_bytes: usize,
+    memory_bytes: usize,
 }
 
-/// Most bytes one call may produce, whatever the query memory: the planner folds a constant call
-/// into a literal that it copies from pass to pass (a 600 MB `repeat` took 45 s to plan in a debug
-/// build), and no text of the news tables comes near it.
-pub const MAX_CALL_BYTES: usize = 64 << 20;
+/// Wraps every scalar function of `ctx`, and `||` on text, to refuse outputs over `memory_bytes`
+/// (the query's memory), or over [`MAX_CALL_BYTES`] for a call of constant arguments.
+pub fn register(ctx: &mut SessionContext, memory_bytes: usize) -> Result<()> {
+    let mut functions: Vec<Arc<ScalarUDF>> = ctx.state().scalar_functions().values().cloned().collect();
+    functions.sort_by(|a, b| a.name().cmp(b.name()));
+    functions.dedup_by(|a, b| a.name() == b.name());
+    for function in functions {
+        SessionContext::register_udf(ctx, wrap(function.as_ref().clone(), memory_bytes));
+    }
+    ctx.register_function_rewrite(Arc::new(ConcatOperatorRewrite { memory_bytes }))
+}
 
-/// Replaces the bounded functions of `ctx` with wrappers that refuse outputs over `memory_bytes`
-/// (the query's memory) or [`MAX_CALL_BYTES`], whichever is less.
-pub fn register(ctx: &SessionContext, memory_bytes: usize) {
-    let max_bytes = memory_bytes.min(MAX_CALL_BYTES);
-    for (name, growth) in BOUNDED {
-        if let Ok(inner) = ctx.udf(name) {
-            ctx.register_udf(ScalarUDF::new_from_impl(Bounded { inner: inner.as_ref().clone(), growth, max_bytes }));
+/// What the running statement's constant calls have made, where a query runs in [`scope`].
+#[derive(Default)]
+struct Constants {
+    bytes: AtomicU64,
+    /// The first constant call refused. DataFusion's planner keeps a constant call whose evaluation
+    /// failed, to fail at run time, and goes on planning with what it folded around it: tens of
+    /// seconds of copying a folded 20 MB literal through every pass. The next function the planner
+    /// simplifies fails the query with this instead.
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+tokio::task_local! {
+    static CONSTANTS: Arc<Constants>;
+}
+
+/// Runs `statements` with one budget for the constants they make: the planner folds each constant
+/// call into a literal that the plan keeps, so thirty `repeat('x', 60000000)` columns held 7 GB
+/// while planning, each call within its own bound. [`next_statement`] starts a new one.
+pub async fn scope<F: std::future::Future>(statements: F) -> F::Output {
+    CONSTANTS.scope(Arc::default(), statements).await
+}
+
+/// A new statement of the running scope (a Postgres connection's next query) starts a new budget.
+pub fn next_statement() {
+    let _ = CONSTANTS.try_with(|made| {
+        made.bytes.store(0, Ordering::Relaxed);
+        *made.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    });
+}
+
+/// Notes a refused constant call for the planner's next simplification (see [`Constants`]).
+fn refuse_constant(error: DataFusionError) -> DataFusionError {
+    if let DataFusionError::ResourcesExhausted(reason) = &error {
+        let _ = CONSTANTS.try_with(|made| made.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| reason.clone()).clone());
+    }
+    error
+}
+
+fn wrap(inner: ScalarUDF, memory_bytes: usize) -> ScalarUDF {
+    let growth = Growth::of(inner.name());
+    ScalarUDF::new_from_impl(Bounded { inner, growth, memory_bytes })
+}
+
+/// Types whose values vary in size: the only outputs that can grow.
+fn variable_width(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+            | DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::ListView(_)
+            | DataType::LargeListView(_)
+            | DataType::FixedSizeList(..)
+            | DataType::Struct(_)
+            | DataType::Map(..)
+            | DataType::Union(..)
+            | DataType::Dictionary(..)
+    )
+}
+
+/// Bytes an array's values take, as written out: text and binary by length, lists by the values
+/// they reach (a slice counts only its own), fixed-width values by their width.
+fn array_bytes(array: &dyn Array) -> u128 {
+    let len = array.len();
+    let offsets = |first: i64, last: i64, width: u128| (last - first).max(0) as u128 + width * len as u128;
+    match array.data_type() {
+        DataType::Utf8 => {
+            let o = array.as_string::<i32>().value_offsets();
+            offsets(o[0] as i64, o[len] as i64, 4)
         }
+        DataType::LargeUtf8 => {
+            let o = array.as_string::<i64>().value_offsets();
+            offsets(o[0], o[len], 8)
+        }
+        DataType::Binary => {
+            let o = array.as_binary::<i32>().value_offsets();
+            offsets(o[0] as i64, o[len] as i64, 4)
+        }
+        DataType::LargeBinary => {
+            let o = array.as_binary::<i64>().value_offsets();
+            offsets(o[0], o[len], 8)
+        }
+        DataType::Utf8View => array.as_string_view().views().iter().map(|v| *v as u32 as u128 + 16).sum(),
+        DataType::BinaryView => array.as_binary_view().views().iter().map(|v| *v as u32 as u128 + 16).sum(),
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let o = list.value_offsets();
+            array_bytes(&list.values().slice(o[0] as usize, (o[len] - o[0]).max(0) as usize)) + 4 * len as u128
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let o = list.value_offsets();
+            array_bytes(&list.values().slice(o[0] as usize, (o[len] - o[0]).max(0) as usize)) + 8 * len as u128
+        }
+        DataType::FixedSizeList(_, n) => {
+            let list = array.as_fixed_size_list();
+            let n = (*n).max(0) as usize;
+            array_bytes(&list.values().slice(list.offset() * n, len * n))
+        }
+        DataType::Struct(_) => array.as_struct().columns().iter().map(|c| array_bytes(c.as_ref())).sum(),
+        DataType::Map(..) => {
+            let map = array.as_map();
+            let o = map.value_offsets();
+            array_bytes(&map.entries().slice(o[0] as usize, (o[len] - o[0]).max(0) as usize)) + 4 * len as u128
+        }
+        other => match other.primitive_width() {
+            Some(width) => (width * len) as u128,
+            None => array.get_array_memory_size() as u128,
+        },
     }
 }
 
-/// Row `row` of a text argument (a scalar is every row); `None` for a null or a non-text value.
+/// Bytes of a scalar's value (text by length, a list by its values).
+fn scalar_bytes(value: &ScalarValue) -> u128 {
+    match value {
+        ScalarValue::Utf8(s) | ScalarValue::LargeUtf8(s) | ScalarValue::Utf8View(s) => s.as_ref().map_or(0, |s| s.len() as u128),
+        ScalarValue::Binary(b) | ScalarValue::LargeBinary(b) | ScalarValue::BinaryView(b) => b.as_ref().map_or(0, |b| b.len() as u128),
+        ScalarValue::List(a) => array_bytes(a.as_ref()),
+        ScalarValue::LargeList(a) => array_bytes(a.as_ref()),
+        ScalarValue::FixedSizeList(a) => array_bytes(a.as_ref()),
+        ScalarValue::Struct(a) => array_bytes(a.as_ref()),
+        ScalarValue::Map(a) => array_bytes(a.as_ref()),
+        other => other.data_type().primitive_width().map_or(other.size(), |w| w) as u128,
+    }
+}
+
+/// Bytes of row `row` of an argument (a scalar is every row).
+fn value_bytes(arg: &ColumnarValue, row: usize) -> u128 {
+    match arg {
+        ColumnarValue::Scalar(value) => scalar_bytes(value),
+        ColumnarValue::Array(a) if a.is_null(row) => 0,
+        ColumnarValue::Array(a) => array_bytes(a.slice(row, 1).as_ref()),
+    }
+}
+
+/// Row `row` of a text argument; `None` for a null or a non-text value.
 fn text(arg: &ColumnarValue, row: usize) -> Option<&str> {
     match arg {
         ColumnarValue::Scalar(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)) | ScalarValue::LargeUtf8(Some(t))) => Some(t),
@@ -61,14 +273,190 @@ fn text(arg: &ColumnarValue, row: usize) -> Option<&str> {
     }
 }
 
-fn count(arg: &ColumnarValue, row: usize) -> u128 {
-    let value = match arg {
-        ColumnarValue::Scalar(ScalarValue::Int64(Some(n))) => *n,
-        ColumnarValue::Scalar(_) => 0,
-        ColumnarValue::Array(a) if a.data_type() == &DataType::Int64 && !a.is_null(row) => a.as_primitive::<Int64Type>().value(row),
-        ColumnarValue::Array(_) => 0,
+fn text_len(arg: Option<&ColumnarValue>, row: usize) -> u128 {
+    arg.and_then(|a| text(a, row)).map_or(0, str::len) as u128
+}
+
+/// Row `row` of an integer argument, as i128 (`None` for a null or another type).
+fn integer(arg: &ColumnarValue, row: usize) -> Option<i128> {
+    match arg {
+        ColumnarValue::Scalar(ScalarValue::Int64(n)) => n.map(i128::from),
+        ColumnarValue::Scalar(ScalarValue::Int32(n)) => n.map(i128::from),
+        ColumnarValue::Array(a) if a.is_null(row) => None,
+        ColumnarValue::Array(a) if a.data_type() == &DataType::Int64 => Some(a.as_primitive::<Int64Type>().value(row) as i128),
+        _ => None,
+    }
+}
+
+fn count(arg: Option<&ColumnarValue>, row: usize) -> u128 {
+    arg.and_then(|a| integer(a, row)).map_or(0, |n| n.max(0) as u128)
+}
+
+/// Elements of row `row` of a list argument.
+fn list_len(arg: &ColumnarValue, row: usize) -> u128 {
+    let array = match arg {
+        ColumnarValue::Scalar(value) => match value.to_array() {
+            Ok(a) => a,
+            Err(_) => return 0,
+        },
+        ColumnarValue::Array(a) => a.slice(row, 1),
     };
-    value.max(0) as u128
+    match array.data_type() {
+        DataType::List(_) => array.as_list::<i32>().value_offsets().windows(2).map(|w| (w[1] - w[0]).max(0) as u128).sum(),
+        DataType::LargeList(_) => array.as_list::<i64>().value_offsets().windows(2).map(|w| (w[1] - w[0]).max(0) as u128).sum(),
+        DataType::FixedSizeList(_, n) => (*n).max(0) as u128 * array.len() as u128,
+        _ => 0,
+    }
+}
+
+/// Row `row` of a date or timestamp argument in nanoseconds.
+fn instant_ns(arg: &ColumnarValue, row: usize) -> Option<i128> {
+    let array = match arg {
+        ColumnarValue::Scalar(value) => value.to_array().ok()?,
+        ColumnarValue::Array(a) => a.slice(row, 1),
+    };
+    if array.is_null(0) {
+        return None;
+    }
+    let (value, per_unit): (i128, i128) = match array.data_type() {
+        DataType::Date32 => (array.as_primitive::<datafusion::arrow::datatypes::Date32Type>().value(0) as i128, 86_400_000_000_000),
+        DataType::Date64 => (array.as_primitive::<datafusion::arrow::datatypes::Date64Type>().value(0) as i128, 1_000_000),
+        DataType::Timestamp(unit, _) => {
+            let raw = datafusion::arrow::compute::cast(&array, &DataType::Int64).ok()?;
+            let per_unit = match unit {
+                TimeUnit::Second => 1_000_000_000,
+                TimeUnit::Millisecond => 1_000_000,
+                TimeUnit::Microsecond => 1_000,
+                TimeUnit::Nanosecond => 1,
+            };
+            (raw.as_primitive::<Int64Type>().value(0) as i128, per_unit)
+        }
+        _ => return None,
+    };
+    Some(value * per_unit)
+}
+
+/// The shortest an interval step can be, in nanoseconds (a month at least 28 days, a day 23 hours);
+/// 1 when its parts point different ways.
+fn step_ns(arg: &ColumnarValue, row: usize) -> Option<i128> {
+    const DAY: i128 = 23 * 3_600_000_000_000;
+    let array = match arg {
+        ColumnarValue::Scalar(value) => value.to_array().ok()?,
+        ColumnarValue::Array(a) => a.slice(row, 1),
+    };
+    if array.is_null(0) {
+        return None;
+    }
+    let parts: [i128; 3] = match array.data_type() {
+        DataType::Interval(IntervalUnit::MonthDayNano) => {
+            let v = array.as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>().value(0);
+            [v.months as i128 * 28 * DAY, v.days as i128 * DAY, v.nanoseconds as i128]
+        }
+        DataType::Interval(IntervalUnit::DayTime) => {
+            let v = array.as_primitive::<datafusion::arrow::datatypes::IntervalDayTimeType>().value(0);
+            [v.days as i128 * DAY, v.milliseconds as i128 * 1_000_000, 0]
+        }
+        DataType::Interval(IntervalUnit::YearMonth) => {
+            [array.as_primitive::<datafusion::arrow::datatypes::IntervalYearMonthType>().value(0) as i128 * 28 * DAY, 0, 0]
+        }
+        _ => return None,
+    };
+    let same_way = parts.iter().all(|p| *p >= 0) || parts.iter().all(|p| *p <= 0);
+    Some(if same_way { parts.iter().map(|p| p.abs()).sum() } else { 1 })
+}
+
+/// Elements of `range/generate_series` for row `row` (0 where they cannot be made).
+fn series_len(args: &[ColumnarValue], row: usize) -> u128 {
+    let span_and_step = match args {
+        [stop] => integer(stop, row).map(|stop| (stop, 1)),
+        [start, stop, rest @ ..] => match (integer(start, row), integer(stop, row)) {
+            (Some(start), Some(stop)) => {
+                let step = rest.first().map_or(Some(1), |s| integer(s, row));
+                step.map(|step| (stop - start, step))
+            }
+            _ => match (instant_ns(start, row), instant_ns(stop, row), rest.first().and_then(|s| step_ns(s, row))) {
+                (Some(start), Some(stop), Some(step)) => Some((stop - start, step)),
+                _ => None,
+            },
+        },
+        [] => None,
+    };
+    match span_and_step {
+        Some((_, 0)) | None => 0,
+        Some((span, step)) => (span.unsigned_abs() / step.unsigned_abs()) + 1,
+    }
+}
+
+impl Bounded {
+    /// The most bytes this call can produce (for `levenshtein`, character pairs to compare).
+    fn estimate(&self, args: &ScalarFunctionArgs) -> u128 {
+        let a = &args.args;
+        let all_scalar = a.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let rows = if all_scalar { 1 } else { args.number_rows };
+        let per_row = |row: usize| -> u128 {
+            match self.growth {
+                Growth::Repeat => text_len(a.first(), row) * count(a.get(1), row),
+                Growth::Pad => count(a.get(1), row) * fill_width(a, row),
+                Growth::ArrayRepeat => count(a.get(1), row) * (a.first().map_or(0, |e| value_bytes(e, row)) + 8),
+                Growth::ArrayResize => {
+                    let element = a.get(2).map_or(16, |v| value_bytes(v, row).max(16));
+                    count(a.get(1), row) * (element + 8) + a.first().map_or(0, |l| value_bytes(l, row))
+                }
+                Growth::Series => series_len(a, row) * 16,
+                Growth::Replace => {
+                    let t = text_len(a.first(), row);
+                    t + (t / text_len(a.get(1), row).max(1) + 1) * text_len(a.get(2), row)
+                }
+                Growth::RegexpReplace => {
+                    let t = text_len(a.first(), row);
+                    let replacement = a.get(2).and_then(|r| text(r, row)).unwrap_or("");
+                    let global = a.get(3).and_then(|f| text(f, row)).is_some_and(|f| f.contains('g'));
+                    let matches = if global { t + 1 } else { 1 };
+                    let references = replacement.bytes().filter(|b| *b == b'$' || *b == b'\\').count() as u128;
+                    t + matches * replacement.len() as u128 + references * t
+                }
+                Growth::ArrayToString => {
+                    let per_element = 24 + text_len(a.get(1), row) + text_len(a.get(2), row);
+                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row) * per_element)
+                }
+                Growth::ArrayReplace => {
+                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row) * a.get(2).map_or(0, |t| value_bytes(t, row)))
+                }
+                Growth::ConcatWs => {
+                    let separators = a.len().saturating_sub(2) as u128 * text_len(a.first(), row);
+                    a.iter().skip(1).map(|v| value_bytes(v, row)).sum::<u128>() + separators
+                }
+                Growth::Quadratic => text_len(a.first(), row) * text_len(a.get(1), row),
+                Growth::Inputs => unreachable!("estimated from the whole inputs"),
+            }
+        };
+        match self.growth {
+            Growth::Inputs => a
+                .iter()
+                .map(|arg| match arg {
+                    ColumnarValue::Scalar(value) => scalar_bytes(value) * rows as u128,
+                    ColumnarValue::Array(array) => array_bytes(array.as_ref()),
+                })
+                .sum(),
+            _ => (0..rows).map(per_row).sum(),
+        }
+    }
+
+    fn max_bytes(&self, args: &ScalarFunctionArgs) -> usize {
+        if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
+            self.memory_bytes.min(MAX_CALL_BYTES)
+        } else {
+            self.memory_bytes
+        }
+    }
+
+    fn refusal(&self, bytes: u128, max_bytes: usize) -> DataFusionError {
+        DataFusionError::ResourcesExhausted(format!(
+            "{}() would produce {bytes} bytes, more than the {} MiB one call may produce",
+            self.name(),
+            max_bytes >> 20
+        ))
+    }
 }
 
 /// The widest character of the fill (a space when there is none; 4 bytes for a fill of another type).
@@ -82,22 +470,18 @@ fn fill_width(args: &[ColumnarValue], row: usize) -> u128 {
     width as u128
 }
 
-impl Bounded {
-    /// The most bytes this call can produce over all its rows.
-    fn output_bytes(&self, args: &ScalarFunctionArgs) -> u128 {
-        let rows = if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) { 1 } else { args.number_rows };
-        (0..rows)
-            .map(|row| match self.growth {
-                Growth::Repeat => text(&args.args[0], row).map_or(0, str::len) as u128 * count(&args.args[1], row),
-                Growth::Pad => count(&args.args[1], row) * fill_width(&args.args, row),
-            })
-            .sum()
-    }
-}
-
 impl ScalarUDFImpl for Bounded {
     fn name(&self) -> &str {
         self.inner.name()
+    }
+
+    fn display_name(&self, args: &[Expr]) -> Result<String> {
+        #[expect(deprecated)]
+        self.inner.inner().display_name(args)
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        self.inner.inner().schema_name(args)
     }
 
     fn aliases(&self) -> &[String] {
@@ -116,6 +500,81 @@ impl ScalarUDFImpl for Bounded {
         self.inner.return_field_from_args(args)
     }
 
+    fn is_nullable(&self, args: &[Expr], schema: &dyn ExprSchema) -> bool {
+        #[expect(deprecated)]
+        self.inner.inner().is_nullable(args, schema)
+    }
+
+    fn is_strict(&self) -> bool {
+        self.inner.inner().is_strict()
+    }
+
+    fn with_updated_config(&self, config: &ConfigOptions) -> Option<ScalarUDF> {
+        self.inner.inner().with_updated_config(config).map(|updated| wrap(updated, self.memory_bytes))
+    }
+
+    /// `concat` and `concat_ws` join their literal arguments while planning, without a call:
+    /// held to the bound of a constant call here.
+    fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        let literal = |e: &Expr| match e {
+            Expr::Literal(value, _) => scalar_bytes(value),
+            _ => 0,
+        };
+        let mut bytes: u128 = args.iter().map(literal).sum();
+        if self.growth == Growth::ConcatWs {
+            bytes += args.len().saturating_sub(2) as u128 * args.first().map_or(0, literal);
+        }
+        let max_bytes = self.memory_bytes.min(MAX_CALL_BYTES);
+        if bytes > max_bytes as u128 {
+            return Err(self.refusal(bytes, max_bytes));
+        }
+        if let Some(reason) = CONSTANTS.try_with(|made| made.refused.lock().unwrap_or_else(|e| e.into_inner()).clone()).ok().flatten() {
+            return Err(DataFusionError::ResourcesExhausted(reason));
+        }
+        self.inner.simplify(args, info)
+    }
+
+    fn preimage(
+        &self,
+        args: &[Expr],
+        lit_expr: &Expr,
+        info: &SimplifyContext,
+    ) -> Result<datafusion::logical_expr::preimage::PreimageResult> {
+        self.inner.inner().preimage(args, lit_expr, info)
+    }
+
+    fn conditional_arguments<'a>(&self, args: &'a [Expr]) -> Option<(Vec<&'a Expr>, Vec<&'a Expr>)> {
+        self.inner.inner().conditional_arguments(args)
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+
+    fn evaluate_bounds(&self, input: &[&Interval]) -> Result<Interval> {
+        self.inner.evaluate_bounds(input)
+    }
+
+    fn propagate_constraints(&self, interval: &Interval, inputs: &[&Interval]) -> Result<Option<Vec<Interval>>> {
+        self.inner.propagate_constraints(interval, inputs)
+    }
+
+    fn struct_field_mapping(&self, literal_args: &[Option<ScalarValue>]) -> Option<datafusion::logical_expr::StructFieldMapping> {
+        self.inner.inner().struct_field_mapping(literal_args)
+    }
+
+    fn output_ordering(&self, inputs: &[ExprProperties]) -> Result<SortProperties> {
+        self.inner.output_ordering(inputs)
+    }
+
+    fn preserves_lex_ordering(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.preserves_lex_ordering(inputs)
+    }
+
+    fn strictly_order_preserving(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.inner().strictly_order_preserving(inputs)
+    }
+
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
         self.inner.coerce_types(arg_types)
     }
@@ -124,15 +583,207 @@ impl ScalarUDFImpl for Bounded {
         self.inner.documentation()
     }
 
+    fn placement(&self, args: &[datafusion::logical_expr::ExpressionPlacement]) -> datafusion::logical_expr::ExpressionPlacement {
+        self.inner.inner().placement(args)
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let bytes = self.output_bytes(&args);
-        if bytes > self.max_bytes as u128 {
-            return Err(DataFusionError::ResourcesExhausted(format!(
-                "{}() would produce {bytes} bytes, more than the {} MiB one call may produce",
-                self.name(),
-                self.max_bytes >> 20
-            )));
+        let max_bytes = self.max_bytes(&args);
+        if self.growth == Growth::Quadratic {
+            let pairs = self.estimate(&args);
+            if pairs > MAX_LEVENSHTEIN_PAIRS {
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "{}() would compare {pairs} pairs of characters, more than the {MAX_LEVENSHTEIN_PAIRS} one call may",
+                    self.name()
+                )));
+            }
+            return self.inner.invoke_with_args(args);
         }
-        self.inner.invoke_with_args(args)
+        if !variable_width(args.return_field.data_type()) {
+            return self.inner.invoke_with_args(args);
+        }
+        let args_all_scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let refused = |error: DataFusionError| if args_all_scalar { refuse_constant(error) } else { error };
+        let estimate = self.estimate(&args);
+        if estimate > max_bytes as u128 {
+            return Err(refused(self.refusal(estimate, max_bytes)));
+        }
+        let output = self.inner.invoke_with_args(args)?;
+        let produced = match &output {
+            ColumnarValue::Scalar(value) => scalar_bytes(value),
+            ColumnarValue::Array(array) => array_bytes(array.as_ref()),
+        };
+        if produced > max_bytes as u128 {
+            return Err(refused(self.refusal(produced, max_bytes)));
+        }
+        if args_all_scalar {
+            let made = CONSTANTS.try_with(|made| made.bytes.fetch_add(produced as u64, Ordering::Relaxed) as u128 + produced).unwrap_or(0);
+            if made > max_bytes as u128 {
+                return Err(refuse_constant(DataFusionError::ResourcesExhausted(format!(
+                    "the query's constants would take {made} bytes, more than the {} MiB a query's constants may take",
+                    max_bytes >> 20
+                ))));
+            }
+        }
+        Ok(output)
+    }
+}
+
+/// `a || b` on text, as a function, so that the bound above holds for it: DataFusion evaluates the
+/// operator without any function call to wrap, and `s || s` over a column doubles it, as often as a
+/// query nests it. Same types, result and column names as the operator; the evaluation is
+/// DataFusion's own.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ConcatOperator {
+    signature: Signature,
+}
+
+impl ConcatOperator {
+    fn new() -> Self {
+        ConcatOperator { signature: Signature::user_defined(Volatility::Immutable) }
+    }
+}
+
+/// The function's name: what EXPLAIN shows for a rewritten `||`.
+const CONCAT_OPERATOR: &str = "||";
+
+fn two<T>(values: &[T]) -> Result<(&T, &T)> {
+    match values {
+        [left, right] => Ok((left, right)),
+        other => Err(DataFusionError::Plan(format!("|| takes two operands, got {}", other.len()))),
+    }
+}
+
+impl ScalarUDFImpl for ConcatOperator {
+    fn name(&self) -> &str {
+        CONCAT_OPERATOR
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let (left, right) = two(arg_types)?;
+        let (left, right) = BinaryTypeCoercer::new(left, &Operator::StringConcat, right).get_input_types()?;
+        Ok(vec![left, right])
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        let (left, right) = two(arg_types)?;
+        BinaryTypeCoercer::new(left, &Operator::StringConcat, right).get_result_type()
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        let (left, right) = two(args)?;
+        Ok(format!("{} || {}", left.schema_name(), right.schema_name()))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        use datafusion::physical_expr::expressions::{BinaryExpr as Physical, Column};
+        let all_scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let rows = if all_scalar { 1 } else { args.number_rows };
+        let arrays: Vec<ArrayRef> = args.args.iter().map(|a| a.to_array(rows)).collect::<Result<_>>()?;
+        let fields: Vec<Field> = args.arg_fields.iter().enumerate().map(|(i, f)| f.as_ref().clone().with_name(format!("{i}"))).collect();
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?;
+        let operator = Physical::new(Arc::new(Column::new("0", 0)), Operator::StringConcat, Arc::new(Column::new("1", 1)));
+        let result = operator.evaluate(&batch)?;
+        match (result, all_scalar) {
+            (ColumnarValue::Array(array), true) => Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&array, 0)?)),
+            (result, _) => Ok(result),
+        }
+    }
+}
+
+/// Rewrites `a || b` on text (not on lists: those are `array_concat` already) into [`ConcatOperator`].
+#[derive(Debug)]
+struct ConcatOperatorRewrite {
+    memory_bytes: usize,
+}
+
+impl FunctionRewrite for ConcatOperatorRewrite {
+    fn name(&self) -> &str {
+        "bearwatch_bounded_concat"
+    }
+
+    fn rewrite(&self, expr: Expr, schema: &DFSchema, _: &ConfigOptions) -> Result<Transformed<Expr>> {
+        let Expr::BinaryExpr(BinaryExpr { left, op: Operator::StringConcat, right }) = expr else {
+            return Ok(Transformed::no(expr));
+        };
+        let nested = |e: &Expr| {
+            e.get_type(schema).is_ok_and(|t| matches!(t, DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)))
+        };
+        if nested(&left) || nested(&right) {
+            return Ok(Transformed::no(Expr::BinaryExpr(BinaryExpr { left, op: Operator::StringConcat, right })));
+        }
+        let function = Arc::new(wrap(ScalarUDF::new_from_impl(ConcatOperator::new()), self.memory_bytes));
+        Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(function, vec![*left, *right]))))
+    }
+}
+
+/// Refuses a plan in which an operator would repeat large literals on every row of its input: a
+/// literal folded from `repeat('x', 1000000)` in a projection over a table is copied into each row
+/// of each batch (8,192 × 1 MB), outside the memory pool. The bound is the query memory over the
+/// rows a batch of the operator's input can hold (one for `SELECT repeat(…)` alone).
+#[derive(Debug)]
+pub struct NoBroadcast {
+    pub memory_bytes: usize,
+}
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for NoBroadcast {
+    fn optimize(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        config: &ConfigOptions,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::common::stats::Precision;
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        use datafusion::physical_expr::expressions::Literal;
+        let batch_rows = usize::from(config.execution.batch_size) as u128;
+        let statistics = datafusion::physical_plan::statistics::StatisticsContext::new();
+        let whole = datafusion::physical_plan::statistics::StatisticsArgs::new();
+        plan.apply(|node| {
+            let mut literal_bytes: u128 = 0;
+            node.apply_expressions(&mut |expr| {
+                expr.apply(|sub| {
+                    if let Some(literal) = sub.downcast_ref::<Literal>() {
+                        let bytes = scalar_bytes(literal.value());
+                        if bytes > BROADCAST_LITERAL_BYTES {
+                            literal_bytes += bytes;
+                        }
+                    }
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            })?;
+            if literal_bytes == 0 {
+                return Ok(TreeNodeRecursion::Continue);
+            }
+            // Rows a batch of the operator's input can hold: a batch, or fewer where that is known.
+            let rows_of = |plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>| match statistics.compute(plan.as_ref(), &whole) {
+                Ok(s) => match s.num_rows {
+                    Precision::Exact(n) => (n as u128).min(batch_rows),
+                    _ => batch_rows,
+                },
+                Err(_) => batch_rows,
+            };
+            let children = node.children();
+            let rows = if children.is_empty() { rows_of(node) } else { children.into_iter().map(rows_of).max().unwrap_or(batch_rows) };
+            if literal_bytes * rows.max(1) > self.memory_bytes as u128 {
+                return Err(DataFusionError::ResourcesExhausted(format!(
+                    "{} repeats constants of {literal_bytes} bytes on each of up to {rows} rows a batch, more than the query memory",
+                    node.name()
+                )));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(plan)
+    }
+
+    fn name(&self) -> &str {
+        "bearwatch_no_broadcast"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
     }
 }

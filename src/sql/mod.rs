@@ -19,7 +19,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-mod bounded;
+pub mod bounded;
 pub mod deadline;
 pub mod guard;
 pub mod live;
@@ -151,10 +151,11 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(bounded::NoBroadcast { memory_bytes: limits.memory_bytes }))
         .with_physical_optimizer_rule(Arc::new(deadline::Deadline(limits.timeout)))
         .build();
-    let ctx = SessionContext::new_with_state(state);
-    bounded::register(&ctx, limits.memory_bytes);
+    let mut ctx = SessionContext::new_with_state(state);
+    bounded::register(&mut ctx, limits.memory_bytes).map_err(|e| tables_error(e.to_string()))?;
     // Listings leave out the parts that a merge holds until they are deleted (storage::compact).
     let (store_url, store) = match storage {
         Location::Bucket(bucket) => (bucket.store_url(), bucket.client().map_err(|e| tables_error(e.to_string()))?),
@@ -293,7 +294,7 @@ pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, 
 
 async fn run_once(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
     let (ctx, query) = (ctx.clone(), query.to_string());
-    let mut task = AbortOnDrop(guard::pool()?.spawn(async move {
+    let mut task = AbortOnDrop(guard::pool()?.spawn(bounded::scope(async move {
         let frame = plan(&ctx, &query).await?;
         let task_ctx = Arc::new(frame.task_ctx());
         let plan = frame.create_physical_plan().await.map_err(classify)?;
@@ -308,7 +309,7 @@ async fn run_once(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>,
             batches.push(batch);
         }
         Ok(batches)
-    }));
+    })));
     (&mut task.0).await.map_err(|e| SqlError::Execution(format!("the query failed inside: {e}")))?
 }
 

@@ -100,6 +100,23 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         "SELECT lpad('x', 200000000) AS s",
         "SELECT rpad('x', 30000000, 'é€') AS s",
         "SELECT length(repeat(s, n)) FROM (VALUES ('ab', 40000000), ('c', 2)) t(s, n)",
+        "SELECT cardinality(array_repeat(1, 2000000000))",
+        "SELECT cardinality(range(1, 1000000000))",
+        "SELECT cardinality(generate_series(TIMESTAMP '2020-01-01', TIMESTAMP '2030-01-01', INTERVAL '1 second'))",
+        "SELECT cardinality(array_resize([1], 1000000000, 0))",
+        "SELECT length(replace(repeat('a', 1000000), 'a', repeat('b', 1000)))",
+        "SELECT length(regexp_replace(repeat('a', 1000000), '', repeat('x', 100), 'g'))",
+        "SELECT length(array_to_string(array_repeat('', 100000), repeat('x', 10000)))",
+        "SELECT cardinality(array_replace_all(array_repeat('a', 100000), 'a', repeat('x', 10000)))",
+        "SELECT length(concat_ws(repeat('x', 10000000), 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'))",
+        "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 10000000) AS s)",
+        "SELECT length(s || s || s || s || s || s || s || s) FROM (SELECT repeat('x', 10000000) AS s)",
+        "SELECT length(encode(encode(encode(encode(repeat('x', 10000000), 'hex'), 'hex'), 'hex'), 'hex'))",
+        "SELECT levenshtein(repeat('a', 100000), repeat('b', 100000))",
+        // Each call within the bound, together over it: the plan keeps every folded constant.
+        "SELECT repeat('x', 30000000) AS a, repeat('y', 30000000) AS b, repeat('z', 30000000) AS c",
+        // A constant repeated on every row of a table.
+        "SELECT s, n FROM (SELECT repeat('x', 100000) AS s, n FROM generate_series(1, 100000) t(n)) ORDER BY n",
     ] {
         let Err(err) = runtime().block_on(run(&ctx, query)) else { panic!("{query} answered") };
         assert!(matches!(err, SqlError::Limit(_)) && err.to_string().contains("query_memory_mib"), "{query}: {err}");
@@ -108,6 +125,33 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
     // Within the bound they answer as DataFusion's own functions do.
     let batches = runtime().block_on(run(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "a,b,c,d\nééé,007,x  ,2000\n");
+    let batches = runtime()
+        .block_on(run(
+            &ctx,
+            "SELECT cardinality(array_repeat('ab', 1000)) AS r, cardinality(generate_series(DATE '2020-01-01', DATE '2020-12-31', INTERVAL '1 day')) AS days, \
+             replace('a-b-c', '-', '--') AS rep, regexp_replace('a1b22', '([0-9]+)', '<$1>', 'g') AS re, array_to_string([1, 2, 3], ', ') AS joined, \
+             length(encode(repeat('x', 1000), 'hex')) AS hex, levenshtein('kitten', 'sitting') AS lev, now() IS NOT NULL AS now",
+        ))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(),
+        "r,days,rep,re,joined,hex,lev,now\n1000,366,a--b--c,a<1>b<22>,\"1, 2, 3\",2000,3,true\n"
+    );
+}
+
+/// `||` on text runs through the bound as a function, and answers exactly as the operator: NULL
+/// when either side is NULL, numbers as text, the operator's column names; on lists it stays
+/// `array_concat`.
+#[test]
+fn the_text_concatenation_operator_keeps_its_answers_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
+    let query = "SELECT 'a' || 'b' AS ab, NULL || 'x' AS n, 'x' || 1 AS num, t.s || '!', cardinality([1, 2] || [3]) AS l FROM (VALUES ('v')) t(s)";
+    let batches = runtime().block_on(run(&ctx, query)).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "ab,n,num,\"t.s || Utf8(\"\"!\"\")\",l\nab,,x1,v!,3\n");
+    let plan = runtime().block_on(run(&ctx, "EXPLAIN SELECT t.s || t.s FROM (VALUES ('v')) t(s)")).unwrap();
+    let plan = String::from_utf8(encode(&plan, Format::Csv).unwrap()).unwrap();
+    assert!(plan.contains("||(") && !plan.contains("StringConcat"), "{plan}");
 }
 
 #[test]
