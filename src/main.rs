@@ -743,7 +743,7 @@ fn run_sql(
             });
             match result {
                 Ok(bytes) => bytes,
-                Err(e @ (SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_) | SqlError::Limit(_))) => {
+                Err(e @ (SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Data(_) | SqlError::Timeout(_) | SqlError::Limit(_))) => {
                     eprintln!("error: {}", e.render(query));
                     return Ok(ExitCode::from(2));
                 }

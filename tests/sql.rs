@@ -106,6 +106,11 @@ fn http_answers_json_csv_and_arrow_with_auth_and_refuses_writes() {
     assert_eq!(status, 400);
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(error["error"].as_str().unwrap().contains("nope"), "{error}");
+    // A failure on the query's own values is the query's error too, not the server's.
+    for query in ["SELECT 1 / 0", "SELECT count(*) FROM news WHERE regexp_like(headline, '(a{1000}){1000}')"] {
+        let (status, body) = post(query, "application/json", "k3y-0123456789abcdef");
+        assert!(status == 400 && String::from_utf8_lossy(&body).contains("failed on a value"), "{query}: {status} {}", String::from_utf8_lossy(&body));
+    }
     for statement in forbidden() {
         let (status, body) = post(statement, "application/json", "k3y-0123456789abcdef");
         assert!(status == 403 || status == 400, "{statement}: {status} {}", String::from_utf8_lossy(&body));

@@ -297,7 +297,7 @@ async fn query(State(state): State<AppState>, _: Viewer, headers: axum::http::He
         Err(e) => {
             let status = match &e {
                 SqlError::Refused(_) => StatusCode::FORBIDDEN,
-                SqlError::Invalid { .. } | SqlError::Limit(_) => StatusCode::BAD_REQUEST,
+                SqlError::Invalid { .. } | SqlError::Data(_) | SqlError::Limit(_) => StatusCode::BAD_REQUEST,
                 SqlError::Timeout(_) | SqlError::Cancelled => StatusCode::REQUEST_TIMEOUT,
                 SqlError::Tables { .. } | SqlError::Execution(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };

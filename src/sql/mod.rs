@@ -46,6 +46,10 @@ pub enum SqlError {
     Cancelled,
     #[error("cannot open the tables under {path}: {reason}")]
     Tables { path: String, reason: String },
+    /// The query's own values made it fail: a division by zero, a cast or a regular expression
+    /// that cannot be made. The query's to change, as Postgres' data exceptions (class 22).
+    #[error("the query failed on a value: {0}")]
+    Data(String),
     #[error("query failed: {0}")]
     Execution(String),
 }
@@ -53,7 +57,12 @@ pub enum SqlError {
 impl Classified for SqlError {
     fn class(&self) -> ErrorClass {
         match self {
-            SqlError::Refused(_) | SqlError::Invalid { .. } | SqlError::Timeout(_) | SqlError::Limit(_) | SqlError::Cancelled => {
+            SqlError::Refused(_)
+            | SqlError::Invalid { .. }
+            | SqlError::Data(_)
+            | SqlError::Timeout(_)
+            | SqlError::Limit(_)
+            | SqlError::Cancelled => {
                 ErrorClass::User
             }
             SqlError::Tables { .. } => ErrorClass::External,
@@ -103,12 +112,31 @@ fn classify(error: DataFusionError) -> SqlError {
     if refused.iter().any(|r| message.contains(r)) {
         return SqlError::Refused(message);
     }
+    // Regex kernels report a pattern that does not compile as DataFusion's internal error.
+    let bad_pattern = ["Regular expression did not compile", "regex parse error"].iter().any(|p| message.contains(p));
     match error.find_root() {
         DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
             SqlError::Invalid { position: position(&error), message }
         }
+        DataFusionError::ArrowError(arrow, _) if data_exception(arrow) => SqlError::Data(message),
+        DataFusionError::Execution(_) => SqlError::Data(message),
+        _ if bad_pattern => SqlError::Data(message),
         _ => SqlError::Execution(message),
     }
+}
+
+/// Arrow errors that a query's values cause (not storage, I/O or memory).
+fn data_exception(error: &datafusion::arrow::error::ArrowError) -> bool {
+    use datafusion::arrow::error::ArrowError;
+    matches!(
+        error,
+        ArrowError::DivideByZero
+            | ArrowError::ArithmeticOverflow(_)
+            | ArrowError::CastError(_)
+            | ArrowError::ParseError(_)
+            | ArrowError::InvalidArgumentError(_)
+            | ArrowError::ComputeError(_)
+    )
 }
 
 /// A table's stored columns, as the stage that fills it writes them (DESIGN §3; reviewed copies in

@@ -139,6 +139,24 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
     );
 }
 
+/// Failures that the query's own values cause are the query's to change (a 400 over HTTP, exit 2 on
+/// the CLI), not the server's: DataFusion reports a regex too large to compile as its own bug.
+#[test]
+fn failures_on_the_querys_values_are_data_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
+    for query in [
+        "SELECT 1 / 0",
+        "SELECT CAST('soon' AS TIMESTAMP)",
+        "SELECT regexp_like(s, '(') FROM (VALUES ('a')) t(s)",
+        "SELECT regexp_like(s, '(a{1000}){1000}') FROM (VALUES ('a')) t(s)",
+        "SELECT to_timestamp(9223372036854775807)",
+    ] {
+        let err = runtime().block_on(run(&ctx, query)).unwrap_err();
+        assert!(matches!(err, SqlError::Data(_)) && err.class() == ErrorClass::User, "{query}: {err:?}");
+    }
+}
+
 /// `||` on text runs through the bound as a function, and answers exactly as the operator: NULL
 /// when either side is NULL, numbers as text, the operator's column names; on lists it stays
 /// `array_concat`.
