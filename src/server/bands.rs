@@ -24,7 +24,16 @@ struct BandQuery {
 impl BandQuery {
     fn parse(raw: &str) -> Result<BandQuery, String> {
         let mut q = BandQuery::default();
-        let instant = |v: &str| v.parse::<chrono::DateTime<chrono::Utc>>().map_err(|e| format!("{v:?} is not an RFC 3339 time: {e}"));
+        // Stories are dated 1970 on, and the tables' timestamps end in 2262 (nanoseconds in an i64):
+        // a `from` in year 1 had the window query fail inside with an overflow, as a 500.
+        let instant = |v: &str| {
+            let at = v.parse::<chrono::DateTime<chrono::Utc>>().map_err(|e| format!("{v:?} is not an RFC 3339 time: {e}"))?;
+            let (earliest, latest) = (chrono::DateTime::UNIX_EPOCH, chrono::DateTime::from_timestamp(9_214_646_400, 0).unwrap_or_default());
+            if at < earliest || at >= latest {
+                return Err(format!("{v:?} is outside 1970-01-01 to 2262-01-01"));
+            }
+            Ok(at)
+        };
         for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
             match key.as_ref() {
                 "topic" => q.topic = value.into_owned(),
@@ -68,4 +77,19 @@ pub async fn bands(State(state): State<AppState>, _: Viewer, RawQuery(raw): RawQ
         })
         .collect();
     Json(json!({ "rule": rule.name, "test": condition.test_name(), "metric": metric.as_str(), "windows": bands })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BandQuery;
+
+    #[test]
+    fn times_outside_the_tables_range_are_refused_by_name() {
+        let err = BandQuery::parse("topic=macro&from=0001-01-01T00:00:00Z").err().unwrap();
+        assert!(err.starts_with("from:") && err.contains("1970-01-01 to 2262-01-01"), "{err}");
+        let err = BandQuery::parse("topic=macro&to=9999-12-31T00:00:00Z").err().unwrap();
+        assert!(err.starts_with("to:"), "{err}");
+        let q = BandQuery::parse("topic=macro&from=1987-03-01T00:00:00Z&to=2261-12-31T23:00:00Z").unwrap();
+        assert_eq!(q.topic, "macro");
+    }
 }
