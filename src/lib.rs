@@ -13,6 +13,7 @@ pub mod learn;
 pub mod telemetry;
 pub mod news;
 pub mod pipeline;
+pub mod query_bounds;
 pub mod rng;
 pub mod server;
 pub mod sql;

@@ -28,17 +28,50 @@ fn read_only() -> SQLOptions {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread().build().map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())
+}
+
+/// Memory a rule's query may hold (joins, sorts, aggregates, any function's output): the rows it
+/// reads are the detector's recent windows, a few MB.
+const RULE_QUERY_MEMORY: usize = 64 << 20;
+
+/// Time a rule's query may run. It runs in the detector's turn, so a query that joins the windows
+/// with themselves thrice must not hold the pipeline.
+const RULE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A session over `windows`, bounded as the tables' SQL is (`query_bounds`) and within
+/// [`RULE_QUERY_MEMORY`].
+fn context(batches: Vec<RecordBatch>) -> Result<SessionContext, String> {
+    use datafusion::execution::memory_pool::GreedyMemoryPool;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use datafusion::execution::session_state::SessionStateBuilder;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(GreedyMemoryPool::new(RULE_QUERY_MEMORY)))
+        .build_arc()
+        .map_err(|e| e.to_string())?;
+    let state = SessionStateBuilder::new()
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(crate::query_bounds::NoBroadcast { memory_bytes: RULE_QUERY_MEMORY }))
+        .build();
+    let mut ctx = SessionContext::new_with_state(state);
+    crate::query_bounds::register(&mut ctx, RULE_QUERY_MEMORY).map_err(|e| e.to_string())?;
+    let table = MemTable::try_new(windows_schema(), vec![batches]).map_err(|e| e.to_string())?;
+    ctx.register_table("windows", Arc::new(table)).map_err(|e| e.to_string())?;
+    Ok(ctx)
 }
 
 fn run(rows: &[WindowRow], query: &str) -> Result<Vec<RecordBatch>, String> {
     let batch = windows_batch(rows).map_err(|e| e.to_string())?;
-    let table = MemTable::try_new(windows_schema(), vec![vec![batch]]).map_err(|e| e.to_string())?;
-    let ctx = SessionContext::new();
-    ctx.register_table("windows", Arc::new(table)).map_err(|e| e.to_string())?;
-    runtime()?.block_on(async {
+    let ctx = context(vec![batch])?;
+    let collect = crate::query_bounds::scope(async {
         let frame = ctx.sql_with_options(query, read_only()).await.map_err(|e| e.to_string())?;
         frame.collect().await.map_err(|e| e.to_string())
+    });
+    runtime()?.block_on(async {
+        tokio::time::timeout(RULE_QUERY_TIMEOUT, collect)
+            .await
+            .unwrap_or_else(|_| Err(format!("the query ran longer than {} s (a rule's query runs in the detector's turn)", RULE_QUERY_TIMEOUT.as_secs())))
     })
 }
 
@@ -49,10 +82,10 @@ pub fn validate(query: &str) -> Result<(), String> {
         Some(batch) => batch.schema(),
         None => {
             // No batch for an empty result: plan once more to see the output columns.
-            let ctx = SessionContext::new();
-            let table = MemTable::try_new(windows_schema(), vec![vec![]]).map_err(|e| e.to_string())?;
-            ctx.register_table("windows", Arc::new(table)).map_err(|e| e.to_string())?;
-            let frame = runtime()?.block_on(ctx.sql_with_options(query, read_only())).map_err(|e| e.to_string())?;
+            let ctx = context(vec![])?;
+            let frame = runtime()?
+                .block_on(crate::query_bounds::scope(ctx.sql_with_options(query, read_only())))
+                .map_err(|e| e.to_string())?;
             Arc::new(frame.schema().as_arrow().clone())
         }
     };
@@ -128,5 +161,19 @@ mod tests {
         ] {
             assert!(validate(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A rule's query runs in the detector's turn: one that would take gigabytes or minutes is an
+    /// error (the rule file is refused at load; a running rule's evaluation fails), not a stall.
+    #[test]
+    fn a_rules_query_is_bounded_in_memory_and_time() {
+        assert!(validate("SELECT topic FROM windows WHERE cardinality(array_repeat(1, 2000000000)) > 0").unwrap_err().contains("array_repeat"));
+        let rows: Vec<WindowRow> = (0..1500).map(|i| row(&format!("t{i}"), 10, 5)).collect();
+        let started = std::time::Instant::now();
+        let err = hits(&rows, "SELECT a.topic FROM windows a, windows b, windows c WHERE a.n + b.n + c.n < 0").unwrap_err();
+        assert!(err.contains("longer than") || err.contains("Resources exhausted"), "{err}");
+        assert!(started.elapsed() < RULE_QUERY_TIMEOUT * 3, "stopped after {:?}", started.elapsed());
+        let sorted = hits(&rows, "SELECT a.topic FROM windows a, windows b ORDER BY a.topic, b.topic").unwrap_err();
+        assert!(sorted.contains("Resources exhausted") || sorted.contains("longer than"), "{sorted}");
     }
 }

@@ -19,7 +19,6 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-pub mod bounded;
 pub mod deadline;
 pub mod guard;
 pub mod live;
@@ -179,11 +178,11 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
-        .with_physical_optimizer_rule(Arc::new(bounded::NoBroadcast { memory_bytes: limits.memory_bytes }))
+        .with_physical_optimizer_rule(Arc::new(crate::query_bounds::NoBroadcast { memory_bytes: limits.memory_bytes }))
         .with_physical_optimizer_rule(Arc::new(deadline::Deadline(limits.timeout)))
         .build();
     let mut ctx = SessionContext::new_with_state(state);
-    bounded::register(&mut ctx, limits.memory_bytes).map_err(|e| tables_error(e.to_string()))?;
+    crate::query_bounds::register(&mut ctx, limits.memory_bytes).map_err(|e| tables_error(e.to_string()))?;
     // Listings leave out the parts that a merge holds until they are deleted (storage::compact).
     let (store_url, store) = match storage {
         Location::Bucket(bucket) => (bucket.store_url(), bucket.client().map_err(|e| tables_error(e.to_string()))?),
@@ -322,7 +321,7 @@ pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, 
 
 async fn run_once(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, SqlError> {
     let (ctx, query) = (ctx.clone(), query.to_string());
-    let mut task = AbortOnDrop(guard::pool()?.spawn(bounded::scope(async move {
+    let mut task = AbortOnDrop(guard::pool()?.spawn(crate::query_bounds::scope(async move {
         let frame = plan(&ctx, &query).await?;
         let task_ctx = Arc::new(frame.task_ctx());
         let plan = frame.create_physical_plan().await.map_err(classify)?;

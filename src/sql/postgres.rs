@@ -104,7 +104,7 @@ impl ReadOnly {
     fn admit(&self, statement: &Statement, client: &(dyn ClientInfo + Send + Sync)) -> Result<Verdict, PgWireError> {
         let (pid, secret) = client.pid_and_secret_key();
         self.cancels.register(pid, secret.to_bytes().to_vec());
-        super::bounded::next_statement();
+        crate::query_bounds::next_statement();
         if let Some(error) = over_limit(statement) {
             return Err(error);
         }
@@ -246,7 +246,7 @@ async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
             continue;
         };
         let handlers = handlers.clone();
-        tokio::spawn(Cancels::scope(super::bounded::scope(async move {
+        tokio::spawn(Cancels::scope(crate::query_bounds::scope(async move {
             if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await {
                 tracing::debug!(%peer, error = %e, "postgres connection ended");
             }

@@ -1,4 +1,5 @@
-//! A bound on what one function call can allocate. The memory pool sees operators' state (sorts,
+//! A bound on what one DataFusion function call can allocate, for every SQL the process runs (the
+//! tables' SQL, alert rules' `kind = "sql"` conditions). The memory pool sees operators' state (sorts,
 //! joins, aggregates), not a function's output, and the planner folds constant calls while it plans,
 //! where no deadline runs yet: a few bytes of query (`repeat('x', 1e9)`, `array_repeat(1, 2e9)`,
 //! `range(1, 1e9)`, `replace(s, 'a', repeat('b', 1000))`, four nested `encode(…, 'hex')`) held a core
