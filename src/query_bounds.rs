@@ -69,7 +69,8 @@ enum Growth {
     /// `regexp_replace(text, pattern, replacement [, flags])`: every match (each position, with `g`)
     /// becomes the replacement, whose group references copy at most the whole text each.
     RegexpReplace,
-    /// `array_to_string(array, delimiter [, null])`: a delimiter (and null text) per element.
+    /// `array_to_string(array, delimiter [, null])`: a delimiter (and null text) per element of the
+    /// innermost lists.
     ArrayToString,
     /// `array_replace[_n|_all](array, from, to)`: each element may become `to`.
     ArrayReplace,
@@ -293,8 +294,9 @@ fn count(arg: Option<&ColumnarValue>, row: usize) -> u128 {
     arg.and_then(|a| integer(a, row)).map_or(0, |n| n.max(0) as u128)
 }
 
-/// Elements of row `row` of a list argument.
-fn list_len(arg: &ColumnarValue, row: usize) -> u128 {
+/// Elements of row `row` of a list argument: with `leaves`, those of the innermost lists (what
+/// `array_to_string` joins, nested lists flattened), else the top level's.
+fn list_len(arg: &ColumnarValue, row: usize, leaves: bool) -> u128 {
     let array = match arg {
         ColumnarValue::Scalar(value) => match value.to_array() {
             Ok(a) => a,
@@ -302,10 +304,36 @@ fn list_len(arg: &ColumnarValue, row: usize) -> u128 {
         },
         ColumnarValue::Array(a) => a.slice(row, 1),
     };
+    elements(array.as_ref(), leaves)
+}
+
+fn elements(array: &dyn Array, leaves: bool) -> u128 {
+    fn inner(values: &ArrayRef, first: i64, last: i64, leaves: bool) -> u128 {
+        let count = (last - first).max(0);
+        match leaves {
+            true if matches!(values.data_type(), DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)) => {
+                elements(values.slice(first as usize, count as usize).as_ref(), true)
+            }
+            _ => count as u128,
+        }
+    }
+    let len = array.len();
     match array.data_type() {
-        DataType::List(_) => array.as_list::<i32>().value_offsets().windows(2).map(|w| (w[1] - w[0]).max(0) as u128).sum(),
-        DataType::LargeList(_) => array.as_list::<i64>().value_offsets().windows(2).map(|w| (w[1] - w[0]).max(0) as u128).sum(),
-        DataType::FixedSizeList(_, n) => (*n).max(0) as u128 * array.len() as u128,
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let o = list.value_offsets();
+            inner(list.values(), o[0] as i64, o[len] as i64, leaves)
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let o = list.value_offsets();
+            inner(list.values(), o[0], o[len], leaves)
+        }
+        DataType::FixedSizeList(_, n) => {
+            let list = array.as_fixed_size_list();
+            let n = (*n).max(0) as i64;
+            inner(list.values(), list.offset() as i64 * n, (list.offset() + len) as i64 * n, leaves)
+        }
         _ => 0,
     }
 }
@@ -418,10 +446,10 @@ impl Bounded {
                 }
                 Growth::ArrayToString => {
                     let per_element = 24 + text_len(a.get(1), row) + text_len(a.get(2), row);
-                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row) * per_element)
+                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row, true) * per_element)
                 }
                 Growth::ArrayReplace => {
-                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row) * a.get(2).map_or(0, |t| value_bytes(t, row)))
+                    a.first().map_or(0, |l| value_bytes(l, row) + list_len(l, row, false) * a.get(2).map_or(0, |t| value_bytes(t, row)))
                 }
                 Growth::ConcatWs => {
                     let separators = a.len().saturating_sub(2) as u128 * text_len(a.first(), row);
@@ -786,5 +814,20 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for NoBroadcast {
 
     fn schema_check(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `array_to_string` joins the innermost elements of nested lists: its estimate counts them.
+    #[test]
+    fn nested_lists_count_their_innermost_elements() {
+        let inner = ScalarValue::new_list_nullable(&[ScalarValue::from("a"), ScalarValue::from("b"), ScalarValue::from("c")], &DataType::Utf8);
+        let outer = ScalarValue::new_list_nullable(&[ScalarValue::List(inner.clone()), ScalarValue::List(inner)], &DataType::new_list(DataType::Utf8, true));
+        let arg = ColumnarValue::Scalar(ScalarValue::List(outer));
+        assert_eq!(list_len(&arg, 0, false), 2);
+        assert_eq!(list_len(&arg, 0, true), 6);
     }
 }

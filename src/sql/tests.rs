@@ -107,6 +107,7 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         "SELECT length(replace(repeat('a', 1000000), 'a', repeat('b', 1000)))",
         "SELECT length(regexp_replace(repeat('a', 1000000), '', repeat('x', 100), 'g'))",
         "SELECT length(array_to_string(array_repeat('', 100000), repeat('x', 10000)))",
+        "SELECT length(array_to_string(array_repeat(array_repeat('', 1000), 1000), repeat('x', 1000)))",
         "SELECT cardinality(array_replace_all(array_repeat('a', 100000), 'a', repeat('x', 10000)))",
         "SELECT length(concat_ws(repeat('x', 10000000), 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'))",
         "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 10000000) AS s)",
@@ -129,7 +130,7 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         .block_on(run(
             &ctx,
             "SELECT cardinality(array_repeat('ab', 1000)) AS r, cardinality(generate_series(DATE '2020-01-01', DATE '2020-12-31', INTERVAL '1 day')) AS days, \
-             replace('a-b-c', '-', '--') AS rep, regexp_replace('a1b22', '([0-9]+)', '<$1>', 'g') AS re, array_to_string([1, 2, 3], ', ') AS joined, \
+             replace('a-b-c', '-', '--') AS rep, regexp_replace('a1b22', '([0-9]+)', '<$1>', 'g') AS re, array_to_string([[1, 2], [3]], ', ') AS joined, \
              length(encode(repeat('x', 1000), 'hex')) AS hex, levenshtein('kitten', 'sitting') AS lev, now() IS NOT NULL AS now",
         ))
         .unwrap();
