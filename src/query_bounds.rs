@@ -153,7 +153,9 @@ pub fn next_statement() {
 /// Notes a refused constant call for the planner's next simplification (see [`Constants`]).
 fn refuse_constant(error: DataFusionError) -> DataFusionError {
     if let DataFusionError::ResourcesExhausted(reason) = &error {
-        let _ = CONSTANTS.try_with(|made| made.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| reason.clone()).clone());
+        let _ = CONSTANTS.try_with(|made| {
+            made.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| reason.clone());
+        });
     }
     error
 }
@@ -621,7 +623,8 @@ impl ScalarUDFImpl for Bounded {
         if self.growth == Growth::Quadratic {
             let pairs = self.estimate(&args);
             if pairs > MAX_LEVENSHTEIN_PAIRS {
-                return Err(DataFusionError::ResourcesExhausted(format!(
+                // Time, not memory: the query's values are too long for the function.
+                return Err(DataFusionError::Execution(format!(
                     "{}() would compare {pairs} pairs of characters, more than the {MAX_LEVENSHTEIN_PAIRS} one call may",
                     self.name()
                 )));

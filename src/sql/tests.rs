@@ -113,7 +113,6 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 10000000) AS s)",
         "SELECT length(s || s || s || s || s || s || s || s) FROM (SELECT repeat('x', 10000000) AS s)",
         "SELECT length(encode(encode(encode(encode(repeat('x', 10000000), 'hex'), 'hex'), 'hex'), 'hex'))",
-        "SELECT levenshtein(repeat('a', 100000), repeat('b', 100000))",
         // Each call within the bound, together over it: the plan keeps every folded constant.
         "SELECT repeat('x', 30000000) AS a, repeat('y', 30000000) AS b, repeat('z', 30000000) AS c",
         // A constant repeated on every row of a table.
@@ -152,6 +151,7 @@ fn failures_on_the_querys_values_are_data_errors() {
         "SELECT regexp_like(s, '(') FROM (VALUES ('a')) t(s)",
         "SELECT regexp_like(s, '(a{1000}){1000}') FROM (VALUES ('a')) t(s)",
         "SELECT to_timestamp(9223372036854775807)",
+        "SELECT levenshtein(s, s) FROM (VALUES (repeat('a', 100000))) t(s)",
     ] {
         let err = runtime().block_on(run(&ctx, query)).unwrap_err();
         assert!(matches!(err, SqlError::Data(_)) && err.class() == ErrorClass::User, "{query}: {err:?}");
