@@ -191,40 +191,27 @@ fn variable_width(data_type: &DataType) -> bool {
 /// they reach (a slice counts only its own), fixed-width values by their width.
 fn array_bytes(array: &dyn Array) -> u128 {
     let len = array.len();
-    let offsets = |first: i64, last: i64, width: u128| (last - first).max(0) as u128 + width * len as u128;
     match array.data_type() {
-        DataType::Utf8 => {
-            let o = array.as_string::<i32>().value_offsets();
-            offsets(o[0] as i64, o[len] as i64, 4)
+        // The offsets from the array's own: the bytes between its first and last, and the offsets.
+        DataType::Utf8 | DataType::Binary => {
+            let data = array.to_data();
+            let o = data.buffer::<i32>(0);
+            (o[len] - o[0]).max(0) as u128 + 4 * len as u128
         }
-        DataType::LargeUtf8 => {
-            let o = array.as_string::<i64>().value_offsets();
-            offsets(o[0], o[len], 8)
-        }
-        DataType::Binary => {
-            let o = array.as_binary::<i32>().value_offsets();
-            offsets(o[0] as i64, o[len] as i64, 4)
-        }
-        DataType::LargeBinary => {
-            let o = array.as_binary::<i64>().value_offsets();
-            offsets(o[0], o[len], 8)
+        DataType::LargeUtf8 | DataType::LargeBinary => {
+            let data = array.to_data();
+            let o = data.buffer::<i64>(0);
+            (o[len] - o[0]).max(0) as u128 + 8 * len as u128
         }
         DataType::Utf8View => array.as_string_view().views().iter().map(|v| *v as u32 as u128 + 16).sum(),
         DataType::BinaryView => array.as_binary_view().views().iter().map(|v| *v as u32 as u128 + 16).sum(),
-        DataType::List(_) => {
-            let list = array.as_list::<i32>();
-            let o = list.value_offsets();
-            array_bytes(&list.values().slice(o[0] as usize, (o[len] - o[0]).max(0) as usize)) + 4 * len as u128
-        }
-        DataType::LargeList(_) => {
-            let list = array.as_list::<i64>();
-            let o = list.value_offsets();
-            array_bytes(&list.values().slice(o[0] as usize, (o[len] - o[0]).max(0) as usize)) + 8 * len as u128
-        }
-        DataType::FixedSizeList(_, n) => {
-            let list = array.as_fixed_size_list();
-            let n = (*n).max(0) as usize;
-            array_bytes(&list.values().slice(list.offset() * n, len * n))
+        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => {
+            let offset_width = match array.data_type() {
+                DataType::List(_) => 4,
+                DataType::LargeList(_) => 8,
+                _ => 0,
+            };
+            list_values(array).map_or(0, |values| array_bytes(values.as_ref())) + offset_width * len as u128
         }
         DataType::Struct(_) => array.as_struct().columns().iter().map(|c| array_bytes(c.as_ref())).sum(),
         DataType::Map(..) => {
@@ -236,6 +223,51 @@ fn array_bytes(array: &dyn Array) -> u128 {
             Some(width) => (width * len) as u128,
             None => array.get_array_memory_size() as u128,
         },
+    }
+}
+
+/// The values a list array's rows reach (a slice's own, not the whole child); `None` for another type.
+fn list_values(array: &dyn Array) -> Option<ArrayRef> {
+    let len = array.len();
+    let slice = |values: &ArrayRef, first: i64, last: i64| values.slice(first as usize, (last - first).max(0) as usize);
+    match array.data_type() {
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let o = list.value_offsets();
+            Some(slice(list.values(), o[0] as i64, o[len] as i64))
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let o = list.value_offsets();
+            Some(slice(list.values(), o[0], o[len]))
+        }
+        DataType::FixedSizeList(_, n) => {
+            let list = array.as_fixed_size_list();
+            let n = (*n).max(0) as i64;
+            Some(slice(list.values(), list.offset() as i64 * n, (list.offset() + len) as i64 * n))
+        }
+        _ => None,
+    }
+}
+
+/// Bytes of a call's argument or output: an array's values, a scalar's once per row of `rows`.
+fn columnar_bytes(value: &ColumnarValue, rows: usize) -> u128 {
+    match value {
+        ColumnarValue::Scalar(value) => scalar_bytes(value) * rows as u128,
+        ColumnarValue::Array(array) => array_bytes(array.as_ref()),
+    }
+}
+
+/// Whether every argument is a constant: the call the planner folds while it plans.
+fn constant(args: &[ColumnarValue]) -> bool {
+    args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)))
+}
+
+/// Row `row` of an argument as a one-row array (a scalar is every row).
+fn row_array(arg: &ColumnarValue, row: usize) -> Option<ArrayRef> {
+    match arg {
+        ColumnarValue::Scalar(value) => value.to_array().ok(),
+        ColumnarValue::Array(a) => Some(a.slice(row, 1)),
     }
 }
 
@@ -299,53 +331,22 @@ fn count(arg: Option<&ColumnarValue>, row: usize) -> u128 {
 /// Elements of row `row` of a list argument: with `leaves`, those of the innermost lists (what
 /// `array_to_string` joins, nested lists flattened), else the top level's.
 fn list_len(arg: &ColumnarValue, row: usize, leaves: bool) -> u128 {
-    let array = match arg {
-        ColumnarValue::Scalar(value) => match value.to_array() {
-            Ok(a) => a,
-            Err(_) => return 0,
-        },
-        ColumnarValue::Array(a) => a.slice(row, 1),
-    };
-    elements(array.as_ref(), leaves)
+    row_array(arg, row).map_or(0, |array| elements(array.as_ref(), leaves))
 }
 
 fn elements(array: &dyn Array, leaves: bool) -> u128 {
-    fn inner(values: &ArrayRef, first: i64, last: i64, leaves: bool) -> u128 {
-        let count = (last - first).max(0);
-        match leaves {
-            true if matches!(values.data_type(), DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)) => {
-                elements(values.slice(first as usize, count as usize).as_ref(), true)
-            }
-            _ => count as u128,
+    let Some(values) = list_values(array) else { return 0 };
+    match leaves {
+        true if matches!(values.data_type(), DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)) => {
+            elements(values.as_ref(), true)
         }
-    }
-    let len = array.len();
-    match array.data_type() {
-        DataType::List(_) => {
-            let list = array.as_list::<i32>();
-            let o = list.value_offsets();
-            inner(list.values(), o[0] as i64, o[len] as i64, leaves)
-        }
-        DataType::LargeList(_) => {
-            let list = array.as_list::<i64>();
-            let o = list.value_offsets();
-            inner(list.values(), o[0], o[len], leaves)
-        }
-        DataType::FixedSizeList(_, n) => {
-            let list = array.as_fixed_size_list();
-            let n = (*n).max(0) as i64;
-            inner(list.values(), list.offset() as i64 * n, (list.offset() + len) as i64 * n, leaves)
-        }
-        _ => 0,
+        _ => values.len() as u128,
     }
 }
 
 /// Row `row` of a date or timestamp argument in nanoseconds.
 fn instant_ns(arg: &ColumnarValue, row: usize) -> Option<i128> {
-    let array = match arg {
-        ColumnarValue::Scalar(value) => value.to_array().ok()?,
-        ColumnarValue::Array(a) => a.slice(row, 1),
-    };
+    let array = row_array(arg, row)?;
     if array.is_null(0) {
         return None;
     }
@@ -371,10 +372,7 @@ fn instant_ns(arg: &ColumnarValue, row: usize) -> Option<i128> {
 /// 1 when its parts point different ways.
 fn step_ns(arg: &ColumnarValue, row: usize) -> Option<i128> {
     const DAY: i128 = 23 * 3_600_000_000_000;
-    let array = match arg {
-        ColumnarValue::Scalar(value) => value.to_array().ok()?,
-        ColumnarValue::Array(a) => a.slice(row, 1),
-    };
+    let array = row_array(arg, row)?;
     if array.is_null(0) {
         return None;
     }
@@ -422,8 +420,7 @@ impl Bounded {
     /// The most bytes this call can produce (for `levenshtein`, character pairs to compare).
     fn estimate(&self, args: &ScalarFunctionArgs) -> u128 {
         let a = &args.args;
-        let all_scalar = a.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
-        let rows = if all_scalar { 1 } else { args.number_rows };
+        let rows = if constant(a) { 1 } else { args.number_rows };
         let per_row = |row: usize| -> u128 {
             match self.growth {
                 Growth::Repeat => text_len(a.first(), row) * count(a.get(1), row),
@@ -462,19 +459,13 @@ impl Bounded {
             }
         };
         match self.growth {
-            Growth::Inputs => a
-                .iter()
-                .map(|arg| match arg {
-                    ColumnarValue::Scalar(value) => scalar_bytes(value) * rows as u128,
-                    ColumnarValue::Array(array) => array_bytes(array.as_ref()),
-                })
-                .sum(),
+            Growth::Inputs => a.iter().map(|arg| columnar_bytes(arg, rows)).sum(),
             _ => (0..rows).map(per_row).sum(),
         }
     }
 
     fn max_bytes(&self, args: &ScalarFunctionArgs) -> usize {
-        if args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
+        if constant(&args.args) {
             self.memory_bytes.min(MAX_CALL_BYTES)
         } else {
             self.memory_bytes
@@ -634,17 +625,14 @@ impl ScalarUDFImpl for Bounded {
         if !variable_width(args.return_field.data_type()) {
             return self.inner.invoke_with_args(args);
         }
-        let args_all_scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let args_all_scalar = constant(&args.args);
         let refused = |error: DataFusionError| if args_all_scalar { refuse_constant(error) } else { error };
         let estimate = self.estimate(&args);
         if estimate > max_bytes as u128 {
             return Err(refused(self.refusal(estimate, max_bytes)));
         }
         let output = self.inner.invoke_with_args(args)?;
-        let produced = match &output {
-            ColumnarValue::Scalar(value) => scalar_bytes(value),
-            ColumnarValue::Array(array) => array_bytes(array.as_ref()),
-        };
+        let produced = columnar_bytes(&output, 1);
         if produced > max_bytes as u128 {
             return Err(refused(self.refusal(produced, max_bytes)));
         }
@@ -713,7 +701,7 @@ impl ScalarUDFImpl for ConcatOperator {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         use datafusion::physical_expr::expressions::{BinaryExpr as Physical, Column};
-        let all_scalar = args.args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let all_scalar = constant(&args.args);
         let rows = if all_scalar { 1 } else { args.number_rows };
         let arrays: Vec<ArrayRef> = args.args.iter().map(|a| a.to_array(rows)).collect::<Result<_>>()?;
         let fields: Vec<Field> = args.arg_fields.iter().enumerate().map(|(i, f)| f.as_ref().clone().with_name(format!("{i}"))).collect();
@@ -823,6 +811,21 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for NoBroadcast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slice counts only its own values: text, binary and lists alike.
+    #[test]
+    fn a_slice_counts_its_own_bytes() {
+        use datafusion::arrow::array::{BinaryArray, LargeStringArray, ListArray, StringArray};
+        use datafusion::arrow::datatypes::Int32Type;
+        let text = StringArray::from(vec!["a", "bcd", "efghij"]);
+        assert_eq!(array_bytes(&text), 10 + 3 * 4);
+        assert_eq!(array_bytes(&text.slice(1, 1)), 3 + 4);
+        assert_eq!(array_bytes(&LargeStringArray::from(vec!["ab", "cde"]).slice(1, 1)), 3 + 8);
+        assert_eq!(array_bytes(&BinaryArray::from(vec![b"xy".as_ref(), b"z".as_ref()]).slice(0, 1)), 2 + 4);
+        let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(vec![Some(vec![Some(1), Some(2)]), Some(vec![Some(3), Some(4), Some(5)])]);
+        assert_eq!(array_bytes(&lists.slice(1, 1)), 3 * 4 + 4);
+        assert_eq!(elements(&lists.slice(1, 1), false), 3);
+    }
 
     /// `array_to_string` joins the innermost elements of nested lists: its estimate counts them.
     #[test]
