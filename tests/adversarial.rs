@@ -143,7 +143,7 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     assert!(took < Duration::from_secs(20), "the 8 s deadline answered after {took:?}");
     assert!(slowest < Duration::from_secs(2), "/health took {slowest:?} while the join ran");
     let (ok, out) = psql(pg, explode);
-    assert!(!ok && (out.contains("longer than") || out.contains("Resources exhausted")), "{out}");
+    assert!(!ok && stopped(&out), "{out}");
 
     // A Postgres cancel request stops a running query long before its deadline.
     let mut client = postgres::Client::connect(&format!("host=127.0.0.1 port={pg} user=bearwatch password=pw dbname=bearwatch"), postgres::NoTls).unwrap();
@@ -172,6 +172,7 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
     canceller.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(7), "cancel took {:?}", started.elapsed());
     assert!(format!("{err:?}").contains("cancelled"), "{err:?}");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::QUERY_CANCELED), "{err:?}");
     // The connection stays usable after a cancel. A cancel sent just as the query ended may still
     // reach the server while the next query runs and cancel that one (Postgres says the same of its
     // cancel requests): one such stray cancel is allowed, then the connection must answer.
@@ -237,7 +238,7 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
             assert!(started.elapsed() < Duration::from_secs(5), "{query} refused after {:?}", started.elapsed());
         }
         let (ok, out) = psql(pg, "SELECT cardinality(array_repeat(1, 2000000000))");
-        assert!(!ok && out.contains("Resources exhausted"), "{out}");
+        assert!(!ok && out.contains("more memory than query_memory_mib"), "{out}");
         done.store(true, Ordering::SeqCst);
     });
     let grown = peak.load(Ordering::SeqCst).saturating_sub(rss_before);

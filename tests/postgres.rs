@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Pipeline, stories};
+use postgres::error::SqlState;
 
 const FORBIDDEN: &str = include_str!("sql/forbidden.sql");
 
@@ -96,13 +97,34 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     }
     assert!(panels >= 4);
 
+    // Each failure under the SQLSTATE Postgres gives it, with the message the HTTP API gives.
+    let failures = [
+        ("SELEC 1", SqlState::SYNTAX_ERROR, "Expected"),
+        ("SELECT no_such_column FROM news", SqlState::UNDEFINED_COLUMN, "no_such_column"),
+        ("SELECT 1 FROM no_such_table", SqlState::UNDEFINED_TABLE, "no_such_table"),
+        ("SELECT 1 / 0", SqlState::DIVISION_BY_ZERO, "the query failed on a value"),
+        ("SELECT CAST('abc' AS INT)", SqlState::INVALID_TEXT_REPRESENTATION, "the query failed on a value"),
+        ("SELECT regexp_like(headline, '(') FROM news", SqlState::INVALID_REGULAR_EXPRESSION, "the query failed on a value"),
+        ("SELECT cardinality(array_repeat(1, 2000000000))", SqlState::OUT_OF_MEMORY, "query_memory_mib"),
+        ("INSERT INTO news SELECT * FROM news", SqlState::READ_ONLY_SQL_TRANSACTION, "read only"),
+    ];
+    for (sql, code, message) in failures {
+        let err = client.query(sql, &[]).unwrap_err();
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err:?}"));
+        assert_eq!((db.code(), db.message().contains(message)), (&code, true), "{sql}: {db:?}");
+        let (ok, out) = psql(port, "s3cret", sql);
+        assert!(!ok && out.contains(message), "psql: {sql}: {out}");
+    }
+    assert!(client.query_one("SELECT 1", &[]).is_ok(), "the connection goes on after its failures");
+
     // `[server] query_timeout` bounds a query's execution on this interface too.
     let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";
     let started = Instant::now();
     let (ok, out) = psql(port, "s3cret", endless);
     assert!(!ok && out.contains("query ran longer than 2s"), "{out}");
     let err = client.query_one(endless, &[]).unwrap_err();
-    assert!(err.to_string().contains("query ran longer than 2s") || format!("{err:?}").contains("query ran longer than 2s"), "{err:?}");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err:?}"));
+    assert_eq!((db.code(), db.message()), (&SqlState::QUERY_CANCELED, "query ran longer than 2s"), "{db:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 
     run.signal("TERM");

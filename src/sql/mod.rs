@@ -99,8 +99,9 @@ fn position(error: &DataFusionError) -> Option<(usize, usize)> {
     Some((line, column))
 }
 
-fn classify(error: DataFusionError) -> SqlError {
-    if let Some(stopped) = deadline::stopped(&error) {
+fn classify(error: impl std::borrow::Borrow<DataFusionError>) -> SqlError {
+    let error = error.borrow();
+    if let Some(stopped) = deadline::stopped(error) {
         return stopped;
     }
     if let DataFusionError::ResourcesExhausted(reason) = error.find_root() {
@@ -111,16 +112,48 @@ fn classify(error: DataFusionError) -> SqlError {
     if refused.iter().any(|r| message.contains(r)) {
         return SqlError::Refused(message);
     }
-    // Regex kernels report a pattern that does not compile as DataFusion's internal error.
-    let bad_pattern = ["Regular expression did not compile", "regex parse error"].iter().any(|p| message.contains(p));
     match error.find_root() {
         DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
-            SqlError::Invalid { position: position(&error), message }
+            SqlError::Invalid { position: position(error), message }
         }
         DataFusionError::ArrowError(arrow, _) if data_exception(arrow) => SqlError::Data(message),
         DataFusionError::Execution(_) => SqlError::Data(message),
-        _ if bad_pattern => SqlError::Data(message),
+        _ if bad_pattern(&message) => SqlError::Data(message),
         _ => SqlError::Execution(message),
+    }
+}
+
+/// Regex kernels report a pattern that does not compile as DataFusion's internal error.
+fn bad_pattern(message: &str) -> bool {
+    ["Regular expression did not compile", "regex parse error"].iter().any(|p| message.contains(p))
+}
+
+/// The Postgres SQLSTATE of `error` once classified as `sql`, so that a Postgres client (a driver,
+/// Grafana, psql's `\errverbose`) tells a typo, a bad value, a limit and a timeout apart the way it
+/// would against Postgres, rather than seeing every failure as `XX000` (internal).
+pub fn sqlstate(error: &DataFusionError, sql: &SqlError) -> &'static str {
+    use datafusion::arrow::error::ArrowError;
+    use datafusion::common::SchemaError;
+    match (sql, error.find_root()) {
+        (SqlError::Refused(_), _) => "25006",
+        (SqlError::Invalid { .. }, DataFusionError::SQL(..)) => "42601",
+        (SqlError::Invalid { .. }, DataFusionError::SchemaError(e, _)) if matches!(**e, SchemaError::FieldNotFound { .. }) => "42703",
+        (SqlError::Invalid { .. }, DataFusionError::Plan(message)) if message.starts_with("table '") && message.ends_with("' not found") => "42P01",
+        (SqlError::Invalid { .. }, DataFusionError::NotImplemented(_)) => "0A000",
+        (SqlError::Invalid { .. }, _) => "42000",
+        (SqlError::Data(_), DataFusionError::ArrowError(arrow, _)) => match **arrow {
+            ArrowError::DivideByZero => "22012",
+            ArrowError::ArithmeticOverflow(_) => "22003",
+            ArrowError::CastError(_) | ArrowError::ParseError(_) => "22P02",
+            _ => "22000",
+        },
+        (SqlError::Data(message), _) if bad_pattern(message) => "2201B",
+        (SqlError::Data(_), _) => "22000",
+        (SqlError::Timeout(_) | SqlError::Cancelled, _) => "57014",
+        (SqlError::Limit(_), DataFusionError::ResourcesExhausted(_)) => "53200",
+        (SqlError::Limit(_), _) => "54000",
+        (SqlError::Tables { .. }, _) => "58030",
+        (SqlError::Execution(_), _) => "XX000",
     }
 }
 

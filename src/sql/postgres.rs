@@ -10,9 +10,11 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use datafusion::common::{DFSchema, ParamValues};
+use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::parser::ParserError;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::hooks::cursor::CursorStatementHook;
@@ -23,7 +25,7 @@ use datafusion_postgres::pgwire::api::auth::{AuthSource, DefaultServerParameterP
 use datafusion_postgres::pgwire::api::cancel::CancelHandler;
 use datafusion_postgres::pgwire::messages::cancel::CancelRequest;
 use datafusion_postgres::pgwire::api::results::{Response, Tag};
-use datafusion_postgres::pgwire::api::{ClientInfo, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::{ClientInfo, ErrorHandler, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::{DfSessionService, QueryHook};
 
@@ -201,6 +203,26 @@ impl CancelHandler for CancelByKey {
     }
 }
 
+/// Failures that datafusion-postgres passes on as they came (each one `XX000`, internal): sent with
+/// the message and class the HTTP API gives them, under Postgres' own SQLSTATE for that failure.
+struct Sqlstates;
+
+impl ErrorHandler for Sqlstates {
+    fn on_error<C: ClientInfo>(&self, _: &C, error: &mut PgWireError) {
+        let PgWireError::ApiError(inner) = error else { return };
+        let info = if let Some(failure) = inner.downcast_ref::<DataFusionError>() {
+            let sql = super::classify(failure);
+            ErrorInfo::new("ERROR".into(), super::sqlstate(failure, &sql).into(), sql.to_string())
+        } else if let Some(syntax) = inner.downcast_ref::<ParserError>() {
+            ErrorInfo::new("ERROR".into(), "42601".into(), syntax.to_string())
+        } else {
+            return;
+        };
+        tracing::debug!(code = %info.code, message = %info.message, "postgres query failed");
+        *error = PgWireError::UserError(Box::new(info));
+    }
+}
+
 struct Handlers {
     session: Arc<DfSessionService>,
     startup: Arc<CleartextPasswordAuthStartupHandler<ConfiguredUser, DefaultServerParameterProvider>>,
@@ -222,6 +244,10 @@ impl PgWireServerHandlers for Handlers {
 
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
         self.cancel.clone()
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(Sqlstates)
     }
 }
 
