@@ -123,6 +123,11 @@ fn classify(error: impl std::borrow::Borrow<DataFusionError>) -> SqlError {
     }
 }
 
+/// A part listed at planning was deleted before it was read (a merge replaced it).
+fn part_went_away(message: &str) -> bool {
+    message.contains("Object at location") && message.contains("not found")
+}
+
 /// Regex kernels report a pattern that does not compile as DataFusion's internal error.
 fn bad_pattern(message: &str) -> bool {
     ["Regular expression did not compile", "regex parse error"].iter().any(|p| message.contains(p))
@@ -153,6 +158,9 @@ pub fn sqlstate(error: &DataFusionError, sql: &SqlError) -> &'static str {
         (SqlError::Limit(_), DataFusionError::ResourcesExhausted(_)) => "53200",
         (SqlError::Limit(_), _) => "54000",
         (SqlError::Tables { .. }, _) => "58030",
+        // What Postgres answers when concurrent writes made a query's snapshot stale: clients
+        // that retry (connection pools, ORMs) run it again, and it sees the merged part.
+        (SqlError::Execution(message), _) if part_went_away(message) => "40001",
         (SqlError::Execution(_), _) => "XX000",
     }
 }
@@ -344,7 +352,7 @@ pub async fn run(ctx: &SessionContext, query: &str) -> Result<Vec<RecordBatch>, 
         // A part listed at planning was deleted before it was read: a merge holds its rows now
         // (storage::compact deletes a merge's inputs a few seconds after the merge appears). A
         // query only reads, so it runs again on a fresh listing, once.
-        Err(SqlError::Execution(message)) if message.contains("Object at location") && message.contains("not found") => {
+        Err(SqlError::Execution(message)) if part_went_away(&message) => {
             tracing::debug!(%message, "a part went away during the query; running it again");
             run_once(ctx, query).await
         }

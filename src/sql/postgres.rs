@@ -212,7 +212,12 @@ impl ErrorHandler for Sqlstates {
         let PgWireError::ApiError(inner) = error else { return };
         let info = if let Some(failure) = inner.downcast_ref::<DataFusionError>() {
             let sql = super::classify(failure);
-            ErrorInfo::new("ERROR".into(), super::sqlstate(failure, &sql).into(), sql.to_string())
+            let code = super::sqlstate(failure, &sql);
+            let mut info = ErrorInfo::new("ERROR".into(), code.into(), sql.to_string());
+            if code == "40001" {
+                info.hint = Some("a merge replaced a part of the tables while the query ran: run it again".into());
+            }
+            info
         } else if let Some(syntax) = inner.downcast_ref::<ParserError>() {
             ErrorInfo::new("ERROR".into(), "42601".into(), syntax.to_string())
         } else {

@@ -285,6 +285,11 @@ fn a_part_gone_between_listing_and_reading_runs_the_query_again() {
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
     let store = Arc::new(GoneOnce { inner: Arc::new(object_store::local::LocalFileSystem::new()), gone: false.into() });
     ctx.register_object_store(&url::Url::parse("file://").unwrap(), store.clone());
+    // Over the Postgres wire, which runs a query once, the failure asks the client to run it again.
+    let failure = runtime().block_on(async { ctx.sql("SELECT count(*) FROM alerts").await?.collect().await }).unwrap_err();
+    assert_eq!(super::sqlstate(&failure, &super::classify(&failure)), "40001", "{failure}");
+
+    store.gone.store(false, std::sync::atomic::Ordering::SeqCst);
     let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM alerts")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
     assert!(store.gone.load(std::sync::atomic::Ordering::SeqCst), "the first read found nothing");
