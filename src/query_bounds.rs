@@ -758,22 +758,14 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for NoBroadcast {
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
         use datafusion::common::stats::Precision;
         use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-        use datafusion::physical_expr::expressions::Literal;
         let batch_rows = usize::from(config.execution.batch_size) as u128;
         let statistics = datafusion::physical_plan::statistics::StatisticsContext::new();
         let whole = datafusion::physical_plan::statistics::StatisticsArgs::new();
         plan.apply(|node| {
             let mut literal_bytes: u128 = 0;
             node.apply_expressions(&mut |expr| {
-                expr.apply(|sub| {
-                    if let Some(literal) = sub.downcast_ref::<Literal>() {
-                        let bytes = scalar_bytes(literal.value());
-                        if bytes > BROADCAST_LITERAL_BYTES {
-                            literal_bytes += bytes;
-                        }
-                    }
-                    Ok(TreeNodeRecursion::Continue)
-                })
+                literal_bytes += repeated_literal_bytes(expr);
+                Ok(TreeNodeRecursion::Continue)
             })?;
             if literal_bytes == 0 {
                 return Ok(TreeNodeRecursion::Continue);
@@ -806,6 +798,43 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for NoBroadcast {
     fn schema_check(&self) -> bool {
         true
     }
+}
+
+/// Bytes of the large literals in `expr` that evaluating it copies onto every row. A literal that
+/// a comparison, `LIKE` or a regular expression's pattern reads as one value (Arrow compares
+/// against a scalar) is never copied: `WHERE id = '<300 KB>'` holds one 300 KB value, not 8,192.
+fn repeated_literal_bytes(expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr>) -> u128 {
+    use datafusion::physical_expr::expressions::{BinaryExpr, LikeExpr, Literal};
+    if let Some(literal) = expr.downcast_ref::<Literal>() {
+        let bytes = scalar_bytes(literal.value());
+        return if bytes > BROADCAST_LITERAL_BYTES { bytes } else { 0 };
+    }
+    let like = expr.downcast_ref::<LikeExpr>().is_some();
+    let read_as_scalar = |operand: usize| match expr.downcast_ref::<BinaryExpr>().map(|b| *b.op()) {
+        _ if like => true,
+        Some(
+            Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+            | Operator::LikeMatch
+            | Operator::ILikeMatch
+            | Operator::NotLikeMatch
+            | Operator::NotILikeMatch,
+        ) => true,
+        Some(Operator::RegexMatch | Operator::RegexIMatch | Operator::RegexNotMatch | Operator::RegexNotIMatch) => operand == 1,
+        _ => false,
+    };
+    expr.children()
+        .into_iter()
+        .enumerate()
+        .filter(|(operand, child)| !(read_as_scalar(*operand) && child.downcast_ref::<Literal>().is_some()))
+        .map(|(_, child)| repeated_literal_bytes(child))
+        .sum()
 }
 
 #[cfg(test)]

@@ -137,6 +137,12 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(),
         "r,days,rep,re,joined,hex,lev,now\n1000,366,a--b--c,a<1>b<22>,\"1, 2, 3\",2000,3,true\n"
     );
+    // A large constant that every row is compared with is read once, not repeated on each row
+    // (the feedback API looks up an id as long as a caller sends).
+    let query = "SELECT count(*) AS n FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) = repeat('7', 300000) \
+                 OR CAST(n AS VARCHAR) LIKE repeat('7', 300000) OR CAST(n AS VARCHAR) ~ repeat('7', 20000)";
+    let batches = runtime().block_on(run(&ctx, query)).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
 }
 
 /// Failures that the query's own values cause are the query's to change (a 400 over HTTP, exit 2 on
