@@ -65,6 +65,15 @@ fn hostile_pages_and_feedback_floods_are_refused_or_bounded() {
         assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("allowed_hosts"), "{answer}");
     }
     assert_eq!(count("label_feedback"), expect(0), "nothing was written");
+    // Ids no table holds, as long as the body allows: not found, and not sent back whole.
+    let long = "x".repeat(300_000);
+    for (path, body) in [
+        ("/api/feedback/labels", serde_json::json!({"story_id": long, "head": "sentiment", "label": "neutral"})),
+        ("/api/feedback/verdicts", serde_json::json!({"alert_id": long, "verdict": "noise"})),
+    ] {
+        let (status, _, body) = post(&[("Content-Type", "application/json")], path, &body.to_string());
+        assert!(status == 404 && body.len() < 400 && body.contains("300000 characters"), "{path}: {status} {}", &body[..body.len().min(400)]);
+    }
     // The page this server serves (same origin) writes.
     let same_origin = format!("http://127.0.0.1:{http}");
     let (status, _, body) = post(&[json, ("Origin", same_origin.as_str())], "/api/feedback/labels", label);

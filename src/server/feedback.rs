@@ -69,6 +69,15 @@ impl Classified for FeedbackFailure {
     }
 }
 
+/// An id as an answer quotes it: its first 100 characters, so that a made-up id of a megabyte is
+/// not sent back whole.
+fn quoted(id: &str) -> String {
+    match id.char_indices().nth(100) {
+        Some((end, _)) => format!("{:?}… ({} characters)", &id[..end], id.chars().count()),
+        None => format!("{id:?}"),
+    }
+}
+
 fn item(index: usize) -> impl FnOnce(FeedbackError) -> FeedbackFailure {
     move |source| FeedbackFailure::Item { item: index + 1, source }
 }
@@ -87,7 +96,7 @@ pub async fn record_labels(
     let mut hashes = Vec::with_capacity(requests.len());
     for (i, request) in requests.iter().enumerate() {
         let story = match &request.story_id {
-            Some(id) => Some(stories.get(id).ok_or_else(|| item(i)(FeedbackError::NotFound(format!("no story {id:?} in the news table"))))?),
+            Some(id) => Some(stories.get(id).ok_or_else(|| item(i)(FeedbackError::NotFound(format!("no story {} in the news table", quoted(id)))))?),
             None => None,
         };
         hashes.push(feedback::text_hash(&request.text(story).map_err(item(i))?));
@@ -125,7 +134,7 @@ pub async fn record_verdicts(
     let created_at = chrono::Utc::now();
     for (i, request) in requests.into_iter().enumerate() {
         let Some(rule) = rules.get(&request.alert_id).cloned() else {
-            return Err(item(i)(FeedbackError::NotFound(format!("no alert {:?} in the alerts table", request.alert_id))));
+            return Err(item(i)(FeedbackError::NotFound(format!("no alert {} in the alerts table", quoted(&request.alert_id)))));
         };
         let alert_id = request.alert_id.clone();
         let row = request.into_row(rule, service.rules_hash.clone(), analyst, latest.get(&alert_id).cloned(), created_at).map_err(item(i))?;
