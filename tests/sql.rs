@@ -45,6 +45,12 @@ fn the_cli_answers_over_stored_tables_and_refuses_writes() {
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rows, serde_json::json!([{"n": 600}]));
 
+    // Every column of a table, lists included (`tickers`), and a list made by the query, as CSV.
+    let (code, out, err) = sql(&["--storage", &storage, "--format", "csv", "SELECT * FROM news"]);
+    assert!(code == 0 && out.starts_with("id,") && out.contains(",tickers,"), "{err}{}", &out[..out.len().min(300)]);
+    let (code, out, err) = sql(&["--storage", &storage, "--format", "csv", "SELECT string_to_array('Oil falls', ' ') AS words"]);
+    assert_eq!((code, out.as_str()), (0, "words\n\"[\"\"Oil\"\",\"\"falls\"\"]\"\n"), "{err}");
+
     let (code, _, err) = sql(&["--storage", &storage, "SELECT headline\nFROM news\nWHER topic = 'energy'"]);
     assert_eq!(code, 2);
     assert!(err.contains("Line: 3") && err.trim_end().ends_with('^'), "the position is shown: {err}");

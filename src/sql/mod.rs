@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
@@ -460,8 +461,8 @@ fn formula_like(cell: &str) -> bool {
 /// The batch with every text cell that starts like a formula prefixed with `'`, so that a
 /// spreadsheet shows a headline such as `=HYPERLINK(…)` as text instead of running it. Numbers
 /// are not text columns and keep their sign.
-fn csv_safe(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
-    use datafusion::arrow::array::{ArrayRef, AsArray, StringArray};
+fn csv_safe(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    use datafusion::arrow::array::AsArray;
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     let mut fields = Vec::with_capacity(batch.num_columns());
     for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
@@ -471,9 +472,60 @@ fn csv_safe(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error
                 text.as_string::<i32>().iter().map(|cell| cell.map(|c| if formula_like(c) { format!("'{c}") } else { c.to_string() })).collect();
             columns.push(Arc::new(safe));
             fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
+        } else if field.data_type().is_nested() {
+            // Arrow's CSV writer has no form for lists, structs or maps (`news.tickers`): their JSON.
+            columns.push(Arc::new(json_cells(field, column)?));
+            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
         } else {
             columns.push(column.clone());
             fields.push(field.as_ref().clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// Each cell of `column` as its JSON text (`["XOM","CVX"]`, `{"a":1}`); where JSON has no form for
+/// the column (a map keyed by numbers or dates), as Arrow displays it.
+fn json_cells(field: &datafusion::arrow::datatypes::FieldRef, column: &ArrayRef) -> Result<StringArray, ArrowError> {
+    use datafusion::arrow::json::writer::{EncoderOptions, make_encoder};
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let options = EncoderOptions::default();
+    let present = |row: usize| column.is_valid(row);
+    match make_encoder(field, column.as_ref(), &options) {
+        Ok(mut encoder) => Ok((0..column.len())
+            .map(|row| {
+                present(row).then(|| {
+                    let mut out = Vec::new();
+                    encoder.encode(row, &mut out);
+                    String::from_utf8_lossy(&out).into_owned()
+                })
+            })
+            .collect()),
+        Err(_) => {
+            let shown = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())?;
+            Ok((0..column.len()).map(|row| present(row).then(|| shown.value(row).to_string())).collect())
+        }
+    }
+}
+
+/// The batch with every column that Arrow's JSON writer cannot write (a map keyed by anything but
+/// text) as text, so that one such column does not fail the whole answer.
+fn json_ready(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    use datafusion::arrow::json::writer::{EncoderOptions, make_encoder};
+    let options = EncoderOptions::default();
+    let schema = batch.schema();
+    if schema.fields().iter().zip(batch.columns()).all(|(field, column)| make_encoder(field, column.as_ref(), &options).is_ok()) {
+        return Ok(batch.clone());
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if make_encoder(field, column.as_ref(), &options).is_ok() {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+        } else {
+            columns.push(Arc::new(json_cells(field, column)?));
+            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
         }
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
@@ -498,7 +550,7 @@ pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlErr
         Format::Json => {
             let mut writer = datafusion::arrow::json::ArrayWriter::new(Vec::new());
             for batch in batches {
-                writer.write(batch).map_err(failed)?;
+                writer.write(&json_ready(batch).map_err(failed)?).map_err(failed)?;
             }
             writer.finish().map_err(failed)?;
             let mut out = writer.into_inner();

@@ -179,6 +179,22 @@ fn the_text_concatenation_operator_keeps_its_answers_and_names() {
     assert!(plan.contains("||(") && !plan.contains("StringConcat"), "{plan}");
 }
 
+/// Lists, structs and maps (the news table's `tickers`) are CSV cells of JSON text; a map keyed by
+/// numbers, which JSON cannot key, is its displayed text in either format.
+#[test]
+fn nested_values_are_written_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
+    let query = "SELECT ['XOM', 'CVX'] AS l, named_struct('a', 1, 'b', 'x') AS s, map(['k'], [1]) AS m, map([1], [2]) AS n, \
+                 CAST(NULL AS VARCHAR[]) AS none, 7 AS i";
+    let batches = runtime().block_on(run(&ctx, query)).unwrap();
+    let csv = String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap();
+    assert_eq!(csv, "l,s,m,n,none,i\n\"[\"\"XOM\"\",\"\"CVX\"\"]\",\"{\"\"a\"\":1,\"\"b\"\":\"\"x\"\"}\",\"{\"\"k\"\":1}\",{1: 2},,7\n");
+    let json = String::from_utf8(encode(&batches, Format::Json).unwrap()).unwrap();
+    assert_eq!(json, r#"[{"l":["XOM","CVX"],"s":{"a":1,"b":"x"},"m":{"k":1},"n":"{1: 2}","i":7}]"#);
+    assert!(encode(&batches, Format::Table).is_ok() && encode(&batches, Format::Arrow).is_ok());
+}
+
 #[test]
 fn csv_text_cells_that_start_like_formulas_are_neutralised() {
     let dir = tempfile::tempdir().unwrap();
