@@ -532,7 +532,9 @@ fn json_ready(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
 }
 
 pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
-    let failed = |e: datafusion::arrow::error::ArrowError| SqlError::Execution(e.to_string());
+    // A value the query made that no format can write (a timestamp in a time zone that does not
+    // exist, as `from_unixtime(0, 'x')` makes) is the query's to change.
+    let failed = |e: ArrowError| if data_exception(&e) { SqlError::Data(e.to_string()) } else { SqlError::Execution(e.to_string()) };
     match format {
         Format::Table => {
             let shown = batches.iter().map(table_cells).collect::<Result<Vec<_>, _>>().map_err(failed)?;

@@ -193,6 +193,11 @@ fn nested_values_are_written_in_every_format() {
     let json = String::from_utf8(encode(&batches, Format::Json).unwrap()).unwrap();
     assert_eq!(json, r#"[{"l":["XOM","CVX"],"s":{"a":1,"b":"x"},"m":{"k":1},"n":"{1: 2}","i":7}]"#);
     assert!(encode(&batches, Format::Table).is_ok() && encode(&batches, Format::Arrow).is_ok());
+    // A value that no text format can write is the query's error.
+    let batches = runtime().block_on(run(&ctx, "SELECT from_unixtime(0, 'nowhere') AS t")).unwrap();
+    for format in [Format::Csv, Format::Json, Format::Table] {
+        assert!(matches!(encode(&batches, format), Err(SqlError::Data(_))), "{format:?}");
+    }
 }
 
 #[test]
