@@ -107,6 +107,8 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
         ("SELECT regexp_like(headline, '(') FROM news", SqlState::INVALID_REGULAR_EXPRESSION, "the query failed on a value"),
         ("SELECT cardinality(array_repeat(1, 2000000000))", SqlState::OUT_OF_MEMORY, "query_memory_mib"),
         ("INSERT INTO news SELECT * FROM news", SqlState::READ_ONLY_SQL_TRANSACTION, "read only"),
+        ("SELECT map(['k'], [1]) AS m", SqlState::FEATURE_NOT_SUPPORTED, "has no Postgres type"),
+        ("SELECT from_unixtime(0, 'nowhere') AS t", SqlState::INVALID_TEXT_REPRESENTATION, "the query failed on a value"),
     ];
     for (sql, code, message) in failures {
         let err = client.query(sql, &[]).unwrap_err();

@@ -138,7 +138,6 @@ fn bad_pattern(message: &str) -> bool {
 /// Grafana, psql's `\errverbose`) tells a typo, a bad value, a limit and a timeout apart the way it
 /// would against Postgres, rather than seeing every failure as `XX000` (internal).
 pub fn sqlstate(error: &DataFusionError, sql: &SqlError) -> &'static str {
-    use datafusion::arrow::error::ArrowError;
     use datafusion::common::SchemaError;
     match (sql, error.find_root()) {
         (SqlError::Refused(_), _) => "25006",
@@ -147,12 +146,7 @@ pub fn sqlstate(error: &DataFusionError, sql: &SqlError) -> &'static str {
         (SqlError::Invalid { .. }, DataFusionError::Plan(message)) if message.starts_with("table '") && message.ends_with("' not found") => "42P01",
         (SqlError::Invalid { .. }, DataFusionError::NotImplemented(_)) => "0A000",
         (SqlError::Invalid { .. }, _) => "42000",
-        (SqlError::Data(_), DataFusionError::ArrowError(arrow, _)) => match **arrow {
-            ArrowError::DivideByZero => "22012",
-            ArrowError::ArithmeticOverflow(_) => "22003",
-            ArrowError::CastError(_) | ArrowError::ParseError(_) => "22P02",
-            _ => "22000",
-        },
+        (SqlError::Data(_), DataFusionError::ArrowError(arrow, _)) => arrow_sqlstate(arrow),
         (SqlError::Data(message), _) if bad_pattern(message) => "2201B",
         (SqlError::Data(_), _) => "22000",
         (SqlError::Timeout(_) | SqlError::Cancelled, _) => "57014",
@@ -163,6 +157,16 @@ pub fn sqlstate(error: &DataFusionError, sql: &SqlError) -> &'static str {
         // that retry (connection pools, ORMs) run it again, and it sees the merged part.
         (SqlError::Execution(message), _) if part_went_away(message) => "40001",
         (SqlError::Execution(_), _) => "XX000",
+    }
+}
+
+/// The SQLSTATE of an Arrow error that [`data_exception`] calls the query's.
+fn arrow_sqlstate(error: &ArrowError) -> &'static str {
+    match error {
+        ArrowError::DivideByZero => "22012",
+        ArrowError::ArithmeticOverflow(_) => "22003",
+        ArrowError::CastError(_) | ArrowError::ParseError(_) => "22P02",
+        _ => "22000",
     }
 }
 

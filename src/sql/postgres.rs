@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use datafusion::common::{DFSchema, ParamValues};
+use datafusion::arrow::error::ArrowError;
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
 use datafusion::prelude::SessionContext;
@@ -209,6 +210,17 @@ struct Sqlstates;
 
 impl ErrorHandler for Sqlstates {
     fn on_error<C: ClientInfo>(&self, _: &C, error: &mut PgWireError) {
+        // A result column of a type the wire encoding has no Postgres type for (a map, a list of
+        // lists): arrow-pg's own error, sent as XX000; it is the query's to change.
+        if let PgWireError::UserError(info) = error
+            && info.code == "XX000"
+            && (info.message.starts_with("Unsupported Datatype") || info.message.starts_with("Unsupported List Datatype"))
+        {
+            info.code = "0A000".into();
+            info.message = format!("a result column has no Postgres type: {}", info.message);
+            info.hint = Some("cast it to text (CAST(x AS VARCHAR)), or ask over HTTP for JSON or Arrow".into());
+            return;
+        }
         let PgWireError::ApiError(inner) = error else { return };
         let info = if let Some(failure) = inner.downcast_ref::<DataFusionError>() {
             let sql = super::classify(failure);
@@ -218,6 +230,9 @@ impl ErrorHandler for Sqlstates {
                 info.hint = Some("a merge replaced a part of the tables while the query ran: run it again".into());
             }
             info
+        } else if let Some(arrow) = inner.downcast_ref::<ArrowError>().filter(|e| super::data_exception(e)) {
+            // A value the encoding cannot write (a timestamp in a time zone that does not exist).
+            ErrorInfo::new("ERROR".into(), super::arrow_sqlstate(arrow).into(), SqlError::Data(arrow.to_string()).to_string())
         } else if let Some(syntax) = inner.downcast_ref::<ParserError>() {
             ErrorInfo::new("ERROR".into(), "42601".into(), syntax.to_string())
         } else {
