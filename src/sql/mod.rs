@@ -536,9 +536,16 @@ fn json_ready(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
 }
 
 pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
-    // A value the query made that no format can write (a timestamp in a time zone that does not
-    // exist, as `from_unixtime(0, 'x')` makes) is the query's to change.
-    let failed = |e: ArrowError| if data_exception(&e) { SqlError::Data(e.to_string()) } else { SqlError::Execution(e.to_string()) };
+    // A value the query made that a format cannot write (a timestamp in a time zone that does not
+    // exist, as `from_unixtime(0, 'x')` makes, or past the calendar's range) is the query's to
+    // change. Writing into memory, the CSV and JSON writers fail on nothing else.
+    let failed = |e: ArrowError| {
+        if data_exception(&e) || matches!(e, ArrowError::CsvError(_) | ArrowError::JsonError(_)) {
+            SqlError::Data(e.to_string())
+        } else {
+            SqlError::Execution(e.to_string())
+        }
+    };
     match format {
         Format::Table => {
             let shown = batches.iter().map(table_cells).collect::<Result<Vec<_>, _>>().map_err(failed)?;

@@ -198,6 +198,8 @@ fn nested_values_are_written_in_every_format() {
     for format in [Format::Csv, Format::Json, Format::Table] {
         assert!(matches!(encode(&batches, format), Err(SqlError::Data(_))), "{format:?}");
     }
+    let batches = runtime().block_on(run(&ctx, "SELECT to_timestamp_millis(-9223372036854775808) AS t")).unwrap();
+    assert!(matches!(encode(&batches, Format::Csv), Err(SqlError::Data(_))));
 }
 
 #[test]
