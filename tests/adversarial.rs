@@ -231,11 +231,10 @@ fn hostile_sql_on_every_interface_ends_in_errors_while_the_pipeline_ingests() {
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
+        // Refused, not run: one that ran would pass the RSS bound, or the 8 s deadline (a 408).
         for query in growing {
-            let started = Instant::now();
             let (status, body) = post_sql(http, query);
             assert!(status == 400 && body.contains("query_memory_mib"), "{query}: {status} {body}");
-            assert!(started.elapsed() < Duration::from_secs(5), "{query} refused after {:?}", started.elapsed());
         }
         let (ok, out) = psql(pg, "SELECT cardinality(array_repeat(1, 2000000000))");
         assert!(!ok && out.contains("more memory than query_memory_mib"), "{out}");

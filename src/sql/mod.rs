@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
-use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
@@ -171,8 +171,7 @@ fn arrow_sqlstate(error: &ArrowError) -> &'static str {
 }
 
 /// Arrow errors that a query's values cause (not storage, I/O or memory).
-fn data_exception(error: &datafusion::arrow::error::ArrowError) -> bool {
-    use datafusion::arrow::error::ArrowError;
+fn data_exception(error: &ArrowError) -> bool {
     matches!(
         error,
         ArrowError::DivideByZero

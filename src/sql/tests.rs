@@ -94,7 +94,6 @@ fn a_table_cuts_long_cells_and_the_other_formats_keep_them_whole() {
 fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    let started = std::time::Instant::now();
     for query in [
         "SELECT repeat('x', 100000000) AS s",
         "SELECT lpad('x', 200000000) AS s",
@@ -118,10 +117,10 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         // A constant repeated on every row of a table.
         "SELECT s, n FROM (SELECT repeat('x', 100000) AS s, n FROM generate_series(1, 100000) t(n)) ORDER BY n",
     ] {
+        // A refusal, not a timeout: a query that ran would allocate gigabytes or meet the 10 s deadline.
         let Err(err) = runtime().block_on(run(&ctx, query)) else { panic!("{query} answered") };
         assert!(matches!(err, SqlError::Limit(_)) && err.to_string().contains("query_memory_mib"), "{query}: {err}");
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "refusals took {:?}", started.elapsed());
     // Within the bound they answer as DataFusion's own functions do.
     let batches = runtime().block_on(run(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d")).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "a,b,c,d\nééé,007,x  ,2000\n");
