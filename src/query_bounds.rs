@@ -76,8 +76,18 @@ enum Growth {
     ArrayReplace,
     /// `concat_ws(separator, text…)`: a separator between every two.
     ConcatWs,
-    /// Anything else: output within a small factor of the inputs.
-    Inputs,
+    /// `string_to_array(text, delimiter [, null])`: a piece per delimiter found (per character for a
+    /// NULL delimiter), each with a 16-byte view.
+    Split,
+    /// `upper/lower/initcap(text)`: ASCII text keeps its size; Unicode case mappings grow a
+    /// character up to threefold ('ΐ', 2 bytes, upper-cases to three characters of 6).
+    Case,
+    /// `translate(text, from, to)`: ASCII into ASCII keeps the size; else each character may become
+    /// one of 4 bytes.
+    Translate,
+    /// Anything else: output within this factor of the inputs' bytes, the most the function can
+    /// grow them (1 for most; a hex encoding or a date format more).
+    Inputs(u8),
     /// `levenshtein(a, b)`: time ∝ len(a) × len(b).
     Quadratic,
 }
@@ -96,7 +106,13 @@ impl Growth {
             "array_replace" | "array_replace_n" | "array_replace_all" => Growth::ArrayReplace,
             "concat_ws" => Growth::ConcatWs,
             "levenshtein" => Growth::Quadratic,
-            _ => Growth::Inputs,
+            "string_to_array" => Growth::Split,
+            // `%+` writes 25 characters for 2: a format's specifiers expand at most about 13-fold.
+            "to_char" | "date_format" => Growth::Inputs(16),
+            "translate" => Growth::Translate,
+            "upper" | "lower" | "initcap" => Growth::Case,
+            "encode" | "to_hex" => Growth::Inputs(2),
+            _ => Growth::Inputs(1),
         }
     }
 }
@@ -454,12 +470,31 @@ impl Bounded {
                     let separators = a.len().saturating_sub(2) as u128 * text_len(a.first(), row);
                     a.iter().skip(1).map(|v| value_bytes(v, row)).sum::<u128>() + separators
                 }
+                Growth::Split => {
+                    let Some(whole) = a.first().and_then(|t| text(t, row)) else { return 8 };
+                    let pieces = match a.get(1).map(|d| (d, text(d, row))) {
+                        Some((_, Some(""))) => 1,
+                        Some((_, Some(delimiter))) => whole.matches(delimiter).count() + 1,
+                        // A NULL delimiter (a text one that is null in this row, or no text at all).
+                        _ => whole.chars().count(),
+                    };
+                    whole.len() as u128 + 16 * pieces as u128 + 8
+                }
+                Growth::Case => {
+                    let whole = a.first().and_then(|t| text(t, row)).unwrap_or("");
+                    whole.len() as u128 * if whole.is_ascii() { 1 } else { 3 }
+                }
+                Growth::Translate => {
+                    let whole = a.first().and_then(|t| text(t, row)).unwrap_or("");
+                    let ascii = whole.is_ascii() && a.get(2).and_then(|t| text(t, row)).is_none_or(str::is_ascii);
+                    whole.len() as u128 * if ascii { 1 } else { 4 }
+                }
                 Growth::Quadratic => text_len(a.first(), row) * text_len(a.get(1), row),
-                Growth::Inputs => unreachable!("estimated from the whole inputs"),
+                Growth::Inputs(_) => unreachable!("estimated from the whole inputs"),
             }
         };
         match self.growth {
-            Growth::Inputs => a.iter().map(|arg| columnar_bytes(arg, rows)).sum(),
+            Growth::Inputs(factor) => u128::from(factor) * a.iter().map(|arg| columnar_bytes(arg, rows)).sum::<u128>(),
             _ => (0..rows).map(per_row).sum(),
         }
     }

@@ -112,6 +112,11 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         "SELECT length(concat(s, s, s, s, s, s, s, s)) FROM (SELECT repeat('x', 10000000) AS s)",
         "SELECT length(s || s || s || s || s || s || s || s) FROM (SELECT repeat('x', 10000000) AS s)",
         "SELECT length(encode(encode(encode(encode(repeat('x', 10000000), 'hex'), 'hex'), 'hex'), 'hex'))",
+        "SELECT cardinality(string_to_array(repeat('a', 20000000), NULL))",
+        "SELECT cardinality(string_to_array(repeat('a,', 10000000), ','))",
+        "SELECT length(upper(repeat('ß', 15000000)))",
+        "SELECT length(translate(repeat('a', 20000000), 'a', '€'))",
+        "SELECT length(to_char(to_timestamp(n), repeat('%A', 2000))) FROM generate_series(1, 8192) t(n)",
         // Each call within the bound, together over it: the plan keeps every folded constant.
         "SELECT repeat('x', 30000000) AS a, repeat('y', 30000000) AS b, repeat('z', 30000000) AS c",
         // A constant repeated on every row of a table.
@@ -136,6 +141,11 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(),
         "r,days,rep,re,joined,hex,lev,now\n1000,366,a--b--c,a<1>b<22>,\"1, 2, 3\",2000,3,true\n"
     );
+    // Estimates that look at the values: ASCII keeps its size, an absent delimiter makes one piece.
+    let batches = runtime()
+        .block_on(run(&ctx, "SELECT length(upper(repeat('a', 15000000))) AS u, cardinality(string_to_array(repeat('a', 15000000), ',')) AS pieces"))
+        .unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "u,pieces\n15000000,1\n");
     // A large constant that every row is compared with is read once, not repeated on each row
     // (the feedback API looks up an id as long as a caller sends).
     let query = "SELECT count(*) AS n FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) = repeat('7', 300000) \
