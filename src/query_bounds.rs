@@ -51,6 +51,26 @@ const BROADCAST_LITERAL_BYTES: u128 = 4096;
 /// Most character pairs one `levenshtein` call may compare (about a second of a core).
 const MAX_LEVENSHTEIN_PAIRS: u128 = 1 << 30;
 
+/// Longest regular expression or `LIKE`/`SIMILAR TO` pattern, in bytes. Compiling one of megabytes
+/// took 9 s and 1 GB before the regex crate's size limit refused it (parsing comes first); a
+/// query's own text holds at most 64 KiB, so only a computed pattern (`repeat(…)`) comes near.
+const MAX_PATTERN_BYTES: u128 = 64 << 10;
+
+/// Fails when a row of `pattern` (a scalar: once) is longer than [`MAX_PATTERN_BYTES`]: a value
+/// error, as a pattern that does not compile is.
+fn check_pattern(pattern: &ColumnarValue, rows: usize) -> Result<()> {
+    if columnar_bytes(pattern, 1) <= MAX_PATTERN_BYTES {
+        return Ok(());
+    }
+    let rows = if matches!(pattern, ColumnarValue::Scalar(_)) { 1 } else { rows };
+    match (0..rows).map(|row| text_len(Some(pattern), row)).max() {
+        Some(longest) if longest > MAX_PATTERN_BYTES => Err(DataFusionError::Execution(format!(
+            "a pattern or regular expression of {longest} bytes, more than the {MAX_PATTERN_BYTES} one may have"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// How a function's output size follows from its arguments, where not from their sizes alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
@@ -122,6 +142,8 @@ struct Bounded {
     inner: ScalarUDF,
     growth: Growth,
     memory_bytes: usize,
+    /// The argument a `regexp_*` function compiles.
+    pattern: Option<usize>,
 }
 
 /// Wraps every scalar function of `ctx`, and `||` on text, to refuse outputs over `memory_bytes`
@@ -133,7 +155,8 @@ pub fn register(ctx: &mut SessionContext, memory_bytes: usize) -> Result<()> {
     for function in functions {
         SessionContext::register_udf(ctx, wrap(function.as_ref().clone(), memory_bytes));
     }
-    ctx.register_function_rewrite(Arc::new(ConcatOperatorRewrite { memory_bytes }))
+    ctx.register_function_rewrite(Arc::new(ConcatOperatorRewrite { memory_bytes }))?;
+    ctx.register_function_rewrite(Arc::new(PatternRewrite))
 }
 
 /// What the running statement's constant calls have made, where a query runs in [`scope`].
@@ -178,7 +201,8 @@ fn refuse_constant(error: DataFusionError) -> DataFusionError {
 
 fn wrap(inner: ScalarUDF, memory_bytes: usize) -> ScalarUDF {
     let growth = Growth::of(inner.name());
-    ScalarUDF::new_from_impl(Bounded { inner, growth, memory_bytes })
+    let pattern = inner.name().starts_with("regexp_").then_some(1);
+    ScalarUDF::new_from_impl(Bounded { inner, growth, memory_bytes, pattern })
 }
 
 /// Types whose values vary in size: the only outputs that can grow.
@@ -587,7 +611,8 @@ impl ScalarUDFImpl for Bounded {
     }
 
     /// `concat` and `concat_ws` join their literal arguments while planning, without a call:
-    /// held to the bound of a constant call here.
+    /// held to the bound of a constant call here. `regexp_like` simplifies into `~`, after the
+    /// rewrites have run: its pattern is guarded here.
     fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
         let literal = |e: &Expr| match e {
             Expr::Literal(value, _) => scalar_bytes(value),
@@ -604,7 +629,13 @@ impl ScalarUDFImpl for Bounded {
         if let Some(reason) = CONSTANTS.try_with(|made| made.refused.lock().unwrap_or_else(|e| e.into_inner()).clone()).ok().flatten() {
             return Err(DataFusionError::ResourcesExhausted(reason));
         }
-        self.inner.simplify(args, info)
+        match self.inner.simplify(args, info)? {
+            ExprSimplifyResult::Simplified(expr) if self.pattern.is_some() => {
+                use datafusion::common::tree_node::TreeNode;
+                Ok(ExprSimplifyResult::Simplified(expr.transform_up(guard_pattern)?.data))
+            }
+            other => Ok(other),
+        }
     }
 
     fn preimage(
@@ -661,6 +692,9 @@ impl ScalarUDFImpl for Bounded {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        if let Some(pattern) = self.pattern.and_then(|index| args.args.get(index)) {
+            check_pattern(pattern, args.number_rows)?;
+        }
         let max_bytes = self.max_bytes(&args);
         if self.growth == Growth::Quadratic {
             let pairs = self.estimate(&args);
@@ -792,6 +826,86 @@ impl FunctionRewrite for ConcatOperatorRewrite {
         let function = Arc::new(wrap(ScalarUDF::new_from_impl(ConcatOperator::new()), self.memory_bytes));
         Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(function, vec![*left, *right]))))
     }
+}
+
+/// The pattern of `~`, `LIKE` or `SIMILAR TO` on its way to the operator, held to
+/// [`MAX_PATTERN_BYTES`]: DataFusion compiles such patterns into regular expressions (`LIKE` too,
+/// unless it is a prefix, suffix or substring), and the operators call no function to wrap. Value,
+/// type and column name are the pattern's own; a literal pattern is checked once, while planning.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PatternGuard {
+    signature: Signature,
+}
+
+const PATTERN_GUARD: &str = "bounded_pattern";
+
+impl ScalarUDFImpl for PatternGuard {
+    fn name(&self) -> &str {
+        PATTERN_GUARD
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        arg_types.first().cloned().ok_or_else(|| DataFusionError::Plan(format!("{PATTERN_GUARD} takes one argument")))
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        Ok(args.first().map(|a| a.schema_name().to_string()).unwrap_or_default())
+    }
+
+    /// A literal pattern over the bound fails the query while planning (a failed constant call
+    /// would otherwise be kept for run time, its literal in the plan).
+    fn simplify(&self, args: Vec<Expr>, _: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        if let [Expr::Literal(value, _)] = args.as_slice() {
+            check_pattern(&ColumnarValue::Scalar(value.clone()), 1)?;
+        }
+        Ok(ExprSimplifyResult::Original(args))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let pattern = args.args.into_iter().next().ok_or_else(|| DataFusionError::Plan(format!("{PATTERN_GUARD} takes one argument")))?;
+        check_pattern(&pattern, args.number_rows)?;
+        Ok(pattern)
+    }
+}
+
+/// Puts [`PatternGuard`] around the pattern of every `~`, `~*`, `!~`, `!~*`, `LIKE`, `ILIKE` and
+/// `SIMILAR TO`.
+#[derive(Debug)]
+struct PatternRewrite;
+
+impl FunctionRewrite for PatternRewrite {
+    fn name(&self) -> &str {
+        "bearwatch_bounded_pattern"
+    }
+
+    fn rewrite(&self, expr: Expr, _: &DFSchema, _: &ConfigOptions) -> Result<Transformed<Expr>> {
+        guard_pattern(expr)
+    }
+}
+
+/// `expr` with [`PatternGuard`] around its pattern, when it is a pattern-matching operator.
+fn guard_pattern(expr: Expr) -> Result<Transformed<Expr>> {
+    let guarded = |pattern: Box<Expr>| -> Box<Expr> {
+        let guard = Arc::new(ScalarUDF::new_from_impl(PatternGuard { signature: Signature::any(1, Volatility::Immutable) }));
+        Box::new(Expr::ScalarFunction(ScalarFunction::new_udf(guard, vec![*pattern])))
+    };
+    let done = |pattern: &Expr| matches!(pattern, Expr::ScalarFunction(f) if f.name() == PATTERN_GUARD);
+    Ok(match expr {
+        Expr::BinaryExpr(BinaryExpr { ref right, .. }) if done(right) => Transformed::no(expr),
+        Expr::Like(ref like) | Expr::SimilarTo(ref like) if done(&like.pattern) => Transformed::no(expr),
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(op, Operator::RegexMatch | Operator::RegexIMatch | Operator::RegexNotMatch | Operator::RegexNotIMatch) =>
+        {
+            Transformed::yes(Expr::BinaryExpr(BinaryExpr { left, op, right: guarded(right) }))
+        }
+        Expr::Like(like) => Transformed::yes(Expr::Like(datafusion::logical_expr::Like { pattern: guarded(like.pattern), ..like })),
+        Expr::SimilarTo(like) => Transformed::yes(Expr::SimilarTo(datafusion::logical_expr::Like { pattern: guarded(like.pattern), ..like })),
+        other => Transformed::no(other),
+    })
 }
 
 /// Refuses a plan in which an operator would repeat large literals on every row of its input: a

@@ -149,7 +149,7 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
     // A large constant that every row is compared with is read once, not repeated on each row
     // (the feedback API looks up an id as long as a caller sends).
     let query = "SELECT count(*) AS n FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) = repeat('7', 300000) \
-                 OR CAST(n AS VARCHAR) LIKE repeat('7', 300000) OR CAST(n AS VARCHAR) ~ repeat('7', 20000)";
+                 OR CAST(n AS VARCHAR) <> repeat('7', 300000) AND CAST(n AS VARCHAR) LIKE repeat('7', 20000) OR CAST(n AS VARCHAR) ~ repeat('7', 20000)";
     let batches = runtime().block_on(run(&ctx, query)).unwrap();
     assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
 }
@@ -171,6 +171,32 @@ fn failures_on_the_querys_values_are_data_errors() {
         let err = runtime().block_on(run(&ctx, query)).unwrap_err();
         assert!(matches!(err, SqlError::Data(_)) && err.class() == ErrorClass::User, "{query}: {err:?}");
     }
+}
+
+/// Patterns are compiled into regular expressions (`LIKE` too, past a prefix or substring): one of
+/// megabytes, made by a function or per row, fails as a value error before it is compiled, and
+/// patterns within the bound answer with the operators' own names.
+#[test]
+fn patterns_longer_than_the_bound_fail_before_they_are_compiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&dir.path().into(), limits(), None).unwrap();
+    for query in [
+        "SELECT regexp_like('x', repeat('ab', 5000000))",
+        "SELECT regexp_match(s, repeat('(a)', 100000)) FROM (VALUES ('a')) t(s)",
+        "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s ~ repeat('ab', 500000)",
+        "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s !~* repeat(s, 100000)",
+        "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s LIKE repeat('a%', 500000)",
+        "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s ILIKE repeat('_', 100000)",
+        "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s SIMILAR TO repeat('ab', 500000)",
+        "SELECT count(*) FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) LIKE repeat('7%', 100000)",
+    ] {
+        let err = runtime().block_on(run(&ctx, query)).unwrap_err();
+        assert!(matches!(err, SqlError::Data(_)) && err.to_string().contains("65536"), "{query}: {err:?}");
+    }
+    let query = "SELECT s LIKE 'a%' AS l, s ~ 'b' AS r, s NOT ILIKE 'X%' AS n, s SIMILAR TO '(a|z)bc', regexp_like(s, 'C', 'i') AS f \
+                 FROM (VALUES ('abc')) t(s)";
+    let batches = runtime().block_on(run(&ctx, query)).unwrap();
+    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "l,r,n,\"t.s SIMILAR TO Utf8(\"\"(a|z)bc\"\")\",f\ntrue,true,true,true,true\n");
 }
 
 /// `||` on text runs through the bound as a function, and answers exactly as the operator: NULL
