@@ -15,7 +15,9 @@
 //!
 //! So no call allocates more than a small multiple of the bound. `levenshtein`, quadratic in time,
 //! refuses pairs of texts whose product of lengths would hold a query thread for more than a second
-//! or so (a kernel does not see the deadline until it returns).
+//! or so (a kernel does not see the deadline until it returns). Regular expressions and `LIKE` /
+//! `SIMILAR TO` patterns, which are compiled before they match, hold at most
+//! [`MAX_PATTERN_BYTES`] (see [`PatternGuard`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
