@@ -305,6 +305,16 @@ fn constant(args: &[ColumnarValue]) -> bool {
     args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_)))
 }
 
+/// Rows a call produces: one for a call of constants, however many rows its batch has.
+fn call_rows(args: &ScalarFunctionArgs) -> usize {
+    if constant(&args.args) { 1 } else { args.number_rows }
+}
+
+/// `~`, `~*`, `!~` and `!~*`: the operators that compile their right operand into a regex.
+fn regex_operator(op: &Operator) -> bool {
+    matches!(op, Operator::RegexMatch | Operator::RegexIMatch | Operator::RegexNotMatch | Operator::RegexNotIMatch)
+}
+
 /// Row `row` of an argument as a one-row array (a scalar is every row).
 fn row_array(arg: &ColumnarValue, row: usize) -> Option<ArrayRef> {
     match arg {
@@ -462,7 +472,7 @@ impl Bounded {
     /// The most bytes this call can produce (for `levenshtein`, character pairs to compare).
     fn estimate(&self, args: &ScalarFunctionArgs) -> u128 {
         let a = &args.args;
-        let rows = if constant(a) { 1 } else { args.number_rows };
+        let rows = call_rows(args);
         let per_row = |row: usize| -> u128 {
             match self.growth {
                 Growth::Repeat => text_len(a.first(), row) * count(a.get(1), row),
@@ -530,13 +540,13 @@ impl Bounded {
     /// a text scan a third slower).
     fn ceiling(&self, args: &ScalarFunctionArgs) -> Option<u128> {
         let a = &args.args;
-        let rows = if constant(a) { 1 } else { args.number_rows } as u128;
-        let text_bytes = || a.first().map_or(0, |t| columnar_bytes(t, rows as usize));
+        let rows = call_rows(args);
+        let text_bytes = || a.first().map_or(0, |t| columnar_bytes(t, rows));
         match self.growth {
             Growth::Case => Some(3 * text_bytes()),
             Growth::Translate => Some(4 * text_bytes()),
             // At most a piece per byte, and one more per row.
-            Growth::Split => Some(17 * text_bytes() + 24 * rows),
+            Growth::Split => Some(17 * text_bytes() + 24 * rows as u128),
             _ => None,
         }
     }
@@ -791,7 +801,7 @@ impl ScalarUDFImpl for ConcatOperator {
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         use datafusion::physical_expr::expressions::{BinaryExpr as Physical, Column};
         let all_scalar = constant(&args.args);
-        let rows = if all_scalar { 1 } else { args.number_rows };
+        let rows = call_rows(&args);
         let arrays: Vec<ArrayRef> = args.args.iter().map(|a| a.to_array(rows)).collect::<Result<_>>()?;
         let fields: Vec<Field> = args.arg_fields.iter().enumerate().map(|(i, f)| f.as_ref().clone().with_name(format!("{i}"))).collect();
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?;
@@ -900,7 +910,7 @@ fn guard_pattern(expr: Expr) -> Result<Transformed<Expr>> {
         Expr::BinaryExpr(BinaryExpr { ref right, .. }) if done(right) => Transformed::no(expr),
         Expr::Like(ref like) | Expr::SimilarTo(ref like) if done(&like.pattern) => Transformed::no(expr),
         Expr::BinaryExpr(BinaryExpr { left, op, right })
-            if matches!(op, Operator::RegexMatch | Operator::RegexIMatch | Operator::RegexNotMatch | Operator::RegexNotIMatch) =>
+            if regex_operator(&op) =>
         {
             Transformed::yes(Expr::BinaryExpr(BinaryExpr { left, op, right: guarded(right) }))
         }
@@ -995,7 +1005,7 @@ fn repeated_literal_bytes(expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr
             | Operator::NotLikeMatch
             | Operator::NotILikeMatch,
         ) => true,
-        Some(Operator::RegexMatch | Operator::RegexIMatch | Operator::RegexNotMatch | Operator::RegexNotIMatch) => operand == 1,
+        Some(op) if regex_operator(&op) => operand == 1,
         _ => false,
     };
     expr.children()

@@ -8,8 +8,10 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, FieldRef, Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::writer::{EncoderOptions, make_encoder};
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
@@ -431,15 +433,42 @@ impl std::fmt::Write for CappedCell {
     }
 }
 
-/// `batch` as text columns with long cells cut at [`MAX_TABLE_CELL_CHARS`], saying so.
-fn table_cells(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
-    use datafusion::arrow::array::{Array, ArrayRef, StringArray};
-    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
-    use std::fmt::Write as _;
-    let options = FormatOptions::default();
+/// `batch` with each column that `as_text` writes as text replaced by those cells (a text column of
+/// the same name); the others as they are. How the table, CSV and JSON answers make a column they
+/// cannot write as it is into one they can.
+fn with_text_columns(
+    batch: &RecordBatch,
+    as_text: impl Fn(&FieldRef, &ArrayRef) -> Result<Option<StringArray>, ArrowError>,
+) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     let mut fields = Vec::with_capacity(batch.num_columns());
-    for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        match as_text(field, column)? {
+            Some(text) => {
+                columns.push(Arc::new(text));
+                fields.push(field.as_ref().clone().with_data_type(DataType::Utf8).with_nullable(true));
+            }
+            None => {
+                columns.push(column.clone());
+                fields.push(field.as_ref().clone());
+            }
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+}
+
+/// Each cell of `column` as Arrow displays it.
+fn displayed(column: &ArrayRef) -> Result<StringArray, ArrowError> {
+    let shown = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())?;
+    Ok((0..column.len()).map(|row| column.is_valid(row).then(|| shown.value(row).to_string())).collect())
+}
+
+/// `batch` as text columns with long cells cut at [`MAX_TABLE_CELL_CHARS`], saying so.
+fn table_cells(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    use std::fmt::Write as _;
+    let options = FormatOptions::default();
+    with_text_columns(batch, |_, column| {
         let formatter = ArrayFormatter::try_new(column.as_ref(), &options)?;
         let cells = (0..column.len()).map(|row| {
             if column.is_null(row) {
@@ -450,10 +479,8 @@ fn table_cells(batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::er
             let _ = write!(cell, "{}", formatter.value(row));
             Some(if cell.cut { format!("{}… (cut at {MAX_TABLE_CELL_CHARS} characters)", cell.text) } else { cell.text })
         });
-        columns.push(Arc::new(cells.collect::<StringArray>()));
-        fields.push(datafusion::arrow::datatypes::Field::new(field.name(), DataType::Utf8, true));
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        Ok(Some(cells.collect()))
+    })
 }
 
 /// Whether a spreadsheet would read a CSV cell as a formula (OWASP's CSV injection rule).
@@ -466,72 +493,43 @@ fn formula_like(cell: &str) -> bool {
 /// are not text columns and keep their sign.
 fn csv_safe(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     use datafusion::arrow::array::AsArray;
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-    let mut fields = Vec::with_capacity(batch.num_columns());
-    for (column, field) in batch.columns().iter().zip(batch.schema().fields()) {
+    with_text_columns(batch, |field, column| {
         if matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
             let text = datafusion::arrow::compute::cast(column, &DataType::Utf8)?;
-            let safe: StringArray =
-                text.as_string::<i32>().iter().map(|cell| cell.map(|c| if formula_like(c) { format!("'{c}") } else { c.to_string() })).collect();
-            columns.push(Arc::new(safe));
-            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
+            Ok(Some(text.as_string::<i32>().iter().map(|cell| cell.map(|c| if formula_like(c) { format!("'{c}") } else { c.to_string() })).collect()))
         } else if field.data_type().is_nested() {
             // Arrow's CSV writer has no form for lists, structs or maps (`news.tickers`): their JSON.
-            columns.push(Arc::new(json_cells(field, column)?));
-            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
+            json_cells(field, column).map(Some)
         } else {
-            columns.push(column.clone());
-            fields.push(field.as_ref().clone());
+            Ok(None)
         }
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    })
 }
 
 /// Each cell of `column` as its JSON text (`["XOM","CVX"]`, `{"a":1}`); where JSON has no form for
 /// the column (a map keyed by numbers or dates), as Arrow displays it.
-fn json_cells(field: &datafusion::arrow::datatypes::FieldRef, column: &ArrayRef) -> Result<StringArray, ArrowError> {
-    use datafusion::arrow::json::writer::{EncoderOptions, make_encoder};
-    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+fn json_cells(field: &FieldRef, column: &ArrayRef) -> Result<StringArray, ArrowError> {
     let options = EncoderOptions::default();
-    let present = |row: usize| column.is_valid(row);
-    match make_encoder(field, column.as_ref(), &options) {
-        Ok(mut encoder) => Ok((0..column.len())
-            .map(|row| {
-                present(row).then(|| {
-                    let mut out = Vec::new();
-                    encoder.encode(row, &mut out);
-                    String::from_utf8_lossy(&out).into_owned()
-                })
+    let Ok(mut encoder) = make_encoder(field, column.as_ref(), &options) else { return displayed(column) };
+    Ok((0..column.len())
+        .map(|row| {
+            column.is_valid(row).then(|| {
+                let mut out = Vec::new();
+                encoder.encode(row, &mut out);
+                String::from_utf8_lossy(&out).into_owned()
             })
-            .collect()),
-        Err(_) => {
-            let shown = ArrayFormatter::try_new(column.as_ref(), &FormatOptions::default())?;
-            Ok((0..column.len()).map(|row| present(row).then(|| shown.value(row).to_string())).collect())
-        }
-    }
+        })
+        .collect())
 }
 
 /// The batch with every column that Arrow's JSON writer cannot write (a map keyed by anything but
-/// text) as text, so that one such column does not fail the whole answer.
+/// text) as its displayed text, so that one such column does not fail the whole answer.
 fn json_ready(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    use datafusion::arrow::json::writer::{EncoderOptions, make_encoder};
     let options = EncoderOptions::default();
-    let schema = batch.schema();
-    if schema.fields().iter().zip(batch.columns()).all(|(field, column)| make_encoder(field, column.as_ref(), &options).is_ok()) {
-        return Ok(batch.clone());
-    }
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-    let mut fields = Vec::with_capacity(batch.num_columns());
-    for (field, column) in schema.fields().iter().zip(batch.columns()) {
-        if make_encoder(field, column.as_ref(), &options).is_ok() {
-            columns.push(column.clone());
-            fields.push(field.as_ref().clone());
-        } else {
-            columns.push(Arc::new(json_cells(field, column)?));
-            fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
-        }
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    with_text_columns(batch, |field, column| match make_encoder(field, column.as_ref(), &options) {
+        Ok(_) => Ok(None),
+        Err(_) => displayed(column).map(Some),
+    })
 }
 
 pub fn encode(batches: &[RecordBatch], format: Format) -> Result<Vec<u8>, SqlError> {
