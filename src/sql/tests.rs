@@ -36,8 +36,7 @@ fn writes_settings_and_file_access_are_refused() {
 fn empty_tables_answer_and_errors_point_at_the_query() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM news")).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
+    assert_eq!(answered_csv(&ctx, "SELECT count(*) AS n FROM news"), "n\n0\n");
     let query = "SELECT topic\nFROM windows WHER n > 1";
     let err = runtime().block_on(run(&ctx, query)).unwrap_err();
     let rendered = err.render(query);
@@ -54,8 +53,7 @@ fn queries_stop_at_the_time_limit() {
     assert!(matches!(err, SqlError::Timeout(t) if t == limits.timeout), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
     // A query within the limit still answers, on the same context.
-    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM range(1, 1000)")).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n999\n");
+    assert_eq!(answered_csv(&ctx, "SELECT count(*) AS n FROM range(1, 1000)"), "n\n999\n");
 }
 
 /// The table schemas users query are contracts (DESIGN §3): `schemas/*.table.json` are their
@@ -90,11 +88,24 @@ fn a_table_cuts_long_cells_and_the_other_formats_keep_them_whole() {
     assert!(csv.len() > 3_000_000, "CSV keeps the whole value");
 }
 
+/// The answer to `query` on `ctx`, as CSV.
+fn answered_csv(ctx: &SessionContext, query: &str) -> String {
+    String::from_utf8(encode(&runtime().block_on(run(ctx, query)).unwrap(), Format::Csv).unwrap()).unwrap()
+}
+
+/// Runs each query on `ctx` and asserts that it fails, as `failed_as` says.
+fn each_fails(ctx: &SessionContext, queries: &[&str], failed_as: impl Fn(&SqlError) -> bool) {
+    for query in queries {
+        let Err(err) = runtime().block_on(run(ctx, query)) else { panic!("{query} answered") };
+        assert!(failed_as(&err), "{query}: {err:?}");
+    }
+}
+
 #[test]
 fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_allocating() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    for query in [
+    let growing = [
         "SELECT repeat('x', 100000000) AS s",
         "SELECT lpad('x', 200000000) AS s",
         "SELECT rpad('x', 30000000, 'é€') AS s",
@@ -121,37 +132,23 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
         "SELECT repeat('x', 30000000) AS a, repeat('y', 30000000) AS b, repeat('z', 30000000) AS c",
         // A constant repeated on every row of a table.
         "SELECT s, n FROM (SELECT repeat('x', 100000) AS s, n FROM generate_series(1, 100000) t(n)) ORDER BY n",
-    ] {
-        // A refusal, not a timeout: a query that ran would allocate gigabytes or meet the 10 s deadline.
-        let Err(err) = runtime().block_on(run(&ctx, query)) else { panic!("{query} answered") };
-        assert!(matches!(err, SqlError::Limit(_)) && err.to_string().contains("query_memory_mib"), "{query}: {err}");
-    }
+    ];
+    // A refusal, not a timeout: a query that ran would allocate gigabytes or meet the 10 s deadline.
+    each_fails(&ctx, &growing, |err| matches!(err, SqlError::Limit(_)) && err.to_string().contains("query_memory_mib"));
     // Within the bound they answer as DataFusion's own functions do.
-    let batches = runtime().block_on(run(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d")).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "a,b,c,d\nééé,007,x  ,2000\n");
-    let batches = runtime()
-        .block_on(run(
-            &ctx,
-            "SELECT cardinality(array_repeat('ab', 1000)) AS r, cardinality(generate_series(DATE '2020-01-01', DATE '2020-12-31', INTERVAL '1 day')) AS days, \
-             replace('a-b-c', '-', '--') AS rep, regexp_replace('a1b22', '([0-9]+)', '<$1>', 'g') AS re, array_to_string([[1, 2], [3]], ', ') AS joined, \
-             length(encode(repeat('x', 1000), 'hex')) AS hex, levenshtein('kitten', 'sitting') AS lev, now() IS NOT NULL AS now",
-        ))
-        .unwrap();
-    assert_eq!(
-        String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(),
-        "r,days,rep,re,joined,hex,lev,now\n1000,366,a--b--c,a<1>b<22>,\"1, 2, 3\",2000,3,true\n"
-    );
+    assert_eq!(answered_csv(&ctx, "SELECT repeat('é', 3) AS a, lpad('7', 3, '0') AS b, rpad('x', 3) AS c, length(repeat('ab', 1000)) AS d"), "a,b,c,d\nééé,007,x  ,2000\n");
+    let query = "SELECT cardinality(array_repeat('ab', 1000)) AS r, cardinality(generate_series(DATE '2020-01-01', DATE '2020-12-31', INTERVAL '1 day')) AS days, \
+                 replace('a-b-c', '-', '--') AS rep, regexp_replace('a1b22', '([0-9]+)', '<$1>', 'g') AS re, array_to_string([[1, 2], [3]], ', ') AS joined, \
+                 length(encode(repeat('x', 1000), 'hex')) AS hex, levenshtein('kitten', 'sitting') AS lev, now() IS NOT NULL AS now";
+    assert_eq!(answered_csv(&ctx, query), "r,days,rep,re,joined,hex,lev,now\n1000,366,a--b--c,a<1>b<22>,\"1, 2, 3\",2000,3,true\n");
     // Estimates that look at the values: ASCII keeps its size, an absent delimiter makes one piece.
-    let batches = runtime()
-        .block_on(run(&ctx, "SELECT length(upper(repeat('a', 15000000))) AS u, cardinality(string_to_array(repeat('a', 15000000), ',')) AS pieces"))
-        .unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "u,pieces\n15000000,1\n");
+    let query = "SELECT length(upper(repeat('a', 15000000))) AS u, cardinality(string_to_array(repeat('a', 15000000), ',')) AS pieces";
+    assert_eq!(answered_csv(&ctx, query), "u,pieces\n15000000,1\n");
     // A large constant that every row is compared with is read once, not repeated on each row
     // (the feedback API looks up an id as long as a caller sends).
     let query = "SELECT count(*) AS n FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) = repeat('7', 300000) \
                  OR CAST(n AS VARCHAR) <> repeat('7', 300000) AND CAST(n AS VARCHAR) LIKE repeat('7', 20000) OR CAST(n AS VARCHAR) ~ repeat('7', 20000)";
-    let batches = runtime().block_on(run(&ctx, query)).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
+    assert_eq!(answered_csv(&ctx, query), "n\n0\n");
 }
 
 /// Failures that the query's own values cause are the query's to change (a 400 over HTTP, exit 2 on
@@ -160,17 +157,15 @@ fn functions_that_multiply_their_input_refuse_outputs_beyond_the_bound_before_al
 fn failures_on_the_querys_values_are_data_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    for query in [
+    let on_values = [
         "SELECT 1 / 0",
         "SELECT CAST('soon' AS TIMESTAMP)",
         "SELECT regexp_like(s, '(') FROM (VALUES ('a')) t(s)",
         "SELECT regexp_like(s, '(a{1000}){1000}') FROM (VALUES ('a')) t(s)",
         "SELECT to_timestamp(9223372036854775807)",
         "SELECT levenshtein(s, s) FROM (VALUES (repeat('a', 100000))) t(s)",
-    ] {
-        let err = runtime().block_on(run(&ctx, query)).unwrap_err();
-        assert!(matches!(err, SqlError::Data(_)) && err.class() == ErrorClass::User, "{query}: {err:?}");
-    }
+    ];
+    each_fails(&ctx, &on_values, |err| matches!(err, SqlError::Data(_)) && err.class() == ErrorClass::User);
 }
 
 /// Patterns are compiled into regular expressions (`LIKE` too, past a prefix or substring): one of
@@ -180,7 +175,7 @@ fn failures_on_the_querys_values_are_data_errors() {
 fn patterns_longer_than_the_bound_fail_before_they_are_compiled() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    for query in [
+    let too_long = [
         "SELECT regexp_like('x', repeat('ab', 5000000))",
         "SELECT regexp_match(s, repeat('(a)', 100000)) FROM (VALUES ('a')) t(s)",
         "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s ~ repeat('ab', 500000)",
@@ -189,14 +184,11 @@ fn patterns_longer_than_the_bound_fail_before_they_are_compiled() {
         "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s ILIKE repeat('_', 100000)",
         "SELECT count(*) FROM (VALUES ('a')) t(s) WHERE s SIMILAR TO repeat('ab', 500000)",
         "SELECT count(*) FROM generate_series(1, 100000) t(n) WHERE CAST(n AS VARCHAR) LIKE repeat('7%', 100000)",
-    ] {
-        let err = runtime().block_on(run(&ctx, query)).unwrap_err();
-        assert!(matches!(err, SqlError::Data(_)) && err.to_string().contains("65536"), "{query}: {err:?}");
-    }
+    ];
+    each_fails(&ctx, &too_long, |err| matches!(err, SqlError::Data(_)) && err.to_string().contains("65536"));
     let query = "SELECT s LIKE 'a%' AS l, s ~ 'b' AS r, s NOT ILIKE 'X%' AS n, s SIMILAR TO '(a|z)bc', regexp_like(s, 'C', 'i') AS f \
                  FROM (VALUES ('abc')) t(s)";
-    let batches = runtime().block_on(run(&ctx, query)).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "l,r,n,\"t.s SIMILAR TO Utf8(\"\"(a|z)bc\"\")\",f\ntrue,true,true,true,true\n");
+    assert_eq!(answered_csv(&ctx, query), "l,r,n,\"t.s SIMILAR TO Utf8(\"\"(a|z)bc\"\")\",f\ntrue,true,true,true,true\n");
 }
 
 /// `||` on text runs through the bound as a function, and answers exactly as the operator: NULL
@@ -207,8 +199,7 @@ fn the_text_concatenation_operator_keeps_its_answers_and_names() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
     let query = "SELECT 'a' || 'b' AS ab, NULL || 'x' AS n, 'x' || 1 AS num, t.s || '!', cardinality([1, 2] || [3]) AS l FROM (VALUES ('v')) t(s)";
-    let batches = runtime().block_on(run(&ctx, query)).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "ab,n,num,\"t.s || Utf8(\"\"!\"\")\",l\nab,,x1,v!,3\n");
+    assert_eq!(answered_csv(&ctx, query), "ab,n,num,\"t.s || Utf8(\"\"!\"\")\",l\nab,,x1,v!,3\n");
     let plan = runtime().block_on(run(&ctx, "EXPLAIN SELECT t.s || t.s FROM (VALUES ('v')) t(s)")).unwrap();
     let plan = String::from_utf8(encode(&plan, Format::Csv).unwrap()).unwrap();
     assert!(plan.contains("||(") && !plan.contains("StringConcat"), "{plan}");
@@ -287,8 +278,7 @@ fn parts_that_a_merge_holds_are_read_once() {
     write("part-00000009.parquet", 9..10);
     write("part-00000010.parquet", 10..11);
     let ctx = context(&dir.path().into(), limits(), None).unwrap();
-    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news")).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n,ids\n11,11\n");
+    assert_eq!(answered_csv(&ctx, "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"), "n,ids\n11,11\n");
 }
 
 /// A store whose first read finds nothing: as a part deleted between the listing and the read.
@@ -354,7 +344,6 @@ fn a_part_gone_between_listing_and_reading_runs_the_query_again() {
     assert_eq!(super::sqlstate(&failure, &super::classify(&failure)), "40001", "{failure}");
 
     store.gone.store(false, std::sync::atomic::Ordering::SeqCst);
-    let batches = runtime().block_on(run(&ctx, "SELECT count(*) AS n FROM alerts")).unwrap();
-    assert_eq!(String::from_utf8(encode(&batches, Format::Csv).unwrap()).unwrap(), "n\n0\n");
+    assert_eq!(answered_csv(&ctx, "SELECT count(*) AS n FROM alerts"), "n\n0\n");
     assert!(store.gone.load(std::sync::atomic::Ordering::SeqCst), "the first read found nothing");
 }
