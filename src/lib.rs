@@ -10,6 +10,7 @@ pub mod detect;
 pub mod error;
 pub mod feedback;
 pub mod learn;
+pub mod net;
 pub mod telemetry;
 pub mod news;
 pub mod pipeline;

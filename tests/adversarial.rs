@@ -268,18 +268,20 @@ fn run_config(dir: &std::path::Path, config: &str) -> (i32, String) {
 
 /// Clients that open connections and send nothing, a request head or body a byte at a time, or
 /// never read their answer: one past the bound on open connections is closed at once, each of the
-/// others is cut off once 30 s late, and the API answers again as soon as one frees a place.
+/// others is cut off once 30 s late, and the API answers again as soon as one frees a place. A
+/// Postgres client that never reads its answer is cut off alike.
 #[test]
-fn idle_crawling_and_stalled_http_clients_are_cut_off_and_the_api_keeps_answering() {
+fn idle_crawling_and_stalled_http_and_postgres_clients_are_cut_off_and_the_api_keeps_answering() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     const MAX_CONNECTIONS: usize = 256;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.jsonl"), stories(20)).unwrap();
-    let http = free_port();
+    let (http, pg) = (free_port(), free_port());
     let config = format!(
         "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n\
-         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n"
+         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n\
+         postgres = \"127.0.0.1:{pg}\"\npostgres_password = \"pw\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "p", &config);
     // One connection per request, closed by the server after its answer: no client pool holds a place.
@@ -309,13 +311,14 @@ fn idle_crawling_and_stalled_http_clients_are_cut_off_and_the_api_keeps_answerin
         Ok(_) => false,
         Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
     };
-    // The client that will not read its answer has a 4 KiB receive buffer, so the server's writes wait.
-    let mut stalled = {
+    // The clients that will not read their answer have a 4 KiB receive buffer, so the server's writes wait.
+    let unread = |port: u16| {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], http)).into()).unwrap();
+        socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into()).unwrap();
         TcpStream::from(socket)
     };
+    let mut stalled = unread(http);
     let mut idle: Vec<TcpStream> = (1..MAX_CONNECTIONS).map(|_| connect()).collect();
     // A crawler sends its head a byte at a time, one byte a second, and never finishes it.
     let mut crawler = idle.pop().unwrap();
@@ -357,6 +360,8 @@ fn idle_crawling_and_stalled_http_clients_are_cut_off_and_the_api_keeps_answerin
     // And one asks for a 20 MB answer and never reads it.
     let query = "SELECT repeat('x', 20000000) AS s";
     stalled.write_all(format!("POST /sql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{query}", query.len()).as_bytes()).unwrap();
+    let mut stalled_pg = common::pgwire::login(unread(pg), "pw");
+    stalled_pg.write_all(&common::pgwire::message(b'Q', &[query.as_bytes(), b"\0"].concat())).unwrap();
     // One more than the bound (the listener takes connections in order, so this one comes last).
     let mut extra = connect();
     extra.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -387,16 +392,21 @@ fn idle_crawling_and_stalled_http_clients_are_cut_off_and_the_api_keeps_answerin
         metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
     };
     assert!(counter("bearwatch_http_body_timeouts_total") >= 1.0, "the late body is counted");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counter("bearwatch_http_write_timeouts_total") < 1.0 {
-        assert!(Instant::now() < deadline, "the client that never read was not cut off\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    // What it can still read is what the kernel held when the server gave up, not the whole answer.
-    stalled.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut received = Vec::new();
-    let _ = stalled.read_to_end(&mut received);
-    assert!(received.len() < 20_000_000, "the stalled answer was sent whole ({} bytes)", received.len());
+    // Each client that never read is cut off and counted; what it can still read is what the
+    // kernel held when the server gave up, not the whole answer.
+    let cut_off = |stream: &mut TcpStream, metric: &str, who: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while counter(metric) < 1.0 {
+            assert!(Instant::now() < deadline, "the {who} client that never read was not cut off\n{}", run.logs());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut received = Vec::new();
+        let _ = stream.read_to_end(&mut received);
+        assert!(received.len() < 20_000_000, "the stalled {who} answer was sent whole ({} bytes)", received.len());
+    };
+    cut_off(&mut stalled, "bearwatch_http_write_timeouts_total", "HTTP");
+    cut_off(&mut stalled_pg, "bearwatch_postgres_connections_closed_total{reason=\"write_timeout\"}", "Postgres");
     assert!(counter("bearwatch_http_connections_refused_total") >= 1.0, "refused connections are counted");
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());

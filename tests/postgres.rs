@@ -23,6 +23,19 @@ fn psql(port: u16, password: &str, command: &str) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Logs in over a raw socket and starts a Query message of `length` bytes; what the server sent
+/// after the login, up to its close (a server waiting for the rest sends nothing and times out).
+fn oversized_query(port: u16, password: &str, length: u32) -> String {
+    use std::io::{Read, Write};
+    let mut socket = common::pgwire::login(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(), password);
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The header and a first part of the body, as a client writing it would have sent by now.
+    socket.write_all(&[&[b'Q'][..], &length.to_be_bytes(), &vec![b'x'; 256 << 10]].concat()).unwrap();
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[test]
 fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,6 +131,16 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
         assert!(!ok && out.contains(message), "psql: {sql}: {out}");
     }
     assert!(client.query_one("SELECT 1", &[]).is_ok(), "the connection goes on after its failures");
+
+    // A message's size is bounded as its header arrives: a Query declaring 100 MB is refused with
+    // 54000 and its connection closed before the body is read; one under the bound (a 900 KB bound
+    // parameter, read across many socket reads) is served, and other connections go on.
+    let refused = oversized_query(port, "s3cret", 100 << 20);
+    assert!(refused.contains("54000") && refused.contains("over the limit of 1048576 bytes"), "{refused}");
+    let long: i32 = client.query_one("SELECT CAST(length($1) AS INT)", &[&"é".repeat(450_000)]).unwrap().get(0);
+    assert_eq!(long, 450_000);
+    let (ok, out) = psql(port, "s3cret", "SELECT 1");
+    assert!(ok && out.trim() == "1", "{out}");
 
     // `[server] query_timeout` bounds a query's execution on this interface too.
     let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";

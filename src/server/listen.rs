@@ -8,18 +8,16 @@
 //! held in the kernel's buffers) is cut off once it has taken no byte for [`WRITE_TIMEOUT`]; the
 //! body's own deadline is the server's `read_body` middleware.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
-use tokio::time::Sleep;
+
+use crate::net::WriteDeadline;
 
 /// Connections open at once; the dashboard, a scraper and a few scripts need a handful.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -63,7 +61,7 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiv
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(WriteDeadline::new(stream)), service);
+                .serve_connection(TokioIo::new(WriteDeadline::new(stream, WRITE_TIMEOUT, count_write_timeout)), service);
             let mut connection = std::pin::pin!(connection);
             let served = tokio::select! {
                 served = connection.as_mut() => served,
@@ -85,64 +83,6 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiv
     }
 }
 
-/// A connection whose writes fail once the client has accepted no byte for [`WRITE_TIMEOUT`].
-struct WriteDeadline {
-    stream: TcpStream,
-    /// Started when a write first waits on the client; reset by any progress.
-    stalled: Option<Pin<Box<Sleep>>>,
-}
-
-impl WriteDeadline {
-    fn new(stream: TcpStream) -> Self {
-        WriteDeadline { stream, stalled: None }
-    }
-
-    fn within_deadline<T>(&mut self, cx: &mut Context<'_>, written: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if written.is_ready() {
-            self.stalled = None;
-            return written;
-        }
-        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
-        if stalled.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        self.stalled = None;
-        metrics::counter!("bearwatch_http_write_timeouts_total").increment(1);
-        let message = format!("the client took no byte of the answer for {} s", WRITE_TIMEOUT.as_secs());
-        Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
-    }
-}
-
-impl AsyncRead for WriteDeadline {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for WriteDeadline {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.within_deadline(cx, written)
-    }
-
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.within_deadline(cx, written)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
-        this.within_deadline(cx, flushed)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+fn count_write_timeout() {
+    metrics::counter!("bearwatch_http_write_timeouts_total").increment(1);
 }

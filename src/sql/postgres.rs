@@ -33,6 +33,9 @@ use datafusion_postgres::{DfSessionService, QueryHook};
 use super::SqlError;
 use super::guard::Cancels;
 
+mod connection;
+pub use connection::MAX_MESSAGE_BYTES;
+
 /// Client settings that drivers send on connect; accepted and ignored (the session is shared).
 const HARMLESS_SETTINGS: [&str; 8] = [
     "extra_float_digits",
@@ -275,7 +278,8 @@ impl PgWireServerHandlers for Handlers {
 /// connections cannot pile up without bound.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// datafusion-postgres' accept loop, with each connection in its own cancel scope.
+/// datafusion-postgres' accept loop, with each connection in its own cancel scope and its messages
+/// bounded.
 async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -289,11 +293,12 @@ async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open");
+            connection::closed("too_many");
             continue;
         };
         let handlers = handlers.clone();
         tokio::spawn(Cancels::scope(crate::query_bounds::scope(async move {
-            if let Err(e) = datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await {
+            if let Err(e) = connection::serve(socket, handlers).await {
                 tracing::debug!(%peer, error = %e, "postgres connection ended");
             }
             drop(permit);
