@@ -36,6 +36,36 @@ fn oversized_query(port: u16, password: &str, length: u32) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// One connection holds at most 1,000 prepared statements, portals and cursors, of at most 8 MiB
+/// of text and parameters; past either bound the next one is refused with 54000, and closing some
+/// lets the connection go on.
+fn held_statements_portals_and_cursors_are_bounded(url: &str) {
+    let is_limit = |err: postgres::Error| err.as_db_error().is_some_and(|db| db.code() == &SqlState::PROGRAM_LIMIT_EXCEEDED && db.message().contains("close some"));
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    // The driver names each prepared statement and closes it when it is dropped.
+    let mut statements: Vec<postgres::Statement> = (0..1000).map(|i| client.prepare(&format!("SELECT {i}")).unwrap()).collect();
+    assert!(is_limit(client.prepare("SELECT 'one more'").unwrap_err()));
+    assert!(is_limit(client.batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT 1").unwrap_err()));
+    client.batch_execute("ROLLBACK").unwrap();
+    statements.truncate(990);
+    let freed = client.prepare("SELECT 1001").unwrap();
+    let one_more: i64 = client.query_one(&freed, &[]).unwrap().get(0);
+    assert_eq!(one_more, 1001);
+    drop(statements);
+    // Portals bound with 1 MB parameters, each under the message bound, fill the 8 MiB.
+    let mut transaction = client.transaction().unwrap();
+    let statement = transaction.prepare("SELECT CAST(length($1) AS INT)").unwrap();
+    let big = "x".repeat(1_000_000);
+    let portals: Vec<postgres::Portal> = (0..8).map(|_| transaction.bind(&statement, &[&big]).unwrap()).collect();
+    assert!(is_limit(transaction.bind(&statement, &[&big]).err().expect("a ninth portal is refused")));
+    transaction.rollback().unwrap();
+    drop(portals);
+    let mut transaction = client.transaction().unwrap();
+    let portal = transaction.bind(&statement, &[&big]).unwrap();
+    let length: i32 = transaction.query_portal(&portal, 1).unwrap()[0].get(0);
+    assert_eq!(length, 1_000_000, "a transaction's end frees its portals");
+}
+
 #[test]
 fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,6 +171,8 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     assert_eq!(long, 450_000);
     let (ok, out) = psql(port, "s3cret", "SELECT 1");
     assert!(ok && out.trim() == "1", "{out}");
+
+    held_statements_portals_and_cursors_are_bounded(&url);
 
     // `[server] query_timeout` bounds a query's execution on this interface too.
     let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";

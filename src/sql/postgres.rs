@@ -34,7 +34,9 @@ use super::SqlError;
 use super::guard::Cancels;
 
 mod connection;
+mod held;
 pub use connection::MAX_MESSAGE_BYTES;
+pub use held::{MAX_HELD, MAX_HELD_BYTES};
 
 /// Client settings that drivers send on connect; accepted and ignored (the session is shared).
 const HARMLESS_SETTINGS: [&str; 8] = [
@@ -116,12 +118,11 @@ impl ReadOnly {
         }
         Ok(verdict(statement))
     }
-}
 
-#[async_trait]
-impl QueryHook for ReadOnly {
-    async fn handle_simple_query(&self, statement: &Statement, _: &SessionContext, client: &mut dyn HookClient) -> Option<PgWireResult<Response>> {
-        let verdict = match self.admit(statement, &*client) {
+    /// The answer to a statement about to run (simple or extended protocol): `None` lets it
+    /// through to the next hook and DataFusion.
+    fn respond(&self, statement: &Statement, client: &dyn HookClient) -> Option<PgWireResult<Response>> {
+        let verdict = match self.admit(statement, client).and_then(|verdict| admit_cursors(statement, client).map(|()| verdict)) {
             Ok(verdict) => verdict,
             Err(error) => return Some(Err(error)),
         };
@@ -130,6 +131,25 @@ impl QueryHook for ReadOnly {
             Verdict::Acknowledge => Some(Ok(Response::Execution(Tag::new("SET")))),
             Verdict::Refuse(message) => Some(Err(refused(message))),
         }
+    }
+}
+
+/// The cursors a `DECLARE` opens count against what the connection may hold.
+fn admit_cursors(statement: &Statement, client: &dyn HookClient) -> Result<(), PgWireError> {
+    if let Statement::Declare { stmts } = statement {
+        for declare in stmts {
+            let name = declare.names.first().map_or("", |name| name.value.as_str());
+            let query_bytes = declare.for_query.as_ref().map_or(0, |query| query.to_string().len());
+            held::admit_cursor(name, query_bytes, client.portal_store())?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl QueryHook for ReadOnly {
+    async fn handle_simple_query(&self, statement: &Statement, _: &SessionContext, client: &mut dyn HookClient) -> Option<PgWireResult<Response>> {
+        self.respond(statement, client)
     }
 
     async fn handle_extended_parse_query(
@@ -160,15 +180,7 @@ impl QueryHook for ReadOnly {
         _: &SessionContext,
         client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        let verdict = match self.admit(statement, &*client) {
-            Ok(verdict) => verdict,
-            Err(error) => return Some(Err(error)),
-        };
-        match verdict {
-            Verdict::Allow => None,
-            Verdict::Acknowledge => Some(Ok(Response::Execution(Tag::new("SET")))),
-            Verdict::Refuse(message) => Some(Err(refused(message))),
-        }
+        self.respond(statement, client)
     }
 }
 

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use datafusion_postgres::pgwire::api::{ClientInfo, DefaultClient, ErrorHandler, PgWireConnectionState, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, DefaultClient, ErrorHandler, PgWireConnectionState, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
 use datafusion_postgres::pgwire::messages::response::{GssEncResponse, SslResponse};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
@@ -42,6 +42,10 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 
 /// Serves one client until it leaves, breaks the protocol or sends a message over the bound.
 pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H) -> io::Result<()> {
+    super::held::scope(drive(tcp, handlers)).await
+}
+
+async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H) -> io::Result<()> {
     let peer = tcp.peer_addr()?;
     tcp.set_nodelay(true)?;
     let tcp = WriteDeadline::new(tcp, WRITE_TIMEOUT, || closed("write_timeout"));
@@ -101,9 +105,13 @@ pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H) -> io::
                     PgWireConnectionState::CopyInProgress(extended_protocol) => extended_protocol,
                     _ => message.is_extended_query(),
                 };
-                let handled =
-                    process_message(message, &mut socket, startup_handler.clone(), simple.clone(), extended.clone(), copy.clone(), cancel.clone())
-                        .await;
+                let handled = match super::held::admit(&message, socket.portal_store()) {
+                    Ok(()) => {
+                        process_message(message, &mut socket, startup_handler.clone(), simple.clone(), extended.clone(), copy.clone(), cancel.clone())
+                            .await
+                    }
+                    Err(refused) => Err(refused),
+                };
                 if let Err(mut e) = handled {
                     // The socket failed (a client that took no byte for WRITE_TIMEOUT): there is
                     // no one to tell.
