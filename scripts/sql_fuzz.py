@@ -5,6 +5,7 @@ peak resident memory must stay bounded. What `tests/sql_functions.rs` cannot dra
 
     bearwatch run --pipeline P.toml &        # [server] http = "127.0.0.1:9464", query_memory_mib = 64
     scripts/sql_fuzz.py --pid $(pgrep -f 'bearwatch run') --calls 3000 --seed 1
+    scripts/sql_fuzz.py --pid ... --kind aggregate --rows 0      # aggregates over the whole table
 
 Prints every call that was the server's failure (a 5xx other than DataFusion's self-reported bugs,
 or no answer), took over 5 s, or raised the peak RSS by over 80 MB, then the peak RSS before and
@@ -37,6 +38,8 @@ def main():
     p.add_argument("--pid", type=int, required=True, help="the pipeline's process id (its peak RSS is read from /proc)")
     p.add_argument("--calls", type=int, default=3000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--kind", choices=["scalar", "aggregate", "window"], default="scalar", help="which functions to call")
+    p.add_argument("--rows", type=int, default=3, help="rows of news each call runs over; 0: the whole table")
     args = p.parse_args()
 
     def sql(query):
@@ -57,7 +60,8 @@ def main():
         with open(f"/proc/{args.pid}/status") as status:
             return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
 
-    status, body, _ = sql("SELECT DISTINCT routine_name AS name FROM information_schema.routines WHERE function_type = 'SCALAR' ORDER BY 1")
+    kind = args.kind.upper()
+    status, body, _ = sql(f"SELECT DISTINCT routine_name AS name FROM information_schema.routines WHERE function_type = '{kind}' ORDER BY 1")
     if status != 200:
         sys.exit(f"cannot list the functions: {status} {body[:200]!r}")
     names = [row["name"] for row in json.loads(body)]
@@ -66,7 +70,9 @@ def main():
     failures = 0
     for _ in range(args.calls):
         arguments = ", ".join(rng.choice(ARGUMENTS) for _ in range(rng.choice([1, 1, 2, 2, 3])))
-        query = f'SELECT "{rng.choice(names)}"({arguments}) AS v FROM (SELECT * FROM news LIMIT 3) t'
+        over = " OVER (ORDER BY published_at)" if args.kind == "window" else ""
+        rows = f"(SELECT * FROM news LIMIT {args.rows})" if args.rows else "news"
+        query = f'SELECT "{rng.choice(names)}"({arguments}){over} AS v FROM {rows} t'
         status, body, took = sql(query)
         now = peak_mib()
         servers_fault = status == 0 or (status >= 500 and b"bug in DataFusion" not in body)
@@ -74,7 +80,7 @@ def main():
             failures += servers_fault
             print(f"{status} {took:.2f} s, peak {peak} -> {now} MiB: {query}\n    {body[:200]!r}", flush=True)
         peak = max(peak, now)
-    print(f"{args.calls} calls of {len(names)} functions: {failures} the server's failure; peak RSS {start} -> {peak} MiB")
+    print(f"{args.calls} calls of {len(names)} {args.kind} functions: {failures} the server's failure; peak RSS {start} -> {peak} MiB")
     sys.exit(1 if failures else 0)
 
 
