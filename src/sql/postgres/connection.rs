@@ -1,12 +1,16 @@
 //! One Postgres client connection, driven here instead of by pgwire's `process_socket` so that a
-//! client cannot make it buffer without bound: pgwire accepts a Query, Parse, Bind or CopyData
-//! message of up to 1 GB and holds all of it until the last byte arrives, so 64 connections could
-//! make the process hold 64 GB. Here the length in each message's header is checked as its bytes
-//! come in, and a message over [`MAX_MESSAGE_BYTES`] ends the connection with SQLSTATE 54000 before
-//! its body is read. A client that takes no byte of an answer for [`WRITE_TIMEOUT`] is cut off, as
-//! over HTTP: its query and the query's memory are not held for good. The rest is pgwire's own loop: SSL and GSS encryption requests are refused (no
-//! TLS here), the startup and password exchange must end within [`STARTUP_TIMEOUT`], and every
-//! message goes to pgwire's handlers.
+//! client cannot make it hold without bound what it sends or what it is sent:
+//! - pgwire accepts a Query, Parse, Bind or CopyData message of up to 1 GB and holds all of it until
+//!   the last byte arrives, so 64 connections could make the process hold 64 GB. Here each
+//!   message's declared length is checked as its header comes in, and one over
+//!   [`MAX_MESSAGE_BYTES`] ends the connection with SQLSTATE 54000 before its body is read;
+//! - a client that takes no byte of an answer for [`WRITE_TIMEOUT`] is cut off, as over HTTP, so
+//!   that its query and the query's memory are not held for good;
+//! - what a connection keeps between messages is bounded by `held`.
+//!
+//! The rest is pgwire's own loop: SSL and GSS encryption requests are refused (no TLS here), the
+//! startup and password exchange must end within [`STARTUP_TIMEOUT`], and every message goes to
+//! pgwire's handlers.
 
 use std::io;
 use std::pin::Pin;
