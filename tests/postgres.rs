@@ -66,6 +66,38 @@ fn held_statements_portals_and_cursors_are_bounded(url: &str) {
     assert_eq!(length, 1_000_000, "a transaction's end frees its portals");
 }
 
+/// 64 connections that never log in do not keep psql out: the one logging in the longest is closed
+/// for it. 64 logged-in sessions (the caller's own and 63 more) keep their places, and a 65th is
+/// refused until one leaves.
+fn logging_in_connections_make_room_and_logged_in_ones_keep_theirs(port: u16, url: &str) {
+    let idle: Vec<std::net::TcpStream> = (0..64).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let (ok, out) = psql(port, "s3cret", "SELECT 1");
+    assert!(ok && out.trim() == "1", "psql behind 64 connections that never logged in: {out}");
+    drop(idle);
+    // Connections closed just before (the idle ones, an earlier test's client) free their places as
+    // the server reads their end: a refused connect is tried again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let connect = || loop {
+        match postgres::Client::connect(url, postgres::NoTls) {
+            Ok(client) => break client,
+            Err(e) => assert!(Instant::now() < deadline, "a session could not connect: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut sessions: Vec<postgres::Client> = (0..63).map(|_| connect()).collect();
+    let (ok, out) = psql(port, "s3cret", "SELECT 1");
+    assert!(!ok, "a 65th session got in: {out}");
+    for session in &mut sessions {
+        assert!(session.simple_query("SELECT 1").is_ok(), "a logged-in session lost its place");
+    }
+    drop(sessions.pop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !psql(port, "s3cret", "SELECT 1").0 {
+        assert!(Instant::now() < deadline, "no place came free when a session left");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,6 +205,7 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     assert!(ok && out.trim() == "1", "{out}");
 
     held_statements_portals_and_cursors_are_bounded(&url);
+    logging_in_connections_make_room_and_logged_in_ones_keep_theirs(port, &url);
 
     // `[server] query_timeout` bounds a query's execution on this interface too.
     let endless = "SELECT count(*) FROM range(1, 1000000000000) WHERE value % 7 = 3";

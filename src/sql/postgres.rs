@@ -286,14 +286,16 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
-/// Connections served at once; more are closed at once (a client retries), so that idle
-/// connections cannot pile up without bound.
+/// Connections served at once, so that idle connections cannot pile up without bound. Past it the
+/// one logging in the longest is closed for a new one; with every place logged in, the new one is
+/// closed at once (a client retries).
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// datafusion-postgres' accept loop, with each connection in its own cancel scope and its messages
 /// bounded.
 async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let logging_in = connection::LoggingIn::default();
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -303,14 +305,22 @@ async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
                 continue;
             }
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // The closed connection's task ends at its next poll and hands its place over.
+            Err(_) if logging_in.close_oldest() => {
+                tokio::time::timeout(std::time::Duration::from_secs(1), open.clone().acquire_owned()).await.ok().and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open");
             connection::closed("too_many");
             continue;
         };
-        let handlers = handlers.clone();
+        let (handlers, ticket) = (handlers.clone(), logging_in.file());
         tokio::spawn(Cancels::scope(crate::query_bounds::scope(async move {
-            if let Err(e) = connection::serve(socket, handlers).await {
+            if let Err(e) = connection::serve(socket, handlers, ticket).await {
                 tracing::debug!(%peer, error = %e, "postgres connection ended");
             }
             drop(permit);
