@@ -47,8 +47,9 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_model_champion_unloadable", Kind::Gauge, "", "1 when the champion alias's folder could not load at start and an earlier model serves"),
     ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
-    ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once because the bound on open ones was reached"),
-    ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one), message_too_large (over 1 MiB), write_timeout (the client took no byte for 30 s)"),
+    ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once: 256 were open, each busy with a request"),
+    ("bearwatch_http_connections_closed_idle_total", Kind::Counter, "", "HTTP connections idle the longest (between requests, or still sending a head), closed to make room for a new one when 256 were open"),
+    ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one when 64 were open), message_too_large (over 1 MiB), write_timeout (the client took no byte for 30 s)"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
     ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while checkpoints wait for the storage (object storage unreachable); reading waits with them"),
@@ -101,7 +102,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [

@@ -294,8 +294,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// datafusion-postgres' accept loop, with each connection in its own cancel scope and its messages
 /// bounded.
 async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let logging_in = connection::LoggingIn::default();
+    let places = crate::net::Places::new(MAX_CONNECTIONS);
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -305,25 +304,16 @@ async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
                 continue;
             }
         };
-        let permit = match open.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            // The closed connection's task ends at its next poll and hands its place over.
-            Err(_) if logging_in.close_oldest() => {
-                tokio::time::timeout(std::time::Duration::from_secs(1), open.clone().acquire_owned()).await.ok().and_then(Result::ok)
-            }
-            Err(_) => None,
-        };
-        let Some(permit) = permit else {
+        let Some((place, closing)) = places.admit().await else {
             tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open");
             connection::closed("too_many");
             continue;
         };
-        let (handlers, ticket) = (handlers.clone(), logging_in.file());
+        let handlers = handlers.clone();
         tokio::spawn(Cancels::scope(crate::query_bounds::scope(async move {
-            if let Err(e) = connection::serve(socket, handlers, ticket).await {
+            if let Err(e) = connection::serve(socket, handlers, place, closing).await {
                 tracing::debug!(%peer, error = %e, "postgres connection ended");
             }
-            drop(permit);
         })));
     }
 }

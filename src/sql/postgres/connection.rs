@@ -7,18 +7,16 @@
 //! - a client that takes no byte of an answer for [`WRITE_TIMEOUT`] is cut off, as over HTTP, so
 //!   that its query and the query's memory are not held for good;
 //! - what a connection keeps between messages is bounded by `held`;
-//! - when every place is taken, the connection that has been logging in the longest is closed to
-//!   make room ([`LoggingIn`]), so that clients which connect and never log in cannot keep everyone
-//!   out; a logged-in session is never closed for another.
+//! - a connection still logging in may have its place taken for a newer one when every place is
+//!   taken (`net::Places`), so that clients which connect and never log in cannot keep everyone
+//!   out; a logged-in session keeps its place.
 //!
 //! The rest is pgwire's own loop: SSL and GSS encryption requests are refused (no TLS here), the
 //! startup and password exchange must end within [`STARTUP_TIMEOUT`], and every message goes to
 //! pgwire's handlers.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_util::codec::Framed;
 
-use crate::net::WriteDeadline;
+use crate::net::{Place, WriteDeadline};
 
 /// The largest message a client may send: a query's text or a statement's bound parameters. The
 /// same as an HTTP request body.
@@ -50,64 +48,13 @@ const LINGER: Duration = Duration::from_secs(1);
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 
-/// The connections still logging in, oldest first, each with the means to close it.
-#[derive(Clone, Default)]
-pub struct LoggingIn(Arc<Mutex<Waiting>>);
-
-#[derive(Default)]
-struct Waiting {
-    next: u64,
-    oldest_first: BTreeMap<u64, oneshot::Sender<()>>,
-}
-
-impl LoggingIn {
-    /// Files a new connection as logging in; `serve` takes the ticket.
-    pub fn file(&self) -> Ticket {
-        let (close, closing) = oneshot::channel();
-        let mut waiting = self.0.lock().expect("logging-in registry");
-        let id = waiting.next;
-        waiting.next += 1;
-        waiting.oldest_first.insert(id, close);
-        Ticket { id, closing, logged_in: false, registry: self.clone() }
-    }
-
-    /// Closes the connection that has been logging in the longest; whether there was one.
-    pub fn close_oldest(&self) -> bool {
-        let oldest = self.0.lock().expect("logging-in registry").oldest_first.pop_first();
-        oldest.is_some_and(|(_, close)| close.send(()).is_ok())
-    }
-}
-
-/// One connection's place among those logging in, until it has logged in or ended.
-pub struct Ticket {
-    id: u64,
-    closing: oneshot::Receiver<()>,
-    logged_in: bool,
-    registry: LoggingIn,
-}
-
-impl Ticket {
-    fn logged_in(&mut self) {
-        if !self.logged_in {
-            self.logged_in = true;
-            self.registry.0.lock().expect("logging-in registry").oldest_first.remove(&self.id);
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.logged_in();
-    }
-}
-
 /// Serves one client until it leaves, breaks the protocol or sends a message over the bound, or is
 /// closed while logging in to make room for another.
-pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, ticket: Ticket) -> io::Result<()> {
-    super::held::scope(drive(tcp, handlers, ticket)).await
+pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Place, closing: oneshot::Receiver<()>) -> io::Result<()> {
+    super::held::scope(drive(tcp, handlers, place, closing)).await
 }
 
-async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, mut ticket: Ticket) -> io::Result<()> {
+async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Place, mut closing: oneshot::Receiver<()>) -> io::Result<()> {
     let peer = tcp.peer_addr()?;
     tcp.set_nodelay(true)?;
     let tcp = WriteDeadline::new(tcp, WRITE_TIMEOUT, || closed("write_timeout"));
@@ -131,15 +78,15 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, mut ticket:
         let next = if in_startup {
             tokio::select! {
                 _ = &mut startup => return Ok(()),
-                // Made room for a newer connection (or its registry entry went away: the same).
-                _ = &mut ticket.closing => {
+                // Its place was taken for a newer connection.
+                _ = &mut closing => {
                     closed("closed_logging_in");
                     return Ok(());
                 }
                 next = socket.next() => next,
             }
         } else {
-            ticket.logged_in();
+            place.keep();
             socket.next().await
         };
         let message = match next {
