@@ -70,6 +70,7 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
         handlers.error_handler(),
     );
     socket.set_state(PgWireConnectionState::AwaitingSslRequest);
+    let mut logged_in = false;
     loop {
         let in_startup = matches!(
             socket.state(),
@@ -86,7 +87,10 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
                 next = socket.next() => next,
             }
         } else {
-            place.keep();
+            if !logged_in {
+                logged_in = true;
+                place.keep();
+            }
             socket.next().await
         };
         let message = match next {
