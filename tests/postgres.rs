@@ -199,6 +199,18 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     // parameter, read across many socket reads) is served, and other connections go on.
     let refused = oversized_query(port, "s3cret", 100 << 20);
     assert!(refused.contains("54000") && refused.contains("over the limit of 1048576 bytes"), "{refused}");
+    // A Bind whose parameter count runs past its end (pgwire's decoder panicked on it) is the
+    // client's protocol violation: FATAL 08P01, and no panic in the log.
+    {
+        use std::io::{Read, Write};
+        let mut socket = common::pgwire::login(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(), "s3cret");
+        socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        socket.write_all(&common::pgwire::message(b'B', b"\0\0\x00\x01")).unwrap();
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("08P01") && answer.contains("invalid message"), "{answer}");
+    }
     let long: i32 = client.query_one("SELECT CAST(length($1) AS INT)", &[&"é".repeat(450_000)]).unwrap().get(0);
     assert_eq!(long, 450_000);
     let (ok, out) = psql(port, "s3cret", "SELECT 1");
@@ -217,6 +229,7 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     assert_eq!((db.code(), db.message()), (&SqlState::QUERY_CANCELED, "query ran longer than 2s"), "{db:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 
+    assert!(!run.logs().contains("panicked"), "{}", run.logs());
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }

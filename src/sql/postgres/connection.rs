@@ -15,8 +15,12 @@
 //! startup and password exchange must end within [`STARTUP_TIMEOUT`], and every message goes to
 //! pgwire's handlers.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Once;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,7 +29,7 @@ use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
 use datafusion_postgres::pgwire::messages::response::{GssEncResponse, SslResponse};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage, SslNegotiationMetaMessage};
 use datafusion_postgres::pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -51,7 +55,66 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 /// Serves one client until it leaves, breaks the protocol or sends a message over the bound, or is
 /// closed while logging in to make room for another.
 pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Place, closing: oneshot::Receiver<()>) -> io::Result<()> {
+    quiet_decoding_panics();
     super::held::scope(drive(tcp, handlers, place, closing)).await
+}
+
+/// Why no message could be read.
+enum Unreadable {
+    /// pgwire's decoder panicked on the body (its fields run past its length), with the panic's text.
+    Malformed(String),
+    Failed(PgWireError),
+}
+
+/// The next message from the client. pgwire's decoder panics on some malformed bodies (a Bind or
+/// Parse whose counts run past its end; found by sending random bodies, 60 panics in 300 sessions):
+/// such a message is the client's protocol violation, answered as one, not a crash of the task.
+async fn next_message<S>(socket: &mut Framed<BoundedMessages, PgWireMessageServerCodec<S>>) -> Option<Result<PgWireFrontendMessage, Unreadable>> {
+    match AssertUnwindSafe(Decoding(socket.next())).catch_unwind().await {
+        Ok(next) => next.map(|read| read.map_err(Unreadable::Failed)),
+        Err(panic) => {
+            let text = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            Some(Err(Unreadable::Malformed(text.unwrap_or_default())))
+        }
+    }
+}
+
+thread_local! {
+    /// Set while this thread polls pgwire's decoder.
+    static DECODING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A panic while pgwire decodes is a malformed message, which the loop counts and answers: the
+/// process-wide panic hook stays quiet about those and passes every other panic on.
+fn quiet_decoding_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Polls a read of the next message with [`DECODING`] set.
+struct Decoding<F>(F);
+
+impl<F: Future + Unpin> Future for Decoding<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        struct Unset;
+        impl Drop for Unset {
+            fn drop(&mut self) {
+                DECODING.with(|decoding| decoding.set(false));
+            }
+        }
+        DECODING.with(|decoding| decoding.set(true));
+        let _unset = Unset;
+        Pin::new(&mut self.0).poll(cx)
+    }
 }
 
 async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Place, mut closing: oneshot::Receiver<()>) -> io::Result<()> {
@@ -84,18 +147,25 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
                     closed("closed_logging_in");
                     return Ok(());
                 }
-                next = socket.next() => next,
+                next = next_message(&mut socket) => next,
             }
         } else {
             if !logged_in {
                 logged_in = true;
                 place.keep();
             }
-            socket.next().await
+            next_message(&mut socket).await
         };
         let message = match next {
             Some(Ok(message)) => message,
-            Some(Err(e)) => {
+            Some(Err(Unreadable::Malformed(panic))) => {
+                tracing::debug!(%peer, panic, "postgres message malformed");
+                closed("malformed_message");
+                let error = ErrorInfo::new("FATAL".into(), "08P01".into(), "invalid message: its fields run past its length".into());
+                process_error(&mut socket, PgWireError::UserError(Box::new(error)), false).await?;
+                return Ok(());
+            }
+            Some(Err(Unreadable::Failed(e))) => {
                 if let Some(length) = socket.get_ref().refused {
                     let message = format!("a message of {length} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes");
                     let error = PgWireError::UserError(Box::new(ErrorInfo::new("FATAL".into(), "54000".into(), message)));
