@@ -90,8 +90,14 @@ pub fn refusal(statement: &Statement) -> Option<String> {
     }
 }
 
+/// A failure sent to the client as `severity` (ERROR, or FATAL, which ends the connection) with
+/// SQLSTATE `code`.
+fn failure(severity: &str, code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(severity.into(), code.into(), message)))
+}
+
 fn refused(message: String) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "25006".into(), message)))
+    failure("ERROR", "25006", message)
 }
 
 /// A statement over the size or nesting limits: `54000` program_limit_exceeded.
@@ -99,7 +105,7 @@ fn over_limit(statement: &Statement) -> Option<PgWireError> {
     let error = super::guard::check_statement(statement)
         .and_then(|()| super::guard::check_size(&statement.to_string()))
         .err()?;
-    Some(PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "54000".into(), error.to_string()))))
+    Some(failure("ERROR", "54000", error.to_string()))
 }
 
 /// Runs first: refuses writes, settings and statements over the limits before any other hook or
@@ -349,7 +355,10 @@ pub fn serve(addr: &str, ctx: SessionContext, user: &str, password: &str) -> Res
     };
     let thread = std::thread::Builder::new()
         .name("postgres".into())
-        .spawn(move || runtime.block_on(accept(listener, handlers)))
+        .spawn(move || {
+            connection::quiet_decoding_panics();
+            runtime.block_on(accept(listener, handlers))
+        })
         .map_err(|e| failed(e.to_string()))?;
     tracing::info!(addr, "postgres wire protocol listening");
     Ok(PostgresServer { _thread: thread })

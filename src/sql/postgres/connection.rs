@@ -55,7 +55,6 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 /// Serves one client until it leaves, breaks the protocol or sends a message over the bound, or is
 /// closed while logging in to make room for another.
 pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Place, closing: oneshot::Receiver<()>) -> io::Result<()> {
-    quiet_decoding_panics();
     super::held::scope(drive(tcp, handlers, place, closing)).await
 }
 
@@ -85,8 +84,9 @@ thread_local! {
 }
 
 /// A panic while pgwire decodes is a malformed message, which the loop counts and answers: the
-/// process-wide panic hook stays quiet about those and passes every other panic on.
-fn quiet_decoding_panics() {
+/// process-wide panic hook stays quiet about those and passes every other panic on. Installed when
+/// the listener starts.
+pub fn quiet_decoding_panics() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -161,15 +161,14 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
             Some(Err(Unreadable::Malformed(panic))) => {
                 tracing::debug!(%peer, panic, "postgres message malformed");
                 closed("malformed_message");
-                let error = ErrorInfo::new("FATAL".into(), "08P01".into(), "invalid message: its fields run past its length".into());
-                process_error(&mut socket, PgWireError::UserError(Box::new(error)), false).await?;
+                let error = super::failure("FATAL", "08P01", "invalid message: its fields run past its length".into());
+                process_error(&mut socket, error, false).await?;
                 return Ok(());
             }
             Some(Err(Unreadable::Failed(e))) => {
                 if let Some(length) = socket.get_ref().refused {
                     let message = format!("a message of {length} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes");
-                    let error = PgWireError::UserError(Box::new(ErrorInfo::new("FATAL".into(), "54000".into(), message)));
-                    process_error(&mut socket, error, false).await?;
+                    process_error(&mut socket, super::failure("FATAL", "54000", message), false).await?;
                     linger(socket.into_inner().io.into_inner()).await;
                     return Ok(());
                 }

@@ -16,7 +16,7 @@ use std::future::Future;
 
 use datafusion_postgres::pgwire::api::DEFAULT_NAME;
 use datafusion_postgres::pgwire::api::store::PortalStore;
-use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
+use datafusion_postgres::pgwire::error::PgWireError;
 use datafusion_postgres::pgwire::messages::PgWireFrontendMessage;
 use datafusion_postgres::pgwire::messages::extendedquery::{TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT};
 
@@ -104,7 +104,7 @@ impl Held {
                 self.bytes_of.len(),
                 self.bytes
             );
-            return Err(PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), "54000".into(), message))));
+            return Err(super::failure("ERROR", "54000", message));
         }
         self.bytes += bytes;
         self.bytes_of.insert(key, bytes);
@@ -124,6 +124,8 @@ impl Held {
 
 #[cfg(test)]
 mod tests {
+    use datafusion_postgres::pgwire::error::ErrorInfo;
+
     use super::*;
 
     fn statement(name: &str) -> (Kind, String) {
