@@ -48,7 +48,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
     ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
     ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once: 256 were open, each busy with a request"),
-    ("bearwatch_http_connections_closed_idle_total", Kind::Counter, "", "HTTP connections idle the longest (between requests, or still sending a head), closed to make room for a new one when 256 were open"),
+    ("bearwatch_http_connections_closed_idle_total", Kind::Counter, "", "HTTP connections idle the longest (between requests, or still sending a head or body), closed to make room for a new one when 256 were open"),
     ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one when 64 were open), message_too_large (over 1 MiB), malformed_message (fields running past the message's length), write_timeout (the client took no byte for 30 s)"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),

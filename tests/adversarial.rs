@@ -409,6 +409,72 @@ fn idle_crawling_and_stalled_http_and_postgres_clients_are_cut_off_and_the_api_k
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }
 
+/// A request whose body is still on its way has had nothing done for it: with every place taken by
+/// such requests (a body a byte a second, say), a new connection is served in place of the one
+/// that has waited the longest, and a body that does arrive is answered as usual.
+#[test]
+fn requests_still_sending_their_body_make_room_for_new_connections() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    const MAX_CONNECTIONS: usize = 256;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(5)).unwrap();
+    let http = free_port();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n\
+         [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let get = |path: &str| -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", http)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(answer)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get("/health").is_none() {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no API\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every place: a query's head and the first bytes of its body. The server's "100 Continue"
+    // says it has taken the request and is reading the body, so each is in flight before the next.
+    let query = format!("{:<1000}", "SELECT 42 AS answer");
+    let mut senders: Vec<BufReader<TcpStream>> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let head = "POST /sql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n";
+            stream.write_all(head.as_bytes()).unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert!(line.starts_with("HTTP/1.1 100"), "{line}");
+            reader.read_line(&mut line).unwrap();
+            reader.get_mut().write_all(&query.as_bytes()[..6]).unwrap();
+            reader
+        })
+        .collect();
+    // One more: served, and the request that has waited the longest is closed unanswered.
+    let health = get("/health");
+    assert!(health.is_some(), "a connection past the bound was refused while every place held an unfinished body\n{}", run.logs());
+    let mut rest = Vec::new();
+    let _ = senders[0].read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the oldest unfinished request was answered: {}", String::from_utf8_lossy(&rest));
+    // The others were left alone: one finishes its body and gets its answer.
+    senders[1].get_mut().write_all(&query.as_bytes()[6..]).unwrap();
+    let mut status = String::new();
+    senders[1].read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "a request whose body arrived was not answered: {status}");
+    let metrics = get("/metrics").expect("metrics");
+    let closed = metrics.lines().find_map(|l| l.strip_prefix("bearwatch_http_connections_closed_idle_total ")).and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(closed.is_some_and(|n| n >= 1.0), "the closing is counted: {closed:?}");
+    drop(senders);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}
+
 #[test]
 fn config_extremes_are_refused_with_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,15 +3,15 @@
 //! a client that opened connections and sent nothing, or a header a byte at a time, kept each one
 //! for good, until the process ran out of file descriptors and refused everyone. Here at most
 //! [`MAX_CONNECTIONS`] are open; past that, the connection idle the longest (between requests, or
-//! still sending its head) is closed for the new one (`net::Places`, as the Postgres listener does
+//! still sending its head or body) is closed for the new one (`net::Places`, as the Postgres listener does
 //! with connections still logging in), and only when every one is busy with a request is the new
-//! one closed at once. Each connection must send its next request head within [`HEAD_TIMEOUT`],
+//! one closed at once. A request counts as busy from the end of its body (see
+//! [`busy_while_answering`]) until its answer is sent. Each connection must send its next request head within [`HEAD_TIMEOUT`],
 //! which also closes keep-alive connections left idle that long. A client that stops reading its
 //! answer (a large SQL result held in the kernel's buffers) is cut off once it has taken no byte
 //! for [`WRITE_TIMEOUT`]; the body's own deadline is the server's `read_body` middleware.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -63,7 +63,7 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiv
             metrics::counter!("bearwatch_http_connections_refused_total").increment(1);
             continue;
         };
-        let service = Busying { app: TowerToHyperService::new(app.clone()), place: Arc::new(place) };
+        let service = WithPlace { app: TowerToHyperService::new(app.clone()), place: Arc::new(place) };
         let mut closed = closed.clone();
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -99,25 +99,37 @@ fn count_write_timeout() {
     metrics::counter!("bearwatch_http_write_timeouts_total").increment(1);
 }
 
-/// The app, with each request marking its connection busy until its answer is sent, so that only
-/// connections between requests (or still sending a head) are closed to make room.
-struct Busying {
+/// The app, with each request carrying its connection's place for [`busy_while_answering`].
+struct WithPlace {
     app: TowerToHyperService<Router>,
     place: Arc<Place>,
 }
 
-impl hyper::service::Service<axum::http::Request<Incoming>> for Busying {
+impl hyper::service::Service<axum::http::Request<Incoming>> for WithPlace {
     type Response = axum::http::Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<axum::http::Request<Incoming>>>::Future;
 
-    fn call(&self, request: axum::http::Request<Incoming>) -> Self::Future {
-        let busy = self.place.busy();
-        let answer = self.app.call(request);
-        Box::pin(async move {
-            let response = answer.await?;
-            Ok(response.map(|body| Body::new(BusyBody { body, _busy: busy })))
-        })
+    fn call(&self, mut request: axum::http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(RequestPlace(self.place.clone()));
+        self.app.call(request)
+    }
+}
+
+/// A request's connection place, in the request's extensions.
+#[derive(Clone)]
+struct RequestPlace(Arc<Place>);
+
+/// Runs the rest of the app with the request's connection busy until its answer is sent or
+/// dropped. The server calls this once the request's body is in: until then nothing has acted on
+/// the request, so a connection still sending its body (a byte a second, say) counts as idle and
+/// may be closed for another, as one still sending its head may.
+pub async fn busy_while_answering(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let busy = request.extensions().get::<RequestPlace>().map(|place| place.0.busy());
+    let response = next.run(request).await;
+    match busy {
+        Some(busy) => response.map(|body| Body::new(BusyBody { body, _busy: busy })),
+        None => response,
     }
 }
 
@@ -126,7 +138,6 @@ struct BusyBody {
     body: Body,
     _busy: Busy,
 }
-
 impl http_body::Body for BusyBody {
     type Data = axum::body::Bytes;
     type Error = axum::Error;

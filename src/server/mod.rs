@@ -168,7 +168,8 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Reads the whole request body before any handler (or the token check) runs: at most
 /// [`BODY_LIMIT`] bytes, else a JSON 413, and within [`BODY_TIMEOUT`] of its head, else a 408 that
 /// closes the connection, so a client that sends a body a byte at a time cannot hold a connection
-/// (the head has its own deadline in `listen`). A declared oversized body is first read and dropped,
+/// (the head has its own deadline in `listen`), and the connection becomes busy only once the body
+/// is in (`listen::busy_while_answering`), so that a full listener may close it for another. A declared oversized body is first read and dropped,
 /// up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a server that answers and closes while the client is
 /// still sending makes the kernel reset the connection, and the client then sees "connection reset"
 /// instead of the 413 (nginx's lingering close does the same).
@@ -204,7 +205,7 @@ async fn read_body(request: axum::extract::Request, next: middleware::Next) -> R
     })
     .await;
     match read {
-        Ok(Ok(())) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Ok(Ok(())) => listen::busy_while_answering(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)), next).await,
         Ok(Err(refused)) => refused,
         Err(_) => {
             metrics::counter!("bearwatch_http_body_timeouts_total").increment(1);
