@@ -266,6 +266,18 @@ fn run_config(dir: &std::path::Path, config: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// A 200 answer to `GET path`, on a connection of its own that the server closes after the answer,
+/// so no client pool holds one of the server's places.
+fn get_on_its_own_connection(http: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", http)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.starts_with("HTTP/1.1 200").then_some(answer)
+}
+
 /// Clients that open connections and send nothing, a request head or body a byte at a time, or
 /// never read their answer: with every place taken, a new connection is served in place of the
 /// one idle the longest, each of the others is cut off once 30 s late, and a Postgres client that
@@ -284,15 +296,7 @@ fn idle_crawling_and_stalled_http_and_postgres_clients_are_cut_off_and_the_api_k
          postgres = \"127.0.0.1:{pg}\"\npostgres_password = \"pw\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "p", &config);
-    // One connection per request, closed by the server after its answer: no client pool holds a place.
-    let get = |path: &str| -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", http)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        answer.starts_with("HTTP/1.1 200").then_some(answer)
-    };
+    let get = |path: &str| get_on_its_own_connection(http, path);
     let health = || get("/health").is_some();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !health() {
@@ -425,14 +429,7 @@ fn requests_still_sending_their_body_make_room_for_new_connections() {
          [run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n"
     );
     let mut run = Pipeline::start(dir.path(), "p", &config);
-    let get = |path: &str| -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", http)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        answer.starts_with("HTTP/1.1 200").then_some(answer)
-    };
+    let get = |path: &str| get_on_its_own_connection(http, path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while get("/health").is_none() {
         assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no API\n{}", run.logs());
