@@ -52,7 +52,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one when 64 were open), message_too_large (over 1 MiB), malformed_message (fields running past the message's length), write_timeout (the client took no byte for 30 s)"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
-    ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while checkpoints wait for the storage (object storage unreachable); reading waits with them"),
+    ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while writes wait for the storage (object storage unreachable, a full disk); reading waits with them"),
     ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete, rename"),
     ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
     ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),

@@ -612,8 +612,10 @@ fn a_running_pipeline_merges_the_journal_files_of_settled_hours_and_storage_merg
     let storage = dir.path().join("store");
     let review = dir.path().join("review.jsonl");
     let folder = storage.join("label_feedback");
-    // Labels imported in two requests, as if three hours ago: their hour has settled.
-    let import_as_of = |texts: &[&str], hours_ago: i64| {
+    // Labels imported in two requests, as if at 10:00 two days ago: their hour and their day have
+    // settled, whatever the time of day the test runs at.
+    let two_days_ago = (chrono::Utc::now().timestamp_millis() / 86_400_000 - 2) * 86_400_000;
+    let import_as_of = |texts: &[&str], hour: i64| {
         std::fs::write(&review, texts.iter().map(|t| json!({"text": t, "head": "sentiment", "label": "negative"}).to_string() + "\n").collect::<String>()).unwrap();
         let before: Vec<String> = std::fs::read_dir(&folder).map(|d| d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect()).unwrap_or_default();
         let (code, _, err) = bearwatch(&["feedback", "import", "--storage", storage.to_str().unwrap(), "--analyst", "ana", review.to_str().unwrap()]);
@@ -621,13 +623,13 @@ fn a_running_pipeline_merges_the_journal_files_of_settled_hours_and_storage_merg
         for entry in std::fs::read_dir(&folder).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if !before.contains(&name) {
-                let old = format!("{:013}{}", chrono::Utc::now().timestamp_millis() - hours_ago * 3_600_000, &name[13..]);
+                let old = format!("{:013}{}", two_days_ago + hour * 3_600_000 + 60_000, &name[13..]);
                 std::fs::rename(folder.join(&name), folder.join(old)).unwrap();
             }
         }
     };
-    import_as_of(&["Oil glut deepens", "Miner cuts output"], 3);
-    import_as_of(&["Bank misses estimates"], 3);
+    import_as_of(&["Oil glut deepens", "Miner cuts output"], 10);
+    import_as_of(&["Bank misses estimates"], 10);
     std::fs::write(dir.path().join("in.jsonl"), common::stories(40)).unwrap();
     let config = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\ncheckpoint_interval = \"300ms\"\n";
     let mut run = Pipeline::start(dir.path(), "p", config);
@@ -645,13 +647,13 @@ fn a_running_pipeline_merges_the_journal_files_of_settled_hours_and_storage_merg
     };
     assert_eq!(count(), "n\n3\n");
 
-    // Another hour's labels, merged on demand.
-    import_as_of(&["Airline grounds fleet"], 5);
+    // Another hour's labels of that day, merged on demand: their hour, then the whole day.
+    import_as_of(&["Airline grounds fleet"], 12);
     let (code, out, err) = bearwatch(&["storage", "merge", "--storage", storage.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("label_feedback: 1 merges, 1 files deleted, 0 written again") && out.contains(": 2 journal files"), "{out}");
+    assert!(out.contains("label_feedback: 2 merges, 3 files deleted, 0 written again") && out.contains(": 1 journal files"), "{out}");
     assert_eq!(count(), "n\n4\n");
-    assert!(files().iter().all(|n| n.ends_with("-merged-hour.parquet")), "{:?}", files());
+    assert!(files().len() == 1 && files()[0].ends_with("-merged-day.parquet"), "{:?}", files());
     let (code, _, err) = bearwatch(&["storage", "merge", "--storage", dir.path().join("typo").to_str().unwrap()]);
     assert!(code != 0 && err.contains("typo is not a folder"), "{err}");
 }

@@ -439,3 +439,120 @@ fn a_slow_classifier_pauses_consumption_with_bounded_memory_and_the_lag_recovers
     eprintln!("{total} stories; the source paused; max lag {max_lag}, back to 0; peak RSS {peak} MiB");
     assert!(peak < 1024, "peak RSS {peak} MiB");
 }
+
+/// Runs `bearwatch run` on `dir/p.toml` with `dir/disk` a 16 MiB filesystem of its own (a tmpfs in
+/// a mount namespace of the process, so no root is needed), filled to the last byte before the
+/// pipeline starts. `None` where this machine cannot make one (no user namespaces).
+fn start_on_a_full_disk(dir: &std::path::Path, config: &str) -> Option<Pipeline> {
+    let unshare = |script: &str| {
+        let mut command = Command::new("unshare");
+        command.args(["--user", "--map-root-user", "--mount", "sh", "-c", script]);
+        command
+    };
+    let probe = unshare("mkdir -p /tmp/bw-probe && mount -t tmpfs -o size=1m tmpfs /tmp/bw-probe").output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        return None;
+    }
+    std::fs::create_dir_all(dir.join("disk")).unwrap();
+    std::fs::write(dir.join("p.toml"), config).unwrap();
+    let (stdout, stderr) = (dir.join("p.stdout"), dir.join("p.stderr"));
+    let child = unshare("mount -t tmpfs -o size=16m tmpfs disk && { cat /dev/zero > disk/filler 2>/dev/null; exec \"$0\" run --pipeline p.toml; }")
+        .arg(env!("CARGO_BIN_EXE_bearwatch"))
+        .current_dir(dir)
+        .env("BEARWATCH_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Some(Pipeline { child, storage: dir.join("disk/store"), stdout, stderr })
+}
+
+/// The storage's disk is full from the start (a dead-letter file, parts, the checkpoint, the
+/// outbox and the analysts' journal all live there): the pipeline waits, says so, refuses labels with
+/// a 503 to send again, and once space is freed it finishes: every story counted once, every dead
+/// letter written whole and once, every alert change notified once.
+#[test]
+fn a_full_disk_pauses_the_pipeline_which_then_resumes_losing_nothing_and_repeating_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Bad lines between the stories, more than the dead-letter file's buffer, so its writes hit the full disk.
+    let bad = 200;
+    let mut input = String::new();
+    for (i, line) in std::fs::read_to_string(DEMO_DATA).unwrap().lines().enumerate() {
+        input.push_str(line);
+        input.push('\n');
+        if i % 15 == 0 && i / 15 < bad {
+            input.push_str(&format!("{{\"id\":\"bad-{i}\",\"headline\":{}\n", "\"x".repeat(300)));
+        }
+    }
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("routes.toml"), "[[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\nrepeat_interval = \"0s\"\n").unwrap();
+    let hook = WebhookServer::start();
+    let http = free_port();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[window]\nsize = \"4h\"\nslide = \"1h\"\nallowed_lateness = \"1h\"\n\
+         [storage]\npath = \"disk/store\"\ncheckpoint_interval = \"1s\"\n[run]\nsummary_interval = \"0s\"\nkeep_serving = true\nshutdown_timeout = \"30s\"\n\
+         [server]\nhttp = \"127.0.0.1:{http}\"\n[alerts]\nrules = [\"{ROOT}/alerts/default.toml\", \"routes.toml\"]\n\
+         [[receivers]]\nname = \"log\"\ntype = \"log\"\n[[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\ntimeout = \"2s\"\n",
+        hook.port
+    );
+    let Some(mut run) = start_on_a_full_disk(dir.path(), &config) else {
+        eprintln!("skipped: this machine cannot mount a filesystem in a user namespace (`unshare --user --mount`)");
+        return;
+    };
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+    let gauge = |name: &str| -> Option<f64> {
+        let (status, _, text) = api.raw("GET", "/metrics", &[], None).ok()?;
+        (status == 200).then_some(())?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while gauge("bearwatch_storage_unavailable") != Some(1.0) {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "the full disk was not reported\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let label = r#"{"text": "Oil prices fall sharply", "head": "sentiment", "label": "negative"}"#;
+    let (status, _, body) = api.raw("POST", "/api/feedback/labels", &[("Content-Type", "application/json")], Some(label)).unwrap();
+    assert_eq!(status, 503, "a label on a full disk: {body}");
+    assert!(body.contains("No space left"), "{body}");
+    // The files as the pipeline sees them, through its own mount namespace.
+    let disk = std::path::PathBuf::from(format!("/proc/{}/root{}", run.child.id(), dir.path().join("disk").display()));
+    std::fs::remove_file(disk.join("filler")).unwrap();
+    let (status, _, body) = api.raw("POST", "/api/feedback/labels", &[("Content-Type", "application/json")], Some(label)).unwrap();
+    assert_eq!(status, 201, "the same label once there is room: {body}");
+
+    let outbox = disk.join("store/outbox.jsonl");
+    let pending = || {
+        let text = std::fs::read_to_string(&outbox).unwrap_or_default();
+        let queued = text.matches("\"event\":\"queued\"").count();
+        queued.saturating_sub(text.matches("\"event\":\"sent\"").count() + text.matches("\"event\":\"dropped\"").count())
+    };
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while !(std::fs::read_to_string(&run.stderr).unwrap_or_default().contains("still serving") && pending() == 0) {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "not finished after the disk had room\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(gauge("bearwatch_storage_unavailable"), Some(0.0));
+    let stories = std::fs::read_to_string(DEMO_DATA).unwrap().lines().count();
+    let counted = api.sql(None, "SELECT count(*) AS n, count(DISTINCT id) AS d FROM news");
+    assert_eq!((counted[0]["n"].as_u64(), counted[0]["d"].as_u64()), (Some(stories as u64), Some(stories as u64)), "every story once");
+    let letters = std::fs::read_to_string(disk.join("store/dead-letter.jsonl")).unwrap();
+    let mut ids: Vec<String> = letters
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("a torn dead letter ({e}): {l:.200}"))["payload"].as_str().unwrap()[..20].to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((letters.lines().count(), ids.len()), (bad, bad), "every bad line once");
+    let changes = api.sql(None, "SELECT count(*) AS n FROM alerts")[0]["n"].as_u64().unwrap() as usize;
+    let requests = hook.requests.lock().unwrap().clone();
+    let mut keys: Vec<String> = requests.iter().map(|(_, a)| format!("{}/{}", a["alert_id"], a["state"])).collect();
+    keys.sort();
+    keys.dedup();
+    assert!(changes > 0, "the demo data raises alerts");
+    assert_eq!((requests.len(), keys.len()), (changes, changes), "each alert change notified once");
+    let waits = std::fs::read_to_string(&run.stderr).unwrap_or_default().matches("storage unavailable").count();
+    eprintln!("{stories} stories, {bad} dead letters, {changes} alert changes notified once; {waits} writes waited for the disk");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}

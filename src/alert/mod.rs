@@ -271,15 +271,22 @@ impl Alerting {
         self.explainer = Some(explainer);
     }
 
-    /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread.
+    /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread. What
+    /// could not be written (a full disk) stays queued for the next call; the outbox skips what it
+    /// already holds.
     pub fn flush_queue(&mut self) -> Result<(), AlertError> {
-        let queued = std::mem::take(&mut self.queued);
-        let resolved = std::mem::take(&mut self.resolved);
-        let Some(notifier) = &self.notifier else { return Ok(()) };
-        if !queued.is_empty() {
-            notifier.enqueue(queued)?;
+        let Some(notifier) = &self.notifier else {
+            self.queued.clear();
+            self.resolved.clear();
+            return Ok(());
+        };
+        if !self.queued.is_empty() {
+            notifier.enqueue(self.queued.clone())?;
+            self.queued.clear();
         }
-        notifier.end_reminders(&resolved)
+        notifier.end_reminders(&self.resolved)?;
+        self.resolved.clear();
+        Ok(())
     }
 
     /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.

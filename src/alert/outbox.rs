@@ -121,14 +121,34 @@ impl Outbox {
         if self.settled_reminders > SETTLED_REMINDERS_MAX { self.compact() } else { Ok(()) }
     }
 
+    /// Writes `event`, then applies it: what is queued must be on disk before anyone sends it.
     fn append(&mut self, event: Event) -> Result<(), AlertError> {
-        let io = AlertError::io(&self.path);
-        let mut line = serde_json::to_vec(&event).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
-        line.push(b'\n');
-        self.file.write_all(&line).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        self.write(&event)?;
         apply(&mut self.entries, event);
         Ok(())
+    }
+
+    /// Applies an attempt's outcome, and writes it. It applies even when it cannot be written (a
+    /// full disk): the running process must not send a notice again and again because its sending
+    /// could not be recorded; a restart may then repeat it once, as after a crash.
+    fn record(&mut self, event: Event) -> Result<(), AlertError> {
+        let written = self.write(&event);
+        apply(&mut self.entries, event);
+        written
+    }
+
+    /// Appends `event` as one line, durably. A write that fails part way (a full disk) is cut back
+    /// off, so that no torn line runs into the next one.
+    fn write(&mut self, event: &Event) -> Result<(), AlertError> {
+        let io = AlertError::io(&self.path);
+        let mut line = serde_json::to_vec(event).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
+        line.push(b'\n');
+        let length = self.file.metadata().map_err(io)?.len();
+        let written = self.file.write_all(&line).and_then(|()| self.file.sync_data());
+        if written.is_err() {
+            let _ = self.file.set_len(length);
+        }
+        written.map_err(io)
     }
 
     /// Records a notification to send; false if this key is already known (sent or pending).
@@ -141,19 +161,19 @@ impl Outbox {
     }
 
     pub fn failed(&mut self, key: &str, at_ms: i64, error: String, next_ms: i64) -> Result<(), AlertError> {
-        self.append(Event::Failed { key: key.to_string(), at_ms, error, next_ms })
+        self.record(Event::Failed { key: key.to_string(), at_ms, error, next_ms })
     }
 
     pub fn sent(&mut self, key: &str, at_ms: i64) -> Result<(), AlertError> {
-        self.append(Event::Sent { key: key.to_string(), at_ms })?;
+        let written = self.record(Event::Sent { key: key.to_string(), at_ms });
         self.settled(key);
-        Ok(())
+        written
     }
 
     pub fn drop_entry(&mut self, key: &str, at_ms: i64, reason: String) -> Result<(), AlertError> {
-        self.append(Event::Dropped { key: key.to_string(), at_ms, reason })?;
+        let written = self.record(Event::Dropped { key: key.to_string(), at_ms, reason });
         self.settled(key);
-        Ok(())
+        written
     }
 
     pub fn get(&self, key: &str) -> Option<&Entry> {
@@ -222,6 +242,32 @@ mod tests {
     use super::*;
     use crate::alert::notify::tests::alert;
     use crate::detect::AlertState;
+
+    /// A full disk (`/dev/full` in place of the file): a notice that was sent is not due again in
+    /// this process, and one that could not be queued is not taken, so its caller keeps it.
+    #[test]
+    fn a_full_disk_neither_loses_a_queued_notice_nor_sends_one_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut outbox = Outbox::open(&path).unwrap();
+        outbox.enqueue("a1/firing/am".into(), "am".into(), alert(AlertState::Firing), 0, 100, 10).unwrap();
+        let file = std::mem::replace(&mut outbox.file, OpenOptions::new().append(true).open("/dev/full").unwrap());
+        assert!(outbox.sent("a1/firing/am", 1).is_err(), "the disk is full");
+        assert_eq!(outbox.get("a1/firing/am").map(|e| e.status), Some(Status::Sent));
+        assert!(outbox.due(i64::MAX).is_empty(), "sent, though not recorded: not sent again");
+        assert!(outbox.enqueue("a2/firing/am".into(), "am".into(), alert(AlertState::Firing), 0, 100, 10).is_err());
+        assert!(outbox.get("a2/firing/am").is_none() && outbox.due(i64::MAX).is_empty(), "not on disk, so not to be sent");
+        // Space again: the caller's retry queues it.
+        outbox.file = file;
+        assert!(outbox.enqueue("a2/firing/am".into(), "am".into(), alert(AlertState::Firing), 0, 100, 10).unwrap());
+        drop(outbox);
+        let reopened = Outbox::open(&path).unwrap();
+        let status = |key: &str| reopened.get(key).map(|e| e.status);
+        // The send the disk did not take is repeated once after a restart, as after a crash.
+        assert_eq!((status("a1/firing/am"), status("a2/firing/am")), (Some(Status::Pending), Some(Status::Pending)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().all(|l| serde_json::from_str::<Event>(l).is_ok()), "{text}");
+    }
 
     #[test]
     fn settled_reminders_are_compacted_away_and_the_rest_survives_a_reopen() {

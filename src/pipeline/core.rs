@@ -381,7 +381,22 @@ impl Core {
         self.counters.dead_lettered += 1;
         crate::telemetry::dropped(stage, "dead_letter", 1);
         tracing::debug!(kind, message, topic = %record.topic, partition = record.partition, offset = record.offset, "dead-lettered");
-        self.dead_letter.send(record, kind, message).map_err(PipelineError::Source)
+        match self.dead_letter.send(record, kind, message) {
+            // The record waits in the output until it can be written.
+            Err(e) if self.dead_letter.is_file() && e.retryable() => self.flush_dead_letters(),
+            sent => sent.map_err(PipelineError::Source),
+        }
+    }
+
+    /// Makes the dead letters sent so far durable. A file waits while its disk is full, as the
+    /// storage does; a topic's failure ends the run (its stories are read again at the next start).
+    fn flush_dead_letters(&mut self) -> Result<(), PipelineError> {
+        if self.dead_letter.is_file() {
+            while_unavailable(&self.stop, || self.dead_letter.flush())
+        } else {
+            self.dead_letter.flush()
+        }
+        .map_err(PipelineError::Source)
     }
 
     /// Applies every finished item at the head of the queue; returns how many.
@@ -763,7 +778,7 @@ impl Core {
         crate::telemetry::sent("window", updates.len() as u64);
         self.window_rows.extend(updates);
         self.prune_seen();
-        self.dead_letter.flush().map_err(PipelineError::Source)?;
+        self.flush_dead_letters()?;
         if let Some(sink) = &self.sink {
             sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;
         }
@@ -803,7 +818,7 @@ impl Core {
                 parts.push((Table::Alerts, alerts_batch(&alerting.changes).map_err(internal)?));
             }
             // Into the outbox before the checkpoint: a crash in between may repeat a notice, never lose one.
-            alerting.flush_queue()?;
+            while_unavailable(&self.stop, || alerting.flush_queue())?;
             let rows = alerting.notifier.as_ref().map(|n| n.take_rows()).unwrap_or_default();
             if !rows.is_empty() {
                 parts.push((Table::Notifications, notifications_batch(&rows).map_err(internal)?));
@@ -895,11 +910,9 @@ impl Core {
 
 }
 
-/// Writes a checkpoint's parts and commits it. While the storage cannot be reached (an error a retry
-/// can help), the checkpoint waits and tries again (1 s, doubling to 30 s), and reading waits with
-/// it: stories stay in Kafka or the file, nothing is dropped. A stop request ends the wait with the
-/// error: the next start resumes from the last checkpoint. Queries hold off only while a write is
-/// under way, so that each row is seen once, from a part or from the live rows.
+/// Writes a checkpoint's parts and commits it, waiting while the storage cannot be reached
+/// ([`while_unavailable`]). Queries hold off only while a write is under way, so that each row is
+/// seen once, from a part or from the live rows.
 fn store(
     storage: &mut crate::storage::Storage,
     live: Option<&crate::sql::live::LiveRows>,
@@ -907,24 +920,38 @@ fn store(
     state: &Checkpoint,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), PipelineError> {
-    let mut wait = Duration::from_secs(1);
-    loop {
+    while_unavailable(stop, || {
         let flushing = live.map(|l| l.flushing());
         let attempt = storage.write_all(parts).and_then(|_| storage.commit(state));
         drop(flushing);
-        match attempt {
-            Ok(()) => {
+        if attempt.is_err() {
+            storage.forget_uncommitted();
+        }
+        attempt
+    })
+    .map_err(PipelineError::from)
+}
+
+/// Runs `attempt`, a durable write of the pipeline's (parts, the checkpoint, the outbox, the
+/// dead-letter file), until it succeeds. While it fails with an error a retry can help (object
+/// storage unreachable, a full disk), it waits and tries again (1 s, doubling to 30 s), and reading
+/// waits with it: stories stay in Kafka or the file, nothing is dropped. A stop request ends the
+/// wait with the error: the next start resumes from the last checkpoint.
+fn while_unavailable<T, E: Classified + std::fmt::Display>(stop: &std::sync::atomic::AtomicBool, mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match attempt() {
+            Ok(done) => {
                 metrics::gauge!("bearwatch_storage_unavailable").set(0.0);
-                return Ok(());
+                return Ok(done);
             }
             Err(e) if e.retryable() && !stop.load(std::sync::atomic::Ordering::SeqCst) => {
-                storage.forget_uncommitted();
                 metrics::gauge!("bearwatch_storage_unavailable").set(1.0);
-                tracing::warn!(error = %e, retry_in = ?wait, "storage unavailable: the checkpoint waits, and reading with it; nothing is lost");
+                tracing::warn!(error = %e, retry_in = ?wait, "storage unavailable: writing waits, and reading with it; nothing is lost");
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! topic (DESIGN §2 headers) or, for the file source, to a JSON-lines file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +16,13 @@ use super::{Record, SourceError};
 /// oversized input can't also be refused by the broker's own size limit.
 const MAX_DEAD_LETTER_BYTES: usize = 900 * 1024;
 const TRUNCATED_BYTES: usize = 64 * 1024;
+/// Dead-letter lines for a file are kept until this many bytes are waiting, then written.
+const FILE_BUFFER_BYTES: usize = 64 * 1024;
 
 pub enum DeadLetter {
     Topic { output: Arc<Output>, topic: String },
-    File { path: PathBuf, writer: BufWriter<File> },
+    /// Lines not yet written wait in `pending`; a write that fails (a full disk) keeps them there.
+    File { path: PathBuf, file: File, pending: Vec<u8> },
 }
 
 impl DeadLetter {
@@ -33,9 +36,11 @@ impl DeadLetter {
             std::fs::create_dir_all(dir).map_err(error)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(error)?;
-        Ok(DeadLetter::File { path: path.to_path_buf(), writer: BufWriter::new(file) })
+        Ok(DeadLetter::File { path: path.to_path_buf(), file, pending: Vec::new() })
     }
 
+    /// Sends one record. An error a retry can help leaves the record with the output: [`DeadLetter::flush`]
+    /// until it succeeds, then the record is sent.
     pub fn send(&mut self, record: &Record, kind: &str, message: &str) -> Result<(), SourceError> {
         metrics::counter!("bearwatch_dead_letter_total", "kind" => kind.to_string()).increment(1);
         match self {
@@ -59,7 +64,7 @@ impl DeadLetter {
                 let key = format!("{}/{}/{}", record.topic, record.partition, record.offset);
                 output.send(topic, key.as_bytes(), payload, Some(headers))
             }
-            DeadLetter::File { path, writer } => {
+            DeadLetter::File { pending, .. } => {
                 let payload = match std::str::from_utf8(&record.payload) {
                     Ok(text) => ("payload", serde_json::Value::String(text.to_string())),
                     Err(_) => ("payload_hex", serde_json::Value::String(hex(&record.payload))),
@@ -72,20 +77,41 @@ impl DeadLetter {
                     "source.offset": record.offset,
                     payload.0: payload.1,
                 });
-                writeln!(writer, "{line}")
-                    .map_err(|e| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() })
+                pending.extend_from_slice(line.to_string().as_bytes());
+                pending.push(b'\n');
+                if pending.len() >= FILE_BUFFER_BYTES { self.write_pending() } else { Ok(()) }
             }
         }
+    }
+
+    /// Whether this writes to a local file (which a full disk makes wait) rather than a topic.
+    pub fn is_file(&self) -> bool {
+        matches!(self, DeadLetter::File { .. })
     }
 
     /// Makes everything sent so far durable; called before offsets are committed.
     pub fn flush(&mut self) -> Result<(), SourceError> {
         match self {
             DeadLetter::Topic { output, .. } => output.flush(Duration::from_secs(30)),
-            DeadLetter::File { path, writer } => writer
-                .flush()
-                .and_then(|()| writer.get_ref().sync_data())
-                .map_err(|e| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() }),
+            DeadLetter::File { .. } => self.write_pending(),
+        }
+    }
+
+    /// Appends the pending lines to the file, durably. A write that fails part way (a full disk) is
+    /// cut back off, so that a retry writes every line once and whole.
+    fn write_pending(&mut self) -> Result<(), SourceError> {
+        let DeadLetter::File { path, file, pending } = self else { return Ok(()) };
+        let error = |e: std::io::Error| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() };
+        let length = file.metadata().map_err(error)?.len();
+        match file.write_all(pending).and_then(|()| file.sync_data()) {
+            Ok(()) => {
+                pending.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let _ = file.set_len(length);
+                Err(error(e))
+            }
         }
     }
 }

@@ -678,16 +678,51 @@ pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
 }
 
 /// Writes `batches` (one schema, at least one batch) to `out` as one Parquet file, one row group
-/// each; `name` is for errors.
+/// each; `name` is for errors. A failure of `out` itself (a full disk) is an I/O error, which a retry
+/// can help, however the Parquet writer reports it (it may keep only its text).
 fn write_parquet<W: Write + Send>(out: W, name: &Path, batches: &[RecordBatch], properties: &WriterProperties) -> Result<W, StorageError> {
-    let parquet_error = |e: parquet::errors::ParquetError| StorageError::Parquet { path: name.to_path_buf(), reason: e.to_string() };
-    let schema = batches.first().ok_or_else(|| parquet_error(parquet::errors::ParquetError::General("no rows to write".into())))?.schema();
-    let mut writer = ArrowWriter::try_new(out, schema, Some(properties.clone())).map_err(parquet_error)?;
-    for batch in batches {
-        writer.write(batch).map_err(parquet_error)?;
-        writer.flush().map_err(parquet_error)?;
+    let mut out = NotingErrors { out, failed: None };
+    let written = (|| {
+        let schema = batches.first().ok_or_else(|| parquet::errors::ParquetError::General("no rows to write".into()))?.schema();
+        let mut writer = ArrowWriter::try_new(&mut out, schema, Some(properties.clone()))?;
+        for batch in batches {
+            writer.write(batch)?;
+            writer.flush()?;
+        }
+        writer.into_inner().map(drop)
+    })();
+    match (written, out.failed) {
+        (Ok(()), _) => Ok(out.out),
+        (Err(_), Some(reason)) => Err(StorageError::Io { path: name.to_path_buf(), reason }),
+        (Err(e), None) => Err(StorageError::Parquet { path: name.to_path_buf(), reason: e.to_string() }),
     }
-    writer.into_inner().map_err(parquet_error)
+}
+
+/// A writer that remembers its first error.
+struct NotingErrors<W> {
+    out: W,
+    failed: Option<String>,
+}
+
+impl<W: Write> NotingErrors<W> {
+    fn noted<T>(&mut self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+}
+
+impl<W: Write> Write for NotingErrors<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(buf);
+        self.noted(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let flushed = self.out.flush();
+        self.noted(flushed)
+    }
 }
 
 /// `batches` (one schema, at least one batch) as the bytes of one Parquet file, one row group each.
@@ -696,14 +731,19 @@ fn encode(name: &str, batches: &[RecordBatch], properties: &WriterProperties) ->
 }
 
 /// Writes `batches` (one schema, at least one batch) as `<dir>/<name>`, one row group each, through
-/// a temp name, fsynced, then renamed.
+/// a temp name, fsynced, then renamed. A failed write (a full disk) leaves no temp file behind.
 fn write_file(dir: &Path, name: &str, batches: &[RecordBatch], properties: &WriterProperties) -> Result<(), StorageError> {
     let path = dir.join(name);
     let temp = dir.join(format!(".{name}.tmp"));
-    let file = write_parquet(File::create(&temp).map_err(io_error(&temp))?, &path, batches, properties)?;
-    file.sync_all().map_err(io_error(&temp))?;
-    fs::rename(&temp, &path).map_err(io_error(&path))?;
-    Ok(())
+    let written = File::create(&temp).map_err(io_error(&temp)).and_then(|file| {
+        let file = write_parquet(file, &path, batches, properties)?;
+        file.sync_all().map_err(io_error(&temp))?;
+        fs::rename(&temp, &path).map_err(io_error(&path))
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
 }
 
 /// Appends `batch` to a journal table as a file of its own, `<created ms>-<unique>.parquet`, durable
@@ -1116,6 +1156,23 @@ mod tests {
     fn batch() -> RecordBatch {
         let schema = Schema::new(vec![Field::new("n", DataType::Int64, false)]);
         RecordBatch::try_new(std::sync::Arc::new(schema), vec![std::sync::Arc::new(Int64Array::from(vec![1, 2]))]).unwrap()
+    }
+
+    /// A full disk is the storage's trouble, not the data's: the checkpoint waits on it and retries.
+    #[test]
+    fn a_parquet_write_that_runs_out_of_disk_is_a_retryable_io_error() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let properties = WriterProperties::builder().build();
+        let error = write_parquet(Full, Path::new("news/part"), &[batch()], &properties).err().expect("the write fails");
+        assert!(matches!(error, StorageError::Io { .. }) && error.retryable() && error.class() == ErrorClass::External, "{error:?}");
     }
 
     #[test]
