@@ -38,6 +38,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_detect_groups_dropped_total", Kind::Counter, "", "Groups whose closed windows the detector dropped, past its bound on groups held"),
     ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
+    ("bearwatch_notifications_held_total", Kind::Counter, "receiver", "Notifications held back by the receiver's rate limit (summed up when its interval ends)"),
     ("bearwatch_feedback_rows_total", Kind::Counter, "table", "Rows people added to label_feedback, alert_verdicts or missed_events"),
     ("bearwatch_feedback_applied_total", Kind::Counter, "matched", "Stories that got an analyst's label, by how they matched (story, exact, near)"),
     ("bearwatch_feedback_memory_texts", Kind::Gauge, "", "Corrected texts the running pipeline remembers"),

@@ -303,3 +303,50 @@ fn a_slack_webhook_gets_headlines_escaped() {
     assert!(text.contains("&lt;http://evil.example|click here&gt;"), "{text}");
     assert!(!text.contains('<') && !text.contains('>'), "nothing Slack would read as a mention or a link: {text}");
 }
+
+/// A feed that names ever new tickers makes a per-ticker rule fire once per ticker. The webhook gets
+/// its `rate_limit` of alerts, and then, at the end of the interval (here: the end of the run), one
+/// notification that sums up the rest; every alert is still recorded.
+#[test]
+fn a_storm_of_ticker_alerts_reaches_a_receiver_as_its_rate_limit_and_one_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = WebhookServer::start();
+    let tickers = 40;
+    let mut input = String::new();
+    for t in 0..tickers {
+        for (k, headline) in ["shares plunge after fraud charges", "warns of huge losses and layoffs", "collapses as lenders pull credit"].iter().enumerate() {
+            let at = format!("1987-03-02T10:{:02}:{:02}Z", t, k * 10);
+            input.push_str(&format!("{}\n", serde_json::json!({"id": format!("t{t}-{k}"), "published_at": at, "headline": format!("Z{t:02} Corp {headline}"), "tickers": [format!("Z{t:02}")]})));
+        }
+    }
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    let rules = "[[rules]]\nname = \"ticker-negative\"\nseverity = \"warning\"\ngroup = \"ticker\"\nmetric = \"n_negative\"\n\
+                 [rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 2\nmin_count = 2\n\
+                 [[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\n";
+    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\ngroup_by = [\"topic\", \"ticker\"]\n\
+         [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"60s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
+         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\ntimeout = \"2s\"\nrate_limit = 5\nrate_interval = \"1h\"\n",
+        hook.port
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.logs());
+    let changes: u64 = query_one(&run.storage, "SELECT count(*) FROM alerts WHERE rule = 'ticker-negative'").parse().unwrap();
+    assert!(changes > 20, "most tickers' bursts fire: {changes} changes\n{}", run.logs());
+    let requests = hook.requests.lock().unwrap().clone();
+    let (summaries, alerts): (Vec<_>, Vec<_>) = requests.iter().map(|(_, a)| a).partition(|a| a["rule"] == "bearwatch_notifications_held");
+    assert_eq!(alerts.len(), 5, "the rate limit: {requests:?}");
+    assert_eq!(summaries.len(), 1, "one summary: {requests:?}");
+    let summary = summaries[0];
+    assert_eq!(summary["count"].as_u64(), Some(changes - 5), "{summary}");
+    assert_eq!(summary["group"], serde_json::json!({"receiver": "hook"}));
+    let text = summary["summary"].as_str().unwrap();
+    assert!(text.starts_with(&format!("{} notifications held back after 5 in 60 min: ticker-negative {}", changes - 5, changes - 5)), "{text}");
+    assert!(text.contains("for example ticker-negative Z"), "{text}");
+    let metrics = std::fs::read_to_string(&run.stderr).unwrap();
+    assert!(metrics.contains("notifications held back after 5"), "the summary is logged too");
+    // The summary went through the outbox like any notice.
+    let sent = query(&run.storage, "SELECT count(*) FROM notifications WHERE receiver = 'hook' AND status = 'sent'");
+    assert_eq!(sent[0][0], "6");
+}

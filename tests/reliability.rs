@@ -97,7 +97,7 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
     common::loose_rules(dir.path());
     let alerting = format!(
         "[alerts]\nrules = [\"loose.toml\", \"routes.toml\"]\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n\
-         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/\"\ntimeout = \"2s\"\n",
+         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/\"\ntimeout = \"2s\"\nrate_limit = 0\n",
         hook.port
     );
     let limit = Duration::from_secs(size(180, 3600));

@@ -4,6 +4,7 @@
 mod error;
 pub mod notify;
 pub mod outbox;
+mod rate;
 pub mod silences;
 mod table;
 
@@ -83,13 +84,25 @@ pub struct ReceiverConfig {
     /// How long a notification is retried before it is given up as expired.
     #[serde(default = "one_day")]
     pub expire_after: HumanDuration,
+    /// At most this many notifications every `rate_interval`; past it, alerts are held back and
+    /// summed up in one notification when the interval ends (0: no limit). Default: 30 for email
+    /// and webhooks, which people read; no limit for log, kafka and alertmanager (which groups).
+    pub rate_limit: Option<usize>,
+    #[serde(default = "ten_minutes")]
+    pub rate_interval: HumanDuration,
 }
+
+/// The most a `rate_limit` may be.
+const MAX_RATE_LIMIT: usize = 1_000_000;
 
 fn ten_seconds() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(10))
 }
 fn one_minute() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(60))
+}
+fn ten_minutes() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(600))
 }
 fn one_day() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(86_400))
@@ -99,6 +112,15 @@ fn starttls() -> SmtpTls {
 }
 
 impl ReceiverConfig {
+    /// `rate_limit`, or its default for the kind; `None` for no limit.
+    pub fn rate_limit(&self) -> Option<usize> {
+        let default = match self.kind {
+            ReceiverKind::Email | ReceiverKind::Webhook => 30,
+            ReceiverKind::Log | ReceiverKind::Kafka | ReceiverKind::Alertmanager => 0,
+        };
+        Some(self.rate_limit.unwrap_or(default)).filter(|&n| n > 0)
+    }
+
     /// What each kind needs, as (field, message) for the config error.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let need = |present: bool, field: &'static str| {
@@ -116,6 +138,12 @@ impl ReceiverConfig {
                 Err((field, format!("receiver `{}`: `{field}` must be an http:// or https:// URL (it is not shown here: its path may be a secret)", self.name)))
             }
         };
+        if self.rate_limit.is_some_and(|n| n > MAX_RATE_LIMIT) {
+            return Err(("rate_limit", format!("receiver `{}`: `rate_limit` is at most {MAX_RATE_LIMIT} (0: no limit)", self.name)));
+        }
+        if self.rate_interval.0.is_zero() || self.rate_interval.0 > std::time::Duration::from_secs(86_400) {
+            return Err(("rate_interval", format!("receiver `{}`: `rate_interval` must be more than 0s and at most 1d", self.name)));
+        }
         if matches!(self.kind, ReceiverKind::Webhook | ReceiverKind::Alertmanager) {
             self.url.iter().try_for_each(|u| web("url", u))?;
             self.urls.iter().try_for_each(|u| web("urls", u))?;
@@ -244,6 +272,8 @@ pub struct Alerting {
     queued: Vec<notify::Queued>,
     /// Alerts resolved since the last checkpoint, whose reminders end then.
     resolved: Vec<String>,
+    /// Receivers with a rate limit, by name.
+    limits: BTreeMap<String, rate::RateLimit>,
     pub notifier: Option<notify::Notifier>,
     /// Explains each new alert's headlines before it is recorded or sent; none in role `aggregate`,
     /// which loads no model.
@@ -257,8 +287,17 @@ impl Alerting {
             expire_ms: r.expire_after.as_millis(),
             resend_ms: (r.kind == ReceiverKind::Alertmanager).then(|| r.resend_every.as_millis()),
         };
+        let now = chrono::Utc::now().timestamp_millis();
+        let limits = receivers
+            .iter()
+            .filter(|r| r.kind != ReceiverKind::Log)
+            .filter_map(|r| Some((r.name.clone(), rate::RateLimit::new(r.rate_limit()?, r.rate_interval.as_millis(), now))))
+            .collect::<BTreeMap<_, _>>();
+        for receiver in limits.keys() {
+            metrics::counter!("bearwatch_notifications_held_total", "receiver" => receiver.clone()).increment(0);
+        }
         let receivers = receivers.iter().map(|r| (r.name.clone(), timing(r))).collect();
-        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), resolved: Vec::new(), notifier, explainer: None }
+        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), resolved: Vec::new(), limits, notifier, explainer: None }
     }
 
     pub fn with_explainer(mut self, explainer: Explainer) -> Alerting {
@@ -275,6 +314,7 @@ impl Alerting {
     /// could not be written (a full disk) stays queued for the next call; the outbox skips what it
     /// already holds.
     pub fn flush_queue(&mut self) -> Result<(), AlertError> {
+        self.sum_up_held(false);
         let Some(notifier) = &self.notifier else {
             self.queued.clear();
             self.resolved.clear();
@@ -287,6 +327,20 @@ impl Alerting {
         notifier.end_reminders(&self.resolved)?;
         self.resolved.clear();
         Ok(())
+    }
+
+    /// Queues a summary for each receiver that held notifications back, once its interval has
+    /// ended, or at once (`now`: the pipeline stops).
+    pub fn sum_up_held(&mut self, now: bool) {
+        let at = chrono::Utc::now().timestamp_millis();
+        let summaries: Vec<(String, Alert)> =
+            self.limits.iter_mut().filter_map(|(receiver, limit)| Some((receiver.clone(), limit.summary(receiver, at, now)?))).collect();
+        for (receiver, summary) in summaries {
+            tracing::warn!(receiver, "{}", summary.summary);
+            if let Some(&timing) = self.receivers.get(&receiver) {
+                self.queue(&summary, &receiver, timing, 0, 0);
+            }
+        }
     }
 
     /// Evaluates the rules on new rows at event time `watermark_ms` and notifies.
@@ -338,24 +392,39 @@ impl Alerting {
                     tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
                     println!("{}", render_text(alert));
                 }
-                Some(timing) => {
+                Some(&timing) => {
+                    // An interval that ended is summed up before this alert counts in the next.
                     let now = chrono::Utc::now().timestamp_millis();
-                    let key = format!("{}/{}/{}", alert.alert_id, alert.state.as_str(), delivery.receiver);
+                    if let Some(summary) = self.limits.get_mut(&delivery.receiver).and_then(|l| l.summary(&delivery.receiver, now, false)) {
+                        tracing::warn!(receiver = %delivery.receiver, "{}", summary.summary);
+                        self.queue(&summary, &delivery.receiver, timing, 0, 0);
+                    }
+                    if self.limits.get_mut(&delivery.receiver).is_some_and(|l| !l.admit(alert, now)) {
+                        metrics::counter!("bearwatch_notifications_held_total", "receiver" => delivery.receiver.clone()).increment(1);
+                        crate::telemetry::dropped("notify", "rate_limit", 1);
+                        tracing::debug!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "held back by the receiver's rate limit");
+                        continue;
+                    }
                     let (wait, repeat) = timing.resend_ms.map_or((delivery.group_wait_ms, delivery.repeat_interval_ms), |resend| (0, resend));
                     let repeat = if alert.state == AlertState::Firing { repeat } else { 0 };
-                    let due = now + wait;
-                    self.queued.push(notify::Queued {
-                        key,
-                        receiver: delivery.receiver.clone(),
-                        alert: alert.clone(),
-                        due_ms: due,
-                        expires_ms: due + timing.expire_ms,
-                        repeat_ms: repeat,
-                    });
+                    self.queue(alert, &delivery.receiver, timing, wait, repeat);
                 }
                 None => tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver"),
             }
         }
+    }
+
+    /// Queues a notice of `alert` for `receiver`, due in `wait_ms`, repeated every `repeat_ms` while firing (0: never).
+    fn queue(&mut self, alert: &Alert, receiver: &str, timing: Timing, wait_ms: i64, repeat_ms: i64) {
+        let due = chrono::Utc::now().timestamp_millis() + wait_ms;
+        self.queued.push(notify::Queued {
+            key: format!("{}/{}/{receiver}", alert.alert_id, alert.state.as_str()),
+            receiver: receiver.to_string(),
+            alert: alert.clone(),
+            due_ms: due,
+            expires_ms: due + timing.expire_ms,
+            repeat_ms,
+        });
     }
 }
 

@@ -182,7 +182,7 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
          [window]\nsize = \"1d\"\nallowed_lateness = \"1d\"\ngroup_by = [\"topic\", \"ticker\"]\n\
          [storage]\npath = \"{storage}\"\ncheckpoint_interval = \"{interval}\"\n\
          [alerts]\nrules = [\"{rules}\"]\nevaluate_every = \"{evaluate_every}\"\n[run]\nsummary_interval = \"0s\"\n\
-         [[receivers]]\nname = \"bench\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{port}/\"\n",
+         [[receivers]]\nname = \"bench\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{port}/\"\nrate_limit = 0\n",
         brokers = args.brokers,
         storage = storage.display(),
         rules = rules.display(),

@@ -189,6 +189,8 @@ fn receiver_field(field: &str) -> &'static str {
         "bearer_token" => "receivers.bearer_token",
         "resend_every" => "receivers.resend_every",
         "dashboard_url" => "receivers.dashboard_url",
+        "rate_limit" => "receivers.rate_limit",
+        "rate_interval" => "receivers.rate_interval",
         _ => "receivers",
     }
 }
@@ -279,6 +281,17 @@ path = "data"
         assert!(err.contains("`receivers.resend_every`"), "{err}");
         let ok = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"alertmanager\"\nurls = [\"http://a:9093\", \"https://b\"]\n");
         assert_eq!(PipelineConfig::parse(&ok, "p.toml").unwrap().receivers[0].resend_every.as_millis(), 60_000);
+        let err = receiver("type = \"log\"\nrate_limit = 1000001\n");
+        assert!(err.contains("`receivers.rate_limit`") && err.contains("at most 1000000"), "{err}");
+        let err = receiver("type = \"log\"\nrate_interval = \"0s\"\n");
+        assert!(err.contains("`receivers.rate_interval`"), "{err}");
+        // People read email and webhooks: limited unless said otherwise; machines are not.
+        let limits = |kind: &str, extra: &str| {
+            let text = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"{kind}\"\nurl = \"http://h\"\nurls = [\"http://a\"]\ntopic = \"t\"\nsmtp_host = \"s\"\nfrom = \"f\"\nto = [\"t\"]\n{extra}");
+            PipelineConfig::parse(&text, "p.toml").unwrap().receivers[0].rate_limit()
+        };
+        assert_eq!((limits("email", ""), limits("webhook", ""), limits("kafka", ""), limits("alertmanager", "")), (Some(30), Some(30), None, None));
+        assert_eq!((limits("webhook", "rate_limit = 0\n"), limits("kafka", "rate_limit = 7\n")), (None, Some(7)));
     }
 
     #[test]

@@ -641,6 +641,9 @@ fn drive(
     if !interrupted {
         core.close_all_windows();
     }
+    if let Some(alerting) = core.alerting.as_mut() {
+        alerting.sum_up_held(true);
+    }
     let offsets = core.checkpoint()?;
     // Give due notifications (and their retries) the shutdown budget, then record how they went.
     let pending = core.settle_notifications(Instant::now() + config.run.shutdown_timeout.0);
