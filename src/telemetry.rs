@@ -24,6 +24,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_dead_letter_total", Kind::Counter, "kind", "Messages sent to the dead-letter output, by error kind"),
     ("bearwatch_window_late_total", Kind::Counter, "", "Stories behind the watermark (kept in table `late`)"),
     ("bearwatch_window_tickers_refused_total", Kind::Counter, "", "Per-ticker windows not opened because the bound on open windows was reached"),
+    ("bearwatch_window_watermark_forced_total", Kind::Counter, "", "Times the watermark moved on by itself because 100,000 windows were open (a partition held event time back)"),
     ("bearwatch_source_paused", Kind::Gauge, "", "1 while reading waits because `max_queued` stories are in flight (back to 0 under half)"),
     ("bearwatch_kafka_consumer_lag", Kind::Gauge, "topic, partition", "Messages behind the high watermark, per assigned partition"),
     ("bearwatch_classify_queue_depth", Kind::Gauge, "", "Texts waiting for a batch"),
@@ -103,7 +104,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [

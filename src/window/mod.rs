@@ -124,8 +124,16 @@ pub const TOP_HEADLINES: usize = 5;
 
 /// Open windows past which no new per-ticker window opens (the story still counts in its topic and
 /// `all`): tickers come from the input, so this bounds what a feed naming ever new tickers can make
-/// the windows (and their checkpoints) hold. Topic windows are bounded by the model's topics.
+/// the windows (and their checkpoints) hold. Topic windows are bounded by the model's topics and,
+/// across event time, by [`MAX_OPEN_WINDOWS_ALL`].
 pub const MAX_OPEN_WINDOWS: usize = 50_000;
+
+/// Open windows of every group past which the watermark moves on by itself, to the end of the
+/// oldest one. The watermark follows the slowest partition with data left, so a partition held far
+/// back in event time (a deep backlog of old stories, or a producer that keeps one partition old on
+/// purpose) would otherwise let the others open a window for every hour they name, without bound.
+/// Its stories older than that are then late, as if it had caught up.
+pub const MAX_OPEN_WINDOWS_ALL: usize = 100_000;
 
 /// Whether a window that is not open yet must stay unopened: a ticker's, with
 /// [`MAX_OPEN_WINDOWS`] open (counted in `bearwatch_window_tickers_refused_total`).
@@ -544,6 +552,7 @@ impl WindowState {
     /// of a story already there counts as a copy). The caller moves the watermark with
     /// [`WindowState::advance`].
     pub fn add(&mut self, story: &Counted) -> Placed {
+        self.bound_open_windows();
         let watermark = self.watermark_ms();
         let groups = self.groups(&story.topic, &story.tickers);
         let size = self.spec.size_ms;
@@ -566,6 +575,21 @@ impl WindowState {
         }
         let windows = starts.len();
         if windows == 0 { Placed::Late } else { Placed::Counted(windows) }
+    }
+
+    /// Past [`MAX_OPEN_WINDOWS_ALL`] open windows, moves the watermark to the end of the oldest, so
+    /// that the next [`WindowState::close_due`] closes them.
+    fn bound_open_windows(&mut self) {
+        if self.open.len() < MAX_OPEN_WINDOWS_ALL {
+            return;
+        }
+        let Some(oldest) = self.open.keys().next().map(|k| k.start_ms) else { return };
+        let end = oldest.saturating_add(self.spec.size_ms);
+        if self.watermark_ms.is_none_or(|w| w < end) {
+            self.watermark_ms = Some(end);
+            metrics::counter!("bearwatch_window_watermark_forced_total").increment(1);
+            tracing::debug!(open = self.open.len(), watermark_ms = end, "too many open windows: the watermark moves on by itself");
+        }
     }
 
     /// Removes the windows the watermark has passed and returns their final rows.
@@ -685,6 +709,27 @@ mod tests {
 
     fn spec(size: i64, slide: i64, lateness: i64) -> WindowSpec {
         WindowSpec { size_ms: size, slide_ms: slide, allowed_lateness_ms: lateness, by_ticker: false }
+    }
+
+    /// One partition stays at the first hour while another names a new hour with every story: the
+    /// open windows stop growing at the bound, the oldest close with their final rows, and the held
+    /// partition's next story is late.
+    #[test]
+    fn a_watermark_held_back_moves_on_by_itself_once_too_many_windows_are_open() {
+        let mut state = WindowState::new(spec(H, H, 0));
+        state.advance("held", 0);
+        let stories = MAX_OPEN_WINDOWS_ALL; // each opens its topic's window and `all`'s
+        let (mut closed, mut most) = (0, 0);
+        for i in 0..stories as i64 {
+            state.add(&counted(&format!("s{i}"), i * H, "energy", "negative", -1.0, 0.9));
+            state.advance("ahead", i * H);
+            most = most.max(state.open_windows());
+            closed += state.close_due(0).len();
+        }
+        assert!(most <= MAX_OPEN_WINDOWS_ALL + 2, "{most} open at most");
+        assert!(closed >= stories - MAX_OPEN_WINDOWS_ALL / 2 - 1, "the oldest closed with final rows: {closed}");
+        assert_eq!(state.watermark_ms(), Some((closed as i64 / 2) * H), "moved to the end of the oldest closed window");
+        assert_eq!(state.add(&counted("old", 0, "energy", "negative", -1.0, 0.9)), Placed::Late, "the held partition's old story");
     }
 
     #[test]
