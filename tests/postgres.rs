@@ -194,6 +194,19 @@ fn psql_and_a_driver_query_a_running_pipeline_read_only() {
     }
     assert!(client.query_one("SELECT 1", &[]).is_ok(), "the connection goes on after its failures");
 
+    // Where a statement went wrong, as Postgres says it (a character index, which psql shows under
+    // the line): a syntax error on both protocols, a planner's error in a simple query.
+    let mut at = |sql: &str| match client.query(sql, &[]).unwrap_err().as_db_error().and_then(|db| db.position().cloned()) {
+        Some(postgres::error::ErrorPosition::Original(index)) => Some(index),
+        _ => None,
+    };
+    assert_eq!(at("SELECT * FORM news"), Some(10), "at FORM");
+    assert_eq!(at("SELECT 'é',\n 'ü' FORM news"), Some(23), "in characters, across lines: at news");
+    let (ok, out) = psql(port, "s3cret", "SELECT * FORM news");
+    assert!(!ok && out.contains("found: FORM at Line: 1, Column: 10\nLINE 1: SELECT * FORM news\n                 ^"), "psql: {out}");
+    let (ok, out) = psql(port, "s3cret", "SELECT 1 FROM no_such_table");
+    assert!(!ok && out.contains("not found\nLINE 1: SELECT 1 FROM no_such_table\n                      ^"), "psql: {out}");
+
     // A message's size is bounded as its header arrives: a Query declaring 100 MB is refused with
     // 54000 and its connection closed before the body is read; one under the bound (a 900 KB bound
     // parameter, read across many socket reads) is served, and other connections go on.

@@ -94,7 +94,11 @@ fn position(error: &DataFusionError) -> Option<(usize, usize)> {
     if let Some(span) = error.diagnostic().and_then(|d| d.span) {
         return Some((span.start.line as usize, span.start.column as usize));
     }
-    let text = error.to_string();
+    line_and_column(&error.to_string())
+}
+
+/// The "Line: 1, Column: 8" that sqlparser's messages end with.
+fn line_and_column(text: &str) -> Option<(usize, usize)> {
     let after = &text[text.find("Line: ")? + 6..];
     let line: usize = after.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
     let after = &after[after.find("Column: ")? + 8..];

@@ -247,6 +247,7 @@ impl ErrorHandler for Sqlstates {
             let sql = super::classify(failure);
             let code = super::sqlstate(failure, &sql);
             let mut info = ErrorInfo::new("ERROR".into(), code.into(), sql.to_string());
+            info.position = cursor(super::position(failure));
             if code == "40001" {
                 info.hint = Some("a merge replaced a part of the tables while the query ran: run it again".into());
             }
@@ -255,13 +256,56 @@ impl ErrorHandler for Sqlstates {
             // A value the encoding cannot write (a timestamp in a time zone that does not exist).
             ErrorInfo::new("ERROR".into(), super::arrow_sqlstate(arrow).into(), SqlError::Data(arrow.to_string()).to_string())
         } else if let Some(syntax) = inner.downcast_ref::<ParserError>() {
-            ErrorInfo::new("ERROR".into(), "42601".into(), syntax.to_string())
+            // datafusion-postgres' parser reports no location; DataFusion's own (the HTTP API's)
+            // does, for the same statement, and its message is then the one sent.
+            let message = reparsed().filter(|m| super::line_and_column(m).is_some()).unwrap_or_else(|| syntax.to_string());
+            let mut info = ErrorInfo::new("ERROR".into(), "42601".into(), message);
+            info.position = cursor(super::line_and_column(&info.message));
+            info
         } else {
             return;
         };
         tracing::debug!(code = %info.code, message = %info.message, "postgres query failed");
         *error = PgWireError::UserError(Box::new(info));
     }
+}
+
+thread_local! {
+    /// The SQL of the message whose error is being built, for the error's cursor position.
+    static ANSWERING: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` (the error handler, which sees only the error) with `sql` as the statement the error is
+/// about: a Query's or a Parse's text, none for the other messages.
+fn answering<T>(sql: Option<String>, f: impl FnOnce() -> T) -> T {
+    ANSWERING.with(|a| *a.borrow_mut() = sql);
+    let answer = f();
+    ANSWERING.with(|a| a.borrow_mut().take());
+    answer
+}
+
+/// Postgres' error cursor, which psql shows as `LINE 1: …` with a caret: the 1-based index, in
+/// characters, of `(line, column)` in the statement being answered.
+fn cursor(position: Option<(usize, usize)>) -> Option<String> {
+    let (line, column) = position?;
+    ANSWERING.with(|a| {
+        let sql = a.borrow();
+        let lines_before: usize = sql.as_deref()?.split('\n').take(line.checked_sub(1)?).map(|l| l.chars().count() + 1).sum();
+        Some((lines_before + column).to_string())
+    })
+}
+
+/// The syntax error DataFusion's own parser finds in the statement being answered, if any.
+fn reparsed() -> Option<String> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    ANSWERING.with(|a| {
+        let sql = a.borrow();
+        // sqlparser's own recursion limit (50) keeps this within a connection task's stack.
+        let sql = sql.as_deref().filter(|sql| sql.len() <= super::guard::MAX_QUERY_BYTES)?;
+        let parsed = Parser::new(&GenericDialect {}).try_with_sql(sql).and_then(|mut p| p.parse_statements());
+        parsed.err().map(|e| e.to_string())
+    })
 }
 
 struct Handlers {

@@ -189,6 +189,11 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
             // The client is leaving: close, as some clients wait for the server to.
             PgWireFrontendMessage::Terminate(_) => return Ok(()),
             message => {
+                let sql = match &message {
+                    PgWireFrontendMessage::Query(query) => Some(query.query.clone()),
+                    PgWireFrontendMessage::Parse(parse) => Some(parse.query.clone()),
+                    _ => None,
+                };
                 let extended_protocol = match socket.state() {
                     PgWireConnectionState::CopyInProgress(extended_protocol) => extended_protocol,
                     _ => message.is_extended_query(),
@@ -206,7 +211,7 @@ async fn drive<H: PgWireServerHandlers>(tcp: TcpStream, handlers: H, place: Plac
                     if let PgWireError::IoError(e) = e {
                         return Err(e);
                     }
-                    errors.on_error(&socket, &mut e);
+                    super::answering(sql, || errors.on_error(&socket, &mut e));
                     let error = ErrorInfo::from(e);
                     let fatal = error.is_fatal();
                     process_error(&mut socket, PgWireError::UserError(Box::new(error)), extended_protocol).await?;
