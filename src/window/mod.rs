@@ -577,14 +577,15 @@ impl WindowState {
         if windows == 0 { Placed::Late } else { Placed::Counted(windows) }
     }
 
-    /// Past [`MAX_OPEN_WINDOWS_ALL`] open windows, moves the watermark to the end of the oldest, so
-    /// that the next [`WindowState::close_due`] closes them.
+    /// At [`MAX_OPEN_WINDOWS_ALL`] open windows, moves the watermark to the end of the oldest tenth
+    /// (whole window starts), so that the next [`WindowState::close_due`] closes them: hopping
+    /// windows open several starts a story, so closing one start at a time would not hold the bound.
     fn bound_open_windows(&mut self) {
         if self.open.len() < MAX_OPEN_WINDOWS_ALL {
             return;
         }
-        let Some(oldest) = self.open.keys().next().map(|k| k.start_ms) else { return };
-        let end = oldest.saturating_add(self.spec.size_ms);
+        let Some(last) = self.open.keys().nth(self.open.len() - MAX_OPEN_WINDOWS_ALL * 9 / 10).map(|k| k.start_ms) else { return };
+        let end = last.saturating_add(self.spec.size_ms);
         if self.watermark_ms.is_none_or(|w| w < end) {
             self.watermark_ms = Some(end);
             metrics::counter!("bearwatch_window_watermark_forced_total").increment(1);
@@ -716,19 +717,21 @@ mod tests {
     /// partition's next story is late.
     #[test]
     fn a_watermark_held_back_moves_on_by_itself_once_too_many_windows_are_open() {
-        let mut state = WindowState::new(spec(H, H, 0));
+        // Hopping: 4 h windows every hour, stories 5 h apart, so each story opens 4 starts × 2 groups.
+        let mut state = WindowState::new(spec(4 * H, H, 0));
         state.advance("held", 0);
-        let stories = MAX_OPEN_WINDOWS_ALL; // each opens its topic's window and `all`'s
+        let stories = MAX_OPEN_WINDOWS_ALL / 4;
         let (mut closed, mut most) = (0, 0);
         for i in 0..stories as i64 {
-            state.add(&counted(&format!("s{i}"), i * H, "energy", "negative", -1.0, 0.9));
-            state.advance("ahead", i * H);
+            state.add(&counted(&format!("s{i}"), 5 * i * H, "energy", "negative", -1.0, 0.9));
+            state.advance("ahead", 5 * i * H);
             most = most.max(state.open_windows());
             closed += state.close_due(0).len();
         }
-        assert!(most <= MAX_OPEN_WINDOWS_ALL + 2, "{most} open at most");
-        assert!(closed >= stories - MAX_OPEN_WINDOWS_ALL / 2 - 1, "the oldest closed with final rows: {closed}");
-        assert_eq!(state.watermark_ms(), Some((closed as i64 / 2) * H), "moved to the end of the oldest closed window");
+        assert!(most <= MAX_OPEN_WINDOWS_ALL + 2 * 8, "{most} open at most (the bound and two stories' windows)");
+        assert_eq!(closed + state.open_windows(), 8 * stories, "every window opened, closed with its final row or open");
+        assert!(closed > stories, "the oldest closed: {closed}");
+        assert!(state.watermark_ms().is_some_and(|w| w > 0), "moved on");
         assert_eq!(state.add(&counted("old", 0, "energy", "negative", -1.0, 0.9)), Placed::Late, "the held partition's old story");
     }
 
