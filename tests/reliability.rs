@@ -469,9 +469,9 @@ fn start_on_a_full_disk(dir: &std::path::Path, config: &str) -> Option<Pipeline>
 }
 
 /// The storage's disk is full from the start (a dead-letter file, parts, the checkpoint, the
-/// outbox and the analysts' journal all live there): the pipeline waits, says so, refuses labels with
-/// a 503 to send again, and once space is freed it finishes: every story counted once, every dead
-/// letter written whole and once, every alert change notified once.
+/// outbox, the silences and the analysts' journal all live there): the pipeline waits, says so,
+/// refuses labels and silences with a 503 to send again, and once space is freed it finishes: every
+/// story counted once, every dead letter written whole and once, every alert change notified once.
 #[test]
 fn a_full_disk_pauses_the_pipeline_which_then_resumes_losing_nothing_and_repeating_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -515,11 +515,18 @@ fn a_full_disk_pauses_the_pipeline_which_then_resumes_losing_nothing_and_repeati
     let (status, _, body) = api.raw("POST", "/api/feedback/labels", &[("Content-Type", "application/json")], Some(label)).unwrap();
     assert_eq!(status, 503, "a label on a full disk: {body}");
     assert!(body.contains("No space left"), "{body}");
+    let now = chrono::Utc::now();
+    let silence = serde_json::json!({"match": {"topic": "energy"}, "starts_at": now, "ends_at": now + chrono::Duration::hours(1), "comment": "disk"}).to_string();
+    let (status, _, body) = api.raw("POST", "/api/silences", &[("Content-Type", "application/json")], Some(&silence)).unwrap();
+    assert_eq!(status, 503, "a silence on a full disk: {body}");
+    assert_eq!(api.raw("GET", "/api/silences", &[], None).unwrap().2.trim(), "[]", "and none in effect");
     // The files as the pipeline sees them, through its own mount namespace.
     let disk = std::path::PathBuf::from(format!("/proc/{}/root{}", run.child.id(), dir.path().join("disk").display()));
     std::fs::remove_file(disk.join("filler")).unwrap();
     let (status, _, body) = api.raw("POST", "/api/feedback/labels", &[("Content-Type", "application/json")], Some(label)).unwrap();
     assert_eq!(status, 201, "the same label once there is room: {body}");
+    let (status, _, body) = api.raw("POST", "/api/silences", &[("Content-Type", "application/json")], Some(&silence)).unwrap();
+    assert_eq!(status, 201, "the same silence once there is room: {body}");
 
     let outbox = disk.join("store/outbox.jsonl");
     let pending = || {

@@ -235,13 +235,15 @@ impl Router {
 /// Replaces `path` with `bytes` whole: written beside it, fsynced, then renamed over it, so that a
 /// crash leaves the old file or the new one, never a torn one.
 fn replace_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), AlertError> {
-    let io = AlertError::io(path);
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
-    let mut file = std::fs::File::create(&temporary).map_err(io)?;
-    std::io::Write::write_all(&mut file, bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&temporary, path).map_err(io)
+    let written = std::fs::File::create(&temporary)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, bytes).and_then(|()| file.sync_all()))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(AlertError::io(path))
 }
 
 /// Finds the words behind texts, each text's strongest push towards negative first (the pipeline

@@ -41,29 +41,32 @@ impl SilenceStore {
     }
 
     /// Adds a silence and returns its id, or `None` when [`MAX_SILENCES`] are already active or
-    /// pending; expired ones are dropped first. The file is replaced atomically.
+    /// pending; expired ones are dropped first. The file is replaced atomically, and the silences
+    /// in effect change only once it is: a failed write (a full disk) changes nothing.
     pub fn add(&self, silence: Silence) -> Result<Option<String>, AlertError> {
         let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
         let now = chrono::Utc::now();
-        all.retain(|s| s.silence.ends_at > now);
-        if all.len() >= MAX_SILENCES {
+        let mut next: Vec<StoredSilence> = all.iter().filter(|s| s.silence.ends_at > now).cloned().collect();
+        if next.len() >= MAX_SILENCES {
             return Ok(None);
         }
         let id = format!("s{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
-        all.push(StoredSilence { id: id.clone(), silence });
-        self.save(&all)?;
+        next.push(StoredSilence { id: id.clone(), silence });
+        self.save(&next)?;
+        *all = next;
         Ok(Some(id))
     }
 
-    /// Removes a silence; false if there was none with that id.
+    /// Removes a silence; false if there was none with that id. As [`SilenceStore::add`], nothing
+    /// changes unless the file is written.
     pub fn remove(&self, id: &str) -> Result<bool, AlertError> {
         let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
-        let before = all.len();
-        all.retain(|s| s.id != id);
-        if all.len() == before {
+        let next: Vec<StoredSilence> = all.iter().filter(|s| s.id != id).cloned().collect();
+        if next.len() == all.len() {
             return Ok(false);
         }
-        self.save(&all)?;
+        self.save(&next)?;
+        *all = next;
         Ok(true)
     }
 
@@ -85,6 +88,20 @@ mod tests {
             ends_at: now + chrono::Duration::hours(ends_in_hours),
             comment: String::new(),
         }
+    }
+
+    /// A full disk, say: the API answers with the error, and the silences in effect are those on disk.
+    #[test]
+    fn a_write_that_fails_changes_no_silence() {
+        use crate::error::Classified;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SilenceStore::open(&dir.path().join("silences.json")).unwrap();
+        let kept = store.add(silence(1)).unwrap().unwrap();
+        store.path = dir.path().join("gone/silences.json");
+        assert!(store.add(silence(1)).unwrap_err().retryable());
+        assert!(store.remove(&kept).unwrap_err().retryable());
+        assert_eq!(store.list().iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [kept.as_str()]);
+        assert!(!dir.path().join("gone").exists());
     }
 
     #[test]

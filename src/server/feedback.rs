@@ -184,14 +184,7 @@ fn failure(e: FeedbackFailure) -> Response {
         FeedbackFailure::Feedback(FeedbackError::NotFound(_)) | FeedbackFailure::Item { source: FeedbackError::NotFound(_), .. } => {
             StatusCode::NOT_FOUND
         }
-        // A full disk or unreachable object storage: nothing was written, and the same request can
-        // be sent again.
-        _ if e.retryable() => {
-            let mut answer = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-            answer.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("10"));
-            return answer;
-        }
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => return super::failed(&e),
     };
     error(status, e.to_string())
 }

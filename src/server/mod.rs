@@ -220,6 +220,17 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// The answer to the server's own failure: 503 with `Retry-After` when the same request can succeed
+/// later (a full disk, object storage unreachable: nothing was written), else 500.
+fn failed(e: &(impl Classified + std::fmt::Display)) -> Response {
+    if !e.retryable() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let mut answer = error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    answer.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("10"));
+    answer
+}
+
 /// Who the caller is, and the topics a label may name: the dashboard shows the feedback controls
 /// to analysts and admins only.
 async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
@@ -266,7 +277,7 @@ async fn create(
             StatusCode::TOO_MANY_REQUESTS,
             format!("{MAX_SILENCES} silences are active or pending: delete some first", MAX_SILENCES = crate::alert::silences::MAX_SILENCES),
         ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => failed(&e),
     }
 }
 
@@ -274,7 +285,7 @@ async fn remove(State(state): State<AppState>, _: Analyst, Path(id): Path<String
     match state.silences.remove(&id) {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no silence {id}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => failed(&e),
     }
 }
 
