@@ -45,6 +45,9 @@ pub enum LearnError {
     Refused(String),
     #[error(transparent)]
     Classify(#[from] ClassifyError),
+    /// The registry's journals could not be written (a full disk, object storage unreachable).
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 impl Classified for LearnError {
@@ -53,10 +56,11 @@ impl Classified for LearnError {
             LearnError::Files { .. } => ErrorClass::External,
             LearnError::Invalid(_) | LearnError::Refused(_) => ErrorClass::User,
             LearnError::Classify(e) => e.class(),
+            LearnError::Storage(e) => e.class(),
         }
     }
     fn retryable(&self) -> bool {
-        false
+        matches!(self, LearnError::Storage(e) if e.retryable())
     }
 }
 

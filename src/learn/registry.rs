@@ -118,7 +118,7 @@ fn aliases_batch(rows: &[AliasRow]) -> Result<RecordBatch, ArrowError> {
 
 fn append<T>(storage: &Location, table: Table, rows: &[T], batch: fn(&[T]) -> Result<RecordBatch, ArrowError>, unique: &str) -> Result<(), LearnError> {
     let batch = batch(rows).map_err(|e| LearnError::Invalid(e.to_string()))?;
-    storage::append(storage, table, &batch, unique).map_err(|e| LearnError::Files { path: storage.to_string().into(), reason: e.to_string() })?;
+    storage::append(storage, table, &batch, unique)?;
     Ok(())
 }
 

@@ -43,7 +43,7 @@ fn answer(result: Result<Result<registry::AliasRow, LearnError>, tokio::task::Jo
             let status = match e {
                 LearnError::Refused(_) => StatusCode::CONFLICT,
                 LearnError::Invalid(_) | LearnError::Files { .. } => StatusCode::BAD_REQUEST,
-                LearnError::Classify(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                LearnError::Classify(_) | LearnError::Storage(_) => return super::failed(&e),
             };
             error(status, e.to_string())
         }
@@ -82,4 +82,19 @@ pub(super) async fn rollback(State(state): State<AppState>, Admin(who): Admin, t
         })
         .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A promotion the registry's journal could not take (a full disk) is for sending again later.
+    #[test]
+    fn a_registry_the_storage_cannot_write_is_503_and_a_bad_folder_400() {
+        let full = crate::storage::StorageError::Io { path: "store/models".into(), reason: "No space left on device (os error 28)".into() };
+        let answered = answer(Ok(Err(LearnError::Storage(full))));
+        assert_eq!((answered.status(), answered.headers().contains_key("retry-after")), (StatusCode::SERVICE_UNAVAILABLE, true));
+        let missing = LearnError::Files { path: "candidate/report.json".into(), reason: "No such file or directory".into() };
+        assert_eq!(answer(Ok(Err(missing))).status(), StatusCode::BAD_REQUEST);
+    }
 }
