@@ -9,6 +9,7 @@ pub mod config;
 pub mod detect;
 pub mod error;
 pub mod feedback;
+pub mod files;
 pub mod learn;
 pub mod net;
 pub mod telemetry;

@@ -232,18 +232,9 @@ impl Router {
     }
 }
 
-/// Replaces `path` with `bytes` whole: written beside it, fsynced, then renamed over it, so that a
-/// crash leaves the old file or the new one, never a torn one.
+/// Replaces `path` with `bytes` whole (`files::replace`).
 fn replace_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), AlertError> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let written = std::fs::File::create(&temporary)
-        .and_then(|mut file| std::io::Write::write_all(&mut file, bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| std::fs::rename(&temporary, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written.map_err(AlertError::io(path))
+    crate::files::replace(path, bytes).map_err(AlertError::io(path))
 }
 
 /// Finds the words behind texts, each text's strongest push towards negative first (the pipeline
@@ -382,6 +373,8 @@ impl Alerting {
         if alert.state == AlertState::Resolved {
             self.resolved.push(alert.alert_id.clone());
         }
+        // An interval that ended is summed up before this alert counts in the next.
+        self.sum_up_held(false);
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
             crate::telemetry::received("notify", 1);
             if delivery.silenced {
@@ -395,12 +388,7 @@ impl Alerting {
                     println!("{}", render_text(alert));
                 }
                 Some(&timing) => {
-                    // An interval that ended is summed up before this alert counts in the next.
                     let now = chrono::Utc::now().timestamp_millis();
-                    if let Some(summary) = self.limits.get_mut(&delivery.receiver).and_then(|l| l.summary(&delivery.receiver, now, false)) {
-                        tracing::warn!(receiver = %delivery.receiver, "{}", summary.summary);
-                        self.queue(&summary, &delivery.receiver, timing, 0, 0);
-                    }
                     if self.limits.get_mut(&delivery.receiver).is_some_and(|l| !l.admit(alert, now)) {
                         metrics::counter!("bearwatch_notifications_held_total", "receiver" => delivery.receiver.clone()).increment(1);
                         crate::telemetry::dropped("notify", "rate_limit", 1);

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -137,18 +137,12 @@ impl Outbox {
         written
     }
 
-    /// Appends `event` as one line, durably. A write that fails part way (a full disk) is cut back
-    /// off, so that no torn line runs into the next one.
+    /// Appends `event` as one line, durably and whole (`files::append_whole`), so that no torn line
+    /// runs into the next one.
     fn write(&mut self, event: &Event) -> Result<(), AlertError> {
-        let io = AlertError::io(&self.path);
         let mut line = serde_json::to_vec(event).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
         line.push(b'\n');
-        let length = self.file.metadata().map_err(io)?.len();
-        let written = self.file.write_all(&line).and_then(|()| self.file.sync_data());
-        if written.is_err() {
-            let _ = self.file.set_len(length);
-        }
-        written.map_err(io)
+        crate::files::append_whole(&mut self.file, &line).map_err(AlertError::io(&self.path))
     }
 
     /// Records a notification to send; false if this key is already known (sent or pending).

@@ -3,13 +3,14 @@
 //! a client that opened connections and sent nothing, or a header a byte at a time, kept each one
 //! for good, until the process ran out of file descriptors and refused everyone. Here at most
 //! [`MAX_CONNECTIONS`] are open; past that, the connection idle the longest (between requests, or
-//! still sending its head or body) is closed for the new one (`net::Places`, as the Postgres listener does
-//! with connections still logging in), and only when every one is busy with a request is the new
-//! one closed at once. A request counts as busy from the end of its body (see
-//! [`busy_while_answering`]) until its answer is sent. Each connection must send its next request head within [`HEAD_TIMEOUT`],
-//! which also closes keep-alive connections left idle that long. A client that stops reading its
-//! answer (a large SQL result held in the kernel's buffers) is cut off once it has taken no byte
-//! for [`WRITE_TIMEOUT`]; the body's own deadline is the server's `read_body` middleware.
+//! still sending its head or body) is closed for the new one (`net::Places`, as the Postgres
+//! listener does with connections still logging in), and only when every one is busy with a
+//! request is the new one closed at once. A request counts as busy from the end of its body (see
+//! [`busy_while_answering`]) until its answer is sent. Each connection must send its next request
+//! head within [`HEAD_TIMEOUT`], which also closes keep-alive connections left idle that long. A
+//! client that stops reading its answer (a large SQL result held in the kernel's buffers) is cut
+//! off once it has taken no byte for [`WRITE_TIMEOUT`]; the body's own deadline is the server's
+//! `read_body` middleware.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -138,6 +139,7 @@ struct BusyBody {
     body: Body,
     _busy: Busy,
 }
+
 impl http_body::Body for BusyBody {
     type Data = axum::body::Bytes;
     type Error = axum::Error;

@@ -169,10 +169,11 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// [`BODY_LIMIT`] bytes, else a JSON 413, and within [`BODY_TIMEOUT`] of its head, else a 408 that
 /// closes the connection, so a client that sends a body a byte at a time cannot hold a connection
 /// (the head has its own deadline in `listen`), and the connection becomes busy only once the body
-/// is in (`listen::busy_while_answering`), so that a full listener may close it for another. A declared oversized body is first read and dropped,
-/// up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a server that answers and closes while the client is
-/// still sending makes the kernel reset the connection, and the client then sees "connection reset"
-/// instead of the 413 (nginx's lingering close does the same).
+/// is in (`listen::busy_while_answering`), so that a full listener may close it for another. A
+/// declared oversized body is first read and dropped, up to [`DRAIN_LIMIT`] or [`DRAIN_TIME`]: a
+/// server that answers and closes while the client is still sending makes the kernel reset the
+/// connection, and the client then sees "connection reset" instead of the 413 (nginx's lingering
+/// close does the same).
 async fn read_body(request: axum::extract::Request, next: middleware::Next) -> Response {
     use futures::StreamExt;
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

@@ -2,7 +2,6 @@
 //! topic (DESIGN §2 headers) or, for the file source, to a JSON-lines file.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,22 +96,13 @@ impl DeadLetter {
         }
     }
 
-    /// Appends the pending lines to the file, durably. A write that fails part way (a full disk) is
-    /// cut back off, so that a retry writes every line once and whole.
+    /// Appends the pending lines to the file, durably and whole (`files::append_whole`), so that a
+    /// retry after a failed write writes every line once.
     fn write_pending(&mut self) -> Result<(), SourceError> {
         let DeadLetter::File { path, file, pending } = self else { return Ok(()) };
-        let error = |e: std::io::Error| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() };
-        let length = file.metadata().map_err(error)?.len();
-        match file.write_all(pending).and_then(|()| file.sync_data()) {
-            Ok(()) => {
-                pending.clear();
-                Ok(())
-            }
-            Err(e) => {
-                let _ = file.set_len(length);
-                Err(error(e))
-            }
-        }
+        crate::files::append_whole(file, pending).map_err(|e| SourceError::DeadLetter { target: path.display().to_string(), reason: e.to_string() })?;
+        pending.clear();
+        Ok(())
     }
 }
 

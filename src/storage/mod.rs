@@ -892,18 +892,13 @@ fn parse_checkpoint<T: DeserializeOwned>(place: &Place, bytes: &[u8]) -> Result<
     serde_json::from_slice(bytes).map_err(|e| StorageError::CorruptCheckpoint { path: PathBuf::from(place.name(&place.checkpoint())), reason: e.to_string() })
 }
 
-/// Replaces the JSON file `relative` under `root` whole: a temp file, fsynced, renamed over it, and
-/// the folder fsynced (created if need be).
+/// Replaces the JSON file `relative` under `root` whole (`files::replace`), its folder created if
+/// need be.
 fn replace_local(root: &Path, relative: &str, bytes: &[u8]) -> Result<(), StorageError> {
     let path = root.join(relative);
     let dir = path.parent().unwrap_or(root);
     fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let temp = path.with_extension("json.tmp");
-    let mut file = File::create(&temp).map_err(io_error(&temp))?;
-    file.write_all(bytes).map_err(io_error(&temp))?;
-    file.sync_all().map_err(io_error(&temp))?;
-    fs::rename(&temp, &path).map_err(io_error(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))
+    crate::files::replace(&path, bytes).map_err(io_error(&path))
 }
 
 /// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
