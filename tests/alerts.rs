@@ -304,13 +304,10 @@ fn a_slack_webhook_gets_headlines_escaped() {
     assert!(!text.contains('<') && !text.contains('>'), "nothing Slack would read as a mention or a link: {text}");
 }
 
-/// A feed that names ever new tickers makes a per-ticker rule fire once per ticker. The webhook gets
-/// its `rate_limit` of alerts, and then, at the end of the interval (here: the end of the run), one
-/// notification that sums up the rest; every alert is still recorded.
-#[test]
-fn a_storm_of_ticker_alerts_reaches_a_receiver_as_its_rate_limit_and_one_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let hook = WebhookServer::start();
+/// 40 tickers, each named by three negative headlines within a minute of event time (10:00 to
+/// 10:39), a rule that fires per ticker, and a webhook allowed 5 notices an hour. Returns the config;
+/// `source` adds lines to its `[source]`.
+fn ticker_storm(dir: &std::path::Path, hook: &WebhookServer, source: &str) -> String {
     let tickers = 40;
     let mut input = String::new();
     for t in 0..tickers {
@@ -319,26 +316,42 @@ fn a_storm_of_ticker_alerts_reaches_a_receiver_as_its_rate_limit_and_one_summary
             input.push_str(&format!("{}\n", serde_json::json!({"id": format!("t{t}-{k}"), "published_at": at, "headline": format!("Z{t:02} Corp {headline}"), "tickers": [format!("Z{t:02}")]})));
         }
     }
-    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.join("in.jsonl"), input).unwrap();
     let rules = "[[rules]]\nname = \"ticker-negative\"\nseverity = \"warning\"\ngroup = \"ticker\"\nmetric = \"n_negative\"\n\
                  [rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 2\nmin_count = 2\n\
                  [[routes]]\nreceivers = [\"hook\"]\ngroup_wait = \"0s\"\n";
-    std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
-    let config = format!(
-        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\ngroup_by = [\"topic\", \"ticker\"]\n\
-         [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"60s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n{source}[window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\ngroup_by = [\"topic\", \"ticker\"]\n\
+         [storage]\npath = \"store\"\ncheckpoint_interval = \"200ms\"\n[run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"60s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
          [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/alerts\"\ntimeout = \"2s\"\nrate_limit = 5\nrate_interval = \"1h\"\n",
         hook.port
-    );
+    )
+}
+
+/// What the webhook got from a storm: the alerts it was sent, and the summaries of those held back.
+fn storm_requests(hook: &WebhookServer) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let requests = hook.requests.lock().unwrap().clone();
+    let (summaries, alerts): (Vec<_>, Vec<_>) = requests.into_iter().map(|(_, a)| a).partition(|a| a["rule"] == "bearwatch_notifications_held");
+    (alerts, summaries)
+}
+
+/// A feed that names ever new tickers makes a per-ticker rule fire once per ticker. The webhook gets
+/// its `rate_limit` of alerts, and then, at the end of the interval (here: the end of the run), one
+/// notification that sums up the rest; every alert is still recorded.
+#[test]
+fn a_storm_of_ticker_alerts_reaches_a_receiver_as_its_rate_limit_and_one_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = WebhookServer::start();
+    let config = ticker_storm(dir.path(), &hook, "");
     let mut run = Pipeline::start(dir.path(), "p", &config);
     assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.logs());
     let changes: u64 = query_one(&run.storage, "SELECT count(*) FROM alerts WHERE rule = 'ticker-negative'").parse().unwrap();
     assert!(changes > 20, "most tickers' bursts fire: {changes} changes\n{}", run.logs());
-    let requests = hook.requests.lock().unwrap().clone();
-    let (summaries, alerts): (Vec<_>, Vec<_>) = requests.iter().map(|(_, a)| a).partition(|a| a["rule"] == "bearwatch_notifications_held");
-    assert_eq!(alerts.len(), 5, "the rate limit: {requests:?}");
-    assert_eq!(summaries.len(), 1, "one summary: {requests:?}");
-    let summary = summaries[0];
+    let (alerts, summaries) = storm_requests(&hook);
+    assert_eq!(alerts.len(), 5, "the rate limit: {alerts:?}");
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    let summary = &summaries[0];
     assert_eq!(summary["count"].as_u64(), Some(changes - 5), "{summary}");
     assert_eq!(summary["group"], serde_json::json!({"receiver": "hook"}));
     let text = summary["summary"].as_str().unwrap();
@@ -349,4 +362,28 @@ fn a_storm_of_ticker_alerts_reaches_a_receiver_as_its_rate_limit_and_one_summary
     // The summary went through the outbox like any notice.
     let sent = query(&run.storage, "SELECT count(*) FROM notifications WHERE receiver = 'hook' AND status = 'sent'");
     assert_eq!(sent[0][0], "6");
+}
+
+/// The rate limit's interval is in the checkpoint: a crash in the middle of a storm neither grants
+/// the receiver a second allowance nor loses the count of what was held back.
+#[test]
+fn a_crash_during_a_storm_keeps_the_rate_limit_and_the_count_of_what_it_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = WebhookServer::start();
+    // One minute of event time a second: the storm takes about 40 s to replay.
+    let paced = ticker_storm(dir.path(), &hook, "speed = 60\n");
+    let mut run = Pipeline::start(dir.path(), "p", &paced);
+    let held = |c: &serde_json::Value| c["rate_intervals"]["hook"]["held"]["count"].as_u64().unwrap_or(0);
+    run.wait_for_checkpoint(Duration::from_secs(120), "a checkpoint with held-back notices", |c| held(c) >= 3);
+    run.signal("KILL");
+    run.wait(Duration::from_secs(10));
+    let held_at_crash = held(&common::checkpoint(&run.storage).unwrap());
+    // The rest as fast as it reads.
+    let mut run = Pipeline::start(dir.path(), "p", &paced.replace("speed = 60\n", ""));
+    assert!(run.wait(Duration::from_secs(120)).success(), "{}", run.logs());
+    let changes: u64 = query_one(&run.storage, "SELECT count(*) FROM alerts WHERE rule = 'ticker-negative'").parse().unwrap();
+    let (alerts, summaries) = storm_requests(&hook);
+    assert_eq!(alerts.len(), 5, "no second allowance after the restart: {alerts:?}");
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(summaries[0]["count"].as_u64(), Some(changes - 5), "{} held back before the crash are counted too: {}", held_at_crash, summaries[0]);
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use bearwatch::rng::Lcg;
 use common::servers::{SmtpServer, WebhookServer, free_port};
 use common::{
-    DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, assert_same_rows, brokers, checkpoint, counter, create_topic_on, produce_to, query,
-    query_one, unique,
+    DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, alter_topic, assert_same_rows, brokers, checkpoint, counter, create_topic_on, create_topic_with,
+    produce_to, query, query_one, unique,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -57,6 +57,18 @@ fn kafka_config(brokers: &str, topic: &str, group: &str, storage: &str, extra: &
          [storage]\npath = \"{storage}\"\ncheckpoint_interval = \"500ms\"\n\
          [run]\nsummary_interval = \"0s\"\nshutdown_timeout = \"10s\"\n{extra}"
     )
+}
+
+/// A consumer of `topic`'s dead-letter topic from its start.
+fn dead_letter_reader(topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    consumer
 }
 
 /// Peak resident memory of a process, in MiB (VmHWM).
@@ -364,13 +376,7 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
     assert_eq!((counter(&saved, "scored"), counter(&saved, "dead_lettered")), (good as u64, bad as u64));
     assert_eq!(query_one(&run.storage, "SELECT count(DISTINCT id) FROM news"), good.to_string());
 
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let consumer = dead_letter_reader(&topic);
     let mut dead: BTreeMap<String, usize> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while dead.values().sum::<usize>() < bad && Instant::now() < deadline {
@@ -386,6 +392,65 @@ fn malformed_messages_of_every_kind_go_to_the_dead_letter_topic_and_the_rest_is_
     assert_eq!(dead, expected, "dead letters by kind");
     eprintln!("{good} good, {bad} malformed of {} kinds; peak RSS {peak} MiB", expected.len());
     assert!(peak < 1024, "peak RSS {peak} MiB");
+}
+
+/// A message the broker refuses (larger than its topic allows) fails the flush after it, naming the
+/// topic, and only that flush: a producer's later messages start clean.
+#[test]
+fn a_delivery_the_broker_refuses_fails_the_flush_after_it_and_only_that_one() {
+    let topic = unique("small-messages");
+    create_topic_with(brokers(), &topic, 1, &[("max.message.bytes", "1000")]);
+    let output = bearwatch::source::kafka::Output::connect(brokers(), &BTreeMap::new()).unwrap();
+    output.send(&topic, b"k", &[b'x'; 5000], None).unwrap();
+    let error = output.flush(Duration::from_secs(30)).unwrap_err().to_string();
+    assert!(error.contains("1 messages were not delivered; the first to") && error.contains(&topic), "{error}");
+    output.send(&topic, b"k", b"small", None).unwrap();
+    output.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The dead-letter topic refuses a dead letter (a topic setting smaller than the malformed message):
+/// the run ends with the reason and commits nothing past it, and once the topic takes it, the next
+/// run delivers it, every story counted once.
+#[test]
+fn a_dead_letter_the_topic_refuses_ends_the_run_and_is_delivered_after_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("refused-dlq");
+    create_topic_on(brokers(), &topic, 1);
+    create_topic_with(brokers(), &format!("{topic}.dlq"), 1, &[("max.message.bytes", "2000")]);
+    let good = 200;
+    let mut input = reuters(good);
+    // Malformed (no headline), and larger than the dead-letter topic allows.
+    let bad = format!("{{\"id\":\"bad\",\"published_at\":\"1987-03-02T10:00:00Z\",\"note\":\"{}\"}}\n", "z".repeat(5000));
+    input.insert_str(input.match_indices('\n').nth(good / 2).unwrap().0 + 1, &bad);
+    std::fs::write(dir.path().join("in.jsonl"), &input).unwrap();
+    produce_to(brokers(), &topic, &dir.path().join("in.jsonl"));
+    let config = kafka_config(brokers(), &topic, &unique("g"), "store", "");
+
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let status = run.wait(Duration::from_secs(120));
+    let logs = run.logs();
+    assert!(!status.success(), "the run ends\n{logs}");
+    assert!(logs.contains("1 messages were not delivered; the first to") && logs.contains(&format!("{topic}.dlq")), "{logs}");
+    let committed = checkpoint(&run.storage).map_or(0, |c| counter(&c, "dead_lettered"));
+    assert_eq!(committed, 0, "nothing committed past the refused dead letter");
+
+    alter_topic(brokers(), &format!("{topic}.dlq"), &[("max.message.bytes", "1048588")]);
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    run.wait_for_checkpoint(Duration::from_secs(120), "every message", |c| counter(c, "scored") + counter(c, "dead_lettered") >= good as u64 + 1);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    let saved = checkpoint(&run.storage).unwrap();
+    assert_eq!((counter(&saved, "scored"), counter(&saved, "dead_lettered")), (good as u64, 1));
+    assert_eq!(query_one(&run.storage, "SELECT count(*) FROM news"), good.to_string(), "every story once");
+    let consumer = dead_letter_reader(&topic);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut letters = Vec::new();
+    while letters.is_empty() && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            letters.push(message.payload().map(<[u8]>::len).unwrap_or(0));
+        }
+    }
+    assert_eq!(letters, vec![bad.len() - 1], "the dead letter, whole");
 }
 
 /// A slow classifier (one thread, batches of two) behind a backlog: the source pauses, memory stays
@@ -511,6 +576,9 @@ fn a_full_disk_pauses_the_pipeline_which_then_resumes_losing_nothing_and_repeati
         assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "the full disk was not reported\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
+    let (status, _, ready) = api.raw("GET", "/ready", &[], None).unwrap();
+    assert_eq!(status, 200, "still ready (queries answer): {ready}");
+    assert!(ready.starts_with("ready\nwarning: storage unavailable since ") && ready.contains("No space left"), "/ready says why: {ready}");
     let label = r#"{"text": "Oil prices fall sharply", "head": "sentiment", "label": "negative"}"#;
     let (status, _, body) = api.raw("POST", "/api/feedback/labels", &[("Content-Type", "application/json")], Some(label)).unwrap();
     assert_eq!(status, 503, "a label on a full disk: {body}");
@@ -540,6 +608,7 @@ fn a_full_disk_pauses_the_pipeline_which_then_resumes_losing_nothing_and_repeati
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(gauge("bearwatch_storage_unavailable"), Some(0.0));
+    assert_eq!(api.raw("GET", "/ready", &[], None).unwrap().2, "ready\n", "the warning ends with the outage");
     let stories = std::fs::read_to_string(DEMO_DATA).unwrap().lines().count();
     let counted = api.sql(None, "SELECT count(*) AS n, count(DISTINCT id) AS d FROM news");
     assert_eq!((counted[0]["n"].as_u64(), counted[0]["d"].as_u64()), (Some(stories as u64), Some(stories as u64)), "every story once");

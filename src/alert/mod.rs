@@ -9,6 +9,7 @@ pub mod silences;
 mod table;
 
 pub use error::AlertError;
+pub use rate::Interval as RateInterval;
 pub use table::{notifications_batch, notifications_schema};
 
 use std::collections::BTreeMap;
@@ -320,6 +321,20 @@ impl Alerting {
         notifier.end_reminders(&self.resolved)?;
         self.resolved.clear();
         Ok(())
+    }
+
+    /// Each rate-limited receiver's interval, for the checkpoint.
+    pub fn rate_intervals(&self) -> BTreeMap<String, RateInterval> {
+        self.limits.iter().map(|(receiver, limit)| (receiver.clone(), limit.interval().clone())).collect()
+    }
+
+    /// Goes on with the intervals of a checkpoint, for the receivers that still have a limit.
+    pub fn resume_rate_intervals(&mut self, saved: BTreeMap<String, RateInterval>) {
+        for (receiver, interval) in saved {
+            if let Some(limit) = self.limits.get_mut(&receiver) {
+                limit.resume(interval);
+            }
+        }
     }
 
     /// Queues a summary for each receiver that held notifications back, once its interval has

@@ -119,11 +119,8 @@ impl Notify for KafkaAlerts {
     fn send(&mut self, alert: &Alert, _key: &str) -> Result<(), String> {
         let json = serde_json::to_vec(alert).map_err(|e| e.to_string())?;
         self.output.send(&self.topic, alert.alert_id.as_bytes(), &json, None).map_err(|e| e.to_string())?;
-        self.output.flush(Duration::from_secs(30)).map_err(|e| e.to_string())?;
-        match self.output.failed_deliveries() {
-            0 => Ok(()),
-            n => Err(format!("{n} deliveries to {} failed", self.topic)),
-        }
+        // Only this alert is in flight: a failed flush is its failure, and the next send starts clean.
+        self.output.flush(Duration::from_secs(30)).map_err(|e| e.to_string())
     }
 }
 

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::detect::rules::Severity;
 use crate::detect::{Alert, AlertState};
 
@@ -18,13 +20,20 @@ const EXAMPLES: usize = 10;
 pub struct RateLimit {
     limit: usize,
     interval_ms: i64,
-    /// Start of the current interval (wall clock).
+    current: Interval,
+}
+
+/// Where a receiver's current interval stands: part of the checkpoint, so that a crash loses no
+/// summary and a restart grants no second `rate_limit` in the same interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// Its start (wall clock).
     since_ms: i64,
     sent: usize,
     held: Held,
 }
 
-#[derive(Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Held {
     count: u64,
     /// Per rule: (firing, resolved) notices held back.
@@ -34,20 +43,29 @@ struct Held {
 
 impl RateLimit {
     pub fn new(limit: usize, interval_ms: i64, now_ms: i64) -> RateLimit {
-        RateLimit { limit, interval_ms, since_ms: now_ms, sent: 0, held: Held::default() }
+        RateLimit { limit, interval_ms, current: Interval { since_ms: now_ms, ..Interval::default() } }
+    }
+
+    pub fn interval(&self) -> &Interval {
+        &self.current
+    }
+
+    /// Goes on with an interval from a checkpoint (this limit and length may have changed since).
+    pub fn resume(&mut self, saved: Interval) {
+        self.current = saved;
     }
 
     /// Whether a notice of `alert` may go at `now_ms`; if not, it is counted as held back. Take the
     /// [`RateLimit::summary`] first, so that an interval that ended is summed up before the next.
     pub fn admit(&mut self, alert: &Alert, now_ms: i64) -> bool {
-        if now_ms - self.since_ms >= self.interval_ms && self.held.count == 0 {
-            (self.since_ms, self.sent) = (now_ms, 0);
+        if now_ms - self.current.since_ms >= self.interval_ms && self.current.held.count == 0 {
+            (self.current.since_ms, self.current.sent) = (now_ms, 0);
         }
-        if self.sent < self.limit {
-            self.sent += 1;
+        if self.current.sent < self.limit {
+            self.current.sent += 1;
             return true;
         }
-        let held = &mut self.held;
+        let held = &mut self.current.held;
         held.count += 1;
         let (firing, resolved) = held.by_rule.entry(alert.rule.clone()).or_default();
         *if alert.state == AlertState::Firing { firing } else { resolved } += 1;
@@ -64,10 +82,10 @@ impl RateLimit {
     /// What was held back, as one alert to send to `receiver`, once the interval has ended (or
     /// at once with `now`, when the pipeline stops). A new interval starts with it.
     pub fn summary(&mut self, receiver: &str, now_ms: i64, now: bool) -> Option<Alert> {
-        if self.held.count == 0 || (!now && now_ms - self.since_ms < self.interval_ms) {
+        if self.current.held.count == 0 || (!now && now_ms - self.current.since_ms < self.interval_ms) {
             return None;
         }
-        let held = std::mem::take(&mut self.held);
+        let held = std::mem::take(&mut self.current.held);
         let rules: Vec<String> =
             held.by_rule.iter().map(|(rule, (firing, resolved))| format!("{rule} {} ({firing} firing, {resolved} resolved)", firing + resolved)).collect();
         let minutes = self.interval_ms as f64 / 60_000.0;
@@ -80,15 +98,15 @@ impl RateLimit {
         );
         let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let alert = Alert {
-            alert_id: format!("held-{receiver}-{}", self.since_ms),
+            alert_id: format!("held-{receiver}-{}", self.current.since_ms),
             rule: HELD_RULE.into(),
             severity: Severity::Warning,
             state: AlertState::Firing,
             group: BTreeMap::from([("receiver".to_string(), receiver.to_string())]),
             labels: BTreeMap::new(),
-            started_at: time(self.since_ms),
+            started_at: time(self.current.since_ms),
             resolved_at: None,
-            window_start: time(self.since_ms),
+            window_start: time(self.current.since_ms),
             window_end: time(now_ms),
             value: held.count as f64,
             baseline: None,
@@ -97,7 +115,7 @@ impl RateLimit {
             summary,
             top_headlines: Vec::new(),
         };
-        (self.since_ms, self.sent) = (now_ms, 0);
+        (self.current.since_ms, self.current.sent) = (now_ms, 0);
         Some(alert)
     }
 }
@@ -149,5 +167,22 @@ mod tests {
         assert_eq!(limit.summary("desk", 12 * minute, true).map(|s| s.count), Some(1));
         // A quiet interval just ends.
         assert!(limit.admit(&alert("r", "C", AlertState::Firing), 30 * minute));
+    }
+
+    #[test]
+    fn an_interval_resumed_from_a_checkpoint_keeps_what_was_sent_and_held() {
+        let minute = 60_000;
+        let mut before = RateLimit::new(2, 10 * minute, 0);
+        for i in 0..5 {
+            before.admit(&alert("r", &format!("T{i}"), AlertState::Firing), i);
+        }
+        let saved: Interval = serde_json::from_str(&serde_json::to_string(before.interval()).unwrap()).unwrap();
+        assert_eq!(&saved, before.interval());
+        // A restart in the same interval: no second allowance, and the held count goes on.
+        let mut after = RateLimit::new(2, 10 * minute, 3 * minute);
+        after.resume(saved);
+        assert!(!after.admit(&alert("r", "T5", AlertState::Firing), 4 * minute));
+        let summary = after.summary("desk", 10 * minute, false).unwrap();
+        assert_eq!((summary.count, summary.alert_id.as_str()), (4, "held-desk-0"));
     }
 }

@@ -62,6 +62,9 @@ pub struct Checkpoint {
     /// topic): what moves with a partition when another instance takes it over.
     #[serde(default)]
     pub topic_sources: BTreeMap<String, String>,
+    /// Each rate-limited receiver's current interval: what it sent and held back.
+    #[serde(default)]
+    pub rate_intervals: BTreeMap<String, crate::alert::RateInterval>,
 }
 
 /// Per-message checks that come before scoring.
@@ -139,6 +142,8 @@ pub struct Core {
     pub live: Option<Arc<crate::sql::live::LiveRows>>,
     /// Set when the process is asked to stop: a checkpoint waiting for the storage gives up.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while a write waits for the storage; `/ready` reports it.
+    pub outage: Arc<crate::storage::Outage>,
     /// What a file source has read, for the checkpoint (see [`FileProgress`]).
     pub files: BTreeMap<String, FileProgress>,
     /// Analysts' label corrections acting on the windows (None for role `classify`).
@@ -217,6 +222,7 @@ impl Core {
             alerting: None,
             live: None,
             stop: Default::default(),
+            outage: Default::default(),
             files: Default::default(),
             corrections,
             model_watch: None,
@@ -250,6 +256,9 @@ impl Core {
             if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
                 let rules = std::mem::replace(&mut alerting.detector, Detector::new(Vec::new())).into_rules();
                 alerting.detector = saved.restore(rules);
+            }
+            if let Some(alerting) = alerting.as_mut() {
+                alerting.resume_rate_intervals(checkpoint.rate_intervals);
             }
         }
         if let Some(corrections) = &core.corrections {
@@ -392,7 +401,7 @@ impl Core {
     /// storage does; a topic's failure ends the run (its stories are read again at the next start).
     fn flush_dead_letters(&mut self) -> Result<(), PipelineError> {
         if self.dead_letter.is_file() {
-            while_unavailable(&self.stop, || self.dead_letter.flush())
+            while_unavailable(&self.stop, &self.outage, || self.dead_letter.flush())
         } else {
             self.dead_letter.flush()
         }
@@ -818,7 +827,7 @@ impl Core {
                 parts.push((Table::Alerts, alerts_batch(&alerting.changes).map_err(internal)?));
             }
             // Into the outbox before the checkpoint: a crash in between may repeat a notice, never lose one.
-            while_unavailable(&self.stop, || alerting.flush_queue())?;
+            while_unavailable(&self.stop, &self.outage, || alerting.flush_queue())?;
             let rows = alerting.notifier.as_ref().map(|n| n.take_rows()).unwrap_or_default();
             if !rows.is_empty() {
                 parts.push((Table::Notifications, notifications_batch(&rows).map_err(internal)?));
@@ -841,8 +850,9 @@ impl Core {
             files: self.files.clone(),
             tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
             topic_sources: self.topic_sources.clone(),
+            rate_intervals: self.alerting.as_ref().map(Alerting::rate_intervals).unwrap_or_default(),
         };
-        store(storage, self.live.as_deref(), &parts, &state, &self.stop)?;
+        store(storage, self.live.as_deref(), &parts, &state, &self.stop, &self.outage)?;
         self.share_progress();
         if let Some(corrections) = self.corrections.as_mut() {
             corrections.applied.clear();
@@ -919,8 +929,9 @@ fn store(
     parts: &[(Table, arrow::array::RecordBatch)],
     state: &Checkpoint,
     stop: &std::sync::atomic::AtomicBool,
+    outage: &crate::storage::Outage,
 ) -> Result<(), PipelineError> {
-    while_unavailable(stop, || {
+    while_unavailable(stop, outage, || {
         let flushing = live.map(|l| l.flushing());
         let attempt = storage.write_all(parts).and_then(|_| storage.commit(state));
         drop(flushing);
@@ -937,18 +948,26 @@ fn store(
 /// storage unreachable, a full disk), it waits and tries again (1 s, doubling to 30 s), and reading
 /// waits with it: stories stay in Kafka or the file, nothing is dropped. A stop request ends the
 /// wait with the error: the next start resumes from the last checkpoint.
-fn while_unavailable<T, E: Classified + std::fmt::Display>(stop: &std::sync::atomic::AtomicBool, mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+fn while_unavailable<T, E: Classified + std::fmt::Display>(
+    stop: &std::sync::atomic::AtomicBool,
+    outage: &crate::storage::Outage,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
     let mut wait = Duration::from_secs(1);
     loop {
         match attempt() {
             Ok(done) => {
-                metrics::gauge!("bearwatch_storage_unavailable").set(0.0);
+                outage.ended();
                 return Ok(done);
             }
             Err(e) if e.retryable() && !stop.load(std::sync::atomic::Ordering::SeqCst) => {
-                metrics::gauge!("bearwatch_storage_unavailable").set(1.0);
+                outage.failed(&e.to_string());
                 tracing::warn!(error = %e, retry_in = ?wait, "storage unavailable: writing waits, and reading with it; nothing is lost");
-                std::thread::sleep(wait);
+                // In steps, so that a stop request ends the wait at once rather than after up to 30 s.
+                let until = Instant::now() + wait;
+                while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
+                }
                 wait = (wait * 2).min(Duration::from_secs(30));
             }
             Err(e) => return Err(e),

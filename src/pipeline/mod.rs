@@ -394,6 +394,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         }
         _ => None,
     };
+    let outage = Arc::new(crate::storage::Outage::default());
     let _server = match &config.server.http {
         Some(addr) => {
             let sql = SqlService {
@@ -401,7 +402,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 limits: config.server.query_limits(),
                 live: live.clone(),
             };
-            let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone() };
+            let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone(), storage: outage.clone() };
             // The model's topics (what topic labels may name) and its near-duplicate rule (the review queue's).
             let spec = ModelSpec::load(&config.model.model_dir()).ok();
             let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
@@ -431,6 +432,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     {
         let mut core = lock(&core);
         core.stop = stop.clone();
+        core.outage = outage;
         core.checkpoint_every = config.storage.checkpoint_interval.0;
     }
     if serves {

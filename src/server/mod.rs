@@ -72,6 +72,8 @@ pub struct Ops {
     pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// What `/ready` adds while the pipeline runs degraded (a champion that could not load).
     pub warning: Option<String>,
+    /// What `/ready` adds while the storage refuses writes.
+    pub storage: std::sync::Arc<crate::storage::Outage>,
 }
 
 /// Everything the API serves.
@@ -240,10 +242,10 @@ async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
 
 async fn ready(State(state): State<AppState>) -> Response {
     if state.ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
-        match &state.ops.warning {
-            Some(warning) => format!("ready\nwarning: {warning}\n").into_response(),
-            None => "ready\n".into_response(),
-        }
+        // Still ready while degraded: queries and the dashboard answer, and they are how an
+        // operator sees what is wrong.
+        let warnings: String = state.ops.warning.iter().cloned().chain(state.ops.storage.describe()).map(|w| format!("warning: {w}\n")).collect();
+        format!("ready\n{warnings}").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     }

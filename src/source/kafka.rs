@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -256,10 +255,11 @@ impl Source for KafkaSource {
     }
 }
 
-/// Counts deliveries that failed after librdkafka's own retries.
+/// Deliveries that failed after librdkafka's own retries, since the last [`Output::flush`], with
+/// the first one's topic and error.
 #[derive(Default, Clone)]
 pub struct DeliveryReport {
-    failed: Arc<AtomicU64>,
+    failed: Arc<std::sync::Mutex<(u64, Option<String>)>>,
 }
 
 impl ClientContext for DeliveryReport {}
@@ -268,7 +268,9 @@ impl ProducerContext for DeliveryReport {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, message)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.0 += 1;
+            failed.1.get_or_insert_with(|| format!("{}: {e}", message.topic()));
             crate::telemetry::errors("producer", 1);
             tracing::error!(error = %e, topic = message.topic(), "kafka delivery failed");
         }
@@ -307,12 +309,16 @@ impl Output {
         }
     }
 
-    /// Waits until everything sent so far is delivered (or failed for good).
+    /// Waits until everything sent so far is delivered or failed for good, and fails if any
+    /// delivery failed since the last flush: a caller that commits input after a flush (a
+    /// checkpoint) must not commit what never reached its topic. librdkafka hands a failure back
+    /// only through the delivery report, so without this a refused message (too large for the
+    /// topic, a topic that does not exist, no authorization) was logged and its input committed.
     pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
-        self.producer.flush(timeout).map_err(|e| SourceError::Kafka(format!("flush: {e}")))
-    }
-
-    pub fn failed_deliveries(&self) -> u64 {
-        self.report.failed.load(Ordering::Relaxed)
+        self.producer.flush(timeout).map_err(|e| SourceError::Kafka(format!("flush: {e}")))?;
+        match std::mem::take(&mut *self.report.failed.lock().unwrap_or_else(|p| p.into_inner())) {
+            (0, _) => Ok(()),
+            (count, first) => Err(SourceError::Kafka(format!("{count} messages were not delivered; the first to {}", first.unwrap_or_default()))),
+        }
     }
 }

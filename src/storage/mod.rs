@@ -664,6 +664,37 @@ fn rename_all(place: &Place, renames: Vec<(String, String)>) -> Result<(), Stora
     }
 }
 
+/// Whether the storage refuses writes now, and since when: the pipeline sets it while a checkpoint
+/// waits for the storage, and `/ready` says so (the gauge alone does not tell an operator why).
+#[derive(Default)]
+pub struct Outage(std::sync::Mutex<Option<(chrono::DateTime<chrono::Utc>, String)>>);
+
+impl Outage {
+    /// A write failed with `error`; the outage started at the first failure.
+    pub fn failed(&self, error: &str) {
+        metrics::gauge!("bearwatch_storage_unavailable").set(1.0);
+        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let since = now.as_ref().map_or_else(chrono::Utc::now, |(since, _)| *since);
+        *now = Some((since, error.to_string()));
+    }
+
+    pub fn ended(&self) {
+        metrics::gauge!("bearwatch_storage_unavailable").set(0.0);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// What the outage is, for people; `None` while the storage takes writes.
+    pub fn describe(&self) -> Option<String> {
+        let now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        now.as_ref().map(|(since, error)| {
+            format!(
+                "storage unavailable since {}: {error}; the pipeline waits and reads nothing more until it can write again (nothing is lost)",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        })
+    }
+}
+
 /// Settles another instance's parts that its last checkpoint committed but that are still pending
 /// (it crashed before renaming them), so that readers see them. Leaves the rest: that instance may
 /// be writing them now.

@@ -213,13 +213,30 @@ pub fn stories(n: usize) -> String {
 
 /// Creates `name` with `partitions` partitions on `brokers`.
 pub fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
+    create_topic_with(brokers, name, partitions, &[]);
+}
+
+/// Creates `name` with `partitions` partitions and topic settings `configs` on `brokers`.
+pub fn create_topic_with(brokers: &str, name: &str, partitions: i32, configs: &[(&str, &str)]) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new()))
-        .unwrap();
+    let topic = configs.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |topic, (key, value)| topic.set(key, value));
+    let results = runtime.block_on(admin.create_topics(&[topic], &AdminOptions::new())).unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// Sets topic settings `configs` of `name` on `brokers`.
+pub fn alter_topic(brokers: &str, name: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let change = configs.iter().fold(AlterConfig::new(ResourceSpecifier::Topic(name)), |change, (key, value)| change.set(key, value));
+    let results = runtime.block_on(admin.alter_configs(&[change], &AdminOptions::new())).unwrap();
     for result in results {
         result.unwrap();
     }
