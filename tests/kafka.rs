@@ -217,6 +217,39 @@ fn stories_behind_the_watermark_go_to_the_late_table() {
     assert_eq!(counter(&checkpoint(storage).unwrap(), "late"), 1);
 }
 
+/// One story dated 50 minutes ahead (a producer with a wrong clock or time zone, inside
+/// `max_clock_skew`) counts in its window, but the stories after it, dated now, are not late.
+#[test]
+fn a_story_from_a_clock_ahead_does_not_make_the_stories_after_it_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("clock-ahead");
+    create_topic(&topic, 1);
+    let now = chrono::Utc::now();
+    let at = |minutes: i64| (now + chrono::Duration::minutes(minutes)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let story = |id: String, at: String| format!("{{\"id\":\"{id}\",\"published_at\":\"{at}\",\"headline\":\"Copper prices slump\"}}\n");
+    let before: String = (0..5).map(|i| story(format!("before-{i}"), at(i - 5))).collect();
+    let after: String = (0..20).map(|i| story(format!("after-{i}"), at(0))).collect();
+    std::fs::write(dir.path().join("before.jsonl"), before).unwrap();
+    std::fs::write(dir.path().join("ahead.jsonl"), story("ahead".into(), at(50))).unwrap();
+    std::fs::write(dir.path().join("after.jsonl"), after).unwrap();
+    for file in ["before.jsonl", "ahead.jsonl", "after.jsonl"] {
+        produce(&topic, &dir.path().join(file));
+    }
+    let config = kafka_pipeline(&topic, &unique("group"), "store", "")
+        .replace("size = \"1d\"", "size = \"10m\"")
+        .replace("allowed_lateness = \"30d\"", "allowed_lateness = \"10m\"");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(120), "26 stories", |c| counter(c, "scored") == 26);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    let storage = &pipeline.storage;
+    assert_eq!(counter(&checkpoint(storage).unwrap(), "late"), 0, "no story is late");
+    assert_eq!(query_one(storage, "SELECT count(*) FROM news"), "26");
+    // The story from ahead is in its own window, still open.
+    let ahead = query(storage, "SELECT n FROM windows WHERE topic = 'all' AND window_start > now() + INTERVAL '30 minutes'");
+    assert_eq!(ahead, vec![vec!["1".to_string()]]);
+}
+
 #[test]
 fn two_processes_in_one_group_split_the_partitions_and_process_every_story_once() {
     let dir = tempfile::tempdir().unwrap();

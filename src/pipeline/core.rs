@@ -548,7 +548,10 @@ impl Core {
         if let (Some(corrections), Placed::Counted(_)) = (self.corrections.as_mut(), placed) {
             corrections.track(tracked);
         }
-        self.windows.advance(&source_key(&at.topic, at.partition), published_ms);
+        // A story dated ahead of the clock (allowed up to `max_clock_skew`) counts in its window but
+        // moves its partition's time only to now: one story from a wrong clock must not push the
+        // watermark an hour ahead and make every story of that hour late.
+        self.windows.advance(&source_key(&at.topic, at.partition), published_ms.min(now));
         if placed == Placed::Late {
             tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
             self.counters.late += 1;
