@@ -187,6 +187,34 @@ fn every_story_once_bad_messages_to_the_dead_letter_topic_and_a_clean_sigterm() 
     }
 }
 
+/// A story with a long body (`max_message_bytes` raised past what the scored topic takes): the sink
+/// gets it without its body, where the broker's refusal would end every run that reads it again.
+#[test]
+fn a_story_too_large_for_the_scored_topic_goes_there_without_its_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("long-body");
+    create_topic(&topic, 1);
+    let scored_topic = format!("{topic}.scored");
+    common::create_topic_with(brokers(), &scored_topic, 1, &[("max.message.bytes", "1048588")]);
+    let mut input = stories(20);
+    input.push_str(&format!("{{\"id\":\"long\",\"published_at\":\"1987-03-02T10:00:00Z\",\"headline\":\"Grain exports fall\",\"body\":\"{}\"}}\n", "y".repeat(1_500_000)));
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, input).unwrap();
+    produce(&topic, &file);
+    let sink = format!("[sink]\ntopic = \"{scored_topic}\"\n");
+    let config = kafka_pipeline(&topic, &unique("group"), "store", &sink).replace("dead_letter_topic", "max_message_bytes = 4194304\ndead_letter_topic");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(90), "21 stories", |c| counter(c, "scored") == 21);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    let scored = read_all(&scored_topic, 21);
+    let long: Vec<serde_json::Value> =
+        scored.iter().map(|(_, payload, _)| serde_json::from_slice::<serde_json::Value>(payload).unwrap()).filter(|s| s["id"] == "long").collect();
+    assert_eq!(long.len(), 1, "the long story once");
+    assert!(long[0].get("body").is_none() && long[0]["headline"] == "Grain exports fall" && long[0]["p_negative"].is_number(), "{}", long[0]);
+    assert_eq!(query_one(&pipeline.storage, "SELECT length(body) FROM news WHERE id = 'long'"), "1500000", "news keeps it whole");
+}
+
 #[test]
 fn stories_behind_the_watermark_go_to_the_late_table() {
     let dir = tempfile::tempdir().unwrap();

@@ -516,7 +516,14 @@ impl Core {
         };
         // Role `aggregate` reads the sink's topic: publishing there again would loop.
         if let (Some(sink), false) = (&self.sink, self.role == Role::Aggregate) {
-            let json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            let mut json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            if json.len() > crate::source::kafka::MAX_OUTPUT_BYTES {
+                // A long body (`max_message_bytes` raised): the topic would refuse the story, and
+                // every restart would read it again. Its headline, scores and ids go; `news` keeps it whole.
+                tracing::warn!(id = %row.news.id, bytes = json.len(), "scored story too large for the sink topic: sent without its body");
+                let short = ScoredNews { news: News { body: None, ..row.news.clone() }, ..row.clone() };
+                json = serde_json::to_vec(&short).map_err(|e| PipelineError::Internal(e.to_string()))?;
+            }
             sink.output.send(&sink.topic, row.scores.topic.as_bytes(), &json, None).map_err(PipelineError::Source)?;
             crate::telemetry::sent("sink", 1);
         }

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-use super::kafka::Output;
+use super::kafka::{MAX_OUTPUT_BYTES, Output};
 use super::{Record, SourceError};
 
-/// Dead-letter messages larger than this carry only their first [`TRUNCATED_BYTES`], so that an
-/// oversized input can't also be refused by the broker's own size limit.
-const MAX_DEAD_LETTER_BYTES: usize = 900 * 1024;
+/// Dead-letter messages larger than [`MAX_OUTPUT_BYTES`] carry only their first this many bytes,
+/// so that an oversized input can't also be refused by the broker's own size limit.
 const TRUNCATED_BYTES: usize = 64 * 1024;
 /// Dead-letter lines for a file are kept until this many bytes are waiting, then written.
 const FILE_BUFFER_BYTES: usize = 64 * 1024;
@@ -44,7 +43,7 @@ impl DeadLetter {
         metrics::counter!("bearwatch_dead_letter_total", "kind" => kind.to_string()).increment(1);
         match self {
             DeadLetter::Topic { output, topic } => {
-                let truncated = record.payload.len() > MAX_DEAD_LETTER_BYTES;
+                let truncated = record.payload.len() > MAX_OUTPUT_BYTES;
                 let payload = if truncated { &record.payload[..TRUNCATED_BYTES] } else { &record.payload[..] };
                 let partition = record.partition.to_string();
                 let offset = record.offset.to_string();

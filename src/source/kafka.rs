@@ -255,6 +255,11 @@ impl Source for KafkaSource {
     }
 }
 
+/// The most bearwatch puts in one message of its own output topics (dead letters, the scored
+/// sink): under the 1 MB a topic takes by default (`max.message.bytes`), so that what the input
+/// makes large is cut by us, not refused by the broker.
+pub const MAX_OUTPUT_BYTES: usize = 900 * 1024;
+
 /// Deliveries that failed after librdkafka's own retries, since the last [`Output::flush`], with
 /// the first one's topic and error.
 #[derive(Default, Clone)]
