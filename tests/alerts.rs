@@ -184,6 +184,37 @@ fn with_smtp_down_the_email_is_retried_and_delivered_exactly_once_even_across_a_
     assert_eq!(hook.requests.lock().unwrap().len(), 2);
 }
 
+/// A webhook that answers a redirect (an http:// URL its server moves to https://, say): the notice
+/// fails with the place it points to, and nothing follows it with a bodiless GET that a page would
+/// answer 200, which counted as delivered and lost the alert.
+#[test]
+fn a_webhook_that_redirects_fails_with_where_it_points_and_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
+    let hook = WebhookServer::start();
+    hook.status.store(301, Ordering::SeqCst);
+    let mut run = Pipeline::start(dir.path(), "p", &pipeline(free_port(), hook.port));
+    let outbox = dir.path().join("store/outbox.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let text = std::fs::read_to_string(&outbox).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("\"event\":\"failed\"")) {
+            break line.to_string();
+        }
+        assert!(!text.contains("\"event\":\"sent\""), "a redirected notice counted as sent:\n{text}");
+        assert!(Instant::now() < deadline, "no failed attempt recorded\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved = format!("HTTP 301 Moved Permanently: redirected to http://127.0.0.1:{}/moved", hook.port);
+    assert!(failed.contains(&moved), "{failed}");
+    assert_eq!(hook.others.lock().unwrap().len(), 0, "no GET to where it points");
+    // Once the webhook takes it, the same notice goes.
+    hook.status.store(200, Ordering::SeqCst);
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+    assert_eq!(hook.requests.lock().unwrap().len(), 2, "firing and resolved, once each");
+}
+
 #[test]
 fn the_kafka_receiver_publishes_alerts_to_a_topic() {
     let dir = tempfile::tempdir().unwrap();

@@ -41,8 +41,21 @@ impl Notify for Webhook {
             .header("Idempotency-Key", key)
             .send(body.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
-        let status = response.status();
-        if status.is_success() { Ok(()) } else { Err(format!("HTTP {status}")) }
+        if response.status().is_success() { Ok(()) } else { Err(refusal(&response)) }
+    }
+}
+
+/// Why a notice was not taken, from a response that is not 2xx. A redirect is one: HTTP clients
+/// follow 301, 302 and 303 with a GET that has no body (as curl does), so a POST redirected
+/// from http:// to https:// would have been "delivered" to a page and the alert lost.
+fn refusal(response: &ureq::http::Response<ureq::Body>) -> String {
+    let status = response.status();
+    match response.headers().get("location").filter(|_| status.is_redirection()) {
+        Some(location) => format!(
+            "HTTP {status}: redirected to {}; notices are not sent on to a redirect, set the receiver's url to where it points",
+            String::from_utf8_lossy(location.as_bytes())
+        ),
+        None => format!("HTTP {status}"),
     }
 }
 
@@ -198,7 +211,7 @@ impl Notify for Alertmanager {
             }
             match request.send(body.as_bytes()) {
                 Ok(response) if response.status().is_success() => {}
-                Ok(response) => errors.push(format!("{url}: HTTP {}", response.status())),
+                Ok(response) => errors.push(format!("{url}: {}", refusal(&response))),
                 Err(e) => errors.push(format!("{url}: {e}")),
             }
         }
@@ -212,9 +225,10 @@ impl Notify for Alertmanager {
     }
 }
 
-/// An HTTP client whose every request, connection included, ends within `timeout`.
+/// An HTTP client whose every request, connection included, ends within `timeout`, and which
+/// follows no redirect ([`refusal`]).
 fn http_agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into()
+    ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).max_redirects(0).build().into()
 }
 
 /// Builds the notifier of one receiver (not for `log`, which prints on the spot).

@@ -73,8 +73,12 @@ impl Drop for SmtpServer {
 /// A webhook receiver: records each request's headers and body, answers with `status`.
 pub struct WebhookServer {
     pub port: u16,
+    /// What a POST is answered; a 3xx points to `/moved`.
     pub status: Arc<AtomicU16>,
+    /// The POSTs answered 200: their head and JSON body.
     pub requests: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    /// The request lines of everything else (answered 200, as a web page would be).
+    pub others: Arc<Mutex<Vec<String>>>,
 }
 
 impl WebhookServer {
@@ -83,7 +87,8 @@ impl WebhookServer {
         let port = listener.local_addr().unwrap().port();
         let status = Arc::new(AtomicU16::new(200));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (answer, log) = (status.clone(), requests.clone());
+        let others = Arc::new(Mutex::new(Vec::new()));
+        let (answer, log, other_log) = (status.clone(), requests.clone(), others.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let mut stream = stream.unwrap();
@@ -103,14 +108,20 @@ impl WebhookServer {
                     .unwrap_or(0);
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
+                if !head.starts_with("POST ") {
+                    other_log.lock().unwrap().push(head.lines().next().unwrap_or_default().to_string());
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                    continue;
+                }
                 let code = answer.load(Ordering::SeqCst);
                 if code == 200 {
                     log.lock().unwrap().push((head, serde_json::from_slice(&body).unwrap()));
                 }
-                write!(stream, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                let location = if (300..400).contains(&code) { format!("Location: http://127.0.0.1:{port}/moved\r\n") } else { String::new() };
+                write!(stream, "HTTP/1.1 {code} X\r\n{location}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
             }
         });
-        WebhookServer { port, status, requests }
+        WebhookServer { port, status, requests, others }
     }
 }
 
