@@ -16,6 +16,17 @@ use bearwatch::server::feedback::{self, FeedbackFailure};
 use bearwatch::source::{SourceError, produce};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+/// `println!` that a closed stdout (`bearwatch … | head`) cannot turn into a panic
+/// (`telemetry::say`).
+macro_rules! outln {
+    ($($arg:tt)*) => { bearwatch::telemetry::say(format_args!($($arg)*)) };
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($arg:tt)*) => { bearwatch::telemetry::say_part(format_args!($($arg)*)) };
+}
+
 /// Watches financial news for bursts of negative sentiment.
 ///
 /// Example: bearwatch run   (the demo pipeline; dashboard at http://127.0.0.1:9464/)
@@ -615,7 +626,7 @@ fn retrain(
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let storage = &location(storage)?;
     let report = bearwatch::learn::retrain(bearwatch::learn::RetrainOptions { storage, out, from: &from, feedback, feedback_weight, encoder, progress })?;
-    print!("{}", report.markdown());
+    out!("{}", report.markdown());
     eprintln!("candidate {} in {} (report.json, report.md)", report.candidate, out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -660,12 +671,12 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
     let replay_ends = config.source.kind == bearwatch::source::SourceKind::File && !config.run.keep_serving;
     if let Some(addr) = &dashboard {
         let until = if replay_ends { " while the replay runs (add --keep-serving to keep it up afterwards)" } else { "" };
-        println!("dashboard: http://{addr}/{until}");
+        outln!("dashboard: http://{addr}/{until}");
     }
     let started = std::time::Instant::now();
     let outcome = pipeline::run(&config, stop)?;
     let c = &outcome.counters;
-    println!(
+    outln!(
         "{}: {} stories read, {} scored, {} dead-lettered, {} late, {} duplicates, {} alert state changes in {:.1} s",
         if outcome.interrupted { "stopped" } else { "done" },
         c.received,
@@ -682,12 +693,12 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         .filter(|t| bearwatch::storage::holds_parts(&outcome.storage, config.storage.instance(), **t).unwrap_or(false))
         .map(|t| format!("{}/", t.name()))
         .collect();
-    println!("tables (Parquet) and checkpoint in {}: {}", outcome.storage, written.join(", "));
+    outln!("tables (Parquet) and checkpoint in {}: {}", outcome.storage, written.join(", "));
     if let Some(addr) = dashboard.filter(|_| replay_ends && !outcome.interrupted) {
-        println!("the dashboard at http://{addr}/ closed with the replay: `bearwatch run --keep-serving` keeps it up");
+        outln!("the dashboard at http://{addr}/ closed with the replay: `bearwatch run --keep-serving` keeps it up");
     }
     if !outcome.topics.is_empty() {
-        println!("\n{}", outcome.topics);
+        outln!("\n{}", outcome.topics);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -774,10 +785,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let storage = location(&storage)?;
             let found = bearwatch::storage::Storage::repair(&storage, instance.as_deref())?;
             if found.is_empty() {
-                println!("{storage}: nothing to repair");
+                outln!("{storage}: nothing to repair");
             }
             for damage in found {
-                println!("set aside: {damage}");
+                outln!("set aside: {damage}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -800,7 +811,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 if merges + deleted + rescued > 0 {
-                    println!("{}: {merges} merges, {deleted} files deleted, {rescued} written again", table.name());
+                    outln!("{}: {merges} merges, {deleted} files deleted, {rescued} written again", table.name());
                 }
             }
             let visible = |table| -> anyhow::Result<usize> {
@@ -808,7 +819,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(files.len() - bearwatch::storage::merged_journal_files(files.iter().map(String::as_str)).len())
             };
             let left = bearwatch::storage::Table::JOURNALS.into_iter().map(visible).sum::<anyhow::Result<usize>>()?;
-            println!("{storage}: {left} journal files");
+            outln!("{storage}: {left} journal files");
             Ok(ExitCode::SUCCESS)
         }
         Command::Rules(RulesCommand::Check { files }) => {
@@ -823,7 +834,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         });
                     }
                 }
-                println!(
+                outln!(
                     "{}: ok ({} rules, {} routes, {} silences)",
                     file.display(),
                     rules.rules.len(),
@@ -841,13 +852,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match format {
                 QueueFormat::Json => {
                     for item in &queue {
-                        println!("{}", serde_json::to_string(item)?);
+                        outln!("{}", serde_json::to_string(item)?);
                     }
                 }
                 QueueFormat::Table => {
-                    println!("| # | story | published | topic | sentiment | ask | uncertain | near alert | score | headline |\n|---:|---|---|---|---|---|---:|---:|---:|---|");
+                    outln!("| # | story | published | topic | sentiment | ask | uncertain | near alert | score | headline |\n|---:|---|---|---|---|---|---:|---:|---:|---|");
                     for i in &queue {
-                        println!(
+                        outln!(
                             "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
                             i.rank, i.story_id, i.published_at, i.topic, i.sentiment, i.ask.name(), i.uncertainty, i.alert_closeness, i.score, i.headline.replace('|', "/")
                         );
@@ -864,14 +875,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Model(ModelCommand::Promote { dir, storage, by, force, reason }) => {
             let forced = reason.as_deref().filter(|_| force);
             let row = bearwatch::learn::registry::promote(&location(&storage)?, &dir, &by, forced)?;
-            println!("champion: {} ({})", row.model, row.reason);
+            outln!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Shadow { dir, storage, by, stop, reason }) => {
             let row = bearwatch::learn::registry::shadow(&location(&storage)?, dir.as_deref().filter(|_| !stop), &by, reason.as_deref())?;
             match row.model.as_str() {
-                "" => println!("shadow: none ({})", row.reason),
-                model => println!("shadow: {model} ({})", row.reason),
+                "" => outln!("shadow: none ({})", row.reason),
+                model => outln!("shadow: {model} ({})", row.reason),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -880,12 +891,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for file in &files {
                 for outcome in bearwatch::detect::unit::run(file)? {
                     if outcome.failures.is_empty() {
-                        println!("ok    {}: {}", file.display(), outcome.name);
+                        outln!("ok    {}: {}", file.display(), outcome.name);
                     } else {
                         failed += 1;
-                        println!("FAIL  {}: {}", file.display(), outcome.name);
+                        outln!("FAIL  {}: {}", file.display(), outcome.name);
                         for failure in &outcome.failures {
-                            println!("  {failure}");
+                            outln!("  {failure}");
                         }
                     }
                 }
@@ -897,8 +908,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = pipeline::backtest::BacktestOptions { rules: &files, from, to, explain, sweep };
             let backtest = pipeline::backtest::backtest(&config, &options)?;
             match format {
-                OutputFormat::Text => print!("{}", backtest.render(&files)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&backtest)?),
+                OutputFormat::Text => out!("{}", backtest.render(&files)),
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&backtest)?),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -906,14 +917,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = pipeline_config(path.as_deref(), storage)?;
             let comparison = pipeline::compare::compare(&config, challenger.as_deref())?;
             match format {
-                OutputFormat::Text => print!("{}", comparison.render()),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&comparison)?),
+                OutputFormat::Text => out!("{}", comparison.render()),
+                OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&comparison)?),
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { storage, by, reason }) => {
             let row = bearwatch::learn::registry::rollback(&location(&storage)?, &by, reason.as_deref())?;
-            println!("champion: {} ({})", row.model, row.reason);
+            outln!("champion: {} ({})", row.model, row.reason);
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce { brokers, topic, speed, properties, file } => {
@@ -959,31 +970,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Classify(args)) => {
             let report = bearwatch::bench::classify::run(&args)?;
-            println!("{report}");
+            outln!("{report}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::E2e(args)) => {
-            println!("{}", bearwatch::bench::e2e::run(&args)?);
+            outln!("{}", bearwatch::bench::e2e::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Alerts(args)) => {
-            println!("{}", bearwatch::bench::alerts::run(&args)?);
+            outln!("{}", bearwatch::bench::alerts::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Windows(args)) => {
-            println!("{}", bearwatch::bench::windows::run(&args)?);
+            outln!("{}", bearwatch::bench::windows::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Sql(args)) => {
-            println!("{}", bearwatch::bench::sql::run(&args)?);
+            outln!("{}", bearwatch::bench::sql::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Instances(args)) => {
-            println!("{}", bearwatch::bench::instances::run(&args)?);
+            outln!("{}", bearwatch::bench::instances::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Loop(args)) => {
-            println!("{}", bearwatch::bench::feedback_loop::run(&args)?);
+            outln!("{}", bearwatch::bench::feedback_loop::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
@@ -999,7 +1010,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Detect(args)) => {
             let config = pipeline_config(args.pipeline.as_deref(), None)?;
-            println!("{}", bearwatch::bench::detect::run(&args, &config)?);
+            outln!("{}", bearwatch::bench::detect::run(&args, &config)?);
             Ok(ExitCode::SUCCESS)
         }
     }

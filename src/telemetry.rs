@@ -144,3 +144,17 @@ pub fn errors(stage: &'static str, n: u64) {
 pub fn dropped(stage: &'static str, reason: &'static str, n: u64) {
     counter!("bearwatch_stage_dropped_total", "stage" => stage, "reason" => reason).increment(n);
 }
+
+/// A line for people on stdout that a closed stdout cannot stop: `println!` panics when the reader
+/// went away (`bearwatch run | head`), which ended a running pipeline. The line is dropped, the
+/// work goes on, and the log on stderr still has everything.
+pub fn say(text: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
+/// [`say`] without the newline.
+pub fn say_part(text: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let _ = write!(std::io::stdout().lock(), "{text}");
+}

@@ -201,6 +201,29 @@ fn sigterm_stops_cleanly_with_everything_checkpointed_and_a_restart_finishes_the
     assert_eq!(query_one(&second.storage, "SELECT sum(n) + sum(copies) FROM windows WHERE final AND topic = 'all'"), "1000");
 }
 
+/// Its stdout's reader gone (`bearwatch run | head -1`): the run goes on to its end, and what it
+/// would have printed is dropped, where `println!` panicked and ended the run.
+#[test]
+fn a_closed_stdout_does_not_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(500)).unwrap();
+    let config = file_pipeline("in.jsonl", "store", "").replace("summary_interval = \"0s\"", "summary_interval = \"1s\"");
+    std::fs::write(dir.path().join("p.toml"), config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["run", "--pipeline", "p.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{}\n{stderr}", out.status);
+    assert_eq!(query_one(&dir.path().join("store"), "SELECT count(*) FROM news"), "500");
+}
+
 #[test]
 fn config_errors_name_file_line_and_field_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();

@@ -400,7 +400,7 @@ impl Alerting {
             match self.receivers.get(&delivery.receiver) {
                 Some(Timing { kind: ReceiverKind::Log, .. }) => {
                     tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
-                    println!("{}", render_text(alert));
+                    crate::telemetry::say(format_args!("{}", render_text(alert)));
                 }
                 Some(&timing) => {
                     let now = chrono::Utc::now().timestamp_millis();

@@ -629,7 +629,7 @@ fn drive(
         if !summary_every.is_zero() && last_summary.elapsed() >= summary_every {
             last_summary = Instant::now();
             let core = lock(core);
-            println!("{}", summary::live_line(&core.counters, started, &core.windows, &core.recent, &source.describe()));
+            crate::telemetry::say(format_args!("{}", summary::live_line(&core.counters, started, &core.windows, &core.recent, &source.describe())));
         }
     };
 
