@@ -39,7 +39,10 @@ pub fn produce(
         messages += 1;
         progress.inc(1);
     }
-    output.flush(Duration::from_secs(60)).map_err(|e| SourceError::Kafka(format!("of {messages} messages: {e}")))?;
+    output.flush(Duration::from_secs(60)).map_err(|e| match e {
+        SourceError::Kafka(reason) => SourceError::Kafka(format!("{reason} (of {messages} sent to {topic})")),
+        other => other,
+    })?;
     progress.finish_and_clear();
     Ok(Produced { messages, elapsed: started.elapsed() })
 }
