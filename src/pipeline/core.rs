@@ -503,7 +503,7 @@ impl Core {
         if self.role != Role::Classify {
             self.seen.insert(news.id.clone(), published_ms);
         }
-        let row = ScoredNews {
+        let mut row = ScoredNews {
             news,
             scores,
             ingested_at: chrono::DateTime::from_timestamp_millis(now)
@@ -521,8 +521,9 @@ impl Core {
                 // A long body (`max_message_bytes` raised): the topic would refuse the story, and
                 // every restart would read it again. Its headline, scores and ids go; `news` keeps it whole.
                 tracing::warn!(id = %row.news.id, bytes = json.len(), "scored story too large for the sink topic: sent without its body");
-                let short = ScoredNews { news: News { body: None, ..row.news.clone() }, ..row.clone() };
-                json = serde_json::to_vec(&short).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                let body = row.news.body.take();
+                json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
+                row.news.body = body;
             }
             sink.output.send(&sink.topic, row.scores.topic.as_bytes(), &json, None).map_err(PipelineError::Source)?;
             crate::telemetry::sent("sink", 1);

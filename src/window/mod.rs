@@ -129,10 +129,11 @@ pub const TOP_HEADLINES: usize = 5;
 pub const MAX_OPEN_WINDOWS: usize = 50_000;
 
 /// Open windows of every group at which the watermark moves on by itself, past the oldest tenth of
-/// them ([`WindowState::bound_open_windows`]). The watermark follows the slowest partition with data left, so a partition held far
-/// back in event time (a deep backlog of old stories, or a producer that keeps one partition old on
-/// purpose) would otherwise let the others open a window for every hour they name, without bound.
-/// Its stories older than that are then late, as if it had caught up.
+/// them ([`WindowState::bound_open_windows`]). The watermark follows the slowest partition with
+/// data left, so a partition held far back in event time (a deep backlog of old stories, or a
+/// producer that keeps one partition old on purpose) would otherwise let the others open a window
+/// for every hour they name, without bound. Its stories older than that are then late, as if it had
+/// caught up.
 pub const MAX_OPEN_WINDOWS_ALL: usize = 100_000;
 
 /// Whether a window that is not open yet must stay unopened: a ticker's, with
