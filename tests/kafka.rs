@@ -499,3 +499,30 @@ fn an_empty_partition_does_not_stall_the_watermark() {
     assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
     assert_eq!(counter(&checkpoint(&run.storage).unwrap(), "late"), 0);
 }
+
+/// Topics the broker stores compressed (its `compression.type`, or a producer's) are read with
+/// every codec Kafka has: a zstd topic stalled the source, which retried the fetch it could not
+/// decompress forever.
+#[test]
+fn topics_compressed_with_each_codec_kafka_has_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let codecs = ["gzip", "snappy", "lz4", "zstd"];
+    let topics: Vec<String> = codecs.iter().map(|codec| unique(&format!("compressed-{codec}"))).collect();
+    for (codec, topic) in codecs.iter().zip(&topics) {
+        common::create_topic_with(brokers(), topic, 1, &[("compression.type", codec)]);
+        let file = dir.path().join(format!("{codec}.jsonl"));
+        let lines: String = (0..5).map(|i| format!("{{\"id\":\"{codec}-{i}\",\"published_at\":\"1987-03-02T10:00:00Z\",\"headline\":\"Copper prices slump\"}}\n")).collect();
+        std::fs::write(&file, lines).unwrap();
+        produce(topic, &file);
+    }
+    let listed = topics.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ");
+    let config = kafka_pipeline(&topics[0], &unique("group"), "store", "").replace(&format!("topics = [\"{}\"]", topics[0]), &format!("topics = [{listed}]"));
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(90), "20 stories", |c| counter(c, "scored") == 20);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    assert_eq!(
+        query(&pipeline.storage, "SELECT split_part(id, '-', 1), count(*) FROM news GROUP BY 1 ORDER BY 1"),
+        [["gzip", "5"], ["lz4", "5"], ["snappy", "5"], ["zstd", "5"]].map(|r| r.map(String::from).to_vec()).to_vec()
+    );
+}
