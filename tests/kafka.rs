@@ -526,3 +526,50 @@ fn topics_compressed_with_each_codec_kafka_has_are_read() {
         [["gzip", "5"], ["lz4", "5"], ["snappy", "5"], ["zstd", "5"]].map(|r| r.map(String::from).to_vec()).to_vec()
     );
 }
+
+/// `start_offset = "latest"` skips what a new group's partitions already hold, but a partition added
+/// to the topic later is read from its beginning: the stories written to it before the consumer
+/// learned of it were skipped, the partition starting at its latest offset like the group's first.
+#[test]
+fn with_start_offset_latest_a_partition_added_later_is_read_from_its_beginning() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("grows");
+    common::create_topic_on(brokers(), &topic, 1);
+    // The producer learns of the added partition at its next metadata refresh.
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers()).set("topic.metadata.refresh.interval.ms", "200").create().unwrap();
+    let send = |id: String, partition: i32| {
+        let story = format!(r#"{{"id":"{id}","published_at":"1987-03-02T10:00:00Z","headline":"Copper prices slump"}}"#);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err((e, _)) = producer.send(BaseRecord::<str, str>::to(&topic).partition(partition).key("k").payload(&story)) {
+            assert!(Instant::now() < deadline, "cannot send to partition {partition}: {e}");
+            producer.poll(Duration::from_millis(100));
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    };
+    for i in 0..3 {
+        send(format!("before-{i}"), 0);
+    }
+    let config = kafka_pipeline(&topic, &unique("group"), "store", "")
+        .replace("[source.properties]", "start_offset = \"latest\"\n\n[source.properties]\n\"topic.metadata.refresh.interval.ms\" = \"2000\"");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    common::wait_for_partitions(&[&pipeline], Duration::from_secs(60));
+    // Where "latest" was is committed at the assignment, so a story sent after it is read.
+    send("first".into(), 0);
+    pipeline.wait_for_checkpoint(Duration::from_secs(60), "the first story", |c| counter(c, "scored") == 1);
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for result in runtime.block_on(admin.create_partitions(&[NewPartitions::new(&topic, 2)], &AdminOptions::new())).unwrap() {
+        result.unwrap();
+    }
+    for i in 0..5 {
+        send(format!("added-{i}"), 1);
+    }
+    pipeline.wait_for_checkpoint(Duration::from_secs(90), "the added partition's stories", |c| counter(c, "scored") == 6);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    let ids: Vec<String> = query(&pipeline.storage, "SELECT id FROM news ORDER BY id").into_iter().flatten().collect();
+    assert_eq!(ids, ["added-0", "added-1", "added-2", "added-3", "added-4", "first"]);
+}

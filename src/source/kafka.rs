@@ -5,13 +5,13 @@
 //! revoked, the [`GroupHandler`] finishes their in-flight stories and checkpoints first, and the
 //! offsets it returns are committed before the partitions move to another member.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -55,6 +55,8 @@ pub struct GroupContext {
     assigned: std::sync::Mutex<std::collections::BTreeSet<(String, i32)>>,
     /// Where a partition without a committed offset is read from.
     start: StartOffset,
+    /// Partitions new to the group, read from their beginning whatever `start` says.
+    from_beginning: std::sync::Mutex<BTreeSet<(String, i32)>>,
 }
 
 /// Whether a partition's statistics say this consumer has nothing left to read in it: the position
@@ -90,17 +92,65 @@ impl ClientContext for GroupContext {
                         .set(p.consumer_lag as f64);
                     now.insert((topic.clone(), *partition));
                 }
-                positions.push(((topic.clone(), *partition), read_to_end(p, self.start)));
+                let new_to_group = lock(&self.from_beginning).contains(&(topic.clone(), *partition));
+                let start = if new_to_group { StartOffset::Earliest } else { self.start };
+                positions.push(((topic.clone(), *partition), read_to_end(p, start)));
             }
         }
-        let assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let assigned = lock(&self.assigned).clone();
         positions.retain(|(partition, _)| assigned.contains(partition));
         self.handler.read_to_end(&positions);
-        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reported = lock(&self.reported);
         for (topic, partition) in reported.difference(&now) {
             metrics::gauge!("bearwatch_kafka_consumer_lag", "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
         }
         *reported = now;
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl GroupContext {
+    /// `start_offset = "latest"` is where a group starts, not where it reads a partition added to a
+    /// topic later: that one is read from its beginning (as Flink does), or the stories written to
+    /// it before this member learns of it (`topic.metadata.refresh.interval.ms`, 5 min) would be
+    /// skipped. So a group records where "latest" was as committed offsets at its first
+    /// assignment, and an assigned partition without one, of a topic that has them, is new.
+    /// Sets the offsets in `list`, which librdkafka then assigns.
+    fn place_uncommitted(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) -> KafkaResult<()> {
+        let timeout = Duration::from_secs(10);
+        let assigned = partitions(list);
+        let mut every = TopicPartitionList::new();
+        for topic in assigned.iter().map(|(t, _)| t.as_str()).collect::<BTreeSet<_>>() {
+            for known in consumer.fetch_metadata(Some(topic), timeout)?.topics() {
+                for partition in known.partitions() {
+                    every.add_partition(topic, partition.id());
+                }
+            }
+        }
+        let committed: BTreeSet<(String, i32)> = (consumer.committed_offsets(every, timeout)?.elements().iter())
+            .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let mut starts = TopicPartitionList::new();
+        for (topic, partition) in assigned.iter().filter(|p| !committed.contains(p)) {
+            let Some(mut element) = list.find_partition(topic, *partition) else { continue };
+            if committed.iter().any(|(t, _)| t == topic) {
+                tracing::info!(topic, partition, "a partition new to the group: read from its beginning");
+                element.set_offset(Offset::Beginning)?;
+                lock(&self.from_beginning).insert((topic.clone(), *partition));
+            } else {
+                let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
+                element.set_offset(Offset::Offset(high))?;
+                starts.add_partition_offset(topic, *partition, Offset::Offset(high))?;
+            }
+        }
+        if starts.count() > 0 {
+            consumer.commit(&starts, CommitMode::Sync)?;
+        }
+        Ok(())
     }
 }
 
@@ -122,10 +172,17 @@ fn offsets_list(offsets: &Offsets, only: Option<&[(String, i32)]>) -> Result<Top
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance
+            && self.start == StartOffset::Latest
+            && let Err(e) = self.place_uncommitted(consumer, list)
+        {
+            tracing::warn!(error = %e, "cannot tell new partitions from the group's first ones; those without a committed offset start at the latest");
+        }
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = partitions(list);
             tracing::info!(partitions = ?revoked, "partitions revoked");
-            self.assigned.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| !revoked.contains(p));
+            lock(&self.assigned).retain(|p| !revoked.contains(p));
+            lock(&self.from_beginning).retain(|p| !revoked.contains(p));
             let offsets = self.handler.revoking(&revoked);
             match offsets_list(&offsets, Some(&revoked)) {
                 Ok(list) if list.count() > 0 => match consumer.commit(&list, CommitMode::Sync) {
@@ -145,7 +202,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(list) => {
                 let assigned = partitions(list);
                 tracing::info!(partitions = ?assigned, "partitions assigned");
-                self.assigned.lock().unwrap_or_else(|p| p.into_inner()).extend(assigned.iter().cloned());
+                lock(&self.assigned).extend(assigned.iter().cloned());
                 self.handler.assigned(&assigned);
             }
             Rebalance::Revoke(_) => {}
@@ -183,7 +240,7 @@ impl KafkaSource {
                 StartOffset::Latest => "latest",
             });
         let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default(), start })
+            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default(), start, from_beginning: Default::default() })
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
@@ -273,7 +330,7 @@ impl ProducerContext for DeliveryReport {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, message)) = result {
-            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut failed = lock(&self.failed);
             failed.0 += 1;
             failed.1.get_or_insert_with(|| format!("{}: {e}", message.topic()));
             crate::telemetry::errors("producer", 1);
@@ -321,7 +378,7 @@ impl Output {
     /// topic, a topic that does not exist, no authorization) was logged and its input committed.
     pub fn flush(&self, timeout: Duration) -> Result<(), SourceError> {
         self.producer.flush(timeout).map_err(|e| SourceError::Kafka(format!("flush: {e}")))?;
-        match std::mem::take(&mut *self.report.failed.lock().unwrap_or_else(|p| p.into_inner())) {
+        match std::mem::take(&mut *lock(&self.report.failed)) {
             (0, _) => Ok(()),
             (count, first) => Err(SourceError::Kafka(format!("{count} messages were not delivered; the first to {}", first.unwrap_or_default()))),
         }
