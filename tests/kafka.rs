@@ -573,3 +573,43 @@ fn with_start_offset_latest_a_partition_added_later_is_read_from_its_beginning()
     let ids: Vec<String> = query(&pipeline.storage, "SELECT id FROM news ORDER BY id").into_iter().flatten().collect();
     assert_eq!(ids, ["added-0", "added-1", "added-2", "added-3", "added-4", "first"]);
 }
+
+/// A topic deleted and created again starts its offsets over: the stories of the new one are read,
+/// not skipped as below the offsets the checkpoint holds from the old one.
+#[test]
+fn a_topic_deleted_and_created_again_is_read_from_its_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("recreated");
+    create_topic(&topic, 1);
+    let file = dir.path().join("first.jsonl");
+    std::fs::write(&file, stories(20)).unwrap();
+    produce(&topic, &file);
+    let config = kafka_pipeline(&topic, &unique("group"), "store", "");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(60), "20 stories", |c| counter(c, "scored") == 20);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for result in runtime.block_on(admin.delete_topics(&[&topic], &AdminOptions::new())).unwrap() {
+        result.unwrap();
+    }
+    // Deletion finishes in the background; the name is taken until it has.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = runtime.block_on(admin.create_topics(&[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())).unwrap().remove(0) {
+        assert!(Instant::now() < deadline, "cannot create {topic} again: {e:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines: String = (0..5).map(|i| format!("{{\"id\":\"again-{i}\",\"published_at\":\"1987-03-02T10:00:00Z\",\"headline\":\"Copper prices slump\"}}\n")).collect();
+    let file = dir.path().join("again.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    produce(&topic, &file);
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    pipeline.wait_for_checkpoint(Duration::from_secs(60), "the new topic's 5 stories", |c| counter(c, "scored") == 25);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    assert!(pipeline.logs().contains("the topic was recreated or truncated"), "{}", pipeline.logs());
+    assert_eq!(query_one(&pipeline.storage, "SELECT count(*) FROM news WHERE id LIKE 'again-%'"), "5");
+}

@@ -283,6 +283,19 @@ impl Core {
         self.offsets.get(topic).and_then(|p| p.get(&partition)).copied()
     }
 
+    /// A partition's log ends at `end` (its high watermark): if that is before the offset this run
+    /// has read to, the topic was deleted and created again (or its log truncated) and its offsets
+    /// start over, so skipping records below the old offset would drop new stories.
+    pub fn log_ends_at(&mut self, topic: &str, partition: i32, end: i64) {
+        if let Some(next) = self.offset(topic, partition).filter(|next| *next > end) {
+            tracing::warn!(topic, partition, read_to = next, log_end = end, "the partition's log ends before what was read: the topic was recreated or truncated; reading it again from the group's position");
+            crate::telemetry::errors("source", 1);
+            if let Some(parts) = self.offsets.get_mut(topic) {
+                parts.remove(&partition);
+            }
+        }
+    }
+
     /// Validates, de-duplicates and queues one record for scoring.
     pub fn accept(&mut self, record: Record) -> Result<(), PipelineError> {
         if self.offset(&record.topic, record.partition).is_some_and(|next| record.offset < next) {

@@ -157,6 +157,13 @@ impl GroupHandler for Rebalancer {
         }
     }
 
+    fn log_ends(&self, ends: &[((String, i32), i64)]) {
+        let mut core = lock(&self.core);
+        for ((topic, partition), end) in ends {
+            core.log_ends_at(topic, *partition, *end);
+        }
+    }
+
     fn read_to_end(&self, partitions: &[((String, i32), bool)]) {
         let mut core = lock(&self.core);
         for ((topic, partition), at_end) in partitions {

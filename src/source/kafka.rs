@@ -37,6 +37,10 @@ pub trait GroupHandler: Send + Sync {
     fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
     /// `partitions` were handed to this member (after any revocation of the same rebalance).
     fn assigned(&self, partitions: &[(String, i32)]);
+    /// Where each assigned partition's log ends (its high watermark), read at the assignment: one
+    /// that ends before the offset this member has read to was deleted and created again, or
+    /// truncated, and its offsets start over.
+    fn log_ends(&self, ends: &[((String, i32), i64)]);
     /// The revoked partitions' offsets are committed to the group (or there was nothing to commit):
     /// their positions no longer need keeping. Not called when the commit failed (a lost session
     /// after a broker restart, say): the group then hands out the older committed offsets, and only
@@ -197,13 +201,25 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 let assigned = partitions(list);
                 tracing::info!(partitions = ?assigned, "partitions assigned");
                 lock(&self.assigned).extend(assigned.iter().cloned());
+                let ends: Vec<((String, i32), i64)> = assigned
+                    .iter()
+                    .filter_map(|(topic, partition)| match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10)) {
+                        Ok((_, high)) => Some(((topic.clone(), *partition), high)),
+                        Err(e) => {
+                            tracing::warn!(topic, partition, error = %e, "cannot read where the partition ends; a recreated topic goes unnoticed");
+                            None
+                        }
+                    })
+                    .collect();
+                // After `assigned`, which may take over the offsets another instance read to.
                 self.handler.assigned(&assigned);
+                self.handler.log_ends(&ends);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
