@@ -267,6 +267,14 @@ path = "data"
     }
 
     #[test]
+    fn kafka_properties_bearwatch_sets_itself_are_refused() {
+        let property = |key: &str, value: &str| error(&format!("{KAFKA}\n[source.properties]\n\"{key}\" = \"{value}\"\n"));
+        let err = property("auto.offset.reset", "latest");
+        assert!(err.contains("`source.properties`") && err.contains("`start_offset`"), "{err}");
+        assert!(property("enable.partition.eof", "true").contains("set by bearwatch itself"));
+    }
+
+    #[test]
     fn receivers_are_checked_by_kind_and_name_the_field() {
         let receiver = |body: &str| error(&format!("{KAFKA}\n[[receivers]]\nname = \"r\"\n{body}"));
         let err = receiver("type = \"webhook\"\nurl = \"hooks.example.com/SECRET\"\n");

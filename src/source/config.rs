@@ -94,10 +94,13 @@ impl SourceConfig {
                 if self.group_id.is_none() {
                     return Err(("source.group_id", "a kafka source needs `group_id`".into()));
                 }
-                for key in ["bootstrap.servers", "group.id", "enable.auto.commit"] {
+                for key in ["bootstrap.servers", "group.id", "enable.auto.commit", "enable.partition.eof"] {
                     if self.properties.contains_key(key) {
                         return Err(("source.properties", format!("`{key}` is set by bearwatch itself; remove it")));
                     }
+                }
+                if self.properties.contains_key("auto.offset.reset") {
+                    return Err(("source.properties", "`auto.offset.reset` is set from `start_offset`; set that instead".into()));
                 }
             }
         }
