@@ -158,6 +158,9 @@ fn with_smtp_down_the_email_is_retried_and_delivered_exactly_once_even_across_a_
         assert!(Instant::now() < deadline, "no failed attempts recorded\n{}", first.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The webhook's error says what its body said.
+    let text = std::fs::read_to_string(&outbox).unwrap();
+    assert!(text.lines().any(|l| l.contains("\"event\":\"failed\"") && l.contains("HTTP 503 Service Unavailable: no_service")), "{text}");
     first.signal("KILL");
     first.wait(Duration::from_secs(10));
 

@@ -41,23 +41,34 @@ impl Notify for Webhook {
             .header("Idempotency-Key", key)
             .send(body.to_string().as_bytes())
             .map_err(|e| e.to_string())?;
-        if response.status().is_success() { Ok(()) } else { Err(refusal(&response)) }
+        if response.status().is_success() { Ok(()) } else { Err(refusal(response)) }
     }
 }
 
 /// Why a notice was not taken, from a response that is not 2xx. A redirect is one: HTTP clients
 /// follow 301, 302 and 303 with a GET that has no body (as curl does), so a POST redirected
-/// from http:// to https:// would have been "delivered" to a page and the alert lost.
-fn refusal(response: &ureq::http::Response<ureq::Body>) -> String {
+/// from http:// to https:// would have been "delivered" to a page and the alert lost. Otherwise
+/// the start of the answer's body, where receivers say why (Slack's `no_service`, a validation
+/// error), as Alertmanager's errors show it.
+fn refusal(mut response: ureq::http::Response<ureq::Body>) -> String {
     let status = response.status();
-    match response.headers().get("location").filter(|_| status.is_redirection()) {
-        Some(location) => format!(
+    if let Some(location) = response.headers().get("location").filter(|_| status.is_redirection()) {
+        return format!(
             "HTTP {status}: redirected to {}; notices are not sent on to a redirect, set the receiver's url to where it points",
             String::from_utf8_lossy(location.as_bytes())
-        ),
-        None => format!("HTTP {status}"),
+        );
+    }
+    let mut said = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(response.body_mut().as_reader(), REFUSAL_BYTES as u64), &mut said);
+    let said: String = String::from_utf8_lossy(&said).chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    match said.split_whitespace().collect::<Vec<_>>().join(" ") {
+        said if said.is_empty() => format!("HTTP {status}"),
+        said => format!("HTTP {status}: {said}"),
     }
 }
+
+/// How much of a refusal's body goes into the error (`notifications.last_error`).
+const REFUSAL_BYTES: usize = 300;
 
 /// Text as Slack's `text` field must carry it: `&`, `<` and `>` escaped, so that a headline holding
 /// `<!channel>` or `<http://x|click>` is shown as written, never as a mention or a link.
@@ -211,7 +222,7 @@ impl Notify for Alertmanager {
             }
             match request.send(body.as_bytes()) {
                 Ok(response) if response.status().is_success() => {}
-                Ok(response) => errors.push(format!("{url}: {}", refusal(&response))),
+                Ok(response) => errors.push(format!("{url}: {}", refusal(response))),
                 Err(e) => errors.push(format!("{url}: {e}")),
             }
         }

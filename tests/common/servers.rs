@@ -73,7 +73,7 @@ impl Drop for SmtpServer {
 /// A webhook receiver: records each request's headers and body, answers with `status`.
 pub struct WebhookServer {
     pub port: u16,
-    /// What a POST is answered; a 3xx points to `/moved`.
+    /// What a POST is answered; a 3xx points to `/moved`, a 4xx or 5xx says `no_service`.
     pub status: Arc<AtomicU16>,
     /// The POSTs answered 200: their head and JSON body.
     pub requests: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
@@ -118,7 +118,9 @@ impl WebhookServer {
                     log.lock().unwrap().push((head, serde_json::from_slice(&body).unwrap()));
                 }
                 let location = if (300..400).contains(&code) { format!("Location: http://127.0.0.1:{port}/moved\r\n") } else { String::new() };
-                write!(stream, "HTTP/1.1 {code} X\r\n{location}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                // As Slack's webhooks say why they refuse.
+                let why = if code >= 400 { "no_service\r\n" } else { "" };
+                write!(stream, "HTTP/1.1 {code} X\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n{why}", why.len()).unwrap();
             }
         });
         WebhookServer { port, status, requests, others }
