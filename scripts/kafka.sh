@@ -3,7 +3,9 @@
 #   scripts/kafka.sh start   fetch jars (cached in ~/.m2), format storage, start, wait until ready
 #   scripts/kafka.sh stop    stop the broker started here
 #   scripts/kafka.sh status  exit 0 when it answers
-# Port: BEARWATCH_KAFKA_PORT (default 19092). Files: .kafka/ in the repo (gitignored); a second
+# Port: BEARWATCH_KAFKA_PORT (default 19092); the controller listens on the next port, and a
+# SASL_PLAINTEXT listener (mechanism PLAIN, user `bearwatch`, password `bearwatch-secret`) on the
+# one after, for tests of secured clusters. Files: .kafka/ in the repo (gitignored); a second
 # broker (e.g. the reliability suite's, which it restarts) keeps its log, pid and data in
 # BEARWATCH_KAFKA_DIR. BEARWATCH_KAFKA_KEEP_DATA=1 restarts on the existing log dir (a broker restart)
 # instead of a fresh one. `start` is idempotent and serialized with flock, so parallel test binaries
@@ -14,6 +16,7 @@ LIBS="$ROOT/.kafka/libs"
 HERE="${BEARWATCH_KAFKA_DIR:-$ROOT/.kafka}"
 PORT="${BEARWATCH_KAFKA_PORT:-19092}"
 CONTROLLER_PORT=$((PORT + 1))
+SASL_PORT=$((PORT + 2))
 mkdir -p "$HERE" "$ROOT/.kafka"
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && grep -q "Kafka Server started" "$HERE/broker.log" 2>/dev/null; }
@@ -38,10 +41,12 @@ start() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT,SASL://127.0.0.1:$SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT,SASL://127.0.0.1:$SASL_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL:SASL_PLAINTEXT
+listener.name.sasl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_bearwatch="bearwatch-secret";
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$HERE/data
 num.partitions=1

@@ -253,6 +253,53 @@ fn the_kafka_receiver_publishes_alerts_to_a_topic() {
     assert_eq!(alerts, ["firing", "resolved"]);
 }
 
+/// On a cluster that wants a login (SASL here), a kafka receiver that names no brokers sends with
+/// the source's brokers and its `[source.properties]`: it connected without them, so every alert
+/// to the topic was refused and retried until it expired.
+#[test]
+fn a_kafka_receiver_on_a_secured_cluster_logs_in_as_the_source_does() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let (news, alerts_topic) = (common::unique("secured-news"), common::unique("secured-alerts"));
+    common::create_topic_on(common::brokers(), &news, 1);
+    common::produce_to(common::brokers(), &news, &dir.path().join("in.jsonl"));
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"bus\"]")).unwrap();
+    let (sasl, login) = common::sasl_brokers();
+    let config = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{sasl}\"\ntopics = [\"{news}\"]\ngroup_id = \"{group}\"\ndead_letter_topic = \"{news}.dlq\"\n\
+         [source.properties]\n\"session.timeout.ms\" = \"6000\"\n{login}\
+         [window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\n[storage]\npath = \"store\"\ncheckpoint_interval = \"200ms\"\n\
+         [run]\nsummary_interval = \"0s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
+         [[receivers]]\nname = \"bus\"\ntype = \"kafka\"\ntopic = \"{alerts_topic}\"\n",
+        group = common::unique("group")
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::brokers())
+        .set("group.id", common::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&alerts_topic]).unwrap();
+    let mut states = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while states.len() < 2 {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "alerts on the topic: {states:?}\n{}", run.logs());
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let alert: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            states.push(alert["state"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(states, ["firing", "resolved"]);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+    let sent = query(&run.storage, "SELECT state, attempts FROM notifications WHERE status = 'sent' ORDER BY 1");
+    assert_eq!(sent, [["firing", "1"], ["resolved", "1"]], "each at its first attempt");
+}
+
 #[test]
 fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,11 @@ pub struct ReceiverConfig {
     /// kafka: the alerts topic; brokers default to the source's.
     pub topic: Option<String>,
     pub brokers: Option<EnvString>,
+    /// kafka: librdkafka producer properties (`security.protocol`, `sasl.*`, `ssl.*`...). Where
+    /// `brokers` is left out, the source's `[source.properties]` come first (the same cluster
+    /// takes the same credentials), and these on top.
+    #[serde(default)]
+    pub properties: BTreeMap<String, EnvString>,
     /// How long a notification is retried before it is given up as expired.
     #[serde(default = "one_day")]
     pub expire_after: HumanDuration,
@@ -149,6 +154,9 @@ impl ReceiverConfig {
             self.url.iter().try_for_each(|u| web("url", u))?;
             self.urls.iter().try_for_each(|u| web("urls", u))?;
             self.dashboard_url.iter().try_for_each(|u| web("dashboard_url", u))?;
+        }
+        if !self.properties.is_empty() && self.kind != ReceiverKind::Kafka {
+            return Err(("properties", format!("receiver `{}`: `properties` are for kafka receivers", self.name)));
         }
         match self.kind {
             ReceiverKind::Log => Ok(()),

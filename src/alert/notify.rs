@@ -12,6 +12,7 @@ use lettre::{Message, SmtpTransport, Transport};
 
 use super::outbox::{Outbox, Status};
 use super::{ReceiverConfig, ReceiverKind, SmtpTls, headline_line, render_text};
+use crate::config::EnvString;
 use crate::detect::{Alert, AlertState};
 use crate::source::kafka::Output;
 
@@ -243,8 +244,14 @@ fn http_agent(timeout: Duration) -> ureq::Agent {
 }
 
 /// Builds the notifier of one receiver (not for `log`, which prints on the spot).
-/// `default_dashboard` is the dashboard's address when the receiver names none (from `[server]`).
-pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>, default_dashboard: Option<&str>) -> Result<Box<dyn Notify>, String> {
+/// `source_kafka` is the source's brokers and properties, for a kafka receiver that names no
+/// brokers; `default_dashboard` is the dashboard's address when the receiver names none (from
+/// `[server]`).
+pub fn notifier(
+    config: &ReceiverConfig,
+    source_kafka: Option<(&str, &BTreeMap<String, EnvString>)>,
+    default_dashboard: Option<&str>,
+) -> Result<Box<dyn Notify>, String> {
     let timeout = config.timeout.0;
     match config.kind {
         ReceiverKind::Log => Err("the log receiver has no notifier".into()),
@@ -288,8 +295,13 @@ pub fn notifier(config: &ReceiverConfig, default_brokers: Option<&str>, default_
             Ok(Box::new(Email { transport: builder.build(), from, to }))
         }
         ReceiverKind::Kafka => {
-            let brokers = config.brokers.as_ref().map(|b| b.as_str()).or(default_brokers).ok_or("no brokers for the kafka receiver")?;
-            let output = Output::connect(brokers, &BTreeMap::new()).map_err(|e| e.to_string())?;
+            let (brokers, mut properties) = match (&config.brokers, source_kafka) {
+                (Some(brokers), _) => (brokers.as_str(), BTreeMap::new()),
+                (None, Some((brokers, properties))) => (brokers, properties.clone()),
+                (None, None) => return Err("no brokers for the kafka receiver".into()),
+            };
+            properties.extend(config.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let output = Output::connect(brokers, &properties).map_err(|e| e.to_string())?;
             Ok(Box::new(KafkaAlerts { output: Arc::new(output), topic: config.topic.clone().unwrap_or_default() }))
         }
     }

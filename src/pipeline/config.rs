@@ -191,6 +191,7 @@ fn receiver_field(field: &str) -> &'static str {
         "dashboard_url" => "receivers.dashboard_url",
         "rate_limit" => "receivers.rate_limit",
         "rate_interval" => "receivers.rate_interval",
+        "properties" => "receivers.properties",
         _ => "receivers",
     }
 }
@@ -293,6 +294,8 @@ path = "data"
         assert!(err.contains("`receivers.rate_limit`") && err.contains("at most 1000000"), "{err}");
         let err = receiver("type = \"log\"\nrate_interval = \"0s\"\n");
         assert!(err.contains("`receivers.rate_interval`"), "{err}");
+        let err = receiver("type = \"webhook\"\nurl = \"http://h\"\n[receivers.properties]\n\"acks\" = \"all\"\n");
+        assert!(err.contains("`receivers.properties`") && err.contains("for kafka receivers"), "{err}");
         // People read email and webhooks: limited unless said otherwise; machines are not.
         let limits = |kind: &str, extra: &str| {
             let text = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"{kind}\"\nurl = \"http://h\"\nurls = [\"http://a\"]\ntopic = \"t\"\nsmtp_host = \"s\"\nfrom = \"f\"\nto = [\"t\"]\n{extra}");

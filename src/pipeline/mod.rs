@@ -297,7 +297,8 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     let mut notifiers = std::collections::BTreeMap::new();
     let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
     for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
-        let notifier = notify::notifier(receiver, config.source.brokers.as_ref().map(|b| b.as_str()), dashboard.as_deref()).map_err(|reason| {
+        let source_kafka = config.source.brokers.as_ref().map(|b| (b.as_str(), &config.source.properties));
+        let notifier = notify::notifier(receiver, source_kafka, dashboard.as_deref()).map_err(|reason| {
             PipelineError::Config(ConfigError::Invalid {
                 file: "pipeline".into(),
                 line: 0,

@@ -269,6 +269,14 @@ pub fn brokers() -> &'static str {
     })
 }
 
+/// The test broker's SASL_PLAINTEXT listener (`scripts/kafka.sh`: two ports above the plain one),
+/// and the `[source.properties]` that log in to it.
+pub fn sasl_brokers() -> (String, &'static str) {
+    let (host, port) = brokers().rsplit_once(':').unwrap();
+    let properties = "\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"PLAIN\"\n\"sasl.username\" = \"bearwatch\"\n\"sasl.password\" = \"bearwatch-secret\"\n";
+    (format!("{host}:{}", port.parse::<u16>().unwrap() + 2), properties)
+}
+
 /// Row-by-row equality that reports only the first differences, not both tables. Counts and keys
 /// must match exactly; fractional numbers to 1e-5, because ONNX Runtime's float results move in the
 /// last bits with batch shape (a restart forms different batches), and one millionth in one story's
