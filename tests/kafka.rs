@@ -613,3 +613,28 @@ fn a_topic_deleted_and_created_again_is_read_from_its_start() {
     assert!(pipeline.logs().contains("the topic was recreated or truncated"), "{}", pipeline.logs());
     assert_eq!(query_one(&pipeline.storage, "SELECT count(*) FROM news WHERE id LIKE 'again-%'"), "5");
 }
+
+/// With the `[sink]` on another cluster (its own `brokers`), `aggregate` instances read the scored
+/// stories there: they subscribed to the sink's topic on the source's cluster, where nothing is.
+#[test]
+fn aggregate_reads_a_sink_on_another_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = common::Broker::start();
+    let topic = unique("split-clusters");
+    let scored_topic = format!("{topic}.scored");
+    create_topic(&topic, 1);
+    common::create_topic_on(&other.brokers(), &scored_topic, 1);
+    let sink = format!("\n[sink]\ntopic = \"{scored_topic}\"\nbrokers = \"{}\"\n", other.brokers());
+    let config = kafka_pipeline(&topic, &unique("group"), "aggregate", &sink);
+    let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &config, &["--role", "aggregate"]);
+    let mut classify = Pipeline::start_with(dir.path(), "classify", &config.replace("path = \"aggregate\"", "path = \"classify\""), &["--role", "classify"]);
+    let file = dir.path().join("in.jsonl");
+    std::fs::write(&file, stories(30)).unwrap();
+    produce(&topic, &file);
+    aggregate.wait_for_checkpoint(Duration::from_secs(120), "30 scored stories from the other cluster", |c| counter(c, "scored") == 30);
+    for run in [&mut classify, &mut aggregate] {
+        run.signal("TERM");
+        assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+    }
+    assert_eq!(query_one(&aggregate.storage, "SELECT count(DISTINCT id) FROM news"), "30");
+}

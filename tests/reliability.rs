@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bearwatch::rng::Lcg;
 use common::servers::{SmtpServer, WebhookServer, free_port};
 use common::{
-    DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, alter_topic, assert_same_rows, brokers, checkpoint, counter, create_topic_on, create_topic_with,
+    Broker, DEMO_DATA, LATEST_WINDOWS, Pipeline, ROOT, alter_topic, assert_same_rows, brokers, checkpoint, counter, create_topic_on, create_topic_with,
     produce_to, query, query_one, unique,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -170,42 +170,6 @@ fn repeated_kill_9_during_a_kafka_replay_loses_nothing_and_counts_nothing_twice(
     let repeats: usize = received.values().map(|n| n - 1).sum();
     eprintln!("{kills} kills, {} alert changes notified, {repeats} repeated (same key)", expected.len());
     assert!(repeats <= kills, "more repeats ({repeats}) than crashes ({kills})");
-}
-
-/// A second broker on its own port and log dir, stopped and started again mid-stream.
-struct Broker {
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let broker = Broker { port: free_port(), dir: tempfile::tempdir().unwrap() };
-        broker.run("start", false);
-        broker
-    }
-
-    fn run(&self, command: &str, keep_data: bool) {
-        let out = Command::new("bash")
-            .arg(format!("{ROOT}/scripts/kafka.sh"))
-            .arg(command)
-            .env("BEARWATCH_KAFKA_PORT", self.port.to_string())
-            .env("BEARWATCH_KAFKA_DIR", self.dir.path())
-            .env("BEARWATCH_KAFKA_KEEP_DATA", if keep_data { "1" } else { "0" })
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "kafka.sh {command}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.run("stop", false);
-    }
 }
 
 /// The broker stops mid-stream and comes back on the same log dir: the pipeline waits, resumes from

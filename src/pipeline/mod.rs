@@ -475,15 +475,23 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             Box::new(file)
         }
         SourceKind::Kafka => {
-            // Role `aggregate` reads what `classify` instances publish, in a group of its own.
-            let (group_id, topics) = match (role, &config.sink) {
-                (Role::Aggregate, Some(sink)) => (config.aggregate_group_id(), vec![sink.topic.clone()]),
-                _ => (source_config.group_id.as_ref().expect("validated").as_str().to_string(), source_config.topics.clone()),
+            let source_brokers = source_config.brokers.as_ref().expect("validated");
+            // Role `aggregate` reads what `classify` instances publish, in a group of its own, on
+            // the cluster they publish to: the sink's brokers and properties where it names them.
+            let (group_id, topics, brokers, properties) = match (role, &config.sink) {
+                (Role::Aggregate, Some(sink)) => {
+                    let (brokers, properties) = match &sink.brokers {
+                        Some(brokers) => (brokers, &sink.properties),
+                        None => (source_brokers, &source_config.properties),
+                    };
+                    (config.aggregate_group_id(), vec![sink.topic.clone()], brokers, properties)
+                }
+                _ => (source_config.group_id.as_ref().expect("validated").as_str().to_string(), source_config.topics.clone(), source_brokers, &source_config.properties),
             };
             tracing::info!(group_id, ?topics, "joining the consumer group");
             Box::new(KafkaSource::subscribe(
-                source_config.brokers.as_ref().expect("validated").as_str(),
-                &source_config.properties,
+                brokers.as_str(),
+                properties,
                 &group_id,
                 &topics,
                 source_config.start_offset,

@@ -269,6 +269,43 @@ pub fn brokers() -> &'static str {
     })
 }
 
+/// A second broker (another cluster) on its own port and log dir, stopped when dropped.
+pub struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let broker = Broker { port: servers::free_port(), dir: tempfile::tempdir().unwrap() };
+        broker.run("start", false);
+        broker
+    }
+
+    /// `scripts/kafka.sh COMMAND` for this broker; `keep_data` restarts on its log dir.
+    pub fn run(&self, command: &str, keep_data: bool) {
+        let out = Command::new("bash")
+            .arg(format!("{ROOT}/scripts/kafka.sh"))
+            .arg(command)
+            .env("BEARWATCH_KAFKA_PORT", self.port.to_string())
+            .env("BEARWATCH_KAFKA_DIR", self.dir.path())
+            .env("BEARWATCH_KAFKA_KEEP_DATA", if keep_data { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kafka.sh {command}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.run("stop", false);
+    }
+}
+
 /// The test broker's SASL_PLAINTEXT listener (`scripts/kafka.sh`: two ports above the plain one),
 /// and the `[source.properties]` that log in to it.
 pub fn sasl_brokers() -> (String, &'static str) {
