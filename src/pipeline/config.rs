@@ -121,6 +121,13 @@ impl PipelineConfig {
         {
             return Err(("sink.brokers", "needed when the source is not Kafka".into()));
         }
+        if let Some(sink) = &self.sink
+            && s.kind == SourceKind::Kafka
+            && sink.brokers.as_ref().is_none_or(|b| Some(b) == s.brokers.as_ref())
+            && s.reads_topic(&sink.topic)
+        {
+            return Err(("sink.topic", format!("`{}` is also a topic the source reads: scored stories would come back as news", sink.topic)));
+        }
         self.model.validate().map_err(|e| match e {
             ClassifyError::Config { field, reason } => (model_field(field), reason),
             other => ("model", other.to_string()),
@@ -265,6 +272,21 @@ path = "data"
         assert!(err.contains("`source.group_id`") && err.starts_with("p.toml:2:"), "{err}");
         let err = error("[source\n");
         assert!(err.starts_with("p.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn output_topics_the_source_reads_are_refused() {
+        let topics = |list: &str, extra: &str| error(&format!("{}{extra}", KAFKA.replace("topics = [\"news\"]", &format!("topics = [{list}]"))));
+        let err = topics("\"news\", \"news.dlq\"", "");
+        assert!(err.contains("`source.dead_letter_topic`") && err.contains("without end"), "{err}");
+        let err = topics("\"^news.*\"", "");
+        assert!(err.contains("`source.dead_letter_topic`"), "{err}");
+        let err = topics("\"news\", \"scored\"", "\n[sink]\ntopic = \"scored\"\n");
+        assert!(err.contains("`sink.topic`") && err.contains("come back as news"), "{err}");
+        // Another cluster's topic of the same name is another topic.
+        let ok = format!("{KAFKA}\n[sink]\ntopic = \"news\"\nbrokers = \"elsewhere:9092\"\n");
+        assert!(PipelineConfig::parse(&ok, "p.toml").is_ok());
+        assert!(PipelineConfig::parse(&KAFKA.replace("topics = [\"news\"]", "topics = [\"^news$\"]"), "p.toml").is_ok());
     }
 
     #[test]

@@ -99,11 +99,23 @@ impl SourceConfig {
                         return Err(("source.properties", format!("`{key}` is set by bearwatch itself; remove it")));
                     }
                 }
+                if self.reads_topic(&self.dead_letter_topic) {
+                    return Err((
+                        "source.dead_letter_topic",
+                        format!("`{}` is also a topic this source reads: each dead letter would be read again and dead-lettered again, without end", self.dead_letter_topic),
+                    ));
+                }
                 if self.properties.contains_key("auto.offset.reset") {
                     return Err(("source.properties", "`auto.offset.reset` is set from `start_offset`; set that instead".into()));
                 }
             }
         }
         within("source.max_message_bytes", self.max_message_bytes, 1, 64 << 20)
+    }
+
+    /// Whether `topic` is among `topics`, by name or by a `^…` pattern (librdkafka subscribes to
+    /// every topic a topic starting with `^` matches).
+    pub fn reads_topic(&self, topic: &str) -> bool {
+        self.topics.iter().any(|t| t == topic || (t.starts_with('^') && regex::Regex::new(t).is_ok_and(|pattern| pattern.is_match(topic))))
     }
 }
