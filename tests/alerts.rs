@@ -232,6 +232,12 @@ fn the_kafka_receiver_publishes_alerts_to_a_topic() {
     let mut run = Pipeline::start(dir.path(), "p", &config);
     assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
 
+    assert_eq!(alert_states(&topic, Duration::from_secs(30)), ["firing", "resolved"]);
+}
+
+/// The states of the first two alerts on `topic` (each keyed by its alert_id), or of those that
+/// came within `limit`.
+fn alert_states(topic: &str, limit: Duration) -> Vec<String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -240,17 +246,17 @@ fn the_kafka_receiver_publishes_alerts_to_a_topic() {
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
-    let mut alerts = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alerts.len() < 2 && Instant::now() < deadline {
+    consumer.subscribe(&[topic]).unwrap();
+    let mut states = Vec::new();
+    let deadline = Instant::now() + limit;
+    while states.len() < 2 && Instant::now() < deadline {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
             let alert: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
             assert_eq!(message.key(), alert["alert_id"].as_str().map(str::as_bytes), "keyed by alert_id");
-            alerts.push(alert["state"].as_str().unwrap().to_string());
+            states.push(alert["state"].as_str().unwrap().to_string());
         }
     }
-    assert_eq!(alerts, ["firing", "resolved"]);
+    states
 }
 
 /// On a cluster that wants a login (SASL here), a kafka receiver that names no brokers sends with
@@ -275,25 +281,7 @@ fn a_kafka_receiver_on_a_secured_cluster_logs_in_as_the_source_does() {
     );
     let mut run = Pipeline::start(dir.path(), "p", &config);
 
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::brokers())
-        .set("group.id", common::unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&alerts_topic]).unwrap();
-    let mut states = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while states.len() < 2 {
-        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "alerts on the topic: {states:?}\n{}", run.logs());
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            let alert: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
-            states.push(alert["state"].as_str().unwrap().to_string());
-        }
-    }
-    assert_eq!(states, ["firing", "resolved"]);
+    assert_eq!(alert_states(&alerts_topic, Duration::from_secs(90)), ["firing", "resolved"], "{}", run.logs());
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
     let sent = query(&run.storage, "SELECT state, attempts FROM notifications WHERE status = 'sent' ORDER BY 1");
