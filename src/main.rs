@@ -860,7 +860,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for i in &queue {
                         outln!(
                             "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
-                            i.rank, i.story_id, i.published_at, i.topic, i.sentiment, i.ask.name(), i.uncertainty, i.alert_closeness, i.score, i.headline.replace('|', "/")
+                            i.rank, i.story_id, i.published_at, i.topic, i.sentiment, i.ask.name(), i.uncertainty, i.alert_closeness, i.score, bearwatch::telemetry::one_line(&i.headline).replace('|', "/")
                         );
                     }
                 }

@@ -147,14 +147,49 @@ pub fn dropped(stage: &'static str, reason: &'static str, n: u64) {
 
 /// A line for people on stdout that a closed stdout cannot stop: `println!` panics when the reader
 /// went away (`bearwatch run | head`), which ended a running pipeline. The line is dropped, the
-/// work goes on, and the log on stderr still has everything.
+/// work goes on, and the log on stderr still has everything. Written [`printable`].
 pub fn say(text: std::fmt::Arguments) {
     use std::io::Write as _;
-    let _ = writeln!(std::io::stdout().lock(), "{text}");
+    let _ = writeln!(std::io::stdout().lock(), "{}", printable(&text.to_string()));
 }
 
 /// [`say`] without the newline.
 pub fn say_part(text: std::fmt::Arguments) {
     use std::io::Write as _;
-    let _ = write!(std::io::stdout().lock(), "{text}");
+    let _ = write!(std::io::stdout().lock(), "{}", printable(&text.to_string()));
+}
+
+/// `text` on one line: a line break inside a headline would forge a line of a notice or a row of a
+/// table printed around it.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if matches!(c, '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{85}' | '\u{2028}' | '\u{2029}') { ' ' } else { c }).collect()
+}
+
+/// `text` as it may reach a terminal: control characters other than line feed and tab written as
+/// `\u001b`-style escapes. Headlines come from the feed, and an escape sequence in one printed as
+/// it is would be obeyed by the terminal showing it (recolour, hide or rewrite lines, set the
+/// window title or the clipboard); tracing-subscriber escapes the log on stderr likewise. The form
+/// is JSON's, so a JSON line printed here still reads as the same JSON.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars().map(|c| if escaped(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_text_has_no_controls_and_json_stays_the_same_json() {
+        let text = "a\u{1b}[31mb\u{7f}c\u{85}d\re\nf\tg";
+        assert_eq!(printable(text), "a\\u001b[31mb\\u007fc\\u0085d\\u000de\nf\tg");
+        assert!(matches!(printable("plain\ttext\n"), std::borrow::Cow::Borrowed(_)));
+        // serde_json leaves DEL and C1 controls as they are; escaped here, the line is the same JSON.
+        let json = serde_json::to_string(&text).unwrap();
+        assert_eq!(serde_json::from_str::<String>(&printable(&json)).unwrap(), text);
+        assert_eq!(one_line("a\r\nb\u{2028}c\td"), "a  b c\td");
+    }
 }

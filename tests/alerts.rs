@@ -235,6 +235,28 @@ fn the_kafka_receiver_publishes_alerts_to_a_topic() {
     assert_eq!(alert_states(&topic, Duration::from_secs(30)), ["firing", "resolved"]);
 }
 
+/// A headline is the feed's text: printed by the `log` receiver, an escape sequence in it reached
+/// the terminal as it was (retitle it here; recolour, hide or rewrite lines elsewhere), and a line
+/// break in it printed a forged line of its own.
+#[test]
+fn a_headline_cannot_write_escape_sequences_or_lines_of_its_own_to_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let forged = r"Company warns of huge losses\u001b]0;owned\u0007\n[FIRING] forged-rule (critical) all clear";
+    let input = stories().replace("Company warns of huge losses and layoffs", forged);
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"log\"]")).unwrap();
+    let config = pipeline(free_port(), free_port()) + "\n[[receivers]]\nname = \"log\"\ntype = \"log\"\n";
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+    let stdout = std::fs::read_to_string(&run.stdout).unwrap();
+    assert!(stdout.contains("huge losses\\u001b]0;owned\\u0007 [FIRING] forged-rule"), "the headline, escaped, on its line:\n{stdout}");
+    assert!(!stdout.contains('\u{1b}') && !stdout.contains('\u{7}'), "a control character reached stdout:\n{stdout:?}");
+    assert!(!stdout.lines().any(|l| l.starts_with("[FIRING] forged-rule")), "a forged line:\n{stdout}");
+    // The stored headline is the one the feed sent.
+    assert_eq!(query_one(&run.storage, "SELECT count(*) FROM news WHERE strpos(headline, chr(27)) > 0 AND strpos(headline, chr(10)) > 0"), "1");
+}
+
 /// The states of the first two alerts on `topic` (each keyed by its alert_id), or of those that
 /// came within `limit`.
 fn alert_states(topic: &str, limit: Duration) -> Vec<String> {

@@ -443,7 +443,7 @@ impl Alerting {
 
 /// One headline behind an alert: its score, its text and id, and the words that make it negative.
 fn headline_line(h: &crate::window::Headline) -> String {
-    let mut line = format!("p_negative {:.2}  {}  ({})", h.p_negative, h.headline, h.id);
+    let mut line = format!("p_negative {:.2}  {}  ({})", h.p_negative, crate::telemetry::one_line(&h.headline), h.id);
     if !h.why.is_empty() {
         let words: Vec<&str> = h.why.iter().map(|w| w.word.as_str()).collect();
         let _ = write!(line, "  why: {}", words.join(", "));
