@@ -638,3 +638,35 @@ fn aggregate_reads_a_sink_on_another_cluster() {
     }
     assert_eq!(query_one(&aggregate.storage, "SELECT count(DISTINCT id) FROM news"), "30");
 }
+
+/// A source that cannot start says why in `/ready`: with a refused login the pipeline stays
+/// "starting", and librdkafka's reason was only in the log.
+#[test]
+fn ready_says_why_the_source_has_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("locked");
+    create_topic(&topic, 1);
+    let (sasl, login) = common::sasl_brokers();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = kafka_pipeline(&topic, &unique("group"), "store", &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n"))
+        .replace(brokers(), &sasl)
+        .replace("[source.properties]\n", &format!("[source.properties]\n{}", login.replace("bearwatch-secret", "not-the-password")));
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        if let Ok(mut response) = agent.get(format!("http://127.0.0.1:{http}/ready")).call() {
+            let body = response.body_mut().read_to_string().unwrap();
+            // librdkafka's reason comes beside its consequences ("all broker connections are down").
+            if body.contains("Authentication failed") {
+                break (response.status().as_u16(), body);
+            }
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "/ready never said why\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("starting\nwarning: source errors since ") && body.lines().count() == 2, "{body}");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}

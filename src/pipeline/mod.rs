@@ -403,6 +403,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         _ => None,
     };
     let outage = Arc::new(crate::storage::Outage::default());
+    let trouble = Arc::new(crate::source::Trouble::default());
     let _server = match &config.server.http {
         Some(addr) => {
             let sql = SqlService {
@@ -410,7 +411,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 limits: config.server.query_limits(),
                 live: live.clone(),
             };
-            let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone(), storage: outage.clone() };
+            let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone(), storage: outage.clone(), source: trouble.clone() };
             // The model's topics (what topic labels may name) and its near-duplicate rule (the review queue's).
             let spec = ModelSpec::load(&config.model.model_dir()).ok();
             let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
@@ -496,6 +497,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
                 &topics,
                 source_config.start_offset,
                 rebalancer.clone(),
+                trouble,
             )?)
         }
     };

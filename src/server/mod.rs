@@ -74,6 +74,8 @@ pub struct Ops {
     pub warning: Option<String>,
     /// What `/ready` adds while the storage refuses writes.
     pub storage: std::sync::Arc<crate::storage::Outage>,
+    /// What `/ready` adds while the source keeps reporting errors.
+    pub source: std::sync::Arc<crate::source::Trouble>,
 }
 
 /// Everything the API serves.
@@ -241,13 +243,15 @@ async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
+    let ops = &state.ops;
+    let warnings: String = ops.warning.iter().cloned().chain(ops.storage.describe()).chain(ops.source.describe()).map(|w| format!("warning: {w}\n")).collect();
+    if ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
         // Still ready while degraded: queries and the dashboard answer, and they are how an
         // operator sees what is wrong.
-        let warnings: String = state.ops.warning.iter().cloned().chain(state.ops.storage.describe()).map(|w| format!("warning: {w}\n")).collect();
         format!("ready\n{warnings}").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+        // Why it is still starting, where the source says (a refused login, no broker answers).
+        (StatusCode::SERVICE_UNAVAILABLE, format!("starting\n{warnings}")).into_response()
     }
 }
 

@@ -16,7 +16,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Offsets, Record, Source, SourceError};
+use super::{Offsets, Record, Source, SourceError, Trouble};
 use super::StartOffset;
 use crate::config::EnvString;
 
@@ -61,6 +61,7 @@ pub struct GroupContext {
     start: StartOffset,
     /// Partitions new to the group, read from their beginning whatever `start` says.
     from_beginning: std::sync::Mutex<BTreeSet<(String, i32)>>,
+    trouble: Arc<Trouble>,
 }
 
 /// Whether a partition's statistics say this consumer has nothing left to read in it: the position
@@ -83,6 +84,13 @@ fn read_to_end(p: &rdkafka::statistics::Partition, start: StartOffset) -> bool {
 }
 
 impl ClientContext for GroupContext {
+    /// librdkafka's errors outside a message (a refused login, every broker down): logged as
+    /// rdkafka logs them, and reported.
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        self.trouble.report(&format!("{error}: {reason}"));
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per assigned partition,
     /// measured from the group's committed offset, as `kafka-consumer-groups.sh` shows it.
     fn stats(&self, statistics: rdkafka::Statistics) {
@@ -241,6 +249,7 @@ impl KafkaSource {
         topics: &[String],
         start: StartOffset,
         handler: Arc<dyn GroupHandler>,
+        trouble: Arc<Trouble>,
     ) -> Result<KafkaSource, SourceError> {
         let mut config = client_config(brokers, properties);
         config
@@ -256,7 +265,7 @@ impl KafkaSource {
                 StartOffset::Latest => "latest",
             });
         let consumer: BaseConsumer<GroupContext> = config
-            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default(), start, from_beginning: Default::default() })
+            .create_with_context(GroupContext { handler, reported: Default::default(), assigned: Default::default(), start, from_beginning: Default::default(), trouble })
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
@@ -279,6 +288,7 @@ impl Source for KafkaSource {
                 // librdkafka reconnects and retries by itself; these are reports, not failures.
                 tracing::warn!(error = %e, "kafka consumer");
                 crate::telemetry::errors("source", 1);
+                self.consumer.context().trouble.report(&e.to_string());
                 Ok(None)
             }
         }

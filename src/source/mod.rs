@@ -29,6 +29,59 @@ pub struct Record {
 /// Next offset to read, per topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 
+/// Errors the source keeps reporting. librdkafka retries by itself and hands each failure over as a
+/// report, so a refused login, a topic that is not there or a partition it cannot read shows only
+/// as a log line a second; `/ready` shows this while they last.
+#[derive(Default)]
+pub struct Trouble(std::sync::Mutex<Option<Streak>>);
+
+struct Streak {
+    since: chrono::DateTime<chrono::Utc>,
+    last_at: std::time::Instant,
+    count: u64,
+    /// The last few different errors, oldest first: the cause ("authentication failed") comes
+    /// with its consequences ("all broker connections are down").
+    recent: std::collections::VecDeque<String>,
+}
+
+/// How long after the last error a streak ends.
+const TROUBLE_QUIET: Duration = Duration::from_secs(30);
+/// Different errors a streak keeps, and the characters kept of each.
+const TROUBLE_KINDS: usize = 5;
+const TROUBLE_CHARS: usize = 300;
+
+impl Trouble {
+    pub fn report(&self, error: &str) {
+        let error: String = error.chars().take(TROUBLE_CHARS).collect();
+        let mut streak = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let s = match streak.as_mut().filter(|s| now.duration_since(s.last_at) < TROUBLE_QUIET) {
+            Some(s) => s,
+            None => streak.insert(Streak { since: chrono::Utc::now(), last_at: now, count: 0, recent: Default::default() }),
+        };
+        s.last_at = now;
+        s.count += 1;
+        s.recent.retain(|e| *e != error);
+        s.recent.push_back(error);
+        if s.recent.len() > TROUBLE_KINDS {
+            s.recent.pop_front();
+        }
+    }
+
+    /// The errors of the last half minute, for people; `None` when there were none.
+    pub fn describe(&self) -> Option<String> {
+        let streak = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streak.as_ref().filter(|s| s.last_at.elapsed() < TROUBLE_QUIET)?;
+        Some(format!(
+            "source errors since {} ({}, the last {} s ago): {}",
+            s.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            s.count,
+            s.last_at.elapsed().as_secs(),
+            s.recent.iter().cloned().collect::<Vec<_>>().join("; ")
+        ))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot read {path}: {reason}")]
@@ -66,5 +119,25 @@ pub trait Source: Send {
     /// Whether the source can reach its data (`/ready`); may block briefly.
     fn connected(&mut self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod trouble_tests {
+    use super::*;
+
+    #[test]
+    fn trouble_keeps_the_last_few_different_errors_each_cut_short() {
+        let trouble = Trouble::default();
+        assert_eq!(trouble.describe(), None);
+        trouble.report("login refused");
+        for i in 0..10 {
+            trouble.report(&format!("broker {i} down"));
+            trouble.report("login refused");
+        }
+        trouble.report(&"x".repeat(10_000));
+        let said = trouble.describe().unwrap();
+        assert!(said.contains("(22, the last 0 s ago): broker 7 down; broker 8 down; broker 9 down; login refused; xxx"), "{said}");
+        assert!(said.len() < 600, "{said}");
     }
 }
