@@ -239,7 +239,14 @@ pub struct KafkaSource {
     consumer: BaseConsumer<GroupContext>,
     /// Set once the brokers answered a metadata request.
     reached: bool,
+    /// The subscribed topics given by name (not `^` patterns), and when the brokers were last
+    /// asked whether they have them.
+    named: Vec<String>,
+    looked: Option<std::time::Instant>,
 }
+
+/// How often the source asks the brokers whether the topics it reads exist.
+const LOOK_EVERY: Duration = Duration::from_secs(10);
 
 impl KafkaSource {
     pub fn subscribe(
@@ -269,12 +276,28 @@ impl KafkaSource {
             .map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
-        Ok(KafkaSource { consumer, reached: false })
+        let named = topics.iter().filter(|t| !t.starts_with('^')).cloned().collect();
+        Ok(KafkaSource { consumer, reached: false, named, looked: None })
+    }
+}
+
+impl KafkaSource {
+    /// Tells `Trouble` which subscribed topics the brokers do not have: librdkafka reports a
+    /// missing topic once and then waits for it, so a misspelt name was one log line.
+    fn look_for_topics(&self) {
+        let Ok(metadata) = self.consumer.fetch_metadata(None, Duration::from_millis(500)) else { return };
+        let there: BTreeSet<&str> = metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
+        let absent = self.named.iter().filter(|t| !there.contains(t.as_str())).cloned().collect();
+        self.consumer.context().trouble.absent(absent);
     }
 }
 
 impl Source for KafkaSource {
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
+        if self.looked.is_none_or(|at| at.elapsed() >= LOOK_EVERY) {
+            self.looked = Some(std::time::Instant::now());
+            self.look_for_topics();
+        }
         match self.consumer.poll(timeout) {
             None => Ok(None),
             Some(Ok(message)) => Ok(Some(Record {

@@ -33,7 +33,11 @@ pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 /// report, so a refused login, a topic that is not there or a partition it cannot read shows only
 /// as a log line a second; `/ready` shows this while they last.
 #[derive(Default)]
-pub struct Trouble(std::sync::Mutex<Option<Streak>>);
+pub struct Trouble {
+    streak: std::sync::Mutex<Option<Streak>>,
+    /// Subscribed topics the brokers do not have (librdkafka says so once, then waits for them).
+    absent: std::sync::Mutex<Vec<String>>,
+}
 
 struct Streak {
     since: chrono::DateTime<chrono::Utc>,
@@ -53,7 +57,7 @@ const TROUBLE_CHARS: usize = 300;
 impl Trouble {
     pub fn report(&self, error: &str) {
         let error: String = error.chars().take(TROUBLE_CHARS).collect();
-        let mut streak = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         let s = match streak.as_mut().filter(|s| now.duration_since(s.last_at) < TROUBLE_QUIET) {
             Some(s) => s,
@@ -68,9 +72,21 @@ impl Trouble {
         }
     }
 
-    /// The errors of the last half minute, for people; `None` when there were none.
-    pub fn describe(&self) -> Option<String> {
-        let streak = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// The subscribed topics the brokers do not have, as of the last look.
+    pub fn absent(&self, topics: Vec<String>) {
+        *self.absent.lock().unwrap_or_else(|p| p.into_inner()) = topics;
+    }
+
+    /// Topics that are not there, and the errors of the last half minute, for people.
+    pub fn describe(&self) -> Vec<String> {
+        let absent = self.absent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let absent = (!absent.is_empty())
+            .then(|| format!("subscribed topics the brokers do not have: {} (nothing is read from them until they are created)", absent.join(", ")));
+        absent.into_iter().chain(self.streak()).collect()
+    }
+
+    fn streak(&self) -> Option<String> {
+        let streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
         let s = streak.as_ref().filter(|s| s.last_at.elapsed() < TROUBLE_QUIET)?;
         Some(format!(
             "source errors since {} ({}, the last {} s ago): {}",
@@ -129,15 +145,17 @@ mod trouble_tests {
     #[test]
     fn trouble_keeps_the_last_few_different_errors_each_cut_short() {
         let trouble = Trouble::default();
-        assert_eq!(trouble.describe(), None);
+        assert!(trouble.describe().is_empty());
         trouble.report("login refused");
         for i in 0..10 {
             trouble.report(&format!("broker {i} down"));
             trouble.report("login refused");
         }
         trouble.report(&"x".repeat(10_000));
-        let said = trouble.describe().unwrap();
+        trouble.absent(vec!["news".into(), "mews".into()]);
+        let said = trouble.describe().join("\n");
+        assert!(said.starts_with("subscribed topics the brokers do not have: news, mews (nothing"), "{said}");
         assert!(said.contains("(22, the last 0 s ago): broker 7 down; broker 8 down; broker 9 down; login refused; xxx"), "{said}");
-        assert!(said.len() < 600, "{said}");
+        assert!(said.len() < 700, "{said}");
     }
 }
