@@ -164,7 +164,18 @@ impl ReceiverConfig {
             ReceiverKind::Email => {
                 need(self.smtp_host.is_some(), "smtp_host")?;
                 need(self.from.is_some(), "from")?;
-                need(!self.to.is_empty(), "to")
+                need(!self.to.is_empty(), "to")?;
+                // The SMTP client sends a password as asked; Go's net/smtp (Alertmanager's) sends
+                // one only over TLS or to this machine, and so does this check.
+                let host = self.smtp_host.as_deref().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                let this_machine = host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                if self.tls == SmtpTls::None && self.username.is_some() && !this_machine {
+                    return Err((
+                        "tls",
+                        format!("receiver `{}`: `tls = \"none\"` with `username` would send the password to {host} in clear text; use `starttls` or `tls` (none is for a relay on this machine)", self.name),
+                    ));
+                }
+                Ok(())
             }
             ReceiverKind::Kafka => need(self.topic.is_some(), "topic"),
             ReceiverKind::Alertmanager => {

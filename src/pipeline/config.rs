@@ -199,6 +199,7 @@ fn receiver_field(field: &str) -> &'static str {
         "rate_limit" => "receivers.rate_limit",
         "rate_interval" => "receivers.rate_interval",
         "properties" => "receivers.properties",
+        "tls" => "receivers.tls",
         _ => "receivers",
     }
 }
@@ -316,6 +317,13 @@ path = "data"
         assert!(err.contains("`receivers.rate_limit`") && err.contains("at most 1000000"), "{err}");
         let err = receiver("type = \"log\"\nrate_interval = \"0s\"\n");
         assert!(err.contains("`receivers.rate_interval`"), "{err}");
+        let mail = |host: &str, tls: &str| format!("type = \"email\"\nsmtp_host = \"{host}\"\nfrom = \"f@x\"\nto = [\"t@x\"]\ntls = \"{tls}\"\nusername = \"u\"\npassword = \"p\"\n");
+        let err = receiver(&mail("smtp.example.com", "none"));
+        assert!(err.contains("`receivers.tls`") && err.contains("clear text"), "{err}");
+        for (host, tls) in [("127.0.0.1", "none"), ("localhost", "none"), ("[::1]", "none"), ("smtp.example.com", "starttls")] {
+            let ok = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\n{}", mail(host, tls));
+            assert!(PipelineConfig::parse(&ok, "p.toml").is_ok(), "{host} {tls}");
+        }
         let err = receiver("type = \"webhook\"\nurl = \"http://h\"\n[receivers.properties]\n\"acks\" = \"all\"\n");
         assert!(err.contains("`receivers.properties`") && err.contains("for kafka receivers"), "{err}");
         // People read email and webhooks: limited unless said otherwise; machines are not.
