@@ -309,3 +309,33 @@ fn two_runs_of_the_same_input_with_different_checkpoint_intervals_raise_the_same
     assert_ne!(often_live, once_live, "the checkpoints did differ between the runs");
     assert_eq!(often, once, "same alerts, ids, times and values");
 }
+
+/// A second pipeline on a storage another one is using is refused at start: two processes writing
+/// one local storage lost and repeated stories with no error from either (3,000 stories in, 2,958
+/// rows of 2,912 ids out). Once the first has stopped, the second starts.
+#[test]
+fn a_second_pipeline_on_the_same_storage_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(300)).unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = file_pipeline("in.jsonl", "store", "")
+        .replace("[run]\n", "[run]\nkeep_serving = true\n")
+        + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n");
+    let mut first = Pipeline::start(dir.path(), "first", &config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&first.stderr).unwrap_or_default().contains("still serving") {
+        assert!(std::time::Instant::now() < deadline && first.child.try_wait().unwrap().is_none(), "{}", first.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second_config = config.replace(&format!("127.0.0.1:{http}"), "127.0.0.1:0");
+    let mut second = Pipeline::start(dir.path(), "second", &second_config);
+    assert_eq!(second.wait(Duration::from_secs(60)).code(), Some(2), "{}", second.logs());
+    let said = std::fs::read_to_string(&second.stderr).unwrap();
+    assert!(said.contains(&format!("is in use by another bearwatch process (pid {})", first.child.id())), "{said}");
+
+    first.signal("TERM");
+    assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.logs());
+    let mut third = Pipeline::start(dir.path(), "third", &file_pipeline("in.jsonl", "store", ""));
+    assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
+    assert_eq!(query(&third.storage, "SELECT count(*), count(DISTINCT id) FROM news"), [["300", "300"]]);
+}

@@ -335,6 +335,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
     if let Some(local) = &config.storage.local_path {
         std::fs::create_dir_all(local).map_err(|e| crate::storage::StorageError::Io { path: local.clone(), reason: e.to_string() })?;
     }
+    // Classify instances keep no state and share one config; the others hold their local folder.
+    let _hold = match role {
+        Role::Classify => None,
+        Role::All | Role::Aggregate => Some(crate::storage::hold(config.storage.local_dir())?),
+    };
     let (storage, restored) = match role {
         Role::Classify => (None, None),
         Role::All | Role::Aggregate => {

@@ -70,6 +70,11 @@ pub enum StorageError {
          (give each its own path, or stop the other). Nothing more is written here"
     )]
     Fenced { url: String },
+    #[error(
+        "{path} is in use by another bearwatch process{holder}: two pipelines must not share one storage \
+         (give each its own storage.path, or each instance its own storage.local_path), or stop the other"
+    )]
+    InUse { path: PathBuf, holder: String },
     #[error("cannot write Parquet file {path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
     #[error("checkpoint {path} is unreadable ({reason}); move it away to start from scratch")]
@@ -86,12 +91,41 @@ impl Classified for StorageError {
     fn class(&self) -> ErrorClass {
         match self {
             StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } | StorageError::Damaged { .. } | StorageError::Object { .. } => ErrorClass::External,
-            StorageError::Config { .. } | StorageError::Fenced { .. } => ErrorClass::User,
+            StorageError::Config { .. } | StorageError::Fenced { .. } | StorageError::InUse { .. } => ErrorClass::User,
             StorageError::Parquet { .. } => ErrorClass::Internal,
         }
     }
     fn retryable(&self) -> bool {
         matches!(self, StorageError::Io { .. } | StorageError::Object { precondition: false, .. })
+    }
+}
+
+/// This process's hold on a folder of local state (the outbox, silences, dead letters, and the
+/// tables and checkpoint where they are local): two processes writing them at once lose and
+/// repeat stories with no error from either. Held until dropped (the operating system lets go of
+/// it when the process ends, however it ends).
+pub struct Hold {
+    _file: fs::File,
+}
+
+/// Takes `dir`'s hold, `bearwatch.lock` in it (created with `dir` if need be), or says who has it.
+pub fn hold(dir: &Path) -> Result<Hold, StorageError> {
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let path = dir.join("bearwatch.lock");
+    let mut file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => {
+            use std::io::{Seek, Write};
+            let noted = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+            noted.map_err(io_error(&path))?;
+            Ok(Hold { _file: file })
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(&path).unwrap_or_default();
+            let holder = Some(pid.trim()).filter(|p| !p.is_empty()).map(|p| format!(" (pid {p})")).unwrap_or_default();
+            Err(StorageError::InUse { path: dir.to_path_buf(), holder })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io_error(&path)(e)),
     }
 }
 
