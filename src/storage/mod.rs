@@ -116,8 +116,12 @@ pub fn hold(dir: &Path) -> Result<Hold, StorageError> {
     match file.try_lock() {
         Ok(()) => {
             use std::io::{Seek, Write};
+            // Only for the message a second process gives; a full disk (where the pipeline starts
+            // and waits for room) cannot take even these bytes, and the lock holds without them.
             let noted = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
-            noted.map_err(io_error(&path))?;
+            if let Err(e) = noted {
+                tracing::warn!(path = %path.display(), error = %e, "cannot note this process's pid beside its lock");
+            }
             Ok(Hold { _file: file })
         }
         Err(fs::TryLockError::WouldBlock) => {
