@@ -1,7 +1,8 @@
 //! What the HTTP and Postgres listeners share about their clients' connections: a client that
 //! stops reading its answer (a large SQL result held in the kernel's buffers) must not hold its
 //! connection, its query and the query's memory for good ([`WriteDeadline`]), and clients that
-//! hold connections doing nothing must not keep others out ([`Places`]).
+//! hold connections doing nothing must not keep others out ([`Places`]). And what the listeners
+//! and the notifiers read of an address: its host, and whether that is this machine.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -189,6 +190,28 @@ impl Drop for Busy {
                 connection.since = Instant::now();
             }
         }
+    }
+}
+
+/// The host of "name:port", "[v6]:port" or a bare name or address: a listen address or a `Host`.
+pub fn host_name(authority: &str) -> &str {
+    let authority = authority.trim();
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// Whether a listen address ("127.0.0.1:9464", "[::1]:80", "localhost:9464") or a host name is on
+/// loopback only.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = host_name(listen);
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
 

@@ -639,6 +639,23 @@ fn aggregate_reads_a_sink_on_another_cluster() {
     assert_eq!(query_one(&aggregate.storage, "SELECT count(DISTINCT id) FROM news"), "30");
 }
 
+/// `/ready`'s status and body once `wanted` holds for the body, polled while `run` keeps running
+/// (at most a minute).
+fn ready_until(http: u16, run: &mut Pipeline, wanted: impl Fn(&str) -> bool) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut response) = agent.get(format!("http://127.0.0.1:{http}/ready")).call() {
+            let body = response.body_mut().read_to_string().unwrap();
+            if wanted(&body) {
+                return (response.status().as_u16(), body);
+            }
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "/ready never said what was wanted\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A source that cannot start says why in `/ready`: with a refused login the pipeline stays
 /// "starting", and librdkafka's reason was only in the log.
 #[test]
@@ -652,19 +669,8 @@ fn ready_says_why_the_source_has_not_started() {
         .replace(brokers(), &sasl)
         .replace("[source.properties]\n", &format!("[source.properties]\n{}", login.replace("bearwatch-secret", "not-the-password")));
     let mut run = Pipeline::start(dir.path(), "p", &config);
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (status, body) = loop {
-        if let Ok(mut response) = agent.get(format!("http://127.0.0.1:{http}/ready")).call() {
-            let body = response.body_mut().read_to_string().unwrap();
-            // librdkafka's reason comes beside its consequences ("all broker connections are down").
-            if body.contains("Authentication failed") {
-                break (response.status().as_u16(), body);
-            }
-        }
-        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "/ready never said why\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // librdkafka's reason comes beside its consequences ("all broker connections are down").
+    let (status, body) = ready_until(http, &mut run, |body| body.contains("Authentication failed"));
     assert_eq!(status, 503, "{body}");
     assert!(body.starts_with("starting\nwarning: source errors since ") && body.lines().count() == 2, "{body}");
     run.signal("TERM");
@@ -682,25 +688,13 @@ fn ready_names_a_subscribed_topic_that_does_not_exist_until_it_does() {
     let config = kafka_pipeline(&topic, &unique("group"), "store", &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n"))
         .replace(&format!("topics = [\"{topic}\"]"), &format!("topics = [\"{topic}\", \"{missing}\"]"));
     let mut run = Pipeline::start(dir.path(), "p", &config);
-    let ready = |wanted: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut response) = ureq::get(format!("http://127.0.0.1:{http}/ready")).call() {
-                let body = response.body_mut().read_to_string().unwrap();
-                if wanted(&body) {
-                    return body;
-                }
-            }
-            assert!(Instant::now() < deadline, "/ready never said what was wanted\n{}", run.logs());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    let body = ready(&|body| body.contains("do not have"));
+    let (status, body) = ready_until(http, &mut run, |body| body.contains("do not have"));
     let named = format!("ready\nwarning: subscribed topics the brokers do not have: {missing} (nothing is read from them until they are created)\n");
-    assert!(body.starts_with(&named), "{body}");
+    assert!(status == 200 && body.starts_with(&named), "{body}");
     create_topic(&missing, 1);
     // Gone at the next look (librdkafka's own report of it stays among the recent errors a while).
-    assert!(ready(&|body| !body.contains("do not have")).starts_with("ready\n"));
+    let (status, body) = ready_until(http, &mut run, |body| !body.contains("do not have"));
+    assert!(status == 200 && body.starts_with("ready\n"), "{body}");
     assert!(run.child.try_wait().unwrap().is_none(), "{}", run.logs());
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());

@@ -167,9 +167,8 @@ impl ReceiverConfig {
                 need(!self.to.is_empty(), "to")?;
                 // The SMTP client sends a password as asked; Go's net/smtp (Alertmanager's) sends
                 // one only over TLS or to this machine, and so does this check.
-                let host = self.smtp_host.as_deref().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-                let this_machine = host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-                if self.tls == SmtpTls::None && self.username.is_some() && !this_machine {
+                let host = self.smtp_host.as_deref().unwrap_or_default();
+                if self.tls == SmtpTls::None && self.username.is_some() && !crate::net::is_loopback(host) {
                     return Err((
                         "tls",
                         format!("receiver `{}`: `tls = \"none\"` with `username` would send the password to {host} in clear text; use `starttls` or `tls` (none is for a relay on this machine)", self.name),

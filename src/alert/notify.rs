@@ -300,7 +300,7 @@ pub fn notifier(
                 (None, Some((brokers, properties))) => (brokers, properties.clone()),
                 (None, None) => return Err("no brokers for the kafka receiver".into()),
             };
-            properties.extend(config.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+            properties.extend(config.properties.clone());
             let output = Output::connect(brokers, &properties).map_err(|e| e.to_string())?;
             Ok(Box::new(KafkaAlerts { output: Arc::new(output), topic: config.topic.clone().unwrap_or_default() }))
         }

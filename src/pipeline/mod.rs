@@ -296,8 +296,8 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
     let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
+    let source_kafka = config.source.brokers.as_ref().map(|b| (b.as_str(), &config.source.properties));
     for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
-        let source_kafka = config.source.brokers.as_ref().map(|b| (b.as_str(), &config.source.properties));
         let notifier = notify::notifier(receiver, source_kafka, dashboard.as_deref()).map_err(|reason| {
             PipelineError::Config(ConfigError::Invalid {
                 file: "pipeline".into(),
@@ -421,7 +421,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             let spec = ModelSpec::load(&config.model.model_dir()).ok();
             let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
             let web = WebPolicy::new(addr.as_str(), &config.server.allowed_hosts, &config.server.allowed_origins);
-            if config.server.is_open() && !crate::server::is_loopback(addr.as_str()) {
+            if config.server.is_open() && !crate::net::is_loopback(addr.as_str()) {
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
             let rules = backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default();

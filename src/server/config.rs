@@ -46,27 +46,6 @@ fn token_problem(token: &str) -> Option<String> {
     (token.len() < MIN_TOKEN_CHARS).then(|| format!("is shorter than {MIN_TOKEN_CHARS} characters (check the environment variable it names)"))
 }
 
-/// The host of "name:port", "[v6]:port" or a bare name or address: a listen address or a `Host`.
-pub(super) fn host_name(authority: &str) -> &str {
-    let authority = authority.trim();
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
-    }
-}
-
-/// Whether a listen address ("127.0.0.1:9464", "[::1]:80", "localhost:9464") is on loopback only.
-pub fn is_loopback(listen: &str) -> bool {
-    let host = host_name(listen);
-    match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
-        Err(_) => host.eq_ignore_ascii_case("localhost"),
-    }
-}
-
 /// `[server]`: the HTTP API. Off unless `http` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,7 +140,7 @@ impl ServerConfig {
         if let Some(http) = &self.http
             && self.is_open()
             && !self.allow_open
-            && !is_loopback(http.as_str())
+            && !crate::net::is_loopback(http.as_str())
         {
             return Err((
                 "server.http",

@@ -28,7 +28,7 @@ use axum::routing::{delete, get, post};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-pub use config::{Principal, Role, ServerConfig, UserConfig, is_loopback};
+pub use config::{Principal, Role, ServerConfig, UserConfig};
 pub use feedback::FeedbackService;
 pub use web::WebPolicy;
 

@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::config::host_name;
+use crate::net::host_name;
 use super::{AppState, error};
 
 /// Who may reach the API from a browser.

@@ -279,9 +279,7 @@ impl KafkaSource {
         let named = topics.iter().filter(|t| !t.starts_with('^')).cloned().collect();
         Ok(KafkaSource { consumer, reached: false, named, looked: None })
     }
-}
 
-impl KafkaSource {
     /// Tells `Trouble` which subscribed topics the brokers do not have: librdkafka reports a
     /// missing topic once and then waits for it, so a misspelt name was one log line.
     fn look_for_topics(&self) {
