@@ -57,7 +57,8 @@ enum Command {
     ///
     /// Example: bearwatch man > bearwatch.1 && man ./bearwatch.1
     Man,
-    /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM.
+    /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM;
+    /// SIGHUP reads the alert rule files again.
     ///
     /// Example: bearwatch run --pipeline pipelines/kafka.toml
     Run {
@@ -564,7 +565,7 @@ fn import_feedback(storage: &std::path::Path, analyst: &str, model: Option<PathB
     let model = ClassifierConfig { path: model, ..ClassifierConfig::default() }.model_dir();
     let topics = classify::ModelSpec::load(&model)?.topics;
     let storage = &location(storage)?;
-    let service = FeedbackService::new(storage.clone(), topics, None);
+    let service = FeedbackService::new(storage.clone(), topics, Default::default());
     let limits = bearwatch::server::ServerConfig::default().query_limits();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let rows = runtime.block_on(async {
@@ -665,6 +666,9 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())?;
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    // SIGHUP reads the rule files again, as Prometheus and Alertmanager do, instead of ending the run.
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
     // Where the dashboard is, said before the first progress line; a file replay ends, and its
     // dashboard with it, unless the run keeps serving.
     let dashboard = config.server.http.as_ref().map(|a| a.as_str().to_string()).filter(|a| !a.ends_with(":0"));
@@ -674,7 +678,7 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         outln!("dashboard: http://{addr}/{until}");
     }
     let started = std::time::Instant::now();
-    let outcome = pipeline::run(&config, stop)?;
+    let outcome = pipeline::run(&config, stop, reload)?;
     let c = &outcome.counters;
     outln!(
         "{}: {} stories read, {} scored, {} dead-lettered, {} late, {} duplicates, {} alert state changes in {:.1} s",

@@ -36,6 +36,8 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_windows_open", Kind::Gauge, "", "Windows not yet closed by the watermark"),
     ("bearwatch_alerts_firing", Kind::Gauge, "", "Alerts firing now"),
     ("bearwatch_alerts_total", Kind::Counter, "state", "Alert state changes (firing, resolved)"),
+    ("bearwatch_rules_reloads_total", Kind::Counter, "outcome", "Reloads of the rule files (SIGHUP, POST /api/rules/reload): reloaded, or refused (the rules before stay in force)"),
+    ("bearwatch_rules_last_reload_successful", Kind::Gauge, "", "0 while the last reload of the rule files was refused, else 1"),
     ("bearwatch_detect_groups_dropped_total", Kind::Counter, "", "Groups whose closed windows the detector dropped, past its bound on groups held"),
     ("bearwatch_alert_explain_seconds", Kind::Histogram, "", "Explaining one alert's headlines (one model call per headline)"),
     ("bearwatch_notification_attempts_total", Kind::Counter, "receiver, outcome", "Delivery attempts by receiver and outcome (sent, failed)"),
@@ -100,6 +102,9 @@ pub fn describe() {
     }
     for reason in ["too_many", "closed_logging_in", "message_too_large", "malformed_message", "write_timeout"] {
         counter!("bearwatch_postgres_connections_closed_total", "reason" => reason).increment(0);
+    }
+    for outcome in ["reloaded", "refused"] {
+        counter!("bearwatch_rules_reloads_total", "outcome" => outcome).increment(0);
     }
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);

@@ -478,3 +478,95 @@ fn a_crash_during_a_storm_keeps_the_rate_limit_and_the_count_of_what_it_held_bac
     assert_eq!(summaries.len(), 1, "{summaries:?}");
     assert_eq!(summaries[0]["count"].as_u64(), Some(changes - 5), "{} held back before the crash are counted too: {}", held_at_crash, summaries[0]);
 }
+
+/// Waits until the webhook has had `rule`'s notification in `state`, and returns it.
+fn hooked(hook: &WebhookServer, run: &mut Pipeline, rule: &str, state: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some((_, alert)) = hook.requests.lock().unwrap().iter().find(|(_, a)| a["rule"] == rule && a["state"] == state) {
+            return alert.clone();
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no {state} {rule} at the webhook\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rules change without a restart, as in Prometheus and Alertmanager: SIGHUP (or an admin's
+/// `POST /api/rules/reload`) reads the rule files again. A rule gone from them resolves its firing
+/// alert, and the receiver is told (before, its alert stayed firing for good, through restarts
+/// too); files that do not check leave the rules before in force and say why. SIGHUP used to end
+/// the process.
+#[test]
+fn rule_files_reload_on_sighup_or_request_and_a_rule_gone_resolves_its_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = common::unique("reload-news");
+    common::create_topic_on(common::brokers(), &topic, 1);
+    let hook = WebhookServer::start();
+    let http = free_port();
+    let token = "t0ken-0123456789abcdef";
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
+    let config = format!(
+        "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\ndead_letter_topic = \"{topic}.dlq\"\n\
+         [source.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+         [window]\nsize = \"1h\"\nallowed_lateness = \"0s\"\n[storage]\npath = \"store\"\ncheckpoint_interval = \"200ms\"\n\
+         [run]\nsummary_interval = \"0s\"\n[alerts]\nrules = [\"rules.toml\"]\n\
+         [server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{token}\"\n\
+         [[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{port}/alerts\"\ntimeout = \"2s\"\n",
+        brokers = common::brokers(),
+        group = common::unique("group"),
+        port = hook.port,
+    );
+    let send = |name: &str, lines: &str| {
+        std::fs::write(dir.path().join(name), lines).unwrap();
+        common::produce_to(common::brokers(), &topic, &dir.path().join(name));
+    };
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    send("bad.jsonl", &stories().lines().take(3).map(|l| format!("{l}\n")).collect::<String>());
+    let fired = hooked(&hook, &mut run, "market-negative", "firing");
+
+    // The rule is replaced by another: asked over HTTP, the answer says what is in force now.
+    let busy = "[[rules]]\nname = \"market-busy\"\nseverity = \"info\"\ngroup = \"all\"\nmetric = \"n\"\n\
+                [rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 1\n\n[[routes]]\nreceivers = [\"hook\"]\n";
+    std::fs::write(dir.path().join("rules.toml"), busy).unwrap();
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+    let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
+    assert_eq!((reloaded["rules"].as_u64(), reloaded["routes"].as_u64(), reloaded["resolved"].as_u64()), (Some(1), Some(1), Some(1)), "{reloaded}");
+    let gone = hooked(&hook, &mut run, "market-negative", "resolved");
+    assert_eq!((&gone["alert_id"], &gone["severity"]), (&fired["alert_id"], &serde_json::json!("critical")), "the alert that fired, as it fired");
+    assert!(gone["summary"].as_str().unwrap().contains("no longer in the rule files"), "{gone}");
+    // The new rule is in force for what comes next.
+    send("next.jsonl", "{\"id\":\"n1\",\"published_at\":\"1987-03-02T12:10:00Z\",\"headline\":\"Exports surge to all-time high\"}\n");
+    hooked(&hook, &mut run, "market-busy", "firing");
+
+    // Files that do not check (SIGHUP this time) change nothing, and say why until a good reload.
+    std::fs::write(dir.path().join("rules.toml"), busy.replace("value = 1", "value = \"one\"")).unwrap();
+    run.signal("HUP");
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let ready = || agent.get(format!("http://127.0.0.1:{http}/ready")).call().unwrap().body_mut().read_to_string().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready().contains("warning: the rule files were not reloaded") {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no warning after SIGHUP\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready().contains("rules.toml:"), "names the file and line: {}", ready());
+    let (status, refused) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("rules.toml:"), "{refused}");
+    let metrics = agent.get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
+    assert!(metrics.contains("bearwatch_rules_last_reload_successful 0"), "{metrics}");
+    assert!(metrics.contains("bearwatch_rules_reloads_total{outcome=\"refused\"} 2"), "{metrics}");
+    assert_eq!(api.call("POST", "/api/rules/reload", None, None).0, 401, "admins only");
+
+    // A restart with `market-busy` gone from the files resolves its alert too.
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]")).unwrap();
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let gone = hooked(&hook, &mut run, "market-busy", "resolved");
+    assert_eq!(gone["severity"], "info");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    let states = query(&run.storage, "SELECT rule, state FROM alerts ORDER BY rule, state");
+    assert_eq!(states, [["market-busy", "firing"], ["market-busy", "resolved"], ["market-negative", "firing"], ["market-negative", "resolved"]]);
+}

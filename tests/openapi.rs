@@ -192,6 +192,11 @@ fn every_operation_answers_as_documented_with_its_errors() {
     assert_eq!(api.call("POST", "/api/models/promote", Some(ADMIN), Some(r#"{"dir": "/tmp", "force": true}"#)).0, 400, "force needs a reason");
     assert_eq!(api.call("POST", "/api/models/rollback", Some(ADMIN), None).0, 400, "nothing to roll back");
 
+    // Reloading rule files: admins only; this pipeline has none (tests/alerts.rs reloads some).
+    assert_eq!(api.call("POST", "/api/rules/reload", Some(ANALYST), None).0, 403);
+    assert_eq!(api.call("POST", "/api/rules/reload", Some(ADMIN), Some(r#"{"files": ["x.toml"]}"#)).0, 400);
+    assert_eq!(api.call("POST", "/api/rules/reload", Some(ADMIN), None).0, 409, "no rules to reload");
+
     // What the count test expects of a topic's windows: any user may read it.
     let (status, bands) = api.call("GET", "/api/bands?topic=energy", Some(VIEWER), None);
     assert_eq!(status, 200, "{bands}");

@@ -18,7 +18,7 @@ use std::fmt::Write;
 use serde::Deserialize;
 
 use crate::config::{EnvString, HumanDuration};
-use crate::detect::rules::{Route, Silence, matches};
+use crate::detect::rules::{Route, RuleFile, Silence, matches};
 use crate::detect::{Alert, AlertState, Detector};
 use crate::news::Why;
 use crate::window::WindowRow;
@@ -373,8 +373,30 @@ impl Alerting {
     pub fn observe(&mut self, rows: &[WindowRow], watermark_ms: i64) -> usize {
         crate::telemetry::received("detect", rows.len() as u64);
         let alerts = self.detector.evaluate(rows, watermark_ms);
+        crate::telemetry::sent("detect", alerts.len() as u64);
+        self.record(alerts)
+    }
+
+    /// Goes on from a checkpoint's detector under the configured rules: alerts still firing under
+    /// rules no longer configured resolve now (event time `watermark_ms`).
+    pub fn restore(&mut self, saved: Detector, watermark_ms: i64) -> usize {
+        let rules = std::mem::replace(&mut self.detector, saved).into_rules();
+        let resolved = self.detector.replace_rules(rules, watermark_ms);
+        self.record(resolved)
+    }
+
+    /// Evaluates and routes by `rules` from now on (the rule files were read again); alerts
+    /// firing under rules that are gone resolve, routed as before the change.
+    pub fn reload(&mut self, rules: RuleFile, watermark_ms: i64) -> usize {
+        let resolved = self.detector.replace_rules(rules.rules, watermark_ms);
+        let count = self.record(resolved);
+        self.router = Router { routes: rules.routes, silences: rules.silences, dynamic: self.router.dynamic.take() };
+        count
+    }
+
+    /// Explains, notifies and records alerts that changed state; returns how many.
+    fn record(&mut self, alerts: Vec<Alert>) -> usize {
         let count = alerts.len();
-        crate::telemetry::sent("detect", count as u64);
         metrics::gauge!("bearwatch_alerts_firing").set(self.detector.firing() as f64);
         for mut alert in alerts {
             self.explain(&mut alert);

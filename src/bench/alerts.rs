@@ -192,7 +192,7 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
     let stop = Arc::new(AtomicBool::new(false));
     let pipeline = {
         let stop = stop.clone();
-        std::thread::spawn(move || crate::pipeline::run(&config, stop))
+        std::thread::spawn(move || crate::pipeline::run(&config, stop, Default::default()))
     };
     let measured = (|| {
         // Every burst short of its last story is in the windows (the model is loaded by then).

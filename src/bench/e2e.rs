@@ -120,7 +120,7 @@ fn pipeline_once(args: &E2eBenchArgs, stories: &[News], round: usize, object_sto
             }
         })
     };
-    let result = crate::pipeline::run(&config, stop);
+    let result = crate::pipeline::run(&config, stop, Default::default());
     let measured = watcher.join().map_err(|_| failed("watcher panicked"));
     let _ = std::fs::remove_dir_all(&local);
     result?;

@@ -238,7 +238,7 @@ pub fn run(args: &LoopBenchArgs) -> Result<String, PipelineError> {
             .collect::<Result<_, _>>()?;
         let corrections = reviewed.iter().filter(|&&i| champion_set[i] != set[i].label).count();
         let given = requests.len();
-        let service = FeedbackService::new(storage.clone(), topics.clone(), None);
+        let service = FeedbackService::new(storage.clone(), topics.clone(), Default::default());
         let feedback = runtime.block_on(async {
             let ctx = crate::sql::context(&storage, crate::server::ServerConfig::default().query_limits(), None)?;
             for chunk in requests.chunks(crate::feedback::MAX_ROWS) {

@@ -112,7 +112,7 @@ fn replay(args: &InstancesBenchArgs) -> Result<(), PipelineError> {
         args.dir.display()
     );
     let config = PipelineConfig::parse(&text, "bench instances")?;
-    crate::pipeline::run(&config, Arc::new(AtomicBool::new(false)))?;
+    crate::pipeline::run(&config, Arc::new(AtomicBool::new(false)), Default::default())?;
     Ok(())
 }
 

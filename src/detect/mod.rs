@@ -8,6 +8,7 @@ pub mod band;
 mod config;
 pub mod count;
 mod handover;
+mod in_force;
 pub mod replay;
 pub mod rules;
 pub mod unit;
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 pub use config::AlertsConfig;
+pub use in_force::InForce;
 pub use rules::{Condition, GroupKind, Metric, Rule, RuleFile};
 pub use table::{alerts_batch, alerts_schema};
 
@@ -520,6 +522,59 @@ struct Tracked {
     /// What that window read: a quiet resolution reports it (absent from older checkpoints).
     #[serde(default)]
     seen: Option<Seen>,
+    /// The severity and labels the alert fired with: its rule may be gone (or changed) by the time
+    /// it resolves, and the resolution must route as the firing did (absent from older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fired_as: Option<FiredAs>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FiredAs {
+    severity: rules::Severity,
+    labels: BTreeMap<String, String>,
+}
+
+impl Tracked {
+    /// The resolution, at watermark `now_ms`, of a firing alert that no window row resolves (a
+    /// quiet group, a gone rule), with the numbers of its last reading; None for a pending one.
+    fn resolution(self, now_ms: i64, summary: String, unknown: FiredAs) -> Option<Alert> {
+        let Phase::Firing { alert_id, started_ms, .. } = self.phase else { return None };
+        let seen = self.seen.unwrap_or(Seen { end_ms: self.last_start_ms, value: f64::NAN, baseline: None, threshold: f64::NAN, count: 0 });
+        let FiredAs { severity, labels } = self.fired_as.unwrap_or(unknown);
+        Some(Alert {
+            alert_id,
+            rule: self.rule,
+            severity,
+            state: AlertState::Resolved,
+            group: self.group.labels(),
+            labels,
+            started_at: time(started_ms),
+            resolved_at: Some(time(now_ms.max(started_ms))),
+            window_start: time(self.last_start_ms),
+            window_end: time(seen.end_ms),
+            value: seen.value,
+            baseline: seen.baseline,
+            threshold: seen.threshold,
+            count: seen.count,
+            summary,
+            top_headlines: Vec::new(),
+        })
+    }
+}
+
+impl FiredAs {
+    fn of(rule: &Rule) -> Option<FiredAs> {
+        Some(FiredAs { severity: rule.severity, labels: rule.labels.clone() })
+    }
+
+    /// Gives a resolution the severity and labels its alert fired with, where they are known: a
+    /// receiver that keys alerts by their labels (Alertmanager) would see another alert otherwise.
+    fn mark(fired_as: Option<FiredAs>, mut resolved: Alert) -> Alert {
+        if let Some(FiredAs { severity, labels }) = fired_as {
+            (resolved.severity, resolved.labels) = (severity, labels);
+        }
+        resolved
+    }
 }
 
 /// The numbers of the newest window a (rule, group) read.
@@ -696,15 +751,30 @@ impl Detector {
         self.trace.as_mut().map(|(_, rows)| std::mem::take(rows)).unwrap_or_default()
     }
 
-    /// Puts restored state under the configured rules; state of rules that no longer exist is dropped.
-    pub fn restore(mut self, rules: Vec<Rule>) -> Detector {
-        self.tracked.retain(|(rule, _), _| rules.iter().any(|r| &r.name == rule));
+    /// Evaluates `rules` from now on (restored state at a start, or a reload), and returns the
+    /// resolutions of the alerts firing under rules that are gone: no window will ever resolve
+    /// them, and a receiver holding one open would hold it for good. Pending state of gone rules
+    /// is dropped; the rules kept by name keep their state.
+    pub fn replace_rules(&mut self, rules: Vec<Rule>, now_ms: i64) -> Vec<Alert> {
+        let gone: Vec<(String, GroupKey)> = self.tracked.keys().filter(|(name, _)| !rules.iter().any(|r| &r.name == name)).cloned().collect();
         self.rules = rules;
-        self
+        let mut resolved = Vec::new();
+        for key in gone {
+            let Some(tracked) = self.tracked.remove(&key) else { continue };
+            let summary = format!("{}: resolved, rule `{}` is no longer in the rule files", tracked.group.describe(), key.0);
+            // Checkpoints from before `fired_as` knew neither: the rules' default severity, no labels.
+            let unknown = FiredAs { severity: rules::Severity::Warning, labels: BTreeMap::new() };
+            resolved.extend(tracked.resolution(now_ms, summary, unknown));
+        }
+        resolved
     }
 
     pub fn into_rules(self) -> Vec<Rule> {
         self.rules
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
     }
 
     /// Closed windows kept per group: the longest baseline, and one more, because the market's
@@ -847,15 +917,16 @@ impl Detector {
             .collect();
         let mut changes = Vec::new();
         for key in quiet {
-            let Some(Tracked { phase: Phase::Firing { alert_id, started_ms, last_breach_ms }, seen: Some(seen), last_start_ms, group, .. }) = self.tracked.remove(&key) else {
-                continue;
-            };
-            let Some(rule) = self.rules.iter().find(|r| r.name == key.0) else { continue };
+            let (Some(tracked), Some(rule)) = (self.tracked.remove(&key), self.rules.iter().find(|r| r.name == key.0)) else { continue };
+            // A pending one is forgotten without a word.
+            let Phase::Firing { last_breach_ms, .. } = tracked.phase else { continue };
             let summary = format!(
                 "{}: resolved as quiet, nothing has held the alert since {} (windows too thin to decide, or none)",
-                group.describe(),
+                tracked.group.describe(),
                 time(last_breach_ms)
             );
+            let (group, last_start_ms) = (tracked.group.clone(), tracked.last_start_ms);
+            let Some(resolved) = tracked.resolution(now_ms, summary, FiredAs { severity: rule.severity, labels: rule.labels.clone() }) else { continue };
             if let Some((wanted, rows)) = self.trace.as_mut()
                 && *wanted == group.labels()
             {
@@ -864,34 +935,17 @@ impl Detector {
                     at: time(now_ms),
                     window_start: time(last_start_ms),
                     final_row: false,
-                    n: seen.count,
-                    value: seen.value,
-                    baseline: seen.baseline,
-                    threshold: seen.threshold,
+                    n: resolved.count,
+                    value: resolved.value,
+                    baseline: resolved.baseline,
+                    threshold: resolved.threshold,
                     p: None,
                     verdict: Verdict::Undecided,
                     change: Some(AlertState::Resolved),
                     tests: Vec::new(),
                 });
             }
-            changes.push(Alert {
-                alert_id,
-                rule: rule.name.clone(),
-                severity: rule.severity,
-                state: AlertState::Resolved,
-                group: group.labels(),
-                labels: rule.labels.clone(),
-                started_at: time(started_ms),
-                resolved_at: Some(time(now_ms)),
-                window_start: time(last_start_ms),
-                window_end: time(seen.end_ms),
-                value: seen.value,
-                baseline: seen.baseline,
-                threshold: seen.threshold,
-                count: seen.count,
-                summary,
-                top_headlines: Vec::new(),
-            });
+            changes.push(resolved);
         }
         changes
     }
@@ -1002,11 +1056,12 @@ fn step(
             if rule.pending_for.as_millis() == 0 {
                 let id = alert_id(&rule.name, group, now_ms);
                 let phase = Phase::Firing { alert_id: id.clone(), started_ms: now_ms, last_breach_ms: now_ms };
-                tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
+                let fired_as = FiredAs::of(rule);
+                tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen, fired_as });
                 return Some(alert(AlertState::Firing, &id, now_ms, None));
             }
             let phase = Phase::Pending { since_ms: now_ms, last_breach_ms: Some(now_ms) };
-            tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen });
+            tracked.insert(key, Tracked { rule: rule.name.clone(), group: group.clone(), phase, last_start_ms: row.key.start_ms, seen, fired_as: None });
             None
         }
         (None, _) => None,
@@ -1025,6 +1080,7 @@ fn step(
                         let started = now_ms;
                         let id = alert_id(&rule.name, group, started);
                         t.phase = Phase::Firing { alert_id: id.clone(), started_ms: started, last_breach_ms: now_ms };
+                        t.fired_as = FiredAs::of(rule);
                         return Some(alert(AlertState::Firing, &id, started, None));
                     }
                     None
@@ -1049,8 +1105,8 @@ fn step(
                         return None;
                     }
                     let (id, started) = (alert_id.clone(), *started_ms);
-                    tracked.remove(&key);
-                    Some(alert(AlertState::Resolved, &id, started, Some(now_ms)))
+                    let fired_as = tracked.remove(&key).and_then(|t| t.fired_as);
+                    Some(FiredAs::mark(fired_as, alert(AlertState::Resolved, &id, started, Some(now_ms))))
                 }
             }
         }

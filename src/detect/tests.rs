@@ -200,9 +200,44 @@ fn state_from_a_checkpoint_without_the_last_reading_still_loads() {
     assert_eq!(detector.evaluate(&[row(0, 1, "all", 10, 8, true)], H).len(), 1);
     let mut saved = serde_json::to_value(&detector).unwrap();
     saved["tracked"][0][1].as_object_mut().unwrap().remove("seen").expect("the checkpoint keeps the last reading");
-    let mut restored = serde_json::from_value::<Detector>(saved).unwrap().restore(rules);
+    let mut restored = serde_json::from_value::<Detector>(saved).unwrap();
+    assert!(restored.replace_rules(rules, H).is_empty());
     assert!(restored.evaluate(&[row(1, 1, "all", 10, 8, true)], 2 * H).is_empty(), "still firing");
     assert_eq!(restored.evaluate(&[row(2, 1, "all", 10, 1, true)], 3 * H)[0].state, AlertState::Resolved);
+}
+
+#[test]
+fn a_rule_gone_from_the_files_resolves_its_firing_alerts_as_they_fired() {
+    let threshold = Condition::Threshold { op: rules::Op::Above, value: 0.4, min_count: 0, exit_value: None };
+    let kept = Rule { name: "kept".into(), ..rule(Metric::NegShare, GroupKind::All, threshold.clone()) };
+    let gone = Rule {
+        name: "gone".into(),
+        severity: rules::Severity::Critical,
+        labels: BTreeMap::from([("team".to_string(), "desk".to_string())]),
+        ..rule(Metric::NegShare, GroupKind::Topic, threshold.clone())
+    };
+    let slow = Rule { name: "slow".into(), pending_for: HumanDuration::parse("3h").unwrap(), ..rule(Metric::NegShare, GroupKind::Topic, threshold) };
+    let mut detector = Detector::new(vec![kept.clone(), gone.clone(), slow]);
+    let fired = detector.evaluate(&[row(0, 1, "all", 10, 8, true), row(0, 1, "energy", 10, 6, true)], H);
+    assert_eq!(fired.len(), 2, "`slow` is pending");
+    // What a restart with edited rule files sees: the state from the checkpoint, then the new rules.
+    let mut restored = serde_json::from_str::<Detector>(&serde_json::to_string(&detector).unwrap()).unwrap();
+    // `kept` stays, with a label added: its alert resolves as it fired.
+    let relabelled = Rule { labels: BTreeMap::from([("team".to_string(), "new".to_string())]), ..kept };
+    let resolved = restored.replace_rules(vec![relabelled], 2 * H);
+    assert_eq!(resolved.len(), 1, "one alert of a gone rule was firing: {resolved:?}");
+    let fired_gone = fired.iter().find(|a| a.rule == "gone").unwrap();
+    let alert = &resolved[0];
+    assert_eq!((alert.alert_id.as_str(), alert.state, alert.severity), (fired_gone.alert_id.as_str(), AlertState::Resolved, rules::Severity::Critical));
+    assert_eq!((&alert.labels, &alert.group), (&gone.labels, &fired_gone.group), "routed as it fired");
+    assert_eq!((alert.resolved_at.as_deref(), alert.value, alert.count), (Some("1970-01-01T02:00:00Z"), 0.6, 10));
+    assert!(alert.summary.contains("rule `gone` is no longer in the rule files"), "{}", alert.summary);
+    assert_eq!(restored.firing(), 1);
+    assert_eq!(restored.tracked.len(), 1, "the pending state of `slow` is gone too");
+    assert!(restored.evaluate(&[row(1, 1, "all", 10, 8, true)], 3 * H).is_empty(), "`kept` is still firing, not fired again");
+    let ended = restored.evaluate(&[row(2, 1, "all", 10, 1, true)], 4 * H);
+    assert_eq!((ended.len(), ended[0].state), (1, AlertState::Resolved));
+    assert!(ended[0].labels.is_empty(), "routed as it fired, without the label added since: {:?}", ended[0].labels);
 }
 
 #[test]
@@ -225,7 +260,8 @@ fn state_survives_a_checkpoint_round_trip() {
     let mut detector = Detector::new(rules.clone());
     assert_eq!(detector.evaluate(&[row(0, 1, "all", 10, 8, true)], H).len(), 1);
     let saved = serde_json::to_string(&detector).unwrap();
-    let mut restored = serde_json::from_str::<Detector>(&saved).unwrap().restore(rules);
+    let mut restored = serde_json::from_str::<Detector>(&saved).unwrap();
+    assert!(restored.replace_rules(rules, H).is_empty());
     assert_eq!(restored, detector);
     assert!(restored.evaluate(&[row(1, 1, "all", 10, 8, true)], 2 * H).is_empty(), "still firing, not fired again");
     assert_eq!(restored.evaluate(&[row(2, 1, "all", 10, 1, true)], 3 * H)[0].state, AlertState::Resolved);

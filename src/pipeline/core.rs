@@ -14,7 +14,7 @@ use super::corrections::{Corrections, Tracked};
 use super::{PipelineError, Role};
 use crate::alert::{Alerting, notifications_batch};
 use crate::classify::{ClassifyError, Classifier, Pending, news_batch};
-use crate::detect::{Detector, alerts_batch};
+use crate::detect::{Detector, RuleFile, alerts_batch};
 use crate::news::{News, ScoredNews, Scores};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileProgress;
@@ -254,8 +254,7 @@ impl Core {
                 }
             }
             if let (Some(alerting), Some(saved)) = (alerting.as_mut(), checkpoint.detector) {
-                let rules = std::mem::replace(&mut alerting.detector, Detector::new(Vec::new())).into_rules();
-                alerting.detector = saved.restore(rules);
+                core.counters.alerts += alerting.restore(saved, core.windows.watermark_ms().unwrap_or(0)) as u64;
             }
             if let Some(alerting) = alerting.as_mut() {
                 alerting.resume_rate_intervals(checkpoint.rate_intervals);
@@ -711,6 +710,15 @@ impl Core {
                 watch.failed.insert(key);
             }
         }
+    }
+
+    /// Puts reloaded rule files in force, and returns how many alerts of rules no longer there it
+    /// resolved; None where this pipeline evaluates no rules.
+    pub fn reload_rules(&mut self, rules: RuleFile) -> Option<usize> {
+        let alerting = self.alerting.as_mut()?;
+        let resolved = alerting.reload(rules, self.windows.watermark_ms().unwrap_or(0));
+        self.counters.alerts += resolved as u64;
+        Some(resolved)
     }
 
     /// Runs the alert rules on rows the windows just emitted.

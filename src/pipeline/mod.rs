@@ -25,11 +25,11 @@ pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunCon
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Api, FeedbackService, Ops, Server, ServerError, SqlService, WebPolicy};
+use crate::server::{Api, FeedbackService, Ops, ReloadRequest, Reloaded, Server, ServerError, SqlService, WebPolicy};
 use crate::sql::live::LiveRows;
 use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier, ModelSpec};
-use crate::detect::{Detector, RuleFile};
+use crate::detect::{Detector, InForce, RuleFile};
 use crate::config::ConfigError;
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
@@ -261,10 +261,9 @@ fn rules_hash(config: &PipelineConfig) -> Option<String> {
     Some(crate::source::file::sha256(&bytes))
 }
 
-fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
-    if config.alerts.rules.is_empty() {
-        return Ok(None);
-    }
+/// Reads the rule files and checks them against the pipeline (receivers, windows), as a start does
+/// and a reload does again.
+fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {
     let mut files = Vec::new();
     for path in &config.alerts.rules {
         let path = bundled(path);
@@ -293,6 +292,14 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     }
     let all = RuleFile::merge(files);
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
+    Ok(all)
+}
+
+fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
+    if config.alerts.rules.is_empty() {
+        return Ok(None);
+    }
+    let all = load_rule_files(config)?;
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
     let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
@@ -322,9 +329,59 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     Ok(Some(Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier)))
 }
 
+/// Where reloads of the rule files are asked for: SIGHUP sets the flag, `POST /api/rules/reload`
+/// sends a request and waits for the answer. The pipeline thread takes both between reads, so a
+/// reload never lands between a window's rows.
+struct Reloads {
+    signal: Arc<AtomicBool>,
+    requests: std::sync::mpsc::Receiver<ReloadRequest>,
+    in_force: InForce,
+}
+
+impl Reloads {
+    fn poll(&self, config: &PipelineConfig, core: &mut Core) {
+        if self.signal.swap(false, Ordering::SeqCst) {
+            tracing::info!("SIGHUP: reading the rule files again");
+            let _ = self.reload(config, core);
+        }
+        while let Ok(answer) = self.requests.try_recv() {
+            let _ = answer.send(self.reload(config, core));
+        }
+    }
+
+    /// Puts the rule files in force as they are now, or keeps the rules in force and says why.
+    fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
+        let result = match load_rule_files(config) {
+            Err(e) => Err(e.to_string()),
+            Ok(files) => {
+                let (rules, routes, silences, hash) = (files.rules.clone(), files.routes.len(), files.silences.len(), rules_hash(config));
+                match core.reload_rules(files) {
+                    Some(resolved) => {
+                        let reloaded = Reloaded { rules: rules.len(), routes, silences, resolved, rules_hash: hash.clone() };
+                        self.in_force.replace(rules, hash);
+                        Ok(reloaded)
+                    }
+                    None => Err("this pipeline evaluates no rules (role classify, or no [alerts] rules)".into()),
+                }
+            }
+        };
+        let outcome = if result.is_ok() { "reloaded" } else { "refused" };
+        metrics::counter!("bearwatch_rules_reloads_total", "outcome" => outcome).increment(1);
+        metrics::gauge!("bearwatch_rules_last_reload_successful").set(if result.is_ok() { 1.0 } else { 0.0 });
+        match &result {
+            Ok(r) => tracing::info!(rules = r.rules, routes = r.routes, silences = r.silences, resolved = r.resolved, "rule files reloaded"),
+            Err(why) => {
+                tracing::error!(error = %why, "rule files refused; the rules before stay in force");
+                self.in_force.refuse(crate::telemetry::one_line(why));
+            }
+        }
+        result
+    }
+}
+
 /// Runs until the input ends (file) or `stop` is set (SIGINT/SIGTERM), then drains, checkpoints and
-/// commits.
-pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome, PipelineError> {
+/// commits. Setting `reload` (SIGHUP) reads the rule files again.
+pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<RunOutcome, PipelineError> {
     tracing::debug!(?config, "effective configuration");
     // Installed first, so that every stage's metrics from the start are recorded.
     let metrics = config.server.http.as_ref().and_then(|_| prometheus_recorder());
@@ -399,6 +456,13 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|a| a.with_explainer(explainer(classifier.clone()))),
         (Role::All | Role::Aggregate, _) => alerting(config, &silences)?,
     };
+    let in_force = match &alerting {
+        Some(alerting) => InForce::new(alerting.detector.rules().to_vec(), rules_hash(config)),
+        None => InForce::new(backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default(), rules_hash(config)),
+    };
+    let (reload_requests, requests) = std::sync::mpsc::channel();
+    let reloads = Reloads { signal: reload, requests, in_force: in_force.clone() };
+    metrics::gauge!("bearwatch_rules_last_reload_successful").set(1.0);
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::new(config.storage.instance().map(str::to_string))));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
         (Some(addr), Some(password)) => {
@@ -419,14 +483,14 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
             let ops = Ops { metrics, ready: ready.clone(), warning: serving_warning.clone(), storage: outage.clone(), source: trouble.clone() };
             // The model's topics (what topic labels may name) and its near-duplicate rule (the review queue's).
             let spec = ModelSpec::load(&config.model.model_dir()).ok();
-            let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), rules_hash(config));
+            let feedback = FeedbackService::new(location.clone(), spec.as_ref().map(|s| s.topics.clone()).unwrap_or_default(), in_force.clone());
             let web = WebPolicy::new(addr.as_str(), &config.server.allowed_hosts, &config.server.allowed_origins);
             if config.server.is_open() && !crate::net::is_loopback(addr.as_str()) {
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
-            let rules = backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default();
             let near_duplicates = spec.and_then(|spec| spec.near_duplicates);
-            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules, near_duplicates };
+            let reload = alerting.is_some().then(|| reload_requests.clone());
+            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules: in_force.clone(), reload, near_duplicates };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,
@@ -507,7 +571,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         }
     };
 
-    let result = drive(config, &core, &rebalancer, source.as_mut(), &stop, &ready);
+    let result = drive(config, &core, &rebalancer, source.as_mut(), &stop, &ready, &reloads);
     rebalancer.closing.store(true, Ordering::SeqCst);
     drop(source);
     let interrupted = result?;
@@ -517,7 +581,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>) -> Result<RunOutcome,
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
             let mut core = lock(&core);
-            if core.poll_feedback()? {
+            reloads.poll(config, &mut core);
+            if core.poll_feedback()? || !core.alerting.as_ref().is_none_or(|a| a.changes.is_empty()) {
                 core.checkpoint()?;
             }
             core.poll_models()?;
@@ -574,6 +639,7 @@ fn drive(
     source: &mut dyn Source,
     stop: &AtomicBool,
     ready: &AtomicBool,
+    reloads: &Reloads,
 ) -> Result<bool, PipelineError> {
     let max_in_flight = config.model.max_queued;
     let checkpoint_every = config.storage.checkpoint_interval.0;
@@ -637,6 +703,7 @@ fn drive(
             }
             core.poll_feedback()?;
             core.poll_models()?;
+            reloads.poll(config, &mut core);
             if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
                 core.drain(None)?;
                 let offsets = core.checkpoint()?;
@@ -753,7 +820,8 @@ mod tests {
             source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true });
         }
 
-        let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false), &AtomicBool::new(false)).unwrap();
+        let reloads = Reloads { signal: Default::default(), requests: std::sync::mpsc::channel().1, in_force: InForce::default() };
+        let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false), &AtomicBool::new(false), &reloads).unwrap();
         assert!(!interrupted);
         // Reads happened with the queue full but never past it (max_queued = 16).
         assert_eq!(source.in_flight_when_read.iter().max(), Some(&15), "{:?}", source.in_flight_when_read);

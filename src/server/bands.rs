@@ -54,7 +54,8 @@ pub async fn bands(State(state): State<AppState>, _: Viewer, RawQuery(raw): RawQ
     if q.topic.is_empty() || q.topic.len() > 200 {
         return error(StatusCode::BAD_REQUEST, "topic: 1 to 200 characters");
     }
-    let Some((rule, (condition, metric))) = state.rules.iter().filter(|r| r.group == GroupKind::Topic).find_map(|r| Some((r, band::count_test(r)?))) else {
+    let rules = state.rules.rules();
+    let Some((rule, (condition, metric))) = rules.iter().filter(|r| r.group == GroupKind::Topic).find_map(|r| Some((r, band::count_test(r)?))) else {
         return Json(json!({ "rule": null, "windows": [] })).into_response();
     };
     let baseline_from = q.from.map(|from| (from - chrono::Duration::days(sql::queue::BASELINE_DAYS)).timestamp_millis());

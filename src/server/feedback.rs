@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::auth::Analyst;
+use crate::detect::InForce;
 use crate::error::{Classified, ErrorClass};
 use super::{AppState, error};
 use crate::feedback::{
@@ -29,17 +30,17 @@ pub struct FeedbackService {
     pub storage: crate::storage::Location,
     /// The topics of the model the pipeline runs (empty when it runs none: topic labels are refused).
     pub topics: Vec<String>,
-    /// SHA-256 of the pipeline's rule files, recorded with each verdict.
-    pub rules_hash: Option<String>,
+    /// The pipeline's rules in force: the SHA-256 of their files is recorded with each verdict.
+    pub rules: InForce,
     /// What each new judgement supersedes; held while a request's rows are linked and written, so
     /// that two requests about the same text cannot both supersede the same row.
     latest: Arc<Mutex<LatestLabels>>,
 }
 
 impl FeedbackService {
-    pub fn new(storage: crate::storage::Location, topics: Vec<String>, rules_hash: Option<String>) -> FeedbackService {
+    pub fn new(storage: crate::storage::Location, topics: Vec<String>, rules: InForce) -> FeedbackService {
         let latest = Arc::new(Mutex::new(LatestLabels::new(&storage)));
-        FeedbackService { storage, topics, rules_hash, latest }
+        FeedbackService { storage, topics, rules, latest }
     }
 }
 
@@ -137,7 +138,7 @@ pub async fn record_verdicts(
             return Err(item(i)(FeedbackError::NotFound(format!("no alert {} in the alerts table", quoted(&request.alert_id)))));
         };
         let alert_id = request.alert_id.clone();
-        let row = request.into_row(rule, service.rules_hash.clone(), analyst, latest.get(&alert_id).cloned(), created_at).map_err(item(i))?;
+        let row = request.into_row(rule, service.rules.hash(), analyst, latest.get(&alert_id).cloned(), created_at).map_err(item(i))?;
         latest.insert(alert_id, row.verdict_id.clone());
         rows.push(row);
     }
@@ -239,7 +240,7 @@ pub(super) async fn queue(State(state): State<AppState>, _: Analyst, RawQuery(ra
     }
     let service = &state.sql;
     let queue = match sql::context(&service.storage, service.limits, service.live.clone()) {
-        Ok(ctx) => sql::queue::review_queue(&ctx, &state.rules, &options).await,
+        Ok(ctx) => sql::queue::review_queue(&ctx, &state.rules.rules(), &options).await,
         Err(e) => Err(e),
     };
     match queue {

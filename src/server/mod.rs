@@ -2,7 +2,8 @@
 //! Read-only SQL over the pipeline's tables (`POST /sql`), silences (`GET/POST /api/silences`,
 //! `DELETE /api/silences/{id}`), feedback (`POST /api/feedback/labels|verdicts|missed`) and
 //! `GET /api/me`, each for the roles that may use it (`auth`); promotion and rollback of the
-//! champion model for admins (`POST /api/models/promote|rollback`); and, without auth for probes and
+//! champion model and a reload of the rule files for admins (`POST /api/models/promote|rollback`,
+//! `POST /api/rules/reload`); and, without auth for probes and
 //! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), the API's
 //! description at `GET /api/openapi.json`, and the dashboard page at `GET /` (its data needs a
 //! token when the server has users).
@@ -13,6 +14,7 @@ mod config;
 pub mod feedback;
 mod listen;
 mod models;
+mod reload;
 mod web;
 
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ use tokio::sync::oneshot;
 
 pub use config::{Principal, Role, ServerConfig, UserConfig};
 pub use feedback::FeedbackService;
+pub use reload::{ReloadRequest, Reloaded};
 pub use web::WebPolicy;
 
 use auth::{Analyst, Viewer};
@@ -89,7 +92,10 @@ pub struct Api {
     pub feedback: FeedbackService,
     pub web: WebPolicy,
     /// The pipeline's alert rules: `/api/bands` draws what their count test expects.
-    pub rules: Vec<crate::detect::Rule>,
+    pub rules: crate::detect::InForce,
+    /// Where `POST /api/rules/reload` asks the pipeline thread to read its rule files again;
+    /// absent where it evaluates no rules.
+    pub reload: Option<std::sync::mpsc::Sender<ReloadRequest>>,
     /// The serving model's near-duplicate rule, which keeps the review queue diverse.
     pub near_duplicates: Option<crate::news::near::NearDuplicates>,
 }
@@ -128,6 +134,7 @@ impl Server {
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))
             .route("/api/models/rollback", post(models::rollback))
+            .route("/api/rules/reload", post(reload::reload))
             .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
             .layer(middleware::from_fn_with_state(state.clone(), web::guard));
         let app = open.merge(guarded).layer(middleware::from_fn(read_body)).with_state(state);
@@ -244,7 +251,15 @@ async fn me(State(state): State<AppState>, Viewer(who): Viewer) -> Response {
 
 async fn ready(State(state): State<AppState>) -> Response {
     let ops = &state.ops;
-    let warnings: String = ops.warning.iter().cloned().chain(ops.storage.describe()).chain(ops.source.describe()).map(|w| format!("warning: {w}\n")).collect();
+    let warnings: String = ops
+        .warning
+        .iter()
+        .cloned()
+        .chain(ops.storage.describe())
+        .chain(ops.source.describe())
+        .chain(state.rules.refused().map(|why| format!("the rule files were not reloaded, the rules before stay in force: {why}")))
+        .map(|w| format!("warning: {w}\n"))
+        .collect();
     if ops.ready.load(std::sync::atomic::Ordering::SeqCst) {
         // Still ready while degraded: queries and the dashboard answer, and they are how an
         // operator sees what is wrong.

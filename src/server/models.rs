@@ -31,7 +31,7 @@ struct RollbackRequest {
     reason: Option<String>,
 }
 
-fn body<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Response> {
+pub(super) fn body<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Response> {
     let text = if text.trim().is_empty() { "{}" } else { text };
     serde_json::from_str(text).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }

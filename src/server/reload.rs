@@ -1,0 +1,63 @@
+//! `POST /api/rules/reload` (admins): the pipeline reads its rule files again, as on SIGHUP, and
+//! the caller learns what is in force or why the files were refused (the rules before stay).
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::auth::Admin;
+use super::{AppState, error};
+
+/// One reload asked of the pipeline thread, which answers on the channel.
+pub type ReloadRequest = oneshot::Sender<Result<Reloaded, String>>;
+
+/// What a reload put in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reloaded {
+    pub rules: usize,
+    pub routes: usize,
+    pub silences: usize,
+    /// Alerts that were firing under rules no longer in the files, resolved by the reload.
+    pub resolved: usize,
+    pub rules_hash: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadBody {}
+
+/// How long a caller waits for the pipeline thread to take the request: it takes it between two
+/// reads, but a storage outage holds it until the storage answers.
+const WAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn reload(State(state): State<AppState>, Admin(who): Admin, text: String) -> Response {
+    if let Err(response) = super::models::body::<ReloadBody>(&text) {
+        return response;
+    }
+    let Some(requests) = &state.reload else {
+        return error(StatusCode::CONFLICT, "this process evaluates no rules (role classify, or no [alerts] rules)");
+    };
+    let (answer, answered) = oneshot::channel();
+    if requests.send(answer).is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline has stopped");
+    }
+    tracing::info!(admin = %who.name, "rule files reload asked over HTTP");
+    match tokio::time::timeout(WAIT, answered).await {
+        Ok(Ok(Ok(reloaded))) => Json(reloaded).into_response(),
+        Ok(Ok(Err(refused))) => error(StatusCode::BAD_REQUEST, refused),
+        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline stopped before it read the rule files"),
+        Err(_) => {
+            let mut answer = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the pipeline has not taken the reload within 30 s (it waits on its storage); it reads the rule files when it does",
+            );
+            answer.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+            answer
+        }
+    }
+}
