@@ -518,6 +518,7 @@ fn error_class(e: &anyhow::Error) -> Option<ErrorClass> {
         .or_else(|| e.downcast_ref::<bearwatch::sql::SqlError>().map(Classified::class))
         .or_else(|| e.downcast_ref::<FeedbackFailure>().map(Classified::class))
         .or_else(|| e.downcast_ref::<bearwatch::learn::LearnError>().map(Classified::class))
+        .or_else(|| e.downcast_ref::<bearwatch::storage::StorageError>().map(Classified::class))
 }
 
 /// The most lines `feedback import` reads from one file.
@@ -779,12 +780,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { pipeline, role, keep_serving } => run_pipeline(pipeline, role, keep_serving),
         Command::Sql { storage, url, format, token, query } => run_sql(storage, url, format, token, &query),
         Command::Storage(StorageCommand::Repair { storage, instance }) => {
+            // A pipeline running on the folder would write its checkpoint over the repair's.
+            let mut _hold = None;
             if storage.to_str().is_none_or(|s| !s.contains("://")) {
                 let checkpoint = match &instance {
                     Some(name) => storage.join("checkpoints").join(format!("{name}.json")),
                     None => storage.join("checkpoint.json"),
                 };
                 anyhow::ensure!(checkpoint.is_file(), "{} is missing: not a pipeline's storage (or not that instance's)", checkpoint.display());
+                if instance.is_none() {
+                    _hold = Some(bearwatch::storage::hold(&storage)?);
+                }
             }
             let storage = location(&storage)?;
             let found = bearwatch::storage::Storage::repair(&storage, instance.as_deref())?;

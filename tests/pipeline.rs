@@ -332,6 +332,11 @@ fn a_second_pipeline_on_the_same_storage_is_refused_while_the_first_runs() {
     assert_eq!(second.wait(Duration::from_secs(60)).code(), Some(2), "{}", second.logs());
     let said = std::fs::read_to_string(&second.stderr).unwrap();
     assert!(said.contains(&format!("is in use by another bearwatch process (pid {})", first.child.id())), "{said}");
+    // Nor may a repair move parts and rewrite the checkpoint under it.
+    let repair = std::process::Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["storage", "repair", "--storage"]).arg(dir.path().join("store")).output().unwrap();
+    let said = String::from_utf8_lossy(&repair.stderr);
+    assert_eq!(repair.status.code(), Some(2), "{said}");
+    assert!(said.contains(&format!("(pid {})", first.child.id())), "{said}");
 
     first.signal("TERM");
     assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.logs());
