@@ -1,5 +1,8 @@
 //! The file source: JSON lines replayed in event-time order, as fast as possible or at N× real time.
 
+use std::fs::File;
+use std::io::{BufRead, Read};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,32 +25,53 @@ pub struct FileProgress {
 /// found, so lines appended after a run come after the lines it read, and every offset keeps its
 /// meaning. Lines without a readable timestamp keep their place after the line before them (and
 /// fail validation downstream, reaching the dead-letter file).
+///
+/// Only an index is held (event time, byte offset and length: 24 bytes a line) and each line is
+/// read when it is due, so a backfill file of any size needs no more memory than its line count.
 pub struct FileSource {
     topic: Arc<str>,
-    lines: Vec<(i64, Vec<u8>)>,
+    path: String,
+    file: File,
+    lines: Vec<Line>,
     next: usize,
     speed: f64,
     started: Option<(Instant, i64)>,
     progress: FileProgress,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Line {
+    event_ms: i64,
+    offset: u64,
+    len: u64,
+}
+
+/// The most of one line that is read, to find its timestamp and to hand it on: one byte past the
+/// largest `max_message_bytes`, so a longer line is still refused as too large (and dead-lettered
+/// with this much of it) without being held whole.
+const LINE_READ_LIMIT: u64 = (64 << 20) + 1;
+
 impl FileSource {
     /// Opens `path`; `resume` is the checkpointed offset (lines already processed) with what the
     /// checkpoint knew of the file. Refuses a file whose part already read has changed.
     pub fn open(path: &Path, speed: f64, resume: Option<(i64, Option<&FileProgress>)>) -> Result<FileSource, SourceError> {
         let failed = |reason: String| SourceError::File { path: path.display().to_string(), reason };
-        let bytes = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+        let file = File::open(path).map_err(|e| failed(e.to_string()))?;
+        // What is there now; lines appended while this run reads are for the next run.
+        let size = file.metadata().map_err(|e| failed(e.to_string()))?.len();
         let (start, known) = resume.unwrap_or((0, None));
+        let changed = |read: u64| {
+            failed(format!(
+                "the first {read} bytes, which an earlier run already read, have changed (or the file is shorter): \
+                 its checkpoint cannot resume it. Restore the file, give the new data another file, \
+                 or start this pipeline from scratch (a new storage.path)"
+            ))
+        };
         let mut segment_ends = match known {
             Some(known) => {
                 let read = known.segment_ends.last().copied().unwrap_or(0);
-                let same = usize::try_from(read).ok().and_then(|n| bytes.get(..n)).is_some_and(|part| sha256(part) == known.sha256);
-                if !same {
-                    return Err(failed(format!(
-                        "the first {read} bytes, which an earlier run already read, have changed (or the file is shorter): \
-                         its checkpoint cannot resume it. Restore the file, give the new data another file, \
-                         or start this pipeline from scratch (a new storage.path)"
-                    )));
+                if size < read {
+                    return Err(changed(read));
                 }
                 known.segment_ends.clone()
             }
@@ -59,21 +83,17 @@ impl FileSource {
             None => Vec::new(),
         };
         let read = segment_ends.last().copied().unwrap_or(0);
-        if segment_ends.is_empty() || (bytes.len() as u64) > read {
-            segment_ends.push(bytes.len() as u64);
+        if segment_ends.is_empty() || size > read {
+            segment_ends.push(size);
         }
-        let mut lines = Vec::new();
-        let mut from = 0usize;
-        for &end in &segment_ends {
-            let end = end as usize;
-            let mut segment = parse_lines(&bytes[from..end]);
-            segment.sort_by_key(|(t, _)| *t);
-            lines.extend(segment);
-            from = end;
+        let index = Index::build(&file, &segment_ends, read, 1 << 20).map_err(|e| failed(e.to_string()))?;
+        if known.is_some_and(|known| index.sha256_read != known.sha256) {
+            return Err(changed(read));
         }
-        let progress = FileProgress { sha256: sha256(&bytes[..from]), segment_ends };
+        let progress = FileProgress { sha256: index.sha256, segment_ends };
+        let lines = index.lines;
         let next = usize::try_from(start.max(0)).unwrap_or(usize::MAX).min(lines.len());
-        Ok(FileSource { topic: Arc::from(source_name(path).as_str()), lines, next, speed, started: None, progress })
+        Ok(FileSource { topic: Arc::from(source_name(path).as_str()), path: path.display().to_string(), file, lines, next, speed, started: None, progress })
     }
 
     /// What the next checkpoint must keep of this file.
@@ -109,21 +129,109 @@ pub fn source_name(path: &Path) -> String {
 /// SHA-256 of `bytes`, hex.
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(bytes))
 }
 
-/// Non-blank lines, each with the event time of the last line before it that had one.
-fn parse_lines(bytes: &[u8]) -> Vec<(i64, Vec<u8>)> {
-    let mut previous = i64::MIN;
-    bytes
-        .split(|b| *b == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| {
-            previous = event_time(line).unwrap_or(previous);
-            (previous, line.to_vec())
-        })
-        .collect()
+/// One pass over a file's segments: its non-blank lines, each with the event time of the last
+/// line before it that had one, sorted by it within each segment; and SHA-256s of the bytes up to
+/// what an earlier run read and up to the last segment's end.
+struct Index {
+    lines: Vec<Line>,
+    sha256_read: String,
+    sha256: String,
+}
+
+impl Index {
+    fn build(file: &File, segment_ends: &[u64], read: u64, buffer: usize) -> std::io::Result<Index> {
+        use sha2::Digest;
+        let end = segment_ends.last().copied().unwrap_or(0);
+        let mut reader = std::io::BufReader::with_capacity(buffer, file.take(end));
+        let mut hasher = sha2::Sha256::new();
+        let mut sha256_read = (read == 0).then(|| hex(&hasher.clone().finalize()));
+        let mut lines = Vec::new();
+        let mut line = LineScan::default();
+        let mut previous = i64::MIN;
+        let (mut at, mut segment, mut segment_from) = (0u64, 0usize, 0usize);
+        loop {
+            let chunk = reader.fill_buf()?;
+            if chunk.is_empty() {
+                break;
+            }
+            // Up to the next segment end or `read`, whichever comes first, so each is a cut.
+            let stop = segment_ends[segment].min(if at < read { read } else { u64::MAX });
+            let take = chunk.len().min(usize::try_from(stop - at).unwrap_or(usize::MAX));
+            let piece = &chunk[..take];
+            hasher.update(piece);
+            let mut from = 0;
+            while let Some(newline) = piece[from..].iter().position(|b| *b == b'\n') {
+                line.extend(&piece[from..from + newline]);
+                line.finish(at + (from + newline) as u64, &mut previous, &mut lines);
+                from += newline + 1;
+            }
+            line.extend(&piece[from..]);
+            at += take as u64;
+            reader.consume(take);
+            if at == read && sha256_read.is_none() {
+                sha256_read = Some(hex(&hasher.clone().finalize()));
+            }
+            if at == segment_ends[segment] {
+                line.finish(at, &mut previous, &mut lines);
+                lines[segment_from..].sort_by_key(|l| l.event_ms);
+                segment_from = lines.len();
+                segment += 1;
+            }
+        }
+        if at < end {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("the file ended at byte {at} while it was read, before {end}")));
+        }
+        let sha256 = hex(&hasher.finalize());
+        Ok(Index { lines, sha256_read: sha256_read.unwrap_or_else(|| sha256.clone()), sha256 })
+    }
+}
+
+/// The line being scanned: where it started, its length so far, whether it holds anything but
+/// whitespace, and its first [`LINE_READ_LIMIT`] bytes for the timestamp.
+#[derive(Default)]
+struct LineScan {
+    len: u64,
+    blank_so_far: bool,
+    last: u8,
+    head: Vec<u8>,
+    started: bool,
+}
+
+impl LineScan {
+    fn extend(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if !self.started {
+            (self.started, self.blank_so_far) = (true, true);
+        }
+        self.blank_so_far = self.blank_so_far && bytes.iter().all(u8::is_ascii_whitespace);
+        let room = usize::try_from(LINE_READ_LIMIT.saturating_sub(self.head.len() as u64)).unwrap_or(usize::MAX);
+        self.head.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.len += bytes.len() as u64;
+        self.last = bytes[bytes.len() - 1];
+    }
+
+    /// Ends the line at byte `end` (its newline, or a segment's end) and indexes it unless blank.
+    fn finish(&mut self, end: u64, previous: &mut i64, lines: &mut Vec<Line>) {
+        if self.started && !self.blank_so_far {
+            let len = self.len - u64::from(self.last == b'\r');
+            let head = &self.head[..self.head.len().min(usize::try_from(len).unwrap_or(usize::MAX))];
+            if len <= LINE_READ_LIMIT {
+                *previous = event_time(head).unwrap_or(*previous);
+            }
+            lines.push(Line { event_ms: *previous, offset: end - self.len, len });
+        }
+        self.head.clear();
+        (self.len, self.started, self.last) = (0, false, 0);
+    }
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn event_time(line: &[u8]) -> Option<i64> {
@@ -138,17 +246,21 @@ fn event_time(line: &[u8]) -> Option<i64> {
 
 impl Source for FileSource {
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
-        let Some((event_ms, _)) = self.lines.get(self.next) else {
+        let Some(&line) = self.lines.get(self.next) else {
             return Ok(None);
         };
-        let wait = self.due_in(*event_ms);
+        let wait = self.due_in(line.event_ms);
         if wait > timeout {
             std::thread::sleep(timeout);
             return Ok(None);
         }
         std::thread::sleep(wait);
         let offset = self.next as i64;
-        let payload = std::mem::take(&mut self.lines[self.next].1);
+        let mut payload = vec![0; usize::try_from(line.len.min(LINE_READ_LIMIT)).unwrap_or(usize::MAX)];
+        self.file.read_exact_at(&mut payload, line.offset).map_err(|e| SourceError::File {
+            path: self.path.clone(),
+            reason: format!("line {} (byte {}) cannot be read ({e}): the file changed while it was read", self.next + 1, line.offset),
+        })?;
         self.next += 1;
         Ok(Some(Record { topic: self.topic.clone(), partition: 0, offset, payload, from_kafka: false }))
     }
@@ -226,6 +338,86 @@ mod tests {
         std::fs::write(&path, line("B", 2) + &line("a", 1)).unwrap();
         let err = FileSource::open(&path, 0.0, Some((2, Some(&progress)))).err().unwrap().to_string();
         assert!(err.contains("have changed") && err.contains("storage.path"), "{err}");
+    }
+
+    /// What the index must hold: the lines of each segment as the whole file in memory gave them.
+    fn held_whole(bytes: &[u8], segment_ends: &[u64]) -> Vec<(i64, Vec<u8>)> {
+        let (mut lines, mut from, mut previous) = (Vec::new(), 0, i64::MIN);
+        for &end in segment_ends {
+            let mut segment: Vec<(i64, Vec<u8>)> = bytes[from..end as usize]
+                .split(|b| *b == b'\n')
+                .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+                .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+                .map(|line| {
+                    previous = event_time(line).unwrap_or(previous);
+                    (previous, line.to_vec())
+                })
+                .collect();
+            segment.sort_by_key(|(t, _)| *t);
+            lines.extend(segment);
+            from = end as usize;
+        }
+        lines
+    }
+
+    #[test]
+    fn the_index_reads_what_the_whole_file_in_memory_did_whatever_the_buffer_cuts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.jsonl");
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..200 {
+            let mut bytes = Vec::new();
+            for _ in 0..next(12) {
+                let line = match next(6) {
+                    0 => String::new(),
+                    1 => "  \t".into(),
+                    2 => "not json".into(),
+                    _ => format!("{{\"id\":\"{}\",\"published_at\":\"2024-01-01T00:00:{:02}Z\"}}", next(1000), next(60)),
+                };
+                bytes.extend(line.as_bytes());
+                bytes.extend(if next(3) == 0 { &b"\r\n"[..] } else { &b"\n"[..] });
+            }
+            if next(2) == 0 {
+                bytes.extend(b"{\"published_at\":\"2024-01-01T00:00:30Z\"}");
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            // Segments end anywhere, mid-line too (a run that read a file still being written).
+            let mut ends: Vec<u64> = (0..next(3)).map(|_| next(bytes.len() as u64 + 1)).filter(|e| *e > 0).collect();
+            ends.push(bytes.len() as u64);
+            ends.sort_unstable();
+            ends.dedup();
+            // What an earlier run read: the end before the last one.
+            let read = if ends.len() > 1 { ends[ends.len() - 2] } else { 0 };
+            let buffer = 1 + next(7) as usize;
+            let index = Index::build(&File::open(&path).unwrap(), &ends, read, buffer).unwrap();
+            let indexed: Vec<(i64, Vec<u8>)> =
+                index.lines.iter().map(|l| (l.event_ms, bytes[l.offset as usize..(l.offset + l.len) as usize].to_vec())).collect();
+            assert_eq!(indexed, held_whole(&bytes, &ends), "{:?} cut at {ends:?}, buffer {buffer}", String::from_utf8_lossy(&bytes));
+            assert_eq!(index.sha256, sha256(&bytes));
+            assert_eq!(index.sha256_read, sha256(&bytes[..read as usize]));
+        }
+    }
+
+    /// A line past what any `max_message_bytes` allows is handed on cut (it is dead-lettered as too
+    /// large all the same), and the lines after it keep their times and order.
+    #[test]
+    fn a_line_longer_than_any_message_is_read_only_as_far_as_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.jsonl");
+        let mut bytes = b"{\"id\":\"a\",\"published_at\":\"2024-01-01T00:00:05Z\"}\n".to_vec();
+        bytes.extend(std::iter::repeat_n(b'x', (LINE_READ_LIMIT + 100) as usize));
+        bytes.extend(b"\n{\"id\":\"b\",\"published_at\":\"2024-01-01T00:00:01Z\"}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        let read: Vec<Vec<u8>> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).map(|r| r.payload).collect();
+        assert_eq!(read.len(), 3);
+        assert!(read[0].starts_with(b"{\"id\":\"b\"") && read[1].starts_with(b"{\"id\":\"a\""), "b, then a, then the long line, which has a's time");
+        assert_eq!(read[2].len() as u64, LINE_READ_LIMIT);
+        assert!(read[2].iter().all(|b| *b == b'x'));
     }
 
     #[test]
