@@ -833,17 +833,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rules(RulesCommand::Check { files }) => {
-            let mut names = std::collections::BTreeMap::new();
-            for file in &files {
-                let rules = bearwatch::detect::RuleFile::load(file)?;
-                for rule in &rules.rules {
-                    if let Some(other) = names.insert(rule.name.clone(), file.clone()) {
-                        anyhow::bail!(config::ConfigError::Read {
-                            path: file.clone(),
-                            reason: format!("rule `{}` is also defined in {}", rule.name, other.display()),
-                        });
-                    }
-                }
+            for (file, rules) in files.iter().zip(bearwatch::detect::RuleFile::load_all(&files)?) {
                 outln!(
                     "{}: ok ({} rules, {} routes, {} silences)",
                     file.display(),

@@ -44,6 +44,14 @@ fn broken_rules_name_file_line_and_field() {
     let (code, _, stderr) = check(&[&a, &b]);
     assert_eq!(code, 2);
     assert!(stderr.contains("also defined in"), "{stderr}");
+    // And by a pipeline, which ran both as one rule (one state, one alert id for two rules).
+    std::fs::write(dir.path().join("in.jsonl"), "").unwrap();
+    let config = dir.path().join("p.toml");
+    std::fs::write(&config, "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n[alerts]\nrules = [\"a.toml\", \"b.toml\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["run", "--pipeline"]).arg(&config).current_dir(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("b.toml") && stderr.contains("rule `same` is also defined in"), "{stderr}");
 }
 
 fn rules_test(file: &std::path::Path) -> (i32, String) {

@@ -188,11 +188,8 @@ fn pass(events: &[Event], detector: &mut Detector, checkpoint_every: usize, eval
 }
 
 pub fn run(args: &WindowsBenchArgs) -> Result<String, WindowsBenchError> {
-    let mut files = Vec::new();
-    for path in &args.rules {
-        files.push(RuleFile::load(&crate::pipeline::bundled(path))?);
-    }
-    let rules = RuleFile::merge(files).rules;
+    let paths: Vec<_> = args.rules.iter().map(|path| crate::pipeline::bundled(path)).collect();
+    let rules = RuleFile::merge(RuleFile::load_all(&paths)?).rules;
     let rule_count = rules.len();
     let events = events(args.events);
     let memory = full_memory(args.corrections);

@@ -51,6 +51,24 @@ impl RuleFile {
         Ok(file)
     }
 
+    /// Loads each file, and refuses a rule name that an earlier file already defines: an alert's
+    /// state, id and routes are keyed by its rule's name.
+    pub fn load_all(paths: &[impl AsRef<Path>]) -> Result<Vec<RuleFile>, ConfigError> {
+        let mut names: BTreeMap<String, &Path> = BTreeMap::new();
+        let mut files = Vec::new();
+        for path in paths {
+            let path = path.as_ref();
+            let file = RuleFile::load(path)?;
+            for rule in &file.rules {
+                if let Some(other) = names.insert(rule.name.clone(), path) {
+                    return Err(ConfigError::Read { path: path.to_path_buf(), reason: format!("rule `{}` is also defined in {}", rule.name, other.display()) });
+                }
+            }
+            files.push(file);
+        }
+        Ok(files)
+    }
+
     /// Rules, routes and silences of several files, in order.
     pub fn merge(files: impl IntoIterator<Item = RuleFile>) -> RuleFile {
         files.into_iter().fold(RuleFile::default(), |mut all, file| {

@@ -140,11 +140,8 @@ pub fn run(path: &Path) -> Result<Vec<Outcome>, ConfigError> {
     let origin = path.display().to_string();
     file.window.validate().map_err(|(field, message)| invalid(&origin, field.to_string(), message))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut rule_files = Vec::new();
-    for rules in &file.rule_files {
-        rule_files.push(RuleFile::load(&base.join(rules))?);
-    }
-    let rules = RuleFile::merge(rule_files).rules;
+    let paths: Vec<_> = file.rule_files.iter().map(|rules| base.join(rules)).collect();
+    let rules = RuleFile::merge(RuleFile::load_all(&paths)?).rules;
     let spec = WindowSpec::from_config(&file.window);
     let mut outcomes = Vec::new();
     for (index, case) in file.tests.iter().enumerate() {

@@ -142,11 +142,8 @@ pub struct Backtest {
 
 /// Loads and merges rule files, naming the file in errors; a replay of no rules is refused.
 pub(crate) fn load_rules(paths: &[PathBuf]) -> Result<RuleFile, PipelineError> {
-    let mut files = Vec::new();
-    for path in paths {
-        files.push(RuleFile::load(&bundled(path))?);
-    }
-    let merged = RuleFile::merge(files);
+    let paths: Vec<PathBuf> = paths.iter().map(|path| bundled(path)).collect();
+    let merged = RuleFile::merge(RuleFile::load_all(&paths)?);
     if merged.rules.is_empty() {
         return Err(PipelineError::Usage("the rule files hold no rules".into()));
     }

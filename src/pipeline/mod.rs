@@ -264,10 +264,9 @@ fn rules_hash(config: &PipelineConfig) -> Option<String> {
 /// Reads the rule files and checks them against the pipeline (receivers, windows), as a start does
 /// and a reload does again.
 fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {
-    let mut files = Vec::new();
-    for path in &config.alerts.rules {
-        let path = bundled(path);
-        let file = RuleFile::load(&path)?;
+    let paths: Vec<PathBuf> = config.alerts.rules.iter().map(|path| bundled(path)).collect();
+    let files = RuleFile::load_all(&paths)?;
+    for (path, file) in paths.into_iter().zip(&files) {
         for route in &file.routes {
             for receiver in &route.receivers {
                 if !config.receivers.iter().any(|r| &r.name == receiver) {
@@ -288,7 +287,6 @@ fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {
                 ),
             }));
         }
-        files.push(file);
     }
     let all = RuleFile::merge(files);
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
