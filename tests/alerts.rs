@@ -78,6 +78,7 @@ timeout = "2s"
 name = "hook"
 type = "webhook"
 url = "http://127.0.0.1:{webhook_port}/alerts"
+bearer_token = "hook-t0ken"
 timeout = "2s"
 "#
     )
@@ -116,6 +117,8 @@ fn email_and_webhook_receive_explained_alerts() {
     assert_eq!(requests.len(), 2);
     let (head, alert) = requests.iter().find(|(_, a)| a["state"] == "firing").unwrap();
     assert!(head.to_ascii_lowercase().contains(&format!("idempotency-key: {}/firing/hook", alert["alert_id"].as_str().unwrap())));
+    // Its credentials go with it (a `bearer_token` on a webhook was accepted and never sent).
+    assert!(head.contains("authorization: Bearer hook-t0ken") || head.contains("Authorization: Bearer hook-t0ken"), "{head}");
     assert_eq!(alert["rule"], "market-negative");
     assert_eq!(alert["group"], serde_json::json!({"topic": "all"}));
     // It fires on the second bad story, the moment the rule holds in event time.

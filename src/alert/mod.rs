@@ -55,7 +55,7 @@ pub struct ReceiverConfig {
     /// alertmanager: several base URLs (an HA pair); each gets every alert.
     #[serde(default)]
     pub urls: Vec<EnvString>,
-    /// alertmanager: `Authorization: Bearer …` (or `username`/`password` for basic auth).
+    /// webhook, alertmanager: `Authorization: Bearer …` (or `username`/`password` for basic auth).
     pub bearer_token: Option<EnvString>,
     /// alertmanager: how often a firing alert is posted again. Alertmanager resolves an alert that
     /// is not re-sent before its `endsAt` (4 × this), as it does for Prometheus.
@@ -155,12 +155,36 @@ impl ReceiverConfig {
             self.urls.iter().try_for_each(|u| web("urls", u))?;
             self.dashboard_url.iter().try_for_each(|u| web("dashboard_url", u))?;
         }
-        if !self.properties.is_empty() && self.kind != ReceiverKind::Kafka {
-            return Err(("properties", format!("receiver `{}`: `properties` are for kafka receivers", self.name)));
+        // One struct holds every kind's fields: one a kind does not use would be ignored silently
+        // (a webhook's `bearer_token` was, and every POST was refused).
+        use ReceiverKind::{Alertmanager, Email, Kafka, Webhook};
+        let fields: [(&str, bool, &[ReceiverKind]); 14] = [
+            ("url", self.url.is_some(), &[Webhook, Alertmanager]),
+            ("urls", !self.urls.is_empty(), &[Alertmanager]),
+            ("bearer_token", self.bearer_token.is_some(), &[Webhook, Alertmanager]),
+            ("username", self.username.is_some(), &[Webhook, Alertmanager, Email]),
+            ("password", self.password.is_some(), &[Webhook, Alertmanager, Email]),
+            ("dashboard_url", self.dashboard_url.is_some(), &[Alertmanager]),
+            ("slack", self.slack, &[Webhook]),
+            ("smtp_host", self.smtp_host.is_some(), &[Email]),
+            ("smtp_port", self.smtp_port.is_some(), &[Email]),
+            ("from", self.from.is_some(), &[Email]),
+            ("to", !self.to.is_empty(), &[Email]),
+            ("topic", self.topic.is_some(), &[Kafka]),
+            ("brokers", self.brokers.is_some(), &[Kafka]),
+            ("properties", !self.properties.is_empty(), &[Kafka]),
+        ];
+        if let Some((field, _, kinds)) = fields.iter().find(|(_, set, kinds)| *set && !kinds.contains(&self.kind)) {
+            let name = |kind: &ReceiverKind| format!("{kind:?}").to_lowercase();
+            let kinds: Vec<String> = kinds.iter().map(name).collect();
+            return Err((field, format!("receiver `{}`: `{field}` is for {} receivers, not {}", self.name, kinds.join(" and "), name(&self.kind))));
         }
         match self.kind {
             ReceiverKind::Log => Ok(()),
-            ReceiverKind::Webhook => need(self.url.is_some(), "url"),
+            ReceiverKind::Webhook => {
+                need(self.url.is_some(), "url")?;
+                self.check_authorization()
+            }
             ReceiverKind::Email => {
                 need(self.smtp_host.is_some(), "smtp_host")?;
                 need(self.from.is_some(), "from")?;
@@ -179,17 +203,38 @@ impl ReceiverConfig {
             ReceiverKind::Kafka => need(self.topic.is_some(), "topic"),
             ReceiverKind::Alertmanager => {
                 need(self.url.is_some() || !self.urls.is_empty(), "urls")?;
-                if self.bearer_token.is_some() && self.username.is_some() {
-                    return Err(("bearer_token", format!("receiver `{}`: give `bearer_token` or `username`/`password`, not both", self.name)));
-                }
-                if self.password.is_some() && self.username.is_none() {
-                    return Err(("username", format!("receiver `{}`: `password` without `username`", self.name)));
-                }
+                self.check_authorization()?;
                 if self.resend_every.0.is_zero() {
                     return Err(("resend_every", format!("receiver `{}`: `resend_every` must be more than 0s", self.name)));
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl ReceiverConfig {
+    /// An HTTP receiver's credentials: a bearer token, or a user with a password, not both.
+    fn check_authorization(&self) -> Result<(), (&'static str, String)> {
+        if self.bearer_token.is_some() && self.username.is_some() {
+            return Err(("bearer_token", format!("receiver `{}`: give `bearer_token` or `username`/`password`, not both", self.name)));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(("username", format!("receiver `{}`: `password` without `username`", self.name)));
+        }
+        Ok(())
+    }
+
+    /// The `Authorization` header an HTTP receiver sends, if it has credentials.
+    pub fn authorization(&self) -> Option<String> {
+        match (&self.bearer_token, &self.username) {
+            (Some(token), _) => Some(format!("Bearer {}", token.as_str())),
+            (None, Some(user)) => {
+                use base64::Engine;
+                let password = self.password.as_ref().map_or("", |p| p.as_str());
+                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", user.as_str()))))
+            }
+            (None, None) => None,
         }
     }
 }

@@ -24,6 +24,8 @@ pub trait Notify: Send {
 pub struct Webhook {
     url: String,
     slack: bool,
+    /// `bearer_token` or `username`/`password`, as the `Authorization` header.
+    authorization: Option<String>,
     agent: ureq::Agent,
 }
 
@@ -34,10 +36,11 @@ impl Notify for Webhook {
         } else {
             serde_json::to_value(alert).map_err(|e| e.to_string())?
         };
-        let response = self
-            .agent
-            .post(&self.url)
-            .header("Content-Type", "application/json")
+        let mut request = self.agent.post(&self.url).header("Content-Type", "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request
             // Receivers can drop a repeat after a crash between sending and recording it.
             .header("Idempotency-Key", key)
             .send(body.to_string().as_bytes())
@@ -257,19 +260,11 @@ pub fn notifier(
         ReceiverKind::Log => Err("the log receiver has no notifier".into()),
         ReceiverKind::Webhook => {
             let url = config.url.as_ref().map(|u| u.as_str().to_string()).unwrap_or_default();
-            Ok(Box::new(Webhook { url, slack: config.slack, agent: http_agent(timeout) }))
+            Ok(Box::new(Webhook { url, slack: config.slack, authorization: config.authorization(), agent: http_agent(timeout) }))
         }
         ReceiverKind::Alertmanager => {
             let urls = config.url.iter().chain(&config.urls).map(|u| u.as_str().trim_end_matches('/').to_string()).collect();
-            let authorization = match (&config.bearer_token, &config.username) {
-                (Some(token), _) => Some(format!("Bearer {}", token.as_str())),
-                (None, Some(user)) => {
-                    use base64::Engine;
-                    let password = config.password.as_ref().map_or("", |p| p.as_str());
-                    Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", user.as_str()))))
-                }
-                (None, None) => None,
-            };
+            let authorization = config.authorization();
             let valid_for = chrono::Duration::milliseconds(4 * config.resend_every.as_millis());
             let dashboard = config.dashboard_url.as_ref().map(|u| u.as_str()).or(default_dashboard).map(|u| u.trim_end_matches('/').to_string());
             Ok(Box::new(Alertmanager { urls, authorization, valid_for, dashboard, agent: http_agent(timeout) }))

@@ -326,9 +326,26 @@ path = "data"
         }
         let err = receiver("type = \"webhook\"\nurl = \"http://h\"\n[receivers.properties]\n\"acks\" = \"all\"\n");
         assert!(err.contains("`receivers.properties`") && err.contains("for kafka receivers"), "{err}");
+        // A field its kind does not use is refused, not ignored: a webhook's token was never sent.
+        let err = receiver("type = \"kafka\"\ntopic = \"t\"\nbearer_token = \"t0ken\"\n");
+        assert!(err.contains("`receivers.bearer_token`") && err.contains("for webhook and alertmanager receivers, not kafka"), "{err}");
+        let err = receiver("type = \"webhook\"\nurl = \"http://h\"\nsmtp_host = \"mail\"\n");
+        assert!(err.contains("`receivers.smtp_host`") && err.contains("for email receivers, not webhook"), "{err}");
+        let err = receiver("type = \"email\"\nsmtp_host = \"s\"\nfrom = \"f\"\nto = [\"t\"]\nurls = [\"http://a\"]\n");
+        assert!(err.contains("`receivers.urls`"), "{err}");
+        let err = receiver("type = \"webhook\"\nurl = \"http://h\"\npassword = \"p\"\n");
+        assert!(err.contains("`receivers.username`") && err.contains("without `username`"), "{err}");
+        let hook = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"webhook\"\nurl = \"http://h\"\nusername = \"u\"\npassword = \"p\"\n");
+        assert_eq!(PipelineConfig::parse(&hook, "p.toml").unwrap().receivers[0].authorization().as_deref(), Some("Basic dTpw"));
         // People read email and webhooks: limited unless said otherwise; machines are not.
         let limits = |kind: &str, extra: &str| {
-            let text = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"{kind}\"\nurl = \"http://h\"\nurls = [\"http://a\"]\ntopic = \"t\"\nsmtp_host = \"s\"\nfrom = \"f\"\nto = [\"t\"]\n{extra}");
+            let needs = match kind {
+                "email" => "smtp_host = \"s\"\nfrom = \"f\"\nto = [\"t\"]\n",
+                "webhook" => "url = \"http://h\"\n",
+                "kafka" => "topic = \"t\"\n",
+                _ => "urls = [\"http://a\"]\n",
+            };
+            let text = format!("{KAFKA}\n[[receivers]]\nname = \"r\"\ntype = \"{kind}\"\n{needs}{extra}");
             PipelineConfig::parse(&text, "p.toml").unwrap().receivers[0].rate_limit()
         };
         assert_eq!((limits("email", ""), limits("webhook", ""), limits("kafka", ""), limits("alertmanager", "")), (Some(30), Some(30), None, None));
