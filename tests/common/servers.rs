@@ -12,22 +12,23 @@ use super::ROOT;
 
 /// A port for a server a test starts, from below the kernel's ephemeral range (32768 and up), so
 /// that no port the kernel hands out — to another test's `bind(0)` or an outgoing connection — can
-/// take it between this check and the server's own bind. Ports go up in steps of two from a start
-/// that differs per process, and each is checked free together with the next (Kafka's controller
-/// listens on the port after the broker's).
+/// take it between this check and the server's own bind. Ports go up in steps of three from a start
+/// that differs per process, and each is checked free together with the next two: a broker
+/// (`scripts/kafka.sh`) listens on the two after its own, for its controller and for SASL (in
+/// steps of two, another server of the same test process was handed the broker's SASL port).
 pub fn free_port() -> u16 {
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_000;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let start = FIRST + std::process::id().wrapping_mul(2 * 97) % SPAN;
+    let start = FIRST + std::process::id().wrapping_mul(3 * 97) % SPAN;
     let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in 0..SPAN / 2 {
-        let port = (FIRST + (NEXT.fetch_add(2, Ordering::SeqCst) - FIRST) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+    for _ in 0..SPAN / 3 {
+        let port = (FIRST + (NEXT.fetch_add(3, Ordering::SeqCst) - FIRST) % SPAN) as u16;
+        if (port..port + 3).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return port;
         }
     }
-    panic!("no free pair of ports between {FIRST} and {}", FIRST + SPAN);
+    panic!("no three free ports in a row between {FIRST} and {}", FIRST + SPAN);
 }
 
 /// tests/smtp_server.py on `port`, storing parsed messages in `dir`.
