@@ -273,6 +273,13 @@ path = "data"
         assert!(err.contains("`source.group_id`") && err.starts_with("p.toml:2:"), "{err}");
         let err = error("[source\n");
         assert!(err.starts_with("p.toml:1:"), "{err}");
+        // One kind's settings on the other are refused, not ignored.
+        let err = error(&format!("{KAFKA}").replace("[source]\n", "[source]\ndead_letter_path = \"dead.jsonl\"\n"));
+        assert!(err.contains("`source.dead_letter_path`") && err.contains("dead_letter_topic"), "{err}");
+        let err = error("[source]\ntype = \"file\"\npath = \"in.jsonl\"\ntopics = [\"news\"]\n[storage]\npath = \"s\"\n");
+        assert!(err.contains("`source.topics`"), "{err}");
+        let file_with_brokers = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbrokers = \"k:9092\"\n[storage]\npath = \"s\"\n[sink]\ntopic = \"scored\"\n";
+        assert!(PipelineConfig::parse(file_with_brokers, "p.toml").is_ok(), "a file source's brokers are its sink's");
     }
 
     #[test]

@@ -83,8 +83,26 @@ impl SourceConfig {
                 if !(self.speed >= 0.0 && self.speed.is_finite()) {
                     return Err(("source.speed", "must be 0 (as fast as possible) or a positive speed-up".into()));
                 }
+                // Kafka settings a file source would ignore (`brokers` and `properties` are the
+                // default connection of a sink and of kafka receivers, so they stay allowed).
+                if !self.topics.is_empty() {
+                    return Err(("source.topics", "`topics` are for a kafka source; a file source reads `path`".into()));
+                }
+                if self.group_id.is_some() {
+                    return Err(("source.group_id", "`group_id` is for a kafka source".into()));
+                }
             }
             SourceKind::Kafka => {
+                // File settings a kafka source would ignore: its dead letters go to `dead_letter_topic`.
+                if self.path.is_some() {
+                    return Err(("source.path", "`path` is for a file source; a kafka source reads `topics`".into()));
+                }
+                if self.dead_letter_path.is_some() {
+                    return Err(("source.dead_letter_path", "a kafka source's dead letters go to `dead_letter_topic`; `dead_letter_path` is for a file source".into()));
+                }
+                if self.speed != 0.0 {
+                    return Err(("source.speed", "`speed` paces a file's replay; a kafka source reads as the stories come".into()));
+                }
                 if self.brokers.is_none() {
                     return Err(("source.brokers", "a kafka source needs `brokers`, e.g. \"127.0.0.1:9092\"".into()));
                 }
