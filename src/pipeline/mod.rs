@@ -339,8 +339,13 @@ struct Reloads {
 impl Reloads {
     fn poll(&self, config: &PipelineConfig, core: &mut Core) {
         if self.signal.swap(false, Ordering::SeqCst) {
-            tracing::info!("SIGHUP: reading the rule files again");
-            let _ = self.reload(config, core);
+            if core.alerting.is_none() {
+                // Role classify, or no rules: a HUP sent to every instance alike changes nothing here.
+                tracing::info!("SIGHUP: this pipeline evaluates no rules; nothing to read again");
+            } else {
+                tracing::info!("SIGHUP: reading the rule files again");
+                let _ = self.reload(config, core);
+            }
         }
         while let Ok(answer) = self.requests.try_recv() {
             let _ = answer.send(self.reload(config, core));
