@@ -388,6 +388,9 @@ fn two_classify_processes_and_one_aggregate_window_every_story_once_even_when_on
     a.wait(Duration::from_secs(10));
     let at_kill = counter(&checkpoint(&aggregate.storage).unwrap(), "scored");
     assert!(at_kill < total, "the kill came after the end ({at_kill}); nothing was tested");
+    // A HUP (a config reloader signals every instance) does not end a classify instance, which
+    // has no rules to read again: `b` goes on alone.
+    b.signal("HUP");
 
     aggregate.wait_for_checkpoint(Duration::from_secs(180), "every story", |c| counter(c, "scored") >= total);
     b.signal("TERM");
