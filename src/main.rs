@@ -357,10 +357,16 @@ enum ModelCommand {
 #[derive(Subcommand)]
 enum RulesCommand {
     /// Validates rule files (rules, routes, silences); errors give file, line and field, exit 2.
+    /// With --pipeline, checks them against that pipeline too, as its start and a reload (SIGHUP)
+    /// do: routes name its receivers, ticker rules need its per-ticker windows. With --pipeline
+    /// and no FILE, its own rule files.
     ///
     /// Example: bearwatch rules check alerts/default.toml alerts/market.toml
     Check {
-        #[arg(required = true)]
+        /// A pipeline file whose receivers and windows the rules must fit.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        #[arg(required_unless_present = "pipeline")]
         files: Vec<PathBuf>,
     },
     /// Runs unit tests of rule files (promtool-style): synthetic stories in, the alerts expected
@@ -832,7 +838,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             outln!("{storage}: {left} journal files");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rules(RulesCommand::Check { files }) => {
+        Command::Rules(RulesCommand::Check { files, pipeline }) => {
+            let config = pipeline.as_deref().map(|path| pipeline_config(Some(path), None)).transpose()?;
+            let files = match &config {
+                Some(config) if files.is_empty() => config.alerts.rules.iter().map(|path| pipeline::bundled(path)).collect(),
+                _ => files,
+            };
             for (file, rules) in files.iter().zip(bearwatch::detect::RuleFile::load_all(&files)?) {
                 outln!(
                     "{}: ok ({} rules, {} routes, {} silences)",
@@ -841,6 +852,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     rules.routes.len(),
                     rules.silences.len()
                 );
+            }
+            if let (Some(mut config), Some(path)) = (config, pipeline) {
+                config.alerts.rules = files;
+                pipeline::check_rule_files(&config)?;
+                outln!("{}: the rules fit its receivers and windows", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }

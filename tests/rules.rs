@@ -54,6 +54,35 @@ fn broken_rules_name_file_line_and_field() {
     assert!(stderr.contains("b.toml") && stderr.contains("rule `same` is also defined in"), "{stderr}");
 }
 
+/// A rule file can be right on its own and wrong for a pipeline (a route to a receiver it does
+/// not define): `--pipeline` checks what its start and a reload would, before the reload refuses it.
+#[test]
+fn rules_are_checked_against_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("r.toml");
+    std::fs::write(&rules, "[[rules]]\nname = \"a\"\ngroup = \"all\"\nmetric = \"n\"\ncondition = { kind = \"threshold\", op = \">\", value = 1 }\n\n[[routes]]\nreceivers = [\"pager\"]\n").unwrap();
+    let pipeline = dir.path().join("p.toml");
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\n[storage]\npath = \"store\"\n[alerts]\nrules = [\"{}\"]\n[[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\n",
+        rules.display()
+    );
+    std::fs::write(&pipeline, &config).unwrap();
+    assert_eq!(check(&[&rules]).0, 0, "right on its own");
+    let run = |args: &[&std::path::Path]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["rules", "check", "--pipeline"]).args(args).output().unwrap();
+        (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    for args in [vec![pipeline.as_path()], vec![pipeline.as_path(), rules.as_path()]] {
+        let (code, out) = run(&args);
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains("r.toml") && out.contains("receiver `pager`"), "{out}");
+    }
+    std::fs::write(&pipeline, config.replace("name = \"hook\"", "name = \"pager\"")).unwrap();
+    let (code, out) = run(&[pipeline.as_path()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the rules fit"), "{out}");
+}
+
 fn rules_test(file: &std::path::Path) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_bearwatch")).args(["rules", "test"]).arg(file).output().unwrap();
     (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))

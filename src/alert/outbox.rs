@@ -2,7 +2,10 @@
 //! every attempt's outcome after. Replaying the file at start restores what is pending, so a
 //! restart neither loses a notification nor sends one again that was recorded as sent. Reminders
 //! and Alertmanager re-sends (`KEY#n`) add entries while an alert fires; once settled they are not
-//! needed, and the file is rewritten without them from time to time, so it stays bounded.
+//! needed, and the file is rewritten without them from time to time. It is rewritten too when
+//! failed attempts have piled up (a receiver down for a day adds a line a minute per notice), and
+//! settled notices are kept [`SETTLED_KEEP_MS`], so file and memory stay bounded however long
+//! the pipeline runs and however many alerts it raises.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -28,6 +31,13 @@ enum Event {
 
 /// Settled reminders allowed before the file is rewritten without them.
 const SETTLED_REMINDERS_MAX: usize = 256;
+/// Lines allowed beyond two per entry (queued, settled) before the file is rewritten.
+const EXTRA_LINES_MAX: usize = 4096;
+/// How long a settled notice is known: a change raised again (a restart replays what its last
+/// checkpoint had not covered, seconds to minutes) is then not sent twice.
+const SETTLED_KEEP_MS: i64 = 7 * 86_400_000;
+/// How often settled notices are looked over for ones past [`SETTLED_KEEP_MS`].
+const AGE_CHECK_MS: i64 = 3_600_000;
 
 fn is_reminder(key: &str) -> bool {
     key.contains('#')
@@ -70,15 +80,30 @@ pub struct Outbox {
     file: File,
     entries: BTreeMap<String, Entry>,
     settled_reminders: usize,
+    /// Lines in the file.
+    lines: usize,
+    /// When settled notices are next looked over for ones past their keeping.
+    next_age_check_ms: i64,
+}
+
+/// When a notice stopped being pending: sent, or given up at its expiry.
+fn settled_at(entry: &Entry) -> i64 {
+    entry.sent_ms.unwrap_or(entry.expires_ms)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 impl Outbox {
     pub fn open(path: &Path) -> Result<Outbox, AlertError> {
         let io = AlertError::io(path);
         let mut entries = BTreeMap::new();
+        let mut lines = 0;
         if path.exists() {
             for (number, line) in BufReader::new(File::open(path).map_err(io)?).lines().enumerate() {
                 let line = line.map_err(io)?;
+                lines += 1;
                 match serde_json::from_str::<Event>(&line) {
                     Ok(event) => apply(&mut entries, event),
                     // Only the last line can be torn, by a crash in the middle of an append.
@@ -88,16 +113,32 @@ impl Outbox {
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
         let settled_reminders = entries.values().filter(|e| e.status != Status::Pending && is_reminder(&e.key)).count();
-        let mut outbox = Outbox { path: path.to_path_buf(), file, entries, settled_reminders };
-        if outbox.settled_reminders > 0 {
+        let mut outbox = Outbox { path: path.to_path_buf(), file, entries, settled_reminders, lines, next_age_check_ms: i64::MIN };
+        if outbox.settled_reminders > 0 || outbox.compaction_due() {
             outbox.compact()?;
         }
         Ok(outbox)
     }
 
-    /// Rewrites the file, whole, with every entry but the settled reminders.
+    /// Whether failed attempts have piled up in the file, or (looked at hourly) a settled notice
+    /// is past its keeping.
+    fn compaction_due(&mut self) -> bool {
+        if self.lines > 2 * self.entries.len() + EXTRA_LINES_MAX {
+            return true;
+        }
+        let now = now_ms();
+        if now < self.next_age_check_ms {
+            return false;
+        }
+        self.next_age_check_ms = now + AGE_CHECK_MS;
+        self.entries.values().any(|e| e.status != Status::Pending && settled_at(e) < now - SETTLED_KEEP_MS)
+    }
+
+    /// Rewrites the file, whole, with one line per entry: every entry but the settled reminders
+    /// and the notices settled longer ago than [`SETTLED_KEEP_MS`].
     fn compact(&mut self) -> Result<(), AlertError> {
-        self.entries.retain(|key, e| e.status == Status::Pending || !is_reminder(key));
+        let keep_from = now_ms() - SETTLED_KEEP_MS;
+        self.entries.retain(|key, e| e.status == Status::Pending || (!is_reminder(key) && settled_at(e) >= keep_from));
         let mut text = Vec::new();
         for entry in self.entries.values() {
             serde_json::to_writer(&mut text, &Event::Restored(entry.clone())).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
@@ -106,6 +147,7 @@ impl Outbox {
         super::replace_file(&self.path, &text)?;
         self.file = OpenOptions::new().append(true).open(&self.path).map_err(AlertError::io(&self.path))?;
         self.settled_reminders = 0;
+        self.lines = self.entries.len();
         Ok(())
     }
 
@@ -115,10 +157,11 @@ impl Outbox {
         }
     }
 
-    /// Compacts when settled reminders have piled up (the notifier calls it once it has recorded
-    /// their rows for the `notifications` table).
+    /// Compacts when settled reminders or failed attempts have piled up, or notices are past
+    /// their keeping (the notifier calls it once it has recorded their rows for the
+    /// `notifications` table).
     pub fn compact_when_due(&mut self) -> Result<(), AlertError> {
-        if self.settled_reminders > SETTLED_REMINDERS_MAX { self.compact() } else { Ok(()) }
+        if self.settled_reminders > SETTLED_REMINDERS_MAX || self.compaction_due() { self.compact() } else { Ok(()) }
     }
 
     /// Writes `event`, then applies it: what is queued must be on disk before anyone sends it.
@@ -142,7 +185,9 @@ impl Outbox {
     fn write(&mut self, event: &Event) -> Result<(), AlertError> {
         let mut line = serde_json::to_vec(event).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
         line.push(b'\n');
-        crate::files::append_whole(&mut self.file, &line).map_err(AlertError::io(&self.path))
+        crate::files::append_whole(&mut self.file, &line).map_err(AlertError::io(&self.path))?;
+        self.lines += 1;
+        Ok(())
     }
 
     /// Records a notification to send; false if this key is already known (sent or pending).
@@ -269,7 +314,7 @@ mod tests {
         let path = dir.path().join("outbox.jsonl");
         let mut outbox = Outbox::open(&path).unwrap();
         outbox.enqueue("a1/firing/am".into(), "am".into(), alert(AlertState::Firing), 0, 100, 10).unwrap();
-        outbox.sent("a1/firing/am", 1).unwrap();
+        outbox.sent("a1/firing/am", now_ms()).unwrap();
         // A long firing alert: one re-send after another.
         for n in 1..=2 * SETTLED_REMINDERS_MAX {
             let key = format!("a1/firing/am#{n}");
@@ -290,6 +335,53 @@ mod tests {
         let pending = reopened.get("a1/firing/am#999").unwrap();
         assert_eq!((pending.status, pending.attempts, pending.next_ms, pending.last_error.as_deref()), (Status::Pending, 1, 7, Some("down")));
         assert!(reopened.get("a1/firing/am#1").is_none());
+    }
+
+    /// A receiver down for days: each retry added a line, and only settled reminders made the
+    /// file be rewritten.
+    #[test]
+    fn failed_attempts_do_not_pile_up_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut outbox = Outbox::open(&path).unwrap();
+        outbox.enqueue("a1/firing/hook".into(), "hook".into(), alert(AlertState::Firing), 0, i64::MAX, 0).unwrap();
+        for attempt in 0..3 * EXTRA_LINES_MAX as i64 {
+            outbox.failed("a1/firing/hook", attempt, format!("HTTP 503 (attempt {attempt})"), attempt + 1).unwrap();
+            outbox.compact_when_due().unwrap();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= EXTRA_LINES_MAX + 3, "{lines} lines for one notice");
+        drop(outbox);
+        let reopened = Outbox::open(&path).unwrap();
+        let entry = reopened.get("a1/firing/hook").unwrap();
+        let last = 3 * EXTRA_LINES_MAX as i64 - 1;
+        assert_eq!((entry.status, entry.attempts as i64, entry.next_ms), (Status::Pending, last + 1, last + 1));
+        assert_eq!(entry.last_error.as_deref(), Some(format!("HTTP 503 (attempt {last})").as_str()));
+    }
+
+    /// Every alert of a long run (a feed naming ever new tickers fires one per ticker) stayed in
+    /// the file and in memory for good; a settled notice is kept a week.
+    #[test]
+    fn settled_notices_are_kept_a_week_and_pending_ones_until_they_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.jsonl");
+        let mut outbox = Outbox::open(&path).unwrap();
+        let now = now_ms();
+        let long_ago = now - SETTLED_KEEP_MS - 60_000;
+        outbox.enqueue("old/firing/hook".into(), "hook".into(), alert(AlertState::Firing), long_ago, long_ago + 1, 0).unwrap();
+        outbox.sent("old/firing/hook", long_ago).unwrap();
+        outbox.enqueue("expired/firing/hook".into(), "hook".into(), alert(AlertState::Firing), long_ago, long_ago, 0).unwrap();
+        outbox.drop_entry("expired/firing/hook", long_ago, "expired after 9 attempts".into()).unwrap();
+        outbox.enqueue("new/firing/hook".into(), "hook".into(), alert(AlertState::Firing), now, now + 1, 0).unwrap();
+        outbox.sent("new/firing/hook", now).unwrap();
+        outbox.enqueue("waiting/firing/hook".into(), "hook".into(), alert(AlertState::Firing), long_ago, long_ago, 0).unwrap();
+        drop(outbox);
+
+        let reopened = Outbox::open(&path).unwrap();
+        let status = |key: &str| reopened.get(key).map(|e| e.status);
+        assert_eq!((status("old/firing/hook"), status("expired/firing/hook")), (None, None), "settled over a week ago");
+        assert_eq!((status("new/firing/hook"), status("waiting/firing/hook")), (Some(Status::Sent), Some(Status::Pending)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 
     #[test]

@@ -261,6 +261,12 @@ fn rules_hash(config: &PipelineConfig) -> Option<String> {
     Some(crate::source::file::sha256(&bytes))
 }
 
+/// Whether the pipeline's rule files load and fit its receivers and windows (`rules check
+/// --pipeline`): what a start and a reload check.
+pub fn check_rule_files(config: &PipelineConfig) -> Result<(), PipelineError> {
+    load_rule_files(config).map(drop)
+}
+
 /// Reads the rule files and checks them against the pipeline (receivers, windows), as a start does
 /// and a reload does again.
 fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {

@@ -1,7 +1,7 @@
 //! The file source: JSON lines replayed in event-time order, as fast as possible or at N× real time.
 
 use std::fs::File;
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -56,7 +56,11 @@ impl FileSource {
     /// checkpoint knew of the file. Refuses a file whose part already read has changed.
     pub fn open(path: &Path, speed: f64, resume: Option<(i64, Option<&FileProgress>)>) -> Result<FileSource, SourceError> {
         let failed = |reason: String| SourceError::File { path: path.display().to_string(), reason };
-        let file = File::open(path).map_err(|e| failed(e.to_string()))?;
+        let mut file = File::open(path).map_err(|e| failed(e.to_string()))?;
+        if !file.metadata().map_err(|e| failed(e.to_string()))?.is_file() {
+            // A pipe (`/dev/stdin`, `<(zcat news.jsonl.gz)`) has no size and reads once.
+            file = spool(file).map_err(|e| failed(format!("cannot copy it to a temporary file: {e}")))?;
+        }
         // What is there now; lines appended while this run reads are for the next run.
         let size = file.metadata().map_err(|e| failed(e.to_string()))?.len();
         let (start, known) = resume.unwrap_or((0, None));
@@ -132,6 +136,18 @@ pub fn sha256(bytes: &[u8]) -> String {
     hex(&sha2::Sha256::digest(bytes))
 }
 
+/// Copies a stream to a temporary file that has no name (removed once created), so it can be
+/// indexed and its lines read back by offset like a file's.
+fn spool(mut stream: File) -> std::io::Result<File> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("bearwatch-source-{}-{n}.jsonl", std::process::id()));
+    let mut copy = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    std::fs::remove_file(&path)?;
+    std::io::copy(&mut stream, &mut copy)?;
+    Ok(copy)
+}
+
 /// One pass over a file's segments: its non-blank lines, each with the event time of the last
 /// line before it that had one, sorted by it within each segment; and SHA-256s of the bytes up to
 /// what an earlier run read and up to the last segment's end.
@@ -145,6 +161,8 @@ impl Index {
     fn build(file: &File, segment_ends: &[u64], read: u64, buffer: usize) -> std::io::Result<Index> {
         use sha2::Digest;
         let end = segment_ends.last().copied().unwrap_or(0);
+        let mut file = file;
+        file.rewind()?;
         let mut reader = std::io::BufReader::with_capacity(buffer, file.take(end));
         let mut hasher = sha2::Sha256::new();
         let mut sha256_read = (read == 0).then(|| hex(&hasher.clone().finalize()));
@@ -418,6 +436,22 @@ mod tests {
         assert!(read[0].starts_with(b"{\"id\":\"b\"") && read[1].starts_with(b"{\"id\":\"a\""), "b, then a, then the long line, which has a's time");
         assert_eq!(read[2].len() as u64, LINE_READ_LIMIT);
         assert!(read[2].iter().all(|b| *b == b'x'));
+    }
+
+    /// A pipe has no size: read through `/dev/stdin` or `<(zcat …)`, its lines are copied aside
+    /// first (the index of a size-0 file read nothing).
+    #[test]
+    fn a_pipe_is_read_as_a_file_is() {
+        let line = |id: &str, second: u32| format!("{{\"id\":\"{id}\",\"published_at\":\"2024-01-01T00:00:{second:02}Z\"}}\n");
+        let mut cat = std::process::Command::new("printf").arg(line("b", 2) + &line("a", 1)).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let pipe = File::from(std::os::fd::OwnedFd::from(cat.stdout.take().unwrap()));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&pipe);
+        let mut source = FileSource::open(Path::new(&format!("/proc/self/fd/{fd}")), 0.0, None).unwrap();
+        let ids: Vec<String> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap())
+            .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["a", "b"]);
+        cat.wait().unwrap();
     }
 
     #[test]
