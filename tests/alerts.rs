@@ -538,6 +538,9 @@ fn rule_files_reload_on_sighup_or_request_and_a_rule_gone_resolves_its_alert() {
     let gone = hooked(&hook, &mut run, "market-negative", "resolved");
     assert_eq!((&gone["alert_id"], &gone["severity"]), (&fired["alert_id"], &serde_json::json!("critical")), "the alert that fired, as it fired");
     assert!(gone["summary"].as_str().unwrap().contains("no longer in the rule files"), "{gone}");
+    let (_, in_force) = api.call("GET", "/api/rules", Some(token), None);
+    assert_eq!((&in_force["rules"][0]["name"], &in_force["rules"][0]["condition"]["kind"]), (&serde_json::json!("market-busy"), &serde_json::json!("threshold")), "{in_force}");
+    assert_eq!((&in_force["rules_hash"], &in_force["refused"]), (&reloaded["rules_hash"], &serde_json::Value::Null));
     // The new rule is in force for what comes next.
     send("next.jsonl", "{\"id\":\"n1\",\"published_at\":\"1987-03-02T12:10:00Z\",\"headline\":\"Exports surge to all-time high\"}\n");
     hooked(&hook, &mut run, "market-busy", "firing");
@@ -556,6 +559,8 @@ fn rule_files_reload_on_sighup_or_request_and_a_rule_gone_resolves_its_alert() {
     let (status, refused) = api.call("POST", "/api/rules/reload", Some(token), None);
     assert_eq!(status, 400, "{refused}");
     assert!(refused["error"].as_str().unwrap().contains("rules.toml:"), "{refused}");
+    let (_, in_force) = api.call("GET", "/api/rules", Some(token), None);
+    assert!(in_force["refused"].as_str().unwrap().contains("rules.toml:") && in_force["rules"][0]["name"] == "market-busy", "{in_force}");
     let metrics = agent.get(format!("http://127.0.0.1:{http}/metrics")).call().unwrap().body_mut().read_to_string().unwrap();
     assert!(metrics.contains("bearwatch_rules_last_reload_successful 0"), "{metrics}");
     assert!(metrics.contains("bearwatch_rules_reloads_total{outcome=\"refused\"} 2"), "{metrics}");

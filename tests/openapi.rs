@@ -192,7 +192,11 @@ fn every_operation_answers_as_documented_with_its_errors() {
     assert_eq!(api.call("POST", "/api/models/promote", Some(ADMIN), Some(r#"{"dir": "/tmp", "force": true}"#)).0, 400, "force needs a reason");
     assert_eq!(api.call("POST", "/api/models/rollback", Some(ADMIN), None).0, 400, "nothing to roll back");
 
-    // Reloading rule files: admins only; this pipeline has none (tests/alerts.rs reloads some).
+    // The rules in force (none here) for any user; reloading them for admins only (tests/alerts.rs
+    // reloads some).
+    let (status, in_force) = api.call("GET", "/api/rules", Some(VIEWER), None);
+    assert_eq!((status, &in_force["rules"]), (200, &serde_json::json!([])), "{in_force}");
+    assert_eq!(api.call("GET", "/api/rules", None, None).0, 401);
     assert_eq!(api.call("POST", "/api/rules/reload", Some(ANALYST), None).0, 403);
     assert_eq!(api.call("POST", "/api/rules/reload", Some(ADMIN), Some(r#"{"files": ["x.toml"]}"#)).0, 400);
     assert_eq!(api.call("POST", "/api/rules/reload", Some(ADMIN), None).0, 409, "no rules to reload");

@@ -475,7 +475,8 @@ impl Condition {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Serialized as a rule file writes it (`GET /api/rules`); read through [`RawRule`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, try_from = "RawRule")]
 pub struct Rule {
     pub name: String,
@@ -484,6 +485,7 @@ pub struct Rule {
     pub metric: Metric,
     pub condition: Condition,
     /// How long (event time) the condition must hold before the alert fires.
+    #[serde(rename = "for")]
     pub pending_for: HumanDuration,
     /// How long (event time) a firing alert stays firing after the condition stops holding.
     pub keep_firing_for: HumanDuration,

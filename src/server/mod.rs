@@ -3,7 +3,7 @@
 //! `DELETE /api/silences/{id}`), feedback (`POST /api/feedback/labels|verdicts|missed`) and
 //! `GET /api/me`, each for the roles that may use it (`auth`); promotion and rollback of the
 //! champion model and a reload of the rule files for admins (`POST /api/models/promote|rollback`,
-//! `POST /api/rules/reload`); and, without auth for probes and
+//! `POST /api/rules/reload`; the rules in force at `GET /api/rules`); and, without auth for probes and
 //! scrapers, `GET /health`, `GET /ready` and `GET /metrics` (Prometheus text format), the API's
 //! description at `GET /api/openapi.json`, and the dashboard page at `GET /` (its data needs a
 //! token when the server has users).
@@ -134,6 +134,7 @@ impl Server {
             .route("/api/feedback/missed", post(feedback::missed))
             .route("/api/models/promote", post(models::promote))
             .route("/api/models/rollback", post(models::rollback))
+            .route("/api/rules", get(reload::in_force))
             .route("/api/rules/reload", post(reload::reload))
             .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
             .layer(middleware::from_fn_with_state(state.clone(), web::guard));

@@ -1,5 +1,7 @@
 //! `POST /api/rules/reload` (admins): the pipeline reads its rule files again, as on SIGHUP, and
 //! the caller learns what is in force or why the files were refused (the rules before stay).
+//! `GET /api/rules` (anyone who may read): the rules in force, their files' hash, and why the
+//! last reload was refused, if it was.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::auth::Admin;
+use super::auth::{Admin, Viewer};
 use super::{AppState, error};
 
 /// One reload asked of the pipeline thread, which answers on the channel.
@@ -34,6 +36,11 @@ struct ReloadBody {}
 /// How long a caller waits for the pipeline thread to take the request: it takes it between two
 /// reads, but a storage outage holds it until the storage answers.
 const WAIT: Duration = Duration::from_secs(30);
+
+pub(super) async fn in_force(State(state): State<AppState>, _: Viewer) -> Response {
+    let rules = &state.rules;
+    Json(serde_json::json!({ "rules_hash": rules.hash(), "refused": rules.refused(), "rules": rules.rules() })).into_response()
+}
 
 pub(super) async fn reload(State(state): State<AppState>, Admin(who): Admin, text: String) -> Response {
     if let Err(response) = super::models::body::<ReloadBody>(&text) {
