@@ -215,6 +215,34 @@ fn a_story_too_large_for_the_scored_topic_goes_there_without_its_body() {
     assert_eq!(query_one(&pipeline.storage, "SELECT length(body) FROM news WHERE id = 'long'"), "1500000", "news keeps it whole");
 }
 
+/// A `[sink]` that names no brokers publishes on the source's cluster, so it logs in as the source
+/// does, with its own properties on top. With a file source it connected with its own properties
+/// only (no login: nothing published), and beside a kafka source its properties were ignored.
+#[test]
+fn a_sink_that_names_no_brokers_logs_in_as_the_source_does_with_its_own_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let scored_topic = unique("file-scored");
+    create_topic(&scored_topic, 1);
+    std::fs::write(dir.path().join("in.jsonl"), stories(20)).unwrap();
+    let (sasl, login) = common::sasl_brokers();
+    let config = format!(
+        "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbrokers = \"{sasl}\"\n[source.properties]\n{login}\
+         [storage]\npath = \"store\"\n[run]\nsummary_interval = \"0s\"\n\
+         [sink]\ntopic = \"{scored_topic}\"\n[sink.properties]\n\"compression.type\" = \"gzip\"\n"
+    );
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    assert!(run.wait(Duration::from_secs(90)).success(), "{}", run.logs());
+    assert_eq!(read_all(&scored_topic, 20).len(), 20);
+    // Beside a kafka source too, the sink's properties are applied: one that librdkafka refuses
+    // is an error at the start (it was ignored).
+    let topic = unique("sink-properties");
+    create_topic(&topic, 1);
+    let sink = format!("[sink]\ntopic = \"{scored_topic}\"\n[sink.properties]\n\"compression.type\" = \"brotli\"\n");
+    let mut refused = Pipeline::start(dir.path(), "bad", &kafka_pipeline(&topic, &unique("group"), "store2", &sink));
+    assert!(!refused.wait(Duration::from_secs(60)).success());
+    assert!(refused.logs().contains("compression.type"), "{}", refused.logs());
+}
+
 #[test]
 fn stories_behind_the_watermark_go_to_the_late_table() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use super::outbox::{Outbox, Status};
 use super::{ReceiverConfig, ReceiverKind, SmtpTls, headline_line, render_text};
 use crate::config::EnvString;
 use crate::detect::{Alert, AlertState};
-use crate::source::kafka::Output;
+use crate::source::kafka::{Output, output_connection};
 
 /// Sends one notification; the error text goes into the outbox and the `notifications` table.
 pub trait Notify: Send {
@@ -290,13 +290,9 @@ pub fn notifier(
             Ok(Box::new(Email { transport: builder.build(), from, to }))
         }
         ReceiverKind::Kafka => {
-            let (brokers, mut properties) = match (&config.brokers, source_kafka) {
-                (Some(brokers), _) => (brokers.as_str(), BTreeMap::new()),
-                (None, Some((brokers, properties))) => (brokers, properties.clone()),
-                (None, None) => return Err("no brokers for the kafka receiver".into()),
-            };
-            properties.extend(config.properties.clone());
-            let output = Output::connect(brokers, &properties).map_err(|e| e.to_string())?;
+            let (brokers, properties) =
+                output_connection(config.brokers.as_ref(), &config.properties, source_kafka).ok_or("no brokers for the kafka receiver")?;
+            let output = Output::connect(&brokers, &properties).map_err(|e| e.to_string())?;
             Ok(Box::new(KafkaAlerts { output: Arc::new(output), topic: config.topic.clone().unwrap_or_default() }))
         }
     }

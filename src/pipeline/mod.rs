@@ -34,7 +34,7 @@ use crate::config::ConfigError;
 use crate::error::{Classified, ErrorClass};
 use crate::source::dead_letter::DeadLetter;
 use crate::source::file::FileSource;
-use crate::source::kafka::{KafkaSource, Output, GroupHandler};
+use crate::source::kafka::{GroupHandler, KafkaSource, Output, output_connection};
 use crate::source::{Offsets, Source, SourceError, SourceKind};
 use crate::storage::{Storage, StorageError};
 use crate::window::{WindowSpec, WindowState};
@@ -440,10 +440,12 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
         None => None,
         Some(sink) => {
             let output = match (&sink.brokers, &kafka_output) {
-                (None, Some(output)) => output.clone(),
-                (brokers, _) => {
-                    let brokers = brokers.as_ref().or(source_config.brokers.as_ref()).expect("validated: sink has brokers");
-                    Arc::new(Output::connect(brokers.as_str(), &sink.properties)?)
+                // The source's own producer, where the sink adds nothing to its connection.
+                (None, Some(output)) if sink.properties.is_empty() => output.clone(),
+                _ => {
+                    let source = source_config.brokers.as_ref().map(|b| (b.as_str(), &source_config.properties));
+                    let (brokers, properties) = output_connection(sink.brokers.as_ref(), &sink.properties, source).expect("validated: sink has brokers");
+                    Arc::new(Output::connect(&brokers, &properties)?)
                 }
             };
             Some(ScoredSink { output, topic: sink.topic.clone() })

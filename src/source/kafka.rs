@@ -386,6 +386,26 @@ impl ProducerContext for DeliveryReport {
     }
 }
 
+/// Where an output that may name its own cluster connects (the `[sink]`, a kafka receiver): with
+/// its own `brokers`, with its own properties; else with the source's brokers and the source's
+/// properties (the same cluster takes the same login) and its own on top. None where neither
+/// names brokers.
+pub fn output_connection(
+    brokers: Option<&EnvString>,
+    properties: &BTreeMap<String, EnvString>,
+    source: Option<(&str, &BTreeMap<String, EnvString>)>,
+) -> Option<(String, BTreeMap<String, EnvString>)> {
+    match (brokers, source) {
+        (Some(brokers), _) => Some((brokers.as_str().to_string(), properties.clone())),
+        (None, Some((brokers, inherited))) => {
+            let mut all = inherited.clone();
+            all.extend(properties.clone());
+            Some((brokers.to_string(), all))
+        }
+        (None, None) => None,
+    }
+}
+
 /// A producer for bearwatch's own output topics; sends never block the pipeline.
 pub struct Output {
     producer: ThreadedProducer<DeliveryReport>,
