@@ -416,7 +416,12 @@ impl Output {
     pub fn connect(brokers: &str, properties: &BTreeMap<String, EnvString>) -> Result<Output, SourceError> {
         let report = DeliveryReport::default();
         let mut config = client_config(brokers, properties);
-        config.set("message.max.bytes", "4194304").set("linger.ms", "5");
+        // Defaults that the properties may change (they were set over them).
+        for (key, value) in [("message.max.bytes", "4194304"), ("linger.ms", "5")] {
+            if !properties.contains_key(key) {
+                config.set(key, value);
+            }
+        }
         let producer = config.create_with_context(report.clone()).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         Ok(Output { producer, report })
     }
