@@ -243,10 +243,15 @@ pub struct KafkaSource {
     /// asked whether they have them.
     named: Vec<String>,
     looked: Option<std::time::Instant>,
+    /// Whether the brokers had all of them when last asked.
+    all_found: bool,
 }
 
-/// How often the source asks the brokers whether the topics it reads exist.
+/// How often the source asks the brokers whether the topics it reads exist while one is missing;
+/// once all are there, every [`LOOK_EVERY_FOUND`] (a full metadata request, on the pipeline
+/// thread: large on a cluster of many topics).
 const LOOK_EVERY: Duration = Duration::from_secs(10);
+const LOOK_EVERY_FOUND: Duration = Duration::from_secs(60);
 
 impl KafkaSource {
     pub fn subscribe(
@@ -277,22 +282,25 @@ impl KafkaSource {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let named = topics.iter().filter(|t| !t.starts_with('^')).cloned().collect();
-        Ok(KafkaSource { consumer, reached: false, named, looked: None })
+        Ok(KafkaSource { consumer, reached: false, named, looked: None, all_found: false })
     }
 
     /// Tells `Trouble` which subscribed topics the brokers do not have: librdkafka reports a
     /// missing topic once and then waits for it, so a misspelt name was one log line.
-    fn look_for_topics(&self) {
+    fn look_for_topics(&mut self) {
         let Ok(metadata) = self.consumer.fetch_metadata(None, Duration::from_millis(500)) else { return };
         let there: BTreeSet<&str> = metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
-        let absent = self.named.iter().filter(|t| !there.contains(t.as_str())).cloned().collect();
+        let absent: Vec<String> = self.named.iter().filter(|t| !there.contains(t.as_str())).cloned().collect();
+        self.all_found = absent.is_empty();
         self.consumer.context().trouble.absent(absent);
     }
 }
 
 impl Source for KafkaSource {
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
-        if self.looked.is_none_or(|at| at.elapsed() >= LOOK_EVERY) {
+        // Patterns (`^…`) match what there is: only topics named outright can be missing.
+        let every = if self.all_found { LOOK_EVERY_FOUND } else { LOOK_EVERY };
+        if !self.named.is_empty() && self.looked.is_none_or(|at| at.elapsed() >= every) {
             self.looked = Some(std::time::Instant::now());
             self.look_for_topics();
         }
