@@ -211,9 +211,7 @@ impl ReceiverConfig {
             }
         }
     }
-}
 
-impl ReceiverConfig {
     /// An HTTP receiver's credentials: a bearer token, or a user with a password, not both.
     fn check_authorization(&self) -> Result<(), (&'static str, String)> {
         if self.bearer_token.is_some() && self.username.is_some() {
