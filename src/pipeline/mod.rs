@@ -307,9 +307,8 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
     let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
-    let source_kafka = config.source.brokers.as_ref().map(|b| (b.as_str(), &config.source.properties));
     for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
-        let notifier = notify::notifier(receiver, source_kafka, dashboard.as_deref()).map_err(|reason| {
+        let notifier = notify::notifier(receiver, config.source.connection(), dashboard.as_deref()).map_err(|reason| {
             PipelineError::Config(ConfigError::Invalid {
                 file: "pipeline".into(),
                 line: 0,
@@ -443,8 +442,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
                 // The source's own producer, where the sink adds nothing to its connection.
                 (None, Some(output)) if sink.properties.is_empty() => output.clone(),
                 _ => {
-                    let source = source_config.brokers.as_ref().map(|b| (b.as_str(), &source_config.properties));
-                    let (brokers, properties) = output_connection(sink.brokers.as_ref(), &sink.properties, source).expect("validated: sink has brokers");
+                    let (brokers, properties) =
+                        output_connection(sink.brokers.as_ref(), &sink.properties, source_config.connection()).expect("validated: sink has brokers");
                     Arc::new(Output::connect(&brokers, &properties)?)
                 }
             };

@@ -131,6 +131,12 @@ impl SourceConfig {
         within("source.max_message_bytes", self.max_message_bytes, 1, 64 << 20)
     }
 
+    /// The source's brokers and properties, where it names brokers: the connection that the sink and
+    /// kafka receivers naming none of their own start from.
+    pub fn connection(&self) -> Option<(&str, &BTreeMap<String, EnvString>)> {
+        self.brokers.as_ref().map(|brokers| (brokers.as_str(), &self.properties))
+    }
+
     /// Whether `topic` is among `topics`, by name or by a `^…` pattern (librdkafka subscribes to
     /// every topic a topic starting with `^` matches).
     pub fn reads_topic(&self, topic: &str) -> bool {

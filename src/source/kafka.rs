@@ -16,7 +16,7 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Offsets, Record, Source, SourceError, Trouble};
+use super::{Offsets, Record, Source, SourceError, Trouble, lock};
 use super::StartOffset;
 use crate::config::EnvString;
 
@@ -118,10 +118,6 @@ impl ClientContext for GroupContext {
         }
         *reported = now;
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl GroupContext {

@@ -29,6 +29,12 @@ pub struct Record {
 /// Next offset to read, per topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 
+/// A lock whose holder panicked is taken as it is: what it guards is reports and bookkeeping,
+/// which a panic elsewhere leaves usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Errors the source keeps reporting. librdkafka retries by itself and hands each failure over as a
 /// report, so a refused login, a topic that is not there or a partition it cannot read shows only
 /// as a log line a second; `/ready` shows this while they last.
@@ -57,7 +63,7 @@ const TROUBLE_CHARS: usize = 300;
 impl Trouble {
     pub fn report(&self, error: &str) {
         let error: String = error.chars().take(TROUBLE_CHARS).collect();
-        let mut streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        let mut streak = lock(&self.streak);
         let now = std::time::Instant::now();
         let s = match streak.as_mut().filter(|s| now.duration_since(s.last_at) < TROUBLE_QUIET) {
             Some(s) => s,
@@ -74,19 +80,19 @@ impl Trouble {
 
     /// The subscribed topics the brokers do not have, as of the last look.
     pub fn absent(&self, topics: Vec<String>) {
-        *self.absent.lock().unwrap_or_else(|p| p.into_inner()) = topics;
+        *lock(&self.absent) = topics;
     }
 
     /// Topics that are not there, and the errors of the last half minute, for people.
     pub fn describe(&self) -> Vec<String> {
-        let absent = self.absent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let absent = lock(&self.absent).clone();
         let absent = (!absent.is_empty())
             .then(|| format!("subscribed topics the brokers do not have: {} (nothing is read from them until they are created)", absent.join(", ")));
         absent.into_iter().chain(self.streak()).collect()
     }
 
     fn streak(&self) -> Option<String> {
-        let streak = self.streak.lock().unwrap_or_else(|p| p.into_inner());
+        let streak = lock(&self.streak);
         let s = streak.as_ref().filter(|s| s.last_at.elapsed() < TROUBLE_QUIET)?;
         Some(format!(
             "source errors since {} ({}, the last {} s ago): {}",
