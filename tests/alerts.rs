@@ -535,6 +535,8 @@ fn rule_files_reload_on_sighup_or_request_and_a_rule_gone_resolves_its_alert() {
     let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(token), None);
     assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
     assert_eq!((reloaded["rules"].as_u64(), reloaded["routes"].as_u64(), reloaded["resolved"].as_u64()), (Some(1), Some(1), Some(1)), "{reloaded}");
+    let read: String = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(busy)).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(reloaded["rules_hash"].as_str(), Some(read.as_str()), "the hash of the text put in force");
     let gone = hooked(&hook, &mut run, "market-negative", "resolved");
     assert_eq!((&gone["alert_id"], &gone["severity"]), (&fired["alert_id"], &serde_json::json!("critical")), "the alert that fired, as it fired");
     assert!(gone["summary"].as_str().unwrap().contains("no longer in the rule files"), "{gone}");

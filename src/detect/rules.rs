@@ -54,11 +54,23 @@ impl RuleFile {
     /// Loads each file, and refuses a rule name that an earlier file already defines: an alert's
     /// state, id and routes are keyed by its rule's name.
     pub fn load_all(paths: &[impl AsRef<Path>]) -> Result<Vec<RuleFile>, ConfigError> {
+        RuleFile::read_all(paths).map(|(files, _)| files)
+    }
+
+    /// [`RuleFile::load_all`], with the SHA-256 (hex) of the files' bytes in order: the hash of
+    /// exactly the text these rules came from, so that what a verdict records names them even if a
+    /// file changes a moment later.
+    pub fn read_all(paths: &[impl AsRef<Path>]) -> Result<(Vec<RuleFile>, String), ConfigError> {
+        use sha2::Digest;
         let mut names: BTreeMap<String, &Path> = BTreeMap::new();
         let mut files = Vec::new();
+        let mut hasher = sha2::Sha256::new();
         for path in paths {
             let path = path.as_ref();
-            let file = RuleFile::load(path)?;
+            let file = load_with(path, |text, origin| {
+                hasher.update(text.as_bytes());
+                RuleFile::parse(text, origin)
+            })?;
             for rule in &file.rules {
                 if let Some(other) = names.insert(rule.name.clone(), path) {
                     return Err(ConfigError::Read { path: path.to_path_buf(), reason: format!("rule `{}` is also defined in {}", rule.name, other.display()) });
@@ -66,7 +78,8 @@ impl RuleFile {
             }
             files.push(file);
         }
-        Ok(files)
+        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok((files, sha256))
     }
 
     /// Rules, routes and silences of several files, in order.

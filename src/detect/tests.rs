@@ -291,6 +291,25 @@ fn rule_files_report_file_line_and_field() {
     assert!(err.starts_with("r.toml:7:") && err.contains("used twice"), "{err}");
 }
 
+/// The hash a reload records is of the bytes its rules were parsed from, in file order.
+#[test]
+fn rule_files_read_together_hash_the_text_they_were_parsed_from() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let rule = |name: &str| format!("[[rules]]\nname = \"{name}\"\ngroup = \"topic\"\nmetric = \"neg_share\"\ncondition = {{ kind = \"threshold\", op = \">\", value = 0.5 }}\n");
+    let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    std::fs::write(&a, rule("a")).unwrap();
+    std::fs::write(&b, rule("b")).unwrap();
+    let (files, sha256) = RuleFile::read_all(&[&a, &b]).unwrap();
+    assert_eq!(files.iter().map(|f| f.rules[0].name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    let expected: String = sha2::Sha256::digest((rule("a") + &rule("b")).as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(sha256, expected);
+    assert_ne!(RuleFile::read_all(&[&b, &a]).unwrap().1, sha256, "the order of the files is part of what was read");
+    std::fs::write(&b, rule("a")).unwrap();
+    let err = RuleFile::read_all(&[&a, &b]).unwrap_err().to_string();
+    assert!(err.contains("also defined in"), "{err}");
+}
+
 #[test]
 fn sql_conditions_fire_for_the_groups_the_query_returns() {
     let query = "SELECT topic, neg_share AS value FROM windows WHERE topic <> 'all' AND n >= 10 AND neg_share >= 0.5";

@@ -248,19 +248,6 @@ pub fn review_queue(config: &PipelineConfig, limit: usize, hours: u32) -> Result
     Ok(runtime.block_on(async { crate::sql::queue::review_queue(&crate::sql::context(&location, limits, None)?, &rules, &options).await })?)
 }
 
-/// SHA-256 over the rule files in order, recorded with each verdict so that a verdict says which
-/// rules it judged.
-fn rules_hash(config: &PipelineConfig) -> Option<String> {
-    if config.alerts.rules.is_empty() {
-        return None;
-    }
-    let mut bytes = Vec::new();
-    for path in &config.alerts.rules {
-        bytes.extend(std::fs::read(bundled(path)).ok()?);
-    }
-    Some(crate::source::file::sha256(&bytes))
-}
-
 /// Whether the pipeline's rule files load and fit its receivers and windows (`rules check
 /// --pipeline`): what a start and a reload check.
 pub fn check_rule_files(config: &PipelineConfig) -> Result<(), PipelineError> {
@@ -268,10 +255,11 @@ pub fn check_rule_files(config: &PipelineConfig) -> Result<(), PipelineError> {
 }
 
 /// Reads the rule files and checks them against the pipeline (receivers, windows), as a start does
-/// and a reload does again.
-fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {
+/// and a reload does again; with the SHA-256 of the bytes read, which each verdict records as the
+/// rules it judged.
+fn load_rule_files(config: &PipelineConfig) -> Result<(RuleFile, String), PipelineError> {
     let paths: Vec<PathBuf> = config.alerts.rules.iter().map(|path| bundled(path)).collect();
-    let files = RuleFile::load_all(&paths)?;
+    let (files, sha256) = RuleFile::read_all(&paths)?;
     for (path, file) in paths.into_iter().zip(&files) {
         for route in &file.routes {
             for receiver in &route.receivers {
@@ -296,14 +284,15 @@ fn load_rule_files(config: &PipelineConfig) -> Result<RuleFile, PipelineError> {
     }
     let all = RuleFile::merge(files);
     tracing::info!(rules = all.rules.len(), routes = all.routes.len(), silences = all.silences.len(), "alert rules loaded");
-    Ok(all)
+    Ok((all, sha256))
 }
 
-fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<Alerting>, PipelineError> {
+/// The alerting stage and the hash of the rule files it loaded (see [`load_rule_files`]).
+fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<(Alerting, String)>, PipelineError> {
     if config.alerts.rules.is_empty() {
         return Ok(None);
     }
-    let all = load_rule_files(config)?;
+    let (all, sha256) = load_rule_files(config)?;
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
     let mut notifiers = std::collections::BTreeMap::new();
     let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
@@ -329,7 +318,7 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<A
         }
         Some(notify::Notifier::start(outbox, notifiers))
     };
-    Ok(Some(Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier)))
+    Ok(Some((Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier), sha256)))
 }
 
 /// Where reloads of the rule files are asked for: SIGHUP sets the flag, `POST /api/rules/reload`
@@ -361,8 +350,8 @@ impl Reloads {
     fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
         let result = match load_rule_files(config) {
             Err(e) => Err(e.to_string()),
-            Ok(files) => {
-                let (rules, routes, silences, hash) = (files.rules.clone(), files.routes.len(), files.silences.len(), rules_hash(config));
+            Ok((files, sha256)) => {
+                let (rules, routes, silences, hash) = (files.rules.clone(), files.routes.len(), files.silences.len(), Some(sha256));
                 match core.reload_rules(files) {
                     Some(resolved) => {
                         let reloaded = Reloaded { rules: rules.len(), routes, silences, resolved, rules_hash: hash.clone() };
@@ -461,14 +450,19 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
     let mut windows = WindowState::new(WindowSpec::from_config(&config.window));
     windows.fold_copies(folding(config, classifier.as_ref().and_then(|c| c.spec().near_duplicates)));
     let silences = SilenceStore::open(&config.storage.local_dir().join("silences.json"))?;
-    let alerting = match (role, &classifier) {
-        (Role::Classify, _) => None,
-        (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|a| a.with_explainer(explainer(classifier.clone()))),
-        (Role::All | Role::Aggregate, _) => alerting(config, &silences)?,
+    let (alerting, rules_hash) = match (role, &classifier) {
+        (Role::Classify, _) => (None, None),
+        (Role::All, Some(classifier)) => alerting(config, &silences)?.map(|(a, hash)| (a.with_explainer(explainer(classifier.clone())), hash)).unzip(),
+        (Role::All | Role::Aggregate, _) => alerting(config, &silences)?.unzip(),
     };
     let in_force = match &alerting {
-        Some(alerting) => InForce::new(alerting.detector.rules().to_vec(), rules_hash(config)),
-        None => InForce::new(backtest::load_rules(&config.alerts.rules).map(|file| file.rules).unwrap_or_default(), rules_hash(config)),
+        Some(alerting) => InForce::new(alerting.detector.rules().to_vec(), rules_hash),
+        None if config.alerts.rules.is_empty() => InForce::new(Vec::new(), None),
+        // Rules no stage here evaluates (role classify) are still what verdicts are given against.
+        None => match RuleFile::read_all(&config.alerts.rules.iter().map(|path| bundled(path)).collect::<Vec<_>>()) {
+            Ok((files, sha256)) => InForce::new(RuleFile::merge(files).rules, Some(sha256)),
+            Err(_) => InForce::new(Vec::new(), None),
+        },
     };
     let (reload_requests, requests) = std::sync::mpsc::channel();
     let reloads = Reloads { signal: reload, requests, in_force: in_force.clone() };
