@@ -58,7 +58,7 @@ enum Command {
     /// Example: bearwatch man > bearwatch.1 && man ./bearwatch.1
     Man,
     /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM;
-    /// SIGHUP reads the alert rule files again.
+    /// SIGHUP reads the alert rule files and the pipeline file's receivers again.
     ///
     /// Example: bearwatch run --pipeline pipelines/kafka.toml
     Run {
@@ -673,7 +673,7 @@ fn run_pipeline(path: Option<PathBuf>, role: Option<pipeline::Role>, keep_servin
         signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())?;
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    // SIGHUP reads the rule files again, as Prometheus and Alertmanager do, instead of ending the run.
+    // SIGHUP reads the rule files and receivers again, as Prometheus and Alertmanager do, instead of ending the run.
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
     // Where the dashboard is, said before the first progress line; a file replay ends, and its

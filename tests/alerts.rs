@@ -580,3 +580,85 @@ fn rule_files_reload_on_sighup_or_request_and_a_rule_gone_resolves_its_alert() {
     let states = query(&run.storage, "SELECT rule, state FROM alerts ORDER BY rule, state");
     assert_eq!(states, [["market-busy", "firing"], ["market-busy", "resolved"], ["market-negative", "firing"], ["market-negative", "resolved"]]);
 }
+
+/// A reload also reads the pipeline file's `[[receivers]]` and `[alerts] rules`, as Alertmanager
+/// reloads its receivers: a receiver added, with a rule file routed to it, gets the new rule's
+/// alerts without a restart, and a receiver taken out has its pending notices dropped with the
+/// reason (not retried for a day). Any other change to the pipeline file is refused by name, and
+/// nothing is applied. Before, a route to a receiver added to the pipeline file was refused until a
+/// restart.
+#[test]
+fn a_reload_reads_the_pipeline_files_receivers_and_refuses_other_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = common::unique("reload-receivers");
+    common::create_topic_on(common::brokers(), &topic, 1);
+    let (hook_a, hook_b) = (WebhookServer::start(), WebhookServer::start());
+    let http = free_port();
+    let token = "t0ken-0123456789abcdef";
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"a\"]\nmatch = { rule = \"market-negative\" }")).unwrap();
+    std::fs::write(
+        dir.path().join("busy.toml"),
+        "[[rules]]\nname = \"market-busy\"\nseverity = \"info\"\ngroup = \"all\"\nmetric = \"n\"\n\
+         [rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 1\n\n[[routes]]\nreceivers = [\"b\"]\nmatch = { rule = \"market-busy\" }\n",
+    )
+    .unwrap();
+    let group = common::unique("group");
+    let hook = |name: &str, port: u16| format!("[[receivers]]\nname = \"{name}\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{port}/alerts\"\ntimeout = \"2s\"\n");
+    let config = |rules: &str, window: &str, receivers: &str| {
+        format!(
+            "[source]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{group}\"\ndead_letter_topic = \"{topic}.dlq\"\n\
+             [source.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [window]\nsize = \"{window}\"\nallowed_lateness = \"0s\"\n[storage]\npath = \"store\"\ncheckpoint_interval = \"200ms\"\n\
+             [run]\nsummary_interval = \"0s\"\n[alerts]\nrules = [{rules}]\n\
+             [server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{token}\"\n{receivers}",
+            brokers = common::brokers(),
+        )
+    };
+    let send = |name: &str, lines: &str| {
+        std::fs::write(dir.path().join(name), lines).unwrap();
+        common::produce_to(common::brokers(), &topic, &dir.path().join(name));
+    };
+    let mut run = Pipeline::start(dir.path(), "p", &config("\"rules.toml\"", "1h", &hook("a", hook_a.port)));
+    send("bad.jsonl", &stories().lines().take(3).map(|l| format!("{l}\n")).collect::<String>());
+    hooked(&hook_a, &mut run, "market-negative", "firing");
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+
+    // Receiver b and a rule file routed to it, added together.
+    let both = config("\"rules.toml\", \"busy.toml\"", "1h", &(hook("a", hook_a.port) + &hook("b", hook_b.port)));
+    std::fs::write(dir.path().join("p.toml"), &both).unwrap();
+    let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
+    assert_eq!((reloaded["rules"].as_u64(), reloaded["receivers"].as_u64(), reloaded["resolved"].as_u64()), (Some(2), Some(2), Some(0)), "{reloaded}");
+    send("next.jsonl", "{\"id\":\"n1\",\"published_at\":\"1987-03-02T12:10:00Z\",\"headline\":\"Exports surge to all-time high\"}\n");
+    hooked(&hook_b, &mut run, "market-busy", "firing");
+
+    // Another section changed: refused by name, and nothing of it applied (b stays).
+    std::fs::write(dir.path().join("p.toml"), both.replace("size = \"1h\"", "size = \"2h\"").replace(&hook("b", hook_b.port), "")).unwrap();
+    let (status, refused) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert_eq!(status, 400, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("p.toml") && error.contains("[window]") && error.contains("restart"), "{error}");
+    let (_, in_force) = api.call("GET", "/api/rules", Some(token), None);
+    assert_eq!(in_force["rules"].as_array().map(Vec::len), Some(2), "{in_force}");
+
+    // b taken out with its rule file: market-busy resolves, and its notice for b is dropped.
+    std::fs::write(dir.path().join("p.toml"), config("\"rules.toml\"", "1h", &hook("a", hook_a.port))).unwrap();
+    let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
+    assert_eq!((reloaded["rules"].as_u64(), reloaded["receivers"].as_u64(), reloaded["resolved"].as_u64()), (Some(1), Some(1), Some(1)), "{reloaded}");
+    let dropped = "SELECT status, last_error FROM notifications WHERE receiver = 'b' AND state = 'resolved' AND status = 'dropped'";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = api.sql(Some(token), dropped);
+        if let Some(row) = rows.first() {
+            assert_eq!(row["last_error"], "receiver `b` is no longer in the pipeline", "{rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "no dropped notice for b\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!hook_b.requests.lock().unwrap().iter().any(|(_, a)| a["state"] == "resolved"), "nothing went to b after it was taken out");
+    assert!(!hook_a.requests.lock().unwrap().iter().any(|(_, a)| a["rule"] == "market-busy"), "a was never routed market-busy");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}

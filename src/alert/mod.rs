@@ -337,22 +337,28 @@ pub struct Alerting {
 
 impl Alerting {
     pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig], notifier: Option<notify::Notifier>) -> Alerting {
-        let timing = |r: &ReceiverConfig| Timing {
-            kind: r.kind,
-            expire_ms: r.expire_after.as_millis(),
-            resend_ms: (r.kind == ReceiverKind::Alertmanager).then(|| r.resend_every.as_millis()),
-        };
-        let now = chrono::Utc::now().timestamp_millis();
-        let limits = receivers
-            .iter()
-            .filter(|r| r.kind != ReceiverKind::Log)
-            .filter_map(|r| Some((r.name.clone(), rate::RateLimit::new(r.rate_limit()?, r.rate_interval.as_millis(), now))))
-            .collect::<BTreeMap<_, _>>();
-        for receiver in limits.keys() {
-            metrics::counter!("bearwatch_notifications_held_total", "receiver" => receiver.clone()).increment(0);
-        }
-        let receivers = receivers.iter().map(|r| (r.name.clone(), timing(r))).collect();
+        let (receivers, limits) = in_force(receivers);
         Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), resolved: Vec::new(), limits, notifier, explainer: None }
+    }
+
+    /// Sends to `receivers` from now on (the pipeline file was read again): their timings and rate
+    /// limits here, their senders in the notifier thread. A receiver that keeps its rate limit keeps
+    /// its interval's count. `start` opens the notifier where none ran (no receiver needed one before).
+    pub fn replace_receivers(
+        &mut self,
+        receivers: &[ReceiverConfig],
+        senders: notify::Senders,
+        start: impl FnOnce(notify::Senders) -> Result<notify::Notifier, AlertError>,
+    ) -> Result<(), AlertError> {
+        match &self.notifier {
+            Some(notifier) => notifier.replace_senders(senders),
+            None if senders.is_empty() => {}
+            None => self.notifier = Some(start(senders)?),
+        }
+        let intervals = self.rate_intervals();
+        (self.receivers, self.limits) = in_force(receivers);
+        self.resume_rate_intervals(intervals);
+        Ok(())
     }
 
     pub fn with_explainer(mut self, explainer: Explainer) -> Alerting {
@@ -514,6 +520,25 @@ impl Alerting {
             repeat_ms,
         });
     }
+}
+
+/// Each receiver's timing, and the rate limits of those that have one.
+fn in_force(receivers: &[ReceiverConfig]) -> (BTreeMap<String, Timing>, BTreeMap<String, rate::RateLimit>) {
+    let timing = |r: &ReceiverConfig| Timing {
+        kind: r.kind,
+        expire_ms: r.expire_after.as_millis(),
+        resend_ms: (r.kind == ReceiverKind::Alertmanager).then(|| r.resend_every.as_millis()),
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let limits = receivers
+        .iter()
+        .filter(|r| r.kind != ReceiverKind::Log)
+        .filter_map(|r| Some((r.name.clone(), rate::RateLimit::new(r.rate_limit()?, r.rate_interval.as_millis(), now))))
+        .collect::<BTreeMap<_, _>>();
+    for receiver in limits.keys() {
+        metrics::counter!("bearwatch_notifications_held_total", "receiver" => receiver.clone()).increment(0);
+    }
+    (receivers.iter().map(|r| (r.name.clone(), timing(r))).collect(), limits)
 }
 
 /// One headline behind an alert: its score, its text and id, and the words that make it negative.

@@ -351,6 +351,8 @@ struct Shared {
     /// Set by `enqueue` (and stop) so the thread delivers at once instead of at its next 100 ms tick.
     woken: Mutex<bool>,
     wake: Condvar,
+    /// Receivers read again from the pipeline file, which the thread sends to from its next turn.
+    replacement: Mutex<Option<Senders>>,
 }
 
 impl Shared {
@@ -379,19 +381,25 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn start(outbox: Outbox, mut notifiers: BTreeMap<String, Box<dyn Notify>>) -> Notifier {
+    pub fn start(outbox: Outbox, mut notifiers: Senders) -> Notifier {
         let shared = Arc::new(Shared {
             outbox: Mutex::new(outbox),
             rows: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             woken: Mutex::new(false),
             wake: Condvar::new(),
+            replacement: Mutex::new(None),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("notifier".into())
             .spawn(move || {
+                drop_unknown(&worker, &notifiers);
                 while !worker.stop.load(Ordering::SeqCst) {
+                    if let Some(replacement) = lock(&worker.replacement).take() {
+                        notifiers = replacement;
+                        drop_unknown(&worker, &notifiers);
+                    }
                     deliver_due(&worker, &mut notifiers);
                     // Retries and reminders fall due with time, so wake at least every 100 ms.
                     worker.wait(Duration::from_millis(100));
@@ -399,6 +407,13 @@ impl Notifier {
             })
             .expect("spawn the notifier thread");
         Notifier { shared, thread: Some(thread) }
+    }
+
+    /// Sends through `senders` from the thread's next turn on; pending notices for a receiver not
+    /// among them are dropped then.
+    pub fn replace_senders(&self, senders: Senders) {
+        *lock(&self.shared.replacement) = Some(senders);
+        self.shared.wake();
     }
 
     /// Records notifications durably; they are sent from the outbox by the notifier thread.
@@ -466,7 +481,31 @@ impl Drop for Notifier {
     }
 }
 
-fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>>) {
+/// Each receiver's sender, by name.
+pub type Senders = BTreeMap<String, Box<dyn Notify>>;
+
+/// Drops the pending notices of receivers the pipeline no longer has (a restart or a reload with
+/// the receiver taken out): nothing could ever send them, and retrying them for a day only logs.
+fn drop_unknown(shared: &Shared, notifiers: &Senders) {
+    let mut outbox = lock(&shared.outbox);
+    let orphans: Vec<(String, String)> =
+        outbox.pending().filter(|e| !notifiers.contains_key(&e.receiver)).map(|e| (e.key.clone(), e.receiver.clone())).collect();
+    let now = chrono::Utc::now().timestamp_millis();
+    for (key, receiver) in orphans {
+        tracing::warn!(receiver, key, "pending notification dropped: the pipeline has no receiver of that name now");
+        crate::telemetry::dropped("notify", "no_receiver", 1);
+        if let Err(e) = outbox.drop_entry(&key, now, receiver_gone(&receiver)) {
+            tracing::error!(error = %e, "cannot write the outbox");
+        }
+        lock(&shared.rows).extend(row(&outbox, &key));
+    }
+}
+
+fn receiver_gone(receiver: &str) -> String {
+    format!("receiver `{receiver}` is no longer in the pipeline")
+}
+
+fn deliver_due(shared: &Shared, notifiers: &mut Senders) {
     let now = chrono::Utc::now().timestamp_millis();
     let due = lock(&shared.outbox).due(now);
     for key in due {
@@ -474,12 +513,9 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
         let now = chrono::Utc::now().timestamp_millis();
         let result = if now > entry.expires_ms {
             lock(&shared.outbox).drop_entry(&key, now, format!("expired after {} attempts", entry.attempts))
-        } else {
+        } else if let Some(notifier) = notifiers.get_mut(&entry.receiver) {
             let _span = tracing::info_span!("notify", receiver = %entry.receiver, alert_id = %entry.alert.alert_id).entered();
-            let outcome = match notifiers.get_mut(&entry.receiver) {
-                Some(notifier) => notifier.send(&entry.alert, &key),
-                None => Err(format!("no receiver named `{}`", entry.receiver)),
-            };
+            let outcome = notifier.send(&entry.alert, &key);
             let mut outbox = lock(&shared.outbox);
             match outcome {
                 Ok(()) => {
@@ -507,6 +543,10 @@ fn deliver_due(shared: &Shared, notifiers: &mut BTreeMap<String, Box<dyn Notify>
                     outbox.failed(&key, now, error, now + backoff_ms(entry.attempts + 1))
                 }
             }
+        } else {
+            // Queued just before a reload took its receiver out.
+            crate::telemetry::dropped("notify", "no_receiver", 1);
+            lock(&shared.outbox).drop_entry(&key, now, receiver_gone(&entry.receiver))
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot write the outbox");
@@ -570,6 +610,43 @@ pub(crate) mod tests {
         let text = slack_escape(&render_text(&firing));
         assert!(text.contains("&lt;!channel&gt; AT&amp;T &lt;http://x|click&gt; falls"), "{text}");
         assert!(!text.contains('<') && !text.contains('>'));
+    }
+
+    /// Waits (up to 30 s) until `done` holds.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A receiver taken out of the pipeline (at a restart, or a reload) has nothing to send its
+    /// pending notices: they are dropped with the reason, and the receivers in force send theirs.
+    #[test]
+    fn notices_of_receivers_gone_are_dropped_and_replaced_senders_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sent_r, sent_s) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        let mut outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let hour = 3_600_000;
+        outbox.enqueue("a1/firing/gone".into(), "gone".into(), alert(AlertState::Firing), now, now + hour, 0).unwrap();
+        // Due in an hour: still pending when the senders are replaced.
+        outbox.enqueue("a1/firing/r".into(), "r".into(), alert(AlertState::Firing), now + hour, now + 2 * hour, 0).unwrap();
+        let notifier = Notifier::start(outbox, Senders::from([("r".to_string(), Box::new(Recorder(sent_r.clone())) as Box<dyn Notify>)]));
+        let status = |key: &str| lock(&notifier.shared.outbox).get(key).map(|e| (e.status, e.last_error.clone()));
+        eventually("the notice of a receiver gone was not dropped", || status("a1/firing/gone").is_some_and(|(s, _)| s == Status::Dropped));
+        assert_eq!(status("a1/firing/r").map(|(s, _)| s), Some(Status::Pending));
+
+        notifier.replace_senders(Senders::from([("s".to_string(), Box::new(Recorder(sent_s.clone())) as Box<dyn Notify>)]));
+        eventually("r's notice was not dropped after the replacement", || status("a1/firing/r").is_some_and(|(s, _)| s == Status::Dropped));
+        notifier.enqueue(vec![Queued { key: "a1/firing/s".into(), receiver: "s".into(), alert: alert(AlertState::Firing), due_ms: now, expires_ms: now + hour, repeat_ms: 0 }]).unwrap();
+        eventually("the new receiver did not send", || !lock(&sent_s).is_empty());
+        assert!(lock(&sent_r).is_empty(), "nothing went to the receiver taken out");
+        let rows = notifier.take_rows();
+        let dropped: Vec<&NotificationRow> = rows.iter().filter(|r| r.status == "dropped").collect();
+        assert_eq!(dropped.len(), 2, "{rows:?}");
+        assert!(dropped.iter().any(|r| r.last_error.as_deref() == Some("receiver `gone` is no longer in the pipeline")), "{rows:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! are the ones that span sections (a sink's brokers, a role's needs, receivers beside the source).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -44,6 +44,38 @@ pub struct PipelineConfig {
     pub server: ServerConfig,
     #[serde(default)]
     pub feedback: FeedbackConfig,
+    /// The file this was read from, as TOML: what a reload compares the file with (none for the
+    /// demo's embedded pipeline).
+    #[serde(skip)]
+    pub file: Option<ConfigFile>,
+}
+
+/// A pipeline file as read at start.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub table: toml::Table,
+}
+
+impl ConfigFile {
+    /// The top-level sections of `other` that differ from this file's in more than what a reload
+    /// reads again (`[[receivers]]` and `[alerts] rules`).
+    pub fn changed_beyond_reload(&self, other: &toml::Table) -> Vec<String> {
+        let reloadable = |table: &toml::Table| {
+            let mut table = table.clone();
+            table.remove("receivers");
+            if let Some(toml::Value::Table(alerts)) = table.get_mut("alerts") {
+                alerts.remove("rules");
+                if alerts.is_empty() {
+                    table.remove("alerts");
+                }
+            }
+            table
+        };
+        let (before, after) = (reloadable(&self.table), reloadable(other));
+        let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+        keys.into_iter().filter(|key| before.get(*key) != after.get(*key)).map(|key| format!("[{key}]")).collect()
+    }
 }
 
 /// How a pipeline is split across processes (DESIGN §1): one process, or two roles joined by the
@@ -97,7 +129,12 @@ impl Default for RunConfig {
 
 impl PipelineConfig {
     pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
-        load_with(path, PipelineConfig::parse)
+        load_with(path, |text, origin| {
+            let mut config = PipelineConfig::parse(text, origin)?;
+            let table = toml::from_str(text).map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+            config.file = Some(ConfigFile { path: path.to_path_buf(), table });
+            Ok(config)
+        })
     }
 
     /// Parses and validates; `origin` names the file in errors.
@@ -303,6 +340,26 @@ path = "data"
         let err = property("auto.offset.reset", "latest");
         assert!(err.contains("`source.properties`") && err.contains("`start_offset`"), "{err}");
         assert!(property("enable.partition.eof", "true").contains("set by bearwatch itself"));
+    }
+
+    /// What a reload may change: receivers and the list of rule files; any other section is named.
+    #[test]
+    fn a_reload_names_the_sections_changed_beyond_receivers_and_rule_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        let base = "[source]\ntype = \"file\"\npath = \"n.jsonl\"\n[storage]\npath = \"s\"\n[alerts]\nrules = [\"a.toml\"]\n\
+                    [[receivers]]\nname = \"log\"\ntype = \"log\"\n";
+        std::fs::write(&path, base).unwrap();
+        let file = PipelineConfig::load(&path).unwrap().file.unwrap();
+        let changed = |text: &str| file.changed_beyond_reload(&toml::from_str(text).unwrap());
+        assert!(changed(base).is_empty());
+        let other_receivers = base.replace("name = \"log\"", "name = \"console\"") + "[[receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"http://h/\"\n";
+        assert!(changed(&other_receivers).is_empty(), "receivers are reloaded");
+        assert!(changed(&base.replace("[\"a.toml\"]", "[\"a.toml\", \"b.toml\"]")).is_empty(), "so is the list of rule files");
+        assert!(changed(&base.replace("[alerts]\nrules = [\"a.toml\"]\n", "")).is_empty(), "[alerts] gone with only its rules in it");
+        assert_eq!(changed(&base.replace("rules = [", "evaluate_every = \"1m\"\nrules = [")), ["[alerts]"]);
+        assert_eq!(changed(&(base.to_string() + "[window]\nsize = \"2h\"\n")), ["[window]"]);
+        assert_eq!(changed(&base.replace("\"s\"", "\"t\"").replace("n.jsonl", "m.jsonl")), ["[source]", "[storage]"]);
     }
 
     #[test]

@@ -287,6 +287,35 @@ fn load_rule_files(config: &PipelineConfig) -> Result<(RuleFile, String), Pipeli
     Ok((all, sha256))
 }
 
+/// A sender for each receiver that sends somewhere (all but `log`).
+fn senders(config: &PipelineConfig) -> Result<notify::Senders, PipelineError> {
+    let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
+    let mut senders = notify::Senders::new();
+    for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
+        let sender = notify::notifier(receiver, config.source.connection(), dashboard.as_deref()).map_err(|reason| {
+            PipelineError::Config(ConfigError::Invalid {
+                file: config.file.as_ref().map_or("pipeline".into(), |f| f.path.display().to_string()),
+                line: 0,
+                column: 0,
+                field: format!("receivers.{}", receiver.name),
+                message: reason,
+            })
+        })?;
+        senders.insert(receiver.name.clone(), sender);
+    }
+    Ok(senders)
+}
+
+/// The notifier thread over the outbox, which keeps what an earlier run left pending.
+fn start_notifier(config: &PipelineConfig, senders: notify::Senders) -> Result<notify::Notifier, AlertError> {
+    let outbox = Outbox::open(&config.storage.local_dir().join("outbox.jsonl"))?;
+    let pending = outbox.pending().count();
+    if pending > 0 {
+        tracing::info!(pending, "notifications pending from an earlier run will be retried");
+    }
+    Ok(notify::Notifier::start(outbox, senders))
+}
+
 /// The alerting stage and the hash of the rule files it loaded (see [`load_rule_files`]).
 fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<(Alerting, String)>, PipelineError> {
     if config.alerts.rules.is_empty() {
@@ -294,36 +323,14 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<(
     }
     let (all, sha256) = load_rule_files(config)?;
     let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
-    let mut notifiers = std::collections::BTreeMap::new();
-    let dashboard = config.server.http.as_ref().map(|listen| format!("http://{}", listen.as_str()));
-    for receiver in config.receivers.iter().filter(|r| r.kind != ReceiverKind::Log) {
-        let notifier = notify::notifier(receiver, config.source.connection(), dashboard.as_deref()).map_err(|reason| {
-            PipelineError::Config(ConfigError::Invalid {
-                file: "pipeline".into(),
-                line: 0,
-                column: 0,
-                field: format!("receivers.{}", receiver.name),
-                message: reason,
-            })
-        })?;
-        notifiers.insert(receiver.name.clone(), notifier);
-    }
-    let notifier = if notifiers.is_empty() {
-        None
-    } else {
-        let outbox = Outbox::open(&config.storage.local_dir().join("outbox.jsonl"))?;
-        let pending = outbox.pending().count();
-        if pending > 0 {
-            tracing::info!(pending, "notifications pending from an earlier run will be retried");
-        }
-        Some(notify::Notifier::start(outbox, notifiers))
-    };
+    let senders = senders(config)?;
+    let notifier = if senders.is_empty() { None } else { Some(start_notifier(config, senders)?) };
     Ok(Some((Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier), sha256)))
 }
 
-/// Where reloads of the rule files are asked for: SIGHUP sets the flag, `POST /api/rules/reload`
-/// sends a request and waits for the answer. The pipeline thread takes both between reads, so a
-/// reload never lands between a window's rows.
+/// Where reloads of the rule files (and the pipeline file's receivers) are asked for: SIGHUP sets
+/// the flag, `POST /api/rules/reload` sends a request and waits for the answer. The pipeline
+/// thread takes both between reads, so a reload never lands between a window's rows.
 struct Reloads {
     signal: Arc<AtomicBool>,
     requests: std::sync::mpsc::Receiver<ReloadRequest>,
@@ -337,7 +344,7 @@ impl Reloads {
                 // Role classify, or no rules: a HUP sent to every instance alike changes nothing here.
                 tracing::info!("SIGHUP: this pipeline evaluates no rules; nothing to read again");
             } else {
-                tracing::info!("SIGHUP: reading the rule files again");
+                tracing::info!("SIGHUP: reading the rule files and the pipeline's receivers again");
                 let _ = self.reload(config, core);
             }
         }
@@ -346,33 +353,59 @@ impl Reloads {
         }
     }
 
-    /// Puts the rule files in force as they are now, or keeps the rules in force and says why.
+    /// Puts the rule files, and the pipeline file's `[[receivers]]` and `[alerts] rules`, in force as they are now, or
+    /// keeps those in force and says why. Nothing is applied unless everything checks.
     fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
-        let result = match load_rule_files(config) {
-            Err(e) => Err(e.to_string()),
-            Ok((files, sha256)) => {
-                let (rules, routes, silences, hash) = (files.rules.clone(), files.routes.len(), files.silences.len(), Some(sha256));
-                match core.reload_rules(files) {
-                    Some(resolved) => {
-                        let reloaded = Reloaded { rules: rules.len(), routes, silences, resolved, rules_hash: hash.clone() };
-                        self.in_force.replace(rules, hash);
-                        Ok(reloaded)
-                    }
-                    None => Err("this pipeline evaluates no rules (role classify, or no [alerts] rules)".into()),
-                }
+        let result = Self::read_again(config).and_then(|(fresh, files, sha256, senders)| {
+            let checked = fresh.as_ref().unwrap_or(config);
+            let (rules, routes, silences, receivers) = (files.rules.clone(), files.routes.len(), files.silences.len(), checked.receivers.len());
+            // Rules first: alerts of rules gone resolve through the receivers they fired to.
+            let resolved = core.reload_rules(files).ok_or("this pipeline evaluates no rules (role classify, or no [alerts] rules)")?;
+            if let (Some(fresh), Some(senders), Some(alerting)) = (&fresh, senders, core.alerting.as_mut()) {
+                alerting.replace_receivers(&fresh.receivers, senders, |senders| start_notifier(config, senders)).map_err(|e| e.to_string())?;
             }
-        };
+            let hash = Some(sha256);
+            self.in_force.replace(rules.clone(), hash.clone());
+            Ok(Reloaded { rules: rules.len(), routes, silences, receivers, resolved, rules_hash: hash })
+        });
         let outcome = if result.is_ok() { "reloaded" } else { "refused" };
         metrics::counter!("bearwatch_rules_reloads_total", "outcome" => outcome).increment(1);
         metrics::gauge!("bearwatch_rules_last_reload_successful").set(if result.is_ok() { 1.0 } else { 0.0 });
         match &result {
-            Ok(r) => tracing::info!(rules = r.rules, routes = r.routes, silences = r.silences, resolved = r.resolved, "rule files reloaded"),
+            Ok(r) => tracing::info!(rules = r.rules, routes = r.routes, silences = r.silences, receivers = r.receivers, resolved = r.resolved, "rule files and receivers reloaded"),
             Err(why) => {
-                tracing::error!(error = %why, "rule files refused; the rules before stay in force");
+                tracing::error!(error = %why, "reload refused; the rules and receivers before stay in force");
                 self.in_force.refuse(crate::telemetry::one_line(why));
             }
         }
         result
+    }
+
+    /// The pipeline file read again (none for the demo's embedded one), checked to differ from the
+    /// running one only in `[[receivers]]` and `[alerts] rules`, with its receivers' senders; and
+    /// the rule files it names, checked against those receivers.
+    #[allow(clippy::type_complexity)]
+    fn read_again(config: &PipelineConfig) -> Result<(Option<PipelineConfig>, RuleFile, String, Option<notify::Senders>), String> {
+        let fresh = match &config.file {
+            None => None,
+            Some(file) => {
+                let fresh = PipelineConfig::load(&file.path).map_err(|e| e.to_string())?;
+                let changed = fresh.file.as_ref().map(|f| file.changed_beyond_reload(&f.table)).unwrap_or_default();
+                if !changed.is_empty() {
+                    return Err(format!(
+                        "{}: {} changed since the start, and a reload reads only [[receivers]], [alerts] rules and the rule \
+                         files again: restart to apply it, or undo it; nothing was reloaded",
+                        file.path.display(),
+                        changed.join(", ")
+                    ));
+                }
+                Some(fresh)
+            }
+        };
+        let checked = fresh.as_ref().unwrap_or(config);
+        let (files, sha256) = load_rule_files(checked).map_err(|e| e.to_string())?;
+        let senders = fresh.as_ref().map(senders).transpose().map_err(|e| e.to_string())?;
+        Ok((fresh, files, sha256, senders))
     }
 }
 

@@ -1,4 +1,4 @@
-//! `POST /api/rules/reload` (admins): the pipeline reads its rule files again, as on SIGHUP, and
+//! `POST /api/rules/reload` (admins): the pipeline reads its rule files (and its pipeline file's receivers) again, as on SIGHUP, and
 //! the caller learns what is in force or why the files were refused (the rules before stay).
 //! `GET /api/rules` (anyone who may read): the rules in force, their files' hash, and why the
 //! last reload was refused, if it was.
@@ -24,6 +24,8 @@ pub struct Reloaded {
     pub rules: usize,
     pub routes: usize,
     pub silences: usize,
+    /// Receivers in force (the pipeline file's `[[receivers]]`, read again with the rule files).
+    pub receivers: usize,
     /// Alerts that were firing under rules no longer in the files, resolved by the reload.
     pub resolved: usize,
     pub rules_hash: Option<String>,
