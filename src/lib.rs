@@ -21,4 +21,5 @@ pub mod server;
 pub mod sql;
 pub mod source;
 pub mod storage;
+pub mod sync;
 pub mod window;

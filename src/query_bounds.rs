@@ -40,6 +40,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
+use crate::sync::lock;
 
 /// Most bytes one call of constant arguments may produce, whatever the query memory: the planner
 /// folds such a call into a literal that it copies from pass to pass (a 600 MB `repeat` took 45 s
@@ -187,7 +188,7 @@ pub async fn scope<F: std::future::Future>(statements: F) -> F::Output {
 pub fn next_statement() {
     let _ = CONSTANTS.try_with(|made| {
         made.bytes.store(0, Ordering::Relaxed);
-        *made.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&made.refused) = None;
     });
 }
 
@@ -195,7 +196,7 @@ pub fn next_statement() {
 fn refuse_constant(error: DataFusionError) -> DataFusionError {
     if let DataFusionError::ResourcesExhausted(reason) = &error {
         let _ = CONSTANTS.try_with(|made| {
-            made.refused.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| reason.clone());
+            lock(&made.refused).get_or_insert_with(|| reason.clone());
         });
     }
     error
@@ -638,7 +639,7 @@ impl ScalarUDFImpl for Bounded {
         if bytes > max_bytes as u128 {
             return Err(self.refusal(bytes, max_bytes));
         }
-        if let Some(reason) = CONSTANTS.try_with(|made| made.refused.lock().unwrap_or_else(|e| e.into_inner()).clone()).ok().flatten() {
+        if let Some(reason) = CONSTANTS.try_with(|made| lock(&made.refused).clone()).ok().flatten() {
             return Err(DataFusionError::ResourcesExhausted(reason));
         }
         match self.inner.simplify(args, info)? {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use super::{ReceiverConfig, ReceiverKind, SmtpTls, headline_line, render_text};
 use crate::config::EnvString;
 use crate::detect::{Alert, AlertState};
 use crate::source::kafka::{Output, output_connection};
+use crate::sync::lock;
 
 /// Sends one notification; the error text goes into the outbox and the `notifications` table.
 pub trait Notify: Send {
@@ -370,9 +371,6 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Delivers the outbox on its own thread, so a slow SMTP server never holds up the pipeline.
 pub struct Notifier {

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::rules::Silence;
+use crate::sync::{read, write};
 use super::AlertError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,14 +38,14 @@ impl SilenceStore {
     }
 
     pub fn list(&self) -> Vec<StoredSilence> {
-        self.silences.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.silences).clone()
     }
 
     /// Adds a silence and returns its id, or `None` when [`MAX_SILENCES`] are already active or
     /// pending; expired ones are dropped first. The file is replaced atomically, and the silences
     /// in effect change only once it is: a failed write (a full disk) changes nothing.
     pub fn add(&self, silence: Silence) -> Result<Option<String>, AlertError> {
-        let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
+        let mut all = write(&self.silences);
         let now = chrono::Utc::now();
         let mut next: Vec<StoredSilence> = all.iter().filter(|s| s.silence.ends_at > now).cloned().collect();
         if next.len() >= MAX_SILENCES {
@@ -60,7 +61,7 @@ impl SilenceStore {
     /// Removes a silence; false if there was none with that id. As [`SilenceStore::add`], nothing
     /// changes unless the file is written.
     pub fn remove(&self, id: &str) -> Result<bool, AlertError> {
-        let mut all = self.silences.write().unwrap_or_else(|p| p.into_inner());
+        let mut all = write(&self.silences);
         let next: Vec<StoredSilence> = all.iter().filter(|s| s.id != id).cloned().collect();
         if next.len() == all.len() {
             return Ok(false);

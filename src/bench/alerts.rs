@@ -22,6 +22,7 @@ use crate::classify::{Classifier, ClassifierConfig};
 use crate::news::News;
 use crate::rng::Lcg;
 use crate::source::kafka::Output;
+use crate::sync::lock;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AlertBenchArgs {
@@ -89,7 +90,7 @@ fn start_receiver(arrivals: Arrivals) -> Result<(u16, tokio::runtime::Runtime), 
             async move {
                 let alert: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 if let (Some(ticker), Some("firing")) = (alert["group"]["ticker"].as_str(), alert["state"].as_str()) {
-                    arrivals.lock().unwrap_or_else(|p| p.into_inner()).push((ticker.to_string(), at));
+                    lock(&arrivals).push((ticker.to_string(), at));
                 }
                 axum::http::StatusCode::OK
             }
@@ -219,13 +220,13 @@ fn round(args: &AlertBenchArgs, base: &[News], interval: crate::config::HumanDur
         }
         // Leave time for the last checkpoint, and for a retry after it.
         let deadline = Instant::now() + interval.0 * 3 + Duration::from_secs(15);
-        while arrivals.lock().unwrap_or_else(|p| p.into_inner()).len() < tickers.len() && Instant::now() < deadline {
+        while lock(&arrivals).len() < tickers.len() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         let seconds = started.elapsed().as_secs_f64();
         quiet.store(true, Ordering::SeqCst);
         let background_sent = feed.join().map_err(|_| failed("background feed panicked"))??;
-        let arrived: BTreeMap<String, Instant> = arrivals.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().rev().collect();
+        let arrived: BTreeMap<String, Instant> = lock(&arrivals).iter().cloned().rev().collect();
         if arrived.iter().any(|(ticker, at)| sent_at.get(ticker).is_none_or(|sent| at < sent)) {
             return Err(failed("an alert fired before its burst was complete: the rule or the headline is wrong"));
         }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::hardware::{Machine, Work};
 use crate::classify::runtime::OrtBackend;
 use crate::classify::{Backend, BatchOutput, Classifier, ClassifierConfig, ClassifyError, ModelSpec, PaddedBatch};
+use crate::sync::lock;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -74,7 +75,7 @@ impl<B: Backend> Backend for Recording<B> {
     fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
         let started = Instant::now();
         let out = self.inner.run(batch)?;
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).push((batch.clone(), started.elapsed()));
+        lock(&self.log).push((batch.clone(), started.elapsed()));
         Ok(out)
     }
 }
@@ -109,7 +110,7 @@ impl Subject {
     /// Scores every text through the pipeline, then replays the batches it formed on the bare
     /// session; records both times when `timed`.
     fn measure(&mut self, runtime: &tokio::runtime::Runtime, texts: &[String], timed: bool) -> Result<(), ClassifyError> {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        lock(&self.log).clear();
         let (started, cpu) = (Instant::now(), process_cpu_seconds());
         runtime.block_on(async {
             let mut pending = Vec::with_capacity(texts.len());
@@ -122,7 +123,7 @@ impl Subject {
             Ok::<_, ClassifyError>(())
         })?;
         let (seconds, cpu_seconds) = (started.elapsed().as_secs_f64(), process_cpu_seconds() - cpu);
-        let batches = std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()));
+        let batches = std::mem::take(&mut *lock(&self.log));
         let started = Instant::now();
         replay(&mut self.bare, batches.iter().map(|(batch, _)| batch))?;
         if timed {
@@ -155,7 +156,7 @@ fn replay<'a>(sessions: &mut [OrtBackend], batches: impl Iterator<Item = &'a Pad
             .map(|session| {
                 let next = &next;
                 scope.spawn(move || loop {
-                    let Some(batch) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else { return Ok(()) };
+                    let Some(batch) = lock(&next).next() else { return Ok(()) };
                     session.run(batch)?;
                 })
             })

@@ -122,7 +122,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A worker that panicked mid-batch leaves a queue that is still consistent: every change
         // to it is a single push or remove.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.queue)
     }
 
     fn push(&self, add: impl FnOnce(&mut Queue)) -> Result<(), ClassifyError> {

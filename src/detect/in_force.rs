@@ -5,6 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use super::Rule;
+use crate::sync::write;
 
 #[derive(Clone, Default)]
 pub struct InForce(Arc<RwLock<Loaded>>);
@@ -36,14 +37,14 @@ impl InForce {
     }
 
     pub fn replace(&self, rules: Vec<Rule>, hash: Option<String>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Loaded { rules, hash, refused: None };
+        *write(&self.0) = Loaded { rules, hash, refused: None };
     }
 
     pub fn refuse(&self, why: String) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).refused = Some(why);
+        write(&self.0).refused = Some(why);
     }
 
     fn read<T>(&self, f: impl FnOnce(&Loaded) -> T) -> T {
-        f(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+        f(&crate::sync::read(&self.0))
     }
 }

@@ -18,7 +18,7 @@ pub mod summary;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunConfig, SinkConfig};
@@ -38,6 +38,7 @@ use crate::source::kafka::{GroupHandler, KafkaSource, Output, output_connection}
 use crate::source::{Offsets, Source, SourceError, SourceKind};
 use crate::storage::{Storage, StorageError};
 use crate::window::{WindowSpec, WindowState};
+use crate::sync::lock;
 
 pub use self::core::Counters;
 use self::core::{Checkpoint, Core, Limits, ScoredSink};
@@ -121,10 +122,6 @@ struct Rebalancer {
     closing: AtomicBool,
 }
 
-fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
-    // A panic while holding the lock already ends the run; the state is not used after that.
-    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl GroupHandler for Rebalancer {
     fn revoking(&self, partitions: &[(String, i32)]) -> Offsets {
@@ -140,7 +137,7 @@ impl GroupHandler for Rebalancer {
             Ok(offsets) => offsets,
             Err(e) => {
                 tracing::error!(error = %e, "checkpoint before revocation failed; not committing");
-                self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                lock(&self.failure).get_or_insert(e);
                 Offsets::new()
             }
         }
@@ -153,7 +150,7 @@ impl GroupHandler for Rebalancer {
     fn assigned(&self, partitions: &[(String, i32)]) {
         if let Err(e) = lock(&self.core).assigned(partitions) {
             tracing::error!(error = %e, "cannot take over the assigned partitions' state; stopping before counting any of their stories");
-            self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            lock(&self.failure).get_or_insert(e);
         }
     }
 
@@ -697,7 +694,7 @@ fn drive(
                 ready.store(true, Ordering::SeqCst);
             }
         }
-        if let Some(e) = rebalancer.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(e) = lock(&rebalancer.failure).take() {
             return Err(e);
         }
         let in_flight = {
@@ -727,7 +724,7 @@ fn drive(
         // No lock held here: rebalance callbacks inside `poll` take it.
         let record = if source.finished() { None } else { source.poll(timeout)? };
         // A rebalance inside `poll` that failed: nothing of its partitions may be counted.
-        if let Some(e) = rebalancer.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(e) = lock(&rebalancer.failure).take() {
             return Err(e);
         }
         {

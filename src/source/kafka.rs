@@ -16,9 +16,10 @@ use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{Offsets, Record, Source, SourceError, Trouble, lock};
+use super::{Offsets, Record, Source, SourceError, Trouble};
 use super::StartOffset;
 use crate::config::EnvString;
+use crate::sync::lock;
 
 /// `bootstrap.servers` plus every pass-through property.
 pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) -> ClientConfig {

@@ -14,6 +14,7 @@ use std::time::Duration;
 pub use config::{SourceConfig, SourceKind, StartOffset};
 
 use crate::error::{Classified, ErrorClass};
+use crate::sync::lock;
 
 /// One message as read: its bytes and where it came from. For a file, `topic` is the file's path,
 /// `partition` 0 and `offset` the line's place in event-time order.
@@ -29,11 +30,6 @@ pub struct Record {
 /// Next offset to read, per topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 
-/// A lock whose holder panicked is taken as it is: what it guards is reports and bookkeeping,
-/// which a panic elsewhere leaves usable.
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Errors the source keeps reporting. librdkafka retries by itself and hands each failure over as a
 /// report, so a refused login, a topic that is not there or a partition it cannot read shows only

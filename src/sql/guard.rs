@@ -14,6 +14,7 @@ use datafusion::sql::sqlparser::ast::{Expr, Query, Statement, Visit, Visitor};
 use tokio::sync::watch;
 
 use super::SqlError;
+use crate::sync::lock;
 
 /// Longest query text accepted.
 pub const MAX_QUERY_BYTES: usize = 64 * 1024;
@@ -126,14 +127,14 @@ impl Cancels {
     /// Files the running connection under the key its client was given (BackendKeyData).
     pub fn register(&self, pid: i32, secret: Vec<u8>) {
         let Ok(signal) = CONNECTION.try_with(Arc::downgrade) else { return };
-        let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_key = lock(&self.by_key);
         by_key.retain(|_, s| s.strong_count() > 0);
         by_key.insert((pid, secret), signal);
     }
 
     /// A cancel request: stops what the connection with that key is running, if anything.
     pub fn cancel(&self, pid: i32, secret: Vec<u8>) {
-        let by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
+        let by_key = lock(&self.by_key);
         if let Some(signal) = by_key.get(&(pid, secret)).and_then(Weak::upgrade) {
             signal.send_modify(|n| *n += 1);
             tracing::info!(pid, "postgres cancel request");

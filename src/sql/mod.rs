@@ -31,6 +31,7 @@ pub mod queue;
 
 use crate::error::{Classified, ErrorClass};
 use crate::storage::{Location, Table};
+use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
@@ -277,7 +278,7 @@ pub fn context(storage: &Location, limits: Limits, live: Option<Arc<live::LiveRo
 fn shared_runtime_env(memory_bytes: usize) -> Result<Arc<RuntimeEnv>, DataFusionError> {
     static POOLS: Mutex<BTreeMap<usize, Weak<dyn MemoryPool>>> = Mutex::new(BTreeMap::new());
     let pool = {
-        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools = lock(&POOLS);
         pools.retain(|_, pool| pool.strong_count() > 0);
         match pools.get(&memory_bytes).and_then(Weak::upgrade) {
             Some(pool) => pool,

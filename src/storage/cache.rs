@@ -24,6 +24,7 @@ use object_store::{
     CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions,
     PutPayload, PutResult,
 };
+use crate::sync::lock;
 
 type Key = (Path, String, Range<u64>);
 
@@ -89,27 +90,27 @@ impl PartCache {
 
     /// Lists afresh from now on (this process just committed parts).
     pub fn forget_listings(&self) {
-        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listings = lock(&self.listings);
         let generation = listings.generation + 1;
         *listings = Listings { generation, ..Listings::default() };
     }
 
     fn key(&self, location: &Path, range: &Range<u64>) -> Option<Key> {
-        let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let versions = lock(&self.versions);
         versions.get(location).map(|tag| (location.clone(), tag.clone(), range.clone()))
     }
 
     fn cached(&self, key: &Key) -> Option<(Bytes, ObjectMeta)> {
-        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).bytes.get(key).cloned()
+        lock(&self.chunks).bytes.get(key).cloned()
     }
 
     fn keep(&self, key: Key, bytes: Bytes, meta: ObjectMeta) {
-        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (bytes, meta));
+        lock(&self.chunks).insert(key, (bytes, meta));
     }
 }
 
 fn note(versions: &Mutex<HashMap<Path, String>>, objects: &[ObjectMeta]) {
-    let mut versions = versions.lock().unwrap_or_else(|p| p.into_inner());
+    let mut versions = lock(&versions);
     for meta in objects.iter().filter(|m| m.location.as_ref().ends_with(".parquet")) {
         if let Some(tag) = &meta.e_tag {
             versions.insert(meta.location.clone(), tag.clone());
@@ -177,7 +178,7 @@ impl ObjectStore for PartCache {
         let (inner, versions, listings, prefix) = (self.inner.clone(), self.versions.clone(), self.listings.clone(), prefix.cloned());
         let listing = async move {
             let generation = {
-                let listings = listings.lock().unwrap_or_else(|p| p.into_inner());
+                let listings = lock(&listings);
                 if let Some((_, objects)) = listings.flat.get(&prefix).filter(|(at, _)| fresh(at)) {
                     return Ok::<_, object_store::Error>(objects.clone());
                 }
@@ -186,7 +187,7 @@ impl ObjectStore for PartCache {
             let objects: Vec<ObjectMeta> = inner.list(prefix.as_ref()).try_collect().await?;
             // Noted: queries read the parts they listed.
             note(&versions, &objects);
-            let mut listings = listings.lock().unwrap_or_else(|p| p.into_inner());
+            let mut listings = lock(&listings);
             if listings.generation == generation {
                 listings.flat.insert(prefix, (std::time::Instant::now(), objects.clone()));
             }
@@ -198,7 +199,7 @@ impl ObjectStore for PartCache {
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let key = prefix.cloned();
         let generation = {
-            let listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+            let listings = lock(&self.listings);
             if let Some((_, common_prefixes, objects)) = listings.delimited.get(&key).filter(|(at, _, _)| fresh(at)) {
                 return Ok(ListResult { common_prefixes: common_prefixes.clone(), objects: objects.clone() });
             }
@@ -206,7 +207,7 @@ impl ObjectStore for PartCache {
         };
         let listed = self.inner.list_with_delimiter(prefix).await?;
         note(&self.versions, &listed.objects);
-        let mut listings = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listings = lock(&self.listings);
         if listings.generation == generation {
             listings.delimited.insert(key, (std::time::Instant::now(), listed.common_prefixes.clone(), listed.objects.clone()));
         }

@@ -23,6 +23,7 @@ use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
+use crate::sync::lock;
 
 /// Queries of this process that are reading now, by when they started: a merge's inputs are
 /// deleted only once no query that may have listed them is still reading ([`ReadPin`]).
@@ -38,7 +39,7 @@ pub struct ReadPin(u64);
 impl ReadPin {
     pub fn new() -> ReadPin {
         let id = NEXT_PIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        READING.lock().unwrap_or_else(|p| p.into_inner()).insert(id, std::time::Instant::now());
+        lock(&READING).insert(id, std::time::Instant::now());
         ReadPin(id)
     }
 }
@@ -51,13 +52,13 @@ impl Default for ReadPin {
 
 impl Drop for ReadPin {
     fn drop(&mut self) {
-        READING.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+        lock(&READING).remove(&self.0);
     }
 }
 
 /// When the oldest query still reading started.
 pub fn oldest_reader() -> Option<std::time::Instant> {
-    READING.lock().unwrap_or_else(|p| p.into_inner()).values().min().copied()
+    lock(&READING).values().min().copied()
 }
 
 /// Parts merged at once, at least: fewer small ones are left as they are.

@@ -54,6 +54,7 @@ pub use location::{Bucket, Location};
 use location::Mode;
 
 use crate::error::{Classified, ErrorClass};
+use crate::sync::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -552,12 +553,12 @@ impl Storage {
     /// ([`compact`]) when `parts` (new ones were named), of the journals ([`journals`]) when
     /// [`JOURNAL_ROUND_EVERY`] has passed since the last.
     fn compact_in_background(&self, parts: bool) {
-        let journals_due = self.compactor.journals_at.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|at| at.elapsed() >= JOURNAL_ROUND_EVERY);
+        let journals_due = lock(&self.compactor.journals_at).is_none_or(|at| at.elapsed() >= JOURNAL_ROUND_EVERY);
         if !(parts || journals_due) || self.compactor.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
         if journals_due {
-            *self.compactor.journals_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            *lock(&self.compactor.journals_at) = Some(std::time::Instant::now());
         }
         let (place, published, running, refused, stopping) = (
             self.place.clone(),
@@ -572,7 +573,7 @@ impl Storage {
                 merge_journals(&Place { location: place.location.clone(), instance: None }, &stopping);
             }
             for (&table, &next) in &published {
-                if refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&table) {
+                if lock(&refused).contains(&table) {
                     continue;
                 }
                 let started = std::time::Instant::now();
@@ -585,7 +586,7 @@ impl Storage {
                     }
                     Ok(Merge::Refused(reason)) => {
                         tracing::warn!(table = table.name(), %reason, "its parts are not merged");
-                        refused.lock().unwrap_or_else(|p| p.into_inner()).insert(table);
+                        lock(&refused).insert(table);
                     }
                     Err(e) => {
                         metrics::counter!("bearwatch_storage_compaction_errors_total").increment(1);
@@ -711,19 +712,19 @@ impl Outage {
     /// A write failed with `error`; the outage started at the first failure.
     pub fn failed(&self, error: &str) {
         metrics::gauge!("bearwatch_storage_unavailable").set(1.0);
-        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = lock(&self.0);
         let since = now.as_ref().map_or_else(chrono::Utc::now, |(since, _)| *since);
         *now = Some((since, error.to_string()));
     }
 
     pub fn ended(&self) {
         metrics::gauge!("bearwatch_storage_unavailable").set(0.0);
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.0) = None;
     }
 
     /// What the outage is, for people; `None` while the storage takes writes.
     pub fn describe(&self) -> Option<String> {
-        let now = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = lock(&self.0);
         now.as_ref().map(|(since, error)| {
             format!(
                 "storage unavailable since {}: {error}; the pipeline waits and reads nothing more until it can write again (nothing is lost)",
