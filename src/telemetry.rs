@@ -183,6 +183,67 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     text.chars().map(|c| if escaped(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
 }
 
+/// Repeats of a log line while its cause lasts: the first is logged, then at most one every
+/// `every` (per line, digits aside), with how many were not. librdkafka hands over one error per
+/// poll and per reconnect while the brokers are down, which logged some 30 lines a second.
+pub struct Repeats {
+    every: std::time::Duration,
+    lines: std::sync::Mutex<std::collections::BTreeMap<String, (std::time::Instant, u64)>>,
+}
+
+/// Different lines [`Repeats`] keeps apart; past it, those not logged within `every` are forgotten.
+const REPEATS_KEPT: usize = 64;
+
+impl Repeats {
+    pub const fn new(every: std::time::Duration) -> Repeats {
+        Repeats { every, lines: std::sync::Mutex::new(std::collections::BTreeMap::new()) }
+    }
+
+    /// Whether to log `line` now: `Some(n)`, with the `n` repeats held back since it was last
+    /// logged; `None` to hold this one back. Lines that differ only in their numbers (librdkafka's
+    /// "584 identical error(s) suppressed", "after 0ms") are one line.
+    pub fn admit(&self, line: &str) -> Option<u64> {
+        self.admit_at(line, std::time::Instant::now())
+    }
+
+    fn admit_at(&self, line: &str, now: std::time::Instant) -> Option<u64> {
+        let key: String = line.chars().take(300).map(|c| if c.is_ascii_digit() { '#' } else { c }).collect();
+        let mut lines = crate::sync::lock(&self.lines);
+        if lines.len() >= REPEATS_KEPT && !lines.contains_key(&key) {
+            lines.retain(|_, (at, _)| now.duration_since(*at) < self.every);
+            if lines.len() >= REPEATS_KEPT {
+                lines.clear();
+            }
+        }
+        match lines.get_mut(&key) {
+            Some((at, held)) if now.duration_since(*at) < self.every => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                *at = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                lines.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Half a minute between repeats: what a person reading the log needs to see that it goes on.
+impl Default for Repeats {
+    fn default() -> Repeats {
+        Repeats::new(std::time::Duration::from_secs(30))
+    }
+}
+
+/// What a line [`Repeats`] let through adds: how many like it were held back before it.
+pub fn held_back(n: u64) -> String {
+    if n == 0 { String::new() } else { format!(" ({n} more like it since the last one logged)") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +257,26 @@ mod tests {
         let json = serde_json::to_string(&text).unwrap();
         assert_eq!(serde_json::from_str::<String>(&printable(&json)).unwrap(), text);
         assert_eq!(one_line("a\r\nb\u{2028}c\td"), "a  b c\td");
+    }
+
+    #[test]
+    fn a_repeating_line_is_let_through_once_per_interval_with_the_count_held_back() {
+        let repeats = Repeats::new(std::time::Duration::from_secs(30));
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + std::time::Duration::from_secs(s);
+        assert_eq!(repeats.admit_at("AllBrokersDown: 1/1 brokers are down", at(0)), Some(0));
+        assert_eq!(repeats.admit_at("AllBrokersDown: 1/1 brokers are down", at(1)), None);
+        assert_eq!(repeats.admit_at("AllBrokersDown: 0/1 brokers are down", at(29)), None, "numbers aside, the same line");
+        assert_eq!(repeats.admit_at("Authentication failed", at(29)), Some(0), "another line has its own count");
+        assert_eq!(repeats.admit_at("AllBrokersDown: 1/1 brokers are down", at(30)), Some(2));
+        assert_eq!(repeats.admit_at("AllBrokersDown: 1/1 brokers are down", at(31)), None);
+        // Ever new lines (no digits to fold) keep the memory bounded and are each let through.
+        for i in 0..10 * REPEATS_KEPT {
+            let line: String = format!("{i:x}").chars().map(|c| (b'g' + c.to_digit(16).unwrap() as u8) as char).collect();
+            assert_eq!(repeats.admit_at(&line, at(40)), Some(0));
+        }
+        assert!(crate::sync::lock(&repeats.lines).len() <= REPEATS_KEPT);
+        assert_eq!(held_back(0), "");
+        assert_eq!(held_back(3), " (3 more like it since the last one logged)");
     }
 }

@@ -57,6 +57,15 @@ fn hostile_pages_and_feedback_floods_are_refused_or_bounded() {
     assert!(status == 403 && body.contains("allowed_origins"), "{status} {body}");
     let (status, _, body) = post(&[json, ("Origin", "null")], "/api/models/rollback", "{}");
     assert_eq!(status, 403, "{body}");
+    // A flood of them is refused and counted one by one, but logged once in a while: each line
+    // was a request anyone can send, so the log grew as fast as they came.
+    for _ in 0..300 {
+        assert_eq!(post(&[json, ("Origin", "http://evil.example")], "/api/feedback/labels", label).0, 403);
+    }
+    let logged = std::fs::read_to_string(&run.stderr).unwrap().matches("request refused").count();
+    assert!(logged <= 10, "{logged} log lines for 302 refusals");
+    let metrics = api.raw("GET", "/metrics", &[], None).unwrap().2;
+    assert!(metrics.contains("bearwatch_http_refused_total{reason=\"origin\"} 302"), "every refusal counted");
     for (path, content_type, body) in [("/api/feedback/labels", "application/json", label), ("/sql", "text/plain", "SELECT 1")] {
         let answer = raw_http(http, &format!(
             "POST {path} HTTP/1.1\r\nHost: rebound.evil.example\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

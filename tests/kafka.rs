@@ -708,6 +708,30 @@ fn ready_says_why_the_source_has_not_started() {
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }
 
+/// While no broker answers, librdkafka hands over an error at every poll and reconnect; each was
+/// logged, some 30 lines a second (2.6 million a day, while an outage lasts). Now each kind of
+/// error is logged once and then once every half minute with how many were held back; `/ready`
+/// still counts every one.
+#[test]
+fn an_unreachable_broker_is_logged_once_in_a_while_not_at_every_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on (bound, then freed).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = kafka_pipeline("news", &unique("group"), "store", &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n"))
+        .replace(brokers(), &format!("127.0.0.1:{closed}"));
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let reported = |body: &str| -> u64 {
+        body.split("source errors since ").nth(1).and_then(|rest| rest.split_once(" (")?.1.split_once(',')?.0.parse().ok()).unwrap_or(0)
+    };
+    let (status, body) = ready_until(http, &mut run, |body| reported(body) >= 300);
+    assert_eq!(status, 503, "{body}");
+    let logged = std::fs::read_to_string(&run.stderr).unwrap().lines().filter(|l| l.contains("kafka consumer") || l.contains("rdkafka::client")).count();
+    assert!(logged <= 30, "{} errors reported, {logged} lines logged:\n{}", reported(&body), run.logs());
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+}
+
 /// A subscribed topic the brokers do not have (a misspelt name) is named in `/ready` for as long as
 /// it is missing: librdkafka reports it once and then waits for it.
 #[test]

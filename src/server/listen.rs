@@ -37,6 +37,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests in flight at shutdown may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the listener logs about connections it could not take, while that repeats.
+static LOGGED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
+
 /// Serves `app` on `listener` until `stop` fires, then gives requests in flight [`DRAIN_TIMEOUT`].
 pub async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiver<()>) {
     let places = Places::new(MAX_CONNECTIONS);
@@ -54,13 +57,18 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: oneshot::Receiv
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, say: wait a little instead of spinning.
-                tracing::warn!(error = %e, "http accept failed");
+                if let Some(held) = LOGGED.admit(&format!("accept: {e}")) {
+                    tracing::warn!(error = %e, "http accept failed{}", crate::telemetry::held_back(held));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Some((place, mut taken)) = places.admit().await else {
-            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "http connection refused: every open one is busy");
+            // Per kind of line, not per connection: a flood of them must not flood the log too.
+            if let Some(held) = LOGGED.admit("refused: busy") {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "http connection refused: every open one is busy{}", crate::telemetry::held_back(held));
+            }
             metrics::counter!("bearwatch_http_connections_refused_total").increment(1);
             continue;
         };

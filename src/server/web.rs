@@ -54,9 +54,14 @@ fn is_json(headers: &HeaderMap) -> bool {
     value.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// Refusals logged, while they repeat: each is a request anyone can send.
+static REFUSED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(std::time::Duration::from_secs(30));
+
 fn refused(status: StatusCode, message: String) -> Response {
     metrics::counter!("bearwatch_http_refused_total", "reason" => if status == StatusCode::FORBIDDEN { "origin" } else { "content_type" }).increment(1);
-    tracing::warn!(status = status.as_u16(), message, "request refused");
+    if let Some(held) = REFUSED.admit(&message) {
+        tracing::warn!(status = status.as_u16(), message, "request refused{}", crate::telemetry::held_back(held));
+    }
     error(status, message)
 }
 

@@ -88,8 +88,9 @@ impl ClientContext for GroupContext {
     /// librdkafka's errors outside a message (a refused login, every broker down): logged as
     /// rdkafka logs them, and reported.
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
-        self.trouble.report(&format!("{error}: {reason}"));
+        if let Some(held) = self.trouble.report(&format!("{error}: {reason}")) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}{}", crate::telemetry::held_back(held));
+        }
     }
 
     /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per assigned partition,
@@ -312,9 +313,10 @@ impl Source for KafkaSource {
             })),
             Some(Err(e)) => {
                 // librdkafka reconnects and retries by itself; these are reports, not failures.
-                tracing::warn!(error = %e, "kafka consumer");
                 crate::telemetry::errors("source", 1);
-                self.consumer.context().trouble.report(&e.to_string());
+                if let Some(held) = self.consumer.context().trouble.report(&e.to_string()) {
+                    tracing::warn!(error = %e, "kafka consumer{}", crate::telemetry::held_back(held));
+                }
                 Ok(None)
             }
         }
@@ -374,9 +376,17 @@ pub const MAX_OUTPUT_BYTES: usize = 900 * 1024;
 #[derive(Default, Clone)]
 pub struct DeliveryReport {
     failed: Arc<std::sync::Mutex<(u64, Option<String>)>>,
+    logged: Arc<crate::telemetry::Repeats>,
 }
 
-impl ClientContext for DeliveryReport {}
+impl ClientContext for DeliveryReport {
+    /// As the consumer's: logged at most every half minute per kind while it repeats.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(held) = self.logged.admit(&format!("{error}: {reason}")) {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}{}", crate::telemetry::held_back(held));
+        }
+    }
+}
 
 impl ProducerContext for DeliveryReport {
     type DeliveryOpaque = ();
@@ -386,7 +396,9 @@ impl ProducerContext for DeliveryReport {
             failed.0 += 1;
             failed.1.get_or_insert_with(|| format!("{}: {e}", message.topic()));
             crate::telemetry::errors("producer", 1);
-            tracing::error!(error = %e, topic = message.topic(), "kafka delivery failed");
+            if let Some(held) = self.logged.admit(&format!("{}: {e}", message.topic())) {
+                tracing::error!(error = %e, topic = message.topic(), "kafka delivery failed{}", crate::telemetry::held_back(held));
+            }
         }
     }
 }

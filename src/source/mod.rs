@@ -39,6 +39,7 @@ pub struct Trouble {
     streak: std::sync::Mutex<Option<Streak>>,
     /// Subscribed topics the brokers do not have (librdkafka says so once, then waits for them).
     absent: std::sync::Mutex<Vec<String>>,
+    logged: crate::telemetry::Repeats,
 }
 
 struct Streak {
@@ -57,7 +58,10 @@ const TROUBLE_KINDS: usize = 5;
 const TROUBLE_CHARS: usize = 300;
 
 impl Trouble {
-    pub fn report(&self, error: &str) {
+    /// Counts `error` towards `/ready`, and says whether to log it: `Some(n)` with the `n` like it
+    /// held back since it was last logged ([`crate::telemetry::Repeats`]).
+    #[must_use]
+    pub fn report(&self, error: &str) -> Option<u64> {
         let error: String = error.chars().take(TROUBLE_CHARS).collect();
         let mut streak = lock(&self.streak);
         let now = std::time::Instant::now();
@@ -68,10 +72,12 @@ impl Trouble {
         s.last_at = now;
         s.count += 1;
         s.recent.retain(|e| *e != error);
-        s.recent.push_back(error);
+        s.recent.push_back(error.clone());
         if s.recent.len() > TROUBLE_KINDS {
             s.recent.pop_front();
         }
+        drop(streak);
+        self.logged.admit(&error)
     }
 
     /// The subscribed topics the brokers do not have, as of the last look.
@@ -148,12 +154,12 @@ mod trouble_tests {
     fn trouble_keeps_the_last_few_different_errors_each_cut_short() {
         let trouble = Trouble::default();
         assert!(trouble.describe().is_empty());
-        trouble.report("login refused");
+        assert_eq!(trouble.report("login refused"), Some(0), "logged the first time");
         for i in 0..10 {
-            trouble.report(&format!("broker {i} down"));
-            trouble.report("login refused");
+            assert_eq!(trouble.report(&format!("broker {i} down")), (i == 0).then_some(0), "one kind, digits aside");
+            assert_eq!(trouble.report("login refused"), None);
         }
-        trouble.report(&"x".repeat(10_000));
+        assert_eq!(trouble.report(&"x".repeat(10_000)), Some(0));
         trouble.absent(vec!["news".into(), "mews".into()]);
         let said = trouble.describe().join("\n");
         assert!(said.starts_with("subscribed topics the brokers do not have: news, mews (nothing"), "{said}");

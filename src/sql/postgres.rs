@@ -343,19 +343,27 @@ pub const MAX_CONNECTIONS: usize = 64;
 
 /// datafusion-postgres' accept loop, with each connection in its own cancel scope and its messages
 /// bounded.
+/// What the listener logs about connections it could not take, while that repeats.
+static LOGGED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(std::time::Duration::from_secs(30));
+
 async fn accept(listener: tokio::net::TcpListener, handlers: Arc<Handlers>) {
     let places = crate::net::Places::new(MAX_CONNECTIONS);
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "postgres accept failed");
+                if let Some(held) = LOGGED.admit(&format!("accept: {e}")) {
+                    tracing::warn!(error = %e, "postgres accept failed{}", crate::telemetry::held_back(held));
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Some((place, closing)) = places.admit().await else {
-            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open");
+            // Per kind of line, not per connection: a flood of them must not flood the log too.
+            if let Some(held) = LOGGED.admit("refused: too many") {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "postgres connection refused: too many open{}", crate::telemetry::held_back(held));
+            }
             connection::closed("too_many");
             continue;
         };
