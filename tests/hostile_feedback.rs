@@ -59,8 +59,9 @@ fn hostile_pages_and_feedback_floods_are_refused_or_bounded() {
     assert_eq!(status, 403, "{body}");
     // A flood of them is refused and counted one by one, but logged once in a while: each line
     // was a request anyone can send, so the log grew as fast as they came.
-    for _ in 0..300 {
-        assert_eq!(post(&[json, ("Origin", "http://evil.example")], "/api/feedback/labels", label).0, 403);
+    for i in 0..300 {
+        let origin = format!("http://evil-{}.example", char::from(b'a' + (i % 26) as u8).to_string().repeat(1 + i / 26));
+        assert_eq!(post(&[json, ("Origin", origin.as_str())], "/api/feedback/labels", label).0, 403);
     }
     let logged = std::fs::read_to_string(&run.stderr).unwrap().matches("request refused").count();
     assert!(logged <= 10, "{logged} log lines for 302 refusals");

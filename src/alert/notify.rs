@@ -371,7 +371,6 @@ impl Shared {
     }
 }
 
-
 /// Delivers the outbox on its own thread, so a slow SMTP server never holds up the pipeline.
 pub struct Notifier {
     shared: Arc<Shared>,
@@ -489,13 +488,17 @@ fn drop_unknown(shared: &Shared, notifiers: &Senders) {
     let orphans: Vec<(String, String)> =
         outbox.pending().filter(|e| !notifiers.contains_key(&e.receiver)).map(|e| (e.key.clone(), e.receiver.clone())).collect();
     let now = chrono::Utc::now().timestamp_millis();
+    let mut per_receiver: BTreeMap<String, u64> = BTreeMap::new();
     for (key, receiver) in orphans {
-        tracing::warn!(receiver, key, "pending notification dropped: the pipeline has no receiver of that name now");
         crate::telemetry::dropped("notify", "no_receiver", 1);
         if let Err(e) = outbox.drop_entry(&key, now, receiver_gone(&receiver)) {
             tracing::error!(error = %e, "cannot write the outbox");
         }
         lock(&shared.rows).extend(row(&outbox, &key));
+        *per_receiver.entry(receiver).or_default() += 1;
+    }
+    for (receiver, dropped) in per_receiver {
+        tracing::warn!(receiver, dropped, "pending notifications dropped: the pipeline has no receiver of that name now");
     }
 }
 

@@ -71,6 +71,9 @@ pub const SQL_HISTORY: usize = 48;
 /// bounds what a feed that keeps naming new tickers can make it (and its checkpoints) hold.
 pub const MAX_GROUPS: usize = 20_000;
 
+/// A rule's failing SQL condition, logged once every half minute while it keeps failing.
+static SQL_FAILED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(std::time::Duration::from_secs(30));
+
 /// A closed window's numbers, kept as baseline for the next ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Past {
@@ -990,7 +993,10 @@ impl Detector {
             .filter_map(|(i, query)| match sql::hits(&table, query) {
                 Ok(hits) => Some((i, hits)),
                 Err(e) => {
-                    tracing::error!(rule = %self.rules[i].name, error = %e, "sql condition failed");
+                    // At every evaluation (many a second in a backfill) while the query fails.
+                    if let Some(held) = SQL_FAILED.admit(&format!("{}: {e}", self.rules[i].name)) {
+                        tracing::error!(rule = %self.rules[i].name, error = %e, "sql condition failed{}", crate::telemetry::held_back(held));
+                    }
                     None
                 }
             })

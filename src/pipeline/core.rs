@@ -67,6 +67,10 @@ pub struct Checkpoint {
     pub rate_intervals: BTreeMap<String, crate::alert::RateInterval>,
 }
 
+/// Lines the feed or a lasting fault would repeat (a story too large for the sink, a journal that
+/// does not read), kept to one every half minute per kind.
+static LOGGED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
+
 /// Per-message checks that come before scoring.
 pub struct Limits {
     pub max_message_bytes: usize,
@@ -532,7 +536,9 @@ impl Core {
             if json.len() > crate::source::kafka::MAX_OUTPUT_BYTES {
                 // A long body (`max_message_bytes` raised): the topic would refuse the story, and
                 // every restart would read it again. Its headline, scores and ids go; `news` keeps it whole.
-                tracing::warn!(id = %row.news.id, bytes = json.len(), "scored story too large for the sink topic: sent without its body");
+                if let Some(held) = LOGGED.admit("too large for the sink") {
+                    tracing::warn!(id = %row.news.id, bytes = json.len(), "scored story too large for the sink topic: sent without its body{}", crate::telemetry::held_back(held));
+                }
                 let body = row.news.body.take();
                 json = serde_json::to_vec(&row).map_err(|e| PipelineError::Internal(e.to_string()))?;
                 row.news.body = body;
@@ -640,7 +646,10 @@ impl Core {
         let (newest, challenger) = match read {
             Ok((mut champion, mut challenger)) => (champion.pop(), challenger.pop()),
             Err(e) => {
-                tracing::error!(error = %e, "model_aliases unreadable; the model serving keeps serving");
+                // Tried again every second while it lasts.
+                if let Some(held) = LOGGED.admit(&format!("model_aliases: {e}")) {
+                    tracing::error!(error = %e, "model_aliases unreadable; the model serving keeps serving{}", crate::telemetry::held_back(held));
+                }
                 return Ok(false);
             }
         };

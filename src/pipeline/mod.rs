@@ -122,7 +122,6 @@ struct Rebalancer {
     closing: AtomicBool,
 }
 
-
 impl GroupHandler for Rebalancer {
     fn revoking(&self, partitions: &[(String, i32)]) -> Offsets {
         if self.closing.load(Ordering::SeqCst) {
@@ -325,6 +324,19 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<(
     Ok(Some((Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier), sha256)))
 }
 
+/// How often the live summary repeats itself while nothing arrives (every `summary_interval` otherwise).
+const IDLE_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// What a reload read, all of it checked, before any of it is put in force.
+struct ReadAgain {
+    /// The pipeline file as it is now (none for the demo's embedded one).
+    fresh: Option<PipelineConfig>,
+    files: RuleFile,
+    sha256: String,
+    /// The fresh file's receivers' senders.
+    senders: Option<notify::Senders>,
+}
+
 /// Where reloads of the rule files (and the pipeline file's receivers) are asked for: SIGHUP sets
 /// the flag, `POST /api/rules/reload` sends a request and waits for the answer. The pipeline
 /// thread takes both between reads, so a reload never lands between a window's rows.
@@ -350,10 +362,10 @@ impl Reloads {
         }
     }
 
-    /// Puts the rule files, and the pipeline file's `[[receivers]]` and `[alerts] rules`, in force as they are now, or
-    /// keeps those in force and says why. Nothing is applied unless everything checks.
+    /// Puts the rule files, and the pipeline file's `[[receivers]]` and `[alerts] rules`, in force
+    /// as they are now, or keeps those in force and says why. Nothing is applied unless all checks.
     fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
-        let result = Self::read_again(config).and_then(|(fresh, files, sha256, senders)| {
+        let result = Self::read_again(config).and_then(|ReadAgain { fresh, files, sha256, senders }| {
             let checked = fresh.as_ref().unwrap_or(config);
             let (rules, routes, silences, receivers) = (files.rules.clone(), files.routes.len(), files.silences.len(), checked.receivers.len());
             // Rules first: alerts of rules gone resolve through the receivers they fired to.
@@ -381,8 +393,7 @@ impl Reloads {
     /// The pipeline file read again (none for the demo's embedded one), checked to differ from the
     /// running one only in `[[receivers]]` and `[alerts] rules`, with its receivers' senders; and
     /// the rule files it names, checked against those receivers.
-    #[allow(clippy::type_complexity)]
-    fn read_again(config: &PipelineConfig) -> Result<(Option<PipelineConfig>, RuleFile, String, Option<notify::Senders>), String> {
+    fn read_again(config: &PipelineConfig) -> Result<ReadAgain, String> {
         let fresh = match &config.file {
             None => None,
             Some(file) => {
@@ -402,7 +413,7 @@ impl Reloads {
         let checked = fresh.as_ref().unwrap_or(config);
         let (files, sha256) = load_rule_files(checked).map_err(|e| e.to_string())?;
         let senders = fresh.as_ref().map(senders).transpose().map_err(|e| e.to_string())?;
-        Ok((fresh, files, sha256, senders))
+        Ok(ReadAgain { fresh, files, sha256, senders })
     }
 }
 
@@ -680,6 +691,8 @@ fn drive(
     let summary_every = config.run.summary_interval.0;
     let started = (Instant::now(), lock(core).counters.scored);
     let mut last_summary = Instant::now();
+    // What the last line said and when it was printed: an idle feed repeats it only once a minute.
+    let mut summarized: Option<(Counters, Instant)> = None;
     let mut last_publish = Instant::now();
     let mut saturated = false;
     let mut last_reach = None::<Instant>;
@@ -753,7 +766,10 @@ fn drive(
         if !summary_every.is_zero() && last_summary.elapsed() >= summary_every {
             last_summary = Instant::now();
             let core = lock(core);
-            crate::telemetry::say(format_args!("{}", summary::live_line(&core.counters, started, &core.windows, &core.recent, &source.describe())));
+            if summarized.as_ref().is_none_or(|(counters, at)| *counters != core.counters || at.elapsed() >= IDLE_SUMMARY_EVERY) {
+                summarized = Some((core.counters.clone(), Instant::now()));
+                crate::telemetry::say(format_args!("{}", summary::live_line(&core.counters, started, &core.windows, &core.recent, &source.describe())));
+            }
         }
     };
 

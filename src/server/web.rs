@@ -58,8 +58,10 @@ fn is_json(headers: &HeaderMap) -> bool {
 static REFUSED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(std::time::Duration::from_secs(30));
 
 fn refused(status: StatusCode, message: String) -> Response {
-    metrics::counter!("bearwatch_http_refused_total", "reason" => if status == StatusCode::FORBIDDEN { "origin" } else { "content_type" }).increment(1);
-    if let Some(held) = REFUSED.admit(&message) {
+    let reason = if status == StatusCode::FORBIDDEN { "origin" } else { "content_type" };
+    metrics::counter!("bearwatch_http_refused_total", "reason" => reason).increment(1);
+    // By reason, not by message: the message names the origin, which the sender chooses.
+    if let Some(held) = REFUSED.admit(reason) {
         tracing::warn!(status = status.as_u16(), message, "request refused{}", crate::telemetry::held_back(held));
     }
     error(status, message)
