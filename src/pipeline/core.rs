@@ -377,8 +377,8 @@ impl Core {
     }
 
     fn validate(&self, record: &Record) -> Result<News, (&'static str, String)> {
-        let size = record.payload.len();
-        if size > self.limits.max_message_bytes {
+        let size = record.size();
+        if size > self.limits.max_message_bytes as u64 {
             return Err(("too_large", format!("message has {size} bytes, more than max_message_bytes = {}", self.limits.max_message_bytes)));
         }
         if record.payload.is_empty() {
@@ -510,7 +510,7 @@ impl Core {
                 tracing::error!(error = %e, id = %news.id, "classification failed");
                 let payload = serde_json::to_vec(&news).unwrap_or_default();
                 let record =
-                    Record { topic: at.topic.clone(), partition: at.partition, offset: at.offset, payload, from_kafka: at.from_kafka };
+                    Record { topic: at.topic.clone(), partition: at.partition, offset: at.offset, payload, from_kafka: at.from_kafka, cut_from: None };
                 return self.dead_letter("classify", &record, "classify_failed", &e.to_string());
             }
         };

@@ -867,7 +867,7 @@ mod tests {
         let mut source = Backlog { records: VecDeque::new(), core: core.clone(), in_flight_when_read: Vec::new() };
         for i in 0..300 {
             let payload = format!(r#"{{"id":"s{i}","published_at":"2024-01-01T00:{:02}:00Z","headline":"Story {i}"}}"#, i % 60);
-            source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true });
+            source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true, cut_from: None });
         }
 
         let reloads = Reloads { signal: Default::default(), requests: std::sync::mpsc::channel().1, in_force: InForce::default() };

@@ -43,11 +43,11 @@ impl DeadLetter {
         metrics::counter!("bearwatch_dead_letter_total", "kind" => kind.to_string()).increment(1);
         match self {
             DeadLetter::Topic { output, topic } => {
-                let truncated = record.payload.len() > MAX_OUTPUT_BYTES;
-                let payload = if truncated { &record.payload[..TRUNCATED_BYTES] } else { &record.payload[..] };
+                let truncated = record.payload.len() > MAX_OUTPUT_BYTES || record.cut_from.is_some();
+                let payload = &record.payload[..record.payload.len().min(if truncated { TRUNCATED_BYTES } else { usize::MAX })];
                 let partition = record.partition.to_string();
                 let offset = record.offset.to_string();
-                let size = record.payload.len().to_string();
+                let size = record.size().to_string();
                 let mut headers = OwnedHeaders::new()
                     .insert(Header { key: "error.kind", value: Some(kind) })
                     .insert(Header { key: "error.message", value: Some(message) })
@@ -67,7 +67,7 @@ impl DeadLetter {
                     Ok(text) => ("payload", serde_json::Value::String(text.to_string())),
                     Err(_) => ("payload_hex", serde_json::Value::String(hex(&record.payload))),
                 };
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "error.kind": kind,
                     "error.message": message,
                     "source.topic": &*record.topic,
@@ -75,6 +75,10 @@ impl DeadLetter {
                     "source.offset": record.offset,
                     payload.0: payload.1,
                 });
+                if let Some(size) = record.cut_from {
+                    line["payload.truncated"] = serde_json::Value::Bool(true);
+                    line["payload.size"] = serde_json::Value::from(size);
+                }
                 pending.extend_from_slice(line.to_string().as_bytes());
                 pending.push(b'\n');
                 if pending.len() >= FILE_BUFFER_BYTES { self.write_pending() } else { Ok(()) }

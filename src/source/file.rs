@@ -280,7 +280,8 @@ impl Source for FileSource {
             reason: format!("line {} (byte {}) cannot be read ({e}): the file changed while it was read", self.next + 1, line.offset),
         })?;
         self.next += 1;
-        Ok(Some(Record { topic: self.topic.clone(), partition: 0, offset, payload, from_kafka: false }))
+        let cut_from = (line.len > LINE_READ_LIMIT).then_some(line.len);
+        Ok(Some(Record { topic: self.topic.clone(), partition: 0, offset, payload, from_kafka: false, cut_from }))
     }
 
     fn finished(&self) -> bool {
@@ -431,11 +432,22 @@ mod tests {
         bytes.extend(b"\n{\"id\":\"b\",\"published_at\":\"2024-01-01T00:00:01Z\"}\n");
         std::fs::write(&path, &bytes).unwrap();
         let mut source = FileSource::open(&path, 0.0, None).unwrap();
-        let read: Vec<Vec<u8>> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).map(|r| r.payload).collect();
+        let records: Vec<Record> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).collect();
+        let read: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
         assert_eq!(read.len(), 3);
         assert!(read[0].starts_with(b"{\"id\":\"b\"") && read[1].starts_with(b"{\"id\":\"a\""), "b, then a, then the long line, which has a's time");
         assert_eq!(read[2].len() as u64, LINE_READ_LIMIT);
         assert!(read[2].iter().all(|b| *b == b'x'));
+        // What is refused, and the dead letter, give the line's own length, not what was read of it.
+        assert_eq!(records.iter().map(Record::size).collect::<Vec<_>>(), [read[0].len() as u64, read[1].len() as u64, LINE_READ_LIMIT + 100]);
+        let dead = dir.path().join("dead.jsonl");
+        let mut letters = super::super::dead_letter::DeadLetter::file(&dead).unwrap();
+        letters.send(&records[2], "too_large", "message has 67108965 bytes").unwrap();
+        letters.send(&records[0], "invalid_json", "no").unwrap();
+        letters.flush().unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!((&lines[0]["payload.truncated"], &lines[0]["payload.size"]), (&serde_json::json!(true), &serde_json::json!(LINE_READ_LIMIT + 100)));
+        assert!(lines[1].get("payload.truncated").is_none() && lines[1].get("payload.size").is_none(), "{}", lines[1]);
     }
 
     /// A pipe has no size: read through `/dev/stdin` or `<(zcat …)`, its lines are copied aside

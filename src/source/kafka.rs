@@ -310,6 +310,7 @@ impl Source for KafkaSource {
                 offset: message.offset(),
                 payload: message.payload().unwrap_or_default().to_vec(),
                 from_kafka: true,
+                cut_from: None,
             })),
             Some(Err(e)) => {
                 // librdkafka reconnects and retries by itself; these are reports, not failures.

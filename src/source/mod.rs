@@ -25,6 +25,16 @@ pub struct Record {
     pub offset: i64,
     pub payload: Vec<u8>,
     pub from_kafka: bool,
+    /// The whole message's length where `payload` holds only its start (a file line past what is
+    /// read of one line); none where `payload` is all of it.
+    pub cut_from: Option<u64>,
+}
+
+impl Record {
+    /// The message's length in bytes, all of it.
+    pub fn size(&self) -> u64 {
+        self.cut_from.unwrap_or(self.payload.len() as u64)
+    }
 }
 
 /// Next offset to read, per topic and partition.
