@@ -113,6 +113,29 @@ impl FileSource {
         self.lines.is_empty()
     }
 
+    /// Whether the bytes around `line` are still what the index found: a line end (or the start of
+    /// a segment) before it, and a line end (`\n` or `\r\n`, or a segment's end) after it. A file
+    /// written over while it replays moves its lines, and reading by offset would hand on pieces.
+    fn still_a_line(&self, line: Line) -> std::io::Result<bool> {
+        let ends = &self.progress.segment_ends;
+        if line.offset > 0 && !ends.contains(&line.offset) {
+            let mut before = [0u8; 1];
+            self.file.read_exact_at(&mut before, line.offset - 1)?;
+            if before[0] != b'\n' {
+                return Ok(false);
+            }
+        }
+        let end = line.offset + line.len;
+        let mut after = [0u8; 2];
+        let read = self.file.read_at(&mut after, end)?;
+        Ok(match &after[..read] {
+            _ if ends.contains(&end) => true,
+            [b'\n', ..] | [b'\r', b'\n'] => true,
+            [b'\r', ..] => ends.contains(&(end + 1)),
+            _ => false,
+        })
+    }
+
     /// How long to wait before the next line is due at `speed`× the stories' own pace.
     fn due_in(&mut self, event_ms: i64) -> Duration {
         if self.speed <= 0.0 || event_ms == i64::MIN {
@@ -275,10 +298,19 @@ impl Source for FileSource {
         std::thread::sleep(wait);
         let offset = self.next as i64;
         let mut payload = vec![0; usize::try_from(line.len.min(LINE_READ_LIMIT)).unwrap_or(usize::MAX)];
-        self.file.read_exact_at(&mut payload, line.offset).map_err(|e| SourceError::File {
+        let changed = |why: String| SourceError::File {
             path: self.path.clone(),
-            reason: format!("line {} (byte {}) cannot be read ({e}): the file changed while it was read", self.next + 1, line.offset),
-        })?;
+            reason: format!(
+                "line {} (byte {}) {why}: the file changed while it was read; replay a file only once it is written \
+                 (appending is fine: the next run reads what was added)",
+                self.next + 1,
+                line.offset
+            ),
+        };
+        self.file.read_exact_at(&mut payload, line.offset).map_err(|e| changed(format!("cannot be read ({e})")))?;
+        if !self.still_a_line(line).map_err(|e| changed(format!("cannot be read ({e})")))? {
+            return Err(changed("is no longer between two line ends".into()));
+        }
         self.next += 1;
         let cut_from = (line.len > LINE_READ_LIMIT).then_some(line.len);
         Ok(Some(Record { topic: self.topic.clone(), partition: 0, offset, payload, from_kafka: false, cut_from }))
@@ -415,9 +447,15 @@ mod tests {
             let index = Index::build(&File::open(&path).unwrap(), &ends, read, buffer).unwrap();
             let indexed: Vec<(i64, Vec<u8>)> =
                 index.lines.iter().map(|l| (l.event_ms, bytes[l.offset as usize..(l.offset + l.len) as usize].to_vec())).collect();
-            assert_eq!(indexed, held_whole(&bytes, &ends), "{:?} cut at {ends:?}, buffer {buffer}", String::from_utf8_lossy(&bytes));
+            let whole = held_whole(&bytes, &ends);
+            assert_eq!(indexed, whole, "{:?} cut at {ends:?}, buffer {buffer}", String::from_utf8_lossy(&bytes));
             assert_eq!(index.sha256, sha256(&bytes));
             assert_eq!(index.sha256_read, sha256(&bytes[..read as usize]));
+            // Read through the source, every line passes the check that it is still a line.
+            let known = FileProgress { segment_ends: ends[..ends.len() - 1].to_vec(), sha256: sha256(&bytes[..read as usize]) };
+            let mut source = FileSource::open(&path, 0.0, (ends.len() > 1).then_some((0, Some(&known)))).unwrap();
+            let polled: Vec<Vec<u8>> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).map(|r| r.payload).collect();
+            assert_eq!(polled, whole.into_iter().map(|(_, line)| line).collect::<Vec<_>>(), "{:?} cut at {ends:?}", String::from_utf8_lossy(&bytes));
         }
     }
 
@@ -448,6 +486,27 @@ mod tests {
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!((&lines[0]["payload.truncated"], &lines[0]["payload.size"]), (&serde_json::json!(true), &serde_json::json!(LINE_READ_LIMIT + 100)));
         assert!(lines[1].get("payload.truncated").is_none() && lines[1].get("payload.size").is_none(), "{}", lines[1]);
+    }
+
+    /// A file written over while it replays (the same inode, other bytes) is noticed at the next
+    /// line, which is no longer between two line ends, instead of handing on pieces of lines.
+    #[test]
+    fn a_file_written_over_while_it_replays_ends_the_replay_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.jsonl");
+        let line = |id: &str, second: u32| format!("{{\"id\":\"{id}\",\"published_at\":\"2024-01-01T00:00:{second:02}Z\"}}\r\n");
+        let text = line("a", 1) + "\n" + &line("b", 2) + &line("c", 3);
+        std::fs::write(&path, &text).unwrap();
+        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        assert!(source.poll(Duration::ZERO).unwrap().is_some());
+        // The same length, shifted by two bytes: each line's offset now falls inside another.
+        std::fs::write(&path, format!("\n\n{}", &text[..text.len() - 2])).unwrap();
+        let err = source.poll(Duration::ZERO).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("changed while it was read"), "{err}");
+        // Unchanged, every line reads, CRLF and blank lines included.
+        std::fs::write(&path, &text).unwrap();
+        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        assert_eq!(std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).count(), 3);
     }
 
     /// A pipe has no size: read through `/dev/stdin` or `<(zcat …)`, its lines are copied aside
