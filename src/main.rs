@@ -58,7 +58,7 @@ enum Command {
     /// Example: bearwatch man > bearwatch.1 && man ./bearwatch.1
     Man,
     /// Runs a pipeline: news in, scored, windowed, stored, checkpointed. Stops cleanly on SIGINT/SIGTERM;
-    /// SIGHUP reads the alert rule files and the pipeline file's receivers again.
+    /// SIGHUP reads the alert rule files and the pipeline file's receivers and tokens again.
     ///
     /// Example: bearwatch run --pipeline pipelines/kafka.toml
     Run {

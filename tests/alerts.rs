@@ -641,10 +641,19 @@ fn a_reload_reads_the_pipeline_files_receivers_and_refuses_other_changes() {
     let (_, in_force) = api.call("GET", "/api/rules", Some(token), None);
     assert_eq!(in_force["rules"].as_array().map(Vec::len), Some(2), "{in_force}");
 
-    // b taken out with its rule file: market-busy resolves, and its notice for b is dropped.
-    std::fs::write(dir.path().join("p.toml"), config("\"rules.toml\"", "1h", &hook("a", hook_a.port))).unwrap();
+    // An API with tokens is not opened by a reload.
+    std::fs::write(dir.path().join("p.toml"), both.replace(&format!("auth_token = \"{token}\"\n"), "")).unwrap();
+    let (status, refused) = api.call("POST", "/api/rules/reload", Some(token), None);
+    assert!(status == 400 && refused["error"].as_str().unwrap().contains("tokens to none"), "{status} {refused}");
+
+    // b taken out with its rule file: market-busy resolves, and its notice for b is dropped. The
+    // admin token is rotated in the same reload: the old one is refused from then on.
+    let rotated = "r0tated-0123456789abcdef";
+    std::fs::write(dir.path().join("p.toml"), config("\"rules.toml\"", "1h", &hook("a", hook_a.port)).replace(token, rotated)).unwrap();
     let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(token), None);
     assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
+    assert_eq!(api.call("GET", "/api/rules", Some(token), None).0, 401, "the old token is revoked");
+    let token = rotated;
     assert_eq!((reloaded["rules"].as_u64(), reloaded["receivers"].as_u64(), reloaded["resolved"].as_u64()), (Some(1), Some(1), Some(1)), "{reloaded}");
     let dropped = "SELECT status, last_error FROM notifications WHERE receiver = 'b' AND state = 'resolved' AND status = 'dropped'";
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -59,15 +59,19 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     /// The top-level sections of `other` that differ from this file's in more than what a reload
-    /// reads again (`[[receivers]]` and `[alerts] rules`).
+    /// reads again (`[[receivers]]`, `[alerts] rules`, `[server] users` and `auth_token`).
     pub fn changed_beyond_reload(&self, other: &toml::Table) -> Vec<String> {
         let reloadable = |table: &toml::Table| {
             let mut table = table.clone();
             table.remove("receivers");
-            if let Some(toml::Value::Table(alerts)) = table.get_mut("alerts") {
-                alerts.remove("rules");
-                if alerts.is_empty() {
-                    table.remove("alerts");
+            for (section, fields) in [("alerts", &["rules"][..]), ("server", &["users", "auth_token"][..])] {
+                if let Some(toml::Value::Table(inner)) = table.get_mut(section) {
+                    for field in fields {
+                        inner.remove(*field);
+                    }
+                    if inner.is_empty() {
+                        table.remove(section);
+                    }
                 }
             }
             table
@@ -359,6 +363,10 @@ path = "data"
         assert!(changed(&base.replace("[alerts]\nrules = [\"a.toml\"]\n", "")).is_empty(), "[alerts] gone with only its rules in it");
         assert_eq!(changed(&base.replace("rules = [", "evaluate_every = \"1m\"\nrules = [")), ["[alerts]"]);
         assert_eq!(changed(&(base.to_string() + "[window]\nsize = \"2h\"\n")), ["[window]"]);
+        let server = |body: &str| base.replace("[[receivers]]", &format!("[server]\n{body}[[receivers]]"));
+        let users = "[[server.users]]\nname = \"ana\"\nrole = \"analyst\"\ntoken = \"0123456789abcdef\"\n";
+        assert!(changed(&server(&format!("auth_token = \"fedcba9876543210\"\n{users}"))).is_empty(), "tokens are reloaded");
+        assert_eq!(changed(&server("http = \"127.0.0.1:9464\"\n")), ["[server]"]);
         assert_eq!(changed(&base.replace("\"s\"", "\"t\"").replace("n.jsonl", "m.jsonl")), ["[source]", "[storage]"]);
     }
 

@@ -25,7 +25,7 @@ pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunCon
 
 use crate::alert::outbox::Outbox;
 use crate::alert::silences::SilenceStore;
-use crate::server::{Api, FeedbackService, Ops, ReloadRequest, Reloaded, Server, ServerError, SqlService, WebPolicy};
+use crate::server::{Api, FeedbackService, Ops, Principals, ReloadRequest, Reloaded, Server, ServerError, SqlService, WebPolicy};
 use crate::sql::live::LiveRows;
 use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
 use crate::classify::{ClassifyError, Classifier, ModelSpec};
@@ -344,6 +344,8 @@ struct Reloads {
     signal: Arc<AtomicBool>,
     requests: std::sync::mpsc::Receiver<ReloadRequest>,
     in_force: InForce,
+    /// The API's tokens, which the pipeline file's `[server] users` and `auth_token` give.
+    principals: Principals,
 }
 
 impl Reloads {
@@ -373,6 +375,9 @@ impl Reloads {
             if let (Some(fresh), Some(senders), Some(alerting)) = (&fresh, senders, core.alerting.as_mut()) {
                 alerting.replace_receivers(&fresh.receivers, senders, |senders| start_notifier(config, senders)).map_err(|e| e.to_string())?;
             }
+            if let Some(fresh) = &fresh {
+                self.principals.replace(fresh.server.principals());
+            }
             let hash = Some(sha256);
             self.in_force.replace(rules.clone(), hash.clone());
             Ok(Reloaded { rules: rules.len(), routes, silences, receivers, resolved, rules_hash: hash })
@@ -401,10 +406,19 @@ impl Reloads {
                 let changed = fresh.file.as_ref().map(|f| file.changed_beyond_reload(&f.table)).unwrap_or_default();
                 if !changed.is_empty() {
                     return Err(format!(
-                        "{}: {} changed since the start, and a reload reads only [[receivers]], [alerts] rules and the rule \
-                         files again: restart to apply it, or undo it; nothing was reloaded",
+                        "{}: {} changed since the start, and a reload reads only [[receivers]], [alerts] rules, [server] users \
+                         and auth_token, and the rule files again: restart to apply it, or undo it; nothing was reloaded",
                         file.path.display(),
                         changed.join(", ")
+                    ));
+                }
+                // An API with tokens does not become open by a reload, nor the other way round: what
+                // listens where was checked at the start for the one or the other.
+                if fresh.server.is_open() != config.server.is_open() {
+                    return Err(format!(
+                        "{}: [server] would go from {} by this reload: restart to apply it, or undo it; nothing was reloaded",
+                        file.path.display(),
+                        if config.server.is_open() { "no tokens (an open API) to tokens" } else { "tokens to none (an open API)" }
                     ));
                 }
                 Some(fresh)
@@ -506,7 +520,8 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
         },
     };
     let (reload_requests, requests) = std::sync::mpsc::channel();
-    let reloads = Reloads { signal: reload, requests, in_force: in_force.clone() };
+    let principals = Principals::new(config.server.principals());
+    let reloads = Reloads { signal: reload, requests, in_force: in_force.clone(), principals: principals.clone() };
     metrics::gauge!("bearwatch_rules_last_reload_successful").set(1.0);
     let live = (config.server.http.is_some() || config.server.postgres.is_some()).then(|| Arc::new(LiveRows::new(config.storage.instance().map(str::to_string))));
     let _postgres = match (&config.server.postgres, &config.server.postgres_password) {
@@ -535,7 +550,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
             }
             let near_duplicates = spec.and_then(|spec| spec.near_duplicates);
             let reload = alerting.is_some().then(|| reload_requests.clone());
-            let api = Api { principals: config.server.principals(), silences, sql, ops, feedback, web, rules: in_force.clone(), reload, near_duplicates };
+            let api = Api { principals, silences, sql, ops, feedback, web, rules: in_force.clone(), reload, near_duplicates };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,
@@ -870,7 +885,7 @@ mod tests {
             source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true, cut_from: None });
         }
 
-        let reloads = Reloads { signal: Default::default(), requests: std::sync::mpsc::channel().1, in_force: InForce::default() };
+        let reloads = Reloads { signal: Default::default(), requests: std::sync::mpsc::channel().1, in_force: InForce::default(), principals: Principals::default() };
         let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false), &AtomicBool::new(false), &reloads).unwrap();
         assert!(!interrupted);
         // Reads happened with the queue full but never past it (max_queued = 16).

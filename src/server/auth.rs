@@ -21,17 +21,36 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
+/// Every token the server accepts and who it is ([`crate::server::ServerConfig::principals`]);
+/// none: the API is open. Shared, so that a reload of the pipeline file puts new tokens in force
+/// (a token revoked is refused from the next request on).
+#[derive(Clone, Default)]
+pub struct Principals(std::sync::Arc<std::sync::RwLock<Vec<(String, Principal)>>>);
+
+impl Principals {
+    pub fn new(principals: Vec<(String, Principal)>) -> Principals {
+        Principals(std::sync::Arc::new(std::sync::RwLock::new(principals)))
+    }
+
+    pub fn replace(&self, principals: Vec<(String, Principal)>) {
+        *crate::sync::write(&self.0) = principals;
+    }
+
+    /// Who `token` is; `Some(anonymous)` for any caller when the API is open.
+    fn who(&self, token: Option<&str>) -> Option<Principal> {
+        let principals = crate::sync::read(&self.0);
+        if principals.is_empty() {
+            return Some(Principal::anonymous());
+        }
+        token.and_then(|given| principals.iter().find(|(token, _)| same(token, given))).map(|(_, principal)| principal.clone())
+    }
+}
+
 /// Resolves the caller (or refuses with 401) and hands it to the handlers in the request's extensions.
 pub(super) async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let caller = if state.principals.is_empty() {
-        Principal::anonymous()
-    } else {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
-        let found = given.and_then(|given| state.principals.iter().find(|(token, _)| same(token, given)));
-        match found {
-            Some((_, principal)) => principal.clone(),
-            None => return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
-        }
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    let Some(caller) = state.principals.who(given) else {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     };
     request.extensions_mut().insert(caller);
     next.run(request).await

@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 pub use config::{Principal, Role, ServerConfig, UserConfig};
 pub use feedback::FeedbackService;
 pub use reload::{ReloadRequest, Reloaded};
+pub use auth::Principals;
 pub use web::WebPolicy;
 
 use auth::{Analyst, Viewer};
@@ -84,8 +85,8 @@ pub struct Ops {
 /// Everything the API serves.
 #[derive(Clone)]
 pub struct Api {
-    /// Every accepted token and who it is ([`ServerConfig::principals`]); empty: the API is open.
-    pub principals: Vec<(String, Principal)>,
+    /// Every accepted token and who it is; empty: the API is open.
+    pub principals: Principals,
     pub silences: SilenceStore,
     pub sql: SqlService,
     pub ops: Ops,
