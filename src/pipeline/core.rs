@@ -25,6 +25,7 @@ use crate::storage::{Storage, Table};
 use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
 
 mod handover;
+mod seen;
 
 /// Running totals, kept in the checkpoint so that they survive restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +47,13 @@ pub struct Checkpoint {
     /// Next offset to read, per source topic (or file) and partition.
     pub offsets: Offsets,
     pub windows: WindowState,
-    /// Recently seen story ids with their event time, for de-duplication.
+    /// Recently seen story ids with their event time, for de-duplication, as checkpoints before
+    /// keys kept them; written empty now (a build before keys then starts with none remembered).
+    #[serde(default)]
     pub seen: Vec<(String, i64)>,
+    /// The same, as keys ([`seen`]): base64 of 24 bytes an id.
+    #[serde(default)]
+    pub seen_keys: String,
     pub counters: Counters,
     /// Alert rules' baselines and lifecycles (absent when the pipeline has no rules).
     #[serde(default)]
@@ -127,7 +133,7 @@ pub struct Core {
     in_flight_ids: HashSet<String>,
     /// Partitions revoked and not yet re-assigned (see [`Core::assigned`]).
     revoked: HashSet<String>,
-    seen: HashMap<String, i64>,
+    seen: seen::Seen,
     pub windows: WindowState,
     offsets: Offsets,
     news_rows: Vec<ScoredNews>,
@@ -248,7 +254,7 @@ impl Core {
             core.windows.fold_copies(folding);
             core.windows.upgrade_restored();
             core.offsets = checkpoint.offsets;
-            core.seen = checkpoint.seen.into_iter().collect();
+            core.seen = seen::decode(&checkpoint.seen_keys, &checkpoint.seen).map_err(PipelineError::Internal)?.into_iter().collect();
             core.counters = checkpoint.counters;
             core.files = checkpoint.files;
             core.topic_sources = checkpoint.topic_sources;
@@ -327,7 +333,7 @@ impl Core {
                 return Ok(());
             }
         };
-        if self.seen.contains_key(&news.id) || self.in_flight_ids.contains(&news.id) {
+        if self.seen.contains_key(&seen::key(&news.id)) || self.in_flight_ids.contains(&news.id) {
             tracing::debug!("duplicate id: dropped");
             self.counters.duplicates += 1;
             crate::telemetry::dropped("source", "duplicate", 1);
@@ -517,7 +523,7 @@ impl Core {
         let now = now_ms();
         // Role `classify` keeps no windows, so no watermark to prune by; `aggregate` de-duplicates.
         if self.role != Role::Classify {
-            self.seen.insert(news.id.clone(), published_ms);
+            self.seen.insert(seen::key(&news.id), published_ms);
         }
         let mut row = ScoredNews {
             news,
@@ -885,7 +891,8 @@ impl Core {
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             offsets: self.offsets.clone(),
             windows: self.windows.clone(),
-            seen: self.seen.iter().map(|(id, t)| (id.clone(), *t)).collect(),
+            seen: Vec::new(),
+            seen_keys: seen::encode(&self.seen),
             counters: self.counters.clone(),
             detector: self.alerting.as_ref().map(|a| a.detector.clone()),
             files: self.files.clone(),

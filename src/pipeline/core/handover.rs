@@ -148,8 +148,13 @@ impl Core {
                     tracing::warn!(instance, error = %e, "cannot rename the parts another instance committed; they stay hidden until it starts again");
                 }
                 self.windows.adopt_copies(&donor.windows);
-                for (id, event_ms) in &donor.seen {
-                    self.seen.entry(id.clone()).or_insert(*event_ms);
+                match super::seen::decode(&donor.seen_keys, &donor.seen) {
+                    Ok(ids) => {
+                        for (id, event_ms) in ids {
+                            self.seen.entry(id).or_insert(event_ms);
+                        }
+                    }
+                    Err(e) => tracing::warn!(instance, error = %e, "another instance's remembered ids are unreadable; its copies are not recognised"),
                 }
             }
             self.offsets.entry(topic.clone()).or_default().insert(*partition, offset);
