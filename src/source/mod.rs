@@ -40,7 +40,6 @@ impl Record {
 /// Next offset to read, per topic and partition.
 pub type Offsets = BTreeMap<String, BTreeMap<i32, i64>>;
 
-
 /// Errors the source keeps reporting. librdkafka retries by itself and hands each failure over as a
 /// report, so a refused login, a topic that is not there or a partition it cannot read shows only
 /// as a log line a second; `/ready` shows this while they last.
