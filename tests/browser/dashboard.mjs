@@ -105,7 +105,13 @@ try {
 
   // A point of the chart, by mouse: that window's stories and how many it stands on.
   await page.locator("svg#chart").scrollIntoViewIfNeeded();
-  const point = await page.locator("svg#chart circle.point").last().boundingBox();
+  // The chart is redrawn as rows arrive, so the point is measured in the page, once one is drawn
+  // (a locator's box is null when the redraw replaced its element in between).
+  const point = await (await page.waitForFunction(() => {
+    const circle = [...document.querySelectorAll("svg#chart circle.point")].pop();
+    const box = circle?.getBoundingClientRect();
+    return box && box.width > 0 ? { x: box.x, y: box.y, width: box.width, height: box.height } : null;
+  }, null, { timeout: 30000 })).jsonValue();
   await page.mouse.click(point.x + point.width / 2, point.y + point.height / 2);
   await titled("negative of \\d+ stories in the window");
   const clicked = await rowsShown();
