@@ -50,7 +50,7 @@ pub fn replay_timed(spec: WindowSpec, folding: Option<Folding>, detector: &mut D
     let mut newest = i64::MIN;
     for story in ordered {
         newest = newest.max(story.published_ms);
-        let headline = Headline { id: story.id.clone(), headline: story.headline.clone(), p_negative: story.p_negative, why: vec![] };
+        let headline = Headline::kept(&story.id, &story.headline, story.p_negative);
         let cluster = windows.cluster_of(story.published_ms, &story.headline, &story.reading());
         let counted = Counted {
             event_ms: story.published_ms,

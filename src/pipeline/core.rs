@@ -568,7 +568,7 @@ impl Core {
             shadow.submit(&row.news, published_ms, &row.news.classification_text(self.limits.body_chars));
         }
         let tickers = row.news.tickers.clone().unwrap_or_default();
-        let story = Headline { id: row.news.id.clone(), headline: row.news.headline.clone(), p_negative: row.scores.p_negative, why: vec![] };
+        let story = Headline::kept(&row.news.id, &row.news.headline, row.scores.p_negative);
         crate::telemetry::received("window", 1);
         let cluster = self.windows.cluster_of(published_ms, &row.news.headline, &crate::news::near::Reading::of(&row.scores));
         let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores, cluster);
