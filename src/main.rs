@@ -841,7 +841,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rules(RulesCommand::Check { files, pipeline }) => {
             let config = pipeline.as_deref().map(|path| pipeline_config(Some(path), None)).transpose()?;
             let files = match &config {
-                Some(config) if files.is_empty() => config.alerts.rules.iter().map(|path| pipeline::bundled(path)).collect(),
+                Some(config) if files.is_empty() => pipeline::rule_paths(config),
                 _ => files,
             };
             for (file, rules) in files.iter().zip(bearwatch::detect::RuleFile::load_all(&files)?) {

@@ -250,11 +250,16 @@ pub fn check_rule_files(config: &PipelineConfig) -> Result<(), PipelineError> {
     load_rule_files(config).map(drop)
 }
 
+/// The pipeline's `[alerts] rules` files, bundled ones found where the binary's files are.
+pub fn rule_paths(config: &PipelineConfig) -> Vec<PathBuf> {
+    config.alerts.rules.iter().map(|path| bundled(path)).collect()
+}
+
 /// Reads the rule files and checks them against the pipeline (receivers, windows), as a start does
 /// and a reload does again; with the SHA-256 of the bytes read, which each verdict records as the
 /// rules it judged.
 fn load_rule_files(config: &PipelineConfig) -> Result<(RuleFile, String), PipelineError> {
-    let paths: Vec<PathBuf> = config.alerts.rules.iter().map(|path| bundled(path)).collect();
+    let paths = rule_paths(config);
     let (files, sha256) = RuleFile::read_all(&paths)?;
     for (path, file) in paths.into_iter().zip(&files) {
         for route in &file.routes {
@@ -337,8 +342,8 @@ struct ReadAgain {
     senders: Option<notify::Senders>,
 }
 
-/// Where reloads of the rule files (and the pipeline file's receivers) are asked for: SIGHUP sets
-/// the flag, `POST /api/rules/reload` sends a request and waits for the answer. The pipeline
+/// Where reloads of the rule files (and the pipeline file's receivers and tokens) are asked for:
+/// SIGHUP sets the flag, `POST /api/rules/reload` sends a request and waits for the answer. The pipeline
 /// thread takes both between reads, so a reload never lands between a window's rows.
 struct Reloads {
     signal: Arc<AtomicBool>,
@@ -364,12 +369,14 @@ impl Reloads {
         }
     }
 
-    /// Puts the rule files, and the pipeline file's `[[receivers]]` and `[alerts] rules`, in force
-    /// as they are now, or keeps those in force and says why. Nothing is applied unless all checks.
+    /// Puts the rule files, and the pipeline file's `[[receivers]]`, `[alerts] rules` and `[server]`
+    /// tokens, in force as they are now, or keeps those in force and says why. Nothing is applied
+    /// unless all of it checks.
     fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
         let result = Self::read_again(config).and_then(|ReadAgain { fresh, files, sha256, senders }| {
             let checked = fresh.as_ref().unwrap_or(config);
             let (rules, routes, silences, receivers) = (files.rules.clone(), files.routes.len(), files.silences.len(), checked.receivers.len());
+            let count = rules.len();
             // Rules first: alerts of rules gone resolve through the receivers they fired to.
             let resolved = core.reload_rules(files).ok_or("this pipeline evaluates no rules (role classify, or no [alerts] rules)")?;
             if let (Some(fresh), Some(senders), Some(alerting)) = (&fresh, senders, core.alerting.as_mut()) {
@@ -379,8 +386,8 @@ impl Reloads {
                 self.principals.replace(fresh.server.principals());
             }
             let hash = Some(sha256);
-            self.in_force.replace(rules.clone(), hash.clone());
-            Ok(Reloaded { rules: rules.len(), routes, silences, receivers, resolved, rules_hash: hash })
+            self.in_force.replace(rules, hash.clone());
+            Ok(Reloaded { rules: count, routes, silences, receivers, resolved, rules_hash: hash })
         });
         let outcome = if result.is_ok() { "reloaded" } else { "refused" };
         metrics::counter!("bearwatch_rules_reloads_total", "outcome" => outcome).increment(1);
@@ -396,8 +403,8 @@ impl Reloads {
     }
 
     /// The pipeline file read again (none for the demo's embedded one), checked to differ from the
-    /// running one only in `[[receivers]]` and `[alerts] rules`, with its receivers' senders; and
-    /// the rule files it names, checked against those receivers.
+    /// running one only in what a reload takes ([`config::ConfigFile::changed_beyond_reload`]), with
+    /// its receivers' senders; and the rule files it names, checked against those receivers.
     fn read_again(config: &PipelineConfig) -> Result<ReadAgain, String> {
         let fresh = match &config.file {
             None => None,
@@ -514,7 +521,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
         Some(alerting) => InForce::new(alerting.detector.rules().to_vec(), rules_hash),
         None if config.alerts.rules.is_empty() => InForce::new(Vec::new(), None),
         // Rules no stage here evaluates (role classify) are still what verdicts are given against.
-        None => match RuleFile::read_all(&config.alerts.rules.iter().map(|path| bundled(path)).collect::<Vec<_>>()) {
+        None => match RuleFile::read_all(&rule_paths(config)) {
             Ok((files, sha256)) => InForce::new(RuleFile::merge(files).rules, Some(sha256)),
             Err(_) => InForce::new(Vec::new(), None),
         },

@@ -1,5 +1,6 @@
-//! `POST /api/rules/reload` (admins): the pipeline reads its rule files (and its pipeline file's receivers) again, as on SIGHUP, and
-//! the caller learns what is in force or why the files were refused (the rules before stay).
+//! `POST /api/rules/reload` (admins): the pipeline reads its rule files (and its pipeline file's
+//! receivers and tokens) again, as on SIGHUP, and the caller learns what is in force or why the
+//! files were refused (what was in force stays).
 //! `GET /api/rules` (anyone who may read): the rules in force, their files' hash, and why the
 //! last reload was refused, if it was.
 
