@@ -22,7 +22,7 @@ use crate::source::kafka::Output;
 use crate::source::{Offsets, Record};
 use crate::error::Classified;
 use crate::storage::{Storage, Table};
-use crate::window::{Headline, Placed, WindowRow, WindowState, windows_batch};
+use crate::window::{Placed, WindowRow, WindowState, windows_batch};
 
 mod handover;
 mod seen;
@@ -568,12 +568,11 @@ impl Core {
             shadow.submit(&row.news, published_ms, &row.news.classification_text(self.limits.body_chars));
         }
         let tickers = row.news.tickers.clone().unwrap_or_default();
-        let story = Headline::kept(&row.news.id, &row.news.headline, row.scores.p_negative);
         crate::telemetry::received("window", 1);
         let cluster = self.windows.cluster_of(published_ms, &row.news.headline, &crate::news::near::Reading::of(&row.scores));
-        let mut tracked = Tracked::new(published_ms, tickers, story, &row.scores, cluster);
+        let mut tracked = Tracked::new(published_ms, tickers, &row.news.id, &row.news.headline, &row.scores, cluster);
         let counted = match self.corrections.as_mut() {
-            Some(corrections) => corrections.label(&mut tracked, &row.scores),
+            Some(corrections) => corrections.label(&mut tracked, &row.news.headline, &row.scores),
             None => tracked.counted.clone(),
         };
         let placed = self.windows.add(&counted);

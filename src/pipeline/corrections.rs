@@ -63,9 +63,12 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(event_ms: i64, tickers: Vec<String>, story: Headline, scores: &Scores, cluster: u64) -> Tracked {
-        let headline = story.headline.trim();
-        let (text_hash, key) = (text_hash(headline), match_key(headline));
+    /// `headline` whole: the windows keep it cut short ([`Headline::kept`]), but its hash and match
+    /// key are of all of it, as the analysts' labels have them.
+    pub fn new(event_ms: i64, tickers: Vec<String>, id: &str, headline: &str, scores: &Scores, cluster: u64) -> Tracked {
+        let whole = headline.trim();
+        let (text_hash, key) = (text_hash(whole), match_key(whole));
+        let story = Headline::kept(id, headline, scores.p_negative);
         let counted = Counted {
             event_ms,
             topic: scores.topic.clone(),
@@ -184,9 +187,9 @@ impl Corrections {
     }
 
     /// Gives a story just scored the labels analysts gave its text or a near-duplicate of it, and
-    /// returns how the windows count it.
-    pub fn label(&mut self, tracked: &mut Tracked, scores: &Scores) -> Counted {
-        let (words, reading) = (words(&tracked.counted.story.headline), Reading::of(scores));
+    /// returns how the windows count it. `headline` whole, as [`Tracked::new`] had it.
+    pub fn label(&mut self, tracked: &mut Tracked, headline: &str, scores: &Scores) -> Counted {
+        let (words, reading) = (words(headline), Reading::of(scores));
         for (head, correction, matched) in self.memory.lookup(&Query { key: &tracked.key, words: &words, reading: &reading }) {
             *tracked.label(head) = Some(correction.label.clone());
             self.applied.push(tracked.applied(head, Some(correction.label), &correction.feedback_id, matched));

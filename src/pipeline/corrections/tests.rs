@@ -21,10 +21,9 @@ fn scores(sentiment: &'static str, p_negative: f32, topic: &str) -> Scores {
 
 /// Scores a story into the windows the way `Core::score` does.
 fn count(corrections: &mut Corrections, windows: &mut WindowState, id: &str, headline: &str, t: i64, scores: &Scores) -> Counted {
-    let story = Headline { id: id.into(), headline: headline.into(), p_negative: scores.p_negative, why: vec![] };
     let cluster = windows.cluster_of(t, headline, &crate::news::near::Reading::of(scores));
-    let mut tracked = Tracked::new(t, vec![], story, scores, cluster);
-    let counted = corrections.label(&mut tracked, scores);
+    let mut tracked = Tracked::new(t, vec![], id, headline, scores, cluster);
+    let counted = corrections.label(&mut tracked, headline, scores);
     windows.add(&counted);
     windows.advance("p0", t);
     corrections.track(tracked);
@@ -67,6 +66,30 @@ fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones
     corrections.learn(rows, None, &mut windows, 0).unwrap();
     assert_eq!(negatives(&windows, ALL), vec![(4, 4)]);
     assert!(corrections.due_rows().unwrap().is_empty(), "each file is read once");
+}
+
+#[test]
+fn a_headline_longer_than_a_window_keeps_is_matched_on_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
+    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let negative = scores("negative", 0.9, "equity_markets");
+    let long = format!("{} ends in a default", "Regional lender warns ".repeat(20));
+    assert!(long.chars().count() > crate::window::TOP_HEADLINE_CHARS);
+    count(&mut corrections, &mut windows, "a", &long, 10, &negative);
+    count(&mut corrections, &mut windows, "b", &long.to_uppercase(), 20, &negative);
+    // Another text with the same first 300 characters is not a copy.
+    count(&mut corrections, &mut windows, "c", &format!("{} ends in a rescue", "Regional lender warns ".repeat(20)), 30, &negative);
+
+    let rows = vec![judgement(Some("a"), &long, Head::Sentiment, Some("neutral"), Action::Correct)];
+    corrections.learn(rows, None, &mut windows, 0).unwrap();
+    let matched: Vec<(&str, &str)> = corrections.applied.iter().map(|a| (a.story_id.as_str(), a.matched.name())).collect();
+    assert_eq!(matched, vec![("a", "story"), ("b", "exact")]);
+    assert_eq!(corrections.applied[0].text_hash, text_hash(&long), "the hash label_feedback has");
+    assert_eq!(negatives(&windows, ALL), vec![(3, 1)]);
+    let later = count(&mut corrections, &mut windows, "d", &format!("{long}!"), 40, &negative);
+    assert_eq!(later.sentiment, "neutral", "a later copy gets the label as it is scored");
+    assert!(later.story.headline.chars().count() <= crate::window::TOP_HEADLINE_CHARS + 1, "the window keeps it cut");
 }
 
 #[test]
