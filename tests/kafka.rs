@@ -759,3 +759,82 @@ fn ready_names_a_subscribed_topic_that_does_not_exist_until_it_does() {
     run.signal("TERM");
     assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
 }
+
+/// A pipeline that evaluates no rules (role `classify`) reads its tokens, and the rules its
+/// verdicts are given against, again on `POST /api/rules/reload` and on SIGHUP, as a pipeline with
+/// rules does. Before, it answered 409, ignored the signal, and a leaked token held until a restart.
+/// A pipeline started without rules (here `aggregate`) is refused rules added by a reload: its
+/// alerting stage is built at the start.
+#[test]
+fn a_pipeline_without_rules_reloads_its_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("classify-reload");
+    create_topic(&topic, 1);
+    let (old, new, newest) = ("0ld-t0ken-0123456789abcdef", "n3w-t0ken-0123456789abcdef", "n3west-t0ken-0123456789abcdef");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // One group id for every version of the file: a reload refuses a changed [source].
+    let group = unique("group");
+    let version = |token: &str, rules: &str| {
+        kafka_pipeline(&topic, &group, "classify", &format!("{rules}\n[sink]\ntopic = \"{topic}.scored\"\n[server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{token}\"\n"))
+    };
+    let first = version(old, "");
+    let mut run = Pipeline::start_with(dir.path(), "classify", &first, &["--role", "classify"]);
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !api.raw("GET", "/api/rules", &[("Authorization", &format!("Bearer {old}"))], None).is_ok_and(|(status, _, _)| status == 200) {
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "the API never answered\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Over HTTP: the old token asks, and is refused from the next request on.
+    std::fs::write(dir.path().join("classify.toml"), version(new, "")).unwrap();
+    let (status, reloaded) = api.call("POST", "/api/rules/reload", Some(old), None);
+    assert_eq!(status, 200, "{reloaded}\n{}", run.logs());
+    assert_eq!((reloaded["rules"].as_u64(), reloaded["resolved"].as_u64()), (Some(0), Some(0)), "{reloaded}");
+    assert_eq!(api.call("GET", "/api/rules", Some(old), None).0, 401, "the old token is revoked");
+    assert_eq!(api.call("GET", "/api/rules", Some(new), None).0, 200);
+
+    // On SIGHUP: the token again, and rule files, which verdicts are given against here.
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "[[rules]]\nname = \"market-busy\"\nseverity = \"info\"\ngroup = \"all\"\nmetric = \"n\"\n[rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("classify.toml"), version(newest, "[alerts]\nrules = [\"rules.toml\"]\n")).unwrap();
+    run.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rules = loop {
+        let (status, rules) = api.call("GET", "/api/rules", Some(newest), None);
+        if status == 200 {
+            break rules;
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "SIGHUP never put the token in force\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(rules["rules"].as_array().is_some_and(|r| r.len() == 1) && rules["rules_hash"].is_string(), "{rules}");
+    assert_eq!(api.call("GET", "/api/rules", Some(new), None).0, 401);
+
+    // Any other change is refused by name, as where rules run.
+    std::fs::write(dir.path().join("classify.toml"), version(newest, "[alerts]\nrules = [\"rules.toml\"]\n").replace("size = \"1d\"", "size = \"2d\"")).unwrap();
+    let (status, refused) = api.call("POST", "/api/rules/reload", Some(newest), None);
+    assert!(status == 400 && refused["error"].as_str().unwrap().contains("[window]"), "{status} {refused}");
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(30)).success(), "{}", run.logs());
+    drop(api);
+
+    // Role aggregate, started without rules: rules added by a reload are refused.
+    let aggregate_http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let aggregate_config = version(old, "").replace(&format!("127.0.0.1:{http}"), &format!("127.0.0.1:{aggregate_http}")).replace("path = \"classify\"", "path = \"aggregate\"");
+    let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &aggregate_config, &["--role", "aggregate"]);
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{aggregate_http}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !api.raw("GET", "/api/rules", &[("Authorization", &format!("Bearer {old}"))], None).is_ok_and(|(status, _, _)| status == 200) {
+        assert!(Instant::now() < deadline && aggregate.child.try_wait().unwrap().is_none(), "the API never answered\n{}", aggregate.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(dir.path().join("aggregate.toml"), aggregate_config.replace("[sink]", "[alerts]\nrules = [\"rules.toml\"]\n[sink]")).unwrap();
+    let (status, refused) = api.call("POST", "/api/rules/reload", Some(old), None);
+    assert!(status == 400 && refused["error"].as_str().unwrap().contains("started without rules"), "{status} {refused}");
+    aggregate.signal("TERM");
+    assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
+}

@@ -356,13 +356,8 @@ struct Reloads {
 impl Reloads {
     fn poll(&self, config: &PipelineConfig, core: &mut Core) {
         if self.signal.swap(false, Ordering::SeqCst) {
-            if core.alerting.is_none() {
-                // Role classify, or no rules: a HUP sent to every instance alike changes nothing here.
-                tracing::info!("SIGHUP: this pipeline evaluates no rules; nothing to read again");
-            } else {
-                tracing::info!("SIGHUP: reading the rule files and the pipeline's receivers again");
-                let _ = self.reload(config, core);
-            }
+            tracing::info!("SIGHUP: reading the rule files and the pipeline file's receivers and tokens again");
+            let _ = self.reload(config, core);
         }
         while let Ok(answer) = self.requests.try_recv() {
             let _ = answer.send(self.reload(config, core));
@@ -371,21 +366,24 @@ impl Reloads {
 
     /// Puts the rule files, and the pipeline file's `[[receivers]]`, `[alerts] rules` and `[server]`
     /// tokens, in force as they are now, or keeps those in force and says why. Nothing is applied
-    /// unless all of it checks.
+    /// unless all of it checks. Where no stage evaluates rules (role classify, or a pipeline started
+    /// without them), the rules are still what verdicts are given against, and the tokens still guard
+    /// the API: a leaked token is revoked without a restart in every role.
     fn reload(&self, config: &PipelineConfig, core: &mut Core) -> Result<Reloaded, String> {
-        let result = Self::read_again(config).and_then(|ReadAgain { fresh, files, sha256, senders }| {
+        let evaluates = core.alerting.is_some();
+        let result = Self::read_again(config, evaluates).and_then(|ReadAgain { fresh, files, sha256, senders }| {
             let checked = fresh.as_ref().unwrap_or(config);
             let (rules, routes, silences, receivers) = (files.rules.clone(), files.routes.len(), files.silences.len(), checked.receivers.len());
             let count = rules.len();
             // Rules first: alerts of rules gone resolve through the receivers they fired to.
-            let resolved = core.reload_rules(files).ok_or("this pipeline evaluates no rules (role classify, or no [alerts] rules)")?;
+            let resolved = core.reload_rules(files).unwrap_or(0);
             if let (Some(fresh), Some(senders), Some(alerting)) = (&fresh, senders, core.alerting.as_mut()) {
                 alerting.replace_receivers(&fresh.receivers, senders, |senders| start_notifier(config, senders)).map_err(|e| e.to_string())?;
             }
             if let Some(fresh) = &fresh {
                 self.principals.replace(fresh.server.principals());
             }
-            let hash = Some(sha256);
+            let hash = (!checked.alerts.rules.is_empty()).then_some(sha256);
             self.in_force.replace(rules, hash.clone());
             Ok(Reloaded { rules: count, routes, silences, receivers, resolved, rules_hash: hash })
         });
@@ -404,8 +402,9 @@ impl Reloads {
 
     /// The pipeline file read again (none for the demo's embedded one), checked to differ from the
     /// running one only in what a reload takes ([`config::ConfigFile::changed_beyond_reload`]), with
-    /// its receivers' senders; and the rule files it names, checked against those receivers.
-    fn read_again(config: &PipelineConfig) -> Result<ReadAgain, String> {
+    /// its receivers' senders where rules are evaluated; and the rule files it names, checked
+    /// against those receivers.
+    fn read_again(config: &PipelineConfig, evaluates: bool) -> Result<ReadAgain, String> {
         let fresh = match &config.file {
             None => None,
             Some(file) => {
@@ -428,12 +427,20 @@ impl Reloads {
                         if config.server.is_open() { "no tokens (an open API) to tokens" } else { "tokens to none (an open API)" }
                     ));
                 }
+                // The alerting stage (its notifier, its outbox) is built at the start or not at all.
+                if !evaluates && config.run.role != Role::Classify && !fresh.alerts.rules.is_empty() {
+                    return Err(format!(
+                        "{}: [alerts] rules were added to a pipeline started without rules: restart to start evaluating them, \
+                         or undo it; nothing was reloaded",
+                        file.path.display()
+                    ));
+                }
                 Some(fresh)
             }
         };
         let checked = fresh.as_ref().unwrap_or(config);
         let (files, sha256) = load_rule_files(checked).map_err(|e| e.to_string())?;
-        let senders = fresh.as_ref().map(senders).transpose().map_err(|e| e.to_string())?;
+        let senders = fresh.as_ref().filter(|_| evaluates).map(senders).transpose().map_err(|e| e.to_string())?;
         Ok(ReadAgain { fresh, files, sha256, senders })
     }
 }
@@ -556,8 +563,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
                 tracing::warn!(addr = addr.as_str(), "the API is open (no auth_token or users) on a non-loopback address: anyone who reaches it is an admin (allow_open = true)");
             }
             let near_duplicates = spec.and_then(|spec| spec.near_duplicates);
-            let reload = alerting.is_some().then(|| reload_requests.clone());
-            let api = Api { principals, silences, sql, ops, feedback, web, rules: in_force.clone(), reload, near_duplicates };
+            let api = Api { principals, silences, sql, ops, feedback, web, rules: in_force.clone(), reload: reload_requests.clone(), near_duplicates };
             Some(Server::start(addr.as_str(), api)?)
         }
         None => None,

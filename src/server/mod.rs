@@ -94,9 +94,9 @@ pub struct Api {
     pub web: WebPolicy,
     /// The pipeline's alert rules: `/api/bands` draws what their count test expects.
     pub rules: crate::detect::InForce,
-    /// Where `POST /api/rules/reload` asks the pipeline thread to read its rule files again;
-    /// absent where it evaluates no rules.
-    pub reload: Option<std::sync::mpsc::Sender<ReloadRequest>>,
+    /// Where `POST /api/rules/reload` asks the pipeline thread to read its rule files and the
+    /// pipeline file's receivers and tokens again.
+    pub reload: std::sync::mpsc::Sender<ReloadRequest>,
     /// The serving model's near-duplicate rule, which keeps the review queue diverse.
     pub near_duplicates: Option<crate::news::near::NearDuplicates>,
 }

@@ -49,11 +49,8 @@ pub(super) async fn reload(State(state): State<AppState>, Admin(who): Admin, tex
     if let Err(response) = super::models::body::<ReloadBody>(&text) {
         return response;
     }
-    let Some(requests) = &state.reload else {
-        return error(StatusCode::CONFLICT, "this process evaluates no rules (role classify, or no [alerts] rules)");
-    };
     let (answer, answered) = oneshot::channel();
-    if requests.send(answer).is_err() {
+    if state.reload.send(answer).is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the pipeline has stopped");
     }
     tracing::info!(admin = %who.name, "rule files reload asked over HTTP");
