@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::news::near::{NEAR_CANDIDATES, NearDuplicates, Reading, ends, stable_hash, words};
+use crate::news::near::{NEAR_CANDIDATES, NEAR_WORDS, NearDuplicates, Reading, ends, stable_hash, words};
 
 /// Recent stories a lookup can fold into, at most: a bound on memory and checkpoints whatever the
 /// feed sends within a window.
@@ -93,12 +93,16 @@ impl Copies {
     /// The cluster of a story published at `event_ms`: that of a recent story within `reach_ms` of
     /// it with the same words, else of its nearest near-duplicate there, else its own (never 0,
     /// which means "not folded"). Stories older than `keep_ms` before the newest are forgotten.
+    /// Exact copies are all of the text's words; near ones compare its first [`NEAR_WORDS`].
     pub fn cluster(&mut self, folding: &Folding, event_ms: i64, text: &str, reading: &Reading, reach_ms: i64, keep_ms: i64) -> u64 {
-        let words = words(text);
+        let mut words = words(text);
         if words.is_empty() {
             return 0;
         }
         let exact = stable_hash(&words.join(" ")).max(1);
+        // Kept for a window's reach: without its spare capacity (24 bytes a word dropped).
+        words.truncate(NEAR_WORDS);
+        words.shrink_to_fit();
         let newest = self.newest_ms.map_or(event_ms, |n| n.max(event_ms));
         self.newest_ms = Some(newest);
         if self.index.is_none() {
@@ -194,6 +198,19 @@ mod tests {
         assert_eq!(here.recent.len(), 2, "each story once");
         assert_eq!(here.cluster(&folding, 3 * H, "Oil falls", &reading(0.9), 4 * H, 5 * H), theirs, "a copy of theirs folds here");
         assert_eq!(here.cluster(&folding, 3 * H, "Gold steady", &reading(0.1), 4 * H, 5 * H), mine);
+    }
+
+    #[test]
+    fn a_long_text_keeps_its_first_words_for_near_copies_and_all_of_them_for_exact_ones() {
+        let folding = Folding { near: Some(NearDuplicates { min_shared: 0.6, max_span: 3, max_distance: 0.2 }) };
+        let mut copies = Copies::default();
+        let long = |pct: u32, tail: &str| format!("Acme shares slump {pct} pct {} {tail}", "a b c d e f g h i j".repeat(100));
+        let first = copies.cluster(&folding, 0, &long(5, "ends in a default"), &reading(0.9), 4 * H, 5 * H);
+        assert_eq!(copies.recent.back().map(|e| (e.words.len(), e.words.capacity())), Some((NEAR_WORDS, NEAR_WORDS)), "what is kept of 1,009 words");
+        assert_eq!(copies.cluster(&folding, H, &long(5, "ENDS IN A DEFAULT"), &reading(0.9), 4 * H, 5 * H), first, "the same words");
+        assert_eq!(copies.cluster(&folding, H, &long(7, "ends in a default"), &reading(0.9), 4 * H, 5 * H), first, "a number updated");
+        let exact_only = Folding { near: None };
+        assert_ne!(copies.cluster(&exact_only, H, &long(5, "ends in a rescue"), &reading(0.9), 4 * H, 5 * H), first, "all the words count for exact copies");
     }
 
     #[test]
