@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use super::{Action, Head, LabelFeedback, match_key};
 
 use crate::classify::NearDuplicates;
-pub use crate::news::near::{NEAR_CANDIDATES, Reading, words};
+pub use crate::news::near::{NEAR_CANDIDATES, Reading, near_words, words};
 use crate::news::near::ends;
 
 
@@ -117,7 +117,7 @@ impl Memory {
         }
         let key = match_key(&row.text);
         if !self.by_key.contains_key(&key) {
-            let words = words(&row.text);
+            let words = near_words(&row.text);
             for end in ends(&words) {
                 self.by_end.entry(end.clone()).or_default().push_back(key.clone());
             }
@@ -205,7 +205,7 @@ mod tests {
     const RULE: NearDuplicates = NearDuplicates { min_shared: 0.5, max_span: 5, max_distance: 0.05 };
 
     fn ask<'a>(memory: &Memory, text: &str, reading: &Reading) -> Vec<(Head, Correction, Match)> {
-        let (key, words) = (match_key(text), words(text));
+        let (key, words) = (match_key(text), near_words(text));
         memory.lookup(&Query { key: &key, words: &words, reading })
     }
 
@@ -231,6 +231,18 @@ mod tests {
         assert!(ask(&memory, "Globex Inc shares fall 5% after results", &reading(0.9, "earnings")).is_empty());
         // Too little in common.
         assert!(ask(&memory, "Globex Inc to buy a rival for $2 billion after results", &reading(0.9, "equity_markets")).is_empty());
+    }
+
+    #[test]
+    fn a_long_text_is_remembered_by_its_first_words() {
+        let mut memory = Memory::new(Some(RULE), 10);
+        let long = |name: &str| format!("{name} shares fall 5% after results {}", "a b c d e f g h i j ".repeat(500));
+        let near = reading(0.9, "equity_markets");
+        memory.learn(&row(&long("Acme Inc"), Head::Sentiment, Some("neutral"), Action::Correct), Some(near.clone()));
+        let kept = &memory.by_key.values().next().unwrap().words;
+        assert_eq!((kept.len(), kept.capacity()), (crate::news::near::NEAR_WORDS, crate::news::near::NEAR_WORDS), "of 5,007 words");
+        assert_eq!(ask(&memory, &long("ACME INC"), &near).len(), 1, "the same text");
+        assert_eq!(ask(&memory, &long("Globex Inc"), &near).len(), 1, "a near-duplicate, by its first words");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use sha2::Digest;
 
 pub use config::FeedbackConfig;
 pub use journal::{JournalTail, LatestLabels};
-pub use memory::{Correction, Match, Memory, Query, Reading, words};
+pub use memory::{Correction, Match, Memory, Query, Reading, near_words, words};
 pub use table::{applied_labels_batch, applied_labels_schema, alert_verdicts_schema, label_feedback_schema, missed_events_schema};
 
 use crate::error::{Classified, ErrorClass};

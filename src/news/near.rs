@@ -59,6 +59,14 @@ pub fn words(text: &str) -> Vec<String> {
     text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
+/// The first [`NEAR_WORDS`] of [`words`], without spare capacity: what is kept of a text to find
+/// its near-duplicates.
+pub fn near_words(text: &str) -> Vec<String> {
+    let mut words: Vec<String> = text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).take(NEAR_WORDS).map(str::to_string).collect();
+    words.shrink_to_fit();
+    words
+}
+
 /// The first and the last word (one, for a one-word text): what near-duplicates are indexed by, as
 /// a near-duplicate shares one of them.
 pub fn ends(words: &[String]) -> impl Iterator<Item = &String> {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::PipelineError;
 use crate::classify::{Classifier, ClassifyError};
 use crate::classify::NearDuplicates;
-use crate::feedback::{Action, AppliedLabel, FeedbackConfig, Head, JournalTail, LabelFeedback, Match, Memory, Query, Reading, match_key, text_hash, words};
+use crate::feedback::{Action, AppliedLabel, FeedbackConfig, Head, JournalTail, LabelFeedback, Match, Memory, Query, Reading, match_key, near_words, text_hash};
 use crate::news::Scores;
 use crate::window::{Counted, Headline, WindowRow, WindowState};
 
@@ -189,7 +189,7 @@ impl Corrections {
     /// Gives a story just scored the labels analysts gave its text or a near-duplicate of it, and
     /// returns how the windows count it. `headline` whole, as [`Tracked::new`] had it.
     pub fn label(&mut self, tracked: &mut Tracked, headline: &str, scores: &Scores) -> Counted {
-        let (words, reading) = (words(headline), Reading::of(scores));
+        let (words, reading) = (near_words(headline), Reading::of(scores));
         for (head, correction, matched) in self.memory.lookup(&Query { key: &tracked.key, words: &words, reading: &reading }) {
             *tracked.label(head) = Some(correction.label.clone());
             self.applied.push(tracked.applied(head, Some(correction.label), &correction.feedback_id, matched));
