@@ -344,3 +344,28 @@ fn a_second_pipeline_on_the_same_storage_is_refused_while_the_first_runs() {
     assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
     assert_eq!(query(&third.storage, "SELECT count(*), count(DISTINCT id) FROM news"), [["300", "300"]]);
 }
+
+/// Stories with long bodies are written out once their text reaches `roll_bytes`, in flight or
+/// scored, not only every `checkpoint_interval` or `roll_rows` stories: 8,000 stories of 250 KB
+/// bodies (2 GB read in 16 s) held 3.75 GB at peak, in flight and buffered between checkpoints.
+#[test]
+fn long_bodies_are_written_out_at_roll_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "word ".repeat(40_000);
+    let input: String = (0..30)
+        .map(|i| {
+            let story = serde_json::json!({"id": format!("b{i}"), "published_at": format!("2026-01-01T10:{i:02}:00Z"), "headline": format!("Story {i} shares fall"), "body": body});
+            format!("{story}\n")
+        })
+        .collect();
+    std::fs::write(dir.path().join("input.jsonl"), input).unwrap();
+    let config = file_pipeline("input.jsonl", "store", "").replace("checkpoint_interval = \"200ms\"", "checkpoint_interval = \"1h\"\nroll_bytes = 1048576");
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    assert!(pipeline.wait(Duration::from_secs(300)).success(), "{}", pipeline.logs());
+    // 30 stories of 200 KB: a part each time the text read (in flight or scored) passes a MiB (six
+    // stories), none left at the end.
+    let parts = std::fs::read_dir(pipeline.storage.join("news")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "parquet")).count();
+    assert_eq!(parts, 5);
+    assert_eq!(query_one(&pipeline.storage, "SELECT count(DISTINCT id) FROM news"), "30");
+    assert_eq!(query_one(&pipeline.storage, "SELECT min(length(body)) FROM news"), body.len().to_string(), "bodies kept whole");
+}

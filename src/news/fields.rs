@@ -32,6 +32,11 @@ impl Fields {
         self.0.is_empty()
     }
 
+    /// The bytes of its keys and JSON values.
+    pub fn bytes(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.get().len()).sum()
+    }
+
     /// The value of `key`, parsed (for the few fields bearwatch reads).
     pub fn get(&self, key: &str) -> Option<Value> {
         self.0.iter().find(|(k, _)| k == key).and_then(|(_, v)| serde_json::from_str(v.get()).ok())

@@ -127,6 +127,15 @@ pub struct ScoredNews {
 }
 
 impl News {
+    /// The bytes of its text fields: about what a row of it holds until it is written.
+    pub fn bytes(&self) -> usize {
+        let optional = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.id.len() + self.published_at.len() + self.headline.len() + optional(&self.body) + optional(&self.source) + optional(&self.url)
+            + optional(&self.lang)
+            + self.tickers.as_ref().map_or(0, |t| t.iter().map(String::len).sum())
+            + self.extra.bytes()
+    }
+
     /// Event time in milliseconds since the epoch; `published_at` was checked when the news was parsed.
     pub fn published_ms(&self) -> i64 {
         chrono::DateTime::parse_from_rfc3339(&self.published_at).map_or(0, |t| t.timestamp_millis())
@@ -135,14 +144,26 @@ impl News {
     /// What the classifier reads: the headline, then the first `body_chars` characters of the body
     /// with runs of whitespace collapsed (as `models/train/data.py` built the training text).
     pub fn classification_text(&self, body_chars: usize) -> String {
-        let body = match &self.body {
-            Some(body) if body_chars > 0 => body.split_whitespace().collect::<Vec<_>>().join(" "),
-            _ => return self.headline.clone(),
-        };
-        if body.is_empty() {
+        let Some(body) = self.body.as_deref().filter(|_| body_chars > 0) else { return self.headline.clone() };
+        // Only as much of the body as the lead takes is read: a body may be far longer.
+        let mut lead = String::new();
+        let mut chars = 0;
+        for word in body.split_whitespace() {
+            if chars >= body_chars {
+                break;
+            }
+            if !lead.is_empty() {
+                lead.push(' ');
+                chars += 1;
+            }
+            for c in word.chars().take(body_chars.saturating_sub(chars)) {
+                lead.push(c);
+                chars += 1;
+            }
+        }
+        if lead.is_empty() {
             return self.headline.clone();
         }
-        let lead: String = body.chars().take(body_chars).collect();
         format!("{} {lead}", self.headline)
     }
 
@@ -351,6 +372,17 @@ mod tests {
         assert_eq!(news.classification_text(1000), "OIL FALLS Crude prices fell sharply today.");
         news.body = Some("  ".into());
         assert_eq!(news.classification_text(50), "OIL FALLS");
+        // Reading only the lead gives what collapsing the whole body and cutting it gave.
+        let whole = |body: &str, n: usize| {
+            let collapsed = body.split_whitespace().collect::<Vec<_>>().join(" ");
+            if collapsed.is_empty() { "OIL FALLS".to_string() } else { format!("OIL FALLS {}", collapsed.chars().take(n).collect::<String>()) }
+        };
+        for body in [" a  bc\td  é\n\nfgh ", "word", "  lead and trail  ", "ünïcødé   wörds here"] {
+            news.body = Some(body.into());
+            for n in 1..25 {
+                assert_eq!(news.classification_text(n), whole(body, n), "{body:?} {n}");
+            }
+        }
     }
 
     #[test]

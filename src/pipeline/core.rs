@@ -137,6 +137,9 @@ pub struct Core {
     pub windows: WindowState,
     offsets: Offsets,
     news_rows: Vec<ScoredNews>,
+    /// The text bytes of the stories read since the last checkpoint, in flight or in `news_rows`
+    /// and `late_rows`: what the checkpoint will have drained and written out.
+    held_bytes: usize,
     late_rows: Vec<ScoredNews>,
     window_rows: Vec<WindowRow>,
     /// None for role `classify`, which keeps no tables and no checkpoint file.
@@ -221,6 +224,7 @@ impl Core {
             windows,
             offsets: Offsets::new(),
             news_rows: Vec::new(),
+            held_bytes: 0,
             late_rows: Vec::new(),
             window_rows: Vec::new(),
             storage,
@@ -287,6 +291,11 @@ impl Core {
         self.news_rows.len() + self.window_rows.len() + self.corrections.as_ref().map_or(0, |c| c.applied.len())
     }
 
+    /// The text bytes of the stories the next checkpoint writes, in flight or waiting.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
     /// The checkpointed position of `topic`/`partition`, if any.
     pub fn offset(&self, topic: &str, partition: i32) -> Option<i64> {
         self.offsets.get(topic).and_then(|p| p.get(&partition)).copied()
@@ -349,6 +358,7 @@ impl Core {
                 crate::telemetry::sent("source", 1);
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();
+                self.held_bytes += news.bytes();
                 self.in_flight.push_back(InFlight::Scoring { at, news, published_ms, pending });
             }
             Err(e @ (ClassifyError::Tokenize(_) | ClassifyError::EmptyText)) => {
@@ -372,6 +382,7 @@ impl Core {
                 crate::telemetry::sent("source", 1);
                 self.in_flight_ids.insert(news.id.clone());
                 let published_ms = news.published_ms();
+                self.held_bytes += news.bytes();
                 self.in_flight.push_back(InFlight::Scored { at, news, published_ms, scores, origin });
             }
             Err(message) => {
@@ -587,6 +598,7 @@ impl Core {
             tracing::debug!(published_at = %row.news.published_at, "behind the watermark: kept in table `late`");
             self.counters.late += 1;
             metrics::counter!("bearwatch_window_late_total").increment(1);
+            self.held_bytes += row.news.bytes();
             self.late_rows.push(row.clone());
         }
         self.news_rows.push(row);
@@ -909,6 +921,7 @@ impl Core {
         }
         self.news_rows.clear();
         self.late_rows.clear();
+        self.held_bytes = 0;
         self.window_rows.clear();
         self.last_checkpoint = Instant::now();
         metrics::counter!("bearwatch_checkpoints_total").increment(1);

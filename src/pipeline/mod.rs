@@ -779,7 +779,10 @@ fn drive(
             core.poll_feedback()?;
             core.poll_models()?;
             reloads.poll(config, &mut core);
-            if core.last_checkpoint.elapsed() >= checkpoint_every || core.buffered_rows() >= config.storage.roll_rows {
+            if core.last_checkpoint.elapsed() >= checkpoint_every
+                || core.buffered_rows() >= config.storage.roll_rows
+                || core.held_bytes() >= config.storage.roll_bytes
+            {
                 core.drain(None)?;
                 let offsets = core.checkpoint()?;
                 drop(core);

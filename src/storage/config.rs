@@ -21,6 +21,10 @@ pub struct StorageConfig {
     /// A checkpoint (and so a new Parquet file) is also taken when this many stories are buffered.
     #[serde(default = "default_roll_rows")]
     pub roll_rows: usize,
+    /// ...and when the buffered stories' text comes to this many bytes: long bodies fill memory
+    /// long before `roll_rows` stories do.
+    #[serde(default = "default_roll_bytes")]
+    pub roll_bytes: usize,
     /// Delete earlier tables and checkpoint at start. For demos that replay the same file each run.
     #[serde(default)]
     pub reset_on_start: bool,
@@ -87,6 +91,9 @@ fn default_checkpoint_interval() -> HumanDuration {
 fn default_roll_rows() -> usize {
     100_000
 }
+fn default_roll_bytes() -> usize {
+    64 << 20
+}
 
 impl StorageConfig {
     pub fn validate(&self) -> Result<(), FieldError> {
@@ -94,6 +101,7 @@ impl StorageConfig {
             return Err(("storage.checkpoint_interval", "must be longer than 0".into()));
         }
         within("storage.roll_rows", self.roll_rows, 1, 10_000_000)?;
+        within("storage.roll_bytes", self.roll_bytes, 1 << 20, 1 << 34)?;
         within("storage.s3.retries", self.s3.retries, 0, 20)?;
         if !(1..=600).contains(&self.s3.timeout.0.as_secs()) {
             return Err(("storage.s3.timeout", "must be between 1 s and 10 min".into()));
