@@ -142,7 +142,7 @@ fn candidate_labels(candidate: &Classifier, storage: &crate::storage::Location, 
                 crate::feedback::Head::Sentiment => scores.sentiment.to_string(),
                 crate::feedback::Head::Topic => scores.topic.clone(),
             };
-            let (key, words) = (crate::feedback::match_key(&e.text), crate::feedback::words(&e.text));
+            let (key, words) = (crate::feedback::match_key(&e.text), crate::feedback::near_words(&e.text));
             let reading = crate::feedback::Reading::of(&scores);
             let corrections = memory.lookup(&crate::feedback::Query { key: &key, words: &words, reading: &reading });
             let remembered = corrections.into_iter().find(|(head, _, _)| *head == e.head).map_or_else(|| own.clone(), |(_, c, _)| c.label);

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use crate::classify::NearDuplicates;
 use crate::detect::{Detector, RuleFile};
-use crate::feedback::{Action, Head, LabelFeedback, Memory, Query, Reading, match_key, words};
+use crate::feedback::{Action, Head, LabelFeedback, Memory, Query, Reading, match_key, near_words};
 use crate::news::SENTIMENTS;
 use crate::rng::Lcg;
 use crate::window::{Counted, Folding, Headline, WindowSpec, WindowState};
@@ -153,7 +153,7 @@ fn pass(events: &[Event], detector: &mut Detector, checkpoint_every: usize, eval
     for (i, event) in events.iter().enumerate() {
         if let Some(memory) = memory {
             let headline = &event.story.headline;
-            let (key, words) = (match_key(headline), words(headline));
+            let (key, words) = (match_key(headline), near_words(headline));
             let reading = Reading { sentiment: [event.story.p_negative, 1.0 - event.story.p_negative, 0.0], topic: TOPICS[event.topic].into() };
             std::hint::black_box(memory.lookup(&Query { key: &key, words: &words, reading: &reading }));
         }

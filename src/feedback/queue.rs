@@ -2,7 +2,7 @@
 //! `bench loop --pick queue`: how unsure the model is, and a pick that skips near-duplicates of
 //! what is already picked, so that one template does not take every place.
 
-use crate::news::near::{NearDuplicates, Reading, words};
+use crate::news::near::{NearDuplicates, Reading, near_words};
 
 use super::{Head, match_key};
 
@@ -72,7 +72,7 @@ pub fn pick_diverse<'a>(texts: impl IntoIterator<Item = &'a str>, limit: usize, 
         if picked.len() >= limit {
             break;
         }
-        let (key, these) = (match_key(text), words(text));
+        let (key, these) = (match_key(text), near_words(text));
         if taken.iter().any(|(k, w)| *k == key || rule.is_some_and(|r| r.matches((&these, &anything), (w, &anything)).is_some())) {
             continue;
         }
