@@ -12,7 +12,7 @@ pub use error::AlertError;
 pub use rate::Interval as RateInterval;
 pub use table::{notifications_batch, notifications_schema};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
 
 use serde::Deserialize;
@@ -306,6 +306,10 @@ pub type Explainer = Box<dyn FnMut(&[&str]) -> Vec<Vec<Why>> + Send>;
 /// How many words an alert shows for each of its headlines.
 pub const WHY_WORDS: usize = 3;
 
+/// Distinct headlines explained in one round of alert changes, at most: each is a model call of
+/// one row per word (some 20 ms of CPU for a headline of 20 words), on the pipeline's thread.
+pub const MAX_EXPLAINED_PER_ROUND: usize = 100;
+
 /// How a receiver's notifications are scheduled in the outbox.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
@@ -333,12 +337,49 @@ pub struct Alerting {
     /// Explains each new alert's headlines before it is recorded or sent; none in role `aggregate`,
     /// which loads no model.
     explainer: Option<Explainer>,
+    /// What it found for recent headlines, by text: a story behind alerts of several rounds is
+    /// explained once (per-ticker alerts fire round after round over the same stories).
+    explained: Explained,
+}
+
+/// Headlines whose explanations are kept for later rounds, at most (the newest).
+const EXPLAINED_KEPT: usize = 2_000;
+
+/// Recent headlines' words, by text, oldest forgotten first beyond [`EXPLAINED_KEPT`].
+#[derive(Default)]
+struct Explained {
+    why: HashMap<String, Vec<Why>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Explained {
+    fn keep(&mut self, text: &str, why: Vec<Why>) {
+        if self.why.insert(text.to_string(), why).is_none() {
+            self.order.push_back(text.to_string());
+        }
+        while self.order.len() > EXPLAINED_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.why.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Alerting {
     pub fn new(detector: Detector, router: Router, receivers: &[ReceiverConfig], notifier: Option<notify::Notifier>) -> Alerting {
         let (receivers, limits) = in_force(receivers);
-        Alerting { detector, router, receivers, changes: Vec::new(), queued: Vec::new(), resolved: Vec::new(), limits, notifier, explainer: None }
+        Alerting {
+            detector,
+            router,
+            receivers,
+            changes: Vec::new(),
+            queued: Vec::new(),
+            resolved: Vec::new(),
+            limits,
+            notifier,
+            explainer: None,
+            explained: Explained::default(),
+        }
     }
 
     /// Sends to `receivers` from now on (the pipeline file was read again): their timings and rate
@@ -366,9 +407,11 @@ impl Alerting {
         self
     }
 
-    /// Explains with another model from now on (the pipeline swapped its classifier).
+    /// Explains with another model from now on (the pipeline swapped its classifier): what the
+    /// one before found is forgotten.
     pub fn replace_explainer(&mut self, explainer: Explainer) {
         self.explainer = Some(explainer);
+        self.explained = Explained::default();
     }
 
     /// Hands this checkpoint's notifications to the outbox (durably) for the notifier thread. What
@@ -444,31 +487,57 @@ impl Alerting {
     }
 
     /// Explains, notifies and records alerts that changed state; returns how many.
-    fn record(&mut self, alerts: Vec<Alert>) -> usize {
+    fn record(&mut self, mut alerts: Vec<Alert>) -> usize {
         let count = alerts.len();
         metrics::gauge!("bearwatch_alerts_firing").set(self.detector.firing() as f64);
-        for mut alert in alerts {
-            self.explain(&mut alert);
+        self.explain(&mut alerts);
+        for alert in alerts {
             self.notify(&alert);
             self.changes.push((alert, chrono::Utc::now().timestamp_millis()));
         }
         count
     }
 
-    /// Gives each headline its strongest words towards negative (at most [`WHY_WORDS`], only words
-    /// that push that way): only an alert's few headlines are explained, never every story.
-    fn explain(&mut self, alert: &mut Alert) {
+    /// Gives the headlines of the alerts that fire their strongest words towards negative (at most
+    /// [`WHY_WORDS`], only words that push that way): only an alert's few headlines are explained,
+    /// never every story. One model call for the round, each headline once (per-ticker alerts share
+    /// their stories, and what earlier rounds found is kept), and at most
+    /// [`MAX_EXPLAINED_PER_ROUND`] new ones: 2,000 stories naming 64 of 3,000 tickers each fired
+    /// 3,000 alerts, whose 15,000 headlines held the pipeline thread for 2 minutes, one call per
+    /// alert. Resolutions show no headlines.
+    fn explain(&mut self, alerts: &mut [Alert]) {
         let Some(explainer) = self.explainer.as_mut() else { return };
-        if alert.top_headlines.is_empty() {
-            return;
+        let firing = |a: &&mut Alert| a.state == AlertState::Firing;
+        let mut wanted: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        for headline in alerts.iter_mut().filter(firing).flat_map(|a| a.top_headlines.iter()) {
+            if !self.explained.why.contains_key(&headline.headline) && seen.insert(headline.headline.as_str()) {
+                wanted.push(headline.headline.clone());
+            }
         }
-        let started = std::time::Instant::now();
-        let texts: Vec<&str> = alert.top_headlines.iter().map(|h| h.headline.as_str()).collect();
-        let reasons = explainer(&texts);
-        for (headline, why) in alert.top_headlines.iter_mut().zip(reasons) {
-            headline.why = why.into_iter().filter(|w| w.effect > 0.0).take(WHY_WORDS).collect();
+        let skipped = wanted.len().saturating_sub(MAX_EXPLAINED_PER_ROUND);
+        wanted.truncate(MAX_EXPLAINED_PER_ROUND);
+        if !wanted.is_empty() {
+            let started = std::time::Instant::now();
+            let texts: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            for (text, why) in texts.iter().zip(explainer(&texts)) {
+                self.explained.keep(text, why.into_iter().filter(|w| w.effect > 0.0).take(WHY_WORDS).collect());
+            }
+            metrics::histogram!("bearwatch_alert_explain_seconds").record(started.elapsed().as_secs_f64());
         }
-        metrics::histogram!("bearwatch_alert_explain_seconds").record(started.elapsed().as_secs_f64());
+        for headline in alerts.iter_mut().filter(firing).flat_map(|a| a.top_headlines.iter_mut()) {
+            if let Some(why) = self.explained.why.get(&headline.headline) {
+                headline.why.clone_from(why);
+            }
+        }
+        if skipped > 0 {
+            metrics::counter!("bearwatch_alert_headlines_unexplained_total").increment(skipped as u64);
+            tracing::warn!(
+                explained = wanted.len(),
+                skipped,
+                "more alert headlines at once than one round explains; the rest are sent with their scores, without their words"
+            );
+        }
     }
 
     fn notify(&mut self, alert: &Alert) {
@@ -588,6 +657,43 @@ mod tests {
             summary: "energy: negative share 0.50".into(),
             top_headlines: vec![],
         }
+    }
+
+    /// 300 per-ticker alerts fire at once over 150 stories (five headlines each), and one resolves:
+    /// one model call for the round, each distinct headline once, at most the round's bound; the
+    /// next round explains only what was left out.
+    #[test]
+    fn a_round_of_alerts_explains_each_headline_once_within_its_bound() {
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let explainer: Explainer = Box::new(move |texts: &[&str]| {
+            seen.lock().unwrap().push(texts.len());
+            texts.iter().map(|t| vec![crate::news::Why { word: t.to_string(), position: 0, effect: 0.5 }]).collect()
+        });
+        let mut alerting = Alerting::new(Detector::new(Vec::new()), Router::new(Vec::new(), Vec::new()), &[], None).with_explainer(explainer);
+        let headline = |i: usize| crate::window::Headline { id: format!("s{i}"), headline: format!("story {i}"), p_negative: 0.9, why: vec![] };
+        let mut alerts: Vec<Alert> = (0..300)
+            .map(|i| Alert { top_headlines: (0..5).map(|k| headline((i + k * 30) % 150)).collect(), ..alert(AlertState::Firing, &format!("T{i}")) })
+            .collect();
+        alerts.push(Alert { top_headlines: vec![headline(0)], ..alert(AlertState::Resolved, "T0") });
+        assert_eq!(alerting.record(alerts), 301);
+        assert_eq!(*calls.lock().unwrap(), vec![MAX_EXPLAINED_PER_ROUND], "one call, each text once, at most the bound");
+        let explained: std::collections::BTreeSet<&str> =
+            alerting.changes.iter().flat_map(|(a, _)| &a.top_headlines).filter(|h| !h.why.is_empty()).map(|h| h.headline.as_str()).collect();
+        assert_eq!(explained.len(), MAX_EXPLAINED_PER_ROUND);
+        assert!(alerting.changes.iter().flat_map(|(a, _)| &a.top_headlines).all(|h| h.why.is_empty() || h.why[0].word == h.headline));
+        assert!(alerting.changes[0].0.top_headlines.iter().all(|h| !h.why.is_empty()), "the first alert's headlines are among them");
+        assert!(alerting.changes[300].0.top_headlines[0].why.is_empty(), "a resolution is not explained");
+
+        // The next round fires the same alerts again: only the headlines left out are explained.
+        let again: Vec<Alert> = alerting.changes.iter().take(300).map(|(a, _)| a.clone()).collect();
+        alerting.record(again);
+        assert_eq!(*calls.lock().unwrap(), vec![MAX_EXPLAINED_PER_ROUND, 150 - MAX_EXPLAINED_PER_ROUND]);
+        assert!(alerting.changes[301..].iter().flat_map(|(a, _)| &a.top_headlines).all(|h| !h.why.is_empty()));
+        // Another model: what the one before found is forgotten.
+        alerting.replace_explainer(Box::new(|texts: &[&str]| vec![Vec::new(); texts.len()]));
+        alerting.record(vec![alert(AlertState::Firing, "T0")].into_iter().map(|a| Alert { top_headlines: vec![headline(0)], ..a }).collect());
+        assert!(alerting.changes.last().unwrap().0.top_headlines[0].why.is_empty());
     }
 
     fn route(receivers: &[&str], matchers: &[(&str, &str)], send_resolved: bool) -> Route {
