@@ -780,11 +780,7 @@ fn a_pipeline_without_rules_reloads_its_tokens() {
     let first = version(old, "");
     let mut run = Pipeline::start_with(dir.path(), "classify", &first, &["--role", "classify"]);
     let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !api.raw("GET", "/api/rules", &[("Authorization", &format!("Bearer {old}"))], None).is_ok_and(|(status, _, _)| status == 200) {
-        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "the API never answered\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    rules_once_allowed(&api, &mut run, old);
 
     // Over HTTP: the old token asks, and is refused from the next request on.
     std::fs::write(dir.path().join("classify.toml"), version(new, "")).unwrap();
@@ -802,15 +798,7 @@ fn a_pipeline_without_rules_reloads_its_tokens() {
     .unwrap();
     std::fs::write(dir.path().join("classify.toml"), version(newest, "[alerts]\nrules = [\"rules.toml\"]\n")).unwrap();
     run.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let rules = loop {
-        let (status, rules) = api.call("GET", "/api/rules", Some(newest), None);
-        if status == 200 {
-            break rules;
-        }
-        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "SIGHUP never put the token in force\n{}", run.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let rules = rules_once_allowed(&api, &mut run, newest);
     assert!(rules["rules"].as_array().is_some_and(|r| r.len() == 1) && rules["rules_hash"].is_string(), "{rules}");
     assert_eq!(api.call("GET", "/api/rules", Some(new), None).0, 401);
 
@@ -827,14 +815,24 @@ fn a_pipeline_without_rules_reloads_its_tokens() {
     let aggregate_config = version(old, "").replace(&format!("127.0.0.1:{http}"), &format!("127.0.0.1:{aggregate_http}")).replace("path = \"classify\"", "path = \"aggregate\"");
     let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &aggregate_config, &["--role", "aggregate"]);
     let api = common::api::Api::new(&format!("http://127.0.0.1:{aggregate_http}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !api.raw("GET", "/api/rules", &[("Authorization", &format!("Bearer {old}"))], None).is_ok_and(|(status, _, _)| status == 200) {
-        assert!(Instant::now() < deadline && aggregate.child.try_wait().unwrap().is_none(), "the API never answered\n{}", aggregate.logs());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    rules_once_allowed(&api, &mut aggregate, old);
     std::fs::write(dir.path().join("aggregate.toml"), aggregate_config.replace("[sink]", "[alerts]\nrules = [\"rules.toml\"]\n[sink]")).unwrap();
     let (status, refused) = api.call("POST", "/api/rules/reload", Some(old), None);
     assert!(status == 400 && refused["error"].as_str().unwrap().contains("started without rules"), "{status} {refused}");
     aggregate.signal("TERM");
     assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
+}
+
+/// `GET /api/rules` once `token` is let in (the API is up, or a reload put the token in force),
+/// polled while `run` keeps running (at most a minute).
+fn rules_once_allowed(api: &common::api::Api, run: &mut Pipeline, token: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let auth = format!("Bearer {token}");
+    loop {
+        if let Ok((200, _, body)) = api.raw("GET", "/api/rules", &[("Authorization", &auth)], None) {
+            return serde_json::from_str(&body).unwrap();
+        }
+        assert!(Instant::now() < deadline && run.child.try_wait().unwrap().is_none(), "the API never let {token} in\n{}", run.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -30,15 +30,20 @@ fn count(corrections: &mut Corrections, windows: &mut WindowState, id: &str, hea
     counted
 }
 
+/// Corrections over a fresh journal folder, and hourly windows.
+fn fresh(config: &FeedbackConfig) -> (tempfile::TempDir, Corrections, WindowState) {
+    let dir = tempfile::tempdir().unwrap();
+    let corrections = Corrections::new(config, &dir.path().into(), None);
+    (dir, corrections, WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false }))
+}
+
 fn negatives(windows: &WindowState, topic: &str) -> Vec<(u64, u64)> {
     windows.open_counts().filter(|(k, _)| k.topic == topic).map(|(_, c)| (c.n, c.n_negative)).collect()
 }
 
 #[test]
 fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
-    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let (dir, mut corrections, mut windows) = fresh(&FeedbackConfig::default());
     let negative = scores("negative", 0.9, "equity_markets");
     count(&mut corrections, &mut windows, "a", "S&P says downgrades may ease", 10, &negative);
     count(&mut corrections, &mut windows, "b", "S&P SAYS DOWNGRADES MAY EASE", 20, &negative);
@@ -70,9 +75,7 @@ fn a_correction_recounts_the_story_and_its_exact_copies_and_labels_the_next_ones
 
 #[test]
 fn a_headline_longer_than_a_window_keeps_is_matched_on_all_of_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
-    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let (_dir, mut corrections, mut windows) = fresh(&FeedbackConfig::default());
     let negative = scores("negative", 0.9, "equity_markets");
     let long = format!("{} ends in a default", "Regional lender warns ".repeat(20));
     assert!(long.chars().count() > crate::window::TOP_HEADLINE_CHARS);
@@ -94,9 +97,7 @@ fn a_headline_longer_than_a_window_keeps_is_matched_on_all_of_it() {
 
 #[test]
 fn a_topic_correction_moves_the_story_between_topic_windows() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
-    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let (_dir, mut corrections, mut windows) = fresh(&FeedbackConfig::default());
     count(&mut corrections, &mut windows, "a", "Midland sets stock split", 10, &scores("negative", 0.8, "other"));
     let rows = vec![judgement(Some("a"), "Midland sets stock split", Head::Topic, Some("company_news"), Action::Correct)];
     corrections.learn(rows, None, &mut windows, 0).unwrap();
@@ -107,10 +108,7 @@ fn a_topic_correction_moves_the_story_between_topic_windows() {
 
 #[test]
 fn stories_beyond_revise_stories_are_no_longer_recounted() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = FeedbackConfig { revise_stories: 1, ..FeedbackConfig::default() };
-    let mut corrections = Corrections::new(&config, &dir.path().into(), None);
-    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let (_dir, mut corrections, mut windows) = fresh(&FeedbackConfig { revise_stories: 1, ..FeedbackConfig::default() });
     let negative = scores("negative", 0.9, "energy");
     count(&mut corrections, &mut windows, "a", "Oil falls", 10, &negative);
     count(&mut corrections, &mut windows, "b", "Gas falls", 20, &negative);
@@ -123,9 +121,7 @@ fn stories_beyond_revise_stories_are_no_longer_recounted() {
 
 #[test]
 fn flips_of_one_text_coalesce_and_a_round_recounts_a_bounded_number_of_stories() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut corrections = Corrections::new(&FeedbackConfig::default(), &dir.path().into(), None);
-    let mut windows = WindowState::new(WindowSpec { size_ms: H, slide_ms: H, allowed_lateness_ms: 0, by_ticker: false });
+    let (_dir, mut corrections, mut windows) = fresh(&FeedbackConfig::default());
     let negative = scores("negative", 0.9, "energy");
     let stories = RECOUNT_PER_ROUND + RECOUNT_PER_ROUND / 2;
     for i in 0..stories {
