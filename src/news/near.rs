@@ -56,13 +56,18 @@ impl Reading {
 
 /// Lower case, runs of letters and digits: what exact matches hash and near ones align.
 pub fn words(text: &str) -> Vec<String> {
-    text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+    runs(&text.to_lowercase()).map(str::to_string).collect()
+}
+
+/// The runs of letters and digits of a lower-cased text.
+fn runs(lower: &str) -> impl Iterator<Item = &str> {
+    lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty())
 }
 
 /// The first [`NEAR_WORDS`] of [`words`], without spare capacity: what is kept of a text to find
 /// its near-duplicates.
 pub fn near_words(text: &str) -> Vec<String> {
-    let mut words: Vec<String> = text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).take(NEAR_WORDS).map(str::to_string).collect();
+    let mut words: Vec<String> = runs(&text.to_lowercase()).take(NEAR_WORDS).map(str::to_string).collect();
     words.shrink_to_fit();
     words
 }

@@ -21,8 +21,8 @@ pub struct StorageConfig {
     /// A checkpoint (and so a new Parquet file) is also taken when this many stories are buffered.
     #[serde(default = "default_roll_rows")]
     pub roll_rows: usize,
-    /// ...and when the buffered stories' text comes to this many bytes: long bodies fill memory
-    /// long before `roll_rows` stories do.
+    /// ...and when the text of the stories read since the last one, in flight or buffered, comes to
+    /// this many bytes: long bodies fill memory long before `roll_rows` stories do.
     #[serde(default = "default_roll_bytes")]
     pub roll_bytes: usize,
     /// Delete earlier tables and checkpoint at start. For demos that replay the same file each run.
