@@ -110,7 +110,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_alert_headlines_unexplained_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [
