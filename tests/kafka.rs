@@ -821,6 +821,18 @@ fn a_pipeline_without_rules_reloads_its_tokens() {
     assert!(status == 400 && refused["error"].as_str().unwrap().contains("started without rules"), "{status} {refused}");
     aggregate.signal("TERM");
     assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
+
+    // A rule file a reload would refuse stops a classify start too, naming the file and the rule.
+    std::fs::write(
+        dir.path().join("ticker-rules.toml"),
+        "[[rules]]\nname = \"ticker-busy\"\nseverity = \"info\"\ngroup = \"ticker\"\nmetric = \"n\"\n[rules.condition]\nkind = \"threshold\"\nop = \">=\"\nvalue = 1\n",
+    )
+    .unwrap();
+    let refused = version(old, "[alerts]\nrules = [\"ticker-rules.toml\"]\n");
+    let mut run = Pipeline::start_with(dir.path(), "classify", &refused, &["--role", "classify"]);
+    assert!(!run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+    let logs = run.logs();
+    assert!(logs.contains("ticker-rules.toml") && logs.contains("ticker-busy") && logs.contains("not per ticker"), "{logs}");
 }
 
 /// `GET /api/rules` once `token` is let in (the API is up, or a reload put the token in force),

@@ -527,11 +527,12 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
     let in_force = match &alerting {
         Some(alerting) => InForce::new(alerting.detector.rules().to_vec(), rules_hash),
         None if config.alerts.rules.is_empty() => InForce::new(Vec::new(), None),
-        // Rules no stage here evaluates (role classify) are still what verdicts are given against.
-        None => match RuleFile::read_all(&rule_paths(config)) {
-            Ok((files, sha256)) => InForce::new(RuleFile::merge(files).rules, Some(sha256)),
-            Err(_) => InForce::new(Vec::new(), None),
-        },
+        // Rules no stage here evaluates (role classify) are still what verdicts are given against,
+        // checked as a reload checks them: a file a reload would refuse stops the start.
+        None => {
+            let (all, sha256) = load_rule_files(config)?;
+            InForce::new(all.rules, Some(sha256))
+        }
     };
     let (reload_requests, requests) = std::sync::mpsc::channel();
     let principals = Principals::new(config.server.principals());
