@@ -319,6 +319,10 @@ path = "data"
         assert!(err.contains("`source.dead_letter_path`") && err.contains("dead_letter_topic"), "{err}");
         let err = error("[source]\ntype = \"file\"\npath = \"in.jsonl\"\ntopics = [\"news\"]\n[storage]\npath = \"s\"\n");
         assert!(err.contains("`source.topics`"), "{err}");
+        let err = error(&format!("{KAFKA}").replace("[source]\n", "[source]\nmax_gap = \"1h\"\n"));
+        assert!(err.contains("`source.max_gap`") && err.contains("file's replay"), "{err}");
+        let err = error("[source]\ntype = \"file\"\npath = \"in.jsonl\"\nspeed = 60\nmax_gap = \"0s\"\n[storage]\npath = \"s\"\n");
+        assert!(err.contains("`source.max_gap`") && err.contains("more than 0"), "{err}");
         let file_with_brokers = "[source]\ntype = \"file\"\npath = \"in.jsonl\"\nbrokers = \"k:9092\"\n[storage]\npath = \"s\"\n[sink]\ntopic = \"scored\"\n";
         assert!(PipelineConfig::parse(file_with_brokers, "p.toml").is_ok(), "a file source's brokers are its sink's");
     }

@@ -612,7 +612,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
             // Checkpoints from before canonical names kept the path as written.
             let written = path.display().to_string();
             let start = core.offset(&name, 0).or_else(|| core.offset(&written, 0));
-            let file = FileSource::open(&path, source_config.speed, start.map(|s| (s, core.files.get(&name))))?;
+            let file = FileSource::open(&path, source_config.pace(), start.map(|s| (s, core.files.get(&name))))?;
             tracing::info!(file = %path.display(), stories = file.len(), resume_at = start.unwrap_or(0), "replaying file");
             core.files.insert(name.clone(), file.progress().clone());
             core.rename_source(&written, &name);

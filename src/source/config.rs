@@ -34,6 +34,9 @@ pub struct SourceConfig {
     /// file: 0 = as fast as possible; N = N× the pace of the stories' own timestamps.
     #[serde(default)]
     pub speed: f64,
+    /// file, at a `speed`: a longer quiet spell between two stories' timestamps replays as this
+    /// long (default 1 d), so that a story dated years off does not stop the replay.
+    pub max_gap: Option<HumanDuration>,
     /// file: where bad lines go; default `<storage.path>/dead-letter.jsonl`.
     #[serde(default, deserialize_with = "crate::config::env::optional_path")]
     pub dead_letter_path: Option<PathBuf>,
@@ -72,7 +75,15 @@ fn default_max_clock_skew() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(3600))
 }
 
+/// A quiet spell in a replayed file's timestamps waits at most this long in event time.
+const DEFAULT_MAX_GAP: HumanDuration = HumanDuration(std::time::Duration::from_secs(86_400));
+
 impl SourceConfig {
+    /// How a file source paces its replay.
+    pub fn pace(&self) -> super::file::Pace {
+        super::file::Pace { speed: self.speed, max_gap_ms: self.max_gap.unwrap_or(DEFAULT_MAX_GAP).as_millis() }
+    }
+
     /// What each kind needs, and the bounds of the settings that scale memory.
     pub fn validate(&self) -> Result<(), FieldError> {
         match self.kind {
@@ -82,6 +93,9 @@ impl SourceConfig {
                 }
                 if !(self.speed >= 0.0 && self.speed.is_finite()) {
                     return Err(("source.speed", "must be 0 (as fast as possible) or a positive speed-up".into()));
+                }
+                if self.max_gap.is_some_and(|gap| gap.0.is_zero()) {
+                    return Err(("source.max_gap", "must be more than 0 (`speed = 0` replays as fast as possible)".into()));
                 }
                 // Kafka settings a file source would ignore (`brokers` and `properties` are the
                 // default connection of a sink and of kafka receivers, so they stay allowed).
@@ -102,6 +116,9 @@ impl SourceConfig {
                 }
                 if self.speed != 0.0 {
                     return Err(("source.speed", "`speed` paces a file's replay; a kafka source reads as the stories come".into()));
+                }
+                if self.max_gap.is_some() {
+                    return Err(("source.max_gap", "`max_gap` paces a file's replay; a kafka source reads as the stories come".into()));
                 }
                 if self.brokers.is_none() {
                     return Err(("source.brokers", "a kafka source needs `brokers`, e.g. \"127.0.0.1:9092\"".into()));

@@ -34,9 +34,32 @@ pub struct FileSource {
     file: File,
     lines: Vec<Line>,
     next: usize,
-    speed: f64,
-    started: Option<(Instant, i64)>,
+    pace: Pace,
+    clock: Option<Clock>,
     progress: FileProgress,
+}
+
+/// How a replay is paced: `speed`× the stories' own pace (0 = as fast as possible), and no quiet
+/// spell between two stories' timestamps waited for as longer than `max_gap_ms` of event time, so
+/// that one story dated years off (1970, or a typo'd year) does not stop the replay for hours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub speed: f64,
+    pub max_gap_ms: i64,
+}
+
+impl Pace {
+    /// Every line as soon as it is asked for.
+    pub const FAST: Pace = Pace { speed: 0.0, max_gap_ms: i64::MAX };
+}
+
+/// Where the replay's clock started, and the event time it has skipped in gaps past `max_gap_ms`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall_start: Instant,
+    event_start: i64,
+    latest: i64,
+    skipped_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,7 +77,7 @@ const LINE_READ_LIMIT: u64 = (64 << 20) + 1;
 impl FileSource {
     /// Opens `path`; `resume` is the checkpointed offset (lines already processed) with what the
     /// checkpoint knew of the file. Refuses a file whose part already read has changed.
-    pub fn open(path: &Path, speed: f64, resume: Option<(i64, Option<&FileProgress>)>) -> Result<FileSource, SourceError> {
+    pub fn open(path: &Path, pace: Pace, resume: Option<(i64, Option<&FileProgress>)>) -> Result<FileSource, SourceError> {
         let failed = |reason: String| SourceError::File { path: path.display().to_string(), reason };
         let mut file = File::open(path).map_err(|e| failed(e.to_string()))?;
         if !file.metadata().map_err(|e| failed(e.to_string()))?.is_file() {
@@ -97,7 +120,7 @@ impl FileSource {
         let progress = FileProgress { sha256: index.sha256, segment_ends };
         let lines = index.lines;
         let next = usize::try_from(start.max(0)).unwrap_or(usize::MAX).min(lines.len());
-        Ok(FileSource { topic: Arc::from(source_name(path).as_str()), path: path.display().to_string(), file, lines, next, speed, started: None, progress })
+        Ok(FileSource { topic: Arc::from(source_name(path).as_str()), path: path.display().to_string(), file, lines, next, pace, clock: None, progress })
     }
 
     /// What the next checkpoint must keep of this file.
@@ -136,14 +159,22 @@ impl FileSource {
         })
     }
 
-    /// How long to wait before the next line is due at `speed`× the stories' own pace.
+    /// How long to wait before the next line is due at `speed`× the stories' own pace, a gap longer
+    /// than `max_gap_ms` counting as that long. Asked again for the same line while it waits, it
+    /// skips that line's gap once.
     fn due_in(&mut self, event_ms: i64) -> Duration {
-        if self.speed <= 0.0 || event_ms == i64::MIN {
+        if self.pace.speed <= 0.0 || event_ms == i64::MIN {
             return Duration::ZERO;
         }
-        let (wall_start, event_start) = *self.started.get_or_insert((Instant::now(), event_ms));
-        let due = Duration::from_secs_f64(((event_ms - event_start).max(0) as f64 / 1000.0) / self.speed);
-        due.saturating_sub(wall_start.elapsed())
+        let clock = self.clock.get_or_insert(Clock { wall_start: Instant::now(), event_start: event_ms, latest: event_ms, skipped_ms: 0 });
+        let gap = event_ms.saturating_sub(clock.latest);
+        if gap > self.pace.max_gap_ms {
+            clock.skipped_ms = clock.skipped_ms.saturating_add(gap - self.pace.max_gap_ms);
+        }
+        clock.latest = clock.latest.max(event_ms);
+        let paced_ms = event_ms.saturating_sub(clock.event_start).saturating_sub(clock.skipped_ms).max(0);
+        let due = Duration::from_secs_f64((paced_ms as f64 / 1000.0) / self.pace.speed);
+        due.saturating_sub(clock.wall_start.elapsed())
     }
 }
 
@@ -343,7 +374,7 @@ mod tests {
             "{\"id\":\"b\",\"published_at\":\"2024-01-01T00:00:02Z\"}\n\n{\"id\":\"a\",\"published_at\":\"2024-01-01T00:00:01Z\"}\r\nnot json\n",
         )
         .unwrap();
-        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        let mut source = FileSource::open(&path, Pace::FAST, None).unwrap();
         let mut seen = Vec::new();
         while let Some(record) = source.poll(Duration::ZERO).unwrap() {
             seen.push((record.offset, String::from_utf8(record.payload).unwrap()));
@@ -354,7 +385,7 @@ mod tests {
         assert!(order[0].contains("\"a\"") && order[1] == "not json" && order[2].contains("\"b\""), "{order:?}");
         assert_eq!(seen.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![0, 1, 2]);
 
-        let mut resumed = FileSource::open(&path, 0.0, Some((1, None))).unwrap();
+        let mut resumed = FileSource::open(&path, Pace::FAST, Some((1, None))).unwrap();
         assert_eq!(resumed.poll(Duration::ZERO).unwrap().unwrap().payload, b"not json");
     }
 
@@ -364,7 +395,7 @@ mod tests {
         let path = dir.path().join("n.jsonl");
         let line = |id: &str, second: u32| format!("{{\"id\":\"{id}\",\"published_at\":\"2024-01-01T00:00:{second:02}Z\"}}\n");
         std::fs::write(&path, line("b", 2) + &line("a", 1)).unwrap();
-        let mut first = FileSource::open(&path, 0.0, None).unwrap();
+        let mut first = FileSource::open(&path, Pace::FAST, None).unwrap();
         let ids = |source: &mut FileSource| {
             let mut ids = Vec::new();
             while let Some(record) = source.poll(Duration::ZERO).unwrap() {
@@ -378,7 +409,7 @@ mod tests {
 
         // An earlier story appended after the run: read after the old ones, none of them again.
         std::fs::write(&path, line("b", 2) + &line("a", 1) + &line("c", 0)).unwrap();
-        let mut resumed = FileSource::open(&path, 0.0, Some((2, Some(&progress)))).unwrap();
+        let mut resumed = FileSource::open(&path, Pace::FAST, Some((2, Some(&progress)))).unwrap();
         assert_eq!(ids(&mut resumed), vec![(2, "c".to_string())]);
         assert_eq!(resumed.progress().segment_ends.len(), 2);
         // The same file by another name is the same source.
@@ -387,7 +418,7 @@ mod tests {
 
         // A line of the part already read was edited: refused, with what to do.
         std::fs::write(&path, line("B", 2) + &line("a", 1)).unwrap();
-        let err = FileSource::open(&path, 0.0, Some((2, Some(&progress)))).err().unwrap().to_string();
+        let err = FileSource::open(&path, Pace::FAST, Some((2, Some(&progress)))).err().unwrap().to_string();
         assert!(err.contains("have changed") && err.contains("storage.path"), "{err}");
     }
 
@@ -453,7 +484,7 @@ mod tests {
             assert_eq!(index.sha256_read, sha256(&bytes[..read as usize]));
             // Read through the source, every line passes the check that it is still a line.
             let known = FileProgress { segment_ends: ends[..ends.len() - 1].to_vec(), sha256: sha256(&bytes[..read as usize]) };
-            let mut source = FileSource::open(&path, 0.0, (ends.len() > 1).then_some((0, Some(&known)))).unwrap();
+            let mut source = FileSource::open(&path, Pace::FAST, (ends.len() > 1).then_some((0, Some(&known)))).unwrap();
             let polled: Vec<Vec<u8>> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).map(|r| r.payload).collect();
             assert_eq!(polled, whole.into_iter().map(|(_, line)| line).collect::<Vec<_>>(), "{:?} cut at {ends:?}", String::from_utf8_lossy(&bytes));
         }
@@ -469,7 +500,7 @@ mod tests {
         bytes.extend(std::iter::repeat_n(b'x', (LINE_READ_LIMIT + 100) as usize));
         bytes.extend(b"\n{\"id\":\"b\",\"published_at\":\"2024-01-01T00:00:01Z\"}\n");
         std::fs::write(&path, &bytes).unwrap();
-        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        let mut source = FileSource::open(&path, Pace::FAST, None).unwrap();
         let records: Vec<Record> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).collect();
         let read: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
         assert_eq!(read.len(), 3);
@@ -497,7 +528,7 @@ mod tests {
         let line = |id: &str, second: u32| format!("{{\"id\":\"{id}\",\"published_at\":\"2024-01-01T00:00:{second:02}Z\"}}\r\n");
         let text = line("a", 1) + "\n" + &line("b", 2) + &line("c", 3);
         std::fs::write(&path, &text).unwrap();
-        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        let mut source = FileSource::open(&path, Pace::FAST, None).unwrap();
         assert!(source.poll(Duration::ZERO).unwrap().is_some());
         // The same length, shifted by two bytes: each line's offset now falls inside another.
         std::fs::write(&path, format!("\n\n{}", &text[..text.len() - 2])).unwrap();
@@ -505,7 +536,7 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("changed while it was read"), "{err}");
         // Unchanged, every line reads, CRLF and blank lines included.
         std::fs::write(&path, &text).unwrap();
-        let mut source = FileSource::open(&path, 0.0, None).unwrap();
+        let mut source = FileSource::open(&path, Pace::FAST, None).unwrap();
         assert_eq!(std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap()).count(), 3);
     }
 
@@ -517,7 +548,7 @@ mod tests {
         let mut cat = std::process::Command::new("printf").arg(line("b", 2) + &line("a", 1)).stdout(std::process::Stdio::piped()).spawn().unwrap();
         let pipe = File::from(std::os::fd::OwnedFd::from(cat.stdout.take().unwrap()));
         let fd = std::os::fd::AsRawFd::as_raw_fd(&pipe);
-        let mut source = FileSource::open(Path::new(&format!("/proc/self/fd/{fd}")), 0.0, None).unwrap();
+        let mut source = FileSource::open(Path::new(&format!("/proc/self/fd/{fd}")), Pace::FAST, None).unwrap();
         let ids: Vec<String> = std::iter::from_fn(|| source.poll(Duration::ZERO).unwrap())
             .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["id"].as_str().unwrap().to_string())
             .collect();
@@ -535,11 +566,33 @@ mod tests {
         )
         .unwrap();
         // One minute of event time at 600× is 100 ms of wall time.
-        let mut source = FileSource::open(&path, 600.0, None).unwrap();
+        let mut source = FileSource::open(&path, Pace { speed: 600.0, max_gap_ms: i64::MAX }, None).unwrap();
         assert!(source.poll(Duration::ZERO).unwrap().is_some());
         assert!(source.poll(Duration::from_millis(10)).unwrap().is_none(), "the second line is not due yet");
         let started = Instant::now();
         while source.poll(Duration::from_millis(10)).unwrap().is_none() {}
         assert!(started.elapsed() >= Duration::from_millis(60));
+    }
+
+    #[test]
+    fn a_gap_past_max_gap_waits_as_max_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.jsonl");
+        // A story dated 1970 first, then two 54 years later: 20 days at 1,000×; with a one-minute
+        // max_gap that gap is 60 ms, and the minute after it is paced as it is.
+        std::fs::write(
+            &path,
+            "{\"published_at\":\"1970-01-02T00:00:00Z\"}\n{\"published_at\":\"2024-01-01T00:00:00Z\"}\n{\"published_at\":\"2024-01-01T00:01:00Z\"}\n",
+        )
+        .unwrap();
+        let mut source = FileSource::open(&path, Pace { speed: 1000.0, max_gap_ms: 60_000 }, None).unwrap();
+        let started = Instant::now();
+        assert!(source.poll(Duration::ZERO).unwrap().is_some());
+        // Asked again and again while it waits, the gap is skipped once (twice would make it due at once).
+        while source.poll(Duration::from_millis(5)).unwrap().is_none() {}
+        let second = started.elapsed();
+        assert!(second >= Duration::from_millis(60) && second < Duration::from_secs(20), "{second:?}");
+        while source.poll(Duration::from_millis(5)).unwrap().is_none() {}
+        assert!(started.elapsed() >= Duration::from_millis(120), "{:?}", started.elapsed());
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::file::FileSource;
+use super::file::{FileSource, Pace};
 use super::kafka::Output;
 use super::{Source, SourceError};
 use crate::config::EnvString;
@@ -20,10 +20,10 @@ pub fn produce(
     brokers: &str,
     topic: &str,
     file: &Path,
-    speed: f64,
+    pace: Pace,
     properties: &BTreeMap<String, EnvString>,
 ) -> Result<Produced, SourceError> {
-    let mut source = FileSource::open(file, speed, None)?;
+    let mut source = FileSource::open(file, pace, None)?;
     let output = Output::connect(brokers, properties)?;
     let progress = indicatif::ProgressBar::new(source.len() as u64);
     progress.set_style(
