@@ -848,3 +848,50 @@ fn rules_once_allowed(api: &common::api::Api, run: &mut Pipeline, token: &str) -
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Role `aggregate` takes topics and model names from the scored messages it reads; each topic is a
+/// window group. A topic or model name no model could give (60 KB long, blank, a control
+/// character), or a topic past the most a model may have, is dead-lettered with the reason
+/// instead of being held in every window, checkpoint and summary.
+#[test]
+fn an_aggregate_refuses_topics_no_model_could_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("agg-topics");
+    let scored_topic = format!("{topic}.scored");
+    create_topic(&topic, 1);
+    create_topic(&scored_topic, 1);
+    let scored = |i: usize, topic: &str, model: &str| {
+        serde_json::json!({"id": format!("s{i}"), "published_at": format!("2024-03-01T10:{:02}:00Z", i % 60),
+            "headline": format!("Shares fall on news {i}"), "topic": topic, "topic_score": 0.9, "sentiment": "negative",
+            "p_negative": 0.8, "p_neutral": 0.1, "p_positive": 0.1, "sentiment_score": -0.7, "model": model})
+        .to_string()
+    };
+    // 256 topics are counted; the next new ones are not, while the 256 go on being counted.
+    let mut lines: Vec<String> = (0..256).map(|i| scored(i, &format!("topic-{i}"), "m@1")).collect();
+    lines.push(scored(256, &format!("energy{}", "x".repeat(60_000)), "m@1"));
+    lines.push(scored(257, "energy", &"m".repeat(60_000)));
+    lines.push(scored(258, "energy\u{2028}forged", "m@1"));
+    lines.extend((259..262).map(|i| scored(i, &format!("topic-{i}"), "m@1")));
+    lines.push(scored(262, "topic-0", "m@1"));
+    let file = dir.path().join("scored.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    produce(&scored_topic, &file);
+    let config = kafka_pipeline(&topic, &unique("group"), "aggregate", &format!("\n[sink]\ntopic = \"{scored_topic}\"\n"));
+    let mut aggregate = Pipeline::start_with(dir.path(), "aggregate", &config, &["--role", "aggregate"]);
+    aggregate.wait_for_checkpoint(Duration::from_secs(120), "257 counted and 6 dead-lettered", |c| {
+        counter(c, "scored") == 257 && counter(c, "dead_lettered") == 6
+    });
+    aggregate.signal("TERM");
+    assert!(aggregate.wait(Duration::from_secs(30)).success(), "{}", aggregate.logs());
+    let dead = read_all(&format!("{topic}.dlq"), 6);
+    let mut reasons: Vec<String> = dead.iter().map(|(_, _, h)| format!("{} {}", h["error.kind"], h["error.message"])).collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 6, "{reasons:?}");
+    assert!(reasons.iter().all(|r| r.starts_with("invalid_scores ") && r.len() < 300), "{reasons:?}");
+    for (wanted, count) in [("60006 characters, more than 64", 1), ("more than 128", 1), ("control character", 1), ("would be topic number 257", 3)] {
+        assert_eq!(reasons.iter().filter(|r| r.contains(wanted)).count(), count, "{wanted}: {reasons:?}");
+    }
+    assert_eq!(query_one(&aggregate.storage, "SELECT count(DISTINCT topic) FROM news"), "256");
+    assert_eq!(query_one(&aggregate.storage, "SELECT count(*) FROM news WHERE topic = 'topic-0'"), "2");
+    assert_eq!(query_one(&aggregate.storage, "SELECT max(length(topic)) FROM windows"), "9");
+}

@@ -80,8 +80,18 @@ impl ModelSpec {
                 reason: "near_duplicates: min_shared and max_distance must be in [0, 1]".into(),
             });
         }
-        if labels.topics.is_empty() {
-            return Err(ClassifyError::ModelFiles { path: labels_path, reason: "no topics".into() });
+        if labels.topics.is_empty() || labels.topics.len() > crate::news::MAX_TOPICS {
+            let reason = format!("{} topics: a model has 1 to {}", labels.topics.len(), crate::news::MAX_TOPICS);
+            return Err(ClassifyError::ModelFiles { path: labels_path, reason });
+        }
+        for topic in &labels.topics {
+            if let Some(problem) = crate::news::label_problem(topic, crate::news::MAX_TOPIC_CHARS) {
+                return Err(ClassifyError::ModelFiles { path: labels_path, reason: format!("topic {topic:?}: {problem}") });
+            }
+        }
+        let id = format!("{}@{}", labels.name, labels.version);
+        if let Some(problem) = crate::news::label_problem(&id, crate::news::MAX_MODEL_CHARS) {
+            return Err(ClassifyError::ModelFiles { path: labels_path, reason: format!("name@version {id:?}: {problem}") });
         }
         let spec = ModelSpec {
             dir: dir.to_path_buf(),
@@ -95,7 +105,7 @@ impl ModelSpec {
             heads: None,
             topics: labels.topics,
             trained_max_length: labels.max_length,
-            id: format!("{}@{}", labels.name, labels.version).into(),
+            id: id.into(),
         };
         for file in [&spec.onnx, &spec.tokenizer] {
             if !file.is_file() {
@@ -203,5 +213,29 @@ mod tests {
         std::fs::write(dir.path().join("labels.json"), &with_heads).unwrap();
         std::fs::write(dir.path().join("heads.json"), empty.to_string()).unwrap();
         assert!(matches!(ModelSpec::load(dir.path()), Err(ClassifyError::ModelFiles { reason, .. }) if reason.contains("dims")));
+    }
+
+    /// Topics and the model's name ride on every story and become window groups: a model whose
+    /// labels would make a role `aggregate` refuse its stories is refused at load.
+    #[test]
+    fn topics_and_name_are_bounded_as_scored_stories_are() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let labels: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("labels.json")).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["model.onnx", "tokenizer.json"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
+        }
+        let load = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut changed = labels.clone();
+            change(&mut changed);
+            std::fs::write(dir.path().join("labels.json"), changed.to_string()).unwrap();
+            ModelSpec::load(dir.path()).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&|_| {}), Ok(()));
+        let many: Vec<String> = (0..=crate::news::MAX_TOPICS).map(|i| format!("t{i}")).collect();
+        assert!(load(&|l| l["topics"] = many.clone().into()).unwrap_err().contains("257 topics"));
+        assert!(load(&|l| l["topics"][0] = "x".repeat(65).into()).unwrap_err().contains("65 characters"));
+        assert!(load(&|l| l["topics"][0] = "a\tb".into()).unwrap_err().contains("control character"));
+        assert!(load(&|l| l["name"] = "n".repeat(200).into()).unwrap_err().contains("name@version"));
     }
 }

@@ -19,6 +19,29 @@ pub const MAX_ID_CHARS: usize = 256;
 pub const MAX_TICKERS: usize = 64;
 /// Longest ticker accepted, in characters.
 pub const MAX_TICKER_CHARS: usize = 32;
+/// Longest topic label accepted, in a model's labels and in a scored message: each topic is a
+/// window group and a line of every summary.
+pub const MAX_TOPIC_CHARS: usize = 64;
+/// Most topics a model may have, and most distinct topics role `aggregate` counts (their names come
+/// from the scored messages it reads).
+pub const MAX_TOPICS: usize = 256;
+/// Longest `name@version` of a model accepted, in characters: every story carries it.
+pub const MAX_MODEL_CHARS: usize = 128;
+
+/// Why `label` cannot be a topic or model name (`None`: it can): blank, a control character, or
+/// longer than `max` characters.
+pub fn label_problem(label: &str, max: usize) -> Option<String> {
+    let chars = label.chars().count();
+    if label.chars().all(invisible) {
+        Some("it is blank".into())
+    } else if label.chars().any(control) {
+        Some("it has a control character".into())
+    } else if chars > max {
+        Some(format!("it has {chars} characters, more than {max}"))
+    } else {
+        None
+    }
+}
 
 /// Whitespace, and characters that print nothing (zero-width spaces and joiners, word joiner, BOM,
 /// soft hyphen, bidi marks): a headline of only these has nothing to classify.
@@ -268,6 +291,13 @@ impl Scores {
         let topic = text("topic")?;
         let sentiment = text("sentiment")?;
         let model = text("model")?;
+        let start = |value: &str| value.chars().take(40).collect::<String>();
+        if let Some(problem) = label_problem(&topic, MAX_TOPIC_CHARS) {
+            return Err(format!("`topic` (starting {:?}) cannot be a topic: {problem}", start(&topic)));
+        }
+        if let Some(problem) = label_problem(&model, MAX_MODEL_CHARS) {
+            return Err(format!("`model` (starting {:?}) cannot be a model's name@version: {problem}", start(&model)));
+        }
         let sentiment = SENTIMENTS
             .into_iter()
             .find(|s| *s == sentiment)
@@ -359,6 +389,25 @@ mod tests {
         }
         assert_eq!(back, scored.news);
         assert_eq!(back.extra.to_json(), kept);
+    }
+
+    /// A scored message's topic becomes a window group and its model name rides on every row, so
+    /// both are bounded like a model's own labels.
+    #[test]
+    fn a_scored_topic_or_model_that_no_model_could_give_is_refused() {
+        let scored = |topic: &str, model: &str| {
+            let message = serde_json::json!({"id": "a", "published_at": "2024-01-02T03:04:05Z", "headline": "Oil falls",
+                "topic": topic, "topic_score": 0.9, "sentiment": "negative", "p_negative": 0.8, "p_neutral": 0.15,
+                "p_positive": 0.05, "sentiment_score": -0.75, "model": model});
+            Scores::take_from(&mut News::from_json(message.to_string().as_bytes()).unwrap().extra)
+        };
+        assert_eq!(scored(&"e".repeat(MAX_TOPIC_CHARS), "m@1").unwrap().topic.len(), MAX_TOPIC_CHARS);
+        let long = scored(&format!("energy{}", "x".repeat(60_000)), "m@1").unwrap_err();
+        assert!(long.contains("60006 characters, more than 64") && long.len() < 200, "{long}");
+        assert!(scored(" \u{200b}", "m@1").unwrap_err().contains("blank"));
+        assert!(scored("energy\nFAKE LOG LINE", "m@1").unwrap_err().contains("control character"));
+        let model = scored("energy", &"m".repeat(MAX_MODEL_CHARS + 1)).unwrap_err();
+        assert!(model.contains("`model`") && model.contains("more than 128"), "{model}");
     }
 
     #[test]

@@ -372,7 +372,8 @@ impl Core {
 
     /// A `news.scored` message (role `aggregate`): its scores ride along in the story's fields.
     fn accept_scored(&mut self, record: Record, mut news: News, at: Position) -> Result<(), PipelineError> {
-        match Scores::take_from(&mut news.extra) {
+        let scores = Scores::take_from(&mut news.extra).and_then(|scores| self.topic_admitted(&scores.topic, &at).map(|()| scores));
+        match scores {
             Ok(scores) => {
                 let origin = Origin {
                     partition: news.extra.take("kafka_partition").and_then(|v| v.as_i64()).map(|p| p as i32),
@@ -389,6 +390,23 @@ impl Core {
                 self.dead_letter("source", &record, "invalid_scores", &message)?;
                 self.in_flight.push_back(InFlight::Done { at });
             }
+        }
+        Ok(())
+    }
+
+    /// Whether a scored story's topic may be counted here: topics come from the messages role
+    /// `aggregate` reads, and each is a window group, so at most [`crate::news::MAX_TOPICS`] (as many
+    /// as a model may have) are held at once. A topic admitted is this partition's from now on.
+    fn topic_admitted(&mut self, topic: &str, at: &Position) -> Result<(), String> {
+        if !self.topic_sources.contains_key(topic) && self.topic_sources.len() >= crate::news::MAX_TOPICS {
+            return Err(format!(
+                "topic {topic:?} would be topic number {} here, and at most {} are counted (a model has at most as many)",
+                self.topic_sources.len() + 1,
+                crate::news::MAX_TOPICS
+            ));
+        }
+        if at.from_kafka {
+            self.topic_sources.insert(topic.to_string(), source_key(&at.topic, at.partition));
         }
         Ok(())
     }
