@@ -512,47 +512,57 @@ fn deliver_due(shared: &Shared, notifiers: &mut Senders) {
     for key in due {
         let Some(entry) = lock(&shared.outbox).get(&key).cloned() else { continue };
         let now = chrono::Utc::now().timestamp_millis();
-        let result = if now > entry.expires_ms {
-            lock(&shared.outbox).drop_entry(&key, now, format!("expired after {} attempts", entry.attempts))
+        // Sent without the outbox locked; what came of it is recorded under one lock with its row,
+        // so that `settle` never sees the entry done before the `notifications` row is there.
+        enum Outcome {
+            Expired,
+            /// Queued just before a reload took its receiver out.
+            ReceiverGone,
+            Tried(Result<(), String>),
+        }
+        let outcome = if now > entry.expires_ms {
+            Outcome::Expired
         } else if let Some(notifier) = notifiers.get_mut(&entry.receiver) {
             let _span = tracing::info_span!("notify", receiver = %entry.receiver, alert_id = %entry.alert.alert_id).entered();
-            let outcome = notifier.send(&entry.alert, &key);
-            let mut outbox = lock(&shared.outbox);
-            match outcome {
-                Ok(()) => {
-                    metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
-                    crate::telemetry::sent("notify", 1);
-                    tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
-                    // The alert resolved while this reminder was on its way: the chain ends here.
-                    let ended = outbox.get(&key).is_some_and(|e| e.status == Status::Dropped);
-                    let sent = outbox.sent(&key, now);
-                    // A firing alert is repeated every repeat interval until it resolves.
-                    if sent.is_ok() && !ended && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
-                        let (base, n) = key.split_once('#').map_or((key.as_str(), 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
-                        let next = format!("{base}#{}", n + 1);
-                        let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), now + entry.repeat_ms, entry.expires_ms + entry.repeat_ms, entry.repeat_ms);
-                        if queued.is_ok_and(|q| q) {
-                            lock(&shared.rows).extend(row(&outbox, &next));
-                        }
-                    }
-                    sent
-                }
-                Err(error) => {
-                    metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "failed").increment(1);
-                    crate::telemetry::errors("notify", 1);
-                    tracing::warn!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, attempt = entry.attempts + 1, %error, "notification failed; will retry");
-                    outbox.failed(&key, now, error, now + backoff_ms(entry.attempts + 1))
-                }
-            }
+            Outcome::Tried(notifier.send(&entry.alert, &key))
         } else {
-            // Queued just before a reload took its receiver out.
-            crate::telemetry::dropped("notify", "no_receiver", 1);
-            lock(&shared.outbox).drop_entry(&key, now, receiver_gone(&entry.receiver))
+            Outcome::ReceiverGone
+        };
+        let mut outbox = lock(&shared.outbox);
+        let result = match outcome {
+            Outcome::Expired => outbox.drop_entry(&key, now, format!("expired after {} attempts", entry.attempts)),
+            Outcome::ReceiverGone => {
+                crate::telemetry::dropped("notify", "no_receiver", 1);
+                outbox.drop_entry(&key, now, receiver_gone(&entry.receiver))
+            }
+            Outcome::Tried(Ok(())) => {
+                metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
+                crate::telemetry::sent("notify", 1);
+                tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
+                // The alert resolved while this reminder was on its way: the chain ends here.
+                let ended = outbox.get(&key).is_some_and(|e| e.status == Status::Dropped);
+                let sent = outbox.sent(&key, now);
+                // A firing alert is repeated every repeat interval until it resolves.
+                if sent.is_ok() && !ended && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
+                    let (base, n) = key.split_once('#').map_or((key.as_str(), 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
+                    let next = format!("{base}#{}", n + 1);
+                    let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), now + entry.repeat_ms, entry.expires_ms + entry.repeat_ms, entry.repeat_ms);
+                    if queued.is_ok_and(|q| q) {
+                        lock(&shared.rows).extend(row(&outbox, &next));
+                    }
+                }
+                sent
+            }
+            Outcome::Tried(Err(error)) => {
+                metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "failed").increment(1);
+                crate::telemetry::errors("notify", 1);
+                tracing::warn!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, attempt = entry.attempts + 1, %error, "notification failed; will retry");
+                outbox.failed(&key, now, error, now + backoff_ms(entry.attempts + 1))
+            }
         };
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot write the outbox");
         }
-        let mut outbox = lock(&shared.outbox);
         if outbox.get(&key).is_some_and(|e| e.status != Status::Pending || e.attempts > 0) {
             lock(&shared.rows).extend(row(&outbox, &key));
         }
