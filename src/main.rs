@@ -121,9 +121,9 @@ enum Command {
         /// 0 = as fast as possible; N = N× the pace of the stories' own timestamps.
         #[arg(long, default_value_t = 0.0)]
         speed: f64,
-        /// At a --speed: a longer quiet spell between two stories' timestamps is sent as this long.
-        #[arg(long, default_value = "1d", value_parser = bearwatch::config::HumanDuration::parse)]
-        max_gap: bearwatch::config::HumanDuration,
+        /// At a --speed: a longer quiet spell between two stories' timestamps is sent as this long (default 1d).
+        #[arg(long, value_parser = bearwatch::config::HumanDuration::parse)]
+        max_gap: Option<bearwatch::config::HumanDuration>,
         /// A librdkafka producer property, `key=value` (repeatable); `${ENV}` is expanded.
         #[arg(long = "property", value_name = "KEY=VALUE")]
         properties: Vec<String>,
@@ -956,7 +956,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 parsed.insert(key.to_string(), value);
             }
             anyhow::ensure!(speed >= 0.0 && speed.is_finite(), "--speed must be 0 or a positive speed-up");
-            let produced = produce::produce(&brokers, &topic, &file, bearwatch::source::file::Pace { speed, max_gap_ms: max_gap.as_millis() }, &parsed)?;
+            let produced = produce::produce(&brokers, &topic, &file, bearwatch::source::file::Pace::new(speed, max_gap), &parsed)?;
             eprintln!(
                 "produced {} messages to {topic} in {:.1} s",
                 produced.messages,

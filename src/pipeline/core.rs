@@ -396,9 +396,13 @@ impl Core {
 
     /// Whether a scored story's topic may be counted here: topics come from the messages role
     /// `aggregate` reads, and each is a window group, so at most [`crate::news::MAX_TOPICS`] (as many
-    /// as a model may have) are held at once. A topic admitted is this partition's from now on.
+    /// as a model may have) are held at once. A new topic admitted is this partition's from now on
+    /// (a topic already held moves with its stories, as each is counted).
     fn topic_admitted(&mut self, topic: &str, at: &Position) -> Result<(), String> {
-        if !self.topic_sources.contains_key(topic) && self.topic_sources.len() >= crate::news::MAX_TOPICS {
+        if self.topic_sources.contains_key(topic) {
+            return Ok(());
+        }
+        if self.topic_sources.len() >= crate::news::MAX_TOPICS {
             return Err(format!(
                 "topic {topic:?} would be topic number {} here, and at most {} are counted (a model has at most as many)",
                 self.topic_sources.len() + 1,

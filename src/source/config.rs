@@ -75,13 +75,10 @@ fn default_max_clock_skew() -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(3600))
 }
 
-/// A quiet spell in a replayed file's timestamps waits at most this long in event time.
-const DEFAULT_MAX_GAP: HumanDuration = HumanDuration(std::time::Duration::from_secs(86_400));
-
 impl SourceConfig {
     /// How a file source paces its replay.
     pub fn pace(&self) -> super::file::Pace {
-        super::file::Pace { speed: self.speed, max_gap_ms: self.max_gap.unwrap_or(DEFAULT_MAX_GAP).as_millis() }
+        super::file::Pace::new(self.speed, self.max_gap)
     }
 
     /// What each kind needs, and the bounds of the settings that scale memory.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Offsets, Record, Source, SourceError};
+use crate::config::HumanDuration;
 
 /// What a checkpoint keeps of a file beside its offset, so that a resume can prove it reads the same
 /// lines: the byte ends of the parts read so far (the file when first opened, then what each later
@@ -48,9 +49,17 @@ pub struct Pace {
     pub max_gap_ms: i64,
 }
 
+/// A quiet spell in a replayed file's timestamps waits at most this long in event time, unless set.
+const DEFAULT_MAX_GAP: HumanDuration = HumanDuration(Duration::from_secs(86_400));
+
 impl Pace {
     /// Every line as soon as it is asked for.
     pub const FAST: Pace = Pace { speed: 0.0, max_gap_ms: i64::MAX };
+
+    /// `speed`× the stories' pace, gaps past `max_gap` (default 1 d) replayed as `max_gap`.
+    pub fn new(speed: f64, max_gap: Option<HumanDuration>) -> Pace {
+        Pace { speed, max_gap_ms: max_gap.unwrap_or(DEFAULT_MAX_GAP).as_millis() }
+    }
 }
 
 /// Where the replay's clock started, and the event time it has skipped in gaps past `max_gap_ms`.
