@@ -157,6 +157,9 @@ pub struct Core {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Set while a write waits for the storage; `/ready` reports it.
     pub outage: Arc<crate::storage::Outage>,
+    /// An instance that shares its storage reads Kafka with these: a checkpoint is not committed
+    /// once the group may have moved its partitions (see [`crate::source::kafka::Polls`]).
+    pub polls: Option<Arc<crate::source::kafka::Polls>>,
     /// What a file source has read, for the checkpoint (see [`FileProgress`]).
     pub files: BTreeMap<String, FileProgress>,
     /// Analysts' label corrections acting on the windows (None for role `classify`).
@@ -237,6 +240,7 @@ impl Core {
             live: None,
             stop: Default::default(),
             outage: Default::default(),
+            polls: None,
             files: Default::default(),
             corrections,
             model_watch: None,
@@ -933,7 +937,7 @@ impl Core {
             topic_sources: self.topic_sources.clone(),
             rate_intervals: self.alerting.as_ref().map(Alerting::rate_intervals).unwrap_or_default(),
         };
-        store(storage, self.live.as_deref(), &parts, &state, &self.stop, &self.outage)?;
+        store(storage, self.live.as_deref(), &parts, &state, &self.stop, &self.outage, self.polls.as_deref())?;
         self.share_progress();
         if let Some(corrections) = self.corrections.as_mut() {
             corrections.applied.clear();
@@ -1004,7 +1008,9 @@ impl Core {
 
 /// Writes a checkpoint's parts and commits it, waiting while the storage cannot be reached
 /// ([`while_unavailable`]). Queries hold off only while a write is under way, so that each row is
-/// seen once, from a part or from the live rows.
+/// seen once, from a part or from the live rows. With `polls`, the commit is refused once the group
+/// may have moved the partitions (after a long wait, say): the parts stay pending, hidden, and are
+/// deleted at the next start.
 fn store(
     storage: &mut crate::storage::Storage,
     live: Option<&crate::sql::live::LiveRows>,
@@ -1012,17 +1018,20 @@ fn store(
     state: &Checkpoint,
     stop: &std::sync::atomic::AtomicBool,
     outage: &crate::storage::Outage,
+    polls: Option<&crate::source::kafka::Polls>,
 ) -> Result<(), PipelineError> {
     while_unavailable(stop, outage, || {
         let flushing = live.map(|l| l.flushing());
-        let attempt = storage.write_all(parts).and_then(|_| storage.commit(state));
+        let attempt = storage.write_all(parts).map_err(PipelineError::from).and_then(|_| match polls.and_then(|p| p.overdue()) {
+            Some(why) => Err(PipelineError::OutOfGroup(why)),
+            None => storage.commit(state).map_err(PipelineError::from),
+        });
         drop(flushing);
         if attempt.is_err() {
             storage.forget_uncommitted();
         }
         attempt
     })
-    .map_err(PipelineError::from)
 }
 
 /// Runs `attempt`, a durable write of the pipeline's (parts, the checkpoint, the outbox, the

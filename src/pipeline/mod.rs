@@ -70,6 +70,14 @@ pub enum PipelineError {
     /// A request that cannot be met as asked (a command's arguments, rule files without rules).
     #[error("{0}")]
     Usage(String),
+    /// An aggregate instance that may have lost its partitions to another one without knowing when:
+    /// what it counted since its last checkpoint may be counted there too, so it commits nothing more.
+    #[error(
+        "{0}: the group may have given its partitions to another instance, which counts them from this instance's last \
+         checkpoint, so nothing more is committed here. Start this instance again: it goes on from its last checkpoint, \
+         and no story is lost or counted twice"
+    )]
+    OutOfGroup(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -86,6 +94,7 @@ impl Classified for PipelineError {
             PipelineError::Sql(e) => e.class(),
             PipelineError::Learn(e) => e.class(),
             PipelineError::WindowsChanged { .. } | PipelineError::Usage(_) => ErrorClass::User,
+            PipelineError::OutOfGroup(_) => ErrorClass::External,
             PipelineError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -99,7 +108,8 @@ impl Classified for PipelineError {
             PipelineError::Server(e) => e.retryable(),
             PipelineError::Sql(e) => e.retryable(),
             PipelineError::Learn(e) => e.retryable(),
-            PipelineError::WindowsChanged { .. } | PipelineError::Usage(_) | PipelineError::Internal(_) => false,
+            // A restart helps; doing the same again (committing) is what must not happen.
+            PipelineError::WindowsChanged { .. } | PipelineError::Usage(_) | PipelineError::OutOfGroup(_) | PipelineError::Internal(_) => false,
         }
     }
 }
@@ -123,13 +133,19 @@ struct Rebalancer {
 }
 
 impl GroupHandler for Rebalancer {
-    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets {
+    fn revoking(&self, partitions: &[(String, i32)], lost: bool) -> Offsets {
         if self.closing.load(Ordering::SeqCst) {
             // The final checkpoint and commit have already been made.
             return Offsets::new();
         }
-        tracing::info!("finishing and checkpointing in-flight stories before the partitions move");
         let mut core = lock(&self.core);
+        if lost && core.polls.is_some() {
+            let e = PipelineError::OutOfGroup(format!("the consumer group took this instance's partitions {partitions:?} while it was out of touch"));
+            tracing::error!(error = %e, "not checkpointing");
+            lock(&self.failure).get_or_insert(e);
+            return Offsets::new();
+        }
+        tracing::info!("finishing and checkpointing in-flight stories before the partitions move");
         let result = core.drain(None).and_then(|_| core.checkpoint());
         core.revoked(partitions);
         match result {
@@ -633,6 +649,13 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
                 _ => (source_config.group_id.as_ref().expect("validated").as_str().to_string(), source_config.topics.clone(), source_brokers, &source_config.properties),
             };
             tracing::info!(group_id, ?topics, "joining the consumer group");
+            let polls = Arc::new(crate::source::kafka::Polls::new(properties));
+            // Instances that share a storage take each other's partitions from their checkpoints:
+            // one that may have been put out of the group must not commit after the taker read.
+            // (Role `classify` keeps no checkpoint there: the group's offsets are its state.)
+            if config.storage.instance().is_some() && role != Role::Classify {
+                lock(&core).polls = Some(polls.clone());
+            }
             Box::new(KafkaSource::subscribe(
                 brokers.as_str(),
                 properties,
@@ -641,6 +664,7 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
                 source_config.start_offset,
                 rebalancer.clone(),
                 trouble,
+                polls,
             )?)
         }
     };
@@ -872,19 +896,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reading_waits_while_the_classifier_is_saturated_and_every_story_still_completes() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A pipeline of role `all` over a Kafka source whose model takes 2 ms per batch, storing in `dir`.
+    fn slow_pipeline(dir: &Path) -> (PipelineConfig, Arc<Mutex<Core>>, Rebalancer) {
         let text = format!(
             "[source]\ntype = \"kafka\"\nbrokers = \"unused:9092\"\ntopics = [\"news\"]\ngroup_id = \"g\"\n\
              [model]\nmax_queued = 16\nmax_batch_size = 4\n[storage]\npath = {:?}\n[run]\nsummary_interval = \"0s\"\n",
-            dir.path().display().to_string()
+            dir.display().to_string()
         );
         let config = PipelineConfig::parse(&text, "test.toml").unwrap();
         let spec = ModelSpec::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models")).unwrap();
         let classifier = Classifier::with_backends(&config.model, spec, vec![SlowModel], "fake").unwrap();
-        let (storage, _) = Storage::open::<Checkpoint>(&dir.path().into(), None, false).unwrap();
-        let dead_letter = DeadLetter::file(&dir.path().join("dead.jsonl")).unwrap();
+        let (storage, _) = Storage::open::<Checkpoint>(&dir.into(), None, false).unwrap();
+        let dead_letter = DeadLetter::file(&dir.join("dead.jsonl")).unwrap();
         let limits = Limits {
             max_message_bytes: 1 << 20,
             max_clock_skew_ms: 0,
@@ -896,11 +919,20 @@ mod tests {
         let windows = WindowState::new(WindowSpec::from_config(&config.window));
         let core = Arc::new(Mutex::new(Core::new(Role::All, Some(classifier), limits, windows, Some(storage), dead_letter, None, None, None, None).unwrap()));
         let rebalancer = Rebalancer { core: core.clone(), failure: Mutex::new(None), closing: AtomicBool::new(false) };
+        (config, core, rebalancer)
+    }
+
+    fn story(i: i64) -> Record {
+        let payload = format!(r#"{{"id":"s{i}","published_at":"2024-01-01T00:{:02}:00Z","headline":"Story {i}"}}"#, i % 60);
+        Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true, cut_from: None }
+    }
+
+    #[test]
+    fn reading_waits_while_the_classifier_is_saturated_and_every_story_still_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, core, rebalancer) = slow_pipeline(dir.path());
         let mut source = Backlog { records: VecDeque::new(), core: core.clone(), in_flight_when_read: Vec::new() };
-        for i in 0..300 {
-            let payload = format!(r#"{{"id":"s{i}","published_at":"2024-01-01T00:{:02}:00Z","headline":"Story {i}"}}"#, i % 60);
-            source.records.push_back(Record { topic: Arc::from("news"), partition: 0, offset: i, payload: payload.into_bytes(), from_kafka: true, cut_from: None });
-        }
+        source.records.extend((0..300).map(story));
 
         let reloads = Reloads { signal: Default::default(), requests: std::sync::mpsc::channel().1, in_force: InForce::default(), principals: Principals::default() };
         let interrupted = drive(&config, &core, &rebalancer, &mut source, &AtomicBool::new(false), &AtomicBool::new(false), &reloads).unwrap();
@@ -910,5 +942,54 @@ mod tests {
         let core = lock(&core);
         assert_eq!(core.counters.scored, 300);
         assert_eq!(core.offset("news", 0), Some(300));
+    }
+
+    /// An instance sharing its storage that may have been put out of the group commits nothing more:
+    /// not when Kafka says its partitions were lost, nor once half of `max.poll.interval.ms` passed
+    /// since it last polled. Either ends the run; the checkpoint stays the last one committed.
+    #[test]
+    fn an_instance_that_may_be_out_of_its_group_commits_nothing() {
+        let polls = |ms: &str| {
+            let properties = std::collections::BTreeMap::from([("max.poll.interval.ms".to_string(), crate::config::EnvString::expand(ms).unwrap())]);
+            Some(Arc::new(crate::source::kafka::Polls::new(&properties)))
+        };
+        let committed = |dir: &Path| {
+            let bytes = std::fs::read(dir.join("checkpoint.json")).ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["counters"]["scored"].as_u64()
+        };
+        let partitions = [("news".to_string(), 0)];
+
+        // Partitions lost: the revocation neither checkpoints nor hands back offsets to commit.
+        let dir = tempfile::tempdir().unwrap();
+        let (_, core, rebalancer) = slow_pipeline(dir.path());
+        {
+            let mut core = lock(&core);
+            core.polls = polls("300000");
+            core.accept(story(0)).unwrap();
+            core.drain(None).unwrap();
+        }
+        assert!(rebalancer.revoking(&partitions, true).is_empty());
+        let failure = lock(&rebalancer.failure).take().expect("the run ends");
+        assert!(matches!(failure, PipelineError::OutOfGroup(_)) && !failure.retryable(), "{failure:?}");
+        assert!(failure.to_string().contains("nothing more is committed here"), "{failure}");
+        assert_eq!(committed(dir.path()), None);
+        // Revoked in the ordinary way, the same instance checkpoints first.
+        assert_eq!(rebalancer.revoking(&partitions, false).get("news").and_then(|p| p.get(&0)), Some(&1));
+        assert_eq!(committed(dir.path()), Some(1));
+
+        // No poll for more than half the interval: the checkpoint is refused, the one before stays.
+        let dir = tempfile::tempdir().unwrap();
+        let (_, core, _) = slow_pipeline(dir.path());
+        let mut core = lock(&core);
+        core.accept(story(0)).unwrap();
+        core.drain(None).unwrap();
+        core.checkpoint().unwrap();
+        core.polls = polls("100");
+        core.accept(story(1)).unwrap();
+        core.drain(None).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        let refused = core.checkpoint().unwrap_err();
+        assert!(refused.to_string().contains("did not poll Kafka for") && refused.to_string().contains("max.poll.interval.ms (100 ms)"), "{refused}");
+        assert_eq!(committed(dir.path()), Some(1));
     }
 }

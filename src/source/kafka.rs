@@ -34,8 +34,10 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, EnvString>) ->
 /// What the pipeline does around a rebalance, and what it learns from the consumer's statistics.
 pub trait GroupHandler: Send + Sync {
     /// `partitions` are about to be taken away: finish and checkpoint all work in flight, and return
-    /// the checkpoint's offsets (the caller commits those of the revoked partitions).
-    fn revoking(&self, partitions: &[(String, i32)]) -> Offsets;
+    /// the checkpoint's offsets (the caller commits those of the revoked partitions). `lost`: the
+    /// group already took them (this member missed its session or `max.poll.interval.ms`), so
+    /// another member may be counting them from the last checkpoint.
+    fn revoking(&self, partitions: &[(String, i32)], lost: bool) -> Offsets;
     /// `partitions` were handed to this member (after any revocation of the same rebalance).
     fn assigned(&self, partitions: &[(String, i32)]);
     /// Where each assigned partition's log ends (its high watermark), read at the assignment: one
@@ -193,7 +195,7 @@ impl ConsumerContext for GroupContext {
             tracing::info!(partitions = ?revoked, "partitions revoked");
             lock(&self.assigned).retain(|p| !revoked.contains(p));
             lock(&self.from_beginning).retain(|p| !revoked.contains(p));
-            let offsets = self.handler.revoking(&revoked);
+            let offsets = self.handler.revoking(&revoked, consumer.assignment_lost());
             match offsets_list(&offsets, Some(&revoked)) {
                 Ok(list) if list.count() > 0 => match consumer.commit(&list, CommitMode::Sync) {
                     Ok(()) => self.handler.committed(&revoked),
@@ -233,8 +235,44 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// When this member last asked the group for records. A member that does not ask within
+/// `max.poll.interval.ms` is put out of the group and its partitions go to another member, which
+/// counts them from the last checkpoint: a checkpoint committed after that counts their stories twice.
+pub struct Polls {
+    last: std::sync::Mutex<std::time::Instant>,
+    /// `max.poll.interval.ms`.
+    interval: Duration,
+}
+
+impl Polls {
+    pub fn new(properties: &BTreeMap<String, EnvString>) -> Polls {
+        // librdkafka refuses a value that does not parse when the consumer is created.
+        let ms = properties.get("max.poll.interval.ms").and_then(|v| v.as_str().trim().parse().ok()).unwrap_or(300_000);
+        Polls { last: std::sync::Mutex::new(std::time::Instant::now()), interval: Duration::from_millis(ms) }
+    }
+
+    fn polled(&self) {
+        *lock(&self.last) = std::time::Instant::now();
+    }
+
+    /// Why a commit now could land after the group moved the partitions: set once half of
+    /// `max.poll.interval.ms` has passed since the last poll began (the other half is for the
+    /// commit itself, and a rebalance takes no less).
+    pub fn overdue(&self) -> Option<String> {
+        let silent = lock(&self.last).elapsed();
+        (silent >= self.interval / 2).then(|| {
+            format!(
+                "this instance did not poll Kafka for {:.1} s, more than half of max.poll.interval.ms ({} ms)",
+                silent.as_secs_f64(),
+                self.interval.as_millis()
+            )
+        })
+    }
+}
+
 pub struct KafkaSource {
     consumer: BaseConsumer<GroupContext>,
+    polls: Arc<Polls>,
     /// Set once the brokers answered a metadata request.
     reached: bool,
     /// The subscribed topics given by name (not `^` patterns), and when the brokers were last
@@ -260,6 +298,7 @@ impl KafkaSource {
         start: StartOffset,
         handler: Arc<dyn GroupHandler>,
         trouble: Arc<Trouble>,
+        polls: Arc<Polls>,
     ) -> Result<KafkaSource, SourceError> {
         let mut config = client_config(brokers, properties);
         config
@@ -280,7 +319,7 @@ impl KafkaSource {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names).map_err(|e| SourceError::KafkaConfig(e.to_string()))?;
         let named = topics.iter().filter(|t| !t.starts_with('^')).cloned().collect();
-        Ok(KafkaSource { consumer, reached: false, named, looked: None, all_found: false })
+        Ok(KafkaSource { consumer, polls, reached: false, named, looked: None, all_found: false })
     }
 
     /// Tells `Trouble` which subscribed topics the brokers do not have: librdkafka reports a
@@ -296,6 +335,7 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
+        self.polls.polled();
         // Patterns (`^…`) match what there is: only topics named outright can be missing.
         let every = if self.all_found { LOOK_EVERY_FOUND } else { LOOK_EVERY };
         if !self.named.is_empty() && self.looked.is_none_or(|at| at.elapsed() >= every) {

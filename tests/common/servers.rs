@@ -2,7 +2,7 @@
 //! webhook endpoint that records what it receives.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
@@ -339,5 +339,54 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on 127.0.0.1 to `target` (`host:port`): one process's own way to a server. While
+/// [`Relay::cut`], the connections it carries are closed and new ones closed as they come, as a
+/// network partition between that process and the server would, while others reach the server
+/// directly.
+pub struct Relay {
+    pub port: u16,
+    /// Whether it is cut, and the connections it carries (both ends), under one lock: a connection
+    /// is either refused or closed by the cut, never kept past it.
+    state: Arc<Mutex<(bool, Vec<TcpStream>)>>,
+}
+
+impl Relay {
+    pub fn start(target: &str) -> Relay {
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let state: Arc<Mutex<(bool, Vec<TcpStream>)>> = Arc::default();
+        let (relayed, target) = (state.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let mut state = relayed.lock().unwrap();
+                if state.0 {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server.try_clone().unwrap(), client.try_clone().unwrap())] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+                state.1.extend([client, server]);
+            }
+        });
+        Relay { port, state }
+    }
+
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.0 = true;
+        for connection in state.1.drain(..) {
+            let _ = connection.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn mend(&self) {
+        self.state.lock().unwrap().0 = false;
     }
 }
