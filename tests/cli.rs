@@ -217,6 +217,19 @@ fn bad_settings_are_usage_errors() {
     let (code, _, stderr) = classify(&["--model", "/nonexistent"], "{\"text\":\"x\"}\n");
     assert_eq!(code, 1);
     assert!(stderr.contains("/nonexistent/labels.json"), "{stderr}");
+
+    // Refused before any broker is asked (none listens here).
+    for (args, said) in [(["--speed=-1", "--max-gap", "1h"], "--speed must be"), (["--speed=60", "--max-gap", "0s"], "--max-gap must be more than 0")] {
+        let out = Command::cargo_bin("bearwatch")
+            .unwrap()
+            .args(["produce", "--brokers", "127.0.0.1:1", "--topic", "news"])
+            .args(args)
+            .arg(format!("{}/pipelines/data/reuters-1987.jsonl", common::ROOT))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(said), "{args:?}: {stderr}");
+    }
 }
 
 #[test]
