@@ -797,9 +797,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     None => storage.join("checkpoint.json"),
                 };
                 anyhow::ensure!(checkpoint.is_file(), "{} is missing: not a pipeline's storage (or not that instance's)", checkpoint.display());
-                if instance.is_none() {
-                    _hold = Some(bearwatch::storage::hold(&storage)?);
-                }
+                _hold = match &instance {
+                    None => Some(bearwatch::storage::hold(&storage)?),
+                    Some(name) => bearwatch::storage::hold_instance(&bearwatch::storage::Location::Local(storage.clone()), name)?,
+                };
             }
             let storage = location(&storage)?;
             let found = bearwatch::storage::Storage::repair(&storage, instance.as_deref())?;

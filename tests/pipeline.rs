@@ -345,6 +345,50 @@ fn a_second_pipeline_on_the_same_storage_is_refused_while_the_first_runs() {
     assert_eq!(query(&third.storage, "SELECT count(*), count(DISTINCT id) FROM news"), [["300", "300"]]);
 }
 
+/// Two processes writing as one instance of a local storage that instances share numbered their
+/// parts alike and committed over each other's checkpoint. The second is refused at start, as is a
+/// repair of that instance while it runs; another instance on the same storage starts.
+#[test]
+fn a_second_process_as_the_same_instance_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), stories(300)).unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let instance = |name: &str, local: &str| {
+        file_pipeline("in.jsonl", "shared", "").replace("[storage]\n", &format!("[storage]\ninstance = \"{name}\"\nlocal_path = \"{local}\"\n"))
+    };
+    let serving = instance("a", "local-1").replace("[run]\n", "[run]\nkeep_serving = true\n") + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n");
+    let mut first = Pipeline::start(dir.path(), "first", &serving);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&first.stderr).unwrap_or_default().contains("still serving") {
+        assert!(std::time::Instant::now() < deadline && first.child.try_wait().unwrap().is_none(), "{}", first.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut second = Pipeline::start(dir.path(), "second", &instance("a", "local-2"));
+    assert_eq!(second.wait(Duration::from_secs(60)).code(), Some(2), "{}", second.logs());
+    let said = std::fs::read_to_string(&second.stderr).unwrap();
+    assert!(said.contains(&format!("instance \"a\" of shared is in use by another bearwatch process (pid {})", first.child.id())), "{said}");
+    let repair = std::process::Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["storage", "repair", "--instance", "a", "--storage"])
+        .arg(dir.path().join("shared"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&repair.stderr);
+    assert_eq!(repair.status.code(), Some(2), "{said}");
+    assert!(said.contains(&format!("(pid {})", first.child.id())), "{said}");
+
+    let mut other = Pipeline::start(dir.path(), "other", &instance("b", "local-3"));
+    assert!(other.wait(Duration::from_secs(60)).success(), "{}", other.logs());
+    first.signal("TERM");
+    assert!(first.wait(Duration::from_secs(30)).success(), "{}", first.logs());
+    let sql = std::process::Command::new(env!("CARGO_BIN_EXE_bearwatch"))
+        .args(["sql", "--format", "csv", "--storage"])
+        .arg(dir.path().join("shared"))
+        .arg("SELECT instance, count(*) AS n, count(DISTINCT id) AS ids FROM news GROUP BY instance ORDER BY instance")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&sql.stdout), "instance,n,ids\na,300,300\nb,300,300\n", "{}", String::from_utf8_lossy(&sql.stderr));
+}
+
 /// Stories with long bodies are written out once their text reaches `roll_bytes`, in flight or
 /// scored, not only every `checkpoint_interval` or `roll_rows` stories: 8,000 stories of 250 KB
 /// bodies (2 GB read in 16 s) held 3.75 GB at peak, in flight and buffered between checkpoints.

@@ -479,6 +479,10 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
         Role::Classify => None,
         Role::All | Role::Aggregate => Some(crate::storage::hold(config.storage.local_dir())?),
     };
+    let _instance_hold = match (role, config.storage.instance()) {
+        (Role::All | Role::Aggregate, Some(instance)) => crate::storage::hold_instance(&location, instance)?,
+        _ => None,
+    };
     let (storage, restored) = match role {
         Role::Classify => (None, None),
         Role::All | Role::Aggregate => {

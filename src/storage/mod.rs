@@ -76,6 +76,11 @@ pub enum StorageError {
          (give each its own storage.path, or each instance its own storage.local_path), or stop the other"
     )]
     InUse { path: PathBuf, holder: String },
+    #[error(
+        "instance {instance:?} of {root} is in use by another bearwatch process{holder}: two processes must not write as one \
+         instance (give each its own storage.instance), or stop the other"
+    )]
+    InstanceInUse { root: PathBuf, instance: String, holder: String },
     #[error("cannot write Parquet file {path}: {reason}")]
     Parquet { path: PathBuf, reason: String },
     #[error("checkpoint {path} is unreadable ({reason}); move it away to start from scratch")]
@@ -92,7 +97,7 @@ impl Classified for StorageError {
     fn class(&self) -> ErrorClass {
         match self {
             StorageError::Io { .. } | StorageError::CorruptCheckpoint { .. } | StorageError::Damaged { .. } | StorageError::Object { .. } => ErrorClass::External,
-            StorageError::Config { .. } | StorageError::Fenced { .. } | StorageError::InUse { .. } => ErrorClass::User,
+            StorageError::Config { .. } | StorageError::Fenced { .. } | StorageError::InUse { .. } | StorageError::InstanceInUse { .. } => ErrorClass::User,
             StorageError::Parquet { .. } => ErrorClass::Internal,
         }
     }
@@ -112,8 +117,25 @@ pub struct Hold {
 /// Takes `dir`'s hold, `bearwatch.lock` in it (created with `dir` if need be), or says who has it.
 pub fn hold(dir: &Path) -> Result<Hold, StorageError> {
     fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let path = dir.join("bearwatch.lock");
-    let mut file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_error(&path))?;
+    take_lock(&dir.join("bearwatch.lock"), |holder| StorageError::InUse { path: dir.to_path_buf(), holder })
+}
+
+/// Takes an instance's hold on a local storage that instances share (`checkpoints/<instance>.lock`),
+/// or says who has it: two processes writing as one instance number their parts alike and commit
+/// over each other's checkpoint. None on object storage, where the checkpoint's `If-Match` refuses
+/// the second writer.
+pub fn hold_instance(location: &Location, instance: &str) -> Result<Option<Hold>, StorageError> {
+    let Location::Local(root) = location else { return Ok(None) };
+    let dir = root.join("checkpoints");
+    fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    let in_use = |holder| StorageError::InstanceInUse { root: root.clone(), instance: instance.to_string(), holder };
+    take_lock(&dir.join(format!("{instance}.lock")), in_use).map(Some)
+}
+
+/// Locks `path` (created if need be) and notes this process's pid in it; `in_use` makes the error
+/// when another process holds it, from " (pid N)" or nothing.
+fn take_lock(path: &Path, in_use: impl FnOnce(String) -> StorageError) -> Result<Hold, StorageError> {
+    let mut file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_error(path))?;
     match file.try_lock() {
         Ok(()) => {
             use std::io::{Seek, Write};
@@ -126,11 +148,10 @@ pub fn hold(dir: &Path) -> Result<Hold, StorageError> {
             Ok(Hold { _file: file })
         }
         Err(fs::TryLockError::WouldBlock) => {
-            let pid = fs::read_to_string(&path).unwrap_or_default();
-            let holder = Some(pid.trim()).filter(|p| !p.is_empty()).map(|p| format!(" (pid {p})")).unwrap_or_default();
-            Err(StorageError::InUse { path: dir.to_path_buf(), holder })
+            let pid = fs::read_to_string(path).unwrap_or_default();
+            Err(in_use(Some(pid.trim()).filter(|p| !p.is_empty()).map(|p| format!(" (pid {p})")).unwrap_or_default()))
         }
-        Err(fs::TryLockError::Error(e)) => Err(io_error(&path)(e)),
+        Err(fs::TryLockError::Error(e)) => Err(io_error(path)(e)),
     }
 }
 
