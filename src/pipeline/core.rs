@@ -871,6 +871,9 @@ impl Core {
         crate::telemetry::sent("window", updates.len() as u64);
         self.window_rows.extend(updates);
         self.prune_seen();
+        if let Some(corrections) = &self.corrections {
+            self.windows.forget_folded_except(&corrections.tracked_clusters());
+        }
         self.flush_dead_letters()?;
         if let Some(sink) = &self.sink {
             sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;

@@ -181,6 +181,11 @@ impl Corrections {
         }
     }
 
+    /// The clusters of copies the tracked stories belong to: all that a correction can re-count.
+    pub fn tracked_clusters(&self) -> std::collections::HashSet<u64> {
+        self.tracked.values().map(|t| t.counted.cluster).filter(|cluster| *cluster != 0).collect()
+    }
+
     /// What the checkpoint keeps, oldest first.
     pub fn tracked(&self) -> Vec<Tracked> {
         self.order.iter().filter_map(|id| self.tracked.get(id)).cloned().collect()
