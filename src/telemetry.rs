@@ -51,7 +51,8 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_model_swaps_total", Kind::Counter, "outcome", "Switches to a newly promoted champion without a restart (swapped, failed)"),
     ("bearwatch_model_champion_unloadable", Kind::Gauge, "", "1 when the champion alias's folder could not load at start and an earlier model serves"),
     ("bearwatch_shadow_stories_total", Kind::Counter, "outcome", "Stories given to the challenger in shadow (scored, skipped while it lagged, failed)"),
-    ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints taken"),
+    ("bearwatch_checkpoints_total", Kind::Counter, "", "Checkpoints written"),
+    ("bearwatch_checkpoints_unchanged_total", Kind::Counter, "", "Checkpoints not written: no new rows and the same state as the last one"),
     ("bearwatch_http_connections_refused_total", Kind::Counter, "", "HTTP connections closed at once: 256 were open, each busy with a request"),
     ("bearwatch_http_connections_closed_idle_total", Kind::Counter, "", "HTTP connections idle the longest (between requests, or still sending a head or body), closed to make room for a new one when 256 were open"),
     ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one when 64 were open), message_too_large (over 1 MiB), malformed_message (fields running past the message's length), write_timeout (the client took no byte for 30 s)"),
@@ -110,7 +111,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_alert_headlines_unexplained_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_checkpoints_unchanged_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_alert_headlines_unexplained_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [

@@ -895,3 +895,46 @@ fn an_aggregate_refuses_topics_no_model_could_give() {
     assert_eq!(query_one(&aggregate.storage, "SELECT count(*) FROM news WHERE topic = 'topic-0'"), "2");
     assert_eq!(query_one(&aggregate.storage, "SELECT max(length(topic)) FROM windows"), "9");
 }
+
+/// A checkpoint with nothing new is not written: an idle feed rewrote the whole state (tens of MB
+/// on a long run: tracked stories, kept windows, recent copies) every `checkpoint_interval`. New
+/// stories are checkpointed as before.
+#[test]
+fn an_idle_feed_writes_no_checkpoint_until_a_story_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("idle");
+    create_topic(&topic, 1);
+    let http = common::servers::free_port();
+    let config = kafka_pipeline(&topic, &unique("group"), "store", &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\n"));
+    let mut pipeline = Pipeline::start(dir.path(), "p", &config);
+    let all = stories(310);
+    let (first, later): (Vec<&str>, Vec<&str>) = (all.lines().take(300).collect(), all.lines().skip(300).collect());
+    let file = dir.path().join("first.jsonl");
+    std::fs::write(&file, first.join("\n") + "\n").unwrap();
+    produce(&topic, &file);
+    pipeline.wait_for_checkpoint(Duration::from_secs(120), "300 stories", |c| counter(c, "scored") == 300);
+    let unchanged = || {
+        let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("bearwatch_checkpoints_unchanged_total ")?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let wait_for_unchanged = |at_least: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while unchanged() < at_least {
+            assert!(Instant::now() < deadline, "no checkpoint was found unchanged\n{}", pipeline.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for_unchanged(1);
+    let written_at = |c: serde_json::Value| c["written_at"].as_str().unwrap().to_string();
+    let idle_since = written_at(checkpoint(&pipeline.storage).unwrap());
+    let skipped = unchanged();
+    wait_for_unchanged(skipped + 5);
+    assert_eq!(written_at(checkpoint(&pipeline.storage).unwrap()), idle_since, "five intervals idle, and the checkpoint was written again");
+    let file = dir.path().join("later.jsonl");
+    std::fs::write(&file, later.join("\n") + "\n").unwrap();
+    produce(&topic, &file);
+    pipeline.wait_for_checkpoint(Duration::from_secs(120), "310 stories", |c| counter(c, "scored") == 310);
+    pipeline.signal("TERM");
+    assert!(pipeline.wait(Duration::from_secs(30)).success(), "{}", pipeline.logs());
+    assert_eq!(query_one(&pipeline.storage, "SELECT count(DISTINCT id) FROM news"), "310");
+}

@@ -148,6 +148,8 @@ pub struct Core {
     sink: Option<ScoredSink>,
     pub counters: Counters,
     pub last_checkpoint: Instant,
+    /// [`digest`] of the state committed last, when it was taken (a checkpoint with nothing to write).
+    committed_digest: Option<u64>,
     /// Per-topic totals and the most negative stories so far, for the summary.
     pub recent: super::summary::Recent,
     pub alerting: Option<Alerting>,
@@ -235,6 +237,7 @@ impl Core {
             sink,
             counters: Counters::default(),
             last_checkpoint: Instant::now(),
+            committed_digest: None,
             recent: Default::default(),
             alerting: None,
             live: None,
@@ -927,8 +930,8 @@ impl Core {
             open_windows = self.windows.open_windows(),
             "checkpoint"
         );
-        let state = Checkpoint {
-            written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        let mut state = Checkpoint {
+            written_at: String::new(),
             offsets: self.offsets.clone(),
             windows: self.windows.clone(),
             seen: Vec::new(),
@@ -940,7 +943,19 @@ impl Core {
             topic_sources: self.topic_sources.clone(),
             rate_intervals: self.alerting.as_ref().map(Alerting::rate_intervals).unwrap_or_default(),
         };
-        store(storage, self.live.as_deref(), &parts, &state, &self.stop, &self.outage, self.polls.as_deref())?;
+        // No rows to write and the state committed last: an idle feed rewrote the whole state every
+        // interval (tens of MB on a long run: the tracked stories, the kept windows, the copies).
+        let digest = if parts.is_empty() { Some(digest(&state).map_err(|e| PipelineError::Internal(e.to_string()))?) } else { None };
+        if digest.is_some() && digest == self.committed_digest {
+            storage.tend_between_commits();
+            metrics::counter!("bearwatch_checkpoints_unchanged_total").increment(1);
+        } else {
+            state.written_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            store(storage, self.live.as_deref(), &parts, &state, &self.stop, &self.outage, self.polls.as_deref())?;
+            self.committed_digest = digest;
+            metrics::counter!("bearwatch_checkpoints_total").increment(1);
+            metrics::histogram!("bearwatch_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        }
         self.share_progress();
         if let Some(corrections) = self.corrections.as_mut() {
             corrections.applied.clear();
@@ -953,8 +968,6 @@ impl Core {
         self.held_bytes = 0;
         self.window_rows.clear();
         self.last_checkpoint = Instant::now();
-        metrics::counter!("bearwatch_checkpoints_total").increment(1);
-        metrics::histogram!("bearwatch_checkpoint_seconds").record(started.elapsed().as_secs_f64());
         Ok(self.offsets.clone())
     }
 
@@ -1007,6 +1020,23 @@ impl Core {
     }
 
 
+}
+
+/// A digest of `state` as the checkpoint writes it: equal digests, equal states.
+fn digest(state: &Checkpoint) -> Result<u64, serde_json::Error> {
+    struct Digest(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Digest {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            std::hash::Hasher::write(&mut self.0, bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut digest = Digest(Default::default());
+    serde_json::to_writer(&mut digest, state)?;
+    Ok(std::hash::Hasher::finish(&digest.0))
 }
 
 /// Writes a checkpoint's parts and commits it, waiting while the storage cannot be reached

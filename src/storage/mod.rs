@@ -548,6 +548,16 @@ impl Storage {
         Ok(())
     }
 
+    /// What a commit does besides committing, for a checkpoint that had nothing new to commit: renames
+    /// parts a failed rename left pending, and starts a round of journal merges when one is due.
+    pub fn tend_between_commits(&mut self) {
+        if self.published != self.committed {
+            self.publish();
+        } else {
+            self.compact_in_background(false);
+        }
+    }
+
     /// Renames the committed parts to their names. A failure leaves them pending (hidden from
     /// readers, not lost): tried again at the next commit, and at the next open.
     fn publish(&mut self) {
