@@ -509,7 +509,9 @@ fn an_instance_cut_off_from_the_store_past_the_poll_interval_commits_nothing_its
     assert_eq!(scored_by(cut), 200);
     // Started again, it goes on from its last checkpoint (its uncommitted parts deleted), and a
     // few more stories reach whichever instance owns the partition now.
-    let mut again = Pipeline::start_with(dir.path(), &format!("{}-again", names[cut]), &instance(cut), &["--role", "aggregate"]);
+    // (With request timeouts whose three make more than half the poll interval, it says so.)
+    let slower = instance(cut).replace("timeout = \"1s\"", "timeout = \"2s\"");
+    let mut again = Pipeline::start_with(dir.path(), &format!("{}-again", names[cut]), &slower, &["--role", "aggregate"]);
     while !logged(&again, "partitions assigned") {
         assert!(again.child.try_wait().unwrap().is_none() && Instant::now() < deadline, "the restart did not join\n{}", again.logs());
         std::thread::sleep(Duration::from_millis(100));
@@ -524,6 +526,7 @@ fn an_instance_cut_off_from_the_store_past_the_poll_interval_commits_nothing_its
         assert!(p.wait(Duration::from_secs(60)).success(), "{}", p.logs());
     }
     assert_eq!(sql(&s3, "s3://cutoff/desk", "SELECT count(*) AS n, count(DISTINCT id) AS ids FROM news"), "n,ids\n450,450\n");
+    assert!(logged(&again, "storage.s3.timeout is long for max.poll.interval.ms") && !logged(&members[taker], "storage.s3.timeout is long"));
 }
 
 /// The S3 server stops answering mid-stream: the checkpoint waits (logged, and the gauge says so),

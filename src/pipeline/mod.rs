@@ -658,6 +658,15 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
             // one that may have been put out of the group must not commit after the taker read.
             // (Role `classify` keeps no checkpoint there: the group's offsets are its state.)
             if config.storage.instance().is_some() && role != Role::Classify {
+                // A commit begun inside the bound may take three request timeouts on object storage.
+                let commit_may_take = config.storage.s3.timeout.0 * 3;
+                if matches!(location, crate::storage::Location::Bucket(_)) && commit_may_take >= polls.interval() / 2 {
+                    tracing::warn!(
+                        commit_may_take = ?commit_may_take,
+                        max_poll_interval = ?polls.interval(),
+                        "storage.s3.timeout is long for max.poll.interval.ms: a checkpoint is committed only within half of the poll interval, and one that takes longer to land than the other half may count stories twice if the group moves partitions meanwhile; lower storage.s3.timeout or raise max.poll.interval.ms"
+                    );
+                }
                 lock(&core).polls = Some(polls.clone());
             }
             Box::new(KafkaSource::subscribe(

@@ -251,6 +251,11 @@ impl Polls {
         Polls { last: std::sync::Mutex::new(std::time::Instant::now()), interval: Duration::from_millis(ms) }
     }
 
+    /// `max.poll.interval.ms`.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
     fn polled(&self) {
         *lock(&self.last) = std::time::Instant::now();
     }
