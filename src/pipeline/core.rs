@@ -73,6 +73,24 @@ pub struct Checkpoint {
     pub rate_intervals: BTreeMap<String, crate::alert::RateInterval>,
 }
 
+/// What [`Checkpoint`] holds, borrowed from the running pipeline where it can be: a checkpoint is
+/// written from this, without a copy of the windows and the tracked stories (tens of MB on a long
+/// run). Serializes as a `Checkpoint` does (a unit test holds the two together).
+#[derive(Serialize)]
+pub(super) struct CheckpointView<'a> {
+    written_at: String,
+    offsets: &'a Offsets,
+    windows: &'a WindowState,
+    seen: [(String, i64); 0],
+    seen_keys: String,
+    counters: &'a Counters,
+    detector: Option<&'a Detector>,
+    files: &'a BTreeMap<String, FileProgress>,
+    tracked: Vec<&'a Tracked>,
+    topic_sources: &'a BTreeMap<String, String>,
+    rate_intervals: BTreeMap<String, crate::alert::RateInterval>,
+}
+
 /// Lines the feed or a lasting fault would repeat (a story too large for the sink, a journal that
 /// does not read), kept to one every half minute per kind.
 static LOGGED: crate::telemetry::Repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
@@ -881,12 +899,52 @@ impl Core {
         if let Some(sink) = &self.sink {
             sink.output.flush(Duration::from_secs(30)).map_err(PipelineError::Source)?;
         }
-        let Some(storage) = self.storage.as_mut() else {
+        let Some(mut storage) = self.storage.take() else {
             // Role `classify`: what it published is acknowledged; the group's offsets are its state.
             self.last_checkpoint = Instant::now();
             metrics::counter!("bearwatch_checkpoints_total").increment(1);
             return Ok(self.offsets.clone());
         };
+        // Out of `self` while the state is written from borrows of the rest (`view`), and back in
+        // whatever comes of it.
+        let written = self.write_checkpoint(&mut storage, started);
+        self.storage = Some(storage);
+        written?;
+        self.share_progress();
+        if let Some(corrections) = self.corrections.as_mut() {
+            corrections.applied.clear();
+        }
+        if let Some(alerting) = self.alerting.as_mut() {
+            alerting.changes.clear();
+        }
+        self.news_rows.clear();
+        self.late_rows.clear();
+        self.held_bytes = 0;
+        self.window_rows.clear();
+        self.last_checkpoint = Instant::now();
+        Ok(self.offsets.clone())
+    }
+
+    /// The state as a checkpoint writes it, borrowed.
+    pub(super) fn view(&self) -> CheckpointView<'_> {
+        CheckpointView {
+            written_at: String::new(),
+            offsets: &self.offsets,
+            windows: &self.windows,
+            seen: [],
+            seen_keys: seen::encode(&self.seen),
+            counters: &self.counters,
+            detector: self.alerting.as_ref().map(|a| &a.detector),
+            files: &self.files,
+            tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
+            topic_sources: &self.topic_sources,
+            rate_intervals: self.alerting.as_ref().map(Alerting::rate_intervals).unwrap_or_default(),
+        }
+    }
+
+    /// [`Core::checkpoint`]'s writing: the buffered rows as parts, then the state, into `storage`
+    /// (taken out of `self` meanwhile).
+    fn write_checkpoint(&mut self, storage: &mut crate::storage::Storage, started: Instant) -> Result<(), PipelineError> {
         // Every part of this checkpoint, built before any is written: a write that fails (object
         // storage unreachable) is retried with the same rows, and nothing is dropped until the
         // checkpoint is committed.
@@ -930,19 +988,7 @@ impl Core {
             open_windows = self.windows.open_windows(),
             "checkpoint"
         );
-        let mut state = Checkpoint {
-            written_at: String::new(),
-            offsets: self.offsets.clone(),
-            windows: self.windows.clone(),
-            seen: Vec::new(),
-            seen_keys: seen::encode(&self.seen),
-            counters: self.counters.clone(),
-            detector: self.alerting.as_ref().map(|a| a.detector.clone()),
-            files: self.files.clone(),
-            tracked: self.corrections.as_ref().map(Corrections::tracked).unwrap_or_default(),
-            topic_sources: self.topic_sources.clone(),
-            rate_intervals: self.alerting.as_ref().map(Alerting::rate_intervals).unwrap_or_default(),
-        };
+        let mut state = self.view();
         // No rows to write and the state committed last: an idle feed rewrote the whole state every
         // interval (tens of MB on a long run: the tracked stories, the kept windows, the copies).
         let digest = if parts.is_empty() { Some(digest(&state).map_err(|e| PipelineError::Internal(e.to_string()))?) } else { None };
@@ -956,19 +1002,7 @@ impl Core {
             metrics::counter!("bearwatch_checkpoints_total").increment(1);
             metrics::histogram!("bearwatch_checkpoint_seconds").record(started.elapsed().as_secs_f64());
         }
-        self.share_progress();
-        if let Some(corrections) = self.corrections.as_mut() {
-            corrections.applied.clear();
-        }
-        if let Some(alerting) = self.alerting.as_mut() {
-            alerting.changes.clear();
-        }
-        self.news_rows.clear();
-        self.late_rows.clear();
-        self.held_bytes = 0;
-        self.window_rows.clear();
-        self.last_checkpoint = Instant::now();
-        Ok(self.offsets.clone())
+        Ok(())
     }
 
     /// Drops ids older than the horizon behind the newest event time, then the oldest over the cap.
@@ -1023,7 +1057,7 @@ impl Core {
 }
 
 /// A digest of `state` as the checkpoint writes it: equal digests, equal states.
-fn digest(state: &Checkpoint) -> Result<u64, serde_json::Error> {
+fn digest(state: &CheckpointView<'_>) -> Result<u64, serde_json::Error> {
     struct Digest(std::collections::hash_map::DefaultHasher);
     impl std::io::Write for Digest {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -1048,7 +1082,7 @@ fn store(
     storage: &mut crate::storage::Storage,
     live: Option<&crate::sql::live::LiveRows>,
     parts: &[(Table, arrow::array::RecordBatch)],
-    state: &Checkpoint,
+    state: &CheckpointView<'_>,
     stop: &std::sync::atomic::AtomicBool,
     outage: &crate::storage::Outage,
     polls: Option<&crate::source::kafka::Polls>,

@@ -187,8 +187,8 @@ impl Corrections {
     }
 
     /// What the checkpoint keeps, oldest first.
-    pub fn tracked(&self) -> Vec<Tracked> {
-        self.order.iter().filter_map(|id| self.tracked.get(id)).cloned().collect()
+    pub fn tracked(&self) -> Vec<&Tracked> {
+        self.order.iter().filter_map(|id| self.tracked.get(id)).collect()
     }
 
     /// Gives a story just scored the labels analysts gave its text or a near-duplicate of it, and

@@ -1005,4 +1005,25 @@ mod tests {
         assert!(refused.to_string().contains("did not poll Kafka for") && refused.to_string().contains("max.poll.interval.ms (100 ms)"), "{refused}");
         assert_eq!(committed(dir.path()), Some(1));
     }
+
+    /// A checkpoint is written from borrows of the running state (`CheckpointView`) and read back as
+    /// a `Checkpoint`: the same fields, or a restart would lose what the view leaves out.
+    #[test]
+    fn a_checkpoint_reads_back_as_it_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, core, _) = slow_pipeline(dir.path());
+        let mut core = lock(&core);
+        for i in 0..10 {
+            core.accept(story(i)).unwrap();
+        }
+        core.drain(None).unwrap();
+        core.checkpoint().unwrap();
+        let written = serde_json::to_value(core.view()).unwrap();
+        let read: Checkpoint = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&read).unwrap(), written);
+        assert_eq!((read.counters.scored, read.offsets["news"][&0]), (10, 10));
+        let file: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("checkpoint.json")).unwrap()).unwrap();
+        let as_text: serde_json::Value = serde_json::from_str(&serde_json::to_string(&core.view()).unwrap()).unwrap();
+        assert_eq!(file["windows"], as_text["windows"], "the file holds what the view says");
+    }
 }
