@@ -956,9 +956,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let value = EnvString::expand(value).map_err(SourceError::KafkaConfig)?;
                 parsed.insert(key.to_string(), value);
             }
-            anyhow::ensure!(speed >= 0.0 && speed.is_finite(), "--speed must be 0 or a positive speed-up");
-            // As `[source] max_gap`: 0 would send a whole file at once whatever --speed says.
-            anyhow::ensure!(max_gap.is_none_or(|gap| !gap.0.is_zero()), "--max-gap must be more than 0 (--speed 0 sends as fast as possible)");
+            if let Err((setting, why)) = bearwatch::source::file::Pace::check(speed, max_gap) {
+                anyhow::bail!("--{} {why}", setting.replace('_', "-"));
+            }
             let produced = produce::produce(&brokers, &topic, &file, bearwatch::source::file::Pace::new(speed, max_gap), &parsed)?;
             eprintln!(
                 "produced {} messages to {topic} in {:.1} s",

@@ -913,10 +913,7 @@ fn an_idle_feed_writes_no_checkpoint_until_a_story_comes() {
     std::fs::write(&file, first.join("\n") + "\n").unwrap();
     produce(&topic, &file);
     pipeline.wait_for_checkpoint(Duration::from_secs(120), "300 stories", |c| counter(c, "scored") == 300);
-    let unchanged = || {
-        let text = ureq::get(format!("http://127.0.0.1:{http}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default();
-        text.lines().find_map(|l| l.strip_prefix("bearwatch_checkpoints_unchanged_total ")?.parse::<u64>().ok()).unwrap_or(0)
-    };
+    let unchanged = || common::metric(http, "bearwatch_checkpoints_unchanged_total");
     let wait_for_unchanged = |at_least: u64| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while unchanged() < at_least {

@@ -465,10 +465,7 @@ fn an_instance_cut_off_from_the_store_past_the_poll_interval_commits_nothing_its
         std::fs::write(&file, (from..to).map(story).collect::<Vec<_>>().join("\n") + "\n").unwrap();
         common::produce_to(brokers, &scored, &file);
     };
-    let metric = |i: usize, line: &str| {
-        let metrics = ureq::get(format!("http://127.0.0.1:{}/metrics", http[i])).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok());
-        metrics.unwrap_or_default().lines().find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse::<u64>().ok()).unwrap_or(0)
-    };
+    let metric = |i: usize, name: &str| common::metric(http[i], name);
     let scored_by = |i: usize| scored_by(&s3, names[i]);
 
     // 200 stories counted and committed by the owner, which then goes idle (its checkpoints find

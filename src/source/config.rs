@@ -88,11 +88,8 @@ impl SourceConfig {
                 if self.path.is_none() {
                     return Err(("source.path", "a file source needs `path`, the JSON-lines file to replay".into()));
                 }
-                if !(self.speed >= 0.0 && self.speed.is_finite()) {
-                    return Err(("source.speed", "must be 0 (as fast as possible) or a positive speed-up".into()));
-                }
-                if self.max_gap.is_some_and(|gap| gap.0.is_zero()) {
-                    return Err(("source.max_gap", "must be more than 0 (`speed = 0` replays as fast as possible)".into()));
+                if let Err((setting, why)) = super::file::Pace::check(self.speed, self.max_gap) {
+                    return Err((if setting == "speed" { "source.speed" } else { "source.max_gap" }, why.into()));
                 }
                 // Kafka settings a file source would ignore (`brokers` and `properties` are the
                 // default connection of a sink and of kafka receivers, so they stay allowed).

@@ -56,6 +56,18 @@ impl Pace {
     /// Every line as soon as it is asked for.
     pub const FAST: Pace = Pace { speed: 0.0, max_gap_ms: i64::MAX };
 
+    /// Which of a replay's settings is out of bounds (`speed` or `max_gap`), and why: the pipeline
+    /// file's `[source]` and `bearwatch produce` take the same two.
+    pub fn check(speed: f64, max_gap: Option<HumanDuration>) -> Result<(), (&'static str, &'static str)> {
+        if !(speed >= 0.0 && speed.is_finite()) {
+            return Err(("speed", "must be 0 (as fast as possible) or a positive speed-up"));
+        }
+        if max_gap.is_some_and(|gap| gap.0.is_zero()) {
+            return Err(("max_gap", "must be more than 0 (a speed of 0 replays as fast as possible)"));
+        }
+        Ok(())
+    }
+
     /// `speed`× the stories' pace, gaps past `max_gap` (default 1 d) replayed as `max_gap`.
     pub fn new(speed: f64, max_gap: Option<HumanDuration>) -> Pace {
         Pace { speed, max_gap_ms: max_gap.unwrap_or(DEFAULT_MAX_GAP).as_millis() }

@@ -160,6 +160,13 @@ pub fn loose_rules(dir: &Path) -> PathBuf {
     path
 }
 
+/// The value of sample `name` (with its labels as `/metrics` writes them) on the server at
+/// 127.0.0.1:`port`; 0 while the server does not answer or has no such sample yet.
+pub fn metric(port: u16, name: &str) -> u64 {
+    let text = ureq::get(format!("http://127.0.0.1:{port}/metrics")).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok());
+    text.unwrap_or_default().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+}
+
 pub fn checkpoint(storage: &Path) -> Option<serde_json::Value> {
     let bytes = std::fs::read(storage.join("checkpoint.json")).ok()?;
     serde_json::from_slice(&bytes).ok()
