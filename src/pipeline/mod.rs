@@ -653,11 +653,11 @@ pub fn run(config: &PipelineConfig, stop: Arc<AtomicBool>, reload: Arc<AtomicBoo
                 _ => (source_config.group_id.as_ref().expect("validated").as_str().to_string(), source_config.topics.clone(), source_brokers, &source_config.properties),
             };
             tracing::info!(group_id, ?topics, "joining the consumer group");
-            let polls = Arc::new(crate::source::kafka::Polls::new(properties));
             // Instances that share a storage take each other's partitions from their checkpoints:
             // one that may have been put out of the group must not commit after the taker read.
             // (Role `classify` keeps no checkpoint there: the group's offsets are its state.)
-            if config.storage.instance().is_some() && role != Role::Classify {
+            let polls = (config.storage.instance().is_some() && role != Role::Classify).then(|| Arc::new(crate::source::kafka::Polls::new(properties)));
+            if let Some(polls) = &polls {
                 // A commit begun inside the bound may take three request timeouts on object storage.
                 let commit_may_take = config.storage.s3.timeout.0 * 3;
                 if matches!(location, crate::storage::Location::Bucket(_)) && commit_may_take >= polls.interval() / 2 {

@@ -277,7 +277,8 @@ impl Polls {
 
 pub struct KafkaSource {
     consumer: BaseConsumer<GroupContext>,
-    polls: Arc<Polls>,
+    /// Kept where a checkpoint asks them (instances sharing a storage).
+    polls: Option<Arc<Polls>>,
     /// Set once the brokers answered a metadata request.
     reached: bool,
     /// The subscribed topics given by name (not `^` patterns), and when the brokers were last
@@ -303,7 +304,7 @@ impl KafkaSource {
         start: StartOffset,
         handler: Arc<dyn GroupHandler>,
         trouble: Arc<Trouble>,
-        polls: Arc<Polls>,
+        polls: Option<Arc<Polls>>,
     ) -> Result<KafkaSource, SourceError> {
         let mut config = client_config(brokers, properties);
         config
@@ -340,7 +341,9 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, SourceError> {
-        self.polls.polled();
+        if let Some(polls) = &self.polls {
+            polls.polled();
+        }
         // Patterns (`^…`) match what there is: only topics named outright can be missing.
         let every = if self.all_found { LOOK_EVERY_FOUND } else { LOOK_EVERY };
         if !self.named.is_empty() && self.looked.is_none_or(|at| at.elapsed() >= every) {
