@@ -58,6 +58,8 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_postgres_connections_closed_total", Kind::Counter, "reason", "Postgres connections the server closed: too_many (64 were open and logged in), closed_logging_in (the one logging in the longest, to make room for a new one when 64 were open), message_too_large (over 1 MiB), malformed_message (fields running past the message's length), write_timeout (the client took no byte for 30 s)"),
     ("bearwatch_http_refused_total", Kind::Counter, "reason", "Requests refused before their token: origin (a foreign Host or Origin) or content_type (a write that is not JSON)"),
     ("bearwatch_checkpoint_seconds", Kind::Histogram, "", "Writing Parquet parts and the checkpoint"),
+    ("bearwatch_checkpoint_written_bytes_total", Kind::Counter, "", "Bytes written for checkpoints: the file, and for a big state the pack of its changed pieces"),
+    ("bearwatch_checkpoint_state_bytes", Kind::Gauge, "", "Size of the last checkpointed state as JSON (what a restart reads)"),
     ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while writes wait for the storage (object storage unreachable, a full disk); reading waits with them"),
     ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete, rename"),
     ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
@@ -111,7 +113,7 @@ pub fn describe() {
     for matched in ["story", "exact", "near"] {
         counter!("bearwatch_feedback_applied_total", "matched" => matched).increment(0);
     }
-    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_checkpoints_unchanged_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_alert_headlines_unexplained_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
+    for name in ["bearwatch_window_late_total", "bearwatch_checkpoints_total", "bearwatch_checkpoints_unchanged_total", "bearwatch_checkpoint_written_bytes_total", "bearwatch_feedback_unreadable_files_total", "bearwatch_detect_groups_dropped_total", "bearwatch_alert_headlines_unexplained_total", "bearwatch_window_tickers_refused_total", "bearwatch_window_watermark_forced_total", "bearwatch_http_connections_refused_total", "bearwatch_http_connections_closed_idle_total", "bearwatch_partitions_taken_over_total", "bearwatch_storage_compactions_total", "bearwatch_storage_compacted_parts_total", "bearwatch_storage_compaction_errors_total", "bearwatch_storage_journal_merges_total", "bearwatch_storage_journal_files_merged_total"] {
         counter!(name).increment(0);
     }
     for name in [
@@ -123,6 +125,7 @@ pub fn describe() {
         "bearwatch_feedback_pending_texts",
         "bearwatch_model_champion_unloadable",
         "bearwatch_storage_unavailable",
+        "bearwatch_checkpoint_state_bytes",
     ] {
         metrics::gauge!(name).increment(0.0);
     }

@@ -27,10 +27,7 @@ fn sql(s3: &S3Server, storage: &str, query: &str) -> String {
 
 /// Stories instance `name` under `desk/` had counted at its last checkpoint.
 fn scored_by(s3: &S3Server, name: &str) -> u64 {
-    s3.get(&format!("desk/checkpoints/{name}.json")).map_or(0, |bytes| {
-        let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        checkpoint["counters"]["scored"].as_u64().unwrap_or(0)
-    })
+    s3.checkpoint("desk", Some(name)).map_or(0, |checkpoint| checkpoint["counters"]["scored"].as_u64().unwrap_or(0))
 }
 
 fn config(news: &str, storage: &str, extra: &str) -> String {
@@ -60,7 +57,7 @@ fn a_pipeline_on_s3_killed_mid_stream_loses_and_doubles_nothing_and_sql_reads_th
     let deadline = Instant::now() + Duration::from_secs(300);
     let scored = |c: &serde_json::Value| c["counters"]["scored"].as_u64().unwrap_or(0);
     loop {
-        if s3.checkpoint("market").is_some_and(|c| scored(&c) >= 200) {
+        if s3.checkpoint("market", None).is_some_and(|c| scored(&c) >= 200) {
             break;
         }
         assert!(first.child.try_wait().unwrap().is_none(), "the pipeline ended before a checkpoint on S3\n{}", first.logs());
@@ -69,7 +66,7 @@ fn a_pipeline_on_s3_killed_mid_stream_loses_and_doubles_nothing_and_sql_reads_th
     }
     first.signal("KILL");
     first.wait(Duration::from_secs(10));
-    let at_kill = scored(&s3.checkpoint("market").unwrap());
+    let at_kill = scored(&s3.checkpoint("market", None).unwrap());
     assert!(at_kill < total as u64, "the kill came after the last story ({at_kill}); nothing was interrupted");
 
     // Restarted with the HTTP server kept up: /sql reads the bucket too.
@@ -77,7 +74,7 @@ fn a_pipeline_on_s3_killed_mid_stream_loses_and_doubles_nothing_and_sql_reads_th
     let serving = format!("{settings}[run]\nkeep_serving = true\nshutdown_timeout = \"2s\"\n[server]\nhttp = \"127.0.0.1:{http}\"\n");
     let mut second = Pipeline::start(dir.path(), "second", &config(news, remote, &serving));
     loop {
-        if s3.checkpoint("market").is_some_and(|c| scored(&c) >= total as u64) {
+        if s3.checkpoint("market", None).is_some_and(|c| scored(&c) >= total as u64) {
             break;
         }
         assert!(second.child.try_wait().unwrap().is_none(), "the restart ended early\n{}", second.logs());
@@ -193,6 +190,47 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
     let err = Storage::open::<serde_json::Value>(&Location::parse("s3://fence/gone", &closed).unwrap(), None, false).err().unwrap();
     assert!(err.to_string().contains("s3://fence/gone/checkpoint.json"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+}
+
+/// A big state on object storage: one pack of new pieces per commit beside a small manifest, packs
+/// deleted once no checkpoint references them, and a process fenced off by a newer one reads and
+/// deletes nothing of the newer one's.
+#[test]
+fn a_big_checkpoint_on_object_storage_writes_its_changes_and_deletes_what_no_checkpoint_uses() {
+    let s3 = S3Server::start("packs");
+    let big = |first: usize| {
+        let tracked: Vec<String> = (first..first + 30_000).map(|i| format!("story {i}: shares of company {} fell {} percent", i * 7919 % 1013, i % 97)).collect();
+        serde_json::json!({ "offsets": { "news": { "0": first } }, "tracked": tracked })
+    };
+    let packs = || s3.list("desk/checkpoint.packs");
+    let size = |key: &String| s3.get(key).unwrap().len();
+
+    let (mut a, _) = Storage::open::<serde_json::Value>(&s3.location("desk"), None, false).unwrap();
+    a.commit(&big(0)).unwrap();
+    let first = packs();
+    assert!(first.len() == 1 && s3.get("desk/checkpoint.json").unwrap().starts_with(br#"{"packed":"#), "{first:?}");
+    a.commit(&big(20)).unwrap();
+    let both = packs();
+    assert_eq!(both.len(), 2);
+    assert!(both.iter().map(size).min().unwrap() * 20 < size(&first[0]), "the second pack holds the changes only");
+    let same = |checkpoint: serde_json::Value, state: serde_json::Value| checkpoint["tracked"] == state["tracked"] && checkpoint["offsets"] == state["offsets"];
+    assert!(same(s3.checkpoint("desk", None).unwrap(), big(20)));
+
+    // A restarted process takes over: it reads the pieces from the packs and references them.
+    let (mut b, restored) = Storage::open::<serde_json::Value>(&s3.location("desk"), None, false).unwrap();
+    assert!(same(restored.unwrap(), big(20)));
+    b.commit(&big(40)).unwrap();
+    assert!(packs().contains(&first[0]));
+    // The one before it is fenced off: its pack stays unreferenced, and it deletes nothing.
+    let before = packs();
+    assert!(matches!(a.commit(&big(60)), Err(StorageError::Fenced { .. })));
+    let left: Vec<String> = packs().into_iter().filter(|key| !before.contains(key)).collect();
+    assert_eq!(left.len(), 1, "the fenced commit's pack: {left:?}");
+    assert!(before.iter().all(|key| packs().contains(key)));
+    assert!(same(s3.checkpoint("desk", None).unwrap(), big(40)), "the newer process's checkpoint");
+    // A small state again: the packs go (not the fenced one's, which no checkpoint of b's named).
+    b.commit(&serde_json::json!({"offsets": {"news": {"0": 1}}})).unwrap();
+    assert_eq!(packs(), left);
 }
 
 /// Two `aggregate` instances (and one `classify`) on one bucket, each with its own `[storage]
@@ -543,7 +581,7 @@ fn an_unreachable_store_makes_the_pipeline_wait_and_lose_nothing() {
     let mut run = Pipeline::start(dir.path(), "p", &config(news.to_str().unwrap(), "s3://outage/desk", &settings));
     let scored = |c: &serde_json::Value| c["counters"]["scored"].as_u64().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !s3.checkpoint("desk").is_some_and(|c| scored(&c) > 0) {
+    while !s3.checkpoint("desk", None).is_some_and(|c| scored(&c) > 0) {
         assert!(run.child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no first checkpoint\n{}", run.logs());
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -122,8 +122,9 @@ fn send(output: &Output, topic: &str, story: &News) -> Result<(), PipelineError>
 
 /// `counters.received` of the latest checkpoint under `storage`.
 fn received(storage: &Path) -> u64 {
-    std::fs::read(storage.join("checkpoint.json"))
+    crate::storage::checkpoint(&storage.into(), None)
         .ok()
+        .flatten()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|c| c["counters"]["received"].as_u64())
         .unwrap_or(0)

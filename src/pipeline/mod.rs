@@ -967,7 +967,7 @@ mod tests {
             Some(Arc::new(crate::source::kafka::Polls::new(&properties)))
         };
         let committed = |dir: &Path| {
-            let bytes = std::fs::read(dir.join("checkpoint.json")).ok()?;
+            let bytes = crate::storage::checkpoint(&dir.into(), None).unwrap()?;
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["counters"]["scored"].as_u64()
         };
         let partitions = [("news".to_string(), 0)];

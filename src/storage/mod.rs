@@ -34,6 +34,7 @@ mod compact;
 mod config;
 mod journals;
 mod location;
+mod packed;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -268,6 +269,8 @@ pub struct Storage {
     published: BTreeMap<Table, u64>,
     writer: String,
     commits: u64,
+    /// Where the last committed checkpoint's pieces lie, when it was written in pieces ([`packed`]).
+    stored: packed::Stored,
     compactor: Compactor,
 }
 
@@ -442,7 +445,10 @@ impl Storage {
                 fs::create_dir_all(&dir).map_err(io_error(&dir))?;
             }
         }
-        let (bytes, checkpoint_version) = place.read(&place.checkpoint())?.map_or((None, None), |(b, v)| (Some(b), v));
+        let (bytes, checkpoint_version, stored) = read_checkpoint(&place)?.map_or((None, None, packed::Stored::default()), |(b, v, s)| (Some(b), v, s));
+        if let Location::Local(root) = location {
+            sweep_packs(root, &place, &stored)?;
+        }
         let parts: Parts = match &bytes {
             Some(bytes) => parse_checkpoint(&place, bytes)?,
             None => Parts::default(),
@@ -468,6 +474,7 @@ impl Storage {
             checkpoint_version,
             writer,
             commits: 0,
+            stored,
             compactor: Compactor::default(),
         };
         Ok((storage, state))
@@ -478,7 +485,7 @@ impl Storage {
     /// starts again with the rest. Returns what it found. The rest of the checkpoint is kept as it is.
     pub fn repair(location: &Location, instance: Option<&str>) -> Result<Vec<String>, StorageError> {
         let place = Place { location: location.clone(), instance: instance.map(str::to_string) };
-        let Some((bytes, version)) = place.read(&place.checkpoint())? else { return Ok(Vec::new()) };
+        let Some((bytes, version, mut stored)) = read_checkpoint(&place)? else { return Ok(Vec::new()) };
         let mut parts: Parts = parse_checkpoint(&place, &bytes)?;
         let damaged = damaged_parts(&place, &parts.next_parts(), &parts.lost_parts)?;
         if damaged.is_empty() {
@@ -496,8 +503,9 @@ impl Storage {
         for field in ["next_part", "lost_parts", "writer", "commit"] {
             state.remove(field);
         }
-        parts.writer = "repair".into();
-        write_checkpoint(&place, &Written { state: &state, parts: &parts }, version.as_deref())?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        parts.writer = format!("repair-{nanos:x}");
+        write_checkpoint(&place, &Written { state: &state, parts: &parts }, version.as_deref(), &mut stored, &format!("{}.pack", parts.writer))?;
         Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
     }
 
@@ -542,7 +550,8 @@ impl Storage {
             writer: self.writer.clone(),
             commit: self.commits,
         };
-        self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref())?;
+        let pack = format!("{}-{}.pack", self.writer, self.commits);
+        self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref(), &mut self.stored, &pack)?;
         self.committed = self.next_part.clone();
         self.publish();
         Ok(())
@@ -770,7 +779,7 @@ impl Outage {
 /// be writing them now.
 pub fn settle(location: &Location, instance: &str) -> Result<(), StorageError> {
     let place = Place { location: location.clone(), instance: Some(instance.to_string()) };
-    let Some((bytes, _)) = place.read(&place.checkpoint())? else { return Ok(()) };
+    let Some((bytes, _, _)) = read_checkpoint(&place)? else { return Ok(()) };
     let parts: Parts = parse_checkpoint(&place, &bytes)?;
     for (table, next) in parts.next_parts() {
         settle_parts(&place, table, next, false)?;
@@ -908,7 +917,7 @@ pub fn visible_parts(location: &Location) -> Result<usize, StorageError> {
 /// pipeline's progress from outside it.
 pub fn checkpoint(location: &Location, instance: Option<&str>) -> Result<Option<Vec<u8>>, StorageError> {
     let place = Place { location: location.clone(), instance: instance.map(str::to_string) };
-    Ok(place.read(&place.checkpoint())?.map(|(bytes, _)| bytes))
+    Ok(read_checkpoint(&place)?.map(|(bytes, _, _)| bytes))
 }
 
 /// The instances that have checkpointed into this storage (`checkpoints/<name>.json`): none
@@ -984,7 +993,15 @@ fn reset_tables(place: &Place) -> Result<(), StorageError> {
             }
         }
     }
-    place.delete(&place.checkpoint())
+    place.delete(&place.checkpoint())?;
+    let packs = packed::folder(&place.checkpoint());
+    match &place.location {
+        Location::Local(root) => match fs::remove_dir_all(root.join(&packs)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&root.join(&packs))(e)),
+            _ => Ok(()),
+        },
+        Location::Bucket(bucket) => bucket.delete_many(&bucket.list_all(&packs)?.into_iter().map(|name| format!("{packs}/{name}")).collect::<Vec<_>>()),
+    }
 }
 
 /// One view of the checkpoint's JSON object: storage's [`Parts`] or the caller's state (each
@@ -1002,22 +1019,99 @@ fn replace_local(root: &Path, relative: &str, bytes: &[u8]) -> Result<(), Storag
     crate::files::replace(&path, bytes).map_err(io_error(&path))
 }
 
-/// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
-/// one there. Returns the new version.
-fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, version: Option<&str>) -> Result<Option<String>, StorageError> {
+/// The checkpoint's JSON (joined from its pieces when it was written in pieces), its version, and
+/// where its pieces lie; none when there is no checkpoint.
+fn read_checkpoint(place: &Place) -> Result<Option<(Vec<u8>, Option<String>, packed::Stored)>, StorageError> {
     let relative = place.checkpoint();
-    let bytes = serde_json::to_vec(checkpoint).map_err(|e| StorageError::Io { path: PathBuf::from(place.name(&relative)), reason: e.to_string() })?;
+    let corrupt = |reason: String| StorageError::CorruptCheckpoint { path: PathBuf::from(place.name(&relative)), reason };
+    // A pack that is gone may have been deleted by its writer after a newer checkpoint: read that one.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let Some((file, version)) = place.read(&relative)? else { return Ok(None) };
+        let Some(packed) = packed::manifest(&file).map_err(&corrupt)? else { return Ok(Some((file, version, packed::Stored::default()))) };
+        let folder = packed::folder(&relative);
+        let files = place.read_many(&packed.pack_names().map(|name| format!("{folder}/{name}")).collect::<Vec<_>>())?;
+        match packed.join(files) {
+            Ok((json, stored)) => return Ok(Some((json, version, stored))),
+            Err(packed::JoinError::Missing(_)) if attempts < 3 => {}
+            Err(packed::JoinError::Missing(name)) => return Err(corrupt(format!("its pack {folder}/{name} is missing"))),
+            Err(packed::JoinError::Corrupt(reason)) => return Err(corrupt(reason)),
+        }
+    }
+}
+
+/// Deletes the packs that the checkpoint does not reference (left by a crash between a pack and
+/// its checkpoint). Local storage only, where this process holds the storage (or its instance)
+/// alone; on object storage another process may be about to commit a pack it just wrote.
+fn sweep_packs(root: &Path, place: &Place, stored: &packed::Stored) -> Result<(), StorageError> {
+    let folder = packed::folder(&place.checkpoint());
+    let referenced: std::collections::HashSet<&String> = stored.packs().collect();
+    for (name, _) in place.list(&folder)? {
+        if !referenced.contains(&name) {
+            tracing::info!(file = %root.join(&folder).join(&name).display(), "removing a checkpoint pack no checkpoint references");
+            place.delete(&format!("{folder}/{name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the
+/// one there. A big one is written in pieces, the new ones in a pack named `pack` ([`packed`]);
+/// `last` says where the pieces of the checkpoint it replaces lie, and is updated. Returns the new
+/// version.
+fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, version: Option<&str>, last: &mut packed::Stored, pack: &str) -> Result<Option<String>, StorageError> {
+    let relative = place.checkpoint();
+    let failed = |reason: String| StorageError::Io { path: PathBuf::from(place.name(&relative)), reason };
+    let json = serde_json::to_vec(checkpoint).map_err(|e| failed(e.to_string()))?;
+    let state_bytes = json.len();
+    let encoded = packed::encode(json, last, pack).map_err(failed)?;
+    let folder = packed::folder(&relative);
+    let mut written = encoded.file.len();
+    if let Some((name, bytes)) = &encoded.pack {
+        written += bytes.len();
+        let pack = format!("{folder}/{name}");
+        let put = match &place.location {
+            Location::Local(root) => replace_local(root, &pack, bytes),
+            Location::Bucket(bucket) => bucket.put(&pack, bytes.clone(), Mode::Overwrite).map(drop),
+        };
+        if let Err(e) = put {
+            last.written_uncommitted(name.clone());
+            return Err(e);
+        }
+    }
+    let version = match replace_checkpoint(place, &relative, encoded.file, version) {
+        Ok(version) => version,
+        Err(e) => {
+            if let Some((name, _)) = encoded.pack {
+                last.written_uncommitted(name);
+            }
+            return Err(e);
+        }
+    };
+    let unused: Vec<String> = last.unused_after(&encoded.stored).into_iter().map(|name| format!("{folder}/{name}")).collect();
+    *last = encoded.stored;
+    if let Err(e) = place.delete_many(&unused) {
+        tracing::warn!(error = %e, "checkpoint packs no checkpoint references are left behind");
+    }
+    metrics::counter!("bearwatch_checkpoint_written_bytes_total").increment(written as u64);
+    metrics::gauge!("bearwatch_checkpoint_state_bytes").set(state_bytes as f64);
+    Ok(version)
+}
+
+/// Replaces the checkpoint file with `bytes`; on object storage only if `version` is still there.
+fn replace_checkpoint(place: &Place, relative: &str, bytes: Vec<u8>, version: Option<&str>) -> Result<Option<String>, StorageError> {
     match &place.location {
-        Location::Local(root) => replace_local(root, &relative, &bytes).map(|()| None),
+        Location::Local(root) => replace_local(root, relative, &bytes).map(|()| None),
         Location::Bucket(bucket) => {
             let mode = match version {
                 Some(etag) => Mode::Replace(etag),
                 None => Mode::Create,
             };
-            match bucket.put(&relative, bytes.clone(), mode) {
+            match bucket.put(relative, bytes.clone(), mode) {
                 // Refused: someone else wrote since, unless what is there is this very write (a
                 // retry of a PUT whose first answer was lost finds its own bytes).
-                Err(StorageError::Object { precondition: true, url, .. }) => match bucket.get(&relative)? {
+                Err(StorageError::Object { precondition: true, url, .. }) => match bucket.get(relative)? {
                     Some((there, version)) if there[..] == bytes[..] => Ok(version),
                     _ => Err(StorageError::Fenced { url }),
                 },
@@ -1425,6 +1519,82 @@ mod tests {
         assert!(dir.path().join("damaged/windows-part-00000000-00000014.parquet").exists());
         let (_, restored) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
         assert_eq!(restored.unwrap()["lost_parts"]["windows"], serde_json::json!((0..15).collect::<Vec<u64>>()));
+    }
+
+    /// A state of `n` tracked stories: about 70 bytes each.
+    fn big(n: usize, first: usize) -> serde_json::Value {
+        let tracked: Vec<String> = (first..first + n).map(|i| format!("story {i}: shares of company {} fell {} percent", i * 7919 % 1013, i % 97)).collect();
+        serde_json::json!({ "offsets": { "news": { "0": first + n } }, "tracked": tracked })
+    }
+
+    fn packs(dir: &tempfile::TempDir) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.path().join("checkpoint.packs")).map_or(Vec::new(), |d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect());
+        names.sort();
+        names
+    }
+
+    /// A big state is written as a manifest and packs of the pieces that changed; it reads back as
+    /// it was written, through restarts, a repair and a reset, and no pack outlives its use.
+    #[test]
+    fn a_big_checkpoint_is_written_in_pieces_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("checkpoint.json");
+        let (mut storage, _) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
+        storage.commit(&big(30_000, 0)).unwrap();
+        let manifest = fs::metadata(&file).unwrap().len();
+        let first = packs(&dir);
+        assert!(fs::read(&file).unwrap().starts_with(br#"{"packed":"#) && first.len() == 1);
+        // Twenty stories more: a small pack beside the first, which still serves.
+        storage.commit(&big(30_000, 20)).unwrap();
+        let both = packs(&dir);
+        let size = |name: &String| fs::metadata(dir.path().join("checkpoint.packs").join(name)).unwrap().len();
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(both.iter().map(size).min().unwrap() * 20 < both.iter().map(size).max().unwrap(), "the second pack holds the changes only");
+        drop(storage);
+
+        let (mut storage, restored) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored["tracked"], big(30_000, 20)["tracked"]);
+        assert_eq!(restored["offsets"]["news"]["0"], 30_020);
+        // Restored, it goes on referencing the first pack; the second, of which less than half
+        // still serves, is dissolved into the third.
+        storage.commit(&big(30_000, 40)).unwrap();
+        let after = packs(&dir);
+        assert!(after.len() == 2 && after.contains(&first[0]) && !after.contains(&both.iter().find(|n| !first.contains(n)).unwrap().clone()), "{after:?}");
+        assert!(fs::metadata(&file).unwrap().len() < manifest * 2, "the manifest lists pieces, it holds none");
+
+        // A crash between a pack and its checkpoint leaves a pack no checkpoint references.
+        fs::write(dir.path().join("checkpoint.packs/9-9.pack"), b"left by a crash").unwrap();
+        drop(storage);
+        let (mut storage, _) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
+        assert_eq!(packs(&dir), after, "swept on open");
+
+        // Small again: one JSON file, and the packs go.
+        storage.commit(&checkpoint()).unwrap();
+        assert!(packs(&dir).is_empty());
+        assert!(serde_json::from_slice::<State>(&fs::read(&file).unwrap()).is_ok());
+
+        // A repair writes the state back in pieces, and what it reads is what it keeps.
+        storage.write(Table::Windows, &batch()).unwrap();
+        let part = storage.write(Table::Windows, &batch()).unwrap();
+        storage.commit(&big(30_000, 60)).unwrap();
+        fs::remove_file(&part).unwrap();
+        drop(storage);
+        assert_eq!(Storage::repair(&here(&dir), None).unwrap().len(), 1);
+        let (storage, restored) = Storage::open::<serde_json::Value>(&here(&dir), None, false).unwrap();
+        assert_eq!(restored.unwrap()["tracked"], big(30_000, 60)["tracked"]);
+        assert_eq!(packs(&dir).len(), 2, "the repair's pack (its part numbers) beside the one it still uses");
+        drop(storage);
+
+        // A damaged pack is a corrupt checkpoint, not a fresh start.
+        let name = packs(&dir).into_iter().next().unwrap();
+        fs::write(dir.path().join("checkpoint.packs").join(&name), b"damaged").unwrap();
+        let err = Storage::open::<State>(&here(&dir), None, false).err().unwrap().to_string();
+        assert!(err.contains("move it away") && err.contains(&name), "{err}");
+
+        // A reset deletes them with the checkpoint.
+        let (_, restored) = Storage::open::<State>(&here(&dir), None, true).unwrap();
+        assert!(restored.is_none() && packs(&dir).is_empty() && !dir.path().join("checkpoint.packs").exists());
     }
 
     #[test]

@@ -167,8 +167,9 @@ pub fn metric(port: u16, name: &str) -> u64 {
     text.unwrap_or_default().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
 }
 
+/// The storage's checkpoint as JSON (joined from its pieces if it was written in pieces).
 pub fn checkpoint(storage: &Path) -> Option<serde_json::Value> {
-    let bytes = std::fs::read(storage.join("checkpoint.json")).ok()?;
+    let bytes = bearwatch::storage::checkpoint(&storage.into(), None).ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -330,8 +330,23 @@ impl S3Server {
         assert!(Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap().success());
     }
 
-    pub fn checkpoint(&self, prefix: &str) -> Option<serde_json::Value> {
-        self.get(&format!("{prefix}/checkpoint.json")).map(|bytes| serde_json::from_slice(&bytes).unwrap())
+    /// `s3://<bucket>/<prefix>` as bearwatch's storage reaches it.
+    pub fn location(&self, prefix: &str) -> bearwatch::storage::Location {
+        let text = |t: &str| Some(bearwatch::config::EnvString::expand(t).unwrap());
+        let settings = bearwatch::storage::S3Config {
+            endpoint: text(&self.endpoint),
+            access_key_id: text("test"),
+            secret_access_key: text("test"),
+            region: text("us-east-1"),
+            ..Default::default()
+        };
+        bearwatch::storage::Location::parse(&format!("s3://{}/{prefix}", self.bucket), &settings).unwrap()
+    }
+
+    /// The checkpoint under `prefix` (of `instance`, when given), read by bearwatch's storage (it
+    /// joins a checkpoint written in pieces).
+    pub fn checkpoint(&self, prefix: &str, instance: Option<&str>) -> Option<serde_json::Value> {
+        bearwatch::storage::checkpoint(&self.location(prefix), instance).unwrap().map(|bytes| serde_json::from_slice(&bytes).unwrap())
     }
 }
 
