@@ -1076,7 +1076,7 @@ fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, ve
             Location::Bucket(bucket) => bucket.put(&pack, bytes.clone(), Mode::Overwrite).map(drop),
         };
         if let Err(e) = put {
-            last.written_uncommitted(name.clone());
+            last.unreferenced(name.clone());
             return Err(e);
         }
     }
@@ -1084,15 +1084,16 @@ fn write_checkpoint<S: Serialize>(place: &Place, checkpoint: &Written<'_, S>, ve
         Ok(version) => version,
         Err(e) => {
             if let Some((name, _)) = encoded.pack {
-                last.written_uncommitted(name);
+                last.unreferenced(name);
             }
             return Err(e);
         }
     };
-    let unused: Vec<String> = last.unused_after(&encoded.stored).into_iter().map(|name| format!("{folder}/{name}")).collect();
+    let unused = last.unused_after(&encoded.stored);
     *last = encoded.stored;
-    if let Err(e) = place.delete_many(&unused) {
-        tracing::warn!(error = %e, "checkpoint packs no checkpoint references are left behind");
+    if let Err(e) = place.delete_many(&unused.iter().map(|name| format!("{folder}/{name}")).collect::<Vec<_>>()) {
+        tracing::warn!(error = %e, "checkpoint packs no checkpoint uses are deleted after the next checkpoint");
+        unused.into_iter().for_each(|name| last.unreferenced(name));
     }
     metrics::counter!("bearwatch_checkpoint_written_bytes_total").increment(written as u64);
     metrics::gauge!("bearwatch_checkpoint_state_bytes").set(state_bytes as f64);

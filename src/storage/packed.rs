@@ -78,9 +78,9 @@ struct Spot {
 pub(super) struct Stored {
     pieces: HashMap<String, Spot>,
     packs: BTreeMap<String, u64>,
-    /// Packs written for commits that failed: deleted after the next commit that succeeds, which
-    /// does not reference them.
-    uncommitted: Vec<String>,
+    /// Packs no committed checkpoint references that are still there (written for a commit that
+    /// failed, or their deletion failed): deleted after the next commit that succeeds.
+    unreferenced: Vec<String>,
 }
 
 /// A checkpoint ready to be written: the file, and the pack to write before it (none when every
@@ -94,12 +94,14 @@ pub(super) struct Encoded {
 impl Stored {
     /// The packs to delete once `next` is committed in place of this one.
     pub fn unused_after(&self, next: &Stored) -> Vec<String> {
-        self.packs.keys().chain(&self.uncommitted).filter(|name| !next.packs.contains_key(*name)).cloned().collect()
+        let unused: std::collections::BTreeSet<&String> = self.packs.keys().chain(&self.unreferenced).filter(|name| !next.packs.contains_key(*name)).collect();
+        unused.into_iter().cloned().collect()
     }
 
-    /// Notes a pack written for a commit that failed.
-    pub fn written_uncommitted(&mut self, pack: String) {
-        self.uncommitted.push(pack);
+    /// Notes a pack written for a commit that failed, or one whose deletion failed: deleted after
+    /// the next commit that succeeds.
+    pub fn unreferenced(&mut self, pack: String) {
+        self.unreferenced.push(pack);
     }
 
     pub fn packs(&self) -> impl Iterator<Item = &String> {
@@ -196,7 +198,9 @@ impl Packed {
             }
             found.push(file);
         }
-        let limit = usize::try_from(self.bytes).map_err(|_| corrupt(format!("{} bytes cannot be held", self.bytes)))?;
+        // A damaged manifest must not ask for more memory than its pieces can hold.
+        let limit = usize::try_from(self.bytes).ok().filter(|&bytes| bytes <= self.pieces.len().saturating_mul(MAX_PIECE));
+        let limit = limit.ok_or_else(|| corrupt(format!("{} pieces cannot hold {} bytes", self.pieces.len(), self.bytes)))?;
         let mut json = Vec::with_capacity(limit);
         let mut stored = Stored::default();
         for (pack, at, len, digest) in &self.pieces {
@@ -230,7 +234,10 @@ fn split(bytes: &[u8]) -> Vec<&[u8]> {
         let end = rest.len().min(MAX_PIECE);
         let mut cut = end;
         let mut hash = 0u64;
-        for (i, &byte) in rest[..end].iter().enumerate() {
+        // Each byte's part of the hash is shifted out after 64 more: hashing from 64 bytes before
+        // the first possible cut gives the same hash as from the start of the piece.
+        let from = (MIN_PIECE - 64).min(end);
+        for (i, &byte) in rest[..end].iter().enumerate().skip(from) {
             hash = (hash << 1).wrapping_add(GEAR[byte as usize]);
             if i + 1 >= MIN_PIECE && hash >> (64 - CUT_BITS) == 0 {
                 cut = i + 1;
@@ -343,7 +350,7 @@ mod tests {
         assert_eq!(join(&two, &packs).unwrap().0, second);
         // A pack of a failed commit goes after the next one that succeeds.
         let mut last = two.stored.clone();
-        last.written_uncommitted("w-3".into());
+        last.unreferenced("w-3".into());
         let four = encode(second, &last, "w-4").unwrap();
         assert_eq!(last.unused_after(&four.stored), vec!["w-3".to_string()]);
     }
@@ -357,6 +364,10 @@ mod tests {
         let at = flipped.len() / 2;
         flipped[at] ^= 0x55;
         assert!(matches!(join(&one, &HashMap::from([(name.clone(), flipped)])), Err(JoinError::Corrupt(_))));
-        assert!(matches!(join(&one, &HashMap::from([(name, pack[1..].to_vec())])), Err(JoinError::Corrupt(_))));
+        assert!(matches!(join(&one, &HashMap::from([(name.clone(), pack[1..].to_vec())])), Err(JoinError::Corrupt(_))));
+        // A manifest that claims more than its pieces can hold asks for no memory.
+        let mut packed = manifest(&one.file).unwrap().unwrap();
+        packed.bytes = u64::MAX;
+        assert!(matches!(packed.join(vec![Some(pack)]), Err(JoinError::Corrupt(reason)) if reason.contains("cannot hold")));
     }
 }
