@@ -451,6 +451,11 @@ enum BenchCommand {
     ///
     /// Example: bearwatch bench instances --object-store s3://bearwatch/bench --stories 3000
     Instances(bearwatch::bench::instances::InstancesBenchArgs),
+    /// What a checkpoint writes once the state is big: the pipeline grows it on distinct stories,
+    /// then checkpoints a few stories at a time; bytes written per checkpoint against the state.
+    ///
+    /// Example: bearwatch bench checkpoints --stories 30000 --then 420
+    Checkpoints(bearwatch::bench::checkpoints::CheckpointBenchArgs),
 }
 
 /// Classifier settings, the same as the `[model]` section of a pipeline.
@@ -1009,6 +1014,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(BenchCommand::Sql(args)) => {
             outln!("{}", bearwatch::bench::sql::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Checkpoints(args)) => {
+            outln!("{}", bearwatch::bench::checkpoints::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Instances(args)) => {

@@ -153,3 +153,18 @@ fn bench_detect_counts_caught_bursts_and_unexplained_episodes() {
     let all = cells(&silent, "all");
     assert_eq!((all[2].as_str(), all[4].as_str(), all[6].as_str(), all[7].as_str()), ("0", "—", "0.00", "0.00"), "{silent}");
 }
+
+/// A state past 1 MiB grown by the pipeline, then checkpoints of a few stories each: every
+/// checkpoint the watcher saw wrote a small share of the state, and the checkpoint reads back.
+#[test]
+fn bench_checkpoints_counts_what_each_checkpoint_writes_against_the_state() {
+    let out = Command::cargo_bin("bearwatch").unwrap().args(["bench", "checkpoints", "--stories", "3000", "--then", "60"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row = stdout.lines().find(|l| l.starts_with("| ") && l.chars().nth(2).is_some_and(|c| c.is_ascii_digit())).expect("a row");
+    let cells: Vec<f64> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).map(|c| c.trim_end_matches(" %").parse().unwrap()).collect();
+    let (state_mb, checkpoints, written_mb, share) = (cells[0], cells[1], cells[2], cells[3]);
+    assert!(state_mb > 1.1 && checkpoints >= 2.0, "{row}");
+    assert!(written_mb > 0.0 && share < 30.0, "only the changed pieces: {row}");
+    assert!(cells[7] > 0.0, "opened and read: {row}");
+}

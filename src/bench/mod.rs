@@ -2,6 +2,7 @@
 //! one file per subcommand, kept out of the component folders they measure.
 
 pub mod alerts;
+pub mod checkpoints;
 pub mod classify;
 pub mod detect;
 pub mod e2e;
