@@ -152,7 +152,7 @@ fn measure(args: &CheckpointBenchArgs, base: &[News], dir: &Path) -> Result<Stri
     let on_disk: u64 = std::fs::read_dir(storage.join("checkpoint.packs")).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
     let checkpoints = written.files.len().max(1) as u64;
     let total = written.files.iter().sum::<u64>() + written.packs.values().sum::<u64>();
-    let mut per_checkpoint: Vec<f64> = written.files.iter().map(|&f| f as f64).collect();
+    let mut file_sizes: Vec<f64> = written.files.iter().map(|&f| f as f64).collect();
     let largest_pack = written.packs.values().copied().max().unwrap_or(0);
     let mb = |bytes: u64| bytes as f64 / 1e6;
 
@@ -173,7 +173,7 @@ fn measure(args: &CheckpointBenchArgs, base: &[News], dir: &Path) -> Result<Stri
         mb(state),
         mb(total) / checkpoints as f64,
         100.0 * total as f64 / (checkpoints * state.max(1)) as f64,
-        median(&mut per_checkpoint) / 1e3,
+        median(&mut file_sizes) / 1e3,
         mb(largest_pack),
         mb(on_disk),
         median(&mut opens),
