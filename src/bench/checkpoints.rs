@@ -150,7 +150,10 @@ fn measure(args: &CheckpointBenchArgs, base: &[News], dir: &Path) -> Result<Stri
         drop(storage);
     }
     let on_disk: u64 = std::fs::read_dir(storage.join("checkpoint.packs")).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-    let checkpoints = written.files.len().max(1) as u64;
+    if written.files.is_empty() {
+        return Err(failed(format!("no checkpoint was written while {} stories were read: give --then more", args.then)));
+    }
+    let checkpoints = written.files.len() as u64;
     let total = written.files.iter().sum::<u64>() + written.packs.values().sum::<u64>();
     let mut file_sizes: Vec<f64> = written.files.iter().map(|&f| f as f64).collect();
     let largest_pack = written.packs.values().copied().max().unwrap_or(0);
