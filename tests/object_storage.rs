@@ -139,10 +139,7 @@ fn journals_on_s3_take_analysts_labels_and_sql_reads_them() {
     // server's conditional PUTs; SQL and the feedback tail read every label once throughout.
     let (code, _, err) = bearwatch(&s3, &["feedback", "import", "--storage", storage, "--analyst", "bo", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    let text = |t: &str| Some(EnvString::expand(t).unwrap());
-    let settings =
-        S3Config { endpoint: text(&s3.endpoint), access_key_id: text("test"), secret_access_key: text("test"), region: text("us-east-1"), ..S3Config::default() };
-    let location = Location::parse(storage, &settings).unwrap();
+    let location = Location::parse(storage, &s3.settings()).unwrap();
     let files = || bearwatch::storage::journal_files(&location, Table::LabelFeedback).unwrap();
     assert_eq!(files().len(), 2);
     let mut tail = JournalTail::new(&location);
@@ -162,10 +159,7 @@ fn journals_on_s3_take_analysts_labels_and_sql_reads_them() {
 #[test]
 fn two_writers_on_one_prefix_cannot_both_commit() {
     let s3 = S3Server::start("fence");
-    let text = |t: &str| Some(EnvString::expand(t).unwrap());
-    let settings =
-        S3Config { endpoint: text(&s3.endpoint), access_key_id: text("test"), secret_access_key: text("test"), region: text("us-east-1"), ..S3Config::default() };
-    let at = |prefix: &str| Location::parse(&format!("s3://fence/{prefix}"), &settings).unwrap();
+    let at = |prefix: &str| s3.location(prefix);
     let state = serde_json::json!({"offsets": {"news": {"0": 10}}});
 
     // Both read "no checkpoint"; the first commit wins, the second is fenced off.
@@ -185,7 +179,7 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
     assert!(matches!(a.commit(&state), Err(StorageError::Fenced { .. })));
 
     // An unreachable store is a clear error, after the client's retries, not a hang.
-    let closed = S3Config { endpoint: text(&format!("http://127.0.0.1:{}", free_port())), retries: 1, ..settings.clone() };
+    let closed = S3Config { endpoint: Some(EnvString::expand(&format!("http://127.0.0.1:{}", free_port())).unwrap()), retries: 1, ..s3.settings() };
     let started = Instant::now();
     let err = Storage::open::<serde_json::Value>(&Location::parse("s3://fence/gone", &closed).unwrap(), None, false).err().unwrap();
     assert!(err.to_string().contains("s3://fence/gone/checkpoint.json"), "{err}");

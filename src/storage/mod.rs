@@ -446,8 +446,8 @@ impl Storage {
             }
         }
         let (bytes, checkpoint_version, stored) = read_checkpoint(&place)?.map_or((None, None, packed::Stored::default()), |(b, v, s)| (Some(b), v, s));
-        if let Location::Local(root) = location {
-            sweep_packs(root, &place, &stored)?;
+        if let Location::Local(_) = location {
+            sweep_packs(&place, &stored)?;
         }
         let parts: Parts = match &bytes {
             Some(bytes) => parse_checkpoint(&place, bytes)?,
@@ -462,8 +462,7 @@ impl Storage {
             return Err(StorageError::Damaged { root: location.to_string(), damage });
         }
         let state = bytes.as_deref().map(|bytes| parse_checkpoint(&place, bytes)).transpose()?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let writer = format!("{}-{nanos:x}", std::process::id());
+        let writer = opening();
         let storage = Storage {
             place,
             committed: next_part.clone(),
@@ -503,8 +502,7 @@ impl Storage {
         for field in ["next_part", "lost_parts", "writer", "commit"] {
             state.remove(field);
         }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        parts.writer = format!("repair-{nanos:x}");
+        parts.writer = format!("repair-{}", opening());
         write_checkpoint(&place, &Written { state: &state, parts: &parts }, version.as_deref(), &mut stored, &format!("{}.pack", parts.writer))?;
         Ok(damaged.into_iter().map(|(_, _, what)| what).collect())
     }
@@ -704,6 +702,13 @@ impl Storage {
     pub fn forget_uncommitted(&mut self) {
         self.next_part = self.committed.clone();
     }
+}
+
+/// Names one opening of a storage (process id and clock): what a checkpoint's `writer` says, and
+/// the start of its packs' names, which no other opening may write.
+fn opening() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
 }
 
 fn properties() -> WriterProperties {
@@ -977,30 +982,24 @@ impl Parts {
 /// Deletes the checkpointed tables and the checkpoint of `place` (not the journals: people's work).
 fn reset_tables(place: &Place) -> Result<(), StorageError> {
     for table in Table::CHECKPOINTED {
-        let folder = place.folder(table);
-        match &place.location {
-            Location::Local(root) => {
-                let dir = root.join(&folder);
-                if dir.exists() {
-                    fs::remove_dir_all(&dir).map_err(io_error(&dir))?;
-                }
-            }
-            Location::Bucket(bucket) => {
-                // Without an instance name, the table's instances' folders go too: all of it.
-                for name in bucket.list_all(&folder)? {
-                    bucket.delete(&format!("{folder}/{name}"))?;
-                }
-            }
-        }
+        // Without an instance name, the table's instances' folders go too: all of it.
+        delete_folder(place, &place.folder(table))?;
     }
     place.delete(&place.checkpoint())?;
-    let packs = packed::folder(&place.checkpoint());
+    delete_folder(place, &packed::folder(&place.checkpoint()))
+}
+
+/// Deletes `folder` and everything under it, at any depth (one that is not there is no error).
+fn delete_folder(place: &Place, folder: &str) -> Result<(), StorageError> {
     match &place.location {
-        Location::Local(root) => match fs::remove_dir_all(root.join(&packs)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&root.join(&packs))(e)),
-            _ => Ok(()),
-        },
-        Location::Bucket(bucket) => bucket.delete_many(&bucket.list_all(&packs)?.into_iter().map(|name| format!("{packs}/{name}")).collect::<Vec<_>>()),
+        Location::Local(root) => {
+            let dir = root.join(folder);
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&dir)(e)),
+                _ => Ok(()),
+            }
+        }
+        Location::Bucket(bucket) => bucket.delete_many(&bucket.list_all(folder)?.into_iter().map(|name| format!("{folder}/{name}")).collect::<Vec<_>>()),
     }
 }
 
@@ -1044,13 +1043,14 @@ fn read_checkpoint(place: &Place) -> Result<Option<(Vec<u8>, Option<String>, pac
 /// Deletes the packs that the checkpoint does not reference (left by a crash between a pack and
 /// its checkpoint). Local storage only, where this process holds the storage (or its instance)
 /// alone; on object storage another process may be about to commit a pack it just wrote.
-fn sweep_packs(root: &Path, place: &Place, stored: &packed::Stored) -> Result<(), StorageError> {
+fn sweep_packs(place: &Place, stored: &packed::Stored) -> Result<(), StorageError> {
     let folder = packed::folder(&place.checkpoint());
     let referenced: std::collections::HashSet<&String> = stored.packs().collect();
     for (name, _) in place.list(&folder)? {
         if !referenced.contains(&name) {
-            tracing::info!(file = %root.join(&folder).join(&name).display(), "removing a checkpoint pack no checkpoint references");
-            place.delete(&format!("{folder}/{name}"))?;
+            let pack = format!("{folder}/{name}");
+            tracing::info!(file = %place.name(&pack), "removing a checkpoint pack no checkpoint references");
+            place.delete(&pack)?;
         }
     }
     Ok(())

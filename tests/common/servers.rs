@@ -330,17 +330,21 @@ impl S3Server {
         assert!(Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap().success());
     }
 
-    /// `s3://<bucket>/<prefix>` as bearwatch's storage reaches it.
-    pub fn location(&self, prefix: &str) -> bearwatch::storage::Location {
+    /// The `[storage.s3]` settings that reach this server, as bearwatch's storage takes them.
+    pub fn settings(&self) -> bearwatch::storage::S3Config {
         let text = |t: &str| Some(bearwatch::config::EnvString::expand(t).unwrap());
-        let settings = bearwatch::storage::S3Config {
+        bearwatch::storage::S3Config {
             endpoint: text(&self.endpoint),
             access_key_id: text("test"),
             secret_access_key: text("test"),
             region: text("us-east-1"),
             ..Default::default()
-        };
-        bearwatch::storage::Location::parse(&format!("s3://{}/{prefix}", self.bucket), &settings).unwrap()
+        }
+    }
+
+    /// `s3://<bucket>/<prefix>` as bearwatch's storage reaches it.
+    pub fn location(&self, prefix: &str) -> bearwatch::storage::Location {
+        bearwatch::storage::Location::parse(&format!("s3://{}/{prefix}", self.bucket), &self.settings()).unwrap()
     }
 
     /// The checkpoint under `prefix` (of `instance`, when given), read by bearwatch's storage (it
