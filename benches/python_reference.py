@@ -7,12 +7,27 @@ of the process's threads), per-batch milliseconds, padded tokens.
 """
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+
+def int8_saturates():
+    """Whether ONNX Runtime's u8 x s8 MatMuls clip on this CPU (x86 without VNNI): bearwatch then asks
+    for its exact u8 x u8 kernel (session.x64quantprecision), and so does this reference, so that
+    both run the same arithmetic (src/classify/runtime.rs says why)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
 def main():
@@ -33,6 +48,8 @@ def main():
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if int8_saturates():
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     sess = ort.InferenceSession(str(model / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     with open(args.input, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for _, line in zip(range(args.items), f)]

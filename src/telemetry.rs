@@ -61,7 +61,7 @@ pub const METRICS: &[(&str, Kind, &str, &str)] = &[
     ("bearwatch_checkpoint_written_bytes_total", Kind::Counter, "", "Bytes written for checkpoints: the file, and for a big state the pack of its changed pieces"),
     ("bearwatch_checkpoint_state_bytes", Kind::Gauge, "", "Size of the last checkpointed state as JSON (what a restart reads)"),
     ("bearwatch_storage_unavailable", Kind::Gauge, "", "1 while writes wait for the storage (object storage unreachable, a full disk); reading waits with them"),
-    ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, put, list, delete, rename"),
+    ("bearwatch_object_store_requests_total", Kind::Counter, "op", "Requests to object storage (an s3:// storage path) by operation: get, head, put, list, delete, rename"),
     ("bearwatch_object_store_errors_total", Kind::Counter, "op", "Object-storage requests that failed after the client's retries (not refused preconditions)"),
     ("bearwatch_object_store_request_seconds", Kind::Histogram, "op", "One object-storage request, its retries included"),
     ("bearwatch_storage_compactions_total", Kind::Counter, "", "Merges of a table's small Parquet parts into one (in the background, after checkpoints)"),

@@ -368,6 +368,51 @@ fn a_silence_added_over_http_mutes_notifications_and_the_alert_is_still_recorded
     assert!(std::fs::read_to_string(dir.path().join("store/silences.json")).unwrap().contains("market-negative"));
 }
 
+/// A silence set over the HTTP API while an alert fires stops its reminders at the webhook (each
+/// muted one counted), and lifting it lets them go on.
+#[test]
+fn a_silence_set_while_an_alert_fires_stops_its_reminders_until_it_is_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = WebhookServer::start();
+    let http = free_port();
+    // The three bad stories fire the alert; the replay then waits for a story ten days on (about
+    // four minutes at 3,600×), so the alert keeps firing until the test stops the pipeline.
+    let quiet = "{\"id\":\"q1\",\"published_at\":\"1987-03-12T10:00:00Z\",\"headline\":\"Markets are quiet\"}\n";
+    let input: String = stories().lines().take(3).map(|line| format!("{line}\n")).collect::<String>() + quiet;
+    std::fs::write(dir.path().join("in.jsonl"), input).unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES.replace("receivers = [\"mail\", \"hook\"]", "receivers = [\"hook\"]\nrepeat_interval = \"1s\"")).unwrap();
+    let token = "t0ken-0123456789abcdef";
+    let config = pipeline(free_port(), hook.port).replace("path = \"in.jsonl\"", "path = \"in.jsonl\"\nspeed = 3600\nmax_gap = \"30d\"")
+        + &format!("\n[server]\nhttp = \"127.0.0.1:{http}\"\nauth_token = \"{token}\"\n");
+    let mut run = Pipeline::start(dir.path(), "p", &config);
+    let firing = || hook.requests.lock().unwrap().iter().filter(|(_, alert)| alert["state"] == "firing").count();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}\n{}", run.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("no first notice and reminder", &|| firing() >= 2);
+
+    let api = common::api::Api::new(&format!("http://127.0.0.1:{http}"));
+    let now = chrono::Utc::now();
+    let silence = serde_json::json!({"match": {"rule": "market-negative"}, "starts_at": now - chrono::Duration::minutes(1), "ends_at": now + chrono::Duration::hours(1), "comment": "known"});
+    let (status, created) = api.call("POST", "/api/silences", Some(token), Some(&silence.to_string()));
+    assert_eq!(status, 201, "{created}");
+    let muted_from = firing();
+    let silenced = || common::metric(http, "bearwatch_stage_dropped_total{stage=\"notify\",reason=\"silenced\"}");
+    wait("no reminder was silenced", &|| silenced() >= 3);
+    assert!(firing() <= muted_from + 1, "reminders reached the webhook under the silence (one may have been on its way)");
+
+    let (status, _) = api.call("DELETE", &format!("/api/silences/{}", created["id"].as_str().unwrap()), Some(token), None);
+    assert_eq!(status, 204);
+    let lifted_at = firing();
+    wait("the reminders did not resume once the silence was lifted", &|| firing() >= lifted_at + 2);
+    run.signal("TERM");
+    assert!(run.wait(Duration::from_secs(60)).success(), "{}", run.logs());
+}
+
 /// A Slack-compatible webhook (`slack = true`) gets the alert as text in which a headline's
 /// `<!channel>`, links and `&` are escaped as Slack requires: shown as written, mentioning no one.
 #[test]

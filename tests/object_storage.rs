@@ -192,10 +192,6 @@ fn two_writers_on_one_prefix_cannot_both_commit() {
 #[test]
 fn a_big_checkpoint_on_object_storage_writes_its_changes_and_deletes_what_no_checkpoint_uses() {
     let s3 = S3Server::start("packs");
-    let big = |first: usize| {
-        let tracked: Vec<String> = (first..first + 30_000).map(|i| format!("story {i}: shares of company {} fell {} percent", i * 7919 % 1013, i % 97)).collect();
-        serde_json::json!({ "offsets": { "news": { "0": first } }, "tracked": tracked })
-    };
     let packs = || s3.list("desk/checkpoint.packs");
     let size = |key: &String| s3.get(key).unwrap().len();
 
@@ -225,6 +221,35 @@ fn a_big_checkpoint_on_object_storage_writes_its_changes_and_deletes_what_no_che
     // A small state again: the packs go (not the fenced one's, which no checkpoint of b's named).
     b.commit(&serde_json::json!({"offsets": {"news": {"0": 1}}})).unwrap();
     assert_eq!(packs(), left);
+}
+
+/// A state big enough to be checkpointed in pieces (30,000 stories from `first` on).
+fn big(first: usize) -> serde_json::Value {
+    let tracked: Vec<String> = (first..first + 30_000).map(|i| format!("story {i}: shares of company {} fell {} percent", i * 7919 % 1013, i % 97)).collect();
+    serde_json::json!({ "offsets": { "news": { "0": first } }, "tracked": tracked })
+}
+
+/// A crash (or a fenced process) between a pack and its checkpoint leaves the pack behind. The
+/// next process's first commit deletes it once the store's clock says it is well older than that
+/// commit, and leaves one too new to tell from a pack another process is about to commit.
+#[test]
+fn a_pack_no_checkpoint_references_is_swept_once_it_is_older_than_the_checkpoint() {
+    let s3 = S3Server::start("sweep");
+    let packs = || s3.list("desk/checkpoint.packs");
+    let (mut a, _) = Storage::open::<serde_json::Value>(&s3.location("desk"), None, false).unwrap();
+    a.commit(&big(0)).unwrap();
+    drop(a);
+    let (left, fresh) = ("desk/checkpoint.packs/1-dead-2.pack", "desk/checkpoint.packs/2-new-1.pack");
+    s3.put(left, b"a crash's pack");
+    // The sweep takes packs written 10 s or more before the checkpoint, by the store's clock.
+    std::thread::sleep(Duration::from_secs(11));
+    s3.put(fresh, b"a pack about to be committed");
+    let (mut b, _) = Storage::open::<serde_json::Value>(&s3.location("desk"), None, false).unwrap();
+    b.commit(&big(20)).unwrap();
+    let after = packs();
+    assert!(!after.contains(&left.to_string()), "{after:?}");
+    assert!(after.contains(&fresh.to_string()), "{after:?}");
+    assert_eq!(s3.checkpoint("desk", None).unwrap()["tracked"], big(20)["tracked"], "every piece the checkpoint names is there");
 }
 
 /// Two `aggregate` instances (and one `classify`) on one bucket, each with its own `[storage]

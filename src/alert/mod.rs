@@ -18,7 +18,7 @@ use std::fmt::Write;
 use serde::Deserialize;
 
 use crate::config::{EnvString, HumanDuration};
-use crate::detect::rules::{Route, RuleFile, Silence, matches};
+use crate::detect::rules::{Route, RuleFile, matches};
 use crate::detect::{Alert, AlertState, Detector};
 use crate::news::Why;
 use crate::window::WindowRow;
@@ -248,19 +248,17 @@ pub struct Delivery {
 
 pub struct Router {
     routes: Vec<Route>,
-    silences: Vec<Silence>,
-    /// Silences added over the HTTP API.
-    dynamic: Option<silences::SilenceStore>,
+    silences: silences::Silences,
 }
 
 impl Router {
-    pub fn new(routes: Vec<Route>, silences: Vec<Silence>) -> Router {
-        Router { routes, silences, dynamic: None }
+    pub fn new(routes: Vec<Route>, silences: silences::Silences) -> Router {
+        Router { routes, silences }
     }
 
-    pub fn with_dynamic_silences(mut self, store: silences::SilenceStore) -> Router {
-        self.dynamic = Some(store);
-        self
+    /// The silences it consults, which the notifier shares.
+    pub fn silences(&self) -> &silences::Silences {
+        &self.silences
     }
 
     /// Receivers of every matching route (each once; the first matching route's timing wins).
@@ -289,8 +287,7 @@ impl Router {
 
     /// Whether a silence (of the rule files or set over the API) matches `labels` at `now`.
     pub fn silenced(&self, labels: &BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> bool {
-        let active = |s: &Silence| s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels);
-        self.silences.iter().any(active) || self.dynamic.as_ref().is_some_and(|d| d.list().iter().any(|s| active(&s.silence)))
+        self.silences.mute_until(labels, now).is_some()
     }
 }
 
@@ -389,12 +386,12 @@ impl Alerting {
         &mut self,
         receivers: &[ReceiverConfig],
         senders: notify::Senders,
-        start: impl FnOnce(notify::Senders) -> Result<notify::Notifier, AlertError>,
+        start: impl FnOnce(notify::Senders, silences::Silences) -> Result<notify::Notifier, AlertError>,
     ) -> Result<(), AlertError> {
         match &self.notifier {
             Some(notifier) => notifier.replace_senders(senders),
             None if senders.is_empty() => {}
-            None => self.notifier = Some(start(senders)?),
+            None => self.notifier = Some(start(senders, self.router.silences().clone())?),
         }
         let intervals = self.rate_intervals();
         (self.receivers, self.limits) = in_force(receivers);
@@ -482,7 +479,8 @@ impl Alerting {
     pub fn reload(&mut self, rules: RuleFile, watermark_ms: i64) -> usize {
         let resolved = self.detector.replace_rules(rules.rules, watermark_ms);
         let count = self.record(resolved);
-        self.router = Router { routes: rules.routes, silences: rules.silences, dynamic: self.router.dynamic.take() };
+        self.router.routes = rules.routes;
+        self.router.silences.replace_fixed(rules.silences);
         count
     }
 
@@ -550,30 +548,36 @@ impl Alerting {
         self.sum_up_held(false);
         for delivery in self.router.deliveries(alert, chrono::Utc::now()) {
             crate::telemetry::received("notify", 1);
-            if delivery.silenced {
+            let Some(&timing) = self.receivers.get(&delivery.receiver) else {
+                tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver");
+                continue;
+            };
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut limit = self.limits.get_mut(&delivery.receiver);
+            // A firing alert under a silence is queued all the same, taking its place in the rate
+            // limit: the notifier drops the notice while the silence lasts and tells of the alert
+            // once it ends, if it still fires. A resolve, a firing alert the limit has no place
+            // for, or a log line (printed now or never) has nothing to say after the silence.
+            let kind = timing.kind;
+            if delivery.silenced && (kind == ReceiverKind::Log || alert.state != AlertState::Firing || limit.as_mut().is_some_and(|l| !l.take_place(now))) {
                 tracing::info!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "silenced");
                 crate::telemetry::dropped("notify", "silenced", 1);
                 continue;
             }
-            match self.receivers.get(&delivery.receiver) {
-                Some(Timing { kind: ReceiverKind::Log, .. }) => {
-                    tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
-                    crate::telemetry::say(format_args!("{}", render_text(alert)));
-                }
-                Some(&timing) => {
-                    let now = chrono::Utc::now().timestamp_millis();
-                    if self.limits.get_mut(&delivery.receiver).is_some_and(|l| !l.admit(alert, now)) {
-                        metrics::counter!("bearwatch_notifications_held_total", "receiver" => delivery.receiver.clone()).increment(1);
-                        crate::telemetry::dropped("notify", "rate_limit", 1);
-                        tracing::debug!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "held back by the receiver's rate limit");
-                        continue;
-                    }
-                    let (wait, repeat) = timing.resend_ms.map_or((delivery.group_wait_ms, delivery.repeat_interval_ms), |resend| (0, resend));
-                    let repeat = if alert.state == AlertState::Firing { repeat } else { 0 };
-                    self.queue(alert, &delivery.receiver, timing, wait, repeat);
-                }
-                None => tracing::error!(receiver = %delivery.receiver, "route names an unknown receiver"),
+            if kind == ReceiverKind::Log {
+                tracing::warn!(alert_id = %alert.alert_id, rule = %alert.rule, state = ?alert.state, "{}", alert.summary);
+                crate::telemetry::say(format_args!("{}", render_text(alert)));
+                continue;
             }
+            if !delivery.silenced && limit.is_some_and(|l| !l.admit(alert, now)) {
+                metrics::counter!("bearwatch_notifications_held_total", "receiver" => delivery.receiver.clone()).increment(1);
+                crate::telemetry::dropped("notify", "rate_limit", 1);
+                tracing::debug!(alert_id = %alert.alert_id, receiver = %delivery.receiver, "held back by the receiver's rate limit");
+                continue;
+            }
+            let (wait, repeat) = timing.resend_ms.map_or((delivery.group_wait_ms, delivery.repeat_interval_ms), |resend| (0, resend));
+            let repeat = if alert.state == AlertState::Firing { repeat } else { 0 };
+            self.queue(alert, &delivery.receiver, timing, wait, repeat);
         }
     }
 
@@ -636,7 +640,7 @@ pub fn render_text(alert: &Alert) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::rules::Severity;
+    use crate::detect::rules::{Severity, Silence};
 
     fn alert(state: AlertState, topic: &str) -> Alert {
         Alert {
@@ -670,7 +674,7 @@ mod tests {
             seen.lock().unwrap().push(texts.len());
             texts.iter().map(|t| vec![crate::news::Why { word: t.to_string(), position: 0, effect: 0.5 }]).collect()
         });
-        let mut alerting = Alerting::new(Detector::new(Vec::new()), Router::new(Vec::new(), Vec::new()), &[], None).with_explainer(explainer);
+        let mut alerting = Alerting::new(Detector::new(Vec::new()), Router::new(Vec::new(), silences::Silences::default()), &[], None).with_explainer(explainer);
         let headline = |i: usize| crate::window::Headline { id: format!("s{i}"), headline: format!("story {i}"), p_negative: 0.9, why: vec![] };
         let mut alerts: Vec<Alert> = (0..300)
             .map(|i| Alert { top_headlines: (0..5).map(|k| headline((i + k * 30) % 150)).collect(), ..alert(AlertState::Firing, &format!("T{i}")) })
@@ -714,13 +718,40 @@ mod tests {
                 route(&["mail", "pager"], &[("team", "markets")], true),
                 route(&["other"], &[("topic", "trade")], true),
             ],
-            vec![],
+            silences::Silences::default(),
         );
         let now = chrono::Utc::now();
         let names = |a: &Alert| router.deliveries(a, now).into_iter().map(|d| d.receiver).collect::<Vec<_>>();
         assert_eq!(names(&alert(AlertState::Firing, "energy")), ["pager", "mail"]);
         assert_eq!(names(&alert(AlertState::Resolved, "energy")), ["mail", "pager"], "the first route does not send resolved");
         assert_eq!(names(&alert(AlertState::Firing, "metals")), ["mail", "pager"]);
+    }
+
+    /// Under a silence a firing alert's notice is queued (to be told of after it) if the receiver's
+    /// rate limit has a place for it, and holds nothing back if not; a resolve is not queued.
+    #[test]
+    fn under_a_silence_a_firing_alert_is_queued_within_the_rate_limit_and_a_resolve_is_not() {
+        let now = chrono::Utc::now();
+        let silence = Silence {
+            matchers: BTreeMap::from([("topic".into(), "energy".into())]),
+            starts_at: now - chrono::Duration::hours(1),
+            ends_at: now + chrono::Duration::hours(1),
+            comment: String::new(),
+        };
+        let hook: ReceiverConfig = toml::from_str("name = \"hook\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/x\"\nrate_limit = 1").unwrap();
+        let router = Router::new(vec![route(&["hook"], &[], true)], silences::Silences::new(vec![silence], None));
+        let mut alerting = Alerting::new(Detector::new(Vec::new()), router, &[hook], None);
+        let firing = |id: &str, topic: &str| Alert { alert_id: id.into(), ..alert(AlertState::Firing, topic) };
+        alerting.record(vec![firing("a1", "energy")]);
+        assert_eq!(alerting.queued.iter().map(|q| q.key.as_str()).collect::<Vec<_>>(), ["a1/firing/hook"]);
+        alerting.record(vec![firing("a2", "energy"), alert(AlertState::Resolved, "energy")]);
+        assert_eq!(alerting.queued.len(), 1, "no place left in the limit, and a resolve under the silence");
+        alerting.sum_up_held(true);
+        assert_eq!(alerting.queued.len(), 1, "nothing held back to sum up");
+        // Unsilenced, the next alert meets the full limit: held back and summed up.
+        alerting.record(vec![firing("a3", "metals")]);
+        alerting.sum_up_held(true);
+        assert_eq!(alerting.queued.iter().map(|q| q.alert.rule.as_str()).collect::<Vec<_>>(), ["spike", rate::HELD_RULE]);
     }
 
     #[test]
@@ -732,7 +763,7 @@ mod tests {
             ends_at: now + chrono::Duration::hours(1),
             comment: "known event".into(),
         };
-        let router = Router::new(vec![route(&["mail"], &[], true)], vec![silence]);
+        let router = Router::new(vec![route(&["mail"], &[], true)], silences::Silences::new(vec![silence], None));
         assert!(router.deliveries(&alert(AlertState::Firing, "energy"), now)[0].silenced);
         assert!(!router.deliveries(&alert(AlertState::Firing, "metals"), now)[0].silenced);
         assert!(!router.deliveries(&alert(AlertState::Firing, "energy"), now + chrono::Duration::hours(2))[0].silenced);

@@ -10,7 +10,8 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{Message, SmtpTransport, Transport};
 
-use super::outbox::{Outbox, Status};
+use super::outbox::{Entry, Outbox, Status};
+use super::silences::Silences;
 use super::{ReceiverConfig, ReceiverKind, SmtpTls, headline_line, render_text};
 use crate::config::EnvString;
 use crate::detect::{Alert, AlertState};
@@ -354,6 +355,8 @@ struct Shared {
     wake: Condvar,
     /// Receivers read again from the pipeline file, which the thread sends to from its next turn.
     replacement: Mutex<Option<Senders>>,
+    /// Checked again when a notice falls due: a silence set since it was queued mutes it too.
+    silences: Silences,
 }
 
 impl Shared {
@@ -378,7 +381,7 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn start(outbox: Outbox, mut notifiers: Senders) -> Notifier {
+    pub fn start(outbox: Outbox, mut notifiers: Senders, silences: Silences) -> Notifier {
         let shared = Arc::new(Shared {
             outbox: Mutex::new(outbox),
             rows: Mutex::new(Vec::new()),
@@ -386,6 +389,7 @@ impl Notifier {
             woken: Mutex::new(false),
             wake: Condvar::new(),
             replacement: Mutex::new(None),
+            silences,
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -518,10 +522,14 @@ fn deliver_due(shared: &Shared, notifiers: &mut Senders) {
             Expired,
             /// Queued just before a reload took its receiver out.
             ReceiverGone,
+            /// Muted by a silence that lasts until then.
+            Silenced(chrono::DateTime<chrono::Utc>),
             Tried(Result<(), String>),
         }
         let outcome = if now > entry.expires_ms {
             Outcome::Expired
+        } else if let Some(until) = shared.silences.mute_until(&entry.alert.match_labels(), chrono::Utc::now()) {
+            Outcome::Silenced(until)
         } else if let Some(notifier) = notifiers.get_mut(&entry.receiver) {
             let _span = tracing::info_span!("notify", receiver = %entry.receiver, alert_id = %entry.alert.alert_id).entered();
             Outcome::Tried(notifier.send(&entry.alert, &key))
@@ -529,27 +537,40 @@ fn deliver_due(shared: &Shared, notifiers: &mut Senders) {
             Outcome::ReceiverGone
         };
         let mut outbox = lock(&shared.outbox);
+        // The alert resolved while this notice was on its way: its chain of reminders ends here.
+        let ended = outbox.get(&key).is_some_and(|e| e.status == Status::Dropped);
         let result = match outcome {
             Outcome::Expired => outbox.drop_entry(&key, now, format!("expired after {} attempts", entry.attempts)),
             Outcome::ReceiverGone => {
                 crate::telemetry::dropped("notify", "no_receiver", 1);
                 outbox.drop_entry(&key, now, receiver_gone(&entry.receiver))
             }
+            Outcome::Silenced(until) => {
+                crate::telemetry::dropped("notify", "silenced", 1);
+                tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, until = %until.to_rfc3339(), "notification silenced");
+                if ended {
+                    Ok(())
+                } else {
+                    let dropped = outbox.drop_entry(&key, now, format!("silenced until {}", until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+                    // A firing alert is told of once the silence ends if it still fires then (or
+                    // at its next reminder, if that comes first): its resolve ends the chain before.
+                    if dropped.is_ok() && entry.alert.state == AlertState::Firing {
+                        // The first millisecond after the silence.
+                        let after = (until.timestamp_millis() + 1).max(now);
+                        let due = if entry.repeat_ms > 0 { after.min(now + entry.repeat_ms) } else { after };
+                        queue_next(shared, &mut outbox, &key, &entry, now, due);
+                    }
+                    dropped
+                }
+            }
             Outcome::Tried(Ok(())) => {
                 metrics::counter!("bearwatch_notification_attempts_total", "receiver" => entry.receiver.clone(), "outcome" => "sent").increment(1);
                 crate::telemetry::sent("notify", 1);
                 tracing::info!(receiver = %entry.receiver, alert_id = %entry.alert.alert_id, "notification sent");
-                // The alert resolved while this reminder was on its way: the chain ends here.
-                let ended = outbox.get(&key).is_some_and(|e| e.status == Status::Dropped);
                 let sent = outbox.sent(&key, now);
                 // A firing alert is repeated every repeat interval until it resolves.
                 if sent.is_ok() && !ended && entry.alert.state == AlertState::Firing && entry.repeat_ms > 0 {
-                    let (base, n) = key.split_once('#').map_or((key.as_str(), 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
-                    let next = format!("{base}#{}", n + 1);
-                    let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), now + entry.repeat_ms, entry.expires_ms + entry.repeat_ms, entry.repeat_ms);
-                    if queued.is_ok_and(|q| q) {
-                        lock(&shared.rows).extend(row(&outbox, &next));
-                    }
+                    queue_next(shared, &mut outbox, &key, &entry, now, now + entry.repeat_ms);
                 }
                 sent
             }
@@ -572,10 +593,21 @@ fn deliver_due(shared: &Shared, notifiers: &mut Senders) {
     }
 }
 
+/// Queues the next notice of `key`'s chain (`<key>#<n + 1>`), due at `due`, its expiry moved on
+/// as far as its due time.
+fn queue_next(shared: &Shared, outbox: &mut Outbox, key: &str, entry: &Entry, now: i64, due: i64) {
+    let (base, n) = key.split_once('#').map_or((key, 0), |(b, n)| (b, n.parse::<u32>().unwrap_or(0)));
+    let next = format!("{base}#{}", n + 1);
+    let queued = outbox.enqueue(next.clone(), entry.receiver.clone(), entry.alert.clone(), due, entry.expires_ms + (due - now), entry.repeat_ms);
+    if queued.is_ok_and(|q| q) {
+        lock(&shared.rows).extend(row(outbox, &next));
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::detect::rules::Severity;
+    use crate::detect::rules::{Severity, Silence};
 
     /// Records what it was asked to send.
     struct Recorder(Arc<Mutex<Vec<(String, AlertState)>>>);
@@ -624,7 +656,7 @@ pub(crate) mod tests {
     }
 
     /// Waits (up to 30 s) until `done` holds.
-    fn eventually(what: &str, done: impl Fn() -> bool) {
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !done() {
             assert!(Instant::now() < deadline, "{what}");
@@ -644,7 +676,7 @@ pub(crate) mod tests {
         outbox.enqueue("a1/firing/gone".into(), "gone".into(), alert(AlertState::Firing), now, now + hour, 0).unwrap();
         // Due in an hour: still pending when the senders are replaced.
         outbox.enqueue("a1/firing/r".into(), "r".into(), alert(AlertState::Firing), now + hour, now + 2 * hour, 0).unwrap();
-        let notifier = Notifier::start(outbox, Senders::from([("r".to_string(), Box::new(Recorder(sent_r.clone())) as Box<dyn Notify>)]));
+        let notifier = Notifier::start(outbox, Senders::from([("r".to_string(), Box::new(Recorder(sent_r.clone())) as Box<dyn Notify>)]), Silences::default());
         let status = |key: &str| lock(&notifier.shared.outbox).get(key).map(|e| (e.status, e.last_error.clone()));
         eventually("the notice of a receiver gone was not dropped", || status("a1/firing/gone").is_some_and(|(s, _)| s == Status::Dropped));
         assert_eq!(status("a1/firing/r").map(|(s, _)| s), Some(Status::Pending));
@@ -665,7 +697,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sent = Arc::new(Mutex::new(Vec::new()));
         let outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
-        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]));
+        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]), Silences::default());
         let now = chrono::Utc::now().timestamp_millis();
         // Due in 400 ms (group_wait), then a reminder every 300 ms.
         let queued = |key: &str, state, due_ms, repeat_ms| Queued {
@@ -732,7 +764,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sent = Arc::new(Mutex::new(Vec::new()));
         let outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
-        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]));
+        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]), Silences::default());
         let now = chrono::Utc::now().timestamp_millis();
         let firing = Queued { key: "a1/firing/r".into(), receiver: "r".into(), alert: alert(AlertState::Firing), due_ms: now, expires_ms: now + 60_000, repeat_ms: 50 };
         notifier.enqueue(vec![firing]).unwrap();
@@ -748,6 +780,56 @@ pub(crate) mod tests {
         assert!(lock(&sent).len() <= ended + 1, "reminders went on after the resolve: {:?}", lock(&sent));
         let outbox = lock(&notifier.shared.outbox);
         assert_eq!(outbox.pending().count(), 0, "nothing left to send");
+    }
+
+    /// A silence set while an alert fires mutes its reminders; once it is lifted they resume. An
+    /// alert that fires under a silence is told of when the silence ends, and its resolve under the
+    /// silence is not sent.
+    #[test]
+    fn a_silence_mutes_reminders_of_an_alert_already_firing_and_it_is_told_of_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let silences = Silences::default();
+        let outbox = Outbox::open(&dir.path().join("outbox.jsonl")).unwrap();
+        let notifier = Notifier::start(outbox, BTreeMap::from([("r".to_string(), Box::new(Recorder(sent.clone())) as Box<dyn Notify>)]), silences.clone());
+        let now = chrono::Utc::now();
+        let firing = Queued { key: "a1/firing/r".into(), receiver: "r".into(), alert: alert(AlertState::Firing), due_ms: now.timestamp_millis(), expires_ms: now.timestamp_millis() + 60_000, repeat_ms: 50 };
+        notifier.enqueue(vec![firing]).unwrap();
+        eventually("no reminders", || lock(&sent).len() >= 3);
+        let silence = |ends_at| Silence { matchers: BTreeMap::from([("rule".into(), "r".into())]), starts_at: now - chrono::Duration::hours(1), ends_at, comment: String::new() };
+        silences.replace_fixed(vec![silence(now + chrono::Duration::hours(1))]);
+        let muted = lock(&sent).len();
+        let rows = || notifier.take_rows();
+        let mut seen = Vec::new();
+        eventually("no reminder was silenced", || {
+            seen.extend(rows());
+            seen.iter().filter(|r| r.status == "dropped" && r.last_error.as_deref().is_some_and(|e| e.starts_with("silenced until"))).count() >= 3
+        });
+        assert!(lock(&sent).len() <= muted + 1, "reminders went on under the silence: {:?}", lock(&sent));
+        silences.replace_fixed(Vec::new());
+        eventually("the reminders did not resume once the silence was lifted", || lock(&sent).len() >= muted + 3);
+        notifier.end_reminders(&["a1".to_string()]).unwrap();
+
+        // Another alert fires under a silence ending soon: told of when it ends, not before.
+        let ends = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+        silences.replace_fixed(vec![silence(ends)]);
+        let mut other = alert(AlertState::Firing);
+        other.alert_id = "a2".into();
+        let at = chrono::Utc::now().timestamp_millis();
+        notifier.enqueue(vec![Queued { key: "a2/firing/r".into(), receiver: "r".into(), alert: other.clone(), due_ms: at, expires_ms: at + 60_000, repeat_ms: 0 }]).unwrap();
+        eventually("the notice under the silence was not deferred", || lock(&notifier.shared.outbox).get("a2/firing/r#1").is_some());
+        assert_eq!(lock(&notifier.shared.outbox).get("a2/firing/r#1").unwrap().next_ms, ends.timestamp_millis() + 1, "due when the silence ends");
+        assert!(!lock(&sent).iter().any(|(key, _)| key.starts_with("a2/")), "sent under the silence");
+        eventually("the alert was not told of after the silence", || lock(&sent).iter().any(|(key, _)| key == "a2/firing/r#1"));
+
+        // Its resolve under a silence is dropped, and nothing follows it.
+        silences.replace_fixed(vec![silence(chrono::Utc::now() + chrono::Duration::hours(1))]);
+        other.state = AlertState::Resolved;
+        let at = chrono::Utc::now().timestamp_millis();
+        notifier.enqueue(vec![Queued { key: "a2/resolved/r".into(), receiver: "r".into(), alert: other, due_ms: at, expires_ms: at + 60_000, repeat_ms: 0 }]).unwrap();
+        eventually("the resolve was not dropped", || lock(&notifier.shared.outbox).get("a2/resolved/r").is_some_and(|e| e.status == Status::Dropped));
+        assert!(lock(&notifier.shared.outbox).get("a2/resolved/r#1").is_none());
+        assert!(!lock(&sent).iter().any(|(key, _)| key.starts_with("a2/resolved")));
     }
 
     #[test]

@@ -58,11 +58,7 @@ impl RateLimit {
     /// Whether a notice of `alert` may go at `now_ms`; if not, it is counted as held back. Take the
     /// [`RateLimit::summary`] first, so that an interval that ended is summed up before the next.
     pub fn admit(&mut self, alert: &Alert, now_ms: i64) -> bool {
-        if now_ms - self.current.since_ms >= self.interval_ms && self.current.held.count == 0 {
-            (self.current.since_ms, self.current.sent) = (now_ms, 0);
-        }
-        if self.current.sent < self.limit {
-            self.current.sent += 1;
+        if self.take_place(now_ms) {
             return true;
         }
         let held = &mut self.current.held;
@@ -75,6 +71,19 @@ impl RateLimit {
             if !held.examples.contains(&example) {
                 held.examples.push(example);
             }
+        }
+        false
+    }
+
+    /// Takes one of this interval's places if one is left; holds nothing back when none is (a
+    /// notice under a silence, which would only be sent after it).
+    pub fn take_place(&mut self, now_ms: i64) -> bool {
+        if now_ms - self.current.since_ms >= self.interval_ms && self.current.held.count == 0 {
+            (self.current.since_ms, self.current.sent) = (now_ms, 0);
+        }
+        if self.current.sent < self.limit {
+            self.current.sent += 1;
+            return true;
         }
         false
     }

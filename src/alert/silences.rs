@@ -1,12 +1,13 @@
 //! Silences created at run time (over the HTTP API), kept in `<storage>/silences.json` so that they
-//! outlive restarts. Silences from rule files are fixed and live in the [`super::Router`].
+//! outlive restarts, and [`Silences`]: those with the rule files' own, as the router and the
+//! notifier consult them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::detect::rules::Silence;
+use crate::detect::rules::{Silence, matches};
 use crate::sync::{read, write};
 use super::AlertError;
 
@@ -74,6 +75,35 @@ impl SilenceStore {
     fn save(&self, all: &[StoredSilence]) -> Result<(), AlertError> {
         let bytes = serde_json::to_vec_pretty(all).map_err(|e| AlertError::Io { path: self.path.clone(), reason: e.to_string() })?;
         super::replace_file(&self.path, &bytes)
+    }
+}
+
+/// The silences in force: the rule files' (replaced at a reload) and those set over the HTTP API.
+/// The router consults them when an alert changes state, and the notifier again when a notice
+/// falls due, so that a silence set while an alert fires mutes its reminders too.
+#[derive(Clone, Default)]
+pub struct Silences {
+    fixed: Arc<RwLock<Vec<Silence>>>,
+    dynamic: Option<SilenceStore>,
+}
+
+impl Silences {
+    pub fn new(fixed: Vec<Silence>, dynamic: Option<SilenceStore>) -> Silences {
+        Silences { fixed: Arc::new(RwLock::new(fixed)), dynamic }
+    }
+
+    /// Puts the rule files' silences of a reload in force.
+    pub fn replace_fixed(&self, fixed: Vec<Silence>) {
+        *write(&self.fixed) = fixed;
+    }
+
+    /// Until when a silence mutes an alert of these labels (the latest end of those active at
+    /// `now`), or none when none does.
+    pub fn mute_until(&self, labels: &std::collections::BTreeMap<String, String>, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        let active = |s: &Silence| (s.starts_at <= now && now < s.ends_at && matches(&s.matchers, labels)).then_some(s.ends_at);
+        let fixed = read(&self.fixed).iter().filter_map(active).max();
+        let dynamic = self.dynamic.as_ref().and_then(|d| read(&d.silences).iter().filter_map(|s| active(&s.silence)).max());
+        fixed.max(dynamic)
     }
 }
 

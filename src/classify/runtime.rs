@@ -20,6 +20,24 @@ pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 /// BENCHMARKS.md, "One fusion left out on CPU"). CUDA keeps every fusion.
 const CPU_DISABLED_OPTIMIZERS: &str = "SkipLayerNormFusion";
 
+/// Whether this CPU's int8 MatMuls would saturate. ONNX Runtime multiplies u8 activations by s8
+/// weights with `vpmaddubsw` on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI), which adds each
+/// pair of products in 16 bits and clips the sum: on an AMD EPYC (AVX2) the bundled model's
+/// probabilities moved by up to 0.08 from a VNNI machine's, and an item's scores changed with its
+/// batch-mates. `session.x64quantprecision` has ONNX Runtime shift those weights to u8 (exact,
+/// with the zero point moved by 128) and run its u8 × u8 kernel, which does not clip: the same
+/// answers as VNNI, more slowly. CPUs with VNNI multiply s8 exactly and keep their kernel.
+fn int8_saturates() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !(std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The model as CPU sessions load it ([`onnx::Model::for_cpu`]: each int8 MatMul with its bias
 /// Add in one node, about 8 % less CPU per story at the defaults; Shapes off DequantizeLinear
 /// copies), made at most once however many sessions share it: reading and rewriting the file
@@ -164,6 +182,9 @@ impl OrtBackend {
             builder = builder
                 .with_config_entry("optimization.disable_specified_optimizers", CPU_DISABLED_OPTIMIZERS)
                 .map_err(|e| session_error(e.into()))?;
+            if int8_saturates() {
+                builder = builder.with_config_entry("session.x64quantprecision", "1").map_err(|e| session_error(e.into()))?;
+            }
         }
         let invalid = |reason: String| ClassifyError::ModelFiles { path: spec.onnx.clone(), reason };
         let session = match (provider == "cpu").then(|| cpu_form.of(&spec.onnx)).flatten() {

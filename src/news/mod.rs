@@ -28,7 +28,7 @@ pub const MAX_TOPICS: usize = 256;
 /// Longest `name@version` of a model accepted, in characters: every story carries it.
 pub const MAX_MODEL_CHARS: usize = 128;
 
-/// Why `label` cannot be a topic or model name (`None`: it can): blank, a control character, or
+/// Why `label` cannot be a topic, model name or ticker (`None`: it can): blank, a control character, or
 /// longer than `max` characters.
 pub fn label_problem(label: &str, max: usize) -> Option<String> {
     let chars = label.chars().count();
@@ -59,12 +59,9 @@ fn check_tickers(tickers: &[String]) -> Result<(), NewsError> {
     if tickers.len() > MAX_TICKERS {
         return Err(NewsError::Tickers(format!("it has {}", tickers.len())));
     }
-    if let Some(t) = tickers.iter().find(|t| t.chars().any(control)) {
-        return Err(NewsError::Tickers(format!("{t:?} has a control character")));
-    }
-    match tickers.iter().find(|t| t.chars().count() > MAX_TICKER_CHARS || t.chars().all(invisible)) {
-        Some(t) if t.chars().all(invisible) => Err(NewsError::Tickers("one is blank".into())),
-        Some(t) => Err(NewsError::Tickers(format!("one has {} characters", t.chars().count()))),
+    // The ticker itself is not quoted: it may be a megabyte long.
+    match tickers.iter().find_map(|t| label_problem(t, MAX_TICKER_CHARS)) {
+        Some(problem) => Err(NewsError::Tickers(format!("one ticker: {problem}"))),
         None => Ok(()),
     }
 }
@@ -467,12 +464,12 @@ mod tests {
         let err = News::from_json(story(&too_many).as_bytes()).unwrap_err();
         assert_eq!((err.kind(), err.to_string().ends_with(&format!("it has {}", MAX_TICKERS + 1))), ("tickers", true), "{err}");
         let long = News::from_json(story(&["X".repeat(MAX_TICKER_CHARS + 1)]).as_bytes()).unwrap_err();
-        assert!(long.to_string().ends_with("one has 33 characters"), "{long}");
+        assert!(long.to_string().ends_with("one ticker: it has 33 characters, more than 32"), "{long}");
         assert!(News::from_json(story(&["Ü".repeat(MAX_TICKER_CHARS)]).as_bytes()).is_ok(), "characters, not bytes");
-        assert_eq!(News::from_json(story(&["XOM".into(), " ".into()]).as_bytes()).unwrap_err(), NewsError::Tickers("one is blank".into()));
+        assert_eq!(News::from_json(story(&["XOM".into(), " ".into()]).as_bytes()).unwrap_err(), NewsError::Tickers("one ticker: it is blank".into()));
         for forged in ["XOM\r\nBcc: x@example.com", "A\u{0}B", "A\u{85}B", "A\u{2028}B", "A\tB"] {
             let err = News::from_json(story(&["XOM".into(), forged.into()]).as_bytes()).unwrap_err();
-            assert!(err.kind() == "tickers" && err.to_string().ends_with("has a control character"), "{forged:?}: {err}");
+            assert!(err.kind() == "tickers" && err.to_string().ends_with("one ticker: it has a control character"), "{forged:?}: {err}");
         }
     }
 

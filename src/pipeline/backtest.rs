@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::{PipelineConfig, PipelineError, bundled};
 use crate::alert::Router;
+use crate::alert::silences::Silences;
 use crate::detect::replay::{Episode, Story, episodes, replay};
 use crate::detect::{Detector, GroupKind, Rule, RuleFile, Trace};
 use crate::sql::lookup::{JudgedAlert, Missed, timestamp};
@@ -220,7 +221,7 @@ pub fn backtest(config: &PipelineConfig, options: &BacktestOptions<'_>) -> Resul
     let explain = detector.take_trace();
 
     let silences = crate::alert::silences::SilenceStore::open(&config.storage.local_dir().join("silences.json")).map_err(|e| PipelineError::Internal(e.to_string()))?;
-    let router = Router::new(rules.routes.clone(), rules.silences.clone()).with_dynamic_silences(silences);
+    let router = Router::new(rules.routes.clone(), Silences::new(rules.silences.clone(), Some(silences)));
     let weeks = match (first, last) {
         (Some(a), Some(b)) if b > a => (b - a) as f64 / (7.0 * 86_400_000.0),
         _ => 0.0,

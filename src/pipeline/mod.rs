@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 pub use config::{DEMO_PIPELINE, DEMO_PIPELINE_NAME, PipelineConfig, Role, RunConfig, SinkConfig};
 
 use crate::alert::outbox::Outbox;
-use crate::alert::silences::SilenceStore;
+use crate::alert::silences::{SilenceStore, Silences};
 use crate::server::{Api, FeedbackService, Ops, Principals, ReloadRequest, Reloaded, Server, ServerError, SqlService, WebPolicy};
 use crate::sql::live::LiveRows;
 use crate::alert::{AlertError, Alerting, ReceiverKind, Router, notify};
@@ -324,13 +324,13 @@ fn senders(config: &PipelineConfig) -> Result<notify::Senders, PipelineError> {
 }
 
 /// The notifier thread over the outbox, which keeps what an earlier run left pending.
-fn start_notifier(config: &PipelineConfig, senders: notify::Senders) -> Result<notify::Notifier, AlertError> {
+fn start_notifier(config: &PipelineConfig, senders: notify::Senders, silences: Silences) -> Result<notify::Notifier, AlertError> {
     let outbox = Outbox::open(&config.storage.local_dir().join("outbox.jsonl"))?;
     let pending = outbox.pending().count();
     if pending > 0 {
         tracing::info!(pending, "notifications pending from an earlier run will be retried");
     }
-    Ok(notify::Notifier::start(outbox, senders))
+    Ok(notify::Notifier::start(outbox, senders, silences))
 }
 
 /// The alerting stage and the hash of the rule files it loaded (see [`load_rule_files`]).
@@ -339,9 +339,9 @@ fn alerting(config: &PipelineConfig, silences: &SilenceStore) -> Result<Option<(
         return Ok(None);
     }
     let (all, sha256) = load_rule_files(config)?;
-    let router = Router::new(all.routes, all.silences).with_dynamic_silences(silences.clone());
+    let router = Router::new(all.routes, Silences::new(all.silences, Some(silences.clone())));
     let senders = senders(config)?;
-    let notifier = if senders.is_empty() { None } else { Some(start_notifier(config, senders)?) };
+    let notifier = if senders.is_empty() { None } else { Some(start_notifier(config, senders, router.silences().clone())?) };
     Ok(Some((Alerting::new(Detector::new(all.rules), router, &config.receivers, notifier), sha256)))
 }
 
@@ -394,7 +394,7 @@ impl Reloads {
             // Rules first: alerts of rules gone resolve through the receivers they fired to.
             let resolved = core.reload_rules(files).unwrap_or(0);
             if let (Some(fresh), Some(senders), Some(alerting)) = (&fresh, senders, core.alerting.as_mut()) {
-                alerting.replace_receivers(&fresh.receivers, senders, |senders| start_notifier(config, senders)).map_err(|e| e.to_string())?;
+                alerting.replace_receivers(&fresh.receivers, senders, |senders, silences| start_notifier(config, senders, silences)).map_err(|e| e.to_string())?;
             }
             if let Some(fresh) = &fresh {
                 self.principals.replace(fresh.server.principals());

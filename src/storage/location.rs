@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
@@ -96,7 +97,7 @@ pub(crate) enum Mode<'a> {
 const SQL_CACHE_BYTES: usize = 256 << 20;
 
 /// The `op` label of the object-store metrics.
-const OPERATIONS: [&str; 4] = ["get", "put", "list", "delete"];
+const OPERATIONS: [&str; 5] = ["get", "head", "put", "list", "delete"];
 
 /// A bucket and prefix on an S3-compatible store.
 pub struct Bucket {
@@ -308,9 +309,31 @@ impl Bucket {
 
     /// Names (relative to `folder`) and sizes of the objects directly under `folder`.
     pub(crate) fn list(&self, folder: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        Ok(self.list_meta(folder)?.into_iter().map(|(name, meta)| (name, meta.size)).collect())
+    }
+
+    /// Names (relative to `folder`) and the store's last-modified times of the objects directly
+    /// under `folder`.
+    pub(crate) fn list_modified(&self, folder: &str) -> Result<Vec<(String, DateTime<Utc>)>, StorageError> {
+        Ok(self.list_meta(folder)?.into_iter().map(|(name, meta)| (name, meta.last_modified)).collect())
+    }
+
+    fn list_meta(&self, folder: &str) -> Result<Vec<(String, object_store::ObjectMeta)>, StorageError> {
         let key = self.key(folder);
         let listed = self.call("list", folder, async { self.store.list_with_delimiter(Some(&key)).await })?;
-        Ok(listed.objects.into_iter().filter_map(|o| o.location.filename().map(|name| (name.to_string(), o.size))).collect())
+        Ok(listed.objects.into_iter().filter_map(|o| Some((o.location.filename()?.to_string(), o))).collect())
+    }
+
+    /// The object's version and the store's last-modified time, or none when there is no such object.
+    pub(crate) fn head(&self, relative: &str) -> Result<Option<(Option<String>, DateTime<Utc>)>, StorageError> {
+        let key = self.key(relative);
+        self.call("head", relative, async {
+            match self.store.head(&key).await {
+                Ok(meta) => Ok(Some((meta.e_tag, meta.last_modified))),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
     }
 
     /// Every object under `folder`, at any depth, relative to it.

@@ -271,6 +271,8 @@ pub struct Storage {
     commits: u64,
     /// Where the last committed checkpoint's pieces lie, when it was written in pieces ([`packed`]).
     stored: packed::Stored,
+    /// Object storage: when this process last swept packs no checkpoint references ([`sweep_stale_packs`]).
+    packs_swept: Option<std::time::Instant>,
     compactor: Compactor,
 }
 
@@ -474,6 +476,7 @@ impl Storage {
             writer,
             commits: 0,
             stored,
+            packs_swept: None,
             compactor: Compactor::default(),
         };
         Ok((storage, state))
@@ -552,6 +555,14 @@ impl Storage {
         self.checkpoint_version = write_checkpoint(&self.place, &Written { state, parts: &parts }, self.checkpoint_version.as_deref(), &mut self.stored, &pack)?;
         self.committed = self.next_part.clone();
         self.publish();
+        if let Location::Bucket(bucket) = &self.place.location
+            && self.packs_swept.is_none_or(|at| at.elapsed() >= SWEEP_PACKS_EVERY)
+        {
+            self.packs_swept = Some(std::time::Instant::now());
+            if let Err(e) = sweep_stale_packs(&self.place, bucket, &self.stored, self.checkpoint_version.as_deref()) {
+                tracing::warn!(error = %e, "checkpoint packs no checkpoint references are swept again in an hour");
+            }
+        }
         Ok(())
     }
 
@@ -1041,19 +1052,47 @@ fn read_checkpoint(place: &Place) -> Result<Option<(Vec<u8>, Option<String>, pac
 }
 
 /// Deletes the packs that the checkpoint does not reference (left by a crash between a pack and
-/// its checkpoint). Local storage only, where this process holds the storage (or its instance)
-/// alone; on object storage another process may be about to commit a pack it just wrote.
+/// its checkpoint). Local storage, where this process holds the storage (or its instance) alone;
+/// object storage has [`sweep_stale_packs`].
 fn sweep_packs(place: &Place, stored: &packed::Stored) -> Result<(), StorageError> {
     let folder = packed::folder(&place.checkpoint());
-    let referenced: std::collections::HashSet<&String> = stored.packs().collect();
-    for (name, _) in place.list(&folder)? {
-        if !referenced.contains(&name) {
-            let pack = format!("{folder}/{name}");
-            tracing::info!(file = %place.name(&pack), "removing a checkpoint pack no checkpoint references");
-            place.delete(&pack)?;
-        }
+    let listed = place.list(&folder)?.into_iter().map(|(name, _)| name);
+    delete_unreferenced_packs(place, stored, listed)
+}
+
+/// How often a process on object storage sweeps the packs no checkpoint references: at its first
+/// commit (a crash's leftover is the previous process's) and then once an hour (one HEAD and one
+/// listing).
+const SWEEP_PACKS_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How much older than the checkpoint a pack must be to be swept: room for the store's servers'
+/// clocks to disagree (its times are the only clock the writers share).
+const STALE_BY: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
+
+/// On object storage, deletes the packs that the checkpoint this process just committed does not
+/// reference and that were written [`STALE_BY`] before it: left by a crash, or by a process fenced
+/// off, between a pack and its checkpoint. Another process of the instance may be about to commit
+/// a pack it just wrote, but it read this checkpoint first (a commit must replace the version it
+/// read), so its pack is newer than this checkpoint and stays; if the checkpoint there is no
+/// longer this process's own, nothing is deleted.
+fn sweep_stale_packs(place: &Place, bucket: &Bucket, stored: &packed::Stored, version: Option<&str>) -> Result<(), StorageError> {
+    let relative = place.checkpoint();
+    let Some((Some(there), written)) = bucket.head(&relative)? else { return Ok(()) };
+    if version != Some(there.as_str()) {
+        return Ok(());
     }
-    Ok(())
+    let stale = bucket.list_modified(&packed::folder(&relative))?.into_iter().filter(|(_, at)| *at + STALE_BY < written).map(|(name, _)| name);
+    delete_unreferenced_packs(place, stored, stale)
+}
+
+fn delete_unreferenced_packs(place: &Place, stored: &packed::Stored, names: impl Iterator<Item = String>) -> Result<(), StorageError> {
+    let folder = packed::folder(&place.checkpoint());
+    let referenced: std::collections::HashSet<&String> = stored.packs().collect();
+    let unreferenced: Vec<String> = names.filter(|name| !referenced.contains(name)).map(|name| format!("{folder}/{name}")).collect();
+    for pack in &unreferenced {
+        tracing::info!(file = %place.name(pack), "removing a checkpoint pack no checkpoint references");
+    }
+    place.delete_many(&unreferenced)
 }
 
 /// Replaces the checkpoint; on object storage only if `version` (none: no checkpoint) is still the

@@ -321,6 +321,14 @@ impl S3Server {
         })
     }
 
+    /// Writes `bytes` at `key` (under the bucket) with its own client, as another process would.
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        use object_store::ObjectStoreExt;
+        let store = self.client();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(store.put(&object_store::path::Path::from(key), bytes.to_vec().into())).unwrap();
+    }
+
     /// Stops answering (SIGSTOP: connections open, no replies) until [`S3Server::resume`].
     pub fn pause(&self) {
         assert!(Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap().success());
