@@ -19,4 +19,4 @@ if ! scripts/kafka.sh status; then
 fi
 BEARWATCH_TEST_BROKERS="$(scripts/kafka.sh start)"
 export BEARWATCH_TEST_BROKERS
-cargo test --locked "$@"
+cargo test --locked --no-fail-fast "$@"

@@ -875,12 +875,13 @@ mod tests {
     use crate::classify::{Backend, BatchOutput, ModelSpec, PaddedBatch};
     use crate::source::Record;
 
-    /// A model that takes 2 ms per batch, so that a fast source outruns it.
+    /// A model that takes 20 ms per batch (of at most 4), so that the source outruns it even on a
+    /// slow, loaded machine (at 2 ms, an AVX2 machine running the suite in parallel never filled the queue).
     struct SlowModel;
 
     impl Backend for SlowModel {
         fn run(&mut self, batch: &PaddedBatch) -> Result<BatchOutput, ClassifyError> {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(20));
             Ok(BatchOutput { sentiment: [0.2, 0.6, 0.2].repeat(batch.rows), topic: vec![1.0 / 9.0; 9 * batch.rows], embedding: Vec::new() })
         }
     }
